@@ -1,0 +1,1 @@
+"""The building agent: capture, pre-roll, emergency sessions, uplink."""

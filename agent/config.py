@@ -1,0 +1,314 @@
+"""The agent's TOML configuration, validated whole at start.
+
+Every error names the file, the key (``cameras[1].zone``) and the reason, so a
+technician can fix it without reading code. Unknown keys are errors too: a
+misspelt ``preroll_secs`` must not silently fall back to a default. Relative
+paths are relative to the config file's folder.
+
+Example (see ``docs/agent.example.toml``)::
+
+    [device]
+    id = "lincoln-pi-1"
+    key = "device.key"
+    state_dir = "state"
+
+    [building]
+    id = "lincoln-elementary"
+
+    [receiver]
+    url = "wss://receiver.example:8443/v1/uplink"
+    tls_pin = "sha256:..."
+
+    [[cameras]]
+    id = "front-door"
+    zone = "exterior"
+    source = "synthetic"
+
+    [[buttons]]
+    id = "office"
+    pin = 17
+    location = "Main office"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from agent.errors import ConfigError
+
+Zone = Literal["exterior", "interior"]
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+MAX_CONFIG_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CameraConfig:
+    """One camera: its id, zone and where its packets come from."""
+
+    id: str
+    zone: Zone
+    source: str  # "synthetic" for now; RTSP, files and picamera2 come with later sources
+    width: int = 640
+    height: int = 480
+    fps: float = 15.0
+    keyframe_interval_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ButtonConfig:
+    """One physical panic button and the room it is in."""
+
+    id: str
+    pin: int | str
+    location: str
+    hold_s: float = 0.0
+    debounce_s: float = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """The whole validated agent configuration."""
+
+    path: Path
+    device_id: str
+    device_key: Path
+    state_dir: Path
+    building: str
+    receiver_url: str
+    receiver_pin: str
+    cameras: tuple[CameraConfig, ...]
+    buttons: tuple[ButtonConfig, ...]
+    led_pin: int | str | None = None
+    pin_factory: str | None = None  # None: gpiozero's default; "mock" for demos and tests
+    session_duration_s: float = 3600.0
+    preroll_s: float = 30.0
+    preroll_max_bytes: int = 64 * 1024 * 1024
+    heartbeat_s: float = 5.0
+    reconnect_max_s: float = 10.0
+    unacked_max_bytes: int = 256 * 1024 * 1024
+
+    @property
+    def receiver_origin(self) -> str:
+        """``wss://host:port`` of the receiver, bound into the hello signature."""
+        parts = urlsplit(self.receiver_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+
+class _Reader:
+    """Walks one table, remembering which keys were read, to report the rest."""
+
+    def __init__(self, file: Path, where: str, table: Any) -> None:
+        self.file, self.where = file, where
+        if not isinstance(table, dict):
+            self.fail("", "must be a table")
+        self.table: dict[str, Any] = table
+        self.seen: set[str] = set()
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        name = f"{self.where}.{key}" if key and self.where else (key or self.where)
+        raise ConfigError(f"{self.file}: {name}: {reason}", key=name)
+
+    def _get(self, key: str, default: Any, kinds: tuple[type, ...], what: str) -> Any:
+        self.seen.add(key)
+        if key not in self.table:
+            if default is _REQUIRED:
+                self.fail(key, "missing (required)")
+            return default
+        value = self.table[key]
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            self.fail(key, f"must be {what}, got {type(value).__name__} {value!r}")
+        return value
+
+    def text(self, key: str, default: Any = None, *, pattern: re.Pattern[str] | None = None) -> Any:
+        value = self._get(key, default, (str,), "a string")
+        if isinstance(value, str):
+            if not value or len(value) > 512 or not value.isprintable():
+                self.fail(key, "must be non-empty printable text of at most 512 characters")
+            if pattern is not None and not pattern.match(value):
+                self.fail(key, f"{value!r} does not match {pattern.pattern}")
+        return value
+
+    def number(self, key: str, default: Any, *, low: float, high: float) -> float:
+        value = self._get(key, default, (int, float), "a number")
+        if not low <= value <= high:
+            self.fail(key, f"{value} is outside {low}..{high}")
+        return float(value)
+
+    def integer(self, key: str, default: Any, *, low: int, high: int) -> int:
+        value = self._get(key, default, (int,), "an integer")
+        if not low <= value <= high:
+            self.fail(key, f"{value} is outside {low}..{high}")
+        return int(value)
+
+    def pin(self, key: str, default: Any = None) -> int | str | None:
+        value = self._get(key, default, (int, str), "a GPIO number or name like 'GPIO17'")
+        if isinstance(value, int) and not 0 <= value <= 53:
+            self.fail(key, f"GPIO {value} does not exist on a Raspberry Pi (0..53)")
+        return value  # type: ignore[no-any-return]
+
+    def path(self, key: str, default: Any = None) -> Path:
+        value = self.text(key, default)
+        path = Path(value)
+        return path if path.is_absolute() else self.file.parent / path
+
+    def table_at(self, key: str) -> _Reader:
+        self.seen.add(key)
+        return _Reader(
+            self.file, f"{self.where}.{key}" if self.where else key, self.table.get(key, {})
+        )
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            self.fail(unknown[0], "unknown key (misspelt?)")
+
+
+_REQUIRED: Any = object()
+_TOP_LEVEL = ("device", "building", "receiver", "emergency", "uplink", "gpio", "cameras", "buttons")
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate the agent configuration at ``path``."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})", key="") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes", key="")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}", key="") from exc
+    return parse_config(doc, path.resolve())
+
+
+def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
+    """Validate an already parsed TOML document (``path`` names it in errors)."""
+    top = _Reader(path, "", dict(doc))
+    # A misspelt table name explains the "missing" errors it causes: report it first.
+    top.seen = set(_TOP_LEVEL)
+    top.done()
+    top.seen = set()
+    device = top.table_at("device")
+    device_id = device.text("id", _REQUIRED, pattern=ID_RE)
+    device_key = device.path("key", _REQUIRED)
+    state_dir = device.path("state_dir", "state")
+    device.done()
+
+    building = top.table_at("building")
+    building_id = building.text("id", _REQUIRED, pattern=ID_RE)
+    building.done()
+
+    receiver = top.table_at("receiver")
+    url = receiver.text("url", _REQUIRED)
+    parts = urlsplit(url)
+    if parts.scheme != "wss" or not parts.hostname:
+        receiver.fail("url", f"{url!r} must be a wss:// URL (the uplink is TLS only)")
+    pin = receiver.text("tls_pin", _REQUIRED, pattern=re.compile(r"^sha256:[0-9a-f]{64}$"))
+    receiver.done()
+
+    emergency = top.table_at("emergency")
+    duration = emergency.number("duration_s", 3600, low=10, high=24 * 3600)
+    preroll_s = emergency.number("preroll_s", 30, low=0, high=600)
+    preroll_max = emergency.integer("preroll_max_mb", 64, low=1, high=4096) * 1024 * 1024
+    emergency.done()
+
+    uplink = top.table_at("uplink")
+    heartbeat = uplink.number("heartbeat_s", 5, low=0.5, high=300)
+    reconnect_max = uplink.number("reconnect_max_s", 10, low=0.5, high=600)
+    unacked_max = uplink.integer("unacked_max_mb", 256, low=8, high=65536) * 1024 * 1024
+    uplink.done()
+
+    gpio = top.table_at("gpio")
+    factory = gpio.text("pin_factory", None)
+    if factory not in (None, "mock", "lgpio", "rpigpio", "pigpio", "native"):
+        gpio.fail("pin_factory", f"{factory!r} is not one of mock, lgpio, rpigpio, pigpio, native")
+    led_pin = gpio.pin("led_pin", None)
+    gpio.done()
+
+    cameras = tuple(_camera(path, i, t) for i, t in enumerate(_array(top, "cameras")))
+    if not cameras:
+        top.fail("cameras", "at least one [[cameras]] entry is needed")
+    _unique(top, "cameras", [c.id for c in cameras])
+    buttons = tuple(_button(path, i, t) for i, t in enumerate(_array(top, "buttons")))
+    _unique(top, "buttons", [b.id for b in buttons])
+    _unique(top, "buttons", [str(b.pin) for b in buttons], what="pin")
+    top.done()
+    return AgentConfig(
+        path=path,
+        device_id=device_id,
+        device_key=device_key,
+        state_dir=state_dir,
+        building=building_id,
+        receiver_url=url,
+        receiver_pin=pin,
+        cameras=cameras,
+        buttons=buttons,
+        led_pin=led_pin,
+        pin_factory=factory,
+        session_duration_s=duration,
+        preroll_s=preroll_s,
+        preroll_max_bytes=preroll_max,
+        heartbeat_s=heartbeat,
+        reconnect_max_s=reconnect_max,
+        unacked_max_bytes=unacked_max,
+    )
+
+
+def _array(top: _Reader, key: str) -> list[Any]:
+    value = top._get(key, [], (list,), "an array of tables ([[" + key + "]])")
+    return list(value)
+
+
+def _unique(top: _Reader, key: str, values: list[str], what: str = "id") -> None:
+    seen: set[str] = set()
+    for i, value in enumerate(values):
+        if value in seen:
+            top.fail(f"{key}[{i}].{what}", f"{value!r} is used twice")
+        seen.add(value)
+
+
+def _camera(path: Path, i: int, table: Any) -> CameraConfig:
+    r = _Reader(path, f"cameras[{i}]", table)
+    camera = CameraConfig(
+        id=r.text("id", _REQUIRED, pattern=ID_RE),
+        zone=r.text("zone", _REQUIRED),
+        source=r.text("source", _REQUIRED),
+        width=r.integer("width", 640, low=16, high=4096),
+        height=r.integer("height", 480, low=16, high=4096),
+        fps=r.number("fps", 15, low=1, high=60),
+        keyframe_interval_s=r.number("keyframe_interval_s", 1.0, low=0.1, high=10),
+    )
+    if camera.zone not in ("exterior", "interior"):
+        r.fail("zone", f"{camera.zone!r} must be 'exterior' or 'interior'")
+    if camera.source != "synthetic":
+        r.fail("source", f"{camera.source!r} is not supported yet (supported: 'synthetic')")
+    if camera.width % 2 or camera.height % 2:
+        r.fail("width", "width and height must be even (H.264 4:2:0)")
+    r.done()
+    return camera
+
+
+def _button(path: Path, i: int, table: Any) -> ButtonConfig:
+    r = _Reader(path, f"buttons[{i}]", table)
+    button = ButtonConfig(
+        id=r.text("id", _REQUIRED, pattern=ID_RE),
+        pin=_required_pin(r.pin("pin", _REQUIRED)),
+        location=r.text("location", _REQUIRED),
+        hold_s=r.number("hold_s", 0.0, low=0, high=10),
+        debounce_s=r.number("debounce_s", 0.05, low=0, high=2),
+    )
+    r.done()
+    return button
+
+
+def _required_pin(pin: int | str | None) -> int | str:
+    assert pin is not None  # _get raised already when the key was missing
+    return pin

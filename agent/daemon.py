@@ -1,0 +1,311 @@
+"""The building agent: wires cameras, pre-roll, buttons, emergency and uplink.
+
+Lifecycle in one place: :class:`Agent` is an async context manager; entering
+it starts every task (named, referenced), leaving it stops them and closes the
+hardware. Library threads (gpiozero) only ever reach the loop through
+``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from agent import protocol as p
+from agent.capture import Capture
+from agent.config import AgentConfig, CameraConfig
+from agent.emergency import Emergency, Ended, Session, Started
+from agent.statefile import SequenceReservations, read_json, write_json
+from agent.uplink import SessionStream, UplinkClient
+from agent.zones import cameras_to_stream
+from hardware import CameraSource, EncodedPacket
+from hardware.button import PanicButton, PressEvent, loop_callback
+from hardware.led import LedPattern, StatusLed
+from hardware.synthetic import SyntheticCamera
+from provisioning.keys import load_private_key
+
+log = logging.getLogger(__name__)
+
+
+def make_source(camera: CameraConfig) -> CameraSource:
+    """The camera source a config entry describes."""
+    return SyntheticCamera(
+        camera.id,
+        width=camera.width,
+        height=camera.height,
+        fps=camera.fps,
+        keyframe_interval_s=camera.keyframe_interval_s,
+    )
+
+
+def make_pin_factory(name: str | None) -> Any:
+    """The gpiozero pin factory named in config (``None``: gpiozero's own choice)."""
+    if name is None:
+        return None
+    if name == "mock":
+        from gpiozero.pins.mock import MockFactory
+
+        return MockFactory()
+    if name == "lgpio":
+        from gpiozero.pins.lgpio import LGPIOFactory
+
+        return LGPIOFactory()
+    if name == "rpigpio":
+        from gpiozero.pins.rpigpio import RPiGPIOFactory
+
+        return RPiGPIOFactory()
+    if name == "pigpio":
+        from gpiozero.pins.pigpio import PiGPIOFactory
+
+        return PiGPIOFactory()
+    from gpiozero.pins.native import NativeFactory
+
+    return NativeFactory()
+
+
+class Agent:
+    """One building agent. ``async with Agent(config) as agent: await agent.wait_closed()``."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        pin_factory: Any = None,
+        source_factory: Callable[[CameraConfig], CameraSource] = make_source,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.pin_factory = (
+            pin_factory if pin_factory is not None else make_pin_factory(config.pin_factory)
+        )
+        self._source_factory = source_factory
+        self.state_path = config.state_dir / "emergency.json"
+        self.emergency = Emergency(config.building, config.session_duration_s)
+        self.buttons: dict[str, PanicButton] = {}
+        self.led: StatusLed | None = None
+        self.capture: Capture
+        self.uplink: UplinkClient
+        self._live: tuple[SessionStream, dict[str, int]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        self.press_log: list[PressEvent] = []
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def __aenter__(self) -> Agent:
+        cfg = self.config
+        key = load_private_key(cfg.device_key)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        saved = read_json(self.state_path)
+        if saved is not None:
+            self.emergency = Emergency.from_json(cfg.building, cfg.session_duration_s, saved)
+        self.uplink = UplinkClient(
+            url=cfg.receiver_url,
+            origin=cfg.receiver_origin,
+            pin=cfg.receiver_pin,
+            device_id=cfg.device_id,
+            device_key=key,
+            heartbeat_s=cfg.heartbeat_s,
+            reconnect_max_s=cfg.reconnect_max_s,
+            unacked_max_bytes=cfg.unacked_max_bytes,
+            on_change=self._update_led,
+        )
+        sources = {c.id: self._source_factory(c) for c in cfg.cameras}
+        self.capture = Capture(
+            sources,
+            SequenceReservations(cfg.state_dir / "sequences.json"),
+            preroll_s=cfg.preroll_s,
+            preroll_max_bytes=cfg.preroll_max_bytes,
+        )
+        self.capture.subscribe(self._on_packet)
+        loop = asyncio.get_running_loop()
+        if cfg.led_pin is not None:
+            self.led = StatusLed(cfg.led_pin, pin_factory=self.pin_factory)
+        for b in cfg.buttons:
+            self.buttons[b.id] = PanicButton(
+                b.pin,
+                on_press=loop_callback(loop, self.on_press),
+                pin_factory=self.pin_factory,
+                hold_time=b.hold_s,
+                debounce_s=b.debounce_s,
+                button_id=b.id,
+                location=b.location,
+            )
+        self.capture.start()
+        self._spawn(self.uplink.run(), "uplink")
+        self._spawn(self._expiry(), "expiry")
+        if self.emergency.active is not None:
+            self._spawn(self._resume(self.emergency.active), "resume-session")
+        self._update_led()
+        log.info(
+            "agent %s armed: building %s, %d camera(s), %d button(s)",
+            cfg.device_id,
+            cfg.building,
+            len(cfg.cameras),
+            len(cfg.buttons),
+        )
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.capture.aclose()
+        for button in self.buttons.values():
+            button.close()
+        if self.led is not None:
+            self.led.close()
+        self._stopped.set()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    # -- events -----------------------------------------------------------------
+
+    def on_press(self, event: PressEvent) -> None:
+        """A panic button was pressed (runs on the loop)."""
+        self.press_log.append(event)
+        cameras = tuple(c.id for c in self.config.cameras)
+        result = self.emergency.press(self.clock(), event.button_id, event.location, cameras)
+        if isinstance(result, Started):
+            log.warning(
+                "EMERGENCY %s started by button %s (%s)",
+                result.session.id,
+                event.button_id,
+                event.location,
+            )
+            self._start_streaming(result.session)
+        else:
+            log.info(
+                "button %s pressed again during session %s", event.button_id, result.session.id
+            )
+        self._persist()
+
+    def end(self, reason: str) -> Ended | None:
+        """End the open session (callers verify the authority to do so)."""
+        ended = self.emergency.end(self.clock(), reason)
+        if ended is not None:
+            self._stop_streaming(ended)
+        return ended
+
+    def _persist(self) -> None:
+        # Small JSON, fsynced: done on a worker thread so the loop keeps streaming.
+        doc = self.emergency.to_json()
+        self._spawn(asyncio.to_thread(write_json, self.state_path, doc), "persist-emergency")
+
+    def _start_streaming(self, session: Session) -> None:
+        descs: list[p.CameraDesc] = []
+        preroll: dict[int, list[EncodedPacket]] = {}
+        for camera in cameras_to_stream(self.config.cameras, session):
+            packets = self.capture.prerolls[camera.id].snapshot()
+            if not packets:
+                log.error(
+                    "camera %s has no decodable footage yet; not in session %s",
+                    camera.id,
+                    session.id,
+                )
+                continue
+            info = self.capture.sources[camera.id].info
+            index = len(descs)
+            descs.append(
+                p.CameraDesc(
+                    index,
+                    camera.id,
+                    camera.zone,
+                    info.codec,
+                    info.width,
+                    info.height,
+                    info.fps,
+                    info.extradata,
+                    packets[0].seq,
+                )
+            )
+            preroll[index] = packets
+        if not descs:
+            log.error("session %s: no camera can stream", session.id)
+            return
+        open_ = p.SessionOpen(
+            session.id,
+            session.building,
+            session.started_by,
+            session.started_at,
+            session.expires_at,
+            tuple(descs),
+        )
+        stream = self.uplink.start_session(open_, preroll)
+        self._live = (stream, {d.id: d.index for d in descs})
+        self._update_led()
+
+    def _stop_streaming(self, ended: Ended) -> None:
+        log.warning("emergency %s ended: %s", ended.session.id, ended.session.end_reason)
+        self._live = None
+        self.uplink.end_session(ended.session.id, ended.session.end_reason or "ended")
+        self._persist()
+        self._update_led()
+
+    def _on_packet(self, packet: EncodedPacket) -> None:
+        if self._live is None:
+            return
+        stream, indexes = self._live
+        index = indexes.get(packet.camera)
+        if index is not None:
+            self.uplink.push(stream, index, packet)
+
+    async def _resume(self, session: Session) -> None:
+        """After a restart with an open session: stream again once cameras run."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await asyncio.gather(*(self.capture.wait_ready(c) for c in session.cameras))
+        if self.emergency.active is session:
+            log.warning("resuming emergency %s after restart", session.id)
+            self._start_streaming(session)
+
+    async def _expiry(self) -> None:
+        while True:
+            ended = self.emergency.tick(self.clock())
+            if ended is not None:
+                self._stop_streaming(ended)
+            await asyncio.sleep(0.5)
+
+    def _update_led(self) -> None:
+        if self.led is None:
+            return
+        if self._live is None:
+            self.led.show(LedPattern.ARMED)
+        elif self._live[0].first_ack_mono_ns is None:
+            self.led.show(LedPattern.ALARM_PENDING)
+        else:
+            self.led.show(LedPattern.ALARM_DELIVERED)
+
+    # -- introspection -----------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """State, building, cameras and session, as the local API will report it."""
+        session = self.emergency.active
+        return {
+            "device": self.config.device_id,
+            "building": self.config.building,
+            "state": self.emergency.state.value,
+            "uplink_connected": self.uplink.connected,
+            "cameras": [
+                {"id": c.id, "zone": c.zone, "healthy": self.capture.state[c.id].healthy}
+                for c in self.config.cameras
+            ],
+            "session": None
+            if session is None
+            else {
+                "id": session.id,
+                "started_by": dict(session.started_by),
+                "expires_at": session.expires_at,
+            },
+        }

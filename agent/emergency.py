@@ -1,0 +1,163 @@
+"""Emergency sessions: the sans-IO state machine and its persisted form.
+
+IDLE -> ACTIVE(session) -> IDLE (the ended session is kept as ``last``).
+
+- A button press or a valid start trigger opens a session when IDLE.
+- A press while ACTIVE never ends it (it is recorded as a repeat press).
+- Only expiry (``tick``) or an explicit ``end`` (a signed trigger, checked by
+  the caller) closes it.
+
+Time is passed in; the shell persists :meth:`Emergency.to_json` atomically
+after every change (see :func:`agent.statefile.write_atomic`) and restores it
+with :meth:`Emergency.from_json` on start, so a session survives restarts and
+power loss.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+
+class State(enum.Enum):
+    """Whether an emergency is open."""
+
+    IDLE = "idle"
+    ACTIVE = "active"
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One emergency session: who opened it, why, which cameras, until when."""
+
+    id: str
+    building: str
+    started_by: Mapping[str, Any]
+    started_at: float
+    expires_at: float
+    cameras: tuple[str, ...]
+    ended_at: float | None = None
+    end_reason: str | None = None
+    presses: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A session was opened."""
+
+    session: Session
+
+
+@dataclass(frozen=True, slots=True)
+class Repeated:
+    """A press arrived while a session was already open; it changes nothing."""
+
+    session: Session
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """A session was closed (``session.end_reason`` says why)."""
+
+    session: Session
+
+
+def new_session_id(now: float) -> str:
+    """Sortable, unguessable: ``20261128T133000Z-3f9a1c2e``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return f"{stamp}-{secrets.token_hex(4)}"
+
+
+class Emergency:
+    """The emergency state of one building agent."""
+
+    def __init__(self, building: str, duration_s: float) -> None:
+        self.building = building
+        self.duration_s = duration_s
+        self.active: Session | None = None
+        self.last: Session | None = None
+
+    @property
+    def state(self) -> State:
+        """IDLE or ACTIVE."""
+        return State.ACTIVE if self.active is not None else State.IDLE
+
+    def press(
+        self, now: float, button_id: str, location: str, cameras: tuple[str, ...]
+    ) -> Started | Repeated:
+        """A physical panic button was pressed."""
+        press = {"kind": "button", "button_id": button_id, "location": location, "at": now}
+        if self.active is not None:
+            self.active = replace(self.active, presses=(*self.active.presses, press))
+            return Repeated(self.active)
+        session = Session(
+            id=new_session_id(now),
+            building=self.building,
+            started_by=press,
+            started_at=now,
+            expires_at=now + self.duration_s,
+            cameras=cameras,
+            presses=(press,),
+        )
+        self.active = session
+        return Started(session)
+
+    def tick(self, now: float) -> Ended | None:
+        """Close the session if it expired."""
+        if self.active is not None and now >= self.active.expires_at:
+            return self.end(now, "expired")
+        return None
+
+    def end(self, now: float, reason: str) -> Ended | None:
+        """Close the open session (the caller checked the trigger's authority)."""
+        if self.active is None:
+            return None
+        ended = replace(self.active, ended_at=now, end_reason=reason)
+        self.active, self.last = None, ended
+        return Ended(ended)
+
+    def to_json(self) -> dict[str, Any]:
+        """The persisted form."""
+        return {
+            "v": 1,
+            "active": _session_json(self.active),
+            "last": _session_json(self.last),
+        }
+
+    @classmethod
+    def from_json(cls, building: str, duration_s: float, doc: Mapping[str, Any]) -> Emergency:
+        """Restore from :meth:`to_json` output; a foreign building's session is not restored."""
+        emergency = cls(building, duration_s)
+        if doc.get("v") != 1:
+            raise ValueError("emergency state: unknown version")
+        for name in ("active", "last"):
+            raw = doc.get(name)
+            if raw is not None:
+                session = Session(
+                    id=str(raw["id"]),
+                    building=str(raw["building"]),
+                    started_by=dict(raw["started_by"]),
+                    started_at=float(raw["started_at"]),
+                    expires_at=float(raw["expires_at"]),
+                    cameras=tuple(str(c) for c in raw["cameras"]),
+                    ended_at=None if raw["ended_at"] is None else float(raw["ended_at"]),
+                    end_reason=raw["end_reason"],
+                    presses=tuple(dict(p) for p in raw["presses"]),
+                )
+                if session.building == building:
+                    setattr(emergency, name, session)
+        return emergency
+
+
+def _session_json(session: Session | None) -> dict[str, Any] | None:
+    if session is None:
+        return None
+    doc = asdict(session)
+    doc["cameras"] = list(session.cameras)
+    doc["presses"] = [dict(p) for p in session.presses]
+    doc["started_by"] = dict(session.started_by)
+    return doc

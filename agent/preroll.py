@@ -1,0 +1,80 @@
+"""The pre-roll ring: the last N seconds of one camera, in RAM, GOP-aligned.
+
+When an emergency starts, the receiver must get the footage from just before
+the press, and it must be decodable from its first packet: so the ring always
+starts at a keyframe and drops whole GOPs from its front. It is bounded twice:
+
+- by time: it keeps the shortest keyframe-aligned suffix that spans at least
+  ``seconds`` (the oldest keyframe kept is the newest one at or before
+  ``newest - seconds``);
+- by bytes: it never holds more than ``max_bytes``. If the newest GOP alone
+  grows past the byte bound (a broken encoder that never sends a keyframe),
+  the ring empties and waits for the next keyframe rather than hold a GOP it
+  cannot start at. That is the only case where the newest packet is not kept.
+
+Pure code: no clocks (packet capture times are used), no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from hardware import EncodedPacket
+
+
+class PreRoll:
+    """Ring of the most recent packets of one camera, starting at a keyframe."""
+
+    def __init__(self, seconds: float, max_bytes: int) -> None:
+        if seconds < 0 or max_bytes <= 0:
+            raise ValueError("pre-roll needs seconds >= 0 and max_bytes > 0")
+        self.window_ns = int(seconds * 1e9)
+        self.max_bytes = max_bytes
+        self._packets: deque[EncodedPacket] = deque()
+        #: Index positions (absolute counters) of keyframes still in the ring.
+        self._keys: deque[int] = deque()
+        self._first = 0  # absolute counter of _packets[0]
+        self._bytes = 0
+        self.dropped_gops = 0
+
+    def __len__(self) -> int:
+        return len(self._packets)
+
+    @property
+    def bytes(self) -> int:
+        """Payload bytes held."""
+        return self._bytes
+
+    def push(self, packet: EncodedPacket) -> None:
+        """Add the newest packet and trim the front to the bounds."""
+        if not self._packets and not packet.keyframe:
+            return  # nothing decodable to attach it to: wait for a keyframe
+        if packet.keyframe:
+            self._keys.append(self._first + len(self._packets))
+        self._packets.append(packet)
+        self._bytes += len(packet.payload)
+        self._trim(packet.capture_ns)
+
+    def _drop_front_gop(self) -> None:
+        self._keys.popleft()
+        end = self._keys[0] if self._keys else self._first + len(self._packets)
+        while self._first < end:
+            self._bytes -= len(self._packets.popleft().payload)
+            self._first += 1
+        self.dropped_gops += 1
+
+    def _trim(self, newest_ns: int) -> None:
+        # Time: drop the oldest GOP while the next GOP alone still covers the window.
+        while len(self._keys) > 1:
+            second = self._packets[self._keys[1] - self._first]
+            if newest_ns - second.capture_ns >= self.window_ns:
+                self._drop_front_gop()
+            else:
+                break
+        # Bytes: drop whole GOPs from the front; a lone oversized GOP empties the ring.
+        while self._bytes > self.max_bytes and self._keys:
+            self._drop_front_gop()
+
+    def snapshot(self) -> list[EncodedPacket]:
+        """The packets held, oldest first (starts at a keyframe, or is empty)."""
+        return list(self._packets)

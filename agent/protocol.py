@@ -1,0 +1,571 @@
+"""Uplink wire protocol, version 1: a sans-IO core shared by agent and receiver.
+
+Theory of operation
+-------------------
+The agent opens a WebSocket over TLS to ``wss://RECEIVER/v1/uplink`` and keeps
+it open. WebSocket framing is the transport's job (aiohttp); this module sees
+whole messages: a text message is one JSON control message, a binary message
+is one media packet. It never touches a socket, a clock or a file: the shells
+feed it what arrived (:meth:`Uplink.receive`) and ask it for what to send
+(:meth:`Uplink.send`), in the style of h11.
+
+Handshake (receiver speaks first)::
+
+    receiver -> Challenge(nonce)
+    agent    -> Hello(device, enrollment, sig = Ed25519(nonce || origin))
+    receiver -> Welcome(acked)       (or Error + close)
+
+After the handshake either side may send ``Heartbeat`` and ``Error``; the
+agent sends ``SessionOpen``, ``Media`` and ``SessionClose``; the receiver sends
+``Ack`` (cumulative: every sequence number up to ``seq`` of that camera in
+that session is durable) and ``Trigger`` (a remote trigger envelope).
+
+Media header (little-endian, 25 bytes) followed by the payload::
+
+    version u8 | kind u8 | camera index u16 | seq u64 | capture time i64 us |
+    flags u8 (bit0 keyframe, bit1 pre-roll) | payload length u32
+
+Every message is size-checked before it is parsed. A violation raises
+:class:`RemoteProtocolError` (the peer's fault: close with its ``code``) or
+:class:`LocalProtocolError` (our own caller's bug).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+VERSION: Final = 1
+MEDIA_HEADER: Final = struct.Struct("<BBHQqBI")
+MAX_CONTROL_BYTES: Final = 64 * 1024
+MAX_PAYLOAD_BYTES: Final = 8 * 1024 * 1024
+MAX_CAMERAS: Final = 64
+FLAG_KEYFRAME: Final = 0x01
+FLAG_PREROLL: Final = 0x02
+
+
+class ProtocolError(Exception):
+    """A message broke the uplink protocol. ``code`` is a stable reason code."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+class RemoteProtocolError(ProtocolError, ValueError):
+    """The peer sent something invalid: answer with ``Error(code)`` and close."""
+
+
+class LocalProtocolError(ProtocolError, RuntimeError):
+    """Our own side tried to send something out of order or invalid."""
+
+
+class Role(enum.Enum):
+    """Which end of the uplink this protocol object speaks for."""
+
+    AGENT = "agent"
+    RECEIVER = "receiver"
+
+
+class MediaKind(enum.IntEnum):
+    """Which lane a media message travels in."""
+
+    LIVE = 0
+    BACKFILL_SEALED = 1
+
+
+class Phase(enum.Enum):
+    """Handshake progress of one connection."""
+
+    CHALLENGE = "challenge"  # waiting for (agent) / about to send (receiver) the challenge
+    HELLO = "hello"  # challenge out, hello not yet through
+    WELCOME = "welcome"  # hello through, welcome not yet through
+    READY = "ready"
+    CLOSED = "closed"
+
+
+def b64url(data: bytes) -> str:
+    """Unpadded base64url, as DESIGN.md uses everywhere."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def unb64url(text: str, *, what: str) -> bytes:
+    """Decode unpadded base64url; a bad value is the peer's fault."""
+    if not isinstance(text, str) or len(text) > 4 * MAX_CONTROL_BYTES:
+        raise RemoteProtocolError("malformed", f"{what}: expected base64url text")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise RemoteProtocolError("malformed", f"{what}: not base64url") from exc
+
+
+def hello_signed_bytes(nonce: str, origin: str) -> bytes:
+    """The bytes the agent signs to answer a challenge: nonce || receiver origin."""
+    return unb64url(nonce, what="challenge.nonce") + origin.encode("utf-8")
+
+
+# --- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """Receiver -> agent: prove possession of the device key over this nonce."""
+
+    nonce: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Agent -> receiver: who the device is and the signature over the challenge.
+
+    ``enrollment`` is the enrollment certificate envelope, or ``None`` while a
+    receiver still trusts devices by an allow-list of public keys.
+    """
+
+    device: str
+    sig: str
+    enrollment: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Receiver -> agent: accepted; last acknowledged seq per session and camera id."""
+
+    acked: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    heartbeat_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class CameraDesc:
+    """One camera of a session, as the receiver needs it to record and play."""
+
+    index: int
+    id: str
+    zone: str
+    codec: str
+    width: int
+    height: int
+    fps: float
+    extradata: bytes
+    first_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOpen:
+    """Agent -> receiver: an emergency session starts (or resumes after reconnect)."""
+
+    session: str
+    building: str
+    started_by: Mapping[str, Any]
+    started_at: float
+    expires_at: float
+    cameras: tuple[CameraDesc, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Media:
+    """One encoded access unit of one camera of the open session."""
+
+    kind: MediaKind
+    camera: int
+    seq: int
+    capture_us: int
+    keyframe: bool
+    preroll: bool
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Receiver -> agent: every seq <= ``seq`` of ``camera`` in ``session`` is durable."""
+
+    session: str
+    camera: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClose:
+    """Agent -> receiver: the session ended (``reason``: expired, ended, ...)."""
+
+    session: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Either side: still here. ``t`` is the sender's wall clock (UTC seconds)."""
+
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """Receiver -> agent: a signed remote trigger envelope, verified by the agent."""
+
+    envelope: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Either side: a stable reason code and a human-readable detail."""
+
+    code: str
+    detail: str = ""
+
+
+Event = (
+    Challenge
+    | Hello
+    | Welcome
+    | SessionOpen
+    | Media
+    | Ack
+    | SessionClose
+    | Heartbeat
+    | Trigger
+    | Error
+)
+
+_FROM_AGENT: Final = (Hello, SessionOpen, Media, SessionClose, Heartbeat, Error)
+_FROM_RECEIVER: Final = (Challenge, Welcome, Ack, Heartbeat, Trigger, Error)
+
+
+# --- JSON field checking ----------------------------------------------------
+
+
+def _expect(
+    obj: Mapping[str, Any], where: str, fields: Mapping[str, type | tuple[type, ...]]
+) -> None:
+    unknown = set(obj) - set(fields) - {"type"}
+    if unknown:
+        raise RemoteProtocolError("malformed", f"{where}: unknown field(s) {sorted(unknown)}")
+    for name, kind in fields.items():
+        if name not in obj:
+            raise RemoteProtocolError("malformed", f"{where}.{name}: missing")
+        value = obj[name]
+        # bool is an int in Python; never accept it where a number is meant.
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise RemoteProtocolError("malformed", f"{where}.{name}: wrong type")
+        if not isinstance(value, kind):
+            raise RemoteProtocolError("malformed", f"{where}.{name}: wrong type")
+
+
+def _text(value: str, where: str, limit: int = 256) -> str:
+    if not value or len(value) > limit or not value.isprintable():
+        raise RemoteProtocolError("malformed", f"{where}: empty, too long or unprintable")
+    return value
+
+
+def _seq(value: int, where: str) -> int:
+    if not 0 <= value < 2**63:
+        raise RemoteProtocolError("malformed", f"{where}: out of range")
+    return value
+
+
+def _camera_desc(obj: Any, where: str) -> CameraDesc:
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError("malformed", f"{where}: expected an object")
+    _expect(
+        obj,
+        where,
+        {
+            "index": int,
+            "id": str,
+            "zone": str,
+            "codec": str,
+            "width": int,
+            "height": int,
+            "fps": (int, float),
+            "extradata": str,
+            "first_seq": int,
+        },
+    )
+    if obj["zone"] not in ("exterior", "interior"):
+        raise RemoteProtocolError("malformed", f"{where}.zone: must be exterior or interior")
+    if obj["codec"] not in ("h264", "mjpeg"):
+        raise RemoteProtocolError("malformed", f"{where}.codec: unsupported")
+    if not (0 < obj["width"] <= 8192 and 0 < obj["height"] <= 8192 and 0 < obj["fps"] <= 240):
+        raise RemoteProtocolError("malformed", f"{where}: width/height/fps out of range")
+    return CameraDesc(
+        index=obj["index"],
+        id=_text(obj["id"], f"{where}.id", 64),
+        zone=obj["zone"],
+        codec=obj["codec"],
+        width=obj["width"],
+        height=obj["height"],
+        fps=float(obj["fps"]),
+        extradata=unb64url(obj["extradata"], what=f"{where}.extradata"),
+        first_seq=_seq(obj["first_seq"], f"{where}.first_seq"),
+    )
+
+
+def _parse_control(text: str) -> Event:
+    if len(text) > MAX_CONTROL_BYTES:
+        raise RemoteProtocolError("too_large", f"control message over {MAX_CONTROL_BYTES} bytes")
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise RemoteProtocolError("malformed", f"control message is not JSON: {exc}") from exc
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        raise RemoteProtocolError("malformed", "control message needs a string 'type'")
+    kind = obj["type"]
+    if kind == "challenge":
+        _expect(obj, kind, {"nonce": str})
+        if len(unb64url(obj["nonce"], what="challenge.nonce")) < 16:
+            raise RemoteProtocolError("malformed", "challenge.nonce: shorter than 128 bit")
+        return Challenge(obj["nonce"])
+    if kind == "hello":
+        _expect(obj, kind, {"device": str, "sig": str, "enrollment": (dict, type(None))})
+        return Hello(_text(obj["device"], "hello.device", 64), obj["sig"], obj["enrollment"])
+    if kind == "welcome":
+        _expect(obj, kind, {"acked": dict, "heartbeat_s": (int, float)})
+        acked: dict[str, dict[str, int]] = {}
+        for sid, cams in obj["acked"].items():
+            if not isinstance(cams, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in cams.values()
+            ):
+                raise RemoteProtocolError(
+                    "malformed", f"welcome.acked.{sid}: expected {{camera: seq}}"
+                )
+            acked[sid] = dict(cams)
+        if not 0.1 <= obj["heartbeat_s"] <= 3600:
+            raise RemoteProtocolError("malformed", "welcome.heartbeat_s: out of range")
+        return Welcome(acked, float(obj["heartbeat_s"]))
+    if kind == "session_open":
+        _expect(
+            obj,
+            kind,
+            {
+                "session": str,
+                "building": str,
+                "started_by": dict,
+                "started_at": (int, float),
+                "expires_at": (int, float),
+                "cameras": list,
+            },
+        )
+        if not 0 < len(obj["cameras"]) <= MAX_CAMERAS:
+            raise RemoteProtocolError("malformed", f"session_open.cameras: 1..{MAX_CAMERAS} needed")
+        cameras = tuple(
+            _camera_desc(c, f"session_open.cameras[{i}]") for i, c in enumerate(obj["cameras"])
+        )
+        if [c.index for c in cameras] != list(range(len(cameras))):
+            raise RemoteProtocolError("malformed", "session_open.cameras: index must be 0..n-1")
+        return SessionOpen(
+            _text(obj["session"], "session_open.session", 64),
+            _text(obj["building"], "session_open.building", 64),
+            obj["started_by"],
+            float(obj["started_at"]),
+            float(obj["expires_at"]),
+            cameras,
+        )
+    if kind == "ack":
+        _expect(obj, kind, {"session": str, "camera": int, "seq": int})
+        return Ack(obj["session"], obj["camera"], _seq(obj["seq"], "ack.seq"))
+    if kind == "session_close":
+        _expect(obj, kind, {"session": str, "reason": str})
+        return SessionClose(obj["session"], _text(obj["reason"], "session_close.reason"))
+    if kind == "heartbeat":
+        _expect(obj, kind, {"t": (int, float)})
+        return Heartbeat(float(obj["t"]))
+    if kind == "trigger":
+        _expect(obj, kind, {"envelope": dict})
+        return Trigger(obj["envelope"])
+    if kind == "error":
+        _expect(obj, kind, {"code": str, "detail": str})
+        return Error(_text(obj["code"], "error.code", 64), obj["detail"][:1024])
+    raise RemoteProtocolError("malformed", f"unknown control message type {kind[:32]!r}")
+
+
+def _serialize(event: Event) -> str | bytes:
+    if isinstance(event, Media):
+        if len(event.payload) > MAX_PAYLOAD_BYTES:
+            raise LocalProtocolError("too_large", f"media payload over {MAX_PAYLOAD_BYTES} bytes")
+        flags = (FLAG_KEYFRAME if event.keyframe else 0) | (FLAG_PREROLL if event.preroll else 0)
+        header = MEDIA_HEADER.pack(
+            VERSION,
+            event.kind,
+            event.camera,
+            event.seq,
+            event.capture_us,
+            flags,
+            len(event.payload),
+        )
+        return header + event.payload
+    body: dict[str, Any]
+    if isinstance(event, Challenge):
+        body = {"type": "challenge", "nonce": event.nonce}
+    elif isinstance(event, Hello):
+        body = {"type": "hello", "device": event.device, "sig": event.sig}
+        body["enrollment"] = dict(event.enrollment) if event.enrollment is not None else None
+    elif isinstance(event, Welcome):
+        acked = {s: dict(c) for s, c in event.acked.items()}
+        body = {"type": "welcome", "acked": acked, "heartbeat_s": event.heartbeat_s}
+    elif isinstance(event, SessionOpen):
+        body = {
+            "type": "session_open",
+            "session": event.session,
+            "building": event.building,
+            "started_by": dict(event.started_by),
+            "started_at": event.started_at,
+            "expires_at": event.expires_at,
+            "cameras": [
+                {
+                    "index": c.index,
+                    "id": c.id,
+                    "zone": c.zone,
+                    "codec": c.codec,
+                    "width": c.width,
+                    "height": c.height,
+                    "fps": c.fps,
+                    "extradata": b64url(c.extradata),
+                    "first_seq": c.first_seq,
+                }
+                for c in event.cameras
+            ],
+        }
+    elif isinstance(event, Ack):
+        body = {"type": "ack", "session": event.session, "camera": event.camera, "seq": event.seq}
+    elif isinstance(event, SessionClose):
+        body = {"type": "session_close", "session": event.session, "reason": event.reason}
+    elif isinstance(event, Heartbeat):
+        body = {"type": "heartbeat", "t": event.t}
+    elif isinstance(event, Trigger):
+        body = {"type": "trigger", "envelope": dict(event.envelope)}
+    else:
+        body = {"type": "error", "code": event.code, "detail": event.detail}
+    text = json.dumps(body, separators=(",", ":"))
+    if len(text) > MAX_CONTROL_BYTES:
+        raise LocalProtocolError("too_large", f"{body['type']} over {MAX_CONTROL_BYTES} bytes")
+    return text
+
+
+def _parse_media(data: bytes) -> Media:
+    if len(data) < MEDIA_HEADER.size:
+        raise RemoteProtocolError("malformed", "media message shorter than its header")
+    version, kind, camera, seq, capture_us, flags, length = MEDIA_HEADER.unpack_from(data)
+    if version != VERSION:
+        raise RemoteProtocolError(
+            "bad_version", f"media header version {version}, expected {VERSION}"
+        )
+    if kind not in MediaKind._value2member_map_:
+        raise RemoteProtocolError("malformed", f"media kind {kind} unknown")
+    if flags & ~(FLAG_KEYFRAME | FLAG_PREROLL):
+        raise RemoteProtocolError("malformed", f"media flags {flags:#x} has unknown bits")
+    if length > MAX_PAYLOAD_BYTES:
+        raise RemoteProtocolError("too_large", f"media payload over {MAX_PAYLOAD_BYTES} bytes")
+    if length != len(data) - MEDIA_HEADER.size:
+        raise RemoteProtocolError("malformed", "media payload length does not match the message")
+    return Media(
+        MediaKind(kind),
+        camera,
+        _seq(seq, "media.seq"),
+        capture_us,
+        bool(flags & FLAG_KEYFRAME),
+        bool(flags & FLAG_PREROLL),
+        data[MEDIA_HEADER.size :],
+    )
+
+
+class Uplink:
+    """One end of one uplink connection: validates order, parses and serializes.
+
+    >>> agent, receiver = Uplink(Role.AGENT), Uplink(Role.RECEIVER)
+    >>> agent.receive(receiver.send(Challenge("AAAAAAAAAAAAAAAAAAAAAA")))
+    Challenge(nonce='AAAAAAAAAAAAAAAAAAAAAA')
+    """
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self.phase = Phase.CHALLENGE
+        #: Id and camera count of the session the agent has open on this connection.
+        self.session: str | None = None
+        self.camera_count = 0
+
+    # -- incoming --
+
+    def receive(self, message: str | bytes) -> Event:
+        """Parse one whole WebSocket message from the peer and advance the state."""
+        if self.phase is Phase.CLOSED:
+            raise RemoteProtocolError("closed", "message after the connection was closed")
+        if isinstance(message, bytes | bytearray | memoryview):
+            event: Event = _parse_media(bytes(message))
+        else:
+            event = _parse_control(message)
+        allowed = _FROM_RECEIVER if self.role is Role.AGENT else _FROM_AGENT
+        if not isinstance(event, allowed):
+            raise RemoteProtocolError("unexpected", f"{type(event).__name__} from the wrong side")
+        self._advance(event, remote=True)
+        return event
+
+    # -- outgoing --
+
+    def send(self, event: Event) -> str | bytes:
+        """Serialize one event to send; a text or a binary WebSocket message."""
+        if self.phase is Phase.CLOSED:
+            raise LocalProtocolError("closed", "send after the connection was closed")
+        allowed = _FROM_AGENT if self.role is Role.AGENT else _FROM_RECEIVER
+        if not isinstance(event, allowed):
+            raise LocalProtocolError(
+                "unexpected", f"{self.role.value} cannot send {type(event).__name__}"
+            )
+        wire = _serialize(event)
+        self._advance(event, remote=False)
+        return wire
+
+    def close(self) -> None:
+        """Mark the connection closed: nothing more is sent or accepted."""
+        self.phase = Phase.CLOSED
+
+    # -- the state table --
+
+    def _fail(self, remote: bool, code: str, detail: str) -> ProtocolError:
+        return (RemoteProtocolError if remote else LocalProtocolError)(code, detail)
+
+    def _advance(self, event: Event, *, remote: bool) -> None:
+        name = type(event).__name__
+        if isinstance(event, Error):
+            return  # an error is allowed in every phase; the shell closes after it
+        if isinstance(event, Challenge):
+            if self.phase is not Phase.CHALLENGE:
+                raise self._fail(remote, "unexpected", "challenge after the handshake began")
+            self.phase = Phase.HELLO
+        elif isinstance(event, Hello):
+            if self.phase is not Phase.HELLO:
+                raise self._fail(remote, "unexpected", "hello before a challenge or twice")
+            self.phase = Phase.WELCOME
+        elif isinstance(event, Welcome):
+            if self.phase is not Phase.WELCOME:
+                raise self._fail(remote, "unexpected", "welcome before hello or twice")
+            self.phase = Phase.READY
+        elif self.phase is not Phase.READY:
+            raise self._fail(remote, "unexpected", f"{name} before the handshake completed")
+        elif isinstance(event, SessionOpen):
+            self.session = event.session
+            self.camera_count = len(event.cameras)
+        elif isinstance(event, Media):
+            if self.session is None:
+                raise self._fail(remote, "no_session", "media without an open session")
+            if event.camera >= self.camera_count:
+                raise self._fail(
+                    remote, "unknown_camera", f"camera index {event.camera} not in session"
+                )
+        elif isinstance(event, SessionClose):
+            if event.session != self.session:
+                raise self._fail(remote, "unknown_session", "session_close for a session not open")
+            self.session = None
+            self.camera_count = 0
+        elif (
+            isinstance(event, Ack)
+            and event.session == self.session
+            and event.camera >= self.camera_count
+        ):
+            raise self._fail(remote, "unknown_camera", f"ack for camera index {event.camera}")

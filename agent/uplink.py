@@ -1,0 +1,366 @@
+"""The uplink client: one outbound, pinned-TLS WebSocket to the police receiver.
+
+The agent keeps this control connection open while idle (heartbeats), so an
+emergency starts streaming with no new handshake, and remote triggers reach a
+device behind NAT. Everything sent for a session is kept until the receiver
+acknowledged it durable; after a reconnect the agent resumes from the
+receiver's last acknowledged sequence numbers (``Welcome.acked``).
+
+The protocol rules live in :mod:`agent.protocol`; this is only the asyncio
+shell: connect, handshake, a reader task, a writer task, reconnect with
+exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import protocol as p
+from agent.errors import UplinkRefused
+from hardware import EncodedPacket
+from provisioning.tls import fingerprint_digest
+
+log = logging.getLogger(__name__)
+
+# Codes after which retrying soon is pointless: the receiver does not know us.
+FATAL_CODES = frozenset({"unknown_device", "bad_signature"})
+
+
+@dataclass(slots=True)
+class _Item:
+    camera: int
+    packet: EncodedPacket
+    preroll: bool
+
+    def media(self) -> p.Media:
+        pkt = self.packet
+        return p.Media(
+            p.MediaKind.LIVE,
+            self.camera,
+            pkt.seq,
+            pkt.capture_ns // 1000,
+            pkt.keyframe,
+            self.preroll,
+            pkt.payload,
+        )
+
+
+@dataclass(slots=True)
+class SessionStream:
+    """What one session still owes the receiver."""
+
+    open: p.SessionOpen
+    unacked: list[deque[_Item]]
+    acked: list[int]
+    close_reason: str | None = None
+    close_sent: bool = False
+    unacked_bytes: int = 0
+    dropped: int = 0
+    first_ack_mono_ns: int | None = None
+
+    @property
+    def id(self) -> str:
+        """Session id."""
+        return self.open.session
+
+    def settled(self) -> bool:
+        """Closed, the close sent, and every packet acknowledged."""
+        return self.close_sent and not any(self.unacked)
+
+
+@dataclass(slots=True)
+class UplinkStats:
+    """Counters for status, metrics and benchmarks."""
+
+    connects: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)
+    packets_sent: int = 0
+    bytes_sent: int = 0
+    last_error: str | None = None
+
+
+class UplinkClient:
+    """Keeps the connection to the receiver and streams sessions over it."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        origin: str,
+        pin: str,
+        device_id: str,
+        device_key: Ed25519PrivateKey,
+        heartbeat_s: float = 5.0,
+        reconnect_max_s: float = 10.0,
+        unacked_max_bytes: int = 256 * 1024 * 1024,
+        on_trigger: Callable[[Mapping[str, Any]], None] | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.origin = origin
+        self._fingerprint = aiohttp.Fingerprint(fingerprint_digest(pin))
+        self.device_id = device_id
+        self._key = device_key
+        self.heartbeat_s = heartbeat_s
+        self.reconnect_max_s = reconnect_max_s
+        self.unacked_max_bytes = unacked_max_bytes
+        self._on_trigger = on_trigger
+        self._on_change = on_change
+        self.streams: deque[SessionStream] = deque()
+        self.connected = False
+        self.stats = UplinkStats()
+        self._pending: deque[_Item] = deque()
+        self._wake = asyncio.Event()
+        self._conn: p.Uplink | None = None
+        self._opened_on_conn: str | None = None
+        self._progress = asyncio.Event()
+
+    # -- API for the agent --------------------------------------------------
+
+    def start_session(
+        self, open_: p.SessionOpen, preroll: Mapping[int, Iterable[EncodedPacket]]
+    ) -> SessionStream:
+        """Queue a new session: its ``session_open``, then the pre-roll packets in capture order."""
+        stream = SessionStream(
+            open_, [deque() for _ in open_.cameras], [c.first_seq - 1 for c in open_.cameras]
+        )
+        self.streams.append(stream)
+        items = [_Item(cam, pkt, True) for cam, pkts in preroll.items() for pkt in pkts]
+        items.sort(key=lambda item: item.packet.mono_ns)
+        for item in items:
+            self._track(stream, item)
+        self._wake.set()
+        return stream
+
+    def push(self, stream: SessionStream, camera: int, packet: EncodedPacket) -> None:
+        """Queue one live packet of an open session."""
+        self._track(stream, _Item(camera, packet, False))
+        self._wake.set()
+
+    def end_session(self, session_id: str, reason: str) -> None:
+        """Mark a session closed; ``session_close`` follows its last packet."""
+        for stream in self.streams:
+            if stream.id == session_id and stream.close_reason is None:
+                stream.close_reason = reason
+        self._wake.set()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds; re-checked on every ack and connection change."""
+        while not predicate():
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def wait_settled(self, session_id: str) -> None:
+        """Wait until the receiver acknowledged every packet and the close of a session."""
+        await self.wait_until(lambda: self.stream(session_id) is None)
+
+    def _remove(self, stream: SessionStream) -> None:
+        self.streams.remove(stream)
+        self._progress.set()
+        self._wake.set()
+
+    def stream(self, session_id: str) -> SessionStream | None:
+        """The stream of a session still owed to the receiver."""
+        return next((s for s in self.streams if s.id == session_id), None)
+
+    # -- bookkeeping --------------------------------------------------------
+
+    def _track(self, stream: SessionStream, item: _Item) -> None:
+        stream.unacked[item.camera].append(item)
+        stream.unacked_bytes += len(item.packet.payload)
+        if stream is self._head() and self._opened_on_conn == stream.id:
+            self._pending.append(item)
+        while stream.unacked_bytes > self.unacked_max_bytes:
+            # Memory is the only buffer until the sealed disk store exists: drop the
+            # oldest unacknowledged packet rather than exhaust RAM, and say so.
+            oldest = min((q for q in stream.unacked if q), key=lambda q: q[0].packet.mono_ns)
+            lost = oldest.popleft()
+            stream.unacked_bytes -= len(lost.packet.payload)
+            stream.dropped += 1
+            if stream.dropped in (1, 100, 10_000):
+                log.error(
+                    "uplink buffer full: dropped %d unacknowledged packets of %s",
+                    stream.dropped,
+                    stream.id,
+                )
+
+    def _head(self) -> SessionStream | None:
+        return self.streams[0] if self.streams else None
+
+    def _on_ack(self, ack: p.Ack) -> None:
+        stream = self.stream(ack.session)
+        if stream is None or not 0 <= ack.camera < len(stream.unacked):
+            return
+        if ack.seq > stream.acked[ack.camera]:
+            stream.acked[ack.camera] = ack.seq
+            queue = stream.unacked[ack.camera]
+            while queue and queue[0].packet.seq <= ack.seq:
+                stream.unacked_bytes -= len(queue.popleft().packet.payload)
+            self._progress.set()
+            if stream.first_ack_mono_ns is None:
+                stream.first_ack_mono_ns = time.monotonic_ns()
+                self._changed()
+        if stream.settled():
+            self._remove(stream)
+
+    def _changed(self) -> None:
+        self._progress.set()
+        if self._on_change is not None:
+            self._on_change()
+
+    # -- connection loop ----------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect with backoff until cancelled."""
+        delay = 0.2
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                try:
+                    await self._connect_once(http)
+                    delay = 0.2
+                except UplinkRefused as exc:
+                    self.stats.refusals[exc.code] = self.stats.refusals.get(exc.code, 0) + 1
+                    self.stats.last_error = str(exc)
+                    log.error("%s", exc)
+                    if exc.code in FATAL_CODES:
+                        delay = self.reconnect_max_s
+                    self._changed()
+                except (aiohttp.ClientError, OSError, TimeoutError, p.ProtocolError) as exc:
+                    self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                    log.warning("uplink to %s failed: %s", self.url, self.stats.last_error)
+                finally:
+                    if self.connected:
+                        self.connected = False
+                        self._changed()
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter only
+                delay = min(delay * 2, self.reconnect_max_s)
+
+    async def _connect_once(self, http: aiohttp.ClientSession) -> None:
+        async with http.ws_connect(
+            self.url, ssl=self._fingerprint, max_msg_size=p.MAX_CONTROL_BYTES, autoping=True
+        ) as ws:
+            conn = p.Uplink(p.Role.AGENT)
+            welcome = await self._handshake(ws, conn)
+            self._conn = conn
+            self.connected = True
+            self.stats.connects += 1
+            self._resume(welcome)
+            self._changed()
+            log.info("uplink connected to %s", self.url)
+            reader = asyncio.create_task(
+                self._reader(ws, conn, welcome.heartbeat_s), name="uplink-reader"
+            )
+            writer = asyncio.create_task(self._writer(ws, conn), name="uplink-writer")
+            try:
+                done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            finally:
+                for task in (reader, writer):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                self._conn = None
+                self._opened_on_conn = None
+
+    async def _receive(
+        self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink, timeout: float
+    ) -> p.Event:
+        msg = await ws.receive(timeout=timeout)
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            return conn.receive(msg.data)
+        if msg.type is aiohttp.WSMsgType.BINARY:
+            return conn.receive(msg.data)
+        raise ConnectionError(f"uplink closed by the receiver ({msg.type.name} {ws.close_code})")
+
+    async def _handshake(self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink) -> p.Welcome:
+        event = await self._receive(ws, conn, 10)
+        if isinstance(event, p.Error):
+            raise UplinkRefused(event.code, event.detail)
+        assert isinstance(event, p.Challenge)  # the protocol allows nothing else here
+        sig = self._key.sign(p.hello_signed_bytes(event.nonce, self.origin))
+        await ws.send_str(_text(conn.send(p.Hello(self.device_id, p.b64url(sig), None))))
+        event = await self._receive(ws, conn, 10)
+        if isinstance(event, p.Error):
+            raise UplinkRefused(event.code, event.detail)
+        assert isinstance(event, p.Welcome)
+        return event
+
+    def _resume(self, welcome: p.Welcome) -> None:
+        """Forget what the receiver already holds; queue the rest again."""
+        for stream in list(self.streams):
+            for cam, seq in welcome.acked.get(stream.id, {}).items():
+                index = next((c.index for c in stream.open.cameras if c.id == cam), None)
+                if index is not None:
+                    self._on_ack(p.Ack(stream.id, index, seq))
+            stream.close_sent = False
+        self._pending.clear()
+
+    def _refill(self, stream: SessionStream) -> None:
+        # Resend everything unacknowledged, merged across cameras in capture order.
+        merged = heapq.merge(*stream.unacked, key=lambda item: item.packet.mono_ns)
+        self._pending = deque(merged)
+
+    async def _reader(
+        self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink, heartbeat_s: float
+    ) -> None:
+        while True:
+            event = await self._receive(ws, conn, heartbeat_s * 3)
+            if isinstance(event, p.Ack):
+                self._on_ack(event)
+            elif isinstance(event, p.Trigger) and self._on_trigger is not None:
+                self._on_trigger(event.envelope)
+            elif isinstance(event, p.Error):
+                raise UplinkRefused(event.code, event.detail)
+
+    async def _writer(self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink) -> None:
+        next_beat = 0.0
+        while True:
+            stream = self._head()
+            if stream is not None and self._opened_on_conn != stream.id:
+                await ws.send_str(_text(conn.send(stream.open)))
+                self._opened_on_conn = stream.id
+                self._refill(stream)
+            while self._pending:
+                item = self._pending.popleft()
+                await ws.send_bytes(_binary(conn.send(item.media())))
+                self.stats.packets_sent += 1
+                self.stats.bytes_sent += len(item.packet.payload)
+            if stream is not None and stream.close_reason is not None and not stream.close_sent:
+                await ws.send_str(_text(conn.send(p.SessionClose(stream.id, stream.close_reason))))
+                stream.close_sent = True
+                if stream.settled():
+                    self._remove(stream)
+                    continue
+            now = time.monotonic()
+            if now >= next_beat:
+                await ws.send_str(_text(conn.send(p.Heartbeat(time.time()))))
+                next_beat = now + self.heartbeat_s
+            self._wake.clear()
+            if self._pending or (self._head() is not stream):
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, next_beat - now))
+
+
+def _text(wire: str | bytes) -> str:
+    assert isinstance(wire, str)  # control events always serialize to text
+    return wire
+
+
+def _binary(wire: str | bytes) -> bytes:
+    assert isinstance(wire, bytes)  # media always serializes to bytes
+    return wire

@@ -1,0 +1,7 @@
+"""``python -m breakglass``."""
+
+import sys
+
+from breakglass.cli import main
+
+sys.exit(main())

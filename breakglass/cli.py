@@ -1,0 +1,148 @@
+"""``breakglass``: one command for every role (see ``breakglass --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from agent.errors import AgentError
+from provisioning.errors import ProvisioningError
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+async def until_signalled(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    """Run ``main(stop)``; SIGINT and SIGTERM set ``stop`` for a clean shutdown."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await main(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _agent_run(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+    from agent.daemon import Agent
+
+    config = load_config(args.config)
+
+    async def main(stop: asyncio.Event) -> int:
+        async with Agent(config):
+            await stop.wait()
+        return 0
+
+    return asyncio.run(until_signalled(main))
+
+
+def _receiver_serve(args: argparse.Namespace) -> int:
+    from receiver.server import Receiver
+
+    async def main(stop: asyncio.Event) -> int:
+        async with Receiver(args.data, args.host, args.port) as rx:
+            print(f"receiver: {rx.url}  uplink: {rx.uplink_url}")
+            print(f"TLS pin (put it in each agent's [receiver] tls_pin): {rx.fingerprint}")
+            print(f"allowed devices: {rx.devices_dir}/<device-id>.pub")
+            await stop.wait()
+        return 0
+
+    return asyncio.run(until_signalled(main))
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    from provisioning.keys import kid, new_private_key, public_pem
+
+    if args.out.exists():
+        print(f"error: {args.out} exists; refusing to overwrite a key", file=sys.stderr)
+        return 2
+    key = new_private_key(args.out)
+    pub = args.out.with_suffix(".pub")
+    pub.write_bytes(public_pem(key.public_key()))
+    print(f"private key {args.out} (mode 0600), public key {pub}, kid {kid(key.public_key())}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from breakglass.demo import run_demo
+
+    return asyncio.run(
+        until_signalled(lambda stop: run_demo(args.data, args.run_for, args.port, stop))
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="breakglass", description="Emergency-only camera access for schools."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo", help="receiver + one agent with two synthetic cameras on 127.0.0.1"
+    )
+    demo.add_argument("--data", type=Path, default=None, help="data folder (default: a fresh one)")
+    demo.add_argument(
+        "--for",
+        dest="run_for",
+        type=float,
+        default=None,
+        metavar="N",
+        help="run N seconds non-interactively, press the button, check, exit",
+    )
+    demo.add_argument("--port", type=int, default=0, help="receiver port (default: any free one)")
+    demo.set_defaults(func=_demo)
+
+    agent = sub.add_parser("agent", help="the building agent").add_subparsers(
+        dest="action", required=True
+    )
+    run = agent.add_parser("run", help="run the agent")
+    run.add_argument("--config", type=Path, required=True)
+    run.set_defaults(func=_agent_run)
+
+    receiver = sub.add_parser("receiver", help="the police receiver").add_subparsers(
+        dest="action", required=True
+    )
+    serve = receiver.add_parser("serve", help="serve the uplink and the viewer over TLS")
+    serve.add_argument("--data", type=Path, required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8443)
+    serve.set_defaults(func=_receiver_serve)
+
+    keys = sub.add_parser("keys", help="Ed25519 key files").add_subparsers(
+        dest="action", required=True
+    )
+    new = keys.add_parser("new", help="generate a key pair (private key mode 0600)")
+    new.add_argument("--out", type=Path, required=True)
+    new.set_defaults(func=_keys_new)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``breakglass`` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        result: int = args.func(args)
+    except (AgentError, ProvisioningError, ValueError) as exc:
+        print(f"breakglass: error: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""``breakglass demo``: a police receiver and one building agent on 127.0.0.1.
+
+Everything is generated in a data folder: the device key (0600), the
+receiver's self-signed certificate, the allow-list entry and the agent's
+config. The agent has two synthetic cameras (one exterior, one interior), a
+panic button and a status LED on gpiozero's MockFactory; pressing Enter
+drives the button's mock pin low and high, the same path a real button takes.
+
+``--for N`` runs unattended: it presses the button a few seconds in, runs N
+seconds, ends the session, prints a summary and exits 0 only if the receiver
+holds pre-roll and live footage of every camera.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from agent.config import load_config
+from agent.daemon import Agent
+from provisioning.keys import new_private_key, public_pem
+from receiver.server import Receiver
+
+DEVICE_ID = "demo-agent-1"
+BUILDING = "lincoln-elementary"
+BUTTON_PIN = 17
+PRESS_AFTER_S = 4.0
+
+
+def write_agent_config(
+    folder: Path,
+    receiver: Receiver,
+    *,
+    device_id: str = DEVICE_ID,
+    fps: float = 15,
+    preroll_s: float = 30,
+    allow: bool = True,
+) -> Path:
+    """Write the demo agent's key and config; allow-list it on the receiver unless ``allow`` is false."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key_path = folder / "device.key"
+    key = new_private_key(key_path) if not key_path.exists() else None
+    if key is not None and allow:
+        (receiver.devices_dir / f"{device_id}.pub").write_bytes(public_pem(key.public_key()))
+    config = folder / "agent.toml"
+    config.write_text(
+        f"""# breakglass demo agent (generated)
+[device]
+id = "{device_id}"
+key = "device.key"
+state_dir = "state"
+
+[building]
+id = "{BUILDING}"
+
+[receiver]
+url = "{receiver.uplink_url}"
+tls_pin = "{receiver.fingerprint}"
+
+[emergency]
+duration_s = 3600
+preroll_s = {preroll_s}
+
+[gpio]
+pin_factory = "mock"
+led_pin = 27
+
+[[buttons]]
+id = "office"
+pin = {BUTTON_PIN}
+location = "Main office"
+
+[[cameras]]
+id = "front-door"
+zone = "exterior"
+source = "synthetic"
+fps = {fps}
+
+[[cameras]]
+id = "hallway-2"
+zone = "interior"
+source = "synthetic"
+fps = {fps}
+"""
+    )
+    return config
+
+
+def press_button(agent: Agent, pin: int = BUTTON_PIN) -> None:
+    """Press and release the virtual button through gpiozero's mock pin."""
+    mock_pin = agent.pin_factory.pin(pin)
+    mock_pin.drive_low()
+    mock_pin.drive_high()
+
+
+async def run_demo(data: Path | None, run_for: float | None, port: int, stop: asyncio.Event) -> int:
+    """Run the demo; returns the process exit code."""
+    data = Path(tempfile.mkdtemp(prefix="breakglass-demo-")) if data is None else data
+    data.mkdir(parents=True, exist_ok=True)
+    print(f"breakglass demo: data in {data}")
+    async with Receiver(data / "receiver", "127.0.0.1", port) as receiver:
+        config = load_config(write_agent_config(data / "agent", receiver))
+        async with Agent(config) as agent:
+            print(f"receiver: open {receiver.url} (self-signed; pin {receiver.fingerprint})")
+            if run_for is None:
+                await _interactive(agent, stop)
+                return 0
+            return await _unattended(agent, receiver, run_for, stop)
+
+
+async def _interactive(agent: Agent, stop: asyncio.Event) -> None:
+    print("press Enter to press the panic button ('office', Main office); Ctrl-C to stop")
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue()
+    loop.add_reader(sys.stdin.fileno(), lambda: lines.put_nowait(sys.stdin.readline()))
+    try:
+        while not stop.is_set():
+            waiter = asyncio.ensure_future(lines.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, pending = await asyncio.wait(
+                {waiter, stopper}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in pending:
+                task.cancel()
+            if waiter in done:
+                if waiter.result() == "":  # end of input
+                    await stop.wait()
+                    break
+                press_button(agent)
+                print("panic button pressed: the receiver's page shows the cameras")
+    finally:
+        loop.remove_reader(sys.stdin.fileno())
+
+
+async def _unattended(agent: Agent, receiver: Receiver, run_for: float, stop: asyncio.Event) -> int:
+    started = time.monotonic()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=min(PRESS_AFTER_S, run_for / 2))
+    print("pressing the panic button")
+    press_button(agent)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(
+            stop.wait(), timeout=max(0.0, run_for - (time.monotonic() - started))
+        )
+    session = agent.emergency.active
+    agent.end("demo finished")
+    if session is not None:
+        try:
+            await asyncio.wait_for(agent.uplink.wait_settled(session.id), timeout=15)
+        except TimeoutError:
+            print("warning: the receiver has not acknowledged everything within 15 s")
+    return _summary(agent, receiver, session.id if session else None)
+
+
+def _summary(agent: Agent, receiver: Receiver, session_id: str | None) -> int:
+    if session_id is None or not agent.press_log:
+        print("FAIL: no session was started")
+        return 1
+    summaries = {s.session_id: s for s in receiver.store.sessions()}
+    summary = summaries.get(session_id)
+    if summary is None:
+        print(f"FAIL: the receiver has no recording of session {session_id}")
+        return 1
+    press_ns = agent.press_log[0].mono_ns
+    ok = True
+    print(f"session {session_id}")
+    first = [c.first_durable_mono_ns for c in summary.cameras if c.first_durable_mono_ns]
+    if first:
+        print(
+            f"  press -> first byte durable at the receiver: {(min(first) - press_ns) / 1e6:.1f} ms"
+        )
+    for cam in summary.cameras:
+        print(
+            f"  {cam.camera_id:<12} {cam.zone:<9} pre-roll {cam.preroll_frames:4d} frames, "
+            f"live {cam.live_frames:4d} frames -> {', '.join(str(p) for p in cam.paths)}"
+        )
+        if cam.preroll_frames == 0 or cam.live_frames == 0:
+            ok = False
+            print(f"  FAIL: camera {cam.camera_id} lacks pre-roll or live footage")
+    missing = {c.id for c in agent.config.cameras} - {c.camera_id for c in summary.cameras}
+    if missing:
+        ok = False
+        print(f"  FAIL: cameras missing at the receiver: {sorted(missing)}")
+    print("OK" if ok else "FAIL")
+    return 0 if ok else 1

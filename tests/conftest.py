@@ -1,0 +1,29 @@
+"""Shared pytest fixtures. Keep each fixture small and generic; add yours below."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from gpiozero import Device
+from gpiozero.pins.mock import MockFactory
+
+
+@pytest.fixture
+def mock_factory() -> Iterator[MockFactory]:
+    """A fresh gpiozero ``MockFactory``, also installed as the default pin factory.
+
+    Pass it as ``pin_factory=``; code that relies on the default gets it too.
+    Tests close their devices; afterwards the factory is reset (pins and
+    reservations cleared) so the next test can claim the same pins, and the
+    previous default factory comes back.
+    """
+    factory = MockFactory()
+    previous = Device.pin_factory
+    Device.pin_factory = factory
+    try:
+        yield factory
+    finally:
+        Device.pin_factory = previous
+        factory.close()
+        factory.reset()

@@ -1,0 +1,59 @@
+"""The emergency state machine and its persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.config import CameraConfig
+from agent.emergency import Emergency, Ended, Repeated, Started, State
+from agent.statefile import SequenceReservations, read_json, write_json
+from agent.zones import cameras_to_stream
+
+CAMS = (
+    CameraConfig("front", "exterior", "synthetic"),
+    CameraConfig("hall", "interior", "synthetic"),
+)
+
+
+def test_press_opens_second_press_does_not_end_expiry_does() -> None:
+    em = Emergency("lincoln", 60)
+    assert em.state is State.IDLE
+    started = em.press(100.0, "office", "Main office", ("front", "hall"))
+    assert isinstance(started, Started)
+    assert started.session.expires_at == 160.0
+    assert started.session.started_by["location"] == "Main office"
+    again = em.press(110.0, "gym", "Gym", ("front", "hall"))
+    assert isinstance(again, Repeated) and em.state is State.ACTIVE
+    assert len(em.active.presses) == 2 if em.active else False
+    assert em.tick(159.9) is None
+    ended = em.tick(160.0)
+    assert isinstance(ended, Ended) and ended.session.end_reason == "expired"
+    assert em.state is State.IDLE and em.last is not None
+
+
+def test_state_survives_a_restart(tmp_path: Path) -> None:
+    em = Emergency("lincoln", 60)
+    started = em.press(100.0, "office", "Main office", ("front", "hall"))
+    write_json(tmp_path / "e.json", em.to_json())
+    restored = Emergency.from_json("lincoln", 60, read_json(tmp_path / "e.json"))
+    assert restored.active == started.session
+
+
+def test_interior_cameras_stream_only_in_an_active_session() -> None:
+    em = Emergency("lincoln", 60)
+    assert cameras_to_stream(CAMS, em.active) == ()
+    em.press(1.0, "office", "x", ("front", "hall"))
+    assert [c.id for c in cameras_to_stream(CAMS, em.active)] == ["front", "hall"]
+    ended = em.end(2.0, "all clear")
+    assert ended is not None
+    assert cameras_to_stream(CAMS, ended.session) == ()
+    assert cameras_to_stream(CAMS, em.active) == ()
+
+
+def test_sequence_numbers_never_repeat_across_restarts(tmp_path: Path) -> None:
+    seqs = SequenceReservations(tmp_path / "seq.json")
+    used = [seqs.next("cam") for _ in range(5)]
+    assert used == [0, 1, 2, 3, 4]
+    after_crash = SequenceReservations(tmp_path / "seq.json")
+    assert after_crash.next("cam") > max(used)
+    assert after_crash.next("other") == 0

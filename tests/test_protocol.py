@@ -1,0 +1,157 @@
+"""The uplink protocol, both ends wired together in memory (h11's ConnectionPair style)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent import protocol as p
+
+NONCE = p.b64url(bytes(range(32)))
+
+
+class Pair:
+    """An agent end and a receiver end; ``send`` delivers to the other side."""
+
+    def __init__(self) -> None:
+        self.agent = p.Uplink(p.Role.AGENT)
+        self.receiver = p.Uplink(p.Role.RECEIVER)
+
+    def send(self, sender: p.Uplink, event: p.Event) -> p.Event:
+        other = self.receiver if sender is self.agent else self.agent
+        received = other.receive(sender.send(event))
+        assert received == event
+        return received
+
+    def handshake(self) -> None:
+        self.send(self.receiver, p.Challenge(NONCE))
+        self.send(self.agent, p.Hello("dev-1", p.b64url(b"s" * 64), None))
+        self.send(self.receiver, p.Welcome({"s1": {"cam": 4}}, 5.0))
+
+
+def open_event(cameras: int = 2) -> p.SessionOpen:
+    return p.SessionOpen(
+        "s1",
+        "bldg",
+        {"kind": "button", "button_id": "office", "location": "Main office"},
+        1.0,
+        3601.0,
+        tuple(
+            p.CameraDesc(i, f"cam{i}", "interior", "h264", 640, 480, 15.0, b"\0\0\0\1gB", 10)
+            for i in range(cameras)
+        ),
+    )
+
+
+def test_full_session_round_trip() -> None:
+    pair = Pair()
+    pair.handshake()
+    assert pair.agent.phase is p.Phase.READY and pair.receiver.phase is p.Phase.READY
+    pair.send(pair.agent, open_event())
+    media = p.Media(p.MediaKind.LIVE, 1, 2**40, -5, True, True, b"\0\0\0\1e" + bytes(1000))
+    pair.send(pair.agent, media)
+    pair.send(pair.receiver, p.Ack("s1", 1, 2**40))
+    pair.send(pair.agent, p.Heartbeat(12.5))
+    pair.send(pair.receiver, p.Trigger({"payload": "x", "kid": "k", "sig": "s"}))
+    pair.send(pair.agent, p.SessionClose("s1", "expired"))
+    assert pair.agent.session is None and pair.receiver.session is None
+
+
+def test_media_header_layout_is_the_documented_one() -> None:
+    wire = p.Uplink(p.Role.AGENT)
+    wire.phase, wire.session, wire.camera_count = p.Phase.READY, "s", 4
+    data = wire.send(p.Media(p.MediaKind.LIVE, 3, 7, 123, True, False, b"abc"))
+    assert isinstance(data, bytes)
+    assert data[:25] == bytes([1, 0, 3, 0]) + (7).to_bytes(8, "little") + (123).to_bytes(
+        8, "little"
+    ) + bytes([1]) + (3).to_bytes(4, "little")
+    assert data[25:] == b"abc"
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("not json", "malformed"),
+        ('{"type":"hello"}', "malformed"),
+        ('{"type":"hello","device":"d","sig":"x","enrollment":null,"extra":1}', "malformed"),
+        ('{"type":"nope"}', "malformed"),
+        ("[1,2]", "malformed"),
+        ('{"type":"hello","device":"","sig":"x","enrollment":null}', "malformed"),
+        ('{"type":"hello","device":true,"sig":"x","enrollment":null}', "malformed"),
+        ("x" * (p.MAX_CONTROL_BYTES + 1), "too_large"),
+    ],
+)
+def test_bad_control_messages_are_refused_with_a_code(message: str, code: str) -> None:
+    receiver = p.Uplink(p.Role.RECEIVER)
+    receiver.send(p.Challenge(NONCE))
+    with pytest.raises(p.RemoteProtocolError) as info:
+        receiver.receive(message)
+    assert info.value.code == code
+
+
+def test_order_is_enforced() -> None:
+    pair = Pair()
+    with pytest.raises(p.LocalProtocolError):
+        pair.agent.send(open_event())  # before the handshake
+    pair.handshake()
+    with pytest.raises(p.RemoteProtocolError) as info:
+        pair.receiver.receive(p.MEDIA_HEADER.pack(1, 0, 0, 1, 1, 1, 0))  # media before session_open
+    assert info.value.code == "no_session"
+    pair.send(pair.agent, open_event(cameras=1))
+    with pytest.raises(p.RemoteProtocolError) as info:
+        pair.receiver.receive(p.MEDIA_HEADER.pack(1, 0, 1, 1, 1, 1, 0))
+    assert info.value.code == "unknown_camera"
+    with pytest.raises(p.LocalProtocolError):
+        pair.agent.send(p.Ack("s1", 0, 1))  # wrong side
+
+
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        (p.MEDIA_HEADER.pack(2, 0, 0, 1, 1, 1, 0), "bad_version"),
+        (p.MEDIA_HEADER.pack(1, 9, 0, 1, 1, 1, 0), "malformed"),
+        (p.MEDIA_HEADER.pack(1, 0, 0, 1, 1, 0x80, 0), "malformed"),
+        (p.MEDIA_HEADER.pack(1, 0, 0, 1, 1, 1, 5), "malformed"),
+        (p.MEDIA_HEADER.pack(1, 0, 0, 1, 1, 1, p.MAX_PAYLOAD_BYTES + 1), "too_large"),
+        (b"\x01\x00", "malformed"),
+    ],
+)
+def test_bad_media_headers(header: bytes, code: str) -> None:
+    pair = Pair()
+    pair.handshake()
+    pair.send(pair.agent, open_event(cameras=1))
+    with pytest.raises(p.RemoteProtocolError) as info:
+        pair.receiver.receive(header)
+    assert info.value.code == code
+
+
+def test_hello_signed_bytes_bind_nonce_and_origin() -> None:
+    assert p.hello_signed_bytes(NONCE, "wss://a:1") == bytes(range(32)) + b"wss://a:1"
+    assert p.hello_signed_bytes(NONCE, "wss://a:1") != p.hello_signed_bytes(NONCE, "wss://b:1")
+
+
+@given(st.binary(max_size=200))
+def test_garbage_binary_never_escapes_as_another_exception(data: bytes) -> None:
+    pair = Pair()
+    pair.handshake()
+    pair.send(pair.agent, open_event())
+    with contextlib.suppress(p.RemoteProtocolError):
+        pair.receiver.receive(data)
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+        max_leaves=12,
+    )
+)
+def test_garbage_json_never_escapes_as_another_exception(doc: object) -> None:
+    receiver = p.Uplink(p.Role.RECEIVER)
+    receiver.send(p.Challenge(NONCE))
+    with contextlib.suppress(p.RemoteProtocolError):
+        receiver.receive(json.dumps(doc))
