@@ -18,6 +18,7 @@ from typing import Any
 
 from agent import protocol as p
 from agent.capture import Capture
+from agent.changes import Changes
 from agent.config import AgentConfig, CameraConfig
 from agent.emergency import Emergency, Ended, Session, Started
 from agent.statefile import SequenceReservations, read_json, write_json
@@ -95,6 +96,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self.press_log: list[PressEvent] = []
+        self.changes = Changes()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -172,9 +174,14 @@ class Agent:
 
     # -- events -----------------------------------------------------------------
 
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds; re-checked after every press, session change or ack."""
+        await self.changes.wait_until(predicate)
+
     def on_press(self, event: PressEvent) -> None:
         """A panic button was pressed (runs on the loop)."""
         self.press_log.append(event)
+        self.changes.notify()
         cameras = tuple(c.id for c in self.config.cameras)
         result = self.emergency.press(self.clock(), event.button_id, event.location, cameras)
         if isinstance(result, Started):
@@ -278,6 +285,7 @@ class Agent:
             await asyncio.sleep(0.5)
 
     def _update_led(self) -> None:
+        self.changes.notify()
         if self.led is None:
             return
         if self._live is None:

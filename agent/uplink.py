@@ -28,6 +28,7 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol as p
+from agent.changes import Changes
 from agent.errors import UplinkRefused
 from hardware import EncodedPacket
 from provisioning.tls import fingerprint_digest
@@ -125,7 +126,7 @@ class UplinkClient:
         self._wake = asyncio.Event()
         self._conn: p.Uplink | None = None
         self._opened_on_conn: str | None = None
-        self._progress = asyncio.Event()
+        self._progress = Changes()
 
     # -- API for the agent --------------------------------------------------
 
@@ -158,9 +159,7 @@ class UplinkClient:
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds; re-checked on every ack and connection change."""
-        while not predicate():
-            self._progress.clear()
-            await self._progress.wait()
+        await self._progress.wait_until(predicate)
 
     async def wait_settled(self, session_id: str) -> None:
         """Wait until the receiver acknowledged every packet and the close of a session."""
@@ -168,7 +167,7 @@ class UplinkClient:
 
     def _remove(self, stream: SessionStream) -> None:
         self.streams.remove(stream)
-        self._progress.set()
+        self._progress.notify()
         self._wake.set()
 
     def stream(self, session_id: str) -> SessionStream | None:
@@ -208,7 +207,7 @@ class UplinkClient:
             queue = stream.unacked[ack.camera]
             while queue and queue[0].packet.seq <= ack.seq:
                 stream.unacked_bytes -= len(queue.popleft().packet.payload)
-            self._progress.set()
+            self._progress.notify()
             if stream.first_ack_mono_ns is None:
                 stream.first_ack_mono_ns = time.monotonic_ns()
                 self._changed()
@@ -216,7 +215,7 @@ class UplinkClient:
             self._remove(stream)
 
     def _changed(self) -> None:
-        self._progress.set()
+        self._progress.notify()
         if self._on_change is not None:
             self._on_change()
 
@@ -238,9 +237,21 @@ class UplinkClient:
                     if exc.code in FATAL_CODES:
                         delay = self.reconnect_max_s
                     self._changed()
+                except aiohttp.ServerFingerprintMismatch as exc:
+                    got = "sha256:" + exc.got.hex()
+                    self.stats.last_error = (
+                        f"TLS fingerprint mismatch: the receiver presented {got}"
+                    )
+                    log.error(
+                        "uplink to %s refused: %s (not the pinned one)",
+                        self.url,
+                        self.stats.last_error,
+                    )
+                    self._changed()
                 except (aiohttp.ClientError, OSError, TimeoutError, p.ProtocolError) as exc:
                     self.stats.last_error = f"{type(exc).__name__}: {exc}"
                     log.warning("uplink to %s failed: %s", self.url, self.stats.last_error)
+                    self._changed()
                 finally:
                     if self.connected:
                         self.connected = False
@@ -277,9 +288,9 @@ class UplinkClient:
                 self._opened_on_conn = None
 
     async def _receive(
-        self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink, timeout: float
+        self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink, within: float
     ) -> p.Event:
-        msg = await ws.receive(timeout=timeout)
+        msg = await ws.receive(timeout=within)
         if msg.type is aiohttp.WSMsgType.TEXT:
             return conn.receive(msg.data)
         if msg.type is aiohttp.WSMsgType.BINARY:

@@ -40,7 +40,7 @@ def write_agent_config(
     preroll_s: float = 30,
     allow: bool = True,
 ) -> Path:
-    """Write the demo agent's key and config; allow-list it on the receiver unless ``allow`` is false."""
+    """Write the demo agent's key and config; allow-list its key unless ``allow`` is false."""
     folder.mkdir(parents=True, exist_ok=True)
     key_path = folder / "device.key"
     key = new_private_key(key_path) if not key_path.exists() else None
@@ -176,7 +176,7 @@ def _summary(agent: Agent, receiver: Receiver, session_id: str | None) -> int:
     for cam in summary.cameras:
         print(
             f"  {cam.camera_id:<12} {cam.zone:<9} pre-roll {cam.preroll_frames:4d} frames, "
-            f"live {cam.live_frames:4d} frames -> {', '.join(str(p) for p in cam.paths)}"
+            f"live {cam.live_frames:4d} frames -> {', '.join(str(p.path) for p in cam.parts)}"
         )
         if cam.preroll_frames == 0 or cam.live_frames == 0:
             ok = False

@@ -1,0 +1,1 @@
+"""The police side: uplink ingest, durable recordings, live view and web viewer."""

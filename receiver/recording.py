@@ -1,0 +1,199 @@
+"""Durable, remux-only recordings of emergency sessions (the receiver's store).
+
+Layout under the store's root::
+
+    <session_id>/session.json          metadata (tmp, fsync, rename, fsync dir)
+    <session_id>/<camera_id>.mp4       fragmented MP4, part 0
+    <session_id>/<camera_id>.<n>.mp4   later parts (after a restart or recovery)
+
+The uplink handler calls :meth:`RecordingStore.open_session` on
+``session_open`` (idempotent: a reconnecting agent gets the same recording
+and its durable sequence numbers), :meth:`CameraRecording.append` per media
+frame, and acknowledges ``durable_seq`` after :meth:`CameraRecording.flush`.
+Sessions recorded before a restart are indexed by :meth:`RecordingStore.load`
+(read only) and resumed, each camera in a new part file, when their agent
+opens them again. A session closed by ``session_close`` can be re-opened by
+its device, so late footage is never refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from receiver.camera_recording import CameraRecording, FragmentListener, TrackInfo
+from receiver.errors import CorruptRecordingError, InvalidMetadataError, UnknownSessionError
+from receiver.livefeed import LiveFeed
+from receiver.session_recording import SessionRecording, check_track, read_session_json
+from receiver.summaries import (
+    SESSION_ID_RE,
+    CameraSummary,
+    PartSummary,
+    SessionSummary,
+    parse_part_file,
+    validate_camera_id,
+    validate_device_id,
+    validate_session_id,
+)
+
+__all__ = [
+    "CameraRecording",
+    "CameraSummary",
+    "FragmentListener",
+    "PartSummary",
+    "RecordingStore",
+    "SessionRecording",
+    "SessionSummary",
+    "TrackInfo",
+    "parse_part_file",
+    "validate_camera_id",
+    "validate_session_id",
+]
+
+_LOG = logging.getLogger(__name__)
+
+
+class RecordingStore:
+    """All session recordings under one root directory.
+
+    Use as ``async with RecordingStore(root) as store:`` (loads the index,
+    closes every open camera on exit), or call :meth:`load` and
+    :meth:`aclose` yourself. ``clock`` gives wall seconds for opened/closed
+    times, ``mono_ns`` monotonic nanoseconds for durability figures.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        mono_ns: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self.root = Path(root)
+        self._clock = clock
+        self._mono_ns = mono_ns
+        self._sessions: dict[str, SessionRecording] = {}
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> RecordingStore:
+        await self.load()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def load(self) -> None:
+        """Index the sessions already on disk (read only; torn tails are cut on resume).
+
+        A session whose ``session.json`` is unreadable is logged and left out;
+        opening it later raises :class:`CorruptRecordingError` rather than
+        overwrite anything.
+        """
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        names = await asyncio.to_thread(lambda: sorted(p.name for p in self.root.iterdir()))
+        async with self._lock:
+            for name in names:
+                if name in self._sessions or SESSION_ID_RE.fullmatch(name) is None:
+                    continue
+                try:
+                    rec = await self._load_one(name)
+                except CorruptRecordingError:
+                    _LOG.exception("skipping unreadable session %r", name)
+                    continue
+                if rec is not None:
+                    self._sessions[name] = rec
+
+    async def _load_one(self, session_id: str) -> SessionRecording | None:
+        directory = self.root / session_id
+        doc = await asyncio.to_thread(read_session_json, directory / "session.json")
+        if doc is None:
+            return None
+        rec = SessionRecording._from_json(directory, doc, clock=self._clock, mono_ns=self._mono_ns)
+        for cam in rec.cameras.values():
+            await cam._scan(repair=False)
+        return rec
+
+    async def open_session(
+        self,
+        session_id: str,
+        device_id: str,
+        meta: dict[str, object],
+        tracks: list[TrackInfo],
+    ) -> SessionRecording:
+        """Open (or resume) a session's recording and make its cameras writable.
+
+        Idempotent: an already open session is returned as it is, a known one
+        (from before a restart, or closed) resumes with its durable sequence
+        numbers, each camera in a new part file.
+        """
+        validate_session_id(session_id)
+        validate_device_id(device_id)
+        ids = [t.camera_id for t in tracks]
+        if not tracks or len(set(ids)) != len(ids):
+            raise InvalidMetadataError(f"session {session_id!r}: need distinct cameras: {ids}")
+        for track in tracks:
+            check_track(track)
+        try:
+            json.dumps(meta, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidMetadataError(f"session {session_id!r}: meta is not JSON: {exc}") from exc
+        async with self._lock:
+            rec = self._sessions.get(session_id)
+            if rec is None:
+                rec = await self._load_one(session_id)
+            if rec is None:
+                rec = SessionRecording(
+                    self.root / session_id,
+                    session_id,
+                    device_id,
+                    dict(meta),
+                    self._clock(),
+                    clock=self._clock,
+                    mono_ns=self._mono_ns,
+                )
+            await rec._activate(device_id, tracks)
+            self._sessions[session_id] = rec
+            return rec
+
+    def get(self, session_id: str) -> SessionRecording:
+        """A known session (open, closed or from before a restart)."""
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise UnknownSessionError(f"no recording for session {session_id!r}") from None
+
+    def open_sessions(self) -> list[SessionRecording]:
+        """Known sessions that have not been closed (including ones from before a restart)."""
+        return [r for r in self._sessions.values() if r.is_open]
+
+    def live_feed(self, session_id: str, camera_id: str) -> LiveFeed | None:
+        """The live feed of a camera that is recording now, else None."""
+        rec = self._sessions.get(session_id)
+        cam = None if rec is None else rec.cameras.get(camera_id)
+        if cam is None or not cam.writable or cam.live is None or cam.live.closed:
+            return None
+        return cam.live
+
+    def sessions(self) -> list[SessionSummary]:
+        """Summaries of all known sessions, newest first."""
+        recs = sorted(self._sessions.values(), key=lambda r: r.opened_at, reverse=True)
+        return [r.summary() for r in recs]
+
+    async def aclose(self) -> None:
+        """Finish every camera of every session (the sessions stay open on disk)."""
+        async with self._lock:
+            for rec in self._sessions.values():
+                try:
+                    await rec._suspend()
+                except Exception:
+                    _LOG.exception("session %r: suspending failed", rec.session_id)

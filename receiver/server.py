@@ -1,0 +1,106 @@
+"""The police receiver as one embeddable aiohttp server over TLS.
+
+``async with Receiver(data_dir, host, port) as rx:`` generates the receiver's
+self-signed certificate on first start (``DATA/tls/``), opens the recording
+store (``DATA/recordings/``), reads the device allow-list
+(``DATA/devices/<id>.pub``) and serves, on one TLS port:
+
+- ``/v1/uplink``   the agents' uplink (WebSocket, see :mod:`agent.protocol`);
+- ``/``, ``/api/sessions``, ``/v1/live/...``, ``/recordings/...`` the viewer.
+
+Agents pin :attr:`Receiver.fingerprint`. Lifecycle follows aiohttp's
+``AppRunner``/``TCPSite``; shared state hangs off typed ``web.AppKey`` values.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from types import TracebackType
+
+from aiohttp import web
+
+from provisioning.tls import ensure_certificate, server_context
+from receiver.ingest import AllowList, IngestServer
+from receiver.recording import RecordingStore
+from receiver.viewer import setup_viewer
+
+log = logging.getLogger(__name__)
+
+INGEST_KEY = web.AppKey("ingest", IngestServer)
+
+
+class Receiver:
+    """The receiver's lifecycle: certificate, store, allow-list, TLS listener."""
+
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 8443) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.port = port
+        self.cert_path = self.data_dir / "tls" / "receiver.crt"
+        self.key_path = self.data_dir / "tls" / "receiver.key"
+        self.devices_dir = self.data_dir / "devices"
+        self.fingerprint = ""
+        self.store = RecordingStore(self.data_dir / "recordings")
+        self.ingest = IngestServer(self.store, AllowList(self.devices_dir), [])
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def origin(self) -> str:
+        """``wss://host:port``, the origin agents bind into their hello signature."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"wss://{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The viewer's URL."""
+        return self.origin.replace("wss://", "https://", 1) + "/"
+
+    @property
+    def uplink_url(self) -> str:
+        """The URL agents connect to."""
+        return self.origin + "/v1/uplink"
+
+    def make_app(self) -> web.Application:
+        """The aiohttp application (also usable with aiohttp's test client)."""
+        app = web.Application(client_max_size=64 * 1024)
+        app[INGEST_KEY] = self.ingest
+        app.router.add_get("/v1/uplink", self.ingest.handle)
+        setup_viewer(app, self.store, self.ingest_feed)
+        return app
+
+    def ingest_feed(self, session_id: str, camera_id: str):  # type: ignore[no-untyped-def]
+        """The live feed of one camera of one session, if it is recording."""
+        return self.store.live_feed(session_id, camera_id)
+
+    async def __aenter__(self) -> Receiver:
+        self.devices_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.load()
+        self.fingerprint = ensure_certificate(
+            self.cert_path,
+            self.key_path,
+            common_name="breakglass receiver",
+            hosts=[self.host, "localhost"],
+        )
+        ssl_ctx = server_context(self.cert_path, self.key_path)
+        # Bind first so that port 0 resolves to a real port before the origin is fixed.
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        self.ingest.origins = [self.origin]
+        self._runner = web.AppRunner(self.make_app(), handle_signals=False, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.SockSite(self._runner, sock, ssl_context=ssl_ctx)
+        await site.start()
+        log.info("receiver listening on %s (TLS pin %s)", self.url, self.fingerprint)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.store.aclose()

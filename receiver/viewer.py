@@ -1,0 +1,216 @@
+"""The police-side web viewer: sessions, live view and recordings.
+
+Routes added by :func:`setup_viewer`:
+
+- ``GET /`` — the single-page viewer (``static/index.html``).
+- ``GET /static/{name}`` — only the fixed files the page needs.
+- ``GET /api/sessions`` — every known session with per-camera state (JSON).
+- ``GET /v1/live/{session}/{camera}`` — WebSocket: binary fMP4 init segment,
+  then fragments, for Media Source Extensions.
+- ``GET /recordings/{session}/{camera}[.{n}].mp4`` — a recorded part file,
+  with HTTP range support.
+
+Errors are JSON ``{"error": CODE, "detail": "..."}`` with a stable CODE.
+
+Access control: the viewer has no accounts yet, so anyone who can reach it
+can watch. Until accounts exist it is meant to be bound to loopback
+(127.0.0.1) only and reached through the police workstation itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import WSCloseCode, web
+
+from receiver.errors import InvalidIdError, ReceiverError
+from receiver.livefeed import LiveFeed, Subscription
+from receiver.recording import (
+    RecordingStore,
+    SessionSummary,
+    parse_part_file,
+    validate_camera_id,
+    validate_session_id,
+)
+
+__all__ = ["FEEDS_KEY", "STORE_KEY", "FeedLookup", "setup_viewer"]
+
+_LOG = logging.getLogger(__name__)
+
+#: Finds the live feed of ``(session_id, camera_id)``, or None if it is not live.
+FeedLookup = Callable[[str, str], LiveFeed | None]
+
+#: The recording store the viewer reads.
+STORE_KEY = web.AppKey("breakglass.viewer.store", RecordingStore)
+#: The live-feed lookup the viewer uses.
+FEEDS_KEY: web.AppKey[FeedLookup] = web.AppKey("breakglass.viewer.feeds")
+_SOCKETS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("breakglass.viewer.sockets")
+_FILES_KEY: web.AppKey[dict[str, tuple[bytes, str]]] = web.AppKey("breakglass.viewer.files")
+
+_STATIC_DIR = Path(__file__).parent / "static"
+_STATIC_FILES = {
+    "index.html": "text/html",
+    "viewer.js": "text/javascript",
+    "viewer.css": "text/css",
+}
+_CSP = (
+    "default-src 'self'; media-src 'self' blob:; img-src 'self' data:; "
+    "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_HEADERS = {
+    "Content-Security-Policy": _CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def _error(status: int, code: str, detail: str) -> web.Response:
+    return web.json_response({"error": code, "detail": detail}, status=status, headers=_HEADERS)
+
+
+def _from_exception(exc: ReceiverError) -> web.Response:
+    status = 400 if isinstance(exc, InvalidIdError) else 404
+    return _error(status, exc.code, str(exc))
+
+
+def setup_viewer(app: web.Application, store: RecordingStore, feeds: FeedLookup) -> None:
+    """Add the viewer's routes to ``app``; ``feeds`` finds a camera's live feed.
+
+    Reads the static files once, here. Open live WebSockets are closed when
+    the application shuts down.
+    """
+    files: dict[str, tuple[bytes, str]] = {}
+    for name, mime in _STATIC_FILES.items():
+        path = _STATIC_DIR / name
+        if path.is_file():
+            files[name] = (path.read_bytes(), mime)
+    app[STORE_KEY] = store
+    app[FEEDS_KEY] = feeds
+    app[_SOCKETS_KEY] = set()
+    app[_FILES_KEY] = files
+    app.router.add_get("/", _index)
+    app.router.add_get("/static/{name}", _static)
+    app.router.add_get("/api/sessions", _sessions)
+    app.router.add_get("/v1/live/{session}/{camera}", _live)
+    app.router.add_get("/recordings/{session}/{file}", _recording)
+    app.on_shutdown.append(_close_sockets)
+
+
+def _file_response(request: web.Request, name: str) -> web.Response:
+    entry = request.app[_FILES_KEY].get(name)
+    if entry is None:
+        return _error(404, "not_found", f"no static file {name!r}")
+    body, mime = entry
+    return web.Response(body=body, content_type=mime, charset="utf-8", headers=_HEADERS)
+
+
+async def _index(request: web.Request) -> web.Response:
+    return _file_response(request, "index.html")
+
+
+async def _static(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name == "index.html":  # served at "/" only
+        return _error(404, "not_found", f"no static file {name!r}")
+    return _file_response(request, name)
+
+
+def _session_json(summary: SessionSummary) -> dict[str, object]:
+    doc = summary.to_json()
+    sid = summary.session_id
+    cams = []
+    for cam in summary.cameras:
+        entry = cam.to_json()
+        entry["live_url"] = f"/v1/live/{sid}/{cam.camera_id}"
+        entry["recordings"] = [
+            {"file": p.file, "url": f"/recordings/{sid}/{p.file}", "first_seq": p.first_seq}
+            for p in cam.parts
+        ]
+        cams.append(entry)
+    doc["cameras"] = cams
+    return doc
+
+
+async def _sessions(request: web.Request) -> web.Response:
+    store = request.app[STORE_KEY]
+    body = {"sessions": [_session_json(s) for s in store.sessions()]}
+    return web.json_response(body, headers=_HEADERS)
+
+
+def _lookup(request: web.Request, camera_id: str) -> SessionSummary:
+    """The session summary, after checking the session and camera exist."""
+    sid = validate_session_id(request.match_info["session"])
+    summary = request.app[STORE_KEY].get(sid).summary()
+    summary.camera(validate_camera_id(camera_id))
+    return summary
+
+
+async def _recording(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["file"]
+    parsed = parse_part_file(name)
+    if parsed is None:
+        return _error(404, "unknown_recording", f"no recording file {name!r}")
+    try:
+        summary = _lookup(request, parsed[0])
+    except ReceiverError as exc:
+        return _from_exception(exc)
+    part = next((p for p in summary.camera(parsed[0]).parts if p.file == name), None)
+    if part is None or not part.path.is_file():
+        return _error(404, "unknown_recording", f"no recording file {name!r}")
+    headers = dict(_HEADERS, **{"Cache-Control": "no-cache", "Content-Type": "video/mp4"})
+    return web.FileResponse(part.path, headers=headers)
+
+
+async def _live(request: web.Request) -> web.StreamResponse:
+    camera = request.match_info["camera"]
+    try:
+        summary = _lookup(request, camera)
+    except ReceiverError as exc:
+        return _from_exception(exc)
+    feed = request.app[FEEDS_KEY](summary.session_id, camera)
+    if feed is None or feed.closed:
+        return _error(404, "not_live", f"camera {camera!r} is not live")
+    ws = web.WebSocketResponse(heartbeat=15.0, max_msg_size=4096)
+    if not ws.can_prepare(request).ok:
+        return _error(426, "websocket_required", "connect with a WebSocket")
+    await ws.prepare(request)
+    sockets = request.app[_SOCKETS_KEY]
+    sockets.add(ws)
+    try:
+        async with feed.subscribe() as sub:
+            pump = asyncio.create_task(_pump(sub, ws), name=f"live {summary.session_id}/{camera}")
+            try:
+                async for _msg in ws:
+                    pass  # viewers send nothing; reading notices their close
+            finally:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+    finally:
+        sockets.discard(ws)
+        await ws.close()
+    return ws
+
+
+async def _pump(sub: Subscription, ws: web.WebSocketResponse) -> None:
+    """Send the subscription's data; close the socket when the feed ends."""
+    try:
+        async for data in sub:
+            await ws.send_bytes(data)  # waits for the socket: a slow viewer falls behind
+    except (ConnectionError, RuntimeError) as exc:
+        _LOG.debug("live viewer went away: %r", exc)
+    finally:
+        if not ws.closed:
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"live feed ended")
+
+
+async def _close_sockets(app: web.Application) -> None:
+    sockets = app[_SOCKETS_KEY]
+    for ws in list(sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")

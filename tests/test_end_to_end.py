@@ -1,0 +1,157 @@
+"""End to end over real TLS on loopback: button -> agent -> receiver -> fMP4 on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config
+from agent.daemon import Agent
+from breakglass.demo import press_button, write_agent_config
+from hardware import EncodedPacket
+from provisioning.keys import new_private_key, public_pem
+from receiver.server import Receiver
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
+    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
+        yield rx
+
+
+async def packets_seen(agent: Agent, per_camera: int) -> None:
+    """Wait until every camera delivered ``per_camera`` packets to the fan-out."""
+    counts = dict.fromkeys(agent.capture.sources, 0)
+    done = asyncio.Event()
+
+    def sink(packet: EncodedPacket) -> None:
+        counts[packet.camera] += 1
+        if min(counts.values()) >= per_camera:
+            done.set()
+
+    remove = agent.capture.subscribe(sink)
+    try:
+        await done.wait()
+    finally:
+        remove()
+
+
+def ffprobe(path: Path) -> dict[str, object]:
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-of", "json", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    streams = json.loads(out)["streams"]
+    assert len(streams) == 1
+    return dict(streams[0])
+
+
+async def test_press_streams_preroll_and_live_and_nothing_before(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    config = load_config(write_agent_config(tmp_path / "agent", receiver, fps=30))
+    async with Agent(config) as agent:
+        await agent.uplink.wait_until(lambda: agent.uplink.connected)
+        await packets_seen(agent, 45)  # 1.5 s of pre-roll per camera
+        # Before a press: connected, cameras running, and nothing at all was sent.
+        assert agent.uplink.stats.packets_sent == 0
+        assert receiver.store.sessions() == []
+
+        press_button(agent)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+        assert session.started_by["location"] == "Main office"
+        live_from = {cam: agent.capture.seqs.peek(cam) for cam in agent.capture.sources}
+        stream = agent.uplink.stream(session.id)
+        assert stream is not None
+        index = {c.id: c.index for c in stream.open.cameras}
+        assert set(index) == {"front-door", "hallway-2"}
+        await agent.uplink.wait_until(
+            lambda: all(stream.acked[index[cam]] >= live_from[cam] + 10 for cam in index)
+        )
+        agent.end("test finished")
+        await agent.uplink.wait_settled(session.id)
+
+    (summary,) = receiver.store.sessions()
+    assert summary.session_id == session.id
+    assert summary.meta["building"] == "lincoln-elementary"
+    for cam in summary.cameras:
+        assert cam.preroll_frames >= 30, cam
+        assert cam.live_frames >= 10, cam
+        assert cam.first_seq < live_from[cam.camera_id] <= cam.durable_seq
+        (part,) = cam.parts
+        probe = ffprobe(part.path)
+        assert probe["codec_name"] == "h264"
+        assert (probe["width"], probe["height"]) == (640, 480)
+        assert int(str(probe["nb_read_frames"])) == cam.preroll_frames + cam.live_frames
+
+
+async def test_unknown_device_is_refused_and_the_agent_stays_armed(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    config = load_config(write_agent_config(tmp_path / "agent", receiver, allow=False))
+    async with Agent(config) as agent:
+        await agent.uplink.wait_until(lambda: "unknown_device" in agent.uplink.stats.refusals)
+        assert not agent.uplink.connected
+        await packets_seen(agent, 2)
+        press_button(agent)  # the button works without the receiver
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+    assert receiver.ingest.refused.get("unknown_device", 0) >= 1
+    assert receiver.store.sessions() == []
+
+
+async def test_wrong_key_for_a_known_device_is_refused(tmp_path: Path, receiver: Receiver) -> None:
+    config = load_config(write_agent_config(tmp_path / "agent", receiver, allow=False))
+    impostor = new_private_key(tmp_path / "other.key")
+    (receiver.devices_dir / f"{config.device_id}.pub").write_bytes(
+        public_pem(impostor.public_key())
+    )
+    async with Agent(config) as agent:
+        await agent.uplink.wait_until(lambda: "bad_signature" in agent.uplink.stats.refusals)
+        assert not agent.uplink.connected
+    assert receiver.ingest.refused.get("bad_signature", 0) >= 1
+
+
+async def test_wrong_tls_pin_never_connects(tmp_path: Path, receiver: Receiver) -> None:
+    path = write_agent_config(tmp_path / "agent", receiver)
+    text = path.read_text().replace(receiver.fingerprint, "sha256:" + "00" * 32)
+    path.write_text(text)
+    async with Agent(load_config(path)) as agent:
+        await agent.uplink.wait_until(lambda: agent.uplink.stats.last_error is not None)
+        assert "fingerprint" in (agent.uplink.stats.last_error or "").lower()
+        assert not agent.uplink.connected
+    assert receiver.ingest.devices == {}
+
+
+async def test_receiver_down_then_up_delivers_the_session(tmp_path: Path) -> None:
+    """The button works with no receiver; once it is up, the session arrives whole."""
+    rx_dir = tmp_path / "receiver"
+    async with Receiver(rx_dir, "127.0.0.1", 0) as first:
+        port = first.port
+        config_path = write_agent_config(tmp_path / "agent", first, fps=30, preroll_s=2)
+    async with Agent(load_config(config_path)) as agent:
+        await packets_seen(agent, 30)
+        press_button(agent)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+        assert not agent.uplink.connected
+        async with Receiver(rx_dir, "127.0.0.1", port) as receiver:
+            await agent.uplink.wait_until(lambda: agent.uplink.connected)
+            agent.end("test finished")
+            await agent.uplink.wait_settled(session.id)
+    (summary,) = receiver.store.sessions()
+    for cam in summary.cameras:
+        assert cam.preroll_frames > 0
+        assert cam.live_frames > 0

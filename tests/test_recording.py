@@ -1,0 +1,475 @@
+"""Recording store: remux to fMP4, durability, sequence rules, resume, H.264 helpers.
+
+All media is real libx264 output (tests/media.py); files are checked with the
+system ffprobe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import shutil
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from receiver.camera_recording import _PartWriter
+from receiver.errors import (
+    CorruptRecordingError,
+    InvalidIdError,
+    InvalidPacketError,
+    MissingSpsError,
+    NotKeyframeError,
+    RecordingClosedError,
+    RecordingFailedError,
+    SequenceGapError,
+    SessionConflictError,
+    TrackMismatchError,
+    UnsupportedCodecError,
+)
+from receiver.fmp4 import Fragment, FragmentSplitter, InitSegment, avcc_from_moov, scan_file
+from receiver.h264 import mse_codec_string, parameter_sets, split_nal_units
+from receiver.recording import CameraRecording, RecordingStore, SessionRecording, TrackInfo
+from tests.media import PacketList, ffprobe_packets, ffprobe_stream, make_h264_packets
+
+T0_US = 1_767_000_000_000_000  # some capture time in UTC µs
+FRAME_US = 33_333
+META: dict[str, object] = {
+    "building": "lincoln-high",
+    "started_by": {"kind": "button", "button_id": "office", "location": "Main office"},
+    "started_at": 1_767_000_030.0,
+}
+
+
+@pytest.fixture(scope="module")
+def packets() -> PacketList:
+    """90 frames, 320x240, keyframes at 0, 30 and 60."""
+    return make_h264_packets(90)
+
+
+def make_track(packets: PacketList, camera: str = "cam1", first_seq: int = 0) -> TrackInfo:
+    extradata = parameter_sets(packets[0][0]).annex_b()
+    return TrackInfo(camera, "interior", "h264", 320, 240, 30.0, extradata, first_seq)
+
+
+class Collector:
+    """A FragmentListener that keeps everything it is given."""
+
+    def __init__(self) -> None:
+        self.inits: list[bytes] = []
+        self.fragments: list[tuple[bytes, bool, int]] = []
+        self.ended = False
+
+    def init_segment(self, data: bytes) -> None:
+        self.inits.append(data)
+
+    def media_fragment(self, data: bytes, keyframe: bool, capture_us: int) -> None:
+        self.fragments.append((data, keyframe, capture_us))
+
+    def end_of_stream(self) -> None:
+        self.ended = True
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[RecordingStore]:
+    async with RecordingStore(tmp_path / "rec") as s:
+        yield s
+
+
+async def open_cam(
+    store: RecordingStore, packets: PacketList, first_seq: int = 0, session: str = "s-1"
+) -> tuple[SessionRecording, CameraRecording]:
+    rec = await store.open_session(session, "dev-1", META, [make_track(packets, "cam1", first_seq)])
+    return rec, rec.camera("cam1")
+
+
+def feed(
+    cam: CameraRecording, packets: PacketList, seqs: range, first_seq: int = 0, preroll: int = 30
+) -> None:
+    for seq in seqs:
+        i = seq - first_seq
+        payload, key = packets[i]
+        cam.append(seq, T0_US + i * FRAME_US, key, i < preroll, payload)
+
+
+async def probe(path: Path) -> dict[str, Any]:
+    return await asyncio.to_thread(ffprobe_stream, path)
+
+
+async def test_round_trip_durability_and_ffprobe(
+    store: RecordingStore, packets: PacketList
+) -> None:
+    rec, cam = await open_cam(store, packets, first_seq=1000)
+    seen = Collector()
+    cam.add_listener(seen)
+    assert cam.durable_seq == 999
+    for n in range(1, 91):
+        feed(cam, packets, range(999 + n, 1000 + n), first_seq=1000)
+        # FFmpeg's one-frame delay is observed, not assumed: durable follows
+        # the complete fragments the writer saw.
+        assert await cam.flush() == 1000 + len(seen.fragments) - 1
+        assert cam.durable_seq <= cam.last_seq
+    assert cam.last_seq == 1089
+    assert len(seen.fragments) == 89
+    assert cam.durable_seq == 1088
+    assert (cam.frames_durable, cam.preroll_frames, cam.live_frames) == (89, 30, 59)
+    assert cam.first_durable_mono_ns is not None
+    assert cam.first_live_durable_mono_ns is not None
+    assert cam.first_live_durable_mono_ns >= cam.first_durable_mono_ns
+    assert [k for _, k, _ in seen.fragments[:31]] == [True] + [False] * 29 + [True]
+    assert [c for _, _, c in seen.fragments[:3]] == [T0_US + i * FRAME_US for i in range(3)]
+    assert len(seen.inits) == 1
+    assert seen.inits[0][4:8] == b"ftyp"
+
+    await rec.close("all clear")
+    assert cam.durable_seq == cam.last_seq == 1089
+    assert cam.frames_durable == 90
+    assert seen.ended
+    info = await probe(rec.directory / "cam1.mp4")
+    assert info["codec_name"] == "h264"
+    assert (info["width"], info["height"]) == (320, 240)
+    assert int(info["nb_read_frames"]) == 90
+    pkts = await asyncio.to_thread(ffprobe_packets, rec.directory / "cam1.mp4")
+    assert [p["flags"].startswith("K") for p in pkts] == [k for _, k in packets]
+    assert int(pkts[1]["pts"]) == 3000  # 33 333 µs in 90 kHz ticks, rounded
+
+    doc = json.loads((rec.directory / "session.json").read_text())
+    assert doc["close_reason"] == "all clear"
+    assert doc["cameras"][0]["parts"] == [
+        {"file": "cam1.mp4", "first_seq": 1000, "first_capture_us": T0_US}
+    ]
+    summary = store.sessions()[0]
+    assert not summary.is_open
+    assert summary.camera("cam1").mse_codec == mse_codec_string(packets[0][0])
+    with pytest.raises(RecordingClosedError):
+        cam.append(1090, T0_US + 90 * FRAME_US, False, False, packets[1][0])
+
+
+async def test_duplicates_ignored_gap_raises(store: RecordingStore, packets: PacketList) -> None:
+    rec, cam = await open_cam(store, packets)
+    feed(cam, packets, range(10))
+    feed(cam, packets, range(3, 10))  # a resend after reconnect
+    assert (cam.last_seq, cam.duplicates) == (9, 7)
+    with pytest.raises(SequenceGapError) as info:
+        feed(cam, packets, range(11, 12))
+    assert (info.value.expected, info.value.got, info.value.code) == (10, 11, "sequence_gap")
+    assert isinstance(info.value, ValueError)
+    feed(cam, packets, range(10, 12))  # the recording is still usable
+    with pytest.raises(InvalidPacketError):
+        cam.append(12, T0_US, False, False, b"")
+    await rec.close("done")
+    assert int((await probe(rec.directory / "cam1.mp4"))["nb_read_frames"]) == 12
+
+
+async def test_first_packet_must_be_keyframe(store: RecordingStore, packets: PacketList) -> None:
+    _, cam = await open_cam(store, packets, first_seq=5)
+    with pytest.raises(NotKeyframeError):
+        cam.append(5, T0_US, False, True, packets[1][0])
+    assert cam.last_seq == 4
+    cam.append(5, T0_US, True, True, packets[0][0])
+    assert cam.last_seq == 5
+
+
+async def test_timestamps_never_go_backwards(store: RecordingStore, packets: PacketList) -> None:
+    rec, cam = await open_cam(store, packets)
+    times = [0, FRAME_US, FRAME_US, FRAME_US - 5000, 4 * FRAME_US, 5 * FRAME_US]
+    for seq, t in enumerate(times):
+        cam.append(seq, T0_US + t, packets[seq][1], False, packets[seq][0])
+    assert cam.timestamp_fixups == 2
+    await rec.close("done")
+    pts = [
+        int(p["pts"]) for p in await asyncio.to_thread(ffprobe_packets, rec.directory / "cam1.mp4")
+    ]
+    assert pts == [0, 3000, 3001, 3002, 12000, 15000]
+
+
+@pytest.mark.parametrize(
+    "session_id",
+    ["", "../etc", "a/b", ".hidden", "-x", "ok\n", "x" * 65, "a\\b", "ünicode", "a b"],
+)
+async def test_bad_session_ids_rejected(
+    store: RecordingStore, packets: PacketList, session_id: str
+) -> None:
+    with pytest.raises(InvalidIdError) as info:
+        await store.open_session(session_id, "dev-1", META, [make_track(packets)])
+    assert isinstance(info.value, ValueError)
+    assert not any(store.root.iterdir())
+
+
+@pytest.mark.parametrize("camera_id", ["", "Cam1", "../c", "c.1", "c/d", "c\n", "_c", "c" * 33])
+async def test_bad_camera_ids_rejected(
+    store: RecordingStore, packets: PacketList, camera_id: str
+) -> None:
+    with pytest.raises(InvalidIdError):
+        await store.open_session("s-1", "dev-1", META, [make_track(packets, camera_id)])
+    assert not any(store.root.iterdir())
+
+
+async def test_open_is_idempotent_and_checked(store: RecordingStore, packets: PacketList) -> None:
+    rec, cam = await open_cam(store, packets)
+    feed(cam, packets, range(5))
+    again = await store.open_session("s-1", "dev-1", META, [make_track(packets)])
+    assert again is rec
+    assert again.camera("cam1") is cam
+    assert cam.last_seq == 4  # nothing reset
+    assert store.get("s-1") is rec
+    assert store.open_sessions() == [rec]
+    with pytest.raises(SessionConflictError):
+        await store.open_session("s-1", "dev-2", META, [make_track(packets)])
+    with pytest.raises(TrackMismatchError):
+        await store.open_session("s-1", "dev-1", META, [make_track(packets, first_seq=7)])
+    mjpeg = TrackInfo("cam2", "exterior", "mjpeg", 320, 240, 30.0, b"", 0)
+    with pytest.raises(UnsupportedCodecError):
+        await store.open_session("s-2", "dev-1", META, [mjpeg])
+
+
+async def test_group_commit_coalesces_fsyncs(
+    store: RecordingStore, packets: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, cam = await open_cam(store, packets)
+    await cam.flush()  # session.json is saved with the first flush; keep it out of the count
+    entered = threading.Event()
+    release = threading.Event()
+    data_syncs: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith("cam1.mp4"):
+            data_syncs.append(path)
+            entered.set()
+            assert release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    feed(cam, packets, range(10))
+    first = asyncio.create_task(cam.flush())
+    assert await asyncio.to_thread(entered.wait, 30)
+    feed(cam, packets, range(10, 20))  # arrives while the fsync is in flight
+    later = [asyncio.create_task(cam.flush()) for _ in range(5)]
+    await asyncio.sleep(0)
+    release.set()
+    assert await first == 8
+    assert await asyncio.gather(*later) == [18] * 5
+    assert len(data_syncs) == 2  # one in flight + one covering all later callers
+
+
+async def test_resume_after_clean_restart(tmp_path: Path, packets: PacketList) -> None:
+    root = tmp_path / "rec"
+    async with RecordingStore(root) as store1:
+        _, cam = await open_cam(store1, packets)
+        feed(cam, packets, range(45))
+        await cam.flush()
+    # The receiver stopped (aclose finished the part); the session stays open.
+    async with RecordingStore(root) as store2:
+        summary = store2.sessions()[0]
+        assert summary.is_open
+        assert summary.camera("cam1").frames_durable == 45
+        assert not summary.camera("cam1").recording
+        assert store2.live_feed("s-1", "cam1") is None
+        rec, cam = await open_cam(store2, packets)
+        assert rec.durable_by_camera() == {"cam1": 44}
+        assert store2.live_feed("s-1", "cam1") is cam.live
+        feed(cam, packets, range(40, 90))  # the agent resends from its last ack
+        assert cam.duplicates == 5
+        await rec.close("all clear")
+        parts = [p.path for p in store2.sessions()[0].camera("cam1").parts]
+        assert [p.name for p in parts] == ["cam1.mp4", "cam1.1.mp4"]
+        assert cam.frames_durable == 90
+    infos = [await probe(p) for p in parts]
+    assert [int(i["nb_read_packets"]) for i in infos] == [45, 45]
+    assert all(i["codec_name"] == "h264" and i["width"] == 320 for i in infos)
+    assert int(infos[0]["nb_read_frames"]) == 45
+    # Part 1 starts mid-GOP (seq 45); from its keyframe at seq 60 on it decodes alone.
+    assert int(infos[1]["nb_read_frames"]) >= 30
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut"])
+async def test_resume_after_crash_truncates_torn_tail(
+    tmp_path: Path, packets: PacketList, damage: str
+) -> None:
+    async with RecordingStore(tmp_path / "live") as store1:
+        _, cam = await open_cam(store1, packets)
+        feed(cam, packets, range(45))
+        assert await cam.flush() == 43
+        # What a crash leaves behind right now: copy the files as they are.
+        await asyncio.to_thread(shutil.copytree, tmp_path / "live", tmp_path / "crashed")
+    mp4 = tmp_path / "crashed" / "s-1" / "cam1.mp4"
+    size = mp4.stat().st_size
+    with mp4.open("ab") as f:
+        if damage == "garbage":
+            f.write(b"\x00\x00\x10\x00moof\x00\x00\x00\x10mfhd")  # a partial box
+        else:
+            f.truncate(size - 10)  # inside the last fragment's mdat
+    expect_durable = 43 if damage == "garbage" else 42
+    async with RecordingStore(tmp_path / "crashed") as store2:
+        assert store2.sessions()[0].camera("cam1").durable_seq == expect_durable
+        rec, cam = await open_cam(store2, packets)
+        assert cam.durable_seq == expect_durable
+        if damage == "garbage":
+            assert mp4.stat().st_size == size
+        feed(cam, packets, range(expect_durable + 1, 90))
+        await rec.close("all clear")
+    p0 = await probe(mp4)
+    p1 = await probe(mp4.with_name("cam1.1.mp4"))
+    assert int(p0["nb_read_packets"]) + int(p1["nb_read_packets"]) == 90
+    assert int(p0["nb_read_frames"]) == expect_durable + 1
+
+
+async def test_corrupt_session_json_is_not_overwritten(tmp_path: Path, packets: PacketList) -> None:
+    bad = tmp_path / "rec" / "s-1" / "session.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("{not json")
+    async with RecordingStore(tmp_path / "rec") as store:
+        assert store.sessions() == []
+        with pytest.raises(CorruptRecordingError):
+            await open_cam(store, packets)
+    assert bad.read_text() == "{not json"
+
+
+async def test_reopen_closed_session_continues(store: RecordingStore, packets: PacketList) -> None:
+    rec, cam = await open_cam(store, packets)
+    feed(cam, packets, range(30))
+    await rec.close("all clear")
+    again, cam2 = await open_cam(store, packets)
+    assert again is rec
+    assert cam2 is cam
+    assert rec.is_open
+    feed(cam, packets, range(30, 40))  # late footage is still taken
+    await rec.close("all clear again")
+    assert cam.frames_durable == 40
+    assert [p.file for p in cam.parts] == ["cam1.mp4", "cam1.1.mp4"]
+
+
+# -- H.264 and fMP4 helpers ----------------------------------------------------
+
+
+async def test_mse_codec_string_from_real_x264(store: RecordingStore, packets: PacketList) -> None:
+    rec, cam = await open_cam(store, packets)
+    feed(cam, packets, range(3))
+    await rec.close("done")
+    info = await probe(rec.directory / "cam1.mp4")
+    assert info["profile"] == "Constrained Baseline"
+    expected = f"avc1.42c0{int(info['level']):02x}"
+    assert mse_codec_string(packets[0][0]) == expected  # keyframe with in-band SPS
+    assert mse_codec_string(parameter_sets(packets[0][0]).annex_b()) == expected
+    assert cam.init_segment is not None
+    assert cam.init_segment[4:8] == b"ftyp"
+    with (rec.directory / "cam1.mp4").open("rb") as f:
+        scan = scan_file(f)
+    assert scan.avcc is not None
+    assert mse_codec_string(scan.avcc) == expected  # avcC record from the moov
+    with pytest.raises(MissingSpsError) as err:
+        mse_codec_string(packets[1][0])  # a P-frame has no SPS
+    assert isinstance(err.value, ValueError)
+
+
+def test_split_nal_units_handles_both_start_codes() -> None:
+    data = b"\x00\x00\x00\x01\x67\x42\x00\x00\x01\x68\xce\x00\x00\x00\x01\x65\x88\x00"
+    assert split_nal_units(data) == [b"\x67\x42", b"\x68\xce", b"\x65\x88"]
+    assert split_nal_units(b"no start code") == []
+
+
+def test_emulation_prevention_in_sps_header() -> None:
+    # profile 0x64, constraint byte 0x00, then "00 00 03 01": level 0x01 after removal.
+    sps = b"\x00\x00\x00\x01\x67\x64\x00\x00\x03\x01\xff"
+    assert mse_codec_string(sps) == "avc1.640000"
+
+
+def _units(data: bytes, cuts: list[int]) -> list[InitSegment | Fragment]:
+    splitter = FragmentSplitter()
+    out: list[InitSegment | Fragment] = []
+    prev = 0
+    for cut in [*sorted(cuts), len(data)]:
+        out.extend(splitter.feed(data[prev:cut]))
+        prev = cut
+    return out
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory, packets: PacketList) -> bytes:
+    """A closed 12-frame recording, as bytes."""
+
+    async def record() -> bytes:
+        async with RecordingStore(tmp_path_factory.mktemp("split")) as s:
+            rec, cam = await open_cam(s, packets)
+            feed(cam, packets, range(12))
+            await rec.close("done")
+            return (rec.directory / "cam1.mp4").read_bytes()
+
+    return asyncio.run(record())
+
+
+def test_splitter_is_independent_of_write_boundaries(recorded: bytes) -> None:
+    whole = _units(recorded, [])
+    assert isinstance(whole[0], InitSegment)
+    assert avcc_from_moov(whole[0].data) is not None
+    frags = [u for u in whole if isinstance(u, Fragment)]
+    assert [f.sample_count for f in frags] == [1] * 12
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(0, len(recorded)), max_size=40))
+    def check(cuts: list[int]) -> None:
+        assert _units(recorded, cuts) == whole
+
+    check()
+
+
+def test_scan_finds_complete_fragments_only(recorded: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "x.mp4"
+    ends: list[int] = []
+    for cut in range(0, len(recorded) + 1, 97):
+        path.write_bytes(recorded[:cut])
+        with path.open("rb") as f:
+            scan = scan_file(f)
+        assert scan.valid_end <= cut
+        assert scan.samples == scan.fragments <= 12
+        ends.append(scan.samples)
+    assert ends == sorted(ends)  # more bytes never mean fewer samples
+    with path.open("wb") as f:
+        f.write(recorded)
+    with path.open("rb") as f:
+        full = scan_file(f)
+    assert (full.samples, full.torn, full.has_init) == (12, False, True)
+
+
+async def test_disk_full_fails_loud_and_recovers_on_reopen(
+    store: RecordingStore, packets: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk_full = False
+    real_write = _PartWriter.write
+
+    def write(self: _PartWriter, data: bytes) -> int:
+        if disk_full:
+            real_write(self, data[: len(data) // 2])  # a torn write, then no space
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(_PartWriter, "write", write)
+    rec, cam = await open_cam(store, packets)
+    feed(cam, packets, range(20))
+    assert await cam.flush() == 18
+    disk_full = True
+    with pytest.raises(RecordingFailedError):
+        feed(cam, packets, range(20, 21))
+    with pytest.raises(RecordingFailedError):
+        feed(cam, packets, range(21, 22))
+    with pytest.raises(RecordingFailedError):
+        await cam.flush()
+    assert cam.durable_seq == 18  # nothing acknowledged is lost, nothing more claimed
+    disk_full = False
+    again = await store.open_session("s-1", "dev-1", META, [make_track(packets)])
+    assert again.camera("cam1") is cam
+    assert cam.writable
+    assert cam.durable_seq == 18
+    feed(cam, packets, range(19, 40))  # the agent resends what was never acked
+    await rec.close("all clear")
+    counts = [int((await probe(p))["nb_read_packets"]) for p in map(cam.part_path, cam.parts)]
+    assert counts == [19, 21]

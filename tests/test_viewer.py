@@ -1,0 +1,324 @@
+"""Web viewer over a real aiohttp server on loopback: API, static files, recordings, live WS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
+
+from receiver.h264 import mse_codec_string, parameter_sets
+from receiver.recording import CameraRecording, RecordingStore, SessionRecording, TrackInfo
+from receiver.viewer import setup_viewer
+from tests.media import PacketList, ffprobe_stream, make_h264_packets
+
+T0_US = 1_767_000_000_000_000
+META: dict[str, object] = {
+    "building": "lincoln-high",
+    "started_by": {"kind": "button", "button_id": "office", "location": "Main office"},
+    "started_at": 1_767_000_030.0,
+}
+
+
+@pytest.fixture(scope="module")
+def packets() -> PacketList:
+    """90 frames, 320x240, keyframes at 0, 30 and 60."""
+    return make_h264_packets(90)
+
+
+class Env:
+    """A store with one open session (camera ``cam1``) and a client for the viewer."""
+
+    def __init__(
+        self,
+        store: RecordingStore,
+        rec: SessionRecording,
+        client: TestClient[web.Request, web.Application],
+    ) -> None:
+        self.store = store
+        self.rec = rec
+        self.cam: CameraRecording = rec.camera("cam1")
+        self.client = client
+        self.next = 0
+
+    def feed(self, packets: PacketList, n: int) -> None:
+        for _ in range(n):
+            payload, key = packets[self.next]
+            self.cam.append(self.next, T0_US + self.next * 33_333, key, self.next < 30, payload)
+            self.next += 1
+
+
+@pytest.fixture
+async def env(tmp_path: Path, packets: PacketList) -> AsyncIterator[Env]:
+    async with RecordingStore(tmp_path / "rec") as store:
+        extradata = parameter_sets(packets[0][0]).annex_b()
+        track = TrackInfo("cam1", "interior", "h264", 320, 240, 30.0, extradata, 0)
+        rec = await store.open_session("s-1", "dev-1", META, [track])
+        app = web.Application()
+        setup_viewer(app, store, store.live_feed)
+        async with TestClient(TestServer(app, host="127.0.0.1", port=0)) as client:
+            yield Env(store, rec, client)
+
+
+async def test_sessions_api_lists_cameras(env: Env, packets: PacketList) -> None:
+    env.feed(packets, 40)
+    await env.cam.flush()
+    resp = await env.client.get("/api/sessions")
+    assert resp.status == 200
+    assert resp.headers["Cache-Control"] == "no-store"
+    body = await resp.json()
+    (session,) = body["sessions"]
+    assert session["session_id"] == "s-1"
+    assert session["open"] is True
+    assert session["meta"]["started_by"]["button_id"] == "office"
+    (cam,) = session["cameras"]
+    assert cam["camera_id"] == "cam1"
+    assert cam["zone"] == "interior"
+    assert cam["mse_codec"] == mse_codec_string(packets[0][0])
+    assert (cam["width"], cam["height"]) == (320, 240)
+    assert cam["frames_durable"] == 39  # the 40th waits for its fragment
+    assert (cam["preroll_frames"], cam["live_frames"]) == (30, 9)
+    assert cam["live_url"] == "/v1/live/s-1/cam1"
+    assert cam["recordings"] == [
+        {"file": "cam1.mp4", "url": "/recordings/s-1/cam1.mp4", "first_seq": 0}
+    ]
+    assert "path" not in str(body)  # no server paths leak
+
+
+async def test_index_has_csp_and_no_inline_script(env: Env) -> None:
+    resp = await env.client.get("/")
+    assert resp.status == 200
+    assert resp.content_type == "text/html"
+    assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    html = await resp.text()
+    assert "<title>breakglass receiver</title>" in html
+    assert re.search(r"<script(?![^>]*\bsrc=)", html) is None
+    assert re.search(r"<[^>]+\son[a-z]+\s*=", html) is None  # no inline event handlers
+    for name, mime in [("viewer.js", "text/javascript"), ("viewer.css", "text/css")]:
+        r = await env.client.get(f"/static/{name}")
+        assert r.status == 200
+        assert r.content_type == mime
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/..%2Frecording.py",
+        "/static/%2e%2e%2frecording.py",
+        "/static/../recording.py",
+        "/static/..%2F..%2Fpyproject.toml",
+        "/static/index.html",
+        "/static/nope.js",
+    ],
+)
+async def test_static_refuses_anything_but_its_files(env: Env, path: str) -> None:
+    resp = await env.client.get(URL(path, encoded=True))
+    assert resp.status == 404
+    text = await resp.text()
+    assert "import" not in text
+    assert "[tool" not in text
+
+
+async def test_recording_served_with_ranges(env: Env, packets: PacketList) -> None:
+    env.feed(packets, 30)
+    await env.rec.close("all clear")
+    url = "/recordings/s-1/cam1.mp4"
+    full = await env.client.get(url)
+    assert full.status == 200
+    assert full.content_type == "video/mp4"
+    data = await full.read()
+    assert data[4:8] == b"ftyp"
+    part = await env.client.get(url, headers={"Range": "bytes=100-199"})
+    assert part.status == 206
+    assert part.headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+    assert await part.read() == data[100:200]
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/recordings/nope/cam1.mp4", 404, "unknown_session"),
+        ("/recordings/s-1/cam9.mp4", 404, "unknown_camera"),
+        ("/recordings/s-1/cam1.7.mp4", 404, "unknown_recording"),
+        ("/recordings/s-1/session.json", 404, "unknown_recording"),
+        ("/recordings/.hidden/cam1.mp4", 400, "invalid_id"),
+        ("/recordings/s-1/..%2Fsession.json", 404, "unknown_recording"),
+        ("/v1/live/nope/cam1", 404, "unknown_session"),
+        ("/v1/live/s-1/cam9", 404, "unknown_camera"),
+        ("/v1/live/s-1/cam1", 426, "websocket_required"),
+    ],
+)
+async def test_errors_are_json_with_stable_codes(
+    env: Env, path: str, status: int, code: str
+) -> None:
+    resp = await env.client.get(URL(path, encoded=True))
+    assert resp.status == status
+    body = await resp.json()
+    assert body["error"] == code
+    assert body["detail"]
+
+
+async def test_live_ws_unknown_session_is_refused(env: Env) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await env.client.ws_connect("/v1/live/nope/cam1")
+    assert info.value.status == 404
+
+
+async def test_live_ws_sends_init_then_fragments(
+    env: Env, packets: PacketList, tmp_path: Path
+) -> None:
+    env.feed(packets, 35)  # the GOP from keyframe 30 is cached
+    ws = await env.client.ws_connect("/v1/live/s-1/cam1")
+    received: list[bytes] = []
+
+    async def receive() -> bytes:
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        assert msg.type == aiohttp.WSMsgType.BINARY
+        received.append(msg.data)
+        return bytes(msg.data)
+
+    init = await receive()
+    assert init[4:8] == b"ftyp"
+    first = await receive()
+    assert first[4:8] == b"moof"
+    for _ in range(3):  # the rest of the cached fragments (30..33 are complete)
+        await receive()
+    env.feed(packets, 20)  # new frames arrive live
+    for _ in range(20):
+        assert (await receive())[4:8] == b"moof"
+    # What a viewer got decodes on its own, starting at the keyframe.
+    out = tmp_path / "live.mp4"
+    out.write_bytes(b"".join(received))
+    info = await asyncio.to_thread(ffprobe_stream, out)
+    assert info["codec_name"] == "h264"
+    assert int(info["nb_read_frames"]) == 24
+    await env.rec.close("all clear")
+    tail = await asyncio.wait_for(ws.receive(), 10)
+    while tail.type == aiohttp.WSMsgType.BINARY:  # the last fragment, written at close
+        tail = await asyncio.wait_for(ws.receive(), 10)
+    assert tail.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    await ws.close()
+    resp = await env.client.get("/v1/live/s-1/cam1")
+    assert (await resp.json())["error"] == "not_live"
+
+
+async def test_server_shutdown_closes_live_sockets(env: Env, packets: PacketList) -> None:
+    env.feed(packets, 3)
+    ws = await env.client.ws_connect("/v1/live/s-1/cam1")
+    first = await asyncio.wait_for(ws.receive(), 10)
+    assert first.data[4:8] == b"ftyp"
+    await asyncio.wait_for(env.client.close(), 10)  # runs the app's on_shutdown
+    msg = await asyncio.wait_for(ws.receive(), 10)
+    while msg.type == aiohttp.WSMsgType.BINARY:
+        msg = await asyncio.wait_for(ws.receive(), 10)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+_CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+async def _cdp_eval(ws: aiohttp.ClientWebSocketResponse, expr: str, msg_id: int) -> Any:
+    params = {"expression": expr, "returnByValue": True, "awaitPromise": True}
+    await ws.send_json({"id": msg_id, "method": "Runtime.evaluate", "params": params})
+    while True:
+        msg = await asyncio.wait_for(ws.receive_json(), 20)
+        if msg.get("id") == msg_id:
+            return msg["result"]["result"].get("value")
+
+
+_PROBE_JS = """(() => {
+  const v = document.querySelector('video.live');
+  if (!v || !v.buffered.length) return null;
+  const c = document.createElement('canvas'); c.width = 32; c.height = 24;
+  const g = c.getContext('2d'); g.drawImage(v, 0, 0, 32, 24);
+  const d = g.getImageData(0, 0, 32, 24).data; let sum = 0;
+  for (let i = 0; i < d.length; i += 4) sum += d[i] + d[i + 1] + d[i + 2];
+  return {t: v.currentTime, behind: v.buffered.end(v.buffered.length - 1) - v.currentTime,
+          luma: sum / (d.length / 4), alarm: document.getElementById('alarms').textContent};
+})()"""
+
+
+@pytest.mark.skipif(_CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+async def test_browser_plays_live_view(env: Env, packets: PacketList, tmp_path: Path) -> None:
+    """Chromium plays the live tile through MSE, close to the live edge (raw CDP, no Playwright)."""
+    assert _CHROMIUM is not None
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for seq in range(100_000):
+            payload, key = packets[seq % len(packets)]
+            env.cam.append(seq, T0_US + seq * 33_333, key, seq < 30, payload)
+            await env.cam.flush()
+            try:
+                await asyncio.wait_for(stop.wait(), max(0.0, start + (seq + 1) / 30 - loop.time()))
+                return
+            except TimeoutError:
+                pass
+
+    producer = asyncio.create_task(produce())
+    proc = await asyncio.create_subprocess_exec(
+        _CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--autoplay-policy=no-user-gesture-required",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--remote-debugging-address=127.0.0.1",
+        "--remote-debugging-port=0",
+        "about:blank",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group: helpers end with it
+    )
+    try:
+        assert proc.stderr is not None
+        devtools = None
+        while devtools is None:
+            line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+            assert line, "chromium exited"
+            devtools = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
+        page = str(env.client.make_url("/"))
+        async with aiohttp.ClientSession() as http:
+            new = f"http://127.0.0.1:{devtools.group(1)}/json/new?{page}"
+            async with http.put(new) as resp:
+                target = await resp.json()
+            async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as cdp:
+                samples = []
+                for i in range(60):
+                    await asyncio.sleep(0.1)  # real time must pass for playback
+                    sample = await _cdp_eval(cdp, _PROBE_JS, i)
+                    if sample:
+                        samples.append(sample)
+                    if len(samples) >= 2 and samples[-1]["t"] - samples[0]["t"] > 1.0:
+                        break
+        assert len(samples) >= 2, "the live video never buffered"
+        assert samples[-1]["t"] - samples[0]["t"] > 1.0, "the live video does not play"
+        assert samples[-1]["behind"] < 1.0
+        assert samples[-1]["luma"] > 30  # not a black frame
+        assert "EMERGENCY — building lincoln-high" in samples[-1]["alarm"]
+        assert "button 'office' (Main office)" in samples[-1]["alarm"]
+    finally:
+        stop.set()
+        await producer
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the group this test started
+        await proc.wait()
