@@ -18,7 +18,9 @@ import contextlib
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from agent.config import load_config
 from agent.daemon import Agent
@@ -31,16 +33,36 @@ BUTTON_PIN = 17
 PRESS_AFTER_S = 4.0
 
 
+class ReceiverContact(Protocol):
+    """What an agent's config needs of a receiver (a running :class:`Receiver` has it)."""
+
+    @property
+    def uplink_url(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def devices_dir(self) -> Path: ...
+
+
+DEMO_CAMERAS = (("front-door", "exterior"), ("hallway-2", "interior"))
+
+
 def write_agent_config(
     folder: Path,
-    receiver: Receiver,
+    receiver: ReceiverContact,
     *,
     device_id: str = DEVICE_ID,
     fps: float = 15,
     preroll_s: float = 30,
     allow: bool = True,
+    cameras: Sequence[tuple[str, str]] = DEMO_CAMERAS,
 ) -> Path:
-    """Write the demo agent's key and config; allow-list its key unless ``allow`` is false."""
+    """Write an agent's key and config; allow-list its key unless ``allow`` is false.
+
+    ``cameras`` are (id, zone) pairs of synthetic cameras.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     key_path = folder / "device.key"
     key = new_private_key(key_path) if not key_path.exists() else None
@@ -74,18 +96,11 @@ id = "office"
 pin = {BUTTON_PIN}
 location = "Main office"
 
-[[cameras]]
-id = "front-door"
-zone = "exterior"
-source = "synthetic"
-fps = {fps}
-
-[[cameras]]
-id = "hallway-2"
-zone = "interior"
-source = "synthetic"
-fps = {fps}
 """
+        + "".join(
+            f'\n[[cameras]]\nid = "{cam}"\nzone = "{zone}"\nsource = "synthetic"\nfps = {fps}\n'
+            for cam, zone in cameras
+        )
     )
     return config
 
