@@ -1,0 +1,149 @@
+"""The ``breakglass`` command as a user runs it: real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from queue import Empty, Queue
+
+import pytest
+
+from breakglass.demo import write_agent_config
+
+pytestmark = pytest.mark.timeout(90)
+
+CLI = [sys.executable, "-m", "breakglass"]
+
+
+class Proc:
+    """A child process whose merged output is read line by line on a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.popen = subprocess.Popen(
+            [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: Queue[str] = Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.put(line)
+
+    def expect(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        """The first output line matching ``pattern`` (waits for it)."""
+        regex = re.compile(pattern)
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except Empty:
+                raise AssertionError(
+                    f"no line matching {pattern!r}; saw:\n{''.join(self.seen)}"
+                ) from None
+            self.seen.append(line)
+            match = regex.search(line)
+            if match:
+                return match
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit code."""
+        self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(timeout=30)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        proc.kill()
+
+
+def test_demo_for_n_seconds_exits_zero_with_a_summary(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*CLI, "demo", "--for", "8", "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"press -> first byte durable at the receiver: [\d.]+ ms", result.stdout)
+    assert re.search(r"front-door +exterior +pre-roll +\d+ frames, live +\d+ frames", result.stdout)
+    assert re.search(r"hallway-2 +interior", result.stdout)
+    assert result.stdout.rstrip().endswith("OK") or "\nOK\n" in result.stdout
+    assert stat_mode(tmp_path / "agent" / "device.key") == 0o600
+    assert stat_mode(tmp_path / "receiver" / "tls" / "receiver.key") == 0o600
+
+
+def stat_mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_receiver_and_agent_run_separately_and_stop_cleanly(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    receiver = Proc("receiver", "serve", "--data", str(tmp_path / "rx"), "--port", "0")
+    procs.append(receiver)
+    url = receiver.expect(r"receiver: (https://127\.0\.0\.1:\d+/)").group(1)
+    pin = receiver.expect(r"TLS pin .*: (sha256:[0-9a-f]{64})").group(1)
+
+    class Contact:
+        uplink_url = url.replace("https://", "wss://") + "v1/uplink"
+        fingerprint = pin
+        devices_dir = tmp_path / "rx" / "devices"
+
+    config = write_agent_config(tmp_path / "agent", Contact())
+    agent = Proc("agent", "run", "--config", str(config))
+    procs.append(agent)
+    agent.expect(r"uplink connected to wss://")
+    receiver.expect(r"device demo-agent-1 connected")
+    assert agent.stop() == 0
+    assert receiver.stop() == 0
+
+
+def test_bad_config_is_a_clear_error_naming_the_key(tmp_path: Path) -> None:
+    class Contact:
+        uplink_url = "wss://127.0.0.1:1/v1/uplink"
+        fingerprint = "sha256:" + "00" * 32
+        devices_dir = tmp_path
+
+    config = write_agent_config(tmp_path / "agent", Contact())
+    config.write_text(config.read_text().replace('zone = "interior"', 'zone = "inside"'))
+    result = subprocess.run(
+        [*CLI, "agent", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "cameras[1].zone" in result.stderr
+    assert "'inside' must be 'exterior' or 'interior'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_keys_new_writes_0600_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "k.key"
+    first = subprocess.run(
+        [*CLI, "keys", "new", "--out", str(out)], capture_output=True, text=True, timeout=30
+    )
+    assert first.returncode == 0, first.stderr
+    assert stat_mode(out) == 0o600
+    assert out.with_suffix(".pub").read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    again = subprocess.run(
+        [*CLI, "keys", "new", "--out", str(out)], capture_output=True, text=True, timeout=30
+    )
+    assert again.returncode == 2
