@@ -94,6 +94,8 @@ class Agent:
         self.uplink: UplinkClient
         self._live: tuple[SessionStream, dict[str, int]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._persisting: set[asyncio.Task[None]] = set()
+        self._persist_lock = asyncio.Lock()
         self._stopped = asyncio.Event()
         self.press_log: list[PressEvent] = []
         self.changes = Changes()
@@ -157,6 +159,8 @@ class Agent:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._persisting:  # never abandon a state write half way
+            await asyncio.gather(*self._persisting, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -206,9 +210,15 @@ class Agent:
         return ended
 
     def _persist(self) -> None:
-        # Small JSON, fsynced: done on a worker thread so the loop keeps streaming.
-        doc = self.emergency.to_json()
-        self._spawn(asyncio.to_thread(write_json, self.state_path, doc), "persist-emergency")
+        task = asyncio.create_task(self._write_state(), name="persist-emergency")
+        self._persisting.add(task)
+        task.add_done_callback(self._persisting.discard)
+
+    async def _write_state(self) -> None:
+        # Small JSON, fsynced, on a worker thread so the loop keeps streaming. The lock
+        # keeps writes in order, and each writes the state as it is when its turn comes.
+        async with self._persist_lock:
+            await asyncio.to_thread(write_json, self.state_path, self.emergency.to_json())
 
     def _start_streaming(self, session: Session) -> None:
         descs: list[p.CameraDesc] = []

@@ -540,6 +540,40 @@ class CameraRecording:
         if live is not None and self.durable_seq >= live:
             self.first_live_durable_mono_ns = self.first_live_durable_mono_ns or now
 
+    async def skip_to(self, first_seq: int) -> None:
+        """The device declares every seq before ``first_seq`` lost: go on in a new part there.
+
+        An agent that restarts mid-emergency loses what was only in its RAM and
+        numbers on from a reserved block. The current part is finished, and a
+        new part (listed in ``session.json`` before it gets data) starts at
+        ``first_seq``; the hole is visible as the difference between the parts'
+        first sequence numbers and their sample counts.
+        """
+        if first_seq <= self._last_seq + 1:
+            return
+        _LOG.warning(
+            "camera %r: device declared seqs %d..%d lost; new part from %d",
+            self.camera_id,
+            self._last_seq + 1,
+            first_seq - 1,
+            first_seq,
+        )
+        await self.close()
+        self._raise_if_failed()
+        if self.parts and self._part_durable == 0:
+            self.parts[-1] = PartInfo(self.parts[-1].file, first_seq)  # empty: reuse it
+        else:
+            self._prior_frames += self._part_durable
+            n = len(self.parts)
+            name = f"{self.camera_id}.mp4" if n == 0 else f"{self.camera_id}.{n}.mp4"
+            self.parts.append(PartInfo(name, first_seq))
+        self._part_durable = self._part_written = 0
+        self._last_seq = first_seq - 1
+        self._last_pts = -1
+        self._mark_dirty()
+        await self._save_metadata()
+        await self._open_part()
+
     async def close(self) -> None:
         """Finish the part file (its last fragment), fsync it and stop accepting packets.
 

@@ -210,13 +210,13 @@ class SessionRecording:
             known = self.cameras.get(track.camera_id)
             if known is not None:
                 old = known.track
-                if (old.codec, old.zone, old.width, old.height, old.first_seq) != (
+                # A later first_seq is a resuming device that lost footage (see skip_to).
+                if (old.codec, old.zone, old.width, old.height) != (
                     track.codec,
                     track.zone,
                     track.width,
                     track.height,
-                    track.first_seq,
-                ):
+                ) or track.first_seq < old.first_seq:
                     raise TrackMismatchError(
                         f"session {self.session_id!r}: camera {track.camera_id!r} was "
                         f"announced as {old!r}, now as {track!r}"
@@ -236,6 +236,8 @@ class SessionRecording:
         await self._save()  # part files are listed before they get data
         for cam in resume:
             await cam._open_part()
+        for track in tracks:
+            await self.cameras[track.camera_id].skip_to(track.first_seq)
 
     async def _suspend(self) -> None:
         """Finish every camera without ending the session (receiver shutdown)."""

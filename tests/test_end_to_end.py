@@ -155,3 +155,39 @@ async def test_receiver_down_then_up_delivers_the_session(tmp_path: Path) -> Non
     for cam in summary.cameras:
         assert cam.preroll_frames > 0
         assert cam.live_frames > 0
+
+
+async def test_session_survives_an_agent_restart(tmp_path: Path, receiver: Receiver) -> None:
+    config = load_config(write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2))
+    async with Agent(config) as agent:
+        await agent.uplink.wait_until(lambda: agent.uplink.connected)
+        await packets_seen(agent, 15)
+        press_button(agent)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+        stream = agent.uplink.stream(session.id)
+        assert stream is not None
+        await agent.uplink.wait_until(
+            lambda: min(stream.acked) >= stream.open.cameras[0].first_seq + 20
+        )
+    # Restarted: the persisted session resumes by itself and streams on.
+    async with Agent(config) as agent:
+        assert agent.emergency.active == session
+        await agent.wait_until(lambda: agent.uplink.stream(session.id) is not None)
+        resumed = agent.uplink.stream(session.id)
+        assert resumed is not None
+        assert all(c.first_seq > a for c, a in zip(resumed.open.cameras, stream.acked, strict=True))
+        await agent.uplink.wait_until(
+            lambda: all(
+                a >= c.first_seq + 10
+                for c, a in zip(resumed.open.cameras, resumed.acked, strict=True)
+            )
+        )
+        agent.end("test finished")
+        await agent.uplink.wait_settled(session.id)
+    (summary,) = receiver.store.sessions()
+    for cam in summary.cameras:
+        assert len(cam.parts) == 2
+        frames = sum(int(str(ffprobe(part.path)["nb_read_frames"])) for part in cam.parts)
+        assert frames == cam.frames_durable
