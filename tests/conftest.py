@@ -8,6 +8,8 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
+from tests.media import PacketList, make_h264_packets
+
 
 @pytest.fixture
 def mock_factory() -> Iterator[MockFactory]:
@@ -27,3 +29,9 @@ def mock_factory() -> Iterator[MockFactory]:
         Device.pin_factory = previous
         factory.close()
         factory.reset()
+
+
+@pytest.fixture(scope="module")
+def packets() -> PacketList:
+    """90 H.264 frames, 320x240, keyframes at 0, 30 and 60."""
+    return make_h264_packets(90)

@@ -102,3 +102,11 @@ def ffprobe_packets(path: Path) -> list[dict[str, Any]]:
         "packets"
     ]
     return packets
+
+
+#: Session metadata as the ingest writes it, for recording and viewer tests.
+META: dict[str, object] = {
+    "building": "lincoln-high",
+    "started_by": {"kind": "button", "button_id": "office", "location": "Main office"},
+    "started_at": 1_767_000_030.0,
+}

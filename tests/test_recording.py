@@ -37,21 +37,10 @@ from receiver.errors import (
 from receiver.fmp4 import Fragment, FragmentSplitter, InitSegment, avcc_from_moov, scan_file
 from receiver.h264 import mse_codec_string, parameter_sets, split_nal_units
 from receiver.recording import CameraRecording, RecordingStore, SessionRecording, TrackInfo
-from tests.media import PacketList, ffprobe_packets, ffprobe_stream, make_h264_packets
+from tests.media import META, PacketList, ffprobe_packets, ffprobe_stream
 
 T0_US = 1_767_000_000_000_000  # some capture time in UTC µs
 FRAME_US = 33_333
-META: dict[str, object] = {
-    "building": "lincoln-high",
-    "started_by": {"kind": "button", "button_id": "office", "location": "Main office"},
-    "started_at": 1_767_000_030.0,
-}
-
-
-@pytest.fixture(scope="module")
-def packets() -> PacketList:
-    """90 frames, 320x240, keyframes at 0, 30 and 60."""
-    return make_h264_packets(90)
 
 
 def make_track(packets: PacketList, camera: str = "cam1", first_seq: int = 0) -> TrackInfo:
@@ -223,11 +212,35 @@ async def test_open_is_idempotent_and_checked(store: RecordingStore, packets: Pa
     assert store.open_sessions() == [rec]
     with pytest.raises(SessionConflictError):
         await store.open_session("s-1", "dev-2", META, [make_track(packets)])
+    exterior = TrackInfo("cam1", "exterior", "h264", 320, 240, 30.0, b"", 0)
     with pytest.raises(TrackMismatchError):
-        await store.open_session("s-1", "dev-1", META, [make_track(packets, first_seq=7)])
+        await store.open_session("s-1", "dev-1", META, [exterior])
     mjpeg = TrackInfo("cam2", "exterior", "mjpeg", 320, 240, 30.0, b"", 0)
     with pytest.raises(UnsupportedCodecError):
         await store.open_session("s-2", "dev-1", META, [mjpeg])
+
+
+async def test_a_later_first_seq_is_a_declared_gap_in_a_new_part(
+    store: RecordingStore, packets: PacketList
+) -> None:
+    """A restarted agent resumes the session with numbers above what it lost."""
+    rec, cam = await open_cam(store, packets)
+    feed(cam, packets, range(20))
+    await store.open_session("s-2", "dev-1", META, [make_track(packets, first_seq=50)])
+    with pytest.raises(TrackMismatchError):  # going back is never a resume
+        await store.open_session("s-2", "dev-1", META, [make_track(packets, first_seq=10)])
+    again = await store.open_session("s-1", "dev-1", META, [make_track(packets, first_seq=130)])
+    assert again is rec
+    assert cam.durable_seq == 19  # the first part was finished and fsynced
+    for i, seq in enumerate(range(130, 160)):  # packets 30..59 start at a keyframe
+        payload, key = packets[30 + i]
+        cam.append(seq, T0_US + (30 + i) * FRAME_US, key, False, payload)
+    await cam.close()
+    assert [p.first_seq for p in cam.parts] == [0, 130]
+    assert cam.durable_seq == 159
+    assert cam.frames_durable == 50
+    frames = [int(ffprobe_stream(rec.directory / p.file)["nb_read_frames"]) for p in cam.parts]
+    assert frames == [20, 30]
 
 
 async def test_group_commit_coalesces_fsyncs(

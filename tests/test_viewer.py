@@ -21,20 +21,9 @@ from yarl import URL
 from receiver.h264 import mse_codec_string, parameter_sets
 from receiver.recording import CameraRecording, RecordingStore, SessionRecording, TrackInfo
 from receiver.viewer import setup_viewer
-from tests.media import PacketList, ffprobe_stream, make_h264_packets
+from tests.media import META, PacketList, ffprobe_stream
 
 T0_US = 1_767_000_000_000_000
-META: dict[str, object] = {
-    "building": "lincoln-high",
-    "started_by": {"kind": "button", "button_id": "office", "location": "Main office"},
-    "started_at": 1_767_000_030.0,
-}
-
-
-@pytest.fixture(scope="module")
-def packets() -> PacketList:
-    """90 frames, 320x240, keyframes at 0, 30 and 60."""
-    return make_h264_packets(90)
 
 
 class Env:
