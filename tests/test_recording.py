@@ -231,7 +231,8 @@ async def test_a_later_first_seq_is_a_declared_gap_in_a_new_part(
         await store.open_session("s-2", "dev-1", META, [make_track(packets, first_seq=10)])
     again = await store.open_session("s-1", "dev-1", META, [make_track(packets, first_seq=130)])
     assert again is rec
-    assert cam.durable_seq == 19  # the first part was finished and fsynced
+    assert cam.frames_durable == 20  # the first part was finished and fsynced
+    assert cam.durable_seq == 129  # seqs declared lost are settled: nothing will ever fill them
     for i, seq in enumerate(range(130, 160)):  # packets 30..59 start at a keyframe
         payload, key = packets[30 + i]
         cam.append(seq, T0_US + (30 + i) * FRAME_US, key, False, payload)
