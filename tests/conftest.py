@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -35,3 +36,16 @@ def mock_factory() -> Iterator[MockFactory]:
 def packets() -> PacketList:
     """90 H.264 frames, 320x240, keyframes at 0, 30 and 60."""
     return make_h264_packets(90)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves a thread running: every resource must be closed."""
+    before = set(threading.enumerate())
+    yield
+    leaked = []
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=5)  # a thread that is ending gets a moment to end
+        if thread.is_alive():
+            leaked.append(thread.name)
+    assert not leaked, f"threads left running: {sorted(leaked)}"
