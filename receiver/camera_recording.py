@@ -25,13 +25,13 @@ import contextlib
 import logging
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
 from io import BytesIO
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import av
 from av.container import OutputContainer
@@ -181,7 +181,7 @@ class CameraRecording:
         *,
         first_live_seq: int | None,
         mark_dirty: Callable[[], None],
-        save_metadata: Callable[[], Awaitable[None]],
+        save_metadata: Callable[[], Coroutine[Any, Any, None]],
         mono_ns: Callable[[], int],
     ) -> None:
         self.track = track
@@ -212,6 +212,7 @@ class CameraRecording:
         self._origin_us = 0
         self._last_pts = -1
         self._fsync_task: asyncio.Task[None] | None = None
+        self._meta_task: asyncio.Task[None] | None = None
         self._writable = False
         self._failure: BaseException | None = None
         #: Packets whose capture time did not increase (pts bumped by one tick).
@@ -512,7 +513,10 @@ class CameraRecording:
     async def _fsync_once(self) -> None:
         try:
             target = self._part_written
-            await self._save_metadata()  # part list and first_live_seq before the data
+            # The part list was saved before the part got data. What changes later
+            # (first_live_seq, the part's first capture time) is bookkeeping, not
+            # footage: it is saved beside the data fsync, never in front of an ack.
+            self._save_metadata_soon()
             fd = self._fd
             if fd is None:
                 raise RecordingFailedError(f"camera {self.camera_id!r}: part file already closed")
@@ -528,6 +532,11 @@ class CameraRecording:
             self._commit(target)
         finally:
             self._fsync_task = None
+
+    def _save_metadata_soon(self) -> None:
+        if self._meta_task is None or self._meta_task.done():
+            self._meta_task = asyncio.create_task(self._save_metadata(), name="save session.json")
+            self._meta_task.add_done_callback(_retrieve)
 
     def _commit(self, target: int) -> None:
         if target <= self._part_durable:
@@ -604,6 +613,7 @@ class CameraRecording:
                 await asyncio.to_thread(os.close, fd)
             self._notify(lambda lst: lst.end_of_stream())
             self._listeners.clear()
+        await self._save_metadata()  # bookkeeping saved beside the fsyncs is on disk too
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

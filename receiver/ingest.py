@@ -235,6 +235,9 @@ class IngestServer:
                     cam.append(event)
                 except SequenceGapError as exc:
                     raise p.RemoteProtocolError("sequence_gap", str(exc)) from exc
+                # A burst (the pre-roll) arrives already buffered, and reading it never
+                # suspends: yield so the fsyncs and acks run beside the remuxing, not after.
+                await asyncio.sleep(0)
             elif isinstance(event, p.SessionOpen):
                 session = await self._open(device, event)
                 if event.session not in status.sessions:

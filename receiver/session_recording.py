@@ -234,8 +234,7 @@ class SessionRecording:
             _LOG.warning("session %r re-opened by its device after close", self.session_id)
             self.closed_at = self.close_reason = None
         await self._save()  # part files are listed before they get data
-        for cam in resume:
-            await cam._open_part()
+        await asyncio.gather(*(cam._open_part() for cam in resume))
         for track in tracks:
             await self.cameras[track.camera_id].skip_to(track.first_seq)
 
