@@ -220,7 +220,7 @@ class Agent:
         async with self._persist_lock:
             await asyncio.to_thread(write_json, self.state_path, self.emergency.to_json())
 
-    def _start_streaming(self, session: Session) -> None:
+    def _start_streaming(self, session: Session, *, resume: bool = False) -> None:
         descs: list[p.CameraDesc] = []
         preroll: dict[int, list[EncodedPacket]] = {}
         for camera in cameras_to_stream(self.config.cameras, session):
@@ -245,6 +245,9 @@ class Agent:
                     info.fps,
                     info.extradata,
                     packets[0].seq,
+                    # Live lane from the GOP the press fell in; after a restart everything
+                    # is live (the pre-roll of a resumed session is not from before the press).
+                    packets[0].seq if resume else _last_keyframe(packets).seq,
                 )
             )
             preroll[index] = packets
@@ -285,7 +288,7 @@ class Agent:
                 await asyncio.gather(*(self.capture.wait_ready(c) for c in session.cameras))
         if self.emergency.active is session:
             log.warning("resuming emergency %s after restart", session.id)
-            self._start_streaming(session)
+            self._start_streaming(session, resume=True)
 
     async def _expiry(self) -> None:
         while True:
@@ -327,3 +330,7 @@ class Agent:
                 "expires_at": session.expires_at,
             },
         }
+
+
+def _last_keyframe(packets: list[EncodedPacket]) -> EncodedPacket:
+    return next(pkt for pkt in reversed(packets) if pkt.keyframe)

@@ -154,7 +154,11 @@ class CameraDesc:
     height: int
     fps: float
     extradata: bytes
+    #: First seq of the session: the oldest pre-roll packet.
     first_seq: int
+    #: First seq of the live lane: the keyframe that starts the GOP the press fell in.
+    #: Seqs before it are older pre-roll, sent beside live footage, never in front of it.
+    live_seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +290,7 @@ def _camera_desc(obj: Any, where: str) -> CameraDesc:
             "fps": (int, float),
             "extradata": str,
             "first_seq": int,
+            "live_seq": int,
         },
     )
     if obj["zone"] not in ("exterior", "interior"):
@@ -294,6 +299,8 @@ def _camera_desc(obj: Any, where: str) -> CameraDesc:
         raise RemoteProtocolError("malformed", f"{where}.codec: unsupported")
     if not (0 < obj["width"] <= 8192 and 0 < obj["height"] <= 8192 and 0 < obj["fps"] <= 240):
         raise RemoteProtocolError("malformed", f"{where}: width/height/fps out of range")
+    if not obj["first_seq"] <= obj["live_seq"]:
+        raise RemoteProtocolError("malformed", f"{where}: live_seq before first_seq")
     return CameraDesc(
         index=obj["index"],
         id=_text(obj["id"], f"{where}.id", 64),
@@ -304,6 +311,7 @@ def _camera_desc(obj: Any, where: str) -> CameraDesc:
         fps=float(obj["fps"]),
         extradata=unb64url(obj["extradata"], what=f"{where}.extradata"),
         first_seq=_seq(obj["first_seq"], f"{where}.first_seq"),
+        live_seq=_seq(obj["live_seq"], f"{where}.live_seq"),
     )
 
 
@@ -428,6 +436,7 @@ def _serialize(event: Event) -> str | bytes:
                     "fps": c.fps,
                     "extradata": b64url(c.extradata),
                     "first_seq": c.first_seq,
+                    "live_seq": c.live_seq,
                 }
                 for c in event.cameras
             ],

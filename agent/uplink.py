@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import logging
 import random
 import time
@@ -35,27 +36,11 @@ from provisioning.tls import fingerprint_digest
 
 log = logging.getLogger(__name__)
 
+#: Backlog packets a camera may have in flight beyond the receiver's last ack.
+BACKLOG_WINDOW = 64
+
 # Codes after which retrying soon is pointless: the receiver does not know us.
 FATAL_CODES = frozenset({"unknown_device", "bad_signature"})
-
-
-@dataclass(slots=True)
-class _Item:
-    camera: int
-    packet: EncodedPacket
-    preroll: bool
-
-    def media(self) -> p.Media:
-        pkt = self.packet
-        return p.Media(
-            p.MediaKind.LIVE,
-            self.camera,
-            pkt.seq,
-            pkt.capture_ns // 1000,
-            pkt.keyframe,
-            self.preroll,
-            pkt.payload,
-        )
 
 
 @dataclass(slots=True)
@@ -63,8 +48,11 @@ class SessionStream:
     """What one session still owes the receiver."""
 
     open: p.SessionOpen
-    unacked: list[deque[_Item]]
+    #: Per camera index: packets sent or to send, not yet acknowledged, in seq order.
+    unacked: list[deque[EncodedPacket]]
     acked: list[int]
+    #: Per camera index: the last seq captured before the press (flagged pre-roll).
+    preroll_end: list[int]
     close_reason: str | None = None
     close_sent: bool = False
     unacked_bytes: int = 0
@@ -79,6 +67,18 @@ class SessionStream:
     def settled(self) -> bool:
         """Closed, the close sent, and every packet acknowledged."""
         return self.close_sent and not any(self.unacked)
+
+    def media(self, camera: int, pkt: EncodedPacket) -> p.Media:
+        """The wire event of one packet of this session."""
+        return p.Media(
+            p.MediaKind.LIVE,
+            camera,
+            pkt.seq,
+            pkt.capture_ns // 1000,
+            pkt.keyframe,
+            pkt.seq <= self.preroll_end[camera],
+            pkt.payload,
+        )
 
 
 @dataclass(slots=True)
@@ -122,7 +122,11 @@ class UplinkClient:
         self.streams: deque[SessionStream] = deque()
         self.connected = False
         self.stats = UplinkStats()
-        self._pending: deque[_Item] = deque()
+        #: What this connection still has to send: the live lane (camera index, packet)
+        #: goes first; the backlog per camera (older pre-roll, resends below the live
+        #: lane) uses what is left, a window at a time.
+        self._live: deque[tuple[int, EncodedPacket]] = deque()
+        self._backlog: list[deque[EncodedPacket]] = []
         self._wake = asyncio.Event()
         self._conn: p.Uplink | None = None
         self._opened_on_conn: str | None = None
@@ -133,21 +137,31 @@ class UplinkClient:
     def start_session(
         self, open_: p.SessionOpen, preroll: Mapping[int, Iterable[EncodedPacket]]
     ) -> SessionStream:
-        """Queue a new session: its ``session_open``, then the pre-roll packets in capture order."""
+        """Queue a new session: its ``session_open``, then the pre-roll (oldest first)."""
+        cams = range(len(open_.cameras))
+        queues = [deque(preroll.get(cam, ())) for cam in cams]
         stream = SessionStream(
-            open_, [deque() for _ in open_.cameras], [c.first_seq - 1 for c in open_.cameras]
+            open_,
+            queues,
+            [c.first_seq - 1 for c in open_.cameras],
+            [
+                q[-1].seq if q else c.first_seq - 1
+                for q, c in zip(queues, open_.cameras, strict=True)
+            ],
         )
+        stream.unacked_bytes = sum(len(pkt.payload) for q in queues for pkt in q)
         self.streams.append(stream)
-        items = [_Item(cam, pkt, True) for cam, pkts in preroll.items() for pkt in pkts]
-        items.sort(key=lambda item: item.packet.mono_ns)
-        for item in items:
-            self._track(stream, item)
         self._wake.set()
         return stream
 
     def push(self, stream: SessionStream, camera: int, packet: EncodedPacket) -> None:
         """Queue one live packet of an open session."""
-        self._track(stream, _Item(camera, packet, False))
+        stream.unacked[camera].append(packet)
+        stream.unacked_bytes += len(packet.payload)
+        if stream is self._head() and self._opened_on_conn == stream.id:
+            self._live.append((camera, packet))
+        if stream.unacked_bytes > self.unacked_max_bytes:
+            self._drop_oldest(stream)
         self._wake.set()
 
     def end_session(self, session_id: str, reason: str) -> None:
@@ -176,17 +190,12 @@ class UplinkClient:
 
     # -- bookkeeping --------------------------------------------------------
 
-    def _track(self, stream: SessionStream, item: _Item) -> None:
-        stream.unacked[item.camera].append(item)
-        stream.unacked_bytes += len(item.packet.payload)
-        if stream is self._head() and self._opened_on_conn == stream.id:
-            self._pending.append(item)
+    def _drop_oldest(self, stream: SessionStream) -> None:
+        # Memory is the only buffer until the sealed disk store exists: drop the oldest
+        # unacknowledged packets rather than exhaust RAM, and say so.
         while stream.unacked_bytes > self.unacked_max_bytes:
-            # Memory is the only buffer until the sealed disk store exists: drop the
-            # oldest unacknowledged packet rather than exhaust RAM, and say so.
-            oldest = min((q for q in stream.unacked if q), key=lambda q: q[0].packet.mono_ns)
-            lost = oldest.popleft()
-            stream.unacked_bytes -= len(lost.packet.payload)
+            oldest = min((q for q in stream.unacked if q), key=lambda q: q[0].mono_ns)
+            stream.unacked_bytes -= len(oldest.popleft().payload)
             stream.dropped += 1
             if stream.dropped in (1, 100, 10_000):
                 log.error(
@@ -205,9 +214,10 @@ class UplinkClient:
         if ack.seq > stream.acked[ack.camera]:
             stream.acked[ack.camera] = ack.seq
             queue = stream.unacked[ack.camera]
-            while queue and queue[0].packet.seq <= ack.seq:
-                stream.unacked_bytes -= len(queue.popleft().packet.payload)
+            while queue and queue[0].seq <= ack.seq:
+                stream.unacked_bytes -= len(queue.popleft().payload)
             self._progress.notify()
+            self._wake.set()  # the backlog window moved
             if stream.first_ack_mono_ns is None:
                 stream.first_ack_mono_ns = time.monotonic_ns()
                 self._changed()
@@ -318,12 +328,39 @@ class UplinkClient:
                 if index is not None:
                     self._on_ack(p.Ack(stream.id, index, seq))
             stream.close_sent = False
-        self._pending.clear()
+        self._live.clear()
+        self._backlog = []
 
     def _refill(self, stream: SessionStream) -> None:
-        # Resend everything unacknowledged, merged across cameras in capture order.
-        merged = heapq.merge(*stream.unacked, key=lambda item: item.packet.mono_ns)
-        self._pending = deque(merged)
+        """Queue everything unacknowledged again: below each camera's live seq as
+        backlog, from it on as the live lane (merged across cameras in capture order)."""
+        self._backlog, tails = [], []
+        for cam, queue in enumerate(stream.unacked):
+            split = (
+                max(0, min(len(queue), stream.open.cameras[cam].live_seq - queue[0].seq))
+                if queue
+                else 0
+            )
+            self._backlog.append(deque(itertools.islice(queue, split)))
+            tails.append([(cam, pkt) for pkt in itertools.islice(queue, split, None)])
+        self._live = deque(heapq.merge(*tails, key=lambda item: item[1].mono_ns))
+
+    def _next_item(self, stream: SessionStream | None) -> tuple[int, EncodedPacket] | None:
+        if self._live:
+            return self._live.popleft()
+        if stream is None:
+            return None
+        # The oldest backlog packet of a camera that has fewer than BACKLOG_WINDOW
+        # packets in flight: a live packet never queues behind a long backlog.
+        best: int | None = None
+        for cam, queue in enumerate(self._backlog):
+            if (
+                queue
+                and queue[0].seq - stream.acked[cam] <= BACKLOG_WINDOW
+                and (best is None or queue[0].mono_ns < self._backlog[best][0].mono_ns)
+            ):
+                best = cam
+        return None if best is None else (best, self._backlog[best].popleft())
 
     async def _reader(
         self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink, heartbeat_s: float
@@ -345,12 +382,18 @@ class UplinkClient:
                 await ws.send_str(_text(conn.send(stream.open)))
                 self._opened_on_conn = stream.id
                 self._refill(stream)
-            while self._pending:
-                item = self._pending.popleft()
-                await ws.send_bytes(_binary(conn.send(item.media())))
+            while stream is not None and (item := self._next_item(stream)) is not None:
+                cam, pkt = item
+                await ws.send_bytes(_binary(conn.send(stream.media(cam, pkt))))
                 self.stats.packets_sent += 1
-                self.stats.bytes_sent += len(item.packet.payload)
-            if stream is not None and stream.close_reason is not None and not stream.close_sent:
+                self.stats.bytes_sent += len(pkt.payload)
+            drained = not self._live and not any(self._backlog)
+            if (
+                drained
+                and stream is not None
+                and stream.close_reason is not None
+                and not stream.close_sent
+            ):
                 await ws.send_str(_text(conn.send(p.SessionClose(stream.id, stream.close_reason))))
                 stream.close_sent = True
                 if stream.settled():
@@ -361,7 +404,7 @@ class UplinkClient:
                 await ws.send_str(_text(conn.send(p.Heartbeat(time.time()))))
                 next_beat = now + self.heartbeat_s
             self._wake.clear()
-            if self._pending or (self._head() is not stream):
+            if self._live or (self._head() is not stream):
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, next_beat - now))

@@ -134,13 +134,14 @@ class _PartWriter:
         return len(data)
 
 
-def _open_part_file(path: Path) -> int:
+def _open_part_file(path: Path, sync_dir: bool) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)  # the new name must survive a power cut, not only its data
-    finally:
-        os.close(dir_fd)
+    if sync_dir:  # the new name must survive a power cut, not only its data
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     return fd
 
 
@@ -183,8 +184,11 @@ class CameraRecording:
         mark_dirty: Callable[[], None],
         save_metadata: Callable[[], Coroutine[Any, Any, None]],
         mono_ns: Callable[[], int],
+        stem: str | None = None,
     ) -> None:
         self.track = track
+        #: File name stem of the part files: the camera id, or ``<id>.preroll``.
+        self.stem = stem or track.camera_id
         self._dir = directory
         self.parts = parts
         self.first_live_seq = first_live_seq
@@ -328,13 +332,19 @@ class CameraRecording:
         self._prior_frames += self._part_durable
         first_seq = self.durable_seq + 1
         n = len(self.parts)
-        name = f"{self.camera_id}.mp4" if n == 0 else f"{self.camera_id}.{n}.mp4"
+        name = f"{self.stem}.mp4" if n == 0 else f"{self.stem}.{n}.mp4"
         self.parts.append(PartInfo(name, first_seq))
         self._part_durable = self._part_written = 0
 
-    async def _open_part(self) -> None:
-        """Create the planned part file (listed in session.json already) and accept packets."""
-        self._fd = await asyncio.to_thread(_open_part_file, self._dir / self.parts[-1].file)
+    async def _open_part(self, *, sync_dir: bool = True) -> None:
+        """Create the planned part file and accept packets.
+
+        The part must be listed in session.json before it gets data; with
+        ``sync_dir=False`` the caller saves session.json next, whose folder
+        fsync makes the new file's name durable too (one fsync for all parts).
+        """
+        path = self._dir / self.parts[-1].file
+        self._fd = await asyncio.to_thread(_open_part_file, path, sync_dir)
         self._writer = _PartWriter(self._fd)
         self._out = self._stream = self._init = None
         self._pending.clear()
@@ -574,7 +584,7 @@ class CameraRecording:
         else:
             self._prior_frames += self._part_durable
             n = len(self.parts)
-            name = f"{self.camera_id}.mp4" if n == 0 else f"{self.camera_id}.{n}.mp4"
+            name = f"{self.stem}.mp4" if n == 0 else f"{self.stem}.{n}.mp4"
             self.parts.append(PartInfo(name, first_seq))
         self._part_durable = self._part_written = 0
         self._last_seq = first_seq - 1

@@ -70,40 +70,72 @@ class DeviceStatus:
 
 
 class _CameraIngest:
-    """One camera of one session on one connection: append, fsync, ack."""
+    """One camera of one session on one connection: route, fsync, ack.
+
+    Seqs below the camera's ``live_seq`` are older pre-roll and go to its own
+    recording, so live footage is remuxed and made durable without waiting
+    for the pre-roll burst. The ack is cumulative over both: the pre-roll's
+    durable seq until it is complete, then the live one.
+    """
 
     def __init__(
-        self, index: int, recording: CameraRecording, send_ack: Callable[[int, int], None]
+        self,
+        desc: p.CameraDesc,
+        live: CameraRecording,
+        preroll: CameraRecording | None,
+        send_ack: Callable[[int, int], None],
     ) -> None:
-        self.index = index
-        self.recording = recording
+        self.index = desc.index
+        self.live_seq = desc.live_seq
+        self.live = live
+        self.preroll = preroll
         self._send_ack = send_ack
         self._flusher: asyncio.Task[None] | None = None
-        self.acked = recording.durable_seq
+        self._closing: asyncio.Task[None] | None = None
+        self.acked = self.durable_seq
+
+    @property
+    def durable_seq(self) -> int:
+        """Every seq of this camera up to this one is durable."""
+        if self.preroll is not None and self.preroll.durable_seq < self.live_seq - 1:
+            return self.preroll.durable_seq
+        return self.live.durable_seq
 
     def append(self, media: p.Media) -> None:
-        self.recording.append(
-            media.seq, media.capture_us, media.keyframe, media.preroll, media.payload
-        )
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(
-                self._flush(), name=f"flush-{self.recording.camera_id}"
+        if media.seq >= self.live_seq:
+            self.live.append(
+                media.seq, media.capture_us, media.keyframe, media.preroll, media.payload
             )
+        elif self.preroll is not None and self.preroll.writable:
+            self.preroll.append(media.seq, media.capture_us, media.keyframe, True, media.payload)
+            if media.seq == self.live_seq - 1:  # the pre-roll is whole: finish its file
+                self._closing = asyncio.create_task(self.preroll.close(), name="close-preroll")
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name=f"flush-{self.live.camera_id}")
+
+    def _unflushed(self) -> bool:
+        return self.live.has_unflushed or (self.preroll is not None and self.preroll.has_unflushed)
 
     async def _flush(self) -> None:
         while True:
-            durable = await self.recording.flush()
+            if self._closing is not None:
+                await self._closing
+            await asyncio.gather(
+                self.live.flush(), *([self.preroll.flush()] if self.preroll is not None else [])
+            )
+            durable = self.durable_seq
             if durable > self.acked:
                 self.acked = durable
                 self._send_ack(self.index, durable)
-            if self.recording.last_seq <= durable or not self.recording.has_unflushed:
+            if not self._unflushed():
                 return
 
     async def settle(self) -> None:
         """Wait for the flusher; used before closing."""
-        if self._flusher is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        for task in (self._closing, self._flusher):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 class IngestServer:
@@ -243,7 +275,8 @@ class IngestServer:
                 if event.session not in status.sessions:
                     status.sessions.append(event.session)
                 cameras = [
-                    _CameraIngest(c.index, session.camera(c.id), send_ack) for c in event.cameras
+                    _CameraIngest(c, session.camera(c.id), self._preroll(session, c), send_ack)
+                    for c in event.cameras
                 ]
                 for cam in cameras:  # tell a resuming agent what is already safe
                     if cam.acked >= 0:
@@ -254,8 +287,8 @@ class IngestServer:
                         await cam.settle()
                     await session.close(event.reason)
                     for cam in cameras:
-                        if cam.recording.durable_seq > cam.acked:
-                            cam.acked = cam.recording.durable_seq
+                        if cam.durable_seq > cam.acked:
+                            cam.acked = cam.durable_seq
                             send_ack(cam.index, cam.acked)
                     log.warning("session %s of %s closed: %s", event.session, device, event.reason)
                 session, cameras = None, []
@@ -263,9 +296,22 @@ class IngestServer:
                 log.warning("device %s reports %s: %s", device, event.code, event.detail)
 
     async def _open(self, device: str, event: p.SessionOpen) -> SessionRecording:
-        tracks = [
-            TrackInfo(c.id, c.zone, c.codec, c.width, c.height, c.fps, c.extradata, c.first_seq)
+        def track(c: p.CameraDesc, first_seq: int) -> TrackInfo:
+            return TrackInfo(
+                c.id, c.zone, c.codec, c.width, c.height, c.fps, c.extradata, first_seq
+            )
+
+        known = next((s for s in self.store.open_sessions() if s.session_id == event.session), None)
+        prerolls = [
+            track(c, c.first_seq)
             for c in event.cameras
+            if c.first_seq < c.live_seq
+            # a pre-roll already whole on disk is not opened again (no empty new part)
+            and not (
+                known is not None
+                and c.id in known.prerolls
+                and known.prerolls[c.id].durable_seq >= c.live_seq - 1
+            )
         ]
         meta: dict[str, object] = {
             "building": event.building,
@@ -276,7 +322,15 @@ class IngestServer:
         log.warning(
             "EMERGENCY session %s from %s (building %s)", event.session, device, event.building
         )
-        return await self.store.open_session(event.session, device, meta, tracks)
+        tracks = [track(c, c.live_seq) for c in event.cameras]
+        return await self.store.open_session(event.session, device, meta, tracks, prerolls)
+
+    @staticmethod
+    def _preroll(session: SessionRecording, desc: p.CameraDesc) -> CameraRecording | None:
+        pre = session.prerolls.get(desc.id)
+        if desc.first_seq >= desc.live_seq or pre is None or not pre.writable:
+            return None
+        return pre
 
 
 def _ignore_closed(task: asyncio.Future[None]) -> None:

@@ -129,19 +129,22 @@ class RecordingStore:
         device_id: str,
         meta: dict[str, object],
         tracks: list[TrackInfo],
+        prerolls: list[TrackInfo] | None = None,
     ) -> SessionRecording:
         """Open (or resume) a session's recording and make its cameras writable.
 
         Idempotent: an already open session is returned as it is, a known one
         (from before a restart, or closed) resumes with its durable sequence
-        numbers, each camera in a new part file.
+        numbers, each camera in a new part file. ``prerolls`` are the cameras'
+        footage from before the press, recorded beside ``tracks`` (which start at
+        the press) so that live footage never waits behind the pre-roll burst.
         """
         validate_session_id(session_id)
         validate_device_id(device_id)
         ids = [t.camera_id for t in tracks]
         if not tracks or len(set(ids)) != len(ids):
             raise InvalidMetadataError(f"session {session_id!r}: need distinct cameras: {ids}")
-        for track in tracks:
+        for track in [*tracks, *(prerolls or [])]:
             check_track(track)
         try:
             json.dumps(meta, allow_nan=False)
@@ -161,7 +164,7 @@ class RecordingStore:
                     clock=self._clock,
                     mono_ns=self._mono_ns,
                 )
-            await rec._activate(device_id, tracks)
+            await rec._activate(device_id, tracks, list(prerolls or []))
             self._sessions[session_id] = rec
             return rec
 

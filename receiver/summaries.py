@@ -29,7 +29,7 @@ __all__ = [
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _CAMERA_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
-_PART_FILE = re.compile(r"([a-z0-9][a-z0-9_-]{0,31})(?:\.([1-9][0-9]{0,5}))?\.mp4")
+_PART_FILE = re.compile(r"([a-z0-9][a-z0-9_-]{0,31})(?:\.preroll)?(?:\.([1-9][0-9]{0,5}))?\.mp4")
 
 
 def _validate(kind: str, pattern: re.Pattern[str], value: object) -> str:
@@ -55,7 +55,7 @@ def validate_device_id(value: object) -> str:
 
 
 def parse_part_file(name: str) -> tuple[str, int] | None:
-    """``(camera_id, part_index)`` of a part file name such as ``cam1.2.mp4``, or None."""
+    """``(camera_id, part_index)`` of a part file (``c.2.mp4``, ``c.preroll.mp4``), or None."""
     m = _PART_FILE.fullmatch(name)
     return None if m is None else (m.group(1), int(m.group(2) or 0))
 

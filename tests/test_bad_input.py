@@ -62,7 +62,7 @@ class RawDevice:
     async def open_session(self, session: str) -> list[tuple[bytes, bool]]:
         packets = make_h264_packets(10, width=160, height=120)
         extradata = packets[0][0][: packets[0][0].find(b"\x00\x00\x00\x01\x65")]
-        desc = p.CameraDesc(0, "cam", "interior", "h264", 160, 120, 30.0, extradata, 0)
+        desc = p.CameraDesc(0, "cam", "interior", "h264", 160, 120, 30.0, extradata, 0, 0)
         opened = p.SessionOpen(session, "bldg", {"kind": "test"}, 1.0, 2.0, (desc,))
         await self.ws.send_str(str(self.conn.send(opened)))
         return packets

@@ -90,11 +90,18 @@ async def test_press_streams_preroll_and_live_and_nothing_before(
         assert cam.preroll_frames >= 30, cam
         assert cam.live_frames >= 10, cam
         assert cam.first_seq < live_from[cam.camera_id] <= cam.durable_seq
-        (part,) = cam.parts
-        probe = ffprobe(part.path)
-        assert probe["codec_name"] == "h264"
-        assert (probe["width"], probe["height"]) == (640, 480)
-        assert int(str(probe["nb_read_frames"])) == cam.preroll_frames + cam.live_frames
+        # The older pre-roll in its own file, then the live file from the press's GOP on.
+        preroll, live = cam.parts
+        assert preroll.path.name == f"{cam.camera_id}.preroll.mp4"
+        assert live.path.name == f"{cam.camera_id}.mp4"
+        assert preroll.first_seq == cam.first_seq < live.first_seq < live_from[cam.camera_id]
+        frames = 0
+        for part in cam.parts:
+            probe = ffprobe(part.path)
+            assert probe["codec_name"] == "h264"
+            assert (probe["width"], probe["height"]) == (640, 480)
+            frames += int(str(probe["nb_read_frames"]))
+        assert frames == cam.preroll_frames + cam.live_frames
 
 
 async def test_unknown_device_is_refused_and_the_agent_stays_armed(
@@ -161,7 +168,7 @@ async def test_session_survives_an_agent_restart(tmp_path: Path, receiver: Recei
     config = load_config(write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2))
     async with Agent(config) as agent:
         await agent.uplink.wait_until(lambda: agent.uplink.connected)
-        await packets_seen(agent, 15)
+        await packets_seen(agent, 75)  # > 2 GOPs: a pre-roll lane
         press_button(agent)
         await agent.wait_until(lambda: agent.emergency.active is not None)
         session = agent.emergency.active
@@ -188,6 +195,6 @@ async def test_session_survives_an_agent_restart(tmp_path: Path, receiver: Recei
         await agent.uplink.wait_settled(session.id)
     (summary,) = receiver.store.sessions()
     for cam in summary.cameras:
-        assert len(cam.parts) == 2
+        assert [p.path.name.count(".preroll") for p in cam.parts] == [1, 0, 0]
         frames = sum(int(str(ffprobe(part.path)["nb_read_frames"])) for part in cam.parts)
         assert frames == cam.frames_durable

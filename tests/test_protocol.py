@@ -41,7 +41,7 @@ def open_event(cameras: int = 2) -> p.SessionOpen:
         1.0,
         3601.0,
         tuple(
-            p.CameraDesc(i, f"cam{i}", "interior", "h264", 640, 480, 15.0, b"\0\0\0\1gB", 10)
+            p.CameraDesc(i, f"cam{i}", "interior", "h264", 640, 480, 15.0, b"\0\0\0\1gB", 10, 40)
             for i in range(cameras)
         ),
     )
