@@ -407,7 +407,8 @@ class UplinkClient:
             if self._live or (self._head() is not stream):
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, next_beat - now))
+                async with asyncio.timeout(max(0.0, next_beat - now)):  # no task per wait
+                    await self._wake.wait()
 
 
 def _text(wire: str | bytes) -> str:

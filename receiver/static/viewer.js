@@ -238,7 +238,8 @@ class CameraTile {
     this.linksKey = key;
     this.links.replaceChildren();
     recordings.forEach((rec, i) => {
-      const a = el("a", null, recordings.length > 1 ? `part ${i}` : "download");
+      const label = rec.file.includes(".preroll") ? "pre-roll" : `part ${i + 1}`;
+      const a = el("a", null, recordings.length > 1 ? label : "download");
       a.href = rec.url;
       a.download = `${this.sessionId}-${rec.file}`;
       this.links.append(" ", a);
@@ -251,15 +252,26 @@ class CameraTile {
     this.recordedButton.setAttribute("aria-pressed", String(show));
     const parts = this.cam.recordings || [];
     if (show && parts.length) {
-      this.recorded.src = parts[0].url;
-      this.recordedNote.textContent = parts.length > 1
-        ? `part 1 of ${parts.length} (the recording continued in new files after a restart)`
-        : "";
+      this.playPart(parts, 0);
     } else if (!show) {
       this.recorded.pause();
       this.recorded.removeAttribute("src");
       this.recorded.load();
     }
+  }
+
+  // Parts play one after the other: the pre-roll file (footage from before the
+  // press), the live file, and any part a restart began.
+  playPart(parts, i) {
+    const part = parts[i];
+    this.recorded.src = part.url;
+    this.recorded.onended = i + 1 < parts.length ? () => {
+      this.playPart(parts, i + 1);
+      this.recorded.play().catch(() => {});
+    } : null;
+    const what = part.file.includes(".preroll") ? "pre-roll, before the press" : "from the press on";
+    this.recordedNote.textContent = parts.length > 1
+      ? `part ${i + 1} of ${parts.length}: ${what}` : "";
   }
 
   tick() {
