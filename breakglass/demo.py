@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 import tempfile
 import time
@@ -114,6 +115,8 @@ def press_button(agent: Agent, pin: int = BUTTON_PIN) -> None:
 
 async def run_demo(data: Path | None, run_for: float | None, port: int, stop: asyncio.Event) -> int:
     """Run the demo; returns the process exit code."""
+    # The page polls the API every second: keep the terminal for what matters.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     data = Path(tempfile.mkdtemp(prefix="breakglass-demo-")) if data is None else data
     data.mkdir(parents=True, exist_ok=True)
     print(f"breakglass demo: data in {data}")

@@ -237,8 +237,10 @@ class CameraTile {
     if (key === this.linksKey) return;
     this.linksKey = key;
     this.links.replaceChildren();
-    recordings.forEach((rec, i) => {
-      const label = rec.file.includes(".preroll") ? "pre-roll" : `part ${i + 1}`;
+    let live = 0;
+    recordings.forEach((rec) => {
+      const pre = rec.file.includes(".preroll");
+      const label = pre ? "pre-roll" : live++ === 0 ? "from the press" : `continued (${live - 1})`;
       const a = el("a", null, recordings.length > 1 ? label : "download");
       a.href = rec.url;
       a.download = `${this.sessionId}-${rec.file}`;
