@@ -191,10 +191,12 @@ def _summary(agent: Agent, receiver: Receiver, session_id: str | None) -> int:
         print(
             f"  press -> first byte durable at the receiver: {(min(first) - press_ns) / 1e6:.1f} ms"
         )
+    folders = {p.path.parent for cam in summary.cameras for p in cam.parts}
+    print(f"  recordings in {', '.join(str(f) for f in sorted(folders))}")
     for cam in summary.cameras:
         print(
             f"  {cam.camera_id:<12} {cam.zone:<9} pre-roll {cam.preroll_frames:4d} frames, "
-            f"live {cam.live_frames:4d} frames -> {', '.join(str(p.path) for p in cam.parts)}"
+            f"live {cam.live_frames:4d} frames: {' + '.join(p.path.name for p in cam.parts)}"
         )
         if cam.preroll_frames == 0 or cam.live_frames == 0:
             ok = False
