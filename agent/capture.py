@@ -60,6 +60,21 @@ class Capture:
         self._sinks.append(sink)
         return lambda: self._sinks.remove(sink)
 
+    async def wait_packets(self, per_camera: int) -> None:
+        """Wait until every camera delivered ``per_camera`` more packets (tests, benchmarks)."""
+        start = {cam: state.packets for cam, state in self.state.items()}
+        done = asyncio.Event()
+
+        def sink(_: EncodedPacket) -> None:
+            if all(self.state[c].packets - n >= per_camera for c, n in start.items()):
+                done.set()
+
+        unsubscribe = self.subscribe(sink)
+        try:
+            await done.wait()
+        finally:
+            unsubscribe()
+
     async def wait_ready(self, camera: str) -> None:
         """Wait until ``camera`` produced its first packet (its stream info is known)."""
         await self._first_packet[camera].wait()

@@ -81,7 +81,9 @@ def test_demo_for_n_seconds_exits_zero_with_a_summary(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"press -> first byte durable at the receiver: [\d.]+ ms", result.stdout)
-    assert re.search(r"front-door +exterior +pre-roll +\d+ frames, live +\d+ frames: ", result.stdout)
+    assert re.search(
+        r"front-door +exterior +pre-roll +\d+ frames, live +\d+ frames: ", result.stdout
+    )
     assert re.search(r"hallway-2 +interior", result.stdout)
     assert result.stdout.rstrip().endswith("OK") or "\nOK\n" in result.stdout
     assert stat_mode(tmp_path / "agent" / "device.key") == 0o600

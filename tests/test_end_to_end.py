@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 from collections.abc import AsyncIterator
@@ -13,7 +12,6 @@ import pytest
 from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.demo import press_button, write_agent_config
-from hardware import EncodedPacket
 from provisioning.keys import new_private_key, public_pem
 from receiver.server import Receiver
 
@@ -24,23 +22,6 @@ pytestmark = pytest.mark.timeout(90)
 async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
     async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
         yield rx
-
-
-async def packets_seen(agent: Agent, per_camera: int) -> None:
-    """Wait until every camera delivered ``per_camera`` packets to the fan-out."""
-    counts = dict.fromkeys(agent.capture.sources, 0)
-    done = asyncio.Event()
-
-    def sink(packet: EncodedPacket) -> None:
-        counts[packet.camera] += 1
-        if min(counts.values()) >= per_camera:
-            done.set()
-
-    remove = agent.capture.subscribe(sink)
-    try:
-        await done.wait()
-    finally:
-        remove()
 
 
 def ffprobe(path: Path) -> dict[str, object]:
@@ -62,7 +43,7 @@ async def test_press_streams_preroll_and_live_and_nothing_before(
     config = load_config(write_agent_config(tmp_path / "agent", receiver, fps=30))
     async with Agent(config) as agent:
         await agent.uplink.wait_until(lambda: agent.uplink.connected)
-        await packets_seen(agent, 45)  # 1.5 s of pre-roll per camera
+        await agent.capture.wait_packets(45)  # 1.5 s of pre-roll per camera
         # Before a press: connected, cameras running, and nothing at all was sent.
         assert agent.uplink.stats.packets_sent == 0
         assert receiver.store.sessions() == []
@@ -111,7 +92,7 @@ async def test_unknown_device_is_refused_and_the_agent_stays_armed(
     async with Agent(config) as agent:
         await agent.uplink.wait_until(lambda: "unknown_device" in agent.uplink.stats.refusals)
         assert not agent.uplink.connected
-        await packets_seen(agent, 2)
+        await agent.capture.wait_packets(2)
         press_button(agent)  # the button works without the receiver
         await agent.wait_until(lambda: agent.emergency.active is not None)
     assert receiver.ingest.refused.get("unknown_device", 0) >= 1
@@ -148,7 +129,7 @@ async def test_receiver_down_then_up_delivers_the_session(tmp_path: Path) -> Non
         port = first.port
         config_path = write_agent_config(tmp_path / "agent", first, fps=30, preroll_s=2)
     async with Agent(load_config(config_path)) as agent:
-        await packets_seen(agent, 30)
+        await agent.capture.wait_packets(30)
         press_button(agent)
         await agent.wait_until(lambda: agent.emergency.active is not None)
         session = agent.emergency.active
@@ -168,7 +149,7 @@ async def test_session_survives_an_agent_restart(tmp_path: Path, receiver: Recei
     config = load_config(write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2))
     async with Agent(config) as agent:
         await agent.uplink.wait_until(lambda: agent.uplink.connected)
-        await packets_seen(agent, 75)  # > 2 GOPs: a pre-roll lane
+        await agent.capture.wait_packets(75)  # > 2 GOPs: a pre-roll lane
         press_button(agent)
         await agent.wait_until(lambda: agent.emergency.active is not None)
         session = agent.emergency.active

@@ -25,7 +25,6 @@ from pathlib import Path
 from agent.config import CameraConfig, load_config
 from agent.daemon import Agent
 from breakglass.demo import press_button
-from hardware import EncodedPacket
 from tests.bench.replay import ReplayCamera, load_access_units
 
 log = logging.getLogger("bench.agent_proc")
@@ -35,23 +34,6 @@ def _cpu_s() -> tuple[float, float]:
     """(user, system) CPU seconds of this process, every thread."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime, usage.ru_stime
-
-
-async def _packets(agent: Agent, per_camera: int) -> None:
-    """Wait until every camera delivered ``per_camera`` more packets."""
-    counts = dict.fromkeys(agent.capture.sources, 0)
-    done = asyncio.Event()
-
-    def sink(packet: EncodedPacket) -> None:
-        counts[packet.camera] += 1
-        if min(counts.values()) >= per_camera:
-            done.set()
-
-    unsubscribe = agent.capture.subscribe(sink)
-    try:
-        await done.wait()
-    finally:
-        unsubscribe()
 
 
 async def measure(config_path: Path, stream_path: Path, seconds: float, warmup: float) -> int:
@@ -67,7 +49,7 @@ async def measure(config_path: Path, stream_path: Path, seconds: float, warmup: 
     async with Agent(config, source_factory=source) as agent:
         async with asyncio.timeout(30):
             await agent.uplink.wait_until(lambda: agent.uplink.connected)
-            await _packets(agent, per_camera=round(max(c.fps for c in config.cameras)))
+            await agent.capture.wait_packets(round(max(c.fps for c in config.cameras)))
         press_button(agent)
         async with asyncio.timeout(10):
             await agent.wait_until(lambda: agent.emergency.active is not None)

@@ -22,11 +22,9 @@ from pathlib import Path
 import av
 
 from hardware import EncodedPacket, StreamInfo
+from receiver.h264 import parameter_sets
 
 __all__ = ["AccessUnits", "ReplayCamera", "load_access_units"]
-
-_START_CODE = b"\x00\x00\x00\x01"
-_NAL_SPS, _NAL_PPS = 7, 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,29 +47,6 @@ class AccessUnits:
         return sum(len(unit) for unit, _ in self.units)
 
 
-def _nal_units(data: bytes) -> list[bytes]:
-    """The NAL units of an Annex-B byte string, without start codes."""
-    units: list[bytes] = []
-    start = data.find(b"\x00\x00\x01")
-    while start >= 0:
-        begin = start + 3
-        nxt = data.find(b"\x00\x00\x01", begin)
-        unit = data[begin:] if nxt < 0 else data[begin:nxt].rstrip(b"\x00")
-        if unit:
-            units.append(unit)
-        start = nxt
-    return units
-
-
-def parameter_sets(access_unit: bytes) -> bytes:
-    """SPS and PPS of an Annex-B access unit, each behind a four-byte start code."""
-    return b"".join(
-        _START_CODE + nal
-        for nal in _nal_units(access_unit)
-        if nal[0] & 0x1F in (_NAL_SPS, _NAL_PPS)
-    )
-
-
 def load_access_units(path: Path) -> AccessUnits:
     """Split an Annex-B H.264 file into access units (blocking; call it once at start-up)."""
     units: list[tuple[bytes, bool]] = []
@@ -83,7 +58,7 @@ def load_access_units(path: Path) -> AccessUnits:
                 units.append((bytes(packet), bool(packet.is_keyframe)))
     if not units or not units[0][1]:
         raise ValueError(f"{path}: no access units, or the first is not a keyframe")
-    extradata = parameter_sets(units[0][0])
+    extradata = parameter_sets(units[0][0]).annex_b()
     if not extradata:
         raise ValueError(f"{path}: the first keyframe carries no SPS/PPS")
     return AccessUnits(tuple(units), width, height, extradata)

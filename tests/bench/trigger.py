@@ -74,23 +74,6 @@ class Press:
     first_ack_ns: int | None
 
 
-async def packets_seen(agent: Agent, per_camera: int) -> None:
-    """Wait until every camera delivered ``per_camera`` more packets to the fan-out."""
-    counts = dict.fromkeys(agent.capture.sources, 0)
-    done = asyncio.Event()
-
-    def sink(packet: EncodedPacket) -> None:
-        counts[packet.camera] += 1
-        if min(counts.values()) >= per_camera:
-            done.set()
-
-    unsubscribe = agent.capture.subscribe(sink)
-    try:
-        await done.wait()
-    finally:
-        unsubscribe()
-
-
 async def press_once(agent: Agent) -> Press:
     """Press, wait until every camera's first live packet is acknowledged, end, settle."""
     # The first packet the fan-out delivers once a session is active is the first one
@@ -203,7 +186,7 @@ async def run(smoke: bool) -> list[Figure]:
                     await agent.uplink.wait_until(lambda: agent.uplink.connected)
                     # A full pre-roll (plus a GOP), as an agent has it at any real press: the
                     # pre-roll burst comes before the first fsync, so its size shows up.
-                    await packets_seen(agent, per_camera=int((preroll_s + 1) * FPS))
+                    await agent.capture.wait_packets(int((preroll_s + 1) * FPS))
                     await raw.sample(5, keep=False)  # warm the peer's path too
                 for i in range(count):
                     async with asyncio.timeout(30):
@@ -211,7 +194,7 @@ async def run(smoke: bool) -> list[Figure]:
                         await raw.sample(RAW_PER_PRESS)
                         # Debounce needs >= 0.1 s between presses; a few frames of idle,
                         # then a random phase so presses fall anywhere in a frame period.
-                        await packets_seen(agent, per_camera=4)
+                        await agent.capture.wait_packets(4)
                         await asyncio.sleep(random.uniform(0, 1 / FPS))
                     log.info("press %d/%d: session %s", i + 1, count, presses[-1].session_id)
             sessions = await _sessions(rx)
