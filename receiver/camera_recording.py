@@ -134,6 +134,10 @@ class _PartWriter:
         return len(data)
 
 
+#: How long bookkeeping changes wait before session.json is rewritten.
+METADATA_DELAY_S = 1.0
+
+
 def _open_part_file(path: Path, sync_dir: bool) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     if sync_dir:  # the new name must survive a power cut, not only its data
@@ -544,9 +548,15 @@ class CameraRecording:
             self._fsync_task = None
 
     def _save_metadata_soon(self) -> None:
+        # Debounced: the first seconds of a session are when acks matter most, and
+        # its session.json rewrites (two fsyncs each) would compete with the data's.
         if self._meta_task is None or self._meta_task.done():
-            self._meta_task = asyncio.create_task(self._save_metadata(), name="save session.json")
+            self._meta_task = asyncio.create_task(self._save_metadata_later(), name="session.json")
             self._meta_task.add_done_callback(_retrieve)
+
+    async def _save_metadata_later(self) -> None:
+        await asyncio.sleep(METADATA_DELAY_S)
+        await self._save_metadata()
 
     def _commit(self, target: int) -> None:
         if target <= self._part_durable:
@@ -623,6 +633,8 @@ class CameraRecording:
                 await asyncio.to_thread(os.close, fd)
             self._notify(lambda lst: lst.end_of_stream())
             self._listeners.clear()
+        if self._meta_task is not None:
+            self._meta_task.cancel()  # saved right here instead
         await self._save_metadata()  # bookkeeping saved beside the fsyncs is on disk too
 
 
