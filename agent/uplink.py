@@ -22,7 +22,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -192,17 +192,37 @@ class UplinkClient:
 
     def _drop_oldest(self, stream: SessionStream) -> None:
         # Memory is the only buffer until the sealed disk store exists: drop the oldest
-        # unacknowledged packets rather than exhaust RAM, and say so.
+        # unacknowledged packets rather than exhaust RAM, say so, and declare the hole:
+        # the session is opened again with each camera starting at what it still holds
+        # (from a keyframe, so it stays decodable), which the receiver records as a gap.
+        before = stream.dropped
         while stream.unacked_bytes > self.unacked_max_bytes:
-            oldest = min((q for q in stream.unacked if q), key=lambda q: q[0].mono_ns)
-            stream.unacked_bytes -= len(oldest.popleft().payload)
+            cam = min(
+                (i for i, q in enumerate(stream.unacked) if q),
+                key=lambda i: stream.unacked[i][0].mono_ns,
+            )
+            queue = stream.unacked[cam]
+            lost = queue.popleft()
+            stream.unacked_bytes -= len(lost.payload)
             stream.dropped += 1
-            if stream.dropped in (1, 100, 10_000):
-                log.error(
-                    "uplink buffer full: dropped %d unacknowledged packets of %s",
-                    stream.dropped,
-                    stream.id,
-                )
+            while queue and not queue[0].keyframe:  # never resume mid-GOP
+                lost = queue.popleft()
+                stream.unacked_bytes -= len(lost.payload)
+                stream.dropped += 1
+            start = queue[0].seq if queue else lost.seq + 1
+            desc = stream.open.cameras[cam]
+            cameras = list(stream.open.cameras)
+            cameras[cam] = replace(desc, first_seq=start, live_seq=max(start, desc.live_seq))
+            stream.open = replace(stream.open, cameras=tuple(cameras))
+            stream.acked[cam] = max(stream.acked[cam], start - 1)
+            if stream is self._head():
+                self._opened_on_conn = None  # send the new session_open, then resend
+        if before == 0 or before // 1000 != stream.dropped // 1000:
+            log.error(
+                "uplink buffer full: dropped %d unacknowledged packets of %s so far",
+                stream.dropped,
+                stream.id,
+            )
 
     def _head(self) -> SessionStream | None:
         return self.streams[0] if self.streams else None

@@ -272,6 +272,8 @@ class SessionRecording:
         await self._save()
         for track in tracks:
             await self.cameras[track.camera_id].skip_to(track.first_seq)
+        for track in prerolls:
+            await self.prerolls[track.camera_id].skip_to(track.first_seq)
 
     async def _suspend(self) -> None:
         """Finish every camera without ending the session (receiver shutdown)."""

@@ -135,6 +135,7 @@ async def test_receiver_down_then_up_delivers_the_session(tmp_path: Path) -> Non
         session = agent.emergency.active
         assert session is not None
         assert not agent.uplink.connected
+        await agent.capture.wait_packets(15)  # live footage held while the receiver is down
         async with Receiver(rx_dir, "127.0.0.1", port) as receiver:
             await agent.uplink.wait_until(lambda: agent.uplink.connected)
             agent.end("test finished")
@@ -179,3 +180,34 @@ async def test_session_survives_an_agent_restart(tmp_path: Path, receiver: Recei
         assert [p.path.name.count(".preroll") for p in cam.parts] == [1, 0, 0]
         frames = sum(int(str(ffprobe(part.path)["nb_read_frames"])) for part in cam.parts)
         assert frames == cam.frames_durable
+
+
+async def test_full_buffer_while_the_receiver_is_down_is_a_declared_gap(tmp_path: Path) -> None:
+    """RAM is the only buffer for now: past its bound the oldest footage goes, the gap is
+    declared, and the rest still arrives whole once the receiver is back."""
+    rx_dir = tmp_path / "receiver"
+    async with Receiver(rx_dir, "127.0.0.1", 0) as first:
+        port = first.port
+        config_path = write_agent_config(tmp_path / "agent", first, fps=30, preroll_s=2)
+    async with Agent(load_config(config_path)) as agent:
+        agent.uplink.unacked_max_bytes = 50_000  # well under the four seconds it will hold
+        await agent.capture.wait_packets(30)
+        press_button(agent)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+        await agent.capture.wait_packets(120)
+        stream = agent.uplink.stream(session.id)
+        assert stream is not None
+        assert stream.dropped > 0
+        declared = {c.id: c.first_seq for c in stream.open.cameras}
+        async with Receiver(rx_dir, "127.0.0.1", port) as receiver:
+            await agent.uplink.wait_until(lambda: agent.uplink.connected)
+            agent.end("test finished")
+            await agent.uplink.wait_settled(session.id)
+    (summary,) = receiver.store.sessions()
+    for cam in summary.cameras:
+        assert cam.live_frames > 0
+        assert cam.first_seq >= declared[cam.camera_id] > 0  # starts after what was dropped
+        for part in cam.parts:
+            assert ffprobe(part.path)["codec_name"] == "h264"
