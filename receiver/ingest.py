@@ -80,11 +80,13 @@ class _CameraIngest:
 
     def __init__(
         self,
+        session_id: str,
         desc: p.CameraDesc,
         live: CameraRecording,
         preroll: CameraRecording | None,
-        send_ack: Callable[[int, int], None],
+        send_ack: Callable[[str, int, int], None],
     ) -> None:
+        self.session_id = session_id
         self.index = desc.index
         self.live_seq = desc.live_seq
         self.live = live
@@ -126,7 +128,7 @@ class _CameraIngest:
             durable = self.durable_seq
             if durable > self.acked:
                 self.acked = durable
-                self._send_ack(self.index, durable)
+                self._send_ack(self.session_id, self.index, durable)
             if not self._unflushed():
                 return
 
@@ -239,10 +241,10 @@ class IngestServer:
         session: SessionRecording | None = None
         next_beat = time.monotonic() + HEARTBEAT_S
 
-        def send_ack(index: int, seq: int) -> None:
-            if session is not None and not ws.closed:
+        def send_ack(session_id: str, index: int, seq: int) -> None:
+            if not ws.closed:
                 task = asyncio.ensure_future(
-                    ws.send_str(str(conn.send(p.Ack(session.session_id, index, seq))))
+                    ws.send_str(str(conn.send(p.Ack(session_id, index, seq))))
                 )
                 task.add_done_callback(_ignore_closed)
 
@@ -275,12 +277,18 @@ class IngestServer:
                 if event.session not in status.sessions:
                     status.sessions.append(event.session)
                 cameras = [
-                    _CameraIngest(c, session.camera(c.id), self._preroll(session, c), send_ack)
+                    _CameraIngest(
+                        event.session,
+                        c,
+                        session.camera(c.id),
+                        self._preroll(session, c),
+                        send_ack,
+                    )
                     for c in event.cameras
                 ]
                 for cam in cameras:  # tell a resuming agent what is already safe
                     if cam.acked >= 0:
-                        send_ack(cam.index, cam.acked)
+                        send_ack(event.session, cam.index, cam.acked)
             elif isinstance(event, p.SessionClose):
                 if session is not None:
                     for cam in cameras:
@@ -289,7 +297,7 @@ class IngestServer:
                     for cam in cameras:
                         if cam.durable_seq > cam.acked:
                             cam.acked = cam.durable_seq
-                            send_ack(cam.index, cam.acked)
+                            send_ack(event.session, cam.index, cam.acked)
                     log.warning("session %s of %s closed: %s", event.session, device, event.reason)
                 session, cameras = None, []
             elif isinstance(event, p.Error):
