@@ -168,7 +168,7 @@ class Agent:
                 await task
         await self.capture.aclose()
         for button in self.buttons.values():
-            button.close()
+            await asyncio.to_thread(button.close)  # may join gpiozero's hold thread
         if self.led is not None:
             self.led.close()
         self._stopped.set()
