@@ -145,7 +145,7 @@ class Agent:
         self._spawn(self.uplink.run(), "uplink")
         self._spawn(self._expiry(), "expiry")
         if self.emergency.active is not None:
-            self._spawn(self._resume(self.emergency.active), "resume-session")
+            self._spawn(self._resume(self.emergency.active), "resume-session")  # after a restart
         self._update_led()
         log.info(
             "agent %s armed: building %s, %d camera(s), %d button(s)",
@@ -251,8 +251,9 @@ class Agent:
                 )
             )
             preroll[index] = packets
-        if not descs:
-            log.error("session %s: no camera can stream", session.id)
+        if not descs:  # pressed right after boot: stream as soon as footage exists
+            log.error("session %s: no camera has footage yet; streaming once one has", session.id)
+            self._spawn(self._resume(session, resume=resume), "start-when-ready")
             return
         open_ = p.SessionOpen(
             session.id,
@@ -281,14 +282,15 @@ class Agent:
         if index is not None:
             self.uplink.push(stream, index, packet)
 
-    async def _resume(self, session: Session) -> None:
-        """After a restart with an open session: stream again once cameras run."""
+    async def _resume(self, session: Session, *, resume: bool = True) -> None:
+        """Stream an open session once its cameras run (after a restart, or a press at boot)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(10):
                 await asyncio.gather(*(self.capture.wait_ready(c) for c in session.cameras))
-        if self.emergency.active is session:
-            log.warning("resuming emergency %s after restart", session.id)
-            self._start_streaming(session, resume=True)
+        active = self.emergency.active  # a press meanwhile replaced the object: match ids
+        if active is not None and active.id == session.id:
+            log.warning("streaming emergency %s now that cameras run", session.id)
+            self._start_streaming(active, resume=resume)
 
     async def _expiry(self) -> None:
         while True:

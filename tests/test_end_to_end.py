@@ -211,3 +211,19 @@ async def test_full_buffer_while_the_receiver_is_down_is_a_declared_gap(tmp_path
         assert cam.first_seq >= declared[cam.camera_id] > 0  # starts after what was dropped
         for part in cam.parts:
             assert ffprobe(part.path)["codec_name"] == "h264"
+
+
+async def test_a_press_at_boot_streams_once_the_cameras_run(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    config = load_config(write_agent_config(tmp_path / "agent", receiver, fps=30))
+    async with Agent(config) as agent:
+        press_button(agent)  # before (or just as) the encoders produce their first frame
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+        await agent.uplink.wait_until(lambda: agent.uplink.stream(session.id) is not None)
+        stream = agent.uplink.stream(session.id)
+        assert stream is not None
+        await agent.uplink.wait_until(lambda: all(a >= 10 for a in stream.acked))
+        assert len(stream.open.cameras) == 2
