@@ -11,6 +11,7 @@ import pytest
 
 from agent.config import load_config
 from agent.daemon import Agent
+from agent.emergency import Session
 from breakglass.demo import press_button, write_agent_config
 from provisioning.keys import new_private_key, public_pem
 from receiver.server import Receiver
@@ -22,6 +23,30 @@ pytestmark = pytest.mark.timeout(90)
 async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
     async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
         yield rx
+
+
+async def press(agent: Agent) -> Session:
+    """Press the virtual button; the session it opened."""
+    press_button(agent)
+    await agent.wait_until(lambda: agent.emergency.active is not None)
+    session = agent.emergency.active
+    assert session is not None
+    return session
+
+
+async def receiver_gone(tmp_path: Path) -> tuple[Path, int, Path]:
+    """A receiver's data folder and port, and an agent config for it, with it stopped."""
+    rx_dir = tmp_path / "receiver"
+    async with Receiver(rx_dir, "127.0.0.1", 0) as first:
+        config = write_agent_config(tmp_path / "agent", first, fps=30, preroll_s=2)
+        return rx_dir, first.port, config
+
+
+async def deliver_and_end(agent: Agent, receiver: Receiver, session_id: str) -> None:
+    """Once the receiver is back: connect, end the session, wait until all is acknowledged."""
+    await agent.uplink.wait_until(lambda: agent.uplink.connected)
+    agent.end("test finished")
+    await agent.uplink.wait_settled(session_id)
 
 
 def ffprobe(path: Path) -> dict[str, object]:
@@ -48,10 +73,7 @@ async def test_press_streams_preroll_and_live_and_nothing_before(
         assert agent.uplink.stats.packets_sent == 0
         assert receiver.store.sessions() == []
 
-        press_button(agent)
-        await agent.wait_until(lambda: agent.emergency.active is not None)
-        session = agent.emergency.active
-        assert session is not None
+        session = await press(agent)
         assert session.started_by["location"] == "Main office"
         live_from = {cam: agent.capture.seqs.peek(cam) for cam in agent.capture.sources}
         stream = agent.uplink.stream(session.id)
@@ -124,22 +146,14 @@ async def test_wrong_tls_pin_never_connects(tmp_path: Path, receiver: Receiver) 
 
 async def test_receiver_down_then_up_delivers_the_session(tmp_path: Path) -> None:
     """The button works with no receiver; once it is up, the session arrives whole."""
-    rx_dir = tmp_path / "receiver"
-    async with Receiver(rx_dir, "127.0.0.1", 0) as first:
-        port = first.port
-        config_path = write_agent_config(tmp_path / "agent", first, fps=30, preroll_s=2)
+    rx_dir, port, config_path = await receiver_gone(tmp_path)
     async with Agent(load_config(config_path)) as agent:
         await agent.capture.wait_packets(30)
-        press_button(agent)
-        await agent.wait_until(lambda: agent.emergency.active is not None)
-        session = agent.emergency.active
-        assert session is not None
+        session = await press(agent)
         assert not agent.uplink.connected
         await agent.capture.wait_packets(15)  # live footage held while the receiver is down
         async with Receiver(rx_dir, "127.0.0.1", port) as receiver:
-            await agent.uplink.wait_until(lambda: agent.uplink.connected)
-            agent.end("test finished")
-            await agent.uplink.wait_settled(session.id)
+            await deliver_and_end(agent, receiver, session.id)
     (summary,) = receiver.store.sessions()
     for cam in summary.cameras:
         assert cam.preroll_frames > 0
@@ -151,10 +165,7 @@ async def test_session_survives_an_agent_restart(tmp_path: Path, receiver: Recei
     async with Agent(config) as agent:
         await agent.uplink.wait_until(lambda: agent.uplink.connected)
         await agent.capture.wait_packets(75)  # > 2 GOPs: a pre-roll lane
-        press_button(agent)
-        await agent.wait_until(lambda: agent.emergency.active is not None)
-        session = agent.emergency.active
-        assert session is not None
+        session = await press(agent)
         stream = agent.uplink.stream(session.id)
         assert stream is not None
         await agent.uplink.wait_until(
@@ -185,26 +196,18 @@ async def test_session_survives_an_agent_restart(tmp_path: Path, receiver: Recei
 async def test_full_buffer_while_the_receiver_is_down_is_a_declared_gap(tmp_path: Path) -> None:
     """RAM is the only buffer for now: past its bound the oldest footage goes, the gap is
     declared, and the rest still arrives whole once the receiver is back."""
-    rx_dir = tmp_path / "receiver"
-    async with Receiver(rx_dir, "127.0.0.1", 0) as first:
-        port = first.port
-        config_path = write_agent_config(tmp_path / "agent", first, fps=30, preroll_s=2)
+    rx_dir, port, config_path = await receiver_gone(tmp_path)
     async with Agent(load_config(config_path)) as agent:
         agent.uplink.unacked_max_bytes = 50_000  # well under the four seconds it will hold
         await agent.capture.wait_packets(30)
-        press_button(agent)
-        await agent.wait_until(lambda: agent.emergency.active is not None)
-        session = agent.emergency.active
-        assert session is not None
+        session = await press(agent)
         await agent.capture.wait_packets(120)
         stream = agent.uplink.stream(session.id)
         assert stream is not None
         assert stream.dropped > 0
         declared = {c.id: c.first_seq for c in stream.open.cameras}
         async with Receiver(rx_dir, "127.0.0.1", port) as receiver:
-            await agent.uplink.wait_until(lambda: agent.uplink.connected)
-            agent.end("test finished")
-            await agent.uplink.wait_settled(session.id)
+            await deliver_and_end(agent, receiver, session.id)
     (summary,) = receiver.store.sessions()
     for cam in summary.cameras:
         assert cam.live_frames > 0
@@ -218,10 +221,7 @@ async def test_a_press_at_boot_streams_once_the_cameras_run(
 ) -> None:
     config = load_config(write_agent_config(tmp_path / "agent", receiver, fps=30))
     async with Agent(config) as agent:
-        press_button(agent)  # before (or just as) the encoders produce their first frame
-        await agent.wait_until(lambda: agent.emergency.active is not None)
-        session = agent.emergency.active
-        assert session is not None
+        session = await press(agent)  # before (or as) the encoders produce their first frame
         await agent.uplink.wait_until(lambda: agent.uplink.stream(session.id) is not None)
         stream = agent.uplink.stream(session.id)
         assert stream is not None
