@@ -45,11 +45,22 @@ class EncodedPacket:
     keyframe: bool
     codec: Codec
     payload: bytes
+    #: The source's own presentation timestamp in nanoseconds (an RTSP camera's RTP
+    #: clock, a file's pts, the Pi sensor timestamp), ``None`` when it has none. Kept in
+    #: segment anchors so footage can be matched to the camera's own clock.
+    source_ts_ns: int | None = None
 
     def numbered(self, seq: int) -> EncodedPacket:
         """The same packet with its per-camera sequence number assigned."""
         return EncodedPacket(
-            self.camera, seq, self.capture_ns, self.mono_ns, self.keyframe, self.codec, self.payload
+            self.camera,
+            seq,
+            self.capture_ns,
+            self.mono_ns,
+            self.keyframe,
+            self.codec,
+            self.payload,
+            self.source_ts_ns,
         )
 
 
