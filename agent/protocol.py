@@ -18,7 +18,17 @@ Handshake (receiver speaks first)::
 After the handshake either side may send ``Heartbeat`` and ``Error``; the
 agent sends ``SessionOpen``, ``Media`` and ``SessionClose``; the receiver sends
 ``Ack`` (cumulative: every sequence number up to ``seq`` of that camera in
-that session is durable) and ``Trigger`` (a remote trigger envelope).
+that session is durable; ``holds`` lists durable ranges beyond it, so that
+the agent does not resend them) and ``Trigger`` (a remote trigger envelope).
+The agent sends ``Gap`` when footage of a session is lost for good (the
+segment being written when the agent was killed, or evicted from a full disk):
+the receiver records the hole and acknowledges past it.
+
+Two lanes of media: ``LIVE`` carries one access unit per message; a
+``BACKFILL_SEALED`` message carries one whole sealed segment file of the
+agent's store (:mod:`agent.segment`, age-encrypted to the receiver), with the
+segment's first seq and first capture time in the header. The receiver opens
+it with its age identity and records what it does not hold yet.
 
 Media header (little-endian, 25 bytes) followed by the payload::
 
@@ -44,7 +54,9 @@ from typing import Any, Final
 VERSION: Final = 1
 MEDIA_HEADER: Final = struct.Struct("<BBHQqBI")
 MAX_CONTROL_BYTES: Final = 64 * 1024
-MAX_PAYLOAD_BYTES: Final = 8 * 1024 * 1024
+MAX_PAYLOAD_BYTES: Final = 16 * 1024 * 1024
+#: Durable ranges beyond the cumulative ack that one ``ack`` may list.
+MAX_HOLDS: Final = 64
 MAX_CAMERAS: Final = 64
 FLAG_KEYFRAME: Final = 0x01
 FLAG_PREROLL: Final = 0x02
@@ -188,11 +200,33 @@ class Media:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Receiver -> agent: every seq <= ``seq`` of ``camera`` in ``session`` is durable."""
+    """Receiver -> agent: every seq <= ``seq`` of ``camera`` in ``session`` is durable.
+
+    ``holds``: further durable ranges ``(first, last)`` (inclusive, ascending, all
+    above ``seq + 1``): footage the live lane delivered beyond a hole that
+    backfill has not closed yet. The agent need not send them again.
+    """
 
     session: str
     camera: int
     seq: int
+    holds: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Agent -> receiver: seqs ``first..last`` of a camera will never come.
+
+    ``reason``: ``lost`` (not yet sealed when the agent stopped) or ``evicted``
+    (deleted from a full disk before the receiver had it). The receiver records
+    the hole as declared, so the recording says exactly what is missing.
+    """
+
+    session: str
+    camera: int
+    first: int
+    last: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,13 +266,14 @@ Event = (
     | SessionOpen
     | Media
     | Ack
+    | Gap
     | SessionClose
     | Heartbeat
     | Trigger
     | Error
 )
 
-_FROM_AGENT: Final = (Hello, SessionOpen, Media, SessionClose, Heartbeat, Error)
+_FROM_AGENT: Final = (Hello, SessionOpen, Media, Gap, SessionClose, Heartbeat, Error)
 _FROM_RECEIVER: Final = (Challenge, Welcome, Ack, Heartbeat, Trigger, Error)
 
 
@@ -315,6 +350,26 @@ def _camera_desc(obj: Any, where: str) -> CameraDesc:
     )
 
 
+def _holds(value: Any, acked: int) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, list) or len(value) > MAX_HOLDS:
+        raise RemoteProtocolError("malformed", f"ack.holds: a list of at most {MAX_HOLDS} ranges")
+    holds: list[tuple[int, int]] = []
+    floor = acked + 1
+    for i, item in enumerate(value):
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)
+        ):
+            raise RemoteProtocolError("malformed", f"ack.holds[{i}]: expected [first, last]")
+        first, last = _seq(item[0], f"ack.holds[{i}]"), _seq(item[1], f"ack.holds[{i}]")
+        if not floor < first <= last:
+            raise RemoteProtocolError("malformed", f"ack.holds[{i}]: not ascending above seq")
+        holds.append((first, last))
+        floor = last + 1
+    return tuple(holds)
+
+
 def _parse_control(text: str) -> Event:
     if len(text) > MAX_CONTROL_BYTES:
         raise RemoteProtocolError("too_large", f"control message over {MAX_CONTROL_BYTES} bytes")
@@ -376,8 +431,19 @@ def _parse_control(text: str) -> Event:
             cameras,
         )
     if kind == "ack":
+        holds_json = obj.pop("holds", [])
         _expect(obj, kind, {"session": str, "camera": int, "seq": int})
-        return Ack(obj["session"], obj["camera"], _seq(obj["seq"], "ack.seq"))
+        seq = _seq(obj["seq"], "ack.seq")
+        return Ack(obj["session"], obj["camera"], seq, _holds(holds_json, seq))
+    if kind == "gap":
+        fields = {"session": str, "camera": int, "first": int, "last": int, "reason": str}
+        _expect(obj, kind, fields)
+        first, last = _seq(obj["first"], "gap.first"), _seq(obj["last"], "gap.last")
+        if first > last:
+            raise RemoteProtocolError("malformed", "gap: first after last")
+        if obj["reason"] not in ("lost", "evicted"):
+            raise RemoteProtocolError("malformed", "gap.reason: must be lost or evicted")
+        return Gap(obj["session"], obj["camera"], first, last, obj["reason"])
     if kind == "session_close":
         _expect(obj, kind, {"session": str, "reason": str})
         return SessionClose(obj["session"], _text(obj["reason"], "session_close.reason"))
@@ -443,6 +509,17 @@ def _serialize(event: Event) -> str | bytes:
         }
     elif isinstance(event, Ack):
         body = {"type": "ack", "session": event.session, "camera": event.camera, "seq": event.seq}
+        if event.holds:
+            body["holds"] = [list(h) for h in event.holds]
+    elif isinstance(event, Gap):
+        body = {
+            "type": "gap",
+            "session": event.session,
+            "camera": event.camera,
+            "first": event.first,
+            "last": event.last,
+            "reason": event.reason,
+        }
     elif isinstance(event, SessionClose):
         body = {"type": "session_close", "session": event.session, "reason": event.reason}
     elif isinstance(event, Heartbeat):
@@ -567,6 +644,9 @@ class Uplink:
                 raise self._fail(
                     remote, "unknown_camera", f"camera index {event.camera} not in session"
                 )
+        elif isinstance(event, Gap):
+            if event.session != self.session or event.camera >= self.camera_count:
+                raise self._fail(remote, "unknown_camera", "gap for a camera not in the session")
         elif isinstance(event, SessionClose):
             if event.session != self.session:
                 raise self._fail(remote, "unknown_session", "session_close for a session not open")

@@ -56,7 +56,8 @@ def new_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def _read_small(path: Path, what: str) -> bytes:
+def read_small(path: Path, what: str) -> bytes:
+    """At most MAX_KEY_FILE_BYTES of a key file; :class:`KeyFileError` naming ``what``."""
     try:
         with path.open("rb") as fh:
             data = fh.read(MAX_KEY_FILE_BYTES + 1)
@@ -69,7 +70,7 @@ def _read_small(path: Path, what: str) -> bytes:
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Load an Ed25519 private key; refuse files readable by group or others."""
-    data = _read_small(path, "private key")
+    data = read_small(path, "private key")
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise KeyFileError(f"private key {path}: mode {mode:04o} is too open, expected 0600")
@@ -84,7 +85,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """Load an Ed25519 public key (SubjectPublicKeyInfo PEM)."""
-    return public_key_from_pem(_read_small(path, "public key"), where=str(path))
+    return public_key_from_pem(read_small(path, "public key"), where=str(path))
 
 
 def public_key_from_pem(data: bytes, *, where: str = "public key") -> Ed25519PublicKey:
