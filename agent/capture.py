@@ -6,6 +6,10 @@ goes into the camera's :class:`PreRoll`, then to every subscribed sink (the
 uplink while a session streams). Sinks are plain callables run on the event
 loop; they must not block. A failing camera is restarted with backoff and
 never takes the other cameras or the button down.
+
+A watchdog marks a camera ``fault`` when no packet arrived for its
+``watchdog_s`` (a camera that hangs without an error, a cut cable), audits
+it, and audits the recovery when packets flow again.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from agent.audit import AuditLog
 from agent.preroll import PreRoll
 from agent.statefile import SequenceReservations
 from hardware import CameraSource, EncodedPacket
@@ -32,6 +38,8 @@ class CameraState:
     packets: int = 0
     healthy: bool = False
     last_error: str | None = None
+    fault: bool = False
+    last_packet_mono: float = 0.0
 
 
 class Capture:
@@ -45,8 +53,12 @@ class Capture:
         preroll_s: float,
         preroll_max_bytes: int,
         restart_max_s: float = 10.0,
+        watchdog_s: Mapping[str, float] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.sources = sources
+        self.watchdog_s = {cam: (watchdog_s or {}).get(cam, 5.0) for cam in sources}
+        self.audit = audit
         self.seqs = seqs
         self.prerolls = {cam: PreRoll(preroll_s, preroll_max_bytes) for cam in sources}
         self.state = {cam: CameraState() for cam in sources}
@@ -81,8 +93,12 @@ class Capture:
 
     def start(self) -> None:
         """Start one named task per camera."""
+        now = time.monotonic()
         for cam in self.sources:
+            self.state[cam].last_packet_mono = now  # the watchdog counts from the start
             self._tasks.append(asyncio.create_task(self._run(cam), name=f"capture-{cam}"))
+        if self.sources:
+            self._tasks.append(asyncio.create_task(self._watchdog(), name="capture-watchdog"))
 
     async def aclose(self) -> None:
         """Stop the capture tasks and close the sources."""
@@ -107,15 +123,41 @@ class Capture:
             except Exception as exc:  # a camera must never take the agent down
                 state.healthy = False
                 state.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("camera %s failed; restarting in %.1f s", cam, delay)
+                log.error(
+                    "camera %s failed (%s); restarting in %.1f s", cam, state.last_error, delay
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.restart_max_s)
+
+    async def _watchdog(self) -> None:
+        period = max(0.1, min(self.watchdog_s.values()) / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for cam, state in self.state.items():
+                silent = now - state.last_packet_mono
+                if not state.fault and silent > self.watchdog_s[cam]:
+                    state.fault, state.healthy = True, False
+                    log.error("camera %s: no packet for %.1f s: fault", cam, silent)
+                    if self.audit is not None:
+                        self.audit.record(
+                            "camera_fault",
+                            camera=cam,
+                            silent_s=round(silent, 1),
+                            error=state.last_error,
+                        )
 
     def _deliver(self, cam: str, packet: EncodedPacket) -> None:
         packet = packet.numbered(self.seqs.next(cam))
         state = self.state[cam]
         state.packets += 1
         state.healthy = True
+        state.last_packet_mono = time.monotonic()
+        if state.fault:
+            state.fault = False
+            log.warning("camera %s recovered", cam)
+            if self.audit is not None:
+                self.audit.record("camera_recovered", camera=cam)
         self.prerolls[cam].push(packet)
         self._first_packet[cam].set()
         for sink in self._sinks:

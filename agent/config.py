@@ -19,10 +19,14 @@ Example (see ``docs/agent.example.toml``)::
     url = "wss://receiver.example:8443/v1/uplink"
     tls_pin = "sha256:..."
 
+    [store]
+    recipients = ["age1...district", "age1...receiver"]
+
     [[cameras]]
     id = "front-door"
     zone = "exterior"
-    source = "synthetic"
+    source = "rtsp"
+    url = "rtsp://10.0.0.20:554/stream1"
 
     [[buttons]]
     id = "office"
@@ -41,6 +45,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
+from agent.segment import SegmentError, parse_recipient
 
 Zone = Literal["exterior", "interior"]
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -53,11 +58,32 @@ class CameraConfig:
 
     id: str
     zone: Zone
-    source: str  # "synthetic" for now; RTSP, files and picamera2 come with later sources
+    source: str  # one of SOURCES
     width: int = 640
     height: int = 480
     fps: float = 15.0
     keyframe_interval_s: float = 1.0
+    #: rtsp: the camera's URL (may hold credentials: never logged whole).
+    url: str | None = None
+    #: file: the video file to loop.
+    path: Path | None = None
+    #: Seconds without a packet before the camera is marked ``fault`` (and audited).
+    watchdog_s: float = 5.0
+
+
+SOURCES = ("synthetic", "rtsp", "file", "picamera")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """The sealed segment store: where, sealed to whom, and how long it keeps footage."""
+
+    directory: Path
+    #: age X25519 recipients (``age1...``): the district's and the receiver's.
+    recipients: tuple[str, ...]
+    segment_s: float = 4.0
+    max_age_s: float = 72 * 3600.0
+    quota_bytes: int = 8 * 1024**3
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +110,7 @@ class AgentConfig:
     receiver_pin: str
     cameras: tuple[CameraConfig, ...]
     buttons: tuple[ButtonConfig, ...]
+    store: StoreConfig
     led_pin: int | str | None = None
     pin_factory: str | None = None  # None: gpiozero's default; "mock" for demos and tests
     session_duration_s: float = 3600.0
@@ -91,7 +118,7 @@ class AgentConfig:
     preroll_max_bytes: int = 64 * 1024 * 1024
     heartbeat_s: float = 5.0
     reconnect_max_s: float = 10.0
-    unacked_max_bytes: int = 256 * 1024 * 1024
+    unacked_max_bytes: int = 64 * 1024 * 1024
 
     @property
     def receiver_origin(self) -> str:
@@ -170,7 +197,17 @@ class _Reader:
 
 
 _REQUIRED: Any = object()
-_TOP_LEVEL = ("device", "building", "receiver", "emergency", "uplink", "gpio", "cameras", "buttons")
+_TOP_LEVEL = (
+    "device",
+    "building",
+    "receiver",
+    "emergency",
+    "uplink",
+    "gpio",
+    "store",
+    "cameras",
+    "buttons",
+)
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -223,8 +260,10 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
     uplink = top.table_at("uplink")
     heartbeat = uplink.number("heartbeat_s", 5, low=0.5, high=300)
     reconnect_max = uplink.number("reconnect_max_s", 10, low=0.5, high=600)
-    unacked_max = uplink.integer("unacked_max_mb", 256, low=8, high=65536) * 1024 * 1024
+    unacked_max = uplink.integer("unacked_max_mb", 64, low=8, high=65536) * 1024 * 1024
     uplink.done()
+
+    store = _store(top.table_at("store"))
 
     gpio = top.table_at("gpio")
     factory = gpio.text("pin_factory", None)
@@ -251,6 +290,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
         receiver_pin=pin,
         cameras=cameras,
         buttons=buttons,
+        store=store,
         led_pin=led_pin,
         pin_factory=factory,
         session_duration_s=duration,
@@ -275,12 +315,45 @@ def _unique(top: _Reader, key: str, values: list[str], what: str = "id") -> None
         seen.add(value)
 
 
+def _store(r: _Reader) -> StoreConfig:
+    recipients = r._get("recipients", _REQUIRED, (list,), "a list of age recipients (age1...)")
+    if not recipients:
+        r.fail("recipients", "at least one age recipient is needed (the district's)")
+    for i, text in enumerate(recipients):
+        where = f"recipients[{i}]"
+        if not isinstance(text, str):
+            r.fail(where, f"must be a string, got {type(text).__name__}")
+        try:
+            parse_recipient(text, where=where)
+        except SegmentError:
+            r.fail(where, f"{text[:80]!r} is not an age X25519 recipient (age1...)")
+    store = StoreConfig(
+        directory=r.path("dir", "store"),
+        recipients=tuple(recipients),
+        segment_s=r.number("segment_s", 4, low=1, high=30),
+        max_age_s=r.number("retention_h", 72, low=0.01, high=24 * 365) * 3600,
+        quota_bytes=r.integer("quota_mb", 8192, low=16, high=2**24) * 1024 * 1024,
+    )
+    r.done()
+    return store
+
+
 def _camera(path: Path, i: int, table: Any) -> CameraConfig:
     r = _Reader(path, f"cameras[{i}]", table)
+    source = r.text("source", _REQUIRED)
+    if source not in SOURCES:
+        r.fail("source", f"{source!r} is not one of {', '.join(SOURCES)}")
+    url = r.text("url", _REQUIRED if source == "rtsp" else None)
+    if url is not None and (source != "rtsp" or urlsplit(url).scheme not in ("rtsp", "rtsps")):
+        r.fail("url", "only an rtsp camera has a url, and it must be rtsp:// or rtsps://")
+    file = r.path("path", _REQUIRED) if source == "file" else None
     camera = CameraConfig(
         id=r.text("id", _REQUIRED, pattern=ID_RE),
         zone=r.text("zone", _REQUIRED),
-        source=r.text("source", _REQUIRED),
+        source=source,
+        url=url,
+        path=file,
+        watchdog_s=r.number("watchdog_s", 5, low=0.5, high=600),
         width=r.integer("width", 640, low=16, high=4096),
         height=r.integer("height", 480, low=16, high=4096),
         fps=r.number("fps", 15, low=1, high=60),
@@ -288,8 +361,6 @@ def _camera(path: Path, i: int, table: Any) -> CameraConfig:
     )
     if camera.zone not in ("exterior", "interior"):
         r.fail("zone", f"{camera.zone!r} must be 'exterior' or 'interior'")
-    if camera.source != "synthetic":
-        r.fail("source", f"{camera.source!r} is not supported yet (supported: 'synthetic')")
     if camera.width % 2 or camera.height % 2:
         r.fail("width", "width and height must be even (H.264 4:2:0)")
     r.done()

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 from agent import protocol as p
+from agent.audit import AuditLog
 from agent.capture import Capture
 from agent.changes import Changes
 from agent.config import AgentConfig, CameraConfig
 from agent.emergency import Emergency, Ended, Session, Started
+from agent.segment import StreamDesc, parse_recipient
 from agent.statefile import SequenceReservations, read_json, write_json
+from agent.store import SegmentStore
 from agent.uplink import SessionStream, UplinkClient
 from agent.zones import cameras_to_stream
 from hardware import CameraSource, EncodedPacket
@@ -87,11 +92,17 @@ class Agent:
         )
         self._source_factory = source_factory
         self.state_path = config.state_dir / "emergency.json"
+        self.owed_path = config.state_dir / "owed.json"
         self.emergency = Emergency(config.building, config.session_duration_s)
         self.buttons: dict[str, PanicButton] = {}
         self.led: StatusLed | None = None
         self.capture: Capture
         self.uplink: UplinkClient
+        self.store: SegmentStore
+        self.audit: AuditLog
+        self._owed: dict[str, Any] = {}
+        self._owed_saved = ""
+        self._streams: dict[str, StreamDesc] = {}
         self._live: tuple[SessionStream, dict[str, int]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._persisting: set[asyncio.Task[None]] = set()
@@ -109,12 +120,26 @@ class Agent:
         saved = read_json(self.state_path)
         if saved is not None:
             self.emergency = Emergency.from_json(cfg.building, cfg.session_duration_s, saved)
+        self._owed = read_json(self.owed_path) or {}
+        self.audit = AuditLog(cfg.state_dir / "audit.log", self.clock)
+        self.store = SegmentStore(
+            cfg.store.directory,
+            [parse_recipient(r, where="store.recipients") for r in cfg.store.recipients],
+            audit=self.audit,
+            boot_id=_boot_id(),
+            segment_s=cfg.store.segment_s,
+            max_age_s=cfg.store.max_age_s,
+            quota_bytes=cfg.store.quota_bytes,
+            clock=self.clock,
+        )
+        await asyncio.to_thread(self.store.open)
         self.uplink = UplinkClient(
             url=cfg.receiver_url,
             origin=cfg.receiver_origin,
             pin=cfg.receiver_pin,
             device_id=cfg.device_id,
             device_key=key,
+            store=self.store,
             heartbeat_s=cfg.heartbeat_s,
             reconnect_max_s=cfg.reconnect_max_s,
             unacked_max_bytes=cfg.unacked_max_bytes,
@@ -126,8 +151,12 @@ class Agent:
             SequenceReservations(cfg.state_dir / "sequences.json"),
             preroll_s=cfg.preroll_s,
             preroll_max_bytes=cfg.preroll_max_bytes,
+            watchdog_s={c.id: c.watchdog_s for c in cfg.cameras},
+            audit=self.audit,
         )
+        self.capture.subscribe(self._to_store)
         self.capture.subscribe(self._on_packet)
+        self.store.on_sealed(lambda _: self.uplink.segment_sealed())
         loop = asyncio.get_running_loop()
         if cfg.led_pin is not None:
             self.led = StatusLed(cfg.led_pin, pin_factory=self.pin_factory)
@@ -143,9 +172,12 @@ class Agent:
             )
         self.capture.start()
         self._spawn(self.uplink.run(), "uplink")
-        self._spawn(self._expiry(), "expiry")
-        if self.emergency.active is not None:
-            self._spawn(self._resume(self.emergency.active), "resume-session")  # after a restart
+        self._spawn(self._housekeeping(), "housekeeping")
+        active = self.emergency.active
+        if active is not None:  # after a restart: stream again once cameras run
+            self._spawn(self._resume(active), "resume-session")
+        else:
+            self._resume_owed()
         self._update_led()
         log.info(
             "agent %s armed: building %s, %d camera(s), %d button(s)",
@@ -167,6 +199,9 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.capture.aclose()
+        await self.store.close()  # seals the segments being filled
+        await asyncio.to_thread(self._save_owed)
+        self.audit.close()
         for button in self.buttons.values():
             await asyncio.to_thread(button.close)  # may join gpiozero's hold thread
         if self.led is not None:
@@ -219,10 +254,14 @@ class Agent:
         # keeps writes in order, and each writes the state as it is when its turn comes.
         async with self._persist_lock:
             await asyncio.to_thread(write_json, self.state_path, self.emergency.to_json())
+            await asyncio.to_thread(self._save_owed)
 
     def _start_streaming(self, session: Session, *, resume: bool = False) -> None:
         descs: list[p.CameraDesc] = []
         preroll: dict[int, list[EncodedPacket]] = {}
+        owed = self._owed.get(session.id)
+        first_seqs: dict[str, int] = dict(owed["first"]) if resume and owed else {}
+        acked_by_id: dict[str, int] = dict(owed["acked"]) if resume and owed else {}
         for camera in cameras_to_stream(self.config.cameras, session):
             packets = self.capture.prerolls[camera.id].snapshot()
             if not packets:
@@ -244,10 +283,13 @@ class Agent:
                     info.height,
                     info.fps,
                     info.extradata,
-                    packets[0].seq,
-                    # Live lane from the GOP the press fell in; after a restart everything
-                    # is live (the pre-roll of a resumed session is not from before the press).
-                    packets[0].seq if resume else _last_keyframe(packets).seq,
+                    # After a restart the session keeps its first seq: what came before
+                    # the restart is owed from the sealed store.
+                    min(first_seqs.get(camera.id, packets[0].seq), packets[0].seq),
+                    # Live lane from the GOP the press fell in; after a restart from the
+                    # newest keyframe (the RAM pre-roll of a resumed session is not from
+                    # before the press).
+                    _last_keyframe(packets).seq,
                 )
             )
             preroll[index] = packets
@@ -263,9 +305,13 @@ class Agent:
             session.expires_at,
             tuple(descs),
         )
-        stream = self.uplink.start_session(open_, preroll)
+        acked = {d.index: acked_by_id[d.id] for d in descs if d.id in acked_by_id}
+        stream = self.uplink.start_session(open_, preroll, acked=acked)
         self._live = (stream, {d.id: d.index for d in descs})
+        self._remember(stream)
         self._update_led()
+        if resume:
+            self._resume_owed()
 
     def _stop_streaming(self, ended: Ended) -> None:
         log.warning("emergency %s ended: %s", ended.session.id, ended.session.end_reason)
@@ -273,6 +319,55 @@ class Agent:
         self.uplink.end_session(ended.session.id, ended.session.end_reason or "ended")
         self._persist()
         self._update_led()
+
+    def _to_store(self, packet: EncodedPacket) -> None:
+        desc = self._streams.get(packet.camera)
+        if desc is None or packet.keyframe:  # a camera may renegotiate SPS/PPS on reconnect
+            info = self.capture.sources[packet.camera].info
+            desc = StreamDesc(info.codec, info.width, info.height, info.fps, info.extradata)
+            self._streams[packet.camera] = desc
+        self.store.push(packet, desc)
+
+    # -- sessions owed to the receiver (survive restarts) ---------------------------
+
+    def _remember(self, stream: SessionStream) -> None:
+        """Record a session the receiver is owed, so a restart resumes it."""
+        self._owed[stream.id] = _owed_entry(stream)
+        self._persist()
+
+    def _refresh_owed(self) -> None:
+        # Delivered sessions leave; one not yet handed to the uplink (a restart waiting
+        # for its cameras) stays as it was saved.
+        live = {s.id: s for s in self.uplink.streams}
+        kept = {k: v for k, v in self._owed.items() if k not in self.uplink.settled_ids}
+        self._owed = kept | {sid: _owed_entry(s) for sid, s in live.items()}
+
+    def _save_owed(self) -> None:
+        self._refresh_owed()
+        text = json.dumps(self._owed, sort_keys=True)
+        if text != self._owed_saved:
+            write_json(self.owed_path, self._owed)
+            self._owed_saved = text
+
+    def _resume_owed(self) -> None:
+        """Queue every owed session that is not the active one (it resumes with live)."""
+        active = self.emergency.active
+        for sid, entry in list(self._owed.items()):
+            if self.uplink.stream(sid) is not None or (active is not None and active.id == sid):
+                continue
+            event = p.decode_control(entry["open"])
+            assert isinstance(event, p.SessionOpen)
+            ends: dict[int, int] = {}
+            for c in event.cameras:
+                end = entry["end"].get(c.id)
+                if end is None:  # it was live when the agent stopped: up to what is stored
+                    segs = self.store.segments(c.id)
+                    end = max(entry["acked"].get(c.id, -1), segs[-1].last_seq if segs else -1)
+                ends[c.index] = end
+            acked = {c.index: entry["acked"][c.id] for c in event.cameras if c.id in entry["acked"]}
+            stream = self.uplink.start_session(event, {}, acked=acked, end_seq=ends)
+            self.uplink.end_session(stream.id, entry.get("close_reason") or "ended")
+            log.warning("resuming delivery of ended session %s from the sealed store", sid)
 
     def _on_packet(self, packet: EncodedPacket) -> None:
         if self._live is None:
@@ -292,11 +387,15 @@ class Agent:
             log.warning("streaming emergency %s now that cameras run", session.id)
             self._start_streaming(active, resume=resume)
 
-    async def _expiry(self) -> None:
+    async def _housekeeping(self) -> None:
+        last_save = time.monotonic()
         while True:
             ended = self.emergency.tick(self.clock())
             if ended is not None:
                 self._stop_streaming(ended)
+            if time.monotonic() - last_save >= OWED_SAVE_S:  # acks move: keep resume cheap
+                last_save = time.monotonic()
+                self._persist()
             await asyncio.sleep(0.5)
 
     def _update_led(self) -> None:
@@ -332,6 +431,29 @@ class Agent:
                 "expires_at": session.expires_at,
             },
         }
+
+
+OWED_SAVE_S = 2.0
+
+
+def _owed_entry(stream: SessionStream) -> dict[str, Any]:
+    cams = stream.open.cameras
+    return {
+        "open": p.encode_control(stream.open),
+        "first": {c.id: c.first_seq for c in cams},
+        "acked": {c.id: stream.acked[c.index] for c in cams},
+        "end": {c.id: stream.end_seq[c.index] for c in cams},
+        "close_reason": stream.close_reason,
+    }
+
+
+def _boot_id() -> str:
+    """This boot's id: monotonic times in segment anchors are only comparable within it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read(64).strip()
+    except OSError:
+        return secrets.token_hex(16)
 
 
 def _last_keyframe(packets: list[EncodedPacket]) -> EncodedPacket:

@@ -534,6 +534,20 @@ def _serialize(event: Event) -> str | bytes:
     return text
 
 
+def encode_control(event: Event) -> str:
+    """One control event as its JSON text (also how the agent persists a session_open)."""
+    if isinstance(event, Media):
+        raise LocalProtocolError("unexpected", "media is binary")
+    wire = _serialize(event)
+    assert isinstance(wire, str)
+    return wire
+
+
+def decode_control(text: str) -> Event:
+    """Parse one control message (validated exactly as from the wire)."""
+    return _parse_control(text)
+
+
 def _parse_media(data: bytes) -> Media:
     if len(data) < MEDIA_HEADER.size:
         raise RemoteProtocolError("malformed", "media message shorter than its header")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import itertools
 import logging
 import random
 import time
@@ -31,13 +30,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent import protocol as p
 from agent.changes import Changes
 from agent.errors import UplinkRefused
+from agent.store import Pin, SegmentStore, StoredSegment
 from hardware import EncodedPacket
 from provisioning.tls import fingerprint_digest
 
 log = logging.getLogger(__name__)
 
-#: Backlog packets a camera may have in flight beyond the receiver's last ack.
+#: RAM packets the fill lane may have in flight beyond a camera's last ack.
 BACKLOG_WINDOW = 64
+#: Sealed segments the fill lane may have in flight per camera (keeps a slow link full).
+SEGMENT_WINDOW = 2
+#: Live packets of a camera may queue this long before live skips to the next keyframe.
+LIVE_LAG_S = 1.5
 
 # Codes after which retrying soon is pointless: the receiver does not know us.
 FATAL_CODES = frozenset({"unknown_device", "bad_signature"})
@@ -45,19 +49,32 @@ FATAL_CODES = frozenset({"unknown_device", "bad_signature"})
 
 @dataclass(slots=True)
 class SessionStream:
-    """What one session still owes the receiver."""
+    """What one session still owes the receiver.
+
+    ``ram`` holds, per camera index, the session's packets still in memory and
+    not acknowledged (pre-roll and live), bounded by the client's
+    ``unacked_max_bytes``: when it is full the oldest go, and backfill reads
+    them from the sealed store instead. ``end_seq`` is each camera's last seq
+    once the session ended (``None`` while it streams).
+    """
 
     open: p.SessionOpen
-    #: Per camera index: packets sent or to send, not yet acknowledged, in seq order.
-    unacked: list[deque[EncodedPacket]]
+    ram: list[deque[EncodedPacket]]
     acked: list[int]
+    holds: list[tuple[tuple[int, int], ...]]
     #: Per camera index: the last seq captured before the press (flagged pre-roll).
     preroll_end: list[int]
+    end_seq: list[int | None]
+    last_pushed: list[int]
+    pins: list[Pin]
     close_reason: str | None = None
     close_sent: bool = False
-    unacked_bytes: int = 0
-    dropped: int = 0
+    ram_bytes: int = 0
     first_ack_mono_ns: int | None = None
+    skipped: int = 0
+    gaps: int = 0
+    #: Whether a session_open went out on any connection yet (live starts at the press).
+    opened: bool = False
 
     @property
     def id(self) -> str:
@@ -65,8 +82,14 @@ class SessionStream:
         return self.open.session
 
     def settled(self) -> bool:
-        """Closed, the close sent, and every packet acknowledged."""
-        return self.close_sent and not any(self.unacked)
+        """Closed, the close sent, and every camera acknowledged to its end."""
+        return self.close_sent and all(
+            end is None or acked >= end for acked, end in zip(self.acked, self.end_seq, strict=True)
+        )
+
+    def held(self, camera: int, seq: int) -> bool:
+        """Whether the receiver already holds ``seq`` of ``camera``."""
+        return seq <= self.acked[camera] or any(f <= seq <= t for f, t in self.holds[camera])
 
     def media(self, camera: int, pkt: EncodedPacket) -> p.Media:
         """The wire event of one packet of this session."""
@@ -82,6 +105,18 @@ class SessionStream:
 
 
 @dataclass(slots=True)
+class _Lane:
+    """One camera's plan on the current connection."""
+
+    #: Seq the live lane starts at (None: at the next keyframe that arrives).
+    live_from: int | None
+    #: Ranges (first, last) the fill lane still has to send, ascending; last None: open.
+    todo: list[list[int | None]]
+    #: Fill items sent and not acknowledged: (last seq, True for a sealed segment).
+    inflight: deque[tuple[int, bool]] = field(default_factory=deque)
+
+
+@dataclass(slots=True)
 class UplinkStats:
     """Counters for status, metrics and benchmarks."""
 
@@ -89,6 +124,10 @@ class UplinkStats:
     refusals: dict[str, int] = field(default_factory=dict)
     packets_sent: int = 0
     bytes_sent: int = 0
+    segments_sent: int = 0
+    segment_bytes_sent: int = 0
+    live_skips: int = 0
+    gaps_declared: int = 0
     last_error: str | None = None
 
 
@@ -103,9 +142,11 @@ class UplinkClient:
         pin: str,
         device_id: str,
         device_key: Ed25519PrivateKey,
+        store: SegmentStore | None = None,
         heartbeat_s: float = 5.0,
         reconnect_max_s: float = 10.0,
-        unacked_max_bytes: int = 256 * 1024 * 1024,
+        unacked_max_bytes: int = 64 * 1024 * 1024,
+        live_lag_s: float = LIVE_LAG_S,
         on_trigger: Callable[[Mapping[str, Any]], None] | None = None,
         on_change: Callable[[], None] | None = None,
     ) -> None:
@@ -114,19 +155,23 @@ class UplinkClient:
         self._fingerprint = aiohttp.Fingerprint(fingerprint_digest(pin))
         self.device_id = device_id
         self._key = device_key
+        self.store = store
         self.heartbeat_s = heartbeat_s
         self.reconnect_max_s = reconnect_max_s
         self.unacked_max_bytes = unacked_max_bytes
+        self.live_lag_s = live_lag_s
         self._on_trigger = on_trigger
         self._on_change = on_change
         self.streams: deque[SessionStream] = deque()
+        #: Sessions whose every packet and close the receiver acknowledged.
+        self.settled_ids: set[str] = set()
         self.connected = False
         self.stats = UplinkStats()
-        #: What this connection still has to send: the live lane (camera index, packet)
-        #: goes first; the backlog per camera (older pre-roll, resends below the live
-        #: lane) uses what is left, a window at a time.
+        #: The live lane of this connection: (camera index, packet), sent first.
         self._live: deque[tuple[int, EncodedPacket]] = deque()
-        self._backlog: list[deque[EncodedPacket]] = []
+        #: Per camera of the head session: where live starts and what the fill lane owes.
+        self._lanes: list[_Lane] = []
+        self._rr = 0
         self._wake = asyncio.Event()
         self._conn: p.Uplink | None = None
         self._opened_on_conn: str | None = None
@@ -135,33 +180,66 @@ class UplinkClient:
     # -- API for the agent --------------------------------------------------
 
     def start_session(
-        self, open_: p.SessionOpen, preroll: Mapping[int, Iterable[EncodedPacket]]
+        self,
+        open_: p.SessionOpen,
+        preroll: Mapping[int, Iterable[EncodedPacket]],
+        *,
+        acked: Mapping[int, int] | None = None,
+        end_seq: Mapping[int, int] | None = None,
     ) -> SessionStream:
-        """Queue a new session: its ``session_open``, then the pre-roll (oldest first)."""
+        """Queue a session: its ``session_open``, then its footage (oldest first).
+
+        ``preroll`` is what RAM holds of it now. A session resumed after a restart
+        passes what was acknowledged before (``acked``), and ``end_seq`` if it has
+        ended: the rest comes from the sealed store.
+        """
         cams = range(len(open_.cameras))
         queues = [deque(preroll.get(cam, ())) for cam in cams]
+        done = acked or {}
+        ends = end_seq or {}
         stream = SessionStream(
             open_,
             queues,
-            [c.first_seq - 1 for c in open_.cameras],
+            [max(done.get(c.index, -1), c.first_seq - 1) for c in open_.cameras],
+            [() for _ in cams],
             [
                 q[-1].seq if q else c.first_seq - 1
                 for q, c in zip(queues, open_.cameras, strict=True)
             ],
+            [ends.get(cam) for cam in cams],
+            [
+                q[-1].seq if q else c.first_seq - 1
+                for q, c in zip(queues, open_.cameras, strict=True)
+            ],
+            [],
         )
-        stream.unacked_bytes = sum(len(pkt.payload) for q in queues for pkt in q)
+        if self.store is not None:
+            for cam, c in enumerate(open_.cameras):
+                pin = Pin(c.id, c.first_seq, ends.get(cam), stream.acked[cam])
+                stream.pins.append(pin)
+                self.store.add_pin(pin)
+        stream.ram_bytes = sum(len(pkt.payload) for q in queues for pkt in q)
         self.streams.append(stream)
         self._wake.set()
         return stream
 
     def push(self, stream: SessionStream, camera: int, packet: EncodedPacket) -> None:
         """Queue one live packet of an open session."""
-        stream.unacked[camera].append(packet)
-        stream.unacked_bytes += len(packet.payload)
+        stream.ram[camera].append(packet)
+        stream.ram_bytes += len(packet.payload)
+        stream.last_pushed[camera] = packet.seq
         if stream is self._head() and self._opened_on_conn == stream.id:
-            self._live.append((camera, packet))
-        if stream.unacked_bytes > self.unacked_max_bytes:
-            self._drop_oldest(stream)
+            lane = self._lanes[camera]
+            if lane.live_from is None and packet.keyframe:
+                lane.live_from = packet.seq  # live (re)starts here; the fill lane ends below
+                if lane.todo and lane.todo[-1][1] is None:
+                    lane.todo[-1][1] = packet.seq - 1
+            if lane.live_from is not None:
+                if packet.keyframe:
+                    self._skip_if_behind(stream, camera, packet)
+                self._live.append((camera, packet))
+        while stream.ram_bytes > self.unacked_max_bytes:
+            self._forget_oldest(stream)
         self._wake.set()
 
     def end_session(self, session_id: str, reason: str) -> None:
@@ -169,6 +247,9 @@ class UplinkClient:
         for stream in self.streams:
             if stream.id == session_id and stream.close_reason is None:
                 stream.close_reason = reason
+                stream.end_seq = list(stream.last_pushed)
+                for pin, end in zip(stream.pins, stream.end_seq, strict=False):
+                    pin.last = end
         self._wake.set()
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
@@ -179,65 +260,74 @@ class UplinkClient:
         """Wait until the receiver acknowledged every packet and the close of a session."""
         await self.wait_until(lambda: self.stream(session_id) is None)
 
-    def _remove(self, stream: SessionStream) -> None:
-        self.streams.remove(stream)
-        self._progress.notify()
-        self._wake.set()
-
     def stream(self, session_id: str) -> SessionStream | None:
         """The stream of a session still owed to the receiver."""
         return next((s for s in self.streams if s.id == session_id), None)
 
+    def segment_sealed(self) -> None:
+        """A segment reached the store: the fill lane may have something to send."""
+        self._wake.set()
+
+    def _remove(self, stream: SessionStream) -> None:
+        self.streams.remove(stream)
+        self.settled_ids.add(stream.id)
+        if self.store is not None:
+            for pin in stream.pins:
+                self.store.remove_pin(pin)
+        self._progress.notify()
+        self._wake.set()
+
     # -- bookkeeping --------------------------------------------------------
 
-    def _drop_oldest(self, stream: SessionStream) -> None:
-        # Memory is the only buffer until the sealed disk store exists: drop the oldest
-        # unacknowledged packets rather than exhaust RAM, say so, and declare the hole:
-        # the session is opened again with each camera starting at what it still holds
-        # (from a keyframe, so it stays decodable), which the receiver records as a gap.
-        before = stream.dropped
-        while stream.unacked_bytes > self.unacked_max_bytes:
-            cam = min(
-                (i for i, q in enumerate(stream.unacked) if q),
-                key=lambda i: stream.unacked[i][0].mono_ns,
-            )
-            queue = stream.unacked[cam]
-            lost = queue.popleft()
-            stream.unacked_bytes -= len(lost.payload)
-            stream.dropped += 1
-            while queue and not queue[0].keyframe:  # never resume mid-GOP
-                lost = queue.popleft()
-                stream.unacked_bytes -= len(lost.payload)
-                stream.dropped += 1
-            start = queue[0].seq if queue else lost.seq + 1
-            desc = stream.open.cameras[cam]
-            cameras = list(stream.open.cameras)
-            cameras[cam] = replace(desc, first_seq=start, live_seq=max(start, desc.live_seq))
-            stream.open = replace(stream.open, cameras=tuple(cameras))
-            stream.acked[cam] = max(stream.acked[cam], start - 1)
-            if stream is self._head():
-                self._opened_on_conn = None  # send the new session_open, then resend
-        if before == 0 or before // 1000 != stream.dropped // 1000:
-            log.error(
-                "uplink buffer full: dropped %d unacknowledged packets of %s so far",
-                stream.dropped,
-                stream.id,
-            )
+    def _skip_if_behind(self, stream: SessionStream, camera: int, keyframe: EncodedPacket) -> None:
+        # The link is slower than the cameras when this camera's oldest unsent live
+        # packet is older than live_lag_s: drop its queued live packets so live restarts
+        # at this keyframe; the fill lane sends the skipped range later (RAM or store).
+        oldest = next((pkt for cam, pkt in self._live if cam == camera), None)
+        if oldest is None or keyframe.mono_ns - oldest.mono_ns < self.live_lag_s * 1e9:
+            return
+        self._live = deque(item for item in self._live if item[0] != camera)
+        self._lanes[camera].todo.append([oldest.seq, keyframe.seq - 1])
+        self._lanes[camera].todo.sort(key=lambda r: r[0] or 0)
+        stream.skipped += keyframe.seq - oldest.seq
+        self.stats.live_skips += 1
+        log.info(
+            "uplink slower than camera %s: live skips %d packets to seq %d (backfill follows)",
+            stream.open.cameras[camera].id,
+            keyframe.seq - oldest.seq,
+            keyframe.seq,
+        )
+
+    def _forget_oldest(self, stream: SessionStream) -> None:
+        # RAM is a cache: what is dropped here is in the sealed store (or the segment
+        # being filled), and the fill lane reads it from there when it is needed.
+        cam = min(
+            (i for i, q in enumerate(stream.ram) if q), key=lambda i: stream.ram[i][0].mono_ns
+        )
+        stream.ram_bytes -= len(stream.ram[cam].popleft().payload)
 
     def _head(self) -> SessionStream | None:
         return self.streams[0] if self.streams else None
 
     def _on_ack(self, ack: p.Ack) -> None:
         stream = self.stream(ack.session)
-        if stream is None or not 0 <= ack.camera < len(stream.unacked):
+        if stream is None or not 0 <= ack.camera < len(stream.ram):
             return
-        if ack.seq > stream.acked[ack.camera]:
-            stream.acked[ack.camera] = ack.seq
-            queue = stream.unacked[ack.camera]
-            while queue and queue[0].seq <= ack.seq:
-                stream.unacked_bytes -= len(queue.popleft().payload)
+        cam = ack.camera
+        if ack.seq > stream.acked[cam] or ack.holds != stream.holds[cam]:
+            stream.acked[cam] = max(stream.acked[cam], ack.seq)
+            stream.holds[cam] = ack.holds
+            if cam < len(stream.pins):
+                stream.pins[cam].acked, stream.pins[cam].holds = stream.acked[cam], ack.holds
+            queue = stream.ram[cam]
+            while queue and queue[0].seq <= stream.acked[cam]:
+                stream.ram_bytes -= len(queue.popleft().payload)
+            if stream is self._head() and self._lanes:
+                inflight = self._lanes[cam].inflight
+                while inflight and stream.held(cam, inflight[0][0]):
+                    inflight.popleft()
             self._progress.notify()
-            self._wake.set()  # the backlog window moved
+            self._wake.set()  # the fill window moved
             if stream.first_ack_mono_ns is None:
                 stream.first_ack_mono_ns = time.monotonic_ns()
                 self._changed()
@@ -341,7 +431,7 @@ class UplinkClient:
         return event
 
     def _resume(self, welcome: p.Welcome) -> None:
-        """Forget what the receiver already holds; queue the rest again."""
+        """Forget what the receiver already holds; plan the rest again on session_open."""
         for stream in list(self.streams):
             for cam, seq in welcome.acked.get(stream.id, {}).items():
                 index = next((c.index for c in stream.open.cameras if c.id == cam), None)
@@ -349,38 +439,109 @@ class UplinkClient:
                     self._on_ack(p.Ack(stream.id, index, seq))
             stream.close_sent = False
         self._live.clear()
-        self._backlog = []
+        self._lanes = []
 
-    def _refill(self, stream: SessionStream) -> None:
-        """Queue everything unacknowledged again: below each camera's live seq as
-        backlog, from it on as the live lane (merged across cameras in capture order)."""
-        self._backlog, tails = [], []
-        for cam, queue in enumerate(stream.unacked):
-            split = (
-                max(0, min(len(queue), stream.open.cameras[cam].live_seq - queue[0].seq))
-                if queue
-                else 0
-            )
-            self._backlog.append(deque(itertools.islice(queue, split)))
-            tails.append([(cam, pkt) for pkt in itertools.islice(queue, split, None)])
+    def _plan(self, stream: SessionStream) -> p.SessionOpen:
+        """Plan this connection's lanes for ``stream``; returns the session_open to send.
+
+        Live starts at the newest keyframe RAM holds beyond the acknowledged seq (at the
+        press GOP on first open), or at the next keyframe to arrive; everything owed
+        below it is the fill lane's: RAM packets (a window at a time), sealed
+        segments from the store, or a declared gap for what exists nowhere.
+        """
+        first_open, stream.opened = not stream.opened, True
+        self._lanes, tails = [], []
+        cameras = list(stream.open.cameras)
+        for cam, ram in enumerate(stream.ram):
+            desc, acked = cameras[cam], stream.acked[cam]
+            end = stream.end_seq[cam]
+            live_from: int | None
+            if end is not None:  # ended: no live lane, fill up to the end
+                lane = _Lane(None, [[acked + 1, end]] if end > acked else [])
+                live_from = end + 1
+            else:
+                live_from = desc.live_seq if first_open and desc.live_seq > acked else None
+                if live_from is None:
+                    key = next((k for k in reversed(ram) if k.keyframe and k.seq > acked), None)
+                    live_from = None if key is None else key.seq
+                lane = _Lane(
+                    live_from,
+                    [[acked + 1, None if live_from is None else live_from - 1]],
+                )
+                if live_from is not None:
+                    tails.append([(cam, pkt) for pkt in ram if pkt.seq >= live_from])
+            lane.todo = [r for r in lane.todo if r[1] is None or r[0] <= r[1]]  # type: ignore[operator]
+            self._lanes.append(lane)
+            shown = live_from if live_from is not None else max(acked + 1, desc.first_seq)
+            cameras[cam] = replace(desc, live_seq=max(desc.first_seq, shown))
         self._live = deque(heapq.merge(*tails, key=lambda item: item[1].mono_ns))
+        stream.open = replace(stream.open, cameras=tuple(cameras))
+        return stream.open
 
-    def _next_item(self, stream: SessionStream | None) -> tuple[int, EncodedPacket] | None:
-        if self._live:
-            return self._live.popleft()
-        if stream is None:
-            return None
-        # The oldest backlog packet of a camera that has fewer than BACKLOG_WINDOW
-        # packets in flight: a live packet never queues behind a long backlog.
-        best: int | None = None
-        for cam, queue in enumerate(self._backlog):
-            if (
-                queue
-                and queue[0].seq - stream.acked[cam] <= BACKLOG_WINDOW
-                and (best is None or queue[0].mono_ns < self._backlog[best][0].mono_ns)
-            ):
-                best = cam
-        return None if best is None else (best, self._backlog[best].popleft())
+    def _fill_item(
+        self, stream: SessionStream
+    ) -> tuple[int, EncodedPacket | StoredSegment | p.Gap] | None:
+        """The next thing the fill lane may send now, round-robin over cameras."""
+        n = len(self._lanes)
+        for k in range(n):
+            cam = (self._rr + k) % n
+            item = self._fill_one(stream, cam)
+            if item is not None:
+                self._rr = (cam + 1) % n
+                return cam, item
+        return None
+
+    def _fill_one(
+        self, stream: SessionStream, cam: int
+    ) -> EncodedPacket | StoredSegment | p.Gap | None:
+        lane = self._lanes[cam]
+        while lane.todo:
+            first, last = lane.todo[0]
+            assert first is not None
+            seq = first
+            while stream.held(cam, seq):  # never resend what the receiver holds
+                seq = max(
+                    seq + 1, next((t + 1 for f, t in stream.holds[cam] if f <= seq <= t), seq + 1)
+                )
+            if last is not None and seq > last:
+                lane.todo.pop(0)
+                continue
+            lane.todo[0][0] = seq
+            ram = stream.ram[cam]
+            if ram and ram[0].seq <= seq <= ram[-1].seq:
+                if lane.inflight and seq - stream.acked[cam] > BACKLOG_WINDOW:
+                    return None
+                pkt = ram[seq - ram[0].seq]
+                if pkt.seq != seq:  # RAM holds more than one run (after a restart)
+                    pkt = next((x for x in ram if x.seq == seq), pkt)
+                if pkt.seq == seq:
+                    lane.todo[0][0] = seq + 1
+                    lane.inflight.append((seq, False))
+                    return pkt
+            store = self.store
+            seg = None if store is None else store.find(stream.open.cameras[cam].id, seq)
+            if seg is not None and seg.first_seq <= seq:
+                if sum(1 for _, sealed in lane.inflight if sealed) >= SEGMENT_WINDOW:
+                    return None
+                lane.todo[0][0] = seg.last_seq + 1
+                lane.inflight.append((seg.last_seq, True))
+                return seg
+            # Nowhere yet: wait for the segment being filled, or declare what is gone.
+            later = [
+                seq2
+                for seq2 in (
+                    None if seg is None else seg.first_seq,
+                    None if store is None else store.open_first_seq(stream.open.cameras[cam].id),
+                    ram[0].seq if ram else None,
+                )
+                if seq2 is not None
+            ]
+            if not later or min(later) <= seq:
+                return None
+            upto = min(later) - 1 if last is None else min(min(later) - 1, last)
+            lane.todo[0][0] = upto + 1
+            return p.Gap(stream.id, cam, seq, upto, "lost")
+        return None
 
     async def _reader(
         self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink, heartbeat_s: float
@@ -399,18 +560,34 @@ class UplinkClient:
         while True:
             stream = self._head()
             if stream is not None and self._opened_on_conn != stream.id:
-                await ws.send_str(_text(conn.send(stream.open)))
+                await ws.send_str(_text(conn.send(self._plan(stream))))
                 self._opened_on_conn = stream.id
-                self._refill(stream)
-            while stream is not None and (item := self._next_item(stream)) is not None:
-                cam, pkt = item
-                await ws.send_bytes(_binary(conn.send(stream.media(cam, pkt))))
-                self.stats.packets_sent += 1
-                self.stats.bytes_sent += len(pkt.payload)
-            drained = not self._live and not any(self._backlog)
+            while stream is not None and stream is self._head():
+                if self._live:
+                    cam, pkt = self._live.popleft()
+                    await self._send_packet(ws, conn, stream, cam, pkt)
+                    continue
+                item = self._fill_item(stream)
+                if item is None:
+                    break
+                cam, what = item
+                if isinstance(what, EncodedPacket):
+                    await self._send_packet(ws, conn, stream, cam, what)
+                elif isinstance(what, p.Gap):
+                    log.error(
+                        "session %s camera %s: seqs %d..%d exist nowhere any more; declared lost",
+                        stream.id, stream.open.cameras[cam].id, what.first, what.last,
+                    )  # fmt: skip
+                    stream.gaps += 1
+                    self.stats.gaps_declared += 1
+                    await ws.send_str(_text(conn.send(what)))
+                else:
+                    await self._send_segment(ws, conn, cam, what)
+            drained = not self._live and not any(lane.todo for lane in self._lanes)
             if (
                 drained
                 and stream is not None
+                and stream is self._head()
                 and stream.close_reason is not None
                 and not stream.close_sent
             ):
@@ -429,6 +606,39 @@ class UplinkClient:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, next_beat - now)):  # no task per wait
                     await self._wake.wait()
+
+    async def _send_packet(
+        self,
+        ws: aiohttp.ClientWebSocketResponse,
+        conn: p.Uplink,
+        stream: SessionStream,
+        cam: int,
+        pkt: EncodedPacket,
+    ) -> None:
+        await ws.send_bytes(_binary(conn.send(stream.media(cam, pkt))))
+        self.stats.packets_sent += 1
+        self.stats.bytes_sent += len(pkt.payload)
+
+    async def _send_segment(
+        self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink, cam: int, seg: StoredSegment
+    ) -> None:
+        try:
+            sealed = await asyncio.to_thread(SegmentStore.read, seg)
+        except OSError as exc:  # evicted meanwhile: the next plan declares or refinds it
+            log.warning("segment %s vanished before sending: %s", seg.path.name, exc)
+            return
+        media = p.Media(
+            p.MediaKind.BACKFILL_SEALED,
+            cam,
+            seg.first_seq,
+            seg.name.start_ms * 1000,
+            True,
+            False,
+            sealed,
+        )
+        await ws.send_bytes(_binary(conn.send(media)))
+        self.stats.segments_sent += 1
+        self.stats.segment_bytes_sent += len(sealed)
 
 
 def _text(wire: str | bytes) -> str:

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from agent.config import load_config
 from agent.daemon import Agent
+from provisioning.age_keys import load_identity, new_identity, recipient_of
 from provisioning.keys import new_private_key, public_pem
 from receiver.server import Receiver
 
@@ -46,6 +47,9 @@ class ReceiverContact(Protocol):
     @property
     def devices_dir(self) -> Path: ...
 
+    @property
+    def age_recipient(self) -> str: ...
+
 
 DEMO_CAMERAS = (("front-door", "exterior"), ("hallway-2", "interior"))
 
@@ -59,12 +63,23 @@ def write_agent_config(
     preroll_s: float = 30,
     allow: bool = True,
     cameras: Sequence[tuple[str, str]] = DEMO_CAMERAS,
+    store: str = "",
 ) -> Path:
     """Write an agent's key and config; allow-list its key unless ``allow`` is false.
 
-    ``cameras`` are (id, zone) pairs of synthetic cameras.
+    ``cameras`` are (id, zone) pairs of synthetic cameras. Segments are sealed to
+    the receiver and to a demo district identity (``<folder>/../district/age.key``,
+    never in the agent's folder: the device must not hold a key that opens them).
+    ``store`` is extra TOML for the ``[store]`` table (tests shrink segments).
     """
     folder.mkdir(parents=True, exist_ok=True)
+    district_key = folder.parent / "district" / "age.key"
+    if district_key.exists():
+        district = load_identity(district_key)
+    else:
+        district_key.parent.mkdir(parents=True, exist_ok=True)
+        district = new_identity(district_key)
+    recipients = f'["{recipient_of(district)}", "{receiver.age_recipient}"]'
     key_path = folder / "device.key"
     key = new_private_key(key_path) if not key_path.exists() else None
     if key is not None and allow:
@@ -87,6 +102,11 @@ tls_pin = "{receiver.fingerprint}"
 [emergency]
 duration_s = 3600
 preroll_s = {preroll_s}
+
+[store]
+dir = "store"
+recipients = {recipients}
+{store}
 
 [gpio]
 pin_factory = "mock"

@@ -1,0 +1,451 @@
+"""The sealed segment store: every camera's recent footage, on disk, unreadable here.
+
+Theory of operation. Capture hands every numbered packet to :meth:`SegmentStore.push`
+(on the event loop; it only appends to the camera's open segment in RAM). At
+the first keyframe after ``segment_s`` seconds the open segment is closed and
+queued to ONE writer thread, which encodes it (:mod:`agent.segment`), seals it
+with age to the configured recipients, and writes it crash-safely: a hidden
+temporary file, fsync, rename to its final name, fsync of the folder. Only
+whole, sealed segments ever carry a final name; the device holds no key that
+opens them. What a crash loses is the open segment (a few seconds) and the
+queue of the writer (normally empty).
+
+The index (per camera, segments in seq order) is rebuilt from file names at
+start: no segment is opened, so 10k segments take a few milliseconds.
+Temporary files and files whose size differs from the size in their name are
+torn leftovers: removed and audited. Files that are not ours are audited and
+left alone.
+
+Retention (:mod:`agent.retention`) runs in the writer thread after each
+write, and again on a full disk. Segments that overlap a :class:`Pin` (an
+emergency's range of a camera) and that the receiver has not acknowledged
+are pinned; only when nothing else is left do they go, with a loud
+``segment_pinned_evicted`` audit entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import errno
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import pyrage
+
+from agent import retention, segment
+from agent.audit import AuditLog
+from hardware import EncodedPacket
+
+log = logging.getLogger(__name__)
+
+#: An open segment is closed at a keyframe once this big, even before segment_s.
+TARGET_SEGMENT_BYTES: Final = 4 * 1024 * 1024
+#: Sealed segments waiting for the writer beyond this are dropped (a stalled disk).
+MAX_PENDING_BYTES: Final = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSegment:
+    """One sealed segment on disk."""
+
+    camera: str
+    name: segment.SegmentName
+    path: Path
+
+    @property
+    def first_seq(self) -> int:
+        """First sequence number inside."""
+        return self.name.first_seq
+
+    @property
+    def last_seq(self) -> int:
+        """Last sequence number inside."""
+        return self.name.last_seq
+
+
+@dataclass(slots=True)
+class Pin:
+    """An emergency's claim on a camera's footage: ``first..last`` until acknowledged."""
+
+    camera: str
+    first: int
+    last: int | None = None  # None while the emergency streams
+    acked: int = -1
+    holds: tuple[tuple[int, int], ...] = ()
+
+    def protects(self, seg: StoredSegment) -> bool:
+        """Whether ``seg`` holds footage of this pin the receiver does not have yet."""
+        if seg.camera != self.camera or seg.last_seq < self.first:
+            return False
+        if self.last is not None and seg.first_seq > self.last:
+            return False
+        start = max(seg.first_seq, self.first, self.acked + 1)
+        end = seg.last_seq if self.last is None else min(seg.last_seq, self.last)
+        for first, last in self.holds:
+            if first <= start <= last:
+                start = last + 1
+        return start <= end
+
+
+@dataclass(slots=True)
+class _Open:
+    packets: list[EncodedPacket] = field(default_factory=list)
+    nbytes: int = 0
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Counters for status, metrics and benchmarks."""
+
+    segments_written: int = 0
+    bytes_written: int = 0
+    media_bytes: int = 0
+    evicted: int = 0
+    pinned_evicted: int = 0
+    dropped: int = 0
+    torn_removed: int = 0
+    write_errors: int = 0
+
+
+class SegmentStore:
+    """Per-camera sealed segments with retention. Use :meth:`open` then :meth:`close`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        recipients: list[pyrage.x25519.Recipient],
+        *,
+        audit: AuditLog,
+        boot_id: str,
+        segment_s: float = 4.0,
+        max_age_s: float = 72 * 3600,
+        quota_bytes: int = 8 * 1024**3,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not recipients:
+            raise ValueError("a segment store needs at least one age recipient")
+        self.directory = directory
+        self.recipients = recipients
+        self.audit = audit
+        self.boot_id = boot_id
+        self.segment_s = segment_s
+        self.max_age_s = max_age_s
+        self.quota_bytes = quota_bytes
+        self.clock = clock
+        self.stats = StoreStats()
+        self.pins: list[Pin] = []
+        self._index: dict[str, list[StoredSegment]] = {}
+        self._open: dict[str, _Open] = {}
+        self._streams: dict[str, segment.StreamDesc] = {}
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[list[EncodedPacket], segment.StreamDesc] | None] = (
+            queue.SimpleQueue()
+        )
+        self._pending_bytes = 0
+        self._thread: threading.Thread | None = None
+        self._listeners: list[Callable[[StoredSegment], None]] = []
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def open(self) -> None:
+        """Rebuild the index from disk and start the writer (blocking: run in a thread)."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._scan()
+        self._thread = threading.Thread(target=self._writer, name="segment-writer", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Seal every open segment, let the writer finish, and stop it."""
+        for camera in list(self._open):
+            self._seal_open(camera)
+        self._jobs.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def on_sealed(self, listener: Callable[[StoredSegment], None]) -> Callable[[], None]:
+        """Call ``listener(segment)`` on the event loop after each segment is on disk."""
+        loop = asyncio.get_running_loop()
+
+        def bridge(seg: StoredSegment) -> None:
+            loop.call_soon_threadsafe(listener, seg)
+
+        self._listeners.append(bridge)
+        return lambda: self._listeners.remove(bridge)
+
+    # -- capture side (event loop) -------------------------------------------------
+
+    def push(self, packet: EncodedPacket, stream: segment.StreamDesc) -> None:
+        """Add one numbered packet to its camera's open segment."""
+        cur = self._open.get(packet.camera)
+        if cur is not None and cur.packets:
+            first, last = cur.packets[0], cur.packets[-1]
+            prev = self._streams[packet.camera]
+            if (
+                packet.seq != last.seq + 1
+                or (stream is not prev and stream != prev)  # a new stream starts a segment
+                or cur.nbytes + len(packet.payload) > segment.MAX_SEGMENT_BYTES
+                or (
+                    packet.keyframe
+                    and (
+                        packet.capture_ns - first.capture_ns >= self.segment_s * 1e9
+                        or cur.nbytes >= TARGET_SEGMENT_BYTES
+                    )
+                )
+            ):
+                self._seal_open(packet.camera)
+                cur = None
+        if cur is None:
+            cur = self._open[packet.camera] = _Open()
+        cur.packets.append(packet)
+        cur.nbytes += len(packet.payload)
+        self._streams[packet.camera] = stream
+
+    def open_first_seq(self, camera: str) -> int | None:
+        """First seq of the camera's segment still being filled (not on disk yet)."""
+        cur = self._open.get(camera)
+        return cur.packets[0].seq if cur is not None and cur.packets else None
+
+    def _seal_open(self, camera: str) -> None:
+        cur = self._open.pop(camera, None)
+        if cur is None or not cur.packets:
+            return
+        desc = self._streams[camera]  # the stream of the packets in it, not of the next one
+        with self._lock:
+            self._pending_bytes += cur.nbytes
+            dropping = self._pending_bytes > MAX_PENDING_BYTES
+        if dropping:  # the disk is stalled: keep capturing, say loudly what is lost
+            with self._lock:
+                self._pending_bytes -= cur.nbytes
+            self.stats.dropped += 1
+            self.audit.record(
+                "segment_dropped",
+                camera=camera,
+                first_seq=cur.packets[0].seq,
+                last_seq=cur.packets[-1].seq,
+                reason="writer_backlog",
+            )
+            return
+        self._jobs.put((cur.packets, desc))
+
+    def add_pin(self, pin: Pin) -> None:
+        """Protect an emergency's footage from retention until it is acknowledged."""
+        with self._lock:
+            self.pins.append(pin)
+
+    def remove_pin(self, pin: Pin) -> None:
+        """The receiver holds everything of ``pin``: its footage may age out normally."""
+        with self._lock:
+            if pin in self.pins:
+                self.pins.remove(pin)
+
+    # -- queries (any thread) ------------------------------------------------------
+
+    def segments(self, camera: str) -> list[StoredSegment]:
+        """The camera's sealed segments in seq order (a copy)."""
+        with self._lock:
+            return list(self._index.get(camera, ()))
+
+    def cameras(self) -> list[str]:
+        """Cameras with footage on disk."""
+        with self._lock:
+            return sorted(c for c, segs in self._index.items() if segs)
+
+    def find(self, camera: str, seq: int) -> StoredSegment | None:
+        """The sealed segment holding ``seq``, else the first one after it, else ``None``."""
+        with self._lock:
+            segs = self._index.get(camera, [])
+            i = bisect.bisect_right([s.last_seq for s in segs], seq - 1)
+            return segs[i] if i < len(segs) else None
+
+    def used_bytes(self) -> int:
+        """Bytes of sealed segments on disk."""
+        with self._lock:
+            return sum(s.name.size for segs in self._index.values() for s in segs)
+
+    @staticmethod
+    def read(seg: StoredSegment) -> bytes:
+        """The sealed bytes of a segment (blocking: call from a worker thread)."""
+        return seg.path.read_bytes()
+
+    # -- start-up scan -------------------------------------------------------------
+
+    def _scan(self) -> None:
+        index: dict[str, list[StoredSegment]] = {}
+        with os.scandir(self.directory) as top:
+            for cam_entry in top:
+                if not cam_entry.is_dir(follow_symlinks=False):
+                    self._foreign(Path(cam_entry.path))
+                    continue
+                segs = index.setdefault(cam_entry.name, [])
+                with os.scandir(cam_entry.path) as files:
+                    for entry in files:
+                        self._scan_one(cam_entry.name, entry, segs)
+        for segs in index.values():
+            segs.sort(key=lambda s: s.first_seq)
+        with self._lock:
+            self._index = index
+        total = sum(len(s) for s in index.values())
+        log.info("segment store %s: %d segment(s) indexed", self.directory, total)
+
+    def _scan_one(self, camera: str, entry: os.DirEntry[str], segs: list[StoredSegment]) -> None:
+        path = Path(entry.path)
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            self._remove_torn(camera, path, "unfinished write")
+            return
+        name = segment.SegmentName.parse(entry.name)
+        if name is None or not entry.is_file(follow_symlinks=False):
+            self._foreign(path)
+            return
+        size = entry.stat(follow_symlinks=False).st_size
+        if size != name.size:
+            self._remove_torn(camera, path, f"size {size} bytes, expected {name.size}")
+            return
+        segs.append(StoredSegment(camera, name, path))
+
+    def _remove_torn(self, camera: str, path: Path, why: str) -> None:
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.error("cannot remove torn segment %s: %s", path, exc)
+        self.stats.torn_removed += 1
+        log.warning("removed torn segment %s (%s)", path, why)
+        self.audit.record("segment_torn", camera=camera, file=path.name, reason=why)
+
+    def _foreign(self, path: Path) -> None:
+        log.warning("segment store: %s is not a breakglass segment; left alone", path)
+        self.audit.record("store_foreign_file", file=str(path.relative_to(self.directory)))
+
+    # -- writer thread ---------------------------------------------------------------
+
+    def _writer(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            packets, desc = job
+            nbytes = sum(len(p.payload) for p in packets)
+            try:
+                self._write(packets, desc)
+            except Exception as exc:  # the writer must outlive any one segment
+                self.stats.write_errors += 1
+                log.exception("segment of %s not written", packets[0].camera)
+                self.audit.record(
+                    "segment_lost",
+                    camera=packets[0].camera,
+                    first_seq=packets[0].seq,
+                    last_seq=packets[-1].seq,
+                    reason=f"{type(exc).__name__}: {exc}"[:200],
+                )
+            finally:
+                with self._lock:
+                    self._pending_bytes -= nbytes
+
+    def _write(self, packets: list[EncodedPacket], desc: segment.StreamDesc) -> None:
+        camera = packets[0].camera
+        _, plain = segment.encode(packets, desc, self.boot_id)
+        sealed = segment.seal(plain, self.recipients)
+        name = segment.SegmentName(
+            packets[0].seq,
+            packets[-1].seq,
+            packets[0].capture_ns // 1_000_000,
+            packets[-1].capture_ns // 1_000_000,
+            len(sealed),
+        )
+        folder = self.directory / camera
+        stored = StoredSegment(camera, name, folder / name.filename)
+        self._enforce(need_bytes=len(sealed))
+        for attempt in range(3):
+            try:
+                _write_durably(folder, stored.path, sealed)
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or attempt == 2:
+                    raise
+                log.error("disk full writing %s: evicting to make room", stored.path)
+                self._enforce(need_bytes=len(sealed), disk_full=True)
+        with self._lock:
+            segs = self._index.setdefault(camera, [])
+            segs.insert(bisect.bisect([s.first_seq for s in segs], name.first_seq), stored)
+        self.stats.segments_written += 1
+        self.stats.bytes_written += len(sealed)
+        self.stats.media_bytes += sum(len(p.payload) for p in packets)
+        for listener in list(self._listeners):
+            try:
+                listener(stored)
+            except RuntimeError as exc:  # its loop is closed; the segment is on disk anyway
+                log.warning("on_sealed listener not called: %s", exc)
+
+    def _enforce(self, *, need_bytes: int, disk_full: bool = False) -> None:
+        with self._lock:
+            everything = [s for segs in self._index.values() for s in segs]
+            pins = list(self.pins)
+        used = sum(s.name.size for s in everything)
+        quota = min(self.quota_bytes, used) if disk_full else self.quota_bytes
+        held = [
+            retention.Held(s, s.name.end_ms / 1000, s.name.size, any(p.protects(s) for p in pins))
+            for s in everything
+        ]
+        decision = retention.plan(
+            held,
+            now_s=self.clock(),
+            max_age_s=self.max_age_s,
+            quota_bytes=quota,
+            need_bytes=need_bytes,
+        )
+        pinned = set(map(id, decision.pinned_lost))
+        for key in decision.all():
+            assert isinstance(key, StoredSegment)
+            self._delete(key, pinned=id(key) in pinned, expired=key in decision.expired)
+
+    def _delete(self, seg: StoredSegment, *, pinned: bool, expired: bool) -> None:
+        seg.path.unlink(missing_ok=True)
+        with self._lock:
+            segs = self._index.get(seg.camera, [])
+            if seg in segs:
+                segs.remove(seg)
+        self.stats.evicted += 1
+        if pinned:
+            self.stats.pinned_evicted += 1
+            log.critical("disk full: evicted UNACKNOWLEDGED emergency footage %s", seg.path.name)
+            self.audit.record(
+                "segment_pinned_evicted",
+                camera=seg.camera,
+                first_seq=seg.first_seq,
+                last_seq=seg.last_seq,
+            )
+        elif not expired:
+            log.info("quota: evicted %s/%s", seg.camera, seg.path.name)
+
+
+def _write_durably(folder: Path, path: Path, data: bytes) -> None:
+    if not folder.exists():
+        folder.mkdir(mode=0o700, parents=True)
+        _fsync_dir(folder.parent)
+    tmp = folder / f".{path.name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
