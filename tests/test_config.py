@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 
+import pyrage
+
 from agent.config import load_config
 from agent.errors import ConfigError
 
 PIN = "sha256:" + "ab" * 32
+RECIPIENT = str(pyrage.x25519.Identity.generate().to_public())
 
 GOOD = f"""
 [device]
@@ -22,6 +25,9 @@ id = "lincoln"
 [receiver]
 url = "wss://127.0.0.1:8443/v1/uplink"
 tls_pin = "{PIN}"
+
+[store]
+recipients = ["{RECIPIENT}"]
 
 [[buttons]]
 id = "office"
@@ -56,6 +62,8 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
     assert cfg.preroll_s == 30.0 and cfg.session_duration_s == 3600.0
     assert cfg.receiver_origin == "wss://127.0.0.1:8443"
     assert cfg.buttons[0].location == "Main office"
+    assert cfg.store.directory == tmp_path / "store"
+    assert cfg.store.recipients == (RECIPIENT,) and cfg.store.max_age_s == 72 * 3600
 
 
 @pytest.mark.parametrize(
@@ -76,6 +84,22 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
         (('id = "hall"', 'id = "front"'), "cameras[1].id", "used twice"),
         (('key = "device.key"', ""), "device.key", "missing"),
         (("[building]", "[buildin]"), "buildin", "unknown key"),
+        ((f'["{RECIPIENT}"]', '["age1notakey"]'), "store.recipients[0]", "not an age X25519"),
+        ((f'["{RECIPIENT}"]', "[]"), "store.recipients", "at least one"),
+        ((f'recipients = ["{RECIPIENT}"]', ""), "store.recipients", "missing"),
+        ((f'["{RECIPIENT}"]', f'["{RECIPIENT}", 7]'), "store.recipients[1]", "must be a string"),
+        (('source = "synthetic"\n\n', 'source = "webcam"\n\n'), "cameras[0].source", "not one of"),
+        (
+            ('source = "synthetic"\n\n', 'source = "rtsp"\n\n'),
+            "cameras[0].url",
+            "missing (required)",
+        ),
+        (
+            ('source = "synthetic"\n\n', 'source = "rtsp"\nurl = "http://cam"\n\n'),
+            "cameras[0].url",
+            "rtsp://",
+        ),
+        (('source = "synthetic"\n\n', 'source = "file"\n\n'), "cameras[0].path", "missing"),
     ],
 )
 def test_bad_config_names_the_key(

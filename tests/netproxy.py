@@ -1,0 +1,109 @@
+"""A TCP proxy on 127.0.0.1 that can cut or throttle the link, for fault tests.
+
+``async with TcpProxy(target_port) as proxy:`` forwards every connection to
+``127.0.0.1:target_port``. TLS passes through untouched (the agent's pin
+still checks the receiver's certificate).
+
+- ``proxy.cut()`` black-holes the link: nothing is forwarded in either
+  direction and new connections hang (as when a router drops every packet);
+  ``proxy.restore()`` forwards again, including what was held.
+- ``proxy.rate = bytes_per_s`` throttles the agent -> receiver direction
+  (the uplink), paced per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from types import TracebackType
+
+CHUNK = 16 * 1024
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:port to 127.0.0.1:target_port."""
+
+    def __init__(self, target_port: int, *, rate: float | None = None) -> None:
+        self.target_port = target_port
+        self.rate = rate
+        self.port = 0
+        self.bytes_up = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def origin(self) -> str:
+        """The ``wss://`` origin agents that connect through the proxy sign."""
+        return f"wss://127.0.0.1:{self.port}"
+
+    def cut(self) -> None:
+        """Black-hole the link: forward nothing until :meth:`restore`."""
+        self._open.clear()
+
+    def restore(self) -> None:
+        """Forward again."""
+        self._open.set()
+
+    async def __aenter__(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._server is not None
+        self._server.close()
+        self._open.set()
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await task
+        await self._server.wait_closed()
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            await self._open.wait()  # a cut link lets no new connection through either
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.add(up_writer)
+        self._spawn(self._pump(reader, up_writer, upstream=True), "proxy-up")
+        self._spawn(self._pump(up_reader, writer, upstream=False), "proxy-down")
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool
+    ) -> None:
+        try:
+            while data := await reader.read(CHUNK):
+                await self._open.wait()
+                writer.write(data)
+                await writer.drain()
+                if upstream:
+                    self.bytes_up += len(data)
+                    if self.rate:
+                        started = time.monotonic()
+                        # pacing, not synchronisation: a slow link is slow
+                        await asyncio.sleep(
+                            max(0.0, len(data) / self.rate - (time.monotonic() - started))
+                        )
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            self._writers.discard(writer)
