@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import pyrage
+import pytest
 
 from agent.config import load_config
 from agent.errors import ConfigError
