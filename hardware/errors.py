@@ -11,7 +11,11 @@ from __future__ import annotations
 __all__ = [
     "ButtonError",
     "CameraConfigError",
+    "CameraConnectionError",
     "CameraError",
+    "CameraStreamError",
+    "CameraTimeout",
+    "CameraUnavailable",
     "EncoderUnavailable",
     "HardwareError",
     "LedError",
@@ -36,6 +40,31 @@ class EncoderUnavailable(CameraError, RuntimeError):
     A property of the installation (the FFmpeg build inside PyAV), not of the
     arguments: fix the environment, not the call.
     """
+
+
+class CameraUnavailable(CameraError, ImportError):
+    """The library a camera source needs is not installed here (picamera2, libcamera).
+
+    Like :class:`EncoderUnavailable`, a property of the installation: the
+    message says what to install.
+    """
+
+
+class CameraConnectionError(CameraError, OSError):
+    """The camera could not be reached, or the connection to it was lost.
+
+    The camera's side of the fault (refused, unreachable, hung up, a Pi camera
+    that is absent or busy); a source that reconnects by itself records it as
+    its ``last_error`` and keeps trying.
+    """
+
+
+class CameraTimeout(CameraConnectionError, TimeoutError):
+    """The camera did not answer, or stopped sending, within the configured timeout."""
+
+
+class CameraStreamError(CameraError, ValueError):
+    """The camera answered with something unusable: not H.264, garbage, no SPS/PPS."""
 
 
 class ButtonError(HardwareError, ValueError):

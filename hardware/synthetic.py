@@ -16,12 +16,9 @@ asyncio object.
 Back-pressure: a live camera cannot wait for its reader, so the thread never
 blocks on the consumer. Packets queue on the loop side, bounded to about
 ``max_buffered_s`` of video; when the consumer falls that far behind, the
-oldest whole GOP is dropped (from the head up to the next keyframe), so what
-remains always starts at a keyframe and stays decodable. The queue is a
-``deque`` plus an ``asyncio.Event`` rather than an ``asyncio.Queue`` because
-dropping a GOP needs to look at the head, which ``asyncio.Queue`` cannot.
-If the worker itself falls behind real time (an overloaded CPU), it skips the
-frames it missed instead of bursting, as a real camera would.
+oldest whole GOP is dropped (``hardware._bridge``, shared by every camera
+source). If the worker itself falls behind real time (an overloaded CPU), it
+skips the frames it missed instead of bursting, as a real camera would.
 """
 
 from __future__ import annotations
@@ -29,14 +26,10 @@ from __future__ import annotations
 import asyncio
 import colorsys
 import hashlib
-import logging
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncGenerator, Callable
 from fractions import Fraction
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Final
 
 import av
 import av.error
@@ -44,17 +37,15 @@ import numpy as np
 import numpy.typing as npt
 from av.video.frame import PictureType
 
+from hardware._bridge import ThreadedSource
+from hardware._h264 import parameter_sets
+from hardware._settings import check_encoding
 from hardware.camera import EncodedPacket, StreamInfo
-from hardware.errors import CameraConfigError, CameraError, EncoderUnavailable
+from hardware.errors import EncoderUnavailable
 
 __all__ = ["SyntheticCamera"]
 
-_log = logging.getLogger(__name__)
-
 _ENCODER: Final = "libx264"
-_START_CODE = b"\x00\x00\x00\x01"
-_NAL_SPS = 7
-_NAL_PPS = 8
 
 # 5x7 bitmap font: seven rows per glyph, bit 4 is the leftmost pixel.
 _FONT_HEX = {
@@ -104,31 +95,6 @@ def _camera_yuv(camera_id: str) -> tuple[int, int, int]:
     u = 128 - 37.797 * r - 74.203 * g + 112.0 * b
     v = 128 + 112.0 * r - 93.786 * g - 18.214 * b
     return round(y), round(u), round(v)
-
-
-def _nal_units(data: bytes) -> list[bytes]:
-    """The NAL units of an Annex-B byte string, without their start codes."""
-    units: list[bytes] = []
-    start = data.find(b"\x00\x00\x01")
-    while start >= 0:
-        begin = start + 3
-        nxt = data.find(b"\x00\x00\x01", begin)
-        end = len(data) if nxt < 0 else nxt
-        # A four-byte start code leaves its leading zero on the previous unit.
-        unit = data[begin:end].rstrip(b"\x00") if nxt >= 0 else data[begin:end]
-        if unit:
-            units.append(unit)
-        start = nxt
-    return units
-
-
-def _parameter_sets(keyframe: bytes) -> bytes:
-    """SPS and PPS of an Annex-B keyframe, each behind a four-byte start code."""
-    return b"".join(
-        _START_CODE + unit
-        for unit in _nal_units(keyframe)
-        if unit[0] & 0x1F in (_NAL_SPS, _NAL_PPS)
-    )
 
 
 class _Pattern:
@@ -196,7 +162,7 @@ class _Pattern:
         return buf.reshape(self._h * 3 // 2, self._w)
 
 
-class SyntheticCamera:
+class SyntheticCamera(ThreadedSource):
     """A :class:`~hardware.camera.CameraSource` that renders and encodes a test pattern.
 
     H.264 Constrained Baseline (plays in Chromium through MSE), no B-frames,
@@ -212,6 +178,8 @@ class SyntheticCamera:
     :meth:`aclose` or ``async with``.
     """
 
+    _kind = "synthetic"
+
     def __init__(
         self,
         camera_id: str,
@@ -224,60 +192,29 @@ class SyntheticCamera:
         label: str | None = None,
         max_buffered_s: float = 2.0,
     ) -> None:
-        def bad(what: str) -> CameraConfigError:
-            return CameraConfigError(f"synthetic camera {camera_id!r}: {what}")
-
-        if width < 16 or height < 16 or width % 2 or height % 2:
-            raise bad(f"width and height must be even and >= 16, got {width}x{height}")
-        if not 0 < fps <= 240:
-            raise bad(f"fps must be in (0, 240], got {fps}")
-        if keyframe_interval_s <= 0:
-            raise bad(f"keyframe_interval_s must be > 0, got {keyframe_interval_s}")
-        if bitrate is not None and bitrate <= 0:
-            raise bad(f"bitrate must be a positive number of bit/s or None, got {bitrate}")
-        if max_buffered_s <= 0:
-            raise bad(f"max_buffered_s must be > 0, got {max_buffered_s}")
+        check_encoding(
+            f"synthetic camera {camera_id!r}",
+            width=width,
+            height=height,
+            fps=fps,
+            keyframe_interval_s=keyframe_interval_s,
+            bitrate=bitrate,
+            max_buffered_s=max_buffered_s,
+        )
         try:
             av.Codec(_ENCODER, "w")
         except av.codec.codec.UnknownCodecError as exc:
             raise EncoderUnavailable(
                 f"synthetic camera {camera_id!r}: PyAV has no {_ENCODER} encoder"
             ) from exc
-        self._id = camera_id
+        super().__init__(camera_id, max_buffered_s=max_buffered_s)
         self._width, self._height, self._fps = width, height, float(fps)
         self._gop = max(1, round(fps * keyframe_interval_s))
         self._bitrate = bitrate
         self._label = camera_id if label is None else label
-        # Keep at least two GOPs so that dropping one still leaves a keyframe.
-        self._max_buffered = max(round(max_buffered_s * fps), 2 * self._gop)
-        self._info: StreamInfo | None = None
-        self._buffer: deque[EncodedPacket] = deque()
-        self._wakeup = asyncio.Event()
-        self._error: CameraError | None = None
-        self._resync = False
-        self._closed = False
-        self._packets_dropped = 0
+        self._initial_info = StreamInfo("h264", width, height, self._fps, b"")
         self._frames_skipped = 0
-        self._stop = threading.Event()
         self._keyframe_wanted = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def camera_id(self) -> str:
-        """The camera's id, as given."""
-        return self._id
-
-    @property
-    def info(self) -> StreamInfo:
-        """Codec, size, rate and SPS+PPS.
-
-        Before the first keyframe is encoded, ``extradata`` is ``b""`` (the
-        rest is known from the arguments). It never raises: a runtime
-        ``isinstance(x, CameraSource)`` check reads this property.
-        """
-        if self._info is None:
-            return StreamInfo("h264", self._width, self._height, self._fps, b"")
-        return self._info
 
     @property
     def keyframe_interval(self) -> int:
@@ -285,109 +222,20 @@ class SyntheticCamera:
         return self._gop
 
     @property
-    def packets_dropped(self) -> int:
-        """Packets discarded because the consumer fell more than the buffer behind."""
-        return self._packets_dropped
-
-    @property
     def frames_skipped(self) -> int:
         """Frames never rendered because the worker fell behind real time."""
         return self._frames_skipped
 
-    def force_keyframe(self) -> None:
-        """Encode the next frame as an IDR (with SPS/PPS); thread-safe.
+    def force_keyframe(self) -> bool:
+        """Encode the next frame as an IDR (with SPS/PPS); thread-safe. Returns ``True``.
 
         The regular cadence restarts from that keyframe (x264 counts the
         keyframe interval from the last IDR).
         """
         self._keyframe_wanted.set()
-
-    async def packets(self) -> AsyncGenerator[EncodedPacket, None]:
-        """Yield packets in real time until :meth:`aclose`; :class:`CameraError` on failure."""
-        if self._closed:
-            raise CameraError(f"synthetic camera {self._id!r} is closed")
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run,
-                args=(asyncio.get_running_loop(),),
-                name=f"synthetic-camera:{self._id}",
-                daemon=True,  # a forgotten aclose() must not hang interpreter exit
-            )
-            self._thread.start()
-        while not self._closed:
-            if self._buffer:
-                yield self._buffer.popleft()
-            elif self._error is not None:
-                raise self._error
-            else:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-
-    async def aclose(self) -> None:
-        """Stop the worker thread, wait for it (off the loop) and release the encoder."""
-        self._closed = True
-        self._stop.set()
-        self._buffer.clear()
-        self._wakeup.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    # --- the event-loop side: only ever called through call_soon_threadsafe ---
-
-    def _deliver(self, packet: EncodedPacket, extradata: bytes | None) -> None:
-        if self._closed:
-            return
-        if extradata is not None and self._info is None:
-            self._info = StreamInfo("h264", self._width, self._height, self._fps, extradata)
-        if self._resync:
-            # After a drop emptied the buffer, P-frames without their
-            # keyframe would be undecodable: wait for the next keyframe.
-            if not packet.keyframe:
-                self._packets_dropped += 1
-                return
-            self._resync = False
-        self._buffer.append(packet)
-        if len(self._buffer) > self._max_buffered:
-            self._drop_oldest_gop()
-        self._wakeup.set()
-
-    def _drop_oldest_gop(self) -> None:
-        dropped = 1
-        self._buffer.popleft()
-        while self._buffer and not self._buffer[0].keyframe:
-            self._buffer.popleft()
-            dropped += 1
-        self._resync = not self._buffer
-        self._packets_dropped += dropped
-        _log.warning(
-            "synthetic camera %r: consumer too slow, dropped %d packets (one GOP)",
-            self._id,
-            dropped,
-        )
-
-    def _fail(self, error: CameraError) -> None:
-        self._error = error
-        self._wakeup.set()
+        return True
 
     # --- the worker thread ---
-
-    def _post(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            # The loop is closed: nobody is left to receive packets.
-            self._stop.set()
 
     def _open_encoder(self) -> av.VideoCodecContext:
         rate = Fraction(self._fps).limit_denominator(1001)
@@ -410,27 +258,21 @@ class SyntheticCamera:
         ctx.open()
         return ctx
 
-    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             encoder = self._open_encoder()
         except (av.error.FFmpegError, ValueError) as exc:
-            error = EncoderUnavailable(
-                f"synthetic camera {self._id!r}: {_ENCODER} did not open: {exc}"
-            )
-            self._post(loop, self._fail, error)
+            error = EncoderUnavailable(f"{self._describe()}: {_ENCODER} did not open: {exc}")
+            self._post(loop, self._queue.fail, error)
             return
-        try:
-            self._encode_loop(loop, encoder)
-        except Exception as exc:  # any failure must reach the consumer, not die here
-            _log.exception("synthetic camera %r: worker failed", self._id)
-            self._post(loop, self._fail, CameraError(f"synthetic camera {self._id!r}: {exc}"))
+        self._encode_loop(loop, encoder)
         # The encoder is released with its last reference when this returns;
         # with zerolatency x264 holds no delayed frames worth flushing.
 
     def _encode_loop(self, loop: asyncio.AbstractEventLoop, encoder: av.VideoCodecContext) -> None:
         pattern = _Pattern(self._width, self._height, self._fps, self._id, self._label)
         stamps: dict[int, tuple[int, int]] = {}
-        have_extradata = False
+        have_info = False
         start = time.monotonic()
         index = 0
         while True:
@@ -454,10 +296,11 @@ class SyntheticCamera:
                 payload = bytes(out)
                 pts = index if out.pts is None else out.pts
                 cap, mono = stamps.pop(pts, (capture_ns, mono_ns))
-                extradata = None
-                if out.is_keyframe and not have_extradata:
-                    extradata = _parameter_sets(payload)
-                    have_extradata = True
+                info = None
+                if out.is_keyframe and not have_info:
+                    sets = parameter_sets(payload)
+                    info = StreamInfo("h264", self._width, self._height, self._fps, sets)
+                    have_info = True
                 packet = EncodedPacket(self._id, -1, cap, mono, out.is_keyframe, "h264", payload)
-                self._post(loop, self._deliver, packet, extradata)
+                self._emit(loop, packet, info)
             index += 1
