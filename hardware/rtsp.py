@@ -272,7 +272,8 @@ class RtspCamera(ThreadedSource):
                 delivered
             )
         except CameraError as exc:
-            return exc, delivered
+            # Kept as last_error: without the traceback, which holds the closed container.
+            return exc.with_traceback(None), delivered
         except (av.error.FFmpegError, OSError) as exc:
             waited = time.monotonic() - last
             return self._classify(exc, waited, self._read_timeout_s, "packet"), delivered
