@@ -101,7 +101,7 @@ class SegmentName:
     @classmethod
     def parse(cls, filename: str) -> SegmentName | None:
         """The fields of a segment file name; ``None`` if it is not one."""
-        m = NAME_RE.match(filename)
+        m = NAME_RE.fullmatch(filename)  # $ alone would accept a trailing newline
         if m is None:
             return None
         first, last, start, end, size = (int(g) for g in m.groups())
@@ -128,8 +128,8 @@ def encode(
     if not packets:
         raise SegmentError("a segment needs at least one packet")
     first, last = packets[0], packets[-1]
-    if last.seq - first.seq + 1 != len(packets):
-        raise SegmentError(f"camera {first.camera}: segment seqs are not consecutive")
+    if any(p.seq != first.seq + i or p.camera != first.camera for i, p in enumerate(packets)):
+        raise SegmentError(f"camera {first.camera}: not consecutive packets of one camera")
     header = SegmentHeader(
         first.camera,
         stream.codec,
@@ -170,7 +170,7 @@ def decode(plaintext: bytes) -> tuple[SegmentHeader, list[EncodedPacket]]:
         raise SegmentError("segment header length out of range")
     try:
         header = _header_from_json(json.loads(plaintext[pos : pos + head_len]))
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         raise SegmentError(f"segment header malformed: {exc}") from exc
     pos += head_len
     packets: list[EncodedPacket] = []

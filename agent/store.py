@@ -404,7 +404,11 @@ class SegmentStore:
             self._delete(key, pinned=id(key) in pinned, expired=key in decision.expired)
 
     def _delete(self, seg: StoredSegment, *, pinned: bool, expired: bool) -> None:
-        seg.path.unlink(missing_ok=True)
+        try:
+            seg.path.unlink(missing_ok=True)
+        except OSError as exc:  # one broken camera folder must not stop every camera's writes
+            log.error("cannot delete segment %s: %s", seg.path, exc)
+            return
         with self._lock:
             segs = self._index.get(seg.camera, [])
             if seg in segs:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,17 +21,28 @@ FIGURES = {
     "trigger_to_first_byte_p99_ms",
     "trigger_to_live_frame_p99_ms",
     "agent_cpu_per_stream_pct",
+    "agent_cpu_live_per_stream_pct",
+    "agent_rss_mb_8_cameras",
+    "store_write_amplification",
+    "store_write_amplification_fs",
+    "store_recovery_s_10k_segments",
+    "store_seal_mb_s",
 }
 
 
-@pytest.mark.timeout(200)
-def test_smoke_run_prints_one_figure_per_line() -> None:
+STORE_FIGURES = {f for f in FIGURES if f.startswith("store_")}
+
+
+def smoke_figures(names: list[str], cache: Path, timeout: float) -> set[str]:
+    """Run ``python -m tests.bench NAMES --smoke``; check every line; the figures seen."""
+    env = dict(os.environ, BREAKGLASS_BENCH_CACHE=str(cache))  # test streams made here
     done = subprocess.run(
-        [sys.executable, "-m", "tests.bench", "--smoke"],
+        [sys.executable, "-m", "tests.bench", *names, "--smoke"],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=timeout,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
@@ -48,4 +60,14 @@ def test_smoke_run_prints_one_figure_per_line() -> None:
         for key in ("bench", "figure", "unit", "peer"):
             assert isinstance(fig[key], str) and fig[key], line
         seen.add(fig["figure"])
-    assert seen == FIGURES
+    return seen
+
+
+@pytest.mark.timeout(40)
+def test_store_smoke_run(tmp_path: Path) -> None:
+    assert smoke_figures(["store"], tmp_path, timeout=30) == STORE_FIGURES
+
+
+@pytest.mark.timeout(200)
+def test_smoke_run_prints_one_figure_per_line(tmp_path: Path) -> None:
+    assert smoke_figures([], tmp_path, timeout=180) == FIGURES

@@ -4,6 +4,11 @@ Every child process is started with :func:`child` (an async context manager):
 its stdout lines are collected by a reader task (never a deadlock on a full
 pipe), its stderr is forwarded line by line to ours with a prefix, and on
 exit it is stopped by its PID: SIGTERM, a bounded wait, then SIGKILL.
+
+Test streams (:func:`h264_stream`) are encoded once with PyAV's libx264 into
+the benchmark cache (``$BREAKGLASS_BENCH_CACHE``, else
+``$XDG_CACHE_HOME/breakglass-bench``, else ``~/.cache/breakglass-bench``),
+never into the repository.
 """
 
 from __future__ import annotations
@@ -14,11 +19,22 @@ import logging
 import math
 import os
 import re
+import resource
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
+
+import av
+import numpy as np
+import pyrage
+
+from provisioning.age_keys import recipient_of
 
 log = logging.getLogger("bench")
 
@@ -178,10 +194,14 @@ class ReceiverContact:
     devices_dir: Path
     data_dir: Path
     pid: int
+    #: The receiver's age recipient (agents seal segments to it).
+    age_recipient: str
 
 
 _URL_RE = re.compile(r"^receiver: (https://\S+/)\s+uplink: (wss://\S+)")
 _PIN_RE = re.compile(r"^TLS pin .*: (sha256:[0-9a-f]{64})$")
+_DEVICES_RE = re.compile(r"^allowed devices: ")
+_AGE_RE = re.compile(r"^age recipient .*: (age1[0-9a-z]+)$")
 
 
 @contextlib.asynccontextmanager
@@ -192,9 +212,155 @@ async def receiver_process(data_dir: Path) -> AsyncIterator[ReceiverContact]:
     async with child("receiver", argv) as proc:
         url, uplink = (await proc.wait_line(_URL_RE, timeout=30)).groups()
         pin = (await proc.wait_line(_PIN_RE, timeout=5)).group(1)
-        yield ReceiverContact(url, uplink, pin, data_dir / "devices", data_dir, proc.pid)
+        await proc.wait_line(_DEVICES_RE, timeout=5)
+        try:  # printed right after that line by receivers that hold an age identity
+            recipient = (await proc.wait_line(_AGE_RE, timeout=0.5)).group(1)
+        except TimeoutError:
+            recipient = recipient_of(pyrage.x25519.Identity.generate())
+            log.warning("the receiver printed no age recipient; sealing to a generated one")
+        yield ReceiverContact(url, uplink, pin, data_dir / "devices", data_dir, proc.pid, recipient)
 
 
 def make_temp_dir(prefix: str) -> tempfile.TemporaryDirectory[str]:
     """A temporary directory (never in the repository), removed on exit."""
     return tempfile.TemporaryDirectory(prefix=f"breakglass-bench-{prefix}-")
+
+
+# -- test streams ----------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """The benchmark cache (created on demand; outside the repository)."""
+    explicit = os.environ.get("BREAKGLASS_BENCH_CACHE")
+    if explicit:
+        folder = Path(explicit)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        folder = Path(base) / "breakglass-bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def encode_stream(
+    path: Path, seconds: float, width: int, height: int, fps: int, bitrate: int
+) -> None:
+    """Encode ``seconds`` of textured, moving video as CBR H.264 (Annex-B) to ``path``.
+
+    PyAV libx264, an IDR every second carrying SPS/PPS, no B-frames: what an IP
+    camera or the Pi's encoder sends.
+    """
+    rng = np.random.default_rng(20240611)
+    # A noise texture larger than the frame, panned diagonally, and a moving box:
+    # enough detail and motion that the bitrate is spent on picture, not on padding.
+    luma_tex = rng.integers(16, 236, size=(height + 256, width + 256), dtype=np.uint8)
+    chroma_tex = rng.integers(96, 160, size=(height // 2 + 128, width // 2 + 128), dtype=np.uint8)
+    enc = av.CodecContext.create("libx264", "w")
+    assert isinstance(enc, av.VideoCodecContext)
+    enc.width, enc.height, enc.pix_fmt = width, height, "yuv420p"
+    enc.framerate, enc.time_base = Fraction(fps), Fraction(1, fps)
+    enc.gop_size, enc.max_b_frames = fps, 0
+    enc.bit_rate = bitrate
+    enc.options = {
+        "preset": "ultrafast",
+        "tune": "zerolatency",
+        "maxrate": str(bitrate),
+        "bufsize": str(bitrate),
+        "x264-params": f"nal-hrd=cbr:keyint={fps}:min-keyint={fps}:scenecut=0:bframes=0"
+        ":repeat-headers=1",
+    }
+    frames = round(seconds * fps)
+    n = width * height
+    buf = np.empty(n * 3 // 2, dtype=np.uint8)
+    y = buf[:n].reshape(height, width)
+    u = buf[n : n * 5 // 4].reshape(height // 2, width // 2)
+    v = buf[n * 5 // 4 :].reshape(height // 2, width // 2)
+    box = min(200, height // 3, width // 3)
+    top = min(400, height - box)
+    with path.open("wb") as out:
+        for i in range(frames + 1):
+            frame: av.VideoFrame | None = None
+            if i < frames:
+                dx, dy = (3 * i) % 256, (2 * i) % 256
+                y[:] = luma_tex[dy : dy + height, dx : dx + width]
+                u[:] = chroma_tex[dy // 2 : dy // 2 + height // 2, dx // 2 : dx // 2 + width // 2]
+                v[:] = chroma_tex[::-1, ::-1][
+                    dy // 2 : dy // 2 + height // 2, dx // 2 : dx // 2 + width // 2
+                ]
+                bx = (i * 24) % (width - box)
+                y[top : top + box, bx : bx + box] = 235
+                frame = av.VideoFrame.from_ndarray(buf.reshape(height * 3 // 2, width), "yuv420p")
+                frame.pts = i
+            for packet in enc.encode(frame):
+                out.write(bytes(packet))
+
+
+def h264_stream(
+    seconds: float, width: int = 1920, height: int = 1080, fps: int = 30, bitrate: int = 4_000_000
+) -> Path:
+    """A test stream from the cache, encoded (blocking, once) if it is not there yet."""
+    path = cache_dir() / f"stream-v1-{width}x{height}-{fps}fps-{bitrate}bps-{seconds:g}s.h264"
+    if not path.exists():
+        log.info("encoding %g s of %dx%d for the benchmark cache: %s", seconds, width, height, path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            encode_stream(tmp, seconds, width, height, fps, bitrate)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def repeat_file(source: Path, out: Path, repeats: int) -> None:
+    """``source`` written ``repeats`` times end to end into ``out``.
+
+    ``-stream_loop`` cannot loop a raw H.264 input (FFmpeg 5.1 answers the seek
+    to the start with EPERM and stops), so ffmpeg reads the same bytes written
+    several times instead: every repeat starts with an IDR carrying SPS/PPS.
+    """
+    data = source.read_bytes()
+    with out.open("wb") as f:
+        for _ in range(repeats):
+            f.write(data)
+
+
+# -- measuring processes -----------------------------------------------------------------
+
+
+def storage_write_bytes() -> int:
+    """Bytes this process caused to be sent to storage so far (``/proc/self/io``).
+
+    Counted when page-cache pages are dirtied (whole pages), over every thread;
+    the file system's journal and metadata writes are not in it.
+    """
+    for line in Path("/proc/self/io").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == "write_bytes":
+            return int(value)
+    raise RuntimeError("/proc/self/io has no write_bytes (no task I/O accounting)")
+
+
+def run_measured(argv: Sequence[str], timeout_s: float) -> tuple[int, resource.struct_rusage]:
+    """Run ``argv`` to its end (blocking); its exit code and resource usage (``wait4``).
+
+    ``ru_oublock`` is the child's ``write_bytes`` in 512-byte units, the same
+    counter as :func:`storage_write_bytes`. Past ``timeout_s`` the child is
+    killed by its PID and this raises.
+    """
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(  # reaped by wait4 below, for its rusage
+            argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+        )
+        timer = threading.Timer(timeout_s, os.kill, (proc.pid, signal.SIGKILL))
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        text = err.read().decode(errors="replace").strip()
+    if code < 0:
+        raise RuntimeError(f"{argv[0]} killed after {timeout_s:.0f} s: {text[-2000:]}")
+    if code != 0:
+        raise RuntimeError(f"{argv[0]} exited with {code}: {text[-2000:]}")
+    return code, usage

@@ -1,0 +1,537 @@
+"""The sealed segment store on real files: layout, recovery, retention, pins, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import json
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyrage
+import pytest
+
+from agent import segment
+from agent.audit import AuditLog, verify_chain
+from agent.segment import StreamDesc
+from agent.store import Pin, SegmentStore, StoredSegment
+from hardware import EncodedPacket
+from tests.media import PacketList, make_h264_packets
+
+IDENTITY = pyrage.x25519.Identity.generate()
+T0_NS = 1_767_000_000_000_000_000
+FPS = 30
+FRAME_NS = 1_000_000_000 // FPS
+GOP = 20  # a keyframe every 0.67 s: with segment_s=1 a segment closes at the 2nd keyframe
+SEGMENT_S = 1.0
+PER_SEGMENT = 2 * GOP  # packets in every segment closed by push
+STREAM = StreamDesc("h264", 160, 120, float(FPS), b"\x00\x00\x00\x01\x67")
+WAIT_S = 10
+
+
+@pytest.fixture(scope="module")
+def media() -> PacketList:
+    """240 frames (8 s), 160x120, a keyframe every GOP frames."""
+    return make_h264_packets(240, 160, 120, fps=FPS, gop=GOP)
+
+
+class Feed:
+    """One camera's packets, numbered and timed like capture does, cycling the media."""
+
+    def __init__(self, media: PacketList, camera: str = "cam", offset_ns: int = 0) -> None:
+        self.media = media
+        self.camera = camera
+        self.offset_ns = offset_ns
+        self.seq = 0
+
+    def take(self, n: int) -> list[EncodedPacket]:
+        """The next ``n`` packets."""
+        out = []
+        for _ in range(n):
+            payload, key = self.media[self.seq % len(self.media)]
+            t = self.seq * FRAME_NS
+            out.append(
+                EncodedPacket(
+                    self.camera, self.seq, T0_NS + self.offset_ns + t, t, key, "h264", payload, t
+                )
+            )
+            self.seq += 1
+        return out
+
+
+class Sealed:
+    """Segments reported by ``store.on_sealed``, and a bounded wait for more."""
+
+    def __init__(self, store: SegmentStore) -> None:
+        self.segments: list[StoredSegment] = []
+        self._changed = asyncio.Event()
+        self.unsubscribe = store.on_sealed(self._add)
+
+    def _add(self, seg: StoredSegment) -> None:
+        self.segments.append(seg)
+        self._changed.set()
+
+    async def wait(self, n: int) -> list[StoredSegment]:
+        """Wait until ``n`` segments were sealed in all."""
+        async with asyncio.timeout(WAIT_S):
+            while len(self.segments) < n:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.segments
+
+
+@contextlib.asynccontextmanager
+async def opened(directory: Path, audit: AuditLog, **kwargs: Any) -> AsyncIterator[SegmentStore]:
+    """An open store (sealed to IDENTITY), closed on exit."""
+    store = SegmentStore(
+        directory,
+        [IDENTITY.to_public()],
+        audit=audit,
+        boot_id="boot-1",
+        segment_s=kwargs.pop("segment_s", SEGMENT_S),
+        clock=kwargs.pop("clock", lambda: T0_NS / 1e9 + 60),  # the footage is a minute old
+        **kwargs,
+    )
+    await asyncio.to_thread(store.open)
+    try:
+        yield store
+    finally:
+        async with asyncio.timeout(WAIT_S):
+            await store.close()
+
+
+@pytest.fixture
+def audit(tmp_path: Path) -> Iterator[AuditLog]:
+    log = AuditLog(tmp_path / "audit.jsonl", lambda: T0_NS / 1e9)
+    yield log
+    log.close()
+
+
+def events(audit: AuditLog, name: str | None = None) -> list[dict[str, Any]]:
+    """The trail's entries (of one event), after checking its chain."""
+    lines = audit.path.read_bytes().splitlines()
+    verify_chain(lines)
+    entries = [json.loads(x) for x in lines]
+    return [e for e in entries if name is None or e["event"] == name]
+
+
+def push(store: SegmentStore, packets: list[EncodedPacket], stream: StreamDesc = STREAM) -> None:
+    for pkt in packets:
+        store.push(pkt, stream)
+
+
+async def seal_first(store: SegmentStore, sealed: Sealed, feed: Feed) -> StoredSegment:
+    """Push a segment and the keyframe that closes it; the segment, once it is on disk."""
+    push(store, feed.take(PER_SEGMENT + 1))
+    return (await sealed.wait(1))[0]
+
+
+def open_segment(seg: StoredSegment) -> tuple[segment.SegmentHeader, list[EncodedPacket]]:
+    return segment.decode(segment.unseal(SegmentStore.read(seg), [IDENTITY]))
+
+
+def on_disk(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# -- layout ------------------------------------------------------------------------------
+
+
+async def test_segments_are_gop_aligned_consecutive_and_gapless(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    feed = Feed(media)
+    pushed = feed.take(len(media) - 5)
+    async with opened(tmp_path / "store", audit) as store:
+        sealed = Sealed(store)
+        push(store, pushed)
+        await sealed.wait(len(pushed) // PER_SEGMENT)
+        assert store.open_first_seq("cam") == len(pushed) // PER_SEGMENT * PER_SEGMENT
+    segs = store.segments("cam")
+    assert sealed.segments == segs  # each reported once it was on disk, in order
+    assert len(segs) == len(pushed) // PER_SEGMENT + 1  # close() sealed the open one
+
+    got: list[EncodedPacket] = []
+    for i, seg in enumerate(segs):
+        header, packets = open_segment(seg)
+        assert packets[0].keyframe, f"segment {i} does not start with a keyframe"
+        assert (header.first_seq, header.last_seq, header.count) == (
+            seg.first_seq,
+            seg.last_seq,
+            len(packets),
+        )
+        assert (header.camera, header.width, header.extradata) == ("cam", 160, STREAM.extradata)
+        assert seg.name.start_ms == packets[0].capture_ns // 1_000_000
+        assert seg.name.end_ms == packets[-1].capture_ns // 1_000_000
+        assert seg.path.stat().st_size == seg.name.size
+        assert stat.S_IMODE(seg.path.stat().st_mode) == 0o600
+        if i + 1 < len(segs):
+            # Closed at the first keyframe at least segment_s after its start.
+            nxt = pushed[seg.last_seq + 1]
+            assert nxt.keyframe
+            assert nxt.capture_ns - packets[0].capture_ns >= SEGMENT_S * 1e9
+            assert not any(
+                p.keyframe and p.capture_ns - packets[0].capture_ns >= SEGMENT_S * 1e9
+                for p in packets[1:]
+            )
+        got.extend(packets)
+    assert [(p.seq, p.capture_ns, p.keyframe, p.payload, p.source_ts_ns) for p in got] == [
+        (p.seq, p.capture_ns, p.keyframe, p.payload, p.source_ts_ns) for p in pushed
+    ]
+    assert on_disk(tmp_path / "store" / "cam") == sorted(s.path.name for s in segs)
+    assert store.stats.segments_written == len(segs)
+    assert store.stats.media_bytes == sum(len(p.payload) for p in pushed)
+    assert store.stats.bytes_written == sum(s.name.size for s in segs) == store.used_bytes()
+    assert events(audit) == []
+
+
+async def test_close_seals_the_open_segment(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    async with opened(tmp_path / "store", audit) as store:
+        push(store, Feed(media).take(7))
+        assert store.segments("cam") == []
+        assert store.open_first_seq("cam") == 0
+    (seg,) = store.segments("cam")
+    assert (seg.first_seq, seg.last_seq) == (0, 6)
+    assert [p.seq for p in open_segment(seg)[1]] == list(range(7))
+
+
+async def test_a_new_stream_starts_a_new_segment(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    feed = Feed(media)
+    bigger = StreamDesc("h264", 320, 240, float(FPS), b"\x00\x00\x00\x01\x67\x42")
+    async with opened(tmp_path / "store", audit) as store:
+        push(store, feed.take(GOP))
+        push(store, feed.take(GOP), bigger)  # the camera came back at another size
+    first, second = store.segments("cam")
+    assert (first.first_seq, first.last_seq, second.first_seq) == (0, GOP - 1, GOP)
+    assert open_segment(first)[0].width == 160
+    assert open_segment(second)[0].width == 320
+
+
+async def test_queries(tmp_path: Path, audit: AuditLog, media: PacketList) -> None:
+    async with opened(tmp_path / "store", audit) as store:
+        push(store, Feed(media, "b").take(3 * PER_SEGMENT))
+        push(store, Feed(media, "a").take(5))
+    assert store.cameras() == ["a", "b"]
+    segs = store.segments("b")
+    assert store.find("b", 0) == segs[0]
+    assert store.find("b", PER_SEGMENT - 1) == segs[0]
+    assert store.find("b", PER_SEGMENT) == segs[1]
+    assert store.find("b", 10**6) is None
+    assert store.find("nobody", 0) is None
+
+
+# -- start-up scan -----------------------------------------------------------------------
+
+
+async def test_reopen_rebuilds_the_index_identically(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    async with opened(tmp_path / "store", audit) as store:
+        push(store, Feed(media, "a").take(3 * PER_SEGMENT + 3))
+        push(store, Feed(media, "b", offset_ns=FRAME_NS // 2).take(PER_SEGMENT + 1))
+    before = {cam: store.segments(cam) for cam in store.cameras()}
+    async with opened(tmp_path / "store", audit) as again:
+        assert again.cameras() == ["a", "b"]
+        assert {cam: again.segments(cam) for cam in again.cameras()} == before
+        assert again.used_bytes() == store.used_bytes()
+    assert again.stats.torn_removed == 0
+    assert events(audit) == []
+
+
+async def test_open_removes_torn_leftovers_and_leaves_foreign_files(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    root = tmp_path / "store"
+    async with opened(root, audit) as store:
+        push(store, Feed(media).take(2 * PER_SEGMENT + 1))
+    whole, cut, last = store.segments("cam")
+    with cut.path.open("r+b") as f:
+        f.truncate(cut.name.size - 100)
+    leftover = root / "cam" / f".{last.path.name}.tmp"
+    leftover.write_bytes(b"half a segment")
+    foreign_in_camera = root / "cam" / "notes.txt"
+    foreign_in_camera.write_text("not footage")
+    foreign_top = root / "README"
+    foreign_top.write_text("not a camera")
+
+    async with opened(root, audit) as again:
+        assert again.segments("cam") == [whole, last]
+    assert again.stats.torn_removed == 2
+    assert not cut.path.exists()
+    assert not leftover.exists()
+    assert foreign_in_camera.read_text() == "not footage"
+    assert foreign_top.read_text() == "not a camera"
+    torn = {e["file"]: e for e in events(audit, "segment_torn")}
+    assert set(torn) == {cut.path.name, leftover.name}
+    assert torn[cut.path.name]["camera"] == "cam"
+    assert "expected" in torn[cut.path.name]["reason"]
+    assert {e["file"] for e in events(audit, "store_foreign_file")} == {
+        "README",
+        "cam/notes.txt",
+    }
+
+
+# -- retention ---------------------------------------------------------------------------
+
+
+async def test_retention_by_age(tmp_path: Path, audit: AuditLog, media: PacketList) -> None:
+    now = [T0_NS / 1e9]
+    feed = Feed(media)
+    async with opened(tmp_path / "store", audit, max_age_s=60, clock=lambda: now[0]) as store:
+        sealed = Sealed(store)
+        first = await seal_first(store, sealed, feed)
+        push(store, feed.take(PER_SEGMENT))
+        await sealed.wait(2)
+        assert first.path.exists()  # young enough
+        now[0] = first.name.end_ms / 1000 + 60.5  # the first is too old, the second is not
+        push(store, feed.take(PER_SEGMENT))
+        await sealed.wait(3)
+        assert not first.path.exists()
+        assert store.segments("cam") == sealed.segments[1:]
+    assert store.stats.evicted == 1
+    assert events(audit, "segment_pinned_evicted") == []
+
+
+async def test_quota_evicts_the_oldest_first_across_cameras(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    a, b = Feed(media, "a"), Feed(media, "b", offset_ns=500_000_000)
+    async with opened(tmp_path / "store", audit) as store:
+        sealed = Sealed(store)
+        one = await seal_first(store, sealed, a)
+        store.quota_bytes = int(3.5 * one.name.size)  # about three segments
+        # Both cameras in capture order, so segments are written in order of end time.
+        merged = sorted(
+            itertools.chain(a.take(6 * PER_SEGMENT), b.take(7 * PER_SEGMENT)),
+            key=lambda p: p.capture_ns,
+        )
+        push(store, merged)
+        written = await sealed.wait(13)
+        kept = [*store.segments("a"), *store.segments("b")]
+        assert 2 <= len(kept) <= 4
+        assert store.used_bytes() <= store.quota_bytes
+        gone = [s for s in written if s not in kept]
+        assert gone and all(not s.path.exists() for s in gone)
+        assert all(s.path.exists() for s in kept)
+        assert max(s.name.end_ms for s in gone) <= min(s.name.end_ms for s in kept)
+        assert {s.camera for s in gone} == {"a", "b"}
+        assert store.stats.evicted == len(gone)
+    assert events(audit, "segment_pinned_evicted") == []
+
+
+def test_pin_protects() -> None:
+    name = segment.SegmentName(100, 199, 0, 1, 10)
+    seg = StoredSegment("cam", name, Path("x"))
+    assert Pin("cam", 150).protects(seg)
+    assert Pin("cam", 0, 100).protects(seg)
+    assert not Pin("other", 150).protects(seg)
+    assert not Pin("cam", 200).protects(seg)
+    assert not Pin("cam", 0, 99).protects(seg)
+    assert Pin("cam", 0, acked=198).protects(seg)
+    assert not Pin("cam", 0, acked=199).protects(seg)
+    assert not Pin("cam", 0, 150, acked=150).protects(seg)
+    assert Pin("cam", 0, acked=120, holds=((121, 180),)).protects(seg)
+    assert not Pin("cam", 0, acked=120, holds=((121, 180), (181, 250))).protects(seg)
+    assert not Pin("cam", 0, 160, acked=120, holds=((121, 170),)).protects(seg)
+    assert Pin("cam", 0, acked=120, holds=((130, 250),)).protects(seg)  # 121..129 missing
+
+
+async def test_pin_protects_until_acknowledged(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    feed = Feed(media)
+    pin = Pin("cam", PER_SEGMENT, 2 * PER_SEGMENT - 1)  # the second segment, exactly
+    async with opened(tmp_path / "store", audit) as store:
+        store.pins.append(pin)
+        sealed = Sealed(store)
+        one = await seal_first(store, sealed, feed)
+        store.quota_bytes = int(2.5 * one.name.size)
+        push(store, feed.take(5 * PER_SEGMENT))
+        written = await sealed.wait(6)
+        pinned = written[1]
+        assert store.segments("cam")[0] == pinned  # older than everything else, still there
+        assert not written[0].path.exists() and not written[2].path.exists()
+
+        pin.acked = PER_SEGMENT + 10
+        pin.holds = ((PER_SEGMENT + 11, 2 * PER_SEGMENT - 2),)  # the last packet is missing
+        push(store, feed.take(PER_SEGMENT))
+        await sealed.wait(7)
+        assert pinned.path.exists()
+
+        pin.holds = ((PER_SEGMENT + 11, 2 * PER_SEGMENT + 5),)
+        push(store, feed.take(PER_SEGMENT))
+        await sealed.wait(8)
+        assert not pinned.path.exists()
+        assert pinned not in store.segments("cam")
+    assert events(audit, "segment_pinned_evicted") == []
+    assert store.stats.pinned_evicted == 0
+
+
+async def test_only_pinned_left_evicts_loudly_and_capture_continues(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    feed = Feed(media)
+    async with opened(tmp_path / "store", audit) as store:
+        store.pins.append(Pin("cam", 0))  # an emergency streaming since seq 0, nothing acked
+        sealed = Sealed(store)
+        one = await seal_first(store, sealed, feed)
+        store.quota_bytes = int(2.5 * one.name.size)
+        push(store, feed.take(4 * PER_SEGMENT))
+        written = await sealed.wait(5)
+        assert store.used_bytes() <= store.quota_bytes
+        assert store.segments("cam")[-1] == written[-1]
+    lost = events(audit, "segment_pinned_evicted")
+    assert [(e["camera"], e["first_seq"]) for e in lost[:2]] == [
+        ("cam", 0),
+        ("cam", PER_SEGMENT),
+    ]
+    assert store.stats.pinned_evicted == len(lost) >= 2
+    assert store.stats.write_errors == 0
+
+
+# -- faults ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_filesystem(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``folder`` (root only), unmounted on exit."""
+    folder.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True, timeout=30)
+
+
+async def test_full_disk_evicts_the_oldest_and_keeps_capturing(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    feed = Feed(media)
+    with small_filesystem(tmp_path / "disk", "1m") as disk:
+        async with opened(disk / "store", audit) as store:
+            sealed = Sealed(store)
+            one = await seal_first(store, sealed, feed)
+            fits = (1 << 20) // one.name.size
+            total = fits + 6
+            push(store, feed.take((total - 1) * PER_SEGMENT))
+            written = await sealed.wait(total)  # every segment was written, none lost
+            kept = store.segments("cam")
+            assert store.stats.evicted > 0
+            assert written[0] not in kept
+            assert kept[-1] == written[-1]
+            assert kept == written[len(written) - len(kept) :]  # the oldest went
+            assert on_disk(disk / "store" / "cam") == sorted(s.path.name for s in kept)
+        assert store.stats.write_errors == 0
+        assert events(audit, "segment_lost") == []
+
+
+async def test_audit_trail_on_a_full_disk_keeps_its_chain(tmp_path: Path) -> None:
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    with small_filesystem(tmp_path / "disk", "64k") as disk:
+        audit = AuditLog(disk / "audit.jsonl", lambda: T0_NS / 1e9)
+        try:
+            audit.record("agent_started")
+            filler = disk / "filler"
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                chunk = 4096
+                while chunk:
+                    try:
+                        os.write(fd, b"\0" * chunk)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        chunk //= 2
+            finally:
+                os.close(fd)
+            for i in range(40):  # fills the trail's last page, then fails
+                audit.record("segment_lost", camera="cam", first_seq=i, reason="disk full")
+            filler.unlink()
+            for i in range(3):
+                audit.record("disk_ok", n_try=i)
+        finally:
+            audit.close()
+        lines = (disk / "audit.jsonl").read_bytes().splitlines()
+    whole = [x for x in lines if x.endswith(b"}")]
+    assert len(lines) - len(whole) <= 1  # at most one fragment of a short write
+    entries, _ = verify_chain(whole)
+    assert entries == len(whole) < 44
+    assert [json.loads(x)["event"] for x in whole[-3:]] == ["disk_ok"] * 3
+
+
+async def test_writer_survives_a_failing_write(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    root = tmp_path / "store"
+    a, b = Feed(media, "a"), Feed(media, "b")
+    async with opened(root, audit) as store:
+        sealed = Sealed(store)
+        await seal_first(store, sealed, a)
+        (root / "a").rename(tmp_path / "a-moved")
+        (root / "a").write_text("the camera folder is now a file")
+        push(store, a.take(PER_SEGMENT))  # this segment cannot be written
+        push(store, b.take(PER_SEGMENT + 1))  # ... and then another camera's can
+        await sealed.wait(2)
+        assert sealed.segments[-1].camera == "b"
+        (root / "a").unlink()
+        (tmp_path / "a-moved").rename(root / "a")
+        push(store, a.take(PER_SEGMENT))
+        await sealed.wait(3)
+        assert sealed.segments[-1].camera == "a"
+    assert store.stats.write_errors == 1
+    (lost,) = events(audit, "segment_lost")
+    assert (lost["camera"], lost["first_seq"], lost["last_seq"]) == (
+        "a",
+        PER_SEGMENT,
+        2 * PER_SEGMENT - 1,
+    )
+    assert "NotADirectoryError" in lost["reason"]
+    assert [s.first_seq for s in store.segments("a")] == [0, 2 * PER_SEGMENT, 3 * PER_SEGMENT]
+
+
+async def test_a_segment_that_cannot_be_deleted_does_not_stop_other_cameras(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    root = tmp_path / "store"
+    now = [T0_NS / 1e9 + 60]
+    a, b = Feed(media, "a"), Feed(media, "b", offset_ns=120 * 10**9)
+    async with opened(root, audit, max_age_s=100, clock=lambda: now[0]) as store:
+        sealed = Sealed(store)
+        old = await seal_first(store, sealed, a)
+        (root / "a").rename(tmp_path / "a-moved")
+        (root / "a").write_text("the camera folder is now a file")
+        now[0] += 70  # camera a's segment expired, and cannot be deleted
+        push(store, b.take(PER_SEGMENT + 1))
+        await sealed.wait(2)
+        assert sealed.segments[-1].camera == "b"
+        assert store.segments("a") == [old]
+        (root / "a").unlink()
+        (tmp_path / "a-moved").rename(root / "a")
+        push(store, b.take(PER_SEGMENT))
+        await sealed.wait(3)
+        assert store.segments("a") == []
+        assert not old.path.exists()
+    assert store.stats.write_errors == 0
+    assert events(audit, "segment_lost") == []
