@@ -18,13 +18,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from agent.audit import AuditLog
 from agent.preroll import PreRoll
 from agent.statefile import SequenceReservations
-from hardware import CameraSource, EncodedPacket
+from hardware import CameraSource, EncodedPacket, StreamInfo
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,59 @@ class CameraState:
     last_packet_mono: float = 0.0
 
 
+class RetryingSource:
+    """A camera whose source could not be created yet (picamera2 missing, a busy device).
+
+    Its ``packets()`` tries to create the real source each time the capture
+    task (re)starts it, so the error is reported with the camera's backoff and
+    the camera recovers by itself once the cause is fixed; the other cameras
+    and the buttons never notice.
+    """
+
+    def __init__(
+        self,
+        camera_id: str,
+        factory: Callable[[], CameraSource],
+        first_error: Exception,
+        fallback: StreamInfo,
+    ) -> None:
+        self._id = camera_id
+        self._factory = factory
+        self._error: Exception | None = first_error
+        self._fallback = fallback
+        self._real: CameraSource | None = None
+
+    @property
+    def camera_id(self) -> str:
+        """The camera's id."""
+        return self._id
+
+    @property
+    def info(self) -> StreamInfo:
+        """The real source's stream info once it exists."""
+        return self._real.info if self._real is not None else self._fallback
+
+    def force_keyframe(self) -> bool:
+        """Pass a keyframe request on to the real source, if it exists and can."""
+        force = getattr(self._real, "force_keyframe", None)
+        return bool(force()) if callable(force) else False
+
+    async def packets(self) -> AsyncIterator[EncodedPacket]:
+        """The real source's packets; raises the creation error until it can be created."""
+        if self._real is None:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            self._real = self._factory()
+        async for packet in self._real.packets():
+            yield packet
+
+    async def aclose(self) -> None:
+        """Close the real source, if any."""
+        if self._real is not None:
+            await self._real.aclose()
+
+
 class Capture:
     """Runs every camera and fans its packets out."""
 
@@ -55,10 +108,12 @@ class Capture:
         restart_max_s: float = 10.0,
         watchdog_s: Mapping[str, float] | None = None,
         audit: AuditLog | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.sources = sources
         self.watchdog_s = {cam: (watchdog_s or {}).get(cam, 5.0) for cam in sources}
         self.audit = audit
+        self._on_change = on_change
         self.seqs = seqs
         self.prerolls = {cam: PreRoll(preroll_s, preroll_max_bytes) for cam in sources}
         self.state = {cam: CameraState() for cam in sources}
@@ -146,6 +201,8 @@ class Capture:
                             silent_s=round(silent, 1),
                             error=state.last_error,
                         )
+                    if self._on_change is not None:
+                        self._on_change()
 
     def _deliver(self, cam: str, packet: EncodedPacket) -> None:
         packet = packet.numbered(self.seqs.next(cam))
@@ -158,6 +215,8 @@ class Capture:
             log.warning("camera %s recovered", cam)
             if self.audit is not None:
                 self.audit.record("camera_recovered", camera=cam)
+            if self._on_change is not None:
+                self._on_change()
         self.prerolls[cam].push(packet)
         self._first_packet[cam].set()
         for sink in self._sinks:

@@ -20,7 +20,7 @@ from typing import Any
 
 from agent import protocol as p
 from agent.audit import AuditLog
-from agent.capture import Capture
+from agent.capture import Capture, RetryingSource
 from agent.changes import Changes
 from agent.config import AgentConfig, CameraConfig
 from agent.emergency import Emergency, Ended, Session, Started
@@ -29,9 +29,12 @@ from agent.statefile import SequenceReservations, read_json, write_json
 from agent.store import SegmentStore
 from agent.uplink import SessionStream, UplinkClient
 from agent.zones import cameras_to_stream
-from hardware import CameraSource, EncodedPacket
+from hardware import CameraError, CameraSource, EncodedPacket, StreamInfo
+from hardware.av_source import FileCamera
 from hardware.button import PanicButton, PressEvent, loop_callback
 from hardware.led import LedPattern, StatusLed
+from hardware.picamera import PiCamera
+from hardware.rtsp import RtspCamera
 from hardware.synthetic import SyntheticCamera
 from provisioning.keys import load_private_key
 
@@ -39,7 +42,21 @@ log = logging.getLogger(__name__)
 
 
 def make_source(camera: CameraConfig) -> CameraSource:
-    """The camera source a config entry describes."""
+    """The camera source a config entry describes (picamera2 is imported only when used)."""
+    if camera.source == "rtsp":
+        assert camera.url is not None  # the config requires it
+        return RtspCamera(camera.id, camera.url)
+    if camera.source == "file":
+        assert camera.path is not None
+        return FileCamera(camera.id, camera.path)
+    if camera.source == "picamera":
+        return PiCamera(
+            camera.id,
+            width=camera.width,
+            height=camera.height,
+            fps=camera.fps,
+            keyframe_interval_s=camera.keyframe_interval_s,
+        )
     return SyntheticCamera(
         camera.id,
         width=camera.width,
@@ -145,7 +162,7 @@ class Agent:
             unacked_max_bytes=cfg.unacked_max_bytes,
             on_change=self._update_led,
         )
-        sources = {c.id: self._source_factory(c) for c in cfg.cameras}
+        sources = {c.id: self._make_source(c) for c in cfg.cameras}
         self.capture = Capture(
             sources,
             SequenceReservations(cfg.state_dir / "sequences.json"),
@@ -153,6 +170,7 @@ class Agent:
             preroll_max_bytes=cfg.preroll_max_bytes,
             watchdog_s={c.id: c.watchdog_s for c in cfg.cameras},
             audit=self.audit,
+            on_change=self.changes.notify,
         )
         self.capture.subscribe(self._to_store)
         self.capture.subscribe(self._on_packet)
@@ -208,6 +226,15 @@ class Agent:
             self.led.close()
         self._stopped.set()
 
+    def _make_source(self, camera: CameraConfig) -> CameraSource:
+        try:
+            return self._source_factory(camera)
+        except CameraError as exc:  # a broken camera never keeps the agent from arming
+            log.error("camera %s: %s", camera.id, exc)
+            self.audit.record("camera_fault", camera=camera.id, error=str(exc)[:300])
+            info = StreamInfo("h264", camera.width, camera.height, camera.fps, b"")
+            return RetryingSource(camera.id, lambda: self._source_factory(camera), exc, info)
+
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
@@ -257,6 +284,10 @@ class Agent:
             await asyncio.to_thread(self._save_owed)
 
     def _start_streaming(self, session: Session, *, resume: bool = False) -> None:
+        for source in self.capture.sources.values():
+            force = getattr(source, "force_keyframe", None)  # encoders we drive (Pi, synthetic)
+            if callable(force):
+                force()  # the live view gets a fresh keyframe at once
         descs: list[p.CameraDesc] = []
         preroll: dict[int, list[EncodedPacket]] = {}
         owed = self._owed.get(session.id)
@@ -420,7 +451,12 @@ class Agent:
             "state": self.emergency.state.value,
             "uplink_connected": self.uplink.connected,
             "cameras": [
-                {"id": c.id, "zone": c.zone, "healthy": self.capture.state[c.id].healthy}
+                {
+                    "id": c.id,
+                    "zone": c.zone,
+                    "healthy": self.capture.state[c.id].healthy,
+                    "fault": self.capture.state[c.id].fault,
+                }
                 for c in self.config.cameras
             ],
             "session": None

@@ -1,0 +1,93 @@
+"""A broken camera never takes the agent, the other cameras or the button down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config
+from agent.daemon import Agent
+from breakglass.demo import press_button, write_agent_config
+from receiver.server import Receiver
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
+    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
+        yield rx
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A TCP port on 127.0.0.1 that accepts connections and never says a word."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
+def audit_events(agent: Agent) -> list[dict[str, object]]:
+    path = agent.config.state_dir / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def test_a_camera_that_never_answers_is_a_fault_and_the_rest_streams(
+    tmp_path: Path, receiver: Receiver, silent_port: int
+) -> None:
+    path = write_agent_config(tmp_path / "agent", receiver, fps=30)
+    text = path.read_text().replace(
+        'id = "front-door"\nzone = "exterior"\nsource = "synthetic"',
+        f'id = "front-door"\nzone = "exterior"\nsource = "rtsp"\n'
+        f'url = "rtsp://admin:hunter2@127.0.0.1:{silent_port}/stream"\nwatchdog_s = 1',
+    )
+    path.write_text(text)
+    async with Agent(load_config(path)) as agent:
+        await agent.wait_until(lambda: agent.capture.state["front-door"].fault)
+        assert not agent.capture.state["hallway-2"].fault
+        await agent.capture.wait_ready("hallway-2")
+        await agent.uplink.wait_until(lambda: agent.uplink.connected)
+        press_button(agent)  # the button still works
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+        await agent.wait_until(lambda: agent.uplink.stream(session.id) is not None)
+        stream = agent.uplink.stream(session.id)
+        assert stream is not None
+        assert [c.id for c in stream.open.cameras] == ["hallway-2"]
+        await agent.uplink.wait_until(lambda: stream.acked[0] > stream.preroll_end[0] + 10)
+        status = agent.status()
+        assert {c["id"]: c["fault"] for c in status["cameras"]} == {
+            "front-door": True,
+            "hallway-2": False,
+        }
+    faults = [e for e in audit_events(agent) if e["event"] == "camera_fault"]
+    assert [e["camera"] for e in faults] == ["front-door"]
+    log_text = (agent.config.state_dir / "audit.log").read_text()
+    assert "hunter2" not in log_text  # credentials in a camera URL never reach the trail
+
+
+async def test_a_pi_camera_without_picamera2_is_audited_and_the_agent_arms(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    path = write_agent_config(tmp_path / "agent", receiver, fps=30)
+    path.write_text(
+        path.read_text().replace(
+            'id = "front-door"\nzone = "exterior"\nsource = "synthetic"',
+            'id = "front-door"\nzone = "exterior"\nsource = "picamera"',
+        )
+    )
+    async with Agent(load_config(path)) as agent:
+        await agent.capture.wait_ready("hallway-2")
+        event = next(e for e in audit_events(agent) if e["event"] == "camera_fault")
+        assert event["camera"] == "front-door"
+        assert "pi" in str(event["error"])  # names the extra to install
+        assert agent.emergency.state.value == "idle"
+        async with asyncio.timeout(5):
+            await agent.wait_until(lambda: agent.capture.state["hallway-2"].healthy)
