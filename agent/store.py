@@ -189,12 +189,12 @@ class SegmentStore:
         if cur is not None and cur.packets:
             first, last = cur.packets[0], cur.packets[-1]
             prev = self._streams[packet.camera]
+            # 0.95: a keyframe a hair before segment_s closes it, not one GOP later.
             if (
                 packet.seq != last.seq + 1
                 or (stream is not prev and stream != prev)  # a new stream starts a segment
                 or cur.nbytes + len(packet.payload) > segment.MAX_SEGMENT_BYTES
                 or (
-                    # (0.95: a keyframe a hair before segment_s closes it, not one GOP later)
                     packet.keyframe
                     and (
                         packet.capture_ns - first.capture_ns >= self.segment_s * 0.95e9
