@@ -1,65 +1,49 @@
-"""One camera's durable recording inside an emergency session (remux only).
+"""One camera's recording in an emergency session: runs, declared gaps, bad segments.
 
-Theory of operation. Each appended Annex-B access unit is muxed by PyAV's
-mov muxer into a fragmented MP4 (one fragment per frame) that is written
-straight to the part file through :class:`_PartWriter`. The writer also
-splits the byte stream into boxes, so we learn which samples are in complete
-fragments on the file descriptor: FFmpeg emits a frame's fragment only when
-the next frame is muxed (or at close), and we never assume that but count
-``trun`` samples. Samples are gapless per camera, so the n-th sample of a
-part has sequence number ``part.first_seq + n``. :meth:`CameraRecording.flush`
-fsyncs in a worker thread (one fsync in flight; callers arriving meanwhile
-share the next one) and only then moves ``durable_seq`` forward: that is the
-sequence number the ingest may acknowledge.
+Theory of operation. Footage of a camera can arrive out of order: the live
+lane skips ahead when the uplink is slower than the camera, older pre-roll
+and skipped footage arrive later (as packets or sealed segments), and a
+resend after a reconnect repeats what is already here. The recording is a
+set of **runs** (:class:`receiver.run.Run`), each a contiguous range of seqs
+written in order into its own part file(s), started at a keyframe. A packet
+goes to the run whose next seq it is; a seq a run already holds is a
+duplicate and dropped; a keyframe that fits no run starts a new run; a
+non-keyframe that fits no run is dropped (the agent resends from a
+keyframe-aligned segment). A run that reaches the first seq of the next run,
+or a range the device declared lost (:meth:`CameraRecording.declare_gap`), is
+complete: its file is finished, so its last frame becomes durable.
 
-PyAV cannot append to an existing fMP4, so after a restart, a write failure
-or a re-opened session the camera continues in a new part file
-(``<camera>.mp4``, ``<camera>.1.mp4``, ...), listed in ``session.json`` before
-it gets any data.
+What is durable is a set of seq ranges; with the declared gaps it gives the
+cumulative ack (every seq from the session's first seq on is durable or
+declared) and the ``holds`` beyond it (:mod:`receiver.seqranges`). The live
+feed follows the run of the newest live packet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import enum
 import logging
-import os
-from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from fractions import Fraction
-from io import BytesIO
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import av
-from av.container import OutputContainer
-from av.video.stream import VideoStream
-
-from receiver.errors import (
-    BitstreamError,
-    InvalidPacketError,
-    MissingSpsError,
-    NotKeyframeError,
-    RecordingClosedError,
-    RecordingFailedError,
-    SequenceGapError,
-)
-from receiver.fmp4 import Fragment, FragmentSplitter, InitSegment, scan_file
-from receiver.h264 import annex_b_from_avcc, has_sps, mse_codec_string, parameter_sets
+from receiver import seqranges
+from receiver.errors import MissingSpsError, RecordingClosedError
+from receiver.h264 import annex_b_from_avcc, mse_codec_string, parameter_sets
 from receiver.livefeed import LiveFeed
+from receiver.run import FragmentListener, PartInfo, Run
+from receiver.summaries import BadSegment, DeclaredGap, part_file
 
-__all__ = ["CameraRecording", "FragmentListener", "PartInfo", "TrackInfo"]
+__all__ = ["CameraRecording", "Outcome", "TrackInfo"]
 
 _LOG = logging.getLogger(__name__)
 
-#: MP4 time base of every recording: the 90 kHz clock of MPEG video.
-TIME_BASE = Fraction(1, 90_000)
-_MUX_OPTIONS = {
-    "movflags": "frag_every_frame+empty_moov+default_base_moof",
-    "flush_packets": "1",
-}
+#: Bad segments remembered per camera (a broken device must not grow session.json forever).
+MAX_BAD_SEGMENTS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,164 +58,111 @@ class TrackInfo:
     fps: float
     #: Codec extradata: Annex-B SPS/PPS (may be empty if only in-band).
     extradata: bytes
-    #: Sequence number of the first packet the session will carry.
+    #: The session's first seq of this camera (its oldest pre-roll packet).
     first_seq: int
+    #: Where the live lane starts on this connection (``None``: at ``first_seq``).
+    live_seq: int | None = None
 
 
-@dataclass(slots=True)
-class PartInfo:
-    """One part file of a camera, as recorded in ``session.json``."""
+class Outcome(enum.Enum):
+    """What :meth:`CameraRecording.append` did with a packet."""
 
-    file: str
-    first_seq: int
-    #: Capture time (UTC µs) of the part's first sample: its pts 0.
-    first_capture_us: int | None = None
+    APPENDED = "appended"
+    DUPLICATE = "duplicate"
+    DROPPED = "dropped"
 
 
-class FragmentListener(Protocol):
-    """Receives a camera's fMP4 output as it is written (the live feed)."""
+class _Route(enum.Enum):
+    APPEND = 1
+    NEW_RUN = 2
+    DUPLICATE = 3
+    DROP = 4
+
+
+class _Fanout:
+    """Forwards the feed run's output to the camera's listeners (the live feed)."""
+
+    def __init__(self) -> None:
+        self.listeners: list[FragmentListener] = []
+        self.init: bytes | None = None
+
+    def _each(self, call: Callable[[FragmentListener], None]) -> None:
+        for listener in list(self.listeners):
+            try:
+                call(listener)
+            except Exception:
+                _LOG.exception("fragment listener failed; removed")
+                with contextlib.suppress(ValueError):
+                    self.listeners.remove(listener)
 
     def init_segment(self, data: bytes) -> None:
-        """``ftyp`` + ``moov`` of the current part; sent before any fragment."""
+        self.init = data
+        self._each(lambda listener: listener.init_segment(data))
 
     def media_fragment(self, data: bytes, keyframe: bool, capture_us: int) -> None:
-        """One ``moof`` + ``mdat``; ``keyframe`` and ``capture_us`` of its first sample."""
+        self._each(lambda listener: listener.media_fragment(data, keyframe, capture_us))
 
     def end_of_stream(self) -> None:
-        """The recording was closed; no more data will come."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Sample:
-    seq: int
-    keyframe: bool
-    capture_us: int
-
-
-class _PartWriter:
-    """File-like sink for PyAV: writes to the part file and splits boxes.
-
-    It has no ``seek``, so the muxer treats it as a non-seekable stream.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd: int | None = fd
-        self._splitter = FragmentSplitter()
-        self.units: list[InitSegment | Fragment] = []
-
-    def detach(self) -> None:
-        """Refuse further writes (the fd may be closed and its number reused)."""
-        self._fd = None
-
-    def write(self, data: bytes) -> int:
-        """Write all of ``data`` to the file, then parse it into boxes."""
-        if self._fd is None:
-            raise OSError("part file is detached")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        self.units.extend(self._splitter.feed(data))
-        return len(data)
-
-
-#: How long bookkeeping changes wait before session.json is rewritten.
-METADATA_DELAY_S = 1.0
-
-
-def _open_part_file(path: Path, sync_dir: bool) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    if sync_dir:  # the new name must survive a power cut, not only its data
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return fd
-
-
-def _scan_part(path: Path, repair: bool) -> tuple[int, bytes | None]:
-    """Samples in complete fragments and the avcC; with ``repair`` cut a torn tail."""
-    try:
-        with open(path, "r+b" if repair else "rb") as f:
-            result = scan_file(f)
-            if repair:
-                if result.torn:
-                    _LOG.warning(
-                        "%s: truncating torn tail %d -> %d bytes",
-                        path,
-                        result.file_size,
-                        result.valid_end,
-                    )
-                    f.truncate(result.valid_end)
-                # Whatever survived a crash in the page cache becomes durable now,
-                # before we report it as acknowledged.
-                os.fsync(f.fileno())
-            return result.samples, result.avcc
-    except FileNotFoundError:
-        return 0, None
+        self._each(lambda listener: listener.end_of_stream())
+        self.listeners.clear()
+        self.init = None
 
 
 class CameraRecording:
     """The durable recording of one camera of one session.
 
     Created by :class:`receiver.recording.SessionRecording`; use
-    :meth:`append`, :meth:`flush` and :meth:`add_listener`.
+    :meth:`append`, :meth:`flush`, :meth:`declare_gap` and :meth:`add_listener`.
     """
 
     def __init__(
         self,
         track: TrackInfo,
         directory: Path,
-        parts: list[PartInfo],
         *,
         first_live_seq: int | None,
         mark_dirty: Callable[[], None],
-        save_metadata: Callable[[], Coroutine[Any, Any, None]],
+        save_soon: Callable[[], None],
+        save: Callable[[], Coroutine[Any, Any, None]],
         mono_ns: Callable[[], int],
-        stem: str | None = None,
     ) -> None:
         self.track = track
-        #: File name stem of the part files: the camera id, or ``<id>.preroll``.
-        self.stem = stem or track.camera_id
         self._dir = directory
-        self.parts = parts
+        #: Runs in seq order; they never overlap.
+        self.runs: list[Run] = []
+        #: Ranges the device declared lost, in the order declared.
+        self.gaps: list[DeclaredGap] = []
+        #: Sealed segments of this camera that could not be recorded.
+        self.bad_segments: list[BadSegment] = []
+        #: The first seq flagged as captured after the press (None until one arrived).
         self.first_live_seq = first_live_seq
         self._mark_dirty = mark_dirty
-        self._save_metadata = save_metadata
+        self._save_soon = save_soon
+        self._save = save
         self._mono_ns = mono_ns
-        self._listeners: list[FragmentListener] = []
-        #: The live feed fed by this camera while it is writable (None before).
+        self._gap_ranges: list[tuple[int, int]] = []
+        self._fanout = _Fanout()
+        self._feed_run: Run | None = None
+        self._live_max = -1
+        #: The live feed while the camera is writable (None before).
         self.live: LiveFeed | None = None
         self._param_sets = b""
         self.mse_codec: str | None = None
         with contextlib.suppress(MissingSpsError):  # extradata may be empty or unusable
             self._param_sets = parameter_sets(track.extradata).annex_b()
             self.mse_codec = mse_codec_string(track.extradata)
-        self._fd: int | None = None
-        self._writer: _PartWriter | None = None
-        self._out: OutputContainer | None = None
-        self._stream: VideoStream | None = None
-        self._init: bytes | None = None
-        self._pending: deque[_Sample] = deque()
-        self._prior_frames = 0  # durable frames in parts before the current one
-        self._part_written = 0  # samples of the current part in complete fragments on the fd
-        self._part_durable = 0  # ... of which an fsync completed
-        self._last_seq = track.first_seq - 1
-        self._origin_us = 0
-        self._last_pts = -1
-        self._fsync_task: asyncio.Task[None] | None = None
-        self._meta_task: asyncio.Task[None] | None = None
-        self._writable = False
-        self._failure: BaseException | None = None
-        #: Packets whose capture time did not increase (pts bumped by one tick).
-        self.timestamp_fixups = 0
-        #: Resent packets that were already recorded, ignored.
+        self._active = False
+        self._lock = asyncio.Lock()  # held while runs or part files are added
+        self._closing: set[asyncio.Task[None]] = set()
+        #: Packets already held (resends), dropped.
         self.duplicates = 0
+        #: Non-keyframes that fit no run (and packets before the session), dropped.
+        self.dropped = 0
         #: ``mono_ns()`` when the first fsync covering a sample (a live sample) completed.
         self.first_durable_mono_ns: int | None = None
         self.first_live_durable_mono_ns: int | None = None
 
-    # -- state -----------------------------------------------------------
+    # -- RunHost ---------------------------------------------------------
 
     @property
     def camera_id(self) -> str:
@@ -239,406 +170,394 @@ class CameraRecording:
         return self.track.camera_id
 
     @property
-    def writable(self) -> bool:
-        """Whether :meth:`append` accepts packets (open, not closed or failed)."""
-        return self._writable and self._failure is None
+    def fps(self) -> float:
+        """The announced frame rate."""
+        return self.track.fps
 
-    @property
-    def has_unflushed(self) -> bool:
-        """Whether complete fragments were written that no fsync covers yet.
+    def parameter_sets(self) -> bytes:
+        """Annex-B SPS/PPS known for this camera (from extradata or a keyframe)."""
+        return self._param_sets
 
-        The sample muxed last is normally not among them: FFmpeg writes its
-        fragment only with the next packet or at :meth:`close`.
-        """
-        return self._part_written > self._part_durable
+    def learn_parameter_sets(self, data: bytes) -> None:
+        """Remember SPS/PPS from a keyframe or an ``avcC`` record."""
+        with contextlib.suppress(MissingSpsError):
+            if data[:1] == b"\x01":  # avcC record, not Annex-B
+                self._param_sets = annex_b_from_avcc(data)
+            elif not self._param_sets:
+                self._param_sets = parameter_sets(data).annex_b()
+            self.mse_codec = self.mse_codec or mse_codec_string(data)
 
-    @property
-    def has_open_file(self) -> bool:
-        """Whether a part file is open (writable, or failed and not yet released)."""
-        return self._fd is not None
-
-    @property
-    def durable_seq(self) -> int:
-        """Highest sequence number on disk after an fsync (``first_seq - 1`` if none)."""
-        if not self.parts:
-            return self.track.first_seq - 1
-        return self.parts[-1].first_seq + self._part_durable - 1
-
-    @property
-    def last_seq(self) -> int:
-        """Highest sequence number appended (muxed, maybe not yet durable)."""
-        return self._last_seq
-
-    @property
-    def frames_durable(self) -> int:
-        """Frames on disk after an fsync, over all part files."""
-        return self._prior_frames + self._part_durable
-
-    @property
-    def preroll_frames(self) -> int:
-        """Durable frames from before the trigger (the prefix before ``first_live_seq``)."""
-        last_preroll = self.durable_seq
-        if self.first_live_seq is not None:
-            last_preroll = min(last_preroll, self.first_live_seq - 1)
-        return max(0, min(self.frames_durable, last_preroll - self.track.first_seq + 1))
-
-    @property
-    def live_frames(self) -> int:
-        """Durable frames captured after the trigger."""
-        return self.frames_durable - self.preroll_frames
-
-    @property
-    def init_segment(self) -> bytes | None:
-        """The current part's init segment, once the first packet was muxed."""
-        return self._init
-
-    def part_path(self, part: PartInfo) -> Path:
-        """Absolute path of one of this camera's part files."""
-        return self._dir / part.file
-
-    def add_listener(self, listener: FragmentListener) -> Callable[[], None]:
-        """Send fragments to ``listener`` from now on; returns the unsubscribe.
-
-        If the init segment is already known it is delivered at once.
-        """
-        self._listeners.append(listener)
-        if self._init is not None:
-            listener.init_segment(self._init)
-
-        def remove() -> None:
-            with contextlib.suppress(ValueError):
-                self._listeners.remove(listener)
-
-        return remove
-
-    # -- opening ---------------------------------------------------------
-
-    async def _scan(self, repair: bool) -> None:
-        """Count durable samples of all parts on disk; with ``repair`` cut torn tails."""
-        self._prior_frames = 0
-        self._part_durable = self._part_written = 0
-        for i, part in enumerate(self.parts):
-            samples, avcc = await asyncio.to_thread(_scan_part, self._dir / part.file, repair)
-            if avcc is not None:
-                with contextlib.suppress(MissingSpsError):
-                    self._param_sets = annex_b_from_avcc(avcc)
-                    self.mse_codec = self.mse_codec or mse_codec_string(avcc)
-            if i < len(self.parts) - 1:
-                self._prior_frames += samples
-            else:
-                self._part_durable = self._part_written = samples
-        self._last_seq = self.durable_seq
-
-    def _plan_part(self) -> None:
-        """Choose the part file to write next (after :meth:`_scan` with repair)."""
-        if self.parts and self._part_durable == 0:
-            return  # the last part holds nothing: rewrite it from the start
-        self._prior_frames += self._part_durable
-        first_seq = self.durable_seq + 1
-        n = len(self.parts)
-        name = f"{self.stem}.mp4" if n == 0 else f"{self.stem}.{n}.mp4"
-        self.parts.append(PartInfo(name, first_seq))
-        self._part_durable = self._part_written = 0
-
-    async def _open_part(self, *, sync_dir: bool = True) -> None:
-        """Create the planned part file and accept packets.
-
-        The part must be listed in session.json before it gets data; with
-        ``sync_dir=False`` the caller saves session.json next, whose folder
-        fsync makes the new file's name durable too (one fsync for all parts).
-        """
-        path = self._dir / self.parts[-1].file
-        self._fd = await asyncio.to_thread(_open_part_file, path, sync_dir)
-        self._writer = _PartWriter(self._fd)
-        self._out = self._stream = self._init = None
-        self._pending.clear()
-        self._failure = None
-        self._writable = True
-        if self.live is None or self.live.closed:
-            self.live = LiveFeed()
-            self.add_listener(self.live)
-
-    # -- appending -------------------------------------------------------
-
-    def append(
-        self, seq: int, capture_us: int, keyframe: bool, preroll: bool, payload: bytes
-    ) -> None:
-        """Remux one Annex-B access unit into the recording.
-
-        A ``seq`` at or below the last appended one is a resend and is
-        ignored; a skipped ``seq`` raises :class:`SequenceGapError`. The
-        session's first packet must be a keyframe (:class:`NotKeyframeError`).
-        """
-        self._raise_if_failed()
-        if not self._writable:
-            raise RecordingClosedError(f"camera {self.camera_id!r}: recording is closed")
-        if seq <= self._last_seq:
-            self.duplicates += 1
-            return
-        if seq != self._last_seq + 1:
-            raise SequenceGapError(self.camera_id, self._last_seq + 1, seq)
-        if not payload:
-            raise InvalidPacketError(f"camera {self.camera_id!r}: empty payload at seq {seq}")
-        if self._out is None:
-            self._start_muxer(seq, capture_us, keyframe, payload)
-        assert self._out is not None
-        assert self._stream is not None
-        if self.mse_codec is None and keyframe:
-            with contextlib.suppress(MissingSpsError):
-                self.mse_codec = mse_codec_string(payload)
-        pts = ((capture_us - self._origin_us) * 9 + 50) // 100  # µs -> 90 kHz, rounded
-        if pts <= self._last_pts:
-            pts = self._last_pts + 1
-            self.timestamp_fixups += 1
-        packet = av.Packet(payload)
-        packet.stream = self._stream
-        packet.time_base = TIME_BASE
-        packet.pts = packet.dts = pts
-        if self._last_pts < 0:
-            packet.duration = round(90_000 / self.track.fps) if self.track.fps > 0 else 3000
-        else:
-            packet.duration = pts - self._last_pts
-        packet.is_keyframe = keyframe
-        try:
-            self._out.mux_one(packet)
-        except Exception as exc:
-            self._fail(exc)
-            raise RecordingFailedError(
-                f"camera {self.camera_id!r}: muxing seq {seq} failed: {exc}"
-            ) from exc
-        self._last_seq = seq
-        self._last_pts = pts
-        self._pending.append(_Sample(seq, keyframe, capture_us))
-        if not preroll and self.first_live_seq is None:
-            self.first_live_seq = seq
-            self._mark_dirty()
-        self._dispatch()
-
-    def _start_muxer(self, seq: int, capture_us: int, keyframe: bool, payload: bytes) -> None:
-        if not keyframe and seq == self.track.first_seq:
-            raise NotKeyframeError(
-                f"camera {self.camera_id!r}: the first packet (seq {seq}) must be a keyframe"
-            )
-        template = payload if has_sps(payload) else self._param_sets + payload
-        if not has_sps(template):
-            raise MissingSpsError(
-                f"camera {self.camera_id!r}: no SPS in seq {seq} nor in the track extradata"
-            )
-        try:
-            with av.open(BytesIO(template), format="h264") as src:
-                tpl = src.streams.video[0]
-                if tpl.codec_context.width <= 0:
-                    raise BitstreamError(f"camera {self.camera_id!r}: unreadable SPS")
-                assert self._writer is not None
-                out = av.open(self._writer, "w", format="mp4", options=_MUX_OPTIONS)
-                stream = out.add_stream_from_template(tpl)
-        except av.FFmpegError as exc:
-            raise BitstreamError(
-                f"camera {self.camera_id!r}: cannot read H.264 at seq {seq}: {exc}"
-            ) from exc
-        stream.time_base = TIME_BASE
-        created = datetime.fromtimestamp(capture_us / 1e6, UTC)
-        out.metadata["creation_time"] = created.isoformat(timespec="microseconds")
-        stream.metadata["title"] = f"{self.camera_id} from seq {seq}"
-        self._out, self._stream = out, stream
-        self._origin_us = capture_us
-        self._last_pts = -1
-        self.parts[-1].first_capture_us = capture_us
+    def mark_dirty(self) -> None:
+        """Bookkeeping changed (saved later)."""
         self._mark_dirty()
 
-    def _dispatch(self) -> None:
-        """Account for the units the writer completed and pass them to listeners."""
-        assert self._writer is not None
-        units, self._writer.units = self._writer.units, []
-        for unit in units:
-            if isinstance(unit, InitSegment):
-                self._init = unit.data
-                self._notify_init(unit.data)
-                continue
-            if unit.sample_count < 1 or unit.sample_count > len(self._pending):
-                self._fail(AssertionError("fragment sample count out of step with appends"))
-                raise RecordingFailedError(
-                    f"camera {self.camera_id!r}: fragment with {unit.sample_count} samples, "
-                    f"{len(self._pending)} pending"
-                )
-            first = self._pending[0]
-            for _ in range(unit.sample_count):
-                self._pending.popleft()
-            self._part_written += unit.sample_count
-            self._notify_fragment(unit.data, first.keyframe, first.capture_us)
+    def save_metadata_soon(self) -> None:
+        """Save ``session.json`` a little later."""
+        self._save_soon()
 
-    def _notify_init(self, data: bytes) -> None:
-        self._notify(lambda listener: listener.init_segment(data))
-
-    def _notify_fragment(self, data: bytes, keyframe: bool, capture_us: int) -> None:
-        self._notify(lambda listener: listener.media_fragment(data, keyframe, capture_us))
-
-    def _notify(self, call: Callable[[FragmentListener], None]) -> None:
-        for listener in list(self._listeners):
-            try:
-                call(listener)
-            except Exception:
-                _LOG.exception("camera %r: fragment listener failed; removed", self.camera_id)
-                with contextlib.suppress(ValueError):
-                    self._listeners.remove(listener)
-
-    def _raise_if_failed(self) -> None:
-        if self._failure is not None:
-            raise RecordingFailedError(
-                f"camera {self.camera_id!r}: recording failed: {self._failure!r}; "
-                "re-open the session to continue in a new part file"
-            ) from self._failure
-
-    def _fail(self, exc: BaseException) -> None:
-        self._failure = exc
-        self._release_muxer()
-
-    def _release_muxer(self) -> None:
-        if self._writer is not None:
-            self._writer.detach()
-        out, self._out, self._stream = self._out, None, None
-        if out is not None:
-            with contextlib.suppress(Exception):
-                out.close()
-
-    # -- durability ------------------------------------------------------
-
-    async def flush(self) -> int:
-        """Make everything written so far durable; return :attr:`durable_seq`.
-
-        Group commit: one fsync runs at a time; callers that arrive while it
-        runs wait for it and then share one more fsync covering their data.
-        Returns once the data written before the call is durable. Raises
-        :class:`RecordingFailedError` once writing or an fsync has failed.
-        """
-        self._raise_if_failed()
-        target = self._part_written
-        while self._part_durable < target:
-            task = self._fsync_task
-            if task is None:
-                task = asyncio.create_task(
-                    self._fsync_once(), name=f"fsync {self._dir.name}/{self.camera_id}"
-                )
-                task.add_done_callback(_retrieve)
-                self._fsync_task = task
-            await asyncio.shield(task)
-        return self.durable_seq
-
-    async def _fsync_once(self) -> None:
-        try:
-            target = self._part_written
-            # The part list was saved before the part got data. What changes later
-            # (first_live_seq, the part's first capture time) is bookkeeping, not
-            # footage: it is saved beside the data fsync, never in front of an ack.
-            self._save_metadata_soon()
-            fd = self._fd
-            if fd is None:
-                raise RecordingFailedError(f"camera {self.camera_id!r}: part file already closed")
-            try:
-                await asyncio.to_thread(os.fsync, fd)
-            except OSError as exc:
-                # After a failed fsync the kernel may have dropped the dirty pages:
-                # never fsync this file again and call it durable.
-                self._fail(exc)
-                raise RecordingFailedError(
-                    f"camera {self.camera_id!r}: fsync failed: {exc}"
-                ) from exc
-            self._commit(target)
-        finally:
-            self._fsync_task = None
-
-    def _save_metadata_soon(self) -> None:
-        # Debounced: the first seconds of a session are when acks matter most, and
-        # its session.json rewrites (two fsyncs each) would compete with the data's.
-        if self._meta_task is None or self._meta_task.done():
-            self._meta_task = asyncio.create_task(self._save_metadata_later(), name="session.json")
-            self._meta_task.add_done_callback(_retrieve)
-
-    async def _save_metadata_later(self) -> None:
-        await asyncio.sleep(METADATA_DELAY_S)
-        await self._save_metadata()
-
-    def _commit(self, target: int) -> None:
-        if target <= self._part_durable:
-            return
-        self._part_durable = target
+    def committed(self, run: Run) -> None:
+        """Stamp the first durable (live) sample for the latency figures."""
         now = self._mono_ns()
         if self.first_durable_mono_ns is None:
             self.first_durable_mono_ns = now
         live = self.first_live_seq
-        if live is not None and self.durable_seq >= live:
-            self.first_live_durable_mono_ns = self.first_live_durable_mono_ns or now
+        if self.first_live_durable_mono_ns is None and live is not None and run.durable_seq >= live:
+            self.first_live_durable_mono_ns = now
 
-    async def skip_to(self, first_seq: int) -> None:
-        """The device declares every seq before ``first_seq`` lost: go on in a new part there.
+    # -- state -----------------------------------------------------------
 
-        An agent that restarts mid-emergency loses what was only in its RAM and
-        numbers on from a reserved block. The current part is finished, and a
-        new part (listed in ``session.json`` before it gets data) starts at
-        ``first_seq``; the hole is visible as the difference between the parts'
-        first sequence numbers and their sample counts.
+    @property
+    def writable(self) -> bool:
+        """Whether the camera takes packets (its session is open here)."""
+        return self._active
+
+    @property
+    def has_unflushed(self) -> bool:
+        """Whether written data (or a finishing run) awaits an fsync."""
+        return bool(self._closing) or any(r.has_unflushed for r in self.runs)
+
+    @property
+    def has_open_file(self) -> bool:
+        """Whether any run has a part file open."""
+        return any(r.has_open_file for r in self.runs)
+
+    def held(self) -> list[tuple[int, int]]:
+        """Durable seq ranges, merged."""
+        return seqranges.merge(rng for run in self.runs for rng in run.held())
+
+    @property
+    def durable_seq(self) -> int:
+        """Every seq from the session's first one up to this is durable or declared lost."""
+        return seqranges.cumulative(self.track.first_seq, [*self.held(), *self._gap_ranges])
+
+    def ack_state(self, limit: int) -> tuple[int, tuple[tuple[int, int], ...]]:
+        """The cumulative ack and the durable ranges beyond it (at most ``limit``)."""
+        held = self.held()
+        acked = seqranges.cumulative(self.track.first_seq, [*held, *self._gap_ranges])
+        return acked, seqranges.holds_after(acked, held, limit)
+
+    @property
+    def frames_durable(self) -> int:
+        """Durable frames over all runs."""
+        return sum(r.frames_durable for r in self.runs)
+
+    @property
+    def preroll_frames(self) -> int:
+        """Durable frames captured before the press (before ``first_live_seq``)."""
+        if self.first_live_seq is None:
+            return self.frames_durable
+        return seqranges.count_below(self.held(), self.first_live_seq)
+
+    def add_listener(self, listener: FragmentListener) -> Callable[[], None]:
+        """Send the live run's fragments to ``listener``; returns the unsubscribe."""
+        self._fanout.listeners.append(listener)
+        if self._fanout.init is not None:
+            listener.init_segment(self._fanout.init)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._fanout.listeners.remove(listener)
+
+        return remove
+
+    # -- routing ---------------------------------------------------------
+
+    def _index(self, seq: int) -> int:
+        """Index of the run with the greatest first seq <= ``seq`` (-1 if none)."""
+        return bisect.bisect_right(self.runs, seq, key=lambda r: r.first_seq) - 1
+
+    def _route(self, seq: int, keyframe: bool) -> tuple[_Route, Run | None]:
+        if seq < self.track.first_seq:
+            return _Route.DROP, None
+        i = self._index(seq)
+        if i >= 0:
+            run = self.runs[i]
+            if seq <= run.last_seq:
+                return _Route.DUPLICATE, run
+            # An empty run is only a placeholder until its keyframe arrives.
+            if seq == run.next_seq and (keyframe or run.last_seq >= run.first_seq):
+                return _Route.APPEND, run
+        return (_Route.NEW_RUN if keyframe else _Route.DROP), None
+
+    def _complete(self, run: Run) -> bool:
+        """Whether ``run`` reached the next run or a range declared lost."""
+        seq = run.next_seq
+        i = self._index(seq)
+        if i >= 0 and self.runs[i] is not run:
+            return True
+        j = bisect.bisect_right(self._gap_ranges, (seq, seq)) - 1
+        candidates = self._gap_ranges[max(j, 0) : j + 2]
+        return any(first <= seq <= last for first, last in candidates)
+
+    def append_nowait(
+        self,
+        seq: int,
+        capture_us: int,
+        keyframe: bool,
+        payload: bytes,
+        *,
+        preroll: bool | None = None,
+        live: bool = False,
+    ) -> Outcome | None:
+        """Record a packet if that needs no new part file; else None (use :meth:`append`).
+
+        ``preroll``: the packet's pre-roll flag (None: unknown, as in a sealed
+        segment); ``live``: it came in the live lane (the live feed follows it).
+        Raises :class:`RecordingFailedError` for a run whose writing failed.
         """
-        if first_seq <= self._last_seq + 1:
+        if not self._active:
+            raise RecordingClosedError(f"camera {self.camera_id!r}: recording is closed")
+        if self._lock.locked():
+            return None
+        route, run = self._route(seq, keyframe)
+        if route is _Route.APPEND and run is not None and run.writable:
+            self._write(run, seq, capture_us, keyframe, payload, preroll, live)
+            return Outcome.APPENDED
+        if route is _Route.APPEND and run is not None and run.failed:
+            run.append(seq, capture_us, keyframe, payload)  # raises RecordingFailedError
+        return self._count(route, seq)
+
+    async def append(
+        self,
+        seq: int,
+        capture_us: int,
+        keyframe: bool,
+        payload: bytes,
+        *,
+        preroll: bool | None = None,
+        live: bool = False,
+    ) -> Outcome:
+        """Record a packet, starting a run or a part file if needed (see :meth:`append_nowait`)."""
+        done = self.append_nowait(seq, capture_us, keyframe, payload, preroll=preroll, live=live)
+        if done is not None:
+            return done
+        async with self._lock:
+            route, run = self._route(seq, keyframe)  # again: runs may have changed meanwhile
+            if route is _Route.NEW_RUN:
+                run = await self._new_run(seq)
+            elif route is _Route.APPEND and run is not None and not run.writable:
+                if run.failed:
+                    run.append(seq, capture_us, keyframe, payload)  # raises
+                await self._reopen(run)
+            elif route is not _Route.APPEND:
+                return self._count(route, seq) or Outcome.DROPPED
+            assert run is not None
+            self._write(run, seq, capture_us, keyframe, payload, preroll, live)
+            return Outcome.APPENDED
+
+    def _count(self, route: _Route, seq: int) -> Outcome | None:
+        if route is _Route.DUPLICATE:
+            self.duplicates += 1
+            return Outcome.DUPLICATE
+        if route is _Route.DROP:
+            self.dropped += 1
+            _LOG.debug(
+                "camera %r: seq %d fits no run and is no keyframe: dropped", self.camera_id, seq
+            )
+            return Outcome.DROPPED
+        return None
+
+    def _write(
+        self,
+        run: Run,
+        seq: int,
+        capture_us: int,
+        keyframe: bool,
+        payload: bytes,
+        preroll: bool | None,
+        live: bool,
+    ) -> None:
+        if live and seq > self._live_max:
+            self._live_max = seq
+            if run is not self._feed_run:  # live moved on (skipped ahead): so does the feed
+                if self._feed_run is not None:
+                    self._feed_run.attach(None)
+                self._feed_run = run
+                run.attach(self._fanout)
+        run.append(seq, capture_us, keyframe, payload)
+        if preroll is False and (self.first_live_seq is None or seq < self.first_live_seq):
+            self.first_live_seq = seq
+            self._mark_dirty()
+        if self._complete(run):
+            self._finish(run)
+
+    def _finish(self, run: Run) -> None:
+        """Finish a complete run's file in the background (its last frame becomes durable)."""
+        if run is self._feed_run:
+            run.attach(None)
+            self._feed_run = None
+        task = asyncio.create_task(run.close(), name=f"finish {self.camera_id}.{run.first_seq}")
+        self._closing.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        # A failed finish leaves the run failed; the next flush or append reports it.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            _LOG.error("camera %r: finishing a run failed: %r", self.camera_id, exc)
+
+    async def _new_run(self, seq: int) -> Run:
+        run = Run(self, self._dir, [PartInfo(part_file(self.camera_id, seq), seq)])
+        run.repaired = True
+        self.runs.insert(self._index(seq) + 1, run)
+        try:
+            await run._open_part(sync_dir=False)
+            await self._save()  # listed (and its name made durable) before it gets data
+        except BaseException:
+            self.runs.remove(run)
+            await run.close()
+            raise
+        _LOG.info("camera %r: new run from seq %d", self.camera_id, seq)
+        return run
+
+    async def _reopen(self, run: Run) -> None:
+        if not run.repaired:
+            await run.repair()
+        run._plan_part()
+        await run._open_part(sync_dir=False)
+        await self._save()
+
+    # -- declared gaps and bad segments ----------------------------------
+
+    async def declare_gap(self, first: int, last: int, reason: str) -> None:
+        """The device says seqs ``first..last`` will never come: record it durably.
+
+        ``session.json`` is saved before this returns, so an ack that moves past
+        the gap never outlives the record of why.
+        """
+        gap = DeclaredGap(first, last, reason)
+        if gap in self.gaps:
             return
         _LOG.warning(
-            "camera %r: device declared seqs %d..%d lost; new part from %d",
-            self.camera_id,
-            self._last_seq + 1,
-            first_seq - 1,
-            first_seq,
+            "camera %r: device declares seqs %d..%d %s", self.camera_id, first, last, reason
         )
-        await self.close()
-        self._raise_if_failed()
-        if self.parts and self._part_durable == 0:
-            self.parts[-1] = PartInfo(self.parts[-1].file, first_seq)  # empty: reuse it
+        self.gaps.append(gap)
+        self._gaps_changed()
+        await self._save()
+
+    def _gaps_changed(self) -> None:
+        self._gap_ranges = seqranges.merge((g.first, g.last) for g in self.gaps)
+        for run in self.runs:
+            if run.writable and self._complete(run):
+                self._finish(run)
+
+    def bad_segment(self, first_seq: int, capture_us: int, error: str) -> None:
+        """Record a sealed segment that could not be recorded (saved with the next save)."""
+        for bad in self.bad_segments:
+            if bad.first_seq == first_seq:
+                bad.count += 1
+                bad.error = error
+                break
         else:
-            self._prior_frames += self._part_durable
-            n = len(self.parts)
-            name = f"{self.stem}.mp4" if n == 0 else f"{self.stem}.{n}.mp4"
-            self.parts.append(PartInfo(name, first_seq))
-        self._part_durable = self._part_written = 0
-        self._last_seq = first_seq - 1
-        self._last_pts = -1
+            if len(self.bad_segments) >= MAX_BAD_SEGMENTS:
+                return
+            self.bad_segments.append(BadSegment(first_seq, capture_us, error))
         self._mark_dirty()
-        await self._save_metadata()
-        await self._open_part()
+        self._save_soon()
 
-    async def close(self) -> None:
-        """Finish the part file (its last fragment), fsync it and stop accepting packets.
+    # -- durability and lifecycle ------------------------------------------
 
-        Afterwards ``durable_seq == last_seq`` unless writing had failed.
+    async def flush(self) -> int:
+        """Make everything written durable, finish complete runs; return :attr:`durable_seq`.
+
+        Raises :class:`RecordingFailedError` while a run's writing has failed.
         """
-        if self._fd is None:
-            self._writable = False
-            return
-        self._writable = False
-        if self._out is not None and self._failure is None:
+        await asyncio.gather(
+            *(r.flush() for r in self.runs if r.has_unflushed or r.failed), *list(self._closing)
+        )
+        return self.durable_seq
+
+    async def close(self) -> list[str]:
+        """Finish every run (file, fsync) and end the live feed; returns part files to delete.
+
+        Parts that never got a frame are taken out of the run list; the caller
+        deletes their files once ``session.json`` no longer lists them.
+        """
+        self._active = False
+        await asyncio.gather(*list(self._closing), return_exceptions=True)
+        for run in self.runs:
             try:
-                self._out.close()  # flushes the delayed last fragment and writes mfra
-                self._out = self._stream = None
-                self._dispatch()
-            except Exception as exc:
-                _LOG.exception("camera %r: finishing the part failed", self.camera_id)
-                self._fail(exc)
-        self._release_muxer()
-        try:
-            if self._failure is None:
-                await self.flush()
-            elif (task := self._fsync_task) is not None:
-                with contextlib.suppress(RecordingFailedError):
-                    await asyncio.shield(task)  # never close the fd under a running fsync
-        finally:
-            fd, self._fd = self._fd, None
-            if fd is not None:
-                await asyncio.to_thread(os.close, fd)
-            self._notify(lambda lst: lst.end_of_stream())
-            self._listeners.clear()
-        if self._meta_task is not None:
-            self._meta_task.cancel()  # saved right here instead
-        await self._save_metadata()  # bookkeeping saved beside the fsyncs is on disk too
+                await run.close()
+            except Exception:
+                _LOG.exception("camera %r: finishing run %d failed", self.camera_id, run.first_seq)
+        self._feed_run = None
+        self._fanout.end_of_stream()
+        if self.live is not None:
+            self.live.close()
+        return self._prune()
 
+    def _prune(self) -> list[str]:
+        gone: list[str] = []
+        kept: list[Run] = []
+        for run in self.runs:
+            if run.failed:
+                kept.append(run)
+                continue
+            while len(run.parts) > 1 and run.parts[-1].frames == 0:
+                gone.append(run.parts.pop().file)
+            if run.frames_durable == 0:
+                gone.extend(p.file for p in run.parts)
+            else:
+                kept.append(run)
+        self.runs = kept
+        if gone:
+            self._mark_dirty()
+        return gone
 
-def _retrieve(task: asyncio.Task[None]) -> None:
-    # Waiters may all have been cancelled; the error is logged, never silently lost.
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        _LOG.error("fsync failed: %r", exc)
+    async def _prepare(self, track: TrackInfo) -> list[Run]:
+        """Make the camera writable for a ``session_open``; returns runs needing a part file.
+
+        Call with the camera's lock held. Runs read from disk are repaired (torn
+        tails cut) and failed runs recovered; the runs that will take the first
+        packets get their part files planned here, so they are created and
+        listed at once, before any data.
+        """
+        if track.first_seq > self.track.first_seq:
+            # An older agent announces a later first seq to say the rest is lost.
+            written = [(r.first_seq, r.last_seq) for r in self.runs]
+            for first, last in seqranges.missing(
+                self.track.first_seq, track.first_seq - 1, written
+            ):
+                self.gaps.append(DeclaredGap(first, last, "lost"))
+            self._gaps_changed()
+        for run in self.runs:
+            if run.failed or not (run.repaired or run.writable):
+                await run.repair()
+        self._active = True
+        if self.live is None or self.live.closed:
+            self.live = LiveFeed()
+            self.add_listener(self.live)
+        self._live_max = -1
+        live_seq = track.first_seq if track.live_seq is None else track.live_seq
+        planned: list[Run] = []
+        # Where footage will arrive first: the session's first seq, the live lane's first
+        # seq, and (when resuming) the seq after the cumulative ack. Their runs get part
+        # files now; new runs are made for the first two only (known keyframes).
+        starts = {self.track.first_seq: True, max(live_seq, self.track.first_seq): True}
+        starts.setdefault(self.durable_seq + 1, False)
+        for seq, may_start in sorted(starts.items()):
+            route, found = self._route(seq, True)
+            if route is _Route.NEW_RUN and may_start:
+                run = Run(self, self._dir, [PartInfo(part_file(self.camera_id, seq), seq)])
+                run.repaired = True
+                self.runs.insert(self._index(seq) + 1, run)
+                planned.append(run)
+            elif route is _Route.APPEND and found is not None and not found.writable:
+                found._plan_part()
+                planned.append(found)
+        return planned
+
+    # -- views ---------------------------------------------------------------
+
+    def covered(self) -> list[tuple[int, int]]:
+        """Seq ranges durable or declared lost, merged."""
+        return seqranges.merge([*self.held(), *self._gap_ranges])
+
+    def restore(
+        self, runs: list[list[PartInfo]], gaps: list[DeclaredGap], bad: list[BadSegment]
+    ) -> None:
+        """Runs, declared gaps and bad segments read back from ``session.json``."""
+        self.runs = sorted((Run(self, self._dir, p) for p in runs), key=lambda r: r.first_seq)
+        self.gaps = list(gaps)
+        self._gap_ranges = seqranges.merge((g.first, g.last) for g in self.gaps)
+        self.bad_segments = list(bad)

@@ -10,23 +10,26 @@ built-ins still catch them.
 from __future__ import annotations
 
 __all__ = [
+    "BadSegmentError",
     "BitstreamError",
     "CorruptRecordingError",
+    "ExportError",
     "InvalidIdError",
     "InvalidMetadataError",
     "InvalidPacketError",
     "MissingSpsError",
+    "NoFootageError",
     "NotKeyframeError",
     "ReceiverError",
     "RecordingClosedError",
     "RecordingError",
     "RecordingFailedError",
-    "SequenceGapError",
     "SessionConflictError",
     "TrackMismatchError",
     "UnknownCameraError",
     "UnknownSessionError",
     "UnsupportedCodecError",
+    "WrongIdentityError",
 ]
 
 
@@ -97,22 +100,6 @@ class NotKeyframeError(InvalidPacketError):
     code = "not_keyframe"
 
 
-class SequenceGapError(RecordingError, ValueError):
-    """A packet skipped sequence numbers; the caller decides what to do.
-
-    ``expected`` is the sequence number the recording needs next, ``got`` the
-    one that arrived.
-    """
-
-    code = "sequence_gap"
-
-    def __init__(self, camera_id: str, expected: int, got: int) -> None:
-        super().__init__(f"camera {camera_id!r}: expected seq {expected}, got {got}")
-        self.camera_id = camera_id
-        self.expected = expected
-        self.got = got
-
-
 class RecordingClosedError(RecordingError):
     """The camera recording is closed; nothing more can be appended."""
 
@@ -145,3 +132,27 @@ class InvalidMetadataError(RecordingError, ValueError):
     """Session metadata or a track description is malformed (not storable)."""
 
     code = "invalid_metadata"
+
+
+class BadSegmentError(ReceiverError, ValueError):
+    """A sealed segment cannot be opened or decoded, or is not what it claims to be."""
+
+    code = "bad_segment"
+
+
+class WrongIdentityError(BadSegmentError):
+    """A sealed segment is not sealed to any identity we hold."""
+
+    code = "wrong_identity"
+
+
+class ExportError(ReceiverError):
+    """An evidence export cannot be made as asked (the message says why)."""
+
+    code = "export_failed"
+
+
+class NoFootageError(ExportError, LookupError):
+    """The store holds no footage of the camera in the time range."""
+
+    code = "no_footage"

@@ -5,10 +5,12 @@ random challenge; the device answers with its id and an Ed25519 signature
 over ``nonce || origin``. Until enrollment certificates exist, a device is
 trusted when its public key is on the allow-list (``DATA/devices/<id>.pub``).
 
-Media go straight into the session's :class:`CameraRecording` (remux only).
-Acks are sent per camera only after an fsync covers the packet (group commit:
-one fsync in flight per camera, the next one covers all that arrived
-meanwhile).
+Media go straight into the session's :class:`CameraRecording` (remux only);
+sealed segments of the backfill lane are opened with the receiver's age
+identity off the event loop and recorded packet by packet, in order with the
+camera's other messages. Acks are sent per camera only after an fsync covers
+the packets (group commit: one fsync in flight per run, the next one covers
+all that arrived meanwhile): cumulative, plus the durable ranges beyond it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -29,8 +31,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent import protocol as p
 from provisioning.errors import KeyFileError
 from provisioning.keys import load_public_key, verify
-from receiver.errors import ReceiverError, SequenceGapError
-from receiver.recording import CameraRecording, RecordingStore, SessionRecording, TrackInfo
+from receiver.camera_ingest import CameraIngest
+from receiver.errors import ReceiverError
+from receiver.recording import RecordingStore, SessionRecording, TrackInfo
 
 log = logging.getLogger(__name__)
 
@@ -69,84 +72,21 @@ class DeviceStatus:
     sessions: list[str] = field(default_factory=list)
 
 
-class _CameraIngest:
-    """One camera of one session on one connection: route, fsync, ack.
-
-    Seqs below the camera's ``live_seq`` are older pre-roll and go to its own
-    recording, so live footage is remuxed and made durable without waiting
-    for the pre-roll burst. The ack is cumulative over both: the pre-roll's
-    durable seq until it is complete, then the live one.
-    """
-
-    def __init__(
-        self,
-        session_id: str,
-        desc: p.CameraDesc,
-        live: CameraRecording,
-        preroll: CameraRecording | None,
-        send_ack: Callable[[str, int, int], None],
-    ) -> None:
-        self.session_id = session_id
-        self.index = desc.index
-        self.live_seq = desc.live_seq
-        self.live = live
-        self.preroll = preroll
-        self._send_ack = send_ack
-        self._flusher: asyncio.Task[None] | None = None
-        self._closing: asyncio.Task[None] | None = None
-        self.acked = self.durable_seq
-
-    @property
-    def durable_seq(self) -> int:
-        """Every seq of this camera up to this one is durable."""
-        if self.preroll is not None and self.preroll.durable_seq < self.live_seq - 1:
-            return self.preroll.durable_seq
-        return self.live.durable_seq
-
-    def append(self, media: p.Media) -> None:
-        if media.seq >= self.live_seq:
-            self.live.append(
-                media.seq, media.capture_us, media.keyframe, media.preroll, media.payload
-            )
-        elif self.preroll is not None and self.preroll.writable:
-            self.preroll.append(media.seq, media.capture_us, media.keyframe, True, media.payload)
-            if media.seq == self.live_seq - 1:  # the pre-roll is whole: finish its file
-                self._closing = asyncio.create_task(self.preroll.close(), name="close-preroll")
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name=f"flush-{self.live.camera_id}")
-
-    def _unflushed(self) -> bool:
-        return self.live.has_unflushed or (self.preroll is not None and self.preroll.has_unflushed)
-
-    async def _flush(self) -> None:
-        while True:
-            if self._closing is not None:
-                await self._closing
-            await asyncio.gather(
-                self.live.flush(), *([self.preroll.flush()] if self.preroll is not None else [])
-            )
-            durable = self.durable_seq
-            if durable > self.acked:
-                self.acked = durable
-                self._send_ack(self.session_id, self.index, durable)
-            if not self._unflushed():
-                return
-
-    async def settle(self) -> None:
-        """Wait for the flusher; used before closing."""
-        for task in (self._closing, self._flusher):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-
 class IngestServer:
     """Holds the recordings and device status; handles ``/v1/uplink``."""
 
-    def __init__(self, store: RecordingStore, allow: AllowList, origins: list[str]) -> None:
+    def __init__(
+        self,
+        store: RecordingStore,
+        allow: AllowList,
+        origins: list[str],
+        identities: list[Any] | None = None,
+    ) -> None:
         self.store = store
         self.allow = allow
         self.origins = origins
+        #: age identities (pyrage X25519) that open the devices' sealed segments.
+        self.identities: list[Any] = list(identities or [])
         self.devices: dict[str, DeviceStatus] = {}
         self.refused: dict[str, int] = {}
         self._connections: dict[str, web.WebSocketResponse] = {}
@@ -237,90 +177,99 @@ class IngestServer:
     async def _serve(
         self, ws: web.WebSocketResponse, conn: p.Uplink, device: str, status: DeviceStatus
     ) -> None:
-        cameras: list[_CameraIngest] = []
-        session: SessionRecording | None = None
+        cameras: list[CameraIngest] = []
+        pending: set[asyncio.Future[None]] = set()
         next_beat = time.monotonic() + HEARTBEAT_S
 
-        def send_ack(session_id: str, index: int, seq: int) -> None:
+        def send(event: p.Ack | p.Heartbeat) -> None:
             if not ws.closed:
-                task = asyncio.ensure_future(
-                    ws.send_str(str(conn.send(p.Ack(session_id, index, seq))))
-                )
+                task = asyncio.ensure_future(ws.send_str(str(conn.send(event))))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
                 task.add_done_callback(_ignore_closed)
 
-        while True:
-            timeout = max(0.05, next_beat - time.monotonic())
-            try:
-                event = await self._receive(ws, conn, timeout)
-            except TimeoutError:
-                if time.time() - status.last_seen > 3 * HEARTBEAT_S:
-                    raise p.RemoteProtocolError(
-                        "timeout", "nothing heard for three heartbeats"
-                    ) from None
-                await ws.send_str(str(conn.send(p.Heartbeat(time.time()))))
-                next_beat = time.monotonic() + HEARTBEAT_S
-                continue
-            if event is None:
-                break
-            status.last_seen = time.time()
-            if isinstance(event, p.Media):
-                cam = cameras[event.camera]
+        def fail(exc: BaseException) -> None:
+            # A camera's worker or flusher failed (our disk, or the device's bitstream):
+            # end the connection as a failure in the loop itself would.
+            if ws.closed or any(not f.done() for f in failing):
+                return
+            log.error("device %s: cannot record: %s", device, exc)
+            failing.append(
+                asyncio.ensure_future(self._send_error(ws, conn, "recording_failed", str(exc)))
+            )
+
+        failing: list[asyncio.Future[None]] = []
+        try:
+            while True:
+                timeout = max(0.05, next_beat - time.monotonic())
                 try:
-                    cam.append(event)
-                except SequenceGapError as exc:
-                    raise p.RemoteProtocolError("sequence_gap", str(exc)) from exc
-                # A burst (the pre-roll) arrives already buffered, and reading it never
-                # suspends: yield so the fsyncs and acks run beside the remuxing, not after.
-                await asyncio.sleep(0)
-            elif isinstance(event, p.SessionOpen):
-                session = await self._open(device, event)
-                if event.session not in status.sessions:
-                    status.sessions.append(event.session)
-                cameras = [
-                    _CameraIngest(
-                        event.session,
-                        c,
-                        session.camera(c.id),
-                        self._preroll(session, c),
-                        send_ack,
-                    )
-                    for c in event.cameras
-                ]
-                for cam in cameras:  # tell a resuming agent what is already safe
-                    if cam.acked >= 0:
-                        send_ack(event.session, cam.index, cam.acked)
-            elif isinstance(event, p.SessionClose):
-                if session is not None:
+                    event = await self._receive(ws, conn, timeout)
+                except TimeoutError:
+                    if time.time() - status.last_seen > 3 * HEARTBEAT_S:
+                        raise p.RemoteProtocolError(
+                            "timeout", "nothing heard for three heartbeats"
+                        ) from None
+                    await ws.send_str(str(conn.send(p.Heartbeat(time.time()))))
+                    next_beat = time.monotonic() + HEARTBEAT_S
+                    continue
+                if event is None:
+                    break
+                status.last_seen = time.time()
+                if isinstance(event, p.Media):
+                    cam = cameras[event.camera]
+                    cam.media(event)
+                    if not cam.has_room:  # segments pile up faster than they open
+                        await cam.room()
+                    # A burst (the pre-roll) arrives already buffered, and reading it never
+                    # suspends: yield so the fsyncs and acks run beside the remuxing, not after.
+                    await asyncio.sleep(0)
+                elif isinstance(event, p.Gap):
+                    cameras[event.camera].gap(event)
+                elif isinstance(event, p.SessionOpen):
                     for cam in cameras:
                         await cam.settle()
-                    await session.close(event.reason)
-                    for cam in cameras:
-                        if cam.durable_seq > cam.acked:
-                            cam.acked = cam.durable_seq
-                            send_ack(event.session, cam.index, cam.acked)
-                    log.warning("session %s of %s closed: %s", event.session, device, event.reason)
-                session, cameras = None, []
-            elif isinstance(event, p.Error):
-                log.warning("device %s reports %s: %s", device, event.code, event.detail)
+                    session = await self._open(device, event)
+                    if event.session not in status.sessions:
+                        status.sessions.append(event.session)
+                    cameras = [
+                        CameraIngest(
+                            device,
+                            event.session,
+                            c,
+                            session.camera(c.id),
+                            send,
+                            self.identities,
+                            fail,
+                        )
+                        for c in event.cameras
+                    ]
+                    for cam in cameras:  # tell a resuming agent what is already safe
+                        cam.ack()
+                elif isinstance(event, p.SessionClose):
+                    await self._close(device, event, cameras)
+                    cameras = []
+                elif isinstance(event, p.Error):
+                    log.warning("device %s reports %s: %s", device, event.code, event.detail)
+            for cam in cameras:  # the device went away: record what it sent
+                await cam.settle()
+        except BaseException:
+            await asyncio.gather(*(cam.stop() for cam in cameras))
+            raise
+        finally:
+            await asyncio.gather(*failing, return_exceptions=True)
+
+    async def _close(self, device: str, event: p.SessionClose, cameras: list[CameraIngest]) -> None:
+        if not cameras:
+            return
+        for cam in cameras:
+            await cam.settle()
+        session = self.store.get(event.session)
+        await session.close(event.reason)
+        for cam in cameras:
+            cam.ack()  # the last frame of every run is durable now
+        log.warning("session %s of %s closed: %s", event.session, device, event.reason)
 
     async def _open(self, device: str, event: p.SessionOpen) -> SessionRecording:
-        def track(c: p.CameraDesc, first_seq: int) -> TrackInfo:
-            return TrackInfo(
-                c.id, c.zone, c.codec, c.width, c.height, c.fps, c.extradata, first_seq
-            )
-
-        known = next((s for s in self.store.open_sessions() if s.session_id == event.session), None)
-        prerolls = [
-            track(c, c.first_seq)
-            for c in event.cameras
-            if c.first_seq < c.live_seq
-            # a pre-roll already whole on disk is not opened again (no empty new part)
-            and not (
-                known is not None
-                and c.id in known.prerolls
-                and known.prerolls[c.id].durable_seq >= c.live_seq - 1
-            )
-        ]
         meta: dict[str, object] = {
             "building": event.building,
             "started_by": dict(event.started_by),
@@ -330,15 +279,21 @@ class IngestServer:
         log.warning(
             "EMERGENCY session %s from %s (building %s)", event.session, device, event.building
         )
-        tracks = [track(c, c.live_seq) for c in event.cameras]
-        return await self.store.open_session(event.session, device, meta, tracks, prerolls)
-
-    @staticmethod
-    def _preroll(session: SessionRecording, desc: p.CameraDesc) -> CameraRecording | None:
-        pre = session.prerolls.get(desc.id)
-        if desc.first_seq >= desc.live_seq or pre is None or not pre.writable:
-            return None
-        return pre
+        tracks = [
+            TrackInfo(
+                c.id,
+                c.zone,
+                c.codec,
+                c.width,
+                c.height,
+                c.fps,
+                c.extradata,
+                c.first_seq,
+                c.live_seq,
+            )
+            for c in event.cameras
+        ]
+        return await self.store.open_session(event.session, device, meta, tracks)
 
 
 def _ignore_closed(task: asyncio.Future[None]) -> None:

@@ -2,18 +2,19 @@
 
 Layout under the store's root::
 
-    <session_id>/session.json          metadata (tmp, fsync, rename, fsync dir)
-    <session_id>/<camera_id>.mp4       fragmented MP4, part 0
-    <session_id>/<camera_id>.<n>.mp4   later parts (after a restart or recovery)
+    <session_id>/session.json                 metadata (tmp, fsync, rename, fsync dir)
+    <session_id>/<camera_id>.<first_seq>.mp4  fragmented MP4: one part of a run of
+                                              consecutive seqs from first_seq on
 
 The uplink handler calls :meth:`RecordingStore.open_session` on
 ``session_open`` (idempotent: a reconnecting agent gets the same recording
 and its durable sequence numbers), :meth:`CameraRecording.append` per media
-frame, and acknowledges ``durable_seq`` after :meth:`CameraRecording.flush`.
-Sessions recorded before a restart are indexed by :meth:`RecordingStore.load`
-(read only) and resumed, each camera in a new part file, when their agent
-opens them again. A session closed by ``session_close`` can be re-opened by
-its device, so late footage is never refused.
+frame, and acknowledges what :meth:`CameraRecording.ack_state` says after
+:meth:`CameraRecording.flush`. Sessions recorded before a restart are indexed
+by :meth:`RecordingStore.load` (read only) and resumed, each run in a new
+part file, when their agent opens them again. A session closed by
+``session_close`` can be re-opened by its device, so late footage is never
+refused.
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from receiver.camera_recording import CameraRecording, FragmentListener, TrackInfo
+from receiver.camera_recording import CameraRecording, Outcome, TrackInfo
 from receiver.errors import CorruptRecordingError, InvalidMetadataError, UnknownSessionError
 from receiver.livefeed import LiveFeed
+from receiver.run import FragmentListener
 from receiver.session_recording import SessionRecording, check_track, read_session_json
 from receiver.summaries import (
     SESSION_ID_RE,
     CameraSummary,
     PartSummary,
+    RunSummary,
     SessionSummary,
     parse_part_file,
     validate_camera_id,
@@ -45,8 +48,10 @@ __all__ = [
     "CameraRecording",
     "CameraSummary",
     "FragmentListener",
+    "Outcome",
     "PartSummary",
     "RecordingStore",
+    "RunSummary",
     "SessionRecording",
     "SessionSummary",
     "TrackInfo",
@@ -120,7 +125,8 @@ class RecordingStore:
             return None
         rec = SessionRecording._from_json(directory, doc, clock=self._clock, mono_ns=self._mono_ns)
         for cam in rec.cameras.values():
-            await cam._scan(repair=False)
+            for run in cam.runs:
+                await run._scan(repair=False)
         return rec
 
     async def open_session(
@@ -129,22 +135,21 @@ class RecordingStore:
         device_id: str,
         meta: dict[str, object],
         tracks: list[TrackInfo],
-        prerolls: list[TrackInfo] | None = None,
     ) -> SessionRecording:
         """Open (or resume) a session's recording and make its cameras writable.
 
         Idempotent: an already open session is returned as it is, a known one
         (from before a restart, or closed) resumes with its durable sequence
-        numbers, each camera in a new part file. ``prerolls`` are the cameras'
-        footage from before the press, recorded beside ``tracks`` (which start at
-        the press) so that live footage never waits behind the pre-roll burst.
+        numbers. Each camera gets its part files for the track's ``live_seq`` and
+        ``first_seq`` now (created and listed at once), so the live lane never
+        waits behind the older pre-roll and neither waits for a metadata save.
         """
         validate_session_id(session_id)
         validate_device_id(device_id)
         ids = [t.camera_id for t in tracks]
         if not tracks or len(set(ids)) != len(ids):
             raise InvalidMetadataError(f"session {session_id!r}: need distinct cameras: {ids}")
-        for track in [*tracks, *(prerolls or [])]:
+        for track in tracks:
             check_track(track)
         try:
             json.dumps(meta, allow_nan=False)
@@ -164,7 +169,7 @@ class RecordingStore:
                     clock=self._clock,
                     mono_ns=self._mono_ns,
                 )
-            await rec._activate(device_id, tracks, list(prerolls or []))
+            await rec._activate(device_id, tracks)
             self._sessions[session_id] = rec
             return rec
 

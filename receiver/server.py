@@ -1,14 +1,16 @@
 """The police receiver as one embeddable aiohttp server over TLS.
 
 ``async with Receiver(data_dir, host, port) as rx:`` generates the receiver's
-self-signed certificate on first start (``DATA/tls/``), opens the recording
-store (``DATA/recordings/``), reads the device allow-list
+self-signed certificate (``DATA/tls/``) and age identity (``DATA/age.key``,
+mode 0600: it opens the sealed segments of the backfill lane) on first start,
+opens the recording store (``DATA/recordings/``), reads the device allow-list
 (``DATA/devices/<id>.pub``) and serves, on one TLS port:
 
 - ``/v1/uplink``   the agents' uplink (WebSocket, see :mod:`agent.protocol`);
 - ``/``, ``/api/sessions``, ``/v1/live/...``, ``/recordings/...`` the viewer.
 
-Agents pin :attr:`Receiver.fingerprint`. Lifecycle follows aiohttp's
+Agents pin :attr:`Receiver.fingerprint` and seal their segments to
+:attr:`Receiver.age_recipient` (besides the district's recipient). Lifecycle follows aiohttp's
 ``AppRunner``/``TCPSite``; shared state hangs off typed ``web.AppKey`` values.
 """
 
@@ -21,6 +23,7 @@ from types import TracebackType
 
 from aiohttp import web
 
+from provisioning.age_keys import load_identity, new_identity, recipient_of
 from provisioning.tls import ensure_certificate, server_context
 from receiver.ingest import AllowList, IngestServer
 from receiver.recording import RecordingStore
@@ -41,7 +44,10 @@ class Receiver:
         self.cert_path = self.data_dir / "tls" / "receiver.crt"
         self.key_path = self.data_dir / "tls" / "receiver.key"
         self.devices_dir = self.data_dir / "devices"
+        self.age_key_path = self.data_dir / "age.key"
         self.fingerprint = ""
+        #: The receiver's age recipient (``age1...``), known once started.
+        self.age_recipient = ""
         self.store = RecordingStore(self.data_dir / "recordings")
         self.ingest = IngestServer(self.store, AllowList(self.devices_dir), [])
         self._runner: web.AppRunner | None = None
@@ -76,6 +82,13 @@ class Receiver:
 
     async def __aenter__(self) -> Receiver:
         self.devices_dir.mkdir(parents=True, exist_ok=True)
+        # Made once and kept: segments sealed to an older recipient open with this file only.
+        if self.age_key_path.exists():
+            identity = load_identity(self.age_key_path)
+        else:
+            identity = new_identity(self.age_key_path)
+        self.age_recipient = recipient_of(identity)
+        self.ingest.identities = [identity]
         await self.store.load()
         self.fingerprint = ensure_certificate(
             self.cert_path,

@@ -1,13 +1,15 @@
 """One emergency session's recording: its metadata file and its cameras.
 
 ``session.json`` is replaced atomically (tmp, fsync, rename, fsync dir) and
-always lists a camera's part file before the file gets any data.
+always lists a camera's part file before the file gets any data. Schema 2
+(runs per camera, declared gaps, bad segments); schema 1 files (one live and
+one pre-roll recording per camera) are not read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from receiver.camera_recording import CameraRecording, PartInfo, TrackInfo
+from receiver.camera_json import camera_from_json, camera_json, camera_summary
+from receiver.camera_recording import CameraRecording, TrackInfo
 from receiver.errors import (
     CorruptRecordingError,
     InvalidMetadataError,
@@ -24,20 +27,14 @@ from receiver.errors import (
     UnknownCameraError,
     UnsupportedCodecError,
 )
-from receiver.summaries import (
-    CameraSummary,
-    PartSummary,
-    SessionSummary,
-    parse_part_file,
-    part_json,
-    validate_camera_id,
-    validate_session_id,
-)
+from receiver.summaries import SessionSummary, validate_camera_id, validate_session_id
 
 __all__ = ["SessionRecording", "check_track", "read_session_json"]
 
 _LOG = logging.getLogger(__name__)
-_SCHEMA = 1
+_SCHEMA = 2
+#: How long bookkeeping changes wait before session.json is rewritten.
+METADATA_DELAY_S = 1.0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -85,6 +82,7 @@ def check_track(track: TrackInfo) -> None:
         and track.height > 0
         and track.fps >= 0
         and track.first_seq >= 0
+        and (track.live_seq is None or track.live_seq >= track.first_seq)
     ):
         raise InvalidMetadataError(f"camera {track.camera_id!r}: invalid track {track!r}")
 
@@ -109,16 +107,14 @@ class SessionRecording:
         self.opened_at = opened_at
         self.closed_at: float | None = None
         self.close_reason: str | None = None
-        #: Cameras by id, in the order they were announced (footage from the press on).
+        #: Cameras by id, in the order they were announced.
         self.cameras: dict[str, CameraRecording] = {}
-        #: Each camera's pre-roll (footage from before the press), in ``<id>.preroll.mp4``.
-        #: Recorded apart so that live footage never waits behind the pre-roll burst.
-        self.prerolls: dict[str, CameraRecording] = {}
         self._dir = directory
         self._clock = clock
         self._mono_ns = mono_ns
         self._dirty = False
         self._save_lock = asyncio.Lock()
+        self._meta_task: asyncio.Task[None] | None = None
 
     @property
     def directory(self) -> Path:
@@ -139,38 +135,25 @@ class SessionRecording:
                 f"session {self.session_id!r} has no camera {camera_id!r}"
             ) from None
 
-    def durable_seq(self, camera_id: str) -> int:
-        """Every seq of the camera up to this one is durable (pre-roll, then live)."""
-        cam = self.camera(camera_id)
-        pre = self.prerolls.get(camera_id)
-        if pre is not None and pre.durable_seq < cam.track.first_seq - 1:
-            return pre.durable_seq
-        return cam.durable_seq
-
     def durable_by_camera(self) -> dict[str, int]:
-        """The last durable sequence number per camera (for the ``welcome`` message)."""
-        return {cid: self.durable_seq(cid) for cid in self.cameras}
-
-    def _all(self) -> list[CameraRecording]:
-        return [*self.prerolls.values(), *self.cameras.values()]
+        """The cumulative durable seq per camera (for the ``welcome`` message)."""
+        return {cid: cam.durable_seq for cid, cam in self.cameras.items()}
 
     async def flush(self) -> dict[str, int]:
-        """Flush every camera; return the durable sequence number per camera."""
-        await asyncio.gather(*(cam.flush() for cam in self._all()))
+        """Flush every camera; return the cumulative durable seq per camera."""
+        await asyncio.gather(*(cam.flush() for cam in self.cameras.values()))
         return self.durable_by_camera()
 
     async def close(self, reason: str) -> None:
         """End the session: finish and fsync every camera, record the close time."""
         if self.closed_at is not None:
             return
-        for cam in self._all():
-            await cam.close()
         self.closed_at = self._clock()
         self.close_reason = reason
-        await self._save()
+        await self._finish_cameras()
 
     def summary(self) -> SessionSummary:
-        """A consistent snapshot of the session's state (pre-roll and live merged per camera)."""
+        """A consistent snapshot of the session's state."""
         return SessionSummary(
             self.session_id,
             self.device_id,
@@ -178,116 +161,96 @@ class SessionRecording:
             self.opened_at,
             self.closed_at,
             self.close_reason,
-            tuple(self._camera_summary(cid, cam) for cid, cam in self.cameras.items()),
-        )
-
-    def _camera_summary(self, cid: str, cam: CameraRecording) -> CameraSummary:
-        pre = self.prerolls.get(cid)
-        both = [cam] if pre is None else [pre, cam]
-        firsts = [c.first_durable_mono_ns for c in both if c.first_durable_mono_ns is not None]
-        return CameraSummary(
-            camera_id=cid,
-            zone=cam.track.zone,
-            codec=cam.track.codec,
-            mse_codec=cam.mse_codec or (pre.mse_codec if pre else None),
-            width=cam.track.width,
-            height=cam.track.height,
-            fps=cam.track.fps,
-            first_seq=both[0].track.first_seq,
-            durable_seq=self.durable_seq(cid),
-            frames_durable=sum(c.frames_durable for c in both),
-            preroll_frames=(pre.frames_durable if pre else 0) + cam.preroll_frames,
-            live_frames=cam.live_frames,
-            recording=cam.writable,
-            parts=tuple(
-                PartSummary(p.file, c.part_path(p), p.first_seq, p.first_capture_us)
-                for c in both
-                for p in c.parts
-            ),
-            first_durable_mono_ns=min(firsts, default=None),
-            first_live_durable_mono_ns=cam.first_live_durable_mono_ns,
+            tuple(camera_summary(cam, self._dir) for cam in self.cameras.values()),
         )
 
     # -- internals used by the store ------------------------------------
 
-    def _new_camera(
-        self, track: TrackInfo, parts: list[PartInfo], live: int | None, *, preroll: bool = False
-    ) -> None:
-        where = self.prerolls if preroll else self.cameras
-        where[track.camera_id] = CameraRecording(
+    def _new_camera(self, track: TrackInfo) -> CameraRecording:
+        return CameraRecording(
             track,
             self._dir,
-            parts,
-            first_live_seq=live,
+            first_live_seq=None,
             mark_dirty=self._mark_dirty,
-            save_metadata=self._save_if_dirty,
+            save_soon=self._save_soon,
+            save=self._save,
             mono_ns=self._mono_ns,
-            stem=f"{track.camera_id}.preroll" if preroll else None,
         )
 
-    async def _activate(
-        self, device_id: str, tracks: list[TrackInfo], prerolls: list[TrackInfo]
-    ) -> None:
-        """Make the named cameras (and pre-rolls) writable, resuming each from what is on disk."""
+    async def _activate(self, device_id: str, tracks: list[TrackInfo]) -> None:
+        """Make the named cameras writable, resuming each from what is on disk."""
         if device_id != self.device_id:
             raise SessionConflictError(
                 f"session {self.session_id!r} belongs to device {self.device_id!r}, "
                 f"not {device_id!r}"
             )
-        lanes = [(self.cameras, tracks, False), (self.prerolls, prerolls, True)]
-        for known_in, wanted_tracks, _ in lanes:
-            for track in wanted_tracks:
-                known = known_in.get(track.camera_id)
-                if known is not None:
-                    old = known.track
-                    # A later first_seq is a resuming device that lost footage (skip_to).
-                    if (old.codec, old.zone, old.width, old.height) != (
-                        track.codec,
-                        track.zone,
-                        track.width,
-                        track.height,
-                    ) or track.first_seq < old.first_seq:
-                        raise TrackMismatchError(
-                            f"session {self.session_id!r}: camera {track.camera_id!r} was "
-                            f"announced as {old!r}, now as {track!r}"
-                        )
-        resume: list[CameraRecording] = []
-        for known_in, wanted_tracks, preroll in lanes:
-            for track in wanted_tracks:
-                if track.camera_id not in known_in:
-                    self._new_camera(track, [], None, preroll=preroll)
-            wanted = {t.camera_id for t in wanted_tracks}
-            resume += [c for cid, c in known_in.items() if cid in wanted and not c.writable]
-        for cam in resume:
-            await cam.close()  # a failed camera: release its muxer and file
-            await cam._scan(repair=True)
-            cam._plan_part()
+        for track in tracks:
+            known = self.cameras.get(track.camera_id)
+            if known is not None:
+                old = known.track
+                # A later first_seq is an older agent declaring the seqs before it lost.
+                if (old.codec, old.zone, old.width, old.height) != (
+                    track.codec,
+                    track.zone,
+                    track.width,
+                    track.height,
+                ) or track.first_seq < old.first_seq:
+                    raise TrackMismatchError(
+                        f"session {self.session_id!r}: camera {track.camera_id!r} was "
+                        f"announced as {old!r}, now as {track!r}"
+                    )
+        for track in tracks:
+            if track.camera_id not in self.cameras:
+                self.cameras[track.camera_id] = self._new_camera(track)
         if self.closed_at is not None:
             _LOG.warning("session %r re-opened by its device after close", self.session_id)
             self.closed_at = self.close_reason = None
-        # Create the part files, then list them: the save's folder fsync covers their
-        # names, and no data reaches them before this method returns.
-        await asyncio.to_thread(_ensure_dir, self._dir)
-        await asyncio.gather(*(cam._open_part(sync_dir=False) for cam in resume))
-        await self._save()
-        for track in tracks:
-            await self.cameras[track.camera_id].skip_to(track.first_seq)
-        for track in prerolls:
-            await self.prerolls[track.camera_id].skip_to(track.first_seq)
+        async with contextlib.AsyncExitStack() as locks:
+            cams = [self.cameras[t.camera_id] for t in sorted(tracks, key=lambda t: t.camera_id)]
+            for cam in cams:
+                await locks.enter_async_context(cam._lock)
+            planned = [run for t in tracks for run in await self.cameras[t.camera_id]._prepare(t)]
+            # Create the part files, then list them: the save's folder fsync covers their
+            # names, and no data reaches them before this method returns.
+            await asyncio.to_thread(_ensure_dir, self._dir)
+            await asyncio.gather(*(run._open_part(sync_dir=False) for run in planned))
+            await self._save()
 
     async def _suspend(self) -> None:
         """Finish every camera without ending the session (receiver shutdown)."""
-        if not any(cam.has_open_file for cam in self._all()):
+        if not any(cam.writable or cam.has_open_file for cam in self.cameras.values()):
             return
-        for cam in self._all():
+        await self._finish_cameras()
+
+    async def _finish_cameras(self) -> None:
+        gone: list[str] = []
+        for cam in self.cameras.values():
             try:
-                await cam.close()
+                gone += await cam.close()
             except Exception:
                 _LOG.exception("session %r: closing camera %r", self.session_id, cam.camera_id)
+        if self._meta_task is not None:
+            self._meta_task.cancel()  # saved right here instead
         await self._save()
+        # Parts that never got a frame: unlisted first, then deleted.
+        for name in gone:
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(os.unlink, self._dir / name)
 
     def _mark_dirty(self) -> None:
         self._dirty = True
+
+    def _save_soon(self) -> None:
+        # Debounced: the first seconds of a session are when acks matter most, and
+        # its session.json rewrites (two fsyncs each) would compete with the data's.
+        if self._meta_task is None or self._meta_task.done():
+            self._meta_task = asyncio.create_task(self._save_later(), name="session.json")
+            self._meta_task.add_done_callback(_retrieve)
+
+    async def _save_later(self) -> None:
+        await asyncio.sleep(METADATA_DELAY_S)
+        # Shielded: cancelling must never leave a half-done write beside the next save.
+        await asyncio.shield(self._save_if_dirty())
 
     async def _save_if_dirty(self) -> None:
         # Always take the lock: a save in flight may hold our change but not be durable yet.
@@ -317,8 +280,7 @@ class SessionRecording:
             "opened_at": self.opened_at,
             "closed_at": self.closed_at,
             "close_reason": self.close_reason,
-            "cameras": [_camera_json(cam) for cam in self.cameras.values()],
-            "prerolls": [_camera_json(cam) for cam in self.prerolls.values()],
+            "cameras": [camera_json(cam) for cam in self.cameras.values()],
         }
 
     @classmethod
@@ -332,7 +294,10 @@ class SessionRecording:
     ) -> SessionRecording:
         try:
             if doc["v"] != _SCHEMA or doc["session_id"] != directory.name:
-                raise CorruptRecordingError(f"{directory}: wrong schema or session id")
+                raise CorruptRecordingError(
+                    f"{directory}: session.json schema {doc['v']!r} (expected {_SCHEMA}) "
+                    "or a wrong session id"
+                )
             rec = cls(
                 directory,
                 validate_session_id(doc["session_id"]),
@@ -344,32 +309,17 @@ class SessionRecording:
             )
             rec.closed_at = None if doc["closed_at"] is None else float(doc["closed_at"])
             rec.close_reason = doc["close_reason"]
-            entries = [(c, False) for c in doc["cameras"]]
-            entries += [(c, True) for c in doc.get("prerolls", [])]
-            for c, preroll in entries:
-                track = TrackInfo(
-                    validate_camera_id(c["camera_id"]),
-                    str(c["zone"]),
-                    str(c["codec"]),
-                    int(c["width"]),
-                    int(c["height"]),
-                    float(c["fps"]),
-                    base64.b64decode(c["extradata"], validate=True),
-                    int(c["first_seq"]),
+            for entry in doc["cameras"]:
+                cam = camera_from_json(
+                    entry,
+                    directory,
+                    mark_dirty=rec._mark_dirty,
+                    save_soon=rec._save_soon,
+                    save=rec._save,
+                    mono_ns=mono_ns,
                 )
-                parts = [
-                    PartInfo(str(p["file"]), int(p["first_seq"]), p["first_capture_us"])
-                    for p in c["parts"]
-                ]
-                for p in parts:
-                    parsed = parse_part_file(p.file)
-                    if parsed is None or parsed[0] != track.camera_id:
-                        raise CorruptRecordingError(f"{directory}: bad part file {p.file!r}")
-                live = c["first_live_seq"]
-                rec._new_camera(track, parts, None if live is None else int(live), preroll=preroll)
+                rec.cameras[cam.camera_id] = cam
         except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, CorruptRecordingError):
-                raise
             raise CorruptRecordingError(f"{directory}/session.json: {exc!r}") from exc
         return rec
 
@@ -387,16 +337,7 @@ def read_session_json(path: Path) -> dict[str, Any] | None:
     return doc
 
 
-def _camera_json(cam: CameraRecording) -> dict[str, Any]:
-    return {
-        "camera_id": cam.track.camera_id,
-        "zone": cam.track.zone,
-        "codec": cam.track.codec,
-        "width": cam.track.width,
-        "height": cam.track.height,
-        "fps": cam.track.fps,
-        "extradata": base64.b64encode(cam.track.extradata).decode(),
-        "first_seq": cam.track.first_seq,
-        "first_live_seq": cam.first_live_seq,
-        "parts": [part_json(p) for p in cam.parts],
-    }
+def _retrieve(task: asyncio.Task[None]) -> None:
+    # Nobody awaits the debounced save: its error is logged, never silently lost.
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        _LOG.error("saving session.json failed: %r", exc)

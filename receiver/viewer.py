@@ -7,8 +7,8 @@ Routes added by :func:`setup_viewer`:
 - ``GET /api/sessions`` — every known session with per-camera state (JSON).
 - ``GET /v1/live/{session}/{camera}`` — WebSocket: binary fMP4 init segment,
   then fragments, for Media Source Extensions.
-- ``GET /recordings/{session}/{camera}[.{n}].mp4`` — a recorded part file,
-  with HTTP range support.
+- ``GET /recordings/{session}/{camera}.{first_seq}.mp4`` — a recorded part
+  file, with HTTP range support.
 
 Errors are JSON ``{"error": CODE, "detail": "..."}`` with a stable CODE.
 
@@ -128,9 +128,11 @@ def _session_json(summary: SessionSummary) -> dict[str, object]:
     for cam in summary.cameras:
         entry = cam.to_json()
         entry["live_url"] = f"/v1/live/{sid}/{cam.camera_id}"
+        # Every part of every run in seq order: the recorded player plays them in turn.
         entry["recordings"] = [
-            {"file": p.file, "url": f"/recordings/{sid}/{p.file}", "first_seq": p.first_seq}
-            for p in cam.parts
+            dict(part.to_json(), url=f"/recordings/{sid}/{part.file}", run=i)
+            for i, run in enumerate(cam.runs)
+            for part in run.parts
         ]
         cams.append(entry)
     doc["cameras"] = cams

@@ -93,11 +93,13 @@ async def test_press_streams_preroll_and_live_and_nothing_before(
         assert cam.preroll_frames >= 30, cam
         assert cam.live_frames >= 10, cam
         assert cam.first_seq < live_from[cam.camera_id] <= cam.durable_seq
-        # The older pre-roll in its own file, then the live file from the press's GOP on.
+        # The older pre-roll in its own run, then the live run from the press's GOP on.
         preroll, live = cam.parts
-        assert preroll.path.name == f"{cam.camera_id}.preroll.mp4"
-        assert live.path.name == f"{cam.camera_id}.mp4"
+        assert preroll.path.name == f"{cam.camera_id}.{cam.first_seq}.mp4"
+        assert live.path.name == f"{cam.camera_id}.{live.first_seq}.mp4"
         assert preroll.first_seq == cam.first_seq < live.first_seq < live_from[cam.camera_id]
+        assert preroll.last_seq + 1 == live.first_seq
+        assert cam.complete
         frames = 0
         for part in cam.parts:
             probe = ffprobe(part.path)
@@ -188,7 +190,9 @@ async def test_session_survives_an_agent_restart(tmp_path: Path, receiver: Recei
         await agent.uplink.wait_settled(session.id)
     (summary,) = receiver.store.sessions()
     for cam in summary.cameras:
-        assert [p.path.name.count(".preroll") for p in cam.parts] == [1, 0, 0]
+        # Pre-roll, live before and after the restart: whatever is not here is declared.
+        assert [p.first_seq for p in cam.parts] == sorted(p.first_seq for p in cam.parts)
+        assert cam.complete, cam.missing
         frames = sum(int(str(ffprobe(part.path)["nb_read_frames"])) for part in cam.parts)
         assert frames == cam.frames_durable
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -20,32 +21,33 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from receiver.camera_recording import _PartWriter
+from receiver import seqranges
 from receiver.errors import (
     CorruptRecordingError,
     InvalidIdError,
     InvalidPacketError,
     MissingSpsError,
-    NotKeyframeError,
     RecordingClosedError,
     RecordingFailedError,
-    SequenceGapError,
     SessionConflictError,
     TrackMismatchError,
     UnsupportedCodecError,
 )
 from receiver.fmp4 import Fragment, FragmentSplitter, InitSegment, avcc_from_moov, scan_file
 from receiver.h264 import mse_codec_string, parameter_sets, split_nal_units
-from receiver.recording import CameraRecording, RecordingStore, SessionRecording, TrackInfo
+from receiver.parts import PartWriter
+from receiver.recording import CameraRecording, Outcome, RecordingStore, SessionRecording, TrackInfo
 from tests.media import META, PacketList, ffprobe_packets, ffprobe_stream
 
 T0_US = 1_767_000_000_000_000  # some capture time in UTC µs
 FRAME_US = 33_333
 
 
-def make_track(packets: PacketList, camera: str = "cam1", first_seq: int = 0) -> TrackInfo:
+def make_track(
+    packets: PacketList, camera: str = "cam1", first_seq: int = 0, live_seq: int | None = None
+) -> TrackInfo:
     extradata = parameter_sets(packets[0][0]).annex_b()
-    return TrackInfo(camera, "interior", "h264", 320, 240, 30.0, extradata, first_seq)
+    return TrackInfo(camera, "interior", "h264", 320, 240, 30.0, extradata, first_seq, live_seq)
 
 
 class Collector:
@@ -79,17 +81,45 @@ async def open_cam(
     return rec, rec.camera("cam1")
 
 
-def feed(
+def feed_nowait(
     cam: CameraRecording, packets: PacketList, seqs: range, first_seq: int = 0, preroll: int = 30
 ) -> None:
+    """Live packets into runs that are open already (no new part file needed)."""
     for seq in seqs:
         i = seq - first_seq
         payload, key = packets[i]
-        cam.append(seq, T0_US + i * FRAME_US, key, i < preroll, payload)
+        done = cam.append_nowait(
+            seq, T0_US + i * FRAME_US, key, payload, preroll=i < preroll, live=True
+        )
+        assert done is not None, f"seq {seq} needs a new part file"
+
+
+async def feed(
+    cam: CameraRecording,
+    packets: PacketList,
+    seqs: range,
+    first_seq: int = 0,
+    preroll: int = 30,
+    live: bool = True,
+) -> list[Outcome]:
+    out = []
+    for seq in seqs:
+        i = seq - first_seq
+        payload, key = packets[i]
+        out.append(
+            await cam.append(
+                seq, T0_US + i * FRAME_US, key, payload, preroll=i < preroll, live=live
+            )
+        )
+    return out
 
 
 async def probe(path: Path) -> dict[str, Any]:
     return await asyncio.to_thread(ffprobe_stream, path)
+
+
+def last_seq(cam: CameraRecording) -> int:
+    return max(run.last_seq for run in cam.runs)
 
 
 async def test_round_trip_durability_and_ffprobe(
@@ -100,15 +130,16 @@ async def test_round_trip_durability_and_ffprobe(
     cam.add_listener(seen)
     assert cam.durable_seq == 999
     for n in range(1, 91):
-        feed(cam, packets, range(999 + n, 1000 + n), first_seq=1000)
+        feed_nowait(cam, packets, range(999 + n, 1000 + n), first_seq=1000)
         # FFmpeg's one-frame delay is observed, not assumed: durable follows
         # the complete fragments the writer saw.
         assert await cam.flush() == 1000 + len(seen.fragments) - 1
-        assert cam.durable_seq <= cam.last_seq
-    assert cam.last_seq == 1089
+        assert cam.durable_seq <= last_seq(cam)
+    assert last_seq(cam) == 1089
     assert len(seen.fragments) == 89
     assert cam.durable_seq == 1088
-    assert (cam.frames_durable, cam.preroll_frames, cam.live_frames) == (89, 30, 59)
+    assert cam.ack_state(64) == (1088, ())
+    assert (cam.frames_durable, cam.preroll_frames) == (89, 30)
     assert cam.first_durable_mono_ns is not None
     assert cam.first_live_durable_mono_ns is not None
     assert cam.first_live_durable_mono_ns >= cam.first_durable_mono_ns
@@ -118,65 +149,155 @@ async def test_round_trip_durability_and_ffprobe(
     assert seen.inits[0][4:8] == b"ftyp"
 
     await rec.close("all clear")
-    assert cam.durable_seq == cam.last_seq == 1089
+    assert cam.durable_seq == last_seq(cam) == 1089
     assert cam.frames_durable == 90
     assert seen.ended
-    info = await probe(rec.directory / "cam1.mp4")
+    mp4 = rec.directory / "cam1.1000.mp4"
+    info = await probe(mp4)
     assert info["codec_name"] == "h264"
     assert (info["width"], info["height"]) == (320, 240)
     assert int(info["nb_read_frames"]) == 90
-    pkts = await asyncio.to_thread(ffprobe_packets, rec.directory / "cam1.mp4")
+    pkts = await asyncio.to_thread(ffprobe_packets, mp4)
     assert [p["flags"].startswith("K") for p in pkts] == [k for _, k in packets]
     assert int(pkts[1]["pts"]) == 3000  # 33 333 µs in 90 kHz ticks, rounded
 
     doc = json.loads((rec.directory / "session.json").read_text())
+    assert doc["v"] == 2
     assert doc["close_reason"] == "all clear"
-    assert doc["cameras"][0]["parts"] == [
-        {"file": "cam1.mp4", "first_seq": 1000, "first_capture_us": T0_US}
+    (camera,) = doc["cameras"]
+    assert camera["runs"] == [
+        {"parts": [{"file": "cam1.1000.mp4", "first_seq": 1000, "first_capture_us": T0_US}]}
     ]
+    assert (camera["gaps"], camera["bad_segments"], camera["first_live_seq"]) == ([], [], 1030)
     summary = store.sessions()[0]
     assert not summary.is_open
-    assert summary.camera("cam1").mse_codec == mse_codec_string(packets[0][0])
+    cam_summary = summary.camera("cam1")
+    assert cam_summary.mse_codec == mse_codec_string(packets[0][0])
+    assert (cam_summary.complete, cam_summary.missing, cam_summary.live_frames) == (True, (), 60)
     with pytest.raises(RecordingClosedError):
-        cam.append(1090, T0_US + 90 * FRAME_US, False, False, packets[1][0])
+        await cam.append(1090, T0_US + 90 * FRAME_US, False, packets[1][0])
 
 
-async def test_duplicates_ignored_gap_raises(store: RecordingStore, packets: PacketList) -> None:
+async def test_duplicates_ignored_and_a_stray_non_keyframe_dropped(
+    store: RecordingStore, packets: PacketList
+) -> None:
     rec, cam = await open_cam(store, packets)
-    feed(cam, packets, range(10))
-    feed(cam, packets, range(3, 10))  # a resend after reconnect
-    assert (cam.last_seq, cam.duplicates) == (9, 7)
-    with pytest.raises(SequenceGapError) as info:
-        feed(cam, packets, range(11, 12))
-    assert (info.value.expected, info.value.got, info.value.code) == (10, 11, "sequence_gap")
-    assert isinstance(info.value, ValueError)
-    feed(cam, packets, range(10, 12))  # the recording is still usable
+    await feed(cam, packets, range(10))
+    assert await feed(cam, packets, range(3, 10)) == [Outcome.DUPLICATE] * 7  # a resend
+    # A P-frame that continues no run cannot start one: dropped (the agent resends
+    # from a keyframe-aligned segment).
+    assert await feed(cam, packets, range(11, 12)) == [Outcome.DROPPED]
+    assert (cam.duplicates, cam.dropped, len(cam.runs)) == (7, 1, 1)
+    await feed(cam, packets, range(10, 12))  # the run is still usable
     with pytest.raises(InvalidPacketError):
-        cam.append(12, T0_US, False, False, b"")
+        await cam.append(12, T0_US, False, b"")
     await rec.close("done")
-    assert int((await probe(rec.directory / "cam1.mp4"))["nb_read_frames"]) == 12
+    assert int((await probe(rec.directory / "cam1.0.mp4"))["nb_read_frames"]) == 12
 
 
-async def test_first_packet_must_be_keyframe(store: RecordingStore, packets: PacketList) -> None:
+async def test_a_run_starts_at_a_keyframe_only(store: RecordingStore, packets: PacketList) -> None:
     _, cam = await open_cam(store, packets, first_seq=5)
-    with pytest.raises(NotKeyframeError):
-        cam.append(5, T0_US, False, True, packets[1][0])
-    assert cam.last_seq == 4
-    cam.append(5, T0_US, True, True, packets[0][0])
-    assert cam.last_seq == 5
+    assert await cam.append(5, T0_US, False, packets[1][0]) is Outcome.DROPPED
+    assert await cam.append(4, T0_US, True, packets[0][0]) is Outcome.DROPPED  # before the session
+    assert cam.frames_durable == 0
+    assert await cam.append(5, T0_US, True, packets[0][0]) is Outcome.APPENDED
+    assert last_seq(cam) == 5
 
 
-async def test_timestamps_never_go_backwards(store: RecordingStore, packets: PacketList) -> None:
+async def test_live_skips_ahead_and_backfill_closes_the_hole(
+    store: RecordingStore, packets: PacketList
+) -> None:
+    """Live jumps to the next keyframe; the skipped seqs arrive later and fill the hole."""
+    rec = await store.open_session("s-1", "dev-1", META, [make_track(packets, live_seq=30)])
+    cam = rec.camera("cam1")
+    seen = Collector()
+    cam.add_listener(seen)
+    await feed(cam, packets, range(30, 40))  # live from the press's GOP
+    await feed(cam, packets, range(60, 90))  # the link was slow: live skipped 40..59
+    await cam.flush()
+    assert len(seen.inits) == 2  # the live feed follows the newest live run
+    assert cam.ack_state(64) == (-1, ((30, 38), (60, 88)))  # nothing from seq 0 on yet
+    assert await feed(cam, packets, range(40, 60), live=False) == [Outcome.APPENDED] * 20
+    await cam.flush()  # the run reached the next one: it was finished, 59 is durable
+    assert cam.ack_state(64) == (-1, ((30, 88),))
+    await feed(cam, packets, range(0, 30), live=False)  # the older pre-roll, last
+    await cam.flush()
+    assert cam.ack_state(64) == (88, ())
+    await rec.close("all clear")
+    assert cam.ack_state(64) == (89, ())
+    summary = rec.summary().camera("cam1")
+    assert [(r.first_seq, r.last_seq) for r in summary.runs] == [(0, 29), (30, 59), (60, 89)]
+    assert summary.complete
+    assert (summary.preroll_frames, summary.live_frames) == (30, 60)
+    counts = [int((await probe(part.path))["nb_read_frames"]) for part in summary.parts]
+    assert counts == [30, 30, 30]  # every part decodes on its own, seqs in order
+
+
+async def test_a_keyframe_in_a_hole_starts_a_run_that_ends_at_the_next_run(
+    store: RecordingStore, packets: PacketList
+) -> None:
     rec, cam = await open_cam(store, packets)
-    times = [0, FRAME_US, FRAME_US, FRAME_US - 5000, 4 * FRAME_US, 5 * FRAME_US]
-    for seq, t in enumerate(times):
-        cam.append(seq, T0_US + t, packets[seq][1], False, packets[seq][0])
-    assert cam.timestamp_fixups == 2
-    await rec.close("done")
-    pts = [
-        int(p["pts"]) for p in await asyncio.to_thread(ffprobe_packets, rec.directory / "cam1.mp4")
+    await feed(cam, packets, range(10))
+    await feed(cam, packets, range(60, 70))
+    assert await feed(cam, packets, range(30, 65), live=False) == (
+        [Outcome.APPENDED] * 30 + [Outcome.DUPLICATE] * 5
+    )
+    await cam.flush()
+    assert [(r.first_seq, r.last_seq, r.writable) for r in cam.runs] == [
+        (0, 9, True),
+        (30, 59, False),  # complete: finished
+        (60, 69, True),
     ]
-    assert pts == [0, 3000, 3001, 3002, 12000, 15000]
+    acked, holds = cam.ack_state(64)
+    assert (acked, holds) == (8, ((30, 68),))
+    assert rec.summary().camera("cam1").missing == ((9, 29),)  # 9 waits for its fragment
+
+
+async def test_declared_gap_moves_the_ack_and_finishes_the_run(
+    store: RecordingStore, packets: PacketList
+) -> None:
+    rec, cam = await open_cam(store, packets)
+    await feed(cam, packets, range(20))
+    await feed(cam, packets, range(30, 50))
+    await cam.flush()
+    assert cam.ack_state(64) == (18, ((30, 48),))
+    await cam.declare_gap(20, 29, "evicted")
+    await cam.declare_gap(20, 29, "evicted")  # said again after a reconnect: one record
+    doc = json.loads((rec.directory / "session.json").read_text())
+    assert doc["cameras"][0]["gaps"] == [{"first": 20, "last": 29, "reason": "evicted"}]
+    await cam.flush()  # the run before the gap was finished: its last frame is durable
+    assert cam.ack_state(64) == (48, ())
+    summary = rec.summary().camera("cam1")
+    assert (summary.complete, summary.missing_frames, len(summary.gaps)) == (True, 0, 1)
+
+
+def test_seq_ranges_match_a_set_model() -> None:
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(st.tuples(st.integers(0, 60), st.integers(0, 8)), max_size=8),
+        st.lists(st.tuples(st.integers(0, 60), st.integers(0, 8)), max_size=4),
+        st.integers(0, 20),
+    )
+    def check(held_in: list[tuple[int, int]], gaps_in: list[tuple[int, int]], first: int) -> None:
+        held = [(a, a + n) for a, n in held_in]
+        gaps = [(a, a + n) for a, n in gaps_in]
+        covered = {s for a, b in held + gaps for s in range(a, b + 1)}
+        held_set = {s for a, b in held for s in range(a, b + 1)}
+        acked = seqranges.cumulative(first, held + gaps)
+        assert all(s in covered for s in range(first, acked + 1))
+        assert acked + 1 not in covered
+        holds = seqranges.holds_after(acked, held, 64)
+        assert {s for a, b in holds for s in range(a, b + 1)} == {s for s in held_set if s > acked}
+        assert all(a > acked + 1 for a, _ in holds)
+        assert all(b + 1 < a for (_, b), (a, _) in itertools.pairwise(holds))
+        top = max(held_set, default=first - 1)
+        missing = {
+            s for a, b in seqranges.missing(first, top, held + gaps) for s in range(a, b + 1)
+        }
+        assert missing == set(range(first, top + 1)) - covered
+
+    check()
+    assert seqranges.holds_after(0, [(2 * i, 2 * i) for i in range(1, 100)], 64)[-1] == (128, 128)
 
 
 @pytest.mark.parametrize(
@@ -203,11 +324,11 @@ async def test_bad_camera_ids_rejected(
 
 async def test_open_is_idempotent_and_checked(store: RecordingStore, packets: PacketList) -> None:
     rec, cam = await open_cam(store, packets)
-    feed(cam, packets, range(5))
+    await feed(cam, packets, range(5))
     again = await store.open_session("s-1", "dev-1", META, [make_track(packets)])
     assert again is rec
     assert again.camera("cam1") is cam
-    assert cam.last_seq == 4  # nothing reset
+    assert last_seq(cam) == 4  # nothing reset
     assert store.get("s-1") is rec
     assert store.open_sessions() == [rec]
     with pytest.raises(SessionConflictError):
@@ -223,24 +344,27 @@ async def test_open_is_idempotent_and_checked(store: RecordingStore, packets: Pa
 async def test_a_later_first_seq_is_a_declared_gap_in_a_new_part(
     store: RecordingStore, packets: PacketList
 ) -> None:
-    """A restarted agent resumes the session with numbers above what it lost."""
+    """An older agent resumes the session with numbers above what it lost."""
     rec, cam = await open_cam(store, packets)
-    feed(cam, packets, range(20))
+    await feed(cam, packets, range(20))
     await store.open_session("s-2", "dev-1", META, [make_track(packets, first_seq=50)])
     with pytest.raises(TrackMismatchError):  # going back is never a resume
         await store.open_session("s-2", "dev-1", META, [make_track(packets, first_seq=10)])
     again = await store.open_session("s-1", "dev-1", META, [make_track(packets, first_seq=130)])
     assert again is rec
-    assert cam.frames_durable == 20  # the first part was finished and fsynced
+    await cam.flush()
+    assert cam.frames_durable == 20  # the first run was finished and fsynced
     assert cam.durable_seq == 129  # seqs declared lost are settled: nothing will ever fill them
+    assert cam.gaps[0].to_json() == {"first": 20, "last": 129, "reason": "lost"}
     for i, seq in enumerate(range(130, 160)):  # packets 30..59 start at a keyframe
         payload, key = packets[30 + i]
-        cam.append(seq, T0_US + (30 + i) * FRAME_US, key, False, payload)
-    await cam.close()
-    assert [p.first_seq for p in cam.parts] == [0, 130]
+        await cam.append(seq, T0_US + (30 + i) * FRAME_US, key, payload, preroll=False, live=True)
+    await rec.close("done")
+    assert [p.first_seq for p in rec.summary().camera("cam1").parts] == [0, 130]
     assert cam.durable_seq == 159
     assert cam.frames_durable == 50
-    frames = [int(ffprobe_stream(rec.directory / p.file)["nb_read_frames"]) for p in cam.parts]
+    parts = rec.summary().camera("cam1").parts
+    frames = [int(ffprobe_stream(p.path)["nb_read_frames"]) for p in parts]
     assert frames == [20, 30]
 
 
@@ -256,17 +380,17 @@ async def test_group_commit_coalesces_fsyncs(
 
     def fsync(fd: int) -> None:
         path = os.readlink(f"/proc/self/fd/{fd}")
-        if path.endswith("cam1.mp4"):
+        if path.endswith("cam1.0.mp4"):
             data_syncs.append(path)
             entered.set()
             assert release.wait(30)
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    feed(cam, packets, range(10))
+    feed_nowait(cam, packets, range(10))
     first = asyncio.create_task(cam.flush())
     assert await asyncio.to_thread(entered.wait, 30)
-    feed(cam, packets, range(10, 20))  # arrives while the fsync is in flight
+    feed_nowait(cam, packets, range(10, 20))  # arrives while the fsync is in flight
     later = [asyncio.create_task(cam.flush()) for _ in range(5)]
     await asyncio.sleep(0)
     release.set()
@@ -279,7 +403,7 @@ async def test_resume_after_clean_restart(tmp_path: Path, packets: PacketList) -
     root = tmp_path / "rec"
     async with RecordingStore(root) as store1:
         _, cam = await open_cam(store1, packets)
-        feed(cam, packets, range(45))
+        await feed(cam, packets, range(45))
         await cam.flush()
     # The receiver stopped (aclose finished the part); the session stays open.
     async with RecordingStore(root) as store2:
@@ -291,11 +415,11 @@ async def test_resume_after_clean_restart(tmp_path: Path, packets: PacketList) -
         rec, cam = await open_cam(store2, packets)
         assert rec.durable_by_camera() == {"cam1": 44}
         assert store2.live_feed("s-1", "cam1") is cam.live
-        feed(cam, packets, range(40, 90))  # the agent resends from its last ack
+        await feed(cam, packets, range(40, 90))  # the agent resends from its last ack
         assert cam.duplicates == 5
         await rec.close("all clear")
         parts = [p.path for p in store2.sessions()[0].camera("cam1").parts]
-        assert [p.name for p in parts] == ["cam1.mp4", "cam1.1.mp4"]
+        assert [p.name for p in parts] == ["cam1.0.mp4", "cam1.45.mp4"]
         assert cam.frames_durable == 90
     infos = [await probe(p) for p in parts]
     assert [int(i["nb_read_packets"]) for i in infos] == [45, 45]
@@ -311,7 +435,7 @@ async def test_resume_after_crash_truncates_torn_tail(
 ) -> None:
     async with RecordingStore(tmp_path / "live") as store1:
         _, cam = await open_cam(store1, packets)
-        feed(cam, packets, range(45))
+        await feed(cam, packets, range(45))
         assert await cam.flush() == 43
         # What a crash leaves behind right now: copy the files as they are (a temporary
         # file of a metadata save in flight may vanish under the copy, as in a real crash).
@@ -321,7 +445,7 @@ async def test_resume_after_crash_truncates_torn_tail(
             tmp_path / "crashed",
             ignore=lambda _dir, names: [n for n in names if n.endswith(".tmp")],
         )
-    mp4 = tmp_path / "crashed" / "s-1" / "cam1.mp4"
+    mp4 = tmp_path / "crashed" / "s-1" / "cam1.0.mp4"
     size = mp4.stat().st_size
     with mp4.open("ab") as f:
         if damage == "garbage":
@@ -335,37 +459,47 @@ async def test_resume_after_crash_truncates_torn_tail(
         assert cam.durable_seq == expect_durable
         if damage == "garbage":
             assert mp4.stat().st_size == size
-        feed(cam, packets, range(expect_durable + 1, 90))
+        await feed(cam, packets, range(expect_durable + 1, 90))
         await rec.close("all clear")
     p0 = await probe(mp4)
-    p1 = await probe(mp4.with_name("cam1.1.mp4"))
+    p1 = await probe(mp4.with_name(f"cam1.{expect_durable + 1}.mp4"))
     assert int(p0["nb_read_packets"]) + int(p1["nb_read_packets"]) == 90
     assert int(p0["nb_read_frames"]) == expect_durable + 1
 
 
-async def test_corrupt_session_json_is_not_overwritten(tmp_path: Path, packets: PacketList) -> None:
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        # schema 1 (a live and a pre-roll recording per camera): not read, never overwritten
+        '{"v": 1, "session_id": "s-1", "device_id": "dev-1", "cameras": [], "prerolls": []}',
+    ],
+)
+async def test_unreadable_session_json_is_not_overwritten(
+    tmp_path: Path, packets: PacketList, text: str
+) -> None:
     bad = tmp_path / "rec" / "s-1" / "session.json"
     bad.parent.mkdir(parents=True)
-    bad.write_text("{not json")
+    bad.write_text(text)
     async with RecordingStore(tmp_path / "rec") as store:
         assert store.sessions() == []
         with pytest.raises(CorruptRecordingError):
             await open_cam(store, packets)
-    assert bad.read_text() == "{not json"
+    assert bad.read_text() == text
 
 
 async def test_reopen_closed_session_continues(store: RecordingStore, packets: PacketList) -> None:
     rec, cam = await open_cam(store, packets)
-    feed(cam, packets, range(30))
+    await feed(cam, packets, range(30))
     await rec.close("all clear")
     again, cam2 = await open_cam(store, packets)
     assert again is rec
     assert cam2 is cam
     assert rec.is_open
-    feed(cam, packets, range(30, 40))  # late footage is still taken
+    await feed(cam, packets, range(30, 40))  # late footage is still taken
     await rec.close("all clear again")
     assert cam.frames_durable == 40
-    assert [p.file for p in cam.parts] == ["cam1.mp4", "cam1.1.mp4"]
+    assert [p.file for p in cam.runs[0].parts] == ["cam1.0.mp4", "cam1.30.mp4"]
 
 
 # -- H.264 and fMP4 helpers ----------------------------------------------------
@@ -373,16 +507,17 @@ async def test_reopen_closed_session_continues(store: RecordingStore, packets: P
 
 async def test_mse_codec_string_from_real_x264(store: RecordingStore, packets: PacketList) -> None:
     rec, cam = await open_cam(store, packets)
-    feed(cam, packets, range(3))
+    await feed(cam, packets, range(3))
+    init = cam.runs[0].init_segment
     await rec.close("done")
-    info = await probe(rec.directory / "cam1.mp4")
+    info = await probe(rec.directory / "cam1.0.mp4")
     assert info["profile"] == "Constrained Baseline"
     expected = f"avc1.42c0{int(info['level']):02x}"
     assert mse_codec_string(packets[0][0]) == expected  # keyframe with in-band SPS
     assert mse_codec_string(parameter_sets(packets[0][0]).annex_b()) == expected
-    assert cam.init_segment is not None
-    assert cam.init_segment[4:8] == b"ftyp"
-    with (rec.directory / "cam1.mp4").open("rb") as f:
+    assert init is not None
+    assert init[4:8] == b"ftyp"
+    with (rec.directory / "cam1.0.mp4").open("rb") as f:
         scan = scan_file(f)
     assert scan.avcc is not None
     assert mse_codec_string(scan.avcc) == expected  # avcC record from the moov
@@ -420,9 +555,9 @@ def recorded(tmp_path_factory: pytest.TempPathFactory, packets: PacketList) -> b
     async def record() -> bytes:
         async with RecordingStore(tmp_path_factory.mktemp("split")) as s:
             rec, cam = await open_cam(s, packets)
-            feed(cam, packets, range(12))
+            await feed(cam, packets, range(12))
             await rec.close("done")
-            return (rec.directory / "cam1.mp4").read_bytes()
+            return (rec.directory / "cam1.0.mp4").read_bytes()
 
     return asyncio.run(record())
 
@@ -464,23 +599,23 @@ async def test_disk_full_fails_loud_and_recovers_on_reopen(
     store: RecordingStore, packets: PacketList, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     disk_full = False
-    real_write = _PartWriter.write
+    real_write = PartWriter.write
 
-    def write(self: _PartWriter, data: bytes) -> int:
+    def write(self: PartWriter, data: bytes) -> int:
         if disk_full:
             real_write(self, data[: len(data) // 2])  # a torn write, then no space
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, data)
 
-    monkeypatch.setattr(_PartWriter, "write", write)
+    monkeypatch.setattr(PartWriter, "write", write)
     rec, cam = await open_cam(store, packets)
-    feed(cam, packets, range(20))
+    await feed(cam, packets, range(20))
     assert await cam.flush() == 18
     disk_full = True
     with pytest.raises(RecordingFailedError):
-        feed(cam, packets, range(20, 21))
+        await feed(cam, packets, range(20, 21))
     with pytest.raises(RecordingFailedError):
-        feed(cam, packets, range(21, 22))
+        await feed(cam, packets, range(20, 21))  # the failed run takes nothing more
     with pytest.raises(RecordingFailedError):
         await cam.flush()
     assert cam.durable_seq == 18  # nothing acknowledged is lost, nothing more claimed
@@ -489,7 +624,8 @@ async def test_disk_full_fails_loud_and_recovers_on_reopen(
     assert again.camera("cam1") is cam
     assert cam.writable
     assert cam.durable_seq == 18
-    feed(cam, packets, range(19, 40))  # the agent resends what was never acked
+    await feed(cam, packets, range(19, 40))  # the agent resends what was never acked
     await rec.close("all clear")
-    counts = [int((await probe(p))["nb_read_packets"]) for p in map(cam.part_path, cam.parts)]
+    parts = rec.summary().camera("cam1").parts
+    counts = [int((await probe(p.path))["nb_read_packets"]) for p in parts]
     assert counts == [19, 21]

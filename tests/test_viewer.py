@@ -19,7 +19,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from receiver.h264 import mse_codec_string, parameter_sets
-from receiver.recording import CameraRecording, RecordingStore, SessionRecording, TrackInfo
+from receiver.recording import (
+    CameraRecording,
+    Outcome,
+    RecordingStore,
+    SessionRecording,
+    TrackInfo,
+)
 from receiver.viewer import setup_viewer
 from tests.media import META, PacketList, ffprobe_stream
 
@@ -44,7 +50,11 @@ class Env:
     def feed(self, packets: PacketList, n: int) -> None:
         for _ in range(n):
             payload, key = packets[self.next]
-            self.cam.append(self.next, T0_US + self.next * 33_333, key, self.next < 30, payload)
+            t = T0_US + self.next * 33_333
+            done = self.cam.append_nowait(
+                self.next, t, key, payload, preroll=self.next < 30, live=True
+            )
+            assert done is Outcome.APPENDED
             self.next += 1
 
 
@@ -79,9 +89,22 @@ async def test_sessions_api_lists_cameras(env: Env, packets: PacketList) -> None
     assert cam["frames_durable"] == 39  # the 40th waits for its fragment
     assert (cam["preroll_frames"], cam["live_frames"]) == (30, 9)
     assert cam["live_url"] == "/v1/live/s-1/cam1"
-    assert cam["recordings"] == [
-        {"file": "cam1.mp4", "url": "/recordings/s-1/cam1.mp4", "first_seq": 0}
-    ]
+    part = {
+        "file": "cam1.0.mp4",
+        "first_seq": 0,
+        "last_seq": 38,
+        "frames": 39,
+        "first_capture_us": T0_US,
+    }
+    assert cam["runs"] == [{"first_seq": 0, "last_seq": 38, "frames": 39, "parts": [part]}]
+    assert cam["recordings"] == [dict(part, url="/recordings/s-1/cam1.0.mp4", run=0)]
+    assert (cam["complete"], cam["missing"], cam["gaps"], cam["bad_segments"]) == (
+        True,
+        [],
+        [],
+        [],
+    )
+    assert (cam["durable_seq"], cam["first_live_seq"]) == (38, 30)
     assert "path" not in str(body)  # no server paths leak
 
 
@@ -123,7 +146,7 @@ async def test_static_refuses_anything_but_its_files(env: Env, path: str) -> Non
 async def test_recording_served_with_ranges(env: Env, packets: PacketList) -> None:
     env.feed(packets, 30)
     await env.rec.close("all clear")
-    url = "/recordings/s-1/cam1.mp4"
+    url = "/recordings/s-1/cam1.0.mp4"
     full = await env.client.get(url)
     assert full.status == 200
     assert full.content_type == "video/mp4"
@@ -138,11 +161,13 @@ async def test_recording_served_with_ranges(env: Env, packets: PacketList) -> No
 @pytest.mark.parametrize(
     ("path", "status", "code"),
     [
-        ("/recordings/nope/cam1.mp4", 404, "unknown_session"),
-        ("/recordings/s-1/cam9.mp4", 404, "unknown_camera"),
+        ("/recordings/nope/cam1.0.mp4", 404, "unknown_session"),
+        ("/recordings/s-1/cam9.0.mp4", 404, "unknown_camera"),
         ("/recordings/s-1/cam1.7.mp4", 404, "unknown_recording"),
+        ("/recordings/s-1/cam1.mp4", 404, "unknown_recording"),
+        ("/recordings/s-1/cam1.00.mp4", 404, "unknown_recording"),
         ("/recordings/s-1/session.json", 404, "unknown_recording"),
-        ("/recordings/.hidden/cam1.mp4", 400, "invalid_id"),
+        ("/recordings/.hidden/cam1.0.mp4", 400, "invalid_id"),
         ("/recordings/s-1/..%2Fsession.json", 404, "unknown_recording"),
         ("/v1/live/nope/cam1", 404, "unknown_session"),
         ("/v1/live/s-1/cam9", 404, "unknown_camera"),
@@ -239,26 +264,10 @@ _PROBE_JS = """(() => {
 })()"""
 
 
-@pytest.mark.skipif(_CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
-async def test_browser_plays_live_view(env: Env, packets: PacketList, tmp_path: Path) -> None:
-    """Chromium plays the live tile through MSE, close to the live edge (raw CDP, no Playwright)."""
+@contextlib.asynccontextmanager
+async def browser_page(url: str, profile: Path) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """Headless Chromium showing ``url``; yields the page's DevTools socket (raw CDP)."""
     assert _CHROMIUM is not None
-    stop = asyncio.Event()
-
-    async def produce() -> None:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for seq in range(100_000):
-            payload, key = packets[seq % len(packets)]
-            env.cam.append(seq, T0_US + seq * 33_333, key, seq < 30, payload)
-            await env.cam.flush()
-            try:
-                await asyncio.wait_for(stop.wait(), max(0.0, start + (seq + 1) / 30 - loop.time()))
-                return
-            except TimeoutError:
-                pass
-
-    producer = asyncio.create_task(produce())
     proc = await asyncio.create_subprocess_exec(
         _CHROMIUM,
         "--headless",
@@ -270,7 +279,7 @@ async def test_browser_plays_live_view(env: Env, packets: PacketList, tmp_path: 
         "--disable-component-update",
         "--disable-sync",
         "--autoplay-policy=no-user-gesture-required",
-        f"--user-data-dir={tmp_path / 'chromium'}",
+        f"--user-data-dir={profile}",
         "--remote-debugging-address=127.0.0.1",
         "--remote-debugging-port=0",
         "about:blank",
@@ -285,20 +294,49 @@ async def test_browser_plays_live_view(env: Env, packets: PacketList, tmp_path: 
             line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
             assert line, "chromium exited"
             devtools = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
-        page = str(env.client.make_url("/"))
         async with aiohttp.ClientSession() as http:
-            new = f"http://127.0.0.1:{devtools.group(1)}/json/new?{page}"
+            new = f"http://127.0.0.1:{devtools.group(1)}/json/new?{url}"
             async with http.put(new) as resp:
                 target = await resp.json()
             async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as cdp:
-                samples = []
-                for i in range(60):
-                    await asyncio.sleep(0.1)  # real time must pass for playback
-                    sample = await _cdp_eval(cdp, _PROBE_JS, i)
-                    if sample:
-                        samples.append(sample)
-                    if len(samples) >= 2 and samples[-1]["t"] - samples[0]["t"] > 1.0:
-                        break
+                yield cdp
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the group this test started
+        await proc.wait()
+
+
+@pytest.mark.skipif(_CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+async def test_browser_plays_live_view(env: Env, packets: PacketList, tmp_path: Path) -> None:
+    """Chromium plays the live tile through MSE, close to the live edge (raw CDP, no Playwright)."""
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for seq in range(100_000):
+            payload, key = packets[seq % len(packets)]
+            env.cam.append_nowait(
+                seq, T0_US + seq * 33_333, key, payload, preroll=seq < 30, live=True
+            )
+            await env.cam.flush()
+            try:
+                await asyncio.wait_for(stop.wait(), max(0.0, start + (seq + 1) / 30 - loop.time()))
+                return
+            except TimeoutError:
+                pass
+
+    producer = asyncio.create_task(produce())
+    try:
+        async with browser_page(str(env.client.make_url("/")), tmp_path / "chromium") as cdp:
+            samples = []
+            for i in range(60):
+                await asyncio.sleep(0.1)  # real time must pass for playback
+                sample = await _cdp_eval(cdp, _PROBE_JS, i)
+                if sample:
+                    samples.append(sample)
+                if len(samples) >= 2 and samples[-1]["t"] - samples[0]["t"] > 1.0:
+                    break
         assert len(samples) >= 2, "the live video never buffered"
         assert samples[-1]["t"] - samples[0]["t"] > 1.0, "the live video does not play"
         assert samples[-1]["behind"] < 1.0
@@ -308,6 +346,48 @@ async def test_browser_plays_live_view(env: Env, packets: PacketList, tmp_path: 
     finally:
         stop.set()
         await producer
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the group this test started
-        await proc.wait()
+
+
+_RECORDED_JS = """(() => {
+  const v = document.querySelector('.recorded-wrap video');
+  const b = document.querySelector('.tile .actions button');
+  if (!v || !b) return null;
+  if (b.getAttribute('aria-pressed') !== 'true') { b.click(); return null; }
+  if (v.paused && !v.ended) v.play().catch(() => {});
+  return {part: v.dataset.part, t: v.currentTime, src: v.currentSrc,
+          note: document.querySelector('.recorded-wrap .note').textContent,
+          stats: document.querySelector('.tile .stats').textContent};
+})()"""
+
+
+@pytest.mark.skipif(_CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+async def test_browser_plays_recorded_runs_in_seq_order(
+    env: Env, packets: PacketList, tmp_path: Path
+) -> None:
+    """Live skipped ahead, backfill filled the hole: "Recorded" plays part after part."""
+    cam = env.cam
+    for seq in [*range(0, 10), *range(30, 60)]:  # live: 10..29 skipped
+        payload, key = packets[seq]
+        await cam.append(seq, T0_US + seq * 33_333, key, payload, preroll=False, live=True)
+    for seq in range(10, 30):  # backfill closes the hole; that run is complete
+        payload, key = packets[seq]
+        await cam.append(seq, T0_US + seq * 33_333, key, payload)
+    await env.rec.close("all clear")
+    parts = [p.file for p in env.rec.summary().camera("cam1").parts]
+    assert parts == ["cam1.0.mp4", "cam1.30.mp4"]
+    async with browser_page(str(env.client.make_url("/")), tmp_path / "chromium") as cdp:
+        seen: list[dict[str, Any]] = []
+        for i in range(100):
+            await asyncio.sleep(0.1)  # real time must pass for playback
+            sample = await _cdp_eval(cdp, _RECORDED_JS, i)
+            if sample:
+                seen.append(sample)
+            if sample and sample["part"] == "1" and sample["t"] > 0.3:
+                break
+    assert seen, "the recorded player never started"
+    assert seen[0]["src"].endswith("/recordings/s-1/cam1.0.mp4")
+    assert seen[0]["note"] == "part 1 of 2: 0\u201329"
+    assert seen[-1]["part"] == "1", "the second part never played"
+    assert seen[-1]["src"].endswith("/recordings/s-1/cam1.30.mp4")
+    assert seen[-1]["t"] > 0.3
+    assert "complete" in seen[-1]["stats"]

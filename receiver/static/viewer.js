@@ -44,6 +44,33 @@ function alarmText(session) {
   return `EMERGENCY — building ${building} — ${describeStart(meta)} at ${at}`;
 }
 
+// "complete", or what is missing, declared lost or could not be opened.
+function completeness(cam) {
+  const out = [cam.complete ? "complete" : `missing ${cam.missing_frames} frames`];
+  const declared = (cam.gaps || []).reduce((n, g) => n + g.last - g.first + 1, 0);
+  if (declared) out.push(`${declared} declared lost`);
+  const bad = (cam.bad_segments || []).length;
+  if (bad) out.push(`${bad} unreadable segment${bad > 1 ? "s" : ""}`);
+  return out.join(", ");
+}
+
+// What a part holds: its sequence numbers, and whether before or after the press.
+function partLabel(rec, cam) {
+  const live = cam.first_live_seq;
+  let what = "";
+  if (typeof live === "number") {
+    if (rec.last_seq < live) what = " pre-roll";
+    else if (rec.first_seq < live) what = " press";
+  }
+  return `${rec.first_seq}–${rec.last_seq}${what}`;
+}
+
+// Why the frame `seq` is not recorded: declared lost by the device, or missing.
+function holeKind(cam, seq) {
+  const gap = (cam.gaps || []).find((g) => g.first <= seq && seq <= g.last);
+  return gap ? `declared ${gap.reason}` : "missing";
+}
+
 // One live <video> fed through Media Source Extensions from the camera's WebSocket.
 class LivePlayer {
   constructor(video, url, codec, onState) {
@@ -216,7 +243,8 @@ class CameraTile {
     this.badge.textContent = live ? "LIVE" : "ENDED";
     this.badge.className = `badge ${live ? "live" : "ended"}`;
     this.counts.textContent =
-      `${cam.frames_durable} frames (pre-roll ${cam.preroll_frames}, live ${cam.live_frames})`;
+      `${cam.frames_durable} frames (pre-roll ${cam.preroll_frames}, live ${cam.live_frames}) · ` +
+      completeness(cam);
     if (live && cam.mse_codec && !this.player) {
       this.player = new LivePlayer(this.video, cam.live_url, cam.mse_codec, (s) => {
         this.state.textContent = s;
@@ -233,15 +261,13 @@ class CameraTile {
   }
 
   renderLinks(recordings) {
-    const key = recordings.map((r) => r.url).join(" ");
+    const key = recordings.map((r) => `${r.url}:${r.frames}`).join(" ");
     if (key === this.linksKey) return;
     this.linksKey = key;
     this.links.replaceChildren();
-    let live = 0;
     recordings.forEach((rec) => {
-      const pre = rec.file.includes(".preroll");
-      const label = pre ? "pre-roll" : live++ === 0 ? "from the press" : `continued (${live - 1})`;
-      const a = el("a", null, recordings.length > 1 ? label : "download");
+      const label = recordings.length > 1 ? partLabel(rec, this.cam) : "download";
+      const a = el("a", null, label);
       a.href = rec.url;
       a.download = `${this.sessionId}-${rec.file}`;
       this.links.append(" ", a);
@@ -262,18 +288,22 @@ class CameraTile {
     }
   }
 
-  // Parts play one after the other: the pre-roll file (footage from before the
-  // press), the live file, and any part a restart began.
+  // Parts play one after the other in sequence order, across runs: the pre-roll,
+  // the footage from the press on, what backfill filled in after a skip, and any
+  // part a restart began. A hole between two parts is named in the note.
   playPart(parts, i) {
     const part = parts[i];
     this.recorded.src = part.url;
+    this.recorded.dataset.part = String(i);
     this.recorded.onended = i + 1 < parts.length ? () => {
       this.playPart(parts, i + 1);
       this.recorded.play().catch(() => {});
     } : null;
-    const what = part.file.includes(".preroll") ? "pre-roll, before the press" : "from the press on";
+    const next = parts[i + 1];
+    const hole = next ? next.first_seq - part.last_seq - 1 : 0;
+    const after = hole > 0 ? `; then ${hole} frames not here (${holeKind(this.cam, part.last_seq + 1)})` : "";
     this.recordedNote.textContent = parts.length > 1
-      ? `part ${i + 1} of ${parts.length}: ${what}` : "";
+      ? `part ${i + 1} of ${parts.length}: ${partLabel(part, this.cam)}${after}` : "";
   }
 
   tick() {

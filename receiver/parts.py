@@ -1,0 +1,95 @@
+"""Part files on disk: what ``session.json`` says of one, writing one, scanning one.
+
+Blocking I/O: the run calls these through ``asyncio.to_thread`` (except the
+writer, which PyAV's muxer calls with each chunk it writes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from receiver.fmp4 import Fragment, FragmentSplitter, InitSegment, scan_file
+
+__all__ = ["PartInfo", "PartWriter", "open_part_file", "scan_part"]
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PartInfo:
+    """One part file of a run, as recorded in ``session.json`` (``frames`` is counted)."""
+
+    file: str
+    first_seq: int
+    #: Capture time (UTC µs) of the part's first sample: its pts 0.
+    first_capture_us: int | None = None
+    #: Samples in complete fragments made durable (found by scanning; not stored).
+    frames: int = 0
+
+    @property
+    def last_seq(self) -> int:
+        """The last durable seq of this part (``first_seq - 1`` if none)."""
+        return self.first_seq + self.frames - 1
+
+
+class PartWriter:
+    """File-like sink for PyAV: writes to the part file and splits boxes.
+
+    It has no ``seek``, so the muxer treats it as a non-seekable stream.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+        self._splitter = FragmentSplitter()
+        self.units: list[InitSegment | Fragment] = []
+
+    def detach(self) -> None:
+        """Refuse further writes (the fd may be closed and its number reused)."""
+        self._fd = None
+
+    def write(self, data: bytes) -> int:
+        """Write all of ``data`` to the file, then parse it into boxes."""
+        if self._fd is None:
+            raise OSError("part file is detached")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self.units.extend(self._splitter.feed(data))
+        return len(data)
+
+
+def open_part_file(path: Path, sync_dir: bool) -> int:
+    """Create (or truncate) a part file for writing; with ``sync_dir`` make its name durable."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    if sync_dir:  # the new name must survive a power cut, not only its data
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return fd
+
+
+def scan_part(path: Path, repair: bool) -> tuple[int, bytes | None]:
+    """Samples in complete fragments and the avcC; with ``repair`` cut a torn tail."""
+    try:
+        with open(path, "r+b" if repair else "rb") as f:
+            result = scan_file(f)
+            if repair:
+                if result.torn:
+                    _LOG.warning(
+                        "%s: truncating torn tail %d -> %d bytes",
+                        path,
+                        result.file_size,
+                        result.valid_end,
+                    )
+                    f.truncate(result.valid_end)
+                # Whatever survived a crash in the page cache becomes durable now,
+                # before we report it as acknowledged.
+                os.fsync(f.fileno())
+            return result.samples, result.avcc
+    except FileNotFoundError:
+        return 0, None

@@ -1,0 +1,465 @@
+"""One run of a camera's recording: consecutive seqs remuxed into part file(s).
+
+Theory of operation. A run starts at a keyframe and takes the camera's
+packets strictly in sequence order. Each appended Annex-B access unit is
+muxed by PyAV's mov muxer into a fragmented MP4 (one fragment per frame)
+that is written straight to the part file through :class:`PartWriter`. The
+writer also splits the byte stream into boxes, so we learn which samples are
+in complete fragments on the file descriptor: FFmpeg emits a frame's fragment
+only when the next frame is muxed (or at close), and we never assume that but
+count ``trun`` samples. Samples are gapless within a run, so the n-th sample
+of a part has sequence number ``part.first_seq + n``. :meth:`Run.flush`
+fsyncs in a worker thread (one fsync in flight; callers arriving meanwhile
+share the next one) and only then counts the samples as durable.
+
+PyAV cannot append to an existing fMP4, so after a restart, a write failure
+or a re-opened session a run continues in a new part file, named after its
+first sequence number (``<camera>.<first_seq>.mp4``) and listed in
+``session.json`` before it gets any data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from fractions import Fraction
+from io import BytesIO
+from pathlib import Path
+from typing import Protocol
+
+import av
+from av.container import OutputContainer
+from av.video.stream import VideoStream
+
+from receiver.errors import (
+    BitstreamError,
+    InvalidPacketError,
+    MissingSpsError,
+    NotKeyframeError,
+    RecordingClosedError,
+    RecordingError,
+    RecordingFailedError,
+)
+from receiver.fmp4 import InitSegment
+from receiver.h264 import has_sps
+from receiver.parts import PartInfo, PartWriter, open_part_file, scan_part
+from receiver.summaries import part_file
+
+__all__ = ["TIME_BASE", "FragmentListener", "PartInfo", "Run", "RunHost"]
+
+_LOG = logging.getLogger(__name__)
+
+#: MP4 time base of every recording: the 90 kHz clock of MPEG video.
+TIME_BASE = Fraction(1, 90_000)
+_MUX_OPTIONS = {
+    "movflags": "frag_every_frame+empty_moov+default_base_moof",
+    "flush_packets": "1",
+}
+
+
+class FragmentListener(Protocol):
+    """Receives a recording's fMP4 output as it is written (the live feed)."""
+
+    def init_segment(self, data: bytes) -> None:
+        """``ftyp`` + ``moov`` of the current part; sent before any fragment."""
+
+    def media_fragment(self, data: bytes, keyframe: bool, capture_us: int) -> None:
+        """One ``moof`` + ``mdat``; ``keyframe`` and ``capture_us`` of its first sample."""
+
+    def end_of_stream(self) -> None:
+        """The recording was closed; no more data will come."""
+
+
+class RunHost(Protocol):
+    """What a run needs from the camera recording it belongs to."""
+
+    @property
+    def camera_id(self) -> str:
+        """The camera's id (part file names, logs)."""
+
+    @property
+    def fps(self) -> float:
+        """Announced frame rate (the duration of a part's first sample)."""
+
+    def parameter_sets(self) -> bytes:
+        """Annex-B SPS/PPS to put in front of a part's first packet when it has none."""
+
+    def learn_parameter_sets(self, data: bytes) -> None:
+        """A keyframe with in-band SPS, or a stored ``avcC`` record, was seen."""
+
+    def mark_dirty(self) -> None:
+        """Bookkeeping in ``session.json`` changed."""
+
+    def save_metadata_soon(self) -> None:
+        """Save ``session.json`` a little later, never in front of an ack."""
+
+    def committed(self, run: Run) -> None:
+        """An fsync made more of ``run`` durable."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    seq: int
+    keyframe: bool
+    capture_us: int
+
+
+class Run:
+    """A contiguous range of one camera's seqs, written in order into its part file(s).
+
+    Created by :class:`receiver.camera_recording.CameraRecording`, which routes
+    each packet to the run whose next seq it is.
+    """
+
+    def __init__(self, host: RunHost, directory: Path, parts: list[PartInfo]) -> None:
+        if not parts:
+            raise ValueError("a run needs at least one part")
+        self._host = host
+        self._dir = directory
+        #: The run's part files in seq order; the last one is the one written.
+        self.parts = parts
+        self._listener: FragmentListener | None = None
+        self._fd: int | None = None
+        self._writer: PartWriter | None = None
+        self._out: OutputContainer | None = None
+        self._stream: VideoStream | None = None
+        self._init: bytes | None = None
+        self._pending: deque[_Sample] = deque()
+        self._part_written = 0  # samples of the last part in complete fragments on the fd
+        self._last_seq = self.durable_seq
+        self._origin_us = 0
+        self._last_pts = -1
+        self._fsync_task: asyncio.Task[None] | None = None
+        self._writable = False
+        self._failure: BaseException | None = None
+        #: Whether torn tails were cut since this run was read from disk.
+        self.repaired = False
+        #: Packets whose capture time did not increase (pts bumped by one tick).
+        self.timestamp_fixups = 0
+
+    # -- state -----------------------------------------------------------
+
+    @property
+    def first_seq(self) -> int:
+        """The run's first seq (a keyframe)."""
+        return self.parts[0].first_seq
+
+    @property
+    def durable_seq(self) -> int:
+        """Highest seq on disk after an fsync (``first_seq - 1`` if none)."""
+        return self.parts[-1].last_seq
+
+    @property
+    def last_seq(self) -> int:
+        """Highest seq appended (muxed, maybe not yet durable)."""
+        return self._last_seq
+
+    @property
+    def next_seq(self) -> int:
+        """The only seq this run accepts next."""
+        return self._last_seq + 1
+
+    @property
+    def frames_durable(self) -> int:
+        """Durable frames over all part files."""
+        return sum(p.frames for p in self.parts)
+
+    @property
+    def writable(self) -> bool:
+        """Whether :meth:`append` accepts packets (a part is open, nothing failed)."""
+        return self._writable and self._failure is None
+
+    @property
+    def failed(self) -> bool:
+        """Whether writing or an fsync failed (re-open the session to recover)."""
+        return self._failure is not None
+
+    @property
+    def has_unflushed(self) -> bool:
+        """Whether complete fragments were written that no fsync covers yet."""
+        return self._part_written > self.parts[-1].frames
+
+    @property
+    def has_open_file(self) -> bool:
+        """Whether a part file is open (writable, or failed and not yet released)."""
+        return self._fd is not None
+
+    @property
+    def init_segment(self) -> bytes | None:
+        """The current part's init segment, once the first packet was muxed."""
+        return self._init
+
+    def held(self) -> list[tuple[int, int]]:
+        """The durable seq ranges of this run, one per part that holds any."""
+        return [(p.first_seq, p.last_seq) for p in self.parts if p.frames]
+
+    def attach(self, listener: FragmentListener | None) -> None:
+        """Send this run's fragments to ``listener`` (None: to nobody).
+
+        A known init segment is delivered at once.
+        """
+        self._listener = listener
+        if listener is not None and self._init is not None:
+            listener.init_segment(self._init)
+
+    # -- opening ---------------------------------------------------------
+
+    async def _scan(self, repair: bool) -> None:
+        """Count durable samples of every part on disk; with ``repair`` cut torn tails."""
+        for part in self.parts:
+            samples, avcc = await asyncio.to_thread(scan_part, self._dir / part.file, repair)
+            part.frames = samples
+            if avcc is not None:
+                self._host.learn_parameter_sets(avcc)
+        self._part_written = self.parts[-1].frames
+        self._last_seq = self.durable_seq
+        self.repaired = self.repaired or repair
+
+    async def repair(self) -> None:
+        """Release the part (a failed one too) and re-read the run from disk, torn tails cut."""
+        await self.close()
+        await self._scan(repair=True)
+        self._failure = None
+
+    def _plan_part(self) -> None:
+        """Choose the part file to write next (after :meth:`_scan` with repair)."""
+        last = self.parts[-1]
+        if last.frames == 0:
+            last.first_capture_us = None  # it holds nothing: rewrite it from the start
+        else:
+            seq = self.durable_seq + 1
+            self.parts.append(PartInfo(part_file(self._host.camera_id, seq), seq))
+        self._part_written = 0
+        self._last_seq = self.durable_seq
+
+    async def _open_part(self, *, sync_dir: bool = True) -> None:
+        """Create the planned part file and accept packets.
+
+        The part must be listed in session.json before it gets data; with
+        ``sync_dir=False`` the caller saves session.json next, whose folder
+        fsync makes the new file's name durable too (one fsync for all parts).
+        """
+        path = self._dir / self.parts[-1].file
+        self._fd = await asyncio.to_thread(open_part_file, path, sync_dir)
+        self._writer = PartWriter(self._fd)
+        self._out = self._stream = self._init = None
+        self._pending.clear()
+        self._failure = None
+        self._writable = True
+
+    # -- appending -------------------------------------------------------
+
+    def append(self, seq: int, capture_us: int, keyframe: bool, payload: bytes) -> None:
+        """Remux one Annex-B access unit; ``seq`` must be :attr:`next_seq`."""
+        self._raise_if_failed()
+        cam = self._host.camera_id
+        if not self._writable:
+            raise RecordingClosedError(f"camera {cam!r}: run from seq {self.first_seq} is closed")
+        if seq != self.next_seq:  # the camera routes; this is a bug, not the device's fault
+            raise RecordingError(f"camera {cam!r}: run expects seq {self.next_seq}, got {seq}")
+        if not payload:
+            raise InvalidPacketError(f"camera {cam!r}: empty payload at seq {seq}")
+        if self._out is None:
+            self._start_muxer(seq, capture_us, keyframe, payload)
+        assert self._out is not None
+        assert self._stream is not None
+        if keyframe:
+            self._host.learn_parameter_sets(payload)
+        pts = ((capture_us - self._origin_us) * 9 + 50) // 100  # µs -> 90 kHz, rounded
+        if pts <= self._last_pts:
+            pts = self._last_pts + 1
+            self.timestamp_fixups += 1
+        packet = av.Packet(payload)
+        packet.stream = self._stream
+        packet.time_base = TIME_BASE
+        packet.pts = packet.dts = pts
+        if self._last_pts < 0:
+            fps = self._host.fps
+            packet.duration = round(90_000 / fps) if fps > 0 else 3000
+        else:
+            packet.duration = pts - self._last_pts
+        packet.is_keyframe = keyframe
+        try:
+            self._out.mux_one(packet)
+        except Exception as exc:
+            self._fail(exc)
+            raise RecordingFailedError(f"camera {cam!r}: muxing seq {seq} failed: {exc}") from exc
+        self._last_seq = seq
+        self._last_pts = pts
+        self._pending.append(_Sample(seq, keyframe, capture_us))
+        self._dispatch()
+
+    def _start_muxer(self, seq: int, capture_us: int, keyframe: bool, payload: bytes) -> None:
+        cam = self._host.camera_id
+        if not keyframe and seq == self.first_seq:
+            raise NotKeyframeError(f"camera {cam!r}: a run must start at a keyframe (seq {seq})")
+        template = payload if has_sps(payload) else self._host.parameter_sets() + payload
+        if not has_sps(template):
+            raise MissingSpsError(f"camera {cam!r}: no SPS in seq {seq} nor in the track extradata")
+        try:
+            with av.open(BytesIO(template), format="h264") as src:
+                tpl = src.streams.video[0]
+                if tpl.codec_context.width <= 0:
+                    raise BitstreamError(f"camera {cam!r}: unreadable SPS")
+                assert self._writer is not None
+                out = av.open(self._writer, "w", format="mp4", options=_MUX_OPTIONS)
+                stream = out.add_stream_from_template(tpl)
+        except av.FFmpegError as exc:
+            raise BitstreamError(f"camera {cam!r}: cannot read H.264 at seq {seq}: {exc}") from exc
+        stream.time_base = TIME_BASE
+        created = datetime.fromtimestamp(capture_us / 1e6, UTC)
+        out.metadata["creation_time"] = created.isoformat(timespec="microseconds")
+        stream.metadata["title"] = f"{cam} from seq {seq}"
+        self._out, self._stream = out, stream
+        self._origin_us = capture_us
+        self._last_pts = -1
+        self.parts[-1].first_capture_us = capture_us
+        self._host.mark_dirty()
+
+    def _dispatch(self) -> None:
+        """Account for the units the writer completed and pass them to the listener."""
+        assert self._writer is not None
+        units, self._writer.units = self._writer.units, []
+        for unit in units:
+            if isinstance(unit, InitSegment):
+                self._init = unit.data
+                self._notify_init(unit.data)
+                continue
+            if unit.sample_count < 1 or unit.sample_count > len(self._pending):
+                self._fail(AssertionError("fragment sample count out of step with appends"))
+                raise RecordingFailedError(
+                    f"camera {self._host.camera_id!r}: fragment with {unit.sample_count} "
+                    f"samples, {len(self._pending)} pending"
+                )
+            first = self._pending[0]
+            for _ in range(unit.sample_count):
+                self._pending.popleft()
+            self._part_written += unit.sample_count
+            self._notify_fragment(unit.data, first.keyframe, first.capture_us)
+
+    def _notify_init(self, data: bytes) -> None:
+        self._notify(lambda listener: listener.init_segment(data))
+
+    def _notify_fragment(self, data: bytes, keyframe: bool, capture_us: int) -> None:
+        self._notify(lambda listener: listener.media_fragment(data, keyframe, capture_us))
+
+    def _notify(self, call: Callable[[FragmentListener], None]) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        try:
+            call(listener)
+        except Exception:
+            _LOG.exception("camera %r: fragment listener failed; removed", self._host.camera_id)
+            self._listener = None
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise RecordingFailedError(
+                f"camera {self._host.camera_id!r}: recording failed: {self._failure!r}; "
+                "re-open the session to continue in a new part file"
+            ) from self._failure
+
+    def _fail(self, exc: BaseException) -> None:
+        # last_seq stays: until repaired, no new run may start among the seqs written
+        # here (the repair may find them on disk after all).
+        self._failure = exc
+        self._release_muxer()
+
+    def _release_muxer(self) -> None:
+        if self._writer is not None:
+            self._writer.detach()
+        out, self._out, self._stream = self._out, None, None
+        if out is not None:
+            with contextlib.suppress(Exception):
+                out.close()
+
+    # -- durability ------------------------------------------------------
+
+    async def flush(self) -> int:
+        """Make everything written so far durable; return :attr:`durable_seq`.
+
+        Group commit: one fsync runs at a time; callers that arrive while it
+        runs wait for it and then share one more fsync covering their data.
+        Raises :class:`RecordingFailedError` once writing or an fsync has failed.
+        """
+        self._raise_if_failed()
+        target = self._part_written
+        while self.parts[-1].frames < target:
+            task = self._fsync_task
+            if task is None:
+                task = asyncio.create_task(
+                    self._fsync_once(), name=f"fsync {self._dir.name}/{self.parts[-1].file}"
+                )
+                task.add_done_callback(_retrieve)
+                self._fsync_task = task
+            await asyncio.shield(task)
+        return self.durable_seq
+
+    async def _fsync_once(self) -> None:
+        try:
+            target = self._part_written
+            # The part list was saved before the part got data. What changes later
+            # (the part's first capture time, the first live seq) is bookkeeping, not
+            # footage: it is saved beside the data fsync, never in front of an ack.
+            self._host.save_metadata_soon()
+            fd = self._fd
+            if fd is None:
+                raise RecordingFailedError(
+                    f"camera {self._host.camera_id!r}: part file already closed"
+                )
+            try:
+                await asyncio.to_thread(os.fsync, fd)
+            except OSError as exc:
+                # After a failed fsync the kernel may have dropped the dirty pages:
+                # never fsync this file again and call it durable.
+                self._fail(exc)
+                raise RecordingFailedError(
+                    f"camera {self._host.camera_id!r}: fsync failed: {exc}"
+                ) from exc
+            if target > self.parts[-1].frames:
+                self.parts[-1].frames = target
+                self._host.committed(self)
+        finally:
+            self._fsync_task = None
+
+    async def close(self) -> None:
+        """Finish the part file (its last fragment), fsync it and stop accepting packets.
+
+        Afterwards ``durable_seq == last_seq`` unless writing had failed.
+        """
+        self._writable = False
+        if self._fd is None:
+            return
+        if self._out is not None and self._failure is None:
+            try:
+                self._out.close()  # flushes the delayed last fragment and writes mfra
+                self._out = self._stream = None
+                self._dispatch()
+            except Exception as exc:
+                _LOG.exception("camera %r: finishing the part failed", self._host.camera_id)
+                self._fail(exc)
+        self._release_muxer()
+        try:
+            if self._failure is None:
+                await self.flush()
+            elif (task := self._fsync_task) is not None:
+                with contextlib.suppress(RecordingFailedError):
+                    await asyncio.shield(task)  # never close the fd under a running fsync
+        finally:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                await asyncio.to_thread(os.close, fd)
+            self._listener = None
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    # Waiters may all have been cancelled; the error is logged, never silently lost.
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        _LOG.error("fsync failed: %r", exc)
