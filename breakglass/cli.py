@@ -57,6 +57,7 @@ def _receiver_serve(args: argparse.Namespace) -> int:
             print(f"receiver: {rx.url}  uplink: {rx.uplink_url}")
             print(f"TLS pin (put it in each agent's [receiver] tls_pin): {rx.fingerprint}")
             print(f"allowed devices: {rx.devices_dir}/<device-id>.pub")
+            print(f"age recipient (put it in each agent's [store] recipients): {rx.age_recipient}")
             await stop.wait()
         return 0
 
@@ -73,6 +74,17 @@ def _keys_new(args: argparse.Namespace) -> int:
     pub = args.out.with_suffix(".pub")
     pub.write_bytes(public_pem(key.public_key()))
     print(f"private key {args.out} (mode 0600), public key {pub}, kid {kid(key.public_key())}")
+    return 0
+
+
+def _keys_age(args: argparse.Namespace) -> int:
+    from provisioning.age_keys import new_identity, recipient_of
+
+    if args.out.exists():
+        print(f"error: {args.out} exists; refusing to overwrite a key", file=sys.stderr)
+        return 2
+    identity = new_identity(args.out)
+    print(f"age identity {args.out} (mode 0600); recipient: {recipient_of(identity)}")
     return 0
 
 
@@ -123,12 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8443)
     serve.set_defaults(func=_receiver_serve)
 
-    keys = sub.add_parser("keys", help="Ed25519 key files").add_subparsers(
-        dest="action", required=True
-    )
+    keys = sub.add_parser(
+        "keys", help="key files (Ed25519 signing keys, age identities)"
+    ).add_subparsers(dest="action", required=True)
     new = keys.add_parser("new", help="generate a key pair (private key mode 0600)")
     new.add_argument("--out", type=Path, required=True)
     new.set_defaults(func=_keys_new)
+    age = keys.add_parser(
+        "age", help="generate an age identity (the district's: opens sealed footage)"
+    )
+    age.add_argument("--out", type=Path, required=True)
+    age.set_defaults(func=_keys_age)
+
+    from breakglass.footage_cli import add_footage_commands
+
+    add_footage_commands(sub)
     return parser
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from queue import Empty, Queue
 
+import pyrage
 import pytest
 
 from breakglass.demo import write_agent_config
@@ -101,11 +102,13 @@ def test_receiver_and_agent_run_separately_and_stop_cleanly(
     procs.append(receiver)
     url = receiver.expect(r"receiver: (https://127\.0\.0\.1:\d+/)").group(1)
     pin = receiver.expect(r"TLS pin .*: (sha256:[0-9a-f]{64})").group(1)
+    recipient = receiver.expect(r"age recipient .*: (age1[0-9a-z]+)").group(1)
 
     class Contact:
         uplink_url = url.replace("https://", "wss://") + "v1/uplink"
         fingerprint = pin
         devices_dir = tmp_path / "rx" / "devices"
+        age_recipient = recipient
 
     config = write_agent_config(tmp_path / "agent", Contact())
     agent = Proc("agent", "run", "--config", str(config))
@@ -121,6 +124,7 @@ def test_bad_config_is_a_clear_error_naming_the_key(tmp_path: Path) -> None:
         uplink_url = "wss://127.0.0.1:1/v1/uplink"
         fingerprint = "sha256:" + "00" * 32
         devices_dir = tmp_path
+        age_recipient = str(pyrage.x25519.Identity.generate().to_public())
 
     config = write_agent_config(tmp_path / "agent", Contact())
     config.write_text(config.read_text().replace('zone = "interior"', 'zone = "inside"'))
