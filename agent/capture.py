@@ -119,6 +119,7 @@ class Capture:
         self.state = {cam: CameraState() for cam in sources}
         self.restart_max_s = restart_max_s
         self._sinks: list[Sink] = []
+        self.sink_errors = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._first_packet = {cam: asyncio.Event() for cam in sources}
 
@@ -220,4 +221,11 @@ class Capture:
         self.prerolls[cam].push(packet)
         self._first_packet[cam].set()
         for sink in self._sinks:
-            sink(packet)
+            try:
+                sink(packet)
+            except Exception:  # a sink's bug must not stop the camera or the other sinks
+                self.sink_errors += 1
+                if self.sink_errors in (1, 10, 100) or self.sink_errors % 1000 == 0:
+                    log.exception(
+                        "sink failed on %s seq %d (%d so far)", cam, packet.seq, self.sink_errors
+                    )

@@ -202,6 +202,7 @@ class Media:
 class Ack:
     """Receiver -> agent: every seq <= ``seq`` of ``camera`` in ``session`` is durable.
 
+    ``seq`` is -1 only to carry ``holds`` while seq 0 itself is not durable yet.
     ``holds``: further durable ranges ``(first, last)`` (inclusive, ascending, all
     above ``seq + 1``): footage the live lane delivered beyond a hole that
     backfill has not closed yet. The agent need not send them again.
@@ -433,7 +434,8 @@ def _parse_control(text: str) -> Event:
     if kind == "ack":
         holds_json = obj.pop("holds", [])
         _expect(obj, kind, {"session": str, "camera": int, "seq": int})
-        seq = _seq(obj["seq"], "ack.seq")
+        # -1: nothing durable yet from seq 0 on, but holds beyond it may be listed.
+        seq = -1 if obj["seq"] == -1 else _seq(obj["seq"], "ack.seq")
         return Ack(obj["session"], obj["camera"], seq, _holds(holds_json, seq))
     if kind == "gap":
         fields = {"session": str, "camera": int, "first": int, "last": int, "reason": str}

@@ -41,7 +41,7 @@ BACKLOG_WINDOW = 64
 #: Sealed segments the fill lane may have in flight per camera (keeps a slow link full).
 SEGMENT_WINDOW = 2
 #: Live packets of a camera may queue this long before live skips to the next keyframe.
-LIVE_LAG_S = 1.5
+LIVE_LAG_S = 1.0
 
 # Codes after which retrying soon is pointless: the receiver does not know us.
 FATAL_CODES = frozenset({"unknown_device", "bad_signature"})
@@ -90,6 +90,11 @@ class SessionStream:
     def held(self, camera: int, seq: int) -> bool:
         """Whether the receiver already holds ``seq`` of ``camera``."""
         return seq <= self.acked[camera] or any(f <= seq <= t for f, t in self.holds[camera])
+
+    def newest(self, camera: int) -> int:
+        """The highest seq of ``camera`` the receiver holds."""
+        holds = self.holds[camera]
+        return max(self.acked[camera], holds[-1][1] if holds else -1)
 
     def media(self, camera: int, pkt: EncodedPacket) -> p.Media:
         """The wire event of one packet of this session."""
@@ -169,6 +174,8 @@ class UplinkClient:
         self.stats = UplinkStats()
         #: The live lane of this connection: (camera index, packet), sent first.
         self._live: deque[tuple[int, EncodedPacket]] = deque()
+        #: Live packets sent on this connection and not yet held by the receiver.
+        self._live_inflight: deque[tuple[int, EncodedPacket]] = deque()
         #: Per camera of the head session: where live starts and what the fill lane owes.
         self._lanes: list[_Lane] = []
         self._rr = 0
@@ -280,11 +287,14 @@ class UplinkClient:
     # -- bookkeeping --------------------------------------------------------
 
     def _skip_if_behind(self, stream: SessionStream, camera: int, keyframe: EncodedPacket) -> None:
-        # The link is slower than the cameras when this camera's oldest unsent live
-        # packet is older than live_lag_s: drop its queued live packets so live restarts
-        # at this keyframe; the fill lane sends the skipped range later (RAM or store).
+        # The link is slower than the cameras when live packets wait for acks longer than
+        # live_lag_s (or queue here that long): drop this camera's queued live packets so
+        # live restarts at this keyframe; the fill lane sends the skipped range later.
         oldest = next((pkt for cam, pkt in self._live if cam == camera), None)
-        if oldest is None or keyframe.mono_ns - oldest.mono_ns < self.live_lag_s * 1e9:
+        if oldest is None or (
+            keyframe.mono_ns - oldest.mono_ns < self.live_lag_s * 1e9
+            and not self._live_behind(stream)
+        ):
             return
         self._live = deque(item for item in self._live if item[0] != camera)
         self._lanes[camera].todo.append([oldest.seq, keyframe.seq - 1])
@@ -402,7 +412,8 @@ class UplinkClient:
             finally:
                 for task in (reader, writer):
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
+                    # the other task may have failed too (a closing transport): retrieved here
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
                 self._conn = None
                 self._opened_on_conn = None
@@ -439,6 +450,7 @@ class UplinkClient:
                     self._on_ack(p.Ack(stream.id, index, seq))
             stream.close_sent = False
         self._live.clear()
+        self._live_inflight.clear()
         self._lanes = []
 
     def _plan(self, stream: SessionStream) -> p.SessionOpen:
@@ -564,9 +576,14 @@ class UplinkClient:
                 self._opened_on_conn = stream.id
             while stream is not None and stream is self._head():
                 if self._live:
+                    if self._live_behind(stream):
+                        break  # wait for acks; meanwhile live may skip to a keyframe
                     cam, pkt = self._live.popleft()
                     await self._send_packet(ws, conn, stream, cam, pkt)
+                    self._live_inflight.append((cam, pkt))
                     continue
+                if self._live_in_flight(stream):
+                    break  # backfill only uses the link while no live packet awaits its ack
                 item = self._fill_item(stream)
                 if item is None:
                     break
@@ -601,11 +618,34 @@ class UplinkClient:
                 await ws.send_str(_text(conn.send(p.Heartbeat(time.time()))))
                 next_beat = now + self.heartbeat_s
             self._wake.clear()
-            if self._live or (self._head() is not stream):
+            if (self._live and not self._live_behind(stream)) or self._head() is not stream:
                 continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, next_beat - now)):  # no task per wait
                     await self._wake.wait()
+
+    def _live_behind(self, stream: SessionStream | None) -> bool:
+        """Whether the oldest live packet in flight waits longer than ``live_lag_s``.
+
+        Socket buffers can hold minutes of video on a slow link; measured by acks,
+        the live lane stops feeding them when it falls behind, so the backlog
+        builds up here, where live can skip it (and backfill send it later).
+        """
+        if not self._live_in_flight(stream):
+            return False
+        oldest = self._live_inflight[0][1]
+        return time.monotonic_ns() - oldest.mono_ns > self.live_lag_s * 1e9
+
+    def _live_in_flight(self, stream: SessionStream | None) -> bool:
+        """Whether a live packet sent on this connection is not delivered yet."""
+        inflight = self._live_inflight
+        # Delivered once the receiver holds the packet before it: the receiver's muxer
+        # writes a frame only when the next one of its run arrives (DECISIONS.md).
+        while inflight and (
+            stream is None or stream.newest(inflight[0][0]) + 1 >= inflight[0][1].seq
+        ):
+            inflight.popleft()
+        return bool(inflight)
 
     async def _send_packet(
         self,

@@ -193,8 +193,8 @@ class CameraIngest:
     def ack(self) -> None:
         """Send an ack if the cumulative seq or the holds changed since the last one."""
         state = self.camera.ack_state(p.MAX_HOLDS)
-        # An ack of seq -1 cannot be sent (seqs are unsigned); holds wait for seq 0.
-        if state != self._sent and state[0] >= 0:
+        # seq -1 (nothing from seq 0 on is durable yet) is sent only to carry holds.
+        if state != self._sent and (state[0] >= 0 or state[1]):
             self._sent = state
             self._send_ack(p.Ack(self.session_id, self.index, state[0], state[1]))
 
