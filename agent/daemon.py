@@ -30,26 +30,33 @@ from agent.store import SegmentStore
 from agent.uplink import SessionStream, UplinkClient
 from agent.zones import cameras_to_stream
 from hardware import CameraError, CameraSource, EncodedPacket, StreamInfo
-from hardware.av_source import FileCamera
 from hardware.button import PanicButton, PressEvent, loop_callback
 from hardware.led import LedPattern, StatusLed
-from hardware.picamera import PiCamera
-from hardware.rtsp import RtspCamera
-from hardware.synthetic import SyntheticCamera
 from provisioning.keys import load_private_key
 
 log = logging.getLogger(__name__)
 
 
 def make_source(camera: CameraConfig) -> CameraSource:
-    """The camera source a config entry describes (picamera2 is imported only when used)."""
+    """The camera source a config entry describes.
+
+    Each source's module is imported here, when a camera needs it: PyAV (RTSP,
+    file, synthetic), numpy (synthetic) and picamera2 are loaded only by an
+    agent that has such a camera.
+    """
     if camera.source == "rtsp":
+        from hardware.rtsp import RtspCamera
+
         assert camera.url is not None  # the config requires it
         return RtspCamera(camera.id, camera.url)
     if camera.source == "file":
+        from hardware.av_source import FileCamera
+
         assert camera.path is not None
         return FileCamera(camera.id, camera.path)
     if camera.source == "picamera":
+        from hardware.picamera import PiCamera
+
         return PiCamera(
             camera.id,
             width=camera.width,
@@ -57,6 +64,8 @@ def make_source(camera: CameraConfig) -> CameraSource:
             fps=camera.fps,
             keyframe_interval_s=camera.keyframe_interval_s,
         )
+    from hardware.synthetic import SyntheticCamera
+
     return SyntheticCamera(
         camera.id,
         width=camera.width,
@@ -424,9 +433,14 @@ class Agent:
             ended = self.emergency.tick(self.clock())
             if ended is not None:
                 self._stop_streaming(ended)
-            if time.monotonic() - last_save >= OWED_SAVE_S:  # acks move: keep resume cheap
-                last_save = time.monotonic()
-                self._persist()
+            now = time.monotonic()
+            if now - last_save >= OWED_SAVE_S:
+                last_save = now
+                # Acks move while a session is active or owed: keep resume cheap. An idle
+                # agent has nothing that changes without an event that persists it, so
+                # it does not rewrite (and fsync) the same state files every 2 s.
+                if self.emergency.active is not None or self._owed or self.uplink.streams:
+                    self._persist()
             await asyncio.sleep(0.5)
 
     def _update_led(self) -> None:
