@@ -226,7 +226,12 @@ class UplinkClient:
                 stream.pins.append(pin)
                 self.store.add_pin(pin)
         stream.ram_bytes = sum(len(pkt.payload) for q in queues for pkt in q)
-        self.streams.append(stream)
+        if end_seq is None:
+            # A live emergency goes before sessions still delivering old footage: its
+            # session_open preempts theirs on the connection; they resume after it.
+            self.streams.appendleft(stream)
+        else:
+            self.streams.append(stream)
         self._wake.set()
         return stream
 
@@ -462,6 +467,7 @@ class UplinkClient:
         segments from the store, or a declared gap for what exists nowhere.
         """
         first_open, stream.opened = not stream.opened, True
+        self._live_inflight.clear()
         self._lanes, tails = [], []
         cameras = list(stream.open.cameras)
         for cam, ram in enumerate(stream.ram):
@@ -631,21 +637,31 @@ class UplinkClient:
         the live lane stops feeding them when it falls behind, so the backlog
         builds up here, where live can skip it (and backfill send it later).
         """
-        if not self._live_in_flight(stream):
-            return False
-        oldest = self._live_inflight[0][1]
-        return time.monotonic_ns() - oldest.mono_ns > self.live_lag_s * 1e9
+        oldest = self._oldest_undelivered(stream)
+        return oldest is not None and time.monotonic_ns() - oldest.mono_ns > self.live_lag_s * 1e9
 
     def _live_in_flight(self, stream: SessionStream | None) -> bool:
         """Whether a live packet sent on this connection is not delivered yet."""
+        return self._oldest_undelivered(stream) is not None
+
+    def _oldest_undelivered(self, stream: SessionStream | None) -> EncodedPacket | None:
         inflight = self._live_inflight
-        # Delivered once the receiver holds the packet before it: the receiver's muxer
-        # writes a frame only when the next one of its run arrives (DECISIONS.md).
-        while inflight and (
-            stream is None or stream.newest(inflight[0][0]) + 1 >= inflight[0][1].seq
-        ):
+        while inflight and (stream is None or stream.newest(inflight[0][0]) >= inflight[0][1].seq):
             inflight.popleft()
-        return bool(inflight)
+        # The receiver's muxer writes a frame only when the next one of its run arrives
+        # (DECISIONS.md): only a packet whose successor was sent too can be acknowledged.
+        previous: dict[int, EncodedPacket] = {}
+        oldest: EncodedPacket | None = None
+        for cam, pkt in inflight:
+            before = previous.get(cam)
+            if (
+                before is not None
+                and before.seq + 1 == pkt.seq  # its successor was sent too
+                and (oldest is None or before.mono_ns < oldest.mono_ns)
+            ):
+                oldest = before
+            previous[cam] = pkt
+        return oldest
 
     async def _send_packet(
         self,

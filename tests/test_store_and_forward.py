@@ -256,3 +256,35 @@ async def until(predicate: Callable[[], bool], timeout: float = 60) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.1)
+
+
+async def test_a_new_emergency_preempts_an_old_session_still_delivering(tmp_path: Path) -> None:
+    """An ended session whose footage is still owed never delays a new emergency's live."""
+    rx_dir = tmp_path / "receiver"
+    async with Receiver(rx_dir, "127.0.0.1", 0) as first_rx:
+        port = first_rx.port
+        path = write_agent_config(tmp_path / "agent", first_rx, fps=30, preroll_s=2)
+    async with Agent(load_config(path)) as agent:
+        await agent.capture.wait_packets(30)
+        press_button(agent)  # the receiver is down: nothing of this session is delivered
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        old = agent.emergency.active
+        assert old is not None
+        await agent.capture.wait_packets(30)
+        agent.end("all clear")
+        press_button(agent)  # a second emergency while the first is still owed
+        await agent.wait_until(
+            lambda: agent.emergency.active is not None and agent.emergency.active.id != old.id
+        )
+        new = agent.emergency.active
+        assert new is not None
+        assert [s.id for s in agent.uplink.streams] == [new.id, old.id]
+        async with Receiver(rx_dir, "127.0.0.1", port) as receiver:
+            stream = agent.uplink.stream(new.id)
+            assert stream is not None
+            await agent.uplink.wait_until(lambda: min(stream.acked) > stream.preroll_end[0])
+            assert agent.uplink.stream(old.id) is not None  # still owed: it waits its turn
+            agent.end("all clear")
+            await agent.uplink.wait_settled(new.id)
+            await agent.uplink.wait_settled(old.id)
+    assert {s.session_id for s in receiver.store.sessions()} == {old.id, new.id}
