@@ -124,3 +124,13 @@ def test_no_cameras_is_an_error(tmp_path: Path) -> None:
     text = GOOD[: GOOD.index("[[cameras]]")]
     with pytest.raises(ConfigError, match="at least one"):
         load_config(write(tmp_path, text))
+
+
+def test_the_example_config_is_valid(tmp_path: Path) -> None:
+    """docs/agent.example.toml stays in step with the validator (keys filled in)."""
+    example = Path(__file__).resolve().parent.parent / "docs" / "agent.example.toml"
+    text = example.read_text()
+    text = text.replace('"age1qqqq...district", "age1qqqq...receiver"', f'"{RECIPIENT}"')
+    cfg = load_config(write(tmp_path, text))
+    assert [c.source for c in cfg.cameras] == ["rtsp", "picamera"]
+    assert cfg.store.segment_s == 4.0 and cfg.store.quota_bytes == 8192 * 1024 * 1024
