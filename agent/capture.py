@@ -168,10 +168,11 @@ class Capture:
 
     async def _run(self, cam: str) -> None:
         source, state, delay = self.sources[cam], self.state[cam], 0.5
+        preroll, ready, deliver = self.prerolls[cam], self._first_packet[cam], self._deliver
         while True:
             try:
                 async for packet in source.packets():
-                    self._deliver(cam, packet)
+                    deliver(cam, packet, state, preroll, ready)
                     delay = 0.5
                 raise ConnectionError("source ended")
             except asyncio.CancelledError:
@@ -205,9 +206,15 @@ class Capture:
                     if self._on_change is not None:
                         self._on_change()
 
-    def _deliver(self, cam: str, packet: EncodedPacket) -> None:
+    def _deliver(
+        self,
+        cam: str,
+        packet: EncodedPacket,
+        state: CameraState,
+        preroll: PreRoll,
+        ready: asyncio.Event,
+    ) -> None:
         packet = packet.numbered(self.seqs.next(cam))
-        state = self.state[cam]
         state.packets += 1
         state.healthy = True
         state.last_packet_mono = time.monotonic()
@@ -218,8 +225,9 @@ class Capture:
                 self.audit.record("camera_recovered", camera=cam)
             if self._on_change is not None:
                 self._on_change()
-        self.prerolls[cam].push(packet)
-        self._first_packet[cam].set()
+        preroll.push(packet)
+        if not ready.is_set():
+            ready.set()
         for sink in self._sinks:
             try:
                 sink(packet)

@@ -17,6 +17,7 @@ Pure code: no clocks (packet capture times are used), no I/O.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from hardware import EncodedPacket
@@ -35,6 +36,9 @@ class PreRoll:
         self._keys: deque[int] = deque()
         self._first = 0  # absolute counter of _packets[0]
         self._bytes = 0
+        #: Capture time from which the oldest GOP goes: the second keyframe's + the window
+        #: (the next GOP alone covers the window then). Compared once per packet.
+        self._drop_at: float = math.inf
         self.dropped_gops = 0
 
     def __len__(self) -> int:
@@ -47,13 +51,17 @@ class PreRoll:
 
     def push(self, packet: EncodedPacket) -> None:
         """Add the newest packet and trim the front to the bounds."""
-        if not self._packets and not packet.keyframe:
-            return  # nothing decodable to attach it to: wait for a keyframe
+        packets = self._packets
         if packet.keyframe:
-            self._keys.append(self._first + len(self._packets))
-        self._packets.append(packet)
+            self._keys.append(self._first + len(packets))
+            if len(self._keys) == 2:
+                self._drop_at = packet.capture_ns + self.window_ns
+        elif not packets:
+            return  # nothing decodable to attach it to: wait for a keyframe
+        packets.append(packet)
         self._bytes += len(packet.payload)
-        self._trim(packet.capture_ns)
+        if packet.capture_ns >= self._drop_at or self._bytes > self.max_bytes:
+            self._trim(packet.capture_ns)
 
     def _drop_front_gop(self) -> None:
         self._keys.popleft()
@@ -62,15 +70,17 @@ class PreRoll:
             self._bytes -= len(self._packets.popleft().payload)
             self._first += 1
         self.dropped_gops += 1
+        keys = self._keys
+        self._drop_at = (
+            self._packets[keys[1] - self._first].capture_ns + self.window_ns
+            if len(keys) > 1
+            else math.inf
+        )
 
     def _trim(self, newest_ns: int) -> None:
         # Time: drop the oldest GOP while the next GOP alone still covers the window.
-        while len(self._keys) > 1:
-            second = self._packets[self._keys[1] - self._first]
-            if newest_ns - second.capture_ns >= self.window_ns:
-                self._drop_front_gop()
-            else:
-                break
+        while newest_ns >= self._drop_at:
+            self._drop_front_gop()
         # Bytes: drop whole GOPs from the front; a lone oversized GOP empties the ring.
         while self._bytes > self.max_bytes and self._keys:
             self._drop_front_gop()

@@ -5,10 +5,11 @@ Theory of operation. Capture hands every numbered packet to :meth:`SegmentStore.
 the first keyframe after ``segment_s`` seconds the open segment is closed and
 queued to ONE writer thread, which encodes it (:mod:`agent.segment`), seals it
 with age to the configured recipients, and writes it crash-safely: a hidden
-temporary file, fsync, rename to its final name, fsync of the folder. Only
-whole, sealed segments ever carry a final name; the device holds no key that
-opens them. What a crash loses is the open segment (a few seconds) and the
-queue of the writer (normally empty).
+temporary file (age streams into it: no sealed copy in memory), fsync, rename
+to its final name (which carries the size, known only now), fsync of the
+folder. Only whole, sealed segments ever carry a final name; the device holds
+no key that opens them. What a crash loses is the open segment (a few seconds)
+and the queue of the writer (normally empty).
 
 The index (per camera, segments in seq order) is rebuilt from file names at
 start: no segment is opened (10k segments: about 0.3 s on a 2-core VM).
@@ -97,6 +98,11 @@ class Pin:
 
 @dataclass(slots=True)
 class _Open:
+    """A camera's segment being filled, and what push checks for every packet."""
+
+    stream: segment.StreamDesc  # the stream of the packets in it
+    first_ns: int  # capture time of its first packet
+    next_seq: int  # the seq the next packet must have to join it
     packets: list[EncodedPacket] = field(default_factory=list)
     nbytes: int = 0
 
@@ -144,7 +150,6 @@ class SegmentStore:
         self.pins: list[Pin] = []
         self._index: dict[str, list[StoredSegment]] = {}
         self._open: dict[str, _Open] = {}
-        self._streams: dict[str, segment.StreamDesc] = {}
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[tuple[list[EncodedPacket], segment.StreamDesc] | None] = (
             queue.SimpleQueue()
@@ -186,29 +191,28 @@ class SegmentStore:
     def push(self, packet: EncodedPacket, stream: segment.StreamDesc) -> None:
         """Add one numbered packet to its camera's open segment."""
         cur = self._open.get(packet.camera)
-        if cur is not None and cur.packets:
-            first, last = cur.packets[0], cur.packets[-1]
-            prev = self._streams[packet.camera]
-            # 0.95: a keyframe a hair before segment_s closes it, not one GOP later.
-            if (
-                packet.seq != last.seq + 1
-                or (stream is not prev and stream != prev)  # a new stream starts a segment
-                or cur.nbytes + len(packet.payload) > segment.MAX_SEGMENT_BYTES
-                or (
-                    packet.keyframe
-                    and (
-                        packet.capture_ns - first.capture_ns >= self.segment_s * 0.95e9
-                        or cur.nbytes >= TARGET_SEGMENT_BYTES
-                    )
+        size = len(packet.payload)
+        # 0.95: a keyframe a hair before segment_s closes it, not one GOP later.
+        if cur is not None and (
+            packet.seq != cur.next_seq
+            or (stream is not cur.stream and stream != cur.stream)  # a new stream: new segment
+            or cur.nbytes + size > segment.MAX_SEGMENT_BYTES
+            or (
+                packet.keyframe
+                and (
+                    packet.capture_ns - cur.first_ns >= self.segment_s * 0.95e9
+                    or cur.nbytes >= TARGET_SEGMENT_BYTES
                 )
-            ):
-                self._seal_open(packet.camera)
-                cur = None
+            )
+        ):
+            self._seal_open(packet.camera)
+            cur = None
         if cur is None:
-            cur = self._open[packet.camera] = _Open()
+            cur = self._open[packet.camera] = _Open(stream, packet.capture_ns, packet.seq)
         cur.packets.append(packet)
-        cur.nbytes += len(packet.payload)
-        self._streams[packet.camera] = stream
+        cur.nbytes += size
+        cur.next_seq = packet.seq + 1
+        cur.stream = stream
 
     def open_first_seq(self, camera: str) -> int | None:
         """First seq of the camera's segment still being filled (not on disk yet)."""
@@ -219,7 +223,7 @@ class SegmentStore:
         cur = self._open.pop(camera, None)
         if cur is None or not cur.packets:
             return
-        desc = self._streams[camera]  # the stream of the packets in it, not of the next one
+        desc = cur.stream  # the stream of the packets in it, not of the next one
         with self._lock:
             self._pending_bytes += cur.nbytes
             dropping = self._pending_bytes > MAX_PENDING_BYTES
@@ -350,31 +354,36 @@ class SegmentStore:
     def _write(self, packets: list[EncodedPacket], desc: segment.StreamDesc) -> None:
         camera = packets[0].camera
         _, plain = segment.encode(packets, desc, self.boot_id)
-        sealed = segment.seal(plain, self.recipients)
-        name = segment.SegmentName(
-            packets[0].seq,
-            packets[-1].seq,
-            packets[0].capture_ns // 1_000_000,
-            packets[-1].capture_ns // 1_000_000,
-            len(sealed),
-        )
+        first, last = packets[0], packets[-1]
         folder = self.directory / camera
-        stored = StoredSegment(camera, name, folder / name.filename)
-        self._enforce(need_bytes=len(sealed))
+        tmp = folder / f".{first.seq:016d}-{last.seq:016d}.tmp"
         for attempt in range(3):
             try:
-                _write_durably(folder, stored.path, sealed)
+                size = _seal_durably(folder, tmp, plain, self.recipients)
                 break
             except OSError as exc:
                 if exc.errno != errno.ENOSPC or attempt == 2:
                     raise
-                log.error("disk full writing %s: evicting to make room", stored.path)
-                self._enforce(need_bytes=len(sealed), disk_full=True)
+                log.error("disk full writing %s: evicting to make room", tmp)
+                need = segment.sealed_size_bound(len(plain), len(self.recipients))
+                self._enforce(need_bytes=need, disk_full=True)
+        name = segment.SegmentName(
+            first.seq, last.seq, first.capture_ns // 1_000_000, last.capture_ns // 1_000_000, size
+        )
+        stored = StoredSegment(camera, name, folder / name.filename)
+        try:
+            # Retention as if before the write: the index does not hold the new segment yet.
+            self._enforce(need_bytes=size)
+            os.replace(tmp, stored.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(folder)
         with self._lock:
             segs = self._index.setdefault(camera, [])
             segs.insert(bisect.bisect([s.first_seq for s in segs], name.first_seq), stored)
         self.stats.segments_written += 1
-        self.stats.bytes_written += len(sealed)
+        self.stats.bytes_written += size
         self.stats.media_bytes += sum(len(p.payload) for p in packets)
         for listener in list(self._listeners):
             try:
@@ -428,24 +437,54 @@ class SegmentStore:
             log.info("quota: evicted %s/%s", seg.camera, seg.path.name)
 
 
-def _write_durably(folder: Path, path: Path, data: bytes) -> None:
+class _FileWriter:
+    """A file descriptor as the writer age streams into: every write completes or raises.
+
+    pyrage aborts the process on a short write and reports a writer's
+    exception only as text, so this loops until everything is written, counts
+    the bytes, and keeps the OSError for the caller (ENOSPC must stay ENOSPC).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = 0
+        self.error: OSError | None = None
+
+    def write(self, data: bytes, /) -> int:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            self.error = exc
+            raise
+        self.size += len(data)
+        return len(data)
+
+
+def _seal_durably(
+    folder: Path, tmp: Path, plain: bytes, recipients: list[pyrage.x25519.Recipient]
+) -> int:
+    """Seal ``plain`` into the file ``tmp`` and fsync it; returns the file's size."""
     if not folder.exists():
         folder.mkdir(mode=0o700, parents=True)
         _fsync_dir(folder.parent)
-    tmp = folder / f".{path.name}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        out = _FileWriter(fd)
+        try:
+            segment.seal_into(plain, recipients, out)
+        except pyrage.EncryptError:
+            if out.error is not None:
+                raise out.error from None
+            raise
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(folder)
+    return out.size
 
 
 def _fsync_dir(folder: Path) -> None:

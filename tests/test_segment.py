@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -256,6 +258,19 @@ def test_seal_unseal_for_every_recipient() -> None:
         segment.unseal(sealed[:-1], [district])
     with pytest.raises(SegmentError):
         segment.unseal(b"not age at all", [district])
+
+
+def test_seal_into_streams_the_same_age_file() -> None:
+    district, receiver = (pyrage.x25519.Identity.generate() for _ in range(2))
+    recipients = [district.to_public(), receiver.to_public()]
+    for plain in (b"", small_segment(), os.urandom(3 * 65536 + 7)):
+        out = io.BytesIO()
+        segment.seal_into(plain, recipients, out)
+        sealed = out.getvalue()
+        assert sealed.startswith(b"age-encryption.org/v1\n")
+        assert segment.unseal(sealed, [district]) == plain
+        assert segment.unseal(sealed, [receiver]) == plain
+        assert len(sealed) <= segment.sealed_size_bound(len(plain), len(recipients))
 
 
 def test_parse_recipient() -> None:

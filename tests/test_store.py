@@ -192,6 +192,22 @@ async def test_segments_are_gop_aligned_consecutive_and_gapless(
     assert events(audit) == []
 
 
+async def test_short_writes_still_write_the_whole_segment(
+    tmp_path: Path, audit: AuditLog, media: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # age streams into the file; pyrage aborts the process on a short write, so the
+    # store must finish every write itself (as os.write may on a nearly full disk).
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[:1000]))
+    feed = Feed(media)
+    async with opened(tmp_path / "store", audit) as store:
+        first = await seal_first(store, Sealed(store), feed)
+    _, packets = open_segment(first)
+    assert [p.payload for p in packets] == [payload for payload, _ in media[:PER_SEGMENT]]
+    assert first.path.stat().st_size == first.name.size
+    assert store.stats.write_errors == 0
+
+
 async def test_close_seals_the_open_segment(
     tmp_path: Path, audit: AuditLog, media: PacketList
 ) -> None:
