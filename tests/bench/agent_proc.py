@@ -37,7 +37,6 @@ from pathlib import Path
 
 from agent.config import CameraConfig, load_config
 from agent.daemon import Agent
-from breakglass.demo import press_button
 from hardware import EncodedPacket
 from tests.bench.replay import ReplayCamera, load_access_units
 
@@ -51,6 +50,17 @@ class FreshReplayCamera(ReplayCamera):
         """The replayed packets, each with a fresh copy of its payload."""
         async for packet in super().packets():
             yield dataclasses.replace(packet, payload=memoryview(packet.payload).tobytes())
+
+
+def press_button(agent: Agent) -> None:
+    """Press and release the first configured button through gpiozero's mock pin.
+
+    Not :func:`breakglass.demo.press_button`: importing the demo imports the
+    receiver (aiohttp's server, the recorder), about 3 MiB that no agent holds.
+    """
+    pin = agent.pin_factory.pin(agent.config.buttons[0].pin)
+    pin.drive_low()
+    pin.drive_high()
 
 
 def _cpu_s() -> tuple[float, float]:
