@@ -42,6 +42,10 @@ BACKLOG_WINDOW = 64
 SEGMENT_WINDOW = 2
 #: Live packets of a camera may queue this long before live skips to the next keyframe.
 LIVE_LAG_S = 1.0
+#: While a session is live, backfill in flight is kept to what the link delivers in this
+#: long (measured from acks), so it never queues seconds of video in front of live.
+FILL_BUDGET_S = 0.25
+FILL_MIN_BYTES = 32 * 1024
 
 # Codes after which retrying soon is pointless: the receiver does not know us.
 FATAL_CODES = frozenset({"unknown_device", "bad_signature"})
@@ -117,8 +121,8 @@ class _Lane:
     live_from: int | None
     #: Ranges (first, last) the fill lane still has to send, ascending; last None: open.
     todo: list[list[int | None]]
-    #: Fill items sent and not acknowledged: (last seq, True for a sealed segment).
-    inflight: deque[tuple[int, bool]] = field(default_factory=deque)
+    #: Fill items sent and not acknowledged: (last seq, True for a sealed segment, bytes).
+    inflight: deque[tuple[int, bool, int]] = field(default_factory=deque)
 
 
 @dataclass(slots=True)
@@ -176,6 +180,8 @@ class UplinkClient:
         self._live: deque[tuple[int, EncodedPacket]] = deque()
         #: Live packets sent on this connection and not yet held by the receiver.
         self._live_inflight: deque[tuple[int, EncodedPacket]] = deque()
+        #: (time.monotonic(), bytes) of recent deliveries: the link's measured goodput.
+        self._delivered: deque[tuple[float, int]] = deque()
         #: Per camera of the head session: where live starts and what the fill lane owes.
         self._lanes: list[_Lane] = []
         self._rr = 0
@@ -340,7 +346,7 @@ class UplinkClient:
             if stream is self._head() and self._lanes:
                 inflight = self._lanes[cam].inflight
                 while inflight and stream.held(cam, inflight[0][0]):
-                    inflight.popleft()
+                    self._count_delivered(inflight.popleft()[2])
             self._progress.notify()
             self._wake.set()  # the fill window moved
             if stream.first_ack_mono_ns is None:
@@ -516,16 +522,16 @@ class UplinkClient:
         while lane.todo:
             first, last = lane.todo[0]
             assert first is not None
-            seq = first
-            while stream.held(cam, seq):  # never resend what the receiver holds
-                seq = max(
-                    seq + 1, next((t + 1 for f, t in stream.holds[cam] if f <= seq <= t), seq + 1)
-                )
+            seq = max(first, stream.acked[cam] + 1)
+            for held_first, held_last in stream.holds[cam]:  # never resend what it holds
+                if held_first <= seq <= held_last:
+                    seq = held_last + 1
             if last is not None and seq > last:
                 lane.todo.pop(0)
                 continue
             lane.todo[0][0] = seq
             ram = stream.ram[cam]
+            live = stream.end_seq[cam] is None
             if ram and ram[0].seq <= seq <= ram[-1].seq:
                 if lane.inflight and seq - stream.acked[cam] > BACKLOG_WINDOW:
                     return None
@@ -533,16 +539,20 @@ class UplinkClient:
                 if pkt.seq != seq:  # RAM holds more than one run (after a restart)
                     pkt = next((x for x in ram if x.seq == seq), pkt)
                 if pkt.seq == seq:
+                    if live and not self._fill_fits(len(pkt.payload), small=True):
+                        return None
                     lane.todo[0][0] = seq + 1
-                    lane.inflight.append((seq, False))
+                    lane.inflight.append((seq, False, len(pkt.payload)))
                     return pkt
             store = self.store
             seg = None if store is None else store.find(stream.open.cameras[cam].id, seq)
             if seg is not None and seg.first_seq <= seq:
-                if sum(1 for _, sealed in lane.inflight if sealed) >= SEGMENT_WINDOW:
+                if sum(1 for _, sealed, _ in lane.inflight if sealed) >= SEGMENT_WINDOW:
                     return None
+                if live and not self._fill_fits(seg.name.size, small=False):
+                    return None  # a whole segment would hold live up: after the emergency
                 lane.todo[0][0] = seg.last_seq + 1
-                lane.inflight.append((seg.last_seq, True))
+                lane.inflight.append((seg.last_seq, True, seg.name.size))
                 return seg
             # Nowhere yet: wait for the segment being filled, or declare what is gone.
             later = [
@@ -640,6 +650,22 @@ class UplinkClient:
         oldest = self._oldest_undelivered(stream)
         return oldest is not None and time.monotonic_ns() - oldest.mono_ns > self.live_lag_s * 1e9
 
+    def _count_delivered(self, nbytes: int) -> None:
+        now = time.monotonic()
+        self._delivered.append((now, nbytes))
+        while self._delivered and self._delivered[0][0] < now - 2.0:
+            self._delivered.popleft()
+
+    def _fill_fits(self, nbytes: int, *, small: bool) -> bool:
+        """Whether backfill of ``nbytes`` more stays within the live session's budget."""
+        now = time.monotonic()
+        recent = sum(n for t, n in self._delivered if t >= now - 2.0)
+        budget = max(FILL_MIN_BYTES, recent / 2.0 * FILL_BUDGET_S)
+        inflight = sum(n for lane in self._lanes for _, _, n in lane.inflight)
+        if inflight == 0 and small:
+            return True  # one packet at a time always moves
+        return inflight + nbytes <= budget
+
     def _live_in_flight(self, stream: SessionStream | None) -> bool:
         """Whether a live packet sent on this connection is not delivered yet."""
         return self._oldest_undelivered(stream) is not None
@@ -647,7 +673,7 @@ class UplinkClient:
     def _oldest_undelivered(self, stream: SessionStream | None) -> EncodedPacket | None:
         inflight = self._live_inflight
         while inflight and (stream is None or stream.newest(inflight[0][0]) >= inflight[0][1].seq):
-            inflight.popleft()
+            self._count_delivered(len(inflight.popleft()[1].payload))
         # The receiver's muxer writes a frame only when the next one of its run arrives
         # (DECISIONS.md): only a packet whose successor was sent too can be acknowledged.
         previous: dict[int, EncodedPacket] = {}
