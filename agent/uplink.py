@@ -539,7 +539,7 @@ class UplinkClient:
                 if pkt.seq != seq:  # RAM holds more than one run (after a restart)
                     pkt = next((x for x in ram if x.seq == seq), pkt)
                 if pkt.seq == seq:
-                    if live and not self._fill_fits(len(pkt.payload), small=True):
+                    if live and not self._fill_fits(len(pkt.payload)):
                         return None
                     lane.todo[0][0] = seq + 1
                     lane.inflight.append((seq, False, len(pkt.payload)))
@@ -549,8 +549,8 @@ class UplinkClient:
             if seg is not None and seg.first_seq <= seq:
                 if sum(1 for _, sealed, _ in lane.inflight if sealed) >= SEGMENT_WINDOW:
                     return None
-                if live and not self._fill_fits(seg.name.size, small=False):
-                    return None  # a whole segment would hold live up: after the emergency
+                if live and not self._fill_fits(seg.name.size):
+                    return None
                 lane.todo[0][0] = seg.last_seq + 1
                 lane.inflight.append((seg.last_seq, True, seg.name.size))
                 return seg
@@ -656,14 +656,14 @@ class UplinkClient:
         while self._delivered and self._delivered[0][0] < now - 2.0:
             self._delivered.popleft()
 
-    def _fill_fits(self, nbytes: int, *, small: bool) -> bool:
+    def _fill_fits(self, nbytes: int) -> bool:
         """Whether backfill of ``nbytes`` more stays within the live session's budget."""
         now = time.monotonic()
         recent = sum(n for t, n in self._delivered if t >= now - 2.0)
         budget = max(FILL_MIN_BYTES, recent / 2.0 * FILL_BUDGET_S)
         inflight = sum(n for lane in self._lanes for _, _, n in lane.inflight)
-        if inflight == 0 and small:
-            return True  # one packet at a time always moves
+        if inflight == 0:
+            return True  # one item at a time always moves (the link kept up with live)
         return inflight + nbytes <= budget
 
     def _live_in_flight(self, stream: SessionStream | None) -> bool:
