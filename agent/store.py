@@ -17,11 +17,16 @@ Temporary files and files whose size differs from the size in their name are
 torn leftovers: removed and audited. Files that are not ours are audited and
 left alone.
 
-Retention (:mod:`agent.retention`) runs in the writer thread after each
-write, and again on a full disk. Segments that overlap a :class:`Pin` (an
-emergency's range of a camera) and that the receiver has not acknowledged
-are pinned; only when nothing else is left do they go, with a loud
-``segment_pinned_evicted`` audit entry.
+Retention (:mod:`agent.retention`) runs in the writer thread for each
+segment (before its rename, with room for it), and again on a full disk.
+Segments that overlap a :class:`Pin` (an emergency's range of a camera) and
+that the receiver has not acknowledged are pinned; only when nothing else is
+left do they go, with a loud ``segment_pinned_evicted`` audit entry. The
+store keeps its segments in retention's order and its byte total, so the
+policy is given only the oldest segments it can need: a store at its quota
+(8 GiB is about 4000 segments of a 4 Mbit/s camera) decides in 0.1 ms, not
+by sorting every segment for every segment written (14 ms at 4000, 0.4 s at
+100k, on a 2-core VM).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pyrage
 
@@ -148,7 +153,11 @@ class SegmentStore:
         self.clock = clock
         self.stats = StoreStats()
         self.pins: list[Pin] = []
-        self._index: dict[str, list[StoredSegment]] = {}
+        self._index: dict[str, list[StoredSegment]] = {}  # per camera, in seq order
+        #: Every indexed segment in retention's order (oldest end first; ties in index order).
+        self._by_end: list[StoredSegment] = []
+        self._rank: dict[str, int] = {}  # a camera's position in the index
+        self._used = 0  # bytes of the indexed segments
         self._open: dict[str, _Open] = {}
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[tuple[list[EncodedPacket], segment.StreamDesc] | None] = (
@@ -268,13 +277,13 @@ class SegmentStore:
         """The sealed segment holding ``seq``, else the first one after it, else ``None``."""
         with self._lock:
             segs = self._index.get(camera, [])
-            i = bisect.bisect_right([s.last_seq for s in segs], seq - 1)
+            i = bisect.bisect_right(segs, seq - 1, key=_last_seq)
             return segs[i] if i < len(segs) else None
 
     def used_bytes(self) -> int:
         """Bytes of sealed segments on disk."""
         with self._lock:
-            return sum(s.name.size for segs in self._index.values() for s in segs)
+            return self._used
 
     @staticmethod
     def read(seg: StoredSegment) -> bytes:
@@ -295,9 +304,12 @@ class SegmentStore:
                     for entry in files:
                         self._scan_one(cam_entry.name, entry, segs)
         for segs in index.values():
-            segs.sort(key=lambda s: s.first_seq)
+            segs.sort(key=_first_seq)
         with self._lock:
             self._index = index
+            self._rank = {camera: rank for rank, camera in enumerate(index)}
+            self._by_end = sorted((s for segs in index.values() for s in segs), key=self._order)
+            self._used = sum(s.name.size for s in self._by_end)
         total = sum(len(s) for s in index.values())
         log.info("segment store %s: %d segment(s) indexed", self.directory, total)
 
@@ -380,8 +392,11 @@ class SegmentStore:
             raise
         _fsync_dir(folder)
         with self._lock:
-            segs = self._index.setdefault(camera, [])
-            segs.insert(bisect.bisect([s.first_seq for s in segs], name.first_seq), stored)
+            if camera not in self._index:
+                self._rank[camera] = len(self._index)
+            bisect.insort(self._index.setdefault(camera, []), stored, key=_first_seq)
+            bisect.insort(self._by_end, stored, key=self._order)
+            self._used += size
         self.stats.segments_written += 1
         self.stats.bytes_written += size
         self.stats.media_bytes += sum(len(p.payload) for p in packets)
@@ -391,27 +406,45 @@ class SegmentStore:
             except RuntimeError as exc:  # its loop is closed; the segment is on disk anyway
                 log.warning("on_sealed listener not called: %s", exc)
 
+    def _order(self, seg: StoredSegment) -> tuple[int, int, int]:
+        """Retention's order: end time, then as listed in the index (camera, seq)."""
+        return seg.name.end_ms, self._rank[seg.camera], seg.name.first_seq
+
     def _enforce(self, *, need_bytes: int, disk_full: bool = False) -> None:
+        now_s = self.clock()
         with self._lock:
-            everything = [s for segs in self._index.values() for s in segs]
             pins = list(self.pins)
-        used = sum(s.name.size for s in everything)
-        quota = min(self.quota_bytes, used) if disk_full else self.quota_bytes
-        held = [
-            retention.Held(s, s.name.end_ms / 1000, s.name.size, any(p.protects(s) for p in pins))
-            for s in everything
-        ]
+            used = self._used
+            quota = min(self.quota_bytes, used) if disk_full else self.quota_bytes
+            # retention.plan deletes from the oldest end: it is given only the oldest
+            # segments, as many as it can need (every expired one, and unpinned ones
+            # at least as big as the excess), and the quota less what the rest holds.
+            # Same decision as over everything; a store at its quota no longer sorts
+            # all its segments (tens of thousands) for every segment it writes.
+            excess = used + need_bytes - quota
+            candidates: list[retention.Held] = []
+            unpinned = 0
+            for seg in self._by_end:
+                end_s = seg.name.end_ms / 1000
+                if unpinned >= excess and not end_s < now_s - self.max_age_s:
+                    break
+                pinned = any(p.protects(seg) for p in pins)
+                candidates.append(retention.Held(seg, end_s, seg.name.size, pinned))
+                unpinned += 0 if pinned else seg.name.size
+        if not candidates:
+            return
+        rest = used - sum(h.size for h in candidates)
         decision = retention.plan(
-            held,
-            now_s=self.clock(),
+            candidates,
+            now_s=now_s,
             max_age_s=self.max_age_s,
-            quota_bytes=quota,
+            quota_bytes=quota - rest,
             need_bytes=need_bytes,
         )
-        pinned = set(map(id, decision.pinned_lost))
+        pinned_lost = set(map(id, decision.pinned_lost))
         for key in decision.all():
             assert isinstance(key, StoredSegment)
-            self._delete(key, pinned=id(key) in pinned, expired=key in decision.expired)
+            self._delete(key, pinned=id(key) in pinned_lost, expired=key in decision.expired)
 
     def _delete(self, seg: StoredSegment, *, pinned: bool, expired: bool) -> None:
         try:
@@ -420,9 +453,9 @@ class SegmentStore:
             log.error("cannot delete segment %s: %s", seg.path, exc)
             return
         with self._lock:
-            segs = self._index.get(seg.camera, [])
-            if seg in segs:
-                segs.remove(seg)
+            if _remove(self._index.get(seg.camera, []), seg, _first_seq):
+                _remove(self._by_end, seg, self._order)
+                self._used -= seg.name.size
         self.stats.evicted += 1
         if pinned:
             self.stats.pinned_evicted += 1
@@ -435,6 +468,28 @@ class SegmentStore:
             )
         elif not expired:
             log.info("quota: evicted %s/%s", seg.camera, seg.path.name)
+
+
+def _first_seq(seg: StoredSegment) -> int:
+    return seg.name.first_seq
+
+
+def _last_seq(seg: StoredSegment) -> int:
+    return seg.name.last_seq
+
+
+def _remove(
+    segs: list[StoredSegment], seg: StoredSegment, key: Callable[[StoredSegment], Any]
+) -> bool:
+    """Remove ``seg`` from ``segs`` (sorted by ``key``); whether it was there."""
+    k = key(seg)
+    for i in range(bisect.bisect_left(segs, k, key=key), len(segs)):
+        if segs[i] == seg:
+            del segs[i]
+            return True
+        if key(segs[i]) != k:
+            break
+    return False
 
 
 class _FileWriter:
