@@ -273,6 +273,14 @@ def test_seal_into_streams_the_same_age_file() -> None:
         assert len(sealed) <= segment.sealed_size_bound(len(plain), len(recipients))
 
 
+def test_seal_into_without_streaming_in_pyrage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(pyrage, "encrypt_io")  # pyrage before 1.2
+    identity = pyrage.x25519.Identity.generate()
+    out = io.BytesIO()
+    segment.seal_into(small_segment(), [identity.to_public()], out)
+    assert segment.unseal(out.getvalue(), [identity]) == small_segment()
+
+
 def test_parse_recipient() -> None:
     identity = pyrage.x25519.Identity.generate()
     text = str(identity.to_public())
