@@ -46,6 +46,7 @@ LIVE_LAG_S = 1.0
 #: long (measured from acks), so it never queues seconds of video in front of live.
 FILL_BUDGET_S = 0.25
 FILL_MIN_BYTES = 32 * 1024
+GOODPUT_WINDOW_S = 2.0
 
 # Codes after which retrying soon is pointless: the receiver does not know us.
 FATAL_CODES = frozenset({"unknown_device", "bad_signature"})
@@ -179,9 +180,11 @@ class UplinkClient:
         #: The live lane of this connection: (camera index, packet), sent first.
         self._live: deque[tuple[int, EncodedPacket]] = deque()
         #: Live packets sent on this connection and not yet held by the receiver.
-        self._live_inflight: deque[tuple[int, EncodedPacket]] = deque()
+        #: (camera, packet, time.monotonic_ns() when sent).
+        self._live_inflight: deque[tuple[int, EncodedPacket, int]] = deque()
         #: (time.monotonic(), bytes) of recent deliveries: the link's measured goodput.
         self._delivered: deque[tuple[float, int]] = deque()
+        self._delivered_bytes = 0  # the sum over _delivered
         #: Per camera of the head session: where live starts and what the fill lane owes.
         self._lanes: list[_Lane] = []
         self._rr = 0
@@ -596,7 +599,7 @@ class UplinkClient:
                         break  # wait for acks; meanwhile live may skip to a keyframe
                     cam, pkt = self._live.popleft()
                     await self._send_packet(ws, conn, stream, cam, pkt)
-                    self._live_inflight.append((cam, pkt))
+                    self._live_inflight.append((cam, pkt, time.monotonic_ns()))
                     continue
                 if self._live_in_flight(stream):
                     break  # backfill only uses the link while no live packet awaits its ack
@@ -647,20 +650,27 @@ class UplinkClient:
         the live lane stops feeding them when it falls behind, so the backlog
         builds up here, where live can skip it (and backfill send it later).
         """
-        oldest = self._oldest_undelivered(stream)
-        return oldest is not None and time.monotonic_ns() - oldest.mono_ns > self.live_lag_s * 1e9
+        waiting_since = self._oldest_undelivered(stream)
+        return (
+            waiting_since is not None
+            and time.monotonic_ns() - waiting_since > self.live_lag_s * 1e9
+        )
 
     def _count_delivered(self, nbytes: int) -> None:
         now = time.monotonic()
         self._delivered.append((now, nbytes))
-        while self._delivered and self._delivered[0][0] < now - 2.0:
-            self._delivered.popleft()
+        self._delivered_bytes += nbytes
+        self._forget_deliveries(now)
+
+    def _forget_deliveries(self, now: float) -> None:
+        while self._delivered and self._delivered[0][0] < now - GOODPUT_WINDOW_S:
+            self._delivered_bytes -= self._delivered.popleft()[1]
 
     def _fill_fits(self, nbytes: int) -> bool:
         """Whether backfill of ``nbytes`` more stays within the live session's budget."""
-        now = time.monotonic()
-        recent = sum(n for t, n in self._delivered if t >= now - 2.0)
-        budget = max(FILL_MIN_BYTES, recent / 2.0 * FILL_BUDGET_S)
+        self._forget_deliveries(time.monotonic())
+        goodput = self._delivered_bytes / GOODPUT_WINDOW_S
+        budget = max(FILL_MIN_BYTES, goodput * FILL_BUDGET_S)
         inflight = sum(n for lane in self._lanes for _, _, n in lane.inflight)
         if inflight == 0:
             return True  # one item at a time always moves (the link kept up with live)
@@ -670,24 +680,22 @@ class UplinkClient:
         """Whether a live packet sent on this connection is not delivered yet."""
         return self._oldest_undelivered(stream) is not None
 
-    def _oldest_undelivered(self, stream: SessionStream | None) -> EncodedPacket | None:
+    def _oldest_undelivered(self, stream: SessionStream | None) -> int | None:
+        """Since when (monotonic ns) the longest-waiting live packet awaits delivery."""
         inflight = self._live_inflight
         while inflight and (stream is None or stream.newest(inflight[0][0]) >= inflight[0][1].seq):
             self._count_delivered(len(inflight.popleft()[1].payload))
         # The receiver's muxer writes a frame only when the next one of its run arrives
-        # (DECISIONS.md): only a packet whose successor was sent too can be acknowledged.
+        # (DECISIONS.md): a packet can be acknowledged, and so waits, from the moment its
+        # successor was sent.
         previous: dict[int, EncodedPacket] = {}
-        oldest: EncodedPacket | None = None
-        for cam, pkt in inflight:
+        since: int | None = None
+        for cam, pkt, sent_ns in inflight:
             before = previous.get(cam)
-            if (
-                before is not None
-                and before.seq + 1 == pkt.seq  # its successor was sent too
-                and (oldest is None or before.mono_ns < oldest.mono_ns)
-            ):
-                oldest = before
+            if before is not None and before.seq + 1 == pkt.seq:
+                since = sent_ns if since is None else min(since, sent_ns)
             previous[cam] = pkt
-        return oldest
+        return since
 
     async def _send_packet(
         self,
