@@ -8,7 +8,15 @@ still checks the receiver's certificate).
   direction and new connections hang (as when a router drops every packet);
   ``proxy.restore()`` forwards again, including what was held.
 - ``proxy.rate = bytes_per_s`` throttles the agent -> receiver direction
-  (the uplink), paced per chunk.
+  (the uplink) to that rate, shared by every connection as one link is;
+  ``None`` (the default) lifts the limit.
+
+Pacing is a token bucket on a virtual clock: each chunk read is scheduled to
+leave when the link has carried everything before it at ``rate``, so sleeps
+that overshoot (the event loop's granularity, a busy loop) do not add up: a
+late chunk finds its successors' time already paid. An idle link earns at
+most ``BURST`` bytes of credit (at 2 MB/s, 32 ms), so the rate over any
+window of T seconds is at most ``rate + BURST / T``.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import time
 from types import TracebackType
 
 CHUNK = 16 * 1024
+#: Bytes of credit an idle throttled link may send at once (see the module docstring).
+BURST = 64 * 1024
 
 
 class TcpProxy:
@@ -26,6 +36,9 @@ class TcpProxy:
 
     def __init__(self, target_port: int, *, rate: float | None = None) -> None:
         self.target_port = target_port
+        self._rate: float | None = None
+        #: When the throttled link has sent everything scheduled so far (time.monotonic()).
+        self._free_at = 0.0
         self.rate = rate
         self.port = 0
         self.bytes_up = 0
@@ -34,6 +47,18 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def rate(self) -> float | None:
+        """The uplink's rate in bytes per second; ``None``: unthrottled."""
+        return self._rate
+
+    @rate.setter
+    def rate(self, bytes_per_s: float | None) -> None:
+        if bytes_per_s is not None and bytes_per_s <= 0:
+            raise ValueError(f"rate must be > 0 bytes/s or None, got {bytes_per_s}")
+        self._rate = bytes_per_s
+        self._free_at = time.monotonic()  # a new rate starts with neither credit nor debt
 
     @property
     def origin(self) -> str:
@@ -86,22 +111,29 @@ class TcpProxy:
         self._spawn(self._pump(reader, up_writer, upstream=True), "proxy-up")
         self._spawn(self._pump(up_reader, writer, upstream=False), "proxy-down")
 
+    async def _pace(self, size: int, rate: float) -> None:
+        """Wait until the link has room for ``size`` more bytes at ``rate``."""
+        now = time.monotonic()
+        # An idle link starts sending now, with at most BURST bytes of credit.
+        start = max(self._free_at, now - BURST / rate)
+        self._free_at = done = start + size / rate
+        if done > now:
+            # pacing, not synchronisation: a slow link is slow
+            await asyncio.sleep(done - now)
+
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool
     ) -> None:
         try:
             while data := await reader.read(CHUNK):
                 await self._open.wait()
+                if upstream and self._rate:
+                    await self._pace(len(data), self._rate)
+                    await self._open.wait()  # cut while this chunk waited for the link
                 writer.write(data)
                 await writer.drain()
                 if upstream:
                     self.bytes_up += len(data)
-                    if self.rate:
-                        started = time.monotonic()
-                        # pacing, not synchronisation: a slow link is slow
-                        await asyncio.sleep(
-                            max(0.0, len(data) / self.rate - (time.monotonic() - started))
-                        )
         except (ConnectionError, OSError):
             pass
         finally:

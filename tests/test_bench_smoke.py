@@ -27,10 +27,16 @@ FIGURES = {
     "store_write_amplification_fs",
     "store_recovery_s_10k_segments",
     "store_seal_mb_s",
+    "backfill_throughput_ratio",
+    "backfill_wire_bytes_per_media_byte",
+    "backfill_seconds",
+    "backfill_sealed_share",
+    "backfill_reconnect_s",
 }
 
 
 STORE_FIGURES = {f for f in FIGURES if f.startswith("store_")}
+BACKFILL_FIGURES = {f for f in FIGURES if f.startswith("backfill_")}
 
 
 def smoke_figures(names: list[str], cache: Path, timeout: float) -> set[str]:
@@ -66,6 +72,11 @@ def smoke_figures(names: list[str], cache: Path, timeout: float) -> set[str]:
 @pytest.mark.timeout(40)
 def test_store_smoke_run(tmp_path: Path) -> None:
     assert smoke_figures(["store"], tmp_path, timeout=30) == STORE_FIGURES
+
+
+@pytest.mark.timeout(90)
+def test_backfill_smoke_run(tmp_path: Path) -> None:
+    assert smoke_figures(["backfill"], tmp_path, timeout=80) == BACKFILL_FIGURES
 
 
 @pytest.mark.timeout(200)

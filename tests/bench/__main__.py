@@ -16,13 +16,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from tests.bench import agent_cpu, store, trigger
+from tests.bench import agent_cpu, backfill, store, trigger
 from tests.bench.common import Figure
 
 BENCHMARKS: dict[str, Callable[[bool], Awaitable[list[Figure]]]] = {
     "trigger": trigger.run,
     "agent_cpu": agent_cpu.run,
     "store": store.run,
+    "backfill": backfill.run,
 }
 
 log = logging.getLogger("bench")
