@@ -171,6 +171,9 @@ class CameraDesc:
     #: First seq of the live lane: the keyframe that starts the GOP the press fell in.
     #: Seqs before it are older pre-roll, sent beside live footage, never in front of it.
     live_seq: int
+    #: Last seq of the session once it ended (None while it streams). Sealed segments
+    #: hold whole seconds of footage: the receiver records none outside first..end.
+    end_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +316,7 @@ def _seq(value: int, where: str) -> int:
 def _camera_desc(obj: Any, where: str) -> CameraDesc:
     if not isinstance(obj, dict):
         raise RemoteProtocolError("malformed", f"{where}: expected an object")
+    obj = {"end_seq": None, **obj}  # optional: absent while the session streams
     _expect(
         obj,
         where,
@@ -327,6 +331,7 @@ def _camera_desc(obj: Any, where: str) -> CameraDesc:
             "extradata": str,
             "first_seq": int,
             "live_seq": int,
+            "end_seq": (int, type(None)),
         },
     )
     if obj["zone"] not in ("exterior", "interior"):
@@ -348,6 +353,7 @@ def _camera_desc(obj: Any, where: str) -> CameraDesc:
         extradata=unb64url(obj["extradata"], what=f"{where}.extradata"),
         first_seq=_seq(obj["first_seq"], f"{where}.first_seq"),
         live_seq=_seq(obj["live_seq"], f"{where}.live_seq"),
+        end_seq=None if obj["end_seq"] is None else _seq(obj["end_seq"], f"{where}.end_seq"),
     )
 
 
@@ -505,6 +511,7 @@ def _serialize(event: Event) -> str | bytes:
                     "extradata": b64url(c.extradata),
                     "first_seq": c.first_seq,
                     "live_seq": c.live_seq,
+                    "end_seq": c.end_seq,
                 }
                 for c in event.cameras
             ],

@@ -39,6 +39,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,8 @@ class SegmentStore:
             queue.SimpleQueue()
         )
         self._pending_bytes = 0
+        #: Per camera, first seqs of sealed-to-be segments queued for the writer (FIFO).
+        self._queued: dict[str, deque[int]] = {}
         self._thread: threading.Thread | None = None
         self._listeners: list[Callable[[StoredSegment], None]] = []
 
@@ -224,7 +227,13 @@ class SegmentStore:
         cur.stream = stream
 
     def open_first_seq(self, camera: str) -> int | None:
-        """First seq of the camera's segment still being filled (not on disk yet)."""
+        """First seq of the camera's footage not on disk yet: queued for the writer, or
+        in the segment still being filled. Backfill waits for it rather than declare it lost.
+        """
+        with self._lock:
+            queued = self._queued.get(camera)
+            if queued:
+                return queued[0]
         cur = self._open.get(camera)
         return cur.packets[0].seq if cur is not None and cur.packets else None
 
@@ -248,6 +257,8 @@ class SegmentStore:
                 reason="writer_backlog",
             )
             return
+        with self._lock:
+            self._queued.setdefault(camera, deque()).append(cur.packets[0].seq)
         self._jobs.put((cur.packets, desc))
 
     def add_pin(self, pin: Pin) -> None:
@@ -362,6 +373,7 @@ class SegmentStore:
             finally:
                 with self._lock:
                     self._pending_bytes -= nbytes
+                    self._queued[packets[0].camera].popleft()
 
     def _write(self, packets: list[EncodedPacket], desc: segment.StreamDesc) -> None:
         camera = packets[0].camera

@@ -271,6 +271,10 @@ class UplinkClient:
                 stream.end_seq = list(stream.last_pushed)
                 for pin, end in zip(stream.pins, stream.end_seq, strict=False):
                     pin.last = end
+                if stream is self._head():
+                    # Open it again with its end: sealed segments carry footage past the
+                    # end, and the receiver must know where the emergency stopped.
+                    self._opened_on_conn = None
         self._wake.set()
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
@@ -500,7 +504,7 @@ class UplinkClient:
             lane.todo = [r for r in lane.todo if r[1] is None or r[0] <= r[1]]  # type: ignore[operator]
             self._lanes.append(lane)
             shown = live_from if live_from is not None else max(acked + 1, desc.first_seq)
-            cameras[cam] = replace(desc, live_seq=max(desc.first_seq, shown))
+            cameras[cam] = replace(desc, live_seq=max(desc.first_seq, shown), end_seq=end)
         self._live = deque(heapq.merge(*tails, key=lambda item: item[1].mono_ns))
         stream.open = replace(stream.open, cameras=tuple(cameras))
         return stream.open
@@ -569,7 +573,16 @@ class UplinkClient:
             ]
             if not later or min(later) <= seq:
                 return None
-            upto = min(later) - 1 if last is None else min(min(later) - 1, last)
+            resume = min(later)
+            if ram and resume == ram[0].seq and not ram[0].keyframe:
+                # What follows a hole must start at a keyframe (the receiver cannot decode,
+                # so does not record, a run that starts mid-GOP): the hole takes the rest
+                # of that GOP too.
+                key = next((x.seq for x in ram if x.keyframe), None)
+                if key is None:
+                    return None
+                resume = key
+            upto = resume - 1 if last is None else min(resume - 1, last)
             lane.todo[0][0] = upto + 1
             return p.Gap(stream.id, cam, seq, upto, "lost")
         return None

@@ -55,6 +55,9 @@ class CameraIngest:
         self.device = device
         self.session_id = session_id
         self.index = desc.index
+        #: The session's range of this camera: sealed segments hold whole seconds, and
+        #: nothing from before the pre-roll or after the end of the emergency is recorded.
+        self.first_seq, self.end_seq = desc.first_seq, desc.end_seq
         self.camera = camera
         self._send_ack = send_ack
         self._identities = identities
@@ -156,7 +159,12 @@ class CameraIngest:
                     f"segment holds {header.codec} seqs {header.first_seq}..{header.last_seq}, "
                     f"not what its media header says"
                 )
-            for i, pkt in enumerate(packets):
+            inside = [
+                pkt
+                for pkt in packets
+                if self.first_seq <= pkt.seq and (self.end_seq is None or pkt.seq <= self.end_seq)
+            ]
+            for i, pkt in enumerate(inside):
                 await cam.append(pkt.seq, pkt.capture_ns // 1000, pkt.keyframe, pkt.payload)
                 if i % 16 == 15:
                     await asyncio.sleep(0)  # let fsyncs, acks and other cameras run

@@ -40,12 +40,14 @@ def frames_in(path: object) -> int:
 
 
 def assert_gapless(receiver: Receiver, session_id: str, camera: str, first: int, last: int) -> None:
-    """Every seq ``first..last`` recorded, nothing declared lost, and the files agree."""
+    """Exactly the seqs ``first..last`` recorded, nothing declared lost, files agree."""
     cam = camera_summary(receiver, session_id, camera)
     assert cam is not None
     assert cam.gaps == () and cam.missing == () and cam.bad_segments == (), cam
     seqs = recorded_seqs(receiver, session_id, camera)
     assert set(range(first, last + 1)) <= seqs, sorted(set(range(first, last + 1)) - seqs)[:20]
+    # ... and nothing from outside the emergency (sealed segments hold whole seconds).
+    assert min(seqs) == first and max(seqs) == last, (min(seqs), max(seqs), first, last)
     assert sum(frames_in(part.path) for part in cam.parts) == len(seqs)
 
 
