@@ -276,9 +276,12 @@ class IngestServer:
             "started_at": event.started_at,
             "expires_at": event.expires_at,
         }
-        log.warning(
-            "EMERGENCY session %s from %s (building %s)", event.session, device, event.building
-        )
+        if any(s.session_id == event.session for s in self.store.open_sessions()):
+            log.info("session %s of %s opened again (resume or end)", event.session, device)
+        else:
+            log.warning(
+                "EMERGENCY session %s from %s (building %s)", event.session, device, event.building
+            )
         tracks = [
             TrackInfo(
                 c.id,
