@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+from agent.uplink import SessionStream
 from receiver.server import Receiver
 from receiver.summaries import CameraSummary
 
@@ -49,6 +50,14 @@ def assert_gapless(receiver: Receiver, session_id: str, camera: str, first: int,
     # ... and nothing from outside the emergency (sealed segments hold whole seconds).
     assert min(seqs) == first and max(seqs) == last, (min(seqs), max(seqs), first, last)
     assert sum(frames_in(part.path) for part in cam.parts) == len(seqs)
+
+
+def assert_session_gapless(receiver: Receiver, stream: SessionStream) -> None:
+    """Every camera of an ended session recorded exactly from its first seq to its end."""
+    for cam in stream.open.cameras:
+        end = stream.end_seq[cam.index]
+        assert end is not None, "the session has not ended"
+        assert_gapless(receiver, stream.id, cam.id, cam.first_seq, end)
 
 
 def assert_declared(receiver: Receiver, session_id: str, camera: str) -> None:

@@ -15,7 +15,7 @@ from agent.emergency import Session
 from breakglass.demo import press_button, write_agent_config
 from provisioning.keys import new_private_key, public_pem
 from receiver.server import Receiver
-from tests.recordings import assert_gapless, recorded_seqs
+from tests.recordings import assert_session_gapless, recorded_seqs
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -223,11 +223,7 @@ async def test_full_ram_while_the_receiver_is_down_is_served_from_the_store(
         async with Receiver(rx_dir, "127.0.0.1", port) as receiver:
             await deliver_and_end(agent, receiver, session.id)
         assert agent.uplink.stats.segments_sent > 0
-        ends = {c.id: stream.end_seq[c.index] for c in stream.open.cameras}
-        firsts = {c.id: c.first_seq for c in stream.open.cameras}
-    for cam, end in ends.items():
-        assert end is not None
-        assert_gapless(receiver, session.id, cam, firsts[cam], end)
+    assert_session_gapless(receiver, stream)
 
 
 async def test_a_press_at_boot_streams_once_the_cameras_run(
