@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
 
@@ -81,6 +82,7 @@ class AuditLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._chain = AuditChain(*self._resume())
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._background: ThreadPoolExecutor | None = None
 
     def _resume(self) -> tuple[int, str]:
         try:
@@ -123,8 +125,18 @@ class AuditLog:
                 log.error("audit entry %s not written: %s", event, exc)
         log.info("audit: %s %s", event, fields)
 
+    def record_soon(self, event: str, **fields: Any) -> None:
+        """Append one entry from the event loop: the fsync runs on the trail's own thread,
+        in call order, so the loop never waits for the disk."""
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="audit")
+        self._background.submit(self.record, event, **fields)
+
     def close(self) -> None:
-        """Close the file."""
+        """Write what is queued, then close the file (blocks for queued fsyncs)."""
+        if self._background is not None:
+            self._background.shutdown(wait=True)
+            self._background = None
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)

@@ -197,7 +197,7 @@ class Capture:
                     state.fault, state.healthy = True, False
                     log.error("camera %s: no packet for %.1f s: fault", cam, silent)
                     if self.audit is not None:
-                        self.audit.record(
+                        self.audit.record_soon(
                             "camera_fault",
                             camera=cam,
                             silent_s=round(silent, 1),
@@ -222,7 +222,7 @@ class Capture:
             state.fault = False
             log.warning("camera %s recovered", cam)
             if self.audit is not None:
-                self.audit.record("camera_recovered", camera=cam)
+                self.audit.record_soon("camera_recovered", camera=cam)
             if self._on_change is not None:
                 self._on_change()
         preroll.push(packet)

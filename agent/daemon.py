@@ -228,7 +228,7 @@ class Agent:
         await self.capture.aclose()
         await self.store.close()  # seals the segments being filled
         await asyncio.to_thread(self._save_owed)
-        self.audit.close()
+        await asyncio.to_thread(self.audit.close)  # writes what is queued
         for button in self.buttons.values():
             await asyncio.to_thread(button.close)  # may join gpiozero's hold thread
         if self.led is not None:
@@ -240,7 +240,7 @@ class Agent:
             return self._source_factory(camera)
         except CameraError as exc:  # a broken camera never keeps the agent from arming
             log.error("camera %s: %s", camera.id, exc)
-            self.audit.record("camera_fault", camera=camera.id, error=str(exc)[:300])
+            self.audit.record_soon("camera_fault", camera=camera.id, error=str(exc)[:300])
             info = StreamInfo("h264", camera.width, camera.height, camera.fps, b"")
             return RetryingSource(camera.id, lambda: self._source_factory(camera), exc, info)
 

@@ -249,7 +249,7 @@ class SegmentStore:
             with self._lock:
                 self._pending_bytes -= cur.nbytes
             self.stats.dropped += 1
-            self.audit.record(
+            self.audit.record_soon(
                 "segment_dropped",
                 camera=camera,
                 first_seq=cur.packets[0].seq,

@@ -173,3 +173,13 @@ def test_oversize_entry_is_logged_not_raised(
     lines = path.read_bytes().splitlines()
     assert verify_chain(lines)[0] == 2
     assert [json.loads(x)["event"] for x in lines] == ["ok", "ok_again"]
+
+
+def test_record_soon_keeps_call_order_and_close_writes_it_all(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.log", clock=lambda: 0.0)
+    for i in range(50):
+        log.record_soon("camera_fault", i=i)
+    log.close()  # waits for the queued entries
+    lines = (tmp_path / "audit.log").read_bytes().splitlines()
+    assert [json.loads(line)["i"] for line in lines] == list(range(50))
+    assert verify_chain(lines)[0] == 50
