@@ -47,6 +47,7 @@ LIVE_LAG_S = 1.0
 FILL_BUDGET_S = 0.25
 FILL_MIN_BYTES = 32 * 1024
 GOODPUT_WINDOW_S = 2.0
+GOODPUT_MIN_SPAN_S = 0.5
 
 # Codes after which retrying soon is pointless: the receiver does not know us.
 FATAL_CODES = frozenset({"unknown_device", "bad_signature"})
@@ -312,6 +313,7 @@ class UplinkClient:
         if oldest is None or (
             keyframe.mono_ns - oldest.mono_ns < self.live_lag_s * 1e9
             and not self._live_behind(stream)
+            and self._live_backlog_s() < self.live_lag_s
         ):
             return
         self._live = deque(item for item in self._live if item[0] != camera)
@@ -664,10 +666,37 @@ class UplinkClient:
         builds up here, where live can skip it (and backfill send it later).
         """
         waiting_since = self._oldest_undelivered(stream)
+        if waiting_since is None:
+            return False
         return (
-            waiting_since is not None
-            and time.monotonic_ns() - waiting_since > self.live_lag_s * 1e9
+            time.monotonic_ns() - waiting_since > self.live_lag_s * 1e9
+            or self._live_backlog_s(queued=False) > self.live_lag_s
         )
+
+    def _live_backlog_s(self, *, queued: bool = True) -> float:
+        """How long the live bytes in flight (and ``queued``) take to deliver at the goodput.
+
+        Predicts the lag before it happens: on a link slower than the cameras the
+        socket buffers fill and the queue grows a little every GOP, long before the
+        oldest packet has waited ``live_lag_s``. Call after :meth:`_oldest_undelivered`.
+        """
+        goodput = self._goodput()
+        if goodput == 0:
+            return 0.0  # nothing measured yet: the age rules decide
+        backlog = sum(len(pkt.payload) for _, pkt, _ in self._live_inflight)
+        if queued:
+            backlog += sum(len(pkt.payload) for _, pkt in self._live)
+        return backlog / goodput
+
+    def _goodput(self) -> float:
+        """Live bytes per second delivered over the last ``GOODPUT_WINDOW_S``."""
+        now = time.monotonic()
+        self._forget_deliveries(now)
+        if not self._delivered:
+            return 0.0
+        # A window not yet full (a new connection) is measured over what it spans.
+        span = min(GOODPUT_WINDOW_S, max(GOODPUT_MIN_SPAN_S, now - self._delivered[0][0]))
+        return self._delivered_bytes / span
 
     def _count_delivered(self, nbytes: int) -> None:
         now = time.monotonic()
@@ -681,9 +710,7 @@ class UplinkClient:
 
     def _fill_fits(self, nbytes: int) -> bool:
         """Whether backfill of ``nbytes`` more stays within the live session's budget."""
-        self._forget_deliveries(time.monotonic())
-        goodput = self._delivered_bytes / GOODPUT_WINDOW_S
-        budget = max(FILL_MIN_BYTES, goodput * FILL_BUDGET_S)
+        budget = max(FILL_MIN_BYTES, self._goodput() * FILL_BUDGET_S)
         inflight = sum(n for lane in self._lanes for _, _, n in lane.inflight)
         if inflight == 0:
             return True  # one item at a time always moves (the link kept up with live)

@@ -27,6 +27,10 @@ import time
 from types import TracebackType
 
 CHUNK = 16 * 1024
+#: A throttled link forwards at most this much of its time at once (and no less than
+#: one Ethernet frame): a real link serialises packets, it does not deliver bursts.
+SLICE_S = 0.01
+MTU = 1500
 #: Bytes of credit an idle throttled link may send at once (see the module docstring).
 BURST = 64 * 1024
 
@@ -111,6 +115,11 @@ class TcpProxy:
         self._spawn(self._pump(reader, up_writer, upstream=True), "proxy-up")
         self._spawn(self._pump(up_reader, writer, upstream=False), "proxy-down")
 
+    def _chunk(self, upstream: bool) -> int:
+        if upstream and self._rate:
+            return max(MTU, min(CHUNK, int(self._rate * SLICE_S)))
+        return CHUNK
+
     async def _pace(self, size: int, rate: float) -> None:
         """Wait until the link has room for ``size`` more bytes at ``rate``."""
         now = time.monotonic()
@@ -125,7 +134,7 @@ class TcpProxy:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool
     ) -> None:
         try:
-            while data := await reader.read(CHUNK):
+            while data := await reader.read(self._chunk(upstream)):
                 await self._open.wait()
                 if upstream and self._rate:
                     await self._pace(len(data), self._rate)

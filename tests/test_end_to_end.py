@@ -84,6 +84,7 @@ async def test_press_streams_preroll_and_live_and_nothing_before(
         await agent.uplink.wait_until(
             lambda: all(stream.acked[index[cam]] >= live_from[cam] + 10 for cam in index)
         )
+        assert agent.uplink.stats.live_skips == 0  # loopback keeps up: live never skips
         agent.end("test finished")
         await agent.uplink.wait_settled(session.id)
 
