@@ -1,0 +1,430 @@
+"""Signed remote triggers and the district's trigger-key list: the sans-IO core.
+
+A trigger (DESIGN.md "Signed documents") starts, extends or ends an emergency.
+:func:`verify_trigger` applies every rule and answers :class:`Accepted` or
+:class:`Rejected` with a stable reason code (the Local API's codes). It reads
+no clock and no file: ``now`` (UTC seconds) and ``mono`` (the device's
+monotonic seconds, for challenges) are passed in, and the replay cache and
+the outstanding challenges are objects the shell owns and persists.
+
+Order of the checks, so that each code means one thing:
+``too_large``/``malformed`` (the envelope) -> ``unknown_key`` (kid not in a
+current list; an expired list enrols nothing) -> ``bad_signature`` ->
+``malformed`` (the payload, parsed only now) -> ``wrong_building`` (payload
+or key scope) -> ``role_forbidden`` -> ``bad_challenge`` | ``not_yet_valid``
+/ ``expired`` -> ``replayed``. An accepted trigger's nonce is consumed.
+
+The trigger-key list (``type: "trigger_keys"``) is signed by the district
+authority and carries a ``version`` and an ``exp``: :meth:`Keyring.install`
+refuses a lower version (rollback) and an expired list (freeze); rotating or
+revoking a key is publishing the next version without it. The physical
+button never consults any of this.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from provisioning import documents as d
+from provisioning.documents import DocumentError
+from provisioning.keys import kid as key_id
+
+Action = Literal["start", "extend", "end"]
+Role = Literal["dispatch", "principal", "superintendent"]
+ACTIONS: Final = ("start", "extend", "end")
+ROLES: Final = ("dispatch", "principal", "superintendent")
+#: DESIGN.md: who may do what.
+MAY: Final[Mapping[str, frozenset[str]]] = {
+    "start": frozenset(ROLES),
+    "extend": frozenset({"dispatch", "superintendent"}),
+    "end": frozenset({"dispatch", "superintendent"}),
+}
+SKEW_S: Final = 60
+MAX_LIFETIME_S: Final = 300
+#: A challenge is good for one trigger within this long of being issued.
+CHALLENGE_TTL_S: Final = 300.0
+MAX_CHALLENGES: Final = 64
+MAX_KEYLIST_PAYLOAD: Final = 64 * 1024
+ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+NONCE_RE: Final = re.compile(r"^[A-Za-z0-9_-]{22,86}$")  # 16..64 bytes in base64url
+
+#: Every code a rejected trigger can carry (the Local API's ``error`` values).
+CODES: Final = (
+    "malformed",
+    "too_large",
+    "unknown_key",
+    "bad_signature",
+    "role_forbidden",
+    "wrong_building",
+    "expired",
+    "not_yet_valid",
+    "replayed",
+    "bad_challenge",
+)
+
+
+# -- the district's trigger-key list ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerKey:
+    """One enrolled trigger key: its role and the buildings it may trigger."""
+
+    kid: str
+    public: Ed25519PublicKey
+    role: Role
+    buildings: frozenset[str] | None  # None: every building of the district
+    label: str
+
+    def covers(self, building: str) -> bool:
+        """Whether this key is enrolled for ``building``."""
+        return self.buildings is None or building in self.buildings
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerKeyList:
+    """A verified trigger-key list (its envelope kept, to persist and pass on)."""
+
+    version: int
+    iat: int
+    exp: int
+    keys: Mapping[str, TriggerKey]
+    envelope: Mapping[str, str]
+
+
+def parse_key_list(
+    body: bytes | str | Mapping[str, Any], authority: Ed25519PublicKey
+) -> TriggerKeyList:
+    """Verify a trigger-key list signed by the district ``authority``."""
+    envelope = d.parse_envelope(body, max_payload=MAX_KEYLIST_PAYLOAD)
+    if envelope.kid != key_id(authority):
+        raise DocumentError("unknown_key", "trigger-key list: not signed by the district authority")
+    if not d.signature_valid(envelope, authority):
+        raise DocumentError("bad_signature", "trigger-key list: signature does not verify")
+    doc = d.read_payload(
+        envelope,
+        "trigger_keys",
+        {"version": lambda v, w: d.integer(v, w, low=1, high=2**40), "keys": _keys},
+        frozenset(),
+    )
+    if doc["exp"] <= doc["iat"]:
+        raise DocumentError("malformed", "payload.exp: not after iat")
+    return TriggerKeyList(
+        doc["version"],
+        doc["iat"],
+        doc["exp"],
+        doc["keys"],
+        {"payload": d.b64url(envelope.payload), "kid": envelope.kid, "sig": d.b64url(envelope.sig)},
+    )
+
+
+def _keys(value: Any, where: str) -> dict[str, TriggerKey]:
+    if not isinstance(value, list) or len(value) > 512:
+        raise DocumentError("malformed", f"{where}: expected a list of at most 512 keys")
+    keys: dict[str, TriggerKey] = {}
+    for i, entry in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(entry, dict):
+            raise DocumentError("malformed", f"{at}: expected an object")
+        extra = set(entry) - {"key", "role", "buildings", "label"}
+        if extra:
+            raise DocumentError("malformed", f"{at}: unknown field {sorted(extra)[0]!r}")
+        raw = d.b64url_decode(entry.get("key", ""), what=f"{at}.key")
+        try:
+            public = Ed25519PublicKey.from_public_bytes(raw)
+        except ValueError as exc:
+            raise DocumentError("malformed", f"{at}.key: not a raw Ed25519 public key") from exc
+        role = d.one_of(entry.get("role"), f"{at}.role", ROLES)
+        buildings = entry.get("buildings")
+        scope: frozenset[str] | None
+        if buildings == "all":
+            scope = None
+        elif isinstance(buildings, list) and buildings:
+            scope = frozenset(
+                d.text(b, f"{at}.buildings[{j}]", max_len=32, pattern=ID_RE)
+                for j, b in enumerate(buildings)
+            )
+        else:
+            raise DocumentError("malformed", f'{at}.buildings: expected "all" or a list of ids')
+        label = d.text(entry.get("label"), f"{at}.label", max_len=120)
+        k = key_id(public)
+        if k in keys:
+            raise DocumentError("malformed", f"{at}.key: listed twice")
+        keys[k] = TriggerKey(k, public, role, scope, label)  # type: ignore[arg-type]
+    return keys
+
+
+def sign_key_list(
+    authority: Ed25519PrivateKey, version: int, keys: list[dict[str, Any]], *, iat: int, exp: int
+) -> dict[str, str]:
+    """Sign a trigger-key list (``keys`` as in the payload: key, role, buildings, label)."""
+    payload = {"type": "trigger_keys", "v": 1, "iat": iat, "exp": exp, "version": version}
+    return d.seal({**payload, "keys": keys}, authority, max_payload=MAX_KEYLIST_PAYLOAD)
+
+
+class KeyListRefused(DocumentError):
+    """A list that is valid but may not replace the current one."""
+
+
+class Keyring:
+    """The current trigger-key list of a device (``None`` until one is installed)."""
+
+    def __init__(self, current: TriggerKeyList | None = None) -> None:
+        self.current = current
+
+    def install(self, new: TriggerKeyList, now: float) -> bool:
+        """Make ``new`` current; False when it is the current one already.
+
+        Raises :class:`KeyListRefused` (``keylist_rollback``, ``keylist_expired``).
+        """
+        if now >= new.exp:
+            raise KeyListRefused("keylist_expired", f"trigger-key list v{new.version} expired")
+        old = self.current
+        if old is not None:
+            if new.version < old.version:
+                raise KeyListRefused(
+                    "keylist_rollback",
+                    f"trigger-key list v{new.version} is older than the installed v{old.version}",
+                )
+            if new.version == old.version:
+                if new.envelope["payload"] != old.envelope["payload"]:
+                    raise KeyListRefused(
+                        "keylist_rollback",
+                        f"a different trigger-key list with the installed version {old.version}",
+                    )
+                return False
+        self.current = new
+        return True
+
+    def lookup(self, kid: str, now: float) -> TriggerKey | str:
+        """The enrolled key, or why there is none (a detail for ``unknown_key``)."""
+        keys = self.current
+        if keys is None:
+            return "no trigger-key list is installed"
+        if now >= keys.exp:
+            return f"the trigger-key list v{keys.version} expired (frozen until a new one)"
+        key = keys.keys.get(kid)
+        if key is None:
+            return f"key {kid} is not in trigger-key list v{keys.version}"
+        return key
+
+
+# -- triggers -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """A verified trigger."""
+
+    action: Action
+    building: str
+    cameras: tuple[str, ...] | None  # None: "all"
+    reason: str
+    nonce: str
+    iat: int
+    exp: int
+    challenge: str | None
+    kid: str
+    role: Role
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """Every rule holds; the nonce is consumed."""
+
+    trigger: Trigger
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A rule failed. ``kid``, ``role``, ``action``, ``reason`` are set as far as verified."""
+
+    code: str
+    detail: str
+    kid: str | None = None
+    role: str | None = None
+    action: str | None = None
+    reason: str | None = None
+
+
+class ReplayCache(Protocol):
+    """Nonces of accepted triggers, remembered while a replay could still pass the clock."""
+
+    def seen(self, nonce: str) -> bool: ...
+
+    def add(self, nonce: str, keep_until: float) -> None: ...
+
+
+class MemoryReplayCache:
+    """An in-memory :class:`ReplayCache` (the agent persists its own in SQLite)."""
+
+    def __init__(self) -> None:
+        self.nonces: dict[str, float] = {}
+
+    def seen(self, nonce: str) -> bool:
+        return nonce in self.nonces
+
+    def add(self, nonce: str, keep_until: float) -> None:
+        self.nonces[nonce] = keep_until
+
+
+class Challenges:
+    """Device nonces for triggers from signers whose clock the device cannot trust
+    (or a device whose own clock is not synchronised yet). Single use, in memory,
+    at most :data:`MAX_CHALLENGES` outstanding, each good for ``ttl_s`` of the
+    device's monotonic clock."""
+
+    def __init__(self, ttl_s: float = CHALLENGE_TTL_S, limit: int = MAX_CHALLENGES) -> None:
+        self.ttl_s = ttl_s
+        self.limit = limit
+        self._issued: OrderedDict[str, float] = OrderedDict()
+
+    def issue(self, mono: float) -> str:
+        """A fresh challenge (128 bits, base64url)."""
+        challenge = secrets.token_urlsafe(16)
+        self._issued[challenge] = mono
+        while len(self._issued) > self.limit:
+            self._issued.popitem(last=False)
+        return challenge
+
+    def valid(self, challenge: str, mono: float) -> bool:
+        """Whether ``challenge`` is outstanding and fresh (does not consume it)."""
+        issued = self._issued.get(challenge)
+        return issued is not None and 0 <= mono - issued <= self.ttl_s
+
+    def consume(self, challenge: str) -> None:
+        """Spend a challenge (after the trigger that carried it was accepted)."""
+        self._issued.pop(challenge, None)
+
+
+def verify_trigger(
+    body: bytes | str | Mapping[str, Any],
+    *,
+    building: str,
+    keyring: Keyring,
+    now: float,
+    mono: float,
+    replay: ReplayCache,
+    challenges: Challenges,
+) -> Accepted | Rejected:
+    """Apply every rule of DESIGN.md to one trigger envelope (see the module docstring)."""
+    try:
+        envelope = d.parse_envelope(body)
+    except DocumentError as exc:
+        return Rejected(exc.code, exc.detail)
+    key = keyring.lookup(envelope.kid, now)
+    if isinstance(key, str):
+        return Rejected("unknown_key", key, kid=envelope.kid)
+    if not d.signature_valid(envelope, key.public):
+        return Rejected("bad_signature", "signature does not verify", kid=key.kid, role=key.role)
+    try:
+        doc = d.read_payload(envelope, "trigger", _TRIGGER_FIELDS, frozenset({"challenge"}))
+    except DocumentError as exc:
+        return Rejected(exc.code, exc.detail, kid=key.kid, role=key.role)
+    seen = {"kid": key.kid, "role": key.role, "action": doc["action"], "reason": doc["reason"]}
+    if doc["exp"] <= doc["iat"] or doc["exp"] - doc["iat"] > MAX_LIFETIME_S:
+        return Rejected(
+            "malformed", f"payload.exp: must be after iat and at most {MAX_LIFETIME_S} s", **seen
+        )
+    if doc["building"] != building:
+        return Rejected("wrong_building", f"trigger is for {doc['building']!r}", **seen)
+    if not key.covers(building):
+        return Rejected("wrong_building", f"key {key.kid} is not enrolled for {building!r}", **seen)
+    if key.role not in MAY[doc["action"]]:
+        return Rejected("role_forbidden", f"a {key.role} key may not {doc['action']}", **seen)
+    challenge = doc.get("challenge")
+    if challenge is not None:
+        # The device issued it moments ago: freshness comes from the challenge, not
+        # from a clock the signer and the device may disagree on.
+        if not challenges.valid(challenge, mono):
+            return Rejected("bad_challenge", "challenge unknown, used or stale", **seen)
+    elif doc["iat"] > now + SKEW_S:
+        return Rejected("not_yet_valid", f"iat is {doc['iat'] - now:.0f} s in the future", **seen)
+    elif doc["exp"] < now - SKEW_S:
+        return Rejected("expired", f"expired {now - doc['exp']:.0f} s ago", **seen)
+    if replay.seen(doc["nonce"]):
+        return Rejected("replayed", "nonce already used", **seen)
+    # Remember it while any clock could still take it for valid (a challenge-path
+    # trigger carries times the device cannot judge: keep it at least a lifetime).
+    replay.add(doc["nonce"], max(doc["exp"] + SKEW_S, now + MAX_LIFETIME_S + SKEW_S))
+    if challenge is not None:
+        challenges.consume(challenge)
+    cameras = None if doc["cameras"] == "all" else tuple(doc["cameras"])
+    return Accepted(
+        Trigger(
+            doc["action"],
+            doc["building"],
+            cameras,
+            doc["reason"],
+            doc["nonce"],
+            doc["iat"],
+            doc["exp"],
+            challenge,
+            key.kid,
+            key.role,
+            key.label,
+        )
+    )
+
+
+def _cameras(value: Any, where: str) -> str | list[str]:
+    if value == "all":
+        return "all"
+    if not isinstance(value, list) or not 0 < len(value) <= 64:
+        raise DocumentError("malformed", f'{where}: expected "all" or a list of 1..64 ids')
+    ids = [d.text(c, f"{where}[{i}]", max_len=32, pattern=ID_RE) for i, c in enumerate(value)]
+    if len(set(ids)) != len(ids):
+        raise DocumentError("malformed", f"{where}: a camera is listed twice")
+    return ids
+
+
+def _nonce(value: Any, where: str) -> str:
+    d.text(value, where, max_len=86, pattern=NONCE_RE)
+    d.b64url_decode(value, what=where)  # canonical base64url of 16..64 bytes
+    return str(value)
+
+
+_TRIGGER_FIELDS: Final[Mapping[str, d.Check]] = {
+    "action": lambda v, w: d.one_of(v, w, ACTIONS),
+    "building": lambda v, w: d.text(v, w, max_len=32, pattern=ID_RE),
+    "cameras": _cameras,
+    "reason": lambda v, w: d.text(v, w, max_len=500),
+    "nonce": _nonce,
+    "challenge": _nonce,
+}
+
+
+def sign_trigger(
+    key: Ed25519PrivateKey,
+    *,
+    action: str,
+    building: str,
+    reason: str,
+    now: int,
+    cameras: str | list[str] = "all",
+    lifetime_s: int = 120,
+    challenge: str | None = None,
+) -> dict[str, str]:
+    """A signed trigger envelope (what ``breakglass trigger sign`` prints)."""
+    payload: dict[str, Any] = {
+        "type": "trigger",
+        "v": 1,
+        "iat": now,
+        "exp": now + lifetime_s,
+        "action": action,
+        "building": building,
+        "cameras": cameras,
+        "reason": reason,
+        "nonce": secrets.token_urlsafe(16),
+    }
+    if challenge is not None:
+        payload["challenge"] = challenge
+    return d.seal(payload, key)
