@@ -1,20 +1,65 @@
-"""The agent's audit trail: an append-only, hash-chained log.
+"""The agent's audit trail: an append-only, hash-chained log with signed checkpoints.
 
-Every entry is one JSON line: ``n`` (its number), ``t`` (UTC seconds),
-``event`` (a stable code such as ``segment_torn``, ``camera_fault``), the
-event's fields, ``prev`` (the hash of the previous entry) and ``hash``
-(SHA-256 over the canonical JSON of everything else). Deleting, reordering
-or editing an entry breaks the chain, which :func:`verify_chain` detects;
-the district reads the file and checks it. Entries are fsynced one by one:
-they are rare, and an audit entry that a power cut can lose is worth little.
+Every entry is one JSON line in canonical form (keys sorted, separators ``,``
+and ``:``): ``n`` (its number, from 1), ``t`` (UTC seconds), ``event`` (a
+stable code), the event's fields, ``prev`` (the hash of the previous entry,
+:data:`GENESIS` for the first) and ``hash`` (SHA-256 over the canonical JSON
+of everything else). Editing, deleting or reordering an entry breaks the
+chain. Entries are fsynced one by one: they are rare, and an audit entry that
+a power cut can lose is worth little.
 
-:class:`AuditChain` is the sans-IO core (entries in, lines out);
-:class:`AuditLog` is the file shell, safe to call from any thread.
-Footage and secrets never go into the trail: fields are small facts.
+Signed checkpoints make the trail the district's evidence rather than the
+device's word: a ``checkpoint`` entry is an ordinary chain entry whose fields
+``kid`` (the device key's id), ``covers`` (the ``n`` of the entry before it)
+and ``head`` (that entry's hash) are signed with the device's Ed25519 key;
+``sig`` is b64url (no padding) of the signature over
+``b"breakglass-audit-checkpoint\\x00" + canonical_json({"covers", "head", "kid"})``
+(:func:`checkpoint_message`). :class:`AuditLog` writes one when it opens a
+trail whose last entry is not a checkpoint, after every ``checkpoint_every``
+entries, on :meth:`AuditLog.checkpoint` (the daemon calls it periodically)
+and on close; never two in a row. Whole entries cut off the end of a copy
+cannot be seen in that copy alone, so :func:`verify_trail` also compares the
+file with a reference copy (an earlier one, or the receiver's).
+
+Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
+
+- ``button_press``: ``button`` (id), ``location``, ``session`` (the id it
+  started or joined), ``started`` (bool).
+- ``trigger``: ``result`` (``accepted`` | ``rejected``), ``code`` (reason code
+  when rejected: ``malformed``, ``too_large``, ``unknown_key``,
+  ``bad_signature``, ``role_forbidden``, ``wrong_building``, ``expired``,
+  ``not_yet_valid``, ``replayed``, ``bad_challenge``, ``no_session``,
+  ``keylist_*``...), ``kid``, ``role``, ``action`` (each or null), ``via``
+  (``local_api`` | ``uplink``), ``reason`` (the trigger's reason text, or
+  null), ``session`` (or null), ``detail``.
+- ``session_start``: ``session``, ``building``, ``by`` (``{"kind": "button",
+  "button_id", "location"}`` or ``{"kind": "trigger", "kid", "role",
+  "reason"}``), ``cameras`` (ids), ``expires_at``.
+- ``session_extend``: ``session``, ``by`` (trigger kind, as above),
+  ``expires_at``.
+- ``session_end``: ``session``, ``reason`` (``expired`` | ``trigger`` | ...),
+  ``by`` (as above, or null).
+- ``disclosure``: ``session``, ``receiver`` (origin URL), ``device``,
+  ``cameras`` (``[{"id": ..., "zone": ...}]``).
+- ``viewer`` (from the receiver side): ``session``, ``officer``, ``action``.
+- ``camera_fault``, ``camera_recovered``, ``segment_torn``,
+  ``store_foreign_file``, ``segment_dropped``, ``segment_lost``,
+  ``segment_pinned_evicted`` (store and capture facts), and ``checkpoint``.
+
+The session events are what FERPA 34 CFR 99.32(a)(5) asks a school to record
+for a health-or-safety disclosure: the threat that justified it and who
+received the footage (``breakglass audit report`` prints them).
+
+:class:`AuditChain` (numbering, chaining, checkpoints) and :func:`verify_trail`
+are the sans-IO core: no files, no clocks. :class:`AuditLog` is the file
+shell, safe to call from any thread. Footage and secrets never go into the
+trail: fields are small facts.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import hashlib
 import json
@@ -23,121 +68,625 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from provisioning.keys import kid as key_id
+from provisioning.keys import verify as verify_signature
 
 log = logging.getLogger(__name__)
 
 GENESIS: Final = "0" * 64
 MAX_LINE_BYTES: Final = 16 * 1024
+CHECKPOINT: Final = "checkpoint"
+CHECKPOINT_CONTEXT: Final = b"breakglass-audit-checkpoint\x00"
+CHECKPOINT_EVERY: Final = 64
+_TAIL_BYTES: Final = 4 * MAX_LINE_BYTES  # how much of the file's end a reopen reads first
 
 
-def _canonical(obj: dict[str, Any]) -> bytes:
+def canonical_json(obj: dict[str, Any]) -> bytes:
+    """UTF-8 JSON with keys sorted and no insignificant whitespace."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-class AuditChain:
-    """Numbers and chains entries; knows nothing of files or clocks."""
+def checkpoint_message(covers: int, head: str, kid: str) -> bytes:
+    """The bytes a checkpoint's signature covers."""
+    return CHECKPOINT_CONTEXT + canonical_json({"covers": covers, "head": head, "kid": kid})
 
-    def __init__(self, last_n: int = 0, last_hash: str = GENESIS) -> None:
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64url(text: str) -> bytes:
+    """Strict b64url without padding; ValueError otherwise."""
+    if "=" in text:
+        raise ValueError("padded")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except binascii.Error as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _parse_entry(body: bytes) -> dict[str, Any] | None:
+    """The entry on one line (without its newline) if it has the shape of one, else None."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    n, t = obj.get("n"), obj.get("t")
+    if (
+        type(n) is not int
+        or n < 1
+        or type(t) not in (int, float)
+        or not all(isinstance(obj.get(k), str) for k in ("event", "prev", "hash"))
+    ):
+        return None
+    return obj
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """A file's lines, each with its ``\\n`` (a torn last line has none)."""
+    parts = data.split(b"\n")
+    lines = [part + b"\n" for part in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
+class AuditChain:
+    """Numbers, chains and signs entries; knows nothing of files or clocks.
+
+    ``unsigned`` counts the entries since the last checkpoint (a resumed chain
+    passes 1 when its last entry is not a checkpoint: only zero matters then).
+    """
+
+    def __init__(self, last_n: int = 0, last_hash: str = GENESIS, *, unsigned: int = 0) -> None:
         self.n = last_n
         self.head = last_hash
+        self.unsigned = unsigned
 
-    def entry(self, t: float, event: str, fields: dict[str, Any]) -> bytes:
-        """The next entry as one line (with its newline), and advance the chain."""
+    def _line(self, t: float, event: str, fields: dict[str, Any]) -> bytes:
         body = {**fields, "n": self.n + 1, "t": round(t, 3), "event": event, "prev": self.head}
-        digest = hashlib.sha256(_canonical(body)).hexdigest()
-        line = _canonical({**body, "hash": digest}) + b"\n"
+        digest = hashlib.sha256(canonical_json(body)).hexdigest()
+        line = canonical_json({**body, "hash": digest}) + b"\n"
         if len(line) > MAX_LINE_BYTES:
             raise ValueError(f"audit entry {event!r} is larger than {MAX_LINE_BYTES} bytes")
         self.n, self.head = body["n"], digest
         return line
 
+    def entry(self, t: float, event: str, fields: dict[str, Any]) -> bytes:
+        """The next entry as one line (with its newline), and advance the chain."""
+        if event == CHECKPOINT:
+            raise ValueError("checkpoint entries are made by AuditChain.checkpoint only")
+        line = self._line(t, event, fields)
+        self.unsigned += 1
+        return line
+
+    def checkpoint(self, t: float, signer: Ed25519PrivateKey) -> bytes:
+        """A checkpoint entry signing the chain up to its current head; advance the chain."""
+        kid = key_id(signer.public_key())
+        sig = signer.sign(checkpoint_message(self.n, self.head, kid))
+        fields = {"kid": kid, "covers": self.n, "head": self.head, "sig": _b64url(sig)}
+        line = self._line(t, CHECKPOINT, fields)
+        self.unsigned = 0
+        return line
+
+    @property
+    def state(self) -> tuple[int, str, int]:
+        """Everything :meth:`restore` needs to undo entries that never reached the file."""
+        return self.n, self.head, self.unsigned
+
+    def restore(self, state: tuple[int, str, int]) -> None:
+        self.n, self.head, self.unsigned = state
+
 
 def verify_chain(lines: Iterable[bytes]) -> tuple[int, str]:
-    """Check a whole trail; returns (entries, head hash). Raises ValueError at the first break."""
+    """Check the chain alone (no signatures); returns (entries, head hash).
+
+    Raises ValueError at the first break. :func:`verify_trail` is the full check.
+    """
     chain = AuditChain()
     for number, raw in enumerate(lines, 1):
         try:
             obj = json.loads(raw)
             digest = obj.pop("hash")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise ValueError(f"audit line {number}: not an audit entry") from exc
         if obj.get("prev") != chain.head or obj.get("n") != chain.n + 1:
             raise ValueError(f"audit line {number}: chain broken (entry removed or reordered)")
-        if hashlib.sha256(_canonical(obj)).hexdigest() != digest:
+        if hashlib.sha256(canonical_json(obj)).hexdigest() != digest:
             raise ValueError(f"audit line {number}: entry altered")
         chain.n, chain.head = obj["n"], digest
     return chain.n, chain.head
 
 
-class AuditLog:
-    """The audit trail file. ``record`` appends and fsyncs; callable from any thread."""
+# -- verification (sans-IO) ---------------------------------------------------------------
 
-    def __init__(self, path: Path, clock: Callable[[], float]) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One finding: where (1-based ``line`` of the file, or of the reference when
+    ``in_reference``; None when it concerns no single line), which entry ``n``
+    (presumed for a line that cannot be parsed), and what."""
+
+    line: int | None
+    entry: int | None
+    what: str
+    error: bool = True
+    in_reference: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TrailReport:
+    """What :func:`verify_trail` found. ``entries`` is the ``n`` of the last entry,
+    ``signed`` that of the last valid checkpoint (0: none), ``checkpoints`` how
+    many valid ones there are; ``problems`` are in file order, reference last."""
+
+    entries: int
+    checkpoints: int
+    signed: int
+    head: str
+    problems: tuple[Problem, ...]
+
+    @property
+    def errors(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if p.error)
+
+    @property
+    def warnings(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if not p.error)
+
+    @property
+    def ok(self) -> bool:
+        """No errors (warnings such as an unsigned tail allowed)."""
+        return not self.errors
+
+    @property
+    def first_error(self) -> Problem | None:
+        return next((p for p in self.problems if p.error), None)
+
+
+def _show(value: object) -> str:
+    """A value from the file, quoted and short, safe to print."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(slots=True)
+class _Damaged:
+    line: int
+    fragment: bool  # looks like the start of an entry: a write cut short
+    why: str
+
+
+class _Walk:
+    """One pass over a trail, collecting problems; the state of :func:`verify_trail`."""
+
+    def __init__(
+        self,
+        device_key: Ed25519PublicKey,
+        reference: dict[int, tuple[str, int]] | None,
+        *,
+        collect: bool,
+    ) -> None:
+        self.key = device_key
+        self.kid = key_id(device_key)
+        self.reference = reference  # n -> (hash, line in the reference); consumed
+        self.collect = collect
+        self.seen: dict[int, tuple[str, int]] = {}  # the same, of this trail, when collecting
+        self.n = 0
+        self.head = GENESIS
+        self.heads = {GENESIS}  # what the next entry's prev may be (two after an edited hash)
+        self.last_line: int | None = None  # line of entry n
+        self.checkpoints = 0
+        self.signed = 0
+        self.tail: tuple[int, int] | None = None  # (line, n) of the first entry not signed
+        self.damaged: list[_Damaged] = []
+        self.gaps: list[tuple[int, int, int]] = []  # (first, last, problem index) reported missing
+        self.diverged = False
+        self.problems: list[Problem] = []
+
+    def error(self, line: int | None, entry: int | None, what: str) -> None:
+        self.problems.append(Problem(line, entry, what))
+
+    def feed(self, number: int, raw: bytes, last: bool) -> None:
+        body = raw[:-1] if raw.endswith(b"\n") else raw
+        obj = _parse_entry(body) if len(body) < MAX_LINE_BYTES else None
+        if obj is None:
+            if len(body) >= MAX_LINE_BYTES:
+                why = f"longer than {MAX_LINE_BYTES} bytes: not an audit entry"
+            elif last and not raw.endswith(b"\n"):
+                why = (
+                    "cut off mid-entry: the file ends inside an entry "
+                    "(truncated, or copied or power-cut during a write)"
+                )
+            else:
+                why = "not an audit entry (cannot be parsed)"
+            fragment = body.startswith(b'{"') and len(body) < MAX_LINE_BYTES and not last
+            self.damaged.append(_Damaged(number, fragment, why))
+            return
+        n, prev, claimed = obj["n"], obj["prev"], obj.pop("hash")
+        expected = self.n + 1
+        link_checked = self._settle_damaged(n, prev)
+        digest = hashlib.sha256(canonical_json(obj)).hexdigest()
+        if digest != claimed or canonical_json({**obj, "hash": claimed}) != body:
+            where = n if n == expected else expected
+            claim = "" if n == expected else f" (it claims to be entry {n})"
+            self.error(number, where, f"entry altered: its hash does not match its content{claim}")
+            self._advance(number, expected, claimed, {claimed, digest})
+            self._untrusted_tail(number, expected)
+            if self.reference is not None:
+                self.reference.pop(expected, None)
+            return
+        if n < expected:
+            self._out_of_order(number, n)
+            return
+        if n > expected:
+            if link_checked:
+                first, what = expected, f"entry {expected} is missing"
+                if n > expected + 1:
+                    what = f"entries {expected}..{n - 1} are missing"
+                self.gaps.append((first, n - 1, len(self.problems)))
+                self.error(number, n, f"chain broken: {what} (deleted or moved)")
+        elif link_checked and prev not in self.heads:
+            self.error(
+                number,
+                n,
+                f"chain broken: prev is not the hash of entry {self.n}"
+                f"{self._at(self.last_line)} (that entry was replaced, or entries were "
+                "removed and the rest renumbered)",
+            )
+        self._advance(number, n, claimed, {claimed})
+        self._compare(number, n, claimed)
+        if obj["event"] == CHECKPOINT and self._checkpoint_valid(number, n, obj):
+            self.checkpoints += 1
+            self.signed, self.tail = n, None
+        else:
+            self._untrusted_tail(number, n)
+
+    @staticmethod
+    def _at(line: int | None) -> str:
+        return "" if line is None else f" (line {line})"
+
+    def _advance(self, number: int, n: int, head: str, heads: set[str]) -> None:
+        self.n, self.head, self.heads, self.last_line = n, head, heads, number
+        if self.collect:
+            self.seen.setdefault(n, (head, number))
+
+    def _untrusted_tail(self, number: int, n: int) -> None:
+        if self.tail is None:
+            self.tail = (number, n)
+
+    def _settle_damaged(self, n: int, prev: str) -> bool:
+        """Judge the unparseable lines before an entry; False if its link cannot be checked."""
+        if not self.damaged:
+            return True
+        expected = self.n + 1
+        links = n == expected and prev in self.heads
+        stands_for_entries = expected < n <= expected + len(self.damaged)
+        if stands_for_entries:
+            self._untrusted_tail(self.damaged[0].line, expected)
+        for i, bad in enumerate(self.damaged):
+            if links and bad.fragment:
+                self.problems.append(
+                    Problem(
+                        bad.line,
+                        expected,
+                        "torn entry (a write cut short, e.g. by a power cut); "
+                        "the chain continues after it with nothing missing",
+                        error=False,
+                    )
+                )
+            elif stands_for_entries:
+                self.error(bad.line, min(expected + i, n - 1), f"entry damaged: {bad.why}")
+            else:
+                self.error(bad.line, expected, bad.why)
+        self.damaged.clear()
+        return not stands_for_entries
+
+    def _out_of_order(self, number: int, n: int) -> None:
+        for first, last, index in self.gaps:
+            if first <= n <= last:
+                old = self.problems[index]
+                self.problems[index] = Problem(
+                    old.line,
+                    old.entry,
+                    f"chain broken: entries out of order (entry {n} is on line {number}, "
+                    f"after entry {old.entry})",
+                )
+                self.error(number, n, f"out of order: belongs before line {old.line}")
+                break
+        else:
+            self.error(number, n, f"out of order or repeated: comes after entry {self.n}")
+        if self.reference is not None:
+            self.reference.pop(n, None)
+
+    def _compare(self, number: int, n: int, claimed: str) -> None:
+        if self.reference is None:
+            return
+        ref = self.reference.pop(n, None)
+        if ref is not None and ref[0] != claimed and not self.diverged:
+            self.diverged = True
+            self.error(
+                number,
+                n,
+                f"differs from the reference copy (its line {ref[1]}): "
+                "the two trails diverge from here on",
+            )
+
+    def _checkpoint_valid(self, number: int, n: int, obj: dict[str, Any]) -> bool:
+        kid, covers, head, sig = (obj.get(k) for k in ("kid", "covers", "head", "sig"))
+        if not (
+            isinstance(kid, str)
+            and type(covers) is int
+            and isinstance(head, str)
+            and isinstance(sig, str)
+        ):
+            self.error(number, n, "checkpoint malformed: needs kid, covers, head and sig")
+            return False
+        if covers != n - 1 or head != obj["prev"]:
+            self.error(
+                number,
+                n,
+                f"checkpoint signs entry {covers} with head {_show(head)}, "
+                f"but follows entry {n - 1}",
+            )
+            return False
+        if kid != self.kid:
+            self.error(
+                number,
+                n,
+                f"checkpoint signed by key {_show(kid)}, not by the device key {self.kid!r}",
+            )
+            return False
+        try:
+            signature = _unb64url(sig)
+        except ValueError:
+            signature = b""
+        if not verify_signature(self.key, signature, checkpoint_message(covers, head, kid)):
+            self.error(
+                number, n, "checkpoint signature does not verify: not signed by the device key"
+            )
+            return False
+        return True
+
+    def finish(self) -> None:
+        for bad in self.damaged:
+            self.error(bad.line, self.n + 1, bad.why)
+        self.damaged.clear()
+        if self.n > self.signed and self.tail is not None:
+            line, first = self.tail
+            what = (
+                f"entries {first}..{self.n} follow the last signed checkpoint (entry "
+                f"{self.signed}): not signed yet (normal while the agent runs)"
+                if self.signed
+                else f"no signed checkpoint: entries 1..{self.n} are not signed by the device"
+            )
+            self.problems.append(Problem(line, first, what, error=False))
+        if self.reference:
+            beyond = sorted(k for k in self.reference if k > self.n)
+            if beyond:
+                self.error(
+                    self.last_line,
+                    self.n or None,
+                    f"truncated after entry {self.n}: the reference copy continues with "
+                    f"entries {beyond[0]}..{beyond[-1]} (from its line "
+                    f"{self.reference[beyond[0]][1]})",
+                )
+
+
+def verify_trail(
+    lines: Iterable[bytes],
+    device_key: Ed25519PublicKey,
+    *,
+    reference: Iterable[bytes] | None = None,
+) -> TrailReport:
+    """Check a trail: chain, hashes, checkpoint signatures, and, given ``reference``
+    (another copy of the same device's trail), that no entry of it is missing here.
+
+    ``lines`` are the file's lines with their ``\\n`` (:func:`split_lines`; without
+    them a cut-off last line is still found, but not told from garbage). Every
+    line is read at most :data:`MAX_LINE_BYTES` deep. Errors: an edited entry,
+    a deleted, moved or repeated one, a line that is no entry (a cut-off last
+    line among them), a bad checkpoint, and against the reference: a divergence
+    or entries cut off the end. Warnings: a torn entry the chain continued past
+    (a power cut), and entries after the last signed checkpoint. The reference's
+    own errors are reported with ``in_reference``.
+    """
+    ref_problems: list[Problem] = []
+    ref_entries: dict[int, tuple[str, int]] | None = None
+    if reference is not None:
+        ref_walk = _walk(reference, device_key, None, collect=True)
+        ref_entries = ref_walk.seen
+        ref_problems = [
+            Problem(p.line, p.entry, p.what, in_reference=True)
+            for p in sorted(ref_walk.problems, key=_by_line)
+            if p.error
+        ]
+    walk = _walk(lines, device_key, ref_entries, collect=False)
+    return TrailReport(
+        entries=walk.n,
+        checkpoints=walk.checkpoints,
+        signed=walk.signed,
+        head=walk.head,
+        problems=(*sorted(walk.problems, key=_by_line), *ref_problems),
+    )
+
+
+def _by_line(p: Problem) -> tuple[bool, int]:
+    return p.line is None, p.line or 0
+
+
+def _walk(
+    lines: Iterable[bytes],
+    device_key: Ed25519PublicKey,
+    reference: dict[int, tuple[str, int]] | None,
+    *,
+    collect: bool,
+) -> _Walk:
+    walk = _Walk(device_key, reference, collect=collect)
+    number = 0
+    pending: bytes | None = None
+    for raw in lines:  # one line of lookahead: the last line is judged as such
+        if pending is not None:
+            walk.feed(number, pending, last=False)
+        number += 1
+        pending = raw
+    if pending is not None:
+        walk.feed(number, pending, last=True)
+    walk.finish()
+    return walk
+
+
+# -- the file shell -----------------------------------------------------------------------
+
+
+def _last_entry(data: bytes, *, whole_first_line: bool) -> tuple[int, str, bool] | None:
+    """(n, hash, is a checkpoint) of the last entry in a piece of the trail's end."""
+    parts = data.split(b"\n")
+    if not whole_first_line:
+        parts = parts[1:]  # may begin mid-line
+    for part in reversed(parts):
+        obj = _parse_entry(part)
+        if obj is not None:
+            return obj["n"], obj["hash"], obj["event"] == CHECKPOINT
+    return None
+
+
+class AuditLog:
+    """The audit trail file. ``record`` appends and fsyncs; callable from any thread.
+
+    With a ``signer`` (the device key) it writes signed checkpoints: on open when
+    the trail's last entry is not one, after every ``checkpoint_every`` entries,
+    on :meth:`checkpoint` and on :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        clock: Callable[[], float],
+        *,
+        signer: Ed25519PrivateKey | None = None,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+    ) -> None:
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
         self.path = path
         self.clock = clock
+        self._signer = signer
+        self._every = checkpoint_every
         self._lock = threading.Lock()
-        self._torn = False  # the file ends in a fragment: start the next entry on a new line
+        self._torn = False  # the file ends without a newline: start the next entry on a new one
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._chain = AuditChain(*self._resume())
+        n, head, signed = self._resume()
+        self._chain = AuditChain(n, head, unsigned=0 if signed else 1)
+        self._head_n = n
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._background: ThreadPoolExecutor | None = None
+        #: Called (on the writing thread) after each entry lands: the uplink ships it.
+        self.on_written: Callable[[], None] | None = None
+        self.checkpoint()
 
-    def _resume(self) -> tuple[int, str]:
+    def _resume(self) -> tuple[int, str, bool]:
+        """(n, hash, is a checkpoint) of the file's last whole entry, reading only its end."""
         try:
-            data = self.path.read_bytes()
+            fh = self.path.open("rb")
         except FileNotFoundError:
-            return 0, GENESIS
-        lines = data.splitlines()
+            return 0, GENESIS, True
+        with fh:
+            size = fh.seek(0, os.SEEK_END)
+            window = _TAIL_BYTES
+            while True:
+                start = max(0, size - window)
+                fh.seek(start)
+                data = fh.read(size - start)
+                found = _last_entry(data, whole_first_line=start == 0)
+                if found is not None or start == 0:
+                    break
+                window *= 4
         if data and not data.endswith(b"\n"):
-            # A torn last line (power cut mid-append): keep the file, continue the chain
-            # from the last whole entry on a line of its own; verify_chain will point at
-            # the torn line.
-            lines = lines[:-1]
+            # The next entry starts on a line of its own. A whole entry that only lacks
+            # its newline counts; a torn one (a power cut mid-append) stays in the file,
+            # the chain continues from the last whole entry, verify_trail reports it.
             self._torn = True
-            log.error("audit trail %s ends in a torn entry", self.path)
-        for raw in reversed(lines):
-            try:
-                obj = json.loads(raw)
-                return int(obj["n"]), str(obj["hash"])
-            except (ValueError, KeyError, TypeError):
-                continue
-        return 0, GENESIS
+            if _parse_entry(data.rsplit(b"\n", 1)[-1]) is None:
+                log.error("audit trail %s ends in a torn entry", self.path)
+        return found or (0, GENESIS, True)
+
+    def _append(self, event: str, make: Callable[[float], bytes]) -> bool:
+        """Write ``make(now)`` durably; on failure undo the chain. Caller holds the lock."""
+        state, landed = self._chain.state, False
+        try:
+            line = make(self.clock())
+            data = b"\n" + line if self._torn else line
+            written = os.write(self._fd, data)
+            if written != len(data):  # a full disk: a fragment may be left behind
+                if written:
+                    self._torn = not data[:written].endswith(b"\n")
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+            self._torn, landed = False, True
+            self._head_n = self._chain.n
+            os.fsync(self._fd)
+        except (OSError, ValueError) as exc:
+            if not landed:  # the entry is not in the file: the next one takes its place
+                self._chain.restore(state)
+            log.error("audit entry %s not written: %s", event, exc)
+        return landed
+
+    @property
+    def head_n(self) -> int:
+        """The ``n`` of the last entry written to the file (read without waiting for a write)."""
+        return self._head_n
+
+    def _checkpoint_locked(self) -> bool:
+        signer = self._signer
+        if signer is None or self._chain.unsigned == 0 or self._fd < 0:
+            return False
+        return self._append(CHECKPOINT, lambda t: self._chain.checkpoint(t, signer))
 
     def record(self, event: str, **fields: Any) -> None:
         """Append one entry durably. Never raises into the caller: a full disk is logged."""
         with self._lock:
-            n, head, landed = self._chain.n, self._chain.head, False
-            try:
-                line = self._chain.entry(self.clock(), event, fields)
-                data = b"\n" + line if self._torn else line
-                written = os.write(self._fd, data)
-                if written != len(data):  # a full disk: a fragment may be left behind
-                    if written:
-                        self._torn = not data[:written].endswith(b"\n")
-                    raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
-                self._torn, landed = False, True
-                os.fsync(self._fd)
-            except (OSError, ValueError) as exc:
-                if not landed:  # the entry is not in the file: the next one takes its place
-                    self._chain.n, self._chain.head = n, head
-                log.error("audit entry %s not written: %s", event, exc)
+            self._append(event, lambda t: self._chain.entry(t, event, fields))
+            if self._chain.unsigned >= self._every:
+                self._checkpoint_locked()
         log.info("audit: %s %s", event, fields)
+        if self.on_written is not None:
+            self.on_written()
+
+    def checkpoint(self) -> bool:
+        """Sign the chain as it stands; True if a checkpoint was written. Does nothing
+        without a signer or when the last entry already is a checkpoint."""
+        with self._lock:
+            return self._checkpoint_locked()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="audit")
+        return self._background
 
     def record_soon(self, event: str, **fields: Any) -> None:
         """Append one entry from the event loop: the fsync runs on the trail's own thread,
         in call order, so the loop never waits for the disk."""
-        if self._background is None:
-            self._background = ThreadPoolExecutor(1, thread_name_prefix="audit")
-        self._background.submit(self.record, event, **fields)
+        self._executor().submit(self.record, event, **fields)
+
+    def checkpoint_soon(self) -> None:
+        """:meth:`checkpoint` on the trail's own thread, after what is queued."""
+        self._executor().submit(self.checkpoint)
 
     def close(self) -> None:
-        """Write what is queued, then close the file (blocks for queued fsyncs)."""
+        """Write what is queued and a final checkpoint, then close the file (blocks)."""
         if self._background is not None:
             self._background.shutdown(wait=True)
             self._background = None
         with self._lock:
             if self._fd >= 0:
+                self._checkpoint_locked()
                 os.close(self._fd)
                 self._fd = -1

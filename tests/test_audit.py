@@ -1,16 +1,36 @@
-"""The hash-chained audit trail: verification, tampering, torn lines, threads, file mode."""
+"""The hash-chained audit trail: verification, tampering, torn lines, threads, file mode,
+signed checkpoints and the district's verification of a whole trail."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import shutil
 import stat
+import subprocess
 import threading
 from itertools import count
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.audit import GENESIS, AuditChain, AuditLog, verify_chain
+from agent.audit import (
+    CHECKPOINT_CONTEXT,
+    GENESIS,
+    MAX_LINE_BYTES,
+    AuditChain,
+    AuditLog,
+    TrailReport,
+    canonical_json,
+    checkpoint_message,
+    split_lines,
+    verify_chain,
+    verify_trail,
+)
+from provisioning.keys import kid, load_private_key, load_public_key, new_private_key, public_pem
+from provisioning.keys import verify as verify_signature
 
 
 def clock() -> float:
@@ -183,3 +203,441 @@ def test_record_soon_keeps_call_order_and_close_writes_it_all(tmp_path: Path) ->
     lines = (tmp_path / "audit.log").read_bytes().splitlines()
     assert [json.loads(line)["i"] for line in lines] == list(range(50))
     assert verify_chain(lines)[0] == 50
+
+
+# -- signed checkpoints -------------------------------------------------------------------
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Ed25519PrivateKey:
+    return new_private_key(tmp_path / "keys" / "device.key")
+
+
+def signed_trail(
+    path: Path, key: Ed25519PrivateKey, events: int, every: int = 4, *, running: bool = False
+) -> list[bytes]:
+    """``events`` entries signed by ``key`` every ``every``; the file's lines (with their
+    newlines) once closed, or, ``running``, as they were before the close."""
+    ticks = count()
+    audit = AuditLog(
+        path, lambda: 1_767_000_000.0 + next(ticks), signer=key, checkpoint_every=every
+    )
+    try:
+        for i in range(events):
+            audit.record("camera_fault", camera=f"cam-{i}", reason="test")
+        before_close = split_lines(path.read_bytes())
+    finally:
+        audit.close()
+    return before_close if running else split_lines(path.read_bytes())
+
+
+def unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def test_checkpoints_are_chain_entries_signed_by_the_device(
+    tmp_path: Path, device: Ed25519PrivateKey
+) -> None:
+    lines = signed_trail(tmp_path / "audit.log", device, 10)
+    entries = [json.loads(x) for x in lines]
+    checkpoints = [e["n"] for e in entries if e["event"] == "checkpoint"]
+    assert checkpoints == [5, 10, 13]  # after every 4 entries, and on close
+    assert verify_chain(x.rstrip(b"\n") for x in lines)[0] == 13
+    public = device.public_key()
+    for e in entries:
+        if e["event"] != "checkpoint":
+            continue
+        before = entries[e["n"] - 2]
+        assert (e["covers"], e["head"], e["kid"]) == (before["n"], before["hash"], kid(public))
+        assert e["head"] == e["prev"]
+        message = CHECKPOINT_CONTEXT + (
+            f'{{"covers":{e["covers"]},"head":"{e["head"]}","kid":"{e["kid"]}"}}'.encode()
+        )
+        assert message == checkpoint_message(e["covers"], e["head"], e["kid"])
+        assert "=" not in e["sig"]
+        assert verify_signature(public, unb64url(e["sig"]), message)
+
+
+def test_keys_from_files_sign_and_verify(tmp_path: Path) -> None:
+    new_private_key(tmp_path / "device.key")
+    (tmp_path / "device.pub").write_bytes(
+        public_pem(load_private_key(tmp_path / "device.key").public_key())
+    )
+    lines = signed_trail(tmp_path / "audit.log", load_private_key(tmp_path / "device.key"), 5)
+    report = verify_trail(lines, load_public_key(tmp_path / "device.pub"))
+    assert report.ok
+    assert report.problems == ()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl(1)")
+def test_openssl_made_key_signs_and_openssl_verifies_a_checkpoint(tmp_path: Path) -> None:
+    key, pub = tmp_path / "k.pem", tmp_path / "pub.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", key], check=True)
+    key.chmod(0o600)
+    subprocess.run(["openssl", "pkey", "-in", key, "-pubout", "-out", pub], check=True)
+    lines = signed_trail(tmp_path / "audit.log", load_private_key(key), 3)
+    assert verify_trail(lines, load_public_key(pub)).ok
+    last = json.loads(lines[-1])
+    (tmp_path / "msg").write_bytes(checkpoint_message(last["covers"], last["head"], last["kid"]))
+    (tmp_path / "sig").write_bytes(unb64url(last["sig"]))
+    done = subprocess.run(
+        [
+            *("openssl", "pkeyutl", "-verify", "-pubin", "-inkey", pub, "-rawin"),
+            *("-in", tmp_path / "msg", "-sigfile", tmp_path / "sig"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Signature Verified Successfully" in done.stdout
+
+
+def test_checkpoint_on_open_only_when_something_is_unsigned(
+    tmp_path: Path, device: Ed25519PrivateKey
+) -> None:
+    path = tmp_path / "audit.log"
+    AuditLog(path, clock, signer=device).close()
+    assert path.read_bytes() == b""  # nothing to sign
+    trail(path, 3)  # written by a log without a signer
+    audit = AuditLog(path, clock, signer=device)
+    try:
+        entries = [json.loads(x) for x in path.read_bytes().splitlines()]
+        assert [(e["n"], e["event"]) for e in entries][-1] == (4, "checkpoint")
+        assert entries[-1]["covers"] == 3
+        assert audit.checkpoint() is False  # never two in a row
+        audit.record("agent_started")
+        assert audit.head_n == 5
+        assert audit.checkpoint() is True
+        assert audit.checkpoint() is False
+    finally:
+        audit.close()
+    before = path.read_bytes()
+    AuditLog(path, clock, signer=device).close()
+    assert path.read_bytes() == before  # it ended in a checkpoint: no new one
+    report = verify_trail(split_lines(before), device.public_key())
+    assert (report.entries, report.checkpoints, report.signed) == (6, 2, 6)
+    # the three entries written without a signer are signed by the checkpoint after them
+    assert report.problems == ()
+
+
+def test_record_cannot_forge_a_checkpoint(
+    tmp_path: Path, device: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path, clock, signer=device)
+    try:
+        audit.record("checkpoint", kid="x", covers=0, head=GENESIS, sig="")
+        audit.record("ok")
+    finally:
+        audit.close()
+    assert "not written" in caplog.text
+    assert [json.loads(x)["event"] for x in path.read_bytes().splitlines()] == ["ok", "checkpoint"]
+    with pytest.raises(ValueError, match="at least 1"):
+        AuditLog(path, clock, signer=device, checkpoint_every=0)
+
+
+def test_checkpoint_soon_runs_after_what_is_queued(
+    tmp_path: Path, device: Ed25519PrivateKey
+) -> None:
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path, clock, signer=device, checkpoint_every=1000)
+    for i in range(5):
+        audit.record_soon("camera_fault", i=i)
+    audit.checkpoint_soon()
+    audit.close()
+    events = [json.loads(x)["event"] for x in path.read_bytes().splitlines()]
+    assert events == ["camera_fault"] * 5 + ["checkpoint"]  # close had nothing left to sign
+
+
+# -- verification -------------------------------------------------------------------------
+
+
+def only_error(report: TrailReport) -> tuple[int | None, int | None, str]:
+    assert len(report.errors) == 1, report.problems
+    p = report.errors[0]
+    return p.line, p.entry, p.what
+
+
+def test_intact_trail(tmp_path: Path, device: Ed25519PrivateKey) -> None:
+    lines = signed_trail(tmp_path / "audit.log", device, 10)
+    report = verify_trail(lines, device.public_key())
+    assert report.ok
+    assert report.problems == ()
+    assert report.first_error is None
+    assert (report.entries, report.checkpoints, report.signed) == (13, 3, 13)
+    assert report.head == json.loads(lines[-1])["hash"]
+    assert verify_trail([], device.public_key()) == TrailReport(0, 0, 0, GENESIS, ())
+    # lines without their newlines (bytes.splitlines()) verify the same
+    assert verify_trail([x.rstrip(b"\n") for x in lines], device.public_key()) == report
+
+
+def test_unsigned_tail_is_a_warning(tmp_path: Path, device: Ed25519PrivateKey) -> None:
+    running = signed_trail(tmp_path / "audit.log", device, 6, running=True)  # agent running
+    report = verify_trail(running, device.public_key())
+    assert report.ok
+    assert report.signed == 5
+    [warning] = report.warnings
+    assert (warning.line, warning.entry) == (6, 6)
+    assert "entries 6..7 follow the last signed checkpoint (entry 5)" in warning.what
+
+    unsigned = split_lines(b"\n".join(trail(tmp_path / "plain.log", 3)) + b"\n")
+    report = verify_trail(unsigned, device.public_key())
+    assert report.ok
+    assert [(w.line, w.what) for w in report.warnings] == [
+        (1, "no signed checkpoint: entries 1..3 are not signed by the device")
+    ]
+
+
+@pytest.mark.parametrize("target", [2, 5], ids=["entry", "checkpoint"])
+def test_every_flipped_byte_is_found_on_its_line(
+    tmp_path: Path, device: Ed25519PrivateKey, target: int
+) -> None:
+    lines = signed_trail(tmp_path / "audit.log", device, 10)
+    data = b"".join(lines)
+    start = len(b"".join(lines[: target - 1]))
+    for i in range(start, start + len(lines[target - 1])):  # its newline included
+        flipped = bytearray(data)
+        flipped[i] ^= 0x01
+        report = verify_trail(split_lines(bytes(flipped)), device.public_key())
+        first = report.first_error
+        assert first is not None, f"byte {i - start} of line {target} flipped unnoticed"
+        assert first.line == target, (i - start, report.problems)
+
+
+def test_an_edit_is_one_error_and_the_rest_still_checks(
+    tmp_path: Path, device: Ed25519PrivateKey
+) -> None:
+    lines = signed_trail(tmp_path / "audit.log", device, 10)
+    lines[1] = lines[1].replace(b"cam-1", b"cam-X")
+    lines[7] = lines[7].replace(b"cam-6", b"cam-Y")
+    report = verify_trail(lines, device.public_key())
+    assert [(p.line, p.entry) for p in report.errors] == [(2, 2), (8, 8)]
+    assert all("entry altered" in p.what for p in report.errors)
+    assert report.first_error == report.errors[0]
+    assert report.checkpoints == 3  # the signatures cover the hashes, which still chain
+
+
+def test_an_edit_with_recomputed_hash_breaks_the_next_link(
+    tmp_path: Path, device: Ed25519PrivateKey
+) -> None:
+    lines = signed_trail(tmp_path / "audit.log", device, 10)
+    obj = json.loads(lines[1])
+    forged = AuditChain(1, obj["prev"]).entry(
+        obj["t"], obj["event"], {"camera": "cam-X", "reason": obj["reason"]}
+    )
+    report = verify_trail([lines[0], forged, *lines[2:]], device.public_key())
+    line, entry, what = only_error(report)
+    assert (line, entry) == (3, 3)
+    assert what.startswith("chain broken: prev is not the hash of entry 2 (line 2)")
+
+
+def test_deleted_entry(tmp_path: Path, device: Ed25519PrivateKey) -> None:
+    lines = signed_trail(tmp_path / "audit.log", device, 10)
+    report = verify_trail([*lines[:2], *lines[3:]], device.public_key())
+    assert only_error(report) == (3, 4, "chain broken: entry 3 is missing (deleted or moved)")
+    report = verify_trail(lines[3:], device.public_key())
+    assert only_error(report) == (1, 4, "chain broken: entries 1..3 are missing (deleted or moved)")
+
+
+def test_swapped_entries(tmp_path: Path, device: Ed25519PrivateKey) -> None:
+    lines = signed_trail(tmp_path / "audit.log", device, 10)
+    report = verify_trail([lines[0], lines[2], lines[1], *lines[3:]], device.public_key())
+    assert [(p.line, p.entry) for p in report.errors] == [(2, 3), (3, 2)]
+    assert report.errors[0].what == (
+        "chain broken: entries out of order (entry 2 is on line 3, after entry 3)"
+    )
+    assert report.errors[1].what == "out of order: belongs before line 2"
+
+
+def test_repeated_entry(tmp_path: Path, device: Ed25519PrivateKey) -> None:
+    lines = signed_trail(tmp_path / "audit.log", device, 10)
+    report = verify_trail([*lines[:4], lines[2], *lines[4:]], device.public_key())
+    assert only_error(report) == (5, 3, "out of order or repeated: comes after entry 4")
+
+
+@pytest.mark.parametrize("cut", [1, 40, -2], ids=["first-byte", "middle", "before-newline"])
+def test_file_truncated_mid_line(tmp_path: Path, device: Ed25519PrivateKey, cut: int) -> None:
+    lines = signed_trail(tmp_path / "audit.log", device, 10)
+    whole = b"".join(lines[:7])
+    torn = whole + lines[7][:cut]
+    report = verify_trail(split_lines(torn), device.public_key())
+    line, entry, what = only_error(report)
+    assert (line, entry) == (8, 8)
+    assert what.startswith("cut off mid-entry")
+    [warning] = report.warnings  # entries 6..7 after the checkpoint at 5
+    assert (warning.line, warning.entry) == (6, 6)
+
+
+def test_whole_entries_truncated_are_found_against_a_reference(
+    tmp_path: Path, device: Ed25519PrivateKey
+) -> None:
+    full = signed_trail(tmp_path / "audit.log", device, 10)
+    cut = full[:10]  # ends in the checkpoint at 10: on its own it looks whole
+    assert verify_trail(cut, device.public_key()).problems == ()
+    report = verify_trail(cut, device.public_key(), reference=full)
+    assert only_error(report) == (
+        10,
+        10,
+        "truncated after entry 10: the reference copy continues with entries 11..13 "
+        "(from its line 11)",
+    )
+    # an older copy as the reference: the newer file holds all of it
+    assert verify_trail(full, device.public_key(), reference=cut).problems == ()
+    assert verify_trail(full, device.public_key(), reference=full).problems == ()
+    # nothing at all
+    report = verify_trail([], device.public_key(), reference=full)
+    assert only_error(report)[2].startswith("truncated after entry 0")
+
+
+def test_a_reference_that_diverges_is_an_error(tmp_path: Path, device: Ed25519PrivateKey) -> None:
+    ours = signed_trail(tmp_path / "a.log", device, 10)
+    other = AuditLog(tmp_path / "b.log", clock, signer=device, checkpoint_every=4)
+    try:
+        other.record("camera_fault", camera="cam-0", reason="test")
+        other.record("camera_fault", camera="elsewhere", reason="test")
+    finally:
+        other.close()
+    reference = split_lines((tmp_path / "b.log").read_bytes())
+    report = verify_trail(ours, device.public_key(), reference=reference)
+    line, entry, what = only_error(report)
+    assert (line, entry) == (2, 2)  # the first entries are the same
+    assert what == (
+        "differs from the reference copy (its line 2): the two trails diverge from here on"
+    )
+
+
+def test_a_broken_reference_is_reported_as_such(tmp_path: Path, device: Ed25519PrivateKey) -> None:
+    full = signed_trail(tmp_path / "audit.log", device, 10)
+    report = verify_trail(full, device.public_key(), reference=[*full[:3], *full[4:]])
+    [problem] = report.errors
+    assert (problem.in_reference, problem.line, problem.entry) == (True, 4, 5)
+
+
+def forge_checkpoint(
+    chain: AuditChain, signer: Ed25519PrivateKey, claimed_kid: str, head: str | None = None
+) -> bytes:
+    """A checkpoint entry as a forger would write it: valid hash, chosen kid (and head)."""
+    signed_head = chain.head if head is None else head
+    sig = signer.sign(checkpoint_message(chain.n, signed_head, claimed_kid))
+    body = {
+        "covers": chain.n,
+        "head": signed_head,
+        "kid": claimed_kid,
+        "sig": base64.urlsafe_b64encode(sig).rstrip(b"=").decode(),
+        "n": chain.n + 1,
+        "t": 1.0,
+        "event": "checkpoint",
+        "prev": chain.head,
+    }
+    digest = hashlib.sha256(canonical_json(body)).hexdigest()
+    chain.n, chain.head = chain.n + 1, digest
+    return canonical_json({**body, "hash": digest}) + b"\n"
+
+
+def test_checkpoints_signed_by_another_key(tmp_path: Path, device: Ed25519PrivateKey) -> None:
+    intruder = Ed25519PrivateKey.generate()
+    # a whole trail rewritten and signed with another key
+    lines = signed_trail(tmp_path / "audit.log", intruder, 10)
+    report = verify_trail(lines, device.public_key())
+    assert [(p.line, p.entry) for p in report.errors] == [(5, 5), (10, 10), (13, 13)]
+    assert report.errors[0].what == (
+        f"checkpoint signed by key {kid(intruder.public_key())!r}, "
+        f"not by the device key {kid(device.public_key())!r}"
+    )
+    assert report.checkpoints == 0
+    assert "no signed checkpoint" in report.warnings[0].what
+    # ... or claiming the device's key id
+    chain = AuditChain()
+    forged = [chain.entry(2.0, "camera_fault", {"camera": "c"}) for _ in range(3)]
+    forged.append(forge_checkpoint(chain, intruder, kid(device.public_key())))
+    report = verify_trail(forged, device.public_key())
+    assert only_error(report) == (
+        4,
+        4,
+        "checkpoint signature does not verify: not signed by the device key",
+    )
+    # a device signature over some other head does not sign this chain
+    chain = AuditChain()
+    other = [chain.entry(2.0, "camera_fault", {"camera": "c"}) for _ in range(3)]
+    other.append(forge_checkpoint(chain, device, kid(device.public_key()), head="f" * 64))
+    line, entry, what = only_error(verify_trail(other, device.public_key()))
+    assert (line, entry) == (4, 4)
+    assert what.startswith("checkpoint signs entry 3 with head 'ffffff")
+    assert what.endswith("but follows entry 3")
+
+
+def test_resumed_log_after_a_torn_line(tmp_path: Path, device: Ed25519PrivateKey) -> None:
+    path = tmp_path / "audit.log"
+    lines = signed_trail(path, device, 5)  # 1..4, checkpoint 5, 6, checkpoint 7 (close)
+    data = b"".join(lines)
+    path.write_bytes(data[:-30])  # a power cut in the middle of the last checkpoint
+    report = verify_trail(split_lines(path.read_bytes()), device.public_key())
+    assert only_error(report)[:2] == (7, 7)
+
+    audit = AuditLog(path, clock, signer=device, checkpoint_every=4)
+    try:  # opening signs entry 6 again, on a line of its own
+        audit.record("agent_started", boot_id="b2")
+    finally:
+        audit.close()
+    after = split_lines(path.read_bytes())
+    assert after[6] == lines[6][:-30] + b"\n"
+    assert [json.loads(x)["event"] for x in after[7:]] == [
+        "checkpoint",
+        "agent_started",
+        "checkpoint",
+    ]
+    report = verify_trail(after, device.public_key())
+    assert report.ok
+    assert (report.entries, report.checkpoints, report.signed) == (9, 3, 9)
+    [warning] = report.problems
+    assert (warning.error, warning.line, warning.entry) == (False, 7, 7)
+    assert warning.what.startswith("torn entry")
+
+
+def test_resume_after_a_whole_entry_without_its_newline(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    lines = trail(path, 3)
+    path.write_bytes(path.read_bytes()[:-1])  # the cut fell between the entry and "\n"
+    audit = AuditLog(path, clock)
+    try:
+        assert audit.head_n == 3
+        audit.record("agent_started")
+    finally:
+        audit.close()
+    after = path.read_bytes().splitlines()
+    assert after[:3] == lines
+    assert verify_chain(after)[0] == 4
+
+
+def test_resume_finds_the_last_entry_far_from_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    trail(path, 2)
+    with path.open("ab") as fh:  # junk lines, longer together than the first read of the end
+        fh.write((b"x" * 1000 + b"\n") * 200)
+    audit = AuditLog(path, clock)
+    try:
+        assert audit.head_n == 2
+        audit.record("agent_started")
+    finally:
+        audit.close()
+    last = json.loads(path.read_bytes().splitlines()[-1])
+    assert (last["n"], last["event"]) == (3, "agent_started")
+
+
+def test_a_trail_of_many_entries_resumes_from_its_tail(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    trail(path, 600)
+    lines = trail(path, 1)
+    assert verify_chain(lines)[0] == 601
+
+
+def test_oversized_and_deeply_nested_lines(tmp_path: Path, device: Ed25519PrivateKey) -> None:
+    lines = signed_trail(tmp_path / "audit.log", device, 2)
+    huge = b'{"n":' + b"1" * MAX_LINE_BYTES + b"}\n"
+    nested = b"[" * 8000 + b"]" * 8000 + b"\n"
+    report = verify_trail([lines[0], huge, nested, *lines[1:]], device.public_key())
+    assert [(p.line, p.error) for p in report.problems] == [(2, True), (3, True)]
+    assert report.problems[0].what == f"longer than {MAX_LINE_BYTES} bytes: not an audit entry"
+    assert report.problems[1].what == "not an audit entry (cannot be parsed)"
+    assert (report.entries, report.signed) == (3, 3)  # the chain around them still checks
