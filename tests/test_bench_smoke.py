@@ -32,11 +32,17 @@ FIGURES = {
     "backfill_seconds",
     "backfill_sealed_share",
     "backfill_reconnect_s",
+    "trigger_verify_per_s",
+    "fuzz_cases_rejected",
+    "fuzz_cases_accepted",
 }
+#: Counts whose ideal is 0 (value and peer 0, ratio 1.0 by convention).
+ZERO_FIGURES = {"fuzz_cases_accepted"}
 
 
 STORE_FIGURES = {f for f in FIGURES if f.startswith("store_")}
 BACKFILL_FIGURES = {f for f in FIGURES if f.startswith("backfill_")}
+TRIGGERS_FIGURES = {"trigger_verify_per_s", "fuzz_cases_rejected", "fuzz_cases_accepted"}
 
 
 def smoke_figures(names: list[str], cache: Path, timeout: float) -> set[str]:
@@ -62,7 +68,8 @@ def smoke_figures(names: list[str], cache: Path, timeout: float) -> set[str]:
         for key in ("value", "peer_value", "ratio"):
             value = fig[key]
             assert isinstance(value, int | float) and not isinstance(value, bool), line
-            assert math.isfinite(value) and value > 0, line
+            assert math.isfinite(value), line
+            assert value > 0 or (fig["figure"] in ZERO_FIGURES and value == 0), line
         for key in ("bench", "figure", "unit", "peer"):
             assert isinstance(fig[key], str) and fig[key], line
         seen.add(fig["figure"])
@@ -77,6 +84,12 @@ def test_store_smoke_run(tmp_path: Path) -> None:
 @pytest.mark.timeout(90)
 def test_backfill_smoke_run(tmp_path: Path) -> None:
     assert smoke_figures(["backfill"], tmp_path, timeout=80) == BACKFILL_FIGURES
+
+
+@pytest.mark.timeout(40)
+def test_triggers_smoke_run(tmp_path: Path) -> None:
+    figures = smoke_figures(["triggers"], tmp_path, timeout=30)
+    assert figures == TRIGGERS_FIGURES
 
 
 @pytest.mark.timeout(200)

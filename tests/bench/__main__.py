@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from tests.bench import agent_cpu, backfill, store, trigger
+from tests.bench import agent_cpu, backfill, store, trigger, triggers
 from tests.bench.common import Figure
 
 BENCHMARKS: dict[str, Callable[[bool], Awaitable[list[Figure]]]] = {
@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, Callable[[bool], Awaitable[list[Figure]]]] = {
     "agent_cpu": agent_cpu.run,
     "store": store.run,
     "backfill": backfill.run,
+    "triggers": triggers.run,
 }
 
 log = logging.getLogger("bench")
