@@ -98,6 +98,25 @@ class ButtonConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TrustConfig:
+    """Who may send remote triggers: the district authority and its signed key list."""
+
+    #: The district authority's Ed25519 public key (PEM); None: remote triggers are off.
+    authority: Path | None = None
+    #: The signed trigger-key list to install at start (a newer one may arrive later).
+    trigger_keys: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalApiConfig:
+    """The local API on the school LAN (HTTPS with the device's own certificate)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8443
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """The whole validated agent configuration."""
 
@@ -111,7 +130,10 @@ class AgentConfig:
     cameras: tuple[CameraConfig, ...]
     buttons: tuple[ButtonConfig, ...]
     store: StoreConfig
+    trust: TrustConfig = TrustConfig()
+    local_api: LocalApiConfig = LocalApiConfig()
     led_pin: int | str | None = None
+    buzzer_pin: int | str | None = None
     pin_factory: str | None = None  # None: gpiozero's default; "mock" for demos and tests
     session_duration_s: float = 3600.0
     preroll_s: float = 30.0
@@ -207,6 +229,8 @@ _TOP_LEVEL = (
     "store",
     "cameras",
     "buttons",
+    "trust",
+    "local_api",
 )
 
 
@@ -257,6 +281,25 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
     preroll_max = emergency.integer("preroll_max_mb", 64, low=1, high=4096) * 1024 * 1024
     emergency.done()
 
+    trust_table = top.table_at("trust")
+    authority = trust_table.text("authority", None)
+    keylist = trust_table.text("trigger_keys", None)
+    if keylist is not None and authority is None:
+        trust_table.fail("trigger_keys", "a trigger-key list needs [trust] authority to verify it")
+    trust = TrustConfig(
+        authority=None if authority is None else trust_table.path("authority"),
+        trigger_keys=None if keylist is None else trust_table.path("trigger_keys"),
+    )
+    trust_table.done()
+
+    api = top.table_at("local_api")
+    local_api = LocalApiConfig(
+        enabled=api._get("enabled", True, (bool,), "true or false"),
+        host=api.text("host", "127.0.0.1"),
+        port=api.integer("port", 8443, low=0, high=65535),
+    )
+    api.done()
+
     uplink = top.table_at("uplink")
     heartbeat = uplink.number("heartbeat_s", 5, low=0.5, high=300)
     reconnect_max = uplink.number("reconnect_max_s", 10, low=0.5, high=600)
@@ -270,6 +313,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
     if factory not in (None, "mock", "lgpio", "rpigpio", "pigpio", "native"):
         gpio.fail("pin_factory", f"{factory!r} is not one of mock, lgpio, rpigpio, pigpio, native")
     led_pin = gpio.pin("led_pin", None)
+    buzzer_pin = gpio.pin("buzzer_pin", None)
     gpio.done()
 
     cameras = tuple(_camera(path, i, t) for i, t in enumerate(_array(top, "cameras")))
@@ -291,7 +335,10 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
         cameras=cameras,
         buttons=buttons,
         store=store,
+        trust=trust,
+        local_api=local_api,
         led_pin=led_pin,
+        buzzer_pin=buzzer_pin,
         pin_factory=factory,
         session_duration_s=duration,
         preroll_s=preroll_s,

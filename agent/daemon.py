@@ -14,25 +14,32 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
 from agent import protocol as p
 from agent.audit import AuditLog
+from agent.audit_feed import AuditFeed
 from agent.capture import Capture, RetryingSource
 from agent.changes import Changes
 from agent.config import AgentConfig, CameraConfig
-from agent.emergency import Emergency, Ended, Session, Started
+from agent.emergency import Emergency, Ended, Extended, Session, Started
+from agent.local_api import LocalApi
+from agent.policy import Outcome, apply_trigger, refused
 from agent.segment import StreamDesc, parse_recipient
 from agent.statefile import SequenceReservations, read_json, write_json
 from agent.store import SegmentStore
+from agent.trigger_gate import TriggerGate
 from agent.uplink import SessionStream, UplinkClient
 from agent.zones import cameras_to_stream
 from hardware import CameraError, CameraSource, EncodedPacket, StreamInfo
 from hardware.button import PanicButton, PressEvent, loop_callback
+from hardware.buzzer import StatusBuzzer
 from hardware.led import LedPattern, StatusLed
+from provisioning.errors import ProvisioningError
 from provisioning.keys import load_private_key
+from provisioning.triggers import Rejected
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +129,14 @@ class Agent:
         self.emergency = Emergency(config.building, config.session_duration_s)
         self.buttons: dict[str, PanicButton] = {}
         self.led: StatusLed | None = None
+        self.buzzer: StatusBuzzer | None = None
+        self._shown = LedPattern.OFF
         self.capture: Capture
         self.uplink: UplinkClient
         self.store: SegmentStore
         self.audit: AuditLog
+        self.gate: TriggerGate
+        self.local_api: LocalApi | None = None
         self._owed: dict[str, Any] = {}
         self._owed_saved = ""
         self._streams: dict[str, StreamDesc] = {}
@@ -147,7 +158,10 @@ class Agent:
         if saved is not None:
             self.emergency = Emergency.from_json(cfg.building, cfg.session_duration_s, saved)
         self._owed = read_json(self.owed_path) or {}
-        self.audit = AuditLog(cfg.state_dir / "audit.log", self.clock)
+        self.audit = AuditLog(cfg.state_dir / "audit.log", self.clock, signer=key)
+        self.gate = TriggerGate(
+            cfg.building, cfg.trust, cfg.state_dir, self.audit, clock=self.clock
+        )
         self.store = SegmentStore(
             cfg.store.directory,
             [parse_recipient(r, where="store.recipients") for r in cfg.store.recipients],
@@ -170,6 +184,9 @@ class Agent:
             reconnect_max_s=cfg.reconnect_max_s,
             unacked_max_bytes=cfg.unacked_max_bytes,
             on_change=self._update_led,
+            on_trigger=self._on_uplink_trigger,
+            audit_feed=AuditFeed(self.audit.path),
+            audit_head=lambda: self.audit.head_n,
         )
         sources = {c.id: self._make_source(c) for c in cfg.cameras}
         self.capture = Capture(
@@ -179,14 +196,17 @@ class Agent:
             preroll_max_bytes=cfg.preroll_max_bytes,
             watchdog_s={c.id: c.watchdog_s for c in cfg.cameras},
             audit=self.audit,
-            on_change=self.changes.notify,
+            on_change=self._update_led,  # a camera fault shows on the LED
         )
+        loop = asyncio.get_running_loop()
+        self.audit.on_written = lambda: self._audit_written(loop)
         self.capture.subscribe(self._to_store)
         self.capture.subscribe(self._on_packet)
         self.store.on_sealed(lambda _: self.uplink.segment_sealed())
-        loop = asyncio.get_running_loop()
         if cfg.led_pin is not None:
             self.led = StatusLed(cfg.led_pin, pin_factory=self.pin_factory)
+        if cfg.buzzer_pin is not None:
+            self.buzzer = StatusBuzzer(cfg.buzzer_pin, pin_factory=self.pin_factory)
         for b in cfg.buttons:
             self.buttons[b.id] = PanicButton(
                 b.pin,
@@ -197,7 +217,15 @@ class Agent:
                 button_id=b.id,
                 location=b.location,
             )
-        self.capture.start()
+        if cfg.local_api.enabled:
+            api = LocalApi(self, cfg.local_api, cfg.state_dir / "tls")
+            try:
+                await api.start()
+                self.local_api = api
+            except (OSError, ProvisioningError) as exc:  # the buttons work without it
+                log.error("local API on %s:%d: %s", cfg.local_api.host, cfg.local_api.port, exc)
+                self.audit.record_soon("local_api_fault", error=str(exc)[:300])
+        self.capture.start()  # last: subscribers may rely on seeing the first packet
         self._spawn(self.uplink.run(), "uplink")
         self._spawn(self._housekeeping(), "housekeeping")
         active = self.emergency.active
@@ -220,6 +248,8 @@ class Agent:
     ) -> None:
         if self._persisting:  # never abandon a state write half way
             await asyncio.gather(*self._persisting, return_exceptions=True)
+        if self.local_api is not None:
+            await self.local_api.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -228,11 +258,14 @@ class Agent:
         await self.capture.aclose()
         await self.store.close()  # seals the segments being filled
         await asyncio.to_thread(self._save_owed)
+        self.gate.close()
         await asyncio.to_thread(self.audit.close)  # writes what is queued
         for button in self.buttons.values():
             await asyncio.to_thread(button.close)  # may join gpiozero's hold thread
         if self.led is not None:
             self.led.close()
+        if self.buzzer is not None:
+            self.buzzer.close()
         self._stopped.set()
 
     def _make_source(self, camera: CameraConfig) -> CameraSource:
@@ -254,11 +287,18 @@ class Agent:
         await self.changes.wait_until(predicate)
 
     def on_press(self, event: PressEvent) -> None:
-        """A panic button was pressed (runs on the loop)."""
+        """A panic button was pressed (runs on the loop). Never depends on any key list."""
         self.press_log.append(event)
         self.changes.notify()
         cameras = tuple(c.id for c in self.config.cameras)
         result = self.emergency.press(self.clock(), event.button_id, event.location, cameras)
+        self._record(
+            "button_press",
+            button=event.button_id,
+            location=event.location,
+            session=result.session.id,
+            started=isinstance(result, Started),
+        )
         if isinstance(result, Started):
             log.warning(
                 "EMERGENCY %s started by button %s (%s)",
@@ -266,12 +306,65 @@ class Agent:
                 event.button_id,
                 event.location,
             )
-            self._start_streaming(result.session)
+            self._session_started(result.session)
         else:
             log.info(
                 "button %s pressed again during session %s", event.button_id, result.session.id
             )
         self._persist()
+
+    def submit_trigger(self, body: bytes | str | Mapping[str, Any], *, via: str) -> Outcome:
+        """Verify a remote trigger and apply it; every attempt is audited. Never raises."""
+        verdict = self.gate.verify(body, via=via)
+        if isinstance(verdict, Rejected):
+            return refused(verdict.code, verdict.detail)
+        trigger = verdict.trigger
+        cameras = tuple(c.id for c in self.config.cameras)
+        outcome = apply_trigger(self.emergency, trigger, now=self.clock(), cameras=cameras, via=via)
+        if not outcome.accepted:
+            code, detail = outcome.body["error"], outcome.body["detail"]
+            self.gate.reject(
+                Rejected(code, detail, trigger.kid, trigger.role, trigger.action, trigger.reason),
+                via=via,
+            )
+            return outcome
+        self.gate.accepted += 1
+        result = outcome.result
+        assert result is not None  # an accepted outcome carries the state change
+        log.warning(
+            "trigger %s by %s key %s (%s) via %s: session %s",
+            trigger.action, trigger.role, trigger.kid, trigger.label, via, result.session.id,
+        )  # fmt: skip
+        self._record(
+            "trigger",
+            result="accepted",
+            code=None,
+            detail=None,
+            kid=trigger.kid,
+            role=trigger.role,
+            action=trigger.action,
+            reason=trigger.reason,
+            via=via,
+            session=result.session.id,
+        )
+        if isinstance(result, Started):
+            self._session_started(result.session)
+        elif isinstance(result, Extended):
+            self._record(
+                "session_extend",
+                session=result.session.id,
+                by=_by(result.session.extensions[-1]),
+                expires_at=result.session.expires_at,
+            )
+            self.uplink.extend_session(result.session.id, result.session.expires_at)
+        elif isinstance(result, Ended):
+            self._stop_streaming(result)
+        self._persist()
+        return outcome
+
+    def _on_uplink_trigger(self, envelope: Mapping[str, Any]) -> tuple[int, Mapping[str, Any]]:
+        outcome = self.submit_trigger(envelope, via="uplink")
+        return outcome.status, outcome.body
 
     def end(self, reason: str) -> Ended | None:
         """End the open session (callers verify the authority to do so)."""
@@ -279,6 +372,26 @@ class Agent:
         if ended is not None:
             self._stop_streaming(ended)
         return ended
+
+    def _record(self, event: str, **fields: Any) -> None:
+        """Audit an event of the emergency (off the loop, in order); the uplink ships it."""
+        self.audit.record_soon(event, **fields)
+
+    def _audit_written(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Any thread: an entry landed; wake the uplink's writer to ship it.
+        with contextlib.suppress(RuntimeError):  # the loop is closing: shipped next start
+            loop.call_soon_threadsafe(self.uplink.audit_recorded)
+
+    def _session_started(self, session: Session) -> None:
+        self._record(
+            "session_start",
+            session=session.id,
+            building=session.building,
+            by=_by(session.started_by),
+            cameras=list(session.cameras),
+            expires_at=session.expires_at,
+        )
+        self._start_streaming(session)
 
     def _persist(self) -> None:
         task = asyncio.create_task(self._write_state(), name="persist-emergency")
@@ -348,6 +461,14 @@ class Agent:
         acked = {d.index: acked_by_id[d.id] for d in descs if d.id in acked_by_id}
         stream = self.uplink.start_session(open_, preroll, acked=acked)
         self._live = (stream, {d.id: d.index for d in descs})
+        self._record(
+            "disclosure",
+            session=session.id,
+            receiver=self.config.receiver_origin,
+            device=self.config.device_id,
+            cameras=[{"id": d.id, "zone": d.zone} for d in descs],
+            resumed=resume,
+        )
         self._remember(stream)
         self._update_led()
         if resume:
@@ -355,6 +476,13 @@ class Agent:
 
     def _stop_streaming(self, ended: Ended) -> None:
         log.warning("emergency %s ended: %s", ended.session.id, ended.session.end_reason)
+        by = ended.session.ended_by
+        self._record(
+            "session_end",
+            session=ended.session.id,
+            reason=ended.session.end_reason,
+            by=None if by is None else _by(by),
+        )
         self._live = None
         self.uplink.end_session(ended.session.id, ended.session.end_reason or "ended")
         self._persist()
@@ -428,12 +556,15 @@ class Agent:
             self._start_streaming(active, resume=resume)
 
     async def _housekeeping(self) -> None:
-        last_save = time.monotonic()
+        last_save = last_checkpoint = time.monotonic()
         while True:
             ended = self.emergency.tick(self.clock())
             if ended is not None:
                 self._stop_streaming(ended)
             now = time.monotonic()
+            if now - last_checkpoint >= AUDIT_CHECKPOINT_S:
+                last_checkpoint = now
+                self.audit.checkpoint_soon()  # signs what is new (nothing when nothing is)
             if now - last_save >= OWED_SAVE_S:
                 last_save = now
                 # Acks move while a session is active or owed: keep resume cheap. An idle
@@ -444,15 +575,22 @@ class Agent:
             await asyncio.sleep(0.5)
 
     def _update_led(self) -> None:
+        """Show the state on the LED (and chirp once when the police have the alarm)."""
         self.changes.notify()
-        if self.led is None:
-            return
         if self._live is None:
-            self.led.show(LedPattern.ARMED)
+            faulty = any(s.fault for s in self.capture.state.values())
+            pattern = LedPattern.FAULT if faulty else LedPattern.ARMED
         elif self._live[0].first_ack_mono_ns is None:
-            self.led.show(LedPattern.ALARM_PENDING)
+            pattern = LedPattern.ALARM_PENDING
         else:
-            self.led.show(LedPattern.ALARM_DELIVERED)
+            pattern = LedPattern.ALARM_DELIVERED
+        if pattern is self._shown:
+            return  # showing it again would restart the blink
+        if pattern is LedPattern.ALARM_DELIVERED and self.buzzer is not None:
+            self.buzzer.chirp()
+        self._shown = pattern
+        if self.led is not None:
+            self.led.show(pattern)
 
     # -- introspection -----------------------------------------------------------
 
@@ -484,6 +622,8 @@ class Agent:
 
 
 OWED_SAVE_S = 2.0
+#: How often the audit trail's new entries get a signed checkpoint.
+AUDIT_CHECKPOINT_S = 60.0
 
 
 def _owed_entry(stream: SessionStream) -> dict[str, Any]:
@@ -495,6 +635,11 @@ def _owed_entry(stream: SessionStream) -> dict[str, Any]:
         "end": {c.id: stream.end_seq[c.index] for c in cams},
         "close_reason": stream.close_reason,
     }
+
+
+def _by(event: Mapping[str, Any]) -> dict[str, Any]:
+    """Who acted, for the audit trail (without the time: the entry has its own)."""
+    return {k: v for k, v in event.items() if k not in ("at", "expires_at")}
 
 
 def _boot_id() -> str:

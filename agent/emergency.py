@@ -2,10 +2,16 @@
 
 IDLE -> ACTIVE(session) -> IDLE (the ended session is kept as ``last``).
 
-- A button press or a valid start trigger opens a session when IDLE.
-- A press while ACTIVE never ends it (it is recorded as a repeat press).
-- Only expiry (``tick``) or an explicit ``end`` (a signed trigger, checked by
-  the caller) closes it.
+- A button press or a valid start trigger opens a session when IDLE
+  (:meth:`Emergency.start`); while ACTIVE it joins the open session (recorded
+  in ``presses``) and never ends it.
+- ``extend`` moves the expiry to ``now + duration``; ``end`` closes it. Only
+  signed dispatch or superintendent triggers do either (the caller verified
+  the trigger: :mod:`provisioning.triggers`), or expiry (``tick``).
+
+``by`` (who acted) is a small mapping: ``{"kind": "button", "button_id",
+"location"}`` or ``{"kind": "trigger", "kid", "role", "label", "reason",
+"via"}``; ``at`` is added here.
 
 Time is passed in; the shell persists :meth:`Emergency.to_json` atomically
 after every change (see :func:`agent.statefile.write_atomic`) and restores it
@@ -43,6 +49,8 @@ class Session:
     ended_at: float | None = None
     end_reason: str | None = None
     presses: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    extensions: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    ended_by: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +63,13 @@ class Started:
 @dataclass(frozen=True, slots=True)
 class Repeated:
     """A press arrived while a session was already open; it changes nothing."""
+
+    session: Session
+
+
+@dataclass(frozen=True, slots=True)
+class Extended:
+    """A session's expiry moved later."""
 
     session: Session
 
@@ -90,21 +105,39 @@ class Emergency:
         self, now: float, button_id: str, location: str, cameras: tuple[str, ...]
     ) -> Started | Repeated:
         """A physical panic button was pressed."""
-        press = {"kind": "button", "button_id": button_id, "location": location, "at": now}
+        by = {"kind": "button", "button_id": button_id, "location": location}
+        return self.start(now, by, cameras)
+
+    def start(
+        self, now: float, by: Mapping[str, Any], cameras: tuple[str, ...]
+    ) -> Started | Repeated:
+        """Open a session (a press or a verified start trigger); while open, join it."""
+        event = {**by, "at": now}
         if self.active is not None:
-            self.active = replace(self.active, presses=(*self.active.presses, press))
+            self.active = replace(self.active, presses=(*self.active.presses, event))
             return Repeated(self.active)
         session = Session(
             id=new_session_id(now),
             building=self.building,
-            started_by=press,
+            started_by=event,
             started_at=now,
             expires_at=now + self.duration_s,
             cameras=cameras,
-            presses=(press,),
+            presses=(event,),
         )
         self.active = session
         return Started(session)
+
+    def extend(self, now: float, by: Mapping[str, Any]) -> Extended | None:
+        """Keep the open session for another ``duration_s`` from now (never shorter)."""
+        if self.active is None:
+            return None
+        expires = max(self.active.expires_at, now + self.duration_s)
+        event = {**by, "at": now, "expires_at": expires}
+        self.active = replace(
+            self.active, expires_at=expires, extensions=(*self.active.extensions, event)
+        )
+        return Extended(self.active)
 
     def tick(self, now: float) -> Ended | None:
         """Close the session if it expired."""
@@ -112,11 +145,12 @@ class Emergency:
             return self.end(now, "expired")
         return None
 
-    def end(self, now: float, reason: str) -> Ended | None:
+    def end(self, now: float, reason: str, by: Mapping[str, Any] | None = None) -> Ended | None:
         """Close the open session (the caller checked the trigger's authority)."""
         if self.active is None:
             return None
-        ended = replace(self.active, ended_at=now, end_reason=reason)
+        ended_by = None if by is None else {**by, "at": now}
+        ended = replace(self.active, ended_at=now, end_reason=reason, ended_by=ended_by)
         self.active, self.last = None, ended
         return Ended(ended)
 
@@ -147,6 +181,8 @@ class Emergency:
                     ended_at=None if raw["ended_at"] is None else float(raw["ended_at"]),
                     end_reason=raw["end_reason"],
                     presses=tuple(dict(p) for p in raw["presses"]),
+                    extensions=tuple(dict(e) for e in raw.get("extensions", ())),
+                    ended_by=None if raw.get("ended_by") is None else dict(raw["ended_by"]),
                 )
                 if session.building == building:
                     setattr(emergency, name, session)
@@ -159,5 +195,7 @@ def _session_json(session: Session | None) -> dict[str, Any] | None:
     doc = asdict(session)
     doc["cameras"] = list(session.cameras)
     doc["presses"] = [dict(p) for p in session.presses]
+    doc["extensions"] = [dict(e) for e in session.extensions]
     doc["started_by"] = dict(session.started_by)
+    doc["ended_by"] = None if session.ended_by is None else dict(session.ended_by)
     return doc

@@ -19,7 +19,10 @@ After the handshake either side may send ``Heartbeat`` and ``Error``; the
 agent sends ``SessionOpen``, ``Media`` and ``SessionClose``; the receiver sends
 ``Ack`` (cumulative: every sequence number up to ``seq`` of that camera in
 that session is durable; ``holds`` lists durable ranges beyond it, so that
-the agent does not resend them) and ``Trigger`` (a remote trigger envelope).
+the agent does not resend them) and ``Trigger`` (a remote trigger envelope,
+which the agent verifies and answers with ``TriggerResult``). The agent ships
+its audit trail with ``AuditEntries`` (whole lines, in order); the receiver
+answers ``AuditAck`` once they are durable.
 The agent sends ``Gap`` when footage of a session is lost for good (the
 segment being written when the agent was killed, or evicted from a full disk):
 the receiver records the hole and acknowledges past it.
@@ -152,6 +155,8 @@ class Welcome:
 
     acked: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     heartbeat_s: float = 5.0
+    #: The last entry of this device's audit trail the receiver holds (0: none).
+    audit_n: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,9 +255,38 @@ class Heartbeat:
 
 @dataclass(frozen=True, slots=True)
 class Trigger:
-    """Receiver -> agent: a signed remote trigger envelope, verified by the agent."""
+    """Receiver -> agent: a signed remote trigger envelope, verified by the agent.
+
+    ``ref`` is the receiver's name for this request; the agent's
+    :class:`TriggerResult` repeats it.
+    """
 
     envelope: Mapping[str, Any]
+    ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerResult:
+    """Agent -> receiver: what a pushed trigger did, as the Local API would answer it."""
+
+    ref: str
+    status: int
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntries:
+    """Agent -> receiver: whole audit trail lines, in order, the first being entry ``first``."""
+
+    first: int
+    lines: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditAck:
+    """Receiver -> agent: audit entries up to ``n`` are durable on the receiver."""
+
+    n: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,11 +308,26 @@ Event = (
     | SessionClose
     | Heartbeat
     | Trigger
+    | TriggerResult
+    | AuditEntries
+    | AuditAck
     | Error
 )
 
-_FROM_AGENT: Final = (Hello, SessionOpen, Media, Gap, SessionClose, Heartbeat, Error)
-_FROM_RECEIVER: Final = (Challenge, Welcome, Ack, Heartbeat, Trigger, Error)
+_FROM_AGENT: Final = (
+    Hello,
+    SessionOpen,
+    Media,
+    Gap,
+    SessionClose,
+    Heartbeat,
+    TriggerResult,
+    AuditEntries,
+    Error,
+)
+_FROM_RECEIVER: Final = (Challenge, Welcome, Ack, Heartbeat, Trigger, AuditAck, Error)
+#: Audit lines per message (each line is at most 16 KiB; the message at most 64 KiB).
+MAX_AUDIT_LINES: Final = 256
 
 
 # --- JSON field checking ----------------------------------------------------
@@ -396,7 +445,7 @@ def _parse_control(text: str) -> Event:
         _expect(obj, kind, {"device": str, "sig": str, "enrollment": (dict, type(None))})
         return Hello(_text(obj["device"], "hello.device", 64), obj["sig"], obj["enrollment"])
     if kind == "welcome":
-        _expect(obj, kind, {"acked": dict, "heartbeat_s": (int, float)})
+        _expect(obj, kind, {"acked": dict, "heartbeat_s": (int, float), "audit_n": int})
         acked: dict[str, dict[str, int]] = {}
         for sid, cams in obj["acked"].items():
             if not isinstance(cams, dict) or not all(
@@ -408,7 +457,7 @@ def _parse_control(text: str) -> Event:
             acked[sid] = dict(cams)
         if not 0.1 <= obj["heartbeat_s"] <= 3600:
             raise RemoteProtocolError("malformed", "welcome.heartbeat_s: out of range")
-        return Welcome(acked, float(obj["heartbeat_s"]))
+        return Welcome(acked, float(obj["heartbeat_s"]), _seq(obj["audit_n"], "welcome.audit_n"))
     if kind == "session_open":
         _expect(
             obj,
@@ -459,8 +508,24 @@ def _parse_control(text: str) -> Event:
         _expect(obj, kind, {"t": (int, float)})
         return Heartbeat(float(obj["t"]))
     if kind == "trigger":
-        _expect(obj, kind, {"envelope": dict})
-        return Trigger(obj["envelope"])
+        _expect(obj, kind, {"envelope": dict, "ref": str})
+        return Trigger(obj["envelope"], _text(obj["ref"], "trigger.ref", 64))
+    if kind == "trigger_result":
+        _expect(obj, kind, {"ref": str, "status": int, "body": dict})
+        if not 100 <= obj["status"] <= 599:
+            raise RemoteProtocolError("malformed", "trigger_result.status: not an HTTP status")
+        return TriggerResult(
+            _text(obj["ref"], "trigger_result.ref", 64), obj["status"], obj["body"]
+        )
+    if kind == "audit":
+        _expect(obj, kind, {"first": int, "lines": list})
+        lines = obj["lines"]
+        if not 0 < len(lines) <= MAX_AUDIT_LINES or not all(isinstance(x, str) for x in lines):
+            raise RemoteProtocolError("malformed", f"audit.lines: 1..{MAX_AUDIT_LINES} strings")
+        return AuditEntries(_seq(obj["first"], "audit.first"), tuple(lines))
+    if kind == "audit_ack":
+        _expect(obj, kind, {"n": int})
+        return AuditAck(_seq(obj["n"], "audit_ack.n"))
     if kind == "error":
         _expect(obj, kind, {"code": str, "detail": str})
         return Error(_text(obj["code"], "error.code", 64), obj["detail"][:1024])
@@ -490,7 +555,12 @@ def _serialize(event: Event) -> str | bytes:
         body["enrollment"] = dict(event.enrollment) if event.enrollment is not None else None
     elif isinstance(event, Welcome):
         acked = {s: dict(c) for s, c in event.acked.items()}
-        body = {"type": "welcome", "acked": acked, "heartbeat_s": event.heartbeat_s}
+        body = {
+            "type": "welcome",
+            "acked": acked,
+            "heartbeat_s": event.heartbeat_s,
+            "audit_n": event.audit_n,
+        }
     elif isinstance(event, SessionOpen):
         body = {
             "type": "session_open",
@@ -534,7 +604,18 @@ def _serialize(event: Event) -> str | bytes:
     elif isinstance(event, Heartbeat):
         body = {"type": "heartbeat", "t": event.t}
     elif isinstance(event, Trigger):
-        body = {"type": "trigger", "envelope": dict(event.envelope)}
+        body = {"type": "trigger", "envelope": dict(event.envelope), "ref": event.ref}
+    elif isinstance(event, TriggerResult):
+        body = {
+            "type": "trigger_result",
+            "ref": event.ref,
+            "status": event.status,
+            "body": dict(event.body),
+        }
+    elif isinstance(event, AuditEntries):
+        body = {"type": "audit", "first": event.first, "lines": list(event.lines)}
+    elif isinstance(event, AuditAck):
+        body = {"type": "audit_ack", "n": event.n}
     else:
         body = {"type": "error", "code": event.code, "detail": event.detail}
     text = json.dumps(body, separators=(",", ":"))

@@ -28,6 +28,7 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol as p
+from agent.audit_feed import AuditFeed
 from agent.changes import Changes
 from agent.errors import UplinkRefused
 from agent.store import Pin, SegmentStore, StoredSegment
@@ -158,8 +159,10 @@ class UplinkClient:
         reconnect_max_s: float = 10.0,
         unacked_max_bytes: int = 64 * 1024 * 1024,
         live_lag_s: float = LIVE_LAG_S,
-        on_trigger: Callable[[Mapping[str, Any]], None] | None = None,
+        on_trigger: Callable[[Mapping[str, Any]], tuple[int, Mapping[str, Any]]] | None = None,
         on_change: Callable[[], None] | None = None,
+        audit_feed: AuditFeed | None = None,
+        audit_head: Callable[[], int] | None = None,
     ) -> None:
         self.url = url
         self.origin = origin
@@ -173,6 +176,13 @@ class UplinkClient:
         self.live_lag_s = live_lag_s
         self._on_trigger = on_trigger
         self._on_change = on_change
+        #: The audit trail shipped to the receiver: what it holds, what is on the way.
+        self._audit_feed = audit_feed
+        self._audit_head = audit_head
+        self.audit_acked = 0
+        self._audit_inflight = False
+        #: Control messages for the writer to send first (answers to pushed triggers).
+        self._control: deque[p.Event] = deque()
         self.streams: deque[SessionStream] = deque()
         #: Sessions whose every packet and close the receiver acknowledged.
         self.settled_ids: set[str] = set()
@@ -278,6 +288,15 @@ class UplinkClient:
                     self._opened_on_conn = None
         self._wake.set()
 
+    def extend_session(self, session_id: str, expires_at: float) -> None:
+        """A session's expiry moved: the receiver learns it with the session opened again."""
+        for stream in self.streams:
+            if stream.id == session_id and stream.close_reason is None:
+                stream.open = replace(stream.open, expires_at=expires_at)
+                if stream is self._head():
+                    self._opened_on_conn = None
+        self._wake.set()
+
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds; re-checked on every ack and connection change."""
         await self._progress.wait_until(predicate)
@@ -289,6 +308,10 @@ class UplinkClient:
     def stream(self, session_id: str) -> SessionStream | None:
         """The stream of a session still owed to the receiver."""
         return next((s for s in self.streams if s.id == session_id), None)
+
+    def audit_recorded(self) -> None:
+        """The audit trail grew: ship it now rather than at the next heartbeat."""
+        self._wake.set()
 
     def segment_sealed(self) -> None:
         """A segment reached the store: the fill lane may have something to send."""
@@ -472,6 +495,8 @@ class UplinkClient:
         self._live.clear()
         self._live_inflight.clear()
         self._lanes = []
+        self.audit_acked, self._audit_inflight = welcome.audit_n, False
+        self._control.clear()  # answers for the old connection's receiver-side requests
 
     def _plan(self, stream: SessionStream) -> p.SessionOpen:
         """Plan this connection's lanes for ``stream``; returns the session_open to send.
@@ -596,14 +621,28 @@ class UplinkClient:
             event = await self._receive(ws, conn, heartbeat_s * 3)
             if isinstance(event, p.Ack):
                 self._on_ack(event)
-            elif isinstance(event, p.Trigger) and self._on_trigger is not None:
-                self._on_trigger(event.envelope)
+            elif isinstance(event, p.Trigger):
+                body: Mapping[str, Any]
+                if self._on_trigger is None:
+                    status, body = 403, {"error": "unknown_key", "detail": "triggers are off"}
+                else:
+                    status, body = self._on_trigger(event.envelope)
+                self._control.append(p.TriggerResult(event.ref, status, body))
+                self._wake.set()
+            elif isinstance(event, p.AuditAck):
+                self.audit_acked = max(self.audit_acked, event.n)
+                self._audit_inflight = False
+                self._progress.notify()
+                self._wake.set()
             elif isinstance(event, p.Error):
                 raise UplinkRefused(event.code, event.detail)
 
     async def _writer(self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink) -> None:
         next_beat = 0.0
         while True:
+            while self._control:
+                await ws.send_str(_text(conn.send(self._control.popleft())))
+            await self._ship_audit(ws, conn)
             stream = self._head()
             if stream is not None and self._opened_on_conn != stream.id:
                 await ws.send_str(_text(conn.send(self._plan(stream))))
@@ -657,6 +696,16 @@ class UplinkClient:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, next_beat - now)):  # no task per wait
                     await self._wake.wait()
+
+    async def _ship_audit(self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink) -> None:
+        """Send the next batch of audit entries the receiver lacks (one batch in flight)."""
+        feed, head = self._audit_feed, self._audit_head
+        if feed is None or head is None or self._audit_inflight or head() <= self.audit_acked:
+            return
+        first, lines = await asyncio.to_thread(feed.after, self.audit_acked)
+        if lines:
+            await ws.send_str(_text(conn.send(p.AuditEntries(first, lines))))
+            self._audit_inflight = True
 
     def _live_behind(self, stream: SessionStream | None) -> bool:
         """Whether the oldest live packet in flight waits longer than ``live_lag_s``.

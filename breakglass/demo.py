@@ -7,14 +7,16 @@ panic button and a status LED on gpiozero's MockFactory; pressing Enter
 drives the button's mock pin low and high, the same path a real button takes.
 
 ``--for N`` runs unattended: it presses the button a few seconds in, runs N
-seconds, ends the session, prints a summary and exits 0 only if the receiver
-holds pre-roll and live footage of every camera.
+seconds, then the demo dispatcher declares the all-clear with a signed end
+trigger pushed over the uplink; it prints a summary and exits 0 only if the
+receiver holds pre-roll and live footage of every camera.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sys
 import tempfile
@@ -26,7 +28,9 @@ from typing import Protocol
 from agent.config import load_config
 from agent.daemon import Agent
 from provisioning.age_keys import load_identity, new_identity, recipient_of
-from provisioning.keys import new_private_key, public_pem
+from provisioning.documents import b64url
+from provisioning.keys import load_private_key, new_private_key, public_pem, raw_public
+from provisioning.triggers import sign_key_list, sign_trigger
 from receiver.server import Receiver
 
 DEVICE_ID = "demo-agent-1"
@@ -64,6 +68,7 @@ def write_agent_config(
     allow: bool = True,
     cameras: Sequence[tuple[str, str]] = DEMO_CAMERAS,
     store: str = "",
+    local_api_port: int = 0,
 ) -> Path:
     """Write an agent's key and config; allow-list its key unless ``allow`` is false.
 
@@ -71,6 +76,8 @@ def write_agent_config(
     the receiver and to a demo district identity (``<folder>/../district/age.key``,
     never in the agent's folder: the device must not hold a key that opens them).
     ``store`` is extra TOML for the ``[store]`` table (tests shrink segments).
+    Remote triggers are trusted through a demo district authority and a
+    dispatch key (:func:`write_trust`); the Local API listens on 127.0.0.1.
     """
     folder.mkdir(parents=True, exist_ok=True)
     district_key = folder.parent / "district" / "age.key"
@@ -84,6 +91,7 @@ def write_agent_config(
     key = new_private_key(key_path) if not key_path.exists() else None
     if key is not None and allow:
         (receiver.devices_dir / f"{device_id}.pub").write_bytes(public_pem(key.public_key()))
+    authority_pub, keylist = write_trust(folder)
     config = folder / "agent.toml"
     config.write_text(
         f"""# breakglass demo agent (generated)
@@ -108,6 +116,14 @@ dir = "store"
 recipients = {recipients}
 {store}
 
+[trust]
+authority = "{authority_pub}"
+trigger_keys = "{keylist.name}"
+
+[local_api]
+host = "127.0.0.1"
+port = {local_api_port}
+
 [gpio]
 pin_factory = "mock"
 led_pin = 27
@@ -124,6 +140,45 @@ location = "Main office"
         )
     )
     return config
+
+
+def write_trust(folder: Path, *, valid_days: int = 30) -> tuple[Path, Path]:
+    """A demo district authority and dispatch key beside ``folder``, and the signed list.
+
+    ``<folder>/../district/authority.key`` signs the trigger-key list (v1) that
+    enrols ``<folder>/../dispatch/dispatch.key`` for every building, written to
+    ``<folder>/trigger-keys.json``. Returns (authority public key, list).
+    """
+    district = folder.parent / "district"
+    authority_key = district / "authority.key"
+    authority_pub = district / "authority.pub"
+    dispatch_key = folder.parent / "dispatch" / "dispatch.key"
+    if authority_key.exists():
+        authority = load_private_key(authority_key)
+    else:
+        authority = new_private_key(authority_key)
+        authority_pub.write_bytes(public_pem(authority.public_key()))
+    dispatch = (
+        load_private_key(dispatch_key) if dispatch_key.exists() else new_private_key(dispatch_key)
+    )
+    (dispatch_key.parent / "dispatch.pub").write_bytes(public_pem(dispatch.public_key()))
+    keylist = folder / "trigger-keys.json"
+    if not keylist.exists():
+        now = int(time.time())
+        entry = {
+            "key": b64url(raw_public(dispatch.public_key())),
+            "role": "dispatch",
+            "buildings": "all",
+            "label": "demo county 911 dispatch",
+        }
+        envelope = sign_key_list(authority, 1, [entry], iat=now, exp=now + valid_days * 86400)
+        keylist.write_text(json.dumps(envelope) + "\n")
+    return authority_pub, keylist
+
+
+def dispatch_key_path(agent_folder: Path) -> Path:
+    """The demo dispatch key :func:`write_trust` made for the agent in ``agent_folder``."""
+    return agent_folder.parent / "dispatch" / "dispatch.key"
 
 
 def press_button(agent: Agent, pin: int = BUTTON_PIN) -> None:
@@ -144,6 +199,9 @@ async def run_demo(data: Path | None, run_for: float | None, port: int, stop: as
         config = load_config(write_agent_config(data / "agent", receiver))
         async with Agent(config) as agent:
             print(f"receiver: open {receiver.url} (self-signed; pin {receiver.fingerprint})")
+            if agent.local_api is not None:
+                api = agent.local_api
+                print(f"agent local API: {api.url}/v1/status (pin {api.fingerprint})")
             if run_for is None:
                 await _interactive(agent, stop)
                 return 0
@@ -185,13 +243,29 @@ async def _unattended(agent: Agent, receiver: Receiver, run_for: float, stop: as
             stop.wait(), timeout=max(0.0, run_for - (time.monotonic() - started))
         )
     session = agent.emergency.active
-    agent.end("demo finished")
+    if session is not None:
+        await _all_clear(agent, receiver)
     if session is not None:
         try:
             await asyncio.wait_for(agent.uplink.wait_settled(session.id), timeout=15)
         except TimeoutError:
             print("warning: the receiver has not acknowledged everything within 15 s")
     return _summary(agent, receiver, session.id if session else None)
+
+
+async def _all_clear(agent: Agent, receiver: Receiver) -> None:
+    """Dispatch declares the all-clear: a signed end trigger pushed over the uplink."""
+    key = load_private_key(dispatch_key_path(agent.config.path.parent))
+    envelope = sign_trigger(
+        key, action="end", building=agent.config.building, reason="all clear", now=int(time.time())
+    )
+    try:
+        answer = await receiver.ingest.push_trigger(agent.config.device_id, envelope)
+        print(f"dispatch all-clear trigger: {answer.status} {json.dumps(dict(answer.body))}")
+    except (LookupError, TimeoutError) as exc:
+        print(f"warning: the all-clear could not be pushed ({exc}); ending locally")
+    if agent.emergency.active is not None:
+        agent.end("demo finished")
 
 
 def _summary(agent: Agent, receiver: Receiver, session_id: str | None) -> int:

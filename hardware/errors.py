@@ -73,3 +73,7 @@ class ButtonError(HardwareError, ValueError):
 
 class LedError(HardwareError, ValueError):
     """A status LED could not be set up: a bad pin, a pin in use, an incomplete pattern table."""
+
+
+class BuzzerError(HardwareError, ValueError):
+    """The optional buzzer could not be set up: a bad pin or a pin in use."""

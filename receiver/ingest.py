@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent import protocol as p
 from provisioning.errors import KeyFileError
 from provisioning.keys import load_public_key, verify
+from receiver.audit_copy import AuditCopies
 from receiver.camera_ingest import CameraIngest
 from receiver.errors import ReceiverError
 from receiver.recording import RecordingStore, SessionRecording, TrackInfo
@@ -81,8 +82,11 @@ class IngestServer:
         allow: AllowList,
         origins: list[str],
         identities: list[Any] | None = None,
+        audits: AuditCopies | None = None,
     ) -> None:
         self.store = store
+        #: Copies of the devices' audit trails (``None``: not kept).
+        self.audits = audits
         self.allow = allow
         self.origins = origins
         #: age identities (pyrage X25519) that open the devices' sealed segments.
@@ -90,6 +94,29 @@ class IngestServer:
         self.devices: dict[str, DeviceStatus] = {}
         self.refused: dict[str, int] = {}
         self._connections: dict[str, web.WebSocketResponse] = {}
+        self._uplinks: dict[str, p.Uplink] = {}
+        self._trigger_results: dict[str, asyncio.Future[p.TriggerResult]] = {}
+
+    async def push_trigger(
+        self, device: str, envelope: dict[str, Any], *, timeout_s: float = 10.0
+    ) -> p.TriggerResult:
+        """Push a signed trigger to a connected device; its answer (as its Local API's).
+
+        Raises ``LookupError`` when the device is not connected and ``TimeoutError``
+        when it does not answer in time (the trigger may still have taken effect).
+        """
+        ws, conn = self._connections.get(device), self._uplinks.get(device)
+        if ws is None or conn is None or ws.closed:
+            raise LookupError(f"device {device} is not connected")
+        ref = secrets.token_urlsafe(12)
+        answer: asyncio.Future[p.TriggerResult] = asyncio.get_running_loop().create_future()
+        self._trigger_results[ref] = answer
+        try:
+            await ws.send_str(str(conn.send(p.Trigger(envelope, ref))))
+            async with asyncio.timeout(timeout_s):
+                return await answer
+        finally:
+            self._trigger_results.pop(ref, None)
 
     def _refuse(self, code: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
@@ -116,6 +143,7 @@ class IngestServer:
                 code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"replaced by a new connection"
             )
         self._connections[device] = ws
+        self._uplinks[device] = conn
         status = self.devices.setdefault(device, DeviceStatus(device))
         status.connected, status.last_seen = True, time.time()
         log.info("device %s connected from %s", device, peer)
@@ -130,6 +158,7 @@ class IngestServer:
         finally:
             if self._connections.get(device) is ws:
                 del self._connections[device]
+                self._uplinks.pop(device, None)
                 status.connected = False
         return ws
 
@@ -171,7 +200,10 @@ class IngestServer:
             for s in self.store.open_sessions()
             if s.device_id == event.device
         }
-        await ws.send_str(str(conn.send(p.Welcome(acked, HEARTBEAT_S))))
+        audit_n = 0
+        if self.audits is not None:
+            audit_n = await asyncio.to_thread(self.audits.last_n, event.device)
+        await ws.send_str(str(conn.send(p.Welcome(acked, HEARTBEAT_S, audit_n))))
         return event.device
 
     async def _serve(
@@ -181,7 +213,7 @@ class IngestServer:
         pending: set[asyncio.Future[None]] = set()
         next_beat = time.monotonic() + HEARTBEAT_S
 
-        def send(event: p.Ack | p.Heartbeat) -> None:
+        def send(event: p.Ack | p.Heartbeat | p.AuditAck) -> None:
             if not ws.closed:
                 task = asyncio.ensure_future(ws.send_str(str(conn.send(event))))
                 pending.add(task)
@@ -248,6 +280,16 @@ class IngestServer:
                 elif isinstance(event, p.SessionClose):
                     await self._close(device, event, cameras)
                     cameras = []
+                elif isinstance(event, p.AuditEntries):
+                    if self.audits is not None:
+                        held = await asyncio.to_thread(
+                            self.audits.append, device, event.first, event.lines
+                        )
+                        send(p.AuditAck(held))
+                elif isinstance(event, p.TriggerResult):
+                    answer = self._trigger_results.get(event.ref)
+                    if answer is not None and not answer.done():
+                        answer.set_result(event)
                 elif isinstance(event, p.Error):
                     log.warning("device %s reports %s: %s", device, event.code, event.detail)
             for cam in cameras:  # the device went away: record what it sent

@@ -9,6 +9,10 @@ opens the recording store (``DATA/recordings/``), reads the device allow-list
 - ``/v1/uplink``   the agents' uplink (WebSocket, see :mod:`agent.protocol`);
 - ``/``, ``/api/sessions``, ``/v1/live/...``, ``/recordings/...`` the viewer.
 
+It keeps a copy of every device's audit trail (``DATA/audit/<device>.log``)
+and can push signed triggers to connected devices
+(:meth:`IngestServer.push_trigger`).
+
 Agents pin :attr:`Receiver.fingerprint` and seal their segments to
 :attr:`Receiver.age_recipient` (besides the district's recipient). Lifecycle follows aiohttp's
 ``AppRunner``/``TCPSite``; shared state hangs off typed ``web.AppKey`` values.
@@ -25,6 +29,7 @@ from aiohttp import web
 
 from provisioning.age_keys import load_identity, new_identity, recipient_of
 from provisioning.tls import ensure_certificate, server_context
+from receiver.audit_copy import AuditCopies
 from receiver.ingest import AllowList, IngestServer
 from receiver.recording import RecordingStore
 from receiver.viewer import setup_viewer
@@ -49,7 +54,12 @@ class Receiver:
         #: The receiver's age recipient (``age1...``), known once started.
         self.age_recipient = ""
         self.store = RecordingStore(self.data_dir / "recordings")
-        self.ingest = IngestServer(self.store, AllowList(self.devices_dir), [])
+        self.ingest = IngestServer(
+            self.store,
+            AllowList(self.devices_dir),
+            [],
+            audits=AuditCopies(self.data_dir / "audit"),
+        )
         self._runner: web.AppRunner | None = None
 
     @property

@@ -12,6 +12,7 @@ import pytest
 from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.demo import press_button, write_agent_config
+from hardware.led import LedPattern
 from receiver.server import Receiver
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,10 +47,11 @@ async def test_a_camera_that_never_answers_is_a_fault_and_the_rest_streams(
         f'id = "front-door"\nzone = "exterior"\nsource = "rtsp"\n'
         f'url = "rtsp://admin:hunter2@127.0.0.1:{silent_port}/stream"\nwatchdog_s = 1',
     )
-    path.write_text(text)
+    path.write_text(text.replace("led_pin = 27\n", "led_pin = 27\nbuzzer_pin = 22\n"))
     async with Agent(load_config(path)) as agent:
         await agent.wait_until(lambda: agent.capture.state["front-door"].fault)
         assert not agent.capture.state["hallway-2"].fault
+        assert agent.led is not None and agent.led.pattern is LedPattern.FAULT  # a technician
         await agent.capture.wait_ready("hallway-2")
         await agent.uplink.wait_until(lambda: agent.uplink.connected)
         press_button(agent)  # the button still works
@@ -61,6 +63,9 @@ async def test_a_camera_that_never_answers_is_a_fault_and_the_rest_streams(
         assert stream is not None
         assert [c.id for c in stream.open.cameras] == ["hallway-2"]
         await agent.uplink.wait_until(lambda: stream.acked[0] > stream.preroll_end[0] + 10)
+        # The alarm outranks the fault on the LED; the configured buzzer chirped once.
+        assert agent.led.pattern is LedPattern.ALARM_DELIVERED
+        assert agent.buzzer is not None and agent.buzzer.chirps == 1
         status = agent.status()
         assert {c["id"]: c["fault"] for c in status["cameras"]} == {
             "front-door": True,

@@ -134,3 +134,14 @@ def test_the_example_config_is_valid(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, text))
     assert [c.source for c in cfg.cameras] == ["rtsp", "picamera"]
     assert cfg.store.segment_s == 4.0 and cfg.store.quota_bytes == 8192 * 1024 * 1024
+    assert cfg.trust.authority is not None and cfg.trust.authority.name == "district-authority.pub"
+    assert (cfg.local_api.host, cfg.local_api.port) == ("0.0.0.0", 8443)
+
+
+def test_a_trigger_key_list_needs_the_authority_that_signed_it(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "docs" / "agent.example.toml"
+    text = example.read_text()
+    text = text.replace('"age1qqqq...district", "age1qqqq...receiver"', f'"{RECIPIENT}"')
+    text = text.replace('authority = "district-authority.pub"\n', "")
+    with pytest.raises(ConfigError, match=r"trust.*trigger_keys.*authority"):
+        load_config(write(tmp_path, text))

@@ -56,7 +56,10 @@ def test_full_session_round_trip() -> None:
     pair.send(pair.agent, media)
     pair.send(pair.receiver, p.Ack("s1", 1, 2**40))
     pair.send(pair.agent, p.Heartbeat(12.5))
-    pair.send(pair.receiver, p.Trigger({"payload": "x", "kid": "k", "sig": "s"}))
+    pair.send(pair.receiver, p.Trigger({"payload": "x", "kid": "k", "sig": "s"}, "t-1"))
+    pair.send(pair.agent, p.TriggerResult("t-1", 403, {"error": "bad_signature"}))
+    pair.send(pair.agent, p.AuditEntries(1, ('{"n":1}', '{"n":2}')))
+    pair.send(pair.receiver, p.AuditAck(2))
     pair.send(pair.agent, p.SessionClose("s1", "expired"))
     assert pair.agent.session is None and pair.receiver.session is None
 

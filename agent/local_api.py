@@ -1,0 +1,223 @@
+"""The agent's Local API on the school LAN (DESIGN.md "Local API").
+
+HTTPS with the device's own self-signed certificate (``state/tls/``; its
+fingerprint goes into the mDNS TXT record and the enrollment), JSON in and
+out, errors ``{"error": CODE, "detail": "..."}`` with a stable CODE:
+
+- ``GET /v1/status``     state, building, cameras (id, zone, healthy), session;
+- ``GET /v1/challenge``  a fresh single-use device nonce for clock-free triggers;
+- ``POST /v1/triggers``  a trigger envelope: 202 ``{"session": ...}`` or 4xx with
+  the verifier's code; every attempt is audited;
+- ``GET /metrics``       Prometheus text format.
+
+Bodies are read up to the envelope limit and no further. Triggers are rate
+limited (a token bucket, :data:`TRIGGERS_PER_S`): a flood is answered 429
+``rate_limited`` and audited as one ``trigger_flood`` entry per minute with its
+count, so nobody on the LAN can fill the SD card with audit entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+
+from agent.config import LocalApiConfig
+from provisioning.documents import envelope_limit
+from provisioning.tls import ensure_certificate, server_context
+from provisioning.triggers import CODES
+
+if TYPE_CHECKING:
+    from agent.daemon import Agent
+
+log = logging.getLogger(__name__)
+
+TRIGGERS_PER_S: Final = 10.0
+TRIGGER_BURST: Final = 50.0
+FLOOD_REPORT_S: Final = 60.0
+
+
+class LocalApi:
+    """Serves the Local API for one :class:`agent.daemon.Agent` (``start``/``stop``)."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        config: LocalApiConfig,
+        tls_dir: Path,
+        *,
+        triggers_per_s: float = TRIGGERS_PER_S,
+        burst: float = TRIGGER_BURST,
+    ) -> None:
+        self.agent = agent
+        self.triggers_per_s = triggers_per_s
+        self.burst = burst
+        self.config = config
+        self.cert_path = tls_dir / "local-api.crt"
+        self.key_path = tls_dir / "local-api.key"
+        self.fingerprint = ""
+        self.port = config.port
+        self._runner: web.AppRunner | None = None
+        self._tokens = burst
+        self._tokens_at = time.monotonic()
+        self._flood = 0
+        self._flood_since = 0.0
+
+    @property
+    def url(self) -> str:
+        """``https://host:port`` of the API."""
+        host = self.config.host
+        return f"https://[{host}]:{self.port}" if ":" in host else f"https://{host}:{self.port}"
+
+    def make_app(self) -> web.Application:
+        """The aiohttp application."""
+        app = web.Application(client_max_size=envelope_limit(4096))
+        app.router.add_get("/v1/status", self._status)
+        app.router.add_get("/v1/challenge", self._challenge)
+        app.router.add_post("/v1/triggers", self._trigger)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> None:
+        """Create the certificate on first start, bind and serve."""
+        wildcard = ("0.0.0.0", "::")  # noqa: S104 (names, not a bind)
+        hosts = [
+            h for h in (self.config.host, "localhost", socket.gethostname()) if h not in wildcard
+        ]
+        self.fingerprint = ensure_certificate(
+            self.cert_path,
+            self.key_path,
+            common_name=f"breakglass {self.agent.config.device_id}",
+            hosts=hosts,
+        )
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.host, self.config.port))
+        self.port = sock.getsockname()[1]
+        self._runner = web.AppRunner(self.make_app(), handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.SockSite(
+            self._runner, sock, ssl_context=server_context(self.cert_path, self.key_path)
+        )
+        await site.start()
+        log.info("local API on %s (TLS pin %s)", self.url, self.fingerprint)
+
+    async def stop(self) -> None:
+        """Stop serving."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self._report_flood(force=True)
+
+    # -- handlers ------------------------------------------------------------------
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.agent.status())
+
+    async def _challenge(self, request: web.Request) -> web.Response:
+        challenge = self.agent.gate.challenge()
+        ttl = self.agent.gate.challenges.ttl_s
+        return web.json_response({"challenge": challenge, "expires_in_s": ttl})
+
+    async def _trigger(self, request: web.Request) -> web.Response:
+        if not self._take_token():
+            return web.json_response(
+                {"error": "rate_limited", "detail": "too many triggers; retry in a second"},
+                status=429,
+                headers={"Retry-After": "1"},
+            )
+        # One byte past the limit is enough to say "too large"; the rest is never read.
+        body = await request.content.read(envelope_limit(4096) + 1)
+        peer = request.remote or "?"
+        outcome = self.agent.submit_trigger(body, via=f"local_api {peer}")
+        return web.json_response(dict(outcome.body), status=outcome.status)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.metrics_text(), content_type="text/plain", charset="utf-8")
+
+    # -- flood control ----------------------------------------------------------------
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._tokens_at) * self.triggers_per_s)
+        self._tokens_at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            self._report_flood()
+            return True
+        if self._flood == 0:
+            self._flood_since = now
+        self._flood += 1
+        self.agent.gate.rejected["rate_limited"] += 1
+        self._report_flood()
+        return False
+
+    def _report_flood(self, *, force: bool = False) -> None:
+        if self._flood and (force or time.monotonic() - self._flood_since >= FLOOD_REPORT_S):
+            log.warning("local API: %d triggers refused by the rate limit", self._flood)
+            self.agent.audit.record_soon("trigger_flood", refused=self._flood, via="local_api")
+            self._flood = 0
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def metrics_text(self) -> str:
+        """The agent's state in Prometheus text exposition format (0.0.4)."""
+        agent = self.agent
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(f"{name}{labels} {value:g}" for labels, value in samples)
+
+        state = agent.emergency.state.value
+        metric(
+            "breakglass_emergency_state", "gauge", "1 for the current emergency state.",
+            [(f'{{state="{s}"}}', float(s == state)) for s in ("idle", "active")],
+        )  # fmt: skip
+        metric(
+            "breakglass_camera_healthy", "gauge", "1 when the camera delivers packets.",
+            [
+                (f'{{camera="{c.id}",zone="{c.zone}"}}', float(agent.capture.state[c.id].healthy))
+                for c in agent.config.cameras
+            ],
+        )  # fmt: skip
+        metric(
+            "breakglass_buffer_bytes", "gauge", "Bytes of sealed footage in the local store.",
+            [("", float(agent.store.used_bytes()))],
+        )  # fmt: skip
+        metric(
+            "breakglass_preroll_bytes", "gauge", "Bytes of pre-roll held in memory per camera.",
+            [(f'{{camera="{c}"}}', float(r.bytes)) for c, r in agent.capture.prerolls.items()],
+        )  # fmt: skip
+        metric(
+            "breakglass_uplink_connected", "gauge", "1 while the uplink to the receiver is up.",
+            [("", float(agent.uplink.connected))],
+        )  # fmt: skip
+        metric(
+            "breakglass_triggers_accepted_total", "counter", "Remote triggers accepted.",
+            [("", float(agent.gate.accepted))],
+        )  # fmt: skip
+        reasons = sorted({*CODES, "no_session", "rate_limited", *agent.gate.rejected})
+        metric(
+            "breakglass_triggers_rejected_total", "counter", "Remote triggers refused, by reason.",
+            [(f'{{reason="{r}"}}', float(agent.gate.rejected[r])) for r in reasons],
+        )  # fmt: skip
+        presses: dict[str, int] = {b.id: 0 for b in agent.config.buttons}
+        for press in agent.press_log:
+            presses[press.button_id] = presses.get(press.button_id, 0) + 1
+        metric(
+            "breakglass_button_presses_total", "counter", "Panic button presses, by button.",
+            [(f'{{button="{b}"}}', float(n)) for b, n in presses.items()],
+        )  # fmt: skip
+        metric(
+            "breakglass_audit_entries", "gauge", "Entries in the audit trail, and shipped.",
+            [('{where="device"}', float(agent.audit.head_n)),
+             ('{where="receiver"}', float(agent.uplink.audit_acked))],
+        )  # fmt: skip
+        return "\n".join(out) + "\n"
