@@ -33,14 +33,20 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
   (``local_api`` | ``uplink``), ``reason`` (the trigger's reason text, or
   null), ``session`` (or null), ``detail``.
 - ``session_start``: ``session``, ``building``, ``by`` (``{"kind": "button",
-  "button_id", "location"}`` or ``{"kind": "trigger", "kid", "role",
-  "reason"}``), ``cameras`` (ids), ``expires_at``.
+  "button_id", "location"}``, ``{"kind": "trigger", "kid", "role", "label",
+  "reason", "via"}``, or ``{"kind": "share", "policy"}`` for a building's
+  continuous exterior share, which is no emergency), ``cameras`` (ids),
+  ``expires_at``.
 - ``session_extend``: ``session``, ``by`` (trigger kind, as above),
   ``expires_at``.
 - ``session_end``: ``session``, ``reason`` (``expired`` | ``trigger`` | ...),
   ``by`` (as above, or null).
-- ``disclosure``: ``session``, ``receiver`` (origin URL), ``device``,
-  ``cameras`` (``[{"id": ..., "zone": ...}]``).
+- ``disclosure``: ``session``, ``kind`` (the ``by.kind`` of its start),
+  ``receiver`` (origin URL), ``device``, ``cameras`` (``[{"id": ...,
+  "zone": ...}]``), ``resumed`` (streaming again after a restart).
+- ``keylist_installed`` (``source``, ``version``, ``keys``, ``exp``),
+  ``keylist_refused`` (``source``, ``code``, ``detail``), ``trigger_flood``
+  (``refused``, ``via``), ``replay_cache_reset``, ``local_api_fault``.
 - ``viewer`` (from the receiver side): ``session``, ``officer``, ``action``.
 - ``camera_fault``, ``camera_recovered``, ``segment_torn``,
   ``store_foreign_file``, ``segment_dropped``, ``segment_lost``,

@@ -130,6 +130,8 @@ class AgentConfig:
     cameras: tuple[CameraConfig, ...]
     buttons: tuple[ButtonConfig, ...]
     store: StoreConfig
+    #: Share the exterior cameras with the receiver continuously (a per-building policy).
+    share_exterior: bool = False
     trust: TrustConfig = TrustConfig()
     local_api: LocalApiConfig = LocalApiConfig()
     led_pin: int | str | None = None
@@ -265,6 +267,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
 
     building = top.table_at("building")
     building_id = building.text("id", _REQUIRED, pattern=ID_RE)
+    share_exterior = building._get("share_exterior", False, (bool,), "true or false")
     building.done()
 
     receiver = top.table_at("receiver")
@@ -335,6 +338,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
         cameras=cameras,
         buttons=buttons,
         store=store,
+        share_exterior=share_exterior,
         trust=trust,
         local_api=local_api,
         led_pin=led_pin,

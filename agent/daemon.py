@@ -24,7 +24,7 @@ from agent.audit_feed import AuditFeed
 from agent.capture import Capture, RetryingSource
 from agent.changes import Changes
 from agent.config import AgentConfig, CameraConfig
-from agent.emergency import Emergency, Ended, Extended, Session, Started
+from agent.emergency import Emergency, Ended, Extended, Session, Started, share_session
 from agent.local_api import LocalApi
 from agent.policy import Outcome, apply_trigger, refused
 from agent.segment import StreamDesc, parse_recipient
@@ -32,7 +32,7 @@ from agent.statefile import SequenceReservations, read_json, write_json
 from agent.store import SegmentStore
 from agent.trigger_gate import TriggerGate
 from agent.uplink import SessionStream, UplinkClient
-from agent.zones import cameras_to_stream
+from agent.zones import cameras_to_share, cameras_to_stream, is_share
 from hardware import CameraError, CameraSource, EncodedPacket, StreamInfo
 from hardware.button import PanicButton, PressEvent, loop_callback
 from hardware.buzzer import StatusBuzzer
@@ -136,6 +136,8 @@ class Agent:
         self.store: SegmentStore
         self.audit: AuditLog
         self.gate: TriggerGate
+        #: The continuous exterior share streaming now (the building's policy), if any.
+        self.share: Session | None = None
         self.local_api: LocalApi | None = None
         self._owed: dict[str, Any] = {}
         self._owed_saved = ""
@@ -383,6 +385,7 @@ class Agent:
             loop.call_soon_threadsafe(self.uplink.audit_recorded)
 
     def _session_started(self, session: Session) -> None:
+        self._end_share("an emergency started")  # the emergency carries every camera
         self._record(
             "session_start",
             session=session.id,
@@ -406,7 +409,8 @@ class Agent:
             await asyncio.to_thread(self._save_owed)
 
     def _start_streaming(self, session: Session, *, resume: bool = False) -> None:
-        for source in self.capture.sources.values():
+        share = is_share(session)
+        for source in () if share else self.capture.sources.values():
             force = getattr(source, "force_keyframe", None)  # encoders we drive (Pi, synthetic)
             if callable(force):
                 force()  # the live view gets a fresh keyframe at once
@@ -417,6 +421,8 @@ class Agent:
         acked_by_id: dict[str, int] = dict(owed["acked"]) if resume and owed else {}
         for camera in cameras_to_stream(self.config.cameras, session):
             packets = self.capture.prerolls[camera.id].snapshot()
+            if packets and share:  # a share has no pre-roll: from the newest keyframe on
+                packets = packets[packets.index(_last_keyframe(packets)) :]
             if not packets:
                 log.error(
                     "camera %s has no decodable footage yet; not in session %s",
@@ -446,6 +452,8 @@ class Agent:
                 )
             )
             preroll[index] = packets
+        if not descs and share:
+            return  # housekeeping starts it again once the cameras run
         if not descs:  # pressed right after boot: stream as soon as footage exists
             log.error("session %s: no camera has footage yet; streaming once one has", session.id)
             self._spawn(self._resume(session, resume=resume), "start-when-ready")
@@ -459,10 +467,13 @@ class Agent:
             tuple(descs),
         )
         acked = {d.index: acked_by_id[d.id] for d in descs if d.id in acked_by_id}
-        stream = self.uplink.start_session(open_, preroll, acked=acked)
+        stream = self.uplink.start_session(open_, preroll, acked=acked, emergency=not share)
         self._live = (stream, {d.id: d.index for d in descs})
+        if share:
+            self.share = session
         self._record(
             "disclosure",
+            kind=str(session.started_by.get("kind")),
             session=session.id,
             receiver=self.config.receiver_origin,
             device=self.config.device_id,
@@ -473,6 +484,31 @@ class Agent:
         self._update_led()
         if resume:
             self._resume_owed()
+
+    def _start_share(self) -> None:
+        """Share the exterior cameras (the building's policy) while no emergency is open."""
+        cameras = cameras_to_share(self.config.cameras, share_exterior=self.config.share_exterior)
+        ready = tuple(c for c in cameras if len(self.capture.prerolls[c]))
+        if ready and self.share is None and self.emergency.active is None:
+            session = share_session(self.config.building, self.clock(), ready, SHARE_HOURS)
+            self._record(
+                "session_start",
+                session=session.id,
+                building=session.building,
+                by=_by(session.started_by),
+                cameras=list(session.cameras),
+                expires_at=session.expires_at,
+            )
+            self._start_streaming(session)
+
+    def _end_share(self, reason: str) -> None:
+        share, self.share = self.share, None
+        if share is None:
+            return
+        if self._live is not None and self._live[0].id == share.id:
+            self._live = None
+        self.uplink.end_session(share.id, reason)
+        self._record("session_end", session=share.id, reason=reason, by=None)
 
     def _stop_streaming(self, ended: Ended) -> None:
         log.warning("emergency %s ended: %s", ended.session.id, ended.session.end_reason)
@@ -561,6 +597,12 @@ class Agent:
             ended = self.emergency.tick(self.clock())
             if ended is not None:
                 self._stop_streaming(ended)
+            if self.config.share_exterior and self.emergency.active is None:
+                share = self.share
+                if share is not None and self.clock() >= share.expires_at:
+                    self._end_share("rotated")  # one recording per SHARE_HOURS
+                if self.share is None:
+                    self._start_share()
             now = time.monotonic()
             if now - last_checkpoint >= AUDIT_CHECKPOINT_S:
                 last_checkpoint = now
@@ -577,10 +619,10 @@ class Agent:
     def _update_led(self) -> None:
         """Show the state on the LED (and chirp once when the police have the alarm)."""
         self.changes.notify()
-        if self._live is None:
+        if self.emergency.active is None:  # (a continuous exterior share is no alarm)
             faulty = any(s.fault for s in self.capture.state.values())
             pattern = LedPattern.FAULT if faulty else LedPattern.ARMED
-        elif self._live[0].first_ack_mono_ns is None:
+        elif self._live is None or self._live[0].first_ack_mono_ns is None:
             pattern = LedPattern.ALARM_PENDING
         else:
             pattern = LedPattern.ALARM_DELIVERED
@@ -611,6 +653,7 @@ class Agent:
                 }
                 for c in self.config.cameras
             ],
+            "share": None if self.share is None else self.share.id,
             "session": None
             if session is None
             else {
@@ -622,6 +665,8 @@ class Agent:
 
 
 OWED_SAVE_S = 2.0
+#: A continuous exterior share is recorded in sessions of this many hours.
+SHARE_HOURS = 1.0
 #: How often the audit trail's new entries get a signed checkpoint.
 AUDIT_CHECKPOINT_S = 60.0
 

@@ -81,6 +81,22 @@ class Ended:
     session: Session
 
 
+def share_session(building: str, now: float, cameras: tuple[str, ...], hours: float) -> Session:
+    """A building's continuous share of its exterior cameras (not an emergency).
+
+    :func:`agent.zones.cameras_to_stream` lets only exterior cameras out of it,
+    whatever ``cameras`` says.
+    """
+    return Session(
+        id="share-" + new_session_id(now),
+        building=building,
+        started_by={"kind": "share", "policy": "share_exterior", "at": now},
+        started_at=now,
+        expires_at=now + hours * 3600,
+        cameras=cameras,
+    )
+
+
 def new_session_id(now: float) -> str:
     """Sortable, unguessable: ``20261128T133000Z-3f9a1c2e``."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))

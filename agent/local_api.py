@@ -8,6 +8,9 @@ out, errors ``{"error": CODE, "detail": "..."}`` with a stable CODE:
 - ``GET /v1/challenge``  a fresh single-use device nonce for clock-free triggers;
 - ``POST /v1/triggers``  a trigger envelope: 202 ``{"session": ...}`` or 4xx with
   the verifier's code; every attempt is audited;
+- ``PUT /v1/trigger-keys`` a newer trigger-key list signed by the district
+  authority (key rotation and revocation without a visit): 200 with its
+  version, or 4xx (``keylist_rollback``, ``keylist_expired``, ...); audited;
 - ``GET /metrics``       Prometheus text format.
 
 Bodies are read up to the envelope limit and no further. Triggers are rate
@@ -27,9 +30,10 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 
 from agent.config import LocalApiConfig
-from provisioning.documents import envelope_limit
+from agent.policy import STATUS
+from provisioning.documents import DocumentError, envelope_limit
 from provisioning.tls import ensure_certificate, server_context
-from provisioning.triggers import CODES
+from provisioning.triggers import CODES, MAX_KEYLIST_PAYLOAD
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
@@ -75,10 +79,11 @@ class LocalApi:
 
     def make_app(self) -> web.Application:
         """The aiohttp application."""
-        app = web.Application(client_max_size=envelope_limit(4096))
+        app = web.Application(client_max_size=envelope_limit(MAX_KEYLIST_PAYLOAD))
         app.router.add_get("/v1/status", self._status)
         app.router.add_get("/v1/challenge", self._challenge)
         app.router.add_post("/v1/triggers", self._trigger)
+        app.router.add_put("/v1/trigger-keys", self._trigger_keys)
         app.router.add_get("/metrics", self._metrics)
         return app
 
@@ -136,6 +141,17 @@ class LocalApi:
         peer = request.remote or "?"
         outcome = self.agent.submit_trigger(body, via=f"local_api {peer}")
         return web.json_response(dict(outcome.body), status=outcome.status)
+
+    async def _trigger_keys(self, request: web.Request) -> web.Response:
+        if not self._take_token():
+            return web.json_response({"error": "rate_limited", "detail": "retry later"}, status=429)
+        body = await request.content.read(envelope_limit(MAX_KEYLIST_PAYLOAD) + 1)
+        try:
+            keys = self.agent.gate.install_key_list(body, via=f"local_api {request.remote}")
+        except DocumentError as exc:
+            status = 409 if exc.code.startswith("keylist_") else STATUS.get(exc.code, 400)
+            return web.json_response({"error": exc.code, "detail": exc.detail}, status=status)
+        return web.json_response({"version": keys.version, "keys": len(keys.keys), "exp": keys.exp})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self.metrics_text(), content_type="text/plain", charset="utf-8")

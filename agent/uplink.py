@@ -213,12 +213,15 @@ class UplinkClient:
         *,
         acked: Mapping[int, int] | None = None,
         end_seq: Mapping[int, int] | None = None,
+        emergency: bool = True,
     ) -> SessionStream:
         """Queue a session: its ``session_open``, then its footage (oldest first).
 
         ``preroll`` is what RAM holds of it now. A session resumed after a restart
         passes what was acknowledged before (``acked``), and ``end_seq`` if it has
-        ended: the rest comes from the sealed store.
+        ended: the rest comes from the sealed store. A live emergency goes first and
+        pins its footage in the store until acknowledged; a building's continuous
+        exterior share (``emergency=False``) does neither.
         """
         cams = range(len(open_.cameras))
         queues = [deque(preroll.get(cam, ())) for cam in cams]
@@ -240,13 +243,13 @@ class UplinkClient:
             ],
             [],
         )
-        if self.store is not None:
+        if self.store is not None and emergency:
             for cam, c in enumerate(open_.cameras):
-                pin = Pin(c.id, c.first_seq, ends.get(cam), stream.acked[cam])
-                stream.pins.append(pin)
-                self.store.add_pin(pin)
+                held = Pin(c.id, c.first_seq, ends.get(cam), stream.acked[cam])
+                stream.pins.append(held)
+                self.store.add_pin(held)
         stream.ram_bytes = sum(len(pkt.payload) for q in queues for pkt in q)
-        if end_seq is None:
+        if end_seq is None and emergency:
             # A live emergency goes before sessions still delivering old footage: its
             # session_open preempts theirs on the connection; they resume after it.
             self.streams.appendleft(stream)

@@ -273,6 +273,8 @@ def _by(by: object) -> str:
         return "unknown"
     if by.get("kind") == "button":
         return f"panic button {_text(by.get('button_id'))} at {_quoted(by.get('location'))}"
+    if by.get("kind") == "share":
+        return "none: the building shares its exterior cameras continuously (its policy)"
     if by.get("kind") == "trigger":
         return (
             f"signed trigger, key {_text(by.get('kid'))} ({_text(by.get('role'))}), "
@@ -369,9 +371,12 @@ def audit_report(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(r) for r in records], indent=2, ensure_ascii=False))
         return 0
+    shares = sum(1 for r in records if (r.threat or {}).get("kind") == "share")
+    emergencies = len(records) - shares
     print(
         f"FERPA 34 CFR 99.32(a)(5) disclosure records in {args.file}: "
-        f"{len(records)} emergency session{'s' if len(records) != 1 else ''}"
+        f"{emergencies} emergency session{'s' if emergencies != 1 else ''}"
+        + (f", {shares} exterior share{'s' if shares != 1 else ''}" if shares else "")
     )
     for record in records:
         print()

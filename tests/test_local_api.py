@@ -310,3 +310,67 @@ async def test_unreadable_trust_and_a_broken_replay_cache_leave_the_button_armed
         agent.end("test finished")
     events = [e["event"] for e in audit_entries(tmp_path / "agent")]
     assert "keylist_refused" in events and "replay_cache_reset" in events
+
+
+async def test_keys_rotate_and_revoke_by_a_newer_list_and_never_roll_back(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    path, keys = agent_config(tmp_path, receiver)
+    now = int(time.time())
+    v2 = (tmp_path / "agent" / "trigger-keys.json").read_text()
+    # v3 revokes the superintendent's key (and keeps dispatch).
+    only_dispatch = [entry(keys.dispatch, "dispatch", "all", "county 911 dispatch")]
+    v3 = json.dumps(sign_key_list(keys.authority, 3, only_dispatch, iat=now, exp=now + 3600))
+    stale = json.dumps(sign_key_list(keys.authority, 4, only_dispatch, iat=now - 99, exp=now - 9))
+    forged = json.dumps(
+        sign_key_list(Ed25519PrivateKey.generate(), 9, only_dispatch, iat=now, exp=now + 60)
+    )
+    async with Agent(load_config(path)) as agent:
+        assert (await call(agent, "PUT", "/v1/trigger-keys", v3))[0] == 200
+        for body, status, code in (
+            (v2, 409, "keylist_rollback"),
+            (stale, 409, "keylist_expired"),
+            (forged, 403, "unknown_key"),
+        ):
+            got, answer = await call(agent, "PUT", "/v1/trigger-keys", body)
+            assert (got, answer["error"]) == (status, code)
+        revoked = keys.trigger("superintendent", "start")
+        status, answer = await call(agent, "POST", "/v1/triggers", revoked)
+        assert (status, answer["error"]) == (403, "unknown_key")
+    # The config still names v2: after a restart the device keeps v3.
+    async with Agent(load_config(path)) as agent:
+        assert agent.gate.keyring.current is not None
+        assert agent.gate.keyring.current.version == 3
+    trail = audit_entries(tmp_path / "agent")
+    refused = [e["code"] for e in trail if e["event"] == "keylist_refused"]
+    assert refused == ["keylist_rollback", "keylist_expired", "unknown_key", "keylist_rollback"]
+    assert [e["version"] for e in trail if e["event"] == "keylist_installed"] == [2, 3]
+
+
+async def test_each_button_has_its_room_and_the_alarm_says_which_was_pressed(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    path, _ = agent_config(tmp_path, receiver)
+    text = path.read_text()
+    path.write_text(text + '\n[[buttons]]\nid = "gym"\npin = 22\nlocation = "Gym, north door"\n')
+    async with Agent(load_config(path)) as agent:
+        await agent.capture.wait_packets(10)
+        press_button(agent, pin=22)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+        assert session.started_by["button_id"] == "gym"
+        await agent.capture.wait_packets(3)  # past the debounce
+        press_button(agent)  # the office button joins the same session
+        await agent.wait_until(lambda: len(agent.press_log) == 2)
+        await agent.wait_until(lambda: agent.uplink.stream(session.id) is not None)
+        stream = agent.uplink.stream(session.id)
+        assert stream is not None
+        await agent.uplink.wait_until(lambda: min(stream.acked) >= 0)
+        agent.end("test finished")
+        await agent.uplink.wait_settled(session.id)
+    (summary,) = receiver.store.sessions()
+    assert summary.meta["started_by"]["location"] == "Gym, north door"
+    presses = [e for e in audit_entries(tmp_path / "agent") if e["event"] == "button_press"]
+    assert [(e["button"], e["started"]) for e in presses] == [("gym", True), ("office", False)]
+    assert {e["session"] for e in presses} == {session.id}

@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from agent.config import CameraConfig
-from agent.emergency import Emergency, State
+from agent.emergency import Emergency, State, share_session
 from agent.policy import apply_trigger
-from agent.zones import cameras_to_stream
+from agent.zones import cameras_to_share, cameras_to_stream
 from provisioning import documents as d
 from provisioning.keys import raw_public
 from provisioning.triggers import (
@@ -150,3 +150,24 @@ EmergencyMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=30, deadline=None
 )
 test_interior_cameras_stream_only_inside_an_active_session = EmergencyMachine.TestCase
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    zones=st.lists(st.sampled_from(["exterior", "interior"]), min_size=1, max_size=6),
+    named=st.sets(st.integers(0, 5)),
+    policy=st.booleans(),
+)
+def test_a_share_never_carries_an_interior_camera(
+    zones: list[str], named: set[int], policy: bool
+) -> None:
+    cameras = tuple(
+        CameraConfig(f"cam-{i}", zone, "synthetic")  # type: ignore[arg-type]
+        for i, zone in enumerate(zones)
+    )
+    shared = cameras_to_share(cameras, share_exterior=policy)
+    assert all(c.zone == "exterior" for c in cameras if c.id in shared)
+    assert policy or shared == ()
+    # Even a share session that names interior cameras (a bug elsewhere) lets none out.
+    session = share_session(BUILDING, T0, tuple(f"cam-{i}" for i in named), 1.0)
+    assert all(c.zone == "exterior" for c in cameras_to_stream(cameras, session))

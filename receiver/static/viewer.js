@@ -26,6 +26,7 @@ function clock(seconds) {
 
 function describeStart(meta) {
   const by = meta && typeof meta.started_by === "object" && meta.started_by ? meta.started_by : {};
+  if (by.kind === "share") return "shared continuously (exterior cameras; no emergency)";
   if (by.kind === "button") {
     const where = by.location ? ` (${by.location})` : "";
     return `started by button '${by.button_id || "?"}'${where}`;
@@ -41,6 +42,9 @@ function alarmText(session) {
   const meta = session.meta || {};
   const building = meta.building || session.device_id;
   const at = clock(typeof meta.started_at === "number" ? meta.started_at : session.opened_at);
+  if (meta.started_by && meta.started_by.kind === "share") {
+    return `Exterior cameras — building ${building} — ${describeStart(meta)} since ${at}`;
+  }
   return `EMERGENCY — building ${building} — ${describeStart(meta)} at ${at}`;
 }
 
@@ -397,7 +401,8 @@ function render(sessions) {
   if (wanted.length !== current.length || wanted.some((node, i) => node !== current[i])) {
     main.append(...wanted);
   }
-  const open = sessions.filter((s) => s.open);
+  const isShare = (s) => s.meta && s.meta.started_by && s.meta.started_by.kind === "share";
+  const open = sessions.filter((s) => s.open && !isShare(s));
   alarms.replaceChildren(...open.map((s) => el("p", "alarm-line", alarmText(s))));
   alarms.hidden = open.length === 0;
   document.title = open.length ? "● EMERGENCY — breakglass receiver" : "breakglass receiver";
