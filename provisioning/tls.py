@@ -15,11 +15,6 @@ import ipaddress
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from provisioning.errors import KeyFileError
 from provisioning.keys import write_secret
 
@@ -60,6 +55,13 @@ def ensure_certificate(
     """
     if cert_path.exists() and key_path.exists():
         return certificate_fingerprint(cert_path)
+    # Imported only to make one: an agent that starts with its certificate made never
+    # loads cryptography's X.509 layer (several MiB of a Pi's memory).
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     sans: list[x509.GeneralName] = []
@@ -97,10 +99,10 @@ def ensure_certificate(
 def certificate_fingerprint(cert_path: Path) -> str:
     """The pin of a PEM certificate file."""
     try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        der = ssl.PEM_cert_to_DER_cert(cert_path.read_text(encoding="ascii"))
     except (OSError, ValueError) as exc:
         raise KeyFileError(f"certificate {cert_path}: cannot load ({exc})") from exc
-    return fingerprint(cert.public_bytes(serialization.Encoding.DER))
+    return fingerprint(der)
 
 
 def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
