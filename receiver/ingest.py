@@ -321,7 +321,9 @@ class IngestServer:
         if any(s.session_id == event.session for s in self.store.open_sessions()):
             log.info("session %s of %s opened again (resume or end)", event.session, device)
         elif event.started_by.get("kind") == "share":
-            log.info("exterior share %s from %s (building %s)", event.session, device, event.building)
+            log.info(
+                "exterior share %s from %s (building %s)", event.session, device, event.building
+            )
         else:
             log.warning(
                 "EMERGENCY session %s from %s (building %s)", event.session, device, event.building
