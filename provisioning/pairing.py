@@ -1,0 +1,265 @@
+"""Pairing a device with a technician by its setup code: a SPAKE2 core (sans-IO).
+
+The device makes a random 8-digit setup code on first boot and shows it only
+locally (console, label file). The technician types it into the CLI; both
+sides run SPAKE2 (the ``spake2`` package, Ed25519 group) over the Local API,
+so the code never crosses the network and an eavesdropper or a relay that
+does not know it learns nothing it could test offline. Each side proves it
+derived the same key (HMAC over the transcript) before anything else is
+sent; after that, messages travel sealed with ChaCha20-Poly1305 under keys
+derived from the SPAKE2 key (HKDF-SHA256), so the device's identity (its
+public key and its API certificate pin) reaches the technician authenticated
+by the code, and the enrollment reaches the device the same way.
+
+Online guessing is the only attack left; :class:`PairingWindow` bounds it: a
+window (15 minutes by default), one attempt at a time with a pause after a
+failure, and a cap on failures per window (10: a 1 in 10 million chance for a
+guesser), after which pairing needs the device again (a reboot or the long
+button hold).
+
+Nothing here touches sockets, files or clocks: time is passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import secrets
+from dataclasses import dataclass
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from spake2 import SPAKE2_A, SPAKE2_B
+from spake2.spake2 import SPAKEError
+
+CODE_DIGITS: Final = 8
+TECHNICIAN_ID: Final = b"breakglass-technician"
+MAX_MESSAGE_BYTES: Final = 64 * 1024
+WINDOW_S: Final = 15 * 60.0
+MAX_FAILURES: Final = 10
+RETRY_AFTER_FAILURE_S: Final = 2.0
+
+
+class PairingError(ValueError):
+    """Pairing cannot go on; ``code`` is stable (``wrong_code``, ``pairing_closed``, ...)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+# -- setup codes -----------------------------------------------------------------
+
+
+def trivial(code: str) -> bool:
+    """Codes a person might guess first: one or two distinct digits, runs up or down."""
+    digits = [int(c) for c in code]
+    steps = {(b - a) % 10 for a, b in itertools.pairwise(digits)}
+    return len(set(digits)) <= 2 or steps in ({1}, {9})
+
+
+def new_setup_code() -> str:
+    """A random, non-trivial 8-digit setup code."""
+    while True:
+        code = f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
+        if not trivial(code):
+            return code
+
+
+def normalise_code(text: str) -> str:
+    """The code a person typed (``1234-5678``, ``1234 5678``) as 8 digits, or PairingError."""
+    code = "".join(c for c in text if c not in " -")
+    if len(code) != CODE_DIGITS or not code.isdigit() or not code.isascii():
+        raise PairingError("bad_code", f"a setup code is {CODE_DIGITS} digits")
+    return code
+
+
+def show_code(code: str) -> str:
+    """``1234-5678``: how labels and consoles print it."""
+    return f"{code[:4]}-{code[4:]}"
+
+
+# -- the exchange ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    device_confirm: bytes
+    technician_confirm: bytes
+    to_technician: bytes
+    to_device: bytes
+
+
+def _derive(shared: bytes, transcript: bytes) -> _Keys:
+    parts = HKDF(
+        algorithm=hashes.SHA256(),
+        length=128,
+        salt=transcript,
+        info=b"breakglass pairing v1",
+    ).derive(shared)
+    return _Keys(parts[:32], parts[32:64], parts[64:96], parts[96:])
+
+
+def _transcript(device_id: str, technician_msg: bytes, device_msg: bytes) -> bytes:
+    h = hashlib.sha256(b"breakglass pairing v1\x00" + device_id.encode() + b"\x00")
+    for part in (technician_msg, device_msg):
+        h.update(len(part).to_bytes(4, "big") + part)
+    return h.digest()
+
+
+def _mac(key: bytes, label: bytes, transcript: bytes) -> bytes:
+    return hmac.new(key, label + transcript, hashlib.sha256).digest()
+
+
+class _Channel:
+    """ChaCha20-Poly1305 each way, counter nonces: replayed or reordered boxes fail."""
+
+    def __init__(self, send_key: bytes, receive_key: bytes) -> None:
+        self._send, self._receive = ChaCha20Poly1305(send_key), ChaCha20Poly1305(receive_key)
+        self._sent = self._received = 0
+
+    def seal(self, data: bytes) -> bytes:
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise PairingError("too_large", f"pairing messages are at most {MAX_MESSAGE_BYTES} B")
+        box = self._send.encrypt(self._sent.to_bytes(12, "big"), data, None)
+        self._sent += 1
+        return box
+
+    def open(self, box: bytes) -> bytes:
+        if len(box) > MAX_MESSAGE_BYTES + 16:
+            raise PairingError("too_large", "pairing message too large")
+        try:
+            data = self._receive.decrypt(self._received.to_bytes(12, "big"), box, None)
+        except InvalidTag as exc:
+            raise PairingError("bad_box", "a sealed pairing message does not open") from exc
+        self._received += 1
+        return data
+
+
+def _finish(side: object, inbound: bytes) -> bytes:
+    if len(inbound) > 1024:
+        raise PairingError("malformed", "SPAKE2 message too long")
+    try:
+        key = side.finish(inbound)  # type: ignore[attr-defined]
+    except (SPAKEError, ValueError, AssertionError, IndexError) as exc:
+        raise PairingError("malformed", f"not a SPAKE2 message ({type(exc).__name__})") from exc
+    assert isinstance(key, bytes)
+    return key
+
+
+class DevicePairing:
+    """The device's side of one pairing attempt.
+
+    ``respond(technician_msg)`` -> (device_msg, device_confirm); then
+    ``confirm(technician_confirm)`` raises ``wrong_code`` unless the technician
+    knew the code; afterwards :attr:`channel` seals and opens messages.
+    """
+
+    def __init__(self, code: str, device_id: str) -> None:
+        self.device_id = device_id
+        self._spake = SPAKE2_B(
+            normalise_code(code).encode(), idA=TECHNICIAN_ID, idB=device_id.encode()
+        )
+        self._keys: _Keys | None = None
+        self._transcript = b""
+        self.channel: _Channel | None = None
+
+    def respond(self, technician_msg: bytes) -> tuple[bytes, bytes]:
+        device_msg = self._spake.start()
+        shared = _finish(self._spake, technician_msg)
+        self._transcript = _transcript(self.device_id, technician_msg, device_msg)
+        self._keys = _derive(shared, self._transcript)
+        return device_msg, _mac(self._keys.device_confirm, b"device", self._transcript)
+
+    def confirm(self, technician_confirm: bytes) -> _Channel:
+        keys = self._keys
+        if keys is None:
+            raise PairingError("out_of_order", "confirm before the exchange")
+        expected = _mac(keys.technician_confirm, b"technician", self._transcript)
+        if not hmac.compare_digest(expected, technician_confirm):
+            raise PairingError("wrong_code", "the technician's confirmation does not match")
+        self.channel = _Channel(keys.to_technician, keys.to_device)
+        return self.channel
+
+
+class TechnicianPairing:
+    """The technician's side: ``start()`` -> message; ``finish(device_msg, device_confirm)``
+    -> the technician's confirmation (raises ``wrong_code`` if the device, or whoever
+    answered, does not know the code); afterwards :attr:`channel`."""
+
+    def __init__(self, code: str, device_id: str) -> None:
+        self.device_id = device_id
+        self._spake = SPAKE2_A(
+            normalise_code(code).encode(), idA=TECHNICIAN_ID, idB=device_id.encode()
+        )
+        self._msg = b""
+        self.channel: _Channel | None = None
+
+    def start(self) -> bytes:
+        self._msg = bytes(self._spake.start())
+        return self._msg
+
+    def finish(self, device_msg: bytes, device_confirm: bytes) -> bytes:
+        shared = _finish(self._spake, device_msg)
+        transcript = _transcript(self.device_id, self._msg, device_msg)
+        keys = _derive(shared, transcript)
+        if not hmac.compare_digest(
+            _mac(keys.device_confirm, b"device", transcript), device_confirm
+        ):
+            raise PairingError(
+                "wrong_code",
+                "the device's confirmation does not match (wrong code, or not the device)",
+            )
+        self.channel = _Channel(keys.to_device, keys.to_technician)
+        return _mac(keys.technician_confirm, b"technician", transcript)
+
+
+# -- the window ----------------------------------------------------------------------
+
+
+class PairingWindow:
+    """When the device accepts a pairing attempt (time in the device's monotonic seconds)."""
+
+    def __init__(
+        self,
+        *,
+        duration_s: float = WINDOW_S,
+        max_failures: int = MAX_FAILURES,
+        retry_after_s: float = RETRY_AFTER_FAILURE_S,
+    ) -> None:
+        self.duration_s = duration_s
+        self.max_failures = max_failures
+        self.retry_after_s = retry_after_s
+        self.closes_at: float | None = None
+        self.failures = 0
+        self._not_before = 0.0
+        self.paired = False
+
+    def open(self, now: float) -> None:
+        """Open (first boot, or the long button hold): a fresh budget of attempts."""
+        self.closes_at, self.failures, self._not_before, self.paired = (
+            now + self.duration_s, 0, 0.0, False,
+        )  # fmt: skip
+
+    def check(self, now: float) -> None:
+        """Raise ``pairing_closed`` or ``rate_limited`` unless an attempt may start now."""
+        if self.failures >= self.max_failures:
+            raise PairingError("pairing_closed", "too many wrong codes: pairing closed")
+        if self.closes_at is None or now >= self.closes_at or self.paired:
+            raise PairingError("pairing_closed", "pairing is not open on this device")
+        if now < self._not_before:
+            raise PairingError("rate_limited", f"retry in {self._not_before - now:.1f} s")
+
+    def failed(self, now: float) -> None:
+        """A wrong code (or a broken exchange): count it and pause."""
+        self.failures += 1
+        self._not_before = now + self.retry_after_s
+
+    def succeeded(self) -> None:
+        """Paired: the window closes."""
+        self.paired = True
