@@ -114,6 +114,8 @@ class LocalApiConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8443
+    #: Pairing by setup code is open this long after start (0: never).
+    pairing_window_s: float = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +302,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
         enabled=api._get("enabled", True, (bool,), "true or false"),
         host=api.text("host", "127.0.0.1"),
         port=api.integer("port", 8443, low=0, high=65535),
+        pairing_window_s=api.number("pairing_window_s", 900, low=0, high=24 * 3600),
     )
     api.done()
 

@@ -155,6 +155,7 @@ class Agent:
     async def __aenter__(self) -> Agent:
         cfg = self.config
         key = load_private_key(cfg.device_key)
+        self.device_public_key = key.public_key()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         saved = read_json(self.state_path)
         if saved is not None:

@@ -11,7 +11,8 @@ out, errors ``{"error": CODE, "detail": "..."}`` with a stable CODE:
 - ``PUT /v1/trigger-keys`` a newer trigger-key list signed by the district
   authority (key rotation and revocation without a visit): 200 with its
   version, or 4xx (``keylist_rollback``, ``keylist_expired``, ...); audited;
-- ``GET /metrics``       Prometheus text format.
+- ``GET /metrics``       Prometheus text format;
+- ``POST /v1/pairing/start|confirm`` pairing by setup code (:mod:`agent.pairing_api`).
 
 Bodies are read up to the envelope limit and no further. Triggers are rate
 limited (a token bucket, :data:`TRIGGERS_PER_S`): a flood is answered 429
@@ -30,8 +31,10 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 
 from agent.config import LocalApiConfig
+from agent.pairing_api import PairingService, load_or_make_code
 from agent.policy import STATUS
 from provisioning.documents import DocumentError, envelope_limit
+from provisioning.keys import kid, public_pem
 from provisioning.tls import ensure_certificate, server_context
 from provisioning.triggers import CODES, MAX_KEYLIST_PAYLOAD
 
@@ -66,6 +69,7 @@ class LocalApi:
         self.fingerprint = ""
         self.port = config.port
         self._runner: web.AppRunner | None = None
+        self.pairing: PairingService | None = None
         self._tokens = burst
         self._tokens_at = time.monotonic()
         self._flood = 0
@@ -85,6 +89,8 @@ class LocalApi:
         app.router.add_post("/v1/triggers", self._trigger)
         app.router.add_put("/v1/trigger-keys", self._trigger_keys)
         app.router.add_get("/metrics", self._metrics)
+        if self.pairing is not None:
+            self.pairing.setup(app)
         return app
 
     async def start(self) -> None:
@@ -99,6 +105,15 @@ class LocalApi:
             common_name=f"breakglass {self.agent.config.device_id}",
             hosts=hosts,
         )
+        if self.config.pairing_window_s > 0:
+            agent = self.agent
+            self.pairing = PairingService(
+                device_id=agent.config.device_id,
+                code=load_or_make_code(agent.config.state_dir / "setup-code"),
+                identity=self.identity,
+                audit=agent.audit,
+                window_s=self.config.pairing_window_s,
+            )
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -111,6 +126,16 @@ class LocalApi:
         )
         await site.start()
         log.info("local API on %s (TLS pin %s)", self.url, self.fingerprint)
+
+    def identity(self) -> dict[str, str]:
+        """What pairing tells the technician: the device's id, public key and API pin."""
+        key = self.agent.device_public_key
+        return {
+            "device": self.agent.config.device_id,
+            "public_key": public_pem(key).decode("ascii"),
+            "kid": kid(key),
+            "fp": self.fingerprint,
+        }
 
     async def stop(self) -> None:
         """Stop serving."""

@@ -73,7 +73,7 @@ def new_setup_code() -> str:
 
 def normalise_code(text: str) -> str:
     """The code a person typed (``1234-5678``, ``1234 5678``) as 8 digits, or PairingError."""
-    code = "".join(c for c in text if c not in " -")
+    code = "".join(c for c in text.strip() if c not in " -")
     if len(code) != CODE_DIGITS or not code.isdigit() or not code.isascii():
         raise PairingError("bad_code", f"a setup code is {CODE_DIGITS} digits")
     return code

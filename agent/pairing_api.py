@@ -1,0 +1,151 @@
+"""Pairing endpoints of the Local API: a technician proves the setup code (SPAKE2).
+
+The device keeps its setup code in ``state/setup-code`` (mode 0600: the label
+a technician reads on the device; made on first start and printed once on
+the console, never logged). Pairing is open for ``[local_api]
+pairing_window_s`` after start; every attempt counts against the window's
+budget whether it is confirmed or not, because the device's answer lets the
+caller test one guess.
+
+- ``POST /v1/pairing/start``   ``{"msg": b64url}`` -> ``{"attempt", "msg", "confirm"}``
+- ``POST /v1/pairing/confirm`` ``{"attempt", "confirm"}`` -> ``{"box": b64url}``: the
+  device's identity (id, public key, Local API certificate pin) sealed under
+  the key only the code could make. The technician compares the pin with the
+  certificate its TLS connection saw: a proxy in the middle shows another.
+
+Errors are the Local API's ``{"error", "detail"}`` (``pairing_closed``,
+``rate_limited``, ``wrong_code``, ``malformed``, ``no_attempt``); every
+attempt, failure and success is audited (never the code).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from agent.audit import AuditLog
+from provisioning import documents as d
+from provisioning.keys import write_secret
+from provisioning.pairing import (
+    DevicePairing,
+    PairingError,
+    PairingWindow,
+    new_setup_code,
+    normalise_code,
+    show_code,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 4096
+STATUS = {"pairing_closed": 403, "rate_limited": 429, "wrong_code": 403, "no_attempt": 409}
+
+
+def load_or_make_code(path: Path) -> str:
+    """The device's setup code; made (and printed on the console) on first start."""
+    try:
+        return normalise_code(path.read_text(encoding="ascii"))
+    except (FileNotFoundError, PairingError, UnicodeDecodeError):
+        code = new_setup_code()
+        write_secret(path, (show_code(code) + "\n").encode())
+        # The console, not the log: the code is the key to pairing.
+        print(f"breakglass: setup code {show_code(code)} (also in {path}, mode 0600)", flush=True)
+        return code
+
+
+class PairingService:
+    """One device's pairing state: its code, the window and the attempt in progress."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        code: str,
+        identity: Callable[[], dict[str, Any]],
+        audit: AuditLog,
+        window_s: float,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.device_id = device_id
+        self._code = code
+        self._identity = identity
+        self.audit = audit
+        self.mono = mono
+        self.window = PairingWindow(duration_s=window_s)
+        if window_s > 0:
+            self.window.open(mono())
+        self._attempt: tuple[str, DevicePairing] | None = None
+
+    def setup(self, app: web.Application) -> None:
+        """Register the endpoints."""
+        app.router.add_post("/v1/pairing/start", self._start)
+        app.router.add_post("/v1/pairing/confirm", self._confirm)
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.content.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            raise PairingError("too_large", f"pairing messages are at most {MAX_BODY} bytes")
+        try:
+            doc = d.parse_json(raw, what="body")
+        except d.DocumentError as exc:
+            raise PairingError("malformed", exc.detail) from exc
+        if not isinstance(doc, dict):
+            raise PairingError("malformed", "body: not a JSON object")
+        return doc
+
+    def _b64(self, doc: dict[str, Any], name: str) -> bytes:
+        try:
+            return d.b64url_decode(doc.get(name, ""), what=name)
+        except d.DocumentError as exc:
+            raise PairingError("malformed", exc.detail) from exc
+
+    async def _start(self, request: web.Request) -> web.Response:
+        peer = request.remote or "?"
+        try:
+            now = self.mono()
+            self.window.check(now)
+            message = self._b64(await self._body(request), "msg")
+            self.window.failed(now)  # counted until confirmed: the answer tests one guess
+            attempt = DevicePairing(self._code, self.device_id)
+            device_msg, confirm = attempt.respond(message)
+        except PairingError as exc:
+            return self._refuse(exc, peer, "start")
+        attempt_id = secrets.token_urlsafe(12)
+        self._attempt = (attempt_id, attempt)
+        self.audit.record_soon("pairing_attempt", peer=peer, attempt=self.window.failures)
+        return web.json_response(
+            {"attempt": attempt_id, "msg": d.b64url(device_msg), "confirm": d.b64url(confirm)}
+        )
+
+    async def _confirm(self, request: web.Request) -> web.Response:
+        peer = request.remote or "?"
+        try:
+            doc = await self._body(request)
+            current = self._attempt
+            if current is None or not secrets.compare_digest(
+                str(doc.get("attempt", "")), current[0]
+            ):
+                raise PairingError("no_attempt", "no pairing attempt by that id is in progress")
+            self._attempt = None  # one confirmation per attempt
+            channel = current[1].confirm(self._b64(doc, "confirm"))
+        except PairingError as exc:
+            return self._refuse(exc, peer, "confirm")
+        self.window.succeeded()
+        box = channel.seal(json.dumps(self._identity(), sort_keys=True).encode())
+        log.warning("paired with a technician at %s; pairing closed", peer)
+        self.audit.record_soon("paired", peer=peer)
+        return web.json_response({"box": d.b64url(box)})
+
+    def _refuse(self, exc: PairingError, peer: str, step: str) -> web.Response:
+        log.warning("pairing %s from %s refused: %s", step, peer, exc.code)
+        self.audit.record_soon("pairing_refused", peer=peer, step=step, code=exc.code)
+        return web.json_response(
+            {"error": exc.code, "detail": exc.detail}, status=STATUS.get(exc.code, 400)
+        )
