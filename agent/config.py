@@ -36,6 +36,7 @@ Example (see ``docs/agent.example.toml``)::
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
@@ -119,6 +120,16 @@ class LocalApiConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """mDNS advertisement of the Local API (``_breakglass._tcp``) on the school LAN."""
+
+    enabled: bool = True
+    #: IPv4 addresses of the interfaces to advertise on; the default keeps mDNS on
+    #: the machine (a deployed agent lists its LAN address).
+    interfaces: tuple[str, ...] = ("127.0.0.1",)
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """The whole validated agent configuration."""
 
@@ -136,6 +147,7 @@ class AgentConfig:
     share_exterior: bool = False
     trust: TrustConfig = TrustConfig()
     local_api: LocalApiConfig = LocalApiConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
     led_pin: int | str | None = None
     buzzer_pin: int | str | None = None
     pin_factory: str | None = None  # None: gpiozero's default; "mock" for demos and tests
@@ -235,6 +247,7 @@ _TOP_LEVEL = (
     "buttons",
     "trust",
     "local_api",
+    "discovery",
 )
 
 
@@ -306,6 +319,19 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
     )
     api.done()
 
+    mdns = top.table_at("discovery")
+    interfaces = mdns._get("interfaces", ["127.0.0.1"], (list,), "a list of IPv4 addresses")
+    for i, address in enumerate(interfaces):
+        try:
+            ipaddress.IPv4Address(address)
+        except (ipaddress.AddressValueError, ValueError):
+            mdns.fail(f"interfaces[{i}]", f"{str(address)[:40]!r} is not an IPv4 address")
+    discovery = DiscoveryConfig(
+        enabled=mdns._get("enabled", True, (bool,), "true or false"),
+        interfaces=tuple(interfaces),
+    )
+    mdns.done()
+
     uplink = top.table_at("uplink")
     heartbeat = uplink.number("heartbeat_s", 5, low=0.5, high=300)
     reconnect_max = uplink.number("reconnect_max_s", 10, low=0.5, high=600)
@@ -344,6 +370,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
         share_exterior=share_exterior,
         trust=trust,
         local_api=local_api,
+        discovery=discovery,
         led_pin=led_pin,
         buzzer_pin=buzzer_pin,
         pin_factory=factory,

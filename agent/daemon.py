@@ -24,6 +24,7 @@ from agent.audit_feed import AuditFeed
 from agent.capture import Capture, RetryingSource
 from agent.changes import Changes
 from agent.config import AgentConfig, CameraConfig
+from agent.discovery import Advertiser, DiscoveryError
 from agent.emergency import Emergency, Ended, Extended, Session, Started, share_session
 from agent.local_api import LocalApi
 from agent.policy import Outcome, apply_trigger, refused
@@ -139,6 +140,7 @@ class Agent:
         #: The continuous exterior share streaming now (the building's policy), if any.
         self.share: Session | None = None
         self.local_api: LocalApi | None = None
+        self.advertiser: Advertiser | None = None
         self._owed: dict[str, Any] = {}
         self._owed_saved = ""
         self._streams: dict[str, StreamDesc] = {}
@@ -231,6 +233,8 @@ class Agent:
         self.capture.start()  # last: subscribers may rely on seeing the first packet
         self._spawn(self.uplink.run(), "uplink")
         self._spawn(self._housekeeping(), "housekeeping")
+        if cfg.discovery.enabled and self.local_api is not None:
+            self._spawn(self._advertise(self.local_api), "mdns")
         active = self.emergency.active
         if active is not None:  # after a restart: stream again once cameras run
             self._spawn(self._resume(active), "resume-session")
@@ -616,6 +620,43 @@ class Agent:
                 if self.emergency.active is not None or self._owed or self.uplink.streams:
                     self._persist()
             await asyncio.sleep(0.5)
+
+    def device_state(self) -> str:
+        """What mDNS says of the device: ``armed``, ``emergency`` or ``fault``."""
+        if self.emergency.active is not None:
+            return "emergency"
+        if any(s.fault for s in self.capture.state.values()):
+            return "fault"
+        return "armed"
+
+    async def _advertise(self, api: LocalApi) -> None:
+        """Advertise the Local API on the configured interfaces; follow the state."""
+        cfg = self.config
+        advertiser = Advertiser(
+            cfg.device_id,
+            cfg.building,
+            api.port,
+            api.fingerprint,
+            interfaces=cfg.discovery.interfaces,
+            state=self.device_state(),
+        )
+        try:
+            await advertiser.start()
+        except (DiscoveryError, OSError) as exc:  # the buttons work without it
+            log.error("mDNS advertisement: %s", exc)
+            self.audit.record_soon("discovery_fault", error=str(exc)[:300])
+            await advertiser.close()
+            return
+        self.advertiser = advertiser
+        self.changes.notify()
+        try:
+            while True:
+                await self.changes.wait_until(lambda: self.device_state() != advertiser.state)
+                await advertiser.set_state(self.device_state())
+                self.changes.notify()
+        finally:
+            self.advertiser = None
+            await advertiser.close()  # goodbye packets
 
     def _update_led(self) -> None:
         """Show the state on the LED (and chirp once when the police have the alarm)."""

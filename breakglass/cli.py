@@ -147,12 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     age.add_argument("--out", type=Path, required=True)
     age.set_defaults(func=_keys_age)
 
-    from breakglass import audit_cli, trigger_cli
+    from breakglass import audit_cli, provision_cli, trigger_cli
     from breakglass.footage_cli import add_footage_commands
 
     add_footage_commands(sub)
     trigger_cli.add_parser(sub)
     audit_cli.add_parser(sub)
+    provision_cli.add_parser(sub)
     return parser
 
 

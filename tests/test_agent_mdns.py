@@ -1,0 +1,52 @@
+"""The agent advertises its Local API over mDNS (bound to 127.0.0.1) and follows its state."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config
+from agent.daemon import Agent
+from agent.discovery import discover
+from breakglass.demo import BUILDING, press_button, write_agent_config
+from receiver.server import Receiver
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
+    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
+        yield rx
+
+
+async def test_the_agent_is_found_with_its_pin_and_its_state(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    path = write_agent_config(tmp_path / "agent", receiver, preroll_s=1)
+    async with Agent(load_config(path)) as agent:
+        await agent.wait_until(lambda: agent.advertiser is not None)
+        api = agent.local_api
+        assert api is not None
+        (found,) = [
+            d
+            for d in await discover(interfaces=["127.0.0.1"], timeout_s=2.5)
+            if d.device_id == agent.config.device_id
+        ]
+        assert (found.building, found.state, found.port) == (BUILDING, "armed", api.port)
+        assert found.fingerprint == api.fingerprint
+        assert "127.0.0.1" in found.addresses
+        await agent.capture.wait_packets(5)
+        press_button(agent)
+        advertiser = agent.advertiser
+        assert advertiser is not None
+        await agent.wait_until(lambda: advertiser.state == "emergency")
+        again = [
+            d
+            for d in await discover(interfaces=["127.0.0.1"], timeout_s=2.5)
+            if d.device_id == agent.config.device_id
+        ]
+        assert [d.state for d in again] == ["emergency"]
+        agent.end("test finished")
