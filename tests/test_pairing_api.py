@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import stat
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -129,3 +131,32 @@ async def test_a_proxy_in_the_middle_is_caught_and_learns_nothing(
     code = setup_code(agent)
     assert len(seen) == 4  # it relayed both steps
     assert not any(code.encode() in part for part in seen)
+
+
+async def test_the_technician_cli_pairs_and_writes_what_the_code_proved(
+    agent: Agent, tmp_path: Path
+) -> None:
+    api = agent.local_api
+    assert api is not None
+    out = tmp_path / "paired.json"
+    args = ["provision", "pair", "--to", api.url, "--device", agent.config.device_id]
+
+    async def run(code: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "breakglass", *args, "--setup-code", code, "--out", str(out),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        output, _ = await proc.communicate()
+        return proc.returncode or 0, output.decode()
+
+    code = setup_code(agent)
+    wrong = f"{(int(code) + 7) % 10**8:08d}"
+    assert api.pairing is not None
+    api.pairing.window.retry_after_s = 0  # the pause after a wrong code is tested above
+    status, text = await run(wrong)
+    assert status == 1 and "wrong_code" in text
+    status, text = await run(code[:4] + "-" + code[4:])
+    assert status == 0, text
+    paired = json.loads(out.read_text())
+    assert paired["kid"] == kid(agent.device_public_key)
+    assert paired["fingerprint"] == api.fingerprint
