@@ -146,6 +146,9 @@ class AgentConfig:
     #: Share the exterior cameras with the receiver continuously (a per-building policy).
     share_exterior: bool = False
     trust: TrustConfig = TrustConfig()
+    #: The enrollment certificate the district's authority signed for this device
+    #: (sent in the uplink hello; a receiver that trusts the authority needs it).
+    enrollment: Path | None = None
     local_api: LocalApiConfig = LocalApiConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
     led_pin: int | str | None = None
@@ -278,6 +281,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
     device_id = device.text("id", _REQUIRED, pattern=ID_RE)
     device_key = device.path("key", _REQUIRED)
     state_dir = device.path("state_dir", "state")
+    enrollment = None if device.text("enrollment", None) is None else device.path("enrollment")
     device.done()
 
     building = top.table_at("building")
@@ -361,6 +365,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
         device_id=device_id,
         device_key=device_key,
         state_dir=state_dir,
+        enrollment=enrollment,
         building=building_id,
         receiver_url=url,
         receiver_pin=pin,

@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -38,8 +39,8 @@ from hardware import CameraError, CameraSource, EncodedPacket, StreamInfo
 from hardware.button import PanicButton, PressEvent, loop_callback
 from hardware.buzzer import StatusBuzzer
 from hardware.led import LedPattern, StatusLed
-from provisioning.errors import ProvisioningError
-from provisioning.keys import load_private_key
+from provisioning.errors import KeyFileError, ProvisioningError
+from provisioning.keys import load_private_key, read_small
 from provisioning.triggers import Rejected
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ class Agent:
             on_trigger=self._on_uplink_trigger,
             audit_feed=AuditFeed(self.audit.path),
             audit_head=lambda: self.audit.head_n,
+            enrollment=_read_enrollment(cfg.enrollment),
         )
         sources = {c.id: self._make_source(c) for c in cfg.cameras}
         self.capture = Capture(
@@ -722,6 +724,18 @@ def _owed_entry(stream: SessionStream) -> dict[str, Any]:
         "end": {c.id: stream.end_seq[c.index] for c in cams},
         "close_reason": stream.close_reason,
     }
+
+
+def _read_enrollment(path: Path | None) -> dict[str, Any] | None:
+    """The enrollment certificate to present to the receiver (it verifies it)."""
+    if path is None:
+        return None
+    try:
+        doc = json.loads(read_small(path, "enrollment certificate"))
+    except (KeyFileError, ValueError) as exc:  # the receiver will refuse; the buttons work
+        log.error("enrollment certificate %s: %s", path, exc)
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _by(event: Mapping[str, Any]) -> dict[str, Any]:

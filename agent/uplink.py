@@ -163,6 +163,7 @@ class UplinkClient:
         on_change: Callable[[], None] | None = None,
         audit_feed: AuditFeed | None = None,
         audit_head: Callable[[], int] | None = None,
+        enrollment: Mapping[str, Any] | None = None,
     ) -> None:
         self.url = url
         self.origin = origin
@@ -176,6 +177,7 @@ class UplinkClient:
         self.live_lag_s = live_lag_s
         self._on_trigger = on_trigger
         self._on_change = on_change
+        self.enrollment = enrollment
         #: The audit trail shipped to the receiver: what it holds, what is on the way.
         self._audit_feed = audit_feed
         self._audit_head = audit_head
@@ -480,7 +482,7 @@ class UplinkClient:
             raise UplinkRefused(event.code, event.detail)
         assert isinstance(event, p.Challenge)  # the protocol allows nothing else here
         sig = self._key.sign(p.hello_signed_bytes(event.nonce, self.origin))
-        await ws.send_str(_text(conn.send(p.Hello(self.device_id, p.b64url(sig), None))))
+        await ws.send_str(_text(conn.send(p.Hello(self.device_id, p.b64url(sig), self.enrollment))))
         event = await self._receive(ws, conn, 10)
         if isinstance(event, p.Error):
             raise UplinkRefused(event.code, event.detail)

@@ -33,6 +33,7 @@ from provisioning.errors import KeyFileError
 from provisioning.keys import load_public_key, verify
 from receiver.audit_copy import AuditCopies
 from receiver.camera_ingest import CameraIngest
+from receiver.device_trust import DeviceTrust
 from receiver.errors import ReceiverError
 from receiver.recording import RecordingStore, SessionRecording, TrackInfo
 
@@ -83,8 +84,13 @@ class IngestServer:
         origins: list[str],
         identities: list[Any] | None = None,
         audits: AuditCopies | None = None,
+        trust: DeviceTrust | None = None,
     ) -> None:
         self.store = store
+        #: The district authority's enrollments (``None``: the allow-list only).
+        self.trust = trust
+        #: This receiver's TLS pin: an enrollment must name it.
+        self.fingerprint = ""
         #: Copies of the devices' audit trails (``None``: not kept).
         self.audits = audits
         self.allow = allow
@@ -185,7 +191,17 @@ class IngestServer:
         event = await self._receive(ws, conn, HANDSHAKE_TIMEOUT_S)
         if not isinstance(event, p.Hello):
             raise p.RemoteProtocolError("unexpected", "expected hello")
-        key = self.allow.key(event.device)
+        if event.enrollment is not None and self.trust is not None:
+            enrollment = await asyncio.to_thread(
+                self.trust.check,
+                event.device,
+                event.enrollment,
+                now=time.time(),
+                own_pin=self.fingerprint,
+            )
+            key: Ed25519PublicKey | None = enrollment.device_key
+        else:
+            key = self.allow.key(event.device)
         if key is None:
             raise p.RemoteProtocolError(
                 "unknown_device", f"device {event.device!r} is not enrolled here"

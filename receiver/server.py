@@ -9,7 +9,10 @@ opens the recording store (``DATA/recordings/``), reads the device allow-list
 - ``/v1/uplink``   the agents' uplink (WebSocket, see :mod:`agent.protocol`);
 - ``/``, ``/api/sessions``, ``/v1/live/...``, ``/recordings/...`` the viewer.
 
-It keeps a copy of every device's audit trail (``DATA/audit/<device>.log``)
+Devices are accepted by their enrollment certificate when
+``DATA/authority.pub`` names the district's authority
+(:mod:`receiver.device_trust`; revocations in ``DATA/revocations.json``), or
+by the allow-list. It keeps a copy of every device's audit trail (``DATA/audit/<device>.log``)
 and can push signed triggers to connected devices
 (:meth:`IngestServer.push_trigger`).
 
@@ -30,6 +33,7 @@ from aiohttp import web
 from provisioning.age_keys import load_identity, new_identity, recipient_of
 from provisioning.tls import ensure_certificate, server_context
 from receiver.audit_copy import AuditCopies
+from receiver.device_trust import DeviceTrust
 from receiver.ingest import AllowList, IngestServer
 from receiver.recording import RecordingStore
 from receiver.viewer import setup_viewer
@@ -59,6 +63,7 @@ class Receiver:
             AllowList(self.devices_dir),
             [],
             audits=AuditCopies(self.data_dir / "audit"),
+            trust=DeviceTrust(self.data_dir),
         )
         self._runner: web.AppRunner | None = None
 
@@ -106,6 +111,7 @@ class Receiver:
             common_name="breakglass receiver",
             hosts=[self.host, "localhost"],
         )
+        self.ingest.fingerprint = self.fingerprint
         ssl_ctx = server_context(self.cert_path, self.key_path)
         # Bind first so that port 0 resolves to a real port before the origin is fixed.
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET

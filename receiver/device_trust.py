@@ -1,0 +1,115 @@
+"""Which devices the receiver accepts: those the district's authority enrolled.
+
+With ``DATA/authority.pub`` (the district authority's public key), a device
+is accepted when the enrollment certificate in its ``hello`` verifies, is
+current, names this receiver (its TLS pin), is not older than one already
+seen for that device (re-enrollment only moves forward) and is not revoked
+by the newest revocation list (``DATA/revocations.json``, signed by the same
+authority; an older list never replaces a newer one). No hand-kept list is
+involved. Files are read at each handshake: a new revocation list or
+authority takes effect without a restart.
+
+Without an authority, or for a device that sends no certificate, the
+allow-list (``DATA/devices/<id>.pub``) still applies: a development and
+transition path, which a district closes by not keeping one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent import protocol as p
+from provisioning.documents import DocumentError
+from provisioning.enrollment import Enrollment, Revocations, parse_enrollment, parse_revocations
+from provisioning.errors import KeyFileError
+from provisioning.keys import load_public_key, write_secret
+from provisioning.tls import pins_equal
+
+log = logging.getLogger(__name__)
+
+
+class DeviceTrust:
+    """Checks a device's enrollment certificate against the district's authority."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.authority_path = data_dir / "authority.pub"
+        self.revocations_path = data_dir / "revocations.json"
+        self.enrolled_dir = data_dir / "enrolled"
+        self._revocations: Revocations | None = None
+
+    def authority(self) -> Ed25519PublicKey | None:
+        """The district authority's key, if this receiver trusts one."""
+        if not self.authority_path.exists():
+            return None
+        try:
+            return load_public_key(self.authority_path)
+        except KeyFileError as exc:
+            log.error("district authority: %s", exc)
+            return None
+
+    def revocations(self, authority: Ed25519PublicKey) -> Revocations | None:
+        """The newest valid revocation list (an older one never replaces it)."""
+        try:
+            raw = self.revocations_path.read_bytes()
+        except FileNotFoundError:
+            return self._revocations
+        try:
+            fresh = parse_revocations(raw, authority)
+        except DocumentError as exc:
+            log.error("revocation list %s refused: %s", self.revocations_path, exc)
+            return self._revocations
+        if self._revocations is None or fresh.version >= self._revocations.version:
+            self._revocations = fresh
+        else:
+            log.error("revocation list v%d is older than v%d: kept the newer", fresh.version,
+                      self._revocations.version)  # fmt: skip
+        return self._revocations
+
+    def check(
+        self, device: str, envelope: Mapping[str, Any], *, now: float, own_pin: str
+    ) -> Enrollment:
+        """The device's verified enrollment, or RemoteProtocolError with a stable code."""
+        authority = self.authority()
+        if authority is None:
+            raise p.RemoteProtocolError("unknown_device", "this receiver trusts no authority")
+        try:
+            enrollment = parse_enrollment(envelope, authority, now=now)
+        except DocumentError as exc:
+            raise p.RemoteProtocolError(f"enrollment_{exc.code}", exc.detail) from exc
+        if enrollment.device != device:
+            raise p.RemoteProtocolError(
+                "enrollment_mismatch", f"certificate is for {enrollment.device!r}, not {device!r}"
+            )
+        if not pins_equal(enrollment.receiver_pin, own_pin):
+            raise p.RemoteProtocolError(
+                "enrollment_other_receiver", "the certificate names another receiver"
+            )
+        revoked = self.revocations(authority)
+        if revoked is not None and revoked.revoked(enrollment):
+            raise p.RemoteProtocolError("revoked", f"device {device} is revoked")
+        self._remember(enrollment)
+        return enrollment
+
+    def _remember(self, enrollment: Enrollment) -> None:
+        """Refuse certificates older than the newest seen for the device; record it."""
+        path = self.enrolled_dir / f"{enrollment.device}.json"
+        try:
+            seen = json.loads(path.read_text())
+            newest = int(seen["version"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            newest = 0
+        if enrollment.version < newest:
+            raise p.RemoteProtocolError(
+                "enrollment_superseded",
+                f"certificate v{enrollment.version} is older than v{newest} of this device",
+            )
+        if enrollment.version > newest:
+            record = {"version": enrollment.version, "kid": enrollment.device_kid,
+                      "building": enrollment.building}  # fmt: skip
+            write_secret(path, json.dumps(record).encode())

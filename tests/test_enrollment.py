@@ -1,0 +1,170 @@
+"""The receiver trusts the district's authority, not a hand-kept list (issue #5, point 5)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.config import load_config
+from agent.daemon import Agent
+from breakglass.demo import BUILDING, DEMO_CAMERAS, press_button, write_agent_config
+from provisioning.documents import DocumentError, b64url, b64url_decode, canonical
+from provisioning.enrollment import (
+    parse_enrollment,
+    parse_revocations,
+    sign_enrollment,
+    sign_revocations,
+)
+from provisioning.keys import kid, load_private_key
+from receiver.server import Receiver
+
+pytestmark = pytest.mark.timeout(60)
+NOW = int(time.time())
+
+
+@pytest.fixture
+async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
+    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
+        yield rx
+
+
+def enroll(
+    tmp_path: Path,
+    receiver: Receiver,
+    *,
+    signer: Ed25519PrivateKey | None = None,
+    version: int = 1,
+    exp: int = NOW + 86400,
+    pin: str | None = None,
+    device: str = "demo-agent-1",
+) -> tuple[Path, dict[str, Any]]:
+    """An agent NOT on the receiver's allow-list, with a certificate from ``signer``."""
+    path = write_agent_config(tmp_path / "agent", receiver, preroll_s=1, allow=False)
+    authority = load_private_key(tmp_path / "district" / "authority.key")
+    device_key = load_private_key(tmp_path / "agent" / "device.key")
+    config = load_config(path)
+    cert = sign_enrollment(
+        signer or authority,
+        version=version,
+        device=device,
+        device_key=device_key.public_key(),
+        building=BUILDING,
+        receiver_url=config.receiver_url,
+        receiver_pin=pin or receiver.fingerprint,
+        recipients=list(config.store.recipients),
+        cameras=[{"id": c, "zone": z} for c, z in DEMO_CAMERAS],
+        iat=NOW - 10,
+        exp=exp,
+    )
+    (tmp_path / "agent" / "enrollment.json").write_text(json.dumps(cert))
+    text = path.read_text().replace(
+        'state_dir = "state"\n', 'state_dir = "state"\nenrollment = "enrollment.json"\n'
+    )
+    path.write_text(text)
+    # The receiver trusts the district's authority (and has no allow-list entry).
+    shutil.copy(tmp_path / "district" / "authority.pub", receiver.data_dir / "authority.pub")
+    return path, cert
+
+
+async def refused(path: Path) -> str:
+    async with Agent(load_config(path)) as agent:
+        await agent.uplink.wait_until(lambda: bool(agent.uplink.stats.refusals))
+        assert not agent.uplink.connected
+        (code,) = agent.uplink.stats.refusals
+        return str(code)
+
+
+async def test_a_freshly_enrolled_device_is_accepted_with_no_manual_step(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    path, _ = enroll(tmp_path, receiver)
+    assert not (receiver.devices_dir / "demo-agent-1.pub").exists()
+    async with Agent(load_config(path)) as agent:
+        await agent.uplink.wait_until(lambda: agent.uplink.connected)
+        await agent.capture.wait_packets(10)
+        press_button(agent)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+        agent.end("test finished")
+        await agent.uplink.wait_settled(session.id)
+    assert [s.session_id for s in receiver.store.sessions()] == [session.id]
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("other authority", "enrollment_unknown_key"),
+        ("forged", "enrollment_bad_signature"),
+        ("expired", "enrollment_expired"),
+        ("another receiver", "enrollment_other_receiver"),
+        ("another device", "enrollment_mismatch"),
+        ("revoked", "revoked"),
+    ],
+)
+async def test_the_receiver_refuses_what_the_authority_did_not_vouch_for(
+    tmp_path: Path, receiver: Receiver, case: str, code: str
+) -> None:
+    if case == "other authority":
+        path, _ = enroll(tmp_path, receiver, signer=Ed25519PrivateKey.generate())
+    elif case == "expired":
+        path, _ = enroll(tmp_path, receiver, exp=NOW - 1)
+    elif case == "another receiver":
+        path, _ = enroll(tmp_path, receiver, pin="sha256:" + "ab" * 32)
+    elif case == "another device":
+        path, _ = enroll(tmp_path, receiver, device="lincoln-pi-9")
+    elif case == "forged":
+        path, cert = enroll(tmp_path, receiver)
+        payload = json.loads(b64url_decode(cert["payload"], what="payload"))
+        payload["building"] = "jefferson-high"
+        forged = {**cert, "payload": b64url(canonical(payload))}
+        (tmp_path / "agent" / "enrollment.json").write_text(json.dumps(forged))
+    else:
+        path, _ = enroll(tmp_path, receiver)
+        authority = load_private_key(tmp_path / "district" / "authority.key")
+        device_key = load_private_key(tmp_path / "agent" / "device.key")
+        revocations = sign_revocations(
+            authority,
+            1,
+            [{"device": "demo-agent-1", "kid": kid(device_key.public_key())}],
+            iat=NOW,
+            exp=NOW + 3600,
+        )
+        (receiver.data_dir / "revocations.json").write_text(json.dumps(revocations))
+    assert await refused(path) == code
+
+
+async def test_re_enrollment_only_moves_forward(tmp_path: Path, receiver: Receiver) -> None:
+    path, _ = enroll(tmp_path, receiver, version=2)
+    async with Agent(load_config(path)) as agent:
+        await agent.uplink.wait_until(lambda: agent.uplink.connected)
+    enroll(tmp_path, receiver, version=1)  # an older certificate of the same device
+    assert await refused(path) == "enrollment_superseded"
+
+
+def test_documents_round_trip_and_reject_tampering() -> None:
+    authority, device = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    cert = sign_enrollment(
+        authority, version=1, device="lincoln-pi-1", device_key=device.public_key(),
+        building=BUILDING, receiver_url="wss://rx:8443/v1/uplink",
+        receiver_pin="sha256:" + "0" * 64,
+        recipients=["age1" + "q" * 58], cameras=[{"id": "hall", "zone": "interior"}],
+        iat=NOW, exp=NOW + 60,
+    )  # fmt: skip
+    parsed = parse_enrollment(json.dumps(cert), authority.public_key(), now=NOW)
+    assert parsed.cameras == {"hall": "interior"} and parsed.device_kid == kid(device.public_key())
+    with pytest.raises(DocumentError) as late:
+        parse_enrollment(json.dumps(cert), authority.public_key(), now=NOW + 60)
+    assert late.value.code == "expired"
+    revocations = sign_revocations(authority, 3, [], iat=NOW, exp=NOW + 1)
+    assert parse_revocations(json.dumps(revocations), authority.public_key()).version == 3
+    with pytest.raises(DocumentError) as stranger:
+        parse_revocations(json.dumps(revocations), device.public_key())
+    assert stranger.value.code == "unknown_key"
