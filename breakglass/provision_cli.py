@@ -37,6 +37,7 @@ import sys
 from typing import Any, Final
 
 from agent.discovery import Discovered, discover
+from breakglass import authority_cli
 from breakglass.pairing_client import pair
 from provisioning.pairing import PairingError, normalise_code
 
@@ -169,3 +170,4 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     pairing.add_argument("--setup-code", required=True, metavar="CODE", help="e.g. 1234-5678")
     pairing.add_argument("--out", metavar="FILE", help="write the result (JSON) to FILE")
     pairing.set_defaults(func=_pair)
+    authority_cli.add_commands(provision)
