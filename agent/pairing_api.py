@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +57,11 @@ def load_or_make_code(path: Path) -> str:
         code = new_setup_code()
         write_secret(path, (show_code(code) + "\n").encode())
         # The console, not the log: the code is the key to pairing.
-        print(f"breakglass: setup code {show_code(code)} (also in {path}, mode 0600)", flush=True)
+        print(
+            f"breakglass: setup code {show_code(code)} (also in {path}, mode 0600)",
+            file=sys.stderr,  # stdout may be a program's output (benchmarks print JSON)
+            flush=True,
+        )
         return code
 
 
