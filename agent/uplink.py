@@ -50,8 +50,9 @@ FILL_MIN_BYTES = 32 * 1024
 GOODPUT_WINDOW_S = 2.0
 GOODPUT_MIN_SPAN_S = 0.5
 
-# Codes after which retrying soon is pointless: the receiver does not know us.
-FATAL_CODES = frozenset({"unknown_device", "bad_signature"})
+# Codes after which retrying soon is pointless: the receiver does not know us (or our
+# enrollment does not do: refused, expired, superseded, revoked).
+FATAL_CODES = frozenset({"unknown_device", "bad_signature", "revoked"})
 
 
 @dataclass(slots=True)
@@ -412,7 +413,7 @@ class UplinkClient:
                     self.stats.refusals[exc.code] = self.stats.refusals.get(exc.code, 0) + 1
                     self.stats.last_error = str(exc)
                     log.error("%s", exc)
-                    if exc.code in FATAL_CODES:
+                    if exc.code in FATAL_CODES or exc.code.startswith("enrollment_"):
                         delay = self.reconnect_max_s
                     self._changed()
                 except aiohttp.ServerFingerprintMismatch as exc:
