@@ -682,6 +682,11 @@ class AuditLog:
         in call order, so the loop never waits for the disk."""
         self._executor().submit(self.record, event, **fields)
 
+    def flush(self) -> None:
+        """Wait until every entry queued by :meth:`record_soon` is written (blocks)."""
+        if self._background is not None:
+            self._background.submit(lambda: None).result()
+
     def checkpoint_soon(self) -> None:
         """:meth:`checkpoint` on the trail's own thread, after what is queued."""
         self._executor().submit(self.checkpoint)

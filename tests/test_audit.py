@@ -205,6 +205,18 @@ def test_record_soon_keeps_call_order_and_close_writes_it_all(tmp_path: Path) ->
     assert verify_chain(lines)[0] == 50
 
 
+def test_flush_waits_for_what_record_soon_queued(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.log", clock=lambda: 0.0)
+    for i in range(20):
+        log.record_soon("camera_fault", i=i)
+    log.flush()  # the trail stays open
+    lines = (tmp_path / "audit.log").read_bytes().splitlines()
+    assert [json.loads(line)["i"] for line in lines] == list(range(20))
+    log.record_soon("camera_recovered")
+    log.close()
+    assert len((tmp_path / "audit.log").read_bytes().splitlines()) == 21
+
+
 # -- signed checkpoints -------------------------------------------------------------------
 
 

@@ -47,7 +47,7 @@ def setup_code(agent: Agent) -> str:
 
 
 def audit(agent: Agent) -> list[dict[str, object]]:
-    agent.audit.close()  # flush what is queued (the agent's exit closes it again)
+    agent.audit.flush()  # what is queued, written
     path = agent.config.state_dir / "audit.log"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
