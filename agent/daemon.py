@@ -392,7 +392,9 @@ class Agent:
             loop.call_soon_threadsafe(self.uplink.audit_recorded)
 
     def _session_started(self, session: Session) -> None:
-        self._end_share("an emergency started")  # the emergency carries every camera
+        """Audit a session's start (an emergency's, or a share's), then stream it."""
+        if not is_share(session):
+            self._end_share("an emergency started")  # the emergency carries every camera
         self._record(
             "session_start",
             session=session.id,
@@ -498,15 +500,7 @@ class Agent:
         ready = tuple(c for c in cameras if len(self.capture.prerolls[c]))
         if ready and self.share is None and self.emergency.active is None:
             session = share_session(self.config.building, self.clock(), ready, SHARE_HOURS)
-            self._record(
-                "session_start",
-                session=session.id,
-                building=session.building,
-                by=_by(session.started_by),
-                cameras=list(session.cameras),
-                expires_at=session.expires_at,
-            )
-            self._start_streaming(session)
+            self._session_started(session)
 
     def _end_share(self, reason: str) -> None:
         share, self.share = self.share, None

@@ -10,13 +10,15 @@ is on disk before the trigger it belongs to takes effect.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 
 class SqliteReplayCache:
     """:class:`provisioning.triggers.ReplayCache` on a SQLite file."""
 
-    def __init__(self, path: Path, now: float) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float]) -> None:
+        self._now = clock
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -25,7 +27,7 @@ class SqliteReplayCache:
             "CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, keep_until REAL NOT NULL)"
         )
         path.chmod(0o600)
-        self.prune(now)
+        self.prune(clock())
 
     def seen(self, nonce: str) -> bool:
         """Whether an accepted trigger already carried ``nonce``."""
@@ -34,9 +36,15 @@ class SqliteReplayCache:
 
     def add(self, nonce: str, keep_until: float) -> None:
         """Remember ``nonce`` until ``keep_until`` (durably, before returning)."""
-        self._db.execute(
-            "INSERT OR REPLACE INTO nonces (nonce, keep_until) VALUES (?, ?)", (nonce, keep_until)
-        )
+        # One transaction (one fsync) for the insert and the pruning: only accepted
+        # triggers write, so a flood of bad ones never touches the disk here.
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM nonces WHERE keep_until < ?", (self._now(),))
+            self._db.execute(
+                "INSERT OR REPLACE INTO nonces (nonce, keep_until) VALUES (?, ?)",
+                (nonce, keep_until),
+            )
 
     def prune(self, now: float) -> None:
         """Forget nonces no clock would accept any more."""

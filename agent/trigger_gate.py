@@ -75,7 +75,7 @@ class TriggerGate:
 
     def _open_replay(self, path: Path) -> SqliteReplayCache:
         try:
-            return SqliteReplayCache(path, self.clock())
+            return SqliteReplayCache(path, self.clock)
         except sqlite3.DatabaseError as exc:
             # A damaged cache must not keep the agent (and its buttons) from arming. The
             # nonces it held are lost: a trigger accepted in the last six minutes could be
@@ -84,7 +84,7 @@ class TriggerGate:
             path.replace(aside)
             log.error("replay cache %s unreadable (%s): moved to %s", path, exc, aside.name)
             self.audit.record("replay_cache_reset", error=str(exc)[:300], moved_to=aside.name)
-            return SqliteReplayCache(path, self.clock())
+            return SqliteReplayCache(path, self.clock)
 
     def _load(self, configured: Path | None) -> None:
         if self._authority is None:
@@ -147,7 +147,6 @@ class TriggerGate:
     def verify(self, body: bytes | str | Mapping[str, Any], *, via: str) -> Accepted | Rejected:
         """Verify one trigger. A rejection is counted and audited here."""
         now = self.clock()
-        self.replay.prune(now)
         result = verify_trigger(
             body,
             building=self.building,

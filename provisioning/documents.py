@@ -79,6 +79,10 @@ class Envelope:
     kid: str
     sig: bytes
 
+    def as_json(self) -> dict[str, str]:
+        """The envelope as sent (to keep or pass on)."""
+        return {"payload": b64url(self.payload), "kid": self.kid, "sig": b64url(self.sig)}
+
 
 def envelope_limit(max_payload: int) -> int:
     """The largest envelope (bytes) that can carry a payload of ``max_payload`` bytes."""
@@ -126,6 +130,22 @@ def parse_envelope(
     if len(sig) != 64:
         raise DocumentError("malformed", "envelope.sig: not a 64-byte Ed25519 signature")
     return Envelope(payload, doc["kid"], sig)
+
+
+def open_signed(
+    body: bytes | str | Mapping[str, Any], signer: Ed25519PublicKey, *, what: str, max_payload: int
+) -> Envelope:
+    """An envelope that ``signer`` (the one key allowed to sign ``what``) signed.
+
+    DocumentError ``unknown_key`` when another key signed it, ``bad_signature``
+    when the signature does not verify (and the envelope's own codes).
+    """
+    envelope = parse_envelope(body, max_payload=max_payload)
+    if envelope.kid != key_id(signer):
+        raise DocumentError("unknown_key", f"{what}: not signed by the district authority")
+    if not signature_valid(envelope, signer):
+        raise DocumentError("bad_signature", f"{what}: signature does not verify")
+    return envelope
 
 
 def signature_valid(envelope: Envelope, key: Ed25519PublicKey) -> bool:

@@ -126,11 +126,7 @@ def parse_enrollment(
 ) -> Enrollment:
     """Verify an enrollment certificate (DocumentError: ``unknown_key``, ``bad_signature``,
     ``malformed``, ``expired``, ``not_yet_valid``)."""
-    envelope = d.parse_envelope(body, max_payload=MAX_ENROLLMENT_PAYLOAD)
-    if envelope.kid != key_id(authority):
-        raise DocumentError("unknown_key", "enrollment: not signed by this district's authority")
-    if not d.signature_valid(envelope, authority):
-        raise DocumentError("bad_signature", "enrollment: signature does not verify")
+    envelope = d.open_signed(body, authority, what="enrollment", max_payload=MAX_ENROLLMENT_PAYLOAD)
     doc = d.read_payload(envelope, "enrollment", _FIELDS, frozenset())
     if doc["exp"] <= doc["iat"]:
         raise DocumentError("malformed", "payload.exp: not after iat")
@@ -142,7 +138,7 @@ def parse_enrollment(
     return Enrollment(
         doc["version"], doc["iat"], doc["exp"], doc["device"], doc["device_key"],
         doc["building"], url, pin, doc["recipients"], doc["retention_h"], doc["cameras"],
-        {"payload": d.b64url(envelope.payload), "kid": envelope.kid, "sig": d.b64url(envelope.sig)},
+        envelope.as_json(),
     )  # fmt: skip
 
 
@@ -216,11 +212,9 @@ def parse_revocations(
     body: bytes | str | Mapping[str, Any], authority: Ed25519PublicKey
 ) -> Revocations:
     """Verify a revocation list signed by the authority."""
-    envelope = d.parse_envelope(body, max_payload=MAX_REVOCATIONS_PAYLOAD)
-    if envelope.kid != key_id(authority):
-        raise DocumentError("unknown_key", "revocations: not signed by this district's authority")
-    if not d.signature_valid(envelope, authority):
-        raise DocumentError("bad_signature", "revocations: signature does not verify")
+    envelope = d.open_signed(
+        body, authority, what="revocation list", max_payload=MAX_REVOCATIONS_PAYLOAD
+    )
     doc = d.read_payload(
         envelope,
         "revocations",

@@ -103,11 +103,9 @@ def parse_key_list(
     body: bytes | str | Mapping[str, Any], authority: Ed25519PublicKey
 ) -> TriggerKeyList:
     """Verify a trigger-key list signed by the district ``authority``."""
-    envelope = d.parse_envelope(body, max_payload=MAX_KEYLIST_PAYLOAD)
-    if envelope.kid != key_id(authority):
-        raise DocumentError("unknown_key", "trigger-key list: not signed by the district authority")
-    if not d.signature_valid(envelope, authority):
-        raise DocumentError("bad_signature", "trigger-key list: signature does not verify")
+    envelope = d.open_signed(
+        body, authority, what="trigger-key list", max_payload=MAX_KEYLIST_PAYLOAD
+    )
     doc = d.read_payload(
         envelope,
         "trigger_keys",
@@ -121,7 +119,7 @@ def parse_key_list(
         doc["iat"],
         doc["exp"],
         doc["keys"],
-        {"payload": d.b64url(envelope.payload), "kid": envelope.kid, "sig": d.b64url(envelope.sig)},
+        envelope.as_json(),
     )
 
 

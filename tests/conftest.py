@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
+from receiver.server import Receiver
 from tests.media import PacketList, make_h264_packets
 
 
@@ -49,3 +51,10 @@ def no_leaked_threads() -> Iterator[None]:
         if thread.is_alive():
             leaked.append(thread.name)
     assert not leaked, f"threads left running: {sorted(leaked)}"
+
+
+@pytest.fixture
+async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
+    """A police receiver on 127.0.0.1 (an ephemeral port), data in ``tmp_path/receiver``."""
+    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
+        yield rx

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,6 @@ from breakglass.demo import BUILDING, press_button, write_agent_config
 from receiver.server import Receiver
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
-        yield rx
 
 
 async def test_the_agent_is_found_with_its_pin_and_its_state(

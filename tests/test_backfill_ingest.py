@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,6 @@ pytestmark = pytest.mark.timeout(60)
 
 FIRST = 1000  # every camera's first seq in these sessions: seq = FIRST + packet index
 CAMERAS = ("cam-a", "cam-b")
-
-
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
-        yield rx
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -21,12 +20,6 @@ from receiver.server import Receiver
 from tests.media import make_h264_packets
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
-        yield rx
 
 
 def enroll(receiver: Receiver, tmp_path: Path, device: str) -> Ed25519PrivateKey:

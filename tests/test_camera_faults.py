@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,12 +16,6 @@ from hardware.led import LedPattern
 from receiver.server import Receiver
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
-        yield rx
 
 
 @pytest.fixture

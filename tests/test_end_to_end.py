@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,6 @@ from receiver.server import Receiver
 from tests.recordings import assert_session_gapless, recorded_seqs
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
-        yield rx
 
 
 async def press(agent: Agent) -> Session:

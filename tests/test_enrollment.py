@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,6 @@ from receiver.server import Receiver
 
 pytestmark = pytest.mark.timeout(60)
 NOW = int(time.time())
-
-
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
-        yield rx
 
 
 def enroll(

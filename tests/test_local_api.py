@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,6 @@ from receiver.server import Receiver
 from tests.trust import Signers, call, enrol_roles, entry
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
-        yield rx
 
 
 def agent_config(tmp_path: Path, receiver: Receiver) -> tuple[Path, Signers]:

@@ -28,12 +28,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
-        yield rx
-
-
-@pytest.fixture
 async def agent(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Agent]:
     path = write_agent_config(tmp_path / "agent", receiver, preroll_s=1)
     async with Agent(load_config(path)) as running:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,6 @@ from hardware.led import LedPattern
 from receiver.server import Receiver
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
-        yield rx
 
 
 async def test_exterior_cameras_are_shared_and_interior_ones_wait_for_an_emergency(

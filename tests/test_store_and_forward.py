@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from queue import Empty, Queue
 
@@ -28,12 +28,6 @@ from tests.netproxy import TcpProxy
 from tests.recordings import assert_declared, assert_session_gapless, recorded_seqs
 
 pytestmark = pytest.mark.timeout(150)
-
-
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
-        yield rx
 
 
 def via_proxy(config: Path, receiver: Receiver, proxy: TcpProxy) -> Path:
