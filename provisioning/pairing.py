@@ -34,11 +34,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B
+from spake2.ed25519_basic import NotOnCurve
 from spake2.spake2 import SPAKEError
 
 CODE_DIGITS: Final = 8
+#: A side's message: its one-byte side id and an Ed25519 group element.
+SPAKE2_MESSAGE_BYTES: Final = 33
 TECHNICIAN_ID: Final = b"breakglass-technician"
-MAX_MESSAGE_BYTES: Final = 64 * 1024
+MAX_MESSAGE_BYTES: Final = 160 * 1024  # an enrollment bundle with a full trigger-key list
 WINDOW_S: Final = 15 * 60.0
 MAX_FAILURES: Final = 10
 RETRY_AFTER_FAILURE_S: Final = 2.0
@@ -142,11 +145,12 @@ class _Channel:
 
 
 def _finish(side: object, inbound: bytes) -> bytes:
-    if len(inbound) > 1024:
-        raise PairingError("malformed", "SPAKE2 message too long")
+    if len(inbound) != SPAKE2_MESSAGE_BYTES:
+        # The library decodes short inputs too (b"A\x01" is taken for a point): be exact.
+        raise PairingError("malformed", f"a SPAKE2 message is {SPAKE2_MESSAGE_BYTES} bytes")
     try:
         key = side.finish(inbound)  # type: ignore[attr-defined]
-    except (SPAKEError, ValueError, AssertionError, IndexError) as exc:
+    except (SPAKEError, NotOnCurve, ValueError, AssertionError, IndexError) as exc:
         raise PairingError("malformed", f"not a SPAKE2 message ({type(exc).__name__})") from exc
     assert isinstance(key, bytes)
     return key
@@ -261,5 +265,6 @@ class PairingWindow:
         self._not_before = now + self.retry_after_s
 
     def succeeded(self) -> None:
-        """Paired: the window closes."""
+        """Paired: the window closes (and the pause after the attempt is over: it was no guess)."""
         self.paired = True
+        self._not_before = 0.0
