@@ -117,6 +117,8 @@ class LocalApiConfig:
     port: int = 8443
     #: Pairing by setup code is open this long after start (0: never).
     pairing_window_s: float = 900.0
+    #: Holding a panic button this long reopens pairing while unprovisioned.
+    pairing_hold_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +153,9 @@ class AgentConfig:
     enrollment: Path | None = None
     local_api: LocalApiConfig = LocalApiConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
+    #: False: first boot, waiting for a technician to pair and enroll it (no building,
+    #: receiver or cameras yet; :mod:`agent.first_boot` runs instead of the agent).
+    provisioned: bool = True
     led_pin: int | str | None = None
     buzzer_pin: int | str | None = None
     pin_factory: str | None = None  # None: gpiozero's default; "mock" for demos and tests
@@ -255,8 +260,14 @@ _TOP_LEVEL = (
 
 
 def load_config(path: Path) -> AgentConfig:
-    """Read and validate the agent configuration at ``path``."""
+    """Read and validate a complete agent configuration at ``path`` (no enrollment applied;
+    :func:`agent.boot.load_agent_config` is what ``breakglass agent run`` uses)."""
     path = Path(path)
+    return parse_config(read_toml(path), path.resolve())
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML document at ``path``, size-limited; ConfigError naming the file."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -267,34 +278,53 @@ def load_config(path: Path) -> AgentConfig:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}", key="") from exc
-    return parse_config(doc, path.resolve())
+    return doc
 
 
-def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
-    """Validate an already parsed TOML document (``path`` names it in errors)."""
+def device_paths(doc: Mapping[str, Any], path: Path) -> tuple[Path, Path]:
+    """``[device]`` key and state folder, read ahead of the whole document (the state
+    folder says whether the device is enrolled)."""
+    device = _Reader(path, "device", doc.get("device", {}))
+    return device.path("key", _REQUIRED), device.path("state_dir", "state")
+
+
+def parse_config(
+    doc: Mapping[str, Any],
+    path: Path,
+    *,
+    default_id: str | None = None,
+    provisioned: bool = True,
+) -> AgentConfig:
+    """Validate an already parsed TOML document (``path`` names it in errors).
+
+    ``default_id``: the device id when ``[device] id`` is absent (derived from its key).
+    ``provisioned=False``: a first-boot configuration, without building, receiver,
+    recipients or cameras (a technician's enrollment brings them).
+    """
+    needed = _REQUIRED if provisioned else None
     top = _Reader(path, "", dict(doc))
     # A misspelt table name explains the "missing" errors it causes: report it first.
     top.seen = set(_TOP_LEVEL)
     top.done()
     top.seen = set()
     device = top.table_at("device")
-    device_id = device.text("id", _REQUIRED, pattern=ID_RE)
+    device_id = device.text("id", default_id or _REQUIRED, pattern=ID_RE)
     device_key = device.path("key", _REQUIRED)
     state_dir = device.path("state_dir", "state")
     enrollment = None if device.text("enrollment", None) is None else device.path("enrollment")
     device.done()
 
     building = top.table_at("building")
-    building_id = building.text("id", _REQUIRED, pattern=ID_RE)
+    building_id = building.text("id", needed, pattern=ID_RE) or ""
     share_exterior = building._get("share_exterior", False, (bool,), "true or false")
     building.done()
 
     receiver = top.table_at("receiver")
-    url = receiver.text("url", _REQUIRED)
+    url = receiver.text("url", needed) or ""
     parts = urlsplit(url)
-    if parts.scheme != "wss" or not parts.hostname:
+    if provisioned and (parts.scheme != "wss" or not parts.hostname):
         receiver.fail("url", f"{url!r} must be a wss:// URL (the uplink is TLS only)")
-    pin = receiver.text("tls_pin", _REQUIRED, pattern=re.compile(r"^sha256:[0-9a-f]{64}$"))
+    pin = receiver.text("tls_pin", needed, pattern=re.compile(r"^sha256:[0-9a-f]{64}$")) or ""
     receiver.done()
 
     emergency = top.table_at("emergency")
@@ -320,6 +350,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
         host=api.text("host", "127.0.0.1"),
         port=api.integer("port", 8443, low=0, high=65535),
         pairing_window_s=api.number("pairing_window_s", 900, low=0, high=24 * 3600),
+        pairing_hold_s=api.number("pairing_hold_s", 10, low=1, high=60),
     )
     api.done()
 
@@ -342,7 +373,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
     unacked_max = uplink.integer("unacked_max_mb", 64, low=8, high=65536) * 1024 * 1024
     uplink.done()
 
-    store = _store(top.table_at("store"))
+    store = _store(top.table_at("store"), needed)
 
     gpio = top.table_at("gpio")
     factory = gpio.text("pin_factory", None)
@@ -352,8 +383,8 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
     buzzer_pin = gpio.pin("buzzer_pin", None)
     gpio.done()
 
-    cameras = tuple(_camera(path, i, t) for i, t in enumerate(_array(top, "cameras")))
-    if not cameras:
+    cameras = tuple(camera_from_table(path, i, t) for i, t in enumerate(_array(top, "cameras")))
+    if provisioned and not cameras:
         top.fail("cameras", "at least one [[cameras]] entry is needed")
     _unique(top, "cameras", [c.id for c in cameras])
     buttons = tuple(_button(path, i, t) for i, t in enumerate(_array(top, "buttons")))
@@ -385,6 +416,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> AgentConfig:
         heartbeat_s=heartbeat,
         reconnect_max_s=reconnect_max,
         unacked_max_bytes=unacked_max,
+        provisioned=provisioned,
     )
 
 
@@ -401,9 +433,9 @@ def _unique(top: _Reader, key: str, values: list[str], what: str = "id") -> None
         seen.add(value)
 
 
-def _store(r: _Reader) -> StoreConfig:
-    recipients = r._get("recipients", _REQUIRED, (list,), "a list of age recipients (age1...)")
-    if not recipients:
+def _store(r: _Reader, needed: Any) -> StoreConfig:
+    recipients = r._get("recipients", needed or [], (list,), "a list of age recipients (age1...)")
+    if not recipients and needed is _REQUIRED:
         r.fail("recipients", "at least one age recipient is needed (the district's)")
     for i, text in enumerate(recipients):
         where = f"recipients[{i}]"
@@ -424,7 +456,8 @@ def _store(r: _Reader) -> StoreConfig:
     return store
 
 
-def _camera(path: Path, i: int, table: Any) -> CameraConfig:
+def camera_from_table(path: Path, i: int, table: Any) -> CameraConfig:
+    """One ``[[cameras]]`` table (``cameras[i]`` in errors), validated."""
     r = _Reader(path, f"cameras[{i}]", table)
     source = r.text("source", _REQUIRED)
     if source not in SOURCES:

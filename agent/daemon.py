@@ -27,11 +27,14 @@ from agent.changes import Changes
 from agent.config import AgentConfig, CameraConfig
 from agent.discovery import Advertiser, DiscoveryError
 from agent.emergency import Emergency, Ended, Extended, Session, Started, share_session
+from agent.enrollment_state import Enrolled
 from agent.local_api import LocalApi
 from agent.policy import Outcome, apply_trigger, refused
 from agent.segment import StreamDesc, parse_recipient
+from agent.snapshot import SnapshotError, jpeg_from_packets
 from agent.statefile import SequenceReservations, read_json, write_json
 from agent.store import SegmentStore
+from agent.technician import TechnicianDesk
 from agent.trigger_gate import TriggerGate
 from agent.uplink import SessionStream, UplinkClient
 from agent.zones import cameras_to_share, cameras_to_stream, is_share
@@ -119,9 +122,14 @@ class Agent:
         pin_factory: Any = None,
         source_factory: Callable[[CameraConfig], CameraSource] = make_source,
         clock: Callable[[], float] = time.time,
+        enrolled: Enrolled | None = None,
     ) -> None:
+        if not config.provisioned:
+            raise ValueError("an unprovisioned device runs agent.first_boot.FirstBoot")
         self.config = config
         self.clock = clock
+        #: The installed enrollment this configuration came from (None: a hand-written one).
+        self.enrollment = enrolled
         self.pin_factory = (
             pin_factory if pin_factory is not None else make_pin_factory(config.pin_factory)
         )
@@ -165,6 +173,16 @@ class Agent:
             self.emergency = Emergency.from_json(cfg.building, cfg.session_duration_s, saved)
         self._owed = read_json(self.owed_path) or {}
         self.audit = AuditLog(cfg.state_dir / "audit.log", self.clock, signer=key)
+        self.desk = TechnicianDesk(
+            cfg,
+            self.device_public_key,
+            self.audit,
+            clock=self.clock,
+            busy=self._busy,
+            snapshot=self.snapshot,
+            zones={c.id: c.zone for c in cfg.cameras},
+        )
+        self.desk.current = self.enrollment
         self.gate = TriggerGate(
             cfg.building, cfg.trust, cfg.state_dir, self.audit, clock=self.clock
         )
@@ -225,7 +243,7 @@ class Agent:
                 location=b.location,
             )
         if cfg.local_api.enabled:
-            api = LocalApi(self, cfg.local_api, cfg.state_dir / "tls")
+            api = LocalApi(self, cfg.local_api, cfg.state_dir / "tls", agent=self)
             try:
                 await api.start()
                 self.local_api = api
@@ -672,6 +690,29 @@ class Agent:
         if self.led is not None:
             self.led.show(pattern)
 
+    # -- the technician (paired by setup code) ---------------------------------------
+
+    @property
+    def enrolled(self) -> asyncio.Event:
+        """Set when a technician installed a new enrollment: the agent must start again."""
+        return self.desk.enrolled
+
+    async def on_channel(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
+        """A paired technician's sealed request (re-enroll, check a camera's aim)."""
+        return await self.desk.handle(request, peer)
+
+    def _busy(self) -> str | None:
+        active = self.emergency.active
+        return None if active is None else f"emergency {active.id} is active; enroll after it"
+
+    async def snapshot(self, camera: str) -> bytes:
+        """A JPEG still of ``camera`` from its pre-roll (raises SnapshotError)."""
+        packets = self.capture.prerolls[camera].snapshot()
+        if not packets:
+            raise SnapshotError("no_footage", f"camera {camera} has no footage yet")
+        extradata = self.capture.sources[camera].info.extradata
+        return await asyncio.to_thread(jpeg_from_packets, packets, extradata)
+
     # -- introspection -----------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -680,6 +721,11 @@ class Agent:
         return {
             "device": self.config.device_id,
             "building": self.config.building,
+            "provisioned": True,
+            "enrollment_version": None if self.enrollment is None else self.enrollment.version,
+            "certificate": None
+            if self.enrollment is None
+            else dict(self.enrollment.enrollment.envelope),
             "state": self.emergency.state.value,
             "uplink_connected": self.uplink.connected,
             "cameras": [

@@ -12,7 +12,11 @@ out, errors ``{"error": CODE, "detail": "..."}`` with a stable CODE:
   authority (key rotation and revocation without a visit): 200 with its
   version, or 4xx (``keylist_rollback``, ``keylist_expired``, ...); audited;
 - ``GET /metrics``       Prometheus text format;
-- ``POST /v1/pairing/start|confirm`` pairing by setup code (:mod:`agent.pairing_api`).
+- ``POST /v1/pairing/start|confirm|channel`` pairing by setup code, then enrollment
+  and the technician's camera check (:mod:`agent.pairing_api`).
+
+An unprovisioned device (:mod:`agent.first_boot`) serves the status and the
+pairing endpoints; the others answer 409 ``unprovisioned``.
 
 Bodies are read up to the envelope limit and no further. Triggers are rate
 limited (a token bucket, :data:`TRIGGERS_PER_S`): a flood is answered 429
@@ -26,11 +30,13 @@ import logging
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.config import LocalApiConfig
+from agent.audit import AuditLog
+from agent.config import AgentConfig, LocalApiConfig
 from agent.pairing_api import PairingService, load_or_make_code
 from agent.policy import STATUS
 from provisioning.documents import DocumentError, envelope_limit
@@ -48,19 +54,35 @@ TRIGGER_BURST: Final = 50.0
 FLOOD_REPORT_S: Final = 60.0
 
 
+class ApiHost(Protocol):
+    """What the API serves for: an armed agent, or a device waiting for enrollment."""
+
+    config: AgentConfig
+    audit: AuditLog
+    device_public_key: Ed25519PublicKey
+
+    def status(self) -> dict[str, Any]:
+        """``GET /v1/status``."""
+
+    async def on_channel(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
+        """A paired technician's sealed request (``enroll``, ``check``)."""
+
+
 class LocalApi:
-    """Serves the Local API for one :class:`agent.daemon.Agent` (``start``/``stop``)."""
+    """Serves the Local API for one device (``start``/``stop``); ``agent`` when armed."""
 
     def __init__(
         self,
-        agent: Agent,
+        host: ApiHost,
         config: LocalApiConfig,
         tls_dir: Path,
         *,
+        agent: Agent | None = None,
         triggers_per_s: float = TRIGGERS_PER_S,
         burst: float = TRIGGER_BURST,
     ) -> None:
-        self.agent = agent
+        self.host = host
+        self._agent = agent
         self.triggers_per_s = triggers_per_s
         self.burst = burst
         self.config = config
@@ -85,10 +107,11 @@ class LocalApi:
         """The aiohttp application."""
         app = web.Application(client_max_size=envelope_limit(MAX_KEYLIST_PAYLOAD))
         app.router.add_get("/v1/status", self._status)
-        app.router.add_get("/v1/challenge", self._challenge)
-        app.router.add_post("/v1/triggers", self._trigger)
-        app.router.add_put("/v1/trigger-keys", self._trigger_keys)
-        app.router.add_get("/metrics", self._metrics)
+        armed = self._agent is not None
+        app.router.add_get("/v1/challenge", self._challenge if armed else _unprovisioned)
+        app.router.add_post("/v1/triggers", self._trigger if armed else _unprovisioned)
+        app.router.add_put("/v1/trigger-keys", self._trigger_keys if armed else _unprovisioned)
+        app.router.add_get("/metrics", self._metrics if armed else _unprovisioned)
         if self.pairing is not None:
             self.pairing.setup(app)
         return app
@@ -102,17 +125,19 @@ class LocalApi:
         self.fingerprint = ensure_certificate(
             self.cert_path,
             self.key_path,
-            common_name=f"breakglass {self.agent.config.device_id}",
+            common_name=f"breakglass {self.host.config.device_id}",
             hosts=hosts,
         )
         if self.config.pairing_window_s > 0:
-            agent = self.agent
+            host = self.host
             self.pairing = PairingService(
-                device_id=agent.config.device_id,
-                code=load_or_make_code(agent.config.state_dir / "setup-code"),
+                device_id=host.config.device_id,
+                code=load_or_make_code(host.config.state_dir / "setup-code"),
                 identity=self.identity,
-                audit=agent.audit,
+                audit=host.audit,
                 window_s=self.config.pairing_window_s,
+                handler=host.on_channel,
+                reopen_on_failure=not host.config.provisioned,
             )
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -127,14 +152,19 @@ class LocalApi:
         await site.start()
         log.info("local API on %s (TLS pin %s)", self.url, self.fingerprint)
 
-    def identity(self) -> dict[str, str]:
-        """What pairing tells the technician: the device's id, public key and API pin."""
-        key = self.agent.device_public_key
+    def identity(self) -> dict[str, Any]:
+        """What pairing tells the technician: the device's id, public key, API pin, state."""
+        key = self.host.device_public_key
+        status = self.host.status()
         return {
-            "device": self.agent.config.device_id,
+            "device": self.host.config.device_id,
             "public_key": public_pem(key).decode("ascii"),
             "kid": kid(key),
             "fp": self.fingerprint,
+            "provisioned": self.host.config.provisioned,
+            "enrollment_version": status.get("enrollment_version"),
+            "certificate": status.get("certificate"),
+            "cameras": [{"id": c["id"], "zone": c["zone"]} for c in status.get("cameras", [])],
         }
 
     async def stop(self) -> None:
@@ -146,8 +176,14 @@ class LocalApi:
 
     # -- handlers ------------------------------------------------------------------
 
+    @property
+    def agent(self) -> Agent:
+        """The armed agent (only the armed endpoints use it)."""
+        assert self._agent is not None
+        return self._agent
+
     async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.agent.status())
+        return web.json_response(self.host.status())
 
     async def _challenge(self, request: web.Request) -> web.Response:
         challenge = self.agent.gate.challenge()
@@ -194,14 +230,15 @@ class LocalApi:
         if self._flood == 0:
             self._flood_since = now
         self._flood += 1
-        self.agent.gate.rejected["rate_limited"] += 1
+        if self._agent is not None:
+            self._agent.gate.rejected["rate_limited"] += 1
         self._report_flood()
         return False
 
     def _report_flood(self, *, force: bool = False) -> None:
         if self._flood and (force or time.monotonic() - self._flood_since >= FLOOD_REPORT_S):
             log.warning("local API: %d triggers refused by the rate limit", self._flood)
-            self.agent.audit.record_soon("trigger_flood", refused=self._flood, via="local_api")
+            self.host.audit.record_soon("trigger_flood", refused=self._flood, via="local_api")
             self._flood = 0
 
     # -- metrics --------------------------------------------------------------------------
@@ -262,3 +299,9 @@ class LocalApi:
              ('{where="receiver"}', float(agent.uplink.audit_acked))],
         )  # fmt: skip
         return "\n".join(out) + "\n"
+
+
+async def _unprovisioned(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"error": "unprovisioned", "detail": "this device is not enrolled yet"}, status=409
+    )

@@ -8,10 +8,19 @@ budget whether it is confirmed or not, because the device's answer lets the
 caller test one guess.
 
 - ``POST /v1/pairing/start``   ``{"msg": b64url}`` -> ``{"attempt", "msg", "confirm"}``
-- ``POST /v1/pairing/confirm`` ``{"attempt", "confirm"}`` -> ``{"box": b64url}``: the
-  device's identity (id, public key, Local API certificate pin) sealed under
-  the key only the code could make. The technician compares the pin with the
-  certificate its TLS connection saw: a proxy in the middle shows another.
+- ``POST /v1/pairing/confirm`` ``{"attempt", "confirm"}`` -> ``{"session", "box": b64url}``:
+  the device's identity (id, public key, Local API certificate pin, state)
+  sealed under the key only the code could make. The technician compares the
+  pin with the certificate its TLS connection saw: a proxy in the middle
+  shows another.
+- ``POST /v1/pairing/channel`` ``{"session", "box"}`` -> ``{"box"}``: a request
+  sealed under the pairing key, answered sealed, for :data:`SESSION_S` after
+  pairing: ``{"op": "enroll", "bundle": ...}`` installs an enrollment
+  (:mod:`agent.enrollment_state`); ``{"op": "check", "camera": ID}`` returns a
+  JPEG snapshot of one camera (interior ones too: only a technician who
+  proved the code, in the pairing window, sees them; each is audited). The
+  answer is ``{"ok": ...}`` or ``{"error", "detail"}``, sealed. A box that does
+  not open ends the session.
 
 Errors are the Local API's ``{"error", "detail"}`` (``pairing_closed``,
 ``rate_limited``, ``wrong_code``, ``malformed``, ``no_attempt``); every
@@ -25,7 +34,7 @@ import logging
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +44,7 @@ from agent.audit import AuditLog
 from provisioning import documents as d
 from provisioning.keys import write_secret
 from provisioning.pairing import (
+    MAX_MESSAGE_BYTES,
     DevicePairing,
     PairingError,
     PairingWindow,
@@ -46,7 +56,20 @@ from provisioning.pairing import (
 log = logging.getLogger(__name__)
 
 MAX_BODY = 4096
-STATUS = {"pairing_closed": 403, "rate_limited": 429, "wrong_code": 403, "no_attempt": 409}
+#: A paired technician may use the channel this long (enroll, check the cameras' aim).
+SESSION_S = 600.0
+MAX_CHANNEL_BODY = 2 * MAX_MESSAGE_BYTES
+STATUS = {
+    "pairing_closed": 403,
+    "rate_limited": 429,
+    "wrong_code": 403,
+    "no_attempt": 409,
+    "no_session": 409,
+    "bad_box": 403,
+}
+
+#: A sealed request's handler: the opened request -> the answer to seal.
+ChannelHandler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
 
 
 def load_or_make_code(path: Path) -> str:
@@ -76,27 +99,61 @@ class PairingService:
         identity: Callable[[], dict[str, Any]],
         audit: AuditLog,
         window_s: float,
+        handler: ChannelHandler | None = None,
+        reopen_on_failure: bool = False,
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device_id = device_id
         self._code = code
         self._identity = identity
+        self._handler = handler
+        #: An unprovisioned device stays pairable (within its window) when a paired
+        #: session ends without an enrollment: refused, tampered with, or timed out.
+        self.reopen_on_failure = reopen_on_failure
         self.audit = audit
         self.mono = mono
         self.window = PairingWindow(duration_s=window_s)
         if window_s > 0:
             self.window.open(mono())
         self._attempt: tuple[str, DevicePairing] | None = None
+        self._session: tuple[str, Any, float] | None = None  # (id, channel, until)
+
+    def _end_session(self) -> None:
+        self._session = None
+        if self.reopen_on_failure:
+            self.window.paired = False  # the rest of the window, with the budget left
+
+    def _expire(self) -> None:
+        current = self._session
+        if current is not None and self.mono() >= current[2]:
+            self._end_session()
+
+    def is_open(self) -> bool:
+        """Whether a pairing attempt could start now (or after the pause of a failure)."""
+        self._expire()
+        try:
+            self.window.check(self.mono())
+        except PairingError as exc:
+            return exc.code == "rate_limited"
+        return True
+
+    def reopen(self) -> None:
+        """Open the window again with a fresh budget (the long button hold)."""
+        self.window.open(self.mono())
+        self._attempt = self._session = None
+        log.warning("pairing reopened for %.0f s", self.window.duration_s)
+        self.audit.record_soon("pairing_reopened", window_s=self.window.duration_s)
 
     def setup(self, app: web.Application) -> None:
         """Register the endpoints."""
         app.router.add_post("/v1/pairing/start", self._start)
         app.router.add_post("/v1/pairing/confirm", self._confirm)
+        app.router.add_post("/v1/pairing/channel", self._channel)
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.content.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            raise PairingError("too_large", f"pairing messages are at most {MAX_BODY} bytes")
+    async def _body(self, request: web.Request, limit: int = MAX_BODY) -> dict[str, Any]:
+        raw = await request.content.read(limit + 1)
+        if len(raw) > limit:
+            raise PairingError("too_large", f"pairing messages are at most {limit} bytes")
         try:
             doc = d.parse_json(raw, what="body")
         except d.DocumentError as exc:
@@ -115,6 +172,7 @@ class PairingService:
         peer = request.remote or "?"
         try:
             now = self.mono()
+            self._expire()
             self.window.check(now)
             message = self._b64(await self._body(request), "msg")
             self.window.failed(now)  # counted until confirmed: the answer tests one guess
@@ -144,9 +202,43 @@ class PairingService:
             return self._refuse(exc, peer, "confirm")
         self.window.succeeded()
         box = channel.seal(json.dumps(self._identity(), sort_keys=True).encode())
+        session = secrets.token_urlsafe(16)
+        self._session = (session, channel, self.mono() + SESSION_S)
         log.warning("paired with a technician at %s; pairing closed", peer)
         self.audit.record_soon("paired", peer=peer)
-        return web.json_response({"box": d.b64url(box)})
+        return web.json_response({"session": session, "box": d.b64url(box)})
+
+    async def _channel(self, request: web.Request) -> web.Response:
+        peer = request.remote or "?"
+        try:
+            doc = await self._body(request, MAX_CHANNEL_BODY)
+            current = self._session
+            if (
+                current is None
+                or self.mono() >= current[2]
+                or not secrets.compare_digest(str(doc.get("session", "")), current[0])
+            ):
+                raise PairingError("no_session", "no paired session by that id (pair again)")
+            channel = current[1]
+            try:
+                opened = channel.open(self._b64(doc, "box"))
+            except PairingError:
+                self._end_session()  # tampered, replayed or reordered: end it
+                raise
+            request_doc = d.parse_json(opened, what="request")
+            if not isinstance(request_doc, dict):
+                raise PairingError("malformed", "request: not a JSON object")
+        except (PairingError, d.DocumentError) as exc:
+            code = exc.code if isinstance(exc, PairingError) else "malformed"
+            detail = exc.detail
+            return self._refuse(PairingError(code, detail), peer, "channel")
+        if self._handler is None:
+            answer: dict[str, Any] = {"error": "unsupported", "detail": "no channel operations"}
+        else:
+            answer = await self._handler(request_doc, peer)
+        if "error" in answer and request_doc.get("op") == "enroll" and self.reopen_on_failure:
+            self._end_session()  # unprovisioned: pairable again (the answer says why)
+        return web.json_response({"box": d.b64url(channel.seal(json.dumps(answer).encode()))})
 
     def _refuse(self, exc: PairingError, peer: str, step: str) -> web.Response:
         log.warning("pairing %s from %s refused: %s", step, peer, exc.code)

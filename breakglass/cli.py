@@ -36,14 +36,12 @@ async def until_signalled(main: Callable[[asyncio.Event], Awaitable[int]]) -> in
 
 
 def _agent_run(args: argparse.Namespace) -> int:
-    from agent.config import load_config
-    from agent.daemon import Agent
+    from agent.boot import load_agent_config, run_agent
 
-    config = load_config(args.config)
+    load_agent_config(args.config)  # a configuration error stops it here, clearly
 
     async def main(stop: asyncio.Event) -> int:
-        async with Agent(config):
-            await stop.wait()
+        await run_agent(args.config, stop)
         return 0
 
     return asyncio.run(until_signalled(main))
@@ -53,15 +51,32 @@ def _receiver_serve(args: argparse.Namespace) -> int:
     from receiver.server import Receiver
 
     async def main(stop: asyncio.Event) -> int:
-        async with Receiver(args.data, args.host, args.port) as rx:
+        async with Receiver(
+            args.data, args.host, args.port, offline_after_s=args.offline_after
+        ) as rx:
             print(f"receiver: {rx.url}  uplink: {rx.uplink_url}")
             print(f"TLS pin (put it in each agent's [receiver] tls_pin): {rx.fingerprint}")
             print(f"allowed devices: {rx.devices_dir}/<device-id>.pub")
             print(f"age recipient (put it in each agent's [store] recipients): {rx.age_recipient}")
+            print(f"offline alarm after {rx.presence.offline_after_s:g} s of silence")
             await stop.wait()
         return 0
 
     return asyncio.run(until_signalled(main))
+
+
+def _offline_after(text: str) -> float:
+    """``--offline-after``: seconds, checked as the receiver checks them."""
+    from receiver.presence import validate_offline_after
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    try:
+        return validate_offline_after(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("offline_after_s: ")) from None
 
 
 def _keys_new(args: argparse.Namespace) -> int:
@@ -133,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data", type=Path, required=True)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8443)
+    serve.add_argument(
+        "--offline-after",
+        type=_offline_after,
+        default=300.0,
+        metavar="SECONDS",
+        help="raise a device's offline alarm after this long without a message (default 300)",
+    )
     serve.set_defaults(func=_receiver_serve)
 
     keys = sub.add_parser(

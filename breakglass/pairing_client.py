@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,7 +26,7 @@ from provisioning.pairing import PairingError, TechnicianPairing
 from provisioning.tls import fingerprint, fingerprint_digest, pins_equal
 
 TIMEOUT_S = 15.0
-MAX_ANSWER = 16 * 1024
+MAX_ANSWER = 512 * 1024  # a camera snapshot, sealed and base64
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,15 @@ class PairedDevice:
     kid: str
     fingerprint: str
     url: str
+    #: The device's state when paired (``provisioned``, ``enrollment_version``).
+    provisioned: bool = False
+    enrollment_version: int | None = None
+    #: Its current enrollment certificate (an envelope), and its cameras (id, zone).
+    certificate: dict[str, Any] | None = None
+    cameras: tuple[tuple[str, str], ...] = ()
+    #: The paired session and its channel (sealed requests: :func:`request`).
+    session: str = field(default="", repr=False)
+    channel: Any = field(default=None, repr=False, compare=False)
 
 
 async def _seen_pin(base_url: str) -> str:
@@ -119,4 +128,50 @@ async def pair(base_url: str, device_id: str, code: str) -> PairedDevice:
             "man_in_the_middle",
             f"the TLS certificate seen ({seen[:23]}...) is not the device's ({pin[:23]}...)",
         )
-    return PairedDevice(device, identity["public_key"], kid(key), pin, base)
+    version = identity.get("enrollment_version")
+    certificate = identity.get("certificate")
+    cameras = identity.get("cameras") or []
+    return PairedDevice(
+        device,
+        identity["public_key"],
+        kid(key),
+        pin,
+        base,
+        provisioned=bool(identity.get("provisioned", False)),
+        enrollment_version=version if isinstance(version, int) else None,
+        certificate=certificate if isinstance(certificate, dict) else None,
+        cameras=tuple((str(c["id"]), str(c["zone"])) for c in cameras if isinstance(c, dict)),
+        session=str(second.get("session", "")),
+        channel=side.channel,
+    )
+
+
+async def request(paired: PairedDevice, body: dict[str, Any]) -> dict[str, Any]:
+    """Send one sealed request to a paired device; its opened answer (``{"ok": ...}``).
+
+    Raises PairingError with the device's code when it refuses.
+    """
+    channel = paired.channel
+    if channel is None or not paired.session:
+        raise PairingError("no_session", "not paired")
+    box = channel.seal(json.dumps(body).encode())
+    timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        answer = await _post(
+            http,
+            paired.url + "/v1/pairing/channel",
+            paired.fingerprint,
+            {"session": paired.session, "box": d.b64url(box)},
+        )
+    try:
+        opened = json.loads(channel.open(d.b64url_decode(answer.get("box", ""), what="box")))
+    except (d.DocumentError, ValueError) as exc:
+        raise PairingError("malformed", f"the device's answer: {exc}") from exc
+    if not isinstance(opened, dict):
+        raise PairingError("malformed", "the device's answer is not a JSON object")
+    if "error" in opened:
+        raise PairingError(str(opened["error"])[:64], str(opened.get("detail", ""))[:300])
+    ok = opened.get("ok")
+    if not isinstance(ok, dict):
+        raise PairingError("malformed", "the device's answer has no result")
+    return ok

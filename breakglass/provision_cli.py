@@ -37,7 +37,7 @@ import sys
 from typing import Any, Final
 
 from agent.discovery import Discovered, discover
-from breakglass import authority_cli
+from breakglass import authority_cli, enroll_cli
 from breakglass.pairing_client import pair
 from provisioning.pairing import PairingError, normalise_code
 
@@ -112,7 +112,11 @@ def _pair(args: argparse.Namespace) -> int:
     except PairingError as exc:
         print(f"breakglass: error: {exc.code}: {_clean(exc.detail)}", file=sys.stderr)
         return 2 if exc.code in ("unreachable", "bad_url", "bad_code") else 1
-    record = dataclasses.asdict(device)
+    record = {
+        f.name: getattr(device, f.name)
+        for f in dataclasses.fields(device)
+        if f.name not in ("session", "channel")
+    }
     text = json.dumps(record, indent=2) + "\n"
     if args.out is None:
         print(text, end="")
@@ -171,3 +175,4 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     pairing.add_argument("--out", metavar="FILE", help="write the result (JSON) to FILE")
     pairing.set_defaults(func=_pair)
     authority_cli.add_commands(provision)
+    enroll_cli.add_commands(provision)

@@ -1,0 +1,148 @@
+"""What ``breakglass agent run`` starts: the configuration file plus the enrollment.
+
+A Raspberry Pi image carries the same small configuration on every device:
+``[device]`` (key and state paths; the id defaults to one derived from the
+key), the Local API, discovery and the GPIO pins. On first boot the device
+makes its key (``[device] key``, mode 0600; it never leaves the device) and
+runs unprovisioned (:mod:`agent.first_boot`) until a technician enrolls it.
+The enrollment (:mod:`agent.enrollment_state`) then supplies what the district
+decides: building, receiver, recipients, retention, cameras and trust, which
+take precedence over the same keys in the file (a warning names them).
+
+A complete hand-written configuration (building, receiver, cameras: the demo,
+the tests, a bench setup) still runs as it is, without enrollment.
+
+:func:`run_agent` starts whichever the device is, and starts again when a
+technician enrolls or re-enrolls it, until ``stop`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from agent import enrollment_state
+from agent.config import AgentConfig, device_paths, parse_config, read_toml
+from agent.errors import ConfigError
+from provisioning.keys import kid, load_private_key, new_private_key
+
+log = logging.getLogger(__name__)
+
+#: Tables whose presence makes a configuration file a complete (hand-written) one.
+HAND_WRITTEN = ("building", "receiver", "cameras")
+
+
+def derived_id(public_kid: str) -> str:
+    """The device id when ``[device] id`` is not configured: from its key id."""
+    return f"bg-{public_kid[:12]}"
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    """The configuration at ``path`` with the device's enrollment applied (module docstring)."""
+    return load_device(path)[0]
+
+
+def load_device(path: Path) -> tuple[AgentConfig, enrollment_state.Enrolled | None]:
+    """The configuration with the enrollment applied, and the enrollment (None: none).
+
+    Makes the device key on first boot. ConfigError names the file and key.
+    """
+    path = Path(path).resolve()
+    doc = read_toml(path)
+    key_path, state_dir = device_paths(doc, path)
+    enrollment_state.recover(state_dir)
+    enrolled = enrollment_state.load(state_dir)
+    if not key_path.exists():
+        if enrolled is not None:
+            raise ConfigError(
+                f"{path}: device.key: {key_path} is missing but the device is enrolled "
+                "with it; re-enroll the device (its certificate names the lost key)",
+                key="device.key",
+            )
+        new_private_key(key_path)
+        log.warning("first boot: made the device key %s (mode 0600)", key_path)
+    try:
+        key = load_private_key(key_path)
+    except Exception as exc:
+        raise ConfigError(f"{path}: device.key: {exc}", key="device.key") from exc
+    default_id = derived_id(kid(key.public_key()))
+    if enrolled is not None:
+        tables = enrolled.config_tables()
+        overridden = _overlay(doc, tables)
+        if overridden:
+            log.warning(
+                "%s: the enrollment (v%d) sets %s; the file's values are not used",
+                path, enrolled.version, ", ".join(overridden),
+            )  # fmt: skip
+        config = parse_config(doc, path, default_id=default_id)
+        e = enrolled.enrollment
+        if e.device != config.device_id or e.device_kid != kid(key.public_key()):
+            raise ConfigError(
+                f"{path}: device: the enrollment is for {e.device} key {e.device_kid}, this "
+                f"device is {config.device_id} key {kid(key.public_key())}; re-enroll it",
+                key="device.id",
+            )
+        return config, enrolled
+    hand_written = any(t in doc for t in HAND_WRITTEN)
+    return parse_config(doc, path, default_id=default_id, provisioned=hand_written), None
+
+
+def _overlay(doc: dict[str, Any], tables: Mapping[str, Any]) -> list[str]:
+    """Set the enrollment's keys in ``doc``; returns the keys the file also set."""
+    overridden: list[str] = []
+    for name, value in tables.items():
+        if isinstance(value, list):
+            if name in doc:
+                overridden.append(name)
+            doc[name] = value
+            continue
+        table = doc.setdefault(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name}: must be a table", key=name)
+        for key, item in value.items():
+            if key in table and table[key] != item:
+                overridden.append(f"{name}.{key}")
+            table[key] = item
+    return overridden
+
+
+async def run_agent(
+    path: Path,
+    stop: asyncio.Event,
+    *,
+    on_start: Callable[[Any], None] | None = None,
+    **kwargs: Any,
+) -> None:
+    """Run the device (armed or first boot) until ``stop``; restart it after an enrollment.
+
+    ``on_start(runtime)`` is called with each runtime once it runs (tests, the demo).
+    """
+    from agent.daemon import Agent
+    from agent.first_boot import FirstBoot
+
+    port = 0
+    while not stop.is_set():
+        config, enrolled = load_device(path)
+        if config.local_api.port == 0 and port:  # any free port: keep the one it had
+            config = replace(config, local_api=replace(config.local_api, port=port))
+        runtime: Agent | FirstBoot = (
+            Agent(config, enrolled=enrolled, **kwargs)
+            if config.provisioned
+            else FirstBoot(config, **kwargs)
+        )
+        async with runtime:
+            if runtime.local_api is not None:
+                port = runtime.local_api.port
+            if on_start is not None:
+                on_start(runtime)
+            stopping = asyncio.create_task(stop.wait())
+            restart = asyncio.create_task(runtime.enrolled.wait())
+            await asyncio.wait({stopping, restart}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            restart.cancel()
+        if not stop.is_set():
+            log.warning("enrolled: starting again with the new enrollment")

@@ -1,0 +1,423 @@
+"""The technician's enrollment commands: ``breakglass provision enroll|check|rotate``.
+
+``enroll`` does the whole job for one device, or for every device of a plan:
+find it (mDNS, or ``--to``), pair with its setup code (SPAKE2), sign its
+enrollment certificate with the district authority key, send the bundle over
+the paired channel (:mod:`agent.enrollment_state`) and wait until the device
+is back, armed, with that version. A device that was enrolled before gets the
+next version (re-enrollment); ``--version`` sets one.
+
+``check`` pairs and saves one JPEG per camera (the device allows it only to a
+paired technician, in its pairing window, and audits each snapshot).
+
+``rotate`` renews an enrolled device's certificate with the next version and
+a fresh validity, keeping building and cameras (and their sources on the
+device), optionally with a new receiver URL or pin (the receiver's TLS
+certificate was renewed), new recipients, or a new trigger-key list.
+
+A plan (``--plan FILE``, TOML) enrolls many devices, a few at a time, with a
+line of progress per step::
+
+    authority = "district/authority.key"
+    receiver_url = "wss://police.example:8443/v1/uplink"
+    receiver_pin = "sha256:..."
+    recipients = ["age1...district", "age1...receiver"]
+    trigger_keys = "district/trigger-keys.json"   # optional
+    interface = "10.0.0.23"                        # or per device: to = "https://..."
+
+    [[devices]]
+    id = "bg-3f2a9c0d11aa"
+    setup_code = "1234-5678"
+    building = "lincoln-elementary"
+    cameras = ["front-door=exterior,rtsp://10.0.0.20/stream1", "hall-2=interior"]
+
+Camera specs: ``ID=ZONE[,SOURCE]``: SOURCE is an ``rtsp://`` URL, ``picamera``
+(the default) or ``synthetic`` (a test pattern, for demos).
+
+Exit codes: 0 every device enrolled; 1 a device refused or failed; 2 bad
+arguments or files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import ssl
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+
+from agent.discovery import discover
+from breakglass.pairing_client import PairedDevice, pair, request
+from provisioning import documents as d
+from provisioning.enrollment import ID_RE, parse_enrollment, sign_enrollment
+from provisioning.errors import ProvisioningError
+from provisioning.keys import load_private_key, public_key_from_pem, raw_public
+from provisioning.pairing import PairingError, normalise_code
+from provisioning.tls import fingerprint_digest
+
+DISCOVER_S: Final = 3.0
+ARMED_TIMEOUT_S: Final = 60.0
+PARALLEL: Final = 4
+VALID_DAYS: Final = 365
+
+
+class EnrollError(Exception):
+    """One device could not be enrolled; ``code`` is stable."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One device to enroll, and how."""
+
+    device: str
+    setup_code: str
+    building: str = ""
+    cameras: tuple[tuple[str, str, dict[str, Any]], ...] = ()  # (id, zone, source table)
+    to: str | None = None
+    version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class District:
+    """What every device of a run shares: the authority and the receiver."""
+
+    authority: Path
+    receiver_url: str = ""
+    receiver_pin: str = ""
+    recipients: tuple[str, ...] = ()
+    retention_h: float = 72.0
+    trigger_keys: Path | None = None
+    interfaces: tuple[str, ...] = ("127.0.0.1",)
+    valid_days: int = VALID_DAYS
+
+
+def camera_spec(text: str) -> tuple[str, str, dict[str, Any]]:
+    """``ID=ZONE[,SOURCE]`` -> (id, zone, the source's table)."""
+    cid, _, rest = text.partition("=")
+    zone, _, source = rest.partition(",")
+    if not ID_RE.match(cid) or zone not in ("exterior", "interior"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ID=exterior|interior[,SOURCE]")
+    if source.startswith(("rtsp://", "rtsps://")):
+        return cid, zone, {"id": cid, "source": "rtsp", "url": source}
+    if source in ("", "picamera", "synthetic"):
+        return cid, zone, {"id": cid, "source": source or "picamera"}
+    raise argparse.ArgumentTypeError(f"{text!r}: SOURCE is rtsp://..., picamera or synthetic")
+
+
+Progress = Callable[[str, str], None]
+
+
+async def find(device: str, district: District) -> str:
+    """The Local API URL of ``device``, found by mDNS on the district's interfaces."""
+    found = await discover(interfaces=district.interfaces, timeout_s=DISCOVER_S)
+    for agent in found:
+        if agent.device_id == device:
+            return f"https://{agent.addresses[0]}:{agent.port}"
+    raise EnrollError("not_found", f"{device} did not answer mDNS on {district.interfaces}")
+
+
+async def enroll_one(target: Target, district: District, progress: Progress) -> int:
+    """Pair, certify, deliver and wait until armed; returns the version installed."""
+    url = target.to or await find(target.device, district)
+    progress(target.device, f"found at {url}")
+    paired = await pair(url, target.device, target.setup_code)
+    progress(target.device, f"paired (key {paired.kid})")
+    version = target.version or (paired.enrollment_version or 0) + 1
+    authority = load_private_key(district.authority)
+    now = int(time.time())
+    cert = sign_enrollment(
+        authority,
+        version=version,
+        device=target.device,
+        device_key=public_key_from_pem(paired.public_key_pem.encode("ascii")),
+        building=target.building,
+        receiver_url=district.receiver_url,
+        receiver_pin=district.receiver_pin,
+        recipients=list(district.recipients),
+        cameras=[{"id": cid, "zone": zone} for cid, zone, _ in target.cameras],
+        retention_h=district.retention_h,
+        iat=now,
+        exp=now + district.valid_days * 86400,
+    )
+    parse_enrollment(cert, authority.public_key(), now=now)
+    bundle: dict[str, Any] = {
+        "certificate": cert,
+        "authority": d.b64url(raw_public(authority.public_key())),
+        "cameras": [table for _, _, table in target.cameras],
+    }
+    return await _deliver(paired, bundle, district, version, progress)
+
+
+async def rotate_one(target: Target, district: District, progress: Progress) -> int:
+    """Renew an enrolled device's certificate (module docstring)."""
+    url = target.to or await find(target.device, district)
+    paired = await pair(url, target.device, target.setup_code)
+    progress(target.device, f"paired (key {paired.kid})")
+    if not paired.provisioned or paired.certificate is None:
+        raise EnrollError("unprovisioned", f"{target.device} is not enrolled: enroll it first")
+    authority = load_private_key(district.authority)
+    old = parse_enrollment(paired.certificate, authority.public_key(), now=None)
+    now = int(time.time())
+    version = target.version or old.version + 1
+    cert = sign_enrollment(
+        authority,
+        version=version,
+        device=old.device,
+        device_key=old.device_key,
+        building=old.building,
+        receiver_url=district.receiver_url or old.receiver_url,
+        receiver_pin=district.receiver_pin or old.receiver_pin,
+        recipients=list(district.recipients or old.recipients),
+        cameras=[{"id": c, "zone": z} for c, z in old.cameras.items()],
+        retention_h=old.retention_h,
+        iat=now,
+        exp=now + district.valid_days * 86400,
+    )
+    bundle = {"certificate": cert, "authority": d.b64url(raw_public(authority.public_key()))}
+    return await _deliver(paired, bundle, district, version, progress)
+
+
+async def _deliver(
+    paired: PairedDevice,
+    bundle: dict[str, Any],
+    district: District,
+    version: int,
+    progress: Progress,
+) -> int:
+    if district.trigger_keys is not None:
+        bundle["trigger_keys"] = json.loads(district.trigger_keys.read_bytes())
+    answer = await request(paired, {"op": "enroll", "bundle": bundle})
+    progress(paired.device, f"enrollment v{answer.get('version')} installed")
+    await wait_armed(paired, version)
+    progress(paired.device, f"armed with enrollment v{version}")
+    return version
+
+
+async def wait_armed(paired: PairedDevice, version: int) -> None:
+    """Poll the device's status (same certificate) until it runs armed with ``version``."""
+    pin = aiohttp.Fingerprint(fingerprint_digest(paired.fingerprint))
+    deadline = time.monotonic() + ARMED_TIMEOUT_S
+    last = "no answer"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(paired.url + "/v1/status", ssl=pin) as response:
+                    status = await response.json()
+                if status.get("enrollment_version") == version:
+                    return
+                last = f"{status.get('state')}, enrollment v{status.get('enrollment_version')}"
+            except (aiohttp.ClientError, TimeoutError, ValueError, ssl.SSLError) as exc:
+                last = type(exc).__name__  # restarting: the API is down for a moment
+            await asyncio.sleep(0.2)  # a device restarting, polled (not a test's wait)
+    raise EnrollError("not_armed", f"{paired.device}: not armed in {ARMED_TIMEOUT_S:g} s: {last}")
+
+
+async def check_one(
+    target: Target, district: District, out: Path, progress: Progress
+) -> list[Path]:
+    """Pair and save one snapshot per camera of the device as ``out/<device>-<camera>.jpg``."""
+    url = target.to or await find(target.device, district)
+    paired = await pair(url, target.device, target.setup_code)
+    if not paired.provisioned or paired.certificate is None:
+        raise EnrollError("unprovisioned", f"{target.device} has no cameras yet: enroll it first")
+    written = []
+    for camera, zone in paired.cameras:
+        answer = await request(paired, {"op": "check", "camera": camera})
+        path = out / f"{target.device}-{camera}.jpg"
+        jpeg = d.b64url_decode(answer["jpeg"], what="jpeg")
+        await asyncio.to_thread(_write, path, jpeg)
+        progress(target.device, f"{camera} ({zone}): {path}")
+        written.append(path)
+    return written
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+async def run_all(
+    targets: list[Target],
+    job: Callable[[Target], Any],
+    progress: Progress,
+) -> dict[str, str]:
+    """Run ``job`` for every target, :data:`PARALLEL` at a time; device -> error (if any)."""
+    gate = asyncio.Semaphore(PARALLEL)
+    failed: dict[str, str] = {}
+
+    async def one(target: Target) -> None:
+        async with gate:
+            try:
+                await job(target)
+            except (EnrollError, PairingError) as exc:
+                failed[target.device] = f"{exc.code}: {exc.detail}"
+                progress(target.device, f"FAILED {exc.code}: {exc.detail}")
+            except (ProvisioningError, OSError, ValueError) as exc:
+                failed[target.device] = str(exc)
+                progress(target.device, f"FAILED {exc}")
+
+    await asyncio.gather(*(one(t) for t in targets))
+    return failed
+
+
+def _printer(total: int) -> Progress:
+    started = time.monotonic()
+    done: set[str] = set()
+
+    def progress(device: str, step: str) -> None:
+        if step.startswith(("armed", "FAILED")) or step.endswith(".jpg"):
+            done.add(device)
+        elapsed = time.monotonic() - started
+        print(f"[{len(done)}/{total} {elapsed:5.1f}s] {device}: {step}", flush=True)
+
+    return progress
+
+
+def load_plan(path: Path) -> tuple[District, list[Target]]:
+    """Read a plan file (module docstring); ValueError naming the key on a mistake."""
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    base = path.parent
+
+    def text(table: dict[str, Any], key: str, where: str) -> str:
+        value = table.get(key)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{path}: {where}{key}: missing or not a string")
+        return value
+
+    keylist = doc.get("trigger_keys")
+    district = District(
+        authority=base / text(doc, "authority", ""),
+        receiver_url=text(doc, "receiver_url", ""),
+        receiver_pin=text(doc, "receiver_pin", ""),
+        recipients=tuple(doc.get("recipients", [])),
+        retention_h=float(doc.get("retention_h", 72)),
+        trigger_keys=None if keylist is None else base / str(keylist),
+        interfaces=tuple(doc.get("interfaces", [doc.get("interface", "127.0.0.1")])),
+    )
+    targets = []
+    for i, entry in enumerate(doc.get("devices", [])):
+        where = f"devices[{i}]."
+        try:
+            cameras = tuple(camera_spec(str(c)) for c in entry.get("cameras", []))
+            code = normalise_code(text(entry, "setup_code", where))
+        except (argparse.ArgumentTypeError, PairingError) as exc:
+            raise ValueError(f"{path}: {where}: {exc}") from exc
+        targets.append(
+            Target(
+                device=text(entry, "id", where),
+                setup_code=code,
+                building=text(entry, "building", where),
+                cameras=cameras,
+                to=entry.get("to"),
+            )
+        )
+    if not targets:
+        raise ValueError(f"{path}: devices: no [[devices]] to enroll")
+    return district, targets
+
+
+def _district(args: argparse.Namespace) -> District:
+    return District(
+        authority=getattr(args, "authority", None) or Path(),
+        receiver_url=getattr(args, "receiver_url", None) or "",
+        receiver_pin=getattr(args, "receiver_pin", None) or "",
+        recipients=tuple(getattr(args, "recipient", None) or ()),
+        retention_h=getattr(args, "retention_h", 72.0),
+        trigger_keys=getattr(args, "trigger_keys", None),
+        interfaces=tuple(args.interface or ["127.0.0.1"]),
+        valid_days=args.valid_days,
+    )
+
+
+def _targets(args: argparse.Namespace, *, need_setup: bool) -> tuple[District, list[Target]]:
+    if getattr(args, "plan", None) is not None:
+        district, targets = load_plan(args.plan)
+        return replace(district, valid_days=args.valid_days), targets
+    if not args.device or not args.setup_code:
+        raise ValueError("give DEVICE and --setup-code, or --plan FILE")
+    district = _district(args)
+    if need_setup and not (district.receiver_url and district.receiver_pin and district.recipients):
+        raise ValueError("enroll needs --authority, --receiver-url, --receiver-pin, --recipient")
+    if need_setup and getattr(args, "authority", None) is None:
+        raise ValueError("enroll needs --authority (the district authority's key)")
+    if need_setup and (not args.building or not args.camera):
+        raise ValueError("enroll needs --building and at least one --camera")
+    code = normalise_code(args.setup_code)
+    target = Target(
+        args.device, code, args.building or "", tuple(args.camera or ()), args.to, args.version
+    )
+    return district, [target]
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        district, targets = _targets(args, need_setup=args.action == "enroll")
+    except (ValueError, PairingError) as exc:
+        print(f"breakglass: error: {exc}", file=sys.stderr)
+        return 2
+    progress = _printer(len(targets))
+    started = time.monotonic()
+    if args.action == "enroll":
+        failed = asyncio.run(
+            run_all(targets, lambda t: enroll_one(t, district, progress), progress)
+        )
+    elif args.action == "rotate":
+        failed = asyncio.run(
+            run_all(targets, lambda t: rotate_one(t, district, progress), progress)
+        )
+    else:
+        failed = asyncio.run(
+            run_all(targets, lambda t: check_one(t, district, args.out, progress), progress)
+        )
+    ok, took = len(targets) - len(failed), time.monotonic() - started
+    print(f"{args.action}: {ok}/{len(targets)} device(s) done in {took:.1f} s")
+    return 1 if failed else 0
+
+
+def add_commands(provision: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``enroll``, ``check`` and ``rotate`` under ``provision``."""
+    for name, help_ in (
+        ("enroll", "pair, certify and enroll devices (one, or a --plan), then wait until armed"),
+        ("rotate", "renew enrolled devices' certificates (next version), optionally changed"),
+        ("check", "pair and save one snapshot per camera, to check the aim"),
+    ):
+        cmd = provision.add_parser(name, help=help_, description=help_)
+        cmd.add_argument("device", nargs="?", metavar="DEVICE", help="the device id (mDNS id)")
+        cmd.add_argument("--setup-code", metavar="CODE", help="from the device's label")
+        cmd.add_argument("--to", metavar="URL", help="https://HOST:PORT (default: find by mDNS)")
+        cmd.add_argument(
+            "--interface", action="append", metavar="ADDR", help="browse mDNS on (repeatable)"
+        )
+        cmd.add_argument("--plan", type=Path, metavar="FILE", help="many devices (TOML)")
+        if name == "check":
+            cmd.add_argument("--out", type=Path, default=Path("."), metavar="DIR")
+            cmd.set_defaults(valid_days=VALID_DAYS)
+        else:
+            cmd.add_argument("--authority", type=Path, metavar="KEY", required=name == "rotate")
+            cmd.add_argument("--receiver-url", metavar="wss://HOST:PORT/v1/uplink")
+            cmd.add_argument("--receiver-pin", metavar="sha256:HEX")
+            cmd.add_argument("--recipient", action="append", metavar="age1...")
+            cmd.add_argument("--trigger-keys", type=Path, metavar="FILE")
+            cmd.add_argument("--retention-h", type=float, default=72.0)
+            cmd.add_argument("--version", type=int, default=None)
+            cmd.add_argument("--valid-days", type=int, default=VALID_DAYS, metavar="D")
+            if name == "enroll":
+                cmd.add_argument("--building", metavar="ID")
+                cmd.add_argument("--camera", action="append", type=camera_spec, metavar="SPEC")
+        cmd.set_defaults(func=_run)
