@@ -122,11 +122,25 @@ Progress = Callable[[str, str], None]
 
 async def find(device: str, district: District) -> str:
     """The Local API URL of ``device``, found by mDNS on the district's interfaces."""
+    urls = await find_all(district)
+    if device not in urls:
+        raise EnrollError("not_found", f"{device} did not answer mDNS on {district.interfaces}")
+    return urls[device]
+
+
+async def find_all(district: District) -> dict[str, str]:
+    """device id -> Local API URL of every agent answering mDNS (one browse)."""
     found = await discover(interfaces=district.interfaces, timeout_s=DISCOVER_S)
-    for agent in found:
-        if agent.device_id == device:
-            return f"https://{agent.addresses[0]}:{agent.port}"
-    raise EnrollError("not_found", f"{device} did not answer mDNS on {district.interfaces}")
+    return {a.device_id: f"https://{a.addresses[0]}:{a.port}" for a in found}
+
+
+async def locate(targets: list[Target], district: District, progress: Progress) -> list[Target]:
+    """Fill in ``to`` for the targets without one, from one mDNS browse for them all."""
+    if all(t.to for t in targets):
+        return targets
+    urls = await find_all(district)
+    progress("mdns", f"{len(urls)} agent(s) answered on {', '.join(district.interfaces)}")
+    return [t if t.to or t.device not in urls else replace(t, to=urls[t.device]) for t in targets]
 
 
 async def enroll_one(target: Target, district: District, progress: Progress) -> int:
@@ -251,12 +265,18 @@ def _write(path: Path, data: bytes) -> None:
 
 async def run_all(
     targets: list[Target],
+    district: District,
     job: Callable[[Target], Any],
     progress: Progress,
 ) -> dict[str, str]:
-    """Run ``job`` for every target, :data:`PARALLEL` at a time; device -> error (if any)."""
+    """Run ``job`` for every target, :data:`PARALLEL` at a time; device -> error (if any).
+
+    Devices without a URL are found by one mDNS browse for them all first.
+    """
     gate = asyncio.Semaphore(PARALLEL)
     failed: dict[str, str] = {}
+    if len(targets) > 1:
+        targets = await locate(targets, district, progress)
 
     async def one(target: Target) -> None:
         async with gate:
@@ -375,15 +395,17 @@ def _run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     if args.action == "enroll":
         failed = asyncio.run(
-            run_all(targets, lambda t: enroll_one(t, district, progress), progress)
+            run_all(targets, district, lambda t: enroll_one(t, district, progress), progress)
         )
     elif args.action == "rotate":
         failed = asyncio.run(
-            run_all(targets, lambda t: rotate_one(t, district, progress), progress)
+            run_all(targets, district, lambda t: rotate_one(t, district, progress), progress)
         )
     else:
         failed = asyncio.run(
-            run_all(targets, lambda t: check_one(t, district, args.out, progress), progress)
+            run_all(
+                targets, district, lambda t: check_one(t, district, args.out, progress), progress
+            )
         )
     ok, took = len(targets) - len(failed), time.monotonic() - started
     print(f"{args.action}: {ok}/{len(targets)} device(s) done in {took:.1f} s")
