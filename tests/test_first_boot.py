@@ -24,6 +24,7 @@ import pytest
 from agent import enrollment_state
 from agent.boot import load_agent_config, run_agent
 from agent.daemon import Agent
+from agent.errors import ConfigError
 from agent.first_boot import FirstBoot
 from breakglass.demo import write_trust
 from breakglass.enroll_cli import District, Target, check_one, enroll_one, rotate_one
@@ -341,3 +342,22 @@ async def test_the_long_button_hold_reopens_pairing(tmp_path: Path) -> None:
         pin.drive_high()
         assert first.status()["pairing_open"] is True
         assert "pairing_reopened" in [e["event"] for e in trail(first)]
+
+
+def test_the_first_boot_example_is_a_valid_unprovisioned_configuration(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "docs" / "agent.firstboot.example.toml"
+    text = example.read_text().replace("/var/lib/breakglass/", "").replace("lgpio", "mock")
+    config = tmp_path / "agent.toml"
+    config.write_text(text)
+    loaded = load_agent_config(config)
+    assert not loaded.provisioned
+    assert loaded.cameras == () and loaded.building == ""
+    assert loaded.local_api.pairing_hold_s == 10
+    assert loaded.device_id.startswith("bg-")
+
+
+def test_a_half_written_configuration_names_what_is_missing(tmp_path: Path) -> None:
+    config = first_boot_config(tmp_path / "pi")
+    config.write_text(FIRST_BOOT + '\n[building]\nid = "lincoln-elementary"\n')
+    with pytest.raises(ConfigError, match=r"receiver\.url: missing"):
+        load_agent_config(config)
