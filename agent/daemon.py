@@ -25,7 +25,7 @@ from agent.audit_feed import AuditFeed
 from agent.capture import Capture, RetryingSource
 from agent.changes import Changes
 from agent.config import AgentConfig, CameraConfig
-from agent.discovery import Advertiser, DiscoveryError
+from agent.discovery import Advertiser, advertise_when_possible
 from agent.emergency import Emergency, Ended, Extended, Session, Started, share_session
 from agent.enrollment_state import Enrolled
 from agent.local_api import LocalApi
@@ -303,6 +303,15 @@ class Agent:
             self.audit.record_soon("camera_fault", camera=camera.id, error=str(exc)[:300])
             info = StreamInfo("h264", camera.width, camera.height, camera.fps, b"")
             return RetryingSource(camera.id, lambda: self._source_factory(camera), exc, info)
+
+    def alive(self) -> bool:
+        """False once a background task died of an exception: systemd's watchdog
+        (agent/sdnotify.py) then restarts the agent."""
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("task %s died", task.get_name(), exc_info=task.exception())
+                return False
+        return True
 
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
@@ -646,21 +655,22 @@ class Agent:
     async def _advertise(self, api: LocalApi) -> None:
         """Advertise the Local API on the configured interfaces; follow the state."""
         cfg = self.config
-        advertiser = Advertiser(
-            cfg.device_id,
-            cfg.building,
-            api.port,
-            api.fingerprint,
-            interfaces=cfg.discovery.interfaces,
-            state=self.device_state(),
-        )
-        try:
-            await advertiser.start()
-        except (DiscoveryError, OSError) as exc:  # the buttons work without it
+
+        def fault(exc: BaseException) -> None:  # the buttons work without it
             log.error("mDNS advertisement: %s", exc)
             self.audit.record_soon("discovery_fault", error=str(exc)[:300])
-            await advertiser.close()
-            return
+
+        advertiser = await advertise_when_possible(
+            lambda: Advertiser(
+                cfg.device_id,
+                cfg.building,
+                api.port,
+                api.fingerprint,
+                interfaces=cfg.discovery.interfaces,
+                state=self.device_state(),
+            ),
+            fault,
+        )
         self.advertiser = advertiser
         self.changes.notify()
         try:

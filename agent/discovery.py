@@ -59,7 +59,7 @@ import ipaddress
 import logging
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -572,3 +572,33 @@ async def _resolve_all(
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.gather(*pending, return_exceptions=True)
     return [r for t in done if (r := t.result()) is not None]
+
+
+async def advertise_when_possible(
+    make: Callable[[], Advertiser],
+    on_fault: Callable[[BaseException], None],
+    *,
+    first_retry_s: float = 2.0,
+    max_retry_s: float = 60.0,
+) -> Advertiser:
+    """Start an advertiser, retrying with backoff until it can (cancel to give up).
+
+    At boot the LAN address may not be up yet when the agent starts (DHCP, a
+    cable plugged in later): the agent retries rather than stay invisible to
+    technicians until its next restart. ``on_fault`` is told of the first
+    failure only (the audit trail needs one entry, not one per retry).
+    """
+    delay, reported = first_retry_s, False
+    while True:
+        advertiser = make()
+        try:
+            await advertiser.start()
+            return advertiser
+        except (DiscoveryError, OSError) as exc:
+            await advertiser.close()
+            if not reported:
+                on_fault(exc)
+                reported = True
+            log.warning("mDNS advertisement: %s (retrying in %.0f s)", exc, delay)
+        await asyncio.sleep(delay)  # a backoff, not a synchronisation
+        delay = min(max_retry_s, delay * 2)

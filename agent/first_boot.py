@@ -30,7 +30,7 @@ from typing import Any
 
 from agent.audit import AuditLog
 from agent.config import AgentConfig
-from agent.discovery import Advertiser, DiscoveryError
+from agent.discovery import Advertiser, advertise_when_possible
 from agent.local_api import LocalApi
 from agent.technician import TechnicianDesk
 from hardware.button import PanicButton, PressEvent, loop_callback
@@ -127,6 +127,15 @@ class FirstBoot:
             self.led.close()
         await asyncio.to_thread(self.audit.close)
 
+    def alive(self) -> bool:
+        """False once a background task died of an exception: systemd's watchdog
+        (agent/sdnotify.py) then restarts the agent."""
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("task %s died", task.get_name(), exc_info=task.exception())
+                return False
+        return True
+
     @property
     def enrolled(self) -> asyncio.Event:
         """Set once a technician's enrollment is installed."""
@@ -158,21 +167,22 @@ class FirstBoot:
 
     async def _advertise(self, api: LocalApi) -> None:
         cfg = self.config
-        advertiser = Advertiser(
-            cfg.device_id,
-            "",
-            api.port,
-            api.fingerprint,
-            interfaces=cfg.discovery.interfaces,
-            state=STATE,
-        )
-        try:
-            await advertiser.start()
-        except (DiscoveryError, OSError) as exc:
+
+        def fault(exc: BaseException) -> None:
             log.error("mDNS advertisement: %s", exc)
             self.audit.record_soon("discovery_fault", error=str(exc)[:300])
-            await advertiser.close()
-            return
+
+        advertiser = await advertise_when_possible(
+            lambda: Advertiser(
+                cfg.device_id,
+                "",
+                api.port,
+                api.fingerprint,
+                interfaces=cfg.discovery.interfaces,
+                state=STATE,
+            ),
+            fault,
+        )
         self.advertiser = advertiser
         try:
             await asyncio.Event().wait()  # until cancelled

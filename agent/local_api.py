@@ -137,7 +137,7 @@ class LocalApi:
                 audit=host.audit,
                 window_s=self.config.pairing_window_s,
                 handler=host.on_channel,
-                reopen_on_failure=not host.config.provisioned,
+                close_on_pairing=host.config.provisioned,
             )
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import sys
 import time
@@ -73,15 +74,17 @@ ChannelHandler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
 
 
 def load_or_make_code(path: Path) -> str:
-    """The device's setup code; made (and printed on the console) on first start."""
+    """The device's setup code; made (and shown on the console) on first start."""
     try:
         return normalise_code(path.read_text(encoding="ascii"))
     except (FileNotFoundError, PairingError, UnicodeDecodeError):
         code = new_setup_code()
         write_secret(path, (show_code(code) + "\n").encode())
-        # The console, not the log: the code is the key to pairing.
+        # The console, never the log: the code is the key to pairing. Under systemd
+        # stderr *is* the journal (a log others may read), so there only the path.
+        shown = f"path {path}" if os.environ.get("INVOCATION_ID") else show_code(code)
         print(
-            f"breakglass: setup code {show_code(code)} (also in {path}, mode 0600)",
+            f"breakglass: setup code {shown} (also in {path}, mode 0600)",
             file=sys.stderr,  # stdout may be a program's output (benchmarks print JSON)
             flush=True,
         )
@@ -100,16 +103,17 @@ class PairingService:
         audit: AuditLog,
         window_s: float,
         handler: ChannelHandler | None = None,
-        reopen_on_failure: bool = False,
+        close_on_pairing: bool = True,
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device_id = device_id
         self._code = code
         self._identity = identity
         self._handler = handler
-        #: An unprovisioned device stays pairable (within its window) when a paired
-        #: session ends without an enrollment: refused, tampered with, or timed out.
-        self.reopen_on_failure = reopen_on_failure
+        #: False for an unprovisioned device: its window stays open until it is enrolled
+        #: (a refused or interrupted enrollment must not need a power cycle); a new
+        #: pairing replaces the session.
+        self.close_on_pairing = close_on_pairing
         self.audit = audit
         self.mono = mono
         self.window = PairingWindow(duration_s=window_s)
@@ -118,19 +122,8 @@ class PairingService:
         self._attempt: tuple[str, DevicePairing] | None = None
         self._session: tuple[str, Any, float] | None = None  # (id, channel, until)
 
-    def _end_session(self) -> None:
-        self._session = None
-        if self.reopen_on_failure:
-            self.window.paired = False  # the rest of the window, with the budget left
-
-    def _expire(self) -> None:
-        current = self._session
-        if current is not None and self.mono() >= current[2]:
-            self._end_session()
-
     def is_open(self) -> bool:
         """Whether a pairing attempt could start now (or after the pause of a failure)."""
-        self._expire()
         try:
             self.window.check(self.mono())
         except PairingError as exc:
@@ -172,7 +165,6 @@ class PairingService:
         peer = request.remote or "?"
         try:
             now = self.mono()
-            self._expire()
             self.window.check(now)
             message = self._b64(await self._body(request), "msg")
             self.window.failed(now)  # counted until confirmed: the answer tests one guess
@@ -200,11 +192,14 @@ class PairingService:
             channel = current[1].confirm(self._b64(doc, "confirm"))
         except PairingError as exc:
             return self._refuse(exc, peer, "confirm")
-        self.window.succeeded()
+        self.window.succeeded(close=self.close_on_pairing)
         box = channel.seal(json.dumps(self._identity(), sort_keys=True).encode())
         session = secrets.token_urlsafe(16)
         self._session = (session, channel, self.mono() + SESSION_S)
-        log.warning("paired with a technician at %s; pairing closed", peer)
+        log.warning(
+            "paired with a technician at %s; pairing %s",
+            peer, "closed" if self.close_on_pairing else "open until enrolled",
+        )  # fmt: skip
         self.audit.record_soon("paired", peer=peer)
         return web.json_response({"session": session, "box": d.b64url(box)})
 
@@ -223,7 +218,7 @@ class PairingService:
             try:
                 opened = channel.open(self._b64(doc, "box"))
             except PairingError:
-                self._end_session()  # tampered, replayed or reordered: end it
+                self._session = None  # tampered, replayed or reordered: end it
                 raise
             request_doc = d.parse_json(opened, what="request")
             if not isinstance(request_doc, dict):
@@ -236,8 +231,6 @@ class PairingService:
             answer: dict[str, Any] = {"error": "unsupported", "detail": "no channel operations"}
         else:
             answer = await self._handler(request_doc, peer)
-        if "error" in answer and request_doc.get("op") == "enroll" and self.reopen_on_failure:
-            self._end_session()  # unprovisioned: pairable again (the answer says why)
         return web.json_response({"box": d.b64url(channel.seal(json.dumps(answer).encode()))})
 
     def _refuse(self, exc: PairingError, peer: str, step: str) -> web.Response:

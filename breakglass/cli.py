@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from agent.errors import AgentError
 from provisioning.errors import ProvisioningError
@@ -37,11 +38,36 @@ async def until_signalled(main: Callable[[asyncio.Event], Awaitable[int]]) -> in
 
 def _agent_run(args: argparse.Namespace) -> int:
     from agent.boot import load_agent_config, run_agent
+    from agent.sdnotify import Notifier, watchdog
 
     load_agent_config(args.config)  # a configuration error stops it here, clearly
+    notifier = Notifier.from_environ(unset_environment=True)  # systemd Type=notify
 
     async def main(stop: asyncio.Event) -> int:
-        await run_agent(args.config, stop)
+        running: list[Any] = []  # the runtime now running: Agent or FirstBoot
+
+        def started(runtime: Any) -> None:
+            running[:] = [runtime]
+            notifier.ready(f"{runtime.config.device_id}: {runtime.status()['state']}")
+
+        async def stopping() -> None:
+            await stop.wait()
+            notifier.stopping("stopping: sealing open segments")
+
+        tasks = [
+            asyncio.create_task(
+                watchdog(notifier, lambda: all(r.alive() for r in running)),
+                name="systemd-watchdog",
+            ),
+            asyncio.create_task(stopping(), name="systemd-stopping"),
+        ]
+        try:
+            await run_agent(args.config, stop, on_start=started)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            notifier.close()
         return 0
 
     return asyncio.run(until_signalled(main))

@@ -264,7 +264,8 @@ class PairingWindow:
         self.failures += 1
         self._not_before = now + self.retry_after_s
 
-    def succeeded(self) -> None:
-        """Paired: the window closes (and the pause after the attempt is over: it was no guess)."""
-        self.paired = True
+    def succeeded(self, *, close: bool = True) -> None:
+        """Paired: the window closes (unless ``close`` is false), and the pause after the
+        attempt is over (it was no wrong guess)."""
+        self.paired = close
         self._not_before = 0.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,28 @@ async def test_the_agent_is_found_with_its_pin_and_its_state(
         ]
         assert [d.state for d in again] == ["emergency"]
         agent.end("test finished")
+
+
+async def test_advertising_retries_until_the_lan_address_is_up() -> None:
+    """At boot the address may come later: the agent retries (no packet is sent here:
+    an address this machine does not hold fails at bind)."""
+    from agent.discovery import Advertiser, advertise_when_possible
+
+    faults: list[BaseException] = []
+    attempts = 0
+    second = asyncio.Event()
+
+    def make() -> Advertiser:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 3:
+            second.set()
+        return Advertiser("bg-1", "", 8443, "sha256:" + "0" * 64, interfaces=["192.0.2.77"])
+
+    task = asyncio.create_task(advertise_when_possible(make, faults.append, first_retry_s=0.001))
+    async with asyncio.timeout(10):
+        await second.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert len(faults) == 1 and "192.0.2.77" in str(faults[0])

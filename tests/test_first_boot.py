@@ -9,8 +9,10 @@ against a real receiver on loopback that trusts the district authority.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
+import ssl
 import stat
 import subprocess
 from collections.abc import AsyncIterator
@@ -302,6 +304,33 @@ async def test_an_unknown_operation_and_a_tampered_box_are_refused(
         await request(paired, {"op": "enroll", "bundle": {}})
     assert ended.value.code == "no_session"
     assert first.status()["pairing_open"] is True
+
+
+async def test_a_delivery_cut_halfway_changes_nothing_and_the_device_stays_pairable(
+    tmp_path: Path, device: Device, receiver: Receiver
+) -> None:
+    first = await device.next()
+    assert isinstance(first, FirstBoot) and first.local_api is not None
+    paired = await pair(first.local_api.url, first.config.device_id, code_of(first))
+    # The technician's laptop loses the network halfway through sending the bundle.
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    port = first.local_api.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    head = (
+        "POST /v1/pairing/channel HTTP/1.1\r\nHost: device\r\n"
+        "Content-Type: application/json\r\nContent-Length: 90000\r\n\r\n"
+    )
+    writer.write(head.encode() + b'{"session": "' + paired.session.encode() + b'", "box": "AAAA')
+    await writer.drain()
+    writer.close()
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        await writer.wait_closed()
+    del reader
+    assert enrollment_state.load(first.config.state_dir) is None
+    assert first.status()["pairing_open"] is True
+    assert await enroll_one(target(first), district(tmp_path, receiver), quiet) == 1
+    assert isinstance(await device.next(), Agent)
 
 
 def test_an_interrupted_enrollment_is_cleaned_up_and_the_device_stays_unprovisioned(
