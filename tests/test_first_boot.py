@@ -11,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
+import socket
 import ssl
 import stat
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -390,3 +394,38 @@ def test_a_half_written_configuration_names_what_is_missing(tmp_path: Path) -> N
     config.write_text(FIRST_BOOT + '\n[building]\nid = "lincoln-elementary"\n')
     with pytest.raises(ConfigError, match=r"receiver\.url: missing"):
         load_agent_config(config)
+
+
+def test_under_systemd_the_cli_reports_ready_feeds_the_watchdog_and_stops(tmp_path: Path) -> None:
+    """``breakglass agent run`` (first boot) as systemd runs it: Type=notify, a watchdog."""
+    config = first_boot_config(tmp_path / "pi")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="200000")
+    env["INVOCATION_ID"] = "0123456789abcdef"  # what systemd sets for a service
+    log = (tmp_path / "stderr").open("wb")  # a file: a full pipe could stall the agent
+    child = subprocess.Popen(
+        [sys.executable, "-m", "breakglass", "agent", "run", "--config", str(config)],
+        env=env, stdout=subprocess.DEVNULL, stderr=log,
+    )  # fmt: skip
+    try:
+        messages: list[bytes] = []
+        while messages.count(b"WATCHDOG=1") < 2:
+            messages.append(notify.recv(4096))
+        ready = next(m for m in messages if m.startswith(b"READY=1"))
+        assert b"STATUS=bg-" in ready and b"unprovisioned" in ready
+        child.send_signal(signal.SIGTERM)
+        while b"STOPPING=1" not in messages[-1]:
+            messages.append(notify.recv(4096))
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=30)
+        notify.close()
+        log.close()
+    stderr = (tmp_path / "stderr").read_text()
+    code = (tmp_path / "pi" / "state" / "setup-code").read_text().strip()
+    assert code not in stderr  # the journal is a log: only where the code is
+    assert "setup code path" in stderr
