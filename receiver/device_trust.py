@@ -7,7 +7,11 @@ seen for that device (re-enrollment only moves forward) and is not revoked
 by the newest revocation list (``DATA/revocations.json``, signed by the same
 authority; an older list never replaces a newer one). No hand-kept list is
 involved. Files are read at each handshake: a new revocation list or
-authority takes effect without a restart.
+authority takes effect without a restart. :meth:`DeviceTrust.refresh` re-reads
+the revocation list only when its file changed (size, mtime, inode), so the
+receiver can watch it every few seconds and drop devices already connected.
+Reads may run on worker threads: the newest list is swapped under a lock, so
+an older list never replaces a newer one even when two reads race.
 
 Without an authority, or for a device that sends no certificate, the
 allow-list (``DATA/devices/<id>.pub``) still applies: a development and
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,30 @@ class DeviceTrust:
         self.revocations_path = data_dir / "revocations.json"
         self.enrolled_dir = data_dir / "enrolled"
         self._revocations: Revocations | None = None
+        #: (size, mtime_ns, inode, ctime_ns) of the revocation file when last read.
+        self._read_stat: tuple[int, int, int, int] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> Revocations | None:
+        """The newest valid revocation list read so far (no file access)."""
+        return self._revocations
+
+    def refresh(self) -> Revocations | None:
+        """Re-read the revocation list if its file changed since the last read; the newest."""
+        if self._stat() == self._read_stat:
+            return self._revocations
+        authority = self.authority()
+        if authority is None:
+            return self._revocations
+        return self.revocations(authority)
+
+    def _stat(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(self.revocations_path)
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
     def authority(self) -> Ed25519PublicKey | None:
         """The district authority's key, if this receiver trusts one."""
@@ -55,21 +85,30 @@ class DeviceTrust:
 
     def revocations(self, authority: Ed25519PublicKey) -> Revocations | None:
         """The newest valid revocation list (an older one never replaces it)."""
+        seen = self._stat()  # before reading: a change meanwhile is read again next time
         try:
             raw = self.revocations_path.read_bytes()
         except FileNotFoundError:
+            self._read_stat = None
             return self._revocations
         try:
             fresh = parse_revocations(raw, authority)
         except DocumentError as exc:
             log.error("revocation list %s refused: %s", self.revocations_path, exc)
+            self._read_stat = seen
             return self._revocations
-        if self._revocations is None or fresh.version >= self._revocations.version:
-            self._revocations = fresh
-        else:
-            log.error("revocation list v%d is older than v%d: kept the newer", fresh.version,
-                      self._revocations.version)  # fmt: skip
-        return self._revocations
+        with self._lock:
+            self._read_stat = seen
+            held = self._revocations
+            if held is None or fresh.version > held.version:
+                self._revocations = fresh
+                log.info("revocation list v%d in force", fresh.version)
+            elif fresh.version == held.version and fresh != held:
+                self._revocations = fresh  # the same version signed again: the file wins
+            elif fresh.version < held.version:
+                log.error("revocation list v%d is older than v%d: kept the newer", fresh.version,
+                          held.version)  # fmt: skip
+            return self._revocations
 
     def check(
         self, device: str, envelope: Mapping[str, Any], *, now: float, own_pin: str

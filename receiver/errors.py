@@ -17,6 +17,7 @@ __all__ = [
     "InvalidIdError",
     "InvalidMetadataError",
     "InvalidPacketError",
+    "InvalidSettingError",
     "MissingSpsError",
     "NoFootageError",
     "NotKeyframeError",
@@ -44,6 +45,12 @@ class InvalidIdError(ReceiverError, ValueError):
     """A session, camera or device id is malformed (including path tricks)."""
 
     code = "invalid_id"
+
+
+class InvalidSettingError(ReceiverError, ValueError):
+    """A receiver setting (a command-line option or constructor argument) is unusable."""
+
+    code = "invalid_setting"
 
 
 class UnknownSessionError(ReceiverError, LookupError):

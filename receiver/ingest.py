@@ -11,6 +11,17 @@ identity off the event loop and recorded packet by packet, in order with the
 camera's other messages. Acks are sent per camera only after an fsync covers
 the packets (group commit: one fsync in flight per run, the next one covers
 all that arrived meanwhile): cumulative, plus the durable ranges beyond it.
+
+Every message from an accepted device counts as hearing from it
+(:class:`receiver.presence.Presence`: last heard, the offline alarm).
+Revocation: the district's revocation list (``DATA/revocations.json``) is
+read at every hello with a certificate, and :meth:`IngestServer.check_revocations`
+re-reads it when the file changed (the receiver calls it every few seconds and
+after every hello). A connected device whose enrollment the newest list
+revokes is sent ``error`` ``revoked`` and its uplink is closed, the same way a
+refused handshake closes: what it sent is recorded and acked data stays
+durable; unacked data stays with the device. Devices accepted by the
+allow-list (no certificate) are not subject to revocation lists, as at hello.
 """
 
 from __future__ import annotations
@@ -29,12 +40,14 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import protocol as p
+from provisioning.enrollment import Enrollment, Revocations
 from provisioning.errors import KeyFileError
 from provisioning.keys import load_public_key, verify
 from receiver.audit_copy import AuditCopies
 from receiver.camera_ingest import CameraIngest
 from receiver.device_trust import DeviceTrust
 from receiver.errors import ReceiverError
+from receiver.presence import Presence
 from receiver.recording import RecordingStore, SessionRecording, TrackInfo
 
 log = logging.getLogger(__name__)
@@ -85,8 +98,11 @@ class IngestServer:
         identities: list[Any] | None = None,
         audits: AuditCopies | None = None,
         trust: DeviceTrust | None = None,
+        presence: Presence | None = None,
     ) -> None:
         self.store = store
+        #: Last heard and offline alarm per device.
+        self.presence = presence if presence is not None else Presence()
         #: The district authority's enrollments (``None``: the allow-list only).
         self.trust = trust
         #: This receiver's TLS pin: an enrollment must name it.
@@ -101,6 +117,10 @@ class IngestServer:
         self.refused: dict[str, int] = {}
         self._connections: dict[str, web.WebSocketResponse] = {}
         self._uplinks: dict[str, p.Uplink] = {}
+        #: The verified enrollment of each connected device that presented one.
+        self._enrollments: dict[str, Enrollment] = {}
+        #: The revocation list whose devices were last forgotten by ``presence``.
+        self._applied: Revocations | None = None
         self._trigger_results: dict[str, asyncio.Future[p.TriggerResult]] = {}
 
     async def push_trigger(
@@ -136,12 +156,13 @@ class IngestServer:
         conn = p.Uplink(p.Role.RECEIVER)
         peer = request.remote or "?"
         try:
-            device = await self._handshake(ws, conn)
+            device, enrollment = await self._handshake(ws, conn)
         except (p.ProtocolError, TimeoutError, ConnectionError) as exc:
             code = exc.code if isinstance(exc, p.ProtocolError) else "handshake_failed"
             self._refuse(code)
             log.warning("uplink from %s refused: %s", peer, exc)
             await self._send_error(ws, conn, code, str(exc))
+            await self.check_revocations()  # the hello may have read a newer list
             return ws
         old = self._connections.get(device)
         if old is not None:
@@ -150,9 +171,16 @@ class IngestServer:
             )
         self._connections[device] = ws
         self._uplinks[device] = conn
+        if enrollment is not None:
+            self._enrollments[device] = enrollment
+        else:
+            self._enrollments.pop(device, None)
         status = self.devices.setdefault(device, DeviceStatus(device))
         status.connected, status.last_seen = True, time.time()
+        self.presence.connected(device, building=enrollment.building if enrollment else None)
         log.info("device %s connected from %s", device, peer)
+        # A newer list read by this hello (or by one racing with it) drops whoever it revokes.
+        await self.check_revocations()
         try:
             await self._serve(ws, conn, device, status)
         except p.ProtocolError as exc:
@@ -165,8 +193,55 @@ class IngestServer:
             if self._connections.get(device) is ws:
                 del self._connections[device]
                 self._uplinks.pop(device, None)
+                self._enrollments.pop(device, None)
                 status.connected = False
+                self.presence.disconnected(device)
         return ws
+
+    async def check_revocations(self) -> None:
+        """Re-read the revocation list if its file changed; drop the devices it revokes.
+
+        Each connected device whose enrollment the newest list revokes gets
+        ``error`` ``revoked`` and its uplink closes (logged); revoked devices
+        are no longer watched for the offline alarm. An older list never
+        replaces a newer one (:class:`DeviceTrust`).
+        """
+        if self.trust is None:
+            return
+        try:
+            revocations = await asyncio.to_thread(self.trust.refresh)
+        except OSError as exc:
+            log.error("revocation list not re-read: %s", exc)
+            return
+        if revocations is None:
+            return
+        why = f"revoked (list v{revocations.version})"
+        if revocations is not self._applied:
+            self._applied = revocations
+            # Connected ones are dropped below, or stay (allow-listed: no certificate to revoke).
+            self.presence.forget(
+                [d for d in revocations.devices if d not in self._connections], why
+            )
+        drops = []
+        for device, enrollment in list(self._enrollments.items()):
+            ws, conn = self._connections.get(device), self._uplinks.get(device)
+            if ws is None or conn is None or ws.closed or not revocations.revoked(enrollment):
+                continue
+            log.warning(
+                "device %s is revoked (revocation list v%d): closing its uplink",
+                device,
+                revocations.version,
+            )
+            self._refuse("revoked")
+            self.presence.forget([device], why)
+            drops.append(self._send_error(ws, conn, "revoked", f"device {device} is revoked"))
+        await asyncio.gather(*drops)
+
+    async def watch_revocations(self, every_s: float) -> None:
+        """:meth:`check_revocations` every ``every_s`` seconds, until cancelled."""
+        while True:
+            await self.check_revocations()
+            await asyncio.sleep(every_s)
 
     async def _send_error(
         self, ws: web.WebSocketResponse, conn: p.Uplink, code: str, detail: str
@@ -185,12 +260,16 @@ class IngestServer:
             raise p.RemoteProtocolError("transport", f"websocket error: {ws.exception()}")
         return None  # closed
 
-    async def _handshake(self, ws: web.WebSocketResponse, conn: p.Uplink) -> str:
+    async def _handshake(
+        self, ws: web.WebSocketResponse, conn: p.Uplink
+    ) -> tuple[str, Enrollment | None]:
+        """The device id and, if it presented one, its verified enrollment."""
         nonce = p.b64url(secrets.token_bytes(32))
         await ws.send_str(str(conn.send(p.Challenge(nonce))))
         event = await self._receive(ws, conn, HANDSHAKE_TIMEOUT_S)
         if not isinstance(event, p.Hello):
             raise p.RemoteProtocolError("unexpected", "expected hello")
+        enrollment: Enrollment | None = None
         if event.enrollment is not None and self.trust is not None:
             enrollment = await asyncio.to_thread(
                 self.trust.check,
@@ -220,7 +299,7 @@ class IngestServer:
         if self.audits is not None:
             audit_n = await asyncio.to_thread(self.audits.last_n, event.device)
         await ws.send_str(str(conn.send(p.Welcome(acked, HEARTBEAT_S, audit_n))))
-        return event.device
+        return event.device, enrollment
 
     async def _serve(
         self, ws: web.WebSocketResponse, conn: p.Uplink, device: str, status: DeviceStatus
@@ -263,6 +342,7 @@ class IngestServer:
                 if event is None:
                     break
                 status.last_seen = time.time()
+                self.presence.heard(device)
                 if isinstance(event, p.Media):
                     cam = cameras[event.camera]
                     cam.media(event)
@@ -279,6 +359,7 @@ class IngestServer:
                     session = await self._open(device, event)
                     if event.session not in status.sessions:
                         status.sessions.append(event.session)
+                    self.presence.session(device, event.session, building=event.building)
                     cameras = [
                         CameraIngest(
                             device,
@@ -296,6 +377,7 @@ class IngestServer:
                 elif isinstance(event, p.SessionClose):
                     await self._close(device, event, cameras)
                     cameras = []
+                    self.presence.session(device, None)
                 elif isinstance(event, p.AuditEntries):
                     if self.audits is not None:
                         held = await asyncio.to_thread(

@@ -7,7 +7,8 @@ opens the recording store (``DATA/recordings/``), reads the device allow-list
 (``DATA/devices/<id>.pub``) and serves, on one TLS port:
 
 - ``/v1/uplink``   the agents' uplink (WebSocket, see :mod:`agent.protocol`);
-- ``/``, ``/api/sessions``, ``/v1/live/...``, ``/recordings/...`` the viewer.
+- ``/``, ``/api/sessions``, ``/v1/devices``, ``/v1/live/...``, ``/recordings/...``
+  the viewer.
 
 Devices are accepted by their enrollment certificate when
 ``DATA/authority.pub`` names the district's authority
@@ -16,6 +17,13 @@ by the allow-list. It keeps a copy of every device's audit trail (``DATA/audit/<
 and can push signed triggers to connected devices
 (:meth:`IngestServer.push_trigger`).
 
+It tracks when it last heard from each device and raises the offline alarm
+for one silent for ``offline_after_s`` (:mod:`receiver.presence`, kept in
+``DATA/presence.json`` across restarts). Every ``poll_s`` seconds two
+background tasks, owned by the application's ``cleanup_ctx``, check those
+alarms and re-read the revocation list if it changed, dropping connected
+devices it revokes. ``clock`` (wall seconds) is what presence counts in.
+
 Agents pin :attr:`Receiver.fingerprint` and seal their segments to
 :attr:`Receiver.age_recipient` (besides the district's recipient). Lifecycle follows aiohttp's
 ``AppRunner``/``TCPSite``; shared state hangs off typed ``web.AppKey`` values.
@@ -23,8 +31,11 @@ Agents pin :attr:`Receiver.fingerprint` and seal their segments to
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -34,20 +45,37 @@ from provisioning.age_keys import load_identity, new_identity, recipient_of
 from provisioning.tls import ensure_certificate, server_context
 from receiver.audit_copy import AuditCopies
 from receiver.device_trust import DeviceTrust
+from receiver.errors import InvalidSettingError
 from receiver.ingest import AllowList, IngestServer
+from receiver.presence import OFFLINE_AFTER_S, Presence
 from receiver.recording import RecordingStore
 from receiver.viewer import setup_viewer
 
 log = logging.getLogger(__name__)
 
 INGEST_KEY = web.AppKey("ingest", IngestServer)
+#: How often presence alarms and the revocation list are checked (seconds).
+POLL_S = 2.0
 
 
 class Receiver:
     """The receiver's lifecycle: certificate, store, allow-list, TLS listener."""
 
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 8443) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        host: str = "127.0.0.1",
+        port: int = 8443,
+        *,
+        offline_after_s: float = OFFLINE_AFTER_S,
+        clock: Callable[[], float] = time.time,
+        poll_s: float = POLL_S,
+    ) -> None:
+        """Raises :class:`InvalidSettingError` (a ``ValueError``) for an unusable setting."""
+        if not 0 < poll_s <= 60:
+            raise InvalidSettingError(f"poll_s: expected 0 < seconds <= 60, got {poll_s!r}")
         self.data_dir = Path(data_dir)
+        self.poll_s = poll_s
         self.host = host
         self.port = port
         self.cert_path = self.data_dir / "tls" / "receiver.crt"
@@ -58,12 +86,17 @@ class Receiver:
         #: The receiver's age recipient (``age1...``), known once started.
         self.age_recipient = ""
         self.store = RecordingStore(self.data_dir / "recordings")
+        #: Last heard and offline alarm per device (``DATA/presence.json``).
+        self.presence = Presence(
+            self.data_dir / "presence.json", offline_after_s=offline_after_s, clock=clock
+        )
         self.ingest = IngestServer(
             self.store,
             AllowList(self.devices_dir),
             [],
             audits=AuditCopies(self.data_dir / "audit"),
             trust=DeviceTrust(self.data_dir),
+            presence=self.presence,
         )
         self._runner: web.AppRunner | None = None
 
@@ -88,8 +121,28 @@ class Receiver:
         app = web.Application(client_max_size=64 * 1024)
         app[INGEST_KEY] = self.ingest
         app.router.add_get("/v1/uplink", self.ingest.handle)
-        setup_viewer(app, self.store, self.ingest_feed)
+        setup_viewer(app, self.store, self.ingest_feed, self.presence)
+        app.cleanup_ctx.append(self._watchers)
         return app
+
+    async def _watchers(self, app: web.Application) -> AsyncIterator[None]:
+        """The presence alarms and the revocation watch, for the application's lifetime."""
+        await asyncio.to_thread(self.presence.load)
+        tasks = [
+            asyncio.create_task(self.presence.run(self.poll_s), name="receiver presence"),
+            asyncio.create_task(
+                self.ingest.watch_revocations(self.poll_s), name="receiver revocations"
+            ),
+        ]
+        for task in tasks:
+            task.add_done_callback(_report_failure)
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # failures were logged
+            await self.presence.save()
 
     def ingest_feed(self, session_id: str, camera_id: str):  # type: ignore[no-untyped-def]
         """The live feed of one camera of one session, if it is recording."""
@@ -133,3 +186,8 @@ class Receiver:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.store.aclose()
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=task.exception())

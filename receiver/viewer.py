@@ -5,6 +5,11 @@ Routes added by :func:`setup_viewer`:
 - ``GET /`` — the single-page viewer (``static/index.html``).
 - ``GET /static/{name}`` — only the fixed files the page needs.
 - ``GET /api/sessions`` — every known session with per-camera state (JSON).
+- ``GET /v1/devices`` — every device heard from, with its offline alarm (JSON:
+  ``{"devices": [{device, building, connected, last_heard, offline, since,
+  session}], "offline_after_s": N}``, times ISO-8601 UTC; ``since`` is when
+  the device's present condition began: offline, connected or disconnected).
+  Only when :func:`setup_viewer` is given a :class:`Presence`.
 - ``GET /v1/live/{session}/{camera}`` — WebSocket: binary fMP4 init segment,
   then fragments, for Media Source Extensions.
 - ``GET /recordings/{session}/{camera}.{first_seq}.mp4`` — a recorded part
@@ -29,6 +34,7 @@ from aiohttp import WSCloseCode, web
 
 from receiver.errors import InvalidIdError, ReceiverError
 from receiver.livefeed import LiveFeed, Subscription
+from receiver.presence import Presence
 from receiver.recording import (
     RecordingStore,
     SessionSummary,
@@ -37,7 +43,7 @@ from receiver.recording import (
     validate_session_id,
 )
 
-__all__ = ["FEEDS_KEY", "STORE_KEY", "FeedLookup", "setup_viewer"]
+__all__ = ["FEEDS_KEY", "PRESENCE_KEY", "STORE_KEY", "FeedLookup", "setup_viewer"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -48,6 +54,8 @@ FeedLookup = Callable[[str, str], LiveFeed | None]
 STORE_KEY = web.AppKey("breakglass.viewer.store", RecordingStore)
 #: The live-feed lookup the viewer uses.
 FEEDS_KEY: web.AppKey[FeedLookup] = web.AppKey("breakglass.viewer.feeds")
+#: The devices' presence (last heard, offline alarm) the viewer shows.
+PRESENCE_KEY = web.AppKey("breakglass.viewer.presence", Presence)
 _SOCKETS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("breakglass.viewer.sockets")
 _FILES_KEY: web.AppKey[dict[str, tuple[bytes, str]]] = web.AppKey("breakglass.viewer.files")
 
@@ -79,8 +87,15 @@ def _from_exception(exc: ReceiverError) -> web.Response:
     return _error(status, exc.code, str(exc))
 
 
-def setup_viewer(app: web.Application, store: RecordingStore, feeds: FeedLookup) -> None:
+def setup_viewer(
+    app: web.Application,
+    store: RecordingStore,
+    feeds: FeedLookup,
+    presence: Presence | None = None,
+) -> None:
     """Add the viewer's routes to ``app``; ``feeds`` finds a camera's live feed.
+
+    With ``presence``, ``GET /v1/devices`` lists the devices and their offline alarm.
 
     Reads the static files once, here. Open live WebSockets are closed when
     the application shuts down.
@@ -97,6 +112,9 @@ def setup_viewer(app: web.Application, store: RecordingStore, feeds: FeedLookup)
     app.router.add_get("/", _index)
     app.router.add_get("/static/{name}", _static)
     app.router.add_get("/api/sessions", _sessions)
+    if presence is not None:
+        app[PRESENCE_KEY] = presence
+        app.router.add_get("/v1/devices", _devices)
     app.router.add_get("/v1/live/{session}/{camera}", _live)
     app.router.add_get("/recordings/{session}/{file}", _recording)
     app.on_shutdown.append(_close_sockets)
@@ -142,6 +160,12 @@ def _session_json(summary: SessionSummary) -> dict[str, object]:
 async def _sessions(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
     body = {"sessions": [_session_json(s) for s in store.sessions()]}
+    return web.json_response(body, headers=_HEADERS)
+
+
+async def _devices(request: web.Request) -> web.Response:
+    presence = request.app[PRESENCE_KEY]
+    body = {"devices": presence.to_json(), "offline_after_s": presence.offline_after_s}
     return web.json_response(body, headers=_HEADERS)
 
 

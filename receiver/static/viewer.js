@@ -3,6 +3,7 @@
 "use strict";
 
 const POLL_MS = 1500;
+const DEVICES_POLL_MS = 3000;
 const JUMP_BEHIND_S = 0.5; // further behind live than this: seek to the live edge
 const LIVE_EDGE_S = 0.1;
 const KEEP_BEHIND_S = 10; // buffer kept behind the playhead; older data is removed
@@ -11,6 +12,7 @@ const MAX_QUEUE = 300; // unappended messages before the player starts over
 const MSE = window.ManagedMediaSource || window.MediaSource;
 
 const sessionViews = new Map(); // session id -> SessionView
+const alerts = { emergency: false, offline: 0 }; // what the page title announces
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -405,7 +407,71 @@ function render(sessions) {
   const open = sessions.filter((s) => s.open && !isShare(s));
   alarms.replaceChildren(...open.map((s) => el("p", "alarm-line", alarmText(s))));
   alarms.hidden = open.length === 0;
-  document.title = open.length ? "● EMERGENCY — breakglass receiver" : "breakglass receiver";
+  alerts.emergency = open.length > 0;
+  updateTitle();
+}
+
+function updateTitle() {
+  if (alerts.emergency) document.title = "● EMERGENCY — breakglass receiver";
+  else if (alerts.offline) document.title = `● ${alerts.offline} DEVICE(S) OFFLINE — breakglass receiver`;
+  else document.title = "breakglass receiver";
+}
+
+// An ISO-8601 time as the local time of day, with the date when it is not today.
+function when(iso) {
+  const t = Date.parse(iso);
+  if (Number.isNaN(t)) return "?";
+  const d = new Date(t);
+  const time = d.toLocaleTimeString([], { hour12: false });
+  return d.toDateString() === new Date().toDateString() ? time : `${d.toLocaleDateString()} ${time}`;
+}
+
+function ago(iso) {
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (Number.isNaN(s)) return "";
+  if (s < 120) return `${Math.round(s)} s ago`;
+  if (s < 7200) return `${Math.round(s / 60)} min ago`;
+  return `${(s / 3600).toFixed(1)} h ago`;
+}
+
+// The offline alarm (red banner, one line per device) and one chip per device.
+function renderDevices(devices) {
+  const banner = document.getElementById("device-alarms");
+  const list = document.getElementById("devices");
+  const offline = devices.filter((d) => d.offline);
+  banner.replaceChildren(...offline.map((d) => el(
+    "p", "alarm-line",
+    `DEVICE OFFLINE — ${d.device} (building ${d.building || "?"}) — ` +
+    `last heard ${when(d.last_heard)} (${ago(d.last_heard)})`,
+  )));
+  banner.hidden = offline.length === 0;
+  list.replaceChildren(...devices.map((d) => {
+    const state = d.offline ? "OFFLINE" : d.connected ? "connected" : "disconnected";
+    const chip = el("span", `device ${d.offline ? "offline" : d.connected ? "connected" : "quiet"}`,
+      `${d.device} · ${d.building || "?"} · ${state} since ${when(d.since)}`);
+    chip.title = `last heard ${when(d.last_heard)}${d.session ? ` · session ${d.session}` : ""}`;
+    return chip;
+  }));
+  list.hidden = devices.length === 0;
+  alerts.offline = offline.length;
+  updateTitle();
+}
+
+async function pollDevices() {
+  let again = true;
+  try {
+    const res = await fetch("/v1/devices", { cache: "no-store" });
+    if (res.status === 404) {
+      again = false; // a viewer without device presence: nothing to show
+      return;
+    }
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    renderDevices((await res.json()).devices);
+  } catch (err) {
+    setStatus(`receiver unreachable (${err.message}); retrying…`, true);
+  } finally {
+    if (again) setTimeout(pollDevices, DEVICES_POLL_MS);
+  }
 }
 
 function setStatus(text, isError) {
@@ -432,3 +498,4 @@ setInterval(() => {
   for (const view of sessionViews.values()) view.tick();
 }, 500);
 poll();
+pollDevices();

@@ -1,0 +1,408 @@
+"""The receiver's offline alarm and its drop of revoked devices (issue #5, point 5).
+
+Real TLS uplinks on 127.0.0.1 with the real agent. Presence counts in an
+injected clock, which the tests move instead of waiting; they wait on
+conditions (the agent's and the receiver's), never on time passing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import protocol as p
+from agent.config import load_config
+from agent.daemon import Agent
+from breakglass.cli import build_parser
+from breakglass.demo import BUILDING, press_button
+from provisioning.enrollment import sign_revocations
+from provisioning.keys import kid, load_private_key
+from provisioning.tls import fingerprint_digest
+from receiver.errors import InvalidSettingError
+from receiver.presence import DevicePresence, Presence, iso_utc
+from receiver.recording import RecordingStore
+from receiver.server import Receiver
+from receiver.viewer import setup_viewer
+from tests.test_enrollment import NOW, enroll, refused
+from tests.test_viewer import _CHROMIUM, browser_page
+
+pytestmark = pytest.mark.timeout(60)
+
+DEVICE = "demo-agent-1"
+T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+FIELDS = {"device", "building", "connected", "last_heard", "offline", "since", "session"}
+
+
+class Clock:
+    """Wall-clock seconds that move only when the test says so."""
+
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@contextlib.asynccontextmanager
+async def receiver_at(
+    tmp_path: Path, clock: Clock, *, poll_s: float = 60.0
+) -> AsyncIterator[Receiver]:
+    """A receiver on 127.0.0.1 whose presence counts in ``clock``."""
+    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0, clock=clock, poll_s=poll_s) as rx:
+        yield rx
+
+
+async def get_devices(rx: Receiver) -> dict[str, Any]:
+    """``GET /v1/devices`` over the receiver's pinned TLS."""
+    pin = aiohttp.Fingerprint(fingerprint_digest(rx.fingerprint))
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+        http.get(rx.url + "v1/devices", ssl=pin) as resp,
+    ):
+        assert resp.status == 200
+        assert resp.headers["Cache-Control"] == "no-store"
+        body: dict[str, Any] = await resp.json()
+        return body
+
+
+def entry(body: dict[str, Any]) -> dict[str, Any]:
+    (device,) = body["devices"]
+    assert set(device) == FIELDS
+    return dict(device)
+
+
+def presence_of(rx: Receiver) -> DevicePresence:
+    return rx.presence.devices[DEVICE]
+
+
+async def until_disconnected(rx: Receiver) -> None:
+    await rx.presence.wait_for(lambda: not presence_of(rx).connected)
+
+
+def offline_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "receiver.presence" and r.levelno == logging.WARNING
+    ]
+
+
+def revoke(tmp_path: Path, rx: Receiver, version: int, *, other: bool = False) -> None:
+    """Write revocation list ``version`` into DATA: revoking our agent, or another device."""
+    authority = load_private_key(tmp_path / "district" / "authority.key")
+    if other:
+        revoked = {"device": "lincoln-pi-9", "kid": kid(Ed25519PrivateKey.generate().public_key())}
+    else:
+        device_key = load_private_key(tmp_path / "agent" / "device.key")
+        revoked = {"device": DEVICE, "kid": kid(device_key.public_key())}
+    doc = sign_revocations(authority, version, [revoked], iat=NOW, exp=NOW + 3600)
+    tmp = rx.data_dir / "revocations.json.tmp"
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(rx.data_dir / "revocations.json")  # as `breakglass provision revoke` does
+
+
+async def test_a_silent_device_goes_offline_once_and_comes_back_on_reconnect(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="receiver.presence")
+    clock = Clock()
+    async with receiver_at(tmp_path, clock, poll_s=0.05) as rx:
+        assert await get_devices(rx) == {"devices": [], "offline_after_s": 300.0}
+        path, _ = enroll(tmp_path, rx)
+        async with Agent(load_config(path)) as agent:
+            await agent.uplink.wait_until(lambda: agent.uplink.connected)
+            await rx.presence.wait_for(lambda: DEVICE in rx.presence.devices)
+            assert entry(await get_devices(rx)) == {
+                "device": DEVICE,
+                "building": BUILDING,  # from its enrollment certificate
+                "connected": True,
+                "last_heard": "2027-01-15T08:00:00Z",
+                "offline": False,
+                "since": "2027-01-15T08:00:00Z",
+                "session": None,
+            }
+        await until_disconnected(rx)
+        clock.t += 299
+        quiet = entry(await get_devices(rx))
+        assert (quiet["connected"], quiet["offline"]) == (False, False)
+        assert not offline_warnings(caplog)
+
+        clock.t += 1  # 300 s of silence
+        gone = entry(await get_devices(rx))
+        assert gone["offline"] is True
+        assert gone["since"] == iso_utc(T0 + 300)
+        assert gone["last_heard"] == iso_utc(T0)
+        assert rx.presence.offline() == [DEVICE]
+        clock.t += 3600
+        assert entry(await get_devices(rx))["offline"] is True
+        (warning,) = offline_warnings(caplog)  # once per transition, however often checked
+        assert f"device {DEVICE} (building {BUILDING}) OFFLINE" in warning
+
+        async with Agent(load_config(path)) as agent:
+            await agent.uplink.wait_until(lambda: agent.uplink.connected)
+            await rx.presence.wait_for(lambda: presence_of(rx).connected)
+            back = entry(await get_devices(rx))
+            assert (back["connected"], back["offline"]) == (True, False)
+            assert back["last_heard"] == back["since"] == iso_utc(clock.t)
+        assert any(f"device {DEVICE} is back online" in r.getMessage() for r in caplog.records)
+        assert len(offline_warnings(caplog)) == 1
+
+
+async def test_the_offline_alarm_survives_a_receiver_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    async with receiver_at(tmp_path, clock) as rx:
+        path, _ = enroll(tmp_path, rx)
+        async with Agent(load_config(path)) as agent:
+            await agent.uplink.wait_until(lambda: agent.uplink.connected)
+            await rx.presence.wait_for(lambda: DEVICE in rx.presence.devices)
+        await until_disconnected(rx)
+    saved = json.loads((tmp_path / "receiver" / "presence.json").read_text())
+    assert saved["devices"][DEVICE] == {"last_heard": T0, "building": BUILDING}
+
+    clock.t += 120
+    async with receiver_at(tmp_path, clock) as rx:  # the device never reconnects
+        after = entry(await get_devices(rx))
+        assert (after["connected"], after["offline"]) == (False, False)
+        clock.t += 180  # 300 s since it was last heard, before the restart
+        after = entry(await get_devices(rx))
+        assert after["offline"] is True
+        assert after["building"] == BUILDING
+        assert after["since"] == iso_utc(T0 + 300)
+    assert len(offline_warnings(caplog)) == 1
+
+
+async def test_a_revocation_written_while_connected_drops_the_device(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with receiver_at(tmp_path, Clock(), poll_s=0.05) as rx:
+        path, _ = enroll(tmp_path, rx)
+        async with Agent(load_config(path)) as agent:
+            await agent.uplink.wait_until(lambda: agent.uplink.connected)
+            await agent.capture.wait_packets(10)
+            press_button(agent)
+            await agent.wait_until(lambda: agent.emergency.active is not None)
+            session = agent.emergency.active
+            assert session is not None
+            await agent.uplink.wait_until(
+                lambda: (s := agent.uplink.stream(session.id)) is not None and min(s.acked) >= 5
+            )
+            assert entry(await get_devices(rx))["session"] == session.id
+
+            revoke(tmp_path, rx, 1)  # the background watch notices the new file
+            await agent.uplink.wait_until(lambda: "revoked" in agent.uplink.stats.refusals)
+            assert not agent.uplink.connected
+            stream = agent.uplink.stream(session.id)
+            assert stream is not None
+            acked = dict(zip((c.id for c in stream.open.cameras), stream.acked, strict=True))
+        # Everything the device saw acknowledged is durable at the receiver.
+        durable = rx.store.get(session.id).durable_by_camera()
+        assert all(durable[cam] >= seq >= 5 for cam, seq in acked.items()), (durable, acked)
+        assert rx.ingest.refused == {"revoked": 1}
+        assert any(
+            f"device {DEVICE} is revoked (revocation list v1): closing its uplink" in r.getMessage()
+            for r in caplog.records
+        )
+        # A revoked device is no longer watched for the offline alarm.
+        assert (await get_devices(rx))["devices"] == []
+        assert await refused(path) == "revoked"  # and it cannot come back
+        assert rx.ingest.refused == {"revoked": 2}
+
+
+async def test_a_revocation_read_at_another_hello_drops_the_device(tmp_path: Path) -> None:
+    async with receiver_at(tmp_path, Clock()) as rx:  # the periodic watch is 60 s away
+        path, _ = enroll(tmp_path, rx)
+        async with Agent(load_config(path)) as agent:
+            await agent.uplink.wait_until(lambda: agent.uplink.connected)
+            revoke(tmp_path, rx, 1)
+            # Any hello, even a stranger's that is refused, makes the receiver look again.
+            conn = p.Uplink(p.Role.AGENT)
+            pin = aiohttp.Fingerprint(fingerprint_digest(rx.fingerprint))
+            async with (
+                aiohttp.ClientSession() as http,
+                http.ws_connect(rx.uplink_url, ssl=pin) as ws,
+            ):
+                conn.receive((await ws.receive()).data)
+                await ws.send_str(str(conn.send(p.Hello("stranger-1", p.b64url(bytes(64))))))
+                answer = conn.receive((await ws.receive()).data)
+                assert isinstance(answer, p.Error)
+                assert answer.code == "unknown_device"
+            await agent.uplink.wait_until(lambda: "revoked" in agent.uplink.stats.refusals)
+            assert not agent.uplink.connected
+        assert rx.ingest.refused == {"unknown_device": 1, "revoked": 1}
+
+
+async def test_an_older_revocation_list_never_replaces_a_newer_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with receiver_at(tmp_path, Clock()) as rx:
+        path, _ = enroll(tmp_path, rx)
+        revoke(tmp_path, rx, 2, other=True)  # read by the agent's hello
+        async with Agent(load_config(path)) as agent:
+            await agent.uplink.wait_until(lambda: agent.uplink.connected)
+            assert rx.ingest.trust is not None
+            assert rx.ingest.trust.current is not None
+            assert rx.ingest.trust.current.version == 2
+            revoke(tmp_path, rx, 1)  # an older list that would revoke it
+            await rx.ingest.check_revocations()
+            assert rx.ingest.trust.current.version == 2
+            assert agent.uplink.connected and not agent.uplink.stats.refusals
+            assert rx.ingest.devices[DEVICE].connected
+            assert entry(await get_devices(rx))["connected"] is True
+        assert any("v1 is older than v2: kept the newer" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("value", [0, -1, 14.9, float("nan"), float("inf"), "300"])
+def test_bad_offline_after_values_are_refused_clearly(tmp_path: Path, value: Any) -> None:
+    with pytest.raises(InvalidSettingError, match=r"^offline_after_s: expected") as err:
+        Receiver(tmp_path / "receiver", offline_after_s=value)
+    assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("abc", "expected a number of seconds, got 'abc'"),
+        ("5", "at least 15 (three heartbeats), got 5"),
+        ("-300", "got -300"),
+        ("inf", "got inf"),
+        ("nan", "got nan"),
+    ],
+)
+def test_bad_offline_after_flags_are_refused_clearly(
+    capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    args = ["receiver", "serve", "--data", "rx", "--offline-after", text]
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --offline-after:" in err
+    assert message in err
+    assert build_parser().parse_args([*args[:-1], "600"]).offline_after == 600.0
+    assert build_parser().parse_args(args[:4]).offline_after == 300.0
+
+
+# The viewer page: the offline alarm shows, red, and clears without a reload.
+_ALARM_JS = """new Promise((resolve, reject) => {
+  const hiddenNow = %s;  // resolve once the banner's hidden flag is no longer this
+  const look = () => {
+    const banner = document.getElementById('device-alarms');
+    const chip = document.querySelector('#devices .device');
+    if (!banner || !chip || banner.hidden === hiddenNow) return false;
+    resolve({hidden: banner.hidden, text: banner.textContent, chip: chip.textContent,
+             background: getComputedStyle(banner).backgroundColor,
+             chipClass: chip.className, title: document.title});
+    return true;
+  };
+  if (look()) return;
+  const seen = new MutationObserver(() => { if (look()) seen.disconnect(); });
+  seen.observe(document, {subtree: true, childList: true, attributes: true});
+  setTimeout(() => reject(new Error('timed out')), 15000);
+})"""
+
+
+class Page:
+    """A DevTools page socket: commands by id, the names of the events seen meanwhile."""
+
+    def __init__(self, cdp: aiohttp.ClientWebSocketResponse) -> None:
+        self.cdp = cdp
+        self.events: list[str] = []
+        self.next_id = 0
+
+    async def call(self, method: str, **params: Any) -> Any:
+        self.next_id += 1
+        await self.cdp.send_json({"id": self.next_id, "method": method, "params": params})
+        while True:
+            msg = await asyncio.wait_for(self.cdp.receive_json(), 30)
+            if msg.get("id") == self.next_id:
+                assert "error" not in msg, msg
+                return msg["result"]
+            if "method" in msg:
+                self.events.append(msg["method"])
+
+    async def event(self, method: str) -> None:
+        while method not in self.events:
+            msg = await asyncio.wait_for(self.cdp.receive_json(), 30)
+            if "method" in msg:
+                self.events.append(msg["method"])
+
+    async def banner(self, hidden_now: bool) -> dict[str, Any]:
+        js = _ALARM_JS % ("true" if hidden_now else "false")
+        result = await self.call(
+            "Runtime.evaluate", expression=js, awaitPromise=True, returnByValue=True
+        )
+        assert "exceptionDetails" not in result, result
+        value: dict[str, Any] = result["result"]["value"]
+        return value
+
+
+@pytest.mark.skipif(_CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+async def test_the_viewer_shows_the_offline_alarm_and_clears_it_without_reload(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    presence = Presence(clock=clock)
+    presence.connected("lincoln-pi-1", building="lincoln-elementary")
+    presence.disconnected("lincoln-pi-1")
+    clock.t += 301
+    async with RecordingStore(tmp_path / "rec") as store:
+        app = web.Application()
+        setup_viewer(app, store, store.live_feed, presence)
+        async with (
+            TestClient(TestServer(app, host="127.0.0.1", port=0)) as client,
+            browser_page("about:blank", tmp_path / "chromium") as cdp,
+        ):
+            page = Page(cdp)
+            await page.call("Page.enable")
+            await page.call("Page.navigate", url=str(client.make_url("/")))
+            await page.event("Page.loadEventFired")
+            alarm = await page.banner(hidden_now=True)
+            assert "DEVICE OFFLINE — lincoln-pi-1 (building lincoln-elementary)" in alarm["text"]
+            assert alarm["background"] == "rgb(200, 16, 46)"  # --alarm: red
+            assert "offline" in alarm["chipClass"].split()
+            assert "OFFLINE" in alarm["chip"]
+            assert "DEVICE(S) OFFLINE" in alarm["title"]
+
+            presence.connected("lincoln-pi-1")  # it reconnects: the next poll clears it
+            ok = await page.banner(hidden_now=False)
+            assert ok["hidden"] is True
+            assert "connected" in ok["chipClass"].split()
+            assert ok["title"] == "breakglass receiver"
+
+
+async def test_the_presence_file_is_written_whole_and_read_back(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "presence.json"
+    first = Presence(path, clock=clock)
+    first.connected("lincoln-pi-1", building="lincoln-elementary")
+    await first.save()
+    assert not (tmp_path / "presence.json.tmp").exists()
+    second = Presence(path, clock=clock)
+    second.load()
+    (loaded,) = second.devices.values()
+    assert (loaded.device, loaded.last_heard, loaded.building, loaded.connected) == (
+        "lincoln-pi-1",
+        T0,
+        "lincoln-elementary",
+        False,
+    )
+    path.write_text("{not json")
+    third = Presence(path, clock=clock)
+    third.load()  # logged; a damaged file never keeps the receiver from starting
+    assert third.devices == {}
+    fresh = Presence(tmp_path / "missing" / "presence.json", clock=clock)
+    fresh.load()  # the first start: no file yet
+    assert fresh.devices == {}
