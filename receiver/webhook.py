@@ -1,0 +1,284 @@
+"""Telling the district when an emergency session starts and ends: a signed webhook.
+
+The town's agreement gives police footage only in an emergency, and the
+district must know at once when that happens. The receiver POSTs one JSON
+event per session start and end to the district's URL (``receiver serve
+--notify-url``), signed with the receiver's Ed25519 key so the district can
+tell it came from this receiver and was not changed; the district verifies
+with the receiver's public key (no shared secret to leak or to default).
+
+Delivery survives outages and restarts: events go first into an outbox in
+SQLite (``DATA/notify.sqlite``, committed before anything is sent), then a
+sender task POSTs what is due, oldest first, and retries a failure with
+exponential backoff (:data:`FIRST_RETRY_S` doubling up to
+:data:`MAX_RETRY_S`) for :data:`GIVE_UP_S`; an event it gives up on stays in
+the outbox, marked failed and logged as an error. Receivers treat the event
+id as an idempotency key: a retry after a lost answer may deliver it twice.
+
+What is sent (no footage, nothing about students): event id, type
+(``session.started`` / ``session.ended``), time, device, building, session,
+who or what started it (button and room, or the trigger's role and reason),
+the cameras (ids and zones) and, for an end, why it ended.
+
+Headers: ``Breakglass-Event-Id``, ``Breakglass-Timestamp`` (Unix seconds)
+and ``Breakglass-Signature: kid=<key id>,ed25519=<b64url>`` over the bytes
+``<timestamp>.<body>``. The district should refuse a timestamp far from its
+clock (replay) and an event id it has already processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import aiohttp
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from provisioning import documents as d
+from provisioning.keys import kid
+
+log = logging.getLogger(__name__)
+
+FIRST_RETRY_S: Final = 5.0
+MAX_RETRY_S: Final = 15 * 60.0
+GIVE_UP_S: Final = 72 * 3600.0
+TIMEOUT_S: Final = 10.0
+MAX_BODY: Final = 16 * 1024
+EVENT_TYPES: Final = ("session.started", "session.ended")
+
+
+class WebhookError(ValueError):
+    """A bad notification setting (the URL or its pin)."""
+
+
+def check_url(url: str) -> str:
+    """The district's URL: https, with a host (WebhookError otherwise)."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise WebhookError(f"{url!r}: the district's webhook must be an https:// URL")
+    return url
+
+
+def signature_base(timestamp: int, body: bytes) -> bytes:
+    """What the signature covers: ``<timestamp>.<body>``."""
+    return str(timestamp).encode() + b"." + body
+
+
+def sign(key: Ed25519PrivateKey, timestamp: int, body: bytes) -> str:
+    """The ``Breakglass-Signature`` header value."""
+    sig = key.sign(signature_base(timestamp, body))
+    return f"kid={kid(key.public_key())},ed25519={d.b64url(sig)}"
+
+
+def verify(public: Ed25519PublicKey, header: str, timestamp: str, body: bytes) -> bool:
+    """What a district does with a delivery (and what the tests do)."""
+    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
+    try:
+        sig = d.b64url_decode(fields.get("ed25519", ""), what="signature")
+        public.verify(sig, signature_base(int(timestamp), body))
+    except (d.DocumentError, ValueError, InvalidSignature):
+        return False
+    return fields.get("kid") == kid(public)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An event waiting in the outbox."""
+
+    id: str
+    body: bytes
+    created: float
+    attempts: int
+
+
+class Outbox:
+    """The durable queue of events (SQLite; time passed in). One thread at a time."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS events (id TEXT PRIMARY KEY, body BLOB NOT NULL,"
+            " created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+            " next_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'pending',"
+            " last_error TEXT)"
+        )
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    def add(self, body: bytes, *, event_id: str, now: float) -> None:
+        """Queue an event (committed, fsynced, before this returns)."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO events (id, body, created, next_at) VALUES (?, ?, ?, ?)",
+            (event_id, body, now, now),
+        )
+
+    def due(self, now: float, limit: int = 16) -> list[Pending]:
+        """Pending events whose time has come, oldest first."""
+        rows = self._db.execute(
+            "SELECT id, body, created, attempts FROM events WHERE state = 'pending'"
+            " AND next_at <= ? ORDER BY created LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [Pending(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def next_due(self) -> float | None:
+        """When the next pending event is due (None: nothing pending)."""
+        row = self._db.execute("SELECT min(next_at) FROM events WHERE state = 'pending'").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def delivered(self, event_id: str) -> None:
+        """The district took it."""
+        self._db.execute("UPDATE events SET state = 'delivered' WHERE id = ?", (event_id,))
+
+    def failed(self, event: Pending, error: str, now: float) -> bool:
+        """A failed attempt: schedule the retry; returns False when given up."""
+        attempts = event.attempts + 1
+        if now - event.created >= GIVE_UP_S:
+            self._db.execute(
+                "UPDATE events SET state = 'failed', attempts = ?, last_error = ? WHERE id = ?",
+                (attempts, error[:300], event.id),
+            )
+            return False
+        delay = min(MAX_RETRY_S, FIRST_RETRY_S * 2 ** (attempts - 1))
+        self._db.execute(
+            "UPDATE events SET attempts = ?, next_at = ?, last_error = ? WHERE id = ?",
+            (attempts, now + delay, error[:300], event.id),
+        )
+        return True
+
+    def states(self) -> dict[str, int]:
+        """Events per state (``pending``, ``delivered``, ``failed``)."""
+        rows = self._db.execute("SELECT state, count(*) FROM events GROUP BY state").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+
+def session_event(
+    kind: str,
+    *,
+    device: str,
+    building: str | None,
+    session: str,
+    at: float,
+    started_by: Mapping[str, Any] | None = None,
+    cameras: list[Mapping[str, Any]] | None = None,
+    reason: str | None = None,
+) -> tuple[str, bytes]:
+    """An event's id and its JSON body (canonical: sorted keys, no spaces)."""
+    if kind not in EVENT_TYPES:
+        raise ValueError(f"event type {kind!r}")
+    event_id = f"evt_{secrets.token_hex(12)}"
+    doc: dict[str, Any] = {
+        "id": event_id,
+        "type": kind,
+        "at": round(at, 3),
+        "device": device,
+        "building": building,
+        "session": session,
+    }
+    if started_by is not None:
+        doc["started_by"] = dict(started_by)
+    if cameras is not None:
+        doc["cameras"] = [{"id": c.get("id"), "zone": c.get("zone")} for c in cameras]
+    if reason is not None:
+        doc["reason"] = reason
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    if len(body) > MAX_BODY:
+        raise ValueError(f"event of {len(body)} bytes (at most {MAX_BODY})")
+    return event_id, body
+
+
+class Notifier:
+    """Queues events and delivers them in a task (``async with``; ``notify()`` any time)."""
+
+    def __init__(
+        self,
+        url: str,
+        outbox: Outbox,
+        key: Ed25519PrivateKey,
+        *,
+        ssl: Any = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = check_url(url)
+        self.outbox = outbox
+        self.key = key
+        self.ssl = ssl  # None: verify against the system CAs; aiohttp.Fingerprint: a pin
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.delivered = 0
+
+    async def __aenter__(self) -> Notifier:
+        self._task = asyncio.create_task(self._run(), name="district-webhook")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.to_thread(self.outbox.close)
+
+    async def notify(self, event_id: str, body: bytes) -> None:
+        """Queue an event durably and wake the sender."""
+        await asyncio.to_thread(self.outbox.add, body, event_id=event_id, now=self.clock())
+        self._wake.set()
+
+    async def deliver_due(self, http: aiohttp.ClientSession) -> int:
+        """Try every due event once; returns how many were delivered."""
+        done = 0
+        for event in await asyncio.to_thread(self.outbox.due, self.clock()):
+            error = await self._post(http, event)
+            if error is None:
+                await asyncio.to_thread(self.outbox.delivered, event.id)
+                done += 1
+                continue
+            retry = await asyncio.to_thread(self.outbox.failed, event, error, self.clock())
+            if retry:
+                log.warning("district webhook: event %s: %s (will retry)", event.id, error)
+            else:
+                log.error("district webhook: event %s given up after %s", event.id, error)
+        self.delivered += done
+        return done
+
+    async def _post(self, http: aiohttp.ClientSession, event: Pending) -> str | None:
+        timestamp = int(self.clock())
+        headers = {
+            "Content-Type": "application/json",
+            "Breakglass-Event-Id": event.id,
+            "Breakglass-Timestamp": str(timestamp),
+            "Breakglass-Signature": sign(self.key, timestamp, event.body),
+        }
+        try:
+            async with http.post(self.url, data=event.body, headers=headers, ssl=self.ssl) as r:
+                await r.content.read(4096)
+                return None if 200 <= r.status < 300 else f"HTTP {r.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"[:300]
+
+    async def _run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                self._wake.clear()
+                await self.deliver_due(http)
+                next_at = await asyncio.to_thread(self.outbox.next_due)
+                wait = None if next_at is None else max(0.05, next_at - self.clock())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=wait)

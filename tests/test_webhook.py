@@ -1,0 +1,200 @@
+"""The district's session notifications: signed, durable, retried (issue #6, point 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from provisioning.tls import ensure_certificate, fingerprint_digest, server_context
+from receiver.webhook import (
+    FIRST_RETRY_S,
+    GIVE_UP_S,
+    Notifier,
+    Outbox,
+    WebhookError,
+    check_url,
+    session_event,
+    verify,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@dataclass
+class District:
+    """The district's endpoint on loopback: answers ``fail_first`` requests with 503."""
+
+    url: str
+    pin: str
+    fail_first: int = 0
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@pytest.fixture
+async def district(tmp_path: Path) -> AsyncIterator[District]:
+    pin = ensure_certificate(
+        tmp_path / "d.crt", tmp_path / "d.key", common_name="district", hosts=["127.0.0.1"]
+    )
+    state = District(url="", pin=pin)
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        state.received.append((dict(request.headers), body))
+        state.arrived.set()
+        if len(state.received) <= state.fail_first:
+            return web.Response(status=503)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hooks/breakglass", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, "127.0.0.1", 0, ssl_context=server_context(tmp_path / "d.crt", tmp_path / "d.key")
+    )
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    state.url = f"https://127.0.0.1:{port}/hooks/breakglass"
+    yield state
+    await runner.cleanup()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def started(device: str = "lincoln-pi-1") -> tuple[str, bytes]:
+    return session_event(
+        "session.started",
+        device=device,
+        building="lincoln-elementary",
+        session="s-1",
+        at=1_800_000_000.0,
+        started_by={"kind": "button", "button": "office", "location": "Main office"},
+        cameras=[{"id": "hall-2", "zone": "interior", "codec": "h264"}],
+    )
+
+
+async def test_a_failed_delivery_is_retried_with_backoff_and_verifies(
+    tmp_path: Path, district: District
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    clock = Clock()
+    district.fail_first = 2
+    notifier = Notifier(
+        district.url,
+        Outbox(tmp_path / "notify.sqlite"),
+        key,
+        ssl=aiohttp.Fingerprint(fingerprint_digest(district.pin)),
+        clock=clock,
+    )
+    event_id, body = started()
+    await notifier.notify(event_id, body)
+    async with aiohttp.ClientSession() as http:
+        assert await notifier.deliver_due(http) == 0  # 503
+        assert await notifier.deliver_due(http) == 0  # not due before the backoff
+        clock.now += FIRST_RETRY_S
+        assert await notifier.deliver_due(http) == 0  # 503 again; next in 2 x 5 s
+        clock.now += FIRST_RETRY_S
+        assert await notifier.deliver_due(http) == 0
+        clock.now += FIRST_RETRY_S
+        assert await notifier.deliver_due(http) == 1
+    assert len(district.received) == 3
+    headers, delivered = district.received[-1]
+    assert delivered == body
+    assert headers["Breakglass-Event-Id"] == event_id
+    assert verify(
+        key.public_key(), headers["Breakglass-Signature"], headers["Breakglass-Timestamp"], body
+    )
+    assert not verify(
+        Ed25519PrivateKey.generate().public_key(),
+        headers["Breakglass-Signature"],
+        headers["Breakglass-Timestamp"],
+        body,
+    )
+    assert not verify(
+        key.public_key(), headers["Breakglass-Signature"], headers["Breakglass-Timestamp"],
+        body.replace(b"lincoln", b"lincolm"),
+    )  # fmt: skip
+    doc = json.loads(body)
+    assert doc["type"] == "session.started" and doc["cameras"] == [
+        {"id": "hall-2", "zone": "interior"}
+    ]
+    assert notifier.outbox.states() == {"delivered": 1}
+    notifier.outbox.close()
+
+
+async def test_queued_events_survive_a_restart_and_are_sent_by_the_task(
+    tmp_path: Path, district: District
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    outbox = Outbox(tmp_path / "notify.sqlite")
+    event_id, body = started()
+    outbox.add(body, event_id=event_id, now=0)
+    outbox.close()  # the receiver stopped before it could send
+    pin = aiohttp.Fingerprint(fingerprint_digest(district.pin))
+    async with Notifier(district.url, Outbox(tmp_path / "notify.sqlite"), key, ssl=pin):
+        async with asyncio.timeout(10):
+            await district.arrived.wait()
+    assert district.received[0][1] == body
+
+
+async def test_an_event_is_given_up_after_three_days_and_kept(
+    tmp_path: Path, district: District
+) -> None:
+    clock = Clock()
+    district.fail_first = 100
+    notifier = Notifier(
+        district.url,
+        Outbox(tmp_path / "notify.sqlite"),
+        Ed25519PrivateKey.generate(),
+        ssl=aiohttp.Fingerprint(fingerprint_digest(district.pin)),
+        clock=clock,
+    )
+    await notifier.notify(*started())
+    async with aiohttp.ClientSession() as http:
+        await notifier.deliver_due(http)
+        clock.now += GIVE_UP_S
+        await notifier.deliver_due(http)
+    assert notifier.outbox.states() == {"failed": 1}
+    assert notifier.outbox.next_due() is None
+    notifier.outbox.close()
+
+
+async def test_a_wrong_pin_is_a_failed_attempt_not_a_delivery(
+    tmp_path: Path, district: District
+) -> None:
+    notifier = Notifier(
+        district.url,
+        Outbox(tmp_path / "notify.sqlite"),
+        Ed25519PrivateKey.generate(),
+        ssl=aiohttp.Fingerprint(b"\0" * 32),
+        clock=Clock(),
+    )
+    await notifier.notify(*started())
+    async with aiohttp.ClientSession() as http:
+        assert await notifier.deliver_due(http) == 0
+    assert district.received == []
+    assert notifier.outbox.states() == {"pending": 1}
+    notifier.outbox.close()
+
+
+@pytest.mark.parametrize(
+    "url", ["http://district.example/hook", "ftp://x/y", "https:///nohost", "district.example"]
+)
+def test_only_https_urls_are_accepted(url: str) -> None:
+    with pytest.raises(WebhookError, match="https"):
+        check_url(url)
