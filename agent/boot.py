@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -55,7 +56,12 @@ def load_device(path: Path) -> tuple[AgentConfig, enrollment_state.Enrolled | No
     doc = read_toml(path)
     key_path, state_dir = device_paths(doc, path)
     enrollment_state.recover(state_dir)
-    enrolled = enrollment_state.load(state_dir)
+    try:
+        enrolled = enrollment_state.load(state_dir)
+    except enrollment_state.EnrollmentDamaged as exc:
+        aside = enrollment_state.set_aside(state_dir, int(time.time()))
+        log.error("%s; set aside as %s: the device is unprovisioned until re-enrolled", exc, aside)
+        enrolled = None
     if not key_path.exists():
         if enrolled is not None:
             raise ConfigError(

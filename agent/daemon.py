@@ -707,10 +707,6 @@ class Agent:
         """Set when a technician installed a new enrollment: the agent must start again."""
         return self.desk.enrolled
 
-    async def on_channel(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
-        """A paired technician's sealed request (re-enroll, check a camera's aim)."""
-        return await self.desk.handle(request, peer)
-
     def _busy(self) -> str | None:
         active = self.emergency.active
         return None if active is None else f"emergency {active.id} is active; enroll after it"

@@ -63,6 +63,10 @@ TRIGGER_KEYS: Final = "trigger-keys.json"
 BUNDLE_FIELDS: Final = frozenset({"certificate", "authority", "cameras", "trigger_keys"})
 
 
+class EnrollmentDamaged(ConfigError):
+    """The installed enrollment cannot be read (a bad disk, a hand edit)."""
+
+
 class EnrollmentRefused(Exception):
     """The bundle was not applied; ``code`` is stable, ``detail`` says what and where."""
 
@@ -128,8 +132,23 @@ def load(state_dir: Path) -> Enrolled | None:
         enrollment = parse_enrollment((directory / CERTIFICATE).read_bytes(), authority, now=None)
         cameras = json.loads((directory / CAMERAS).read_bytes())
     except (OSError, ValueError, KeyFileError, DocumentError) as exc:
-        raise ConfigError(f"{where}: the installed enrollment is damaged: {exc}", key="") from exc
+        raise EnrollmentDamaged(f"{where}: the enrollment is damaged: {exc}", key="") from exc
     return Enrolled(directory, enrollment, authority, tuple(cameras))
+
+
+def set_aside(state_dir: Path, stamp: int) -> Path:
+    """Move a damaged enrollment out of the way (kept for a look); the device is then
+    unprovisioned and pairable again, rather than failing to start forever."""
+    link = state_dir / LINK
+    target = link.resolve() if link.is_symlink() else link
+    aside = state_dir / f"damaged-{LINK}-{stamp}"
+    if target.exists() and target != link:
+        target.rename(aside)
+        link.unlink()
+    elif link.exists() or link.is_symlink():
+        link.rename(aside)
+    _fsync_dir(state_dir)
+    return aside
 
 
 def apply(

@@ -141,10 +141,6 @@ class FirstBoot:
         """Set once a technician's enrollment is installed."""
         return self.desk.enrolled
 
-    async def on_channel(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
-        """A paired technician's sealed request (only ``enroll`` makes sense here)."""
-        return await self.desk.handle(request, peer)
-
     def _held(self, event: PressEvent) -> None:
         pairing = None if self.local_api is None else self.local_api.pairing
         log.warning("button %s held: reopening pairing", event.button_id)

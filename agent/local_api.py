@@ -39,6 +39,7 @@ from agent.audit import AuditLog
 from agent.config import AgentConfig, LocalApiConfig
 from agent.pairing_api import PairingService, load_or_make_code
 from agent.policy import STATUS
+from agent.technician import TechnicianDesk
 from provisioning.documents import DocumentError, envelope_limit
 from provisioning.keys import kid, public_pem
 from provisioning.tls import ensure_certificate, server_context
@@ -64,8 +65,9 @@ class ApiHost(Protocol):
     def status(self) -> dict[str, Any]:
         """``GET /v1/status``."""
 
-    async def on_channel(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
-        """A paired technician's sealed request (``enroll``, ``check``)."""
+    @property
+    def desk(self) -> TechnicianDesk:
+        """Answers a paired technician's sealed requests (``enroll``, ``check``)."""
 
 
 class LocalApi:
@@ -136,7 +138,8 @@ class LocalApi:
                 identity=self.identity,
                 audit=host.audit,
                 window_s=self.config.pairing_window_s,
-                handler=host.on_channel,
+                handler=host.desk.handle,
+                after_reply=host.desk.after_reply,
                 close_on_pairing=host.config.provisioned,
             )
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET

@@ -104,12 +104,14 @@ class PairingService:
         window_s: float,
         handler: ChannelHandler | None = None,
         close_on_pairing: bool = True,
+        after_reply: Callable[[], None] | None = None,
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device_id = device_id
         self._code = code
         self._identity = identity
         self._handler = handler
+        self._after_reply = after_reply
         #: False for an unprovisioned device: its window stays open until it is enrolled
         #: (a refused or interrupted enrollment must not need a power cycle); a new
         #: pairing replaces the session.
@@ -231,7 +233,12 @@ class PairingService:
             answer: dict[str, Any] = {"error": "unsupported", "detail": "no channel operations"}
         else:
             answer = await self._handler(request_doc, peer)
-        return web.json_response({"box": d.b64url(channel.seal(json.dumps(answer).encode()))})
+        response = web.json_response({"box": d.b64url(channel.seal(json.dumps(answer).encode()))})
+        await response.prepare(request)
+        await response.write_eof()  # sent before anything restarts the device
+        if self._after_reply is not None:
+            self._after_reply()
+        return response
 
     def _refuse(self, exc: PairingError, peer: str, step: str) -> web.Response:
         log.warning("pairing %s from %s refused: %s", step, peer, exc.code)

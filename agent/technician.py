@@ -4,8 +4,9 @@ Both runtimes serve it: :class:`agent.first_boot.FirstBoot` (enroll) and the
 armed :class:`agent.daemon.Agent` (re-enroll, check the cameras' aim).
 
 - ``{"op": "enroll", "bundle": {...}}`` installs an enrollment atomically
-  (:func:`agent.enrollment_state.apply`, in a worker thread) and sets
-  :attr:`TechnicianDesk.enrolled`, so the device starts again with it
+  (:func:`agent.enrollment_state.apply`, in a worker thread); once the
+  answer is sent, :attr:`TechnicianDesk.enrolled` is set, so the device starts
+  again with it
   (:func:`agent.boot.run_agent`). Refused while an emergency is active.
 - ``{"op": "check", "camera": ID}``: one JPEG snapshot (:mod:`agent.snapshot`),
   interior cameras included: only a technician who proved the setup code, in
@@ -61,7 +62,9 @@ class TechnicianDesk:
         self.snapshot = snapshot
         self.zones = dict(zones or {})
         self.current: Enrolled | None = None
+        #: Set once the answer to an accepted enrollment was sent: start again with it.
         self.enrolled = asyncio.Event()
+        self._restart = False
 
     async def handle(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         """Answer one opened request (never raises on bad input)."""
@@ -103,8 +106,13 @@ class TechnicianDesk:
             cameras=dict(e.cameras),
         )
         self.current = enrolled
-        self.enrolled.set()
+        self._restart = True  # after the answer is on its way (after_reply)
         return {"ok": {"version": e.version, "building": e.building, "device": e.device}}
+
+    def after_reply(self) -> None:
+        """The answer was sent: if it installed an enrollment, the device starts again."""
+        if self._restart:
+            self.enrolled.set()
 
     def _pinned_authority(self) -> Ed25519PublicKey | None:
         """The authority the image pins (``[trust] authority`` of the file), if any."""

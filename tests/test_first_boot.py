@@ -429,3 +429,17 @@ def test_under_systemd_the_cli_reports_ready_feeds_the_watchdog_and_stops(tmp_pa
     code = (tmp_path / "pi" / "state" / "setup-code").read_text().strip()
     assert code not in stderr  # the journal is a log: only where the code is
     assert "setup code path" in stderr
+
+
+def test_a_damaged_enrollment_is_set_aside_and_the_device_is_pairable_again(
+    tmp_path: Path,
+) -> None:
+    config = first_boot_config(tmp_path / "pi")
+    state = tmp_path / "pi" / "state"
+    (state / "enrollment.v3").mkdir(parents=True)
+    (state / "enrollment.v3" / "certificate.json").write_text("{not json")
+    (state / "enrollment").symlink_to("enrollment.v3")
+    loaded = load_agent_config(config)  # not a crash loop: unprovisioned, pairable
+    assert not loaded.provisioned
+    (aside,) = [p.name for p in state.iterdir()]
+    assert aside.startswith("damaged-enrollment-")
