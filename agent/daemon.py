@@ -30,6 +30,7 @@ from agent.emergency import Emergency, Ended, Extended, Session, Started, share_
 from agent.enrollment_state import Enrolled
 from agent.local_api import LocalApi
 from agent.policy import Outcome, apply_trigger, refused
+from agent.sdnotify import tasks_alive
 from agent.segment import StreamDesc, parse_recipient
 from agent.snapshot import SnapshotError, jpeg_from_packets
 from agent.statefile import SequenceReservations, read_json, write_json
@@ -305,13 +306,8 @@ class Agent:
             return RetryingSource(camera.id, lambda: self._source_factory(camera), exc, info)
 
     def alive(self) -> bool:
-        """False once a background task died of an exception: systemd's watchdog
-        (agent/sdnotify.py) then restarts the agent."""
-        for task in self._tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                log.error("task %s died", task.get_name(), exc_info=task.exception())
-                return False
-        return True
+        """False once a background task died: systemd's watchdog then restarts the agent."""
+        return tasks_alive(self._tasks)
 
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))

@@ -32,6 +32,7 @@ from agent.audit import AuditLog
 from agent.config import AgentConfig
 from agent.discovery import Advertiser, advertise_when_possible
 from agent.local_api import LocalApi
+from agent.sdnotify import tasks_alive
 from agent.technician import TechnicianDesk
 from hardware.button import PanicButton, PressEvent, loop_callback
 from hardware.led import LedPattern, StatusLed
@@ -128,13 +129,8 @@ class FirstBoot:
         await asyncio.to_thread(self.audit.close)
 
     def alive(self) -> bool:
-        """False once a background task died of an exception: systemd's watchdog
-        (agent/sdnotify.py) then restarts the agent."""
-        for task in self._tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                log.error("task %s died", task.get_name(), exc_info=task.exception())
-                return False
-        return True
+        """False once a background task died: systemd's watchdog then restarts the agent."""
+        return tasks_alive(self._tasks)
 
     @property
     def enrolled(self) -> asyncio.Event:

@@ -26,10 +26,11 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from types import TracebackType
+from typing import Any
 
-__all__ = ["SEND_TIMEOUT_S", "Notifier", "watchdog"]
+__all__ = ["SEND_TIMEOUT_S", "Notifier", "tasks_alive", "watchdog"]
 
 log = logging.getLogger(__name__)
 
@@ -230,3 +231,12 @@ def _status(text: str | None) -> tuple[str, ...]:
     if text is None:
         return ()
     return ("STATUS=" + " ".join(text.splitlines()),)
+
+
+def tasks_alive(tasks: Iterable[asyncio.Task[Any]]) -> bool:
+    """False once one of ``tasks`` died of an exception (logged): the watchdog then stops."""
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("task %s died", task.get_name(), exc_info=task.exception())
+            return False
+    return True
