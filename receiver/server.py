@@ -8,7 +8,11 @@ opens the recording store (``DATA/recordings/``), reads the device allow-list
 
 - ``/v1/uplink``   the agents' uplink (WebSocket, see :mod:`agent.protocol`);
 - ``/``, ``/api/sessions``, ``/v1/devices``, ``/v1/live/...``, ``/recordings/...``
-  the viewer.
+  the viewer;
+- ``/login``, ``/logout``, ``/v1/me``, ``/v1/users`` the police accounts
+  (:mod:`receiver.auth`: every route but the login page and the uplink needs a
+  logged-in user; accounts and sessions in ``DATA/accounts.sqlite``, the
+  access log in ``DATA/access.log``).
 
 Devices are accepted by their enrollment certificate when
 ``DATA/authority.pub`` names the district's authority
@@ -43,7 +47,10 @@ from aiohttp import web
 
 from provisioning.age_keys import load_identity, new_identity, recipient_of
 from provisioning.tls import ensure_certificate, server_context
+from receiver.access_log import AccessLog
+from receiver.accounts import AccountStore, PasswordParams
 from receiver.audit_copy import AuditCopies
+from receiver.auth import Auth, AuthSettings, allow_anonymous, setup_auth
 from receiver.device_trust import DeviceTrust
 from receiver.errors import InvalidSettingError
 from receiver.ingest import AllowList, IngestServer
@@ -70,8 +77,14 @@ class Receiver:
         offline_after_s: float = OFFLINE_AFTER_S,
         clock: Callable[[], float] = time.time,
         poll_s: float = POLL_S,
+        password_params: PasswordParams | None = None,
+        auth_settings: AuthSettings | None = None,
     ) -> None:
-        """Raises :class:`InvalidSettingError` (a ``ValueError``) for an unusable setting."""
+        """Raises :class:`InvalidSettingError` (a ``ValueError``) for an unusable setting.
+
+        ``password_params`` is the argon2id cost of new and rehashed passwords;
+        ``auth_settings`` the login limits (:class:`receiver.auth.AuthSettings`).
+        """
         if not 0 < poll_s <= 60:
             raise InvalidSettingError(f"poll_s: expected 0 < seconds <= 60, got {poll_s!r}")
         self.data_dir = Path(data_dir)
@@ -98,6 +111,11 @@ class Receiver:
             trust=DeviceTrust(self.data_dir),
             presence=self.presence,
         )
+        #: Police accounts and login sessions (``DATA/accounts.sqlite``).
+        self.accounts = AccountStore(self.data_dir / "accounts.sqlite", params=password_params)
+        #: Who logged in and who watched what (``DATA/access.log``).
+        self.access_log = AccessLog(self.data_dir / "access.log")
+        self.auth = Auth(self.accounts, self.access_log, auth_settings)
         self._runner: web.AppRunner | None = None
 
     @property
@@ -120,7 +138,9 @@ class Receiver:
         """The aiohttp application (also usable with aiohttp's test client)."""
         app = web.Application(client_max_size=64 * 1024)
         app[INGEST_KEY] = self.ingest
+        setup_auth(app, self.auth)  # first: its middleware guards every route below
         app.router.add_get("/v1/uplink", self.ingest.handle)
+        allow_anonymous(app, "GET", "/v1/uplink")  # devices prove their key in the handshake
         setup_viewer(app, self.store, self.ingest_feed, self.presence)
         app.cleanup_ctx.append(self._watchers)
         return app

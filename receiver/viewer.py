@@ -17,9 +17,11 @@ Routes added by :func:`setup_viewer`:
 
 Errors are JSON ``{"error": CODE, "detail": "..."}`` with a stable CODE.
 
-Access control: the viewer has no accounts yet, so anyone who can reach it
-can watch. Until accounts exist it is meant to be bound to loopback
-(127.0.0.1) only and reached through the police workstation itself.
+Access control: every route needs a logged-in officer (:mod:`receiver.auth`
+must be set up on the same application; without it every route answers
+401). Each live view opened and closed (with its duration) and each
+recorded part file fetched (once per login session, however many range
+requests a player makes) goes into the access log (:mod:`receiver.access_log`).
 """
 
 from __future__ import annotations
@@ -27,11 +29,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import WSCloseCode, web
 
+from receiver.access_log import ACCESS_LOG_KEY
+from receiver.accounts import Role
+from receiver.auth import User, require
 from receiver.errors import InvalidIdError, ReceiverError
 from receiver.livefeed import LiveFeed, Subscription
 from receiver.presence import Presence
@@ -58,6 +65,11 @@ FEEDS_KEY: web.AppKey[FeedLookup] = web.AppKey("breakglass.viewer.feeds")
 PRESENCE_KEY = web.AppKey("breakglass.viewer.presence", Presence)
 _SOCKETS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("breakglass.viewer.sockets")
 _FILES_KEY: web.AppKey[dict[str, tuple[bytes, str]]] = web.AppKey("breakglass.viewer.files")
+#: (login handle, session, part file) already audited as fetched, oldest first.
+_FETCHED_KEY: web.AppKey[OrderedDict[tuple[str, str, str], None]] = web.AppKey(
+    "breakglass.viewer.fetched"
+)
+_MAX_FETCHED = 100_000
 
 _STATIC_DIR = Path(__file__).parent / "static"
 _STATIC_FILES = {
@@ -73,7 +85,7 @@ _HEADERS = {
     "Content-Security-Policy": _CSP,
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # a same-origin POST must carry its Origin
     "Cache-Control": "no-store",
 }
 
@@ -109,6 +121,7 @@ def setup_viewer(
     app[FEEDS_KEY] = feeds
     app[_SOCKETS_KEY] = set()
     app[_FILES_KEY] = files
+    app[_FETCHED_KEY] = OrderedDict()
     app.router.add_get("/", _index)
     app.router.add_get("/static/{name}", _static)
     app.router.add_get("/api/sessions", _sessions)
@@ -129,10 +142,12 @@ def _file_response(request: web.Request, name: str) -> web.Response:
 
 
 async def _index(request: web.Request) -> web.Response:
+    require(request, Role.OFFICER)
     return _file_response(request, "index.html")
 
 
 async def _static(request: web.Request) -> web.Response:
+    require(request, Role.OFFICER)
     name = request.match_info["name"]
     if name == "index.html":  # served at "/" only
         return _error(404, "not_found", f"no static file {name!r}")
@@ -158,12 +173,14 @@ def _session_json(summary: SessionSummary) -> dict[str, object]:
 
 
 async def _sessions(request: web.Request) -> web.Response:
+    require(request, Role.OFFICER)
     store = request.app[STORE_KEY]
     body = {"sessions": [_session_json(s) for s in store.sessions()]}
     return web.json_response(body, headers=_HEADERS)
 
 
 async def _devices(request: web.Request) -> web.Response:
+    require(request, Role.OFFICER)
     presence = request.app[PRESENCE_KEY]
     body = {"devices": presence.to_json(), "offline_after_s": presence.offline_after_s}
     return web.json_response(body, headers=_HEADERS)
@@ -178,6 +195,7 @@ def _lookup(request: web.Request, camera_id: str) -> SessionSummary:
 
 
 async def _recording(request: web.Request) -> web.StreamResponse:
+    user = require(request, Role.OFFICER)
     name = request.match_info["file"]
     parsed = parse_part_file(name)
     if parsed is None:
@@ -189,11 +207,34 @@ async def _recording(request: web.Request) -> web.StreamResponse:
     part = next((p for p in summary.camera(parsed[0]).parts if p.file == name), None)
     if part is None or not part.path.is_file():
         return _error(404, "unknown_recording", f"no recording file {name!r}")
+    fetched = request.app[_FETCHED_KEY]
+    key = (user.login, summary.session_id, name)
+    if key not in fetched:  # once per part per login, not per range request
+        fetched[key] = None
+        while len(fetched) > _MAX_FETCHED:
+            fetched.popitem(last=False)
+        _audit(request, user, "recording_fetch", summary.session_id, parsed[0], file=name)
     headers = dict(_HEADERS, **{"Cache-Control": "no-cache", "Content-Type": "video/mp4"})
     return web.FileResponse(part.path, headers=headers)
 
 
+def _audit(
+    request: web.Request, user: User, action: str, session: str, camera: str, **fields: object
+) -> None:
+    request.app[ACCESS_LOG_KEY].record(
+        action,
+        who=user.name,
+        role=str(user.role),
+        login=user.login,
+        session=session,
+        camera=camera,
+        remote=request.remote,
+        **fields,
+    )
+
+
 async def _live(request: web.Request) -> web.StreamResponse:
+    user = require(request, Role.OFFICER)
     camera = request.match_info["camera"]
     try:
         summary = _lookup(request, camera)
@@ -208,6 +249,9 @@ async def _live(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     sockets = request.app[_SOCKETS_KEY]
     sockets.add(ws)
+    sid = summary.session_id
+    _audit(request, user, "live_open", sid, camera)
+    opened = time.monotonic()
     try:
         async with feed.subscribe() as sub:
             pump = asyncio.create_task(_pump(sub, ws), name=f"live {summary.session_id}/{camera}")
@@ -221,6 +265,8 @@ async def _live(request: web.Request) -> web.StreamResponse:
     finally:
         sockets.discard(ws)
         await ws.close()
+        duration = round(time.monotonic() - opened, 3)
+        _audit(request, user, "live_close", sid, camera, duration_s=duration)
     return ws
 
 

@@ -6,11 +6,14 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
+from receiver.accounts import Role
 from receiver.server import Receiver
+from tests.logins import FAST, logged_in
 from tests.media import PacketList, make_h264_packets
 
 
@@ -55,6 +58,17 @@ def no_leaked_threads() -> Iterator[None]:
 
 @pytest.fixture
 async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    """A police receiver on 127.0.0.1 (an ephemeral port), data in ``tmp_path/receiver``."""
-    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as rx:
+    """A police receiver on 127.0.0.1 (an ephemeral port), data in ``tmp_path/receiver``.
+
+    Passwords are hashed cheaply (:data:`tests.logins.FAST`); log in with
+    ``officer_session`` or :func:`tests.logins.logged_in`.
+    """
+    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0, password_params=FAST) as rx:
         yield rx
+
+
+@pytest.fixture
+async def officer_session(receiver: Receiver) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client logged in to ``receiver`` as an officer (cookie, Origin and CSRF header set)."""
+    async with logged_in(receiver, Role.OFFICER) as http:
+        yield http

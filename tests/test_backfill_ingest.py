@@ -29,6 +29,7 @@ from receiver.errors import BadSegmentError
 from receiver.h264 import parameter_sets
 from receiver.recording import CameraSummary
 from receiver.server import Receiver
+from tests.logins import logged_in
 from tests.media import PacketList, ffprobe_stream
 from tests.segments import capture_us, seal
 
@@ -212,12 +213,8 @@ async def test_declared_gap_moves_the_ack_past_it(
         assert doc["cameras"][0]["gaps"] == [{"first": 1030, "last": 1059, "reason": "evicted"}]
         await dev.send(p.SessionClose("s-gap", "all clear"))
         await dev.wait(lambda: dev.acked(0) == (1089, ()))
-    async with aiohttp.ClientSession() as http:
-        url = receiver.url + "api/sessions"
-        async with http.get(
-            url, ssl=aiohttp.Fingerprint(fingerprint_digest(receiver.fingerprint))
-        ) as resp:
-            (session,) = (await resp.json())["sessions"]
+    async with logged_in(receiver) as http, http.get(receiver.url + "api/sessions") as resp:
+        (session,) = (await resp.json())["sessions"]
     cam = session["cameras"][0]
     assert cam["gaps"] == [{"first": 1030, "last": 1059, "reason": "evicted"}]
     assert (cam["complete"], cam["missing"], cam["durable_seq"]) == (True, [], 1089)

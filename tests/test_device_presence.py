@@ -7,7 +7,6 @@ conditions (the agent's and the receiver's), never on time passing.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -18,8 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from playwright.async_api import Page
 
 from agent import protocol as p
 from agent.config import load_config
@@ -34,8 +33,9 @@ from receiver.presence import DevicePresence, Presence, iso_utc
 from receiver.recording import RecordingStore
 from receiver.server import Receiver
 from receiver.viewer import setup_viewer
+from tests.browser import chromium, logged_in_page, needs_chromium
+from tests.logins import FAST, logged_in, secured_client
 from tests.test_enrollment import NOW, enroll, refused
-from tests.test_viewer import _CHROMIUM, browser_page
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,17 +59,15 @@ async def receiver_at(
     tmp_path: Path, clock: Clock, *, poll_s: float = 60.0
 ) -> AsyncIterator[Receiver]:
     """A receiver on 127.0.0.1 whose presence counts in ``clock``."""
-    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0, clock=clock, poll_s=poll_s) as rx:
+    async with Receiver(
+        tmp_path / "receiver", "127.0.0.1", 0, clock=clock, poll_s=poll_s, password_params=FAST
+    ) as rx:
         yield rx
 
 
 async def get_devices(rx: Receiver) -> dict[str, Any]:
-    """``GET /v1/devices`` over the receiver's pinned TLS."""
-    pin = aiohttp.Fingerprint(fingerprint_digest(rx.fingerprint))
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
-        http.get(rx.url + "v1/devices", ssl=pin) as resp,
-    ):
+    """``GET /v1/devices`` over the receiver's pinned TLS, logged in as an officer."""
+    async with logged_in(rx) as http, http.get(rx.url + "v1/devices") as resp:
         assert resp.status == 200
         assert resp.headers["Cache-Control"] == "no-store"
         body: dict[str, Any] = await resp.json()
@@ -314,42 +312,13 @@ _ALARM_JS = """new Promise((resolve, reject) => {
 })"""
 
 
-class Page:
-    """A DevTools page socket: commands by id, the names of the events seen meanwhile."""
-
-    def __init__(self, cdp: aiohttp.ClientWebSocketResponse) -> None:
-        self.cdp = cdp
-        self.events: list[str] = []
-        self.next_id = 0
-
-    async def call(self, method: str, **params: Any) -> Any:
-        self.next_id += 1
-        await self.cdp.send_json({"id": self.next_id, "method": method, "params": params})
-        while True:
-            msg = await asyncio.wait_for(self.cdp.receive_json(), 30)
-            if msg.get("id") == self.next_id:
-                assert "error" not in msg, msg
-                return msg["result"]
-            if "method" in msg:
-                self.events.append(msg["method"])
-
-    async def event(self, method: str) -> None:
-        while method not in self.events:
-            msg = await asyncio.wait_for(self.cdp.receive_json(), 30)
-            if "method" in msg:
-                self.events.append(msg["method"])
-
-    async def banner(self, hidden_now: bool) -> dict[str, Any]:
-        js = _ALARM_JS % ("true" if hidden_now else "false")
-        result = await self.call(
-            "Runtime.evaluate", expression=js, awaitPromise=True, returnByValue=True
-        )
-        assert "exceptionDetails" not in result, result
-        value: dict[str, Any] = result["result"]["value"]
-        return value
+async def banner(page: Page, hidden_now: bool) -> dict[str, Any]:
+    """The offline banner once its ``hidden`` flag is no longer ``hidden_now``."""
+    value: dict[str, Any] = await page.evaluate(_ALARM_JS % ("true" if hidden_now else "false"))
+    return value
 
 
-@pytest.mark.skipif(_CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+@needs_chromium
 async def test_the_viewer_shows_the_offline_alarm_and_clears_it_without_reload(
     tmp_path: Path,
 ) -> None:
@@ -362,14 +331,11 @@ async def test_the_viewer_shows_the_offline_alarm_and_clears_it_without_reload(
         app = web.Application()
         setup_viewer(app, store, store.live_feed, presence)
         async with (
-            TestClient(TestServer(app, host="127.0.0.1", port=0)) as client,
-            browser_page("about:blank", tmp_path / "chromium") as cdp,
+            secured_client(app, tmp_path / "auth") as client,
+            chromium() as browser,
+            logged_in_page(browser, str(client.make_url("/")), "officer-1") as page,
         ):
-            page = Page(cdp)
-            await page.call("Page.enable")
-            await page.call("Page.navigate", url=str(client.make_url("/")))
-            await page.event("Page.loadEventFired")
-            alarm = await page.banner(hidden_now=True)
+            alarm = await banner(page, hidden_now=True)
             assert "DEVICE OFFLINE — lincoln-pi-1 (building lincoln-elementary)" in alarm["text"]
             assert alarm["background"] == "rgb(200, 16, 46)"  # --alarm: red
             assert "offline" in alarm["chipClass"].split()
@@ -377,7 +343,7 @@ async def test_the_viewer_shows_the_offline_alarm_and_clears_it_without_reload(
             assert "DEVICE(S) OFFLINE" in alarm["title"]
 
             presence.connected("lincoln-pi-1")  # it reconnects: the next poll clears it
-            ok = await page.banner(hidden_now=False)
+            ok = await banner(page, hidden_now=False)
             assert ok["hidden"] is True
             assert "connected" in ok["chipClass"].split()
             assert ok["title"] == "breakglass receiver"

@@ -1,13 +1,14 @@
-"""Web viewer over a real aiohttp server on loopback: API, static files, recordings, live WS."""
+"""Web viewer over a real aiohttp server on loopback: API, static files, recordings, live WS.
+
+The viewer is served over TLS behind the receiver's logins (:mod:`receiver.auth`);
+the client is logged in as an officer.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
+import json
 import re
-import shutil
-import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from yarl import URL
 
+from receiver.access_log import ACCESS_LOG_KEY
 from receiver.h264 import mse_codec_string, parameter_sets
 from receiver.recording import (
     CameraRecording,
@@ -27,6 +29,8 @@ from receiver.recording import (
     TrackInfo,
 )
 from receiver.viewer import setup_viewer
+from tests.browser import chromium, logged_in_page, needs_chromium
+from tests.logins import log_in, secured_client
 from tests.media import META, PacketList, ffprobe_stream
 
 T0_US = 1_767_000_000_000_000
@@ -46,6 +50,11 @@ class Env:
         self.cam: CameraRecording = rec.camera("cam1")
         self.client = client
         self.next = 0
+        self.folder = Path()
+
+    def access(self) -> list[dict[str, Any]]:
+        """The access log's entries so far."""
+        return [json.loads(line) for line in (self.folder / "access.log").read_text().splitlines()]
 
     def feed(self, packets: PacketList, n: int) -> None:
         for _ in range(n):
@@ -66,8 +75,10 @@ async def env(tmp_path: Path, packets: PacketList) -> AsyncIterator[Env]:
         rec = await store.open_session("s-1", "dev-1", META, [track])
         app = web.Application()
         setup_viewer(app, store, store.live_feed)
-        async with TestClient(TestServer(app, host="127.0.0.1", port=0)) as client:
-            yield Env(store, rec, client)
+        async with secured_client(app, tmp_path / "auth") as client:
+            env = Env(store, rec, client)
+            env.folder = tmp_path / "auth"
+            yield env
 
 
 async def test_sessions_api_lists_cameras(env: Env, packets: PacketList) -> None:
@@ -240,18 +251,6 @@ async def test_server_shutdown_closes_live_sockets(env: Env, packets: PacketList
     assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
 
 
-_CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-async def _cdp_eval(ws: aiohttp.ClientWebSocketResponse, expr: str, msg_id: int) -> Any:
-    params = {"expression": expr, "returnByValue": True, "awaitPromise": True}
-    await ws.send_json({"id": msg_id, "method": "Runtime.evaluate", "params": params})
-    while True:
-        msg = await asyncio.wait_for(ws.receive_json(), 20)
-        if msg.get("id") == msg_id:
-            return msg["result"]["result"].get("value")
-
-
 _PROBE_JS = """(() => {
   const v = document.querySelector('video.live');
   if (!v || !v.buffered.length) return null;
@@ -264,49 +263,7 @@ _PROBE_JS = """(() => {
 })()"""
 
 
-@contextlib.asynccontextmanager
-async def browser_page(url: str, profile: Path) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
-    """Headless Chromium showing ``url``; yields the page's DevTools socket (raw CDP)."""
-    assert _CHROMIUM is not None
-    proc = await asyncio.create_subprocess_exec(
-        _CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--autoplay-policy=no-user-gesture-required",
-        f"--user-data-dir={profile}",
-        "--remote-debugging-address=127.0.0.1",
-        "--remote-debugging-port=0",
-        "about:blank",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,  # its own process group: helpers end with it
-    )
-    try:
-        assert proc.stderr is not None
-        devtools = None
-        while devtools is None:
-            line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
-            assert line, "chromium exited"
-            devtools = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
-        async with aiohttp.ClientSession() as http:
-            new = f"http://127.0.0.1:{devtools.group(1)}/json/new?{url}"
-            async with http.put(new) as resp:
-                target = await resp.json()
-            async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as cdp:
-                yield cdp
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the group this test started
-        await proc.wait()
-
-
-@pytest.mark.skipif(_CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+@needs_chromium
 async def test_browser_plays_live_view(env: Env, packets: PacketList, tmp_path: Path) -> None:
     """Chromium plays the live tile through MSE, close to the live edge (raw CDP, no Playwright)."""
     stop = asyncio.Event()
@@ -328,11 +285,14 @@ async def test_browser_plays_live_view(env: Env, packets: PacketList, tmp_path: 
 
     producer = asyncio.create_task(produce())
     try:
-        async with browser_page(str(env.client.make_url("/")), tmp_path / "chromium") as cdp:
+        async with (
+            chromium() as browser,
+            logged_in_page(browser, str(env.client.make_url("/")), "officer-1") as page,
+        ):
             samples = []
-            for i in range(60):
+            for _ in range(60):
                 await asyncio.sleep(0.1)  # real time must pass for playback
-                sample = await _cdp_eval(cdp, _PROBE_JS, i)
+                sample = await page.evaluate(_PROBE_JS)
                 if sample:
                     samples.append(sample)
                 if len(samples) >= 2 and samples[-1]["t"] - samples[0]["t"] > 1.0:
@@ -360,7 +320,7 @@ _RECORDED_JS = """(() => {
 })()"""
 
 
-@pytest.mark.skipif(_CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+@needs_chromium
 async def test_browser_plays_recorded_runs_in_seq_order(
     env: Env, packets: PacketList, tmp_path: Path
 ) -> None:
@@ -375,11 +335,14 @@ async def test_browser_plays_recorded_runs_in_seq_order(
     await env.rec.close("all clear")
     parts = [p.file for p in env.rec.summary().camera("cam1").parts]
     assert parts == ["cam1.0.mp4", "cam1.30.mp4"]
-    async with browser_page(str(env.client.make_url("/")), tmp_path / "chromium") as cdp:
+    async with (
+        chromium() as browser,
+        logged_in_page(browser, str(env.client.make_url("/")), "officer-1") as page,
+    ):
         seen: list[dict[str, Any]] = []
-        for i in range(100):
+        for _ in range(100):
             await asyncio.sleep(0.1)  # real time must pass for playback
-            sample = await _cdp_eval(cdp, _RECORDED_JS, i)
+            sample = await page.evaluate(_RECORDED_JS)
             if sample:
                 seen.append(sample)
             if sample and sample["part"] == "1" and sample["t"] > 0.3:
@@ -391,3 +354,55 @@ async def test_browser_plays_recorded_runs_in_seq_order(
     assert seen[-1]["src"].endswith("/recordings/s-1/cam1.30.mp4")
     assert seen[-1]["t"] > 0.3
     assert "complete" in seen[-1]["stats"]
+
+
+async def test_recordings_are_audited_once_per_part_per_login(
+    env: Env, packets: PacketList
+) -> None:
+    env.feed(packets, 30)
+    await env.rec.close("all clear")
+    url = "/recordings/s-1/cam1.0.mp4"
+    for first in range(0, 1000, 100):  # a player's range requests
+        resp = await env.client.get(url, headers={"Range": f"bytes={first}-{first + 99}"})
+        assert resp.status == 206
+    await env.client.app[ACCESS_LOG_KEY].flush()  # type: ignore[index]
+    fetches = [e for e in env.access() if e["action"] == "recording_fetch"]
+    assert len(fetches) == 1
+    (entry,) = fetches
+    assert (entry["who"], entry["role"], entry["session"], entry["camera"], entry["file"]) == (
+        "officer-1",
+        "officer",
+        "s-1",
+        "cam1",
+        "cam1.0.mp4",
+    )
+    login = next(e for e in env.access() if e["action"] == "login")
+    assert entry["login"] == login["login"]
+    # Another login session of the same officer is a new viewing: audited again.
+    await log_in(env.client, env.client.make_url("/"), "officer-1")
+    assert (await env.client.get(url)).status == 200
+    await env.client.app[ACCESS_LOG_KEY].flush()  # type: ignore[index]
+    assert len([e for e in env.access() if e["action"] == "recording_fetch"]) == 2
+
+
+async def test_live_views_are_audited_with_their_duration(env: Env, packets: PacketList) -> None:
+    env.feed(packets, 3)
+    log = env.client.app[ACCESS_LOG_KEY]  # type: ignore[index]
+    closed_seen = asyncio.Event()
+    stop = log.listen(lambda e: e["action"] == "live_close" and closed_seen.set())
+    ws = await env.client.ws_connect("/v1/live/s-1/cam1")
+    assert (await asyncio.wait_for(ws.receive(), 10)).data[4:8] == b"ftyp"
+    await ws.close()
+    await asyncio.wait_for(closed_seen.wait(), 10)  # the server notices the close
+    stop()
+    await log.flush()
+    opened, closed = [e for e in env.access() if e["action"].startswith("live_")]
+    assert (opened["action"], opened["who"], opened["session"], opened["camera"]) == (
+        "live_open",
+        "officer-1",
+        "s-1",
+        "cam1",
+    )
+    assert closed["action"] == "live_close"
+    assert closed["duration_s"] >= 0
+    assert closed["login"] == opened["login"]

@@ -12,6 +12,7 @@ const MAX_QUEUE = 300; // unappended messages before the player starts over
 const MSE = window.ManagedMediaSource || window.MediaSource;
 
 const sessionViews = new Map(); // session id -> SessionView
+const me = { user: null, role: null, csrf: null }; // who is logged in (GET /v1/me)
 const alerts = { emergency: false, offline: 0 }; // what the page title announces
 
 function el(tag, className, text) {
@@ -457,10 +458,50 @@ function renderDevices(devices) {
   updateTitle();
 }
 
+// The session ended (logout elsewhere, expiry, account disabled): back to the login page.
+function checkLoggedIn(res) {
+  if (res.status === 401) {
+    location.assign("/login");
+    throw new Error("logged out");
+  }
+}
+
+// Requests that change state carry the session's CSRF token (the server refuses them without).
+async function post(url) {
+  const res = await fetch(url, {
+    method: "POST",
+    headers: { "X-CSRF-Token": me.csrf || "" },
+    credentials: "same-origin",
+    cache: "no-store",
+  });
+  checkLoggedIn(res);
+  return res;
+}
+
+async function loadMe() {
+  const res = await fetch("/v1/me", { cache: "no-store", credentials: "same-origin" });
+  checkLoggedIn(res);
+  if (!res.ok) throw new Error(`HTTP ${res.status}`);
+  const body = await res.json();
+  me.user = body.user;
+  me.role = body.role;
+  me.csrf = body.csrf_token;
+  document.getElementById("user").textContent = `${me.user} (${me.role})`;
+}
+
+document.getElementById("logout").addEventListener("click", async () => {
+  try {
+    await post("/logout");
+  } finally {
+    location.assign("/login");
+  }
+});
+
 async function pollDevices() {
   let again = true;
   try {
     const res = await fetch("/v1/devices", { cache: "no-store" });
+    checkLoggedIn(res);
     if (res.status === 404) {
       again = false; // a viewer without device presence: nothing to show
       return;
@@ -483,6 +524,7 @@ function setStatus(text, isError) {
 async function poll() {
   try {
     const res = await fetch("/api/sessions", { cache: "no-store" });
+    checkLoggedIn(res);
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     const body = await res.json();
     render(body.sessions);
@@ -497,5 +539,6 @@ async function poll() {
 setInterval(() => {
   for (const view of sessionViews.values()) view.tick();
 }, 500);
+loadMe().catch((err) => setStatus(`receiver unreachable (${err.message}); retrying…`, true));
 poll();
 pollDevices();

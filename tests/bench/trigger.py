@@ -44,6 +44,7 @@ from agent.daemon import Agent
 from breakglass.demo import press_button, write_agent_config
 from hardware import EncodedPacket
 from provisioning.tls import fingerprint_digest
+from receiver.accounts import AccountStore, Role
 from tests.bench.common import (
     Child,
     Figure,
@@ -54,6 +55,7 @@ from tests.bench.common import (
     percentile,
     receiver_process,
 )
+from tests.logins import FAST, add_account, client_for, log_in
 
 BENCH = "trigger"
 FPS = 30
@@ -135,14 +137,14 @@ async def _peer_url(peer: Child) -> tuple[str, str]:
 
 
 async def _sessions(rx: ReceiverContact) -> dict[str, Any]:
-    ssl = aiohttp.Fingerprint(fingerprint_digest(rx.fingerprint))
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as http,
-        http.get(rx.url + "api/sessions", ssl=ssl) as response,
-    ):
-        response.raise_for_status()
-        body: dict[str, Any] = await response.json()
+    """``/api/sessions`` as an officer (an account made in the receiver's DATA for this)."""
+    with AccountStore(rx.data_dir / "accounts.sqlite", params=FAST) as accounts:
+        await add_account(accounts, "bench-officer", Role.OFFICER)
+    async with client_for(rx.url, rx.fingerprint) as http:
+        await log_in(http, rx.url, "bench-officer")
+        async with http.get(rx.url + "api/sessions") as response:
+            response.raise_for_status()
+            body: dict[str, Any] = await response.json()
     return {s["session_id"]: s for s in body["sessions"]}
 
 

@@ -1,0 +1,520 @@
+"""Logins, sessions, CSRF and role checks for every route of the receiver.
+
+:func:`setup_auth` installs a deny-by-default middleware: a request needs a
+live login session unless its ``(method, path)`` is on the allow-list, which
+holds only the login page and its two static files, ``POST /login`` and
+whatever the server adds with :func:`allow_anonymous` (the device uplink,
+which authenticates devices itself). Without a session an API or WebSocket
+request gets 401 ``{"error": "unauthenticated"}`` and a page request is
+redirected to ``/login``. Handlers check roles with :func:`require` (or the
+:func:`requires` decorator) and learn who asks with :func:`current_user`;
+a role that does not suffice gets 403 ``{"error": "forbidden"}``.
+
+Sessions (:mod:`receiver.accounts`) travel in one cookie,
+``__Host-breakglass`` (``Secure; HttpOnly; SameSite=Strict; Path=/``, no
+``Domain``, no ``Max-Age``: the server decides when it ends). Every
+state-changing request (POST, PUT, PATCH, DELETE) must carry the session's
+CSRF token in ``X-CSRF-Token`` (compared in constant time) and an ``Origin``
+that is the receiver's own; so must every WebSocket upgrade (Origin only) and
+``POST /login`` (Origin only: there is no session yet). The page learns the
+token from ``GET /v1/me`` or the login answer, both readable only same-origin.
+
+Login attempts are limited per client address (``ip_failures`` failures in
+``ip_window_s``, then 429 ``rate_limited`` before any password is checked)
+and per name (the account store's lockout: 429 ``locked``). At most
+``hash_workers`` argon2 checks run at once, on their own threads; session
+lookups run on another thread so a flood of logins never delays them.
+
+Every login, failure, lockout, logout and account change is written to the
+access log (:mod:`receiver.access_log`).
+
+Routes added: ``GET /login``, ``GET /static/login.js``, ``GET
+/static/login.css``, ``POST /login`` (JSON ``{"name", "password"}`` or a
+form; JSON answers ``{"user", "role", "csrf_token"}``, a form is redirected
+to ``/`` or back to ``/login?error=CODE``), ``POST /logout``, ``GET /v1/me``
+and, for admins, ``GET /v1/users``, ``POST /v1/users`` (``{"name", "role",
+"password"}``), ``POST /v1/users/{name}/disable`` and ``.../enable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import hdrs, web
+
+from receiver.access_log import ACCESS_LOG_KEY, AccessLog
+from receiver.accounts import (
+    AccountError,
+    AccountExistsError,
+    AccountStore,
+    LoginOutcome,
+    LoginResult,
+    Role,
+    UnknownAccountError,
+    validate_name,
+)
+
+__all__ = [
+    "AUTH_KEY",
+    "COOKIE",
+    "CSRF_HEADER",
+    "Auth",
+    "AuthSettings",
+    "User",
+    "allow_anonymous",
+    "current_user",
+    "require",
+    "requires",
+    "setup_auth",
+]
+
+log = logging.getLogger(__name__)
+
+COOKIE = "__Host-breakglass"
+CSRF_HEADER = "X-CSRF-Token"
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_MAX_FIELD = 1024
+
+_STATIC_DIR = Path(__file__).parent / "static"
+_LOGIN_FILES = {
+    "/login": ("login.html", "text/html"),
+    "/static/login.js": ("login.js", "text/javascript"),
+    "/static/login.css": ("login.css", "text/css"),
+}
+_LOGIN_CSP = (
+    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",  # a same-origin POST must carry its Origin
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Per-address login limits, the hashing threads and extra trusted origins."""
+
+    #: Failed logins from one client address within ``ip_window_s`` before 429.
+    ip_failures: int = 20
+    ip_window_s: float = 300.0
+    #: Addresses tracked at once (the oldest are forgotten first).
+    max_addresses: int = 10_000
+    #: argon2 checks at once (each holds 64 MiB by default).
+    hash_workers: int = 2
+    #: Origins accepted besides the receiver's own (``https://HOST:PORT`` of the
+    #: request), e.g. the name a reverse proxy serves it under.
+    extra_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """Who is asking: the account, its role now, and the login session's handle."""
+
+    name: str
+    role: Role
+    #: Public handle of the login session (what audit entries name).
+    login: str
+    csrf: str
+
+    def to_json(self) -> dict[str, object]:
+        """The ``GET /v1/me`` answer."""
+        return {"user": self.name, "role": str(self.role), "csrf_token": self.csrf}
+
+
+_T = TypeVar("_T")
+
+
+class _AddressLimiter:
+    """Failed logins per client address in a sliding window."""
+
+    def __init__(self, settings: AuthSettings, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, address: str) -> deque[float]:
+        now = self.clock()
+        times = self._failures.get(address)
+        if times is None:
+            return deque()
+        while times and times[0] <= now - self.settings.ip_window_s:
+            times.popleft()
+        return times
+
+    def allowed(self, address: str) -> bool:
+        """Whether ``address`` may try to log in now."""
+        return len(self._recent(address)) < self.settings.ip_failures
+
+    def failed(self, address: str) -> bool:
+        """Count a failure; whether this one used up the address's allowance."""
+        times = self._recent(address)
+        times.append(self.clock())
+        self._failures[address] = times
+        self._failures.move_to_end(address)
+        while len(self._failures) > self.settings.max_addresses:
+            self._failures.popitem(last=False)
+        return len(times) == self.settings.ip_failures
+
+    def retry_after(self, address: str) -> float:
+        times = self._recent(address)
+        return max(1.0, times[0] + self.settings.ip_window_s - self.clock()) if times else 1.0
+
+
+class Auth:
+    """The receiver's logins: accounts, sessions, the access log and the limits."""
+
+    def __init__(
+        self,
+        accounts: AccountStore,
+        access_log: AccessLog,
+        settings: AuthSettings | None = None,
+    ) -> None:
+        self.accounts = accounts
+        self.access_log = access_log
+        self.settings = settings or AuthSettings()
+        self.limiter = _AddressLimiter(self.settings, accounts.clock)
+        self.anonymous: set[tuple[str, str]] = {("GET", p) for p in _LOGIN_FILES}
+        self.anonymous.add(("POST", "/login"))
+        self._files: dict[str, tuple[bytes, str]] = {}
+        self._db: ThreadPoolExecutor | None = None
+        self._hash: ThreadPoolExecutor | None = None
+        self._hash_slots = asyncio.Semaphore(self.settings.hash_workers)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def ctx(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp ``cleanup_ctx``: the store, the log and the worker threads."""
+        for path, (name, mime) in _LOGIN_FILES.items():
+            self._files[path] = ((_STATIC_DIR / name).read_bytes(), mime)
+        self._db = ThreadPoolExecutor(1, thread_name_prefix="accounts-db")
+        self._hash = ThreadPoolExecutor(
+            self.settings.hash_workers, thread_name_prefix="password-hash"
+        )
+        try:
+            await self.db(self.accounts.open)
+            self.access_log.start()
+            warm = asyncio.get_running_loop().run_in_executor(self._hash, self.accounts.warm_up)
+            try:
+                yield
+            finally:
+                await warm
+        finally:
+            await asyncio.to_thread(self._hash.shutdown)
+            await asyncio.to_thread(self._db.shutdown)
+            self.accounts.close()
+            await asyncio.to_thread(self.access_log.close)
+
+    async def db(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run a quick account-store call on the database thread."""
+        if self._db is None:
+            raise RuntimeError("the receiver's accounts are not open")
+        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+
+    async def slow(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run an argon2 call (login, password change) on a hashing thread."""
+        if self._hash is None:
+            raise RuntimeError("the receiver's accounts are not open")
+        async with self._hash_slots:
+            return await asyncio.get_running_loop().run_in_executor(self._hash, fn, *args)
+
+    async def user_of(self, request: web.Request) -> User | None:
+        """The user whose session cookie ``request`` carries, if the session is live."""
+        token = request.cookies.get(COOKIE)
+        if not token:
+            return None
+        info = await self.db(self.accounts.lookup_session, token)
+        if info is None:
+            return None
+        return User(info.name, info.role, info.handle, info.csrf)
+
+    def origin_ok(self, request: web.Request) -> bool:
+        """Whether the request's ``Origin`` is the receiver's own (or a configured one)."""
+        origin = request.headers.get(hdrs.ORIGIN)
+        if not origin:
+            return False
+        own = f"{request.scheme}://{request.host}"
+        return hmac.compare_digest(origin, own) or origin in self.settings.extra_origins
+
+
+AUTH_KEY = web.AppKey("breakglass.auth", Auth)
+_USER_KEY = web.RequestKey("breakglass.user", User)
+
+
+def setup_auth(app: web.Application, auth: Auth) -> None:
+    """Install the login routes, the deny-by-default middleware and the access log."""
+    app[AUTH_KEY] = auth
+    app[ACCESS_LOG_KEY] = auth.access_log
+    app.middlewares.append(_middleware)
+    app.cleanup_ctx.append(auth.ctx)
+    for path in _LOGIN_FILES:
+        app.router.add_get(path, _login_file)
+    app.router.add_post("/login", _login)
+    app.router.add_post("/logout", _logout)
+    app.router.add_get("/v1/me", _me)
+    app.router.add_get("/v1/users", _users)
+    app.router.add_post("/v1/users", _user_add)
+    app.router.add_post("/v1/users/{name}/{change:disable|enable}", _user_state)
+
+
+def allow_anonymous(app: web.Application, method: str, path: str) -> None:
+    """Put one more exact ``(method, path)`` on the allow-list (e.g. the device uplink)."""
+    app[AUTH_KEY].anonymous.add((method.upper(), path))
+
+
+def current_user(request: web.Request) -> User | None:
+    """Who is logged in on this request (None on an anonymous route)."""
+    return request.get(_USER_KEY)
+
+
+def _json_error(cls: type[web.HTTPException], code: str, detail: str, **extra: Any) -> Any:
+    body = json.dumps({"error": code, "detail": detail, **extra})
+    return cls(text=body, content_type="application/json", headers=HEADERS)
+
+
+def require(request: web.Request, role: Role = Role.OFFICER) -> User:
+    """The logged-in user if their role includes ``role``; raises 401 or 403 (JSON) if not."""
+    user = current_user(request)
+    if user is None:
+        raise _json_error(web.HTTPUnauthorized, "unauthenticated", "log in first")
+    if not user.role.includes(role):
+        raise _json_error(web.HTTPForbidden, "forbidden", f"this needs the {role} role")
+    return user
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def requires(role: Role) -> Callable[[_Handler], _Handler]:
+    """Decorator form of :func:`require` for a handler."""
+
+    def wrap(handler: _Handler) -> _Handler:
+        @functools.wraps(handler)
+        async def checked(request: web.Request) -> web.StreamResponse:
+            require(request, role)
+            return await handler(request)
+
+        return checked
+
+    return wrap
+
+
+def _error(status: int, code: str, detail: str, **extra: Any) -> web.Response:
+    return web.json_response(
+        {"error": code, "detail": detail, **extra}, status=status, headers=HEADERS
+    )
+
+
+def _see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers=dict(HEADERS, Location=location))
+
+
+def _is_websocket(request: web.Request) -> bool:
+    return request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+
+
+def _wants_page(request: web.Request) -> bool:
+    if request.method not in ("GET", "HEAD"):
+        return False
+    return request.path == "/" or "text/html" in request.headers.get(hdrs.ACCEPT, "")
+
+
+@web.middleware
+async def _middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    auth = request.app[AUTH_KEY]
+    if (request.method, request.path) in auth.anonymous:
+        if request.method in UNSAFE_METHODS and not auth.origin_ok(request):
+            return _error(403, "bad_origin", "the request's Origin is not this receiver")
+        return await handler(request)
+    user = await auth.user_of(request)
+    if user is None:
+        if not _is_websocket(request) and _wants_page(request):
+            return _see_other("/login")
+        return _error(401, "unauthenticated", "log in first")
+    if (request.method in UNSAFE_METHODS or _is_websocket(request)) and not auth.origin_ok(request):
+        return _error(403, "bad_origin", "the request's Origin is not this receiver")
+    if request.method in UNSAFE_METHODS:
+        token = request.headers.get(CSRF_HEADER, "")
+        if not hmac.compare_digest(token.encode(), user.csrf.encode()):
+            return _error(403, "csrf", f"missing or wrong {CSRF_HEADER} header")
+    request[_USER_KEY] = user
+    return await handler(request)
+
+
+# -- login and logout ----------------------------------------------------------------
+
+
+async def _login_file(request: web.Request) -> web.Response:
+    body, mime = request.app[AUTH_KEY]._files[request.path]
+    headers = dict(HEADERS)
+    if mime == "text/html":
+        headers["Content-Security-Policy"] = _LOGIN_CSP
+    return web.Response(body=body, content_type=mime, charset="utf-8", headers=headers)
+
+
+async def _credentials(request: web.Request) -> tuple[str, str, bool]:
+    """(name, password, came from a form); 400 for anything else."""
+    form = request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data")
+    try:
+        if form:
+            data: Any = await request.post()
+        elif request.content_type == "application/json":
+            data = await request.json()
+        else:
+            raise _json_error(web.HTTPUnsupportedMediaType, "malformed", "send JSON or a form")
+    except ValueError:
+        raise _json_error(web.HTTPBadRequest, "malformed", "the body is not valid") from None
+    name = data.get("name") if isinstance(data, dict) or form else None
+    password = data.get("password") if isinstance(data, dict) or form else None
+    if not isinstance(name, str) or not isinstance(password, str):
+        raise _json_error(web.HTTPBadRequest, "malformed", "expected name and password")
+    if len(name) > _MAX_FIELD or len(password) > _MAX_FIELD:
+        raise _json_error(web.HTTPBadRequest, "malformed", "name or password too long")
+    return name, password, form
+
+
+def _audit_name(name: str) -> str | None:
+    """The attempted name as the audit records it (None if it cannot be a name)."""
+    try:
+        return validate_name(name)
+    except ValueError:
+        return None  # perhaps a password typed in the wrong field: never logged
+
+
+async def _login(request: web.Request) -> web.StreamResponse:
+    auth = request.app[AUTH_KEY]
+    remote = request.remote or "?"
+    name, password, form = await _credentials(request)
+    audit = auth.access_log
+    if not auth.limiter.allowed(remote):
+        retry = auth.limiter.retry_after(remote)
+        return _refused(form, 429, "rate_limited", "too many failed logins", retry)
+    result: LoginResult = await auth.slow(auth.accounts.authenticate, name, password)
+    who = _audit_name(name)
+    role = str(result.role) if result.role else None
+    if result.outcome is not LoginOutcome.OK:
+        audit.record("login_failed", who=who, role=role, remote=remote, reason=result.outcome)
+        if result.locked_now:
+            audit.record(
+                "login_lockout", who=who, role=role, remote=remote, until=result.locked_until
+            )
+        if auth.limiter.failed(remote):
+            audit.record("login_rate_limited", who=None, remote=remote)
+        if result.outcome is LoginOutcome.LOCKED:
+            retry = max(1.0, (result.locked_until or 0) - auth.accounts.clock())
+            return _refused(form, 429, "locked", "too many failed logins; try later", retry)
+        return _refused(form, 401, "invalid_credentials", "wrong name or password")
+    old = request.cookies.get(COOKIE)
+    if old:
+        await auth.db(auth.accounts.end_session, old)
+    new = await auth.db(auth.accounts.create_session, name, remote)
+    audit.record(
+        "login", who=name, role=role, login=new.handle, remote=remote, rehashed=result.rehashed
+    )
+    resp: web.StreamResponse
+    if form:
+        resp = _see_other("/")
+    else:
+        body = {"user": name, "role": role, "csrf_token": new.csrf}
+        resp = web.json_response(body, headers=HEADERS)
+    resp.set_cookie(COOKIE, new.token, path="/", secure=True, httponly=True, samesite="Strict")
+    return resp
+
+
+def _refused(
+    form: bool, status: int, code: str, detail: str, retry: float | None = None
+) -> web.Response:
+    if form:
+        return _see_other(f"/login?error={code}")
+    extra: dict[str, Any] = {}
+    headers = dict(HEADERS)
+    if retry is not None:
+        extra["retry_after_s"] = round(retry)
+        headers["Retry-After"] = str(round(retry))
+    return web.json_response(
+        {"error": code, "detail": detail, **extra}, status=status, headers=headers
+    )
+
+
+async def _logout(request: web.Request) -> web.Response:
+    auth = request.app[AUTH_KEY]
+    user = require(request)
+    await auth.db(auth.accounts.end_session, request.cookies.get(COOKIE, ""))
+    auth.access_log.record(
+        "logout", who=user.name, role=str(user.role), login=user.login, remote=request.remote
+    )
+    resp = web.json_response({"ok": True}, headers=HEADERS)
+    resp.del_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
+    return resp
+
+
+async def _me(request: web.Request) -> web.Response:
+    return web.json_response(require(request).to_json(), headers=HEADERS)
+
+
+# -- account management (admins) ------------------------------------------------------
+
+
+async def _users(request: web.Request) -> web.Response:
+    require(request, Role.ADMIN)
+    auth = request.app[AUTH_KEY]
+    accounts = await auth.db(auth.accounts.accounts)
+    now = auth.accounts.clock()
+    return web.json_response({"users": [a.to_json(now) for a in accounts]}, headers=HEADERS)
+
+
+async def _user_add(request: web.Request) -> web.Response:
+    admin = require(request, Role.ADMIN)
+    auth = request.app[AUTH_KEY]
+    try:
+        data = await request.json()
+        name, role, password = data["name"], Role(data["role"]), data["password"]
+    except (ValueError, KeyError, TypeError):
+        return _error(400, "malformed", "expected name, role (officer|dispatcher|admin), password")
+    try:
+        info = await auth.slow(auth.accounts.add, name, role, password)
+    except AccountExistsError as exc:
+        return _error(409, exc.code, str(exc))
+    except AccountError as exc:
+        return _error(400, exc.code, str(exc))
+    auth.access_log.record(
+        "user_add",
+        who=admin.name,
+        role=str(admin.role),
+        login=admin.login,
+        remote=request.remote,
+        target=name,
+        target_role=str(role),
+    )
+    return web.json_response(info.to_json(auth.accounts.clock()), status=201, headers=HEADERS)
+
+
+async def _user_state(request: web.Request) -> web.Response:
+    admin = require(request, Role.ADMIN)
+    auth = request.app[AUTH_KEY]
+    name, change = request.match_info["name"], request.match_info["change"]
+    try:
+        await auth.db(auth.accounts.set_disabled, name, change == "disable")
+    except UnknownAccountError as exc:
+        return _error(404, exc.code, str(exc))
+    auth.access_log.record(
+        f"user_{change}",
+        who=admin.name,
+        role=str(admin.role),
+        login=admin.login,
+        remote=request.remote,
+        target=name,
+    )
+    return web.json_response({"name": name, "disabled": change == "disable"}, headers=HEADERS)
