@@ -13,6 +13,7 @@ from typing import Any
 
 from agent.errors import AgentError
 from provisioning.errors import ProvisioningError
+from receiver.errors import ReceiverError
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -85,6 +86,16 @@ def _receiver_serve(args: argparse.Namespace) -> int:
             print(f"allowed devices: {rx.devices_dir}/<device-id>.pub")
             print(f"age recipient (put it in each agent's [store] recipients): {rx.age_recipient}")
             print(f"offline alarm after {rx.presence.offline_after_s:g} s of silence")
+            count = await asyncio.to_thread(rx.accounts.count)
+            if count:
+                print(
+                    f"police accounts: {count} (breakglass receiver user list --data {args.data})"
+                )
+            else:
+                print(
+                    "police accounts: none yet; nobody can log in until you add one: "
+                    f"breakglass receiver user add NAME --role officer --data {args.data}"
+                )
             await stop.wait()
         return 0
 
@@ -139,6 +150,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from breakglass import accounts_cli
+
     parser = argparse.ArgumentParser(
         prog="breakglass", description="Emergency-only camera access for schools."
     )
@@ -182,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="raise a device's offline alarm after this long without a message (default 300)",
     )
     serve.set_defaults(func=_receiver_serve)
+    accounts_cli.add_parser(receiver)
 
     keys = sub.add_parser(
         "keys", help="key files (Ed25519 signing keys, age identities)"
@@ -211,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         result: int = args.func(args)
-    except (AgentError, ProvisioningError, ValueError) as exc:
+    except (AgentError, ProvisioningError, ReceiverError, ValueError) as exc:
         print(f"breakglass: error: {exc}", file=sys.stderr)
         return 2
     return result

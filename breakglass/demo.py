@@ -6,6 +6,11 @@ config. The agent has two synthetic cameras (one exterior, one interior), a
 panic button and a status LED on gpiozero's MockFactory; pressing Enter
 drives the button's mock pin low and high, the same path a real button takes.
 
+The receiver gets one police account, ``demo-dispatcher`` (role dispatcher,
+which includes officer), with a random password printed once; only its
+argon2id hash is kept (``DATA/receiver/accounts.sqlite``). A demo run again
+on the same folder gives it a new password.
+
 ``--for N`` runs unattended: it presses the button a few seconds in, runs N
 seconds, then the demo dispatcher declares the all-clear with a signed end
 trigger pushed over the uplink; it prints a summary and exits 0 only if the
@@ -18,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import sys
 import tempfile
 import time
@@ -31,12 +37,14 @@ from provisioning.age_keys import load_identity, new_identity, recipient_of
 from provisioning.documents import b64url
 from provisioning.keys import load_private_key, new_private_key, public_pem, raw_public
 from provisioning.triggers import sign_key_list, sign_trigger
+from receiver.accounts import AccountExistsError, AccountStore, Role
 from receiver.server import Receiver
 
 DEVICE_ID = "demo-agent-1"
 BUILDING = "lincoln-elementary"
 BUTTON_PIN = 17
 PRESS_AFTER_S = 4.0
+DEMO_ACCOUNT = "demo-dispatcher"
 
 
 class ReceiverContact(Protocol):
@@ -196,9 +204,14 @@ async def run_demo(data: Path | None, run_for: float | None, port: int, stop: as
     data.mkdir(parents=True, exist_ok=True)
     print(f"breakglass demo: data in {data}")
     async with Receiver(data / "receiver", "127.0.0.1", port) as receiver:
+        password = await asyncio.to_thread(demo_account, receiver.accounts)
         config = load_config(write_agent_config(data / "agent", receiver))
         async with Agent(config) as agent:
             print(f"receiver: open {receiver.url} (self-signed; pin {receiver.fingerprint})")
+            print(
+                f"log in as {DEMO_ACCOUNT} (dispatcher) with password {password}"
+                " (printed once; only its hash is kept)"
+            )
             if agent.local_api is not None:
                 api = agent.local_api
                 print(f"agent local API: {api.url}/v1/status (pin {api.fingerprint})")
@@ -206,6 +219,16 @@ async def run_demo(data: Path | None, run_for: float | None, port: int, stop: as
                 await _interactive(agent, stop)
                 return 0
             return await _unattended(agent, receiver, run_for, stop)
+
+
+def demo_account(accounts: AccountStore) -> str:
+    """Give the demo's account a new random password (creating it if needed); the password."""
+    password = secrets.token_urlsafe(15)  # 120 bits, 20 characters
+    try:
+        accounts.add(DEMO_ACCOUNT, Role.DISPATCHER, password)
+    except AccountExistsError:
+        accounts.set_password(DEMO_ACCOUNT, password)
+    return password
 
 
 async def _interactive(agent: Agent, stop: asyncio.Event) -> None:
