@@ -87,6 +87,15 @@ def test_demo_for_n_seconds_exits_zero_with_a_summary(tmp_path: Path) -> None:
     )
     assert re.search(r"hallway-2 +interior", result.stdout)
     assert result.stdout.rstrip().endswith("OK") or "\nOK\n" in result.stdout
+    login = re.search(
+        r"log in as demo-dispatcher \(dispatcher\) with password (\S{20}) ", result.stdout
+    )
+    assert login, result.stdout
+    password = login.group(1).encode()
+    assert result.stdout.count(login.group(1)) == 1  # printed once
+    for path in tmp_path.rglob("*"):  # and kept nowhere in clear
+        assert not path.is_file() or password not in path.read_bytes(), path
+    assert stat_mode(tmp_path / "receiver" / "accounts.sqlite") == 0o600
     assert stat_mode(tmp_path / "agent" / "device.key") == 0o600
     assert stat_mode(tmp_path / "receiver" / "tls" / "receiver.key") == 0o600
 
@@ -103,6 +112,7 @@ def test_receiver_and_agent_run_separately_and_stop_cleanly(
     url = receiver.expect(r"receiver: (https://127\.0\.0\.1:\d+/)").group(1)
     pin = receiver.expect(r"TLS pin .*: (sha256:[0-9a-f]{64})").group(1)
     recipient = receiver.expect(r"age recipient .*: (age1[0-9a-z]+)").group(1)
+    receiver.expect(r"police accounts: none yet; nobody can log in until you add one: ")
 
     class Contact:
         uplink_url = url.replace("https://", "wss://") + "v1/uplink"
