@@ -161,6 +161,8 @@ class CameraRecording:
         #: ``mono_ns()`` when the first fsync covering a sample (a live sample) completed.
         self.first_durable_mono_ns: int | None = None
         self.first_live_durable_mono_ns: int | None = None
+        #: Called on the loop when an fsync made frames durable or a run finished (the index).
+        self.on_durable: Callable[[], None] | None = None
 
     # -- RunHost ---------------------------------------------------------
 
@@ -203,6 +205,8 @@ class CameraRecording:
         live = self.first_live_seq
         if self.first_live_durable_mono_ns is None and live is not None and run.durable_seq >= live:
             self.first_live_durable_mono_ns = now
+        if self.on_durable is not None:
+            self.on_durable()
 
     # -- state -----------------------------------------------------------
 
@@ -392,6 +396,8 @@ class CameraRecording:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._closing.discard(task)
+        if self.on_durable is not None:  # its last frame is durable and it grows no more
+            self.on_durable()
         # A failed finish leaves the run failed; the next flush or append reports it.
         if not task.cancelled() and (exc := task.exception()) is not None:
             _LOG.error("camera %r: finishing a run failed: %r", self.camera_id, exc)

@@ -20,6 +20,7 @@ refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -84,6 +85,7 @@ class RecordingStore:
         self._mono_ns = mono_ns
         self._sessions: dict[str, SessionRecording] = {}
         self._lock = asyncio.Lock()
+        self._subscribers: list[Callable[[str], None]] = []
 
     async def __aenter__(self) -> RecordingStore:
         await self.load()
@@ -118,12 +120,36 @@ class RecordingStore:
                 if rec is not None:
                     self._sessions[name] = rec
 
+    def subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(session_id)`` on the loop whenever a session's recording changed.
+
+        A change is a ``session.json`` save (new parts, gaps, open, close) or
+        an fsync that made more frames durable. The callback must be quick and
+        must not raise (it runs inside the recording's fsync path); returns the
+        unsubscribe.
+        """
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _notify(self, session_id: str) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(session_id)
+            except Exception:
+                _LOG.exception("recording subscriber failed")
+
     async def _load_one(self, session_id: str) -> SessionRecording | None:
         directory = self.root / session_id
         doc = await asyncio.to_thread(read_session_json, directory / "session.json")
         if doc is None:
             return None
         rec = SessionRecording._from_json(directory, doc, clock=self._clock, mono_ns=self._mono_ns)
+        rec.on_change = self._notify
         for cam in rec.cameras.values():
             for run in cam.runs:
                 await run._scan(repair=False)
@@ -169,6 +195,7 @@ class RecordingStore:
                     clock=self._clock,
                     mono_ns=self._mono_ns,
                 )
+                rec.on_change = self._notify
             await rec._activate(device_id, tracks)
             self._sessions[session_id] = rec
             return rec

@@ -115,6 +115,8 @@ class SessionRecording:
         self._dirty = False
         self._save_lock = asyncio.Lock()
         self._meta_task: asyncio.Task[None] | None = None
+        #: Called on the loop with the session id after a save or a durable frame (the index).
+        self.on_change: Callable[[str], None] | None = None
 
     @property
     def directory(self) -> Path:
@@ -167,7 +169,7 @@ class SessionRecording:
     # -- internals used by the store ------------------------------------
 
     def _new_camera(self, track: TrackInfo) -> CameraRecording:
-        return CameraRecording(
+        cam = CameraRecording(
             track,
             self._dir,
             first_live_seq=None,
@@ -176,6 +178,12 @@ class SessionRecording:
             save=self._save,
             mono_ns=self._mono_ns,
         )
+        cam.on_durable = self._changed
+        return cam
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.session_id)
 
     async def _activate(self, device_id: str, tracks: list[TrackInfo]) -> None:
         """Make the named cameras writable, resuming each from what is on disk."""
@@ -270,6 +278,7 @@ class SessionRecording:
         except BaseException:
             self._dirty = True
             raise
+        self._changed()
 
     def _to_json(self) -> dict[str, Any]:
         return {
@@ -318,6 +327,7 @@ class SessionRecording:
                     save=rec._save,
                     mono_ns=mono_ns,
                 )
+                cam.on_durable = rec._changed
                 rec.cameras[cam.camera_id] = cam
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptRecordingError(f"{directory}/session.json: {exc!r}") from exc
