@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.enroll import NoNetworkNamespace, check_unshare
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"bench", "figure", "value", "unit", "peer", "peer_value", "ratio"}
 FIGURES = {
@@ -35,6 +37,7 @@ FIGURES = {
     "trigger_verify_per_s",
     "fuzz_cases_rejected",
     "fuzz_cases_accepted",
+    "discover_to_enrolled_s",
 }
 #: Counts whose ideal is 0 (value and peer 0, ratio 1.0 by convention).
 ZERO_FIGURES = {"fuzz_cases_accepted"}
@@ -43,6 +46,18 @@ ZERO_FIGURES = {"fuzz_cases_accepted"}
 STORE_FIGURES = {f for f in FIGURES if f.startswith("store_")}
 BACKFILL_FIGURES = {f for f in FIGURES if f.startswith("backfill_")}
 TRIGGERS_FIGURES = {"trigger_verify_per_s", "fuzz_cases_rejected", "fuzz_cases_accepted"}
+ENROLL_FIGURES = {"discover_to_enrolled_s"}
+
+
+def need_netns() -> None:
+    """Skip (with the reason) where ``unshare -n`` is not permitted: ``enroll`` cannot run.
+
+    The benchmark's own check (the benchmark raises ``NoNetworkNamespace`` there).
+    """
+    try:
+        check_unshare()
+    except NoNetworkNamespace as exc:
+        pytest.skip(str(exc))
 
 
 def smoke_figures(names: list[str], cache: Path, timeout: float) -> set[str]:
@@ -92,6 +107,13 @@ def test_triggers_smoke_run(tmp_path: Path) -> None:
     assert figures == TRIGGERS_FIGURES
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(170)
+def test_enroll_smoke_run(tmp_path: Path) -> None:
+    need_netns()
+    assert smoke_figures(["enroll"], tmp_path, timeout=160) == ENROLL_FIGURES
+
+
+@pytest.mark.timeout(300)
 def test_smoke_run_prints_one_figure_per_line(tmp_path: Path) -> None:
-    assert smoke_figures([], tmp_path, timeout=180) == FIGURES
+    need_netns()  # the whole run includes enroll
+    assert smoke_figures([], tmp_path, timeout=280) == FIGURES
