@@ -26,6 +26,11 @@ answers ``AuditAck`` once they are durable.
 The agent sends ``Gap`` when footage of a session is lost for good (the
 segment being written when the agent was killed, or evicted from a full disk):
 the receiver records the hole and acknowledges past it.
+The agent sends ``Chain``, a checkpoint of a camera's footage hash chain
+(:mod:`agent.chain`) signed by the device key, for the footage of the session;
+the receiver checks and stores it and answers ``ChainAck`` once it is durable
+(``result`` ``ok``), or with the reason it refused it (``bad_signature``,
+``unknown_key``, ``bad_chain``): a refused checkpoint never stops the footage.
 
 Two lanes of media: ``LIVE`` carries one access unit per message; a
 ``BACKFILL_SEALED`` message carries one whole sealed segment file of the
@@ -60,6 +65,8 @@ MAX_CONTROL_BYTES: Final = 64 * 1024
 MAX_PAYLOAD_BYTES: Final = 16 * 1024 * 1024
 #: Durable ranges beyond the cumulative ack that one ``ack`` may list.
 MAX_HOLDS: Final = 64
+#: Packets one ``chain`` message may cover (each entry is about 90 bytes of JSON).
+MAX_CHAIN_ENTRIES: Final = 256
 MAX_CAMERAS: Final = 64
 FLAG_KEYFRAME: Final = 0x01
 FLAG_PREROLL: Final = 0x02
@@ -239,6 +246,40 @@ class Gap:
 
 
 @dataclass(frozen=True, slots=True)
+class Chain:
+    """Agent -> receiver: a signed checkpoint of one camera's footage hash chain.
+
+    Covers seqs ``first..last``; ``prev`` and ``head`` are the chain values
+    before ``first`` and after ``last`` (lowercase hex), ``sig`` the device's
+    Ed25519 signature (base64url), ``kid`` its key id. ``entries`` are, per seq
+    from ``first`` on, ``(capture_us, flags, payload digest hex)``: what the chain
+    folds besides the seq (:mod:`agent.chain`).
+    """
+
+    session: str
+    camera: int
+    first: int
+    last: int
+    prev: str
+    head: str
+    kid: str
+    sig: str
+    entries: tuple[tuple[int, int, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChainAck:
+    """Receiver -> agent: the checkpoint ``first..last`` of a camera is durable (``result``
+    ``ok``) or was refused (``result`` is the reason code). Either way it is done with."""
+
+    session: str
+    camera: int
+    first: int
+    last: int
+    result: str
+
+
+@dataclass(frozen=True, slots=True)
 class SessionClose:
     """Agent -> receiver: the session ended (``reason``: expired, ended, ...)."""
 
@@ -305,6 +346,8 @@ Event = (
     | Media
     | Ack
     | Gap
+    | Chain
+    | ChainAck
     | SessionClose
     | Heartbeat
     | Trigger
@@ -319,13 +362,14 @@ _FROM_AGENT: Final = (
     SessionOpen,
     Media,
     Gap,
+    Chain,
     SessionClose,
     Heartbeat,
     TriggerResult,
     AuditEntries,
     Error,
 )
-_FROM_RECEIVER: Final = (Challenge, Welcome, Ack, Heartbeat, Trigger, AuditAck, Error)
+_FROM_RECEIVER: Final = (Challenge, Welcome, Ack, ChainAck, Heartbeat, Trigger, AuditAck, Error)
 #: Audit lines per message (each line is at most 16 KiB; the message at most 64 KiB).
 MAX_AUDIT_LINES: Final = 256
 
@@ -426,6 +470,62 @@ def _holds(value: Any, acked: int) -> tuple[tuple[int, int], ...]:
     return tuple(holds)
 
 
+def _hex64(value: Any, where: str) -> str:
+    if not isinstance(value, str) or len(value) != 64 or value.strip("0123456789abcdef"):
+        raise RemoteProtocolError("malformed", f"{where}: expected 64 lowercase hex digits")
+    return value
+
+
+def _chain(obj: dict[str, Any]) -> Chain:
+    fields = {
+        "session": str,
+        "camera": int,
+        "first": int,
+        "last": int,
+        "prev": str,
+        "head": str,
+        "kid": str,
+        "sig": str,
+        "entries": list,
+    }
+    _expect(obj, "chain", fields)
+    first, last = _seq(obj["first"], "chain.first"), _seq(obj["last"], "chain.last")
+    entries = obj["entries"]
+    if first > last or len(entries) != last - first + 1:
+        raise RemoteProtocolError("malformed", "chain: entries must cover first..last exactly")
+    if len(entries) > MAX_CHAIN_ENTRIES:
+        raise RemoteProtocolError("malformed", f"chain: more than {MAX_CHAIN_ENTRIES} entries")
+    kid = obj["kid"]
+    if len(kid) != 16 or kid.strip("0123456789abcdef"):
+        raise RemoteProtocolError("malformed", "chain.kid: expected 16 lowercase hex digits")
+    if len(unb64url(obj["sig"], what="chain.sig")) != 64:
+        raise RemoteProtocolError("malformed", "chain.sig: not an Ed25519 signature")
+    parsed: list[tuple[int, int, str]] = []
+    for i, item in enumerate(entries):
+        if (
+            not isinstance(item, list)
+            or len(item) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in item[:2])
+            or not -(2**63) <= item[0] < 2**63
+            or item[1] not in (0, 1)
+        ):
+            raise RemoteProtocolError(
+                "malformed", f"chain.entries[{i}]: expected [capture_us, flags, digest]"
+            )
+        parsed.append((item[0], item[1], _hex64(item[2], f"chain.entries[{i}]")))
+    return Chain(
+        _text(obj["session"], "chain.session", 64),
+        obj["camera"],
+        first,
+        last,
+        _hex64(obj["prev"], "chain.prev"),
+        _hex64(obj["head"], "chain.head"),
+        kid,
+        obj["sig"],
+        tuple(parsed),
+    )
+
+
 def _parse_control(text: str) -> Event:
     if len(text) > MAX_CONTROL_BYTES:
         raise RemoteProtocolError("too_large", f"control message over {MAX_CONTROL_BYTES} bytes")
@@ -501,6 +601,17 @@ def _parse_control(text: str) -> Event:
         if obj["reason"] not in ("lost", "evicted"):
             raise RemoteProtocolError("malformed", "gap.reason: must be lost or evicted")
         return Gap(obj["session"], obj["camera"], first, last, obj["reason"])
+    if kind == "chain":
+        return _chain(obj)
+    if kind == "chain_ack":
+        fields = {"session": str, "camera": int, "first": int, "last": int, "result": str}
+        _expect(obj, kind, fields)
+        first, last = _seq(obj["first"], "chain_ack.first"), _seq(obj["last"], "chain_ack.last")
+        if first > last:
+            raise RemoteProtocolError("malformed", "chain_ack: first after last")
+        return ChainAck(
+            obj["session"], obj["camera"], first, last, _text(obj["result"], "chain_ack.result", 64)
+        )
     if kind == "session_close":
         _expect(obj, kind, {"session": str, "reason": str})
         return SessionClose(obj["session"], _text(obj["reason"], "session_close.reason"))
@@ -598,6 +709,28 @@ def _serialize(event: Event) -> str | bytes:
             "first": event.first,
             "last": event.last,
             "reason": event.reason,
+        }
+    elif isinstance(event, Chain):
+        body = {
+            "type": "chain",
+            "session": event.session,
+            "camera": event.camera,
+            "first": event.first,
+            "last": event.last,
+            "prev": event.prev,
+            "head": event.head,
+            "kid": event.kid,
+            "sig": event.sig,
+            "entries": [list(e) for e in event.entries],
+        }
+    elif isinstance(event, ChainAck):
+        body = {
+            "type": "chain_ack",
+            "session": event.session,
+            "camera": event.camera,
+            "first": event.first,
+            "last": event.last,
+            "result": event.result,
         }
     elif isinstance(event, SessionClose):
         body = {"type": "session_close", "session": event.session, "reason": event.reason}
@@ -748,16 +881,17 @@ class Uplink:
                 raise self._fail(
                     remote, "unknown_camera", f"camera index {event.camera} not in session"
                 )
-        elif isinstance(event, Gap):
+        elif isinstance(event, Gap | Chain):
             if event.session != self.session or event.camera >= self.camera_count:
-                raise self._fail(remote, "unknown_camera", "gap for a camera not in the session")
+                what = "gap" if isinstance(event, Gap) else "chain"
+                raise self._fail(remote, "unknown_camera", f"{what} for a camera not in session")
         elif isinstance(event, SessionClose):
             if event.session != self.session:
                 raise self._fail(remote, "unknown_session", "session_close for a session not open")
             self.session = None
             self.camera_count = 0
         elif (
-            isinstance(event, Ack)
+            isinstance(event, Ack | ChainAck)
             and event.session == self.session
             and event.camera >= self.camera_count
         ):

@@ -158,3 +158,94 @@ def test_garbage_json_never_escapes_as_another_exception(doc: object) -> None:
     receiver.send(p.Challenge(NONCE))
     with contextlib.suppress(p.RemoteProtocolError):
         receiver.receive(json.dumps(doc))
+
+
+# -- the footage hash chain: chain (agent -> receiver) and chain_ack ------------------------
+
+
+def chain_event(first: int = 10, count: int = 3, camera: int = 1, session: str = "s1") -> p.Chain:
+    return p.Chain(
+        session,
+        camera,
+        first,
+        first + count - 1,
+        "00" * 32,
+        "ab" * 32,
+        "0123456789abcdef",
+        p.b64url(b"s" * 64),
+        tuple((1_700_000_000_000_000 + i, int(i == 0), "cd" * 32) for i in range(count)),
+    )
+
+
+def test_chain_and_chain_ack_round_trip() -> None:
+    pair = Pair()
+    pair.handshake()
+    pair.send(pair.agent, open_event())
+    pair.send(pair.agent, chain_event())
+    pair.send(pair.agent, chain_event(first=13, count=p.MAX_CHAIN_ENTRIES))
+    pair.send(pair.receiver, p.ChainAck("s1", 1, 10, 12, "ok"))
+    pair.send(pair.receiver, p.ChainAck("s1", 1, 13, 268, "bad_signature"))
+    pair.send(pair.receiver, p.ChainAck("s0", 7, 1, 2, "ok"))  # another session: not checked
+    wire = p.encode_control(chain_event(count=1))
+    assert json.loads(wire) == {
+        "type": "chain", "session": "s1", "camera": 1, "first": 10, "last": 10,
+        "prev": "00" * 32, "head": "ab" * 32, "kid": "0123456789abcdef",
+        "sig": p.b64url(b"s" * 64), "entries": [[1_700_000_000_000_000, 1, "cd" * 32]],
+    }  # fmt: skip
+
+
+def _chain_json(count: int = 3, **changes: object) -> str:
+    doc = json.loads(p.encode_control(chain_event(count=count)))
+    doc.update(changes)
+    return json.dumps(doc)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        _chain_json(last=13),  # entries do not cover first..last
+        _chain_json(first=13, last=12),
+        _chain_json(prev="AB" * 32),  # upper-case hex
+        _chain_json(head="ab" * 31),
+        _chain_json(kid="0123"),
+        _chain_json(sig=p.b64url(b"s" * 63)),  # not an Ed25519 signature
+        _chain_json(entries=[[1, 2, "cd" * 32]] * 3),  # flags other than keyframe
+        _chain_json(entries=[[True, 0, "cd" * 32]] * 3),
+        _chain_json(entries=[[1, 0, "zz" * 32]] * 3),
+        _chain_json(entries=[[1, 0]] * 3),
+        _chain_json(extra=1),
+        _chain_json(count=p.MAX_CHAIN_ENTRIES + 1),  # too many entries in one message
+        '{"type":"chain_ack","session":"s1","camera":1,"first":5,"last":4,"result":"ok"}',
+        '{"type":"chain_ack","session":"s1","camera":1,"first":5,"last":6,"result":""}',
+    ],
+)
+def test_malformed_chain_messages_are_refused(message: str) -> None:
+    pair = Pair()
+    pair.handshake()
+    pair.send(pair.agent, open_event())
+    end = pair.agent if '"chain_ack"' in message else pair.receiver
+    with pytest.raises(p.RemoteProtocolError) as info:
+        end.receive(message)
+    assert info.value.code == "malformed"
+
+
+def test_chain_order_and_sides_are_enforced() -> None:
+    pair = Pair()
+    pair.handshake()
+    with pytest.raises(p.RemoteProtocolError) as info:
+        pair.receiver.receive(p.encode_control(chain_event()))  # before session_open
+    assert info.value.code == "unknown_camera"
+    pair.send(pair.agent, open_event(cameras=1))
+    with pytest.raises(p.RemoteProtocolError) as info:
+        pair.receiver.receive(p.encode_control(chain_event()))  # camera index 1 of 1
+    assert info.value.code == "unknown_camera"
+    with pytest.raises(p.RemoteProtocolError) as info:
+        pair.receiver.receive(p.encode_control(chain_event(camera=0, session="other")))
+    assert info.value.code == "unknown_camera"
+    with pytest.raises(p.RemoteProtocolError) as info:
+        pair.agent.receive(p.encode_control(p.ChainAck("s1", 3, 1, 2, "ok")))
+    assert info.value.code == "unknown_camera"
+    with pytest.raises(p.LocalProtocolError):
+        pair.receiver.send(chain_event(camera=0))  # the receiver never sends checkpoints
+    with pytest.raises(p.LocalProtocolError):
+        pair.agent.send(p.ChainAck("s1", 0, 1, 2, "ok"))
