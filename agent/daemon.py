@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from agent import chain as hash_chain
 from agent import protocol as p
 from agent.audit import AuditLog
 from agent.audit_feed import AuditFeed
@@ -174,6 +175,11 @@ class Agent:
             self.emergency = Emergency.from_json(cfg.building, cfg.session_duration_s, saved)
         self._owed = read_json(self.owed_path) or {}
         self.audit = AuditLog(cfg.state_dir / "audit.log", self.clock, signer=key)
+        # Every camera's footage hash chain, signed with the device key (agent/chain.py). It
+        # keeps its checkpoints as long as a session's pre-roll may reach back, and more.
+        self.chains = hash_chain.Chains(
+            cfg.device_id, key, keep_us=int((cfg.preroll_s + CHAIN_KEEP_EXTRA_S) * 1e6)
+        )
         self.desk = TechnicianDesk(
             cfg,
             self.device_public_key,
@@ -196,6 +202,7 @@ class Agent:
             max_age_s=cfg.store.max_age_s,
             quota_bytes=cfg.store.quota_bytes,
             clock=self.clock,
+            attest=self._attest_segment,
         )
         await asyncio.to_thread(self.store.open)
         self.uplink = UplinkClient(
@@ -226,6 +233,7 @@ class Agent:
         )
         loop = asyncio.get_running_loop()
         self.audit.on_written = lambda: self._audit_written(loop)
+        self.capture.subscribe(self._chain_packet)  # first: chained before anything sees it
         self.capture.subscribe(self._to_store)
         self.capture.subscribe(self._on_packet)
         self.store.on_sealed(lambda _: self.uplink.segment_sealed())
@@ -285,6 +293,7 @@ class Agent:
                 await task
         await self.capture.aclose()
         await self.store.close()  # seals the segments being filled
+        self._cut_live_chains()  # what was streamed live is signed up to its last packet
         await asyncio.to_thread(self._save_owed)
         self.gate.close()
         await asyncio.to_thread(self.audit.close)  # writes what is queued
@@ -500,6 +509,10 @@ class Agent:
         )
         acked = {d.index: acked_by_id[d.id] for d in descs if d.id in acked_by_id}
         stream = self.uplink.start_session(open_, preroll, acked=acked, emergency=not share)
+        for d in descs:  # the chain of the pre-roll, signed before the press
+            for cp in self.chains.since(d.id, d.first_seq):
+                self.uplink.add_checkpoint(cp, stream)
+        self._restore_checkpoints(stream, owed if resume else None)
         self._live = (stream, {d.id: d.index for d in descs})
         if share:
             self.share = session
@@ -532,6 +545,7 @@ class Agent:
         if self._live is not None and self._live[0].id == share.id:
             self._live = None
         self.uplink.end_session(share.id, reason)
+        self._cut_chains(share.id)
         self._record("session_end", session=share.id, reason=reason, by=None)
 
     def _stop_streaming(self, ended: Ended) -> None:
@@ -545,8 +559,59 @@ class Agent:
         )
         self._live = None
         self.uplink.end_session(ended.session.id, ended.session.end_reason or "ended")
+        self._cut_chains(ended.session.id)
         self._persist()
         self._update_led()
+
+    def _chain_packet(self, packet: EncodedPacket) -> None:
+        """Chain every packet as it is numbered; checkpoints go to the sessions showing it."""
+        made = self.chains.add(
+            packet.camera,
+            packet.seq,
+            packet.capture_ns // 1000,
+            packet.keyframe,
+            packet.codec,
+            packet.payload,
+        )
+        for cp in made:
+            self.uplink.add_checkpoint(cp)
+
+    def _cut_chains(self, session_id: str) -> None:
+        """An ended session's footage is signed up to its last seq, exactly."""
+        stream = self.uplink.stream(session_id)
+        if stream is None:
+            return
+        for desc in stream.open.cameras:
+            end = stream.end_seq[desc.index]
+            if end is not None:
+                for cp in self.chains.cut(desc.id, end):
+                    self.uplink.add_checkpoint(cp)
+
+    def _cut_live_chains(self) -> None:
+        """On the way out: sign the chain of every live session up to its last packet."""
+        for stream in self.uplink.streams:
+            for desc in stream.open.cameras:
+                if stream.end_seq[desc.index] is None:
+                    for cp in self.chains.cut(desc.id, stream.last_pushed[desc.index]):
+                        self.uplink.add_checkpoint(cp)
+
+    def _restore_checkpoints(self, stream: SessionStream, owed: Mapping[str, Any] | None) -> None:
+        """Checkpoints saved before a restart that the receiver had not answered yet."""
+        for record in [] if owed is None else owed.get("chain", []):
+            try:
+                cp = hash_chain.from_record(record)
+            except ValueError as exc:
+                log.error("session %s: a saved chain checkpoint is unreadable: %s", stream.id, exc)
+                continue
+            self.uplink.add_checkpoint(cp, stream)
+
+    def _attest_segment(self, camera: str, first: int, last: int) -> dict[str, Any] | None:
+        """The checkpoint a sealed segment carries over exactly its seqs (the store asks)."""
+        cp = self.chains.span(camera, first, last)
+        if cp is None:
+            log.warning("segment %s %d..%d: chain no longer known; not signed", camera, first, last)
+            return None
+        return hash_chain.claim_json(cp)
 
     def _to_store(self, packet: EncodedPacket) -> None:
         desc = self._streams.get(packet.camera)
@@ -594,6 +659,7 @@ class Agent:
                 ends[c.index] = end
             acked = {c.index: entry["acked"][c.id] for c in event.cameras if c.id in entry["acked"]}
             stream = self.uplink.start_session(event, {}, acked=acked, end_seq=ends)
+            self._restore_checkpoints(stream, entry)
             self.uplink.end_session(stream.id, entry.get("close_reason") or "ended")
             log.warning("resuming delivery of ended session %s from the sealed store", sid)
 
@@ -755,6 +821,8 @@ OWED_SAVE_S = 2.0
 SHARE_HOURS = 1.0
 #: How often the audit trail's new entries get a signed checkpoint.
 AUDIT_CHECKPOINT_S = 60.0
+#: Chain checkpoints are kept this much longer than the pre-roll reaches back.
+CHAIN_KEEP_EXTRA_S = 90.0
 
 
 def _owed_entry(stream: SessionStream) -> dict[str, Any]:
@@ -765,6 +833,15 @@ def _owed_entry(stream: SessionStream) -> dict[str, Any]:
         "acked": {c.id: stream.acked[c.index] for c in cams},
         "end": {c.id: stream.end_seq[c.index] for c in cams},
         "close_reason": stream.close_reason,
+        # Unanswered checkpoints of footage the receiver holds (at least in part): after a
+        # restart they go again. What it does not hold yet comes from sealed segments,
+        # which carry their own checkpoints.
+        "chain": [
+            hash_chain.record_json(cp)
+            for c in cams
+            for cp in (stream.chain[c.index] if c.index < len(stream.chain) else ())
+            if cp.first <= stream.newest(c.index)
+        ],
     }
 
 

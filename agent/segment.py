@@ -14,8 +14,11 @@ The header names the camera and its stream (codec, size, fps, SPS/PPS as
 base64url), the first and last sequence number, the packet count, and the
 segment's time anchors: for its first and last packet the UTC capture time,
 the agent's monotonic clock and the boot it belongs to, and the source's own
-timestamp. Each record is ``seq u64 | capture_ns i64 | source_ts_ns i64 (-1:
-none) | flags u8 (bit0 keyframe) | length u32 | payload`` (little-endian).
+timestamp, and (``chain``, optional) the device's signed checkpoint of its
+camera's footage hash chain over exactly this segment's seqs, without entries:
+the records are the entries (:func:`agent.chain.claim_json`). Each record is
+``seq u64 | capture_ns i64 | source_ts_ns i64 (-1: none) | flags u8 (bit0
+keyframe) | length u32 | payload`` (little-endian).
 Sequence numbers inside a segment are consecutive.
 
 The file name carries what retention, the index and export need without
@@ -32,7 +35,7 @@ import io
 import json
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -79,6 +82,8 @@ class SegmentHeader:
     boot_id: str
     first: Anchor
     last: Anchor
+    #: The device's checkpoint over first_seq..last_seq (agent.chain), if it signed one.
+    chain: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +128,16 @@ class StreamDesc:
 
 
 def encode(
-    packets: Sequence[EncodedPacket], stream: StreamDesc, boot_id: str
+    packets: Sequence[EncodedPacket],
+    stream: StreamDesc,
+    boot_id: str,
+    *,
+    chain: Mapping[str, Any] | None = None,
 ) -> tuple[SegmentHeader, bytes]:
-    """The plaintext of a segment of consecutive ``packets`` of one camera."""
+    """The plaintext of a segment of consecutive ``packets`` of one camera.
+
+    ``chain``: the device's checkpoint over exactly these packets, if any.
+    """
     if not packets:
         raise SegmentError("a segment needs at least one packet")
     first, last = packets[0], packets[-1]
@@ -144,6 +156,7 @@ def encode(
         boot_id,
         Anchor(first.capture_ns, first.mono_ns, first.source_ts_ns),
         Anchor(last.capture_ns, last.mono_ns, last.source_ts_ns),
+        None if chain is None else dict(chain),
     )
     head = json.dumps(_header_json(header), sort_keys=True, separators=(",", ":")).encode()
     parts = [MAGIC, _HEADER_LEN.pack(len(head)), head]
@@ -279,7 +292,9 @@ def _anchor(obj: Any) -> Anchor:
 
 
 def _header_json(h: SegmentHeader) -> dict[str, Any]:
+    extra = {} if h.chain is None else {"chain": dict(h.chain)}
     return {
+        **extra,
         "v": 1,
         "camera": h.camera,
         "codec": h.codec,
@@ -300,6 +315,9 @@ def _header_from_json(obj: Any) -> SegmentHeader:
         raise ValueError("unknown segment header version")
     if obj["codec"] not in ("h264", "mjpeg"):
         raise ValueError(f"codec {obj['codec']!r} unsupported")
+    chain = obj.get("chain")
+    if chain is not None and not isinstance(chain, dict):
+        raise ValueError("segment header chain is not an object")
     return SegmentHeader(
         str(obj["camera"]),
         obj["codec"],
@@ -313,4 +331,5 @@ def _header_from_json(obj: Any) -> SegmentHeader:
         str(obj["boot_id"]),
         _anchor(obj["anchors"]["first"]),
         _anchor(obj["anchors"]["last"]),
+        chain,
     )

@@ -40,7 +40,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -113,6 +113,10 @@ class _Open:
     nbytes: int = 0
 
 
+#: A closed segment for the writer: its packets, their stream, the device's chain checkpoint.
+_Job = tuple[list[EncodedPacket], segment.StreamDesc, Mapping[str, Any] | None]
+
+
 @dataclass(slots=True)
 class StoreStats:
     """Counters for status, metrics and benchmarks."""
@@ -141,7 +145,10 @@ class SegmentStore:
         max_age_s: float = 72 * 3600,
         quota_bytes: int = 8 * 1024**3,
         clock: Callable[[], float] = time.time,
+        attest: Callable[[str, int, int], Mapping[str, Any] | None] | None = None,
     ) -> None:
+        """``attest(camera, first_seq, last_seq)``, called on the event loop as a segment
+        closes, gives the device's signed chain checkpoint to put in its header."""
         if not recipients:
             raise ValueError("a segment store needs at least one age recipient")
         self.directory = directory
@@ -152,6 +159,7 @@ class SegmentStore:
         self.max_age_s = max_age_s
         self.quota_bytes = quota_bytes
         self.clock = clock
+        self._attest = attest
         self.stats = StoreStats()
         self.pins: list[Pin] = []
         self._index: dict[str, list[StoredSegment]] = {}  # per camera, in seq order
@@ -161,9 +169,7 @@ class SegmentStore:
         self._used = 0  # bytes of the indexed segments
         self._open: dict[str, _Open] = {}
         self._lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[tuple[list[EncodedPacket], segment.StreamDesc] | None] = (
-            queue.SimpleQueue()
-        )
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._pending_bytes = 0
         #: Per camera, first seqs of sealed-to-be segments queued for the writer (FIFO).
         self._queued: dict[str, deque[int]] = {}
@@ -257,9 +263,15 @@ class SegmentStore:
                 reason="writer_backlog",
             )
             return
+        chain: Mapping[str, Any] | None = None
+        if self._attest is not None:
+            try:
+                chain = self._attest(camera, cur.packets[0].seq, cur.packets[-1].seq)
+            except Exception:  # a chain bug must never cost the footage
+                log.exception("segment of %s: no chain checkpoint", camera)
         with self._lock:
             self._queued.setdefault(camera, deque()).append(cur.packets[0].seq)
-        self._jobs.put((cur.packets, desc))
+        self._jobs.put((cur.packets, desc, chain))
 
     def add_pin(self, pin: Pin) -> None:
         """Protect an emergency's footage from retention until it is acknowledged."""
@@ -356,10 +368,10 @@ class SegmentStore:
 
     def _writer(self) -> None:
         while (job := self._jobs.get()) is not None:
-            packets, desc = job
+            packets, desc, chain = job
             nbytes = sum(len(p.payload) for p in packets)
             try:
-                self._write(packets, desc)
+                self._write(packets, desc, chain)
             except Exception as exc:  # the writer must outlive any one segment
                 self.stats.write_errors += 1
                 log.exception("segment of %s not written", packets[0].camera)
@@ -375,9 +387,14 @@ class SegmentStore:
                     self._pending_bytes -= nbytes
                     self._queued[packets[0].camera].popleft()
 
-    def _write(self, packets: list[EncodedPacket], desc: segment.StreamDesc) -> None:
+    def _write(
+        self,
+        packets: list[EncodedPacket],
+        desc: segment.StreamDesc,
+        chain: Mapping[str, Any] | None,
+    ) -> None:
         camera = packets[0].camera
-        _, plain = segment.encode(packets, desc, self.boot_id)
+        _, plain = segment.encode(packets, desc, self.boot_id, chain=chain)
         first, last = packets[0], packets[-1]
         folder = self.directory / camera
         tmp = folder / f".{first.seq:016d}-{last.seq:016d}.tmp"

@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent import chain as hash_chain
 from agent import protocol as p
 from agent.audit_feed import AuditFeed
 from agent.changes import Changes
@@ -49,6 +50,9 @@ FILL_BUDGET_S = 0.25
 FILL_MIN_BYTES = 32 * 1024
 GOODPUT_WINDOW_S = 2.0
 GOODPUT_MIN_SPAN_S = 0.5
+#: Chain checkpoints kept per camera of a session until the receiver has them (over an
+#: hour at one a second); beyond it the oldest go (sealed segments carry their own).
+MAX_PENDING_CHECKPOINTS = 4096
 
 # Codes after which retrying soon is pointless: the receiver does not know us (or our
 # enrollment does not do: refused, expired, superseded, revoked).
@@ -83,6 +87,11 @@ class SessionStream:
     gaps: int = 0
     #: Whether a session_open went out on any connection yet (live starts at the press).
     opened: bool = False
+    #: Per camera index: the device's chain checkpoints of this session's footage that the
+    #: receiver has not answered yet (oldest first), and how many of them went out on
+    #: the current connection.
+    chain: list[deque[hash_chain.Checkpoint]] = field(default_factory=list)
+    chain_sent: list[int] = field(default_factory=list)
 
     @property
     def id(self) -> str:
@@ -90,9 +99,15 @@ class SessionStream:
         return self.open.session
 
     def settled(self) -> bool:
-        """Closed, the close sent, and every camera acknowledged to its end."""
-        return self.close_sent and all(
-            end is None or acked >= end for acked, end in zip(self.acked, self.end_seq, strict=True)
+        """Closed, the close sent, every camera acknowledged to its end and every
+        chain checkpoint answered."""
+        return (
+            self.close_sent
+            and all(
+                end is None or acked >= end
+                for acked, end in zip(self.acked, self.end_seq, strict=True)
+            )
+            and not any(self.chain)
         )
 
     def held(self, camera: int, seq: int) -> bool:
@@ -141,6 +156,9 @@ class UplinkStats:
     segment_bytes_sent: int = 0
     live_skips: int = 0
     gaps_declared: int = 0
+    checkpoints_sent: int = 0
+    checkpoints_acked: int = 0
+    checkpoints_refused: int = 0
     last_error: str | None = None
 
 
@@ -246,6 +264,8 @@ class UplinkClient:
             ],
             [],
         )
+        stream.chain = [deque() for _ in cams]
+        stream.chain_sent = [0 for _ in cams]
         if self.store is not None and emergency:
             for cam, c in enumerate(open_.cameras):
                 held = Pin(c.id, c.first_seq, ends.get(cam), stream.acked[cam])
@@ -278,6 +298,33 @@ class UplinkClient:
                 self._live.append((camera, packet))
         while stream.ram_bytes > self.unacked_max_bytes:
             self._forget_oldest(stream)
+        self._wake.set()
+
+    def add_checkpoint(
+        self, cp: hash_chain.Checkpoint, stream: SessionStream | None = None
+    ) -> None:
+        """Queue a chain checkpoint for every session (or only ``stream``) whose range of
+        its camera it touches; it goes out beside the footage, before the close."""
+        for target in self.streams if stream is None else (stream,):
+            for desc in target.open.cameras:
+                end = target.end_seq[desc.index]
+                if (
+                    desc.id != cp.camera
+                    or cp.last < desc.first_seq
+                    or (end is not None and cp.first > end)
+                ):
+                    continue
+                queue = target.chain[desc.index]
+                queue.append(cp)
+                if len(queue) > MAX_PENDING_CHECKPOINTS:
+                    queue.popleft()
+                    target.chain_sent[desc.index] = max(0, target.chain_sent[desc.index] - 1)
+                    log.warning(
+                        "session %s camera %s: too many chain checkpoints unanswered; "
+                        "the oldest is dropped",
+                        target.id,
+                        desc.id,
+                    )
         self._wake.set()
 
     def end_session(self, session_id: str, reason: str) -> None:
@@ -393,6 +440,42 @@ class UplinkClient:
         if stream.settled():
             self._remove(stream)
 
+    def _on_chain_ack(self, ack: p.ChainAck) -> None:
+        stream = self.stream(ack.session)
+        if stream is None or not 0 <= ack.camera < len(stream.chain):
+            return
+        queue = stream.chain[ack.camera]
+        for i, cp in enumerate(queue):
+            if (cp.first, cp.last) == (ack.first, ack.last):
+                del queue[i]
+                if i < stream.chain_sent[ack.camera]:
+                    stream.chain_sent[ack.camera] -= 1
+                break
+        if ack.result == "ok":
+            self.stats.checkpoints_acked += 1
+        else:
+            self.stats.checkpoints_refused += 1
+            log.error(
+                "receiver refused the chain checkpoint of session %s camera %s seqs %d..%d: %s",
+                ack.session,
+                stream.open.cameras[ack.camera].id,
+                ack.first,
+                ack.last,
+                ack.result,
+            )
+        self._progress.notify()
+        if stream.settled():
+            self._remove(stream)
+
+    def _next_checkpoint(self, stream: SessionStream) -> p.Chain | None:
+        """The next chain checkpoint of ``stream`` not sent on this connection yet."""
+        for cam, queue in enumerate(stream.chain):
+            sent = stream.chain_sent[cam]
+            if sent < len(queue):
+                stream.chain_sent[cam] = sent + 1
+                return hash_chain.to_wire(queue[sent], stream.id, cam)
+        return None
+
     def _changed(self) -> None:
         self._progress.notify()
         if self._on_change is not None:
@@ -498,6 +581,7 @@ class UplinkClient:
                 if index is not None:
                     self._on_ack(p.Ack(stream.id, index, seq))
             stream.close_sent = False
+            stream.chain_sent = [0 for _ in stream.chain]  # unanswered ones go again
         self._live.clear()
         self._live_inflight.clear()
         self._lanes = []
@@ -627,6 +711,8 @@ class UplinkClient:
             event = await self._receive(ws, conn, heartbeat_s * 3)
             if isinstance(event, p.Ack):
                 self._on_ack(event)
+            elif isinstance(event, p.ChainAck):
+                self._on_chain_ack(event)
             elif isinstance(event, p.Trigger):
                 body: Mapping[str, Any]
                 if self._on_trigger is None:
@@ -663,6 +749,11 @@ class UplinkClient:
                     continue
                 if self._live_in_flight(stream):
                     break  # backfill only uses the link while no live packet awaits its ack
+                checkpoint = self._next_checkpoint(stream)
+                if checkpoint is not None:  # small: ahead of the fill lane's footage
+                    await ws.send_str(_text(conn.send(checkpoint)))
+                    self.stats.checkpoints_sent += 1
+                    continue
                 item = self._fill_item(stream)
                 if item is None:
                     break
@@ -679,7 +770,17 @@ class UplinkClient:
                     await ws.send_str(_text(conn.send(what)))
                 else:
                     await self._send_segment(ws, conn, cam, what)
-            drained = not self._live and not any(lane.todo for lane in self._lanes)
+            drained = (
+                not self._live
+                and not any(lane.todo for lane in self._lanes)
+                and (
+                    stream is None
+                    or all(
+                        sent >= len(q)
+                        for sent, q in zip(stream.chain_sent, stream.chain, strict=True)
+                    )
+                )
+            )
             if (
                 drained
                 and stream is not None

@@ -1,18 +1,29 @@
 """One camera of the open session on one connection: order, record, ack.
 
 Split from :mod:`receiver.ingest` (the connection) so that each stays small.
+It also keeps the device's footage hash chain (:mod:`agent.chain`): a
+``chain`` message is checked (signature by the connection's device key,
+entries folding to its head) and written to the session's custody log
+(:mod:`receiver.custody`), then answered with ``chain_ack`` (``ok`` or the
+refusal code; a refusal is logged and recorded, and the footage goes on).
+A sealed segment's own checkpoint is checked against its packets and made
+durable before any of its packets is recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from agent import chain, segment
 from agent import protocol as p
+from hardware import EncodedPacket
 from receiver.camera_recording import CameraRecording, Outcome
+from receiver.custody import CustodyLog, CustodyRecord, DeviceKey
 from receiver.errors import BadSegmentError, BitstreamError, InvalidPacketError, ReceiverError
 from receiver.sealed import open_segment
 
@@ -48,9 +59,13 @@ class CameraIngest:
         session_id: str,
         desc: p.CameraDesc,
         camera: CameraRecording,
-        send_ack: Callable[[p.Ack], None],
+        send_ack: Callable[[p.Ack | p.ChainAck], None],
         identities: list[Any],
         fail: Callable[[BaseException], None],
+        *,
+        custody: CustodyLog | None = None,
+        device_key: DeviceKey | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.device = device
         self.session_id = session_id
@@ -70,6 +85,12 @@ class CameraIngest:
         self._flusher: asyncio.Task[None] | None = None
         # What the agent knows we hold: nothing beyond the first seq until we say so.
         self._sent: tuple[int, tuple[tuple[int, int], ...]] = (camera.track.first_seq - 1, ())
+        #: The session's checkpoint files and the key the device signs them with.
+        self._custody = custody
+        self._device_key = device_key
+        self._on_refused = on_refused
+        self._checkpoints: list[CustodyRecord] = []
+        self._custodian: asyncio.Task[None] | None = None
 
     # -- intake ----------------------------------------------------------
 
@@ -93,6 +114,78 @@ class CameraIngest:
     def gap(self, gap: p.Gap) -> None:
         """Record a declared gap, in order with the media around it."""
         self._put(gap, 0)
+
+    def checkpoint(self, event: p.Chain) -> None:
+        """Check a chain checkpoint now; store it durably, then answer ``chain_ack``."""
+        cp = chain.from_wire(event, self.device, self.camera.camera_id)
+        self._keep(CustodyRecord(cp, "uplink", self._check(cp), time.time()))
+        if self._custodian is None or self._custodian.done():
+            self._custodian = asyncio.create_task(
+                self._store_checkpoints(), name=f"custody {self.session_id}/{self.camera.camera_id}"
+            )
+
+    def _check(self, cp: chain.Checkpoint) -> str:
+        key = self._device_key
+        if cp.device != self.device:
+            return "wrong_device"
+        if key is None:
+            return "unknown_key"
+        return chain.check(cp, {key.kid: key.key}) or "ok"
+
+    def _keep(self, record: CustodyRecord) -> None:
+        if not record.ok:
+            self._report_refused(record)
+        self._checkpoints.append(record)
+
+    def _report_refused(self, record: CustodyRecord) -> None:
+        cp = record.checkpoint
+        log.error(
+            "device %s session %s camera %s: chain checkpoint %d..%d (%s) refused: %s",
+            self.device, self.session_id, cp.camera, cp.first, cp.last, record.source,
+            record.result,
+        )  # fmt: skip
+        if self._on_refused is not None:
+            self._on_refused(record.result)
+
+    async def _store_checkpoints(self) -> None:
+        try:
+            while self._checkpoints:
+                batch, self._checkpoints = self._checkpoints, []
+                if self._custody is not None:
+                    await asyncio.to_thread(self._custody.write, batch, self._device_key)
+                for record in batch:
+                    cp = record.checkpoint
+                    self._send_ack(
+                        p.ChainAck(self.session_id, self.index, cp.first, cp.last, record.result)
+                    )
+        except Exception as exc:  # our disk: the device keeps them and sends them again
+            self._fail(exc)
+
+    async def _segment_checkpoint(
+        self, header: segment.SegmentHeader, packets: list[EncodedPacket]
+    ) -> None:
+        """Check a sealed segment's checkpoint against its packets and store it durably."""
+        custody = self._custody
+        if header.chain is None or custody is None:
+            return
+        try:
+            cp = await asyncio.to_thread(_segment_claim, header, packets, self.camera.camera_id)
+        except ValueError as exc:
+            log.error(
+                "device %s session %s camera %s: sealed segment from seq %d has a malformed "
+                "chain checkpoint: %s",
+                self.device, self.session_id, self.camera.camera_id, header.first_seq, exc,
+            )  # fmt: skip
+            if self._on_refused is not None:
+                self._on_refused("malformed")
+            return
+        result = self._check(cp)
+        if result == "ok" and (cp.first, cp.last) != (header.first_seq, header.last_seq):
+            result = "bad_chain"  # it must cover exactly the segment it is in
+        record = CustodyRecord(cp, "segment", result, time.time())
+        if not record.ok:
+            self._report_refused(record)
+        await asyncio.to_thread(custody.write, [record], self._device_key)
 
     @property
     def has_room(self) -> bool:
@@ -159,6 +252,8 @@ class CameraIngest:
                     f"segment holds {header.codec} seqs {header.first_seq}..{header.last_seq}, "
                     f"not what its media header says"
                 )
+            # Its checkpoint is durable before any of its footage can be acknowledged.
+            await self._segment_checkpoint(header, packets)
             inside = [
                 pkt
                 for pkt in packets
@@ -212,10 +307,31 @@ class CameraIngest:
             await asyncio.wait([self._worker])
         while self._flusher is not None and not self._flusher.done():
             await asyncio.wait([self._flusher])
+        while self._custodian is not None and not self._custodian.done():
+            await asyncio.wait([self._custodian])
 
     async def stop(self) -> None:
         """Stop working at once (the receiver shuts down)."""
-        tasks = [t for t in (self._worker, self._flusher) if t is not None and not t.done()]
+        running = (self._worker, self._flusher, self._custodian)
+        tasks = [t for t in running if t is not None and not t.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _segment_claim(
+    header: segment.SegmentHeader, packets: list[EncodedPacket], camera: str
+) -> chain.Checkpoint:
+    """A segment's checkpoint with its entries computed from its packets (CPU: a thread)."""
+    assert header.chain is not None
+    entries = chain.pack_entries(
+        [
+            (
+                pkt.capture_ns // 1000,
+                chain.FLAG_KEYFRAME if pkt.keyframe else 0,
+                chain.payload_digest(header.codec, pkt.payload),
+            )
+            for pkt in packets
+        ]
+    )
+    return chain.from_claim(header.chain, camera, entries)

@@ -12,6 +12,13 @@ camera's other messages. Acks are sent per camera only after an fsync covers
 the packets (group commit: one fsync in flight per run, the next one covers
 all that arrived meanwhile): cumulative, plus the durable ranges beyond it.
 
+The device's signed footage hash chain (``chain`` messages, and the
+checkpoints inside sealed segments) is checked with the key the device
+proved at hello and kept beside each session's recording
+(:mod:`receiver.custody`): the evidence export's chain of custody. A
+checkpoint that does not verify is refused with its code in ``chain_ack``,
+logged and recorded as refused; the connection and the footage go on.
+
 Every message from an accepted device counts as hearing from it
 (:class:`receiver.presence.Presence`: last heard, the offline alarm).
 Revocation: the district's revocation list (``DATA/revocations.json``) is
@@ -45,6 +52,7 @@ from provisioning.errors import KeyFileError
 from provisioning.keys import load_public_key, verify
 from receiver.audit_copy import AuditCopies
 from receiver.camera_ingest import CameraIngest
+from receiver.custody import CustodyLog, DeviceKey
 from receiver.device_trust import DeviceTrust
 from receiver.errors import ReceiverError
 from receiver.presence import Presence
@@ -115,6 +123,10 @@ class IngestServer:
         self.identities: list[Any] = list(identities or [])
         self.devices: dict[str, DeviceStatus] = {}
         self.refused: dict[str, int] = {}
+        #: Chain checkpoints refused, by reason code.
+        self.chain_refused: dict[str, int] = {}
+        #: Each session's custody log (one per session folder, shared by connections).
+        self._custody: dict[Path, CustodyLog] = {}
         self._connections: dict[str, web.WebSocketResponse] = {}
         self._uplinks: dict[str, p.Uplink] = {}
         #: The verified enrollment of each connected device that presented one.
@@ -156,7 +168,7 @@ class IngestServer:
         conn = p.Uplink(p.Role.RECEIVER)
         peer = request.remote or "?"
         try:
-            device, enrollment = await self._handshake(ws, conn)
+            device, enrollment, device_key = await self._handshake(ws, conn)
         except (p.ProtocolError, TimeoutError, ConnectionError) as exc:
             code = exc.code if isinstance(exc, p.ProtocolError) else "handshake_failed"
             self._refuse(code)
@@ -182,7 +194,7 @@ class IngestServer:
         # A newer list read by this hello (or by one racing with it) drops whoever it revokes.
         await self.check_revocations()
         try:
-            await self._serve(ws, conn, device, status)
+            await self._serve(ws, conn, device, status, device_key)
         except p.ProtocolError as exc:
             log.warning("device %s broke the protocol: %s", device, exc)
             await self._send_error(ws, conn, exc.code, exc.detail)
@@ -262,8 +274,8 @@ class IngestServer:
 
     async def _handshake(
         self, ws: web.WebSocketResponse, conn: p.Uplink
-    ) -> tuple[str, Enrollment | None]:
-        """The device id and, if it presented one, its verified enrollment."""
+    ) -> tuple[str, Enrollment | None, DeviceKey]:
+        """The device id, its verified enrollment if it presented one, and its key."""
         nonce = p.b64url(secrets.token_bytes(32))
         await ws.send_str(str(conn.send(p.Challenge(nonce))))
         event = await self._receive(ws, conn, HANDSHAKE_TIMEOUT_S)
@@ -299,16 +311,32 @@ class IngestServer:
         if self.audits is not None:
             audit_n = await asyncio.to_thread(self.audits.last_n, event.device)
         await ws.send_str(str(conn.send(p.Welcome(acked, HEARTBEAT_S, audit_n))))
-        return event.device, enrollment
+        cert = None if enrollment is None else enrollment.envelope
+        return event.device, enrollment, DeviceKey(event.device, key, cert)
+
+    def custody(self, session_dir: Path) -> CustodyLog:
+        """The custody log of a session's recording (one per folder)."""
+        found = self._custody.get(session_dir)
+        if found is None:
+            found = self._custody[session_dir] = CustodyLog(session_dir)
+        return found
+
+    def _chain_refused(self, code: str) -> None:
+        self.chain_refused[code] = self.chain_refused.get(code, 0) + 1
 
     async def _serve(
-        self, ws: web.WebSocketResponse, conn: p.Uplink, device: str, status: DeviceStatus
+        self,
+        ws: web.WebSocketResponse,
+        conn: p.Uplink,
+        device: str,
+        status: DeviceStatus,
+        device_key: DeviceKey,
     ) -> None:
         cameras: list[CameraIngest] = []
         pending: set[asyncio.Future[None]] = set()
         next_beat = time.monotonic() + HEARTBEAT_S
 
-        def send(event: p.Ack | p.Heartbeat | p.AuditAck) -> None:
+        def send(event: p.Ack | p.ChainAck | p.Heartbeat | p.AuditAck) -> None:
             if not ws.closed:
                 task = asyncio.ensure_future(ws.send_str(str(conn.send(event))))
                 pending.add(task)
@@ -353,6 +381,8 @@ class IngestServer:
                     await asyncio.sleep(0)
                 elif isinstance(event, p.Gap):
                     cameras[event.camera].gap(event)
+                elif isinstance(event, p.Chain):
+                    cameras[event.camera].checkpoint(event)
                 elif isinstance(event, p.SessionOpen):
                     for cam in cameras:
                         await cam.settle()
@@ -369,6 +399,9 @@ class IngestServer:
                             send,
                             self.identities,
                             fail,
+                            custody=self.custody(session.directory),
+                            device_key=device_key,
+                            on_refused=self._chain_refused,
                         )
                         for c in event.cameras
                     ]
