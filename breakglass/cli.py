@@ -210,12 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     age.set_defaults(func=_keys_age)
 
     from breakglass import audit_cli, provision_cli, trigger_cli
+    from breakglass.evidence_cli import add_parser as add_evidence_commands
     from breakglass.footage_cli import add_footage_commands
 
     add_footage_commands(sub)
     trigger_cli.add_parser(sub)
     audit_cli.add_parser(sub)
     provision_cli.add_parser(sub)
+    add_evidence_commands(sub)
     return parser
 
 

@@ -1,0 +1,155 @@
+"""What an evidence bundle is made of: its layout, signature, MP4 samples and the receiver's key.
+
+Shared by the builder (:mod:`receiver.evidence`) and the offline verifier
+(:mod:`receiver.evidence_verify`). A bundle is a zip (stored, not
+compressed: the footage does not compress), its members in name order with
+a fixed time stamp, so the same recording always gives the same bytes::
+
+    manifest.json                       canonical JSON: what is in the bundle, and why
+    manifest.sig                        the receiver's Ed25519 signature over it
+    receiver.pub                        the receiver's evidence public key (PEM)
+    device/<kid>.pub                    the device key(s) that signed the footage (PEM)
+    device/<kid>.enrollment.json        the district's certificate for that key, if any
+    footage/<camera>/<camera>.<first>-<last>.mp4   remuxed footage, seqs first..last
+    chain/<camera>.jsonl                the device's checkpoints (receiver.custody lines)
+    audit/<device>.log                  the device's audit trail around the session
+    README.txt                          how to check all of it
+
+``manifest.sig`` is ``{"kid", "sig"}``: ``sig`` is b64url of the Ed25519
+signature over :data:`MANIFEST_CONTEXT` followed by the bytes of
+``manifest.json`` exactly as stored.
+
+Every MP4 holds one camera's consecutive seqs ``first..last`` (sample ``i``
+is seq ``first + i``), samples byte for byte as recorded (the camera's own
+H.264, length-prefixed), in a 90 kHz time base where sample ``i`` has
+``pts(i) = max(round((capture_us(i) - capture_us(0)) * 0.09), pts(i-1) + 1)``
+(rounding half up), ``capture_us`` being the capture time the device signed:
+the same rule the receiver's recordings follow (:mod:`receiver.run`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Final
+
+import av
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from provisioning.errors import KeyFileError
+from provisioning.keys import kid, load_private_key, public_pem, write_secret
+from receiver.errors import ExportError
+
+__all__ = [
+    "MANIFEST",
+    "MANIFEST_CONTEXT",
+    "SIGNATURE",
+    "EvidenceError",
+    "Mp4Track",
+    "evidence_key",
+    "next_pts",
+    "read_mp4",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST: Final = "manifest.json"
+SIGNATURE: Final = "manifest.sig"
+RECEIVER_KEY: Final = "receiver.pub"
+README: Final = "README.txt"
+MANIFEST_CONTEXT: Final = b"breakglass-evidence-manifest\x00"
+BUNDLE_TYPE: Final = "breakglass-evidence"
+#: The receiver's evidence signing key, in its data folder.
+EVIDENCE_KEY_FILE: Final = "evidence.key"
+#: Every stored member gets this time (zip's earliest): the bundle is deterministic.
+ZIP_TIME: Final = (1980, 1, 1, 0, 0, 0)
+TIME_BASE: Final = Fraction(1, 90_000)
+#: Member names a bundle may have: relative, no "..", no backslashes.
+NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:@-]+(/[A-Za-z0-9_.:@-]+)*")
+
+
+class EvidenceError(ExportError, ValueError):
+    """An export that cannot be made (unknown session, no footage, an existing file)."""
+
+
+def safe_name(name: str) -> bool:
+    """Whether ``name`` may be a bundle member (relative, plain, no parent references)."""
+    return NAME_RE.fullmatch(name) is not None and ".." not in name.split("/")
+
+
+def next_pts(capture_us: int, origin_us: int, last_pts: int) -> int:
+    """The 90 kHz pts of a sample: rounded from its capture time, always increasing."""
+    pts = ((capture_us - origin_us) * 9 + 50) // 100
+    return pts if pts > last_pts else last_pts + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Mp4Track:
+    """The video samples of an MP4: bytes, keyframe flag and pts (90 kHz)."""
+
+    length_size: int
+    extradata: bytes
+    samples: list[tuple[bytes, bool, int]]
+    #: Whether the stream's time base is 90 kHz (pts are in it either way).
+    ninety_khz: bool
+
+
+def read_mp4(path: Path, limit: int | None = None) -> Mp4Track:
+    """The first ``limit`` (all) video samples of an MP4 file; raises ``av.FFmpegError``,
+    ``OSError`` or ValueError when it cannot be read."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        extradata = bytes(stream.codec_context.extradata or b"")
+        length_size = (extradata[4] & 3) + 1 if len(extradata) > 4 and extradata[0] == 1 else 4
+        tb = stream.time_base
+        samples: list[tuple[bytes, bool, int]] = []
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue  # the demuxer's end-of-stream packet
+            samples.append((bytes(packet), bool(packet.is_keyframe), int(packet.pts or 0)))
+            if limit is not None and len(samples) >= limit:
+                break
+    return Mp4Track(length_size, extradata, samples, tb == TIME_BASE)
+
+
+def evidence_key(data_dir: Path) -> Ed25519PrivateKey:
+    """The receiver's evidence signing key, ``DATA/evidence.key`` (0600), made on first use.
+
+    Its public key signs every bundle's manifest (``breakglass evidence key``
+    prints it). Two processes making it at once end up with the same one.
+    """
+    path = Path(data_dir) / EVIDENCE_KEY_FILE
+    if not path.exists():
+        key = Ed25519PrivateKey.generate()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        write_secret(
+            tmp,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        try:
+            os.link(tmp, path)  # never replaces a key another process made meanwhile
+            log.warning(
+                "made the receiver's evidence signing key %s (kid %s); its public key:\n%s",
+                path,
+                kid(key.public_key()),
+                public_pem(key.public_key()).decode().strip(),
+            )
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        return load_private_key(path)
+    except KeyFileError as exc:
+        raise EvidenceError(f"receiver evidence key: {exc}") from exc
