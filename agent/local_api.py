@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.audit import AuditLog
@@ -93,6 +94,7 @@ class LocalApi:
         self.fingerprint = ""
         self.port = config.port
         self._runner: web.AppRunner | None = None
+        self._stopped = False
         self.pairing: PairingService | None = None
         self._tokens = burst
         self._tokens_at = time.monotonic()
@@ -107,7 +109,9 @@ class LocalApi:
 
     def make_app(self) -> web.Application:
         """The aiohttp application."""
-        app = web.Application(client_max_size=envelope_limit(MAX_KEYLIST_PAYLOAD))
+        app = web.Application(
+            client_max_size=envelope_limit(MAX_KEYLIST_PAYLOAD), middlewares=[self._closing]
+        )
         app.router.add_get("/v1/status", self._status)
         armed = self._agent is not None
         app.router.add_get("/v1/challenge", self._challenge if armed else _unprovisioned)
@@ -170,8 +174,22 @@ class LocalApi:
             "cameras": [{"id": c["id"], "zone": c["zone"]} for c in status.get("cameras", [])],
         }
 
+    @web.middleware
+    async def _closing(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # A connection accepted just before stop() may finish its TLS handshake after
+        # the runner's cleanup and reach this app after all (aiohttp registers it only
+        # then): it must not answer for a device that is restarting as another one.
+        if self._stopped:
+            return web.json_response(
+                {"error": "restarting", "detail": "the device is restarting; retry"},
+                status=503,
+                headers={"Connection": "close", "Retry-After": "1"},
+            )
+        return await handler(request)
+
     async def stop(self) -> None:
         """Stop serving."""
+        self._stopped = True
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import ssl
 import sys
 import time
@@ -225,7 +226,11 @@ async def wait_armed(paired: PairedDevice, version: int) -> None:
     pin = aiohttp.Fingerprint(fingerprint_digest(paired.fingerprint))
     deadline = time.monotonic() + ARMED_TIMEOUT_S
     last = "no answer"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+    # A new connection per poll: one opened while the device restarts may reach the
+    # Local API that is going away, and a kept-alive one would keep asking it.
+    connector = aiohttp.TCPConnector(force_close=True)
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
         while time.monotonic() < deadline:
             try:
                 async with http.get(paired.url + "/v1/status", ssl=pin) as response:
@@ -306,49 +311,93 @@ def _printer(total: int) -> Progress:
     return progress
 
 
+PLAN_KEYS: Final = frozenset(
+    {"authority", "receiver_url", "receiver_pin", "recipients", "retention_h", "trigger_keys",
+     "interface", "interfaces", "devices"}
+)  # fmt: skip
+DEVICE_KEYS: Final = frozenset({"id", "setup_code", "building", "cameras", "to"})
+
+
 def load_plan(path: Path) -> tuple[District, list[Target]]:
-    """Read a plan file (module docstring); ValueError naming the key on a mistake."""
+    """Read a plan file (module docstring) whole; ValueError naming the key on a mistake."""
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{path}: {exc}") from exc
     base = path.parent
 
-    def text(table: dict[str, Any], key: str, where: str) -> str:
+    def fail(where: str, reason: str) -> ValueError:
+        return ValueError(f"{path}: {where}: {reason}")
+
+    def text(table: dict[str, Any], key: str, where: str, pattern: str = "") -> str:
         value = table.get(key)
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{path}: {where}{key}: missing or not a string")
+            raise fail(f"{where}{key}", "missing or not a string")
+        if pattern and not re.match(pattern, value):
+            raise fail(f"{where}{key}", f"{value[:40]!r} does not match {pattern}")
         return value
 
+    def strings(value: Any, where: str, pattern: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise fail(where, "expected a non-empty list of strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not re.match(pattern, item):
+                raise fail(f"{where}[{i}]", f"{str(item)[:40]!r} does not match {pattern}")
+        return tuple(value)
+
+    if unknown := sorted(set(doc) - PLAN_KEYS):
+        raise fail(unknown[0], "unknown key (misspelt?)")
+    if "interface" in doc and "interfaces" in doc:
+        raise fail("interface", "give interface or interfaces, not both")
+    interfaces = (
+        strings(doc["interfaces"], "interfaces", r"^\d+\.\d+\.\d+\.\d+$")
+        if "interfaces" in doc
+        else (text(doc, "interface", "", r"^\d+\.\d+\.\d+\.\d+$"),)
+        if "interface" in doc
+        else ("127.0.0.1",)
+    )
+    retention = doc.get("retention_h", 72)
+    if isinstance(retention, bool) or not isinstance(retention, int | float):
+        raise fail("retention_h", "expected a number of hours")
     keylist = doc.get("trigger_keys")
     district = District(
         authority=base / text(doc, "authority", ""),
-        receiver_url=text(doc, "receiver_url", ""),
-        receiver_pin=text(doc, "receiver_pin", ""),
-        recipients=tuple(doc.get("recipients", [])),
-        retention_h=float(doc.get("retention_h", 72)),
-        trigger_keys=None if keylist is None else base / str(keylist),
-        interfaces=tuple(doc.get("interfaces", [doc.get("interface", "127.0.0.1")])),
+        receiver_url=text(doc, "receiver_url", "", r"^wss://[^/\s]+/\S*$"),
+        receiver_pin=text(doc, "receiver_pin", "", r"^sha256:[0-9a-f]{64}$"),
+        recipients=strings(doc.get("recipients"), "recipients", r"^age1[02-9ac-hj-np-z]{58}$"),
+        retention_h=float(retention),
+        trigger_keys=None if keylist is None else base / text(doc, "trigger_keys", ""),
+        interfaces=interfaces,
     )
-    targets = []
-    for i, entry in enumerate(doc.get("devices", [])):
+    devices = doc.get("devices")
+    if not isinstance(devices, list) or not devices:
+        raise fail("devices", "no [[devices]] to enroll")
+    targets: list[Target] = []
+    for i, entry in enumerate(devices):
         where = f"devices[{i}]."
+        if not isinstance(entry, dict):
+            raise fail(f"devices[{i}]", "expected a table ([[devices]])")
+        if unknown := sorted(set(entry) - DEVICE_KEYS):
+            raise fail(f"{where}{unknown[0]}", "unknown key (misspelt?)")
+        device = text(entry, "id", where, ID_RE.pattern)
+        if any(t.device == device for t in targets):
+            raise fail(f"{where}id", f"{device} is listed twice")
+        specs = entry.get("cameras")
+        if not isinstance(specs, list) or not specs:
+            raise fail(f"{where}cameras", "expected a list of ID=ZONE[,SOURCE]")
         try:
-            cameras = tuple(camera_spec(str(c)) for c in entry.get("cameras", []))
+            cameras = tuple(camera_spec(str(c)) for c in specs)
+        except argparse.ArgumentTypeError as exc:
+            raise fail(f"{where}cameras", str(exc)) from exc
+        try:
             code = normalise_code(text(entry, "setup_code", where))
-        except (argparse.ArgumentTypeError, PairingError) as exc:
-            raise ValueError(f"{path}: {where}: {exc}") from exc
-        targets.append(
-            Target(
-                device=text(entry, "id", where),
-                setup_code=code,
-                building=text(entry, "building", where),
-                cameras=cameras,
-                to=entry.get("to"),
-            )
-        )
-    if not targets:
-        raise ValueError(f"{path}: devices: no [[devices]] to enroll")
+        except PairingError as exc:
+            raise fail(f"{where}setup_code", exc.detail) from exc
+        to = entry.get("to")
+        if to is not None:
+            to = text(entry, "to", where, r"^https://\S+$")
+        building = text(entry, "building", where, ID_RE.pattern)
+        targets.append(Target(device, code, building, cameras, to))
     return district, targets
 
 
@@ -372,6 +421,8 @@ def _targets(args: argparse.Namespace, *, need_setup: bool) -> tuple[District, l
     if not args.device or not args.setup_code:
         raise ValueError("give DEVICE and --setup-code, or --plan FILE")
     district = _district(args)
+    if args.action == "rotate" and getattr(args, "authority", None) is None:
+        raise ValueError("rotate needs --authority (the district authority's key)")
     if need_setup and not (district.receiver_url and district.receiver_pin and district.recipients):
         raise ValueError("enroll needs --authority, --receiver-url, --receiver-pin, --recipient")
     if need_setup and getattr(args, "authority", None) is None:
@@ -431,7 +482,7 @@ def add_commands(provision: argparse._SubParsersAction[argparse.ArgumentParser])
             cmd.add_argument("--out", type=Path, default=Path("."), metavar="DIR")
             cmd.set_defaults(valid_days=VALID_DAYS)
         else:
-            cmd.add_argument("--authority", type=Path, metavar="KEY", required=name == "rotate")
+            cmd.add_argument("--authority", type=Path, metavar="KEY")
             cmd.add_argument("--receiver-url", metavar="wss://HOST:PORT/v1/uplink")
             cmd.add_argument("--receiver-pin", metavar="sha256:HEX")
             cmd.add_argument("--recipient", action="append", metavar="age1...")

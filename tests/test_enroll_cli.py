@@ -38,6 +38,10 @@ cameras = ["front-door=exterior,rtsp://10.0.0.20/stream1", "hall-2=interior"]
 """
 
 
+#: A second device of the plan (its own id: an id listed twice is an error of its own).
+SECOND = DEVICE.replace("bg-3f2a9c0d11aa", "bg-000000000002")
+
+
 def write_plan(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "site" / "plan.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +181,7 @@ def test_a_missing_district_key_is_named(tmp_path: Path, key: str, named: str) -
 
 @pytest.mark.parametrize("key", ["id", "setup_code", "building"])
 def test_a_missing_device_key_is_named_with_its_device(tmp_path: Path, key: str) -> None:
-    device = "\n".join(line for line in DEVICE.splitlines() if not line.startswith(key))
+    device = "\n".join(line for line in SECOND.splitlines() if not line.startswith(key))
     message = plan_error(tmp_path, HEADER + DEVICE + device + "\n")
     assert message == f"devices[1].{key}: missing or not a string"
 
@@ -207,10 +211,9 @@ def test_a_setup_code_that_is_not_a_string_is_named(tmp_path: Path) -> None:
     ["12", "1234-567", "1234-56789", "abcd-efgh", "1234_5678", "\u0661\u0662\u0663\u0664-5678"],
 )
 def test_a_bad_setup_code_names_its_device(tmp_path: Path, code: str) -> None:
-    device = DEVICE.replace("1234-5678", code)
+    device = SECOND.replace("1234-5678", code)
     message = plan_error(tmp_path, HEADER + DEVICE + device)
-    assert message.startswith("devices[1]."), message
-    assert "bad_code: a setup code is 8 digits" in message
+    assert message == "devices[1].setup_code: a setup code is 8 digits", message
 
 
 @pytest.mark.parametrize(
@@ -219,9 +222,9 @@ def test_a_bad_setup_code_names_its_device(tmp_path: Path, code: str) -> None:
 def test_a_bad_camera_spec_names_its_device_and_quotes_the_spec(
     tmp_path: Path, camera: str
 ) -> None:
-    device = DEVICE.replace('"hall-2=interior"', f'"{camera}"')
+    device = SECOND.replace('"hall-2=interior"', f'"{camera}"')
     message = plan_error(tmp_path, HEADER + DEVICE + device)
-    assert message.startswith("devices[1]."), message
+    assert message.startswith("devices[1].cameras: "), message
     assert repr(camera) in message
 
 
@@ -263,7 +266,7 @@ def test_enroll_with_a_bad_plan_exits_2_naming_the_key(
     ("text", "says"),
     [
         (HEADER, "devices: no [[devices]] to enroll"),
-        (HEADER + DEVICE.replace("1234-5678", "1234"), "bad_code: a setup code is 8 digits"),
+        (HEADER + DEVICE.replace("1234-5678", "1234"), "setup_code: a setup code is 8 digits"),
         (HEADER + DEVICE.replace("hall-2=interior", "hall-2=hallway"), "'hall-2=hallway'"),
     ],
 )
@@ -337,7 +340,7 @@ def test_a_bad_camera_argument_is_a_usage_error(
 
 
 def test_the_console_command_reports_a_plan_error_with_exit_2(tmp_path: Path) -> None:
-    path = write_plan(tmp_path, HEADER.replace("receiver_pin", "receiver_pn") + DEVICE)
+    path = write_plan(tmp_path, HEADER.replace('receiver_pin = "', 'receiver_pn = "') + DEVICE)
     done = subprocess.run(
         [sys.executable, "-m", "breakglass", "provision", "enroll", "--plan", str(path)],
         cwd=ROOT,
@@ -347,5 +350,36 @@ def test_the_console_command_reports_a_plan_error_with_exit_2(tmp_path: Path) ->
         check=False,
     )
     assert done.returncode == 2
-    assert done.stderr == f"breakglass: error: {path}: receiver_pin: missing or not a string\n"
+    assert done.stderr == f"breakglass: error: {path}: receiver_pn: unknown key (misspelt?)\n"
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ('recipients = "age1xyz"', "recipients: expected a non-empty list of strings"),
+        ("recipients = [1, 2]", "recipients[0]: '1' does not match"),
+        ('retention_h = "x"', "retention_h: expected a number of hours"),
+        ("retention_h = [1]", "retention_h: expected a number of hours"),
+        ('triger_keys = "k.json"', "triger_keys: unknown key (misspelt?)"),
+        ('interface = ["10.0.0.5"]', "interface: missing or not a string"),
+        ('devices = ["x"]', "devices[0]: expected a table ([[devices]])"),
+    ],
+)
+def test_plan_values_are_checked_when_the_plan_is_read(
+    tmp_path: Path, line: str, says: str
+) -> None:
+    key = line.split(" = ")[0]
+    header = "\n".join(x for x in HEADER.splitlines() if not x.startswith(key + " "))
+    devices = "" if key == "devices" else DEVICE
+    assert plan_error(tmp_path, f"{line}\n{header}\n{devices}").startswith(says)
+
+
+def test_a_device_listed_twice_is_refused(tmp_path: Path) -> None:
+    message = plan_error(tmp_path, HEADER + DEVICE + DEVICE)
+    assert message == "devices[1].id: bg-3f2a9c0d11aa is listed twice"
+
+
+def test_a_device_table_with_a_misspelt_key_is_refused(tmp_path: Path) -> None:
+    device = DEVICE.replace("building =", "buidling =")
+    assert plan_error(tmp_path, HEADER + device) == "devices[0].buidling: unknown key (misspelt?)"
