@@ -34,6 +34,8 @@ FIGURES = {
     "backfill_seconds",
     "backfill_sealed_share",
     "backfill_reconnect_s",
+    "receiver_ingest_streams_per_core",
+    "receiver_ingest_ratio",
     "trigger_verify_per_s",
     "fuzz_cases_rejected",
     "fuzz_cases_accepted",
@@ -45,6 +47,7 @@ ZERO_FIGURES = {"fuzz_cases_accepted"}
 
 STORE_FIGURES = {f for f in FIGURES if f.startswith("store_")}
 BACKFILL_FIGURES = {f for f in FIGURES if f.startswith("backfill_")}
+INGEST_FIGURES = {f for f in FIGURES if f.startswith("receiver_ingest_")}
 TRIGGERS_FIGURES = {"trigger_verify_per_s", "fuzz_cases_rejected", "fuzz_cases_accepted"}
 ENROLL_FIGURES = {"discover_to_enrolled_s"}
 
@@ -99,6 +102,11 @@ def test_store_smoke_run(tmp_path: Path) -> None:
 @pytest.mark.timeout(90)
 def test_backfill_smoke_run(tmp_path: Path) -> None:
     assert smoke_figures(["backfill"], tmp_path, timeout=80) == BACKFILL_FIGURES
+
+
+@pytest.mark.timeout(120)
+def test_receiver_ingest_smoke_run(tmp_path: Path) -> None:
+    assert smoke_figures(["receiver_ingest"], tmp_path, timeout=110) == INGEST_FIGURES
 
 
 @pytest.mark.timeout(40)

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from tests.bench import agent_cpu, backfill, enroll, store, trigger, triggers
+from tests.bench import agent_cpu, backfill, enroll, ingest, store, trigger, triggers
 from tests.bench.common import Figure
 
 BENCHMARKS: dict[str, Callable[[bool], Awaitable[list[Figure]]]] = {
@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, Callable[[bool], Awaitable[list[Figure]]]] = {
     "backfill": backfill.run,
     "triggers": triggers.run,
     "enroll": enroll.run,
+    "receiver_ingest": ingest.run,
 }
 
 log = logging.getLogger("bench")

@@ -6,6 +6,11 @@ is). For every binary message it appends the message to ``DIR/peer.bin``,
 fsyncs (inline: nothing else runs here, this is the floor) and replies with
 its ``time.monotonic_ns()`` after the fsync, as text. It prints
 ``peer: wss://...`` and ``TLS pin: sha256:...`` and runs until SIGTERM/SIGINT.
+
+``wss://127.0.0.1:PORT/discard`` is the raw transport alone (the peer of the
+``receiver_ingest`` benchmark): binary messages are counted and dropped, and
+every text message is answered with the count of binary bytes received so far
+on that connection, as text.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from agent.protocol import MAX_PAYLOAD_BYTES, MEDIA_HEADER
 from provisioning.tls import ensure_certificate, server_context
 
 MAX_MESSAGE = 1024 * 1024
+#: The receiver's own limit for a media message (header + largest payload).
+MAX_DISCARD_MESSAGE = MEDIA_HEADER.size + MAX_PAYLOAD_BYTES
 FD_KEY = web.AppKey("fd", int)
 
 
@@ -42,6 +50,18 @@ async def _handle(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def _discard(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(max_msg_size=MAX_DISCARD_MESSAGE)
+    await ws.prepare(request)
+    received = 0
+    async for msg in ws:
+        if msg.type is aiohttp.WSMsgType.BINARY:
+            received += len(msg.data)
+        elif msg.type is aiohttp.WSMsgType.TEXT:
+            await ws.send_str(str(received))
+    return ws
+
+
 async def serve(data: Path, port: int) -> None:
     """Serve until SIGTERM or SIGINT."""
     data.mkdir(parents=True, exist_ok=True)
@@ -53,6 +73,7 @@ async def serve(data: Path, port: int) -> None:
     app = web.Application()
     app[FD_KEY] = fd
     app.router.add_get("/", _handle)
+    app.router.add_get("/discard", _discard)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
