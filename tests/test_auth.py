@@ -290,3 +290,11 @@ async def test_the_uplink_stays_open_to_devices(rx: Receiver) -> None:
     async with client_for(rx.url, rx.fingerprint) as http, http.ws_connect(rx.uplink_url) as ws:
         msg = await ws.receive_json(timeout=10)
         assert msg["type"] == "challenge"
+
+
+async def test_the_officer_session_fixture(receiver: Receiver, officer_session: Any) -> None:
+    """``officer_session`` (conftest) is a client logged in to the ``receiver`` fixture."""
+    me = await (await officer_session.get(receiver.url + "v1/me")).json()
+    assert (me["user"], me["role"]) == ("officer-1", "officer")
+    assert officer_session.headers[CSRF_HEADER] == me["csrf_token"]
+    assert (await officer_session.post(receiver.url + "logout")).status == 200
