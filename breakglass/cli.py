@@ -79,13 +79,26 @@ def _receiver_serve(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> int:
         async with Receiver(
-            args.data, args.host, args.port, offline_after_s=args.offline_after
+            args.data,
+            args.host,
+            args.port,
+            offline_after_s=args.offline_after,
+            notify_url=args.notify_url,
+            notify_pin=args.notify_pin,
         ) as rx:
             print(f"receiver: {rx.url}  uplink: {rx.uplink_url}")
             print(f"TLS pin (put it in each agent's [receiver] tls_pin): {rx.fingerprint}")
             print(f"allowed devices: {rx.devices_dir}/<device-id>.pub")
             print(f"age recipient (put it in each agent's [store] recipients): {rx.age_recipient}")
             print(f"offline alarm after {rx.presence.offline_after_s:g} s of silence")
+            if rx.dispatch is not None:
+                public = rx.dispatch_key_path.with_suffix(".pub")
+                print(
+                    f"dispatch key {rx.dispatch.kid}: enroll {public} in the district's "
+                    "trigger-key list with the role dispatch"
+                )
+            if rx.notifier is not None:
+                print(f"district notified of emergencies at {rx.notifier.url}")
             count = await asyncio.to_thread(rx.accounts.count)
             if count:
                 print(
@@ -193,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         metavar="SECONDS",
         help="raise a device's offline alarm after this long without a message (default 300)",
+    )
+    serve.add_argument(
+        "--notify-url",
+        metavar="https://...",
+        help="the district's webhook: told of every emergency's start and end (signed)",
+    )
+    serve.add_argument(
+        "--notify-pin",
+        metavar="sha256:HEX",
+        help="pin the webhook's TLS certificate instead of trusting the system's CAs",
     )
     serve.set_defaults(func=_receiver_serve)
     accounts_cli.add_parser(receiver)

@@ -38,6 +38,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,9 @@ class IngestServer:
         self._uplinks: dict[str, p.Uplink] = {}
         #: The verified enrollment of each connected device that presented one.
         self._enrollments: dict[str, Enrollment] = {}
+        #: Told of every session opened or closed on an uplink (the district's webhook):
+        #: ``(device, event)``; an open after a reconnect (a resume) is told again.
+        self.session_listeners: list[Callable[[str, p.SessionOpen | p.SessionClose], None]] = []
         #: The revocation list whose devices were last forgotten by ``presence``.
         self._applied: Revocations | None = None
         self._trigger_results: dict[str, asyncio.Future[p.TriggerResult]] = {}
@@ -390,6 +394,7 @@ class IngestServer:
                     if event.session not in status.sessions:
                         status.sessions.append(event.session)
                     self.presence.session(device, event.session, building=event.building)
+                    self._tell(device, event)
                     cameras = [
                         CameraIngest(
                             device,
@@ -411,6 +416,7 @@ class IngestServer:
                     await self._close(device, event, cameras)
                     cameras = []
                     self.presence.session(device, None)
+                    self._tell(device, event)
                 elif isinstance(event, p.AuditEntries):
                     if self.audits is not None:
                         held = await asyncio.to_thread(
@@ -430,6 +436,13 @@ class IngestServer:
             raise
         finally:
             await asyncio.gather(*failing, return_exceptions=True)
+
+    def _tell(self, device: str, event: p.SessionOpen | p.SessionClose) -> None:
+        for listener in self.session_listeners:
+            try:
+                listener(device, event)
+            except Exception:  # a listener's bug must not cut the device off
+                log.exception("session listener failed on %s of %s", event.session, device)
 
     async def _close(self, device: str, event: p.SessionClose, cameras: list[CameraIngest]) -> None:
         if not cameras:

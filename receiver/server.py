@@ -9,6 +9,9 @@ opens the recording store (``DATA/recordings/``), reads the device allow-list
 - ``/v1/uplink``   the agents' uplink (WebSocket, see :mod:`agent.protocol`);
 - ``/``, ``/api/sessions``, ``/v1/devices``, ``/v1/live/...``, ``/recordings/...``
   the viewer;
+- ``/hls/...`` recordings as HLS playlists (:mod:`receiver.hls`: VLC, ffplay);
+- ``/v1/dispatch``, ``/v1/evidence/...`` dispatch triggers and evidence bundles
+  (:mod:`receiver.police_api`; the dispatch key is ``DATA/dispatch.key``);
 - ``/login``, ``/logout``, ``/v1/me``, ``/v1/users`` the police accounts
   (:mod:`receiver.auth`: every route but the login page and the uplink needs a
   logged-in user; accounts and sessions in ``DATA/accounts.sqlite``, the
@@ -28,6 +31,9 @@ background tasks, owned by the application's ``cleanup_ctx``, check those
 alarms and re-read the revocation list if it changed, dropping connected
 devices it revokes. ``clock`` (wall seconds) is what presence counts in.
 
+With ``notify_url`` it tells the district of every emergency session's start and
+end (:mod:`receiver.webhook`, signed with the evidence key, ``DATA/notify.sqlite``).
+
 Agents pin :attr:`Receiver.fingerprint` and seal their segments to
 :attr:`Receiver.age_recipient` (besides the district's recipient). Lifecycle follows aiohttp's
 ``AppRunner``/``TCPSite``; shared state hangs off typed ``web.AppKey`` values.
@@ -43,20 +49,25 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 
-from aiohttp import web
+from aiohttp import Fingerprint, web
 
 from provisioning.age_keys import load_identity, new_identity, recipient_of
-from provisioning.tls import ensure_certificate, server_context
+from provisioning.tls import ensure_certificate, fingerprint_digest, server_context
 from receiver.access_log import AccessLog
 from receiver.accounts import AccountStore, PasswordParams
 from receiver.audit_copy import AuditCopies
 from receiver.auth import Auth, AuthSettings, allow_anonymous, setup_auth
 from receiver.device_trust import DeviceTrust
+from receiver.dispatch import Dispatch, load_or_make_key
 from receiver.errors import InvalidSettingError
+from receiver.evidence_format import evidence_key
+from receiver.hls import setup_hls
 from receiver.ingest import AllowList, IngestServer
+from receiver.police_api import setup_police_api
 from receiver.presence import OFFLINE_AFTER_S, Presence
 from receiver.recording import RecordingStore
 from receiver.viewer import setup_viewer
+from receiver.webhook import Notifier, Outbox, SessionNotices, WebhookError, check_url
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +90,15 @@ class Receiver:
         poll_s: float = POLL_S,
         password_params: PasswordParams | None = None,
         auth_settings: AuthSettings | None = None,
+        notify_url: str | None = None,
+        notify_pin: str | None = None,
     ) -> None:
         """Raises :class:`InvalidSettingError` (a ``ValueError``) for an unusable setting.
 
         ``password_params`` is the argon2id cost of new and rehashed passwords;
-        ``auth_settings`` the login limits (:class:`receiver.auth.AuthSettings`).
+        ``auth_settings`` the login limits (:class:`receiver.auth.AuthSettings`);
+        ``notify_url`` the district's webhook (https; :mod:`receiver.webhook`), its
+        certificate checked against the system's CAs or pinned by ``notify_pin``.
         """
         if not 0 < poll_s <= 60:
             raise InvalidSettingError(f"poll_s: expected 0 < seconds <= 60, got {poll_s!r}")
@@ -116,6 +131,20 @@ class Receiver:
         #: Who logged in and who watched what (``DATA/access.log``).
         self.access_log = AccessLog(self.data_dir / "access.log")
         self.auth = Auth(self.accounts, self.access_log, auth_settings)
+        if notify_url is not None:
+            try:
+                check_url(notify_url)
+                pin = None if notify_pin is None else Fingerprint(fingerprint_digest(notify_pin))
+            except (WebhookError, ValueError) as exc:
+                raise InvalidSettingError(f"notify: {exc}") from exc
+            self._notify: tuple[str, Fingerprint | None] | None = (notify_url, pin)
+        elif notify_pin is not None:
+            raise InvalidSettingError("notify_pin: given without a notify_url")
+        else:
+            self._notify = None
+        self.notifier: Notifier | None = None
+        self.dispatch_key_path = self.data_dir / "dispatch.key"
+        self.dispatch: Dispatch | None = None
         self._runner: web.AppRunner | None = None
 
     @property
@@ -142,6 +171,9 @@ class Receiver:
         app.router.add_get("/v1/uplink", self.ingest.handle)
         allow_anonymous(app, "GET", "/v1/uplink")  # devices prove their key in the handshake
         setup_viewer(app, self.store, self.ingest_feed, self.presence)
+        setup_hls(app, self.store)
+        if self.dispatch is not None:
+            setup_police_api(app, self.data_dir, self.dispatch)
         app.cleanup_ctx.append(self._watchers)
         return app
 
@@ -164,6 +196,14 @@ class Receiver:
             await asyncio.gather(*tasks, return_exceptions=True)  # failures were logged
             await self.presence.save()
 
+    def devices_of(self, building: str) -> list[str]:
+        """The connected devices of ``building`` (as their enrollment or session says)."""
+        return [
+            d.device
+            for d in self.presence.devices.values()
+            if d.connected and d.building == building
+        ]
+
     def ingest_feed(self, session_id: str, camera_id: str):  # type: ignore[no-untyped-def]
         """The live feed of one camera of one session, if it is recording."""
         return self.store.live_feed(session_id, camera_id)
@@ -178,6 +218,14 @@ class Receiver:
         self.age_recipient = recipient_of(identity)
         self.ingest.identities = [identity]
         await self.store.load()
+        key = await asyncio.to_thread(load_or_make_key, self.dispatch_key_path)
+        self.dispatch = Dispatch(key, self.ingest, self.devices_of)
+        if self._notify is not None:
+            signer = await asyncio.to_thread(evidence_key, self.data_dir)
+            outbox = await asyncio.to_thread(Outbox, self.data_dir / "notify.sqlite")
+            self.notifier = Notifier(self._notify[0], outbox, signer, ssl=self._notify[1])
+            await self.notifier.__aenter__()
+            self.ingest.session_listeners.append(SessionNotices(self.notifier))
         self.fingerprint = ensure_certificate(
             self.cert_path,
             self.key_path,
@@ -205,6 +253,8 @@ class Receiver:
     ) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.notifier is not None:
+            await self.notifier.__aexit__(None, None, None)
         await self.store.aclose()
 
 

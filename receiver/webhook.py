@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -179,10 +179,14 @@ def session_event(
     cameras: list[Mapping[str, Any]] | None = None,
     reason: str | None = None,
 ) -> tuple[str, bytes]:
-    """An event's id and its JSON body (canonical: sorted keys, no spaces)."""
+    """An event's id and its JSON body (canonical: sorted keys, no spaces).
+
+    The id is derived from the session and the type, so a session re-opened after a
+    reconnect (or told again after a receiver restart) queues no second event.
+    """
     if kind not in EVENT_TYPES:
         raise ValueError(f"event type {kind!r}")
-    event_id = f"evt_{secrets.token_hex(12)}"
+    event_id = "evt_" + hashlib.sha256(f"{device}/{session}/{kind}".encode()).hexdigest()[:24]
     doc: dict[str, Any] = {
         "id": event_id,
         "type": kind,
@@ -282,3 +286,52 @@ class Notifier:
                 wait = None if next_at is None else max(0.05, next_at - self.clock())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=wait)
+
+
+class SessionNotices:
+    """Turns the uplink's session events into the district's notifications.
+
+    Emergencies only: a continuous exterior share (``started_by.kind == "share"``)
+    is the building's standing policy, not an emergency, and would notify hourly.
+    Register :meth:`__call__` in ``IngestServer.session_listeners``.
+    """
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self._open: dict[tuple[str, str], str | None] = {}  # (device, session) -> building
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, device: str, event: Any) -> None:
+        """One session event from the uplink (on the loop)."""
+        from agent import protocol as p
+
+        if isinstance(event, p.SessionOpen):
+            if event.started_by.get("kind") == "share":
+                return
+            self._open[(device, event.session)] = event.building
+            made = session_event(
+                "session.started",
+                device=device,
+                building=event.building,
+                session=event.session,
+                at=event.started_at,
+                started_by=event.started_by,
+                cameras=[{"id": c.id, "zone": c.zone} for c in event.cameras],
+            )
+        elif isinstance(event, p.SessionClose):
+            if (device, event.session) not in self._open:
+                return  # a share's end, or an end this receiver never saw start
+            building = self._open.pop((device, event.session))
+            made = session_event(
+                "session.ended",
+                device=device,
+                building=building,
+                session=event.session,
+                at=self.notifier.clock(),
+                reason=event.reason,
+            )
+        else:
+            return
+        task = asyncio.create_task(self.notifier.notify(*made), name="webhook-queue")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

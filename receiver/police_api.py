@@ -1,0 +1,159 @@
+"""What police do besides watching: dispatch, evidence export, and the HLS audit.
+
+Routes (every one needs a login; state changes need the CSRF header, both
+enforced by :mod:`receiver.auth`'s middleware):
+
+- ``POST /v1/dispatch`` (dispatcher): ``{"building", "action", "reason"}`` ->
+  ``{"deliveries": [{"device", "status", ...the device's answer}]}``; the
+  receiver signs the trigger with its dispatch key (:mod:`receiver.dispatch`).
+  Errors: 400 ``malformed``, 409 ``no_device``.
+- ``POST /v1/evidence/{session}`` (officer): the session's evidence bundle
+  (:func:`receiver.evidence.build_bundle`), a zip download. The receiver keeps
+  the copy it handed out in ``DATA/exports/`` and logs its SHA-256, so the
+  access log says exactly which bytes left, to whom.
+
+Every dispatch and every export goes into the access log (who, what, when,
+the result); each HLS playlist a user opens is logged once per login session
+and camera, like the recordings the viewer fetches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from receiver.access_log import ACCESS_LOG_KEY
+from receiver.accounts import Role
+from receiver.auth import current_user, require
+from receiver.dispatch import Dispatch, DispatchError
+from receiver.errors import ReceiverError
+from receiver.evidence import build_bundle
+from receiver.evidence_format import EvidenceError
+from receiver.recording import validate_session_id
+
+log = logging.getLogger(__name__)
+
+DISPATCH_KEY: Final = web.AppKey("breakglass.dispatch", Dispatch)
+DATA_KEY: Final = web.AppKey("breakglass.data_dir", Path)
+_Seen = OrderedDict[tuple[str, str, str], None]
+_PLAYLISTS_KEY: Final = web.AppKey("breakglass.playlists_seen", _Seen)
+MAX_BODY: Final = 2048
+_MAX_SEEN: Final = 10_000
+
+
+def setup_police_api(app: web.Application, data_dir: Path, dispatch: Dispatch) -> None:
+    """Add the routes and the HLS audit (after :func:`receiver.auth.setup_auth`)."""
+    app[DISPATCH_KEY] = dispatch
+    app[DATA_KEY] = Path(data_dir)
+    app[_PLAYLISTS_KEY] = OrderedDict()
+    app.router.add_post("/v1/dispatch", _dispatch)
+    app.router.add_post("/v1/evidence/{session}", _evidence)
+    app.middlewares.append(_audit_playlists)
+
+
+def _error(status: int, code: str, detail: str) -> web.Response:
+    return web.json_response({"error": code, "detail": detail}, status=status)
+
+
+async def _dispatch(request: web.Request) -> web.Response:
+    user = require(request, Role.DISPATCHER)
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        return _error(413, "too_large", f"a dispatch request is at most {MAX_BODY} bytes")
+    try:
+        body = json.loads(raw)
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        return _error(400, "malformed", "body: a JSON object {building, action, reason}")
+    journal = request.app[ACCESS_LOG_KEY]
+    who = {"who": user.name, "role": str(user.role), "login": user.login}
+    try:
+        deliveries = await request.app[DISPATCH_KEY].send(
+            building=body.get("building"),
+            action=body.get("action"),
+            reason=body.get("reason"),
+            user=user.name,
+        )
+    except DispatchError as exc:
+        journal.record(
+            "dispatch_refused", **who, remote=request.remote, code=exc.code,
+            building=str(body.get("building"))[:40], requested=str(body.get("action"))[:10],
+        )  # fmt: skip
+        return _error(409 if exc.code == "no_device" else 400, exc.code, exc.detail)
+    journal.record(
+        "dispatch", **who, remote=request.remote, building=body["building"],
+        requested=body["action"], reason=str(body["reason"])[:200],
+        results=[{"device": d.device, "status": d.status} for d in deliveries],
+    )  # fmt: skip
+    return web.json_response({"deliveries": [d.to_json() for d in deliveries]})
+
+
+async def _evidence(request: web.Request) -> web.StreamResponse:
+    user = require(request, Role.OFFICER)
+    session = request.match_info["session"]
+    try:
+        validate_session_id(session)
+    except ReceiverError as exc:
+        return _error(400, "invalid_id", str(exc))
+    data = request.app[DATA_KEY]
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = data / "exports" / f"{session}-{stamp}-{user.name}.zip"
+    try:
+        await asyncio.to_thread(build_bundle, data, session, out)
+    except (EvidenceError, ReceiverError) as exc:
+        return _error(404 if "no recording" in str(exc) else 409, "no_evidence", str(exc))
+    digest = await asyncio.to_thread(_sha256, out)
+    request.app[ACCESS_LOG_KEY].record(
+        "evidence_export", who=user.name, role=str(user.role), login=user.login,
+        session=session, remote=request.remote, file=out.name, sha256=digest,
+    )  # fmt: skip
+    log.warning("evidence of %s exported by %s (%s, sha256 %s)", session, user.name, out, digest)
+    return web.FileResponse(
+        out,
+        headers={
+            "Content-Type": "application/zip",
+            "Content-Disposition": f'attachment; filename="{out.name}"',
+            "Cache-Control": "no-store",
+            "X-Evidence-SHA256": digest,
+        },
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@web.middleware
+async def _audit_playlists(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    path = request.path
+    if request.method == "GET" and path.startswith("/hls/") and path.endswith(".m3u8"):
+        user = current_user(request)
+        if user is not None and response.status == 200:
+            session, _, name = path.removeprefix("/hls/").partition("/")
+            camera = name.removesuffix(".m3u8")
+            seen = request.app[_PLAYLISTS_KEY]
+            key = (user.login, session, camera)
+            if key not in seen:  # once per login session and camera, not per refresh
+                seen[key] = None
+                while len(seen) > _MAX_SEEN:
+                    seen.popitem(last=False)
+                request.app[ACCESS_LOG_KEY].record(
+                    "recording_playlist", who=user.name, role=str(user.role),
+                    login=user.login, session=session, camera=camera, remote=request.remote,
+                )  # fmt: skip
+    return response

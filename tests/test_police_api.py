@@ -1,0 +1,201 @@
+"""Dispatch, evidence download, HLS audit and the district's webhook, over the real receiver.
+
+One real agent (enrolled by certificate, so the receiver knows its building) and
+the real receiver on loopback; police log in through the real login (issue #6,
+points 5, 6, 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from agent.config import load_config
+from agent.daemon import Agent
+from breakglass.demo import BUILDING, press_button
+from provisioning.tls import ensure_certificate, server_context
+from receiver.accounts import Role
+from receiver.auth import CSRF_HEADER
+from receiver.evidence_format import evidence_key
+from receiver.evidence_verify import verify_bundle
+from receiver.server import Receiver
+from receiver.webhook import verify as verify_webhook
+from tests.logins import FAST, logged_in
+from tests.test_enrollment import enroll
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def enrolled_agent(tmp_path: Path, receiver: Receiver) -> Path:
+    """An enrolled agent whose trigger-key list enrolls the receiver's dispatch key."""
+    demo_dispatch = tmp_path / "dispatch" / "dispatch.key"
+    demo_dispatch.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(receiver.dispatch_key_path, demo_dispatch)  # write_trust enrolls this key
+    path, _ = enroll(tmp_path, receiver)
+    return path
+
+
+async def access(receiver: Receiver) -> list[dict[str, object]]:
+    await receiver.access_log.flush()
+    text = (receiver.data_dir / "access.log").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+async def connected(receiver: Receiver) -> None:
+    await receiver.presence.wait_for(lambda: bool(receiver.devices_of(BUILDING)))
+
+
+async def test_a_dispatcher_starts_and_ends_an_emergency_from_the_api(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    path = enrolled_agent(tmp_path, receiver)
+    async with Agent(load_config(path)) as agent:
+        await connected(receiver)
+        async with logged_in(receiver, Role.DISPATCHER, "jdoe") as http:
+            url = receiver.url + "v1/dispatch"
+            body = {"building": BUILDING, "action": "start", "reason": "911 call: intruder"}
+            async with http.post(url, json=body) as r:
+                assert r.status == 200, await r.text()
+                (delivery,) = (await r.json())["deliveries"]
+            assert delivery["status"] == 202 and agent.emergency.active is not None
+            assert agent.emergency.active.id == delivery["session"]
+            body = {"building": BUILDING, "action": "end", "reason": "all clear"}
+            async with http.post(url, json=body) as r:
+                assert r.status == 200
+            assert agent.emergency.active is None
+            async with http.post(url, json={"building": "nowhere", "action": "start",
+                                            "reason": "x"}) as r:  # fmt: skip
+                assert (r.status, (await r.json())["error"]) == (409, "no_device")
+            del http.headers[CSRF_HEADER]
+            async with http.post(url, json=body) as r:
+                assert r.status == 403  # no CSRF token
+        async with (
+            logged_in(receiver, Role.OFFICER, "officer-1") as http,
+            http.post(url, json=body) as r,
+        ):
+            assert (r.status, (await r.json())["error"]) == (403, "forbidden")
+    log = await access(receiver)
+    dispatches = [e for e in log if e["action"] in ("dispatch", "dispatch_refused")]
+    assert [(e["action"], e["who"], e.get("requested")) for e in dispatches] == [
+        ("dispatch", "jdoe", "start"),
+        ("dispatch", "jdoe", "end"),
+        ("dispatch_refused", "jdoe", "start"),
+    ]
+
+
+async def test_an_officer_downloads_evidence_that_verifies_and_opens_hls_audited_once(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    path = enrolled_agent(tmp_path, receiver)
+    async with Agent(load_config(path)) as agent:
+        await agent.uplink.wait_until(lambda: agent.uplink.connected)
+        await agent.capture.wait_packets(20)
+        press_button(agent)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+        await agent.capture.wait_packets(20)
+        agent.end("test over")
+        await agent.uplink.wait_settled(session.id)
+    async with logged_in(receiver, Role.OFFICER, "asmith") as http:
+        async with http.post(receiver.url + f"v1/evidence/{session.id}") as r:
+            assert r.status == 200, await r.text()
+            assert r.headers["Content-Disposition"].startswith("attachment;")
+            digest = r.headers["X-Evidence-SHA256"]
+            bundle = await r.read()
+        for _ in range(3):  # a player refreshes; the audit says it once
+            async with http.get(receiver.url + f"hls/{session.id}/hallway-2.m3u8") as r:
+                assert r.status == 200
+                assert (await r.text()).startswith("#EXTM3U")
+        async with http.post(receiver.url + "v1/evidence/not-a-session") as r:
+            assert r.status == 404
+    saved = tmp_path / "bundle.zip"
+    saved.write_bytes(bundle)
+    assert zipfile.ZipFile(io.BytesIO(bundle)).testzip() is None
+    report = verify_bundle(saved, receiver_key=evidence_key(receiver.data_dir).public_key())
+    assert not report.errors, report.errors
+    log = await access(receiver)
+    (export,) = [e for e in log if e["action"] == "evidence_export"]
+    assert (export["who"], export["session"], export["sha256"]) == ("asmith", session.id, digest)
+    playlists = [e for e in log if e["action"] == "recording_playlist"]
+    assert [(e["who"], e["camera"]) for e in playlists] == [("asmith", "hallway-2")]
+
+
+@pytest.fixture
+async def district(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[str, str, asyncio.Queue[tuple[dict[str, str], bytes]]]]:
+    pin = ensure_certificate(
+        tmp_path / "d.crt", tmp_path / "d.key", common_name="district", hosts=["127.0.0.1"]
+    )
+    events: asyncio.Queue[tuple[dict[str, str], bytes]] = asyncio.Queue()
+
+    async def hook(request: web.Request) -> web.Response:
+        await events.put((dict(request.headers), await request.read()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    ctx = server_context(tmp_path / "d.crt", tmp_path / "d.key")
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"https://127.0.0.1:{port}/hook", pin, events
+    await runner.cleanup()
+
+
+async def test_the_district_is_told_of_an_emergency_start_and_end(
+    tmp_path: Path, district: tuple[str, str, asyncio.Queue[tuple[dict[str, str], bytes]]]
+) -> None:
+    url, pin, events = district
+    async with Receiver(
+        tmp_path / "receiver", "127.0.0.1", 0, password_params=FAST, notify_url=url,
+        notify_pin=pin,
+    ) as rx:  # fmt: skip
+        path = enrolled_agent(tmp_path, rx)
+        async with Agent(load_config(path)) as agent:
+            await agent.uplink.wait_until(lambda: agent.uplink.connected)
+            await agent.capture.wait_packets(5)
+            press_button(agent)
+            async with asyncio.timeout(30):
+                started_headers, started_body = await events.get()
+            agent.end("all clear")
+            async with asyncio.timeout(30):
+                _, ended_body = await events.get()
+        public = evidence_key(rx.data_dir).public_key()
+    assert verify_webhook(
+        public,
+        started_headers["Breakglass-Signature"],
+        started_headers["Breakglass-Timestamp"],
+        started_body,
+    )
+    started, ended = json.loads(started_body), json.loads(ended_body)
+    assert started["type"] == "session.started" and started["building"] == BUILDING
+    assert started["started_by"]["kind"] == "button"
+    assert {c["zone"] for c in started["cameras"]} == {"exterior", "interior"}
+    assert (ended["type"], ended["session"]) == ("session.ended", started["session"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"notify_url": "http://district.example/hook"}, "https"),
+        ({"notify_url": "https://d.example/h", "notify_pin": "md5:00"}, "pin"),
+        ({"notify_pin": "sha256:" + "0" * 64}, "without a notify_url"),
+    ],
+)
+def test_bad_webhook_settings_are_refused_clearly(
+    tmp_path: Path, kwargs: dict[str, str], says: str
+) -> None:
+    with pytest.raises(ValueError, match=says):
+        Receiver(tmp_path, **kwargs)  # type: ignore[arg-type]
