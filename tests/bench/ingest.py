@@ -41,9 +41,10 @@ throughput on the same machine. Target ratio >= 0.4." The method, in one run:
   before the window (all ``N`` sessions starting at once: runs created, part
   files opened, ``session.json`` written), the worst lag per second of the
   worst device, the busiest loader's CPU (a loader out of CPU is named as
-  the cause) and how many cores the rest of the machine kept busy meanwhile
-  (``/proc/stat``: the machine may be shared, and a receiver starved of CPU
-  falls behind early).
+  the cause) and how many cores were busy outside these processes meanwhile
+  (``/proc/stat``: other processes, as the machine may be shared and a
+  receiver starved of CPU falls behind early, and kernel threads, the
+  receiver's writeback and journal commits among them).
 - **Goodput ratio.** One device sends the same access units as fast as the
   connection takes them (no pacing, no ack window: TCP's backpressure is the
   only bound) for ``MAX_RATE_S``, then closes; its goodput is the media
@@ -498,9 +499,14 @@ async def load_main(spec_path: Path) -> int:
 # -- the orchestrator -----------------------------------------------------------------------
 
 
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its waited-for children (``/proc/PID/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def proc_cpu_s(pid: int, *, main_thread: bool = False) -> float:
+    """User + system CPU seconds of ``pid`` and its waited-for children (``/proc/PID/stat``).
+
+    ``main_thread``: of its main thread alone (``/proc/PID/task/PID/stat``;
+    a Python process's event loop runs there).
+    """
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     ticks = sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
     return ticks / os.sysconf("SC_CLK_TCK")
 
@@ -518,6 +524,8 @@ class CpuSample:
 
     wall: float
     receiver: float
+    #: The receiver's main thread: its event loop (one core at most).
+    receiver_loop: float
     loaders: tuple[float, ...]
     own: float
     machine: float
@@ -528,6 +536,7 @@ class CpuSample:
         return cls(
             time.monotonic(),
             proc_cpu_s(receiver),
+            proc_cpu_s(receiver, main_thread=True),
             tuple(proc_cpu_s(pid) for pid in loaders),
             _cpu_s(),
             machine_busy_s(),
@@ -548,7 +557,8 @@ class Step:
     lag_p99_s: float
     late_max_s: float
     startup_lag_s: float
-    #: Cores the rest of the machine (not this benchmark's processes) kept busy meanwhile.
+    #: Cores busy outside the receiver, the loaders and this process meanwhile: other
+    #: processes, and kernel threads (the receiver's writeback and journal commits too).
     others_cores: float
 
 
@@ -724,6 +734,7 @@ async def paced_step(bench: Bench, n: int) -> Step:
         got, _ = await results(procs, timeout=seconds + SETTLE_S + 60)
     wall = c1.wall - c0.wall
     rx_cores = (c1.receiver - c0.receiver) / wall
+    loop_cores = (c1.receiver_loop - c0.receiver_loop) / wall
     loaders_s = [b - a for a, b in zip(c0.loaders, c1.loaders, strict=True)]
     loader_cores = max(loaders_s) / wall
     ours = c1.receiver - c0.receiver + sum(loaders_s) + c1.own - c0.own
@@ -765,14 +776,16 @@ async def paced_step(bench: Bench, n: int) -> Step:
         others_cores=others,
     )
     log.info(
-        "%d stream(s): %s; receiver %.3f cores (%.1f streams/core), busiest loader %.2f cores,"
-        " the rest of the machine %.2f of %d cores; goodput %.2f MB/s (%.2f expected); in the"
+        "%d stream(s): %s; receiver %.3f cores (%.1f streams/core; its event loop's thread"
+        " %.3f), busiest loader %.2f cores,"
+        " outside these processes %.2f of %d cores; goodput %.2f MB/s (%.2f expected); in the"
         " window ack lag max %.3f s (p99 of the worst %.3f s), sends late by up to %.3f s;"
         " before it (all sessions starting) ack lag max %.3f s%s",
         n,
         "HELD" if step.held else "NOT HELD",
         rx_cores,
         n / rx_cores if rx_cores > 0 else math.inf,
+        loop_cores,
         loader_cores,
         others,
         os.cpu_count() or 0,
@@ -853,6 +866,7 @@ async def max_rate(bench: Bench, server_pid: int, peer_url: str | None, peer_pin
         (got,), (client,) = await results(procs, timeout=seconds + SETTLE_S + 60)
         c1 = CpuSample.take(server_pid, [])
     cpu = c1.receiver - c0.receiver
+    loop = c1.receiver_loop - c0.receiver_loop
     others = c1.machine - c0.machine - cpu - client - (c1.own - c0.own)
     if got["error"] or got["end_ns"] is None:
         raise RuntimeError(f"max-rate stream to {spec['mode']}: {got['error'] or 'no end'}")
@@ -867,7 +881,7 @@ async def max_rate(bench: Bench, server_pid: int, peer_url: str | None, peer_pin
     )
     log.info(
         "max rate to %s: %.1f MB in %d messages in %.2f s: %.1f MB/s; server %.2f CPU s"
-        " (%.2f cores), client %.2f cores, the rest of the machine %.2f of %d cores",
+        " (%.2f cores; its main thread %.2f), client %.2f cores; outside these %.2f of %d cores",
         "the raw peer" if peer_url else "the receiver",
         result.payload_bytes / 1e6,
         result.messages,
@@ -875,6 +889,7 @@ async def max_rate(bench: Bench, server_pid: int, peer_url: str | None, peer_pin
         result.rate / 1e6,
         cpu,
         cpu / result.seconds,
+        loop / result.seconds,
         client / (c1.wall - c0.wall),
         max(0.0, others / (c1.wall - c0.wall)),
         os.cpu_count() or 0,
