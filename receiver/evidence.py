@@ -8,6 +8,8 @@ before its start, so the first frame decodes):
 - the footage: each contiguous run of recorded seqs remuxed into a regular
   MP4 (index in front; the samples byte for byte as recorded, never
   re-encoded), its timestamps following the capture times the device signed;
+  of a session still streaming, only what the device signed so far (its
+  last second or so is signed a moment later);
 - the device's checkpoints of its footage hash chain (:mod:`agent.chain`)
   that cover it, as the receiver received and checked them
   (:mod:`receiver.custody`), the device keys that signed them and the
@@ -193,7 +195,10 @@ def build_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".evidence-") as tmp:
         staged = _Staged(Path(tmp))
-        entries = [_camera_entry(staged, session_dir, cam, start_us, end_us) for cam in chosen]
+        live = doc.get("closed_at") is None
+        entries = [
+            _camera_entry(staged, session_dir, cam, start_us, end_us, live=live) for cam in chosen
+        ]
         if not any(e["footage"] for e in entries):
             raise EvidenceError(f"session {session_id!r}: no footage in the selection")
         manifest = {
@@ -208,6 +213,7 @@ def build_bundle(
                 "close_reason": doc.get("close_reason"),
             },
             "selection": {
+                "open_session": live,
                 "cameras": [c.id for c in chosen],
                 "from_us": start_us,
                 "to_us": end_us,
@@ -253,7 +259,13 @@ def _cameras(doc: dict[str, Any], wanted: Sequence[str] | None) -> list[_Camera]
 
 
 def _camera_entry(
-    staged: _Staged, session_dir: Path, cam: _Camera, start_us: int | None, end_us: int | None
+    staged: _Staged,
+    session_dir: Path,
+    cam: _Camera,
+    start_us: int | None,
+    end_us: int | None,
+    *,
+    live: bool,
 ) -> dict[str, Any]:
     records = custody.read_records(session_dir / custody.CHAIN_DIR / f"{cam.id}.jsonl")
     signed: dict[int, int] = {}  # seq -> capture time the device signed (for timestamps)
@@ -261,7 +273,9 @@ def _camera_entry(
         if record.ok:
             for seq, (capture_us, _, _) in record.checkpoint.iter_entries():
                 signed.setdefault(seq, capture_us)
-    footage = _write_footage(staged, session_dir, cam, signed, start_us, end_us)
+    # A session still streaming: up to the last seq signed yet (never its unsigned tail).
+    upto = max(signed, default=-1) if live else None
+    footage = _write_footage(staged, session_dir, cam, signed, start_us, end_us, upto)
     entry: dict[str, Any] = {
         key: cam.doc.get(key) for key in ("zone", "codec", "width", "height", "fps")
     }
@@ -372,15 +386,18 @@ def _write_footage(
     signed: dict[int, int],
     start_us: int | None,
     end_us: int | None,
+    upto: int | None,
 ) -> list[_Footage]:
-    """Remux the camera's recorded runs (in the time range) into the bundle's MP4s."""
+    """Remux the camera's recorded runs (in the time range, up to seq ``upto``) into MP4s."""
     pieces = _Pieces(staged, cam.id, float(cam.doc.get("fps") or 0), start_us)
     try:
         for run in sorted(cam.runs, key=lambda r: r[0].first_seq):
             for part in run:
                 with contextlib.closing(_samples(session_dir, part, signed)) as samples:
                     for seq, data, key, capture, stream in samples:
-                        if end_us is not None and capture > end_us:
+                        if (end_us is not None and capture > end_us) or (
+                            upto is not None and seq > upto
+                        ):
                             break
                         pieces.add(seq, data, key, capture, stream)
         pieces.end()

@@ -226,22 +226,21 @@ def _verify(
         return
     session = _obj(manifest.get("session"))
     report.session = str(session.get("id"))
-    listed = _check_files(source, report, manifest)
-    _check_signature(source, report, manifest, body, receiver_key, listed)
-    keys = _trusted_device_keys(source, report, manifest, listed, device_key, authority)
-    signed = _checkpoints(source, report, manifest, keys, listed)
-    _footage(source, report, manifest, signed, listed, tmp)
-    _audit(source, report, manifest, keys, listed)
+    _check_files(source, report, manifest)
+    _check_signature(source, report, manifest, body, receiver_key)
+    keys = _trusted_device_keys(source, report, manifest, device_key, authority)
+    signed = _checkpoints(source, report, manifest, keys)
+    _footage(source, report, manifest, signed, tmp)
+    _audit(source, report, manifest, keys)
 
 
-def _check_files(source: _Source, report: VerifyReport, manifest: dict[str, Any]) -> set[str]:
-    """Missing, altered and extra members; returns the names listed and present whole."""
+def _check_files(source: _Source, report: VerifyReport, manifest: dict[str, Any]) -> None:
+    """Missing, altered and extra members."""
     files = manifest.get("files")
     if not isinstance(files, list):
         report.fail(MANIFEST, "lists no files")
-        return set()
+        return
     present = set(source.names)
-    good: set[str] = set()
     expected: set[str] = set()
     for item in files:
         if not isinstance(item, dict) or not isinstance(item.get("path"), str):
@@ -265,17 +264,12 @@ def _check_files(source: _Source, report: VerifyReport, manifest: dict[str, Any]
                 f"altered: SHA-256 {digest[:16]}... ({size} bytes), the manifest says "
                 f"{str(item.get('sha256'))[:16]}... ({item.get('size')} bytes)",
             )
-            continue
-        good.add(name)
     for name in sorted(present - expected - {MANIFEST, SIGNATURE}):
         report.fail(name, "extra: not listed in the manifest")
     report.files = len(expected)
-    return good
 
 
-def _load_key(
-    source: _Source, report: VerifyReport, name: Any, listed: set[str]
-) -> Ed25519PublicKey | None:
+def _load_key(source: _Source, report: VerifyReport, name: Any) -> Ed25519PublicKey | None:
     if not isinstance(name, str) or name not in source.names or not safe_name(name):
         report.fail(str(name), "key file missing")
         return None
@@ -292,10 +286,9 @@ def _check_signature(
     manifest: dict[str, Any],
     body: bytes,
     given: Ed25519PublicKey | None,
-    listed: set[str],
 ) -> None:
     info = _obj(manifest.get("receiver"))
-    bundled = _load_key(source, report, info.get("file"), listed)
+    bundled = _load_key(source, report, info.get("file"))
     key = given or bundled
     if given is None:
         report.warn(
@@ -324,7 +317,6 @@ def _trusted_device_keys(
     source: _Source,
     report: VerifyReport,
     manifest: dict[str, Any],
-    listed: set[str],
     given: Ed25519PublicKey | None,
     authority: Ed25519PublicKey | None,
 ) -> dict[str, Ed25519PublicKey]:
@@ -336,7 +328,7 @@ def _trusted_device_keys(
     for item in device_info.get("keys") or []:
         if not isinstance(item, dict):
             continue
-        key = _load_key(source, report, item.get("file"), listed)
+        key = _load_key(source, report, item.get("file"))
         if key is None:
             continue
         kid = key_id(key)
@@ -380,7 +372,6 @@ def _checkpoints(
     report: VerifyReport,
     manifest: dict[str, Any],
     keys: dict[str, Ed25519PublicKey],
-    listed: set[str],
 ) -> dict[str, dict[int, tuple[int, int, bytes]]]:
     """Per camera, seq -> (capture_us, flags, digest) from every checkpoint that verifies."""
     device = str(_obj(manifest.get("device")).get("id"))
@@ -464,7 +455,6 @@ def _footage(
     report: VerifyReport,
     manifest: dict[str, Any],
     signed: dict[str, dict[int, tuple[int, int, bytes]]],
-    listed: set[str],
     tmp: Path,
 ) -> None:
     for cam in _cameras(manifest):
@@ -557,7 +547,6 @@ def _audit(
     report: VerifyReport,
     manifest: dict[str, Any],
     keys: dict[str, Ed25519PublicKey],
-    listed: set[str],
 ) -> None:
     info = manifest.get("audit")
     if not isinstance(info, dict):

@@ -47,13 +47,16 @@ class Recorded:
     data: Path
     session: str
     bundle: Path
+    #: Exported while the session was still streaming.
+    live_bundle: Path
     device_pub: Path
     receiver_pub: Path
     device_key: Ed25519PrivateKey
 
 
 async def _record(tmp: Path) -> tuple[Path, str, Path]:
-    """Press, stream pre-roll and live, end; returns (receiver data, session, device key)."""
+    """Press, stream pre-roll and live, export, end; returns (receiver data, session, device
+    key). ``tmp/live.zip`` is the bundle exported while the session streamed."""
     async with Receiver(tmp / "receiver", "127.0.0.1", 0) as receiver:
         config = load_config(write_agent_config(tmp / "agent", receiver, fps=30, preroll_s=2))
         async with Agent(config) as agent:
@@ -69,6 +72,7 @@ async def _record(tmp: Path) -> tuple[Path, str, Path]:
             await agent.uplink.wait_until(
                 lambda: all(stream.acked[i] >= s + 40 for i, s in live.items())
             )
+            await asyncio.to_thread(build_bundle, receiver.data_dir, session.id, tmp / "live.zip")
             agent.end("test finished")
             await agent.uplink.wait_settled(session.id)
             # Sign the audit trail now and let the receiver's copy have it.
@@ -90,7 +94,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Recorded:
     device_pub.write_bytes(public_pem(device_key.public_key()))
     receiver_pub = tmp / "receiver.pub"
     receiver_pub.write_bytes(public_pem(evidence_key(data).public_key()))
-    return Recorded(data, session, bundle, device_pub, receiver_pub, device_key)
+    return Recorded(data, session, bundle, tmp / "live.zip", device_pub, receiver_pub, device_key)
 
 
 def verify(recorded: Recorded, bundle: Path, **extra: Any) -> VerifyReport:
@@ -208,6 +212,15 @@ def test_bundle_verifies_plays_and_is_deterministic(
     assert cli("evidence", "verify", tmp_path / "missing.zip") == 2
     assert cli("evidence", "key", "--data", recorded.data, "--out", tmp_path / "rx.pub") == 0
     assert (tmp_path / "rx.pub").read_bytes() == recorded.receiver_pub.read_bytes()
+
+
+def test_a_session_exported_while_it_streams_verifies(recorded: Recorded) -> None:
+    """Only what the device signed so far: never the second it signs a moment later."""
+    live, done = manifest_of(recorded.live_bundle), manifest_of(recorded.bundle)
+    assert live["selection"]["open_session"] and not done["selection"]["open_session"]
+    report = verify(recorded, recorded.live_bundle)
+    assert report.ok, report.errors
+    assert 0 < report.frames == report.frames_verified < verify(recorded, recorded.bundle).frames
 
 
 def test_keys_taken_from_the_bundle_are_a_warning(recorded: Recorded) -> None:
