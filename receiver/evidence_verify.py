@@ -562,7 +562,7 @@ def _audit(
         return
     prev: str | None = None
     signed_through = 0
-    last_n = 0
+    first_n = last_n = 0
     session_id = _obj(manifest.get("session")).get("id")
     mentions = 0
     for number, raw in enumerate(lines, 1):
@@ -582,6 +582,7 @@ def _audit(
             report.fail(where, f"entry {entry.get('n')}: the chain is broken before it")
             return
         prev, last_n = digest, entry["n"]
+        first_n = first_n or last_n
         mentions += entry.get("session") == session_id
         if entry.get("event") == audit.CHECKPOINT:
             kid, sig = entry.get("kid"), entry.get("sig")
@@ -603,8 +604,9 @@ def _audit(
     if mentions == 0:
         report.fail(name, f"holds no entry of session {session_id}")
     if signed_through < last_n:
+        first_unsigned = signed_through + 1 if signed_through else first_n
         report.warn(
             name,
-            f"entries after {signed_through or 'the start'} are not signed by the device yet "
-            "(the agent signs its trail every minute)",
+            f"entries {first_unsigned}..{last_n} are not signed by the device yet "
+            "(it signs its trail every minute and when it stops)",
         )

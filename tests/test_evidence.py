@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import av
+import pyrage
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -28,6 +31,7 @@ from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.cli import main
 from breakglass.demo import press_button, write_agent_config
+from provisioning.enrollment import sign_enrollment
 from provisioning.keys import load_private_key, new_private_key, public_pem
 from provisioning.tls import fingerprint_digest
 from receiver import custody
@@ -316,6 +320,45 @@ async def test_a_session_across_an_agent_restart_verifies(tmp_path: Path) -> Non
     assert {f.part for f in report.warnings} <= {
         "camera front-door", "camera hallway-2", "audit/demo-agent-1.log"
     }, report.warnings  # fmt: skip
+
+
+def test_the_device_key_is_checked_through_its_enrollment_certificate(
+    recorded: Recorded, tmp_path: Path
+) -> None:
+    """With ``--authority``: the bundle's device key must be the one the district enrolled."""
+    data = tmp_path / "receiver"
+    shutil.copytree(recorded.data, data)
+    session_dir = data / "recordings" / recorded.session
+    authority = Ed25519PrivateKey.generate()
+    now = int(time.time())
+
+    def certify(key: Ed25519PrivateKey, device: str = "demo-agent-1") -> dict[str, str]:
+        return sign_enrollment(
+            authority, version=1, device=device, device_key=key.public_key(),
+            building="lincoln-elementary", receiver_url="wss://127.0.0.1:8443/v1/uplink",
+            receiver_pin="sha256:" + "00" * 32, recipients=[pyrage.x25519.Identity.generate()
+            .to_public().__str__()], cameras=[{"id": "hallway-2", "zone": "interior"}],
+            iat=now - 3600, exp=now + 3600,
+        )  # fmt: skip
+
+    def bundle_with(certificate: dict[str, str], name: str) -> Path:
+        keys = json.loads((session_dir / "chain" / "keys.json").read_bytes())
+        (entry,) = keys.values()
+        entry["certificate"] = certificate
+        (session_dir / "chain" / "keys.json").write_text(json.dumps(keys))
+        return build_bundle(data, session_dir.name, tmp_path / name)
+
+    good = bundle_with(certify(recorded.device_key), "good.zip")
+    report = verify_bundle(good, authority=authority.public_key())
+    assert report.ok, report.errors
+    assert report.frames == report.frames_verified
+    other = Ed25519PrivateKey.generate()
+    parts = failed_parts(verify_bundle(good, authority=other.public_key()))
+    assert any("refused: unknown_key" in w for w in next(iter(parts.values())))
+    wrong = bundle_with(certify(Ed25519PrivateKey.generate()), "wrong.zip")  # another key
+    parts = failed_parts(verify_bundle(wrong, authority=authority.public_key()))
+    assert any("not the certificate of this device and key" in w for v in parts.values() for w in v)
+    assert any("not a trusted device key" in w for v in parts.values() for w in v)
 
 
 # -- tampering: each is named ---------------------------------------------------------------
