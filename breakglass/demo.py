@@ -35,9 +35,11 @@ from agent.config import load_config
 from agent.daemon import Agent
 from provisioning.age_keys import load_identity, new_identity, recipient_of
 from provisioning.documents import b64url
+from provisioning.enrollment import sign_enrollment
 from provisioning.keys import load_private_key, new_private_key, public_pem, raw_public
-from provisioning.triggers import sign_key_list, sign_trigger
+from provisioning.triggers import sign_key_list
 from receiver.accounts import AccountExistsError, AccountStore, Role
+from receiver.dispatch import DispatchError
 from receiver.server import Receiver
 
 DEVICE_ID = "demo-agent-1"
@@ -205,7 +207,15 @@ async def run_demo(data: Path | None, run_for: float | None, port: int, stop: as
     print(f"breakglass demo: data in {data}")
     async with Receiver(data / "receiver", "127.0.0.1", port) as receiver:
         password = await asyncio.to_thread(demo_account, receiver.accounts)
-        config = load_config(write_agent_config(data / "agent", receiver))
+        # The district enrolls the receiver's dispatch key (the trigger-key list) and
+        # certifies the agent, so the receiver knows its building (the dispatch panel).
+        demo_dispatch = dispatch_key_path(data / "agent")
+        demo_dispatch.parent.mkdir(parents=True, exist_ok=True)
+        demo_dispatch.write_bytes(receiver.dispatch_key_path.read_bytes())
+        demo_dispatch.chmod(0o600)
+        path = write_agent_config(data / "agent", receiver)
+        write_enrollment(path, receiver)
+        config = load_config(path)
         async with Agent(config) as agent:
             print(f"receiver: open {receiver.url} (self-signed; pin {receiver.fingerprint})")
             print(
@@ -219,6 +229,41 @@ async def run_demo(data: Path | None, run_for: float | None, port: int, stop: as
                 await _interactive(agent, stop)
                 return 0
             return await _unattended(agent, receiver, run_for, stop)
+
+
+def write_enrollment(config_path: Path, receiver: Receiver, *, days: int = 30) -> Path:
+    """Certify the agent of ``config_path`` with the demo district authority (what
+    ``provision certify`` does), point its ``[device] enrollment`` at it, and make the
+    receiver trust that authority (``DATA/authority.pub``)."""
+    folder = config_path.parent
+    district = folder.parent / "district"
+    authority = load_private_key(district / "authority.key")
+    config = load_config(config_path)
+    device_key = load_private_key(config.device_key)
+    now = int(time.time())
+    cert = sign_enrollment(
+        authority,
+        version=1,
+        device=config.device_id,
+        device_key=device_key.public_key(),
+        building=config.building,
+        receiver_url=config.receiver_url,
+        receiver_pin=config.receiver_pin,
+        recipients=list(config.store.recipients),
+        cameras=[{"id": c.id, "zone": c.zone} for c in config.cameras],
+        iat=now - 60,
+        exp=now + days * 86400,
+    )
+    out = folder / "enrollment.json"
+    out.write_text(json.dumps(cert) + "\n")
+    text = config_path.read_text()
+    if "enrollment =" not in text:
+        text = text.replace(
+            'state_dir = "state"\n', 'state_dir = "state"\nenrollment = "enrollment.json"\n'
+        )
+        config_path.write_text(text)
+    (receiver.data_dir / "authority.pub").write_bytes((district / "authority.pub").read_bytes())
+    return out
 
 
 def demo_account(accounts: AccountStore) -> str:
@@ -277,16 +322,16 @@ async def _unattended(agent: Agent, receiver: Receiver, run_for: float, stop: as
 
 
 async def _all_clear(agent: Agent, receiver: Receiver) -> None:
-    """Dispatch declares the all-clear: a signed end trigger pushed over the uplink."""
-    key = load_private_key(dispatch_key_path(agent.config.path.parent))
-    envelope = sign_trigger(
-        key, action="end", building=agent.config.building, reason="all clear", now=int(time.time())
-    )
+    """Dispatch declares the all-clear: the receiver signs an end trigger and pushes it."""
+    assert receiver.dispatch is not None  # made when the receiver started
     try:
-        answer = await receiver.ingest.push_trigger(agent.config.device_id, envelope)
-        print(f"dispatch all-clear trigger: {answer.status} {json.dumps(dict(answer.body))}")
-    except (LookupError, TimeoutError) as exc:
-        print(f"warning: the all-clear could not be pushed ({exc}); ending locally")
+        deliveries = await receiver.dispatch.send(
+            building=agent.config.building, action="end", reason="all clear", user=DEMO_ACCOUNT
+        )
+        for d in deliveries:
+            print(f"dispatch all-clear trigger: {d.status} {json.dumps(d.to_json())}")
+    except DispatchError as exc:
+        print(f"warning: the all-clear could not be sent ({exc}); ending locally")
     if agent.emergency.active is not None:
         agent.end("demo finished")
 
