@@ -370,8 +370,9 @@ class SegmentStore:
         while (job := self._jobs.get()) is not None:
             packets, desc, chain = job
             nbytes = sum(len(p.payload) for p in packets)
+            stored: StoredSegment | None = None
             try:
-                self._write(packets, desc, chain)
+                stored = self._write(packets, desc, chain)
             except Exception as exc:  # the writer must outlive any one segment
                 self.stats.write_errors += 1
                 log.exception("segment of %s not written", packets[0].camera)
@@ -386,13 +387,19 @@ class SegmentStore:
                 with self._lock:
                     self._pending_bytes -= nbytes
                     self._queued[packets[0].camera].popleft()
+            if stored is not None:  # told after the queue moved on: one consistent view
+                for listener in list(self._listeners):
+                    try:
+                        listener(stored)
+                    except RuntimeError as exc:  # its loop is closed; it is on disk anyway
+                        log.warning("on_sealed listener not called: %s", exc)
 
     def _write(
         self,
         packets: list[EncodedPacket],
         desc: segment.StreamDesc,
         chain: Mapping[str, Any] | None,
-    ) -> None:
+    ) -> StoredSegment:
         camera = packets[0].camera
         _, plain = segment.encode(packets, desc, self.boot_id, chain=chain)
         first, last = packets[0], packets[-1]
@@ -429,11 +436,7 @@ class SegmentStore:
         self.stats.segments_written += 1
         self.stats.bytes_written += size
         self.stats.media_bytes += sum(len(p.payload) for p in packets)
-        for listener in list(self._listeners):
-            try:
-                listener(stored)
-            except RuntimeError as exc:  # its loop is closed; the segment is on disk anyway
-                log.warning("on_sealed listener not called: %s", exc)
+        return stored
 
     def _order(self, seg: StoredSegment) -> tuple[int, int, int]:
         """Retention's order: end time, then as listed in the index (camera, seq)."""
