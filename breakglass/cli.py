@@ -99,6 +99,14 @@ def _receiver_serve(args: argparse.Namespace) -> int:
                 )
             if rx.notifier is not None:
                 print(f"district notified of emergencies at {rx.notifier.url}")
+            from provisioning.keys import kid
+            from receiver.evidence_format import evidence_key
+
+            signer = await asyncio.to_thread(evidence_key, args.data)
+            print(
+                f"evidence key {kid(signer.public_key())} signs bundles and district notices "
+                f"(breakglass evidence key --data {args.data} --out receiver-evidence.pub)"
+            )
             count = await asyncio.to_thread(rx.accounts.count)
             if count:
                 print(
