@@ -76,6 +76,11 @@ _STATIC_FILES = {
     "index.html": "text/html",
     "viewer.js": "text/javascript",
     "viewer.css": "text/css",
+    # ES modules that viewer.js imports (no build step).
+    "util.js": "text/javascript",
+    "live.js": "text/javascript",
+    "alarm.js": "text/javascript",
+    "dispatch.js": "text/javascript",
 }
 _CSP = (
     "default-src 'self'; media-src 'self' blob:; img-src 'self' data:; "

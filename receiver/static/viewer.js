@@ -1,32 +1,50 @@
-// breakglass receiver viewer: session list, live view (MSE over WebSocket), recordings.
-// Plain JavaScript, no build step, no external resources (the page's CSP forbids them).
-"use strict";
+// breakglass receiver: the police page. One page, three views chosen by the address:
+//   #/                      the dashboard: emergencies (alarm), dispatch, buildings and
+//                           devices, every session with its cameras
+//   #/wall/SESSION          the live wall of one session
+//   #/wall/SESSION/CAMERA   one camera of it, full size
+// Plain ES modules, no build step, no external resources (the page's CSP forbids them).
+// Live updates by polling /api/sessions and /v1/devices.
+
+import { Alarm } from "./alarm.js";
+import { DispatchPanel } from "./dispatch.js";
+import { LivePlayer } from "./live.js";
+import {
+  ago, button, clock, el, errorText, getJson, isoSeconds, loadMe, me, post, when,
+} from "./util.js";
 
 const POLL_MS = 1500;
-const DEVICES_POLL_MS = 3000;
-const JUMP_BEHIND_S = 0.5; // further behind live than this: seek to the live edge
-const LIVE_EDGE_S = 0.1;
-const KEEP_BEHIND_S = 10; // buffer kept behind the playhead; older data is removed
-const TRIM_AFTER_S = 30;
-const MAX_QUEUE = 300; // unappended messages before the player starts over
-const MSE = window.ManagedMediaSource || window.MediaSource;
+const DEVICES_POLL_MS = 1500;
+const TICK_MS = 250;
+const LATE_S = 1; // a behind-live figure above this is shown as late
 
 const sessionViews = new Map(); // session id -> SessionView
-const me = { user: null, role: null, csrf: null }; // who is logged in (GET /v1/me)
-const alerts = { emergency: false, offline: 0 }; // what the page title announces
+const route = { session: null, camera: null };
+const state = { sessions: [], devices: null };
+const alarm = new Alarm(document.getElementById("sound"));
+const dispatch = new DispatchPanel(document.getElementById("dispatch"));
 
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
+// -- what a session is ------------------------------------------------------------------
+
+function isShare(session) {
+  const by = session.meta && session.meta.started_by;
+  return Boolean(by && by.kind === "share");
 }
 
-function clock(seconds) {
-  if (typeof seconds !== "number") return "?";
-  return new Date(seconds * 1000).toLocaleTimeString([], { hour12: false });
+function isEmergency(session) {
+  return session.open && !isShare(session);
 }
 
+function buildingOf(session) {
+  return (session.meta && session.meta.building) || session.device_id;
+}
+
+function startedAt(session) {
+  const meta = session.meta || {};
+  return typeof meta.started_at === "number" ? meta.started_at : session.opened_at;
+}
+
+// Who or what started it: the button and its room, or the trigger's signer and reason.
 function describeStart(meta) {
   const by = meta && typeof meta.started_by === "object" && meta.started_by ? meta.started_by : {};
   if (by.kind === "share") return "shared continuously (exterior cameras; no emergency)";
@@ -34,21 +52,22 @@ function describeStart(meta) {
     const where = by.location ? ` (${by.location})` : "";
     return `started by button '${by.button_id || "?"}'${where}`;
   }
-  if (by.kind) {
+  if (by.kind === "trigger") {
+    const who = [by.label, by.via ? `via ${by.via}` : ""].filter(Boolean).join(", ");
     const why = by.reason ? `: ${by.reason}` : "";
-    return `started by ${by.kind}${why}`;
+    return `started by ${by.role || "remote"} trigger${who ? ` (${who})` : ""}${why}`;
   }
+  if (by.kind) return `started by ${by.kind}${by.reason ? `: ${by.reason}` : ""}`;
   return "started";
 }
 
 function alarmText(session) {
   const meta = session.meta || {};
-  const building = meta.building || session.device_id;
-  const at = clock(typeof meta.started_at === "number" ? meta.started_at : session.opened_at);
-  if (meta.started_by && meta.started_by.kind === "share") {
-    return `Exterior cameras — building ${building} — ${describeStart(meta)} since ${at}`;
+  const at = clock(startedAt(session));
+  if (isShare(session)) {
+    return `Exterior cameras — building ${buildingOf(session)} — ${describeStart(meta)} since ${at}`;
   }
-  return `EMERGENCY — building ${building} — ${describeStart(meta)} at ${at}`;
+  return `EMERGENCY — building ${buildingOf(session)} — ${describeStart(meta)} at ${at}`;
 }
 
 // "complete", or what is missing, declared lost or could not be opened.
@@ -78,193 +97,144 @@ function holeKind(cam, seq) {
   return gap ? `declared ${gap.reason}` : "missing";
 }
 
-// One live <video> fed through Media Source Extensions from the camera's WebSocket.
-class LivePlayer {
-  constructor(video, url, codec, onState) {
-    this.video = video;
-    this.url = url;
-    this.mime = `video/mp4; codecs="${codec}"`;
-    this.onState = onState;
-    this.queue = [];
-    this.stopped = false;
-    this.retryMs = 500;
-    this.retryTimer = null;
-    this.ws = null;
-    this.sb = null;
-    this.ms = null;
-  }
-
-  start() {
-    if (!MSE) return this.onState("this browser has no Media Source Extensions");
-    if (!MSE.isTypeSupported(this.mime)) return this.onState(`cannot play ${this.mime}`);
-    this.queue = [];
-    this.sb = null;
-    this.ms = new MSE();
-    this.video.disableRemotePlayback = true; // needed by ManagedMediaSource
-    this.video.src = URL.createObjectURL(this.ms);
-    this.ms.addEventListener("sourceopen", () => this.sourceOpen(), { once: true });
-    this.onState("connecting…");
-  }
-
-  sourceOpen() {
-    if (this.stopped) return;
-    URL.revokeObjectURL(this.video.src);
-    this.sb = this.ms.addSourceBuffer(this.mime);
-    this.sb.mode = "segments";
-    this.sb.addEventListener("updateend", () => this.afterUpdate());
-    this.sb.addEventListener("error", () => this.restart("decoder error"));
-    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const ws = new WebSocket(`${scheme}//${location.host}${this.url}`);
-    ws.binaryType = "arraybuffer";
-    ws.onopen = () => {
-      this.retryMs = 500;
-      this.onState("live");
-    };
-    ws.onmessage = (ev) => {
-      if (!(ev.data instanceof ArrayBuffer)) return;
-      this.queue.push(ev.data);
-      if (this.queue.length > MAX_QUEUE) return this.restart("fell behind");
-      this.pump();
-    };
-    ws.onclose = () => {
-      if (this.ws === ws) this.restart("disconnected");
-    };
-    this.ws = ws;
-  }
-
-  pump() {
-    const sb = this.sb;
-    if (!sb || sb.updating || this.queue.length === 0) return;
-    try {
-      sb.appendBuffer(this.queue[0]);
-      this.queue.shift();
-    } catch (err) {
-      if (err.name === "QuotaExceededError") this.trim(true);
-      else this.restart(`append failed: ${err.name}`);
-    }
-  }
-
-  afterUpdate() {
-    this.jumpToLive();
-    if (!this.trim(false)) this.pump();
-  }
-
-  jumpToLive() {
-    const b = this.video.buffered;
-    if (b.length === 0) return;
-    const end = b.end(b.length - 1);
-    if (end - this.video.currentTime > JUMP_BEHIND_S) {
-      this.video.currentTime = Math.max(b.start(b.length - 1), end - LIVE_EDGE_S);
-    }
-    if (this.video.paused) this.video.play().catch(() => {});
-  }
-
-  // Remove old buffer so memory stays bounded; returns true if a removal started.
-  trim(force) {
-    const sb = this.sb;
-    const b = this.video.buffered;
-    if (!sb || sb.updating || b.length === 0) return false;
-    const start = b.start(0);
-    const now = this.video.currentTime;
-    const keep = force ? 1 : KEEP_BEHIND_S;
-    if (!force && now - start < TRIM_AFTER_S) return false;
-    if (now - keep <= start) return false;
-    sb.remove(start, now - keep);
-    return true;
-  }
-
-  behindLive() {
-    const b = this.video.buffered;
-    if (!this.sb || b.length === 0) return null;
-    return Math.max(0, b.end(b.length - 1) - this.video.currentTime);
-  }
-
-  restart(why) {
-    this.teardown();
-    if (this.stopped) return;
-    this.onState(`${why}; reconnecting…`);
-    this.retryTimer = setTimeout(() => this.start(), this.retryMs);
-    this.retryMs = Math.min(this.retryMs * 2, 5000);
-  }
-
-  teardown() {
-    clearTimeout(this.retryTimer);
-    const ws = this.ws;
-    this.ws = null;
-    if (ws) ws.close();
-    this.sb = null;
-    this.ms = null;
-    this.queue = [];
-    this.video.removeAttribute("src");
-    this.video.load();
-  }
-
-  stop() {
-    this.stopped = true;
-    this.teardown();
-  }
+// The recorded parts on the capture clock: [{part, start, end}] in seconds since the epoch.
+function timeline(cam) {
+  const fps = cam.fps > 0 ? cam.fps : 15;
+  return (cam.recordings || [])
+    .filter((p) => typeof p.first_capture_us === "number")
+    .map((p) => ({ part: p, start: p.first_capture_us / 1e6, end: p.first_capture_us / 1e6 + p.frames / fps }));
 }
 
-// One camera of one session: live video, counters, recorded parts.
+// When the emergency started (the press, or the trigger), on the agent's clock: seconds.
+function pressTime(session) {
+  const t = startedAt(session);
+  return typeof t === "number" && Number.isFinite(t) ? t : null;
+}
+
+function signed(seconds) {
+  return `${seconds < 0 ? "−" : "+"}${Math.abs(seconds).toFixed(1)} s`;
+}
+
+// -- one camera ---------------------------------------------------------------------------
+
 class CameraTile {
-  constructor(sessionId, cam) {
+  constructor(view, cam) {
+    this.view = view;
+    this.sessionId = view.id;
     this.id = cam.camera_id;
+    this.cam = cam;
+    this.player = null;
     this.root = el("article", "tile");
+    this.root.dataset.camera = cam.camera_id;
     const head = el("div", "tile-head");
-    head.append(el("span", "cam", cam.camera_id), el("span", `zone ${cam.zone}`, cam.zone));
     this.badge = el("span", "badge");
-    head.append(this.badge);
+    this.closeFull = button("Back to the wall ✕", "close-full", () => {
+      location.hash = `#/wall/${this.sessionId}`;
+    });
+    head.append(el("span", "cam", cam.camera_id), el("span", `zone ${cam.zone}`, cam.zone), this.badge, this.closeFull);
+
     this.video = el("video", "live");
     this.video.muted = true;
-    this.video.autoplay = true;
     this.video.playsInline = true;
     this.video.setAttribute("aria-label", `live view of camera ${cam.camera_id}`);
+    this.video.title = "Click: this camera alone, full size";
+    this.video.addEventListener("click", () => this.toggleFull());
+
     this.stats = el("div", "stats");
-    this.counts = el("span");
+    this.counts = el("span", "counts");
     this.behind = el("span", "behind");
-    this.state = el("span");
+    this.state = el("span", "state");
     this.stats.append(this.counts, " · ", this.behind, " · ", this.state);
+
     this.actions = el("div", "actions");
-    this.recordedButton = el("button", null, "Recorded");
-    this.recordedButton.type = "button";
+    this.recordedButton = button("Recorded", "recorded-toggle", () => this.toggleRecorded());
     this.recordedButton.setAttribute("aria-pressed", "false");
-    this.recordedButton.addEventListener("click", () => this.toggleRecorded());
-    this.links = el("span");
-    this.actions.append(this.recordedButton, this.links);
+    this.hlsButton = button("HLS URL", "hls-toggle", () => this.toggleHls());
+    this.hlsButton.setAttribute("aria-pressed", "false");
+    this.links = el("span", "links");
+    this.actions.append(this.recordedButton, this.hlsButton, this.links);
+
+    this.hlsBox = el("div", "hls-box");
+    this.hlsBox.hidden = true;
+    this.hlsInput = el("input", "hls-url");
+    this.hlsInput.readOnly = true;
+    this.hlsInput.setAttribute("aria-label", `HLS playlist of camera ${cam.camera_id}`);
+    this.hlsInput.value = `${location.origin}/hls/${encodeURIComponent(this.sessionId)}/${encodeURIComponent(cam.camera_id)}.m3u8`;
+    this.hlsNote = el("span", "note");
+    this.hlsBox.append(this.hlsInput, this.hlsNote);
+
     this.recordedWrap = el("div", "recorded-wrap");
     this.recordedWrap.hidden = true;
-    this.recorded = el("video");
+    this.recorded = el("video", "recorded");
     this.recorded.controls = true;
+    this.recorded.muted = true;
     this.recorded.preload = "metadata";
+    this.scrubRow = el("div", "scrub-row");
+    this.scrub = el("input", "scrub");
+    this.scrub.type = "range";
+    this.scrub.min = "0";
+    this.scrub.step = "0.1";
+    this.scrub.setAttribute("aria-label", `replay position of camera ${cam.camera_id}`);
+    this.scrub.addEventListener("input", () => {
+      this.dragging = true;
+      this.showScrubLabel(this.t0 + Number(this.scrub.value));
+    });
+    this.scrub.addEventListener("change", () => {
+      this.dragging = false;
+      this.seekTo(this.t0 + Number(this.scrub.value));
+    });
+    this.scrubLabel = el("span", "scrub-label");
+    this.prerollButton = button("From the start", "from-start", () => this.seekTo(this.t0));
+    this.pressButton = button("At the alarm", "at-press", () => {
+      const press = pressTime(this.view.session);
+      if (press !== null) this.seekTo(press);
+    });
+    this.scrubRow.append(this.prerollButton, this.pressButton, this.scrub, this.scrubLabel);
     this.recordedNote = el("div", "note");
-    this.recordedWrap.append(this.recorded, this.recordedNote);
-    this.root.append(head, this.video, this.stats, this.actions, this.recordedWrap);
-    this.player = null;
-    this.cam = cam;
-    this.sessionId = sessionId;
+    this.recordedWrap.append(this.recorded, this.scrubRow, this.recordedNote);
+
+    this.root.append(head, this.video, this.stats, this.actions, this.hlsBox, this.recordedWrap);
+    this.t0 = 0;
+    this.dragging = false;
   }
 
-  update(cam, sessionOpen) {
+  update(cam, sessionOpen, visible) {
     this.cam = cam;
     const live = sessionOpen && cam.recording;
     this.badge.textContent = live ? "LIVE" : "ENDED";
     this.badge.className = `badge ${live ? "live" : "ended"}`;
+    this.root.classList.toggle("ended", !live);
     this.counts.textContent =
       `${cam.frames_durable} frames (pre-roll ${cam.preroll_frames}, live ${cam.live_frames}) · ` +
       completeness(cam);
-    if (live && cam.mse_codec && !this.player) {
-      this.player = new LivePlayer(this.video, cam.live_url, cam.mse_codec, (s) => {
-        this.state.textContent = s;
+    const play = live && visible;
+    if (play && cam.mse_codec && !this.player) {
+      this.player = new LivePlayer(this.video, cam.live_url, cam.mse_codec, {
+        onState: (text, kind) => this.setState(text, kind),
+        partOrigin: (seq) => this.partOrigin(seq),
       });
       this.player.start();
-    } else if (live && !cam.mse_codec) {
-      this.state.textContent = "waiting for video";
-    } else if (!live && this.player) {
+    } else if (play && !cam.mse_codec) {
+      this.setState("waiting for video", "wait");
+    } else if (!play && this.player) {
       this.player.stop();
       this.player = null;
     }
-    if (!live) this.state.textContent = "recording ended";
+    if (!live) this.setState("recording ended", "ended");
+    else if (!visible) this.setState("paused (another wall is open)", "wait");
     this.renderLinks(cam.recordings || []);
+    this.updateScrubRange();
+  }
+
+  setState(text, kind) {
+    if (this.state.textContent !== text) this.state.textContent = text;
+    this.state.dataset.kind = kind || "";
+  }
+
+  // The first capture time (µs) of the part file that starts at `seq`.
+  partOrigin(seq) {
+    const part = (this.cam.recordings || []).find((r) => r.first_seq === seq);
+    return part && typeof part.first_capture_us === "number" ? part.first_capture_us : null;
   }
 
   renderLinks(recordings) {
@@ -281,13 +251,47 @@ class CameraTile {
     });
   }
 
+  toggleFull() {
+    if (route.session === this.sessionId && route.camera === this.id) {
+      location.hash = `#/wall/${this.sessionId}`;
+    } else {
+      location.hash = `#/wall/${this.sessionId}/${this.id}`;
+    }
+  }
+
+  setFull(full) {
+    this.root.classList.toggle("full", full);
+    this.closeFull.hidden = !full;
+  }
+
+  toggleHls() {
+    const show = this.hlsBox.hidden;
+    this.hlsBox.hidden = !show;
+    this.hlsButton.setAttribute("aria-pressed", String(show));
+    if (!show) return;
+    this.hlsInput.select();
+    const note = "for VLC, ffplay or a video management system (they need a login to this receiver)";
+    if (navigator.clipboard && navigator.clipboard.writeText) {
+      navigator.clipboard.writeText(this.hlsInput.value).then(
+        () => { this.hlsNote.textContent = `copied to the clipboard; ${note}`; },
+        () => { this.hlsNote.textContent = `press Ctrl+C to copy; ${note}`; },
+      );
+    } else {
+      this.hlsNote.textContent = `press Ctrl+C to copy; ${note}`;
+    }
+  }
+
+  // -- replay of the recorded parts (pre-roll, then the rest) --------------------------
+
   toggleRecorded() {
     const show = this.recordedWrap.hidden;
     this.recordedWrap.hidden = !show;
     this.recordedButton.setAttribute("aria-pressed", String(show));
     const parts = this.cam.recordings || [];
     if (show && parts.length) {
+      this.updateScrubRange();
       this.playPart(parts, 0);
+      this.recorded.play().catch(() => {});
     } else if (!show) {
       this.recorded.pause();
       this.recorded.removeAttribute("src");
@@ -298,14 +302,16 @@ class CameraTile {
   // Parts play one after the other in sequence order, across runs: the pre-roll,
   // the footage from the press on, what backfill filled in after a skip, and any
   // part a restart began. A hole between two parts is named in the note.
-  playPart(parts, i) {
+  playPart(parts, i, offset) {
     const part = parts[i];
     this.recorded.src = part.url;
     this.recorded.dataset.part = String(i);
-    this.recorded.onended = i + 1 < parts.length ? () => {
-      this.playPart(parts, i + 1);
-      this.recorded.play().catch(() => {});
-    } : null;
+    if (offset > 0) {
+      this.recorded.addEventListener("loadedmetadata", () => {
+        this.recorded.currentTime = offset;
+      }, { once: true });
+    }
+    this.recorded.onended = () => this.partEnded(i);
     const next = parts[i + 1];
     const hole = next ? next.first_seq - part.last_seq - 1 : 0;
     const after = hole > 0 ? `; then ${hole} frames not here (${holeKind(this.cam, part.last_seq + 1)})` : "";
@@ -313,10 +319,111 @@ class CameraTile {
       ? `part ${i + 1} of ${parts.length}: ${partLabel(part, this.cam)}${after}` : "";
   }
 
+  partEnded(i) {
+    const parts = this.cam.recordings || [];
+    if (i + 1 < parts.length) {
+      this.playPart(parts, i + 1);
+      this.recorded.play().catch(() => {});
+    } else if (!this.cam.recording) {
+      this.recordedNote.textContent = "end of the recording";
+    } else {
+      this.recordedNote.textContent = "end of the recording so far; the live view above is current";
+    }
+  }
+
+  // The last part is still being written (the camera is live): once it holds more than
+  // the player read, go on from where it stopped.
+  followGrowingPart() {
+    const v = this.recorded;
+    const parts = this.cam.recordings || [];
+    const i = Number(v.dataset.part);
+    if (!v.ended || !this.cam.recording || i !== parts.length - 1) return;
+    const fps = this.cam.fps > 0 ? this.cam.fps : 15;
+    if (parts[i].frames / fps > v.duration + 0.5) {
+      this.playPart(parts, i, v.currentTime);
+      v.play().catch(() => {});
+    }
+  }
+
+  updateScrubRange() {
+    const line = timeline(this.cam);
+    if (!line.length) {
+      this.scrubRow.hidden = true;
+      return;
+    }
+    this.scrubRow.hidden = false;
+    this.pressButton.hidden = pressTime(this.view.session) === null || isShare(this.view.session);
+    this.t0 = line[0].start;
+    const end = Math.max(...line.map((x) => x.end));
+    this.scrub.max = String(Math.max(0.1, end - this.t0).toFixed(1));
+  }
+
+  // Replay from capture time `t` (seconds since the epoch): the part that holds it.
+  seekTo(t) {
+    const line = timeline(this.cam);
+    const parts = this.cam.recordings || [];
+    if (!line.length) return;
+    let k = 0;
+    for (let j = 0; j < line.length; j += 1) if (line[j].start <= t) k = j;
+    const offset = Math.max(0, Math.min(t, line[k].end) - line[k].start);
+    if (this.recordedWrap.hidden) {
+      this.recordedWrap.hidden = false;
+      this.recordedButton.setAttribute("aria-pressed", "true");
+    }
+    this.playPart(parts, parts.indexOf(line[k].part), offset);
+    this.recorded.play().catch(() => {});
+  }
+
+  // Where the replay is, on the capture clock (null if unknown).
+  replayTime() {
+    const i = Number(this.recorded.dataset.part);
+    const part = (this.cam.recordings || [])[i];
+    if (!part || typeof part.first_capture_us !== "number" || !this.recorded.currentSrc) return null;
+    return part.first_capture_us / 1e6 + this.recorded.currentTime;
+  }
+
+  showScrubLabel(t) {
+    const press = isShare(this.view.session) ? null : pressTime(this.view.session);
+    const rel = press === null ? "" : ` (${signed(t - press)} from the alarm${t < press ? ", pre-roll" : ""})`;
+    this.scrubLabel.textContent = `${clock(t)}${rel}`;
+  }
+
   tick() {
     const behind = this.player ? this.player.behindLive() : null;
-    this.behind.textContent = behind === null ? "behind live: –" : `behind live: ${behind.toFixed(1)} s`;
-    this.behind.classList.toggle("late", behind !== null && behind > 1);
+    let seconds = null;
+    let source = "";
+    if (behind) {
+      // The capture clock's figure if the clocks seem to agree, else what is buffered.
+      if (behind.capture !== null && behind.capture > -0.5) {
+        seconds = Math.max(0, behind.capture);
+        source = "capture";
+      } else {
+        seconds = behind.buffer;
+        source = "buffer";
+      }
+    }
+    this.behind.dataset.seconds = seconds === null ? "" : seconds.toFixed(3);
+    this.behind.dataset.source = source;
+    this.behind.textContent = seconds === null
+      ? "behind live: –"
+      : `behind live: ${seconds.toFixed(seconds < 10 ? 2 : 0)} s`;
+    if (behind) {
+      this.behind.title = `${source === "capture" ? "since capture" : "buffered ahead"}; ` +
+        `buffered ahead ${behind.buffer.toFixed(2)} s; ` +
+        `${this.player.jumps} jump(s) to live, ${this.player.stalls} stall(s)`;
+      this.behind.dataset.jumps = String(this.player.jumps);
+      this.behind.dataset.stalls = String(this.player.stalls);
+    }
+    this.behind.classList.toggle("late", seconds !== null && seconds > LATE_S);
+    if (this.player) this.player.tick();
+    if (!this.recordedWrap.hidden && !this.dragging) {
+      this.followGrowingPart();
+      const t = this.replayTime();
+      if (t !== null) {
+        this.scrub.value = String((t - this.t0).toFixed(1));
+        this.showScrubLabel(t);
+      }
+    }
   }
 
   destroy() {
@@ -326,44 +433,96 @@ class CameraTile {
   }
 }
 
+// -- one session --------------------------------------------------------------------------
+
 class SessionView {
   constructor(session) {
     this.id = session.session_id;
     this.root = el("section", "session");
+    this.root.dataset.session = this.id;
     const head = el("div", "session-head");
     this.title = el("h2", "session-title");
     this.sub = el("div", "session-sub");
-    head.append(this.title, this.sub);
+    const actions = el("div", "session-actions");
+    this.wallLink = el("a", "wall-link");
+    this.exportButton = button("Export evidence", "export", () => this.exportEvidence());
+    this.exportNote = el("span", "export-note");
+    actions.append(this.wallLink, this.exportButton, this.exportNote);
+    head.append(this.title, this.sub, actions);
     this.grid = el("div", "tiles");
     this.root.append(head, this.grid);
     this.tiles = new Map();
+    this.session = session;
   }
 
   update(session) {
+    this.session = session;
     const meta = session.meta || {};
-    this.root.classList.toggle("open", session.open);
+    const visible = route.session === null || route.session === this.id;
+    this.root.hidden = !visible;
+    this.root.classList.toggle("open", isEmergency(session));
+    this.root.classList.toggle("share", session.open && isShare(session));
     this.title.textContent = session.open
       ? alarmText(session)
-      : `Session ${session.session_id} — building ${meta.building || session.device_id}`;
-    const ended = session.open ? "open" : `ended ${clock(session.closed_at)} (${session.close_reason || "closed"})`;
+      : `Session ${session.session_id} — building ${buildingOf(session)}`;
+    const ended = session.open ? "open" : `ended ${when(session.closed_at)} (${session.close_reason || "closed"})`;
+    const by = session.open ? "" : ` · ${describeStart(meta)}`;
     this.sub.textContent =
-      `session ${session.session_id} · device ${session.device_id} · opened ${clock(session.opened_at)} · ${ended}`;
+      `session ${session.session_id} · device ${session.device_id} · opened ${when(session.opened_at)} · ${ended}${by}`;
+    const inWall = route.session === this.id;
+    this.wallLink.textContent = inWall ? "← Dashboard" : session.open ? "Open the live wall" : "Open";
+    this.wallLink.href = inWall ? "#/" : `#/wall/${this.id}`;
     const seen = new Set();
     for (const cam of session.cameras) {
       seen.add(cam.camera_id);
       let tile = this.tiles.get(cam.camera_id);
       if (!tile) {
-        tile = new CameraTile(session.session_id, cam);
+        tile = new CameraTile(this, cam);
         this.tiles.set(cam.camera_id, tile);
         this.grid.append(tile.root);
       }
-      tile.update(cam, session.open);
+      tile.update(cam, session.open, visible);
+      tile.setFull(inWall && route.camera === cam.camera_id);
     }
     for (const [id, tile] of this.tiles) {
       if (!seen.has(id)) {
         tile.destroy();
         this.tiles.delete(id);
       }
+    }
+    // The wall: as square a grid as the cameras allow.
+    const n = Math.max(1, this.tiles.size);
+    this.grid.style.setProperty("--cols", String(Math.ceil(Math.sqrt(n))));
+  }
+
+  // The evidence bundle (zip) of this session: POST, then a download from a blob URL.
+  async exportEvidence() {
+    this.exportButton.disabled = true;
+    this.exportNote.textContent = "building the evidence bundle…";
+    this.exportNote.classList.remove("error");
+    try {
+      const res = await post(`/v1/evidence/${encodeURIComponent(this.id)}`);
+      if (!res.ok) throw new Error(await errorText(res));
+      const blob = await res.blob();
+      const disposition = res.headers.get("Content-Disposition") || "";
+      const m = /filename="?([^";]+)"?/.exec(disposition);
+      const name = m ? m[1] : `${this.id}-evidence.zip`;
+      const url = URL.createObjectURL(blob);
+      const a = el("a");
+      a.href = url;
+      a.download = name;
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60_000);
+      const sha = res.headers.get("X-Evidence-SHA256");
+      this.exportNote.textContent = `downloaded ${name} (${(blob.size / 1e6).toFixed(1)} MB` +
+        `${sha ? `, SHA-256 ${sha.slice(0, 16)}…` : ""})`;
+    } catch (err) {
+      this.exportNote.textContent = `export failed: ${err.message}`;
+      this.exportNote.classList.add("error");
+    } finally {
+      this.exportButton.disabled = false;
     }
   }
 
@@ -377,12 +536,77 @@ class SessionView {
   }
 }
 
-function render(sessions) {
-  const main = document.getElementById("sessions");
-  const alarms = document.getElementById("alarms");
-  document.getElementById("empty").hidden = sessions.length > 0;
+// -- the alarm banner -------------------------------------------------------------------
+
+const alarmItems = new Map(); // session id -> {root, line, ago, ack}
+
+function renderAlarms(open) {
+  const banner = document.getElementById("alarms");
   const seen = new Set();
-  for (const session of sessions) {
+  for (const s of open) {
+    seen.add(s.session_id);
+    let item = alarmItems.get(s.session_id);
+    if (!item) {
+      item = { root: el("div", "alarm") };
+      item.root.dataset.session = s.session_id;
+      item.line = el("p", "alarm-line");
+      item.sub = el("p", "alarm-sub");
+      item.ago = el("span", "ago");
+      item.info = el("span", "info");
+      item.sub.append(item.ago, item.info);
+      const actions = el("div", "alarm-actions");
+      item.watch = el("a", "watch", "Watch live");
+      item.watch.href = `#/wall/${s.session_id}`;
+      item.ack = button("Acknowledge", "ack", () => {
+        alarm.acknowledge(s.session_id);
+        renderAlarms(state.sessions.filter(isEmergency));
+      });
+      actions.append(item.watch, item.ack);
+      item.root.append(item.line, item.sub, actions);
+      alarmItems.set(s.session_id, item);
+      banner.append(item.root);
+    }
+    item.session = s;
+    item.line.textContent = alarmText(s);
+    item.ago.textContent = `(${ago(startedAt(s))})`;
+    const meta = s.meta || {};
+    const expires = typeof meta.expires_at === "number" ? ` · expires ${clock(meta.expires_at)}` : "";
+    item.info.textContent = ` · session ${s.session_id} · device ${s.device_id} · ${s.cameras.length} camera(s)${expires}`;
+    const acked = alarm.isAcked(s.session_id);
+    item.root.classList.toggle("acked", acked);
+    item.ack.disabled = acked;
+    item.ack.textContent = acked ? "Acknowledged (muted here)" : "Acknowledge";
+  }
+  for (const [id, item] of alarmItems) {
+    if (!seen.has(id)) {
+      item.root.remove();
+      alarmItems.delete(id);
+    }
+  }
+  banner.hidden = open.length === 0;
+  alarm.update(open.map((s) => ({ id: s.session_id, building: buildingOf(s) })));
+}
+
+function tickAlarms() {
+  for (const item of alarmItems.values()) {
+    item.ago.textContent = `(${ago(startedAt(item.session))})`;
+  }
+}
+
+// -- sessions -----------------------------------------------------------------------------
+
+function order(sessions) {
+  const rank = (s) => (isEmergency(s) ? 0 : s.open ? 1 : 2);
+  return sessions.map((s, i) => [s, i]).sort((a, b) => rank(a[0]) - rank(b[0]) || a[1] - b[1]).map((x) => x[0]);
+}
+
+function renderSessions(sessions) {
+  state.sessions = sessions;
+  const main = document.getElementById("sessions");
+  const empty = document.getElementById("empty");
+  const seen = new Set();
+  const sorted = order(sessions);
+  for (const session of sorted) {
     seen.add(session.session_id);
     let view = sessionViews.get(session.session_id);
     if (!view) {
@@ -397,111 +621,133 @@ function render(sessions) {
       sessionViews.delete(id);
     }
   }
-  // Keep the server's order (newest first); move nodes only when it changed,
-  // so playing videos are not disturbed.
-  const wanted = sessions.map((s) => sessionViews.get(s.session_id).root);
+  // Move nodes only when the order changed, so playing videos are not disturbed.
+  const wanted = sorted.map((s) => sessionViews.get(s.session_id).root);
   const current = Array.from(main.querySelectorAll(":scope > section.session"));
   if (wanted.length !== current.length || wanted.some((node, i) => node !== current[i])) {
     main.append(...wanted);
   }
-  const isShare = (s) => s.meta && s.meta.started_by && s.meta.started_by.kind === "share";
-  const open = sessions.filter((s) => s.open && !isShare(s));
-  alarms.replaceChildren(...open.map((s) => el("p", "alarm-line", alarmText(s))));
-  alarms.hidden = open.length === 0;
-  alerts.emergency = open.length > 0;
-  updateTitle();
+  if (route.session !== null && !sessionViews.has(route.session)) {
+    empty.textContent = `No session ${route.session} on this receiver.`;
+    empty.hidden = false;
+  } else {
+    empty.textContent = "No emergency sessions recorded.";
+    empty.hidden = sessions.length > 0;
+  }
+  renderAlarms(sessions.filter(isEmergency));
+  if (state.devices) renderDevices(state.devices);
 }
 
-function updateTitle() {
-  if (alerts.emergency) document.title = "● EMERGENCY — breakglass receiver";
-  else if (alerts.offline) document.title = `● ${alerts.offline} DEVICE(S) OFFLINE — breakglass receiver`;
-  else document.title = "breakglass receiver";
+// -- buildings and devices ------------------------------------------------------------------
+
+function deviceState(d) {
+  return d.offline ? "OFFLINE" : d.connected ? "online" : "disconnected";
 }
 
-// An ISO-8601 time as the local time of day, with the date when it is not today.
-function when(iso) {
-  const t = Date.parse(iso);
-  if (Number.isNaN(t)) return "?";
-  const d = new Date(t);
-  const time = d.toLocaleTimeString([], { hour12: false });
-  return d.toDateString() === new Date().toDateString() ? time : `${d.toLocaleDateString()} ${time}`;
-}
-
-function ago(iso) {
-  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
-  if (Number.isNaN(s)) return "";
-  if (s < 120) return `${Math.round(s)} s ago`;
-  if (s < 7200) return `${Math.round(s / 60)} min ago`;
-  return `${(s / 3600).toFixed(1)} h ago`;
-}
-
-// The offline alarm (red banner, one line per device) and one chip per device.
+// The offline alarm (red banner, one line per device) and the buildings with their devices.
 function renderDevices(devices) {
+  state.devices = devices;
   const banner = document.getElementById("device-alarms");
   const list = document.getElementById("devices");
   const offline = devices.filter((d) => d.offline);
   banner.replaceChildren(...offline.map((d) => el(
     "p", "alarm-line",
     `DEVICE OFFLINE — ${d.device} (building ${d.building || "?"}) — ` +
-    `last heard ${when(d.last_heard)} (${ago(d.last_heard)})`,
+    `last heard ${when(isoSeconds(d.last_heard))} (${ago(isoSeconds(d.last_heard))})`,
   )));
   banner.hidden = offline.length === 0;
-  list.replaceChildren(...devices.map((d) => {
-    const state = d.offline ? "OFFLINE" : d.connected ? "connected" : "disconnected";
-    const chip = el("span", `device ${d.offline ? "offline" : d.connected ? "connected" : "quiet"}`,
-      `${d.device} · ${d.building || "?"} · ${state} since ${when(d.since)}`);
-    chip.title = `last heard ${when(d.last_heard)}${d.session ? ` · session ${d.session}` : ""}`;
-    return chip;
-  }));
+
+  const buildings = new Map();
+  for (const d of devices) {
+    const id = d.building || "unknown building";
+    if (!buildings.has(id)) buildings.set(id, []);
+    buildings.get(id).push(d);
+  }
+  const cards = [];
+  for (const [id, devs] of [...buildings].sort((a, b) => a[0].localeCompare(b[0]))) {
+    const card = el("div", "building");
+    card.dataset.building = id;
+    const head = el("div", "building-head");
+    const emergency = state.sessions.find((s) => isEmergency(s) && buildingOf(s) === id);
+    const share = state.sessions.find((s) => s.open && isShare(s) && buildingOf(s) === id);
+    const status = emergency ? "EMERGENCY" : share ? "exterior cameras shared" : "no emergency";
+    card.classList.toggle("emergency", Boolean(emergency));
+    const statusNode = emergency ? el("a", "building-state", status) : el("span", "building-state", status);
+    if (emergency) statusNode.href = `#/wall/${emergency.session_id}`;
+    head.append(el("span", "building-name", id), statusNode);
+    const ul = el("ul", "device-list");
+    for (const d of devs) {
+      const cls = d.offline ? "offline" : d.connected ? "connected" : "quiet";
+      const li = el("li", `device ${cls}`);
+      li.dataset.device = d.device;
+      const heard = isoSeconds(d.last_heard);
+      li.append(
+        el("span", "dot"),
+        el("span", "device-name", d.device),
+        ` · ${deviceState(d)} since ${when(isoSeconds(d.since))}`,
+        el("span", "heard", ` · last heard ${when(heard)} (${ago(heard)})`),
+      );
+      li.title = d.session ? `session ${d.session}` : "no session";
+      ul.append(li);
+    }
+    card.append(head, ul);
+    cards.push(card);
+  }
+  list.replaceChildren(...cards);
   list.hidden = devices.length === 0;
-  alerts.offline = offline.length;
-  updateTitle();
+  alarm.update(undefined, offline.length);
+  dispatch.setBuildings([...buildings]
+    .filter(([id]) => id !== "unknown building")
+    .map(([id, devs]) => ({ id, devices: devs.length, online: devs.filter((d) => d.connected).length })));
 }
 
-// The session ended (logout elsewhere, expiry, account disabled): back to the login page.
-function checkLoggedIn(res) {
-  if (res.status === 401) {
-    location.assign("/login");
-    throw new Error("logged out");
-  }
+// -- the address: dashboard, wall, one camera -----------------------------------------------
+
+function parseRoute() {
+  const m = /^#\/wall\/([^/]+)(?:\/([^/]+))?$/.exec(location.hash);
+  route.session = m ? decodeURIComponent(m[1]) : null;
+  route.camera = m && m[2] ? decodeURIComponent(m[2]) : null;
+  document.body.classList.toggle("wall", route.session !== null);
+  document.body.classList.toggle("single", route.camera !== null);
 }
 
-// Requests that change state carry the session's CSRF token (the server refuses them without).
-async function post(url) {
-  const res = await fetch(url, {
-    method: "POST",
-    headers: { "X-CSRF-Token": me.csrf || "" },
-    credentials: "same-origin",
-    cache: "no-store",
-  });
-  checkLoggedIn(res);
-  return res;
-}
-
-async function loadMe() {
-  const res = await fetch("/v1/me", { cache: "no-store", credentials: "same-origin" });
-  checkLoggedIn(res);
-  if (!res.ok) throw new Error(`HTTP ${res.status}`);
-  const body = await res.json();
-  me.user = body.user;
-  me.role = body.role;
-  me.csrf = body.csrf_token;
-  document.getElementById("user").textContent = `${me.user} (${me.role})`;
-}
-
-document.getElementById("logout").addEventListener("click", async () => {
-  try {
-    await post("/logout");
-  } finally {
-    location.assign("/login");
-  }
+window.addEventListener("hashchange", () => {
+  parseRoute();
+  renderSessions(state.sessions);
+  window.scrollTo(0, 0);
 });
+
+document.addEventListener("keydown", (ev) => {
+  if (ev.key !== "Escape" || route.session === null) return;
+  location.hash = route.camera !== null ? `#/wall/${route.session}` : "#/";
+});
+
+// -- polling --------------------------------------------------------------------------------
+
+function setStatus(text, isError) {
+  const status = document.getElementById("status");
+  status.textContent = text;
+  status.classList.toggle("error", Boolean(isError));
+}
+
+async function poll() {
+  try {
+    const res = await getJson("/api/sessions");
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    const body = await res.json();
+    renderSessions(body.sessions);
+    setStatus(`updated ${clock(Date.now() / 1000)}`, false);
+  } catch (err) {
+    setStatus(`receiver unreachable (${err.message}); retrying…`, true);
+  } finally {
+    setTimeout(poll, POLL_MS);
+  }
+}
 
 async function pollDevices() {
   let again = true;
   try {
-    const res = await fetch("/v1/devices", { cache: "no-store" });
-    checkLoggedIn(res);
+    const res = await getJson("/v1/devices");
     if (res.status === 404) {
       again = false; // a viewer without device presence: nothing to show
       return;
@@ -515,30 +761,27 @@ async function pollDevices() {
   }
 }
 
-function setStatus(text, isError) {
-  const status = document.getElementById("status");
-  status.textContent = text;
-  status.classList.toggle("error", Boolean(isError));
-}
-
-async function poll() {
+document.getElementById("logout").addEventListener("click", async () => {
   try {
-    const res = await fetch("/api/sessions", { cache: "no-store" });
-    checkLoggedIn(res);
-    if (!res.ok) throw new Error(`HTTP ${res.status}`);
-    const body = await res.json();
-    render(body.sessions);
-    setStatus(`updated ${clock(Date.now() / 1000)}`, false);
-  } catch (err) {
-    setStatus(`receiver unreachable (${err.message}); retrying…`, true);
+    await post("/logout");
   } finally {
-    setTimeout(poll, POLL_MS);
+    location.assign("/login");
   }
-}
+});
 
+let ticks = 0;
 setInterval(() => {
   for (const view of sessionViews.values()) view.tick();
-}, 500);
-loadMe().catch((err) => setStatus(`receiver unreachable (${err.message}); retrying…`, true));
+  ticks += 1;
+  if (ticks % 4 === 0) tickAlarms();
+}, TICK_MS);
+
+parseRoute();
+loadMe()
+  .then(() => {
+    document.getElementById("user").textContent = `${me.user} (${me.role})`;
+    dispatch.show();
+  })
+  .catch((err) => setStatus(`receiver unreachable (${err.message}); retrying…`, true));
 poll();
 pollDevices();
