@@ -36,11 +36,18 @@ needs_chromium = pytest.mark.skipif(
 
 
 @contextlib.asynccontextmanager
-async def chromium() -> AsyncIterator[Browser]:
-    """Headless Chromium (a temporary profile, removed when it closes)."""
+async def chromium(*, autoplay: bool = True) -> AsyncIterator[Browser]:
+    """Headless Chromium (a temporary profile, removed when it closes).
+
+    ``autoplay=False``: a desktop browser's policy, no sound before the user
+    touches the page (headless Chromium would allow it).
+    """
     assert CHROMIUM is not None
+    args = [a for a in ARGS if not a.startswith("--autoplay-policy")]
+    policy = "no-user-gesture-required" if autoplay else "document-user-activation-required"
+    args.append(f"--autoplay-policy={policy}")
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=args)
         try:
             yield browser
         finally:
