@@ -413,6 +413,7 @@ class CameraTile {
         `${this.player.jumps} jump(s) to live, ${this.player.stalls} stall(s)`;
       this.behind.dataset.jumps = String(this.player.jumps);
       this.behind.dataset.stalls = String(this.player.stalls);
+      this.behind.dataset.restarts = String(this.player.restarts);
     }
     this.behind.classList.toggle("late", seconds !== null && seconds > LATE_S);
     if (this.player) this.player.tick();
