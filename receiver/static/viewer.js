@@ -17,6 +17,8 @@ const POLL_MS = 1500;
 const DEVICES_POLL_MS = 1500;
 const TICK_MS = 250;
 const LATE_S = 1; // a behind-live figure above this is shown as late
+const CLOCK_SLACK_S = 0.5; // capture clock ahead of ours by more: the clocks disagree
+const CLOCK_SLACK_MAX_S = 30; // or behind by more than this beyond the buffer
 
 const sessionViews = new Map(); // session id -> SessionView
 const route = { session: null, camera: null };
@@ -393,8 +395,12 @@ class CameraTile {
     let seconds = null;
     let source = "";
     if (behind) {
-      // The capture clock's figure if the clocks seem to agree, else what is buffered.
-      if (behind.capture !== null && behind.capture > -0.5) {
+      // The capture clock's figure if the agent's clock and this computer's seem to
+      // agree (live footage is never from the future, nor much older than what waits
+      // in the buffer: the live lane skips ahead rather than fall behind); else only
+      // what is buffered.
+      const c = behind.capture;
+      if (c !== null && c > -CLOCK_SLACK_S && c < behind.buffer + CLOCK_SLACK_MAX_S) {
         seconds = Math.max(0, behind.capture);
         source = "capture";
       } else {
@@ -408,7 +414,10 @@ class CameraTile {
       ? "behind live: –"
       : `behind live: ${seconds.toFixed(seconds < 10 ? 2 : 0)} s`;
     if (behind) {
-      this.behind.title = `${source === "capture" ? "since capture" : "buffered ahead"}; ` +
+      const why = source === "capture" ? "from capture to the screen"
+        : behind.capture === null ? "buffered (capture time not known yet)"
+          : `buffered (the agent's clock differs from this computer's by ${behind.capture.toFixed(1)} s)`;
+      this.behind.title = `${why}; ` +
         `buffered ahead ${behind.buffer.toFixed(2)} s; ` +
         `${this.player.jumps} jump(s) to live, ${this.player.stalls} stall(s)`;
       this.behind.dataset.jumps = String(this.player.jumps);
