@@ -123,13 +123,15 @@ async def plays(page: Page, cam: str, seconds: float = 1.0) -> None:
 
 
 async def recorded(
-    page: Page, cam: str, *, part: str, after: float, before: float = 1e9
+    page: Page, cam: str, *, part: str | None, after: float, before: float = 1e9
 ) -> dict[str, Any]:
-    """The recorded player of ``cam`` once it plays ``part`` between ``after`` and ``before``."""
+    """The recorded player of ``cam`` once it plays ``part`` (None: any but the first)
+    between ``after`` and ``before`` seconds into it."""
     await page.wait_for_function(
         f"""([cam, part, after, before]) => {{
           const r = ({_RECORDED_JS})(cam);
-          return r !== null && !r.paused && r.part === part && r.t > after && r.t < before;
+          return r !== null && !r.paused && r.t > after && r.t < before
+            && (part === null ? r.part !== '0' : r.part === part);
         }}""",
         arg=[cam, part, after, before],
         timeout=WAIT_MS,
@@ -161,7 +163,7 @@ async def test_an_officer_gets_the_alarm_watches_the_wall_and_replays_the_prerol
         )
         assert await page.is_hidden("#dispatch")
         assert await page.title() == "breakglass receiver"
-        await agent.capture.wait_packets(30)  # two seconds of pre-roll per camera
+        await agent.capture.wait_packets(60)  # the whole pre-roll (4 s) per camera
 
         press_button(agent)
         await page.wait_for_selector("#alarms .alarm", timeout=WAIT_MS)
@@ -222,7 +224,7 @@ async def test_an_officer_gets_the_alarm_watches_the_wall_and_replays_the_prerol
             f"stalls: {[(state['jumps'], state['stalls']) for state in states]}"
         )
         assert statistics.median(behind) < 1.0, behind  # sub-second, from the capture clock
-        assert max(behind) < 2.0, behind  # a busy machine may stall it for a moment
+        assert max(behind) < 3.0, behind  # a busy machine may stall it for a moment
         assert "behind live: 0." in (await tile(page, "front-door"))["text"]
 
         # One camera, full size, still live; Escape goes back to the wall.
@@ -246,14 +248,21 @@ async def test_an_officer_gets_the_alarm_watches_the_wall_and_replays_the_prerol
         # through the session (the press, a point in the pre-roll, the start).
         await page.click('.tile[data-camera="hallway-2"] button.recorded-toggle')
         first = await recorded(page, "hallway-2", part="0", after=0.3)
+        # The older pre-roll, then the run from the press's GOP on (and, on a busy
+        # machine, a later run where the live lane skipped ahead).
         parts = receiver.store.get(session.id).summary().camera("hallway-2").parts
-        assert len(parts) == 2  # the older pre-roll, then the run from the press's GOP on
+        assert len(parts) >= 2
         assert first["src"].endswith(f"/recordings/{session.id}/{parts[0].file}")
         assert first["label"].endswith(" s from the alarm, pre-roll)")
         assert first["luma"] > 30
         await page.click('.tile[data-camera="hallway-2"] button.at-press')
-        press = await recorded(page, "hallway-2", part="1", after=0.1)
-        assert press["src"].endswith(f"/recordings/{session.id}/{parts[1].file}")
+        press = await recorded(page, "hallway-2", part=None, after=0.1)
+        parts = receiver.store.get(session.id).summary().camera("hallway-2").parts
+        (holds,) = [p for p in parts if press["src"].endswith(f"/{session.id}/{p.file}")]
+        after = [p for p in parts if p.first_seq > holds.first_seq]
+        # It plays the part that holds the press: begun before it, the next one after.
+        assert (holds.first_capture_us or 0) / 1e6 <= session.started_at
+        assert not after or (after[0].first_capture_us or 0) / 1e6 > session.started_at
         assert press["luma"] > 30
         await page.wait_for_function(  # it plays on past the press: "(+0.4 s from the alarm)"
             _AFTER_ALARM_JS, arg='.tile[data-camera="hallway-2"] .scrub-label', timeout=WAIT_MS
