@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench.enroll import NoNetworkNamespace, check_unshare
+from tests.browser import CHROMIUM
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"bench", "figure", "value", "unit", "peer", "peer_value", "ratio"}
@@ -40,6 +41,8 @@ FIGURES = {
     "fuzz_cases_rejected",
     "fuzz_cases_accepted",
     "discover_to_enrolled_s",
+    "glass_to_browser_p50_ms",
+    "glass_to_browser_p95_ms",
 }
 #: Counts whose ideal is 0 (value and peer 0, ratio 1.0 by convention).
 ZERO_FIGURES = {"fuzz_cases_accepted"}
@@ -50,6 +53,7 @@ BACKFILL_FIGURES = {f for f in FIGURES if f.startswith("backfill_")}
 INGEST_FIGURES = {f for f in FIGURES if f.startswith("receiver_ingest_")}
 TRIGGERS_FIGURES = {"trigger_verify_per_s", "fuzz_cases_rejected", "fuzz_cases_accepted"}
 ENROLL_FIGURES = {"discover_to_enrolled_s"}
+GLASS_FIGURES = {"glass_to_browser_p50_ms", "glass_to_browser_p95_ms"}
 
 
 def need_netns() -> None:
@@ -61,6 +65,12 @@ def need_netns() -> None:
         check_unshare()
     except NoNetworkNamespace as exc:
         pytest.skip(str(exc))
+
+
+def need_chromium() -> None:
+    """Skip (with the reason) where Debian's Chromium is missing: ``glass`` cannot run."""
+    if CHROMIUM is None:
+        pytest.skip("needs chromium (apt-get install chromium) for the glass benchmark")
 
 
 def smoke_figures(names: list[str], cache: Path, timeout: float) -> set[str]:
@@ -121,7 +131,14 @@ def test_enroll_smoke_run(tmp_path: Path) -> None:
     assert smoke_figures(["enroll"], tmp_path, timeout=160) == ENROLL_FIGURES
 
 
+@pytest.mark.timeout(120)
+def test_glass_smoke_run(tmp_path: Path) -> None:
+    need_chromium()
+    assert smoke_figures(["glass"], tmp_path, timeout=110) == GLASS_FIGURES
+
+
 @pytest.mark.timeout(300)
 def test_smoke_run_prints_one_figure_per_line(tmp_path: Path) -> None:
     need_netns()  # the whole run includes enroll
+    need_chromium()  # and glass
     assert smoke_figures([], tmp_path, timeout=280) == FIGURES

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from tests.bench import agent_cpu, backfill, enroll, ingest, store, trigger, triggers
+from tests.bench import agent_cpu, backfill, enroll, glass, ingest, store, trigger, triggers
 from tests.bench.common import Figure
 
 BENCHMARKS: dict[str, Callable[[bool], Awaitable[list[Figure]]]] = {
@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[bool], Awaitable[list[Figure]]]] = {
     "triggers": triggers.run,
     "enroll": enroll.run,
     "receiver_ingest": ingest.run,
+    "glass": glass.run,
 }
 
 log = logging.getLogger("bench")
