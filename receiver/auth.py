@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from receiver.access_log import ACCESS_LOG_KEY, AccessLog
 from receiver.accounts import (
@@ -374,7 +375,7 @@ async def _credentials(request: web.Request) -> tuple[str, str, bool]:
             data = await request.json()
         else:
             raise _json_error(web.HTTPUnsupportedMediaType, "malformed", "send JSON or a form")
-    except ValueError:
+    except (ValueError, HttpProcessingError):  # a multipart body's broken part headers too
         raise _json_error(web.HTTPBadRequest, "malformed", "the body is not valid") from None
     name = data.get("name") if isinstance(data, dict) or form else None
     password = data.get("password") if isinstance(data, dict) or form else None

@@ -29,6 +29,12 @@ revokes is sent ``error`` ``revoked`` and its uplink is closed, the same way a
 refused handshake closes: what it sent is recorded and acked data stays
 durable; unacked data stays with the device. Devices accepted by the
 allow-list (no certificate) are not subject to revocation lists, as at hello.
+
+What one device may send is bounded (:class:`UplinkLimits`): heartbeats,
+``session_open`` and other control messages each at a rate (beyond it:
+``error`` ``rate_limited``, one log line, the uplink closes), what it leaves
+unread (``too_slow``), and how many uplinks may be in their handshake at once
+(503 ``busy``). Media are held back by TCP, not rate-limited.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +63,7 @@ from receiver.camera_ingest import CameraIngest
 from receiver.custody import CustodyLog, DeviceKey
 from receiver.device_trust import DeviceTrust
 from receiver.errors import ReceiverError
+from receiver.limits import LogThrottle, Rate, TokenBucket
 from receiver.presence import Presence
 from receiver.recording import RecordingStore, SessionRecording, TrackInfo
 
@@ -63,6 +71,63 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 HEARTBEAT_S = 5.0
+#: How long sending ``error`` and closing may take before the connection is dropped.
+ERROR_SEND_S = 5.0
+_HEARTBEATS = Rate(per_s=1.0, burst=10)
+_OPENS = Rate(per_s=2.0, burst=64)
+_CONTROL = Rate(per_s=500.0, burst=2000)
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkLimits:
+    """What one device's uplink may send and leave unread before it is cut.
+
+    A device over a rate gets ``error`` ``rate_limited`` and its uplink closes
+    (one log line); one that leaves more than ``max_unsent_bytes`` of the
+    receiver's messages unread (acks, heartbeats) gets ``too_slow``. Media have
+    no rate: an agent catching up after an outage sends far faster than its
+    cameras, and TCP's backpressure bounds what a device costs (the receiver
+    reads a message only when it has room for it, and yields after each one).
+    Uplinks still in their handshake are bounded too (each may send a message of
+    up to 16 MiB before it is parsed): beyond them ``GET /v1/uplink`` answers 503
+    ``busy``.
+    """
+
+    #: The agent sends one every few seconds.
+    heartbeats: Rate = _HEARTBEATS
+    #: Each ``session_open`` opens (or reopens) a recording on disk.
+    opens: Rate = _OPENS
+    #: Every other control message (chain checkpoints come about once a second per
+    #: camera live, and much faster when a device catches up).
+    control: Rate = _CONTROL
+    max_unsent_bytes: int = 1024 * 1024
+    max_handshakes: int = 32
+    max_handshakes_per_address: int = 4
+
+
+class _Budget:
+    """One connection's token buckets (the caller passes the time in)."""
+
+    def __init__(self, limits: UplinkLimits, now: float) -> None:
+        self.heartbeats = TokenBucket(limits.heartbeats, now)
+        self.opens = TokenBucket(limits.opens, now)
+        self.control = TokenBucket(limits.control, now)
+
+    def admit(self, event: p.Event, now: float) -> None:
+        """Raise ``rate_limited`` if ``event`` is one too many of its kind."""
+        if isinstance(event, p.Media):
+            return
+        if isinstance(event, p.Heartbeat):
+            bucket, what = self.heartbeats, "heartbeats"
+        elif isinstance(event, p.SessionOpen):
+            bucket, what = self.opens, "session_open messages"
+        else:
+            bucket, what = self.control, "control messages"
+        if not bucket.take(now):
+            rate = bucket.rate
+            raise p.RemoteProtocolError(
+                "rate_limited", f"{what} faster than {rate.per_s:g}/s (burst {rate.burst})"
+            )
 
 
 class AllowList:
@@ -108,8 +173,14 @@ class IngestServer:
         audits: AuditCopies | None = None,
         trust: DeviceTrust | None = None,
         presence: Presence | None = None,
+        limits: UplinkLimits | None = None,
     ) -> None:
         self.store = store
+        #: What one device may send (rates, unread bytes, handshakes at once).
+        self.limits = limits or UplinkLimits()
+        #: Uplinks in their handshake now, per client address.
+        self._handshaking: Counter[str] = Counter()
+        self._throttle = LogThrottle(log)
         #: Last heard and offline alarm per device.
         self.presence = presence if presence is not None else Presence()
         #: The district authority's enrollments (``None``: the allow-list only).
@@ -163,23 +234,45 @@ class IngestServer:
     def _refuse(self, code: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
 
+    def _busy(self, peer: str) -> web.Response | None:
+        """503 ``busy`` if ``peer`` may not start one more handshake now."""
+        limits, busy = self.limits, self._handshaking
+        if busy[peer] < limits.max_handshakes_per_address and busy.total() < limits.max_handshakes:
+            return None
+        self._refuse("busy")
+        self._throttle.log(
+            logging.WARNING, ("busy", peer),
+            "uplink from %s refused: too many handshakes in progress", peer,
+        )  # fmt: skip
+        body = {"error": "busy", "detail": "too many uplink handshakes in progress; retry"}
+        return web.json_response(body, status=503, headers={"Retry-After": "5"})
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler of ``GET /v1/uplink``."""
-        ws = web.WebSocketResponse(
-            max_msg_size=p.MEDIA_HEADER.size + p.MAX_PAYLOAD_BYTES, autoping=True
-        )
-        await ws.prepare(request)
-        conn = p.Uplink(p.Role.RECEIVER)
         peer = request.remote or "?"
+        busy = self._busy(peer)
+        if busy is not None:
+            return busy
+        self._handshaking[peer] += 1
         try:
-            device, enrollment, device_key = await self._handshake(ws, conn)
-        except (p.ProtocolError, TimeoutError, ConnectionError) as exc:
-            code = exc.code if isinstance(exc, p.ProtocolError) else "handshake_failed"
-            self._refuse(code)
-            log.warning("uplink from %s refused: %s", peer, exc)
-            await self._send_error(ws, conn, code, str(exc))
-            await self.check_revocations()  # the hello may have read a newer list
-            return ws
+            ws = web.WebSocketResponse(
+                max_msg_size=p.MEDIA_HEADER.size + p.MAX_PAYLOAD_BYTES, autoping=True
+            )
+            await ws.prepare(request)
+            conn = p.Uplink(p.Role.RECEIVER)
+            try:
+                device, enrollment, device_key = await self._handshake(ws, conn)
+            except (p.ProtocolError, TimeoutError, ConnectionError) as exc:
+                code = exc.code if isinstance(exc, p.ProtocolError) else "handshake_failed"
+                self._refuse(code)
+                log.warning("uplink from %s refused: %s", peer, exc)
+                await self._send_error(ws, conn, code, str(exc))
+                await self.check_revocations()  # the hello may have read a newer list
+                return ws
+        finally:
+            self._handshaking[peer] -= 1
+            if self._handshaking[peer] <= 0:
+                del self._handshaking[peer]
         old = self._connections.get(device)
         if old is not None:
             await old.close(
@@ -198,7 +291,7 @@ class IngestServer:
         # A newer list read by this hello (or by one racing with it) drops whoever it revokes.
         await self.check_revocations()
         try:
-            await self._serve(ws, conn, device, status, device_key)
+            await self._serve(ws, conn, device, status, device_key, request.transport)
         except p.ProtocolError as exc:
             log.warning("device %s broke the protocol: %s", device, exc)
             await self._send_error(ws, conn, exc.code, exc.detail)
@@ -262,9 +355,37 @@ class IngestServer:
     async def _send_error(
         self, ws: web.WebSocketResponse, conn: p.Uplink, code: str, detail: str
     ) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError, p.ProtocolError):
-            await ws.send_str(str(conn.send(p.Error(code, detail[:512]))))
-        await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=code.encode()[:120])
+        # Bounded: a peer that reads nothing would hold the send and the close forever
+        # (cancelled, aiohttp closes the transport; TLS gives up after tls_shutdown_s).
+        try:
+            async with asyncio.timeout(ERROR_SEND_S):
+                with contextlib.suppress(ConnectionError, RuntimeError, p.ProtocolError):
+                    await ws.send_str(str(conn.send(p.Error(code, detail[:512]))))
+                await ws.close(
+                    code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=code.encode()[:120]
+                )
+        except TimeoutError:
+            log.info("uplink closed without its error %s being read", code)
+
+    def _check_reading(self, transport: asyncio.Transport | None) -> None:
+        """Raise ``too_slow`` if the device leaves too much of what we send unread."""
+        if transport is None or transport.is_closing():
+            return  # the loop ends at its next receive
+        unsent = transport.get_write_buffer_size()
+        if unsent > self.limits.max_unsent_bytes:
+            raise p.RemoteProtocolError(
+                "too_slow", f"{unsent} bytes of acks and heartbeats left unread"
+            )
+
+    async def _beat(
+        self, ws: web.WebSocketResponse, conn: p.Uplink, transport: asyncio.Transport | None
+    ) -> None:
+        self._check_reading(transport)
+        try:
+            async with asyncio.timeout(HEARTBEAT_S):
+                await ws.send_str(str(conn.send(p.Heartbeat(time.time()))))
+        except TimeoutError:
+            raise p.RemoteProtocolError("too_slow", "a heartbeat could not be sent") from None
 
     async def _receive(
         self, ws: web.WebSocketResponse, conn: p.Uplink, within: float
@@ -335,10 +456,12 @@ class IngestServer:
         device: str,
         status: DeviceStatus,
         device_key: DeviceKey,
+        transport: asyncio.Transport | None,
     ) -> None:
         cameras: list[CameraIngest] = []
         pending: set[asyncio.Future[None]] = set()
         next_beat = time.monotonic() + HEARTBEAT_S
+        budget = _Budget(self.limits, time.monotonic())
 
         def send(event: p.Ack | p.ChainAck | p.Heartbeat | p.AuditAck) -> None:
             if not ws.closed:
@@ -368,13 +491,17 @@ class IngestServer:
                         raise p.RemoteProtocolError(
                             "timeout", "nothing heard for three heartbeats"
                         ) from None
-                    await ws.send_str(str(conn.send(p.Heartbeat(time.time()))))
+                    await self._beat(ws, conn, transport)
                     next_beat = time.monotonic() + HEARTBEAT_S
                     continue
                 if event is None:
                     break
+                budget.admit(event, time.monotonic())
+                self._check_reading(transport)
                 status.last_seen = time.time()
                 self.presence.heard(device)
+                if not isinstance(event, p.Media):  # (media yield below, once recorded)
+                    await asyncio.sleep(0)  # a burst of control messages never suspends either
                 if isinstance(event, p.Media):
                     cam = cameras[event.camera]
                     cam.media(event)
@@ -427,8 +554,9 @@ class IngestServer:
                     answer = self._trigger_results.get(event.ref)
                     if answer is not None and not answer.done():
                         answer.set_result(event)
-                elif isinstance(event, p.Error):
+                elif isinstance(event, p.Error):  # the device closes after it (DESIGN.md)
                     log.warning("device %s reports %s: %s", device, event.code, event.detail)
+                    break
             for cam in cameras:  # the device went away: record what it sent
                 await cam.settle()
         except BaseException:

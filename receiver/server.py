@@ -31,6 +31,11 @@ background tasks, owned by the application's ``cleanup_ctx``, check those
 alarms and re-read the revocation list if it changed, dropping connected
 devices it revokes. ``clock`` (wall seconds) is what presence counts in.
 
+What one client may hold is bounded (:mod:`receiver.limits`, :mod:`receiver.listener`):
+connections per address and in all, the TLS handshake, request headers and body
+in time, bodies and headers in size; every error is JSON with a stable code. What one
+device may send is bounded in :class:`receiver.ingest.UplinkLimits`.
+
 With ``notify_url`` it tells the district of every emergency session's start and
 end (:mod:`receiver.webhook`, signed with the evidence key, ``DATA/notify.sqlite``).
 
@@ -62,7 +67,9 @@ from receiver.dispatch import Dispatch, load_or_make_key
 from receiver.errors import InvalidSettingError
 from receiver.evidence_format import evidence_key
 from receiver.hls import setup_hls
-from receiver.ingest import AllowList, IngestServer
+from receiver.ingest import AllowList, IngestServer, UplinkLimits
+from receiver.limits import ServerLimits, guard_middleware
+from receiver.listener import GuardedSite
 from receiver.police_api import setup_police_api
 from receiver.presence import OFFLINE_AFTER_S, Presence
 from receiver.recording import RecordingStore
@@ -92,18 +99,24 @@ class Receiver:
         auth_settings: AuthSettings | None = None,
         notify_url: str | None = None,
         notify_pin: str | None = None,
+        limits: ServerLimits | None = None,
+        uplink_limits: UplinkLimits | None = None,
     ) -> None:
         """Raises :class:`InvalidSettingError` (a ``ValueError``) for an unusable setting.
 
         ``password_params`` is the argon2id cost of new and rehashed passwords;
         ``auth_settings`` the login limits (:class:`receiver.auth.AuthSettings`);
         ``notify_url`` the district's webhook (https; :mod:`receiver.webhook`), its
-        certificate checked against the system's CAs or pinned by ``notify_pin``.
+        certificate checked against the system's CAs or pinned by ``notify_pin``;
+        ``limits`` what one client may hold (:class:`receiver.limits.ServerLimits`:
+        sizes, time bounds, connections); ``uplink_limits`` what one device may send
+        (:class:`receiver.ingest.UplinkLimits`).
         """
         if not 0 < poll_s <= 60:
             raise InvalidSettingError(f"poll_s: expected 0 < seconds <= 60, got {poll_s!r}")
         self.data_dir = Path(data_dir)
         self.poll_s = poll_s
+        self.limits = limits or ServerLimits()
         self.host = host
         self.port = port
         self.cert_path = self.data_dir / "tls" / "receiver.crt"
@@ -125,6 +138,7 @@ class Receiver:
             audits=AuditCopies(self.data_dir / "audit"),
             trust=DeviceTrust(self.data_dir),
             presence=self.presence,
+            limits=uplink_limits,
         )
         #: Police accounts and login sessions (``DATA/accounts.sqlite``).
         self.accounts = AccountStore(self.data_dir / "accounts.sqlite", params=password_params)
@@ -146,6 +160,8 @@ class Receiver:
         self.dispatch_key_path = self.data_dir / "dispatch.key"
         self.dispatch: Dispatch | None = None
         self._runner: web.AppRunner | None = None
+        #: The TLS listener (its connection counts and refusals), once started.
+        self.site: GuardedSite | None = None
 
     @property
     def origin(self) -> str:
@@ -165,7 +181,11 @@ class Receiver:
 
     def make_app(self) -> web.Application:
         """The aiohttp application (also usable with aiohttp's test client)."""
-        app = web.Application(client_max_size=64 * 1024)
+        app = web.Application(
+            client_max_size=self.limits.max_body,
+            handler_args=self.limits.handler_args(),
+            middlewares=[guard_middleware(self.limits)],  # outermost: sizes, times, JSON errors
+        )
         app[INGEST_KEY] = self.ingest
         setup_auth(app, self.auth)  # first: its middleware guards every route below
         app.router.add_get("/v1/uplink", self.ingest.handle)
@@ -243,8 +263,14 @@ class Receiver:
         self.ingest.origins = [self.origin]
         self._runner = web.AppRunner(self.make_app(), handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.SockSite(self._runner, sock, ssl_context=ssl_ctx)
-        await site.start()
+        self.site = GuardedSite(
+            self._runner,
+            sock,
+            ssl_context=ssl_ctx,
+            limits=self.limits,
+            handler_args=self.limits.handler_args(),
+        )
+        await self.site.start()
         log.info("receiver listening on %s (TLS pin %s)", self.url, self.fingerprint)
         return self
 
