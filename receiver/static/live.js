@@ -18,6 +18,10 @@ export const LIVE_EDGE_S = 0.15; // where a seek lands, before the buffered end
 // 0.2 s gave 0.21 s behind live with a stall a second, 0.3 s gave 0.30 s with one in
 // five seconds).
 const CATCH_UP_S = 0.25;
+// A new view first gets the footage since the last keyframe (up to a GOP) in a burst;
+// while that lands, seek to the edge as soon as it is more than this behind.
+const STARTUP_MS = 3000;
+const STARTUP_JUMP_S = 0.3;
 const CAUGHT_UP_S = 0.15;
 const CATCH_UP_RATE = 1.1;
 const KEEP_BEHIND_S = 2; // buffer kept behind the playhead; older data is removed
@@ -101,6 +105,7 @@ export class LivePlayer {
     this.init = null; // what the current init segment says
     this.lastData = 0; // performance.now() of the last fragment
     this.fragments = 0; // appended since the last (re)start
+    this.startedAt = performance.now();
     this.restarts = 0;
     this.jumps = 0; // seeks to the live edge
     this.stalls = 0; // times the picture waited for data
@@ -115,6 +120,7 @@ export class LivePlayer {
     this.sb = null;
     this.init = null;
     this.fragments = 0;
+    this.startedAt = performance.now();
     this.ms = new MSE();
     this.video.disableRemotePlayback = true; // needed by ManagedMediaSource
     this.video.src = URL.createObjectURL(this.ms);
@@ -186,7 +192,8 @@ export class LivePlayer {
     const last = b.length - 1;
     const end = b.end(last);
     const behind = end - v.currentTime;
-    if (behind > JUMP_BEHIND_S || v.currentTime < b.start(last)) {
+    const starting = performance.now() - this.startedAt < STARTUP_MS;
+    if (behind > (starting ? STARTUP_JUMP_S : JUMP_BEHIND_S) || v.currentTime < b.start(last)) {
       v.currentTime = Math.max(b.start(last), end - LIVE_EDGE_S);
       v.playbackRate = 1;
       this.jumps += 1;
