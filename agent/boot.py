@@ -132,7 +132,7 @@ async def run_agent(
 
     port = 0
     while not stop.is_set():
-        config, enrolled = load_device(path)
+        config, enrolled = await asyncio.to_thread(load_device, path)  # files, keys
         if config.local_api.port == 0 and port:  # any free port: keep the one it had
             config = replace(config, local_api=replace(config.local_api, port=port))
         runtime: Agent | FirstBoot = (

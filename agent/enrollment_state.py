@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import camera_from_table
 from agent.errors import ConfigError
+from agent.statefile import fsync_dir
 from provisioning import documents as d
 from provisioning.documents import DocumentError
 from provisioning.enrollment import Enrollment, parse_enrollment
@@ -147,7 +148,7 @@ def set_aside(state_dir: Path, stamp: int) -> Path:
         link.unlink()
     elif link.exists() or link.is_symlink():
         link.rename(aside)
-    _fsync_dir(state_dir)
+    fsync_dir(state_dir)
     return aside
 
 
@@ -260,7 +261,7 @@ def _install(state_dir: Path, name: str, files: Mapping[str, bytes]) -> Path:
     staging.mkdir(mode=0o700)
     for filename, data in files.items():
         write_secret(staging / filename, data)  # 0600, fsynced
-    _fsync_dir(staging)
+    fsync_dir(staging)
     target = state_dir / name
     _remove(target)  # a leftover of an attempt the link never named
     staging.rename(target)
@@ -268,9 +269,9 @@ def _install(state_dir: Path, name: str, files: Mapping[str, bytes]) -> Path:
     with contextlib.suppress(FileNotFoundError):
         link_tmp.unlink()
     link_tmp.symlink_to(name)
-    _fsync_dir(state_dir)
+    fsync_dir(state_dir)
     link_tmp.replace(state_dir / LINK)  # the commit point
-    _fsync_dir(state_dir)
+    fsync_dir(state_dir)
     recover(state_dir)  # the previous enrollment's folder
     return target
 
@@ -280,11 +281,3 @@ def _remove(path: Path) -> None:
         path.unlink()
     elif path.exists():
         shutil.rmtree(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -80,16 +80,7 @@ class TechnicianDesk:
         if reason is not None:
             return self._refused("busy", reason, peer)
         try:
-            enrolled = await asyncio.to_thread(
-                enrollment_state.apply,
-                self.config.state_dir,
-                bundle,
-                device_id=self.config.device_id,
-                device_key=self.device_key,
-                now=self.clock(),
-                current=self.current,
-                pinned_authority=self._pinned_authority(),
-            )
+            enrolled = await asyncio.to_thread(self._apply, bundle, self.clock())
         except EnrollmentRefused as exc:
             return self._refused(exc.code, exc.detail, peer)
         except OSError as exc:  # nothing was committed (the link never moved)
@@ -113,6 +104,18 @@ class TechnicianDesk:
         """The answer was sent: if it installed an enrollment, the device starts again."""
         if self._restart:
             self.enrolled.set()
+
+    def _apply(self, bundle: Any, now: float) -> Enrolled:
+        """Check and install ``bundle`` (a worker thread: it reads and writes files)."""
+        return enrollment_state.apply(
+            self.config.state_dir,
+            bundle,
+            device_id=self.config.device_id,
+            device_key=self.device_key,
+            now=now,
+            current=self.current,
+            pinned_authority=self._pinned_authority(),
+        )
 
     def _pinned_authority(self) -> Ed25519PublicKey | None:
         """The authority the image pins (``[trust] authority`` of the file), if any."""

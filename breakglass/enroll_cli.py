@@ -213,7 +213,8 @@ async def _deliver(
     progress: Progress,
 ) -> int:
     if district.trigger_keys is not None:
-        bundle["trigger_keys"] = json.loads(district.trigger_keys.read_bytes())
+        raw = await asyncio.to_thread(district.trigger_keys.read_bytes)
+        bundle["trigger_keys"] = json.loads(raw)
     answer = await request(paired, {"op": "enroll", "bundle": bundle})
     progress(paired.device, f"enrollment v{answer.get('version')} installed")
     await wait_armed(paired, version)

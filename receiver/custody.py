@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import chain
 from agent import protocol as p
+from agent.statefile import fsync_dir
 from provisioning.keys import kid as key_id
 from provisioning.keys import raw_public
 
@@ -196,13 +197,13 @@ class CustodyLog:
                 finally:
                     os.close(fd)
             if created:
-                _fsync_dir(self.directory)  # a new file's name is durable too
+                fsync_dir(self.directory)  # a new file's name is durable too
             return sum(len(lines) for lines in fresh.values())
 
     def _ensure_dir(self) -> None:
         if not self.directory.exists():
             self.directory.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.directory.parent)
+            fsync_dir(self.directory.parent)
 
     def _held(self, camera: str) -> set[tuple[int, int, bytes, str]]:
         seen = self._seen.get(camera)
@@ -231,18 +232,10 @@ class CustodyLog:
         finally:
             os.close(fd)
         os.replace(tmp, self.directory / KEYS_FILE)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

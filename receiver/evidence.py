@@ -228,7 +228,7 @@ def build_bundle(
         manifest["receiver"] = {"kid": key_id(key.public_key()), "file": RECEIVER_KEY}
         staged.write(README, _README.encode())
         manifest["files"] = [
-            {"path": name, "sha256": _sha256(path), "size": path.stat().st_size}
+            {"path": name, "sha256": sha256_file(path), "size": path.stat().st_size}
             for name, path in sorted(staged.files.items())
         ]
         body = canonical(manifest)
@@ -523,7 +523,8 @@ def _audit_excerpt(
     }
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(1 << 20):

@@ -20,7 +20,6 @@ and camera, like the recordings the viewer fetches.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -36,7 +35,7 @@ from receiver.accounts import Role
 from receiver.auth import current_user, require
 from receiver.dispatch import Dispatch, DispatchError
 from receiver.errors import ReceiverError
-from receiver.evidence import build_bundle
+from receiver.evidence import build_bundle, sha256_file
 from receiver.evidence_format import EvidenceError
 from receiver.recording import validate_session_id
 
@@ -112,7 +111,7 @@ async def _evidence(request: web.Request) -> web.StreamResponse:
         await asyncio.to_thread(build_bundle, data, session, out)
     except (EvidenceError, ReceiverError) as exc:
         return _error(404 if "no recording" in str(exc) else 409, "no_evidence", str(exc))
-    digest = await asyncio.to_thread(_sha256, out)
+    digest = await asyncio.to_thread(sha256_file, out)
     request.app[ACCESS_LOG_KEY].record(
         "evidence_export", who=user.name, role=str(user.role), login=user.login,
         session=session, remote=request.remote, file=out.name, sha256=digest,
@@ -127,14 +126,6 @@ async def _evidence(request: web.Request) -> web.StreamResponse:
             "X-Evidence-SHA256": digest,
         },
     )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @web.middleware

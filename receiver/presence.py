@@ -35,7 +35,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agent.statefile import write_atomic
 from receiver.errors import InvalidSettingError
 
 __all__ = [
@@ -267,7 +267,7 @@ class Presence:
         self._dirty, self._saved_at = False, time.monotonic()
         data = json.dumps(doc, sort_keys=True).encode()
         try:
-            await asyncio.to_thread(_write_atomic, self.path, data)
+            await asyncio.to_thread(write_atomic, self.path, data, mode=0o640)
         except OSError as exc:
             self._dirty = True
             log.error("device presence not saved to %s: %s", self.path, exc)
@@ -313,18 +313,3 @@ def _entries(doc: Any) -> list[tuple[str, dict[str, Any]]]:
         else:
             log.error("device presence file: entry %.64r skipped", device)
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: a crash leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
