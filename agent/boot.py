@@ -97,6 +97,14 @@ def load_device(path: Path) -> tuple[AgentConfig, enrollment_state.Enrolled | No
     return parse_config(doc, path, default_id=default_id, provisioned=hand_written), None
 
 
+def check_enrollment(path: Path, device_id: str, enrolled: enrollment_state.Enrolled) -> None:
+    """Raise ConfigError unless the file at ``path`` plus ``enrolled`` is a whole, valid
+    configuration: what the device will start with must be known to start."""
+    doc = read_toml(path)
+    _overlay(doc, enrolled.config_tables())
+    parse_config(doc, path, default_id=device_id)
+
+
 def _overlay(doc: dict[str, Any], tables: Mapping[str, Any]) -> list[str]:
     """Set the enrollment's keys in ``doc``; returns the keys the file also set."""
     overridden: list[str] = []

@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -161,8 +161,13 @@ def apply(
     now: float,
     current: Enrolled | None,
     pinned_authority: Ed25519PublicKey | None = None,
+    check: Callable[[Enrolled], None] | None = None,
 ) -> Enrolled:
-    """Check ``bundle`` whole, then install it atomically (module docstring)."""
+    """Check ``bundle`` whole, then install it atomically (module docstring).
+
+    ``check`` sees the enrollment before anything is written (the agent builds its
+    whole configuration from it); a ConfigError there refuses it as ``bad_config``.
+    """
     if not isinstance(bundle, dict) or not {"certificate", "authority"} <= set(bundle):
         raise EnrollmentRefused("malformed", "bundle: expected certificate and authority")
     if extra := set(bundle) - BUNDLE_FIELDS:
@@ -203,6 +208,11 @@ def apply(
     }
     if keylist is not None:
         files[TRIGGER_KEYS] = json.dumps(keylist).encode()
+    if check is not None:
+        try:
+            check(Enrolled(state_dir / LINK, enrollment, authority, tuple(cameras)))
+        except ConfigError as exc:
+            raise EnrollmentRefused("bad_config", str(exc)) from exc
     directory = _install(state_dir, f"{LINK}.v{enrollment.version}", files)
     return Enrolled(directory, enrollment, authority, tuple(cameras))
 

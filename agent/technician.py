@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import enrollment_state
 from agent.audit import AuditLog
+from agent.boot import check_enrollment
 from agent.config import AgentConfig
 from agent.enrollment_state import Enrolled, EnrollmentRefused
 from agent.snapshot import SnapshotError
@@ -115,6 +116,7 @@ class TechnicianDesk:
             now=now,
             current=self.current,
             pinned_authority=self._pinned_authority(),
+            check=lambda e: check_enrollment(self.config.path, self.config.device_id, e),
         )
 
     def _pinned_authority(self) -> Ed25519PublicKey | None:

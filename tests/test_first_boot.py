@@ -443,3 +443,19 @@ def test_a_damaged_enrollment_is_set_aside_and_the_device_is_pairable_again(
     assert not loaded.provisioned
     (aside,) = [p.name for p in state.iterdir()]
     assert aside.startswith("damaged-enrollment-")
+
+
+async def test_an_enrollment_the_agent_could_not_start_with_is_refused_before_it_is_written(
+    tmp_path: Path, device: Device, receiver: Receiver
+) -> None:
+    first = await device.next()
+    assert isinstance(first, FirstBoot)
+    plan = district(tmp_path, receiver)
+    # Shaped like an age recipient (the certificate accepts it), but its checksum is wrong.
+    bogus = replace(plan, recipients=("age1" + "q" * 58,))
+    with pytest.raises(PairingError) as refused:
+        await enroll_one(target(first), bogus, quiet)
+    assert refused.value.code == "bad_config"
+    assert "recipients" in refused.value.detail
+    assert enrollment_state.load(first.config.state_dir) is None
+    assert first.status()["pairing_open"] is True
