@@ -111,7 +111,12 @@ async def test_a_throttled_link_keeps_live_near_real_time_and_backfill_completes
             assert agent.uplink.stats.live_skips > 0
             # Live stays within a few seconds of real time while the link is too slow
             # (after the first seconds, when the pre-roll and the first GOPs share it).
-            assert max(lags[4:]) < 4.0, str(lags)
+            # Live skips only at a keyframe, once its oldest packet waited LIVE_LAG_S: the
+            # lag saws between about one second and LIVE_LAG_S + a GOP + what is in
+            # flight, and a skip landing just after a sample reads as one high sample.
+            steady = lags[5:]
+            assert max(steady) < 4.0, str(lags)
+            assert sum(steady) / len(steady) < 2.5, str(lags)
             proxy.rate = None  # the link recovers: backfill completes
             agent.end("test finished")
             await agent.uplink.wait_settled(session.id)
