@@ -28,6 +28,13 @@ lookups run on another thread so a flood of logins never delays them.
 Every login, failure, lockout, logout and account change is written to the
 access log (:mod:`receiver.access_log`).
 
+One exception to the cookie: a *player link* (:mod:`receiver.player_links`),
+``?t=TOKEN``, stands in for it on ``GET``/``HEAD`` of exactly the routes in
+:data:`LINK_ROUTES` (a recording's HLS playlist and part files) when the
+request has no live session. The middleware hands such a request to
+``Auth.links`` (a :class:`LinkGate`), which admits it or answers 401. Such a
+request has no :func:`current_user`, so :func:`require` refuses it anywhere.
+
 Routes added: ``GET /login``, ``GET /static/login.js``, ``GET
 /static/login.css``, ``POST /login`` (JSON ``{"name", "password"}`` or a
 form; JSON answers ``{"user", "role", "csrf_token"}``, a form is redirected
@@ -48,7 +55,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -69,11 +76,16 @@ __all__ = [
     "AUTH_KEY",
     "COOKIE",
     "CSRF_HEADER",
+    "LINK_PARAM",
+    "LINK_ROUTES",
     "Auth",
     "AuthSettings",
+    "LinkGate",
     "User",
+    "admit_link",
     "allow_anonymous",
     "current_user",
+    "link_token",
     "require",
     "requires",
     "setup_auth",
@@ -85,6 +97,10 @@ COOKIE = "__Host-breakglass"
 CSRF_HEADER = "X-CSRF-Token"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _MAX_FIELD = 1024
+
+#: The query parameter of a player link, and the only routes (GET, HEAD) it may open.
+LINK_PARAM: Final = "t"
+LINK_ROUTES: Final = frozenset({"/hls/{session}/{camera}.m3u8", "/hls/{session}/{file}"})
 
 _STATIC_DIR = Path(__file__).parent / "static"
 _LOGIN_FILES = {
@@ -136,6 +152,14 @@ class User:
 
 
 _T = TypeVar("_T")
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class LinkGate(Protocol):
+    """Lets a player link open one of :data:`LINK_ROUTES` (``receiver.player_links``)."""
+
+    async def serve(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        """Call ``handler`` if the request's link admits it (see :func:`admit_link`), else 401."""
 
 
 class _AddressLimiter:
@@ -193,6 +217,8 @@ class Auth:
         self._db: ThreadPoolExecutor | None = None
         self._hash: ThreadPoolExecutor | None = None
         self._hash_slots = asyncio.Semaphore(self.settings.hash_workers)
+        #: Player links, when the server offers them (:mod:`receiver.player_links`).
+        self.links: LinkGate | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -252,6 +278,7 @@ class Auth:
 
 AUTH_KEY = web.AppKey("breakglass.auth", Auth)
 _USER_KEY = web.RequestKey("breakglass.user", User)
+_LINK_KEY = web.RequestKey("breakglass.player_link", str)
 
 
 def setup_auth(app: web.Application, auth: Auth) -> None:
@@ -280,6 +307,16 @@ def current_user(request: web.Request) -> User | None:
     return request.get(_USER_KEY)
 
 
+def admit_link(request: web.Request, token: str) -> None:
+    """Mark ``request`` as admitted by the player link ``token`` (for its LinkGate)."""
+    request[_LINK_KEY] = token
+
+
+def link_token(request: web.Request) -> str | None:
+    """The token of the player link that admitted ``request`` (None: a login, or anonymous)."""
+    return request.get(_LINK_KEY)
+
+
 def _json_error(cls: type[web.HTTPException], code: str, detail: str, **extra: Any) -> Any:
     body = json.dumps({"error": code, "detail": detail, **extra})
     return cls(text=body, content_type="application/json", headers=HEADERS)
@@ -293,9 +330,6 @@ def require(request: web.Request, role: Role = Role.OFFICER) -> User:
     if not user.role.includes(role):
         raise _json_error(web.HTTPForbidden, "forbidden", f"this needs the {role} role")
     return user
-
-
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def requires(role: Role) -> Callable[[_Handler], _Handler]:
@@ -326,6 +360,14 @@ def _is_websocket(request: web.Request) -> bool:
     return request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
 
 
+def _link_route(request: web.Request) -> bool:
+    """Whether ``request`` may be opened by a player link (one of LINK_ROUTES, GET or HEAD)."""
+    if request.method not in ("GET", "HEAD") or LINK_PARAM not in request.query:
+        return False
+    resource = request.match_info.route.resource
+    return resource is not None and resource.canonical in LINK_ROUTES and not _is_websocket(request)
+
+
 def _wants_page(request: web.Request) -> bool:
     if request.method not in ("GET", "HEAD"):
         return False
@@ -341,6 +383,8 @@ async def _middleware(request: web.Request, handler: _Handler) -> web.StreamResp
         return await handler(request)
     user = await auth.user_of(request)
     if user is None:
+        if auth.links is not None and _link_route(request):
+            return await auth.links.serve(request, handler)
         if not _is_websocket(request) and _wants_page(request):
             return _see_other("/login")
         return _error(401, "unauthenticated", "log in first")

@@ -9,7 +9,9 @@ Routes added by :func:`setup_hls`:
   are byte ranges of the part files as they lie on disk.
 
 So ``vlc``/``ffplay https://RECEIVER/hls/SESSION/CAMERA.m3u8`` plays a
-recording, and a video management system can ingest it.
+recording, and a video management system can ingest it: with the login
+cookie, or with a player link (``...m3u8?t=TOKEN``, :mod:`receiver.player_links`),
+in which case every URI the playlist lists carries the same ``?t=TOKEN``.
 
 The playlist. Each part file holding durable frames contributes its init
 segment and media segments cut at keyframes (:class:`SegmentCutter`: a
@@ -50,6 +52,7 @@ Errors are JSON ``{"error": CODE, "detail": "..."}`` (400 ``invalid_id``,
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
@@ -59,6 +62,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from receiver.auth import LINK_PARAM, link_token
 from receiver.errors import InvalidIdError, ReceiverError
 from receiver.fmp4 import FragmentInfo
 from receiver.index import LocalStorage
@@ -73,6 +77,7 @@ __all__ = [
     "Segment",
     "SegmentCutter",
     "render_playlist",
+    "requested_camera",
     "setup_hls",
     "timeline_shift",
 ]
@@ -93,6 +98,7 @@ _CUTTERS_KEPT = 1024
 #: Bytes read (and sent) at a time by the segment route.
 _CHUNK = 1 << 20
 
+_URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
 _PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
 _HEADERS = {
     "Cache-Control": "no-store",
@@ -223,14 +229,21 @@ def _date_time(us: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
-def render_playlist(parts: list[tuple[PartEntry, list[Segment]]], *, ended: bool) -> str:
+def render_playlist(
+    parts: list[tuple[PartEntry, list[Segment]]], *, ended: bool, token: str | None = None
+) -> str:
     """The media playlist of ``parts`` (each with its listed segments), in seq order.
 
-    ``ended``: nothing more will come (``EXT-X-ENDLIST``). The target
+    ``ended``: nothing more will come (``EXT-X-ENDLIST``). ``token``: the player
+    link the playlist was fetched with (URL-safe characters only), added as
+    ``?t=`` to every URI listed, so a player fetches the segments with it. The target
     duration is :data:`SEGMENT_MAX_S` (or the longest segment, rounded, if a
     single frame lasted longer): a playlist that grows must never change it,
     and a closed one was a growing one before.
     """
+    if token is not None and _URL_SAFE.fullmatch(token) is None:
+        raise ValueError("a player link token has URL-safe characters only")
+    query = "" if token is None else f"?{LINK_PARAM}={token}"
     body: list[str] = []
     longest = SEGMENT_MAX_S
     first = True
@@ -240,7 +253,8 @@ def render_playlist(parts: list[tuple[PartEntry, list[Segment]]], *, ended: bool
         if not first:
             body.append("#EXT-X-DISCONTINUITY")
         first = False
-        body.append(f'#EXT-X-MAP:URI="{part.file}",BYTERANGE="{part.init_size}@0"')
+        uri = part.file + query
+        body.append(f'#EXT-X-MAP:URI="{uri}",BYTERANGE="{part.init_size}@0"')
         for seg in segments:
             captured = _capture_us(part, seg.start)
             if captured is not None:
@@ -249,7 +263,7 @@ def render_playlist(parts: list[tuple[PartEntry, list[Segment]]], *, ended: bool
             longest = max(longest, (millis + 500) // 1000)  # EXTINF rounded to the nearest
             body.append(f"#EXTINF:{millis // 1000}.{millis % 1000:03d},")
             body.append(f"#EXT-X-BYTERANGE:{seg.size}@{seg.offset}")
-            body.append(part.file)
+            body.append(uri)
     head = [
         "#EXTM3U",
         "#EXT-X-VERSION:7",
@@ -339,13 +353,18 @@ async def _cutter(
     return cutter
 
 
+async def requested_camera(request: web.Request) -> tuple[SessionEntry, CameraEntry]:
+    """The recording of the route's ``{session}`` and ``{camera}``; a ReceiverError if none."""
+    storage = request.app[STORAGE_KEY]
+    session = await storage.session(validate_session_id(request.match_info["session"]))
+    return session, session.camera(validate_camera_id(request.match_info["camera"]))
+
+
 async def _playlist(request: web.Request) -> web.Response:
     storage = request.app[STORAGE_KEY]
     try:
-        session_id = validate_session_id(request.match_info["session"])
-        camera_id = validate_camera_id(request.match_info["camera"])
-        session: SessionEntry = await storage.session(session_id)
-        camera = session.camera(camera_id)
+        session, camera = await requested_camera(request)
+        session_id, camera_id = session.session_id, camera.camera_id
         parts = await storage.parts(session_id, camera_id)
     except ReceiverError as exc:
         return _from_exception(exc)
@@ -358,7 +377,7 @@ async def _playlist(request: web.Request) -> web.Response:
     ended = (
         session.closed_at is not None and not camera.recording and all(part.final for part in parts)
     )
-    text = render_playlist(listed, ended=ended)
+    text = render_playlist(listed, ended=ended, token=link_token(request))
     return web.Response(text=text, content_type=_PLAYLIST_TYPE, headers=_HEADERS)
 
 

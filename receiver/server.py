@@ -9,7 +9,8 @@ opens the recording store (``DATA/recordings/``), reads the device allow-list
 - ``/v1/uplink``   the agents' uplink (WebSocket, see :mod:`agent.protocol`);
 - ``/``, ``/api/sessions``, ``/v1/devices``, ``/v1/live/...``, ``/recordings/...``
   the viewer;
-- ``/hls/...`` recordings as HLS playlists (:mod:`receiver.hls`: VLC, ffplay);
+- ``/hls/...`` recordings as HLS playlists (:mod:`receiver.hls`: VLC, ffplay), also
+  by player link (:mod:`receiver.player_links`, key ``DATA/player-links.key``);
 - ``/v1/dispatch``, ``/v1/evidence/...`` dispatch triggers and evidence bundles
   (:mod:`receiver.police_api`; the dispatch key is ``DATA/dispatch.key``);
 - ``/login``, ``/logout``, ``/v1/me``, ``/v1/users`` the police accounts
@@ -70,6 +71,7 @@ from receiver.hls import setup_hls
 from receiver.ingest import AllowList, IngestServer, UplinkLimits
 from receiver.limits import ServerLimits, guard_middleware
 from receiver.listener import GuardedSite
+from receiver.player_links import KEY_FILE, PlayerLinks, QueryFreeAccessLogger, setup_player_links
 from receiver.police_api import setup_police_api
 from receiver.presence import OFFLINE_AFTER_S, Presence
 from receiver.recording import RecordingStore
@@ -145,6 +147,8 @@ class Receiver:
         #: Who logged in and who watched what (``DATA/access.log``).
         self.access_log = AccessLog(self.data_dir / "access.log")
         self.auth = Auth(self.accounts, self.access_log, auth_settings)
+        #: HLS links for players that cannot log in (key ``DATA/player-links.key``).
+        self.player_links = PlayerLinks(self.data_dir / KEY_FILE)
         if notify_url is not None:
             try:
                 check_url(notify_url)
@@ -192,6 +196,7 @@ class Receiver:
         allow_anonymous(app, "GET", "/v1/uplink")  # devices prove their key in the handshake
         setup_viewer(app, self.store, self.ingest_feed, self.presence)
         setup_hls(app, self.store)
+        setup_player_links(app, self.player_links)
         if self.dispatch is not None:
             setup_police_api(app, self.data_dir, self.dispatch)
         app.cleanup_ctx.append(self._watchers)
@@ -268,7 +273,8 @@ class Receiver:
             sock,
             ssl_context=ssl_ctx,
             limits=self.limits,
-            handler_args=self.limits.handler_args(),
+            # No query strings in aiohttp's request log: a player link's token is a credential.
+            handler_args={**self.limits.handler_args(), "access_log_class": QueryFreeAccessLogger},
         )
         await self.site.start()
         log.info("receiver listening on %s (TLS pin %s)", self.url, self.fingerprint)

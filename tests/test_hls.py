@@ -146,17 +146,27 @@ def _tls(cafile: Path) -> list[str]:
     return ["-tls_verify", "1", "-ca_file", str(cafile)]
 
 
-async def ffprobe(hls: Hls, path: str, *args: str) -> dict[str, Any]:
+async def ffprobe_url(cafile: Path, url: str, *args: str) -> dict[str, Any]:
+    """``ffprobe URL`` (its certificate checked against ``cafile``) as JSON."""
     proc = await asyncio.to_thread(
-        _run, "ffprobe", "-v", "error", *_tls(hls.cafile), *args, "-of", "json", hls.url(path)
+        _run, "ffprobe", "-v", "error", *_tls(cafile), *args, "-of", "json", url
     )
     assert proc.returncode == 0, proc.stderr
     doc: dict[str, Any] = json.loads(proc.stdout)
     return doc
 
 
+async def ffprobe(hls: Hls, path: str, *args: str) -> dict[str, Any]:
+    return await ffprobe_url(hls.cafile, hls.url(path), *args)
+
+
 async def ffmpeg_decoded_frames(hls: Hls, path: str) -> int:
     """Frames ``ffmpeg -i URL -f null -`` decodes, with no error on the way."""
+    return await ffmpeg_frames_url(hls.cafile, hls.url(path))
+
+
+async def ffmpeg_frames_url(cafile: Path, url: str) -> int:
+    """:func:`ffmpeg_decoded_frames` of any URL."""
     proc = await asyncio.to_thread(
         _run,
         "ffmpeg",
@@ -164,9 +174,9 @@ async def ffmpeg_decoded_frames(hls: Hls, path: str) -> int:
         "-v",
         "error",
         "-xerror",
-        *_tls(hls.cafile),
+        *_tls(cafile),
         "-i",
-        hls.url(path),
+        url,
         "-f",
         "null",
         "-progress",
@@ -507,3 +517,22 @@ def test_playlist_target_duration_and_dates() -> None:
     assert tags(text, "EXT-X-PROGRAM-DATE-TIME") == []
     assert timeline_shift(unknown) == T0_US * 9 // 100
     assert timeline_shift(part) == T0_US * 9 // 100 + 11  # 123 µs: 11 ticks of 90 kHz
+
+
+def test_a_playlist_fetched_with_a_player_link_carries_it_on_every_uri() -> None:
+    cutter = SegmentCutter(90_000, 100)
+    cutter.feed(fragments("K" + "." * 59 + "K" + "." * 89))
+    parts = [
+        (_part(), cutter.segments),
+        (_part(file="cam1.150.mp4", first_seq=150), cutter.segments),
+    ]
+    plain = render_playlist(parts, ended=True)
+    linked = render_playlist(parts, ended=True, token="abc_-.XYZ")
+    check_playlist_rules(linked)
+    assert linked == plain.replace(".mp4", ".mp4?t=abc_-.XYZ")
+    uris = [line for line in linked.splitlines() if line and not line.startswith("#")]
+    maps = [m.split('"')[1] for m in tags(linked, "EXT-X-MAP")]
+    assert len(uris) == 2 and len(maps) == 2
+    assert all(u.endswith("?t=abc_-.XYZ") for u in uris + maps)
+    with pytest.raises(ValueError, match="URL-safe"):
+        render_playlist(parts, ended=True, token='a"b')
