@@ -28,11 +28,15 @@ from receiver.auth import CSRF_HEADER
 from receiver.hls import STORAGE_KEY
 from receiver.player_links import KEY_FILE, MAX_TTL_S, PlayerLinks
 from receiver.server import Receiver
+from tests.browser import chromium, logged_in_page, needs_chromium
 from tests.logins import add_account, logged_in
 from tests.media import META, PacketList
 from tests.test_hls import feed, ffmpeg_frames_url, ffprobe_url, track
 
 pytestmark = pytest.mark.timeout(90)
+
+#: The page's timeouts (ms): it polls the sessions every 1.5 s.
+WAIT_MS = 15_000
 
 
 def link_path(session: str = "s-1", camera: str = "cam1") -> str:
@@ -336,3 +340,40 @@ def test_the_key_is_made_once_private_and_shared_by_every_process(tmp_path: Path
     os.chmod(path, 0o640)
     with pytest.raises(PermissionError, match="too open"):
         PlayerLinks(path).load()
+
+
+# -- the page's button --------------------------------------------------------------------------
+
+
+@needs_chromium
+async def test_the_player_link_button_shows_a_link_that_plays(
+    rx: Receiver, player: aiohttp.ClientSession
+) -> None:
+    await add_account(rx.accounts, "olivia")
+    tile = '.session[data-session="s-1"] .tile[data-camera="cam2"]'
+    box = f"{tile} input.hls-url"
+    async with chromium() as browser, logged_in_page(browser, rx.url, "olivia") as page:
+        await page.click(f"{tile} button.player-link", timeout=WAIT_MS)
+        await page.wait_for_function(_HAS_LINK, arg=[box, ""], timeout=WAIT_MS)
+        first = await page.input_value(box)
+        await page.select_option(f"{tile} select.link-ttl", str(4 * 3600))  # a new link
+        await page.wait_for_function(_HAS_LINK, arg=[box, first], timeout=WAIT_MS)
+        url = await page.input_value(box)
+        note = await page.text_content(f"{tile} .hls-box .note") or ""
+        assert await page.get_attribute(f"{tile} button.player-link", "aria-pressed") == "true"
+    assert url.startswith(f"https://127.0.0.1:{rx.port}/hls/s-1/cam2.m3u8?t=")
+    assert "works until" in note and "logged under your name" in note
+    status, playlist = await get(player, url)
+    assert status == 200 and playlist.startswith("#EXTM3U")
+    issued = [e for e in await access(rx) if e["action"] == "player_link_issue"]
+    assert [(e["who"], e["camera"], e["ttl_s"]) for e in issued] == [
+        ("olivia", "cam2", 3600),
+        ("olivia", "cam2", 4 * 3600),
+    ]
+
+
+# A link other than the one given ([selector, old value]) is in the box.
+_HAS_LINK = """([sel, old]) => {
+  const v = document.querySelector(sel).value;
+  return v.startsWith('https://') && v !== old;
+}"""

@@ -19,6 +19,8 @@ const TICK_MS = 250;
 const LATE_S = 1; // a behind-live figure above this is shown as late
 const CLOCK_SLACK_S = 0.5; // capture clock ahead of ours by more: the clocks disagree
 const CLOCK_SLACK_MAX_S = 30; // or behind by more than this beyond the buffer
+// How long a player link works (the receiver allows 60 s to 12 h).
+const LINK_TTLS = [[3600, "1 hour"], [4 * 3600, "4 hours"], [12 * 3600, "12 hours"]];
 
 const sessionViews = new Map(); // session id -> SessionView
 const route = { session: null, camera: null };
@@ -151,8 +153,9 @@ class CameraTile {
     this.actions = el("div", "actions");
     this.recordedButton = button("Recorded", "recorded-toggle", () => this.toggleRecorded());
     this.recordedButton.setAttribute("aria-pressed", "false");
-    this.hlsButton = button("HLS URL", "hls-toggle", () => this.toggleHls());
+    this.hlsButton = button("Player link", "player-link", () => this.togglePlayerLink());
     this.hlsButton.setAttribute("aria-pressed", "false");
+    this.hlsButton.title = "An HLS link to this camera's recording for VLC, ffplay or a video management system";
     this.links = el("span", "links");
     this.actions.append(this.recordedButton, this.hlsButton, this.links);
 
@@ -160,10 +163,17 @@ class CameraTile {
     this.hlsBox.hidden = true;
     this.hlsInput = el("input", "hls-url");
     this.hlsInput.readOnly = true;
-    this.hlsInput.setAttribute("aria-label", `HLS playlist of camera ${cam.camera_id}`);
-    this.hlsInput.value = `${location.origin}/hls/${encodeURIComponent(this.sessionId)}/${encodeURIComponent(cam.camera_id)}.m3u8`;
+    this.hlsInput.setAttribute("aria-label", `player link (HLS) of camera ${cam.camera_id}`);
+    this.linkTtl = el("select", "link-ttl");
+    this.linkTtl.setAttribute("aria-label", "how long the link works");
+    for (const [seconds, label] of LINK_TTLS) {
+      const option = el("option", null, label);
+      option.value = String(seconds);
+      this.linkTtl.append(option);
+    }
+    this.linkTtl.addEventListener("change", () => this.fetchPlayerLink());
     this.hlsNote = el("span", "note");
-    this.hlsBox.append(this.hlsInput, this.hlsNote);
+    this.hlsBox.append(this.hlsInput, this.linkTtl, this.hlsNote);
 
     this.recordedWrap = el("div", "recorded-wrap");
     this.recordedWrap.hidden = true;
@@ -266,20 +276,38 @@ class CameraTile {
     this.closeFull.hidden = !full;
   }
 
-  toggleHls() {
+  togglePlayerLink() {
     const show = this.hlsBox.hidden;
     this.hlsBox.hidden = !show;
     this.hlsButton.setAttribute("aria-pressed", String(show));
-    if (!show) return;
-    this.hlsInput.select();
-    const note = "for VLC, ffplay or a video management system (they need a login to this receiver)";
-    if (navigator.clipboard && navigator.clipboard.writeText) {
-      navigator.clipboard.writeText(this.hlsInput.value).then(
-        () => { this.hlsNote.textContent = `copied to the clipboard; ${note}`; },
-        () => { this.hlsNote.textContent = `press Ctrl+C to copy; ${note}`; },
-      );
-    } else {
-      this.hlsNote.textContent = `press Ctrl+C to copy; ${note}`;
+    if (show) this.fetchPlayerLink();
+  }
+
+  // A player link: the HLS playlist with a token that works without a login, for this
+  // camera only, until it expires (POST: the receiver logs who asked, and when it ends).
+  async fetchPlayerLink() {
+    this.hlsInput.value = "";
+    this.hlsNote.textContent = "asking the receiver for a link…";
+    this.hlsNote.classList.remove("error");
+    const path = `/api/sessions/${encodeURIComponent(this.sessionId)}/cameras/${encodeURIComponent(this.id)}/player-link`;
+    try {
+      const res = await post(path, { ttl_s: Number(this.linkTtl.value) });
+      if (!res.ok) throw new Error(await errorText(res));
+      const link = await res.json();
+      this.hlsInput.value = link.url;
+      this.hlsInput.dataset.expires = String(link.expires_at);
+      this.hlsInput.select();
+      const note = `works until ${when(link.expires_at)} in VLC, ffplay or a video management system, ` +
+        "without a login: whoever has it can watch this camera's recording until then (logged under your name)";
+      try {
+        await navigator.clipboard.writeText(link.url);
+        this.hlsNote.textContent = `copied; ${note}`;
+      } catch (err) {
+        this.hlsNote.textContent = `press Ctrl+C to copy; ${note}`;
+      }
+    } catch (err) {
+      this.hlsNote.textContent = `no link: ${err.message}`;
+      this.hlsNote.classList.add("error");
     }
   }
 
