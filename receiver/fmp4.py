@@ -1,11 +1,10 @@
 """Fragmented-MP4 box framing, sans-IO.
 
-:class:`FragmentSplitter` turns the byte stream a muxer writes into an init
-segment (``ftyp`` + ``moov``) and media fragments (``moof`` + ``mdat``), each
-with its sample count read from ``moof/traf/trun``. :func:`scan_file` walks
-the top-level box headers of a stored file (reading only headers and the
-small ``moof``/``moov`` boxes), counts the samples of complete fragments and
-tells where the valid part ends, so a torn tail can be cut off.
+:func:`scan_file` walks the top-level box headers of a stored file (reading
+only headers and the small ``moof``/``moov`` boxes), counts the samples of
+complete fragments and tells where the valid part ends, so a torn tail can
+be cut off. (The fragments themselves are written by
+:mod:`receiver.fragmenter`.)
 
 For playback by byte range (HLS), :func:`read_init` reads what an init
 segment says (size, timescale, creation time, ``trex`` defaults) and
@@ -22,12 +21,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 __all__ = [
-    "Fragment",
     "FragmentInfo",
     "FragmentScan",
-    "FragmentSplitter",
     "InitInfo",
-    "InitSegment",
     "MoofTiming",
     "ScanResult",
     "avcc_from_moov",
@@ -40,21 +36,6 @@ __all__ = [
 ]
 
 _MAX_META_BOX = 16 << 20  # a moov or moof bigger than this is not ours: treat as corrupt
-
-
-@dataclass(frozen=True, slots=True)
-class InitSegment:
-    """``ftyp`` + ``moov``: what a decoder needs before any fragment."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Fragment:
-    """One ``moof`` + ``mdat`` pair holding ``sample_count`` samples."""
-
-    data: bytes
-    sample_count: int
 
 
 def _header(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, bytes, int] | None:
@@ -126,50 +107,6 @@ def avcc_from_moov(moov: bytes) -> bytes | None:
     if size < 8 or end > len(moov):
         return None
     return moov[at + 4 : end]
-
-
-class FragmentSplitter:
-    """Splits a muxer's output byte stream into init segment and fragments.
-
-    Feed every written chunk to :meth:`feed`; it returns the units completed
-    by that chunk, in order. Other top-level boxes (``mfra`` at the end,
-    ``free``) are passed over.
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._ftyp: bytes | None = None
-        self._moof: bytes | None = None
-
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes received that do not yet form a complete unit."""
-        return len(self._buf) + len(self._moof or b"") + len(self._ftyp or b"")
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[InitSegment | Fragment]:
-        """Add written bytes; return the init segment/fragments they complete."""
-        self._buf += data
-        out: list[InitSegment | Fragment] = []
-        pos = 0
-        while True:
-            hdr = _header(self._buf, pos)
-            if hdr is None or len(self._buf) - pos < hdr[0]:
-                break
-            size, kind, _ = hdr
-            box = bytes(self._buf[pos : pos + size])
-            pos += size
-            if kind == b"ftyp":
-                self._ftyp = box
-            elif kind == b"moov":
-                out.append(InitSegment((self._ftyp or b"") + box))
-                self._ftyp = None
-            elif kind == b"moof":
-                self._moof = box
-            elif kind == b"mdat" and self._moof is not None:
-                out.append(Fragment(self._moof + box, moof_sample_count(self._moof)))
-                self._moof = None
-        del self._buf[:pos]
-        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """Part files on disk: what ``session.json`` says of one, writing one, scanning one.
 
 Blocking I/O: the run calls these through ``asyncio.to_thread`` (except the
-writer, which PyAV's muxer calls with each chunk it writes).
+writer, which it calls on the loop with each fragment: a write to the page
+cache; the fsync that makes it durable runs in a thread).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from receiver.fmp4 import Fragment, FragmentSplitter, InitSegment, scan_file
+from receiver.fmp4 import scan_file
 
 __all__ = ["PartInfo", "PartWriter", "open_part_file", "scan_part"]
 
@@ -36,28 +37,22 @@ class PartInfo:
 
 
 class PartWriter:
-    """File-like sink for PyAV: writes to the part file and splits boxes.
-
-    It has no ``seek``, so the muxer treats it as a non-seekable stream.
-    """
+    """Writes a part file's bytes, whole, to its descriptor (until detached)."""
 
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
-        self._splitter = FragmentSplitter()
-        self.units: list[InitSegment | Fragment] = []
 
     def detach(self) -> None:
         """Refuse further writes (the fd may be closed and its number reused)."""
         self._fd = None
 
     def write(self, data: bytes) -> int:
-        """Write all of ``data`` to the file, then parse it into boxes."""
+        """Write all of ``data`` to the file."""
         if self._fd is None:
             raise OSError("part file is detached")
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
-        self.units.extend(self._splitter.feed(data))
         return len(data)
 
 

@@ -1,18 +1,19 @@
 """One run of a camera's recording: consecutive seqs remuxed into part file(s).
 
 Theory of operation. A run starts at a keyframe and takes the camera's
-packets strictly in sequence order. Each appended Annex-B access unit is
-muxed by PyAV's mov muxer into a fragmented MP4 (one fragment per frame)
-that is written straight to the part file through :class:`PartWriter`. The
-writer also splits the byte stream into boxes, so we learn which samples are
-in complete fragments on the file descriptor: FFmpeg emits a frame's fragment
-only when the next frame is muxed (or at close), and we never assume that but
-count ``trun`` samples. Samples are gapless within a run, so the n-th sample
-of a part has sequence number ``part.first_seq + n``. :meth:`Run.flush`
+packets strictly in sequence order. Each part file is a fragmented MP4 (one
+fragment per frame) as FFmpeg's mov muxer writes it: PyAV writes the init
+segment from the first keyframe's parameter sets, and
+:class:`receiver.fragmenter.Fragmenter` each frame's fragment, byte for byte
+what the muxer wrote (it did, until its cost per frame bounded the ingest
+rate), written straight to the part file through :class:`PartWriter`. A
+frame's fragment is complete when the next frame arrives (its duration is
+the gap to it) or at close. Samples are gapless within a run, so the n-th
+sample of a part has sequence number ``part.first_seq + n``. :meth:`Run.flush`
 fsyncs in a worker thread (one fsync in flight; callers arriving meanwhile
 share the next one) and only then counts the samples as durable.
 
-PyAV cannot append to an existing fMP4, so after a restart, a write failure
+A part is never appended to once closed, so after a restart, a write failure
 or a re-opened session a run continues in a new part file, named after its
 first sequence number (``<camera>.<first_seq>.mp4``) and listed in
 ``session.json`` before it gets any data.
@@ -34,8 +35,6 @@ from pathlib import Path
 from typing import Protocol
 
 import av
-from av.container import OutputContainer
-from av.video.stream import VideoStream
 
 from receiver.errors import (
     BitstreamError,
@@ -46,18 +45,33 @@ from receiver.errors import (
     RecordingError,
     RecordingFailedError,
 )
-from receiver.fmp4 import InitSegment
+from receiver.fragmenter import Fragmenter
 from receiver.h264 import has_sps
 from receiver.parts import PartInfo, PartWriter, open_part_file, scan_part
 from receiver.summaries import part_file
 
-__all__ = ["TIME_BASE", "FragmentListener", "PartInfo", "Run", "RunHost"]
+__all__ = [
+    "MUX_OPTIONS",
+    "TIME_BASE",
+    "FragmentListener",
+    "PartInfo",
+    "Run",
+    "RunHost",
+    "init_segment",
+]
 
 _LOG = logging.getLogger(__name__)
 
+#: A part's fsyncs start at least this far apart. At full ingest rate frames arrive
+#: every few hundred µs, about an fsync's time: group commit alone then ran an fsync,
+#: a thread hand-off and an ack per frame or two. A camera at 30 fps never waits.
+COMMIT_GAP_S = 0.005
+
 #: MP4 time base of every recording: the 90 kHz clock of MPEG video.
 TIME_BASE = Fraction(1, 90_000)
-_MUX_OPTIONS = {
+#: The mov muxer's options the part files are written with (its init segment, and what
+#: :class:`Fragmenter` reproduces).
+MUX_OPTIONS = {
     "movflags": "frag_every_frame+empty_moov+default_base_moof",
     "flush_packets": "1",
 }
@@ -127,8 +141,7 @@ class Run:
         self._listener: FragmentListener | None = None
         self._fd: int | None = None
         self._writer: PartWriter | None = None
-        self._out: OutputContainer | None = None
-        self._stream: VideoStream | None = None
+        self._fragmenter: Fragmenter | None = None
         self._init: bytes | None = None
         self._pending: deque[_Sample] = deque()
         self._part_written = 0  # samples of the last part in complete fragments on the fd
@@ -136,6 +149,7 @@ class Run:
         self._origin_us = 0
         self._last_pts = -1
         self._fsync_task: asyncio.Task[None] | None = None
+        self._fsync_started = -COMMIT_GAP_S
         self._writable = False
         self._failure: BaseException | None = None
         #: Whether torn tails were cut since this run was read from disk.
@@ -248,7 +262,7 @@ class Run:
         path = self._dir / self.parts[-1].file
         self._fd = await asyncio.to_thread(open_part_file, path, sync_dir)
         self._writer = PartWriter(self._fd)
-        self._out = self._stream = self._init = None
+        self._fragmenter = self._init = None
         self._pending.clear()
         self._failure = None
         self._writable = True
@@ -265,37 +279,28 @@ class Run:
             raise RecordingError(f"camera {cam!r}: run expects seq {self.next_seq}, got {seq}")
         if not payload:
             raise InvalidPacketError(f"camera {cam!r}: empty payload at seq {seq}")
-        if self._out is None:
-            self._start_muxer(seq, capture_us, keyframe, payload)
-        assert self._out is not None
-        assert self._stream is not None
+        if self._fragmenter is None:
+            self._start_part(seq, capture_us, keyframe, payload)
+        assert self._fragmenter is not None
         if keyframe:
             self._host.learn_parameter_sets(payload)
         pts = ((capture_us - self._origin_us) * 9 + 50) // 100  # µs -> 90 kHz, rounded
         if pts <= self._last_pts:
             pts = self._last_pts + 1
             self.timestamp_fixups += 1
-        packet = av.Packet(payload)
-        packet.stream = self._stream
-        packet.time_base = TIME_BASE
-        packet.pts = packet.dts = pts
         if self._last_pts < 0:
             fps = self._host.fps
-            packet.duration = round(90_000 / fps) if fps > 0 else 3000
+            duration = round(90_000 / fps) if fps > 0 else 3000
         else:
-            packet.duration = pts - self._last_pts
-        packet.is_keyframe = keyframe
-        try:
-            self._out.mux_one(packet)
-        except Exception as exc:
-            self._fail(exc)
-            raise RecordingFailedError(f"camera {cam!r}: muxing seq {seq} failed: {exc}") from exc
+            duration = pts - self._last_pts
+        fragment = self._fragmenter.add(pts, duration, keyframe, payload)
+        if fragment is not None:  # the previous frame's; a failure takes this one nowhere
+            self._write_fragment(fragment)
         self._last_seq = seq
         self._last_pts = pts
         self._pending.append(_Sample(seq, keyframe, capture_us))
-        self._dispatch()
 
-    def _start_muxer(self, seq: int, capture_us: int, keyframe: bool, payload: bytes) -> None:
+    def _start_part(self, seq: int, capture_us: int, keyframe: bool, payload: bytes) -> None:
         cam = self._host.camera_id
         if not keyframe and seq == self.first_seq:
             raise NotKeyframeError(f"camera {cam!r}: a run must start at a keyframe (seq {seq})")
@@ -303,45 +308,34 @@ class Run:
         if not has_sps(template):
             raise MissingSpsError(f"camera {cam!r}: no SPS in seq {seq} nor in the track extradata")
         try:
-            with av.open(BytesIO(template), format="h264") as src:
-                tpl = src.streams.video[0]
-                if tpl.codec_context.width <= 0:
-                    raise BitstreamError(f"camera {cam!r}: unreadable SPS")
-                assert self._writer is not None
-                out = av.open(self._writer, "w", format="mp4", options=_MUX_OPTIONS)
-                stream = out.add_stream_from_template(tpl)
-        except av.FFmpegError as exc:
+            init = init_segment(template, capture_us, f"{cam} from seq {seq}")
+        except BitstreamError as exc:
             raise BitstreamError(f"camera {cam!r}: cannot read H.264 at seq {seq}: {exc}") from exc
-        stream.time_base = TIME_BASE
-        created = datetime.fromtimestamp(capture_us / 1e6, UTC)
-        out.metadata["creation_time"] = created.isoformat(timespec="microseconds")
-        stream.metadata["title"] = f"{cam} from seq {seq}"
-        self._out, self._stream = out, stream
+        self._write(init)
+        self._init = init
+        self._fragmenter = Fragmenter(len(init))
         self._origin_us = capture_us
         self._last_pts = -1
         self.parts[-1].first_capture_us = capture_us
         self._host.mark_dirty()
+        self._notify_init(init)
 
-    def _dispatch(self) -> None:
-        """Account for the units the writer completed and pass them to the listener."""
+    def _write(self, data: bytes) -> None:
         assert self._writer is not None
-        units, self._writer.units = self._writer.units, []
-        for unit in units:
-            if isinstance(unit, InitSegment):
-                self._init = unit.data
-                self._notify_init(unit.data)
-                continue
-            if unit.sample_count < 1 or unit.sample_count > len(self._pending):
-                self._fail(AssertionError("fragment sample count out of step with appends"))
-                raise RecordingFailedError(
-                    f"camera {self._host.camera_id!r}: fragment with {unit.sample_count} "
-                    f"samples, {len(self._pending)} pending"
-                )
-            first = self._pending[0]
-            for _ in range(unit.sample_count):
-                self._pending.popleft()
-            self._part_written += unit.sample_count
-            self._notify_fragment(unit.data, first.keyframe, first.capture_us)
+        try:
+            self._writer.write(data)
+        except Exception as exc:
+            self._fail(exc)
+            raise RecordingFailedError(
+                f"camera {self._host.camera_id!r}: writing seq {self._last_seq + 1} failed: {exc}"
+            ) from exc
+
+    def _write_fragment(self, data: bytes) -> None:
+        """Write the oldest pending frame's fragment and pass it to the listener."""
+        self._write(data)
+        first = self._pending.popleft()
+        self._part_written += 1
+        self._notify_fragment(data, first.keyframe, first.capture_us)
 
     def _notify_init(self, data: bytes) -> None:
         self._notify(lambda listener: listener.init_segment(data))
@@ -375,18 +369,16 @@ class Run:
     def _release_muxer(self) -> None:
         if self._writer is not None:
             self._writer.detach()
-        out, self._out, self._stream = self._out, None, None
-        if out is not None:
-            with contextlib.suppress(Exception):
-                out.close()
+        self._fragmenter = None
 
     # -- durability ------------------------------------------------------
 
     async def flush(self) -> int:
         """Make everything written so far durable; return :attr:`durable_seq`.
 
-        Group commit: one fsync runs at a time; callers that arrive while it
-        runs wait for it and then share one more fsync covering their data.
+        Group commit: one fsync runs at a time, and the next starts no sooner
+        than ``COMMIT_GAP_S`` after it; callers that arrive meanwhile wait and
+        then share one more fsync covering their data.
         Raises :class:`RecordingFailedError` once writing or an fsync has failed.
         """
         self._raise_if_failed()
@@ -404,6 +396,11 @@ class Run:
 
     async def _fsync_once(self) -> None:
         try:
+            loop = asyncio.get_running_loop()
+            gap = self._fsync_started + COMMIT_GAP_S - loop.time()
+            if gap > 0:
+                await asyncio.sleep(gap)  # what arrives meanwhile shares this fsync
+            self._fsync_started = loop.time()
             target = self._part_written
             # The part list was saved before the part got data. What changes later
             # (the part's first capture time, the first live seq) is bookkeeping, not
@@ -437,14 +434,21 @@ class Run:
         self._writable = False
         if self._fd is None:
             return
-        if self._out is not None and self._failure is None:
+        if self._fragmenter is not None and self._failure is None:
+            held = self._fragmenter.holding
+            tail = self._fragmenter.finish()  # the held last frame's fragment, then mfra
+            self._fragmenter = None
             try:
-                self._out.close()  # flushes the delayed last fragment and writes mfra
-                self._out = self._stream = None
-                self._dispatch()
-            except Exception as exc:
+                self._write(tail)
+            except RecordingFailedError:
                 _LOG.exception("camera %r: finishing the part failed", self._host.camera_id)
-                self._fail(exc)
+            else:
+                if held:
+                    first = self._pending.popleft()
+                    self._part_written += 1
+                    self._notify_fragment(
+                        tail[: -_mfra_size(tail)], first.keyframe, first.capture_us
+                    )
         self._release_muxer()
         try:
             if self._failure is None:
@@ -463,3 +467,36 @@ def _retrieve(task: asyncio.Task[None]) -> None:
     # Waiters may all have been cancelled; the error is logged, never silently lost.
     if not task.cancelled() and (exc := task.exception()) is not None:
         _LOG.error("fsync failed: %r", exc)
+
+
+def init_segment(template: bytes, capture_us: int, title: str) -> bytes:
+    """A part's init segment (``ftyp`` + ``moov``) from a keyframe with its SPS and PPS.
+
+    Written by FFmpeg's mov muxer with :data:`MUX_OPTIONS`; raises
+    :class:`BitstreamError` if the parameter sets cannot be read.
+    """
+    sink = BytesIO()
+    try:
+        with av.open(BytesIO(template), format="h264") as src:
+            tpl = src.streams.video[0]
+            if tpl.codec_context.width <= 0:
+                raise BitstreamError("unreadable SPS")
+            out = av.open(sink, "w", format="mp4", options=MUX_OPTIONS)
+            try:
+                stream = out.add_stream_from_template(tpl)
+                stream.time_base = TIME_BASE
+                created = datetime.fromtimestamp(capture_us / 1e6, UTC)
+                out.metadata["creation_time"] = created.isoformat(timespec="microseconds")
+                stream.metadata["title"] = title
+                out.start_encoding()
+                return sink.getvalue()
+            finally:
+                with contextlib.suppress(Exception):
+                    out.close()
+    except av.FFmpegError as exc:
+        raise BitstreamError(str(exc)) from exc
+
+
+def _mfra_size(tail: bytes) -> int:
+    # The closing mfro box ends with the size of the whole mfra.
+    return int.from_bytes(tail[-4:], "big")

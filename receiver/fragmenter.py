@@ -1,0 +1,153 @@
+"""The fragments of a recording's part file: byte for byte what FFmpeg's mov muxer writes.
+
+A part file is fragmented MP4 with one H.264 track and one fragment per
+frame, as FFmpeg's ``mp4`` muxer writes it with ``movflags``
+``frag_every_frame+empty_moov+default_base_moof`` (the part's init segment,
+``ftyp`` + ``moov``, still comes from that muxer: :func:`receiver.run`).
+Muxing each frame through PyAV cost the receiver about 130 µs of its event
+loop per frame (a packet object, the muxer, three writes through a Python
+file object and a box parser to find out what was written); this sans-IO
+writer does the same in a few struct packs and hands back one buffer per
+fragment, so the receiver knows each fragment without parsing it.
+
+What FFmpeg writes, and so what this writes (``tests/test_fragmenter.py``
+compares the two byte for byte, the closing ``mfra`` included):
+
+- A frame's fragment is written when the next frame arrives, with its
+  duration = the next decode time - its own (or, for the last frame, at
+  :meth:`Fragmenter.finish`, its own packet duration).
+- ``moof``: ``mfhd`` (sequence 1, 2, ...), ``traf``: ``tfhd`` (track 1,
+  default-base-is-moof, the sample's duration, size and the non-sync flags
+  ``0x01010000`` as defaults), ``tfdt`` (version 1, the decode time),
+  ``trun`` (one sample, its data offset; a keyframe carries first-sample
+  flags ``0x02000000``). Then ``mdat`` with the frame in AVCC form (each NAL
+  unit behind a 4-byte length, as ``ff_nal_parse_units`` converts Annex B).
+- At the end, ``mfra``: a ``tfra`` entry (decode time, ``moof`` offset) for
+  every fragment, then ``mfro``.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+
+__all__ = ["Fragmenter", "avcc_from_annex_b"]
+
+_START = b"\x00\x00\x01"
+_NON_SYNC_FLAGS = 0x01010000  # sample_depends_on = 1, sample_is_non_sync_sample
+_SYNC_FLAGS = 0x02000000  # sample_depends_on = 2 (an IDR)
+_TFHD_FLAGS = 0x020038  # default-base-is-moof, default duration, size and flags present
+_MOOF_KEY = 104  # moof of a keyframe's fragment: its trun carries first-sample flags
+_MOOF = 100
+# moof(mfhd, traf(tfhd, tfdt, trun)); trun of a keyframe has first-sample flags.
+_MOOF_HEAD = struct.Struct(">I4sI4sII")  # moof, mfhd header, mfhd version+flags, sequence
+_TRAF = struct.Struct(">I4sI4sIIIII" + "I4sIQ")  # traf, tfhd..., tfdt
+_TRUN_KEY = struct.Struct(">I4sIIiI" + "I4s")  # trun with first-sample flags, mdat header
+_TRUN = struct.Struct(">I4sIIi" + "I4s")
+
+
+def _find_start_code(data: bytes, begin: int, end: int) -> int:
+    # ff_nal_find_startcode: where "00 00 01" starts (one zero before it included), or end.
+    at = data.find(_START, begin, end)
+    if at == -1:
+        return end
+    if begin < at and data[at - 1] == 0:
+        at -= 1
+    return at
+
+
+def avcc_from_annex_b(data: bytes) -> list[bytes | memoryview]:
+    """An Annex-B access unit as AVCC: ``[length, unit, length, unit, ...]``.
+
+    The same units FFmpeg's ``ff_nal_parse_units`` finds: bytes before the
+    first start code are dropped, and a unit ends where the next start code
+    (with at most one zero byte in front of it) begins.
+    """
+    view = memoryview(data)
+    end = len(data)
+    out: list[bytes | memoryview] = []
+    pos = _find_start_code(data, 0, end)
+    while True:
+        while pos < end:  # past the start code's zeros and its 01
+            pos += 1
+            if data[pos - 1]:
+                break
+        if pos >= end:
+            return out
+        unit_end = _find_start_code(data, pos, end)
+        out.append((unit_end - pos).to_bytes(4, "big"))
+        out.append(view[pos:unit_end])
+        pos = unit_end
+
+
+class Fragmenter:
+    """Turns a part's frames into its fragments; the caller writes them, in order.
+
+    ``position`` is the part file's size before the first fragment (the
+    init segment's length): ``mfra`` refers to fragments by file offset.
+    """
+
+    def __init__(self, position: int) -> None:
+        self._position = position
+        self._sequence = 0
+        self._held: tuple[int, int, bool, list[bytes | memoryview], int] | None = None
+        #: (decode time, moof offset) of every fragment written, for ``mfra``.
+        self._index = array("q")
+
+    @property
+    def holding(self) -> bool:
+        """Whether a frame waits for its successor (or :meth:`finish`)."""
+        return self._held is not None
+
+    def add(self, dts: int, duration: int, keyframe: bool, annex_b: bytes) -> bytes | None:
+        """Take the next frame; return the previous frame's fragment, now complete.
+
+        ``dts`` must increase; ``duration`` is this frame's own packet duration,
+        used only if it turns out to be the last.
+        """
+        units = avcc_from_annex_b(annex_b)
+        size = sum(len(u) for u in units)
+        out = None
+        if self._held is not None:
+            out = self._fragment(self._held, dts - self._held[0])
+        self._held = (dts, duration, keyframe, units, size)
+        return out
+
+    def finish(self) -> bytes:
+        """The last frame's fragment (if one is held) and the closing ``mfra``."""
+        out = b"" if self._held is None else self._fragment(self._held, self._held[1])
+        self._held = None
+        return out + self._mfra()
+
+    def _fragment(
+        self, held: tuple[int, int, bool, list[bytes | memoryview], int], duration: int
+    ) -> bytes:
+        dts, _, keyframe, units, size = held
+        self._sequence += 1
+        moof = _MOOF_KEY if keyframe else _MOOF
+        traf = moof - 24
+        trun = traf - 56
+        head = _MOOF_HEAD.pack(moof, b"moof", 16, b"mfhd", 0, self._sequence)
+        head += _TRAF.pack(
+            traf, b"traf", 28, b"tfhd", _TFHD_FLAGS, 1, duration, size, _NON_SYNC_FLAGS,
+            20, b"tfdt", 0x01000000, dts,
+        )  # fmt: skip
+        if keyframe:
+            head += _TRUN_KEY.pack(trun, b"trun", 5, 1, moof + 8, _SYNC_FLAGS, size + 8, b"mdat")
+        else:
+            head += _TRUN.pack(trun, b"trun", 1, 1, moof + 8, size + 8, b"mdat")
+        self._index.extend((dts, self._position))
+        data = b"".join([head, *units])
+        self._position += len(data)
+        return data
+
+    def _mfra(self) -> bytes:
+        entries = len(self._index) // 2
+        tfra_size = 24 + 19 * entries
+        body = bytearray(struct.pack(">I4sI4sIII", 8 + tfra_size + 16, b"mfra", tfra_size, b"tfra",
+                                     0x01000000, 1, 0))  # fmt: skip
+        body += struct.pack(">I", entries)
+        for k in range(entries):
+            body += struct.pack(">QQBBB", self._index[2 * k], self._index[2 * k + 1], 1, 1, 1)
+        body += struct.pack(">I4sII", 16, b"mfro", 0, 8 + tfra_size + 16)
+        return bytes(body)
