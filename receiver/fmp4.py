@@ -36,6 +36,9 @@ __all__ = [
 ]
 
 _MAX_META_BOX = 16 << 20  # a moov or moof bigger than this is not ours: treat as corrupt
+#: read_fragments reads forward this much at a time, and parses the boxes from memory
+#: (a read per box header cost the recording index most of its time: one per frame).
+_READ_CHUNK = 1 << 20
 
 
 def _header(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, bytes, int] | None:
@@ -438,6 +441,7 @@ def read_fragments(f: BinaryIO, pos: int, max_samples: int, init: InitInfo) -> F
     ``tfdt`` continues the decode time of the one before it.
     """
     size = f.seek(0, os.SEEK_END)
+    window = _Window(f)
     start = pos
     out: list[FragmentInfo] = []
     taken = 0
@@ -445,9 +449,9 @@ def read_fragments(f: BinaryIO, pos: int, max_samples: int, init: InitInfo) -> F
     next_time = 0
     pending: tuple[int, MoofTiming] | None = None  # a moof awaiting its mdat
     while taken < max_samples:
-        f.seek(pos)
+        buf, at = window.get(pos, 16)
         try:
-            hdr = _header(f.read(16), 0)
+            hdr = _header(buf, at)
         except ValueError:
             break
         if hdr is None or pos + hdr[0] > size:
@@ -456,9 +460,9 @@ def read_fragments(f: BinaryIO, pos: int, max_samples: int, init: InitInfo) -> F
         if kind == b"moof":
             if box_size > _MAX_META_BOX:
                 break
-            f.seek(pos)
+            buf, at = window.get(pos, box_size)
             try:
-                pending = (pos, moof_timing(f.read(box_size), init))
+                pending = (pos, moof_timing(buf[at : at + box_size], init))
             except ValueError:
                 break
         elif kind == b"mdat" and pending is not None:
@@ -487,3 +491,21 @@ def read_fragments(f: BinaryIO, pos: int, max_samples: int, init: InitInfo) -> F
         pos += box_size
     end = out[-1].end if out else start
     return FragmentScan(out, end, last_sample)
+
+
+class _Window:
+    """A file read forward in large chunks, so that boxes are parsed from memory."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._buf = b""
+        self._at = 0
+
+    def get(self, pos: int, n: int) -> tuple[bytes, int]:
+        """A buffer holding the file's bytes ``pos..pos+n`` (fewer at its end), and where
+        ``pos`` is in it."""
+        if pos < self._at or pos + n > self._at + len(self._buf):
+            self._f.seek(pos)
+            self._buf = self._f.read(max(_READ_CHUNK, n))
+            self._at = pos
+        return self._buf, pos - self._at

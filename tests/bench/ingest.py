@@ -96,6 +96,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent import protocol as p
 from provisioning.keys import load_private_key, new_private_key, public_pem
 from provisioning.tls import fingerprint_digest
+from receiver.ingest import UplinkLimits
 from receiver.parts import scan_part
 from tests.bench.common import (
     Child,
@@ -136,8 +137,9 @@ MAX_RATE_ROUNDS = 3
 SMOKE_MAX_RATE_ROUNDS = 1
 #: Devices per load-generator process (more processes only on spare cores).
 DEVICES_PER_LOADER = 64
-#: Handshakes one loader runs at once.
-CONNECT_CONCURRENCY = 16
+#: Handshakes all loaders run at once: the receiver refuses (503 busy) more than this many
+#: from one address (all of ours come from 127.0.0.1), as it would a flood.
+CONNECT_CONCURRENCY = UplinkLimits().max_handshakes_per_address
 HEARTBEAT_S = 5.0
 #: Bound of the wait for the acks of the last frames after the close.
 SETTLE_S = 30.0
@@ -279,7 +281,7 @@ class Loader:
         self.ready = 0
         self.all_ready = asyncio.Event()
         self.go: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.connecting = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        self.connecting = asyncio.Semaphore(spec.get("connecting", CONNECT_CONCURRENCY))
 
     def _became_ready(self) -> None:
         self.ready += 1
@@ -291,18 +293,20 @@ class Loader:
         readied = False
         reader: asyncio.Task[None] | None = None
         try:
-            async with self.connecting:
-                ws = await http.ws_connect(
-                    self.url, ssl=self.ssl, max_msg_size=p.MAX_CONTROL_BYTES, autoping=True
-                )
-            async with ws:
-                opening = _session_open(dev.session, self.units)
-                if self.mode == "peer":
-                    conn = _ready_uplink(opening)
-                else:
-                    conn = p.Uplink(p.Role.AGENT)
-                    await self._handshake(ws, conn, dev)
-                    await ws.send_str(_as_text(conn.send(opening)))
+            async with contextlib.AsyncExitStack() as stack:
+                async with self.connecting:  # until the receiver's handshake is over
+                    ws = await stack.enter_async_context(
+                        await http.ws_connect(
+                            self.url, ssl=self.ssl, max_msg_size=p.MAX_CONTROL_BYTES, autoping=True
+                        )
+                    )
+                    opening = _session_open(dev.session, self.units)
+                    if self.mode == "peer":
+                        conn = _ready_uplink(opening)
+                    else:
+                        conn = p.Uplink(p.Role.AGENT)
+                        await self._handshake(ws, conn, dev)
+                        await ws.send_str(_as_text(conn.send(opening)))
                 reader = asyncio.create_task(self._reader(ws, conn, dev), name=f"acks {dev.device}")
                 readied = True
                 self._became_ready()
@@ -721,6 +725,7 @@ async def paced_step(bench: Bench, n: int) -> Step:
             "seconds": seconds,
             "window": [warmup, warmup + window],
             "devices": devices[g::groups],
+            "connecting": max(1, CONNECT_CONCURRENCY // groups),
         }
         for g in range(groups)
     ]
