@@ -4,6 +4,10 @@ The pre-roll starts at a keyframe, so decoding it from the start always
 works; the newest decoded picture is scaled down to at most
 :data:`MAX_WIDTH` pixels wide and encoded with FFmpeg's MJPEG encoder (PyAV),
 so no image library is needed. CPU-bound: call it in a worker thread.
+
+PyAV is imported on the first snapshot, not with the agent: it is about
+17 MiB resident, and an agent whose cameras are Pi cameras never needs it
+otherwise.
 """
 
 from __future__ import annotations
@@ -11,8 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import Final
-
-import av
 
 from hardware import EncodedPacket
 
@@ -33,6 +35,8 @@ def jpeg_from_packets(
     packets: Sequence[EncodedPacket], extradata: bytes = b"", *, max_width: int = MAX_WIDTH
 ) -> bytes:
     """The newest picture in ``packets`` (Annex-B H.264 from a keyframe on) as a JPEG."""
+    import av  # lazy: see the module docstring
+
     start = next((i for i in range(len(packets) - 1, -1, -1) if packets[i].keyframe), None)
     if start is None:
         raise SnapshotError("no_footage", "the camera has no keyframe in its pre-roll yet")
