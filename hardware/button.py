@@ -7,6 +7,10 @@ test it. Instead every edge goes through :class:`Debouncer`, a pure class
 
 Threads: gpiozero calls back on its own threads (edge detection, the hold
 timer); with ``MockFactory`` synchronously in whichever thread drives the pin.
+Without a ``hold_time`` the pin is a plain ``DigitalInputDevice``, not a
+``Button``: gpiozero's ``Button`` always starts a hold thread that wakes ten
+times a second to poll, for ever, even with no hold wanted (on the agent it
+was a third of the idle wakes besides the cameras').
 :class:`PanicButton` therefore never touches asyncio; the agent wraps its
 handler with :func:`loop_callback`, the one bridge onto the event loop.
 """
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
-from gpiozero import Button
+from gpiozero import Button, DigitalInputDevice
 from gpiozero.exc import GPIOZeroError
 
 from hardware.errors import ButtonError
@@ -151,19 +155,23 @@ class PanicButton:
         self._lock = threading.Lock()  # edge and hold callbacks come on different threads
         self._awaiting_hold = False
         try:
-            self._device = Button(
-                pin,
-                pull_up=pull_up,
-                bounce_time=None,
-                # gpiozero's hold thread runs regardless; 0 lets close() join it at once.
-                hold_time=hold_time,
-                pin_factory=pin_factory,
-            )
+            if self._hold:
+                self._device: DigitalInputDevice = Button(
+                    pin,
+                    pull_up=pull_up,
+                    bounce_time=None,
+                    hold_time=hold_time,
+                    pin_factory=pin_factory,
+                )
+            else:  # no hold thread polling ten times a second (see the module docstring)
+                self._device = DigitalInputDevice(
+                    pin, pull_up=pull_up, bounce_time=None, pin_factory=pin_factory
+                )
         except GPIOZeroError as exc:
             raise ButtonError(f"{name}: {exc}") from exc
-        self._debouncer = Debouncer(debounce_s, pressed=bool(self._device.is_pressed))
-        self._device.when_pressed = self._pressed
-        self._device.when_released = self._released
+        self._debouncer = Debouncer(debounce_s, pressed=bool(self._device.is_active))
+        self._device.when_activated = self._pressed
+        self._device.when_deactivated = self._released
         if self._hold:
             self._device.when_held = self._held
 
@@ -180,7 +188,7 @@ class PanicButton:
     @property
     def is_pressed(self) -> bool:
         """The raw level of the contact now (not debounced)."""
-        return bool(self._device.is_pressed)
+        return bool(self._device.is_active)
 
     @property
     def closed(self) -> bool:
