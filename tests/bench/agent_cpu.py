@@ -45,6 +45,7 @@ from pathlib import Path
 
 from breakglass.demo import write_agent_config
 from provisioning.tls import ensure_certificate, server_context
+from tests.bench.agent_proc import write_units
 from tests.bench.common import (
     Figure,
     child,
@@ -106,8 +107,14 @@ async def measure_agent(
             else tuple((f"replay-{i}", "interior") for i in range(cameras))
         )
         config = write_agent_config(tmp / name, rx, fps=FPS, preroll_s=preroll_s, cameras=ids)
+        units = tmp / f"{stream.name}.units"
+        if not units.exists():  # split here: the agent's process never loads PyAV for it
+            split = await asyncio.to_thread(load_access_units, stream)
+            info: dict[str, int | str] = {"width": split.width, "height": split.height}
+            info["extradata"] = split.extradata.hex()
+            await asyncio.to_thread(write_units, units, list(split.units), info)
         argv = [sys.executable, "-m", "tests.bench.agent_proc", "--config", str(config)]
-        argv += ["--stream", str(stream), "--seconds", str(seconds), "--warmup", str(warmup)]
+        argv += ["--units", str(units), "--seconds", str(seconds), "--warmup", str(warmup)]
         if press:
             argv.append("--press")
         async with child(name, argv, grace_s=5) as agent:

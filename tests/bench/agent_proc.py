@@ -1,6 +1,6 @@
 """The agent under measurement, in its own process, with replayed cameras.
 
-``python -m tests.bench.agent_proc --config F --stream FILE --seconds T [--press]``
+``python -m tests.bench.agent_proc --config F --units FILE --seconds T [--press]``
 builds :class:`agent.daemon.Agent` (which captures every camera into its
 pre-roll and its sealed :class:`~agent.store.SegmentStore`, sealed to the
 recipients in the config) with a replay camera for every configured camera,
@@ -19,6 +19,14 @@ the process waits until the receiver acknowledged everything (bounded).
 Each replayed packet gets a payload of its own (a copy), as a real camera's
 packets have: otherwise every pre-roll and every camera would share the few
 hundred buffers of the looped file and the memory figure would be a fiction.
+
+The stream comes already split into access units (``--units``, written by the
+parent with :func:`write_units`, which runs FFmpeg's parser through PyAV):
+this process never imports PyAV. Splitting the file is the harness's work,
+not the agent's, and PyAV is about 17 MiB resident that an agent with Pi
+cameras never maps; the replay itself is :class:`tests.bench.replay.ReplayCamera`'s
+(paced by ``asyncio.sleep`` until each frame is due, a late loop skips to a
+keyframe).
 """
 
 from __future__ import annotations
@@ -26,10 +34,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import resource
+import struct
 import sys
 import time
 from collections.abc import AsyncGenerator
@@ -37,19 +45,85 @@ from pathlib import Path
 
 from agent.config import CameraConfig, load_config
 from agent.daemon import Agent
-from hardware import EncodedPacket
-from tests.bench.replay import ReplayCamera, load_access_units
+from hardware import EncodedPacket, StreamInfo
 
 log = logging.getLogger("bench.agent_proc")
 
+#: ``--units`` file: this header (JSON length), the JSON, then per unit a record header
+#: (keyframe, length) and the access unit.
+_UNITS_HEAD = struct.Struct("<I")
+_UNIT = struct.Struct("<?I")
 
-class FreshReplayCamera(ReplayCamera):
-    """A :class:`ReplayCamera` whose every packet owns its payload bytes."""
+
+def write_units(path: Path, units: list[tuple[bytes, bool]], info: dict[str, int | str]) -> None:
+    """Write access units and ``info`` (width, height, extradata hex) for :func:`read_units`."""
+    head = json.dumps(info).encode()
+    parts = [_UNITS_HEAD.pack(len(head)), head]
+    for unit, key in units:
+        parts += [_UNIT.pack(key, len(unit)), unit]
+    path.write_bytes(b"".join(parts))
+
+
+def read_units(path: Path) -> tuple[tuple[tuple[bytes, bool], ...], dict[str, int | str]]:
+    """The access units and info written by :func:`write_units`."""
+    data = path.read_bytes()
+    (n,) = _UNITS_HEAD.unpack_from(data)
+    pos = _UNITS_HEAD.size + n
+    info = json.loads(data[_UNITS_HEAD.size : pos])
+    units = []
+    while pos < len(data):
+        key, size = _UNIT.unpack_from(data, pos)
+        pos += _UNIT.size
+        units.append((data[pos : pos + size], key))
+        pos += size
+    return tuple(units), info
+
+
+class FreshReplayCamera:
+    """A :class:`hardware.CameraSource` replaying access units in real time, looping, each
+    packet with a fresh copy of its payload (as :class:`tests.bench.replay.ReplayCamera`
+    paces them: an ``asyncio.sleep`` until each frame is due)."""
+
+    def __init__(
+        self, camera_id: str, units: tuple[tuple[bytes, bool], ...], info: StreamInfo
+    ) -> None:
+        self.camera_id, self.info, self._units = camera_id, info, units  # CameraSource's
+        self._closed = False
+        self.frames_skipped = 0  # frames a loop more than a second late skipped
 
     async def packets(self) -> AsyncGenerator[EncodedPacket, None]:
-        """The replayed packets, each with a fresh copy of its payload."""
-        async for packet in super().packets():
-            yield dataclasses.replace(packet, payload=memoryview(packet.payload).tobytes())
+        """Yield the access units in a loop, each when it is due, until :meth:`aclose`."""
+        units, count = self._units, len(self._units)
+        period_ns = round(1e9 / self.info.fps)
+        start, index, sleep, mono = time.monotonic_ns(), 0, asyncio.sleep, time.monotonic_ns
+        while not self._closed:
+            lag = mono() - (start + index * period_ns)
+            if lag < 0:
+                await sleep(-lag / 1e9)
+                if self._closed:
+                    return
+            elif lag > 1_000_000_000:  # a stalled loop: skip to a keyframe due now
+                skipped = lag // period_ns
+                while not units[(index + skipped) % count][1]:
+                    skipped += 1
+                self.frames_skipped += skipped
+                index += skipped
+                start = mono() - index * period_ns
+            payload, keyframe = units[index % count]
+            yield EncodedPacket(
+                self.camera_id,
+                -1,
+                time.time_ns(),
+                mono(),
+                keyframe,
+                "h264",
+                memoryview(payload).tobytes(),
+            )
+            index += 1
+
+    async def aclose(self) -> None:
+        """Stop yielding."""
+        self._closed = True
 
 
 def press_button(agent: Agent) -> None:
@@ -80,15 +154,22 @@ def _memory_mb() -> tuple[float, float]:
 
 
 async def measure(
-    config_path: Path, stream_path: Path, seconds: float, warmup: float, press: bool
+    config_path: Path, units_path: Path, seconds: float, warmup: float, press: bool
 ) -> int:
     """Run the agent, measure, print the JSON line; returns the exit code."""
     config = load_config(config_path)
-    stream = load_access_units(stream_path)
-    cameras: dict[str, ReplayCamera] = {}
+    units, info = read_units(units_path)
+    cameras: dict[str, FreshReplayCamera] = {}
 
-    def source(camera: CameraConfig) -> ReplayCamera:
-        cameras[camera.id] = FreshReplayCamera(camera.id, stream, camera.fps)
+    def source(camera: CameraConfig) -> FreshReplayCamera:
+        desc = StreamInfo(
+            "h264",
+            int(info["width"]),
+            int(info["height"]),
+            camera.fps,
+            bytes.fromhex(str(info["extradata"])),
+        )
+        cameras[camera.id] = FreshReplayCamera(camera.id, units, desc)
         return cameras[camera.id]
 
     async with Agent(config, source_factory=source) as agent:
@@ -157,7 +238,7 @@ def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--stream", type=Path, required=True)
+    parser.add_argument("--units", type=Path, required=True, help="from write_units")
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--press", action="store_true", help="stream live (an emergency)")
@@ -167,7 +248,7 @@ def main() -> None:
     )
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(
-            asyncio.run(measure(args.config, args.stream, args.seconds, args.warmup, args.press))
+            asyncio.run(measure(args.config, args.units, args.seconds, args.warmup, args.press))
         )
     sys.exit(130)
 
