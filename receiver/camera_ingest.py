@@ -189,12 +189,15 @@ class CameraIngest:
 
     @property
     def has_room(self) -> bool:
-        """Whether the queue is below its bound (else stop reading: backpressure)."""
-        return self._room.is_set()
+        """Whether the queue and the unwritten fragments are below their bounds (else
+        stop reading: backpressure)."""
+        return self._room.is_set() and not self.camera.backlogged
 
     async def room(self) -> None:
-        """Wait until the queue is below its bound again."""
+        """Wait until the queue and the unwritten fragments are below their bounds again."""
         await self._room.wait()
+        while self.camera.backlogged:
+            await self.camera.flush()  # writes them (raises if the recording failed)
 
     def _put(self, item: p.Media | p.Gap, size: int) -> None:
         self._queue.append((item, size))

@@ -216,6 +216,11 @@ class CameraRecording:
         return self._active
 
     @property
+    def backlogged(self) -> bool:
+        """Whether a run holds more unwritten bytes than it may (:attr:`Run.backlogged`)."""
+        return any(r.backlogged for r in self.runs)
+
+    @property
     def has_unflushed(self) -> bool:
         """Whether written data (or a finishing run) awaits an fsync."""
         return bool(self._closing) or any(r.has_unflushed for r in self.runs)

@@ -31,7 +31,15 @@ from __future__ import annotations
 import struct
 from array import array
 
+from receiver.fmp4 import FragmentInfo
+
 __all__ = ["Fragmenter", "avcc_from_annex_b"]
+
+#: Fragments :attr:`Fragmenter.written` keeps for the recording index at most (it takes
+#: them about twice a second); beyond, the oldest go and the index reads the file instead.
+MAX_WRITTEN = 4096
+#: Where a fragment's 64-bit tfdt decode time is: moof, mfhd, traf and tfhd headers.
+_TFDT_TIME_AT = 8 + 16 + 8 + 28 + 12
 
 _START = b"\x00\x00\x01"
 _NON_SYNC_FLAGS = 0x01010000  # sample_depends_on = 1, sample_is_non_sync_sample
@@ -93,6 +101,10 @@ class Fragmenter:
         self._held: tuple[int, int, bool, list[bytes | memoryview], int] | None = None
         #: (decode time, moof offset) of every fragment written, for ``mfra``.
         self._index = array("q")
+        #: The fragments written and not yet taken (:meth:`take`), from the part's
+        #: frame :attr:`written_from` on: the recording index need not read them back.
+        self.written: list[FragmentInfo] = []
+        self.written_from = 0
 
     @property
     def holding(self) -> bool:
@@ -138,8 +150,27 @@ class Fragmenter:
             head += _TRUN.pack(trun, b"trun", 1, 1, moof + 8, size + 8, b"mdat")
         self._index.extend((dts, self._position))
         data = b"".join([head, *units])
+        self.written.append(
+            FragmentInfo(
+                self._position, len(data), 1, dts, duration, keyframe,
+                self._position + _TFDT_TIME_AT,
+            )
+        )  # fmt: skip
+        if len(self.written) > MAX_WRITTEN:
+            drop = len(self.written) - MAX_WRITTEN // 2
+            del self.written[:drop]
+            self.written_from += drop
         self._position += len(data)
         return data
+
+    def take(self, frames: int) -> tuple[int, list[FragmentInfo]]:
+        """The written fragments of the part's frames before ``frames`` (say, the durable
+        ones), and the frame number of the first; they are not kept any longer."""
+        n = max(0, min(len(self.written), frames - self.written_from))
+        start, taken = self.written_from, self.written[:n]
+        del self.written[:n]
+        self.written_from += n
+        return start, taken
 
     def _mfra(self) -> bytes:
         entries = len(self._index) // 2

@@ -12,10 +12,13 @@ Theory of operation. :class:`LocalStorage` subscribes to the
 :class:`RecordingStore` (a ``session.json`` save, or an fsync that made
 more frames durable, marks a session dirty). A background task takes a
 snapshot of each dirty session on the loop (the writer's in-memory state:
-which frames are durable, which part may still grow), then, in a worker
-thread, reads the newly durable fragments' ``moof`` boxes from the part
-file (never past the durable frames: bytes written but not yet fsynced are
-never indexed) and writes the rows in one transaction. Snapshots of one
+which frames are durable, which part may still grow, and the fragments it
+made durable since the last snapshot, as :class:`Fragmenter` listed them),
+then, in a worker thread, writes the rows in one transaction. Where the
+writer's list does not join what the index holds (a part seen for the first
+time, after a restart, a list cut short), it reads the newly durable
+fragments' ``moof`` boxes from the part file instead (never past the durable
+frames: bytes written but not yet fsynced are never indexed). Snapshots of one
 session are applied in order, one at a time, and at most one round every
 ``FOLLOW_INTERVAL_S``: a stream fsyncs many times a second, and reading
 each fsync's few fragments apart cost the receiver a third of its CPU at
@@ -167,6 +170,10 @@ class _PartSnap:
     frames: int
     first_capture_us: int | None
     final: bool
+    #: Fragments the writer made durable since the last snapshot, from the part's frame
+    #: ``written_from`` on (the part file need not be read for them).
+    written_from: int = 0
+    written: tuple[FragmentInfo, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +218,8 @@ def _snapshot(rec: SessionRecording) -> _SessionSnap:
             growing = run.has_open_file or run.failed
             for part in run.parts:
                 if part.frames:
-                    final = not (growing and part is run.parts[-1])
+                    last = part is run.parts[-1]
+                    written_from, written = run.take_written() if last else (0, [])
                     parts.append(
                         _PartSnap(
                             t.camera_id,
@@ -220,7 +228,9 @@ def _snapshot(rec: SessionRecording) -> _SessionSnap:
                             part.first_seq,
                             part.frames,
                             part.first_capture_us,
-                            final,
+                            not (growing and last),
+                            written_from,
+                            tuple(written),
                         )
                     )
     return _SessionSnap(
@@ -344,10 +354,15 @@ class _IndexDb:
             }
         # Read the files outside the lock: readers go on meanwhile (one apply at a time).
         scans: dict[str, _Scan | None] = {}
+        read = 0
         for part in snap.parts:
             row = rows.get(part.file)
             if row is None or part.frames != row.frames:
-                scans[part.file] = _scan(snap.directory / part.file, part.frames, row)
+                scan = _from_writer(part, row)
+                if scan is None:
+                    scan = _scan(snap.directory / part.file, part.frames, row)
+                    read += 1
+                scans[part.file] = scan
         with self._lock, self._conn:
             self._write_session(snap)
             listed = {p.file for p in snap.parts}
@@ -356,7 +371,7 @@ class _IndexDb:
                     self._conn.execute("DELETE FROM parts WHERE id = ?", (row.id,))
             for part in snap.parts:
                 self._write_part(snap.session_id, part, rows.get(part.file), scans.get(part.file))
-        return sum(1 for s in scans.values() if s is not None)
+        return read
 
     def _write_session(self, snap: _SessionSnap) -> None:
         c = self._conn
@@ -579,6 +594,27 @@ def _part_entry(r: tuple[Any, ...]) -> PartEntry:
     )
 
 
+def _from_writer(part: _PartSnap, row: _Row | None) -> _Scan | None:
+    """What the writer says it added to a part since ``row``, if that is all of it."""
+    if row is None or part.frames <= row.frames:
+        return None
+    skip = row.frames - part.written_from
+    new = part.written[skip : part.frames - part.written_from] if skip >= 0 else ()
+    if len(new) != part.frames - row.frames or new[0].offset != row.durable_size:
+        return None  # the writer's list does not join the row: read the file
+    return _Scan(
+        part.frames,
+        row.init_size,
+        new[-1].end,
+        row.created_us,
+        row.timescale,
+        row.base_time,
+        new[-1].decode_time,  # one sample per fragment: its last sample's decode time
+        list(new),
+        replace=False,
+    )
+
+
 def _scan(path: Path, frames: int, row: _Row | None) -> _Scan | None:
     """Read a part's durable fragments: from where ``row`` ends, or from the start.
 
@@ -653,7 +689,8 @@ class LocalStorage:
         self._unsubscribe: Callable[[], None] | None = None
         #: Whether :meth:`start` found the index missing or unusable and rebuilt it.
         self.rebuilt = False
-        #: Part files read (wholly or their new fragments) since start: a restart reads none.
+        #: Part files read (wholly or their new fragments) since start: a restart reads none,
+        #: nor does following a writer that listed what it wrote (:meth:`Run.take_written`).
         self.parts_read = 0
 
     async def __aenter__(self) -> LocalStorage:

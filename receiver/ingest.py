@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 HEARTBEAT_S = 5.0
+#: A connection reading a burst (buffered messages never suspend a read) lets the rest of
+#: the loop run at least this often: the fsyncs and acks, and the other connections.
+YIELD_EVERY_S = 0.002
 #: How long sending ``error`` and closing may take before the connection is dropped.
 ERROR_SEND_S = 5.0
 _HEARTBEATS = Rate(per_s=1.0, burst=10)
@@ -462,6 +465,8 @@ class IngestServer:
         pending: set[asyncio.Future[None]] = set()
         next_beat = time.monotonic() + HEARTBEAT_S
         budget = _Budget(self.limits, time.monotonic())
+        loop = asyncio.get_running_loop()
+        yielded = loop.time()
 
         def send(event: p.Ack | p.ChainAck | p.Heartbeat | p.AuditAck) -> None:
             if not ws.closed:
@@ -508,8 +513,12 @@ class IngestServer:
                     if not cam.has_room:  # segments pile up faster than they open
                         await cam.room()
                     # A burst (the pre-roll) arrives already buffered, and reading it never
-                    # suspends: yield so the fsyncs and acks run beside the remuxing, not after.
-                    await asyncio.sleep(0)
+                    # suspends: yield so the fsyncs and acks run beside the remuxing, not after
+                    # (every few ms, not per frame: a loop round per frame cost as much as
+                    # recording it).
+                    if loop.time() - yielded > YIELD_EVERY_S:
+                        await asyncio.sleep(0)
+                        yielded = loop.time()
                 elif isinstance(event, p.Gap):
                     cameras[event.camera].gap(event)
                 elif isinstance(event, p.Chain):

@@ -1,8 +1,7 @@
 """Part files on disk: what ``session.json`` says of one, writing one, scanning one.
 
-Blocking I/O: the run calls these through ``asyncio.to_thread`` (except the
-writer, which it calls on the loop with each fragment: a write to the page
-cache; the fsync that makes it durable runs in a thread).
+Blocking I/O: the run calls these through ``asyncio.to_thread`` (the writer
+too: the fragments the loop made since the last fsync, then the fsync).
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from pathlib import Path
 from receiver.fmp4 import scan_file
 
 __all__ = ["PartInfo", "PartWriter", "open_part_file", "scan_part"]
+
+_IOV_MAX = 1024  # buffers one writev takes at most (Linux)
 
 _LOG = logging.getLogger(__name__)
 
@@ -46,14 +47,21 @@ class PartWriter:
         """Refuse further writes (the fd may be closed and its number reused)."""
         self._fd = None
 
-    def write(self, data: bytes) -> int:
-        """Write all of ``data`` to the file."""
-        if self._fd is None:
-            raise OSError("part file is detached")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        return len(data)
+    def write(self, chunks: list[bytes]) -> int:
+        """Write all of ``chunks``, in order, to the file (a writev per ``IOV_MAX``)."""
+        total = 0
+        for at in range(0, len(chunks), _IOV_MAX):
+            views = [memoryview(c) for c in chunks[at : at + _IOV_MAX] if c]
+            while views:
+                if self._fd is None:
+                    raise OSError("part file is detached")
+                n = os.writev(self._fd, views)
+                total += n
+                while views and n >= len(views[0]):
+                    n -= len(views.pop(0))
+                if views:
+                    views[0] = views[0][n:]
+        return total
 
 
 def open_part_file(path: Path, sync_dir: bool) -> int:

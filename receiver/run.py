@@ -45,6 +45,7 @@ from receiver.errors import (
     RecordingError,
     RecordingFailedError,
 )
+from receiver.fmp4 import FragmentInfo
 from receiver.fragmenter import Fragmenter
 from receiver.h264 import has_sps
 from receiver.parts import PartInfo, PartWriter, open_part_file, scan_part
@@ -66,6 +67,9 @@ _LOG = logging.getLogger(__name__)
 #: every few hundred µs, about an fsync's time: group commit alone then ran an fsync,
 #: a thread hand-off and an ack per frame or two. A camera at 30 fps never waits.
 COMMIT_GAP_S = 0.005
+#: Fragments wait in memory for the next fsync's thread to write them; beyond this the
+#: camera stops taking packets until they are written (its connection is not read).
+MAX_UNWRITTEN_BYTES = 8 << 20
 
 #: MP4 time base of every recording: the 90 kHz clock of MPEG video.
 TIME_BASE = Fraction(1, 90_000)
@@ -141,6 +145,11 @@ class Run:
         self._listener: FragmentListener | None = None
         self._fd: int | None = None
         self._writer: PartWriter | None = None
+        #: Bytes made on the loop, written (then fsynced) by the next fsync's thread.
+        self._unwritten: list[bytes] = []
+        self._unwritten_bytes = 0
+        #: Bytes made for the current part, and how many of them an fsync covered.
+        self._made = self._synced = 0
         self._fragmenter: Fragmenter | None = None
         self._init: bytes | None = None
         self._pending: deque[_Sample] = deque()
@@ -196,8 +205,13 @@ class Run:
 
     @property
     def has_unflushed(self) -> bool:
-        """Whether complete fragments were written that no fsync covers yet."""
-        return self._part_written > self.parts[-1].frames
+        """Whether complete fragments were made that no fsync covers yet."""
+        return self._part_written > self.parts[-1].frames or self._synced < self._made
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether more than ``MAX_UNWRITTEN_BYTES`` wait for the writer thread."""
+        return self._unwritten_bytes > MAX_UNWRITTEN_BYTES
 
     @property
     def has_open_file(self) -> bool:
@@ -212,6 +226,13 @@ class Run:
     def held(self) -> list[tuple[int, int]]:
         """The durable seq ranges of this run, one per part that holds any."""
         return [(p.first_seq, p.last_seq) for p in self.parts if p.frames]
+
+    def take_written(self) -> tuple[int, list[FragmentInfo]]:
+        """The current part's durable fragments written since the last take, and the
+        part's frame number of the first (for the recording index: nothing to read back)."""
+        if self._fragmenter is None:
+            return 0, []
+        return self._fragmenter.take(self.parts[-1].frames)
 
     def attach(self, listener: FragmentListener | None) -> None:
         """Send this run's fragments to ``listener`` (None: to nobody).
@@ -262,6 +283,8 @@ class Run:
         path = self._dir / self.parts[-1].file
         self._fd = await asyncio.to_thread(open_part_file, path, sync_dir)
         self._writer = PartWriter(self._fd)
+        self._unwritten, self._unwritten_bytes = [], 0
+        self._made = self._synced = 0
         self._fragmenter = self._init = None
         self._pending.clear()
         self._failure = None
@@ -321,17 +344,14 @@ class Run:
         self._notify_init(init)
 
     def _write(self, data: bytes) -> None:
-        assert self._writer is not None
-        try:
-            self._writer.write(data)
-        except Exception as exc:
-            self._fail(exc)
-            raise RecordingFailedError(
-                f"camera {self._host.camera_id!r}: writing seq {self._last_seq + 1} failed: {exc}"
-            ) from exc
+        # Written to the file by the next fsync's thread, with what comes meanwhile (one
+        # writev): a write per frame on the loop cost a fifth of its time at full rate.
+        self._unwritten.append(data)
+        self._unwritten_bytes += len(data)
+        self._made += len(data)
 
     def _write_fragment(self, data: bytes) -> None:
-        """Write the oldest pending frame's fragment and pass it to the listener."""
+        """Queue the oldest pending frame's fragment and pass it to the listener."""
         self._write(data)
         first = self._pending.popleft()
         self._part_written += 1
@@ -382,8 +402,8 @@ class Run:
         Raises :class:`RecordingFailedError` once writing or an fsync has failed.
         """
         self._raise_if_failed()
-        target = self._part_written
-        while self.parts[-1].frames < target:
+        target, made = self._part_written, self._made
+        while self.parts[-1].frames < target or self._synced < made:
             task = self._fsync_task
             if task is None:
                 task = asyncio.create_task(
@@ -402,24 +422,28 @@ class Run:
                 await asyncio.sleep(gap)  # what arrives meanwhile shares this fsync
             self._fsync_started = loop.time()
             target = self._part_written
+            chunks, self._unwritten, self._unwritten_bytes = self._unwritten, [], 0
+            made = self._made
             # The part list was saved before the part got data. What changes later
             # (the part's first capture time, the first live seq) is bookkeeping, not
             # footage: it is saved beside the data fsync, never in front of an ack.
             self._host.save_metadata_soon()
-            fd = self._fd
-            if fd is None:
+            fd, writer = self._fd, self._writer
+            if fd is None or writer is None:
                 raise RecordingFailedError(
                     f"camera {self._host.camera_id!r}: part file already closed"
                 )
             try:
-                await asyncio.to_thread(os.fsync, fd)
+                await asyncio.to_thread(_write_and_sync, writer, fd, chunks)
             except OSError as exc:
-                # After a failed fsync the kernel may have dropped the dirty pages:
-                # never fsync this file again and call it durable.
+                # A failed write may have left a torn tail (cut by the repair at the
+                # re-open); after a failed fsync the kernel may have dropped the dirty
+                # pages: never fsync this file again and call it durable.
                 self._fail(exc)
                 raise RecordingFailedError(
-                    f"camera {self._host.camera_id!r}: fsync failed: {exc}"
+                    f"camera {self._host.camera_id!r}: writing or fsync failed: {exc}"
                 ) from exc
+            self._synced = made
             if target > self.parts[-1].frames:
                 self.parts[-1].frames = target
                 self._host.committed(self)
@@ -438,18 +462,11 @@ class Run:
             held = self._fragmenter.holding
             tail = self._fragmenter.finish()  # the held last frame's fragment, then mfra
             self._fragmenter = None
-            try:
-                self._write(tail)
-            except RecordingFailedError:
-                _LOG.exception("camera %r: finishing the part failed", self._host.camera_id)
-            else:
-                if held:
-                    first = self._pending.popleft()
-                    self._part_written += 1
-                    self._notify_fragment(
-                        tail[: -_mfra_size(tail)], first.keyframe, first.capture_us
-                    )
-        self._release_muxer()
+            self._write(tail)
+            if held:
+                first = self._pending.popleft()
+                self._part_written += 1
+                self._notify_fragment(tail[: -_mfra_size(tail)], first.keyframe, first.capture_us)
         try:
             if self._failure is None:
                 await self.flush()
@@ -457,10 +474,19 @@ class Run:
                 with contextlib.suppress(RecordingFailedError):
                     await asyncio.shield(task)  # never close the fd under a running fsync
         finally:
+            self._release_muxer()
+            self._unwritten, self._unwritten_bytes = [], 0
             fd, self._fd = self._fd, None
             if fd is not None:
                 await asyncio.to_thread(os.close, fd)
             self._listener = None
+
+
+def _write_and_sync(writer: PartWriter, fd: int, chunks: list[bytes]) -> None:
+    """The fsync's thread: write what the loop made, then make it durable."""
+    if chunks:
+        writer.write(chunks)
+    os.fsync(fd)
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

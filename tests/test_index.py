@@ -160,12 +160,14 @@ async def test_index_follows_the_writer_and_only_durable_data(
             (part,) = await storage.parts("s-1", "cam1")
             assert part.frames == cam.frames_durable == n - 1
             assert len(await storage.fragments("s-1", part.file)) == n - 1
-        # Written but not fsynced: in the file, never in the index.
+        # Read once, when the part first appeared; since, the writer listed its fragments.
+        assert storage.parts_read == 1
+        # Made but not fsynced (the fsync's thread writes them): never in the index.
         await feed(cam, packets, range(60, 70))
         await storage.sync()
         (part,) = await storage.parts("s-1", "cam1")
         assert part.frames == 59
-        assert (rec.directory / part.file).stat().st_size > part.durable_size
+        assert cam.has_unflushed
         await rec.close("all clear")
         await storage.sync()
         (part,) = await storage.parts("s-1", "cam1")
@@ -173,6 +175,10 @@ async def test_index_follows_the_writer_and_only_durable_data(
         session = await storage.session("s-1")
         assert session.closed_at is not None and not session.camera("cam1").recording
         await check_part(storage, part.file, rec.directory / part.file)
+        # What the writer listed is what reading the files gives.
+        async with LocalStorage(store, tmp_path / "from-files.sqlite") as rebuilt:
+            assert rebuilt.rebuilt
+            assert await dump(rebuilt) == await dump(storage)
 
 
 async def test_index_is_rebuilt_after_deletion(tmp_path: Path, packets: PacketList) -> None:
