@@ -196,6 +196,9 @@ class AccountInfo:
     last_login: float | None
     failures: int
     locked_until: float
+    #: When the account last lost rights (disabled, or its role changed to one that
+    #: does not include the old): player links issued before are dead for good.
+    rights_lost: float = 0.0
 
     def to_json(self, now: float) -> dict[str, object]:
         """The ``GET /v1/users`` entry."""
@@ -302,7 +305,8 @@ CREATE TABLE IF NOT EXISTS users (
     password_changed REAL NOT NULL,
     last_login REAL,
     failures INTEGER NOT NULL DEFAULT 0,
-    locked_until REAL NOT NULL DEFAULT 0
+    locked_until REAL NOT NULL DEFAULT 0,
+    rights_lost REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash TEXT PRIMARY KEY,
@@ -358,6 +362,9 @@ class AccountStore:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
+            if "rights_lost" not in columns:  # a database made before the column existed
+                db.execute("ALTER TABLE users ADD COLUMN rights_lost REAL NOT NULL DEFAULT 0")
         except BaseException:
             db.close()
             raise
@@ -424,7 +431,7 @@ class AccountStore:
         """The account ``name``; :class:`UnknownAccountError` if there is none."""
         rows = self._query(
             "SELECT name, role, disabled, created, password_changed, last_login, failures, "
-            "locked_until FROM users WHERE name = ?",
+            "locked_until, rights_lost FROM users WHERE name = ?",
             (name,),
         )
         if not rows:
@@ -435,7 +442,7 @@ class AccountStore:
         """Every account, by name."""
         rows = self._query(
             "SELECT name, role, disabled, created, password_changed, last_login, failures, "
-            "locked_until FROM users ORDER BY name"
+            "locked_until, rights_lost FROM users ORDER BY name"
         )
         return [_info(r) for r in rows]
 
@@ -459,21 +466,34 @@ class AccountStore:
             db.execute("DELETE FROM sessions WHERE name = ?", (name,))
 
     def set_disabled(self, name: str, disabled: bool) -> None:
-        """Disable (ending every session) or enable an account."""
+        """Disable (ending every session and player link for good) or enable an account."""
         with self._tx() as db:
-            cur = db.execute("UPDATE users SET disabled = ? WHERE name = ?", (int(disabled), name))
+            if disabled:
+                cur = db.execute(
+                    "UPDATE users SET disabled = 1, rights_lost = ? WHERE name = ?",
+                    (self.clock(), name),
+                )
+            else:
+                cur = db.execute("UPDATE users SET disabled = 0 WHERE name = ?", (name,))
             if cur.rowcount == 0:
                 raise UnknownAccountError(f"no account {name!r:.70}")
             if disabled:
                 db.execute("DELETE FROM sessions WHERE name = ?", (name,))
 
     def set_role(self, name: str, role: Role) -> None:
-        """Change an account's role (its sessions get the new role at their next request)."""
+        """Change an account's role (its sessions get the new role at their next request;
+        a role that does not include the old one ends its player links for good)."""
         role = Role(role)
         with self._tx() as db:
-            cur = db.execute("UPDATE users SET role = ? WHERE name = ?", (str(role), name))
-            if cur.rowcount == 0:
+            old = db.execute("SELECT role FROM users WHERE name = ?", (name,)).fetchone()
+            if old is None:
                 raise UnknownAccountError(f"no account {name!r:.70}")
+            lost = not role.includes(Role(str(old[0])))
+            db.execute(
+                "UPDATE users SET role = ?, rights_lost = CASE WHEN ? THEN ? ELSE rights_lost END "
+                "WHERE name = ?",
+                (str(role), lost, self.clock(), name),
+            )
 
     # -- login ---------------------------------------------------------------
 
@@ -628,7 +648,7 @@ class AccountStore:
 
 
 def _info(row: Any) -> AccountInfo:
-    name, role, disabled, created, changed, last_login, failures, locked_until = row
+    name, role, disabled, created, changed, last_login, failures, locked_until, lost = row
     return AccountInfo(
         name=str(name),
         role=Role(str(role)),
@@ -638,4 +658,5 @@ def _info(row: Any) -> AccountInfo:
         last_login=None if last_login is None else float(last_login),
         failures=int(failures),
         locked_until=float(locked_until),
+        rights_lost=float(lost),
     )

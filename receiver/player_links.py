@@ -16,8 +16,9 @@ which the URL's path supplies. The key is 32 random bytes in
 ``DATA/player-links.key`` (mode 0600, made on first start). Nothing is stored
 per link: a link is checked by recomputing its MAC (constant-time compare),
 then its expiry, then the account as it is *now* (one indexed SELECT): a
-link dies when it expires, when its user is disabled or removed, when their
-password changes after it was made, or when their role no longer includes the
+link dies when it expires, when its user is removed, when they are disabled,
+their password changes or their role stops including an earlier one after it
+was made (for good: ``rights_lost``), or while their role does not include the
 role they had when they made it. It does not die at logout: a player outlives
 the browser tab that made its link.
 
@@ -68,7 +69,7 @@ from aiohttp.web_request import BaseRequest
 from agent.statefile import fsync_dir, write_atomic
 from provisioning.keys import read_small
 from receiver.access_log import ACCESS_LOG_KEY, iso_ms
-from receiver.accounts import Role, UnknownAccountError, validate_name
+from receiver.accounts import AccountInfo, Role, UnknownAccountError, validate_name
 from receiver.auth import AUTH_KEY, HEADERS, LINK_PARAM, admit_link, require
 from receiver.errors import ReceiverError
 from receiver.hls import requested_camera
@@ -250,15 +251,18 @@ class PlayerLinks:
         return link
 
     @staticmethod
-    def check_account(
-        link: PlayerLink, role: Role, disabled: bool, password_changed: float
-    ) -> None:
+    def check_account(link: PlayerLink, account: AccountInfo) -> None:
         """:class:`LinkRefused` (``token_revoked``) unless the account keeps the link's rights."""
-        if disabled:
+        role = account.role
+        if account.disabled:
             raise LinkRefused("token_revoked", "the account of this player link is disabled", link)
-        if password_changed * 1000 > link.issued_ms:
+        if account.password_changed * 1000 > link.issued_ms:
             raise LinkRefused(
                 "token_revoked", "the password of this link's account changed since", link
+            )
+        if account.rights_lost * 1000 > link.issued_ms:
+            raise LinkRefused(
+                "token_revoked", "this link's account was disabled or lost its role since", link
             )
         if not role.includes(link.role) or not role.includes(Role.OFFICER):
             raise LinkRefused("token_revoked", "the role of this link's account was lowered", link)
@@ -278,7 +282,7 @@ class PlayerLinks:
                 account = await auth.db(auth.accounts.get, link.name)
             except UnknownAccountError:
                 raise LinkRefused("token_revoked", "the link's account is gone", link) from None
-            self.check_account(link, account.role, account.disabled, account.password_changed)
+            self.check_account(link, account)
             role = account.role
         except LinkRefused as exc:
             self._refused_entry(request, exc, session, camera)

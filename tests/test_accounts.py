@@ -241,6 +241,41 @@ def test_a_role_change_applies_to_live_sessions(store: AccountStore) -> None:
     assert info is not None and info.role is Role.ADMIN
 
 
+def test_losing_rights_is_stamped(store: AccountStore, clock: Clock) -> None:
+    # What player links made before are checked against (receiver.player_links).
+    store.add("alice", Role.DISPATCHER, PASSWORD)
+    assert store.get("alice").rights_lost == 0
+    clock.t += 10
+    store.set_role("alice", Role.ADMIN)  # includes the old role: nothing lost
+    assert store.get("alice").rights_lost == 0
+    store.set_role("alice", Role.OFFICER)
+    assert store.get("alice").rights_lost == clock.t
+    clock.t += 10
+    store.set_role("alice", Role.DISPATCHER)
+    store.set_disabled("alice", True)
+    assert store.get("alice").rights_lost == clock.t
+    clock.t += 10
+    store.set_disabled("alice", False)  # enabling again gives nothing back
+    assert store.get("alice").rights_lost == clock.t - 10
+    with pytest.raises(UnknownAccountError):
+        store.set_role("bob", Role.OFFICER)
+
+
+def test_a_database_from_before_rights_lost_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "accounts.sqlite"
+    with AccountStore(path, params=FAST) as first:
+        first.add("alice", Role.OFFICER, PASSWORD)
+    old = sqlite3.connect(path)
+    old.execute("ALTER TABLE users DROP COLUMN rights_lost")  # as the table was made before
+    old.commit()
+    old.close()
+    with AccountStore(path, params=FAST) as again:
+        assert again.get("alice").rights_lost == 0
+        assert again.authenticate("alice", PASSWORD).outcome is LoginOutcome.OK
+        again.set_disabled("alice", True)
+        assert again.get("alice").rights_lost > 0
+
+
 # -- the command line ------------------------------------------------------------------
 
 

@@ -299,25 +299,31 @@ async def test_a_link_dies_with_its_users_rights(
         status, body = await get(player, url)
         return status, body["error"] if status != 200 else None
 
-    # Disabled: refused while it lasts (enabling it again brings its unexpired links back).
+    # Disabled: refused, and for good (enabling the account again does not revive it).
     disabled = (await issue(rx, Role.OFFICER, "dana"))["url"]
     await accounts_call(accounts.set_disabled, "dana", True)
     assert await status_of(disabled) == (401, "token_revoked")
     await accounts_call(accounts.set_disabled, "dana", False)
-    assert await status_of(disabled) == (200, None)
+    assert await status_of(disabled) == (401, "token_revoked")
+    fresh = (await issue(rx, Role.OFFICER, "dana"))["url"]  # a link asked for since works
+    assert await status_of(fresh) == (200, None)
     # A new password ends every link made before it, for good.
     await accounts_call(accounts.set_password, "dana", "another long passphrase 7")
-    assert await status_of(disabled) == (401, "token_revoked")
-    # A role lowered below the one the link was made with ends it; a raised one keeps it.
+    assert await status_of(fresh) == (401, "token_revoked")
+    # A role lowered below the one the link was made with ends it, for good; a raised one
+    # keeps it.
     dispatcher = (await issue(rx, Role.DISPATCHER, "rtcc-1"))["url"]
     officer = (await issue(rx, Role.OFFICER, "olly"))["url"]
     await accounts_call(accounts.set_role, "rtcc-1", Role.OFFICER)
     await accounts_call(accounts.set_role, "olly", Role.ADMIN)
     assert await status_of(dispatcher) == (401, "token_revoked")
     assert await status_of(officer) == (200, None)
+    await accounts_call(accounts.set_role, "rtcc-1", Role.DISPATCHER)
+    assert await status_of(dispatcher) == (401, "token_revoked")
     log = await access(rx)
     refused = [(e["who"], e["code"]) for e in log if e["action"] == "player_link_refused"]
-    assert refused == [("dana", "token_revoked"), ("rtcc-1", "token_revoked")]
+    # Once per link and code: dana's two links, rtcc-1's one.
+    assert refused == [("dana", "token_revoked")] * 2 + [("rtcc-1", "token_revoked")]
 
 
 async def accounts_call(fn: Any, *args: Any) -> None:
