@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.__main__ import BENCHMARKS
 from tests.bench.enroll import NoNetworkNamespace, check_unshare
 from tests.browser import CHROMIUM
 
@@ -48,12 +49,18 @@ FIGURES = {
 ZERO_FIGURES = {"fuzz_cases_accepted"}
 
 
-STORE_FIGURES = {f for f in FIGURES if f.startswith("store_")}
-BACKFILL_FIGURES = {f for f in FIGURES if f.startswith("backfill_")}
-INGEST_FIGURES = {f for f in FIGURES if f.startswith("receiver_ingest_")}
-TRIGGERS_FIGURES = {"trigger_verify_per_s", "fuzz_cases_rejected", "fuzz_cases_accepted"}
-ENROLL_FIGURES = {"discover_to_enrolled_s"}
-GLASS_FIGURES = {"glass_to_browser_p50_ms", "glass_to_browser_p95_ms"}
+#: The figures of each benchmark (its smoke run must print exactly these), and the
+#: bound of that run in seconds.
+SMOKE: dict[str, tuple[set[str], float]] = {
+    "trigger": ({f for f in FIGURES if f.startswith("trigger_to_")}, 90),
+    "agent_cpu": ({f for f in FIGURES if f.startswith("agent_")}, 110),
+    "store": ({f for f in FIGURES if f.startswith("store_")}, 30),
+    "backfill": ({f for f in FIGURES if f.startswith("backfill_")}, 80),
+    "triggers": ({"trigger_verify_per_s", "fuzz_cases_rejected", "fuzz_cases_accepted"}, 30),
+    "enroll": ({"discover_to_enrolled_s"}, 160),
+    "receiver_ingest": ({f for f in FIGURES if f.startswith("receiver_ingest_")}, 110),
+    "glass": ({"glass_to_browser_p50_ms", "glass_to_browser_p95_ms"}, 110),
+}
 
 
 def need_netns() -> None:
@@ -104,41 +111,29 @@ def smoke_figures(names: list[str], cache: Path, timeout: float) -> set[str]:
     return seen
 
 
-@pytest.mark.timeout(40)
-def test_store_smoke_run(tmp_path: Path) -> None:
-    assert smoke_figures(["store"], tmp_path, timeout=30) == STORE_FIGURES
+def test_every_benchmark_has_a_smoke_run_and_every_figure_a_benchmark() -> None:
+    assert set(SMOKE) == set(BENCHMARKS)
+    assert set().union(*(figures for figures, _ in SMOKE.values())) == FIGURES
+    assert sum(len(figures) for figures, _ in SMOKE.values()) == len(FIGURES)
 
 
-@pytest.mark.timeout(90)
-def test_backfill_smoke_run(tmp_path: Path) -> None:
-    assert smoke_figures(["backfill"], tmp_path, timeout=80) == BACKFILL_FIGURES
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Test streams, generated once for every smoke run of this module."""
+    return tmp_path_factory.mktemp("bench-cache")
 
 
-@pytest.mark.timeout(120)
-def test_receiver_ingest_smoke_run(tmp_path: Path) -> None:
-    assert smoke_figures(["receiver_ingest"], tmp_path, timeout=110) == INGEST_FIGURES
-
-
-@pytest.mark.timeout(40)
-def test_triggers_smoke_run(tmp_path: Path) -> None:
-    figures = smoke_figures(["triggers"], tmp_path, timeout=30)
-    assert figures == TRIGGERS_FIGURES
-
-
-@pytest.mark.timeout(170)
-def test_enroll_smoke_run(tmp_path: Path) -> None:
-    need_netns()
-    assert smoke_figures(["enroll"], tmp_path, timeout=160) == ENROLL_FIGURES
-
-
-@pytest.mark.timeout(120)
-def test_glass_smoke_run(tmp_path: Path) -> None:
-    need_chromium()
-    assert smoke_figures(["glass"], tmp_path, timeout=110) == GLASS_FIGURES
-
-
-@pytest.mark.timeout(300)
-def test_smoke_run_prints_one_figure_per_line(tmp_path: Path) -> None:
-    need_netns()  # the whole run includes enroll
-    need_chromium()  # and glass
-    assert smoke_figures([], tmp_path, timeout=280) == FIGURES
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.timeout(bound + 10))
+        for name, (_, bound) in SMOKE.items()
+    ],
+)
+def test_smoke_run(name: str, cache: Path) -> None:
+    if name == "enroll":
+        need_netns()
+    if name == "glass":
+        need_chromium()
+    figures, bound = SMOKE[name]
+    assert smoke_figures([name], cache, timeout=bound) == figures
