@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent import protocol as p
 from provisioning.keys import load_private_key, new_private_key, public_pem
 from provisioning.tls import fingerprint_digest
+from receiver import ingest
 from receiver.accounts import Role
 from receiver.auth import COOKIE, CSRF_HEADER
 from receiver.ingest import UplinkLimits
@@ -773,6 +774,34 @@ async def test_garbage_after_the_handshake_is_cut_and_acked_footage_stays(
         assert again.welcome is not None
         assert again.welcome.acked["s-bad"]["cam"] >= acked
     assert rx.store.get("s-bad").summary().camera("cam").parts
+
+
+async def test_a_device_gone_quiet_gets_heartbeats_then_is_cut_and_its_footage_stays(
+    tmp_path: Path, rx: Receiver, small_packets: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Heartbeats and the silence check run on a task of their own (no timeout around each
+    # receive): the device below sends nothing after its footage, reads everything.
+    monkeypatch.setattr(ingest, "HEARTBEAT_S", 0.2)
+    key = enroll(rx, tmp_path, "dev-quiet")
+    beats: list[p.Heartbeat] = []
+    real_receive = p.Uplink.receive
+
+    def receive(self: p.Uplink, message: str | bytes) -> p.Event:
+        event = real_receive(self, message)
+        if isinstance(event, p.Heartbeat) and self.role is p.Role.AGENT:
+            beats.append(event)
+        return event
+
+    monkeypatch.setattr(p.Uplink, "receive", receive)
+    async with Device(rx, key, "dev-quiet") as dev:
+        await dev.open_session("s-quiet", small_packets)
+        await dev.stream(small_packets, 10, fps=1000)
+        await dev.wait_acked(8)
+        error = await dev.cut_with()
+        assert error is not None and error.code == "timeout", error
+        assert dev.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+    assert len(beats) >= 2  # every HEARTBEAT_S until three of them passed unanswered
+    assert rx.store.get("s-quiet").camera("cam").durable_seq >= 8
 
 
 # -- 4. unauthenticated and malformed HTTP ------------------------------------------------------
