@@ -771,6 +771,9 @@ def decode_control(text: str) -> Event:
     return _parse_control(text)
 
 
+_MEDIA_KINDS = {kind.value: kind for kind in MediaKind}
+
+
 def _parse_media(data: bytes) -> Media:
     if len(data) < MEDIA_HEADER.size:
         raise RemoteProtocolError("malformed", "media message shorter than its header")
@@ -779,7 +782,8 @@ def _parse_media(data: bytes) -> Media:
         raise RemoteProtocolError(
             "bad_version", f"media header version {version}, expected {VERSION}"
         )
-    if kind not in MediaKind._value2member_map_:
+    media_kind = _MEDIA_KINDS.get(kind)
+    if media_kind is None:
         raise RemoteProtocolError("malformed", f"media kind {kind} unknown")
     if flags & ~(FLAG_KEYFRAME | FLAG_PREROLL):
         raise RemoteProtocolError("malformed", f"media flags {flags:#x} has unknown bits")
@@ -788,7 +792,7 @@ def _parse_media(data: bytes) -> Media:
     if length != len(data) - MEDIA_HEADER.size:
         raise RemoteProtocolError("malformed", "media payload length does not match the message")
     return Media(
-        MediaKind(kind),
+        media_kind,
         camera,
         _seq(seq, "media.seq"),
         capture_us,
@@ -854,6 +858,14 @@ class Uplink:
         return (RemoteProtocolError if remote else LocalProtocolError)(code, detail)
 
     def _advance(self, event: Event, *, remote: bool) -> None:
+        if type(event) is Media and self.phase is Phase.READY:  # the hot path, checked first
+            if self.session is None:
+                raise self._fail(remote, "no_session", "media without an open session")
+            if event.camera >= self.camera_count:
+                raise self._fail(
+                    remote, "unknown_camera", f"camera index {event.camera} not in session"
+                )
+            return
         name = type(event).__name__
         if isinstance(event, Error):
             return  # an error is allowed in every phase; the shell closes after it
@@ -874,13 +886,6 @@ class Uplink:
         elif isinstance(event, SessionOpen):
             self.session = event.session
             self.camera_count = len(event.cameras)
-        elif isinstance(event, Media):
-            if self.session is None:
-                raise self._fail(remote, "no_session", "media without an open session")
-            if event.camera >= self.camera_count:
-                raise self._fail(
-                    remote, "unknown_camera", f"camera index {event.camera} not in session"
-                )
         elif isinstance(event, Gap | Chain):
             if event.session != self.session or event.camera >= self.camera_count:
                 what = "gap" if isinstance(event, Gap) else "chain"
