@@ -67,6 +67,7 @@ __all__ = [
     "AccountInfo",
     "AccountStore",
     "InvalidNameError",
+    "LastAdminError",
     "LockoutPolicy",
     "LoginOutcome",
     "LoginResult",
@@ -123,6 +124,12 @@ class UnknownAccountError(AccountError, LookupError):
     """No account has this name."""
 
     code = "unknown_account"
+
+
+class LastAdminError(AccountError):
+    """The change would leave no enabled admin account (nobody could manage accounts)."""
+
+    code = "last_admin"
 
 
 class Role(enum.StrEnum):
@@ -207,7 +214,9 @@ class AccountInfo:
             "role": str(self.role),
             "disabled": self.disabled,
             "locked": self.locked_until > now,
+            "locked_until": self.locked_until if self.locked_until > now else None,
             "created": self.created,
+            "password_changed": self.password_changed,
             "last_login": self.last_login,
         }
 
@@ -465,9 +474,14 @@ class AccountStore:
                 raise UnknownAccountError(f"no account {name!r:.70}")
             db.execute("DELETE FROM sessions WHERE name = ?", (name,))
 
-    def set_disabled(self, name: str, disabled: bool) -> None:
-        """Disable (ending every session and player link for good) or enable an account."""
+    def set_disabled(self, name: str, disabled: bool, *, keep_admin: bool = False) -> None:
+        """Disable (ending every session and player link for good) or enable an account.
+
+        ``keep_admin``: :class:`LastAdminError` rather than disable the last enabled admin.
+        """
         with self._tx() as db:
+            if disabled and keep_admin:
+                _keep_an_admin(db, name)
             if disabled:
                 cur = db.execute(
                     "UPDATE users SET disabled = 1, rights_lost = ? WHERE name = ?",
@@ -480,14 +494,19 @@ class AccountStore:
             if disabled:
                 db.execute("DELETE FROM sessions WHERE name = ?", (name,))
 
-    def set_role(self, name: str, role: Role) -> None:
+    def set_role(self, name: str, role: Role, *, keep_admin: bool = False) -> None:
         """Change an account's role (its sessions get the new role at their next request;
-        a role that does not include the old one ends its player links for good)."""
+        a role that does not include the old one ends its player links for good).
+
+        ``keep_admin``: :class:`LastAdminError` rather than demote the last enabled admin.
+        """
         role = Role(role)
         with self._tx() as db:
             old = db.execute("SELECT role FROM users WHERE name = ?", (name,)).fetchone()
             if old is None:
                 raise UnknownAccountError(f"no account {name!r:.70}")
+            if keep_admin and role is not Role.ADMIN:
+                _keep_an_admin(db, name)
             lost = not role.includes(Role(str(old[0])))
             db.execute(
                 "UPDATE users SET role = ?, rights_lost = CASE WHEN ? THEN ? ELSE rights_lost END "
@@ -497,8 +516,12 @@ class AccountStore:
 
     # -- login ---------------------------------------------------------------
 
-    def authenticate(self, name: str, password: str) -> LoginResult:
-        """Check a login attempt (slow: one argon2id verification, unless locked)."""
+    def authenticate(self, name: str, password: str, *, login: bool = True) -> LoginResult:
+        """Check a login attempt (slow: one argon2id verification, unless locked).
+
+        ``login=False``: a password confirmed for another purpose (a password change):
+        counted and locked alike, but ``last_login`` stays.
+        """
         now = self.clock()
         known = _NAME.fullmatch(name) is not None and 0 < len(password) <= MAX_PASSWORD
         row = (
@@ -523,8 +546,9 @@ class AccountStore:
         rehashed = False
         with self._tx() as db:
             db.execute(
-                "UPDATE users SET failures = 0, locked_until = 0, last_login = ? WHERE name = ?",
-                (now, name),
+                "UPDATE users SET failures = 0, locked_until = 0, "
+                "last_login = CASE WHEN ? THEN ? ELSE last_login END WHERE name = ?",
+                (login, now, name),
             )
         if self._hasher.check_needs_rehash(str(digest)):
             fresh = self._hasher.hash(password)
@@ -645,6 +669,20 @@ class AccountStore:
         """How many sessions of ``name`` are stored (expired ones included until purged)."""
         (row,) = self._query("SELECT COUNT(*) FROM sessions WHERE name = ?", (name,))
         return int(row[0])
+
+
+def _keep_an_admin(db: sqlite3.Connection, name: str) -> None:
+    """:class:`LastAdminError` if ``name`` is the only enabled admin (inside a transaction)."""
+    (others,) = db.execute(
+        "SELECT COUNT(*) FROM users WHERE role = ? AND disabled = 0 AND name != ?",
+        (str(Role.ADMIN), name),
+    ).fetchone()
+    (target,) = db.execute(
+        "SELECT COUNT(*) FROM users WHERE name = ? AND role = ? AND disabled = 0",
+        (name, str(Role.ADMIN)),
+    ).fetchone()
+    if target and not others:
+        raise LastAdminError(f"{name!r:.70} is the last enabled admin; make another admin first")
 
 
 def _info(row: Any) -> AccountInfo:
