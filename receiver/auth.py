@@ -38,9 +38,9 @@ request has no :func:`current_user`, so :func:`require` refuses it anywhere.
 Routes added: ``GET /login``, ``GET /static/login.js``, ``GET
 /static/login.css``, ``POST /login`` (JSON ``{"name", "password"}`` or a
 form; JSON answers ``{"user", "role", "csrf_token"}``, a form is redirected
-to ``/`` or back to ``/login?error=CODE``), ``POST /logout``, ``GET /v1/me``
-and, for admins, ``GET /v1/users``, ``POST /v1/users`` (``{"name", "role",
-"password"}``), ``POST /v1/users/{name}/disable`` and ``.../enable``.
+to ``/`` or back to ``/login?error=CODE``), ``POST /logout``, ``GET /v1/me``,
+and the account pages and API of :mod:`receiver.accounts_api` (a user's own
+password; the admins' ``/v1/users`` endpoints).
 """
 
 from __future__ import annotations
@@ -62,13 +62,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from receiver.access_log import ACCESS_LOG_KEY, AccessLog
 from receiver.accounts import (
-    AccountError,
-    AccountExistsError,
     AccountStore,
     LoginOutcome,
     LoginResult,
     Role,
-    UnknownAccountError,
     validate_name,
 )
 
@@ -267,6 +264,20 @@ class Auth:
             return None
         return User(info.name, info.role, info.handle, info.csrf)
 
+    def password_failed(self, action: str, result: LoginResult, remote: str, **who: Any) -> None:
+        """Audit a refused password as ``action`` (with its reason and any lockout it
+        started) and count it against the client address (``who``: the entry's who/role)."""
+        audit = self.access_log
+        audit.record(action, remote=remote, reason=result.outcome, **who)
+        if result.locked_now:
+            audit.record("login_lockout", remote=remote, until=result.locked_until, **who)
+        if self.limiter.failed(remote):
+            audit.record("login_rate_limited", who=None, remote=remote)
+
+    def lock_remaining(self, result: LoginResult) -> float:
+        """Seconds until the lock of a ``LOCKED`` result ends (at least 1)."""
+        return max(1.0, (result.locked_until or 0) - self.accounts.clock())
+
     def origin_ok(self, request: web.Request) -> bool:
         """Whether the request's ``Origin`` is the receiver's own (or a configured one)."""
         origin = request.headers.get(hdrs.ORIGIN)
@@ -292,9 +303,9 @@ def setup_auth(app: web.Application, auth: Auth) -> None:
     app.router.add_post("/login", _login)
     app.router.add_post("/logout", _logout)
     app.router.add_get("/v1/me", _me)
-    app.router.add_get("/v1/users", _users)
-    app.router.add_post("/v1/users", _user_add)
-    app.router.add_post("/v1/users/{name}/{change:disable|enable}", _user_state)
+    from receiver.accounts_api import setup_accounts_api  # it builds on this module
+
+    setup_accounts_api(app)
 
 
 def allow_anonymous(app: web.Application, method: str, path: str) -> None:
@@ -450,15 +461,9 @@ async def _login(request: web.Request) -> web.StreamResponse:
     who = _audit_name(name)
     role = str(result.role) if result.role else None
     if result.outcome is not LoginOutcome.OK:
-        audit.record("login_failed", who=who, role=role, remote=remote, reason=result.outcome)
-        if result.locked_now:
-            audit.record(
-                "login_lockout", who=who, role=role, remote=remote, until=result.locked_until
-            )
-        if auth.limiter.failed(remote):
-            audit.record("login_rate_limited", who=None, remote=remote)
+        auth.password_failed("login_failed", result, remote, who=who, role=role)
         if result.outcome is LoginOutcome.LOCKED:
-            retry = max(1.0, (result.locked_until or 0) - auth.accounts.clock())
+            retry = auth.lock_remaining(result)
             return _refused(form, 429, "locked", "too many failed logins; try later", retry)
         return _refused(form, 401, "invalid_credentials", "wrong name or password")
     old = request.cookies.get(COOKIE)
@@ -507,59 +512,3 @@ async def _logout(request: web.Request) -> web.Response:
 
 async def _me(request: web.Request) -> web.Response:
     return web.json_response(require(request).to_json(), headers=HEADERS)
-
-
-# -- account management (admins) ------------------------------------------------------
-
-
-async def _users(request: web.Request) -> web.Response:
-    require(request, Role.ADMIN)
-    auth = request.app[AUTH_KEY]
-    accounts = await auth.db(auth.accounts.accounts)
-    now = auth.accounts.clock()
-    return web.json_response({"users": [a.to_json(now) for a in accounts]}, headers=HEADERS)
-
-
-async def _user_add(request: web.Request) -> web.Response:
-    admin = require(request, Role.ADMIN)
-    auth = request.app[AUTH_KEY]
-    try:
-        data = await request.json()
-        name, role, password = data["name"], Role(data["role"]), data["password"]
-    except (ValueError, KeyError, TypeError):
-        return _error(400, "malformed", "expected name, role (officer|dispatcher|admin), password")
-    try:
-        info = await auth.slow(auth.accounts.add, name, role, password)
-    except AccountExistsError as exc:
-        return _error(409, exc.code, str(exc))
-    except AccountError as exc:
-        return _error(400, exc.code, str(exc))
-    auth.access_log.record(
-        "user_add",
-        who=admin.name,
-        role=str(admin.role),
-        login=admin.login,
-        remote=request.remote,
-        target=name,
-        target_role=str(role),
-    )
-    return web.json_response(info.to_json(auth.accounts.clock()), status=201, headers=HEADERS)
-
-
-async def _user_state(request: web.Request) -> web.Response:
-    admin = require(request, Role.ADMIN)
-    auth = request.app[AUTH_KEY]
-    name, change = request.match_info["name"], request.match_info["change"]
-    try:
-        await auth.db(auth.accounts.set_disabled, name, change == "disable")
-    except UnknownAccountError as exc:
-        return _error(404, exc.code, str(exc))
-    auth.access_log.record(
-        f"user_{change}",
-        who=admin.name,
-        role=str(admin.role),
-        login=admin.login,
-        remote=request.remote,
-        target=name,
-    )
-    return web.json_response({"name": name, "disabled": change == "disable"}, headers=HEADERS)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -22,7 +24,13 @@ from yarl import URL
 
 from provisioning.tls import ensure_certificate, fingerprint_digest, server_context
 from receiver.access_log import AccessLog
-from receiver.accounts import AccountExistsError, AccountStore, PasswordParams, Role
+from receiver.accounts import (
+    AccountExistsError,
+    AccountStore,
+    LockoutPolicy,
+    PasswordParams,
+    Role,
+)
 from receiver.auth import CSRF_HEADER, Auth, AuthSettings, setup_auth
 from receiver.server import Receiver
 
@@ -121,3 +129,28 @@ async def secured_client(
             await add_account(auth.accounts, f"{role}-1", role)
             await log_in(client, server.make_url("/"), f"{role}-1")
         yield client
+
+
+@contextlib.asynccontextmanager
+async def strict_receiver(folder: Path) -> AsyncIterator[Receiver]:
+    """A receiver with small login limits (3 failures lock a name, 10 an address in a
+    minute) and three accounts: olivia (officer), dana (dispatcher), ada (admin)."""
+    receiver = Receiver(
+        folder,
+        "127.0.0.1",
+        0,
+        password_params=FAST,
+        auth_settings=AuthSettings(ip_failures=10, ip_window_s=60),
+    )
+    receiver.accounts.lockout = LockoutPolicy(max_failures=3, lockout_s=600)
+    async with receiver:
+        await add_account(receiver.accounts, "olivia", Role.OFFICER)
+        await add_account(receiver.accounts, "dana", Role.DISPATCHER)
+        await add_account(receiver.accounts, "ada", Role.ADMIN)
+        yield receiver
+
+
+def access_entries(rx: Receiver) -> list[dict[str, Any]]:
+    """Every entry of ``rx``'s access log so far."""
+    rx.access_log.flush_sync()
+    return [json.loads(line) for line in (rx.data_dir / "access.log").read_text().splitlines()]

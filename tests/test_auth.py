@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,10 +11,11 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from receiver.accounts import LockoutPolicy, Role, SessionPolicy
-from receiver.auth import COOKIE, CSRF_HEADER, AuthSettings
+from receiver.accounts import Role, SessionPolicy
+from receiver.auth import COOKIE, CSRF_HEADER
 from receiver.server import Receiver
-from tests.logins import FAST, PASSWORD, add_account, client_for, log_in, logged_in
+from tests.logins import PASSWORD, client_for, log_in, logged_in, strict_receiver
+from tests.logins import access_entries as access
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,24 +31,8 @@ class Clock:
 @pytest.fixture
 async def rx(tmp_path: Path) -> AsyncIterator[Receiver]:
     """A receiver with small login limits: 3 failures lock a name, 10 an address."""
-    receiver = Receiver(
-        tmp_path / "receiver",
-        "127.0.0.1",
-        0,
-        password_params=FAST,
-        auth_settings=AuthSettings(ip_failures=10, ip_window_s=60),
-    )
-    receiver.accounts.lockout = LockoutPolicy(max_failures=3, lockout_s=600)
-    async with receiver:
-        await add_account(receiver.accounts, "olivia", Role.OFFICER)
-        await add_account(receiver.accounts, "dana", Role.DISPATCHER)
-        await add_account(receiver.accounts, "ada", Role.ADMIN)
+    async with strict_receiver(tmp_path / "receiver") as receiver:
         yield receiver
-
-
-def access(rx: Receiver) -> list[dict[str, Any]]:
-    rx.access_log.flush_sync()
-    return [json.loads(line) for line in (rx.data_dir / "access.log").read_text().splitlines()]
 
 
 async def anonymous(rx: Receiver, method: str, path: str, **kw: Any) -> aiohttp.ClientResponse:

@@ -101,3 +101,27 @@ export async function loadMe() {
   me.csrf = body.csrf_token;
   return me;
 }
+
+// The header of a logged-in page: the Log out button now; who is logged in, and the Accounts
+// link for admins (the server refuses the rest anyway), once `loadMe` has answered.
+export function wireLogout() {
+  document.getElementById("logout").addEventListener("click", async () => {
+    try {
+      await post("/logout");
+    } finally {
+      location.assign("/login");
+    }
+  });
+}
+
+export function showUser() {
+  document.getElementById("user").textContent = `${me.user} (${me.role})`;
+  const accounts = document.getElementById("accounts-link");
+  if (accounts) accounts.hidden = !roleAtLeast("admin");
+}
+
+// A status line under a form: `isError` colours it.
+export function say(node, text, isError) {
+  node.textContent = text;
+  node.classList.toggle("error", Boolean(isError));
+}

@@ -10,7 +10,8 @@ import { Alarm } from "./alarm.js";
 import { DispatchPanel } from "./dispatch.js";
 import { LivePlayer } from "./live.js";
 import {
-  ago, button, clock, el, errorText, getJson, isoSeconds, loadMe, me, post, when,
+  ago, button, clock, el, errorText, getJson, isoSeconds, loadMe, post, showUser, when,
+  wireLogout,
 } from "./util.js";
 
 const POLL_MS = 1500;
@@ -799,13 +800,7 @@ async function pollDevices() {
   }
 }
 
-document.getElementById("logout").addEventListener("click", async () => {
-  try {
-    await post("/logout");
-  } finally {
-    location.assign("/login");
-  }
-});
+wireLogout();
 
 let ticks = 0;
 setInterval(() => {
@@ -817,7 +812,7 @@ setInterval(() => {
 parseRoute();
 loadMe()
   .then(() => {
-    document.getElementById("user").textContent = `${me.user} (${me.role})`;
+    showUser();
     dispatch.show();
   })
   .catch((err) => setStatus(`receiver unreachable (${err.message}); retrying…`, true));
