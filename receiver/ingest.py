@@ -509,25 +509,28 @@ class IngestServer:
                 event = await self._receive(ws, conn, None)
                 if event is None:
                     break
-                budget.admit(event, time.monotonic())
-                self._check_reading(transport)
-                status.last_seen = time.time()
-                self.presence.heard(device)
-                if not isinstance(event, p.Media):  # (media yield below, once recorded)
-                    await asyncio.sleep(0)  # a burst of control messages never suspends either
-                if isinstance(event, p.Media):
+                if type(event) is p.Media:  # the hot path
                     cam = cameras[event.camera]
                     cam.media(event)
                     if not cam.has_room:  # segments pile up faster than they open
                         await cam.room()
                     # A burst (the pre-roll) arrives already buffered, and reading it never
-                    # suspends: yield so the fsyncs and acks run beside the remuxing, not after
-                    # (every few ms, not per frame: a loop round per frame cost as much as
-                    # recording it).
+                    # suspends: yield so the fsyncs and acks run beside the recording, not
+                    # after. Every few ms, not per frame (a loop round per frame cost as
+                    # much as recording it); so is the bookkeeping of what was heard.
                     if loop.time() - yielded > YIELD_EVERY_S:
+                        self._check_reading(transport)
+                        status.last_seen = time.time()
+                        self.presence.heard(device)
                         await asyncio.sleep(0)
                         yielded = loop.time()
-                elif isinstance(event, p.Gap):
+                    continue
+                budget.admit(event, time.monotonic())
+                self._check_reading(transport)
+                status.last_seen = time.time()
+                self.presence.heard(device)
+                await asyncio.sleep(0)  # a burst of control messages never suspends either
+                if isinstance(event, p.Gap):
                     cameras[event.camera].gap(event)
                 elif isinstance(event, p.Chain):
                     cameras[event.camera].checkpoint(event)
