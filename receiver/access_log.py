@@ -22,9 +22,11 @@ Actions: ``login`` / ``login_failed`` (``reason``: ``invalid_credentials``,
 (``duration_s``); ``recording_fetch`` (``file``: once per part file per login
 session, however many range requests the player makes); ``user_add``,
 ``user_disable``, ``user_enable``, ``user_passwd``, ``user_role``
-(``target``, ``role``); ``log_torn_tail`` (``bytes``: an unfinished line a
-crash left, cut before appending). Other modules record through
-:data:`ACCESS_LOG_KEY` with their own actions (evidence exports, dispatch).
+(``target``, ``role``); ``password_change`` / ``password_change_failed``
+(one's own, :mod:`receiver.accounts_api`); ``log_torn_tail`` (``bytes``: an
+unfinished line a crash left, cut before appending). Other modules record
+through :data:`ACCESS_LOG_KEY` with their own actions (evidence exports,
+dispatch, ``player_link_*`` in :mod:`receiver.player_links`).
 
 Writing: :meth:`AccessLog.record` never blocks; a writer thread appends what
 is queued in batches, one ``fsync`` per batch (entries that arrive while it
