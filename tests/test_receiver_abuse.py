@@ -36,6 +36,7 @@ from provisioning.keys import load_private_key, new_private_key, public_pem
 from provisioning.tls import fingerprint_digest
 from receiver import ingest
 from receiver.accounts import Role
+from receiver.accounts_api import MAX_BODY as ACCOUNT_BODY
 from receiver.auth import COOKIE, CSRF_HEADER
 from receiver.ingest import UplinkLimits
 from receiver.limits import ServerLimits
@@ -518,9 +519,17 @@ async def test_body_limits_for_a_logged_in_admin(rx: Receiver) -> None:
         async with admin.post(rx.url + "v1/users", data=big) as resp:
             assert resp.status == 413
             assert (await resp.json())["error"] == "too_large"
-        at_limit = b"{" + b" " * (LIMITS.max_body - 2) + b"["  # not JSON, not too large
-        async with admin.post(rx.url + "v1/users", data=at_limit) as resp:
+        # Within the server's bound, the handler's own: account bodies are small.
+        json_type = {"Content-Type": "application/json"}
+        at_limit = b"{" + b" " * (LIMITS.max_body - 2) + b"["
+        async with admin.post(rx.url + "v1/users", data=at_limit, headers=json_type) as resp:
+            assert resp.status == 413
+            assert (await resp.json())["detail"] == f"at most {ACCOUNT_BODY} bytes"
+        async with admin.post(rx.url + "v1/users", data=b"{[", headers=json_type) as resp:
             assert resp.status == 400
+            assert (await resp.json())["error"] == "malformed"
+        async with admin.post(rx.url + "v1/users", data=b"{[") as resp:  # not even said JSON
+            assert resp.status == 415
             assert (await resp.json())["error"] == "malformed"
 
         async def chunks() -> AsyncIterator[bytes]:
