@@ -69,7 +69,7 @@ _LOG = logging.getLogger(__name__)
 COMMIT_GAP_S = 0.005
 #: Fragments wait in memory for the next fsync's thread to write them; beyond this the
 #: camera stops taking packets until they are written (its connection is not read).
-MAX_UNWRITTEN_BYTES = 8 << 20
+MAX_UNWRITTEN_BYTES = 4 << 20
 
 #: MP4 time base of every recording: the 90 kHz clock of MPEG video.
 TIME_BASE = Fraction(1, 90_000)
