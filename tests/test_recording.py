@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from receiver import run as run_module
 from receiver import seqranges
 from receiver.errors import (
     CorruptRecordingError,
@@ -397,6 +398,27 @@ async def test_group_commit_coalesces_fsyncs(
     assert await first == 8
     assert await asyncio.gather(*later) == [18] * 5
     assert len(data_syncs) == 2  # one in flight + one covering all later callers
+
+
+async def test_unwritten_fragments_are_bounded_until_a_flush_writes_them(
+    store: RecordingStore, packets: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop makes fragments; the fsync's thread writes them. Past the bound the camera
+    # says so (its connection is then not read until a flush wrote them).
+    monkeypatch.setattr(run_module, "MAX_UNWRITTEN_BYTES", 20_000)
+    _, cam = await open_cam(store, packets)
+    await cam.flush()
+    size = 0
+    seq = 0
+    while not cam.backlogged:
+        feed_nowait(cam, packets, range(seq, seq + 1))
+        size += len(packets[seq][0])
+        seq += 1
+        assert seq < len(packets), "never backlogged"
+    assert size > 20_000
+    await cam.flush()
+    assert not cam.backlogged
+    assert cam.durable_seq == seq - 2  # the last frame waits for its successor
 
 
 async def test_resume_after_clean_restart(tmp_path: Path, packets: PacketList) -> None:
