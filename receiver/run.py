@@ -459,14 +459,11 @@ class Run:
         if self._fd is None:
             return
         if self._fragmenter is not None and self._failure is None:
-            held = self._fragmenter.holding
-            tail = self._fragmenter.finish()  # the held last frame's fragment, then mfra
+            last, mfra = self._fragmenter.finish()  # the held last frame's fragment, then mfra
             self._fragmenter = None
-            self._write(tail)
-            if held:
-                first = self._pending.popleft()
-                self._part_written += 1
-                self._notify_fragment(tail[: -_mfra_size(tail)], first.keyframe, first.capture_us)
+            if last is not None:
+                self._write_fragment(last)
+            self._write(mfra)
         try:
             if self._failure is None:
                 await self.flush()
@@ -521,8 +518,3 @@ def init_segment(template: bytes, capture_us: int, title: str) -> bytes:
                     out.close()
     except av.FFmpegError as exc:
         raise BitstreamError(str(exc)) from exc
-
-
-def _mfra_size(tail: bytes) -> int:
-    # The closing mfro box ends with the size of the whole mfra.
-    return int.from_bytes(tail[-4:], "big")

@@ -68,7 +68,8 @@ def our_file(packets: PacketList, dts: list[int], durations: list[int]) -> bytes
     out = bytearray(init)
     for (payload, key), t, d in zip(packets, dts, durations, strict=True):
         out += frag.add(t, d, key, payload) or b""
-    out += frag.finish()
+    last, mfra = frag.finish()
+    out += (last or b"") + mfra
     return bytes(out)
 
 
