@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent import protocol as p
 from agent.changes import Changes
 from provisioning.keys import new_private_key, public_pem
-from provisioning.tls import fingerprint_digest
 from receiver import camera_ingest, sealed
 from receiver.errors import BadSegmentError
 from receiver.h264 import parameter_sets
@@ -32,6 +31,7 @@ from receiver.server import Receiver
 from tests.logins import logged_in
 from tests.media import PacketList, ffprobe_stream
 from tests.segments import capture_us, seal
+from tests.uplink import connect_device
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,18 +57,9 @@ class AgentEnd:
 
     async def __aenter__(self) -> AgentEnd:
         self.http = aiohttp.ClientSession()
-        self.ws = await self.http.ws_connect(
-            self.receiver.uplink_url,
-            ssl=aiohttp.Fingerprint(fingerprint_digest(self.receiver.fingerprint)),
-            max_msg_size=0,
+        self.ws, self.welcome = await connect_device(
+            self.http, self.receiver, self.conn, self.key, self.device, max_msg_size=0
         )
-        challenge = self.conn.receive((await self.ws.receive()).data)
-        assert isinstance(challenge, p.Challenge)
-        sig = self.key.sign(p.hello_signed_bytes(challenge.nonce, self.receiver.origin))
-        await self.ws.send_str(str(self.conn.send(p.Hello(self.device, p.b64url(sig)))))
-        welcome = self.conn.receive((await self.ws.receive()).data)
-        assert isinstance(welcome, p.Welcome)
-        self.welcome = welcome
         self._reader = asyncio.create_task(self._read())
         return self
 

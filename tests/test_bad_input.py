@@ -15,9 +15,10 @@ from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.demo import press_button, write_agent_config
 from provisioning.keys import new_private_key, public_pem
-from provisioning.tls import fingerprint_digest, server_context
+from provisioning.tls import server_context
 from receiver.server import Receiver
 from tests.media import make_h264_packets
+from tests.uplink import connect_device
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,15 +38,9 @@ class RawDevice:
 
     async def __aenter__(self) -> RawDevice:
         self.http = aiohttp.ClientSession()
-        self.ws = await self.http.ws_connect(
-            self.receiver.uplink_url,
-            ssl=aiohttp.Fingerprint(fingerprint_digest(self.receiver.fingerprint)),
+        self.ws, _ = await connect_device(
+            self.http, self.receiver, self.conn, self.key, self.device
         )
-        challenge = self.conn.receive((await self.ws.receive()).data)
-        assert isinstance(challenge, p.Challenge)
-        sig = self.key.sign(p.hello_signed_bytes(challenge.nonce, self.receiver.origin))
-        await self.ws.send_str(str(self.conn.send(p.Hello(self.device, p.b64url(sig)))))
-        assert isinstance(self.conn.receive((await self.ws.receive()).data), p.Welcome)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -33,13 +33,13 @@ from breakglass.cli import main
 from breakglass.demo import press_button, write_agent_config
 from provisioning.enrollment import sign_enrollment
 from provisioning.keys import load_private_key, new_private_key, public_pem
-from provisioning.tls import fingerprint_digest
 from receiver import custody
 from receiver.evidence import build_bundle
 from receiver.evidence_format import evidence_key
 from receiver.evidence_verify import VerifyReport, verify_bundle
 from receiver.server import Receiver
 from tests.media import make_h264_packets
+from tests.uplink import connect_device
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -502,15 +502,9 @@ class RawDevice:
 
     async def __aenter__(self) -> RawDevice:
         self.http = aiohttp.ClientSession()
-        self.ws = await self.http.ws_connect(
-            self.receiver.uplink_url,
-            ssl=aiohttp.Fingerprint(fingerprint_digest(self.receiver.fingerprint)),
+        self.ws, _ = await connect_device(
+            self.http, self.receiver, self.conn, self.key, self.device
         )
-        challenge = self.conn.receive((await self.ws.receive()).data)
-        assert isinstance(challenge, p.Challenge)
-        sig = self.key.sign(p.hello_signed_bytes(challenge.nonce, self.receiver.origin))
-        await self.ws.send_str(str(self.conn.send(p.Hello(self.device, p.b64url(sig)))))
-        assert isinstance(self.conn.receive((await self.ws.receive()).data), p.Welcome)
         self._reader = asyncio.create_task(self._read())
         return self
 

@@ -43,6 +43,7 @@ from receiver.limits import ServerLimits
 from receiver.server import Receiver
 from tests.logins import FAST, add_account, client_for, log_in
 from tests.media import PacketList, make_h264_packets
+from tests.uplink import connect_device
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -214,18 +215,9 @@ class Device:
 
     async def __aenter__(self) -> Device:
         self.http = aiohttp.ClientSession()
-        self.ws = await self.http.ws_connect(
-            self.rx.uplink_url,
-            ssl=aiohttp.Fingerprint(fingerprint_digest(self.rx.fingerprint)),
-            max_msg_size=0,
+        self.ws, self.welcome = await connect_device(
+            self.http, self.rx, self.conn, self.key, self.name, max_msg_size=0, timeout=5
         )
-        challenge = self.conn.receive((await self.ws.receive(timeout=5)).data)
-        assert isinstance(challenge, p.Challenge)
-        sig = self.key.sign(p.hello_signed_bytes(challenge.nonce, self.rx.origin))
-        await self.ws.send_str(str(self.conn.send(p.Hello(self.name, p.b64url(sig)))))
-        welcome = self.conn.receive((await self.ws.receive(timeout=5)).data)
-        assert isinstance(welcome, p.Welcome)
-        self.welcome = welcome
         self._reader = asyncio.create_task(self._read())
         return self
 
