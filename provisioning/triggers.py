@@ -286,8 +286,14 @@ class Challenges:
         self._issued: OrderedDict[str, float] = OrderedDict()
 
     def issue(self, mono: float) -> str:
-        """A fresh challenge (128 bits, base64url)."""
+        """A fresh challenge (128 bits, base64url, never starting with ``-``).
+
+        People copy it onto a command line (``trigger sign --challenge C``), where
+        a leading ``-`` reads as an option; one draw in 64 would, so redraw.
+        """
         challenge = secrets.token_urlsafe(16)
+        while challenge.startswith("-"):
+            challenge = secrets.token_urlsafe(16)
         self._issued[challenge] = mono
         while len(self._issued) > self.limit:
             self._issued.popitem(last=False)

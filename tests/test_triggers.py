@@ -243,6 +243,16 @@ def test_a_device_challenge_replaces_the_clock_once(trust: Trust) -> None:
     assert result.code == "bad_challenge"
 
 
+def test_a_device_challenge_never_reads_as_a_command_line_option() -> None:
+    # One token_urlsafe draw in 64 starts with "-", which argparse takes for an
+    # option in ``trigger sign --challenge C``; 2000 draws miss that by chance
+    # with probability (63/64)**2000, about 2e-14.
+    challenges = Challenges(limit=4000)
+    issued = [challenges.issue(mono=0.0) for _ in range(2000)]
+    assert not [c for c in issued if c.startswith("-")]
+    assert len(set(issued)) == len(issued)
+
+
 def test_key_list_rollback_freeze_rotation_and_revocation(trust: Trust) -> None:
     with pytest.raises(KeyListRefused) as rolled_back:
         trust.keyring.install(
