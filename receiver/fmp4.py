@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 __all__ = [
+    "FRAGMENT_FIELDS",
     "FragmentInfo",
     "FragmentScan",
     "InitInfo",
@@ -242,6 +243,12 @@ class FragmentInfo:
     def end(self) -> int:
         """The offset just past the fragment."""
         return self.offset + self.size
+
+
+#: Values per fragment where fragments are kept flat in an ``array("q")`` (the
+#: fragmenter's list for the recording index, the index's rows): :class:`FragmentInfo`'s
+#: fields in order, the keyframe flag as 0 or 1.
+FRAGMENT_FIELDS = 7
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from array import array
 
 import numpy as np
 
-from receiver.fmp4 import FragmentInfo
+from receiver.fmp4 import FRAGMENT_FIELDS
 
 __all__ = ["Fragmenter", "avcc_from_annex_b"]
 
@@ -107,7 +107,9 @@ class Fragmenter:
         self._index = array("q")
         #: The fragments written and not yet taken (:meth:`take`), from the part's
         #: frame :attr:`written_from` on: the recording index need not read them back.
-        self.written: list[FragmentInfo] = []
+        #: Flat, :data:`receiver.fmp4.FRAGMENT_FIELDS` values per fragment (a few C
+        #: appends per frame, and the index stores the array as it is).
+        self.written = array("q")
         self.written_from = 0
 
     def add(self, dts: int, duration: int, keyframe: bool, annex_b: bytes) -> bytes | None:
@@ -147,27 +149,27 @@ class Fragmenter:
             head += _TRUN_KEY.pack(trun, b"trun", 5, 1, moof + 8, _SYNC_FLAGS, size + 8, b"mdat")
         else:
             head += _TRUN.pack(trun, b"trun", 1, 1, moof + 8, size + 8, b"mdat")
-        self._index.extend((dts, self._position))
+        position = self._position
+        self._index.extend((dts, position))
         data = b"".join([head, *units])
-        self.written.append(
-            FragmentInfo(
-                self._position, len(data), 1, dts, duration, keyframe,
-                self._position + _TFDT_TIME_AT,
-            )
-        )  # fmt: skip
-        if len(self.written) > MAX_WRITTEN:
-            drop = len(self.written) - MAX_WRITTEN // 2
-            del self.written[:drop]
+        size = len(data)
+        # FragmentInfo's fields: offset, size, samples, decode time, duration, keyframe,
+        # where the decode time is.
+        self.written.extend((position, size, 1, dts, duration, keyframe, position + _TFDT_TIME_AT))
+        if len(self.written) > MAX_WRITTEN * FRAGMENT_FIELDS:
+            drop = len(self.written) // FRAGMENT_FIELDS - MAX_WRITTEN // 2
+            del self.written[: drop * FRAGMENT_FIELDS]
             self.written_from += drop
-        self._position += len(data)
+        self._position = position + size
         return data
 
-    def take(self, frames: int) -> tuple[int, list[FragmentInfo]]:
+    def take(self, frames: int) -> tuple[int, array[int]]:
         """The written fragments of the part's frames before ``frames`` (say, the durable
-        ones), and the frame number of the first; they are not kept any longer."""
-        n = max(0, min(len(self.written), frames - self.written_from))
-        start, taken = self.written_from, self.written[:n]
-        del self.written[:n]
+        ones, flat as :attr:`written`), and the frame number of the first; they are not
+        kept any longer."""
+        n = max(0, min(len(self.written) // FRAGMENT_FIELDS, frames - self.written_from))
+        start, taken = self.written_from, self.written[: n * FRAGMENT_FIELDS]
+        del self.written[: n * FRAGMENT_FIELDS]
         self.written_from += n
         return start, taken
 

@@ -6,18 +6,21 @@ session id can take) is derived from them, for readers that should not walk
 files: sessions, cameras, part files (first/last seq, first/last capture
 time, durable bytes) and every durable fragment of every part (offset,
 size, decode time, duration, keyframe), which the HLS playlists cut into
-segments.
+segments. Fragments are stored packed, a row per batch (what one round added
+to a part, at most ``MAX_BATCH``): a row per fragment cost the receiver a
+fifth of its full-rate ingest (each row a trip through sqlite3 and a hand-off
+of the GIL between the index's thread and the event loop).
 
 Theory of operation. :class:`LocalStorage` subscribes to the
 :class:`RecordingStore` (a ``session.json`` save, or an fsync that made
 more frames durable, marks a session dirty). A background task takes a
 snapshot of each dirty session on the loop (the writer's in-memory state:
 which frames are durable, which part may still grow, and the fragments it
-made durable since the last snapshot, as :class:`Fragmenter` listed them),
-then, in a worker thread, writes the rows in one transaction. Where the
-writer's list does not join what the index holds (a part seen for the first
-time, after a restart, a list cut short), it reads the newly durable
-fragments' ``moof`` boxes from the part file instead (never past the durable
+made durable since the last snapshot, as :class:`Fragmenter` listed them,
+and the part's init segment), then, in a worker thread, writes the rows in
+one transaction. Where the writer's list does not join what the index holds
+(after a restart, a list cut short), it reads the newly durable fragments'
+``moof`` boxes from the part file instead (never past the durable
 frames: bytes written but not yet fsynced are never indexed). Snapshots of one
 session are applied in order, one at a time, and at most one round every
 ``FOLLOW_INTERVAL_S``: a stream fsyncs many times a second, and reading
@@ -42,15 +45,17 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import threading
+from array import array
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from receiver.errors import UnknownSessionError
-from receiver.fmp4 import FragmentInfo, read_fragments, read_init
+from receiver.fmp4 import FRAGMENT_FIELDS, FragmentInfo, parse_init, read_fragments, read_init
 from receiver.recording import RecordingStore, SessionRecording
 from receiver.storage import CameraEntry, PartEntry, SessionEntry, UnknownPartError
 from receiver.summaries import DeclaredGap, parse_part_file, validate_session_id
@@ -62,9 +67,12 @@ _LOG = logging.getLogger(__name__)
 #: The index's file name under the store's root (a leading dot: never a session id).
 INDEX_FILE = ".index.sqlite"
 #: Bumped when the tables change; an index of another version is rebuilt.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The index follows the writer in rounds at least this far apart (see above).
 FOLLOW_INTERVAL_S = 0.5
+#: Fragments per row of ``fragment_batches`` at most (a part read whole from its file is
+#: split, so that a range of it is found without unpacking all of it).
+MAX_BATCH = 4096
 
 _SCHEMA = """
 CREATE TABLE sessions (
@@ -115,19 +123,18 @@ CREATE TABLE parts (
     FOREIGN KEY (session_id, camera_id) REFERENCES cameras ON DELETE CASCADE
 );
 CREATE INDEX parts_by_camera ON parts (session_id, camera_id, first_seq);
-CREATE TABLE fragments (
+-- Consecutive fragments of a part from byte `offset` on: `data` holds, per fragment,
+-- offset, size, samples, decode_time, duration, keyframe (0/1) and decode_time_at,
+-- each a little-endian int64.
+CREATE TABLE fragment_batches (
     part_id INTEGER NOT NULL REFERENCES parts ON DELETE CASCADE,
     offset INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    samples INTEGER NOT NULL,
-    decode_time INTEGER NOT NULL,
-    duration INTEGER NOT NULL,
-    keyframe INTEGER NOT NULL,
-    decode_time_at INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    data BLOB NOT NULL,
     PRIMARY KEY (part_id, offset)
 ) WITHOUT ROWID;
 """
-_TABLES = {"sessions", "cameras", "parts", "fragments"}
+_TABLES = {"sessions", "cameras", "parts", "fragment_batches"}
 # Literal SQL only (no string building): every value goes in as a parameter.
 _PARTS_OF_CAMERA = (
     "SELECT id, file, camera_id, run, first_seq, frames, first_capture_us, created_us, "
@@ -139,14 +146,11 @@ _PART_BY_FILE = (
     "last_capture_us, init_size, durable_size, timescale, base_time, final FROM parts "
     "WHERE session_id = ? AND file = ?"
 )
-_FRAGMENTS_FROM = (
-    "SELECT offset, size, samples, decode_time, duration, keyframe, decode_time_at "
-    "FROM fragments WHERE part_id = ? AND offset >= ? AND offset < ? ORDER BY offset"
+_BATCHES_FROM = (
+    "SELECT data FROM fragment_batches WHERE part_id = ? AND offset >= ? AND offset < ? "
+    "ORDER BY offset"
 )
-_INSERT_FRAGMENT = (
-    "INSERT INTO fragments (part_id, offset, size, samples, decode_time, duration, keyframe, "
-    "decode_time_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
+_INSERT_BATCH = "INSERT INTO fragment_batches (part_id, offset, count, data) VALUES (?, ?, ?, ?)"
 _SESSIONS = (
     "SELECT session_id, device_id, opened_at, closed_at, close_reason FROM sessions "
     "WHERE ? IS NULL OR session_id = ? ORDER BY opened_at DESC, session_id"
@@ -171,9 +175,11 @@ class _PartSnap:
     first_capture_us: int | None
     final: bool
     #: Fragments the writer made durable since the last snapshot, from the part's frame
-    #: ``written_from`` on (the part file need not be read for them).
+    #: ``written_from`` on, flat (``FRAGMENT_FIELDS`` values each): the part file need
+    #: not be read for them; nor for its init segment, when it is the writer's.
     written_from: int = 0
-    written: tuple[FragmentInfo, ...] = ()
+    written: array[int] = field(default_factory=lambda: array("q"))
+    init: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +225,9 @@ def _snapshot(rec: SessionRecording) -> _SessionSnap:
             for part in run.parts:
                 if part.frames:
                     last = part is run.parts[-1]
-                    written_from, written = run.take_written() if last else (0, [])
+                    init, written_from, written = (
+                        run.take_written() if last else (None, 0, array("q"))
+                    )
                     parts.append(
                         _PartSnap(
                             t.camera_id,
@@ -230,7 +238,8 @@ def _snapshot(rec: SessionRecording) -> _SessionSnap:
                             part.first_capture_us,
                             not (growing and last),
                             written_from,
-                            tuple(written),
+                            written,
+                            init,
                         )
                     )
     return _SessionSnap(
@@ -274,7 +283,8 @@ class _Scan:
     timescale: int
     base_time: int
     last_time: int
-    fragments: list[FragmentInfo]
+    #: The fragments added, flat (``FRAGMENT_FIELDS`` values each).
+    fragments: array[int]
     #: Whether the row's fragments are replaced (read from the start) or appended to.
     replace: bool
 
@@ -475,21 +485,14 @@ class _IndexDb:
                 (*values, part_id),
             )
             if scan.replace:
-                c.execute("DELETE FROM fragments WHERE part_id = ?", (part_id,))
+                c.execute("DELETE FROM fragment_batches WHERE part_id = ?", (part_id,))
+        flat, step = scan.fragments, MAX_BATCH * FRAGMENT_FIELDS
         c.executemany(
-            _INSERT_FRAGMENT,
+            _INSERT_BATCH,
             [
-                (
-                    part_id,
-                    f.offset,
-                    f.size,
-                    f.samples,
-                    f.decode_time,
-                    f.duration,
-                    f.keyframe,
-                    f.decode_time_at,
-                )
-                for f in scan.fragments
+                (part_id, flat[at], len(batch) // FRAGMENT_FIELDS, _blob(batch))
+                for at in range(0, len(flat), step)
+                if (batch := flat[at : at + step])
             ],
         )
 
@@ -548,20 +551,51 @@ class _IndexDb:
             ).fetchone()
             if row is None:
                 return []
-            # From the fragment holding byte `start` (fragments are back to back).
+            # From the batch holding byte `start` (fragments are back to back).
             first = self._conn.execute(
-                "SELECT max(offset) FROM fragments WHERE part_id = ? AND offset <= ?",
+                "SELECT max(offset) FROM fragment_batches WHERE part_id = ? AND offset <= ?",
                 (row[0], start),
             ).fetchone()[0]
-            rows = self._conn.execute(
-                _FRAGMENTS_FROM,
-                (row[0], start if first is None else first, 2**63 - 1 if stop is None else stop),
+            end = 2**63 - 1 if stop is None else stop
+            blobs = self._conn.execute(
+                _BATCHES_FROM, (row[0], start if first is None else first, end)
             ).fetchall()
-        return [
-            FragmentInfo(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6])
-            for r in rows
-            if r[0] + r[1] > start
-        ]
+        out: list[FragmentInfo] = []
+        for (blob,) in blobs:
+            fields = zip(*[iter(_unblob(blob))] * FRAGMENT_FIELDS, strict=True)
+            out.extend(
+                FragmentInfo(o, n, k, t, d, bool(key), at)
+                for o, n, k, t, d, key, at in fields
+                if o < end and o + n > start
+            )
+        return out
+
+
+def _blob(values: array[int]) -> bytes:
+    """Flat fragment values as stored: little-endian int64s."""
+    if sys.byteorder == "little":
+        return values.tobytes()
+    swapped = array("q", values)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def _unblob(blob: bytes) -> array[int]:
+    values = array("q")
+    values.frombytes(blob)
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values
+
+
+def _flat(fragments: Iterable[FragmentInfo]) -> array[int]:
+    """Fragments flat, ``FRAGMENT_FIELDS`` values each (their fields in order)."""
+    values = array("q")
+    for f in fragments:
+        values.extend(
+            (f.offset, f.size, f.samples, f.decode_time, f.duration, f.keyframe, f.decode_time_at)
+        )
+    return values
 
 
 def _check(conn: sqlite3.Connection) -> str | None:
@@ -595,23 +629,45 @@ def _part_entry(r: tuple[Any, ...]) -> PartEntry:
 
 
 def _from_writer(part: _PartSnap, row: _Row | None) -> _Scan | None:
-    """What the writer says it added to a part since ``row``, if that is all of it."""
-    if row is None or part.frames <= row.frames:
+    """What the writer says it added to a part since ``row`` (or since its init segment,
+    for a part not yet indexed), if that is all of it."""
+    have = 0 if row is None else row.frames
+    if part.frames <= have:
         return None
-    skip = row.frames - part.written_from
-    new = part.written[skip : part.frames - part.written_from] if skip >= 0 else ()
-    if len(new) != part.frames - row.frames or new[0].offset != row.durable_size:
+    f = FRAGMENT_FIELDS
+    skip = have - part.written_from
+    new = part.written[skip * f : (part.frames - part.written_from) * f] if skip >= 0 else None
+    if new is None or len(new) != (part.frames - have) * f:
         return None  # the writer's list does not join the row: read the file
+    if row is None:
+        if part.init is None:
+            return None
+        try:
+            init = parse_init(part.init)
+        except ValueError:
+            return None
+        if new[0] != init.size:
+            return None
+        init_size, created_us, timescale, base_time = (
+            init.size, init.created_us, init.timescale, new[3]
+        )  # fmt: skip
+    else:
+        if new[0] != row.durable_size:
+            return None
+        init_size, created_us, timescale, base_time = (
+            row.init_size, row.created_us, row.timescale, row.base_time
+        )  # fmt: skip
+    last = new[-f:]
     return _Scan(
         part.frames,
-        row.init_size,
-        new[-1].end,
-        row.created_us,
-        row.timescale,
-        row.base_time,
-        new[-1].decode_time,  # one sample per fragment: its last sample's decode time
-        list(new),
-        replace=False,
+        init_size,
+        last[0] + last[1],
+        created_us,
+        timescale,
+        base_time,
+        last[3],  # one sample per fragment: its last sample's decode time
+        new,
+        replace=row is None,
     )
 
 
@@ -639,7 +695,7 @@ def _scan(path: Path, frames: int, row: _Row | None) -> _Scan | None:
                         init.timescale,
                         row.base_time,
                         row.last_time if found.last_sample_time is None else found.last_sample_time,
-                        found.fragments,
+                        _flat(found.fragments),
                         replace=False,
                     )
             found = read_fragments(f, init.size, frames, init)
@@ -658,7 +714,7 @@ def _scan(path: Path, frames: int, row: _Row | None) -> _Scan | None:
         init.timescale,
         base,
         base if found.last_sample_time is None else found.last_sample_time,
-        found.fragments,
+        _flat(found.fragments),
         replace=True,
     )
 

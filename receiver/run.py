@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +46,6 @@ from receiver.errors import (
     RecordingError,
     RecordingFailedError,
 )
-from receiver.fmp4 import FragmentInfo
 from receiver.fragmenter import Fragmenter
 from receiver.h264 import has_sps
 from receiver.parts import PartInfo, PartWriter, open_part_file, scan_part
@@ -227,12 +227,14 @@ class Run:
         """The durable seq ranges of this run, one per part that holds any."""
         return [(p.first_seq, p.last_seq) for p in self.parts if p.frames]
 
-    def take_written(self) -> tuple[int, list[FragmentInfo]]:
-        """The current part's durable fragments written since the last take, and the
-        part's frame number of the first (for the recording index: nothing to read back)."""
+    def take_written(self) -> tuple[bytes | None, int, array[int]]:
+        """The current part's durable fragments written since the last take (flat, as
+        :attr:`Fragmenter.written`), the part's frame number of the first, and its init
+        segment: for the recording index, which then need not read the file back."""
         if self._fragmenter is None:
-            return 0, []
-        return self._fragmenter.take(self.parts[-1].frames)
+            return None, 0, array("q")
+        start, taken = self._fragmenter.take(self.parts[-1].frames)
+        return self._init, start, taken
 
     def attach(self, listener: FragmentListener | None) -> None:
         """Send this run's fragments to ``listener`` (None: to nobody).

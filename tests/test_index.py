@@ -160,8 +160,8 @@ async def test_index_follows_the_writer_and_only_durable_data(
             (part,) = await storage.parts("s-1", "cam1")
             assert part.frames == cam.frames_durable == n - 1
             assert len(await storage.fragments("s-1", part.file)) == n - 1
-        # Read once, when the part first appeared; since, the writer listed its fragments.
-        assert storage.parts_read == 1
+        # Never read: the writer listed its fragments, and its init segment at first.
+        assert storage.parts_read == 0
         # Made but not fsynced (the fsync's thread writes them): never in the index.
         await feed(cam, packets, range(60, 70))
         await storage.sync()
@@ -213,7 +213,7 @@ async def test_a_damaged_index_is_rebuilt_from_the_files(
                 if damage == "old_schema":
                     db.execute("PRAGMA user_version=0")
                 else:
-                    db.execute("DROP TABLE fragments")
+                    db.execute("DROP TABLE fragment_batches")
         async with LocalStorage(store) as storage:
             assert storage.rebuilt
             assert await dump(storage) == before
