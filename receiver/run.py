@@ -9,9 +9,19 @@ what the muxer wrote (it did, until its cost per frame bounded the ingest
 rate), written straight to the part file through :class:`PartWriter`. A
 frame's fragment is complete when the next frame arrives (its duration is
 the gap to it) or at close. Samples are gapless within a run, so the n-th
-sample of a part has sequence number ``part.first_seq + n``. :meth:`Run.flush`
-fsyncs in a worker thread (one fsync in flight; callers arriving meanwhile
-share the next one) and only then counts the samples as durable.
+sample of a part has sequence number ``part.first_seq + n``.
+
+Durability. The loop only makes the bytes; they wait in a queue, each with
+the part's frame and byte counts once it is written. :meth:`Run.flush` starts
+the fsync's task (one per run; callers arriving meanwhile wait for the next
+round that covers their data): in a worker thread, a round takes what waits,
+writes it (one writev) and fsyncs, and only then hands the counts of its last
+item back to the loop, which counts those samples as durable. While more
+waits, the thread goes on with the next round at once: going back through
+the loop between rounds (its burst of messages runs a few ms between yields)
+left the disk idle a third of the time and, past ``MAX_UNWRITTEN_BYTES``,
+stopped reading the connection. Rounds of a part start at least
+``COMMIT_GAP_S`` apart.
 
 A part is never appended to once closed, so after a restart, a write failure
 or a re-opened session a run continues in a new part file, named after its
@@ -25,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from array import array
 from collections import deque
 from collections.abc import Callable
@@ -67,7 +78,7 @@ _LOG = logging.getLogger(__name__)
 #: every few hundred µs, about an fsync's time: group commit alone then ran an fsync,
 #: a thread hand-off and an ack per frame or two. A camera at 30 fps never waits.
 COMMIT_GAP_S = 0.005
-#: Fragments wait in memory for the next fsync's thread to write them; beyond this the
+#: Fragments wait in memory for the fsync's thread to write them; beyond this the
 #: camera stops taking packets until they are written (its connection is not read).
 MAX_UNWRITTEN_BYTES = 4 << 20
 
@@ -145,11 +156,15 @@ class Run:
         self._listener: FragmentListener | None = None
         self._fd: int | None = None
         self._writer: PartWriter | None = None
-        #: Bytes made on the loop, written (then fsynced) by the next fsync's thread.
-        self._unwritten: list[bytes] = []
-        self._unwritten_bytes = 0
-        #: Bytes made for the current part, and how many of them an fsync covered.
-        self._made = self._synced = 0
+        #: Bytes made on the loop for the fsync's thread to write, each with the part's
+        #: complete fragments and bytes made once it is written (appended on the loop,
+        #: taken in the thread: a deque's append and popleft are atomic).
+        self._unwritten: deque[tuple[bytes, int, int]] = deque()
+        #: Bytes made for the current part (on the loop), taken by the fsync's thread
+        #: (written there only), and covered by an fsync (on the loop).
+        self._made = self._taken = self._synced = 0
+        #: Callers of :meth:`flush` wait on this for the next round (None: nobody waits).
+        self._round: asyncio.Future[None] | None = None
         self._fragmenter: Fragmenter | None = None
         self._init: bytes | None = None
         self._pending: deque[_Sample] = deque()
@@ -158,6 +173,7 @@ class Run:
         self._origin_us = 0
         self._last_pts = -1
         self._fsync_task: asyncio.Task[None] | None = None
+        #: ``time.monotonic()`` when the last round started (written by its thread).
         self._fsync_started = -COMMIT_GAP_S
         self._writable = False
         self._failure: BaseException | None = None
@@ -211,7 +227,7 @@ class Run:
     @property
     def backlogged(self) -> bool:
         """Whether more than ``MAX_UNWRITTEN_BYTES`` wait for the writer thread."""
-        return self._unwritten_bytes > MAX_UNWRITTEN_BYTES
+        return self._made - self._taken > MAX_UNWRITTEN_BYTES
 
     @property
     def has_open_file(self) -> bool:
@@ -285,8 +301,8 @@ class Run:
         path = self._dir / self.parts[-1].file
         self._fd = await asyncio.to_thread(open_part_file, path, sync_dir)
         self._writer = PartWriter(self._fd)
-        self._unwritten, self._unwritten_bytes = [], 0
-        self._made = self._synced = 0
+        self._unwritten.clear()
+        self._made = self._taken = self._synced = 0
         self._fragmenter = self._init = None
         self._pending.clear()
         self._failure = None
@@ -346,17 +362,16 @@ class Run:
         self._notify_init(init)
 
     def _write(self, data: bytes) -> None:
-        # Written to the file by the next fsync's thread, with what comes meanwhile (one
+        # Written to the file by the fsync's thread, with what comes meanwhile (one
         # writev): a write per frame on the loop cost a fifth of its time at full rate.
-        self._unwritten.append(data)
-        self._unwritten_bytes += len(data)
         self._made += len(data)
+        self._unwritten.append((data, self._part_written, self._made))
 
     def _write_fragment(self, data: bytes) -> None:
         """Queue the oldest pending frame's fragment and pass it to the listener."""
+        self._part_written += 1
         self._write(data)
         first = self._pending.popleft()
-        self._part_written += 1
         self._notify_fragment(data, first.keyframe, first.capture_us)
 
     def _notify_init(self, data: bytes) -> None:
@@ -406,26 +421,24 @@ class Run:
         self._raise_if_failed()
         target, made = self._part_written, self._made
         while self.parts[-1].frames < target or self._synced < made:
-            task = self._fsync_task
-            if task is None:
+            if self._fsync_task is None:
                 task = asyncio.create_task(
-                    self._fsync_once(), name=f"fsync {self._dir.name}/{self.parts[-1].file}"
+                    self._fsync_rounds(), name=f"fsync {self._dir.name}/{self.parts[-1].file}"
                 )
                 task.add_done_callback(_retrieve)
                 self._fsync_task = task
-            await asyncio.shield(task)
+            if self._round is None:
+                self._round = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._round)  # raises what ended the fsync's task
         return self.durable_seq
 
-    async def _fsync_once(self) -> None:
+    async def _fsync_rounds(self) -> None:
+        """The fsync's task: after the commit gap, rounds in a worker thread until
+        nothing waits; its failure is every waiting caller's."""
         try:
-            loop = asyncio.get_running_loop()
-            gap = self._fsync_started + COMMIT_GAP_S - loop.time()
+            gap = self._fsync_started + COMMIT_GAP_S - time.monotonic()
             if gap > 0:
                 await asyncio.sleep(gap)  # what arrives meanwhile shares this fsync
-            self._fsync_started = loop.time()
-            target = self._part_written
-            chunks, self._unwritten, self._unwritten_bytes = self._unwritten, [], 0
-            made = self._made
             # The part list was saved before the part got data. What changes later
             # (the part's first capture time, the first live seq) is bookkeeping, not
             # footage: it is saved beside the data fsync, never in front of an ack.
@@ -435,8 +448,9 @@ class Run:
                 raise RecordingFailedError(
                     f"camera {self._host.camera_id!r}: part file already closed"
                 )
+            loop = asyncio.get_running_loop()
             try:
-                await asyncio.to_thread(_write_and_sync, writer, fd, chunks)
+                await asyncio.to_thread(self._sync_rounds, writer, fd, loop)
             except OSError as exc:
                 # A failed write may have left a torn tail (cut by the repair at the
                 # re-open); after a failed fsync the kernel may have dropped the dirty
@@ -445,12 +459,48 @@ class Run:
                 raise RecordingFailedError(
                     f"camera {self._host.camera_id!r}: writing or fsync failed: {exc}"
                 ) from exc
-            self._synced = made
-            if target > self.parts[-1].frames:
-                self.parts[-1].frames = target
-                self._host.committed(self)
-        finally:
+        except Exception as exc:
             self._fsync_task = None
+            self._wake_flushers(exc)
+            raise
+        finally:
+            if self._fsync_task is not None:
+                self._fsync_task = None
+                self._wake_flushers()
+
+    def _sync_rounds(self, writer: PartWriter, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        """The fsync's thread: write what waits and fsync it, while more waits."""
+        while self._unwritten:
+            started = time.monotonic()
+            self._fsync_started = started
+            chunks: list[bytes] = []
+            frames = made = 0
+            with contextlib.suppress(IndexError):
+                while True:
+                    data, frames, made = self._unwritten.popleft()
+                    chunks.append(data)
+            self._taken = made
+            writer.write(chunks)
+            os.fsync(fd)
+            loop.call_soon_threadsafe(self._synced_to, frames, made)
+            if time.monotonic() - started < COMMIT_GAP_S:
+                return  # the next round waits for the gap on the loop
+
+    def _synced_to(self, frames: int, made: int) -> None:
+        """On the loop: an fsync covered the part's first ``frames`` and ``made`` bytes."""
+        self._synced = max(self._synced, made)
+        if frames > self.parts[-1].frames:
+            self.parts[-1].frames = frames
+            self._host.committed(self)
+        self._wake_flushers()
+
+    def _wake_flushers(self, error: Exception | None = None) -> None:
+        fut, self._round = self._round, None
+        if fut is not None and not fut.done():
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
 
     async def close(self) -> None:
         """Finish the part file (its last fragment), fsync it and stop accepting packets.
@@ -469,23 +519,17 @@ class Run:
         try:
             if self._failure is None:
                 await self.flush()
-            elif (task := self._fsync_task) is not None:
+        finally:
+            if (task := self._fsync_task) is not None:
                 with contextlib.suppress(RecordingFailedError):
                     await asyncio.shield(task)  # never close the fd under a running fsync
-        finally:
             self._release_muxer()
-            self._unwritten, self._unwritten_bytes = [], 0
+            self._unwritten.clear()
+            self._taken = self._made
             fd, self._fd = self._fd, None
             if fd is not None:
                 await asyncio.to_thread(os.close, fd)
             self._listener = None
-
-
-def _write_and_sync(writer: PartWriter, fd: int, chunks: list[bytes]) -> None:
-    """The fsync's thread: write what the loop made, then make it durable."""
-    if chunks:
-        writer.write(chunks)
-    os.fsync(fd)
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

@@ -395,7 +395,9 @@ async def test_group_commit_coalesces_fsyncs(
     later = [asyncio.create_task(cam.flush()) for _ in range(5)]
     await asyncio.sleep(0)
     release.set()
-    assert await first == 8
+    # The thread goes on with the next round at once (the first took longer than the
+    # commit gap): the first caller may already see it.
+    assert await first in (8, 18)
     assert await asyncio.gather(*later) == [18] * 5
     assert len(data_syncs) == 2  # one in flight + one covering all later callers
 
