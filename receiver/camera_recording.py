@@ -273,7 +273,10 @@ class CameraRecording:
 
     def _index(self, seq: int) -> int:
         """Index of the run with the greatest first seq <= ``seq`` (-1 if none)."""
-        return bisect.bisect_right(self.runs, seq, key=lambda r: r.first_seq) - 1
+        runs = self.runs
+        if runs and runs[-1].first_seq <= seq:  # the newest run: where live footage goes
+            return len(runs) - 1
+        return bisect.bisect_right(runs, seq, key=lambda r: r.first_seq) - 1
 
     def _route(self, seq: int, keyframe: bool) -> tuple[_Route, Run | None]:
         if seq < self.track.first_seq:
@@ -294,6 +297,8 @@ class CameraRecording:
         i = self._index(seq)
         if i >= 0 and self.runs[i] is not run:
             return True
+        if not self._gap_ranges:
+            return False
         j = bisect.bisect_right(self._gap_ranges, (seq, seq)) - 1
         candidates = self._gap_ranges[max(j, 0) : j + 2]
         return any(first <= seq <= last for first, last in candidates)

@@ -58,38 +58,34 @@ _TRUN = struct.Struct(">I4sIIi" + "I4s")
 _TFRA_ENTRY = np.dtype([("time", ">u8"), ("offset", ">u8"), ("numbers", "u1", (3,))])
 
 
-def _find_start_code(data: bytes, begin: int, end: int) -> int:
-    # ff_nal_find_startcode: where "00 00 01" starts (one zero before it included), or end.
-    at = data.find(_START, begin, end)
-    if at == -1:
-        return end
-    if begin < at and data[at - 1] == 0:
-        at -= 1
-    return at
-
-
 def avcc_from_annex_b(data: bytes) -> list[bytes | memoryview]:
     """An Annex-B access unit as AVCC: ``[length, unit, length, unit, ...]``.
 
     The same units FFmpeg's ``ff_nal_parse_units`` finds: bytes before the
-    first start code are dropped, and a unit ends where the next start code
-    (with at most one zero byte in front of it) begins.
+    first start code are dropped, a unit starts past its start code's ``01``
+    and ends where the next start code (with at most one zero byte in front of
+    it: ``ff_nal_find_startcode``) begins. One ``find`` per unit: this scan is
+    the fragmenter's main cost.
     """
     view = memoryview(data)
+    find = data.find
     end = len(data)
     out: list[bytes | memoryview] = []
-    pos = _find_start_code(data, 0, end)
-    while True:
-        while pos < end:  # past the start code's zeros and its 01
-            pos += 1
-            if data[pos - 1]:
-                break
+    code = find(_START)
+    while code != -1:
+        pos = code + 3
         if pos >= end:
-            return out
-        unit_end = _find_start_code(data, pos, end)
+            break
+        code = find(_START, pos)
+        if code == -1:
+            unit_end = end
+        elif code > pos and data[code - 1] == 0:
+            unit_end = code - 1
+        else:
+            unit_end = code
         out.append((unit_end - pos).to_bytes(4, "big"))
         out.append(view[pos:unit_end])
-        pos = unit_end
+    return out
 
 
 class Fragmenter:
@@ -119,7 +115,7 @@ class Fragmenter:
         used only if it turns out to be the last.
         """
         units = avcc_from_annex_b(annex_b)
-        size = sum(len(u) for u in units)
+        size = sum(map(len, units))
         out = None
         if self._held is not None:
             out = self._fragment(self._held, dts - self._held[0])

@@ -39,7 +39,6 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
 from io import BytesIO
@@ -132,13 +131,6 @@ class RunHost(Protocol):
         """An fsync made more of ``run`` durable."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Sample:
-    seq: int
-    keyframe: bool
-    capture_us: int
-
-
 class Run:
     """A contiguous range of one camera's seqs, written in order into its part file(s).
 
@@ -167,7 +159,8 @@ class Run:
         self._round: asyncio.Future[None] | None = None
         self._fragmenter: Fragmenter | None = None
         self._init: bytes | None = None
-        self._pending: deque[_Sample] = deque()
+        #: (keyframe, capture time) of each frame whose fragment waits for the next frame.
+        self._pending: deque[tuple[bool, int]] = deque()
         self._part_written = 0  # samples of the last part in complete fragments on the fd
         self._last_seq = self.durable_seq
         self._origin_us = 0
@@ -312,14 +305,18 @@ class Run:
 
     def append(self, seq: int, capture_us: int, keyframe: bool, payload: bytes) -> None:
         """Remux one Annex-B access unit; ``seq`` must be :attr:`next_seq`."""
-        self._raise_if_failed()
-        cam = self._host.camera_id
+        if self._failure is not None:
+            self._raise_if_failed()
         if not self._writable:
-            raise RecordingClosedError(f"camera {cam!r}: run from seq {self.first_seq} is closed")
-        if seq != self.next_seq:  # the camera routes; this is a bug, not the device's fault
-            raise RecordingError(f"camera {cam!r}: run expects seq {self.next_seq}, got {seq}")
+            raise RecordingClosedError(
+                f"camera {self._host.camera_id!r}: run from seq {self.first_seq} is closed"
+            )
+        if seq != self._last_seq + 1:  # the camera routes; a bug, not the device's fault
+            raise RecordingError(
+                f"camera {self._host.camera_id!r}: run expects seq {self.next_seq}, got {seq}"
+            )
         if not payload:
-            raise InvalidPacketError(f"camera {cam!r}: empty payload at seq {seq}")
+            raise InvalidPacketError(f"camera {self._host.camera_id!r}: empty payload at seq {seq}")
         if self._fragmenter is None:
             self._start_part(seq, capture_us, keyframe, payload)
         assert self._fragmenter is not None
@@ -339,7 +336,7 @@ class Run:
             self._write_fragment(fragment)
         self._last_seq = seq
         self._last_pts = pts
-        self._pending.append(_Sample(seq, keyframe, capture_us))
+        self._pending.append((keyframe, capture_us))
 
     def _start_part(self, seq: int, capture_us: int, keyframe: bool, payload: bytes) -> None:
         cam = self._host.camera_id
@@ -371,14 +368,12 @@ class Run:
         """Queue the oldest pending frame's fragment and pass it to the listener."""
         self._part_written += 1
         self._write(data)
-        first = self._pending.popleft()
-        self._notify_fragment(data, first.keyframe, first.capture_us)
+        keyframe, capture_us = self._pending.popleft()
+        if self._listener is not None:
+            self._notify(lambda listener: listener.media_fragment(data, keyframe, capture_us))
 
     def _notify_init(self, data: bytes) -> None:
         self._notify(lambda listener: listener.init_segment(data))
-
-    def _notify_fragment(self, data: bytes, keyframe: bool, capture_us: int) -> None:
-        self._notify(lambda listener: listener.media_fragment(data, keyframe, capture_us))
 
     def _notify(self, call: Callable[[FragmentListener], None]) -> None:
         listener = self._listener
