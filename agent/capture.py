@@ -7,6 +7,13 @@ uplink while a session streams). Sinks are plain callables run on the event
 loop; they must not block. A failing camera is restarted with backoff and
 never takes the other cameras or the button down.
 
+While nobody watches live, sources that can hold packets on their thread
+(:meth:`hardware._bridge.ThreadedSource.set_handoff`) hand them over in batches
+of ``idle_handoff_s`` (one event-loop wake-up per batch instead of per frame:
+the agent's largest CPU cost per stream when idle); :meth:`Capture.set_live`
+switches every camera to packet-by-packet hand-off for an emergency's live lane
+and back.
+
 A watchdog marks a camera ``fault`` when no packet arrived for its
 ``watchdog_s`` (a camera that hangs without an error, a cut cable), audits
 it, and audits the recovery when packets flow again.
@@ -63,6 +70,7 @@ class RetryingSource:
         self._error: Exception | None = first_error
         self._fallback = fallback
         self._real: CameraSource | None = None
+        self._handoff_s: float | None = None
 
     @property
     def camera_id(self) -> str:
@@ -73,6 +81,13 @@ class RetryingSource:
     def info(self) -> StreamInfo:
         """The real source's stream info once it exists."""
         return self._real.info if self._real is not None else self._fallback
+
+    def set_handoff(self, seconds: float) -> None:
+        """Pass the hand-off latency on to the real source (now, and once it exists)."""
+        self._handoff_s = seconds
+        handoff = getattr(self._real, "set_handoff", None)
+        if callable(handoff):
+            handoff(seconds)
 
     def force_keyframe(self) -> bool:
         """Pass a keyframe request on to the real source, if it exists and can."""
@@ -86,6 +101,8 @@ class RetryingSource:
                 error, self._error = self._error, None
                 raise error
             self._real = self._factory()
+            if self._handoff_s is not None:
+                self.set_handoff(self._handoff_s)
         async for packet in self._real.packets():
             yield packet
 
@@ -106,6 +123,7 @@ class Capture:
         preroll_s: float,
         preroll_max_bytes: int,
         restart_max_s: float = 10.0,
+        idle_handoff_s: float = 0.0,
         watchdog_s: Mapping[str, float] | None = None,
         audit: AuditLog | None = None,
         on_change: Callable[[], None] | None = None,
@@ -118,6 +136,8 @@ class Capture:
         self.prerolls = {cam: PreRoll(preroll_s, preroll_max_bytes) for cam in sources}
         self.state = {cam: CameraState() for cam in sources}
         self.restart_max_s = restart_max_s
+        self.idle_handoff_s = idle_handoff_s
+        self._live = False
         self._sinks: list[Sink] = []
         self.sink_errors = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -147,8 +167,17 @@ class Capture:
         """Wait until ``camera`` produced its first packet (its stream info is known)."""
         await self._first_packet[camera].wait()
 
+    def set_live(self, live: bool) -> None:
+        """Every packet handed over at once (``True``: a live lane streams) or batched."""
+        self._live = live
+        for source in self.sources.values():
+            handoff = getattr(source, "set_handoff", None)
+            if callable(handoff):
+                handoff(0.0 if live else self.idle_handoff_s)
+
     def start(self) -> None:
         """Start one named task per camera."""
+        self.set_live(self._live)
         now = time.monotonic()
         for cam in self.sources:
             self.state[cam].last_packet_mono = now  # the watchdog counts from the start

@@ -228,6 +228,7 @@ class Agent:
             preroll_s=cfg.preroll_s,
             preroll_max_bytes=cfg.preroll_max_bytes,
             watchdog_s={c.id: c.watchdog_s for c in cfg.cameras},
+            idle_handoff_s=IDLE_HANDOFF_S,
             audit=self.audit,
             on_change=self._update_led,  # a camera fault shows on the LED
         )
@@ -513,7 +514,7 @@ class Agent:
             for cp in self.chains.since(d.id, d.first_seq):
                 self.uplink.add_checkpoint(cp, stream)
         self._restore_checkpoints(stream, owed if resume else None)
-        self._live = (stream, {d.id: d.index for d in descs})
+        self._set_live((stream, {d.id: d.index for d in descs}))
         if share:
             self.share = session
         self._record(
@@ -543,7 +544,7 @@ class Agent:
         if share is None:
             return
         if self._live is not None and self._live[0].id == share.id:
-            self._live = None
+            self._set_live(None)
         self.uplink.end_session(share.id, reason)
         self._cut_chains(share.id)
         self._record("session_end", session=share.id, reason=reason, by=None)
@@ -557,7 +558,7 @@ class Agent:
             reason=ended.session.end_reason,
             by=None if by is None else _by(by),
         )
-        self._live = None
+        self._set_live(None)
         self.uplink.end_session(ended.session.id, ended.session.end_reason or "ended")
         self._cut_chains(ended.session.id)
         self._persist()
@@ -662,6 +663,11 @@ class Agent:
             self._restore_checkpoints(stream, entry)
             self.uplink.end_session(stream.id, entry.get("close_reason") or "ended")
             log.warning("resuming delivery of ended session %s from the sealed store", sid)
+
+    def _set_live(self, live: tuple[SessionStream, dict[str, int]] | None) -> None:
+        """The session whose live lane gets every packet as it comes (None: idle)."""
+        self._live = live
+        self.capture.set_live(live is not None)
 
     def _on_packet(self, packet: EncodedPacket) -> None:
         if self._live is None:
@@ -823,6 +829,10 @@ SHARE_HOURS = 1.0
 AUDIT_CHECKPOINT_S = 60.0
 #: Chain checkpoints are kept this much longer than the pre-roll reaches back.
 CHAIN_KEEP_EXTRA_S = 90.0
+#: While no live lane streams, cameras hand packets to the loop in batches this long
+#: (:meth:`agent.capture.Capture.set_live`): the pre-roll and the store need them no
+#: sooner, and a loop wake-up per frame was most of an idle agent's CPU.
+IDLE_HANDOFF_S = 0.25
 
 
 def _owed_entry(stream: SessionStream) -> dict[str, Any]:

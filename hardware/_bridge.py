@@ -24,6 +24,21 @@ one back per packet taken.
 :class:`ThreadedSource` is the common shell of the sources that own one
 worker thread: start on the first :meth:`~ThreadedSource.packets` call, stop
 and join (off the loop) in :meth:`~ThreadedSource.aclose`.
+
+Hand-off latency. Waking the event loop costs more than the rest of a
+packet's way through the agent (on a Pi or this project's 2-core test
+machine, an asyncio wake-up is about three times a thread's). An agent is idle
+nearly always: its packets go to the pre-roll and the sealed store, which
+have no use for them sooner than a fraction of a second. So a live source may
+*hold* packets on its thread and hand them over in batches, one wake-up per
+:meth:`~ThreadedSource.set_handoff` seconds of video (measured on the
+packets' ``mono_ns``); with ``0`` (the default, and whenever anyone watches:
+an emergency's live lane) every packet is handed over as it comes. The
+setting is read by the worker at each packet, so a switch to ``0`` hands the
+held batch over with the next packet (one frame period later). Anything else
+the worker posts (an end, a failure, a state change) flushes the held
+packets first, so their order is kept. A lossless queue never holds: its
+producer would wait for slots the held packets still occupy.
 """
 
 from __future__ import annotations
@@ -105,6 +120,11 @@ class PacketQueue:
             if not buf:
                 return
 
+    def put_many(self, packets: list[EncodedPacket]) -> None:
+        """Queue a batch, in order (as :meth:`put` for each)."""
+        for packet in packets:
+            self.put(packet)
+
     def fail(self, error: CameraError) -> None:
         """End the stream with ``error`` once the queued packets are taken."""
         self._error = error
@@ -161,6 +181,12 @@ class ThreadedSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._lossless = lossless
+        #: Packets held on the worker thread (its own; see "Hand-off latency").
+        self._held: list[EncodedPacket] = []
+        self._held_info: StreamInfo | None = None
+        self._held_lock = threading.Lock()
+        self._handoff_ns = 0
 
     def _describe(self) -> str:
         """How log lines and errors name this camera (never with credentials)."""
@@ -190,6 +216,16 @@ class ThreadedSource:
     def packets_dropped(self) -> int:
         """Packets discarded because the consumer fell more than the buffer behind."""
         return self._queue.dropped
+
+    def set_handoff(self, seconds: float) -> None:
+        """Hand packets over in batches of up to ``seconds`` of video; ``0``: each at once.
+
+        Called on the loop; the worker applies it from its next packet on. A
+        lossless source (a file replayed as fast as possible) ignores it.
+        """
+        if seconds < 0:
+            raise ValueError(f"hand-off latency must be >= 0, not {seconds}")
+        self._handoff_ns = 0 if self._lossless else round(seconds * 1e9)
 
     def force_keyframe(self) -> bool:
         """Ask for an IDR as soon as possible; ``False``: this source cannot.
@@ -254,7 +290,16 @@ class ThreadedSource:
             self._post(loop, self._queue.fail, error)
 
     def _post(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` on the loop; the only way the thread talks to it."""
+        """Run ``fn(*args)`` on the loop; the only way the thread talks to it.
+
+        Held packets go first, so the loop sees everything in the worker's order.
+        """
+        with self._held_lock:
+            if self._held:
+                self._flush(loop, None)
+            self._call(loop, fn, *args)
+
+    def _call(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
         try:
             loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:
@@ -266,10 +311,32 @@ class ThreadedSource:
     ) -> None:
         """Hand ``packet`` over; ``info`` (if given) becomes :attr:`info` as it is queued."""
         self._queue.take_slot()
-        if not self._stop.is_set():
-            self._post(loop, self._accept, packet, info)
+        if self._stop.is_set():
+            return
+        with self._held_lock:  # picamera2 emits on its encoder thread, failures on ours
+            held, hold_ns = self._held, self._handoff_ns
+            if hold_ns and (not held or packet.mono_ns - held[0].mono_ns < hold_ns):
+                held.append(packet)
+                if info is not None:
+                    self._held_info = info
+            elif held:
+                held.append(packet)
+                self._flush(loop, info)
+            else:
+                self._call(loop, self._accept, packet, info)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop, info: StreamInfo | None) -> None:
+        """Hand the held packets over (with ``_held_lock``); ``info`` if new, else the held."""
+        held, info = self._held, info if info is not None else self._held_info
+        self._held, self._held_info = [], None
+        self._call(loop, self._accept_many, held, info)
 
     def _accept(self, packet: EncodedPacket, info: StreamInfo | None) -> None:
         if info is not None:
             self._info = info
         self._queue.put(packet)
+
+    def _accept_many(self, packets: list[EncodedPacket], info: StreamInfo | None) -> None:
+        if info is not None:
+            self._info = info
+        self._queue.put_many(packets)

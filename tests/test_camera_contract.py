@@ -416,6 +416,50 @@ async def test_queue_without_a_second_keyframe_resyncs_at_the_next_one() -> None
     assert got[1] is None
 
 
+# --- Hand-off latency: an idle agent's packets reach the loop in batches ---
+
+
+async def test_a_held_hand_off_delivers_every_packet_in_batches_then_promptly() -> None:
+    async with SyntheticCamera("held", width=W, height=H, fps=FPS) as cam:
+        cam.set_handoff(0.25)
+        arrivals: list[tuple[EncodedPacket, int]] = []
+        async with aclosing(cam.packets()) as packets:
+            async with asyncio.timeout(20):
+                while len(arrivals) < 2 * FPS:
+                    packet = await anext(packets)
+                    arrivals.append((packet, time.monotonic_ns()))
+                cam.set_handoff(0)
+                prompt: list[tuple[EncodedPacket, int]] = []
+                while len(prompt) < FPS:
+                    packet = await anext(packets)
+                    prompt.append((packet, time.monotonic_ns()))
+    held_waits = [(at - p.mono_ns) / 1e9 for p, at in arrivals[FPS // 2 :]]
+    # Each batch's first packet waited about 0.25 s for its batch; none waits far longer.
+    assert max(held_waits) > 0.2
+    assert max(held_waits) < 1.0
+    monos = [p.mono_ns for p, _ in arrivals + prompt]
+    assert monos == sorted(set(monos))  # nothing lost, doubled or reordered at the switch
+    gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(monos)]
+    assert max(gaps) < 3 / FPS
+    prompt_waits = [(at - p.mono_ns) / 1e9 for p, at in prompt[FPS // 2 :]]
+    assert max(prompt_waits) < 0.15  # one by one again (a frame period, and a loaded loop)
+
+
+async def test_a_source_that_ends_hands_over_its_held_packets_first(clip: Path) -> None:
+    async with FileCamera("held-end", clip, loop=False) as cam:
+        cam.set_handoff(60)  # longer than the clip: only the end can flush them
+        async with asyncio.timeout(20):
+            packets = [p async for p in cam.packets()]
+    assert len(packets) == 2 * GOP
+    assert [p.keyframe for p in packets].count(True) == 2
+
+
+def test_a_hand_off_latency_is_checked() -> None:
+    cam = SyntheticCamera("held-bad", width=W, height=H, fps=FPS)
+    with pytest.raises(ValueError, match="hand-off latency"):
+        cam.set_handoff(-1)
+
+
 # --- PiCamera off the Pi: the lazy import and our Output bridge ---
 
 

@@ -24,9 +24,8 @@ The stream comes already split into access units (``--units``, written by the
 parent with :func:`write_units`, which runs FFmpeg's parser through PyAV):
 this process never imports PyAV. Splitting the file is the harness's work,
 not the agent's, and PyAV is about 17 MiB resident that an agent with Pi
-cameras never maps; the replay itself is :class:`tests.bench.replay.ReplayCamera`'s
-(paced by ``asyncio.sleep`` until each frame is due, a late loop skips to a
-keyframe).
+cameras never maps; the replay runs on a worker thread per camera, as every deployed camera
+source does (:class:`FreshReplayCamera`).
 """
 
 from __future__ import annotations
@@ -36,16 +35,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import resource
 import struct
 import sys
+import threading
 import time
-from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from agent.config import CameraConfig, load_config
 from agent.daemon import Agent
 from hardware import EncodedPacket, StreamInfo
+from hardware._bridge import ThreadedSource
 
 log = logging.getLogger("bench.agent_proc")
 
@@ -79,30 +80,39 @@ def read_units(path: Path) -> tuple[tuple[tuple[bytes, bool], ...], dict[str, in
     return tuple(units), info
 
 
-class FreshReplayCamera:
+class FreshReplayCamera(ThreadedSource):
     """A :class:`hardware.CameraSource` replaying access units in real time, looping, each
-    packet with a fresh copy of its payload (as :class:`tests.bench.replay.ReplayCamera`
-    paces them: an ``asyncio.sleep`` until each frame is due)."""
+    packet with a fresh copy of its payload.
+
+    It runs as every deployed camera source does (:class:`hardware._bridge.ThreadedSource`,
+    like the RTSP, file and Pi cameras): a worker thread that waits until each frame is
+    due and hands it over to the loop; a thread more than a second late skips to a
+    keyframe due now.
+    """
+
+    _kind = "replay"
 
     def __init__(
         self, camera_id: str, units: tuple[tuple[bytes, bool], ...], info: StreamInfo
     ) -> None:
-        self.camera_id, self.info, self._units = camera_id, info, units  # CameraSource's
-        self._closed = False
-        self.frames_skipped = 0  # frames a loop more than a second late skipped
+        super().__init__(camera_id, max_buffered_s=2.0)
+        self._units = units
+        self._initial_info = info
+        self.frames_skipped = 0  # frames a thread more than a second late skipped
 
-    async def packets(self) -> AsyncGenerator[EncodedPacket, None]:
-        """Yield the access units in a loop, each when it is due, until :meth:`aclose`."""
-        units, count = self._units, len(self._units)
-        period_ns = round(1e9 / self.info.fps)
-        start, index, sleep, mono = time.monotonic_ns(), 0, asyncio.sleep, time.monotonic_ns
-        while not self._closed:
+    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
+        units, count, info = self._units, len(self._units), self._initial_info
+        period_ns = round(1e9 / info.fps)
+        start, index, mono = time.monotonic_ns(), 0, time.monotonic_ns
+        first: StreamInfo | None = info
+        while True:
             lag = mono() - (start + index * period_ns)
             if lag < 0:
-                await sleep(-lag / 1e9)
-                if self._closed:
+                if self._stop.wait(-lag / 1e9):
                     return
-            elif lag > 1_000_000_000:  # a stalled loop: skip to a keyframe due now
+            elif self._stop.is_set():
+                return
+            elif lag > 1_000_000_000:  # a stalled thread: skip to a keyframe due now
                 skipped = lag // period_ns
                 while not units[(index + skipped) % count][1]:
                     skipped += 1
@@ -110,8 +120,8 @@ class FreshReplayCamera:
                 index += skipped
                 start = mono() - index * period_ns
             payload, keyframe = units[index % count]
-            yield EncodedPacket(
-                self.camera_id,
+            packet = EncodedPacket(
+                self._id,
                 -1,
                 time.time_ns(),
                 mono(),
@@ -119,11 +129,9 @@ class FreshReplayCamera:
                 "h264",
                 memoryview(payload).tobytes(),
             )
+            self._emit(loop, packet, first)
+            first = None
             index += 1
-
-    async def aclose(self) -> None:
-        """Stop yielding."""
-        self._closed = True
 
 
 def press_button(agent: Agent) -> None:
@@ -141,6 +149,19 @@ def _cpu_s() -> tuple[float, float]:
     """(user, system) CPU seconds of this process, every thread."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime, usage.ru_stime
+
+
+def _thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of this process, by thread name."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    hz = os.sysconf("SC_CLK_TCK")
+    found: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            name = names.get(int(task.name), f"native-{task.name}")
+            found[name] = found.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / hz
+    return found
 
 
 def _memory_mb() -> tuple[float, float]:
@@ -185,11 +206,11 @@ async def measure(
             assert session is not None
         await asyncio.sleep(warmup)  # a measurement window, not a poll
         stats, store = agent.uplink.stats, agent.store.stats
-        (user0, sys0), wall0 = _cpu_s(), time.monotonic()
+        (user0, sys0), wall0, threads0 = _cpu_s(), time.monotonic(), _thread_cpu_s()
         sent0, bytes0 = stats.packets_sent, stats.bytes_sent
         segs0, written0, media0 = store.segments_written, store.bytes_written, store.media_bytes
         await asyncio.sleep(seconds)
-        (user1, sys1), wall1 = _cpu_s(), time.monotonic()
+        (user1, sys1), wall1, threads1 = _cpu_s(), time.monotonic(), _thread_cpu_s()
         rss, peak = _memory_mb()
         prerolls = agent.capture.prerolls.values()
         held = [p.snapshot() for p in prerolls]
@@ -221,6 +242,12 @@ async def measure(
             "bytes_sent": stats.bytes_sent - bytes0,
             "unacked_ram_packets_at_end": backlog,
             "frames_skipped": sum(c.frames_skipped for c in cameras.values()),
+            # Where the CPU went (clock ticks: coarse), the busiest threads first.
+            "thread_cpu_pct": {
+                name: round(100 * (cpu1 - threads0.get(name, 0.0)) / wall, 2)
+                for name, cpu1 in sorted(threads1.items(), key=lambda kv: -kv[1])
+                if cpu1 > threads0.get(name, 0.0)
+            },
         }
         print(json.dumps(result), flush=True)
         if session is not None:
