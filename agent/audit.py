@@ -47,14 +47,15 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
 - ``keylist_installed`` (``source``, ``version``, ``keys``, ``exp``),
   ``keylist_refused`` (``source``, ``code``, ``detail``), ``trigger_flood``
   (``refused``, ``via``), ``replay_cache_reset``, ``local_api_fault``.
-- ``viewer`` (from the receiver side): ``session``, ``officer``, ``action``.
 - ``camera_fault``, ``camera_recovered``, ``segment_torn``,
   ``store_foreign_file``, ``segment_dropped``, ``segment_lost``,
   ``segment_pinned_evicted`` (store and capture facts), and ``checkpoint``.
 
 The session events are what FERPA 34 CFR 99.32(a)(5) asks a school to record
 for a health-or-safety disclosure: the threat that justified it and who
-received the footage (``breakglass audit report`` prints them).
+received the footage (``breakglass audit report`` prints them). The officers
+who watched it at the receiver are in the receiver's access log
+(:mod:`receiver.access_log`), which ``audit report --access-log`` merges in.
 
 :class:`AuditChain` (numbering, chaining, checkpoints) and :func:`verify_trail`
 are the sans-IO core: no files, no clocks. :class:`AuditLog` is the file

@@ -7,10 +7,17 @@ is missing). Exit 0: intact, one summary line. Exit 1: one line per problem,
 only a warning, the agent may be running), then a summary naming the first
 error. Exit 2: a file or key that cannot be read.
 
-``report FILE [--device-key PUB.pem] [--json]`` prints, per emergency session,
-the FERPA 34 CFR 99.32(a)(5) disclosure record: the threat that justified it,
-start, extensions, end, who received the footage and which cameras. With
-``--device-key`` it verifies first and refuses (exit 1) a trail that fails.
+``report FILE [--device-key PUB.pem] [--access-log ACCESS.log] [--json]``
+prints, per emergency session, the FERPA 34 CFR 99.32(a)(5) disclosure record:
+the threat that justified it, start, extensions, end, who received the
+footage and which cameras. With ``--device-key`` it verifies first and
+refuses (exit 1) a trail that fails. The device knows the receiver it
+disclosed to, not the officers who then watched: they are in the receiver's
+access log (``DATA/access.log``, :mod:`receiver.access_log`), which the police
+hand over. Given with ``--access-log``, its hash chain is checked (a broken
+one is refused, exit 1) and every view of footage of the trail's sessions
+(live, recordings, player links, evidence exports: :data:`VIEW_ACTIONS`) is
+listed under its session, with the officer's account, role and camera.
 
 Inputs are bounded: a trail file of at most :data:`MAX_TRAIL_BYTES`, lines of
 at most :data:`agent.audit.MAX_LINE_BYTES`. Text taken from the trail is
@@ -20,6 +27,7 @@ printed with control characters escaped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Iterable
@@ -29,6 +37,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent.audit import MAX_LINE_BYTES, Problem, TrailReport, split_lines, verify_trail
+from receiver.access_log import verify_lines
 
 __all__ = [
     "MAX_TRAIL_BYTES",
@@ -83,6 +92,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=Path,
         metavar="PUB.pem",
         help="verify first; refuse a trail that fails",
+    )
+    report.add_argument(
+        "--access-log",
+        type=Path,
+        metavar="ACCESS.log",
+        help="the receiver's access log: list who viewed each session's footage",
     )
     report.add_argument("--json", action="store_true", help="one JSON array of records")
     report.set_defaults(func=audit_report)
@@ -192,7 +207,18 @@ class SessionRecord:
 
 
 _SESSION_EVENTS: Final = frozenset(
-    {"session_start", "button_press", "session_extend", "session_end", "disclosure", "viewer"}
+    {"session_start", "button_press", "session_extend", "session_end", "disclosure"}
+)
+#: Receiver access-log actions that show a session's footage to someone.
+VIEW_ACTIONS: Final = frozenset(
+    {
+        "live_open",  # the live view of a camera
+        "recording_playlist",  # a recording opened in the browser or a player
+        "recording_fetch",  # a recording's part file
+        "player_link_issue",  # a link that lets its holder watch, under the officer's name
+        "player_link_playlist",  # such a link opened
+        "evidence_export",  # the session's evidence bundle
+    }
 )
 
 
@@ -239,11 +265,27 @@ def session_records(entries: Iterable[dict[str, Any]]) -> list[SessionRecord]:
             record.extensions.append({"t": t, **_pick(entry, "by", "expires_at")})
         elif event == "session_end":
             record.ended = {"t": t, **_pick(entry, "reason", "by")}
-        elif event == "disclosure":
-            _add_disclosure(record, entry)
         else:
-            record.viewers.append({"t": t, **_pick(entry, "officer", "action")})
+            _add_disclosure(record, entry)
     return list(records.values())
+
+
+def add_views(records: Iterable[SessionRecord], access: Iterable[dict[str, Any]]) -> int:
+    """List the access log's views of each record's footage under it; how many were added."""
+    by_session = {r.session: r for r in records}
+    added = 0
+    for entry in access:
+        session, at = entry.get("session"), entry.get("at")
+        record = by_session.get(session) if isinstance(session, str) else None
+        if record is None or entry.get("action") not in VIEW_ACTIONS:
+            continue
+        t: object = at
+        if isinstance(at, str):
+            with contextlib.suppress(ValueError):
+                t = datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+        record.viewers.append({"t": t, **_pick(entry, "who", "role", "action", "camera")})
+        added += 1
+    return added
 
 
 def _text(value: object, limit: int = 200) -> str:
@@ -287,7 +329,7 @@ def _camera(camera: dict[str, Any]) -> str:
     return f"{_text(camera.get('id'))} ({_text(camera.get('zone'))})"
 
 
-def _render(record: SessionRecord) -> list[str]:
+def _render(record: SessionRecord, viewers: Path | None) -> list[str]:
     out = [f"session {_text(record.session)}, building {_text(record.building)}"]
     threat = _by(record.threat) if record.threat is not None else "not in this trail"
     out.append(f"  threat:       {threat}")
@@ -325,9 +367,15 @@ def _render(record: SessionRecord) -> list[str]:
     if not record.recipients:
         out.append("  disclosed to: no receiver in this trail")
     for v in record.viewers:
+        camera = f" camera {_text(v['camera'])}" if v["camera"] is not None else ""
         out.append(
-            f"  viewed by:    officer {_text(v['officer'])}, {_text(v['action'])}, {_when(v['t'])}"
+            f"  viewed by:    {_text(v['who'])} ({_text(v['role'])}), {_text(v['action'])}"
+            f"{camera}, {_when(v['t'])}"
         )
+    if viewers is None:
+        out.append("  viewed by:    see the receiver's access log (--access-log)")
+    elif not record.viewers:
+        out.append("  viewed by:    nobody, in the access log given")
     out.append(f"  cameras disclosed: {', '.join(map(_camera, record.disclosed)) or 'none'}")
     return out
 
@@ -368,6 +416,23 @@ def audit_report(args: argparse.Namespace) -> int:
     if skipped:
         print(f"note: {skipped} lines of {args.file} are not entries", file=sys.stderr)
     records = session_records(entries)
+    if args.access_log is not None:
+        try:
+            access_lines = read_trail(args.access_log, "access log")
+        except TrailInputError as exc:
+            return _error(str(exc), 2)
+        checked = verify_lines(access_lines)
+        for lineno, what in checked.errors:
+            print(f"{args.access_log}:{lineno}: {what}", file=sys.stderr)
+        if not checked.ok:
+            return _error(f"{args.access_log}: the access log's chain is broken; refusing it", 1)
+        access, _ = _entries(access_lines)
+        views = add_views(records, access)
+        print(
+            f"note: {args.access_log}: chain intact ({checked.entries} entries, head "
+            f"{checked.head}); {views} views of these sessions",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps([asdict(r) for r in records], indent=2, ensure_ascii=False))
         return 0
@@ -380,5 +445,5 @@ def audit_report(args: argparse.Namespace) -> int:
     )
     for record in records:
         print()
-        print("\n".join(_render(record)))
+        print("\n".join(_render(record, args.access_log)))
     return 0

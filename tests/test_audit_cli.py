@@ -16,6 +16,7 @@ from agent.audit import AuditLog
 from breakglass import audit_cli
 from breakglass.cli import main
 from provisioning.keys import kid, new_private_key, public_pem
+from receiver.access_log import AccessLog
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_795_860_000.0  # 2026-11-28T10:00:00Z
@@ -63,7 +64,7 @@ def write_trail(path: Path, key: Ed25519PrivateKey, location: str = "Room 114") 
         rec("trigger", result="accepted", code=None, kid=SUPER["kid"], role="superintendent",
             action="extend", via="uplink", reason="ongoing", session="s-1", detail="")  # fmt: skip
         rec("session_extend", session="s-1", by=SUPER, expires_at=T0 + 7200)
-        rec("viewer", session="s-1", officer="Ofc. Diaz #4411", action="live")
+        rec("camera_recovered", camera="hallway-2")
         rec("session_end", session="s-1", reason="trigger", by=DISPATCH)
         rec("trigger", result="rejected", code="bad_signature", kid=None, role=None,
             action=None, via="local_api", reason=None, session=None, detail="bad sig")  # fmt: skip
@@ -219,7 +220,7 @@ def test_report_prints_each_session_disclosure_record(
         'key 0f1e2d3c4b5a6978 (dispatch), reason "all clear"',
         "  disclosed to: receiver https://rx.example:8443 as device pi-north-1, "
         "from 2026-11-28T10:00:02Z",
-        "  viewed by:    officer Ofc. Diaz #4411, live, 2026-11-28T10:00:09Z",
+        "  viewed by:    see the receiver's access log (--access-log)",
         "  cameras disclosed: front-door (exterior), hallway-2 (interior)",
         "",
         "session s-2, building north-high",
@@ -229,6 +230,7 @@ def test_report_prints_each_session_disclosure_record(
         "  ended:        2026-11-28T10:00:14Z (expired)",
         "  disclosed to: receiver https://rx.example:8443 as device pi-north-1, "
         "from 2026-11-28T10:00:13Z",
+        "  viewed by:    see the receiver's access log (--access-log)",
         "  cameras disclosed: front-door (exterior)",
     ]
 
@@ -246,7 +248,7 @@ def test_report_as_json(trail: Trail, capsys: pytest.CaptureFixture[str]) -> Non
     assert first["recipients"] == [
         {"t": T0 + 2, "receiver": "https://rx.example:8443", "device": "pi-north-1"}
     ]
-    assert first["viewers"] == [{"t": T0 + 9, "officer": "Ofc. Diaz #4411", "action": "live"}]
+    assert first["viewers"] == []  # the officers are in the receiver's access log
     assert first["disclosed"] == CAMERAS
     assert second["threat"]["reason"] == "911 call: intruder reported"
     assert second["ended"]["by"] is None
@@ -264,6 +266,66 @@ def test_report_refuses_a_trail_that_fails_verification(
     code, out, _ = run(capsys, "report", trail.path)  # unverified, on request
     assert code == 0
     assert "Room 999" in out
+
+
+def write_access_log(path: Path) -> None:
+    """What a receiver logs while officers watch s-1 (and another building's s-9)."""
+    ticks = count()
+    log = AccessLog(path, clock=lambda: T0 + 20 + next(ticks))  # not started: writes at once
+    officer = {"who": "diaz", "role": "officer", "login": "h-1", "remote": "10.0.0.7"}
+    log.record("login", **officer)
+    log.record("live_open", session="s-1", camera="hallway-2", **officer)
+    log.record("live_close", session="s-1", camera="hallway-2", duration_s=40.0, **officer)
+    log.record("live_open", session="s-9", camera="gym", **officer)  # not this device's
+    admin = {"who": "kim", "role": "admin", "login": "h-2", "remote": "10.0.0.9"}
+    log.record("recording_playlist", session="s-1", camera="front-door", **admin)
+    log.record("evidence_export", session="s-1", file="s-1.zip", sha256="ab" * 32, **admin)
+
+
+def test_report_lists_who_viewed_each_session_from_the_access_log(
+    trail: Trail, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    access = tmp_path / "access.log"
+    write_access_log(access)
+    code, out, err = run(
+        capsys, "report", trail.path, "--device-key", trail.pub, "--access-log", access
+    )
+    assert code == 0, err
+    assert "chain intact (6 entries" in err
+    assert "3 views of these sessions" in err
+    views = [line for line in out.splitlines() if "viewed by" in line]
+    assert views == [
+        "  viewed by:    diaz (officer), live_open camera hallway-2, 2026-11-28T10:00:21Z",
+        "  viewed by:    kim (admin), recording_playlist camera front-door, 2026-11-28T10:00:24Z",
+        "  viewed by:    kim (admin), evidence_export, 2026-11-28T10:00:25Z",
+        "  viewed by:    nobody, in the access log given",  # s-2
+    ]
+    code, out, _ = run(capsys, "report", trail.path, "--access-log", access, "--json")
+    first = json.loads(out)[0]
+    assert first["viewers"][0] == {
+        "t": T0 + 21,
+        "who": "diaz",
+        "role": "officer",
+        "action": "live_open",
+        "camera": "hallway-2",
+    }
+
+
+def test_report_refuses_an_access_log_whose_chain_is_broken(
+    trail: Trail, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    access = tmp_path / "access.log"
+    write_access_log(access)
+    lines = access.read_bytes().splitlines(keepends=True)
+    del lines[4]  # a view taken out of the log
+    access.write_bytes(b"".join(lines))
+    code, out, err = run(capsys, "report", trail.path, "--access-log", access)
+    assert (code, out) == (1, "")
+    assert f"{access}:5: entry 6 does not follow the one before" in err
+    assert "the access log's chain is broken; refusing it" in err
+    code, _, err = run(capsys, "report", trail.path, "--access-log", tmp_path / "nothing.log")
+    assert code == 2
+    assert "access log" in err
 
 
 def test_report_escapes_control_characters(
