@@ -158,6 +158,9 @@ class Run:
         #: Callers of :meth:`flush` wait on this for the next round (None: nobody waits).
         self._round: asyncio.Future[None] | None = None
         self._fragmenter: Fragmenter | None = None
+        #: The current part's fragmenter, kept after the part is finished: the index
+        #: takes the last fragments it listed.
+        self._listing: Fragmenter | None = None
         self._init: bytes | None = None
         #: (keyframe, capture time) of each frame whose fragment waits for the next frame.
         self._pending: deque[tuple[bool, int]] = deque()
@@ -240,9 +243,9 @@ class Run:
         """The current part's durable fragments written since the last take (flat, as
         :attr:`Fragmenter.written`), the part's frame number of the first, and its init
         segment: for the recording index, which then need not read the file back."""
-        if self._fragmenter is None:
+        if self._listing is None:
             return None, 0, array("q")
-        start, taken = self._fragmenter.take(self.parts[-1].frames)
+        start, taken = self._listing.take(self.parts[-1].frames)
         return self._init, start, taken
 
     def attach(self, listener: FragmentListener | None) -> None:
@@ -296,7 +299,7 @@ class Run:
         self._writer = PartWriter(self._fd)
         self._unwritten.clear()
         self._made = self._taken = self._synced = 0
-        self._fragmenter = self._init = None
+        self._fragmenter = self._listing = self._init = None
         self._pending.clear()
         self._failure = None
         self._writable = True
@@ -351,7 +354,7 @@ class Run:
             raise BitstreamError(f"camera {cam!r}: cannot read H.264 at seq {seq}: {exc}") from exc
         self._write(init)
         self._init = init
-        self._fragmenter = Fragmenter(len(init))
+        self._fragmenter = self._listing = Fragmenter(len(init))
         self._origin_us = capture_us
         self._last_pts = -1
         self.parts[-1].first_capture_us = capture_us

@@ -172,6 +172,7 @@ async def test_index_follows_the_writer_and_only_durable_data(
         await storage.sync()
         (part,) = await storage.parts("s-1", "cam1")
         assert (part.frames, part.final) == (70, True)
+        assert storage.parts_read == 0  # a finished part's last fragments are listed too
         session = await storage.session("s-1")
         assert session.closed_at is not None and not session.camera("cam1").recording
         await check_part(storage, part.file, rec.directory / part.file)
