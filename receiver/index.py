@@ -7,9 +7,9 @@ files: sessions, cameras, part files (first/last seq, first/last capture
 time, durable bytes) and every durable fragment of every part (offset,
 size, decode time, duration, keyframe), which the HLS playlists cut into
 segments. Fragments are stored packed, a row per batch (what one round added
-to a part, at most ``MAX_BATCH``): a row per fragment cost the receiver a
-fifth of its full-rate ingest (each row a trip through sqlite3 and a hand-off
-of the GIL between the index's thread and the event loop).
+to a part, at most ``MAX_BATCH``): a row per fragment was a trip through
+sqlite3, and a hand-off of the GIL between the index's thread and the event
+loop, for each of the thousands a round adds at full ingest rate.
 
 Theory of operation. :class:`LocalStorage` subscribes to the
 :class:`RecordingStore` (a ``session.json`` save, or an fsync that made

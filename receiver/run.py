@@ -17,11 +17,11 @@ the fsync's task (one per run; callers arriving meanwhile wait for the next
 round that covers their data): in a worker thread, a round takes what waits,
 writes it (one writev) and fsyncs, and only then hands the counts of its last
 item back to the loop, which counts those samples as durable. While more
-waits, the thread goes on with the next round at once: going back through
-the loop between rounds (its burst of messages runs a few ms between yields)
-left the disk idle a third of the time and, past ``MAX_UNWRITTEN_BYTES``,
-stopped reading the connection. Rounds of a part start at least
-``COMMIT_GAP_S`` apart.
+waits, the thread goes on with the next round at once (for up to
+``ROUNDS_FOR_S``): going back through the loop between rounds (its burst of
+messages runs a few ms between yields) left the disk idle a third of the time
+and, past ``MAX_UNWRITTEN_BYTES``, stopped reading the connection. Rounds of
+a part start at least ``COMMIT_GAP_S`` apart.
 
 A part is never appended to once closed, so after a restart, a write failure
 or a re-opened session a run continues in a new part file, named after its
@@ -80,6 +80,10 @@ COMMIT_GAP_S = 0.005
 #: Fragments wait in memory for the fsync's thread to write them; beyond this the
 #: camera stops taking packets until they are written (its connection is not read).
 MAX_UNWRITTEN_BYTES = 4 << 20
+#: The fsync's thread starts no more rounds after this long and goes back to the pool
+#: (shared with the other cameras, the index, ``session.json`` saves, sealed segments);
+#: the fsync's task asks for a thread again at once if more waits.
+ROUNDS_FOR_S = 0.1
 
 #: MP4 time base of every recording: the 90 kHz clock of MPEG video.
 TIME_BASE = Fraction(1, 90_000)
@@ -431,32 +435,35 @@ class Run:
         return self.durable_seq
 
     async def _fsync_rounds(self) -> None:
-        """The fsync's task: after the commit gap, rounds in a worker thread until
+        """The fsync's task: rounds in a worker thread, each after the commit gap, until
         nothing waits; its failure is every waiting caller's."""
         try:
-            gap = self._fsync_started + COMMIT_GAP_S - time.monotonic()
-            if gap > 0:
-                await asyncio.sleep(gap)  # what arrives meanwhile shares this fsync
-            # The part list was saved before the part got data. What changes later
-            # (the part's first capture time, the first live seq) is bookkeeping, not
-            # footage: it is saved beside the data fsync, never in front of an ack.
-            self._host.save_metadata_soon()
             fd, writer = self._fd, self._writer
             if fd is None or writer is None:
                 raise RecordingFailedError(
                     f"camera {self._host.camera_id!r}: part file already closed"
                 )
             loop = asyncio.get_running_loop()
-            try:
-                await asyncio.to_thread(self._sync_rounds, writer, fd, loop)
-            except OSError as exc:
-                # A failed write may have left a torn tail (cut by the repair at the
-                # re-open); after a failed fsync the kernel may have dropped the dirty
-                # pages: never fsync this file again and call it durable.
-                self._fail(exc)
-                raise RecordingFailedError(
-                    f"camera {self._host.camera_id!r}: writing or fsync failed: {exc}"
-                ) from exc
+            while True:
+                gap = self._fsync_started + COMMIT_GAP_S - time.monotonic()
+                if gap > 0:
+                    await asyncio.sleep(gap)  # what arrives meanwhile shares this fsync
+                if not self._unwritten:
+                    return
+                # The part list was saved before the part got data. What changes later
+                # (the part's first capture time, the first live seq) is bookkeeping,
+                # not footage: it is saved beside the data fsync, never in front of an ack.
+                self._host.save_metadata_soon()
+                try:
+                    await asyncio.to_thread(self._sync_rounds, writer, fd, loop)
+                except OSError as exc:
+                    # A failed write may have left a torn tail (cut by the repair at the
+                    # re-open); after a failed fsync the kernel may have dropped the dirty
+                    # pages: never fsync this file again and call it durable.
+                    self._fail(exc)
+                    raise RecordingFailedError(
+                        f"camera {self._host.camera_id!r}: writing or fsync failed: {exc}"
+                    ) from exc
         except Exception as exc:
             self._fsync_task = None
             self._wake_flushers(exc)
@@ -468,6 +475,7 @@ class Run:
 
     def _sync_rounds(self, writer: PartWriter, fd: int, loop: asyncio.AbstractEventLoop) -> None:
         """The fsync's thread: write what waits and fsync it, while more waits."""
+        until = time.monotonic() + ROUNDS_FOR_S
         while self._unwritten:
             started = time.monotonic()
             self._fsync_started = started
@@ -481,8 +489,9 @@ class Run:
             writer.write(chunks)
             os.fsync(fd)
             loop.call_soon_threadsafe(self._synced_to, frames, made)
-            if time.monotonic() - started < COMMIT_GAP_S:
-                return  # the next round waits for the gap on the loop
+            now = time.monotonic()
+            if now - started < COMMIT_GAP_S or now >= until:
+                return  # the next round starts from the loop (after the gap)
 
     def _synced_to(self, frames: int, made: int) -> None:
         """On the loop: an fsync covered the part's first ``frames`` and ``made`` bytes."""
