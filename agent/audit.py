@@ -47,6 +47,10 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
 - ``keylist_installed`` (``source``, ``version``, ``keys``, ``exp``),
   ``keylist_refused`` (``source``, ``code``, ``detail``), ``trigger_flood``
   (``refused``, ``via``), ``replay_cache_reset``, ``local_api_fault``.
+- ``receiver_access_head``: ``receiver`` (origin), ``entry`` (a number) and
+  ``head`` (that entry's hash): the head of the receiver's access log as the
+  receiver told it (at most once a minute, when it grew), so a log handed
+  over later must still hold that entry.
 - ``camera_fault``, ``camera_recovered``, ``segment_torn``,
   ``store_foreign_file``, ``segment_dropped``, ``segment_lost``,
   ``segment_pinned_evicted`` (store and capture facts), and ``checkpoint``.
@@ -146,6 +150,17 @@ def split_lines(data: bytes) -> list[bytes]:
     return lines
 
 
+#: The fields every entry gets from the chain; an event's own fields never use these names.
+_CHAIN_FIELDS: Final = frozenset({"n", "t", "event", "prev", "hash"})
+
+
+def check_fields(event: str, fields: dict[str, Any]) -> None:
+    """Raise ``ValueError`` if ``fields`` would clash with the chain's own (a caller's bug:
+    the chain's values would silently replace them)."""
+    if clash := _CHAIN_FIELDS.intersection(fields):
+        raise ValueError(f"audit entry {event!r} cannot carry {sorted(clash)}")
+
+
 class AuditChain:
     """Numbers, chains and signs entries; knows nothing of files or clocks.
 
@@ -159,6 +174,7 @@ class AuditChain:
         self.unsigned = unsigned
 
     def _line(self, t: float, event: str, fields: dict[str, Any]) -> bytes:
+        check_fields(event, fields)
         body = {**fields, "n": self.n + 1, "t": round(t, 3), "event": event, "prev": self.head}
         digest = hashlib.sha256(canonical_json(body)).hexdigest()
         line = canonical_json({**body, "hash": digest}) + b"\n"
@@ -681,6 +697,7 @@ class AuditLog:
     def record_soon(self, event: str, **fields: Any) -> None:
         """Append one entry from the event loop: the fsync runs on the trail's own thread,
         in call order, so the loop never waits for the disk."""
+        check_fields(event, fields)  # here, where the caller sees it, not in the thread
         self._executor().submit(self.record, event, **fields)
 
     def flush(self) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -156,6 +157,8 @@ class Agent:
         self._owed_saved = ""
         self._streams: dict[str, StreamDesc] = {}
         self._live: tuple[SessionStream, dict[str, int]] | None = None
+        #: The receiver's access-log head last anchored in the trail, and when (monotonic).
+        self._access_anchor = (0, -math.inf)
         self._tasks: list[asyncio.Task[None]] = []
         self._persisting: set[asyncio.Task[None]] = set()
         self._persist_lock = asyncio.Lock()
@@ -220,6 +223,7 @@ class Agent:
             audit_feed=AuditFeed(self.audit.path),
             audit_head=lambda: self.audit.head_n,
             enrollment=_read_enrollment(cfg.enrollment),
+            on_access_head=self._on_access_head,
         )
         sources = {c.id: self._make_source(c) for c in cfg.cameras}
         self.capture = Capture(
@@ -414,6 +418,17 @@ class Agent:
         if ended is not None:
             self._stop_streaming(ended)
         return ended
+
+    def _on_access_head(self, n: int, digest: str) -> None:
+        """Anchor the receiver's access-log head in the signed trail: only when it grew,
+        at most every :data:`ACCESS_ANCHOR_EVERY_S` (a receiver cannot flood the trail)."""
+        now = time.monotonic()
+        last_n, last_at = self._access_anchor
+        if n <= last_n or now - last_at < ACCESS_ANCHOR_EVERY_S:
+            return
+        self._access_anchor = (n, now)
+        origin = self.config.receiver_origin
+        self._record("receiver_access_head", receiver=origin, entry=n, head=digest)
 
     def _record(self, event: str, **fields: Any) -> None:
         """Audit an event of the emergency (off the loop, in order); the uplink ships it."""
@@ -827,6 +842,8 @@ OWED_SAVE_S = 2.0
 SHARE_HOURS = 1.0
 #: How often the audit trail's new entries get a signed checkpoint.
 AUDIT_CHECKPOINT_S = 60.0
+#: The receiver's access-log head is anchored in the trail at most this often.
+ACCESS_ANCHOR_EVERY_S = 60.0
 #: Chain checkpoints are kept this much longer than the pre-roll reaches back.
 CHAIN_KEEP_EXTRA_S = 90.0
 #: While no live lane streams, cameras hand packets to the loop in batches this long

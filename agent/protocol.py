@@ -22,7 +22,10 @@ that session is durable; ``holds`` lists durable ranges beyond it, so that
 the agent does not resend them) and ``Trigger`` (a remote trigger envelope,
 which the agent verifies and answers with ``TriggerResult``). The agent ships
 its audit trail with ``AuditEntries`` (whole lines, in order); the receiver
-answers ``AuditAck`` once they are durable.
+answers ``AuditAck`` once they are durable. The receiver tells the agent the
+head of its own access log (who logged in, who watched what) with
+``AccessHead``; the agent anchors it in its signed trail, so the district can
+later check that the access log the police hand over was not rewritten.
 The agent sends ``Gap`` when footage of a session is lost for good (the
 segment being written when the agent was killed, or evicted from a full disk):
 the receiver records the hole and acknowledges past it.
@@ -54,6 +57,7 @@ import base64
 import binascii
 import enum
 import json
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -331,6 +335,15 @@ class AuditAck:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessHead:
+    """Receiver -> agent: the receiver's access log holds entries 1..``n``, the last
+    one's hash ``hash`` (64 lowercase hex; :mod:`receiver.access_log`)."""
+
+    n: int
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """Either side: a stable reason code and a human-readable detail."""
 
@@ -354,6 +367,7 @@ Event = (
     | TriggerResult
     | AuditEntries
     | AuditAck
+    | AccessHead
     | Error
 )
 
@@ -369,7 +383,18 @@ _FROM_AGENT: Final = (
     AuditEntries,
     Error,
 )
-_FROM_RECEIVER: Final = (Challenge, Welcome, Ack, ChainAck, Heartbeat, Trigger, AuditAck, Error)
+_FROM_RECEIVER: Final = (
+    Challenge,
+    Welcome,
+    Ack,
+    ChainAck,
+    Heartbeat,
+    Trigger,
+    AuditAck,
+    AccessHead,
+    Error,
+)
+_HASH_HEX: Final = re.compile(r"[0-9a-f]{64}")
 #: Audit lines per message (each line is at most 16 KiB; the message at most 64 KiB).
 MAX_AUDIT_LINES: Final = 256
 
@@ -637,6 +662,11 @@ def _parse_control(text: str) -> Event:
     if kind == "audit_ack":
         _expect(obj, kind, {"n": int})
         return AuditAck(_seq(obj["n"], "audit_ack.n"))
+    if kind == "access_head":
+        _expect(obj, kind, {"n": int, "hash": str})
+        if not _HASH_HEX.fullmatch(obj["hash"]):
+            raise RemoteProtocolError("malformed", "access_head.hash: 64 lowercase hex digits")
+        return AccessHead(_seq(obj["n"], "access_head.n"), obj["hash"])
     if kind == "error":
         _expect(obj, kind, {"code": str, "detail": str})
         return Error(_text(obj["code"], "error.code", 64), obj["detail"][:1024])
@@ -749,6 +779,8 @@ def _serialize(event: Event) -> str | bytes:
         body = {"type": "audit", "first": event.first, "lines": list(event.lines)}
     elif isinstance(event, AuditAck):
         body = {"type": "audit_ack", "n": event.n}
+    elif isinstance(event, AccessHead):
+        body = {"type": "access_head", "n": event.n, "hash": event.hash}
     else:
         body = {"type": "error", "code": event.code, "detail": event.detail}
     text = json.dumps(body, separators=(",", ":"))

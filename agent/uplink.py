@@ -183,6 +183,7 @@ class UplinkClient:
         audit_feed: AuditFeed | None = None,
         audit_head: Callable[[], int] | None = None,
         enrollment: Mapping[str, Any] | None = None,
+        on_access_head: Callable[[int, str], None] | None = None,
     ) -> None:
         self.url = url
         self.origin = origin
@@ -196,6 +197,8 @@ class UplinkClient:
         self.live_lag_s = live_lag_s
         self._on_trigger = on_trigger
         self._on_change = on_change
+        #: Told the receiver's access-log head ``(n, hash)`` (to anchor it in the trail).
+        self._on_access_head = on_access_head
         self.enrollment = enrollment
         #: The audit trail shipped to the receiver: what it holds, what is on the way.
         self._audit_feed = audit_feed
@@ -726,6 +729,9 @@ class UplinkClient:
                 self._audit_inflight = False
                 self._progress.notify()
                 self._wake.set()
+            elif isinstance(event, p.AccessHead):
+                if self._on_access_head is not None:
+                    self._on_access_head(event.n, event.hash)
             elif isinstance(event, p.Error):
                 raise UplinkRefused(event.code, event.detail)
 

@@ -17,7 +17,11 @@ access log (``DATA/access.log``, :mod:`receiver.access_log`), which the police
 hand over. Given with ``--access-log``, its hash chain is checked (a broken
 one is refused, exit 1) and every view of footage of the trail's sessions
 (live, recordings, player links, evidence exports: :data:`VIEW_ACTIONS`) is
-listed under its session, with the officer's account, role and camera.
+listed under its session, with the officer's account, role and camera. The
+device anchors the access log's head in its signed trail as the receiver
+tells it (``receiver_access_head``, about once a minute while connected): an
+access log that lacks an anchored entry, or holds another one under its
+number, was cut or rewritten, and is refused (exit 1).
 
 Inputs are bounded: a trail file of at most :data:`MAX_TRAIL_BYTES`, lines of
 at most :data:`agent.audit.MAX_LINE_BYTES`. Text taken from the trail is
@@ -288,6 +292,32 @@ def add_views(records: Iterable[SessionRecord], access: Iterable[dict[str, Any]]
     return added
 
 
+def access_anchors(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The receiver access-log heads the trail anchors (``t``, ``n``, ``head``), in order."""
+    return [
+        {"t": e.get("t"), "n": e["entry"], "head": e["head"]}
+        for e in entries
+        if e.get("event") == "receiver_access_head"
+        and isinstance(e.get("entry"), int)
+        and isinstance(e.get("head"), str)
+    ]
+
+
+def check_anchors(anchors: Iterable[dict[str, Any]], access: list[dict[str, Any]]) -> list[str]:
+    """What contradicts the anchors in an access log (its entries, in order); empty: none."""
+    hashes = {e.get("n"): e.get("hash") for e in access}
+    problems = []
+    for anchor in anchors:
+        n, when = anchor["n"], _when(anchor["t"])
+        if n not in hashes:
+            problems.append(f"no entry {n}, which the device anchored at {when}: the log was cut")
+        elif hashes[n] != anchor["head"]:
+            problems.append(
+                f"entry {n} is not the one the device anchored at {when}: the log was rewritten"
+            )
+    return problems
+
+
 def _text(value: object, limit: int = 200) -> str:
     """Trail text made safe to print: control characters escaped, length capped."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
@@ -427,12 +457,27 @@ def audit_report(args: argparse.Namespace) -> int:
         if not checked.ok:
             return _error(f"{args.access_log}: the access log's chain is broken; refusing it", 1)
         access, _ = _entries(access_lines)
+        anchors = access_anchors(entries)
+        broken = check_anchors(anchors, access)
+        for what in broken:
+            print(f"{args.access_log}: {what}", file=sys.stderr)
+        if broken:
+            return _error(f"{args.access_log}: not the log the device anchored; refusing it", 1)
         views = add_views(records, access)
         print(
             f"note: {args.access_log}: chain intact ({checked.entries} entries, head "
             f"{checked.head}); {views} views of these sessions",
             file=sys.stderr,
         )
+        if anchors:
+            last = anchors[-1]
+            print(
+                f"note: the device anchored it through entry {last['n']} at {_when(last['t'])}"
+                f"; {max(0, checked.entries - last['n'])} entries after that are not anchored",
+                file=sys.stderr,
+            )
+        else:
+            print(f"note: {args.file} anchors no head of an access log", file=sys.stderr)
     if args.json:
         print(json.dumps([asdict(r) for r in records], indent=2, ensure_ascii=False))
         return 0

@@ -40,6 +40,7 @@ recorded so far is durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -168,6 +169,17 @@ class AccessLog:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._head: tuple[int, str] = (0, GENESIS)
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """``(n, hash)`` of the newest entry known durable: this process's last write, or
+        the file's last entry when :meth:`start` ran (``(0, GENESIS)``: none).
+
+        Devices anchor it in their signed audit trails (``access_head`` on the uplink),
+        so a log rewritten later no longer matches what the district holds.
+        """
+        return self._head
 
     # -- recording -----------------------------------------------------------
 
@@ -239,8 +251,15 @@ class AccessLog:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> AccessLog:
-        """Start the writer thread."""
+        """Start the writer thread (reads the head of the log as it is)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                n, digest, _ = _tail(fd)
+            finally:
+                os.close(fd)
+            self._head = (n, digest)
         with self._cond:
             if self._thread is None:
                 self._closing = False
@@ -323,6 +342,7 @@ class AccessLog:
             while data:
                 data = data[os.write(fd, data) :]
             os.fsync(fd)
+            self._head = (n, prev)
         finally:
             os.close(fd)  # releases the lock
 

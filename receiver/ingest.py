@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections import Counter
@@ -71,6 +72,9 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 HEARTBEAT_S = 5.0
+#: A device is told the access log's head at most this often (each telling becomes an
+#: entry of its audit trail), and only when the log grew.
+ACCESS_HEAD_EVERY_S = 60.0
 #: A connection reading a burst (buffered messages never suspend a read) lets the rest of
 #: the loop run at least this often: the fsyncs and acks, and the other connections.
 YIELD_EVERY_S = 0.002
@@ -212,6 +216,9 @@ class IngestServer:
         #: The revocation list whose devices were last forgotten by ``presence``.
         self._applied: Revocations | None = None
         self._trigger_results: dict[str, asyncio.Future[p.TriggerResult]] = {}
+        #: The access log's durable head ``(n, hash)``, told to every device to anchor in
+        #: its signed audit trail (``None``: no access log).
+        self.access_head: Callable[[], tuple[int, str]] | None = None
 
     async def push_trigger(
         self, device: str, envelope: dict[str, Any], *, timeout_s: float = 10.0
@@ -390,6 +397,24 @@ class IngestServer:
         except TimeoutError:
             raise p.RemoteProtocolError("too_slow", "a heartbeat could not be sent") from None
 
+    async def _tell_access_head(
+        self, ws: web.WebSocketResponse, conn: p.Uplink, told: tuple[int, float]
+    ) -> tuple[int, float]:
+        """Tell the device the access log's head if it grew, at most every
+        :data:`ACCESS_HEAD_EVERY_S`; returns what was last told, and when."""
+        if self.access_head is None:
+            return told
+        n, digest = self.access_head()
+        now = time.monotonic()
+        if n <= told[0] or now - told[1] < ACCESS_HEAD_EVERY_S:
+            return told
+        try:
+            async with asyncio.timeout(HEARTBEAT_S):
+                await ws.send_str(str(conn.send(p.AccessHead(n, digest))))
+        except TimeoutError:
+            raise p.RemoteProtocolError("too_slow", "the access head could not be sent") from None
+        return n, now
+
     async def _receive(
         self, ws: web.WebSocketResponse, conn: p.Uplink, within: float | None
     ) -> p.Event | None:
@@ -488,12 +513,14 @@ class IngestServer:
             # Heartbeats, and the end of a device gone quiet or not reading what we send,
             # on a task of their own: a timeout around every receive cost a tenth of the
             # loop at full rate. Its error closes the socket; the loop then ends.
+            told = (0, -math.inf)  # the access-log head last told, and when
             while not ws.closed:
                 await asyncio.sleep(HEARTBEAT_S)
                 try:
                     if time.time() - status.last_seen > 3 * HEARTBEAT_S:
                         raise p.RemoteProtocolError("timeout", "nothing heard for three heartbeats")
                     await self._beat(ws, conn, transport)
+                    told = await self._tell_access_head(ws, conn, told)
                 except p.ProtocolError as exc:
                     if not ws.closed:
                         log.warning("device %s broke the protocol: %s", device, exc)

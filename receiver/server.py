@@ -146,6 +146,7 @@ class Receiver:
         self.accounts = AccountStore(self.data_dir / "accounts.sqlite", params=password_params)
         #: Who logged in and who watched what (``DATA/access.log``).
         self.access_log = AccessLog(self.data_dir / "access.log")
+        self.ingest.access_head = lambda: self.access_log.head
         self.auth = Auth(self.accounts, self.access_log, auth_settings)
         #: HLS links for players that cannot log in (key ``DATA/player-links.key``).
         self.player_links = PlayerLinks(self.data_dir / KEY_FILE)

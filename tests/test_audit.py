@@ -195,6 +195,24 @@ def test_oversize_entry_is_logged_not_raised(
     assert [json.loads(x)["event"] for x in lines] == ["ok", "ok_again"]
 
 
+def test_an_event_cannot_carry_the_chains_own_fields(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, clock)
+    try:
+        with pytest.raises(ValueError, match=r"cannot carry \['n'\]"):
+            audit.record_soon("receiver_access_head", n=4, head="ab" * 32)  # the caller sees it
+        audit.record("clash", hash="ab" * 32)  # record() never raises: logged, not written
+        audit.record("ok")
+    finally:
+        audit.close()
+    assert "not written" in caplog.text
+    lines = path.read_bytes().splitlines()
+    assert [json.loads(x)["event"] for x in lines] == ["ok"]
+    assert verify_chain(lines)[0] == 1
+
+
 def test_record_soon_keeps_call_order_and_close_writes_it_all(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit.log", clock=lambda: 0.0)
     for i in range(50):

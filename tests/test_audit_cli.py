@@ -268,13 +268,14 @@ def test_report_refuses_a_trail_that_fails_verification(
     assert "Room 999" in out
 
 
-def write_access_log(path: Path) -> None:
+def write_access_log(path: Path, *, live: bool = True) -> None:
     """What a receiver logs while officers watch s-1 (and another building's s-9)."""
     ticks = count()
     log = AccessLog(path, clock=lambda: T0 + 20 + next(ticks))  # not started: writes at once
     officer = {"who": "diaz", "role": "officer", "login": "h-1", "remote": "10.0.0.7"}
     log.record("login", **officer)
-    log.record("live_open", session="s-1", camera="hallway-2", **officer)
+    if live:
+        log.record("live_open", session="s-1", camera="hallway-2", **officer)
     log.record("live_close", session="s-1", camera="hallway-2", duration_s=40.0, **officer)
     log.record("live_open", session="s-9", camera="gym", **officer)  # not this device's
     admin = {"who": "kim", "role": "admin", "login": "h-2", "remote": "10.0.0.9"}
@@ -326,6 +327,37 @@ def test_report_refuses_an_access_log_whose_chain_is_broken(
     code, _, err = run(capsys, "report", trail.path, "--access-log", tmp_path / "nothing.log")
     assert code == 2
     assert "access log" in err
+
+
+def test_report_checks_the_access_log_against_the_heads_the_device_anchored(
+    trail: Trail, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    access = tmp_path / "access.log"
+    write_access_log(access)
+    head4 = json.loads(access.read_bytes().splitlines()[3])["hash"]
+    ticks = count()  # the agent running on, told the head by its receiver
+    audit = AuditLog(trail.path, lambda: T0 + 100 + next(ticks), signer=trail.key)
+    try:
+        rx = "https://rx.example:8443"
+        audit.record("receiver_access_head", receiver=rx, entry=4, head=head4)
+    finally:
+        audit.close()
+    args = ("report", trail.path, "--device-key", trail.pub, "--access-log")
+    code, _, err = run(capsys, *args, access)
+    assert code == 0, err
+    assert "anchored it through entry 4 at 2026-11-28T10:01:40Z; 2 entries after" in err
+    # Written again without the officer's live view: a sound chain, but not the anchored one.
+    rewritten = tmp_path / "rewritten.log"
+    write_access_log(rewritten, live=False)
+    code, out, err = run(capsys, *args, rewritten)
+    assert (code, out) == (1, "")
+    assert "entry 4 is not the one the device anchored at 2026-11-28T10:01:40Z" in err
+    assert "not the log the device anchored; refusing it" in err
+    cut = tmp_path / "cut.log"
+    cut.write_bytes(b"".join(access.read_bytes().splitlines(keepends=True)[:3]))
+    code, out, err = run(capsys, *args, cut)
+    assert (code, out) == (1, "")
+    assert "no entry 4, which the device anchored at 2026-11-28T10:01:40Z: the log was cut" in err
 
 
 def test_report_escapes_control_characters(

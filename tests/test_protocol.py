@@ -249,3 +249,21 @@ def test_chain_order_and_sides_are_enforced() -> None:
         pair.receiver.send(chain_event(camera=0))  # the receiver never sends checkpoints
     with pytest.raises(p.LocalProtocolError):
         pair.agent.send(p.ChainAck("s1", 0, 1, 2, "ok"))
+
+
+def test_access_head_goes_from_receiver_to_agent_only() -> None:
+    pair = Pair()
+    pair.handshake()
+    pair.send(pair.receiver, p.AccessHead(42, "ab" * 32))
+    with pytest.raises(p.LocalProtocolError):
+        pair.agent.send(p.AccessHead(42, "ab" * 32))
+    for bad in (
+        '{"type":"access_head","n":1,"hash":"AB' + "ab" * 31 + '"}',  # upper-case hex
+        '{"type":"access_head","n":1,"hash":"' + "ab" * 31 + '"}',  # too short
+        '{"type":"access_head","n":-1,"hash":"' + "ab" * 32 + '"}',
+        '{"type":"access_head","n":true,"hash":"' + "ab" * 32 + '"}',
+        '{"type":"access_head","n":1,"hash":"' + "ab" * 32 + '","x":1}',
+    ):
+        with pytest.raises(p.RemoteProtocolError) as info:
+            pair.agent.receive(bad)
+        assert info.value.code == "malformed"
