@@ -72,7 +72,8 @@ class PacketQueue:
         self, label: str, *, max_buffered_s: float, lossless: bool = False, capacity: int = 32
     ) -> None:
         self._label = label
-        self._max_ns = round(max_buffered_s * 1e9)
+        #: How much video (by ``mono_ns``) the queue holds before it drops the oldest GOP.
+        self.max_ns = round(max_buffered_s * 1e9)
         self._buffer: deque[EncodedPacket] = deque()
         self._wakeup = asyncio.Event()
         self._error: CameraError | None = None
@@ -106,10 +107,10 @@ class PacketQueue:
 
     def _bound(self) -> None:
         buf = self._buffer
-        while buf[-1].mono_ns - buf[0].mono_ns > self._max_ns:
+        while buf[-1].mono_ns - buf[0].mono_ns > self.max_ns:
             nxt = next((i for i in range(1, len(buf)) if buf[i].keyframe), None)
             if nxt is None:
-                if buf[-1].mono_ns - buf[0].mono_ns <= 4 * self._max_ns:
+                if buf[-1].mono_ns - buf[0].mono_ns <= 4 * self.max_ns:
                     return  # the next keyframe may still come: keep the GOP for now
                 nxt = len(buf)
                 self._resync = True
@@ -221,11 +222,14 @@ class ThreadedSource:
         """Hand packets over in batches of up to ``seconds`` of video; ``0``: each at once.
 
         Called on the loop; the worker applies it from its next packet on. A
-        lossless source (a file replayed as fast as possible) ignores it.
+        lossless source (a file replayed as fast as possible) ignores it; a batch
+        never spans more than half the queue's ``max_buffered_s`` (or it would
+        arrive already too old to keep).
         """
         if seconds < 0:
             raise ValueError(f"hand-off latency must be >= 0, not {seconds}")
-        self._handoff_ns = 0 if self._lossless else round(seconds * 1e9)
+        hold_ns = min(round(seconds * 1e9), self._queue.max_ns // 2)
+        self._handoff_ns = 0 if self._lossless else hold_ns
 
     def force_keyframe(self) -> bool:
         """Ask for an IDR as soon as possible; ``False``: this source cannot.
