@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from provisioning.documents import DocumentError
+from provisioning.documents import KID_RE, DocumentError
 from provisioning.enrollment import (
     ID_RE,
     parse_enrollment,
@@ -87,12 +87,16 @@ def _certify(args: argparse.Namespace) -> int:
 def _revoke(args: argparse.Namespace) -> int:
     authority = load_private_key(args.authority)
     revoked = []
-    for text in args.device:
-        device, _, key_id = text.partition(":")
-        if not ID_RE.match(device) or len(key_id) != 16:
-            print(f"breakglass: error: --device {text!r}: expected ID:KID", file=sys.stderr)
+    for text in args.devices:
+        device, colon, key_id = text.partition(":")
+        if not ID_RE.fullmatch(device) or (colon and not KID_RE.fullmatch(key_id)):
+            print(
+                f"breakglass: error: device {text!r}: expected ID or ID:KID "
+                "(KID: the key id, 16 lowercase hex digits)",
+                file=sys.stderr,
+            )
             return 2
-        revoked.append({"device": device, "kid": key_id})
+        revoked.append({"device": device, "kid": key_id} if colon else {"device": device})
     now = int(time.time())
     doc = sign_revocations(authority, args.version, revoked, iat=now, exp=now + 365 * 86400)
     parse_revocations(doc, authority.public_key())
@@ -141,9 +145,15 @@ def add_commands(provision: argparse._SubParsersAction[argparse.ArgumentParser])
     certify.add_argument("--out", type=Path, required=True, metavar="FILE")
     certify.set_defaults(func=_guarded(_certify))
 
-    revoke = provision.add_parser("revoke", help="sign a revocation list")
+    revoke = provision.add_parser(
+        "revoke",
+        help="sign a revocation list",
+        description="Sign a revocation list naming every device no receiver may accept any "
+        "more (a list replaces the one before: name them all). DEVICE is a device id (every "
+        "key it had), or ID:KID to name its key too (that key is refused under any id).",
+    )
+    revoke.add_argument("devices", nargs="+", metavar="DEVICE[:KID]")
     revoke.add_argument("--authority", type=Path, required=True, metavar="KEY")
-    revoke.add_argument("--device", action="append", required=True, metavar="ID:KID")
     revoke.add_argument("--version", type=int, required=True)
     revoke.add_argument("--out", type=Path, required=True, metavar="FILE")
     revoke.set_defaults(func=_guarded(_revoke))

@@ -197,19 +197,18 @@ class Revocations:
         return enrollment.device in self.devices or enrollment.device_kid in self.kids
 
 
-def _revoked(value: Any, where: str) -> list[tuple[str, str]]:
+def _revoked(value: Any, where: str) -> list[tuple[str, str | None]]:
     if not isinstance(value, list) or len(value) > 10_000:
         raise DocumentError("malformed", f"{where}: expected a list of at most 10000 entries")
-    out = []
+    out: list[tuple[str, str | None]] = []
     for i, entry in enumerate(value):
-        if not isinstance(entry, dict) or set(entry) != {"device", "kid"}:
-            raise DocumentError("malformed", f"{where}[{i}]: expected {{device, kid}}")
-        out.append(
-            (
-                d.text(entry["device"], f"{where}[{i}].device", max_len=32, pattern=ID_RE),
-                d.text(entry["kid"], f"{where}[{i}].kid", max_len=16, pattern=d.KID_RE),
-            )
-        )
+        if not isinstance(entry, dict) or set(entry) not in ({"device"}, {"device", "kid"}):
+            raise DocumentError("malformed", f"{where}[{i}]: expected {{device[, kid]}}")
+        device = d.text(entry["device"], f"{where}[{i}].device", max_len=32, pattern=ID_RE)
+        key_id = None
+        if "kid" in entry:  # when present, a key id (never null)
+            key_id = d.text(entry["kid"], f"{where}[{i}].kid", max_len=16, pattern=d.KID_RE)
+        out.append((device, key_id))
     return out
 
 
@@ -228,13 +227,17 @@ def parse_revocations(
     )
     pairs = doc["revoked"]
     return Revocations(
-        doc["version"], doc["exp"], frozenset(p[0] for p in pairs), frozenset(p[1] for p in pairs)
+        doc["version"],
+        doc["exp"],
+        frozenset(p[0] for p in pairs),
+        frozenset(p[1] for p in pairs if p[1] is not None),
     )
 
 
 def sign_revocations(
     authority: Ed25519PrivateKey, version: int, revoked: list[dict[str, str]], *, iat: int, exp: int
 ) -> dict[str, str]:
-    """Sign a revocation list (``revoked``: ``[{device, kid}]``)."""
+    """Sign a revocation list (``revoked``: ``[{device}]`` or ``[{device, kid}]``: a device,
+    every key it ever had, and with ``kid`` that key under any device id too)."""
     payload = {"type": "revocations", "v": 1, "iat": iat, "exp": exp, "version": version}
     return d.seal({**payload, "revoked": revoked}, authority, max_payload=MAX_REVOCATIONS_PAYLOAD)

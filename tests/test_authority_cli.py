@@ -35,10 +35,21 @@ def test_init_certify_and_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert parsed.cameras == {"front-door": "exterior", "hallway-2": "interior"}
     assert parsed.device_kid == kid(device.public_key())
     revocations = tmp_path / "revocations.json"
-    target = f"lincoln-pi-1:{kid(device.public_key())}"
-    revoke = ["provision", "revoke", "--authority", str(key), "--device", target]
-    assert main([*revoke, "--version", "1", "--out", str(revocations)]) == 0
-    assert parse_revocations(json.loads(revocations.read_text()), authority).revoked(parsed)
+    revoke = ["provision", "revoke", "--authority", str(key), "--out", str(revocations)]
+    # By device id alone (every key it had), as a technician knows it.
+    assert main([*revoke, "lincoln-pi-1", "--version", "1"]) == 0
+    listed = parse_revocations(json.loads(revocations.read_text()), authority)
+    assert listed.revoked(parsed)
+    assert (listed.devices, listed.kids) == ({"lincoln-pi-1"}, frozenset())
+    # With its key id too: that key is refused under any other id as well.
+    device_kid = kid(device.public_key())
+    assert main([*revoke, f"lincoln-pi-1:{device_kid}", "lincoln-pi-7", "--version", "2"]) == 0
+    listed = parse_revocations(json.loads(revocations.read_text()), authority)
+    assert (listed.devices, listed.kids) == ({"lincoln-pi-1", "lincoln-pi-7"}, {device_kid})
+    assert "(2 devices)" in capsys.readouterr().out
+    for bad in ("lincoln-pi-1:XYZ", "Lincoln Pi", "lincoln-pi-1:"):
+        assert main([*revoke, bad, "--version", "3"]) == 2
+        assert f"device {bad!r}: expected ID or ID:KID" in capsys.readouterr().err
     with pytest.raises(SystemExit) as bad:
         main([*args[:-4], "--camera", "gym=attic", "--out", str(cert)])
     assert bad.value.code == 2

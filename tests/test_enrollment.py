@@ -161,3 +161,22 @@ def test_documents_round_trip_and_reject_tampering() -> None:
     with pytest.raises(DocumentError) as stranger:
         parse_revocations(json.dumps(revocations), device.public_key())
     assert stranger.value.code == "unknown_key"
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"kid": "0123456789abcdef"},  # a key id needs its device
+        {"device": "pi-1", "kid": None},
+        {"device": "pi-1", "kid": "0123"},
+        {"device": "pi-1", "kid": "0123456789abcdef", "why": "stolen"},
+        {"device": "Pi 1"},
+    ],
+)
+def test_a_malformed_revocation_entry_is_refused(entry: dict[str, object]) -> None:
+    authority = Ed25519PrivateKey.generate()
+    doc = sign_revocations(authority, 1, [entry], iat=NOW, exp=NOW + 60)  # type: ignore[list-item]
+    with pytest.raises(DocumentError) as bad:
+        parse_revocations(json.dumps(doc), authority.public_key())
+    assert bad.value.code == "malformed"
+    assert "revoked[0]" in bad.value.detail
