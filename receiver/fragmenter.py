@@ -52,11 +52,12 @@ _SYNC_FLAGS = 0x02000000  # sample_depends_on = 2 (an IDR)
 _TFHD_FLAGS = 0x020038  # default-base-is-moof, default duration, size and flags present
 _MOOF_KEY = 104  # moof of a keyframe's fragment: its trun carries first-sample flags
 _MOOF = 100
-# moof(mfhd, traf(tfhd, tfdt, trun)); trun of a keyframe has first-sample flags.
-_MOOF_HEAD = struct.Struct(">I4sI4sII")  # moof, mfhd header, mfhd version+flags, sequence
-_TRAF = struct.Struct(">I4sI4sIIIII" + "I4sIQ")  # traf, tfhd..., tfdt
-_TRUN_KEY = struct.Struct(">I4sIIiI" + "I4s")  # trun with first-sample flags, mdat header
-_TRUN = struct.Struct(">I4sIIi" + "I4s")
+# moof(mfhd, traf(tfhd, tfdt, trun)) and the mdat header, in one pack: moof, mfhd header,
+# version+flags, sequence; traf, tfhd...; tfdt; trun (a keyframe's has first-sample
+# flags); mdat.
+_MOOF_HEAD = ">I4sI4sII" + "I4sI4sIIIII" + "I4sIQ"
+_HEAD_KEY = struct.Struct(_MOOF_HEAD + "I4sIIiI" + "I4s")
+_HEAD = struct.Struct(_MOOF_HEAD + "I4sIIi" + "I4s")
 #: A tfra entry: decode time, moof offset, traf, trun and sample number (each 1).
 _TFRA_ENTRY = np.dtype([("time", ">u8"), ("offset", ">u8"), ("numbers", "u1", (3,))])
 
@@ -141,15 +142,20 @@ class Fragmenter:
         moof = _MOOF_KEY if keyframe else _MOOF
         traf = moof - 24
         trun = traf - 56
-        head = _MOOF_HEAD.pack(moof, b"moof", 16, b"mfhd", 0, self._sequence)
-        head += _TRAF.pack(
-            traf, b"traf", 28, b"tfhd", _TFHD_FLAGS, 1, duration, size, _NON_SYNC_FLAGS,
-            20, b"tfdt", 0x01000000, dts,
-        )  # fmt: skip
         if keyframe:
-            head += _TRUN_KEY.pack(trun, b"trun", 5, 1, moof + 8, _SYNC_FLAGS, size + 8, b"mdat")
+            head = _HEAD_KEY.pack(
+                moof, b"moof", 16, b"mfhd", 0, self._sequence,
+                traf, b"traf", 28, b"tfhd", _TFHD_FLAGS, 1, duration, size, _NON_SYNC_FLAGS,
+                20, b"tfdt", 0x01000000, dts,
+                trun, b"trun", 5, 1, moof + 8, _SYNC_FLAGS, size + 8, b"mdat",
+            )  # fmt: skip
         else:
-            head += _TRUN.pack(trun, b"trun", 1, 1, moof + 8, size + 8, b"mdat")
+            head = _HEAD.pack(
+                moof, b"moof", 16, b"mfhd", 0, self._sequence,
+                traf, b"traf", 28, b"tfhd", _TFHD_FLAGS, 1, duration, size, _NON_SYNC_FLAGS,
+                20, b"tfdt", 0x01000000, dts,
+                trun, b"trun", 1, 1, moof + 8, size + 8, b"mdat",
+            )  # fmt: skip
         position = self._position
         self._index.extend((dts, position))
         data = b"".join([head, *units])
