@@ -464,7 +464,7 @@ class Run:
                     raise RecordingFailedError(
                         f"camera {self._host.camera_id!r}: writing or fsync failed: {exc}"
                     ) from exc
-        except Exception as exc:
+        except BaseException as exc:  # a cancellation too: the waiters see it, as before
             self._fsync_task = None
             self._wake_flushers(exc)
             raise
@@ -501,13 +501,16 @@ class Run:
             self._host.committed(self)
         self._wake_flushers()
 
-    def _wake_flushers(self, error: Exception | None = None) -> None:
+    def _wake_flushers(self, error: BaseException | None = None) -> None:
         fut, self._round = self._round, None
-        if fut is not None and not fut.done():
-            if error is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(error)
+        if fut is None or fut.done():
+            return
+        if error is None:
+            fut.set_result(None)
+        elif isinstance(error, asyncio.CancelledError):
+            fut.cancel()
+        else:
+            fut.set_exception(error)
 
     async def close(self) -> None:
         """Finish the part file (its last fragment), fsync it and stop accepting packets.

@@ -402,6 +402,78 @@ async def test_group_commit_coalesces_fsyncs(
     assert len(data_syncs) == 2  # one in flight + one covering all later callers
 
 
+class BlockedFsync:
+    """``os.fsync`` of the camera's part file, the first call held until :meth:`release`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, part: str = "cam1.0.mp4") -> None:
+        self.part = part
+        self.calls = 0
+        self.entered = threading.Event()
+        self._release = threading.Event()
+        self._real = os.fsync
+        monkeypatch.setattr(os, "fsync", self)
+
+    def __call__(self, fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(self.part):
+            self.calls += 1
+            if self.calls == 1:
+                self.entered.set()
+                assert self._release.wait(30)
+        self._real(fd)
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 30)
+
+    def release(self) -> None:
+        self._release.set()
+
+
+async def test_the_fsync_thread_goes_on_while_fragments_wait(
+    store: RecordingStore, packets: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fragments made while a round's fsync runs are written and fsynced by the same
+    # thread right after it (one hand-off to the thread for both rounds).
+    _, cam = await open_cam(store, packets)
+    await cam.flush()
+    handoffs: list[int] = []
+    real_rounds = run_module.Run._sync_rounds
+
+    def rounds(self: run_module.Run, *args: Any) -> None:
+        handoffs.append(1)
+        real_rounds(self, *args)
+
+    blocked = BlockedFsync(monkeypatch)
+    monkeypatch.setattr(run_module.Run, "_sync_rounds", rounds)
+    monkeypatch.setattr(run_module, "COMMIT_GAP_S", 0.0)
+    monkeypatch.setattr(run_module, "ROUNDS_FOR_S", 60.0)
+    feed_nowait(cam, packets, range(10))
+    first = asyncio.create_task(cam.flush())
+    await blocked.wait_entered()
+    feed_nowait(cam, packets, range(10, 20))  # waits while the first round's fsync runs
+    blocked.release()
+    assert await first in (8, 18)
+    assert await cam.flush() == 18
+    assert (blocked.calls, len(handoffs)) == (2, 1)
+
+
+async def test_a_cancelled_fsync_task_ends_its_waiters(
+    store: RecordingStore, packets: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, cam = await open_cam(store, packets)
+    await cam.flush()
+    blocked = BlockedFsync(monkeypatch)
+    feed_nowait(cam, packets, range(10))
+    waiter = asyncio.create_task(cam.flush())
+    await blocked.wait_entered()
+    task = cam.runs[0]._fsync_task
+    assert task is not None
+    task.cancel()  # the receiver stopping
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert cam.runs[0]._fsync_task is None  # the waiter did not start another
+    blocked.release()
+
+
 async def test_unwritten_fragments_are_bounded_until_a_flush_writes_them(
     store: RecordingStore, packets: PacketList, monkeypatch: pytest.MonkeyPatch
 ) -> None:
