@@ -90,6 +90,8 @@ class CameraIngest:
         self._device_key = device_key
         self._on_refused = on_refused
         self._checkpoints: list[CustodyRecord] = []
+        #: Checkpoints received, not checked yet (with the time they came).
+        self._unchecked: list[tuple[chain.Checkpoint, float]] = []
         self._custodian: asyncio.Task[None] | None = None
 
     # -- intake ----------------------------------------------------------
@@ -116,9 +118,10 @@ class CameraIngest:
         self._put(gap, 0)
 
     def checkpoint(self, event: p.Chain) -> None:
-        """Check a chain checkpoint now; store it durably, then answer ``chain_ack``."""
+        """Queue a chain checkpoint: checked and stored durably off the loop, then
+        answered with ``chain_ack``."""
         cp = chain.from_wire(event, self.device, self.camera.camera_id)
-        self._keep(CustodyRecord(cp, "uplink", self._check(cp), time.time()))
+        self._unchecked.append((cp, time.time()))
         if self._custodian is None or self._custodian.done():
             self._custodian = asyncio.create_task(
                 self._store_checkpoints(), name=f"custody {self.session_id}/{self.camera.camera_id}"
@@ -147,11 +150,20 @@ class CameraIngest:
         if self._on_refused is not None:
             self._on_refused(record.result)
 
+    def _check_all(self, unchecked: list[tuple[chain.Checkpoint, float]]) -> list[CustodyRecord]:
+        # A worker thread: a session's start brings a checkpoint per second of pre-roll per
+        # camera, and checking them on the loop held up the first live frames behind them.
+        return [CustodyRecord(cp, "uplink", self._check(cp), at) for cp, at in unchecked]
+
     async def _store_checkpoints(self) -> None:
         try:
-            while self._checkpoints:
+            while self._unchecked or self._checkpoints:
+                unchecked, self._unchecked = self._unchecked, []
+                if unchecked:
+                    for record in await asyncio.to_thread(self._check_all, unchecked):
+                        self._keep(record)
                 batch, self._checkpoints = self._checkpoints, []
-                if self._custody is not None:
+                if self._custody is not None and batch:
                     await asyncio.to_thread(self._custody.write, batch, self._device_key)
                 for record in batch:
                     cp = record.checkpoint
