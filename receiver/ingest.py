@@ -391,11 +391,7 @@ class IngestServer:
         self, ws: web.WebSocketResponse, conn: p.Uplink, transport: asyncio.Transport | None
     ) -> None:
         self._check_reading(transport)
-        try:
-            async with asyncio.timeout(HEARTBEAT_S):
-                await ws.send_str(str(conn.send(p.Heartbeat(time.time()))))
-        except TimeoutError:
-            raise p.RemoteProtocolError("too_slow", "a heartbeat could not be sent") from None
+        await _send_within(ws, conn, p.Heartbeat(time.time()))
 
     async def _tell_access_head(
         self, ws: web.WebSocketResponse, conn: p.Uplink, told: tuple[int, float]
@@ -408,11 +404,7 @@ class IngestServer:
         now = time.monotonic()
         if n <= told[0] or now - told[1] < ACCESS_HEAD_EVERY_S:
             return told
-        try:
-            async with asyncio.timeout(HEARTBEAT_S):
-                await ws.send_str(str(conn.send(p.AccessHead(n, digest))))
-        except TimeoutError:
-            raise p.RemoteProtocolError("too_slow", "the access head could not be sent") from None
+        await _send_within(ws, conn, p.AccessHead(n, digest))
         return n, now
 
     async def _receive(
@@ -676,3 +668,15 @@ def _event(ws: web.WebSocketResponse, conn: p.Uplink, msg: aiohttp.WSMessage) ->
 def _ignore_closed(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.debug("ack not sent: %s", task.exception())
+
+
+async def _send_within(
+    ws: web.WebSocketResponse, conn: p.Uplink, event: p.Heartbeat | p.AccessHead
+) -> None:
+    """Send a keepalive message; a device that does not take it in a heartbeat is too slow."""
+    try:
+        async with asyncio.timeout(HEARTBEAT_S):
+            await ws.send_str(str(conn.send(event)))
+    except TimeoutError:
+        what = type(event).__name__
+        raise p.RemoteProtocolError("too_slow", f"{what} could not be sent in time") from None
