@@ -359,7 +359,7 @@ def _camera(camera: dict[str, Any]) -> str:
     return f"{_text(camera.get('id'))} ({_text(camera.get('zone'))})"
 
 
-def _render(record: SessionRecord, viewers: Path | None) -> list[str]:
+def _render(record: SessionRecord, access_log: Path | None) -> list[str]:
     out = [f"session {_text(record.session)}, building {_text(record.building)}"]
     threat = _by(record.threat) if record.threat is not None else "not in this trail"
     out.append(f"  threat:       {threat}")
@@ -402,7 +402,7 @@ def _render(record: SessionRecord, viewers: Path | None) -> list[str]:
             f"  viewed by:    {_text(v['who'])} ({_text(v['role'])}), {_text(v['action'])}"
             f"{camera}, {_when(v['t'])}"
         )
-    if viewers is None:
+    if access_log is None:
         out.append("  viewed by:    see the receiver's access log (--access-log)")
     elif not record.viewers:
         out.append("  viewed by:    nobody, in the access log given")
@@ -423,6 +423,45 @@ def _entries(lines: list[bytes]) -> tuple[list[dict[str, Any]], int]:
         else:
             skipped += 1
     return entries, skipped
+
+
+def _add_access_log(
+    path: Path, trail: Path, entries: list[dict[str, Any]], records: list[SessionRecord]
+) -> int | None:
+    """Check the receiver's access log (its chain, the trail's anchors of it) and list its
+    views under the records; an exit code if it is refused or unreadable, else None."""
+    try:
+        access_lines = read_trail(path, "access log")
+    except TrailInputError as exc:
+        return _error(str(exc), 2)
+    checked = verify_lines(access_lines)
+    for lineno, what in checked.errors:
+        print(f"{path}:{lineno}: {what}", file=sys.stderr)
+    if not checked.ok:
+        return _error(f"{path}: the access log's chain is broken; refusing it", 1)
+    access, _ = _entries(access_lines)
+    anchors = access_anchors(entries)
+    broken = check_anchors(anchors, access)
+    for what in broken:
+        print(f"{path}: {what}", file=sys.stderr)
+    if broken:
+        return _error(f"{path}: not the log the device anchored; refusing it", 1)
+    views = add_views(records, access)
+    print(
+        f"note: {path}: chain intact ({checked.entries} entries, head "
+        f"{checked.head}); {views} views of these sessions",
+        file=sys.stderr,
+    )
+    if anchors:
+        last = anchors[-1]
+        print(
+            f"note: the device anchored it through entry {last['n']} at {_when(last['t'])}"
+            f"; {max(0, checked.entries - last['n'])} entries after that are not anchored",
+            file=sys.stderr,
+        )
+    else:
+        print(f"note: {trail} anchors no head of an access log", file=sys.stderr)
+    return None
 
 
 def audit_report(args: argparse.Namespace) -> int:
@@ -447,37 +486,9 @@ def audit_report(args: argparse.Namespace) -> int:
         print(f"note: {skipped} lines of {args.file} are not entries", file=sys.stderr)
     records = session_records(entries)
     if args.access_log is not None:
-        try:
-            access_lines = read_trail(args.access_log, "access log")
-        except TrailInputError as exc:
-            return _error(str(exc), 2)
-        checked = verify_lines(access_lines)
-        for lineno, what in checked.errors:
-            print(f"{args.access_log}:{lineno}: {what}", file=sys.stderr)
-        if not checked.ok:
-            return _error(f"{args.access_log}: the access log's chain is broken; refusing it", 1)
-        access, _ = _entries(access_lines)
-        anchors = access_anchors(entries)
-        broken = check_anchors(anchors, access)
-        for what in broken:
-            print(f"{args.access_log}: {what}", file=sys.stderr)
-        if broken:
-            return _error(f"{args.access_log}: not the log the device anchored; refusing it", 1)
-        views = add_views(records, access)
-        print(
-            f"note: {args.access_log}: chain intact ({checked.entries} entries, head "
-            f"{checked.head}); {views} views of these sessions",
-            file=sys.stderr,
-        )
-        if anchors:
-            last = anchors[-1]
-            print(
-                f"note: the device anchored it through entry {last['n']} at {_when(last['t'])}"
-                f"; {max(0, checked.entries - last['n'])} entries after that are not anchored",
-                file=sys.stderr,
-            )
-        else:
-            print(f"note: {args.file} anchors no head of an access log", file=sys.stderr)
+        code = _add_access_log(args.access_log, args.file, entries, records)
+        if code is not None:
+            return code
     if args.json:
         print(json.dumps([asdict(r) for r in records], indent=2, ensure_ascii=False))
         return 0
