@@ -294,6 +294,8 @@ class CameraRecording:
     def _complete(self, run: Run) -> bool:
         """Whether ``run`` reached the next run or a range declared lost."""
         seq = run.next_seq
+        if run is self.runs[-1] and not self._gap_ranges:  # live footage: the newest run
+            return False
         i = self._index(seq)
         if i >= 0 and self.runs[i] is not run:
             return True
