@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -53,6 +54,8 @@ __all__ = [
     "PartSummary",
     "RecordingStore",
     "RunSummary",
+    "SessionKey",
+    "SessionPage",
     "SessionRecording",
     "SessionSummary",
     "TrackInfo",
@@ -62,6 +65,22 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger(__name__)
+
+#: Where a session sorts in a listing: its opening time, then its id (ties are real:
+#: two devices can open sessions in the same clock tick).
+SessionKey = tuple[float, str]
+
+
+def _key(rec: SessionRecording) -> SessionKey:
+    return (rec.opened_at, rec.session_id)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    """One page of a session listing, and the key to ask for the next (None: no more)."""
+
+    sessions: list[SessionSummary]
+    next: SessionKey | None
 
 
 class RecordingStore:
@@ -221,8 +240,29 @@ class RecordingStore:
 
     def sessions(self) -> list[SessionSummary]:
         """Summaries of all known sessions, newest first."""
-        recs = sorted(self._sessions.values(), key=lambda r: r.opened_at, reverse=True)
+        recs = sorted(self._sessions.values(), key=_key, reverse=True)
         return [r.summary() for r in recs]
+
+    def page(self, limit: int, before: SessionKey | None = None) -> SessionPage:
+        """A page of sessions for a listing, newest first: without ``before`` every open
+        session and the newest ``limit`` closed ones; with it, the ``limit`` closed
+        sessions older than that key. Only the page's sessions are summarised.
+        """
+        if limit < 1:
+            raise ValueError(f"page limit {limit} < 1")
+        recs = sorted(self._sessions.values(), key=_key, reverse=True)
+        if before is None:
+            shown = [r for r in recs if r.is_open]
+            closed = [r for r in recs if not r.is_open]
+        else:
+            shown = []
+            closed = [r for r in recs if not r.is_open and _key(r) < before]
+        page = closed[:limit]
+        last = page[-1] if len(closed) > limit else None
+        return SessionPage(
+            [r.summary() for r in sorted([*shown, *page], key=_key, reverse=True)],
+            None if last is None else _key(last),
+        )
 
     async def aclose(self) -> None:
         """Finish every camera of every session (the sessions stay open on disk)."""

@@ -4,7 +4,12 @@ Routes added by :func:`setup_viewer`:
 
 - ``GET /`` — the single-page viewer (``static/index.html``).
 - ``GET /static/{name}`` — only the fixed files the page needs.
-- ``GET /api/sessions`` — every known session with per-camera state (JSON).
+- ``GET /api/sessions[?limit=N][&before=CURSOR]`` — sessions with per-camera state,
+  newest first (JSON ``{"sessions": [...], "next": CURSOR or null}``): every open
+  session and the newest ``limit`` (default 50, at most 500) closed ones; with
+  ``before`` (a ``next`` from an earlier answer) the closed sessions after it. Every
+  viewer polls this, so its cost must not grow with the receiver's whole history.
+- ``GET /api/sessions/{session}`` — one session, open or closed (for a link to it).
 - ``GET /v1/devices`` — every device heard from, with its offline alarm (JSON:
   ``{"devices": [{device, building, connected, last_heard, offline, since,
   session}], "offline_after_s": N}``, times ISO-8601 UTC; ``since`` is when
@@ -29,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -44,6 +50,7 @@ from receiver.livefeed import LiveFeed, Subscription
 from receiver.presence import Presence
 from receiver.recording import (
     RecordingStore,
+    SessionKey,
     SessionSummary,
     parse_part_file,
     validate_camera_id,
@@ -70,6 +77,9 @@ _FETCHED_KEY: web.AppKey[OrderedDict[tuple[str, str, str], None]] = web.AppKey(
     "breakglass.viewer.fetched"
 )
 _MAX_FETCHED = 100_000
+#: Closed sessions on a page of ``/api/sessions`` unless ``limit`` says, and at most.
+PAGE_DEFAULT = 50
+PAGE_MAX = 500
 
 _STATIC_DIR = Path(__file__).parent / "static"
 _STATIC_FILES = {
@@ -130,6 +140,7 @@ def setup_viewer(
     app.router.add_get("/", _index)
     app.router.add_get("/static/{name}", _static)
     app.router.add_get("/api/sessions", _sessions)
+    app.router.add_get("/api/sessions/{session}", _session)
     if presence is not None:
         app[PRESENCE_KEY] = presence
         app.router.add_get("/v1/devices", _devices)
@@ -179,9 +190,45 @@ def _session_json(summary: SessionSummary) -> dict[str, object]:
 
 async def _sessions(request: web.Request) -> web.Response:
     require(request, Role.OFFICER)
-    store = request.app[STORE_KEY]
-    body = {"sessions": [_session_json(s) for s in store.sessions()]}
+    query = request.query
+    try:
+        limit = int(query.get("limit", PAGE_DEFAULT))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= PAGE_MAX:
+        return _error(400, "bad_limit", f"limit must be a whole number from 1 to {PAGE_MAX}")
+    before = None
+    if "before" in query:
+        before = _parse_cursor(query["before"])
+        if before is None:
+            return _error(400, "bad_cursor", "before must be a next cursor from this API")
+    page = request.app[STORE_KEY].page(limit, before)
+    body = {
+        "sessions": [_session_json(s) for s in page.sessions],
+        "next": None if page.next is None else f"{page.next[0]!r}~{page.next[1]}",
+    }
     return web.json_response(body, headers=_HEADERS)
+
+
+def _parse_cursor(text: str) -> SessionKey | None:
+    """``OPENED_AT~SESSION_ID`` (what ``next`` holds), or None if it is not one."""
+    opened, _, sid = text.partition("~")
+    try:
+        at = float(opened)
+        validate_session_id(sid)
+    except (ValueError, InvalidIdError):
+        return None
+    return (at, sid) if math.isfinite(at) else None
+
+
+async def _session(request: web.Request) -> web.Response:
+    require(request, Role.OFFICER)
+    try:
+        sid = validate_session_id(request.match_info["session"])
+        summary = request.app[STORE_KEY].get(sid).summary()
+    except ReceiverError as exc:
+        return _from_exception(exc)
+    return web.json_response(_session_json(summary), headers=_HEADERS)
 
 
 async def _devices(request: web.Request) -> web.Response:

@@ -406,3 +406,97 @@ async def test_live_views_are_audited_with_their_duration(env: Env, packets: Pac
     assert closed["action"] == "live_close"
     assert closed["duration_s"] >= 0
     assert closed["login"] == opened["login"]
+
+
+async def test_sessions_api_pages_closed_sessions_and_keeps_open_ones(
+    tmp_path: Path, packets: PacketList
+) -> None:
+    """Every viewer polls the list: open sessions always come, closed ones a page at a
+    time, newest first, with a cursor to the next page; one session by its id too."""
+    now = [1_767_000_000.0]
+    async with RecordingStore(tmp_path / "rec", clock=lambda: now[0]) as store:
+        extradata = parameter_sets(packets[0][0]).annex_b()
+        track = TrackInfo("cam1", "interior", "h264", 320, 240, 30.0, extradata, 0)
+        # s-00 stays open and is the oldest; s-01..s-12 closed; s-13 and s-14 share a tick.
+        for i in range(15):
+            now[0] += 0 if i == 14 else 60
+            rec = await store.open_session(f"s-{i:02}", "dev-1", META, [track])
+            if i:
+                await rec.close("all clear")
+        app = web.Application()
+        setup_viewer(app, store, store.live_feed)
+        async with secured_client(app, tmp_path / "auth") as client:
+
+            async def page(query: str) -> tuple[list[str], str | None]:
+                resp = await client.get(f"/api/sessions{query}")
+                assert resp.status == 200, await resp.text()
+                body = await resp.json()
+                return [s["session_id"] for s in body["sessions"]], body["next"]
+
+            first, cursor = await page("?limit=5")
+            assert first == ["s-14", "s-13", "s-12", "s-11", "s-10", "s-00"]
+            seen = first[:-1]
+            while cursor is not None:
+                ids, cursor = await page(f"?limit=5&before={cursor}")
+                assert "s-00" not in ids
+                seen += ids
+            assert seen == [f"s-{i:02}" for i in range(14, 0, -1)]  # each once, in order
+            everything, cursor = await page("")  # default page: 50
+            assert (len(everything), cursor) == (15, None)
+
+            resp = await client.get("/api/sessions/s-03")
+            assert resp.status == 200
+            assert (await resp.json())["session_id"] == "s-03"
+            for path, status, code in [
+                ("/api/sessions/s-99", 404, "unknown_session"),
+                ("/api/sessions?limit=0", 400, "bad_limit"),
+                ("/api/sessions?limit=501", 400, "bad_limit"),
+                ("/api/sessions?limit=ten", 400, "bad_limit"),
+                ("/api/sessions?before=s-03", 400, "bad_cursor"),
+                ("/api/sessions?before=nan~s-03", 400, "bad_cursor"),
+                ("/api/sessions?before=1.5~..", 400, "bad_cursor"),
+            ]:
+                resp = await client.get(path)
+                assert resp.status == status, path
+                assert (await resp.json())["error"] == code, path
+
+
+@needs_chromium
+async def test_browser_shows_older_sessions_on_request_and_opens_a_link_to_one(
+    tmp_path: Path, packets: PacketList
+) -> None:
+    """A receiver with a long history: the page shows 50 closed sessions, then 50 more
+    at each "Show older sessions" (past the API's 500 a page, by its cursor); a link to
+    a session beyond them still opens its wall."""
+    now = [1_767_000_000.0]
+    async with RecordingStore(tmp_path / "rec", clock=lambda: now[0]) as store:
+        extradata = parameter_sets(packets[0][0]).annex_b()
+        track = TrackInfo("cam1", "interior", "h264", 320, 240, 30.0, extradata, 0)
+        for i in range(560):
+            now[0] += 60
+            rec = await store.open_session(f"s-{i:03}", "dev-1", META, [track])
+            await rec.close("all clear")
+        app = web.Application()
+        setup_viewer(app, store, store.live_feed)
+        shows = "(n) => document.querySelectorAll('#sessions > section.session').length === n"
+        async with (
+            secured_client(app, tmp_path / "auth") as client,
+            chromium() as browser,
+            logged_in_page(browser, str(client.make_url("/")), "officer-1") as page,
+        ):
+            await page.wait_for_function(shows, arg=50, timeout=15_000)
+            await page.click("#older")
+            await page.wait_for_function(shows, arg=100, timeout=15_000)
+            for _ in range(9):  # 550: the API's 500, then the rest after its cursor
+                await page.click("#older")
+            await page.wait_for_function(shows, arg=550, timeout=15_000)
+            assert await page.is_visible("#older")  # 10 more
+            first = "() => document.querySelector('#sessions > section.session').textContent"
+            assert "s-559" in await page.evaluate(first)  # newest first
+            await page.evaluate("() => { location.hash = '#/wall/s-001'; }")
+            await page.wait_for_function(
+                "() => [...document.querySelectorAll('#sessions > section.session')]"
+                ".some((s) => !s.hidden && s.textContent.includes('s-001'))",
+                timeout=15_000,
+            )
+            assert not await page.is_visible("#older")  # a wall shows one session

@@ -25,7 +25,11 @@ const LINK_TTLS = [[3600, "1 hour"], [4 * 3600, "4 hours"], [12 * 3600, "12 hour
 
 const sessionViews = new Map(); // session id -> SessionView
 const route = { session: null, camera: null };
-const state = { sessions: [], devices: null };
+// Closed sessions asked for per page ("Show older sessions" adds a page). Open ones
+// always come.
+const PAGE = 50;
+const PAGE_MAX = 500;
+const state = { sessions: [], devices: null, limit: PAGE, more: false };
 const alarm = new Alarm(document.getElementById("sound"));
 const dispatch = new DispatchPanel(document.getElementById("dispatch"));
 
@@ -753,6 +757,7 @@ function parseRoute() {
 window.addEventListener("hashchange", () => {
   parseRoute();
   renderSessions(state.sessions);
+  if (route.session !== null && !sessionViews.has(route.session)) pollNow(); // an older one
   window.scrollTo(0, 0);
 });
 
@@ -769,19 +774,67 @@ function setStatus(text, isError) {
   status.classList.toggle("error", Boolean(isError));
 }
 
-async function poll() {
-  try {
-    const res = await getJson("/api/sessions");
+async function fetchSessions() {
+  // The API gives at most PAGE_MAX closed sessions an answer: past that, follow `next`.
+  const sessions = [];
+  let url = `/api/sessions?limit=${Math.min(state.limit, PAGE_MAX)}`;
+  let closed = 0;
+  for (;;) {
+    const res = await getJson(url);
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     const body = await res.json();
-    renderSessions(body.sessions);
+    sessions.push(...body.sessions);
+    closed += body.sessions.filter((s) => !s.open).length;
+    state.more = body.next !== null;
+    if (!state.more || closed >= state.limit) break;
+    const rest = Math.min(state.limit - closed, PAGE_MAX);
+    url = `/api/sessions?limit=${rest}&before=${encodeURIComponent(body.next)}`;
+  }
+  // A link to a session older than the pages shown: that one session too.
+  if (route.session !== null && !sessions.some((s) => s.session_id === route.session)) {
+    const one = await getJson(`/api/sessions/${encodeURIComponent(route.session)}`);
+    if (one.ok) sessions.push(await one.json());
+    else if (one.status !== 400 && one.status !== 404) throw new Error(`HTTP ${one.status}`);
+  }
+  return sessions;
+}
+
+let pollTimer = null;
+let polling = false;
+let pollAgain = false;
+
+async function poll() {
+  polling = true;
+  try {
+    renderSessions(await fetchSessions());
+    document.getElementById("older").hidden = !state.more;
     setStatus(`updated ${clock(Date.now() / 1000)}`, false);
   } catch (err) {
     setStatus(`receiver unreachable (${err.message}); retrying…`, true);
   } finally {
-    setTimeout(poll, POLL_MS);
+    polling = false;
+    if (pollAgain) {
+      pollAgain = false;
+      poll();
+    } else {
+      pollTimer = setTimeout(poll, POLL_MS);
+    }
   }
 }
+
+function pollNow() {
+  if (polling) {
+    pollAgain = true;
+    return;
+  }
+  clearTimeout(pollTimer);
+  poll();
+}
+
+document.getElementById("older").addEventListener("click", () => {
+  state.limit += PAGE;
+  pollNow();
+});
 
 async function pollDevices() {
   let again = true;
