@@ -208,6 +208,8 @@ class IngestServer:
         self._custody: dict[Path, CustodyLog] = {}
         self._connections: dict[str, web.WebSocketResponse] = {}
         self._uplinks: dict[str, p.Uplink] = {}
+        #: Uplinks being closed for a revocation (two checks may overlap: one drop each).
+        self._dropping: set[web.WebSocketResponse] = set()
         #: The verified enrollment of each connected device that presented one.
         self._enrollments: dict[str, Enrollment] = {}
         #: Told of every session opened or closed on an uplink (the district's webhook):
@@ -344,7 +346,9 @@ class IngestServer:
         drops = []
         for device, enrollment in list(self._enrollments.items()):
             ws, conn = self._connections.get(device), self._uplinks.get(device)
-            if ws is None or conn is None or ws.closed or not revocations.revoked(enrollment):
+            if ws is None or conn is None or ws.closed or ws in self._dropping:
+                continue
+            if not revocations.revoked(enrollment):
                 continue
             log.warning(
                 "device %s is revoked (revocation list v%d): closing its uplink",
@@ -353,8 +357,15 @@ class IngestServer:
             )
             self._refuse("revoked")
             self.presence.forget([device], why)
-            drops.append(self._send_error(ws, conn, "revoked", f"device {device} is revoked"))
+            self._dropping.add(ws)
+            drops.append(self._drop(ws, conn, device))
         await asyncio.gather(*drops)
+
+    async def _drop(self, ws: web.WebSocketResponse, conn: p.Uplink, device: str) -> None:
+        try:
+            await self._send_error(ws, conn, "revoked", f"device {device} is revoked")
+        finally:
+            self._dropping.discard(ws)
 
     async def watch_revocations(self, every_s: float) -> None:
         """:meth:`check_revocations` every ``every_s`` seconds, until cancelled."""

@@ -7,6 +7,7 @@ conditions (the agent's and the receiver's), never on time passing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -240,6 +241,23 @@ async def test_a_revocation_read_at_another_hello_drops_the_device(tmp_path: Pat
             await agent.uplink.wait_until(lambda: "revoked" in agent.uplink.stats.refusals)
             assert not agent.uplink.connected
         assert rx.ingest.refused == {"unknown_device": 1, "revoked": 1}
+
+
+async def test_overlapping_revocation_checks_drop_a_device_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hellos and the periodic watch each check the list; checks that overlap while the
+    device's uplink is still closing count, log and send its ``revoked`` once."""
+    async with receiver_at(tmp_path, Clock()) as rx:
+        path, _ = enroll(tmp_path, rx)
+        async with Agent(load_config(path)) as agent:
+            await agent.uplink.wait_until(lambda: agent.uplink.connected)
+            revoke(tmp_path, rx, 1)
+            await asyncio.gather(*(rx.ingest.check_revocations() for _ in range(3)))
+            await agent.uplink.wait_until(lambda: "revoked" in agent.uplink.stats.refusals)
+        assert rx.ingest.refused == {"revoked": 1}
+        closing = [r for r in caplog.records if "closing its uplink" in r.getMessage()]
+        assert len(closing) == 1
 
 
 async def test_an_older_revocation_list_never_replaces_a_newer_one(
