@@ -106,6 +106,7 @@ class CameraIngest:
                 media.payload,
                 preroll=media.preroll,
                 live=True,
+                defer_init=True,
             )
             if done is not None:
                 if done is Outcome.APPENDED:

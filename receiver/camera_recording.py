@@ -314,11 +314,14 @@ class CameraRecording:
         *,
         preroll: bool | None = None,
         live: bool = False,
+        defer_init: bool = False,
     ) -> Outcome | None:
         """Record a packet if that needs no new part file; else None (use :meth:`append`).
 
         ``preroll``: the packet's pre-roll flag (None: unknown, as in a sealed
-        segment); ``live``: it came in the live lane (the live feed follows it).
+        segment); ``live``: it came in the live lane (the live feed follows it);
+        ``defer_init``: None also for a packet that begins a part file (its init
+        segment is then made off the loop by :meth:`append`).
         Raises :class:`RecordingFailedError` for a run whose writing failed.
         """
         if not self._active:
@@ -327,6 +330,8 @@ class CameraRecording:
             return None
         route, run = self._route(seq, keyframe)
         if route is _Route.APPEND and run is not None and run.writable:
+            if defer_init and run.needs_init:
+                return None
             self._write(run, seq, capture_us, keyframe, payload, preroll, live)
             return Outcome.APPENDED
         if route is _Route.APPEND and run is not None and run.failed:
@@ -343,8 +348,11 @@ class CameraRecording:
         preroll: bool | None = None,
         live: bool = False,
     ) -> Outcome:
-        """Record a packet, starting a run or a part file if needed (see :meth:`append_nowait`)."""
-        done = self.append_nowait(seq, capture_us, keyframe, payload, preroll=preroll, live=live)
+        """Record a packet, starting a run or a part file if needed (see :meth:`append_nowait`);
+        a part's init segment is made in a worker thread."""
+        done = self.append_nowait(
+            seq, capture_us, keyframe, payload, preroll=preroll, live=live, defer_init=True
+        )
         if done is not None:
             return done
         async with self._lock:
@@ -358,6 +366,8 @@ class CameraRecording:
             elif route is not _Route.APPEND:
                 return self._count(route, seq) or Outcome.DROPPED
             assert run is not None
+            if run.needs_init:
+                await run.start_part(seq, capture_us, keyframe, payload)
             self._write(run, seq, capture_us, keyframe, payload, preroll, live)
             return Outcome.APPENDED
 

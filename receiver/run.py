@@ -245,6 +245,11 @@ class Run:
         """The current part's init segment, once the first packet was muxed."""
         return self._init
 
+    @property
+    def needs_init(self) -> bool:
+        """Whether the next packet begins the part file (its init segment comes first)."""
+        return self._fragmenter is None and self._writable and self._failure is None
+
     def held(self) -> list[tuple[int, int]]:
         """The durable seq ranges of this run, one per part that holds any."""
         return [(p.first_seq, p.last_seq) for p in self.parts if p.frames]
@@ -351,17 +356,42 @@ class Run:
         self._last_pts = pts
         self._pending.append((keyframe, capture_us))
 
+    async def start_part(self, seq: int, capture_us: int, keyframe: bool, payload: bytes) -> None:
+        """Begin the part with the init segment made from its first packet (``seq``, which
+        :meth:`append` then takes) in a worker thread: PyAV probes the packet, which
+        took 10-17 ms of the event loop for a 1080p keyframe, for every camera of every
+        session that starts. Raises what :meth:`append` would for that packet."""
+        init = await asyncio.to_thread(self._init_maker(seq, capture_us, keyframe, payload))
+        if self.needs_init:  # else it closed or failed meanwhile: append will say so
+            self._begin_part(init, capture_us)
+
     def _start_part(self, seq: int, capture_us: int, keyframe: bool, payload: bytes) -> None:
+        self._begin_part(self._init_maker(seq, capture_us, keyframe, payload)(), capture_us)
+
+    def _init_maker(
+        self, seq: int, capture_us: int, keyframe: bool, payload: bytes
+    ) -> Callable[[], bytes]:
+        """Check the part's first packet (on the loop); return what makes its init segment
+        (thread-safe: it touches nothing of the run)."""
         cam = self._host.camera_id
+        if not payload:  # as append would say (the SPS alone makes no init segment)
+            raise InvalidPacketError(f"camera {cam!r}: empty payload at seq {seq}")
         if not keyframe and seq == self.first_seq:
             raise NotKeyframeError(f"camera {cam!r}: a run must start at a keyframe (seq {seq})")
         template = payload if has_sps(payload) else self._host.parameter_sets() + payload
         if not has_sps(template):
             raise MissingSpsError(f"camera {cam!r}: no SPS in seq {seq} nor in the track extradata")
-        try:
-            init = init_segment(template, capture_us, f"{cam} from seq {seq}")
-        except BitstreamError as exc:
-            raise BitstreamError(f"camera {cam!r}: cannot read H.264 at seq {seq}: {exc}") from exc
+
+        def make() -> bytes:
+            try:
+                return init_segment(template, capture_us, f"{cam} from seq {seq}")
+            except BitstreamError as exc:
+                msg = f"camera {cam!r}: cannot read H.264 at seq {seq}: {exc}"
+                raise BitstreamError(msg) from exc
+
+        return make
+
+    def _begin_part(self, init: bytes, capture_us: int) -> None:
         self._write(init)
         self._init = init
         self._fragmenter = self._listing = Fragmenter(len(init))

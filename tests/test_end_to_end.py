@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from agent.daemon import Agent
 from agent.emergency import Session
 from breakglass.demo import press_button, write_agent_config
 from provisioning.keys import new_private_key, public_pem
+from receiver import run as run_module
 from receiver.server import Receiver
 from tests.recordings import assert_session_gapless, recorded_seqs
 
@@ -57,8 +59,16 @@ def ffprobe(path: Path) -> dict[str, object]:
 
 
 async def test_press_streams_preroll_and_live_and_nothing_before(
-    tmp_path: Path, receiver: Receiver
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    on_loop: list[bool] = []  # where the receiver made each part's init segment
+    make_init = run_module.init_segment
+
+    def watched(template: bytes, capture_us: int, title: str) -> bytes:
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        return make_init(template, capture_us, title)
+
+    monkeypatch.setattr(run_module, "init_segment", watched)
     config = load_config(write_agent_config(tmp_path / "agent", receiver, fps=30))
     async with Agent(config) as agent:
         await agent.uplink.wait_until(lambda: agent.uplink.connected)
@@ -102,6 +112,8 @@ async def test_press_streams_preroll_and_live_and_nothing_before(
             assert (probe["width"], probe["height"]) == (640, 480)
             frames += int(str(probe["nb_read_frames"]))
         assert frames == cam.preroll_frames + cam.live_frames
+    # One per part (the pre-roll's, the live one's, of each camera), none on the event loop.
+    assert on_loop == [False] * 4
 
 
 async def test_unknown_device_is_refused_and_the_agent_stays_armed(

@@ -736,3 +736,50 @@ async def test_durable_footage_leaves_the_page_cache(
     assert size > 16 * mmap.PAGESIZE
     assert resident <= mmap.PAGESIZE
     await rec.close("all clear")
+
+
+async def test_a_part_begins_with_its_init_segment_made_off_the_loop(
+    store: RecordingStore, packets: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PyAV probes a part's first packet for its init segment (10-17 ms for a 1080p
+    keyframe): :meth:`CameraRecording.append` has it made in a worker thread, while the
+    loop serves everyone else, and the packets after it wait their turn."""
+    loop_thread = threading.current_thread()
+    made_in: list[threading.Thread] = []
+    started, release = threading.Event(), threading.Event()
+    make_init = run_module.init_segment
+
+    def held(template: bytes, capture_us: int, title: str) -> bytes:
+        made_in.append(threading.current_thread())
+        started.set()
+        assert release.wait(10), "the loop was blocked: the init segment was made on it"
+        return make_init(template, capture_us, title)
+
+    monkeypatch.setattr(run_module, "init_segment", held)
+    rec, cam = await open_cam(store, packets)
+    payload, key = packets[0]
+    # The live path asks not to begin a part on the loop: it queues the packet instead.
+    assert cam.append_nowait(0, T0_US, key, payload, live=True, defer_init=True) is None
+    first = asyncio.create_task(cam.append(0, T0_US, key, payload, preroll=False, live=True))
+    assert await asyncio.to_thread(started.wait, 10)  # the loop runs on meanwhile
+    assert made_in[0] is not loop_thread
+    payload, key = packets[1]
+    assert cam.append_nowait(1, T0_US + FRAME_US, key, payload, live=True) is None  # waits
+    release.set()
+    assert await first is Outcome.APPENDED
+    assert await cam.append(1, T0_US + FRAME_US, key, payload, live=True) is Outcome.APPENDED
+    feed_nowait(cam, packets, range(2, 40))
+    assert await cam.flush() == 38
+    await rec.close("all clear")
+    assert int((await probe(rec.directory / "cam1.0.mp4"))["nb_read_frames"]) == 40
+    assert len(made_in) == 1
+
+
+async def test_an_empty_first_packet_is_refused_as_empty_on_either_path(
+    store: RecordingStore, packets: PacketList
+) -> None:
+    _, cam = await open_cam(store, packets)
+    with pytest.raises(InvalidPacketError, match="empty payload at seq 0"):
+        await cam.append(0, T0_US, True, b"", live=True)
+    with pytest.raises(InvalidPacketError, match="empty payload at seq 0"):
+        cam.append_nowait(0, T0_US, True, b"", live=True)
