@@ -334,7 +334,7 @@ class Run:
                 f"camera {self._host.camera_id!r}: run expects seq {self.next_seq}, got {seq}"
             )
         if not payload:
-            raise InvalidPacketError(f"camera {self._host.camera_id!r}: empty payload at seq {seq}")
+            raise self._empty(seq)
         if self._fragmenter is None:
             self._start_part(seq, capture_us, keyframe, payload)
         assert self._fragmenter is not None
@@ -361,35 +361,37 @@ class Run:
         :meth:`append` then takes) in a worker thread: PyAV probes the packet, which
         took 10-17 ms of the event loop for a 1080p keyframe, for every camera of every
         session that starts. Raises what :meth:`append` would for that packet."""
-        init = await asyncio.to_thread(self._init_maker(seq, capture_us, keyframe, payload))
+        template = self._init_template(seq, keyframe, payload)
+        init = await asyncio.to_thread(self._make_init, template, seq, capture_us)
         if self.needs_init:  # else it closed or failed meanwhile: append will say so
             self._begin_part(init, capture_us)
 
     def _start_part(self, seq: int, capture_us: int, keyframe: bool, payload: bytes) -> None:
-        self._begin_part(self._init_maker(seq, capture_us, keyframe, payload)(), capture_us)
+        template = self._init_template(seq, keyframe, payload)
+        self._begin_part(self._make_init(template, seq, capture_us), capture_us)
 
-    def _init_maker(
-        self, seq: int, capture_us: int, keyframe: bool, payload: bytes
-    ) -> Callable[[], bytes]:
-        """Check the part's first packet (on the loop); return what makes its init segment
-        (thread-safe: it touches nothing of the run)."""
+    def _init_template(self, seq: int, keyframe: bool, payload: bytes) -> bytes:
+        """Check a part's first packet; the template its init segment is made from."""
         cam = self._host.camera_id
-        if not payload:  # as append would say (the SPS alone makes no init segment)
-            raise InvalidPacketError(f"camera {cam!r}: empty payload at seq {seq}")
+        if not payload:  # the SPS alone would make no init segment
+            raise self._empty(seq)
         if not keyframe and seq == self.first_seq:
             raise NotKeyframeError(f"camera {cam!r}: a run must start at a keyframe (seq {seq})")
         template = payload if has_sps(payload) else self._host.parameter_sets() + payload
         if not has_sps(template):
             raise MissingSpsError(f"camera {cam!r}: no SPS in seq {seq} nor in the track extradata")
+        return template
 
-        def make() -> bytes:
-            try:
-                return init_segment(template, capture_us, f"{cam} from seq {seq}")
-            except BitstreamError as exc:
-                msg = f"camera {cam!r}: cannot read H.264 at seq {seq}: {exc}"
-                raise BitstreamError(msg) from exc
+    def _make_init(self, template: bytes, seq: int, capture_us: int) -> bytes:
+        """The part's init segment (safe in a worker thread: it reads only the camera id)."""
+        cam = self._host.camera_id
+        try:
+            return init_segment(template, capture_us, f"{cam} from seq {seq}")
+        except BitstreamError as exc:
+            raise BitstreamError(f"camera {cam!r}: cannot read H.264 at seq {seq}: {exc}") from exc
 
-        return make
+    def _empty(self, seq: int) -> InvalidPacketError:
+        return InvalidPacketError(f"camera {self._host.camera_id!r}: empty payload at seq {seq}")
 
     def _begin_part(self, init: bytes, capture_us: int) -> None:
         self._write(init)
