@@ -162,6 +162,30 @@ class UplinkStats:
     last_error: str | None = None
 
 
+#: How long the reader may take, after the writer failed, to read what the receiver sent
+#: before it closed (its ``error``, say ``revoked``, arrives ahead of the close).
+READER_DRAIN_S = 1.0
+
+
+async def connection_outcome(
+    reader: asyncio.Task[None], writer: asyncio.Task[None], drain_s: float = READER_DRAIN_S
+) -> None:
+    """Wait until the connection's reader or writer ends; raise why it ended.
+
+    The reader's reason goes first: when the receiver refuses the device it sends an
+    ``error`` and closes, and the writer's next send may fail on the closed socket before
+    the reader has read that ``error``. So a failed writer gives the reader ``drain_s`` to
+    reach the frames already received (a closed socket ends the reader at once), and a
+    refusal it reads wins over the writer's broken pipe.
+    """
+    done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+    if reader not in done and writer.exception() is not None:
+        await asyncio.wait({reader}, timeout=drain_s)
+    if reader.done():
+        reader.result()
+    writer.result()
+
+
 class UplinkClient:
     """Keeps the connection to the receiver and streams sessions over it."""
 
@@ -548,9 +572,7 @@ class UplinkClient:
             )
             writer = asyncio.create_task(self._writer(ws, conn), name="uplink-writer")
             try:
-                done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
+                await connection_outcome(reader, writer)
             finally:
                 for task in (reader, writer):
                     task.cancel()

@@ -1,0 +1,61 @@
+"""Why an uplink connection ended: the receiver's refusal is not lost to a broken pipe.
+
+When the receiver refuses a device mid-connection (say it was revoked), it sends an
+``error`` and closes the socket. The agent's writer may hit the closed socket before its
+reader has read that ``error``. The reason the agent records, and its back-off, must
+still come from the ``error``. Real asyncio tasks; they coordinate on events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent.errors import UplinkRefused
+from agent.uplink import connection_outcome
+
+
+async def test_a_refusal_read_after_the_writer_broke_wins() -> None:
+    received = asyncio.Event()  # the error frame is in, not yet read
+
+    async def reader() -> None:
+        await received.wait()
+        for _ in range(5):  # reading and parsing a frame takes the loop a few steps
+            await asyncio.sleep(0)
+        raise UplinkRefused("revoked", "device d-1 is revoked")
+
+    async def writer() -> None:
+        received.set()
+        raise ConnectionResetError("Cannot write to closing transport")
+
+    with pytest.raises(UplinkRefused) as caught:
+        await connection_outcome(asyncio.create_task(reader()), asyncio.create_task(writer()))
+    assert caught.value.code == "revoked"
+
+
+async def test_a_refusal_read_first_wins() -> None:
+    async def reader() -> None:
+        raise UplinkRefused("revoked", "device d-1 is revoked")
+
+    async def writer() -> None:
+        await asyncio.Event().wait()
+
+    writing = asyncio.create_task(writer())
+    with pytest.raises(UplinkRefused):
+        await connection_outcome(asyncio.create_task(reader()), writing)
+    writing.cancel()
+
+
+async def test_a_silent_reader_leaves_the_writers_failure_after_the_drain() -> None:
+    async def reader() -> None:
+        await asyncio.Event().wait()
+
+    async def writer() -> None:
+        raise ConnectionResetError("Cannot write to closing transport")
+
+    reading = asyncio.create_task(reader())
+    with pytest.raises(ConnectionResetError):
+        await connection_outcome(reading, asyncio.create_task(writer()), drain_s=0.05)
+    assert not reading.done()  # the caller cancels it
+    reading.cancel()
