@@ -75,7 +75,17 @@ def _agent_run(args: argparse.Namespace) -> int:
 
 
 def _receiver_serve(args: argparse.Namespace) -> int:
+    from receiver.limits import ServerLimits
     from receiver.server import Receiver
+
+    defaults = ServerLimits()
+    connections = args.max_connections
+    per_address = args.max_per_address or min(defaults.max_per_address, connections)
+    if per_address > connections:
+        raise ValueError(
+            f"--max-per-address {per_address} is more than --max-connections {connections}"
+        )
+    limits = ServerLimits(max_connections=connections, max_per_address=per_address)
 
     async def main(stop: asyncio.Event) -> int:
         async with Receiver(
@@ -85,12 +95,17 @@ def _receiver_serve(args: argparse.Namespace) -> int:
             offline_after_s=args.offline_after,
             notify_url=args.notify_url,
             notify_pin=args.notify_pin,
+            limits=limits,
         ) as rx:
             print(f"receiver: {rx.url}  uplink: {rx.uplink_url}")
             print(f"TLS pin (put it in each agent's [receiver] tls_pin): {rx.fingerprint}")
             print(f"allowed devices: {rx.devices_dir}/<device-id>.pub")
             print(f"age recipient (put it in each agent's [store] recipients): {rx.age_recipient}")
             print(f"offline alarm after {rx.presence.offline_after_s:g} s of silence")
+            print(
+                f"connections: at most {limits.connection_cap()} at once, "
+                f"{limits.max_per_address} from one address"
+            )
             if rx.dispatch is not None:
                 public = rx.dispatch_key_path.with_suffix(".pub")
                 print(
@@ -135,6 +150,25 @@ def _offline_after(text: str) -> float:
         return validate_offline_after(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("offline_after_s: ")) from None
+
+
+#: The most ``--max-connections`` or ``--max-per-address`` may say.
+MAX_CONNECTIONS_FLAG = 1_000_000
+
+
+def _connections(text: str) -> int:
+    """``--max-connections``, ``--max-per-address``: a count of connections."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of connections, got {text!r}"
+        ) from None
+    if not 1 <= value <= MAX_CONNECTIONS_FLAG:
+        raise argparse.ArgumentTypeError(
+            f"expected 1 to {MAX_CONNECTIONS_FLAG} connections, got {value}"
+        )
+    return value
 
 
 def _keys_new(args: argparse.Namespace) -> int:
@@ -224,6 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--notify-pin",
         metavar="sha256:HEX",
         help="pin the webhook's TLS certificate instead of trusting the system's CAs",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_connections,
+        default=2048,
+        metavar="N",
+        help="client connections at once, devices and browsers (default 2048; at most half "
+        "the process's open-file limit)",
+    )
+    serve.add_argument(
+        "--max-per-address",
+        type=_connections,
+        metavar="N",
+        help="connections from one IP address (default 256, or --max-connections if "
+        "less): raise it when many schools "
+        "reach the receiver through one NAT address",
     )
     serve.set_defaults(func=_receiver_serve)
     accounts_cli.add_parser(receiver)

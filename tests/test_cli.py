@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +17,9 @@ from queue import Empty, Queue
 import pyrage
 import pytest
 
+from breakglass.cli import build_parser
 from breakglass.demo import write_agent_config
+from receiver.limits import ServerLimits
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -127,6 +131,59 @@ def test_receiver_and_agent_run_separately_and_stop_cleanly(
     receiver.expect(r"device demo-agent-1 connected")
     assert agent.stop() == 0
     assert receiver.stop() == 0
+
+
+def test_serve_flags_set_the_connection_limits(tmp_path: Path, procs: list[Proc]) -> None:
+    """A district whose schools all reach the receiver through one NAT address needs more
+    than the default per address: the flags reach the listener that enforces them."""
+    receiver = Proc(
+        "receiver", "serve", "--data", str(tmp_path / "rx"), "--port", "0",
+        "--max-connections", "3", "--max-per-address", "2",
+    )  # fmt: skip
+    procs.append(receiver)
+    port = int(receiver.expect(r"receiver: https://127\.0\.0\.1:(\d+)/").group(1))
+    receiver.expect(r"^connections: at most 3 at once, 2 from one address$")
+    with contextlib.ExitStack() as held:
+        for _ in range(2):  # held open mid-handshake: they count from the accept
+            held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
+        third = held.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
+        with pytest.raises(ConnectionResetError):
+            third.recv(1)  # refused with a reset, not left waiting
+        receiver.expect(r"refused a connection from 127\.0\.0\.1: 2 connections from it already")
+    assert receiver.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-connections", "0"], "argument --max-connections: expected 1 to 1000000"),
+        (["--max-per-address", "many"], "argument --max-per-address: expected a whole number"),
+        (
+            ["--max-connections", "4", "--max-per-address", "8"],
+            "--max-per-address 8 is more than --max-connections 4",
+        ),
+    ],
+)
+def test_bad_connection_limits_are_refused_clearly(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    result = subprocess.run(
+        [*CLI, "receiver", "serve", "--data", str(tmp_path / "rx"), "--port", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "rx").exists()  # refused before anything was made
+
+
+def test_the_default_connection_limits_are_the_receivers() -> None:
+    args = build_parser().parse_args(["receiver", "serve", "--data", "rx"])
+    assert args.max_connections == ServerLimits().max_connections
+    assert args.max_per_address is None  # ServerLimits().max_per_address, within the cap
 
 
 def test_bad_config_is_a_clear_error_naming_the_key(tmp_path: Path) -> None:
