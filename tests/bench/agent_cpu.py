@@ -125,7 +125,8 @@ async def measure_agent(
                 raise RuntimeError(f"agent process exited with {code}")
     log.info(
         "%s: %.2f %% of one core over %.1f s for %d stream(s) (user %.2f s, system %.2f s), "
-        "RSS %.1f MiB, pre-roll %.1f MiB (>= %.1f s per camera), %d segments sealed, "
+        "RSS %.1f MiB (%.1f of it file-backed: libraries), pre-roll %.1f MiB (>= %.1f s per "
+        "camera), %d segments sealed, "
         "%.2f Mbit/s uplink (%s)",
         name,
         result["cpu_pct"],
@@ -134,6 +135,7 @@ async def measure_agent(
         result["user_s"],
         result["sys_s"],
         result["rss_mb"],
+        result["rss_file_mb"],
         result["preroll_bytes"] / 2**20,
         result["preroll_s_min"],
         result["segments_written"],

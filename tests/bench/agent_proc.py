@@ -164,14 +164,16 @@ def _thread_cpu_s() -> dict[str, float]:
     return found
 
 
-def _memory_mb() -> tuple[float, float]:
-    """(resident, peak resident) set size of this process in MiB (``/proc/self/status``)."""
+def _memory_mb() -> tuple[float, float, float]:
+    """(resident, peak resident, resident file pages) of this process in MiB
+    (``/proc/self/status``; file pages: shared libraries' code, which the kernel may
+    share and drop)."""
     values = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssFile"):
             values[key] = int(rest.split()[0]) / 1024  # kB
-    return values["VmRSS"], values["VmHWM"]
+    return values["VmRSS"], values["VmHWM"], values["RssFile"]
 
 
 async def measure(
@@ -211,7 +213,7 @@ async def measure(
         segs0, written0, media0 = store.segments_written, store.bytes_written, store.media_bytes
         await asyncio.sleep(seconds)
         (user1, sys1), wall1, threads1 = _cpu_s(), time.monotonic(), _thread_cpu_s()
-        rss, peak = _memory_mb()
+        rss, peak, rss_file = _memory_mb()
         prerolls = agent.capture.prerolls.values()
         held = [p.snapshot() for p in prerolls]
         backlog = 0
@@ -229,6 +231,7 @@ async def measure(
             "streams": len(cameras),
             "rss_mb": rss,
             "peak_rss_mb": peak,
+            "rss_file_mb": rss_file,
             "preroll_bytes": sum(p.bytes for p in prerolls),
             "preroll_s_min": min(
                 ((h[-1].capture_ns - h[0].capture_ns) / 1e9 if h else 0.0) for h in held
