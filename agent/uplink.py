@@ -32,6 +32,7 @@ from agent import protocol as p
 from agent.audit_feed import AuditFeed
 from agent.changes import Changes
 from agent.errors import UplinkRefused
+from agent.live_lane import LIVE_LAG_S, Goodput, LiveLane, fill_fits
 from agent.store import Pin, SegmentStore, StoredSegment
 from hardware import EncodedPacket
 from provisioning.tls import fingerprint_digest
@@ -42,14 +43,6 @@ log = logging.getLogger(__name__)
 BACKLOG_WINDOW = 64
 #: Sealed segments the fill lane may have in flight per camera (keeps a slow link full).
 SEGMENT_WINDOW = 2
-#: Live packets of a camera may queue this long before live skips to the next keyframe.
-LIVE_LAG_S = 1.0
-#: While a session is live, backfill in flight is kept to what the link delivers in this
-#: long (measured from acks), so it never queues seconds of video in front of live.
-FILL_BUDGET_S = 0.25
-FILL_MIN_BYTES = 32 * 1024
-GOODPUT_WINDOW_S = 2.0
-GOODPUT_MIN_SPAN_S = 0.5
 #: Chain checkpoints kept per camera of a session until the receiver has them (over an
 #: hour at one a second); beyond it the oldest go (sealed segments carry their own).
 MAX_PENDING_CHECKPOINTS = 4096
@@ -218,7 +211,6 @@ class UplinkClient:
         self.heartbeat_s = heartbeat_s
         self.reconnect_max_s = reconnect_max_s
         self.unacked_max_bytes = unacked_max_bytes
-        self.live_lag_s = live_lag_s
         self._on_trigger = on_trigger
         self._on_change = on_change
         #: Told the receiver's access-log head ``(n, hash)`` (to anchor it in the trail).
@@ -236,14 +228,10 @@ class UplinkClient:
         self.settled_ids: set[str] = set()
         self.connected = False
         self.stats = UplinkStats()
-        #: The live lane of this connection: (camera index, packet), sent first.
-        self._live: deque[tuple[int, EncodedPacket]] = deque()
-        #: Live packets sent on this connection and not yet held by the receiver.
-        #: (camera, packet, time.monotonic_ns() when sent).
-        self._live_inflight: deque[tuple[int, EncodedPacket, int]] = deque()
-        #: (time.monotonic(), bytes) of recent deliveries: the link's measured goodput.
-        self._delivered: deque[tuple[float, int]] = deque()
-        self._delivered_bytes = 0  # the sum over _delivered
+        #: The link's measured goodput (live and fill deliveries).
+        self._goodput = Goodput()
+        #: The live lane of this connection: packets sent first, and those in flight.
+        self._live = LiveLane(live_lag_s, self._goodput)
         #: Per camera of the head session: where live starts and what the fill lane owes.
         self._lanes: list[_Lane] = []
         self._rr = 0
@@ -322,7 +310,7 @@ class UplinkClient:
             if lane.live_from is not None:
                 if packet.keyframe:
                     self._skip_if_behind(stream, camera, packet)
-                self._live.append((camera, packet))
+                self._live.queue.append((camera, packet))
         while stream.ram_bytes > self.unacked_max_bytes:
             self._forget_oldest(stream)
         self._wake.set()
@@ -409,25 +397,19 @@ class UplinkClient:
     # -- bookkeeping --------------------------------------------------------
 
     def _skip_if_behind(self, stream: SessionStream, camera: int, keyframe: EncodedPacket) -> None:
-        # The link is slower than the cameras when live packets wait for acks longer than
-        # live_lag_s (or queue here that long): drop this camera's queued live packets so
-        # live restarts at this keyframe; the fill lane sends the skipped range later.
-        oldest = next((pkt for cam, pkt in self._live if cam == camera), None)
-        if oldest is None or (
-            keyframe.mono_ns - oldest.mono_ns < self.live_lag_s * 1e9
-            and not self._live_behind(stream)
-            and self._live_backlog_s() < self.live_lag_s
-        ):
+        # The link is slower than the cameras (agent.live_lane): live restarts at this
+        # keyframe; the fill lane sends the skipped range later.
+        first = self._live.skip(camera, keyframe, stream.newest, time.monotonic_ns())
+        if first is None:
             return
-        self._live = deque(item for item in self._live if item[0] != camera)
-        self._lanes[camera].todo.append([oldest.seq, keyframe.seq - 1])
+        self._lanes[camera].todo.append([first, keyframe.seq - 1])
         self._lanes[camera].todo.sort(key=lambda r: r[0] or 0)
-        stream.skipped += keyframe.seq - oldest.seq
+        stream.skipped += keyframe.seq - first
         self.stats.live_skips += 1
         log.info(
             "uplink slower than camera %s: live skips %d packets to seq %d (backfill follows)",
             stream.open.cameras[camera].id,
-            keyframe.seq - oldest.seq,
+            keyframe.seq - first,
             keyframe.seq,
         )
 
@@ -458,7 +440,7 @@ class UplinkClient:
             if stream is self._head() and self._lanes:
                 inflight = self._lanes[cam].inflight
                 while inflight and stream.held(cam, inflight[0][0]):
-                    self._count_delivered(inflight.popleft()[2])
+                    self._goodput.count(inflight.popleft()[2], time.monotonic_ns())
             self._progress.notify()
             self._wake.set()  # the fill window moved
             if stream.first_ack_mono_ns is None:
@@ -615,7 +597,6 @@ class UplinkClient:
             stream.close_sent = False
             stream.chain_sent = [0 for _ in stream.chain]  # unanswered ones go again
         self._live.clear()
-        self._live_inflight.clear()
         self._lanes = []
         self.audit_acked, self._audit_inflight = welcome.audit_n, False
         self._control.clear()  # answers for the old connection's receiver-side requests
@@ -629,7 +610,7 @@ class UplinkClient:
         segments from the store, or a declared gap for what exists nowhere.
         """
         first_open, stream.opened = not stream.opened, True
-        self._live_inflight.clear()
+        self._live.inflight.clear()
         self._lanes, tails = [], []
         cameras = list(stream.open.cameras)
         for cam, ram in enumerate(stream.ram):
@@ -654,7 +635,7 @@ class UplinkClient:
             self._lanes.append(lane)
             shown = live_from if live_from is not None else max(acked + 1, desc.first_seq)
             cameras[cam] = replace(desc, live_seq=max(desc.first_seq, shown), end_seq=end)
-        self._live = deque(heapq.merge(*tails, key=lambda item: item[1].mono_ns))
+        self._live.queue = deque(heapq.merge(*tails, key=lambda item: item[1].mono_ns))
         stream.open = replace(stream.open, cameras=tuple(cameras))
         return stream.open
 
@@ -775,14 +756,14 @@ class UplinkClient:
                 await ws.send_str(_text(conn.send(self._plan(stream))))
                 self._opened_on_conn = stream.id
             while stream is not None and stream is self._head():
-                if self._live:
-                    if self._live_behind(stream):
+                if self._live.queue:
+                    if self._live.behind(stream.newest, time.monotonic_ns()):
                         break  # wait for acks; meanwhile live may skip to a keyframe
-                    cam, pkt = self._live.popleft()
+                    cam, pkt = self._live.queue.popleft()
                     await self._send_packet(ws, conn, stream, cam, pkt)
-                    self._live_inflight.append((cam, pkt, time.monotonic_ns()))
+                    self._live.sent(cam, pkt, time.monotonic_ns())
                     continue
-                if self._live_in_flight(stream):
+                if self._live.in_flight(stream.newest, time.monotonic_ns()):
                     break  # backfill only uses the link while no live packet awaits its ack
                 checkpoint = self._next_checkpoint(stream)
                 if checkpoint is not None:  # small: ahead of the fill lane's footage
@@ -806,7 +787,7 @@ class UplinkClient:
                 else:
                     await self._send_segment(ws, conn, cam, what)
             drained = (
-                not self._live
+                not self._live.queue
                 and not any(lane.todo for lane in self._lanes)
                 and (
                     stream is None
@@ -833,7 +814,12 @@ class UplinkClient:
                 await ws.send_str(_text(conn.send(p.Heartbeat(time.time()))))
                 next_beat = now + self.heartbeat_s
             self._wake.clear()
-            if (self._live and not self._live_behind(stream)) or self._head() is not stream:
+            if self._head() is not stream or (
+                self._live.queue
+                and not self._live.behind(
+                    None if stream is None else stream.newest, time.monotonic_ns()
+                )
+            ):
                 continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, next_beat - now)):  # no task per wait
@@ -849,84 +835,10 @@ class UplinkClient:
             await ws.send_str(_text(conn.send(p.AuditEntries(first, lines))))
             self._audit_inflight = True
 
-    def _live_behind(self, stream: SessionStream | None) -> bool:
-        """Whether the oldest live packet in flight waits longer than ``live_lag_s``.
-
-        Socket buffers can hold minutes of video on a slow link; measured by acks,
-        the live lane stops feeding them when it falls behind, so the backlog
-        builds up here, where live can skip it (and backfill send it later).
-        """
-        waiting_since = self._oldest_undelivered(stream)
-        if waiting_since is None:
-            return False
-        return (
-            time.monotonic_ns() - waiting_since > self.live_lag_s * 1e9
-            or self._live_backlog_s(queued=False) > self.live_lag_s
-        )
-
-    def _live_backlog_s(self, *, queued: bool = True) -> float:
-        """How long the live bytes in flight (and ``queued``) take to deliver at the goodput.
-
-        Predicts the lag before it happens: on a link slower than the cameras the
-        socket buffers fill and the queue grows a little every GOP, long before the
-        oldest packet has waited ``live_lag_s``. Call after :meth:`_oldest_undelivered`.
-        """
-        goodput = self._goodput()
-        if goodput == 0:
-            return 0.0  # nothing measured yet: the age rules decide
-        backlog = sum(len(pkt.payload) for _, pkt, _ in self._live_inflight)
-        if queued:
-            backlog += sum(len(pkt.payload) for _, pkt in self._live)
-        return backlog / goodput
-
-    def _goodput(self) -> float:
-        """Live bytes per second delivered over the last ``GOODPUT_WINDOW_S``."""
-        now = time.monotonic()
-        self._forget_deliveries(now)
-        if not self._delivered:
-            return 0.0
-        # A window not yet full (a new connection) is measured over what it spans.
-        span = min(GOODPUT_WINDOW_S, max(GOODPUT_MIN_SPAN_S, now - self._delivered[0][0]))
-        return self._delivered_bytes / span
-
-    def _count_delivered(self, nbytes: int) -> None:
-        now = time.monotonic()
-        self._delivered.append((now, nbytes))
-        self._delivered_bytes += nbytes
-        self._forget_deliveries(now)
-
-    def _forget_deliveries(self, now: float) -> None:
-        while self._delivered and self._delivered[0][0] < now - GOODPUT_WINDOW_S:
-            self._delivered_bytes -= self._delivered.popleft()[1]
-
     def _fill_fits(self, nbytes: int) -> bool:
         """Whether backfill of ``nbytes`` more stays within the live session's budget."""
-        budget = max(FILL_MIN_BYTES, self._goodput() * FILL_BUDGET_S)
         inflight = sum(n for lane in self._lanes for _, _, n in lane.inflight)
-        if inflight == 0:
-            return True  # one item at a time always moves (the link kept up with live)
-        return inflight + nbytes <= budget
-
-    def _live_in_flight(self, stream: SessionStream | None) -> bool:
-        """Whether a live packet sent on this connection is not delivered yet."""
-        return self._oldest_undelivered(stream) is not None
-
-    def _oldest_undelivered(self, stream: SessionStream | None) -> int | None:
-        """Since when (monotonic ns) the longest-waiting live packet awaits delivery."""
-        inflight = self._live_inflight
-        while inflight and (stream is None or stream.newest(inflight[0][0]) >= inflight[0][1].seq):
-            self._count_delivered(len(inflight.popleft()[1].payload))
-        # The receiver's muxer writes a frame only when the next one of its run arrives
-        # (DECISIONS.md): a packet can be acknowledged, and so waits, from the moment its
-        # successor was sent.
-        previous: dict[int, EncodedPacket] = {}
-        since: int | None = None
-        for cam, pkt, sent_ns in inflight:
-            before = previous.get(cam)
-            if before is not None and before.seq + 1 == pkt.seq:
-                since = sent_ns if since is None else min(since, sent_ns)
-            previous[cam] = pkt
-        return since
+        return fill_fits(self._goodput.rate(time.monotonic_ns()), inflight, nbytes)
 
     async def _send_packet(
         self,
