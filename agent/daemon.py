@@ -35,7 +35,7 @@ from agent.policy import Outcome, apply_trigger, refused
 from agent.sdnotify import tasks_alive
 from agent.segment import StreamDesc, parse_recipient
 from agent.snapshot import SnapshotError, jpeg_from_packets
-from agent.statefile import SequenceReservations, read_json, write_json
+from agent.statefile import SequenceReservations, read_json, write_atomic, write_json
 from agent.store import SegmentStore
 from agent.technician import TechnicianDesk
 from agent.trigger_gate import TriggerGate
@@ -299,7 +299,7 @@ class Agent:
         await self.capture.aclose()
         await self.store.close()  # seals the segments being filled
         self._cut_live_chains()  # what was streamed live is signed up to its last packet
-        await asyncio.to_thread(self._save_owed)
+        await self._save_owed()
         self.gate.close()
         await asyncio.to_thread(self.audit.close)  # writes what is queued
         for button in self.buttons.values():
@@ -463,7 +463,7 @@ class Agent:
         # keeps writes in order, and each writes the state as it is when its turn comes.
         async with self._persist_lock:
             await asyncio.to_thread(write_json, self.state_path, self.emergency.to_json())
-            await asyncio.to_thread(self._save_owed)
+            await self._save_owed()
 
     def _start_streaming(self, session: Session, *, resume: bool = False) -> None:
         share = is_share(session)
@@ -651,11 +651,14 @@ class Agent:
         kept = {k: v for k, v in self._owed.items() if k not in self.uplink.settled_ids}
         self._owed = kept | {sid: _owed_entry(s) for sid, s in live.items()}
 
-    def _save_owed(self) -> None:
+    async def _save_owed(self) -> None:
+        """Save the sessions owed, if they changed: read on the loop (the uplink changes
+        its streams and their checkpoint queues there), written and fsynced in a worker
+        thread."""
         self._refresh_owed()
-        text = json.dumps(self._owed, sort_keys=True)
+        text = json.dumps(self._owed, sort_keys=True, indent=1)
         if text != self._owed_saved:
-            write_json(self.owed_path, self._owed)
+            await asyncio.to_thread(write_atomic, self.owed_path, text.encode())
             self._owed_saved = text
 
     def _resume_owed(self) -> None:

@@ -16,12 +16,15 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from queue import Empty, Queue
+from typing import Any
 
 import pytest
 
+from agent import daemon
 from agent.config import load_config
 from agent.daemon import Agent
 from agent.segment import SegmentName
+from agent.uplink import SessionStream
 from breakglass.demo import press_button, write_agent_config
 from receiver.server import Receiver
 from tests.netproxy import TcpProxy
@@ -278,3 +281,33 @@ async def test_a_new_emergency_preempts_an_old_session_still_delivering(tmp_path
             await agent.uplink.wait_settled(new.id)
             await agent.uplink.wait_settled(old.id)
     assert {s.session_id for s in receiver.store.sessions()} == {old.id, new.id}
+
+
+async def test_the_owed_sessions_are_read_on_the_loop_that_changes_them(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The uplink changes its streams (acks, checkpoint queues) on the event loop; the
+    owed file is written in a worker thread, from what the loop read (reading there
+    raced: "deque mutated during iteration")."""
+    readers: set[int] = set()
+    entry = daemon._owed_entry
+
+    def reading(stream: SessionStream) -> dict[str, Any]:
+        readers.add(threading.get_ident())
+        return entry(stream)
+
+    monkeypatch.setattr(daemon, "_owed_entry", reading)
+    path = write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2)
+    async with Agent(load_config(path)) as agent:
+        await agent.uplink.wait_until(lambda: agent.uplink.connected)
+        await agent.capture.wait_packets(30)
+        press_button(agent)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+        await agent.uplink.wait_until(
+            lambda: agent.owed_path.exists() and session.id in agent.owed_path.read_text()
+        )
+        agent.end("all clear")
+        await agent.uplink.wait_settled(session.id)
+    assert readers == {threading.get_ident()}
