@@ -237,10 +237,24 @@ class SegmentStore:
         in the segment still being filled. Backfill waits for it rather than declare it lost.
         """
         with self._lock:
-            queued = self._queued.get(camera)
-            if queued:
-                return queued[0]
-        cur = self._open.get(camera)
+            return self._unsealed_first(camera)
+
+    def locate(self, camera: str, seq: int) -> tuple[StoredSegment | None, int | None]:
+        """:meth:`find` and :meth:`open_first_seq` as one view, under one lock: where
+        backfill looks for ``seq``.
+
+        The writer indexes a segment and only then takes it off its queue; two separate
+        calls could miss it in both places, and backfill would declare footage lost that
+        is on disk.
+        """
+        with self._lock:
+            return self._find(camera, seq), self._unsealed_first(camera)
+
+    def _unsealed_first(self, camera: str) -> int | None:
+        queued = self._queued.get(camera)
+        if queued:
+            return queued[0]
+        cur = self._open.get(camera)  # the loop's (so is the caller)
         return cur.packets[0].seq if cur is not None and cur.packets else None
 
     def _seal_open(self, camera: str) -> None:
@@ -299,9 +313,12 @@ class SegmentStore:
     def find(self, camera: str, seq: int) -> StoredSegment | None:
         """The sealed segment holding ``seq``, else the first one after it, else ``None``."""
         with self._lock:
-            segs = self._index.get(camera, [])
-            i = bisect.bisect_right(segs, seq - 1, key=_last_seq)
-            return segs[i] if i < len(segs) else None
+            return self._find(camera, seq)
+
+    def _find(self, camera: str, seq: int) -> StoredSegment | None:
+        segs = self._index.get(camera, [])
+        i = bisect.bisect_right(segs, seq - 1, key=_last_seq)
+        return segs[i] if i < len(segs) else None
 
     def used_bytes(self) -> int:
         """Bytes of sealed segments on disk."""

@@ -681,8 +681,9 @@ class UplinkClient:
                     lane.todo[0][0] = seq + 1
                     lane.inflight.append((seq, False, len(pkt.payload)))
                     return pkt
-            store = self.store
-            seg = None if store is None else store.find(stream.open.cameras[cam].id, seq)
+            seg, unsealed = (None, None)
+            if self.store is not None:
+                seg, unsealed = self.store.locate(stream.open.cameras[cam].id, seq)
             if seg is not None and seg.first_seq <= seq:
                 if sum(1 for _, sealed, _ in lane.inflight if sealed) >= SEGMENT_WINDOW:
                     return None
@@ -696,7 +697,7 @@ class UplinkClient:
                 seq2
                 for seq2 in (
                     None if seg is None else seg.first_seq,
-                    None if store is None else store.open_first_seq(stream.open.cameras[cam].id),
+                    unsealed,
                     ram[0].seq if ram else None,
                 )
                 if seq2 is not None

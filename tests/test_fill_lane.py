@@ -1,0 +1,108 @@
+"""The fill lane against the real sealed store while its writer moves a segment to disk.
+
+The store's writer thread indexes a segment, then takes it off its queue. The fill
+lane, on the event loop, asks where a seq is: on disk, or still on its way. If the
+writer finished between two separate questions, the seq was in neither answer and
+the lane declared footage lost that was on disk (found by a review: the store had
+``find`` and ``open_first_seq`` and the lane called one after the other).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import protocol as p
+from agent.audit import AuditLog
+from agent.store import SegmentStore, StoredSegment
+from agent.uplink import UplinkClient
+from tests.media import make_h264_packets
+from tests.test_store import IDENTITY, PER_SEGMENT, SEGMENT_S, STREAM, T0_NS, Feed
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class WriterFinishesAfterALookup(SegmentStore):
+    """A store whose writer runs only when told, right after the next lookup returns:
+    the moment a thread switch may let the real writer thread run."""
+
+    armed = False
+
+    def _finish_writing(self) -> None:
+        if self.armed:
+            self.armed = False
+            self._jobs.put(None)
+            self._writer()  # this thread: everything queued goes to disk, then it returns
+
+    def find(self, camera: str, seq: int) -> StoredSegment | None:
+        found = super().find(camera, seq)
+        self._finish_writing()
+        return found
+
+    def locate(self, camera: str, seq: int) -> tuple[StoredSegment | None, int | None]:
+        found = super().locate(camera, seq)
+        self._finish_writing()
+        return found
+
+    def open_first_seq(self, camera: str) -> int | None:
+        first = super().open_first_seq(camera)
+        self._finish_writing()
+        return first
+
+
+@pytest.fixture
+def audit(tmp_path: Path) -> Iterator[AuditLog]:
+    log = AuditLog(tmp_path / "audit.jsonl", lambda: T0_NS / 1e9)
+    yield log
+    log.close()
+
+
+def test_footage_on_its_way_to_disk_is_waited_for_not_declared_lost(
+    tmp_path: Path, audit: AuditLog
+) -> None:
+    store = WriterFinishesAfterALookup(
+        tmp_path / "store",
+        [IDENTITY.to_public()],
+        audit=audit,
+        boot_id="boot-1",
+        segment_s=SEGMENT_S,
+        clock=lambda: T0_NS / 1e9 + 60,
+    )
+    store.directory.mkdir()
+    store._scan()  # open() without its writer thread: this test runs the writer
+    feed = Feed(make_h264_packets(3 * PER_SEGMENT, 160, 120, fps=30, gop=PER_SEGMENT // 2))
+    for pkt in feed.take(PER_SEGMENT + 1):  # seals 0..39 (queued), opens 40..
+        store.push(pkt, STREAM)
+    assert store.segments("cam") == []
+
+    uplink = UplinkClient(
+        url="wss://127.0.0.1:1/v1/uplink",
+        origin="wss://127.0.0.1:1",
+        pin="sha256:" + "00" * 32,
+        device_id="device-1",
+        device_key=Ed25519PrivateKey.generate(),
+        store=store,
+    )
+    camera = p.CameraDesc(0, "cam", "interior", "h264", 160, 120, 30.0, b"", 0, 0)
+    open_ = p.SessionOpen(
+        "s-1", "b-1", {"kind": "button"}, time.time(), time.time() + 60, (camera,)
+    )
+    # The session ended at seq 39; the receiver holds nothing; RAM holds none of it
+    # (a restart, or RAM trimmed): everything comes from the store.
+    stream = uplink.start_session(open_, {}, end_seq={0: PER_SEGMENT - 1})
+    uplink._plan(stream)
+
+    store.armed = True
+    first = uplink._fill_item(stream)
+    assert store.segments("cam") != []  # the writer did finish during the decision
+    assert not isinstance(first, tuple) or not isinstance(first[1], p.Gap), first
+    item = first or uplink._fill_item(stream)
+    assert item is not None
+    cam, what = item
+    assert cam == 0
+    assert isinstance(what, StoredSegment)
+    assert (what.first_seq, what.last_seq) == (0, PER_SEGMENT - 1)
