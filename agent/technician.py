@@ -66,6 +66,10 @@ class TechnicianDesk:
         #: Set once the answer to an accepted enrollment was sent: start again with it.
         self.enrolled = asyncio.Event()
         self._restart = False
+        #: One enrollment at a time: each checks the installed one (``current``) and
+        #: swaps the state directory's link; two at once could each pass the version
+        #: check and one could remove the other's new enrollment.
+        self._enrolling = asyncio.Lock()
 
     async def handle(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         """Answer one opened request (never raises on bad input)."""
@@ -78,15 +82,20 @@ class TechnicianDesk:
 
     async def _enroll(self, bundle: Any, peer: str) -> dict[str, Any]:
         reason = self.busy()
+        if reason is None and self._enrolling.locked():
+            reason = "another enrollment is being installed"
+        if reason is None and self._restart:
+            reason = "an enrollment was installed: the device is starting again with it"
         if reason is not None:
             return self._refused("busy", reason, peer)
-        try:
-            enrolled = await asyncio.to_thread(self._apply, bundle, self.clock())
-        except EnrollmentRefused as exc:
-            return self._refused(exc.code, exc.detail, peer)
-        except OSError as exc:  # nothing was committed (the link never moved)
-            log.error("enrollment could not be written: %s", exc)
-            return self._refused("storage", f"the enrollment could not be written: {exc}", peer)
+        async with self._enrolling:
+            try:
+                enrolled = await asyncio.to_thread(self._apply, bundle, self.clock())
+            except EnrollmentRefused as exc:
+                return self._refused(exc.code, exc.detail, peer)
+            except OSError as exc:  # nothing was committed (the link never moved)
+                log.error("enrollment could not be written: %s", exc)
+                return self._refused("storage", f"the enrollment could not be written: {exc}", peer)
         e = enrolled.enrollment
         log.warning("enrolled: v%d, building %s, cameras %s", e.version, e.building, len(e.cameras))
         self.audit.record_soon(
