@@ -299,11 +299,15 @@ class Agent:
         await self.capture.aclose()
         await self.store.close()  # seals the segments being filled
         self._cut_live_chains()  # what was streamed live is signed up to its last packet
+        # The buttons stay armed until here: a press now is still audited and persisted
+        # (emergency.json), and the session streams when the agent starts again.
+        for button in self.buttons.values():
+            await asyncio.to_thread(button.close)  # may join gpiozero's hold thread
+        while self._persisting:  # a press's state write, and any still under way
+            await asyncio.gather(*self._persisting, return_exceptions=True)
         await self._save_owed()
         self.gate.close()
         await asyncio.to_thread(self.audit.close)  # writes what is queued
-        for button in self.buttons.values():
-            await asyncio.to_thread(button.close)  # may join gpiozero's hold thread
         if self.led is not None:
             self.led.close()
         if self.buzzer is not None:
@@ -338,6 +342,7 @@ class Agent:
         self.changes.notify()
         cameras = tuple(c.id for c in self.config.cameras)
         result = self.emergency.press(self.clock(), event.button_id, event.location, cameras)
+        self._persist()  # first: whatever fails below, the session survives a restart
         self._record(
             "button_press",
             button=event.button_id,
@@ -357,7 +362,6 @@ class Agent:
             log.info(
                 "button %s pressed again during session %s", event.button_id, result.session.id
             )
-        self._persist()
 
     def submit_trigger(self, body: bytes | str | Mapping[str, Any], *, via: str) -> Outcome:
         """Verify a remote trigger and apply it; every attempt is audited. Never raises."""
