@@ -53,7 +53,8 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
   over later must still hold that entry.
 - ``camera_fault``, ``camera_recovered``, ``segment_torn``,
   ``store_foreign_file``, ``segment_dropped``, ``segment_lost``,
-  ``segment_pinned_evicted`` (store and capture facts), and ``checkpoint``.
+  ``segment_pinned_evicted``, ``segment_unreadable`` (store and capture facts),
+  and ``checkpoint``.
 
 The session events are what FERPA 34 CFR 99.32(a)(5) asks a school to record
 for a health-or-safety disclosure: the threat that justified it and who

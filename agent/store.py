@@ -320,6 +320,24 @@ class SegmentStore:
         i = bisect.bisect_right(segs, seq - 1, key=_last_seq)
         return segs[i] if i < len(segs) else None
 
+    def forget(self, seg: StoredSegment, reason: str) -> None:
+        """Take a segment that cannot be read (its file vanished or fails) out of the
+        index, loudly, so backfill declares its range lost instead of retrying it (on the
+        loop). A segment the writer evicted meanwhile is already out: nothing to say."""
+        with self._lock:
+            if not _remove(self._index.get(seg.camera, []), seg, _first_seq):
+                return
+            _remove(self._by_end, seg, self._order)
+            self._used -= seg.name.size
+        log.error("segment %s cannot be read, forgotten: %s", seg.path.name, reason)
+        self.audit.record_soon(
+            "segment_unreadable",
+            camera=seg.camera,
+            first_seq=seg.first_seq,
+            last_seq=seg.last_seq,
+            reason=reason[:200],
+        )
+
     def used_bytes(self) -> int:
         """Bytes of sealed segments on disk."""
         with self._lock:

@@ -858,8 +858,17 @@ class UplinkClient:
     ) -> None:
         try:
             sealed = await asyncio.to_thread(SegmentStore.read, seg)
-        except OSError as exc:  # evicted meanwhile: the next plan declares or refinds it
-            log.warning("segment %s vanished before sending: %s", seg.path.name, exc)
+        except OSError as exc:
+            # Evicted meanwhile, or unreadable: owe its range again; the lane sends what
+            # else holds it, or declares it lost.
+            log.warning("segment %s could not be read for sending: %s", seg.path.name, exc)
+            if self.store is not None:
+                self.store.forget(seg, f"{type(exc).__name__}: {exc}")
+            lane = self._lanes[cam]
+            with contextlib.suppress(ValueError):
+                lane.inflight.remove((seg.last_seq, True, seg.name.size))
+            lane.todo.append([seg.first_seq, seg.last_seq])
+            lane.todo.sort(key=lambda r: r[0] or 0)
             return
         media = p.Media(
             p.MediaKind.BACKFILL_SEALED,

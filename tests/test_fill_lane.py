@@ -9,9 +9,11 @@ the lane declared footage lost that was on disk (found by a review: the store ha
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -19,9 +21,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent import protocol as p
 from agent.audit import AuditLog
 from agent.store import SegmentStore, StoredSegment
-from agent.uplink import UplinkClient
+from agent.uplink import SessionStream, UplinkClient
 from tests.media import make_h264_packets
-from tests.test_store import IDENTITY, PER_SEGMENT, SEGMENT_S, STREAM, T0_NS, Feed
+from tests.test_store import (
+    IDENTITY,
+    PER_SEGMENT,
+    SEGMENT_S,
+    STREAM,
+    T0_NS,
+    Feed,
+    Sealed,
+    opened,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,6 +65,27 @@ class WriterFinishesAfterALookup(SegmentStore):
         return first
 
 
+def ended_session(store: SegmentStore, end_seq: int) -> tuple[UplinkClient, SessionStream]:
+    """An uplink owing one camera's ended session, seqs 0..``end_seq``, planned as on a
+    connection: the receiver holds nothing and RAM none of it (after a restart, or RAM
+    trimmed), so everything comes from the store."""
+    uplink = UplinkClient(
+        url="wss://127.0.0.1:1/v1/uplink",
+        origin="wss://127.0.0.1:1",
+        pin="sha256:" + "00" * 32,
+        device_id="device-1",
+        device_key=Ed25519PrivateKey.generate(),
+        store=store,
+    )
+    camera = p.CameraDesc(0, "cam", "interior", "h264", 160, 120, 30.0, b"", 0, 0)
+    open_ = p.SessionOpen(
+        "s-1", "b-1", {"kind": "button"}, time.time(), time.time() + 60, (camera,)
+    )
+    stream = uplink.start_session(open_, {}, end_seq={0: end_seq})
+    uplink._plan(stream)
+    return uplink, stream
+
+
 @pytest.fixture
 def audit(tmp_path: Path) -> Iterator[AuditLog]:
     log = AuditLog(tmp_path / "audit.jsonl", lambda: T0_NS / 1e9)
@@ -79,22 +111,7 @@ def test_footage_on_its_way_to_disk_is_waited_for_not_declared_lost(
         store.push(pkt, STREAM)
     assert store.segments("cam") == []
 
-    uplink = UplinkClient(
-        url="wss://127.0.0.1:1/v1/uplink",
-        origin="wss://127.0.0.1:1",
-        pin="sha256:" + "00" * 32,
-        device_id="device-1",
-        device_key=Ed25519PrivateKey.generate(),
-        store=store,
-    )
-    camera = p.CameraDesc(0, "cam", "interior", "h264", 160, 120, 30.0, b"", 0, 0)
-    open_ = p.SessionOpen(
-        "s-1", "b-1", {"kind": "button"}, time.time(), time.time() + 60, (camera,)
-    )
-    # The session ended at seq 39; the receiver holds nothing; RAM holds none of it
-    # (a restart, or RAM trimmed): everything comes from the store.
-    stream = uplink.start_session(open_, {}, end_seq={0: PER_SEGMENT - 1})
-    uplink._plan(stream)
+    uplink, stream = ended_session(store, PER_SEGMENT - 1)
 
     store.armed = True
     first = uplink._fill_item(stream)
@@ -106,3 +123,30 @@ def test_footage_on_its_way_to_disk_is_waited_for_not_declared_lost(
     assert cam == 0
     assert isinstance(what, StoredSegment)
     assert (what.first_seq, what.last_seq) == (0, PER_SEGMENT - 1)
+
+
+async def test_a_segment_gone_before_it_is_sent_is_declared_lost_not_skipped(
+    tmp_path: Path, audit: AuditLog
+) -> None:
+    """A segment found, then unreadable when its turn to be sent came (evicted, or a
+    failing card): its range is owed again and, existing nowhere, declared lost. It was
+    skipped without a word, and stayed in flight for the rest of the connection."""
+    feed = Feed(make_h264_packets(3 * PER_SEGMENT, 160, 120, fps=30, gop=PER_SEGMENT // 2))
+    async with opened(tmp_path / "store", audit) as store:
+        sealed = Sealed(store)
+        for pkt in feed.take(2 * PER_SEGMENT + 1):
+            store.push(pkt, STREAM)
+        first, second = await sealed.wait(2)
+        uplink, stream = ended_session(store, 2 * PER_SEGMENT - 1)
+        assert uplink._fill_item(stream) == (0, first)
+        first.path.unlink()
+        no_socket = cast(Any, None)  # the read fails before anything is sent
+        await uplink._send_segment(no_socket, no_socket, 0, first)
+        assert not uplink._lanes[0].inflight
+        assert uplink._fill_item(stream) == (0, p.Gap("s-1", 0, 0, PER_SEGMENT - 1, "lost"))
+        assert uplink._fill_item(stream) == (0, second)
+        assert store.find("cam", 0) == second
+    entries = [json.loads(line) for line in audit.path.read_text().splitlines()]
+    (unreadable,) = [e for e in entries if e["event"] == "segment_unreadable"]
+    assert (unreadable["first_seq"], unreadable["last_seq"]) == (0, PER_SEGMENT - 1)
+    assert "FileNotFoundError" in unreadable["reason"]
