@@ -36,7 +36,7 @@ from agent.sdnotify import tasks_alive
 from agent.segment import StreamDesc, parse_recipient
 from agent.snapshot import SnapshotError, jpeg_from_packets
 from agent.statefile import SequenceReservations, read_json, write_atomic, write_json
-from agent.store import SegmentStore
+from agent.store import Pin, SegmentStore
 from agent.technician import TechnicianDesk
 from agent.trigger_gate import TriggerGate
 from agent.uplink import SessionStream, UplinkClient
@@ -154,6 +154,9 @@ class Agent:
         self.local_api: LocalApi | None = None
         self.advertiser: Advertiser | None = None
         self._owed: dict[str, Any] = {}
+        #: The owed sessions' footage, pinned from owed.json at start until the sessions
+        #: are queued again (with pins of their own): the cameras must run first.
+        self._boot_pins: list[Pin] = []
         self._owed_saved = ""
         self._streams: dict[str, StreamDesc] = {}
         self._live: tuple[SessionStream, dict[str, int]] | None = None
@@ -208,6 +211,7 @@ class Agent:
             attest=self._attest_segment,
         )
         await asyncio.to_thread(self.store.open)
+        self._pin_owed()  # before the first segment is written: retention runs then
         self.uplink = UplinkClient(
             url=cfg.receiver_url,
             origin=cfg.receiver_origin,
@@ -665,6 +669,21 @@ class Agent:
             await asyncio.to_thread(write_atomic, self.owed_path, text.encode())
             self._owed_saved = text
 
+    def _pin_owed(self) -> None:
+        """Pin what the receiver is owed, as saved, until the sessions are queued again."""
+        for sid, entry in self._owed.items():
+            try:
+                pins = [
+                    Pin(str(cam), int(first), entry["end"].get(cam), int(entry["acked"][cam]))
+                    for cam, first in entry["first"].items()
+                ]
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                log.error("owed session %s: its saved entry is unreadable: %r", sid, exc)
+                continue
+            for pin in pins:
+                self.store.add_pin(pin)
+            self._boot_pins += pins
+
     def _resume_owed(self) -> None:
         """Queue every owed session that is not the active one (it resumes with live)."""
         active = self.emergency.active
@@ -685,6 +704,9 @@ class Agent:
             self._restore_checkpoints(stream, entry)
             self.uplink.end_session(stream.id, entry.get("close_reason") or "ended")
             log.warning("resuming delivery of ended session %s from the sealed store", sid)
+        for pin in self._boot_pins:  # every owed session holds pins of its own now
+            self.store.remove_pin(pin)
+        self._boot_pins = []
 
     def _set_live(self, live: tuple[SessionStream, dict[str, int]] | None) -> None:
         """The session whose live lane gets every packet as it comes (None: idle)."""

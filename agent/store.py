@@ -294,9 +294,8 @@ class SegmentStore:
 
     def remove_pin(self, pin: Pin) -> None:
         """The receiver holds everything of ``pin``: its footage may age out normally."""
-        with self._lock:
-            if pin in self.pins:
-                self.pins.remove(pin)
+        with self._lock:  # this pin, not an equal one (a resumed session's may be equal)
+            self.pins = [held for held in self.pins if held is not pin]
 
     # -- queries (any thread) ------------------------------------------------------
 

@@ -311,3 +311,27 @@ async def test_the_owed_sessions_are_read_on_the_loop_that_changes_them(
         agent.end("all clear")
         await agent.uplink.wait_settled(session.id)
     assert readers == {threading.get_ident()}
+
+
+async def test_owed_footage_is_pinned_from_the_start_of_a_restart(tmp_path: Path) -> None:
+    """After a restart the sessions owed resume once their cameras run; until then their
+    footage is pinned as saved, or retention could evict it when the first segment is
+    written (the receiver is down throughout: nothing is acknowledged)."""
+    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as gone:
+        path = write_agent_config(tmp_path / "agent", gone, fps=30, preroll_s=2)
+    async with Agent(load_config(path)) as agent:
+        await agent.capture.wait_packets(30)
+        press_button(agent)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+        await agent.capture.wait_packets(30)
+    async with Agent(load_config(path)) as again:
+        # No await since start: the session waits for its cameras, its pins are the saved.
+        pinned = {(pin.camera, pin.last) for pin in again.store.pins}
+        assert pinned == {(camera, None) for camera in session.cameras}  # still open
+        await again.uplink.wait_until(lambda: again.uplink.stream(session.id) is not None)
+        assert not again._boot_pins
+        stream = again.uplink.stream(session.id)
+        assert stream is not None
+        assert all(any(held is pin for pin in stream.pins) for held in again.store.pins)
