@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +42,17 @@ class _Head:
 
 
 class AuditCopies:
-    """Per-device audit trail copies in one directory (blocking: call from a thread)."""
+    """Per-device audit trail copies in one directory (blocking: call from a thread).
+
+    One lock for all: a device that reconnects may have its old connection's append
+    still running in one thread while the new one reads the head or appends in another;
+    unlocked, both could append the same entries and the copy would no longer verify.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._heads: dict[str, _Head] = {}
+        self._lock = threading.Lock()
 
     def path(self, device: str) -> Path:
         """The copy of ``device``'s trail."""
@@ -55,7 +62,8 @@ class AuditCopies:
 
     def last_n(self, device: str) -> int:
         """The last entry held for ``device`` (0: none)."""
-        return self._head(device).n
+        with self._lock:
+            return self._head(device).n
 
     def _head(self, device: str) -> _Head:
         head = self._heads.get(device)
@@ -73,6 +81,10 @@ class AuditCopies:
 
     def append(self, device: str, first: int, lines: tuple[str, ...]) -> int:
         """Append what continues the copy; returns the last entry now held."""
+        with self._lock:
+            return self._append(device, first, lines)
+
+    def _append(self, device: str, first: int, lines: tuple[str, ...]) -> int:
         head = self._head(device)
         fresh: list[bytes] = []
         n, prev = head.n, head.hash
