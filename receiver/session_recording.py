@@ -273,10 +273,21 @@ class SessionRecording:
     async def _save_locked(self) -> None:
         self._dirty = False
         data = json.dumps(self._to_json(), indent=1, sort_keys=True).encode()
+        write = asyncio.ensure_future(
+            asyncio.to_thread(_write_atomic, self._dir / "session.json", data)
+        )
         try:
-            await asyncio.to_thread(_write_atomic, self._dir / "session.json", data)
+            await asyncio.shield(write)
         except BaseException:
             self._dirty = True
+            # A cancelled caller leaves the write going on in its thread: keep the lock
+            # until it ends, or the next save would write the same temporary file beside
+            # it and install a mix of both.
+            while not write.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({write})
+            if not write.cancelled():
+                write.exception()  # retrieved: what is raised here is the caller's reason
             raise
         self._changed()
 

@@ -783,3 +783,45 @@ async def test_an_empty_first_packet_is_refused_as_empty_on_either_path(
         await cam.append(0, T0_US, True, b"", live=True)
     with pytest.raises(InvalidPacketError, match="empty payload at seq 0"):
         cam.append_nowait(0, T0_US, True, b"", live=True)
+
+
+async def test_a_cancelled_session_save_keeps_the_next_one_waiting_for_its_write(
+    store: RecordingStore, packets: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """session.json goes through one temporary file. A save whose caller is cancelled
+    (a device's connection cut) goes on in its thread; the next save must not write that
+    file beside it, or a mix of both would be installed (found by a review)."""
+    from receiver import session_recording
+
+    rec = await store.open_session("s-1", "dev-1", META, [make_track(packets)])
+    write = session_recording._write_atomic
+    release = threading.Event()
+    started = threading.Semaphore(0)
+    running: list[int] = []
+    most = [0]
+
+    def slow_write(path: Path, data: bytes) -> None:
+        running.append(1)
+        most[0] = max(most[0], len(running))
+        started.release()
+        try:
+            if not release.wait(10):
+                raise AssertionError("never released")
+            write(path, data)
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(session_recording, "_write_atomic", slow_write)
+    first = asyncio.create_task(rec._save())
+    assert await asyncio.to_thread(started.acquire, True, 10)
+    first.cancel()
+    second = asyncio.create_task(rec._save())
+    # The second waits for the first write, however long: it has not started one.
+    assert not await asyncio.to_thread(started.acquire, True, 0.3)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await second
+    assert most[0] == 1
+    saved = json.loads((store.root / "s-1" / "session.json").read_text())
+    assert saved["session_id"] == "s-1"
