@@ -31,10 +31,11 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import protocol as p
+from agent.statefile import write_atomic
 from provisioning.documents import DocumentError
 from provisioning.enrollment import Enrollment, Revocations, parse_enrollment, parse_revocations
 from provisioning.errors import KeyFileError
-from provisioning.keys import load_public_key, write_secret
+from provisioning.keys import load_public_key
 from provisioning.tls import pins_equal
 
 log = logging.getLogger(__name__)
@@ -136,19 +137,25 @@ class DeviceTrust:
         return enrollment
 
     def _remember(self, enrollment: Enrollment) -> None:
-        """Refuse certificates older than the newest seen for the device; record it."""
+        """Refuse certificates older than the newest seen for the device; record it.
+
+        Under the lock, and replaced atomically: two hellos of one device at once (a
+        reconnect), or a crash mid-write, must never let a reader see no version and
+        take an older certificate.
+        """
         path = self.enrolled_dir / f"{enrollment.device}.json"
-        try:
-            seen = json.loads(path.read_text())
-            newest = int(seen["version"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            newest = 0
-        if enrollment.version < newest:
-            raise p.RemoteProtocolError(
-                "enrollment_superseded",
-                f"certificate v{enrollment.version} is older than v{newest} of this device",
-            )
-        if enrollment.version > newest:
-            record = {"version": enrollment.version, "kid": enrollment.device_kid,
-                      "building": enrollment.building}  # fmt: skip
-            write_secret(path, json.dumps(record).encode())
+        with self._lock:
+            try:
+                seen = json.loads(path.read_text())
+                newest = int(seen["version"])
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                newest = 0
+            if enrollment.version < newest:
+                raise p.RemoteProtocolError(
+                    "enrollment_superseded",
+                    f"certificate v{enrollment.version} is older than v{newest} of this device",
+                )
+            if enrollment.version > newest:
+                record = {"version": enrollment.version, "kid": enrollment.device_kid,
+                          "building": enrollment.building}  # fmt: skip
+                write_atomic(path, json.dumps(record).encode(), mode=0o600)
