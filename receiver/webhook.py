@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -103,10 +104,12 @@ class Pending:
 
 
 class Outbox:
-    """The durable queue of events (SQLite; time passed in). One thread at a time."""
+    """The durable queue of events (SQLite; time passed in). Any thread: the sender's
+    and each notice's worker threads share one connection, one call at a time."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -119,44 +122,49 @@ class Outbox:
 
     def close(self) -> None:
         """Close the database."""
-        self._db.close()
+        with self._lock:
+            self._db.close()
+
+    def _execute(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
 
     def add(self, body: bytes, *, event_id: str, now: float) -> None:
         """Queue an event (committed, fsynced, before this returns)."""
-        self._db.execute(
+        self._execute(
             "INSERT OR IGNORE INTO events (id, body, created, next_at) VALUES (?, ?, ?, ?)",
             (event_id, body, now, now),
         )
 
     def due(self, now: float, limit: int = 16) -> list[Pending]:
         """Pending events whose time has come, oldest first."""
-        rows = self._db.execute(
+        rows = self._execute(
             "SELECT id, body, created, attempts FROM events WHERE state = 'pending'"
             " AND next_at <= ? ORDER BY created LIMIT ?",
             (now, limit),
-        ).fetchall()
+        )
         return [Pending(r[0], r[1], r[2], r[3]) for r in rows]
 
     def next_due(self) -> float | None:
         """When the next pending event is due (None: nothing pending)."""
-        row = self._db.execute("SELECT min(next_at) FROM events WHERE state = 'pending'").fetchone()
+        (row,) = self._execute("SELECT min(next_at) FROM events WHERE state = 'pending'")
         return None if row[0] is None else float(row[0])
 
     def delivered(self, event_id: str) -> None:
         """The district took it."""
-        self._db.execute("UPDATE events SET state = 'delivered' WHERE id = ?", (event_id,))
+        self._execute("UPDATE events SET state = 'delivered' WHERE id = ?", (event_id,))
 
     def failed(self, event: Pending, error: str, now: float) -> bool:
         """A failed attempt: schedule the retry; returns False when given up."""
         attempts = event.attempts + 1
         if now - event.created >= GIVE_UP_S:
-            self._db.execute(
+            self._execute(
                 "UPDATE events SET state = 'failed', attempts = ?, last_error = ? WHERE id = ?",
                 (attempts, error[:300], event.id),
             )
             return False
         delay = min(MAX_RETRY_S, FIRST_RETRY_S * 2 ** (attempts - 1))
-        self._db.execute(
+        self._execute(
             "UPDATE events SET attempts = ?, next_at = ?, last_error = ? WHERE id = ?",
             (attempts, now + delay, error[:300], event.id),
         )
@@ -164,7 +172,7 @@ class Outbox:
 
     def states(self) -> dict[str, int]:
         """Events per state (``pending``, ``delivered``, ``failed``)."""
-        rows = self._db.execute("SELECT state, count(*) FROM events GROUP BY state").fetchall()
+        rows = self._execute("SELECT state, count(*) FROM events GROUP BY state")
         return {str(r[0]): int(r[1]) for r in rows}
 
 
