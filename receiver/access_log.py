@@ -302,6 +302,9 @@ class AccessLog:
                 self._cond.wait_for(lambda: bool(self._queue) or self._closing)
                 batch, self._queue = self._queue, []
                 if not batch and self._closing:
+                    # Under the lock: an entry recorded from now on is written by its
+                    # caller (as when closed), not queued for a writer that has gone.
+                    self._thread = None
                     return
             try:
                 self._append(batch)

@@ -111,6 +111,22 @@ async def test_flush_waits_until_durable(tmp_path: Path) -> None:
     assert verify_file(path).entries == 51
 
 
+def test_an_entry_recorded_while_the_log_closes_is_written(tmp_path: Path) -> None:
+    """Between the writer thread's end and close() returning, an entry was queued for a
+    writer that had gone, and never written (found by a review)."""
+    path = tmp_path / "access.log"
+    log = AccessLog(path).start()
+    writer = log._thread
+    assert writer is not None
+    with log._cond:  # what close() does first
+        log._closing = True
+        log._cond.notify_all()
+    writer.join(10)
+    log.record("live_close", who="o")  # close() has not returned yet
+    log.close()
+    assert verify_file(path).entries == 1
+
+
 def test_unserialisable_fields_are_the_callers_error(tmp_path: Path) -> None:
     with AccessLog(tmp_path / "access.log") as log, pytest.raises(TypeError):
         log.record("x", who="o", thing=object())
