@@ -437,7 +437,9 @@ class UplinkClient:
             queue = stream.ram[cam]
             while queue and queue[0].seq <= stream.acked[cam]:
                 stream.ram_bytes -= len(queue.popleft().payload)
-            if stream is self._head() and self._lanes:
+            if stream.id == self._opened_on_conn and cam < len(self._lanes):
+                # Only the lanes planned for this session (the head may have changed and
+                # not been planned yet, or the connection is new: no lanes of its own).
                 inflight = self._lanes[cam].inflight
                 while inflight and stream.held(cam, inflight[0][0]):
                     self._goodput.count(inflight.popleft()[2], time.monotonic_ns())
@@ -529,6 +531,11 @@ class UplinkClient:
                 except (aiohttp.ClientError, OSError, TimeoutError, p.ProtocolError) as exc:
                     self.stats.last_error = f"{type(exc).__name__}: {exc}"
                     log.warning("uplink to %s failed: %s", self.url, self.stats.last_error)
+                    self._changed()
+                except Exception as exc:  # a bug of ours: never the end of the uplink
+                    self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                    log.exception("uplink to %s failed unexpectedly", self.url)
+                    delay = self.reconnect_max_s
                     self._changed()
                 finally:
                     if self.connected:

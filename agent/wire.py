@@ -210,7 +210,7 @@ def decode_control(text: str) -> Event:
         raise RemoteProtocolError("too_large", f"control message over {MAX_CONTROL_BYTES} bytes")
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: an int of over 4300 digits too
         raise RemoteProtocolError("malformed", f"control message is not JSON: {exc}") from exc
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         raise RemoteProtocolError("malformed", "control message needs a string 'type'")

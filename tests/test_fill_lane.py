@@ -150,3 +150,44 @@ async def test_a_segment_gone_before_it_is_sent_is_declared_lost_not_skipped(
     (unreadable,) = [e for e in entries if e["event"] == "segment_unreadable"]
     assert (unreadable["first_seq"], unreadable["last_seq"]) == (0, PER_SEGMENT - 1)
     assert "FileNotFoundError" in unreadable["reason"]
+
+
+def test_acks_for_a_session_not_planned_yet_leave_the_planned_lanes_alone() -> None:
+    """The fill lanes belong to the session planned on the connection. Once it settles,
+    the next session is the head before the writer plans it; its acks (or a reconnect's
+    welcome) indexed the old lanes by camera: an IndexError that ended the uplink for
+    good (found by a review)."""
+    uplink = UplinkClient(
+        url="wss://127.0.0.1:1/v1/uplink",
+        origin="wss://127.0.0.1:1",
+        pin="sha256:" + "00" * 32,
+        device_id="device-1",
+        device_key=Ed25519PrivateKey.generate(),
+    )
+
+    def session(sid: str, cameras: int) -> p.SessionOpen:
+        descs = tuple(
+            p.CameraDesc(i, f"cam{i}", "interior", "h264", 64, 64, 10.0, b"", 0, 0)
+            for i in range(cameras)
+        )
+        return p.SessionOpen(sid, "b-1", {"kind": "button"}, 1.0, 2.0, descs)
+
+    first = uplink.start_session(session("A", 1), {}, acked={0: 9}, end_seq={0: 10})
+    uplink.start_session(session("C", 3), {}, acked={0: 0, 1: 0, 2: 0}, end_seq={0: 5, 1: 5, 2: 5})
+    first.close_reason, first.close_sent = "ended", True
+    uplink._plan(first)
+    uplink._opened_on_conn = "A"  # as the writer does once it sent A's session_open
+    uplink._on_ack(p.Ack("A", 0, 10))  # A settles: C is the head, not planned yet
+    assert uplink.stream("A") is None
+    uplink._on_ack(p.Ack("C", 2, 3))
+    stream = uplink.stream("C")
+    assert stream is not None
+    assert stream.acked == [0, 0, 3]
+
+    # A reconnect: the welcome settles and acknowledges before anything is planned.
+    uplink._opened_on_conn = None
+    uplink.start_session(session("D", 4), {}, acked={}, end_seq={c: 5 for c in range(4)})
+    uplink._resume(p.Welcome({"C": {"cam2": 4}, "D": {"cam3": 2}}, 5.0, 0))
+    d = uplink.stream("D")
+    assert d is not None
+    assert d.acked[3] == 2

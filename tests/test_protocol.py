@@ -86,6 +86,9 @@ def test_media_header_layout_is_the_documented_one() -> None:
         ('{"type":"hello","device":"","sig":"x","enrollment":null}', "malformed"),
         ('{"type":"hello","device":true,"sig":"x","enrollment":null}', "malformed"),
         ("x" * (p.MAX_CONTROL_BYTES + 1), "too_large"),
+        # An integer of over 4300 digits: Python refuses to parse it with a ValueError
+        # that is not a JSONDecodeError; it ended the agent's uplink for good.
+        ('{"type":"heartbeat","t":1' + "0" * 4400 + "}", "malformed"),
     ],
 )
 def test_bad_control_messages_are_refused_with_a_code(message: str, code: str) -> None:

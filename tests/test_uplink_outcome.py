@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.errors import UplinkRefused
-from agent.uplink import connection_outcome
+from agent.uplink import UplinkClient, connection_outcome
 
 
 async def test_a_refusal_read_after_the_writer_broke_wins() -> None:
@@ -59,3 +60,38 @@ async def test_a_silent_reader_leaves_the_writers_failure_after_the_drain() -> N
         await connection_outcome(reading, asyncio.create_task(writer()), drain_s=0.05)
     assert not reading.done()  # the caller cancels it
     reading.cancel()
+
+
+async def test_an_unexpected_error_is_logged_and_the_uplink_connects_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug of ours in a connection (any exception) must not end the uplink for good."""
+    uplink = UplinkClient(
+        url="wss://127.0.0.1:1/v1/uplink",
+        origin="wss://127.0.0.1:1",
+        pin="sha256:" + "00" * 32,
+        device_id="device-1",
+        device_key=Ed25519PrivateKey.generate(),
+        reconnect_max_s=0.05,
+    )
+    again = asyncio.Event()
+    calls = 0
+
+    async def connect_once(http: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyError("a bug")
+        again.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(uplink, "_connect_once", connect_once)
+    running = asyncio.create_task(uplink.run())
+    async with asyncio.timeout(10):
+        await again.wait()
+    assert not running.done()
+    assert uplink.stats.last_error == "KeyError: 'a bug'"
+    assert any("failed unexpectedly" in r.getMessage() for r in caplog.records)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
