@@ -725,7 +725,10 @@ class Agent:
         """Stream an open session once its cameras run (after a restart, or a press at boot)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(10):
-                await asyncio.gather(*(self.capture.wait_ready(c) for c in session.cameras))
+                # A camera the config no longer has (renamed while stopped) is not waited
+                # for: the session streams the cameras there are.
+                ready = [c for c in session.cameras if c in self.capture.sources]
+                await asyncio.gather(*(self.capture.wait_ready(c) for c in ready))
         active = self.emergency.active  # a press meanwhile replaced the object: match ids
         if active is not None and active.id == session.id:
             log.warning("streaming emergency %s now that cameras run", session.id)

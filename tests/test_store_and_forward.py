@@ -335,3 +335,25 @@ async def test_owed_footage_is_pinned_from_the_start_of_a_restart(tmp_path: Path
         stream = again.uplink.stream(session.id)
         assert stream is not None
         assert all(any(held is pin for pin in stream.pins) for held in again.store.pins)
+
+
+async def test_a_session_resumes_when_a_camera_was_renamed_while_stopped(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A saved session naming a camera the config no longer has streams the cameras there
+    are; waiting for the missing one ended the resume task (found by a review)."""
+    path = write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2)
+    async with Agent(load_config(path)) as agent:
+        await agent.uplink.wait_until(lambda: agent.uplink.connected)
+        await agent.capture.wait_packets(30)
+        press_button(agent)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+    path.write_text(path.read_text().replace('"hallway-2"', '"hallway-3"'))
+    async with Agent(load_config(path)) as again:
+        await again.uplink.wait_until(lambda: again.uplink.stream(session.id) is not None)
+        stream = again.uplink.stream(session.id)
+        assert stream is not None
+        assert [c.id for c in stream.open.cameras] == ["front-door"]
+        assert again.alive()
