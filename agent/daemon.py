@@ -31,6 +31,7 @@ from agent.discovery import Advertiser, advertise_when_possible
 from agent.emergency import Emergency, Ended, Extended, Session, Started, share_session
 from agent.enrollment_state import Enrolled
 from agent.local_api import LocalApi
+from agent.messages import MAX_FPS, MAX_SIDE
 from agent.policy import Outcome, apply_trigger, refused
 from agent.sdnotify import tasks_alive
 from agent.segment import StreamDesc, parse_recipient
@@ -496,6 +497,7 @@ class Agent:
                 )
                 continue
             info = self.capture.sources[camera.id].info
+            width, height, fps = _described_size(info, camera)
             index = len(descs)
             descs.append(
                 p.CameraDesc(
@@ -503,9 +505,9 @@ class Agent:
                     camera.id,
                     camera.zone,
                     info.codec,
-                    info.width,
-                    info.height,
-                    info.fps,
+                    width,
+                    height,
+                    fps,
                     info.extradata,
                     # After a restart the session keeps its first seq: what came before
                     # the restart is owed from the sealed store.
@@ -882,6 +884,27 @@ CHAIN_KEEP_EXTRA_S = 90.0
 #: (:meth:`agent.capture.Capture.set_live`): the pre-roll and the store need them no
 #: sooner, and a loop wake-up per frame was most of an idle agent's CPU.
 IDLE_HANDOFF_S = 0.25
+
+
+def _described_size(info: StreamInfo, camera: CameraConfig) -> tuple[int, int, float]:
+    """Width, height and rate to describe ``camera`` with: the stream's, or where it does
+    not say (an IP camera without a frame rate, a size not read yet) the configured ones;
+    the receiver refuses a session_open with a 0 in them (and the agent would send it
+    again and again)."""
+    width, height, fps = info.width, info.height, info.fps
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        log.warning(
+            "camera %s: stream size %dx%d unknown or out of range; described as configured "
+            "(%dx%d)", camera.id, width, height, camera.width, camera.height,
+        )  # fmt: skip
+        width, height = camera.width, camera.height
+    if not 0 < fps <= MAX_FPS:
+        log.warning(
+            "camera %s: stream rate %r unknown or out of range; described as configured (%g)",
+            camera.id, fps, camera.fps,
+        )  # fmt: skip
+        fps = camera.fps
+    return width, height, fps
 
 
 def _owed_entry(stream: SessionStream) -> dict[str, Any]:

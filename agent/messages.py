@@ -26,6 +26,9 @@ MAX_HOLDS: Final = 64
 #: Packets one ``chain`` message may cover (each entry is about 90 bytes of JSON).
 MAX_CHAIN_ENTRIES: Final = 256
 MAX_CAMERAS: Final = 64
+#: A camera's width and height, and frame rate, as a ``session_open`` may describe them.
+MAX_SIDE: Final = 8192
+MAX_FPS: Final = 240.0
 FLAG_KEYFRAME: Final = 0x01
 FLAG_PREROLL: Final = 0x02
 

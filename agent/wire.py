@@ -20,8 +20,10 @@ from agent.messages import (
     MAX_CAMERAS,
     MAX_CHAIN_ENTRIES,
     MAX_CONTROL_BYTES,
+    MAX_FPS,
     MAX_HOLDS,
     MAX_PAYLOAD_BYTES,
+    MAX_SIDE,
     MEDIA_HEADER,
     VERSION,
     AccessHead,
@@ -109,7 +111,8 @@ def _camera_desc(obj: Any, where: str) -> CameraDesc:
         raise RemoteProtocolError("malformed", f"{where}.zone: must be exterior or interior")
     if obj["codec"] not in ("h264", "mjpeg"):
         raise RemoteProtocolError("malformed", f"{where}.codec: unsupported")
-    if not (0 < obj["width"] <= 8192 and 0 < obj["height"] <= 8192 and 0 < obj["fps"] <= 240):
+    side, fps = (0 < obj["width"] <= MAX_SIDE and 0 < obj["height"] <= MAX_SIDE), obj["fps"]
+    if not (side and 0 < fps <= MAX_FPS):
         raise RemoteProtocolError("malformed", f"{where}: width/height/fps out of range")
     if not obj["first_seq"] <= obj["live_seq"]:
         raise RemoteProtocolError("malformed", f"{where}: live_seq before first_seq")

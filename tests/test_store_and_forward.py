@@ -7,6 +7,7 @@ or throttles the link; a real agent process is killed with SIGKILL.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -21,11 +22,12 @@ from typing import Any
 import pytest
 
 from agent import daemon
-from agent.config import load_config
-from agent.daemon import Agent
+from agent.config import CameraConfig, load_config
+from agent.daemon import Agent, make_source
 from agent.segment import SegmentName
 from agent.uplink import SessionStream
 from breakglass.demo import press_button, write_agent_config
+from hardware import CameraSource, StreamInfo
 from receiver.server import Receiver
 from tests.netproxy import TcpProxy
 from tests.recordings import assert_declared, assert_session_gapless, recorded_seqs
@@ -357,3 +359,40 @@ async def test_a_session_resumes_when_a_camera_was_renamed_while_stopped(
         assert stream is not None
         assert [c.id for c in stream.open.cameras] == ["front-door"]
         assert again.alive()
+
+
+async def test_a_camera_that_does_not_say_its_rate_or_size_is_described_as_configured(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """An IP camera whose stream states no frame rate (PyAV says 0) or whose size is not
+    known yet: the receiver refuses a session_open with a 0 in it, and the agent sent the
+    same one again and again (found by a review)."""
+
+    def vague(camera: CameraConfig) -> CameraSource:
+        source = make_source(camera)
+        real = type(source)
+
+        class Vague(real):  # type: ignore[valid-type, misc]
+            @property
+            def info(self) -> StreamInfo:
+                return dataclasses.replace(real.info.fget(self), fps=0.0, width=0)
+
+        source.__class__ = Vague
+        return source
+
+    path = write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2)
+    async with Agent(load_config(path), source_factory=vague) as agent:
+        await agent.uplink.wait_until(lambda: agent.uplink.connected)
+        await agent.capture.wait_packets(30)
+        press_button(agent)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+        stream = agent.uplink.stream(session.id)
+        assert stream is not None
+        await agent.uplink.wait_until(lambda: min(stream.acked) >= 0)
+        assert not agent.uplink.stats.refusals
+    cameras = {cid: c.track for cid, c in receiver.store.get(session.id).cameras.items()}
+    config = {c.id: c for c in load_config(path).cameras}
+    for camera_id, track in cameras.items():
+        assert (track.width, track.fps) == (config[camera_id].width, config[camera_id].fps)
