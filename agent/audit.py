@@ -54,6 +54,7 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
 - ``camera_fault``, ``camera_recovered``, ``segment_torn``,
   ``store_foreign_file``, ``segment_dropped``, ``segment_lost``,
   ``segment_pinned_evicted``, ``segment_unreadable`` (store and capture facts),
+  ``state_damaged`` (``file``, ``error``: a state file moved aside at start),
   and ``checkpoint``.
 
 The session events are what FERPA 34 CFR 99.32(a)(5) asks a school to record

@@ -36,7 +36,7 @@ from agent.policy import Outcome, apply_trigger, refused
 from agent.sdnotify import tasks_alive
 from agent.segment import StreamDesc, parse_recipient
 from agent.snapshot import SnapshotError, jpeg_from_packets
-from agent.statefile import SequenceReservations, read_json, write_atomic, write_json
+from agent.statefile import SequenceReservations, read_state, write_atomic, write_json
 from agent.store import Pin, SegmentStore
 from agent.technician import TechnicianDesk
 from agent.trigger_gate import TriggerGate
@@ -177,11 +177,17 @@ class Agent:
         key = load_private_key(cfg.device_key)
         self.device_public_key = key.public_key()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        saved = read_json(self.state_path)
-        if saved is not None:
-            self.emergency = Emergency.from_json(cfg.building, cfg.session_duration_s, saved)
-        self._owed = read_json(self.owed_path) or {}
         self.audit = AuditLog(cfg.state_dir / "audit.log", self.clock, signer=key)
+        # A damaged state file is moved aside and audited: the buttons arm regardless.
+        self.emergency, why = read_state(
+            self.state_path,
+            lambda doc: Emergency.from_json(cfg.building, cfg.session_duration_s, doc),
+            self.emergency,
+        )
+        self._state_damaged(self.state_path, why)
+        none_owed: dict[str, Any] = {}
+        self._owed, why = read_state(self.owed_path, _parse_owed, none_owed)
+        self._state_damaged(self.owed_path, why)
         # Every camera's footage hash chain, signed with the device key (agent/chain.py). It
         # keeps its checkpoints as long as a session's pre-roll may reach back, and more.
         self.chains = hash_chain.Chains(
@@ -233,7 +239,7 @@ class Agent:
         sources = {c.id: self._make_source(c) for c in cfg.cameras}
         self.capture = Capture(
             sources,
-            SequenceReservations(cfg.state_dir / "sequences.json"),
+            self._sequences(cfg.state_dir / "sequences.json"),
             preroll_s=cfg.preroll_s,
             preroll_max_bytes=cfg.preroll_max_bytes,
             watchdog_s={c.id: c.watchdog_s for c in cfg.cameras},
@@ -671,6 +677,24 @@ class Agent:
             await asyncio.to_thread(write_atomic, self.owed_path, text.encode())
             self._owed_saved = text
 
+    def _state_damaged(self, path: Path, why: str | None) -> None:
+        if why is not None:
+            self.audit.record_soon("state_damaged", file=path.name, error=why)
+
+    def _sequences(self, path: Path) -> SequenceReservations:
+        """The cameras' sequence numbers; from a damaged file's loss, numbers start above
+        anything the sealed store holds plus what a run may have used beyond it."""
+        _, why = read_state(path, _check_sequences, None)
+        if why is None:
+            return SequenceReservations(path)
+        self._state_damaged(path, why)
+        floor = {}
+        for camera in self.config.cameras:
+            segs = self.store.segments(camera.id)
+            stored = segs[-1].last_seq + 1 if segs else 0
+            floor[camera.id] = stored + 2 * SequenceReservations.BLOCK
+        return SequenceReservations(path, floor)
+
     def _pin_owed(self) -> None:
         """Pin what the receiver is owed, as saved, until the sessions are queued again."""
         for sid, entry in self._owed.items():
@@ -905,6 +929,37 @@ def _described_size(info: StreamInfo, camera: CameraConfig) -> tuple[int, int, f
         )  # fmt: skip
         fps = camera.fps
     return width, height, fps
+
+
+def _check_sequences(doc: Any) -> None:
+    """sequences.json as :class:`SequenceReservations` writes it; ValueError otherwise."""
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    for camera, limit in doc.items():
+        if not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"{camera!r}: {limit!r} is not a sequence number")
+
+
+def _parse_owed(doc: Any) -> dict[str, Any]:
+    """owed.json as saved by :meth:`Agent._save_owed`; ValueError for anything else."""
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    for sid, entry in doc.items():
+        event = p.decode_control(entry["open"])
+        if not isinstance(event, p.SessionOpen) or event.session != sid:
+            raise ValueError(f"session {sid!r}: its session_open is not its own")
+        cams = {c.id for c in event.cameras}
+        for field in ("first", "acked", "end"):
+            if not isinstance(entry[field], dict) or not set(entry[field]) <= cams:
+                raise ValueError(f"session {sid!r}: {field} names other cameras")
+        for cam in cams:
+            int(entry["first"][cam])
+            int(entry["acked"][cam])
+            if entry["end"].get(cam) is not None:
+                int(entry["end"][cam])
+        if not isinstance(entry.get("chain", []), list):
+            raise ValueError(f"session {sid!r}: chain is not a list")
+    return doc
 
 
 def _owed_entry(stream: SessionStream) -> dict[str, Any]:

@@ -8,11 +8,18 @@ new version, never a torn mix.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 MAX_STATE_BYTES = 1024 * 1024
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
@@ -60,6 +67,29 @@ def read_json(path: Path) -> Any | None:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
 
 
+def read_state(path: Path, parse: Callable[[Any], T], default: T) -> tuple[T, str | None]:
+    """``parse`` of the JSON in ``path``, or ``default`` if there is no such file.
+
+    A damaged file (unreadable, not JSON, or contents ``parse`` refuses with any error)
+    is moved aside as ``NAME.damaged-<unix time>`` and ``default`` is used: a state file
+    must never keep the agent, and its buttons, from arming. Returns what was wrong
+    (for the caller to audit), or None.
+    """
+    try:
+        doc = read_json(path)
+        return (default if doc is None else parse(doc)), None
+    except Exception as exc:  # whatever the contents: never a dead agent
+        why = f"{type(exc).__name__}: {exc}"[:300]
+    aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+    try:
+        path.replace(aside)
+    except OSError as exc:
+        log.critical("state file %s is damaged (%s) and cannot be moved aside: %s", path, why, exc)
+    else:
+        log.critical("state file %s is damaged (%s): moved to %s", path, why, aside.name)
+    return default, why
+
+
 class SequenceReservations:
     """Per-camera sequence numbers that never repeat across restarts.
 
@@ -71,10 +101,20 @@ class SequenceReservations:
 
     BLOCK = 100_000
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, floor: Mapping[str, int] | None = None) -> None:
+        """Raises ValueError (or TypeError) for a damaged file.
+
+        ``floor``: per camera, a number every one used before is below (the agent passes
+        it when the file was damaged and moved aside: the sealed store's last seq and
+        what may have been used beyond it).
+        """
         self.path = path
         doc = read_json(path) or {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: not a JSON object")
         self._limit: dict[str, int] = {str(k): int(v) for k, v in doc.items()}
+        for camera, seq in (floor or {}).items():
+            self._limit[camera] = max(self._limit.get(camera, 0), seq)
         self._next: dict[str, int] = dict(self._limit)
 
     def next(self, camera: str) -> int:

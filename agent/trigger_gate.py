@@ -23,7 +23,7 @@ from typing import Any
 from agent.audit import AuditLog
 from agent.config import TrustConfig
 from agent.replay import SqliteReplayCache
-from agent.statefile import read_json, write_json
+from agent.statefile import read_state, write_json
 from provisioning.documents import DocumentError, envelope_limit
 from provisioning.errors import KeyFileError
 from provisioning.keys import load_public_key
@@ -90,15 +90,16 @@ class TriggerGate:
         if self._authority is None:
             log.warning("no [trust] authority: remote triggers are refused (the buttons work)")
             return
-        saved = read_json(self._keylist_path)
+        authority = self._authority
+        # The newest list this device accepted, even if it expired since. One that does
+        # not verify, or is damaged, is moved aside: the configured list still applies.
+        saved, why = read_state(
+            self._keylist_path, lambda doc: parse_key_list(doc, authority), None
+        )
         if saved is not None:
-            try:  # the newest list this device accepted, even if it expired since
-                self.keyring.current = parse_key_list(saved, self._authority)
-            except DocumentError as exc:
-                log.error("saved trigger-key list %s: %s", self._keylist_path, exc)
-                self.audit.record(
-                    "keylist_refused", source="state", code=exc.code, detail=exc.detail
-                )
+            self.keyring.current = saved
+        elif why is not None:
+            self.audit.record("keylist_refused", source="state", code="damaged", detail=why)
         if configured is not None:
             try:
                 with configured.open("rb") as fh:

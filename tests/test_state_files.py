@@ -1,0 +1,84 @@
+"""Damaged state files never keep the agent, and its buttons, from arming.
+
+A power cut cannot tear a state file (they are replaced atomically), but a failing SD
+card, a software downgrade or a hand edit can leave one the agent cannot use. Each is
+moved aside (``NAME.damaged-<time>``) and audited, and the agent starts without it: a
+panic button press then starts an emergency as always (found by a review: every one
+of these kept the agent from starting, and systemd restarted it into the same error).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config
+from agent.daemon import Agent
+from agent.statefile import SequenceReservations
+from breakglass.demo import press_button, write_agent_config
+from receiver.server import Receiver
+
+pytestmark = pytest.mark.timeout(60)
+
+DAMAGED = [
+    ("emergency.json", "{"),
+    ("emergency.json", "[]"),
+    ("emergency.json", '{"v": 1, "active": {}}'),
+    ("emergency.json", '{"v": 2}'),
+    ("owed.json", "{"),
+    ("owed.json", "[1]"),
+    ("owed.json", '{"s": {}}'),
+    ("owed.json", '{"s": {"open": "{}", "first": {}, "acked": {}, "end": {}}}'),
+    ("sequences.json", "{"),
+    ("sequences.json", '{"front-door": null}'),
+    ("sequences.json", '{"front-door": "x"}'),
+    ("trigger-keys.json", "{"),
+    ("trigger-keys.json", "[]"),
+]
+
+
+def audited(agent: Agent) -> list[dict[str, object]]:
+    return [json.loads(line) for line in agent.audit.path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("name", "content"), DAMAGED)
+async def test_a_damaged_state_file_is_set_aside_and_the_button_works(
+    tmp_path: Path, receiver: Receiver, name: str, content: str
+) -> None:
+    path = write_agent_config(tmp_path / "agent", receiver, fps=30)
+    state = load_config(path).state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    (state / name).write_text(content)
+    async with Agent(load_config(path)) as agent:
+        await agent.capture.wait_packets(10)
+        press_button(agent)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        session = agent.emergency.active
+        assert session is not None
+        await agent.uplink.wait_until(lambda: agent.uplink.stream(session.id) is not None)
+    (aside,) = state.glob(f"{name}.damaged-*")
+    assert aside.read_text() == content  # kept for whoever looks into it
+    entries = audited(agent)
+    if name == "trigger-keys.json":
+        (refused,) = [e for e in entries if e["event"] == "keylist_refused"]
+        assert (refused["source"], refused["code"]) == ("state", "damaged")
+    else:
+        (damaged,) = [e for e in entries if e["event"] == "state_damaged"]
+        assert damaged["file"] == name
+
+
+async def test_sequence_numbers_from_a_damaged_file_start_above_the_stored_ones(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    path = write_agent_config(tmp_path / "agent", receiver, fps=30)
+    async with Agent(load_config(path)) as agent:
+        await agent.capture.wait_packets(60)
+    stored = max(s.last_seq for s in agent.store.segments("front-door"))
+    state = load_config(path).state_dir
+    (state / "sequences.json").write_text('{"front-door": "x"}')
+    async with Agent(load_config(path)) as again:
+        await again.capture.wait_packets(1)
+        first = again.capture.seqs.peek("front-door")
+    assert first > stored + SequenceReservations.BLOCK  # above all a run may have used
