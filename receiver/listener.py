@@ -45,6 +45,16 @@ ACCEPT_RETRY_S: Final = 0.5
 _TOO_MANY_HEADERS: Final = "Too many headers"
 #: ``struct linger`` on, 0 s: close with a reset.
 _RESET: Final = struct.pack("ii", 1, 0)
+#: accept(2) errors that say the process is out of something: retry after a pause.
+_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept(2) errors that say the listening socket itself is gone (the site stops).
+_LISTENER_GONE: Final = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
+
+
+def _accept_ended(task: asyncio.Task[None]) -> None:
+    """Say so loudly if accepting ended otherwise than by the site stopping."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.critical("the receiver stopped accepting connections: %r", exc)
 
 
 class _Handler(web.RequestHandler):
@@ -159,6 +169,7 @@ class GuardedSite(web.BaseSite):
         self._sock.setblocking(False)
         self._sock.listen(self._backlog)
         self._accepting = asyncio.create_task(self._accept(), name="receiver accept")
+        self._accepting.add_done_callback(_accept_ended)
         if self.cap < self.limits.max_connections:
             log.warning(
                 "at most %d connections at once (half the open-file limit), not %d",
@@ -180,11 +191,18 @@ class GuardedSite(web.BaseSite):
             try:
                 conn, addr = await loop.sock_accept(self._sock)
             except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in _LISTENER_GONE:
                     raise
-                # Out of descriptors: the kernel keeps the connection queued meanwhile.
-                self._throttle.log(logging.ERROR, "accept", "cannot accept connections: %s", exc)
-                await asyncio.sleep(ACCEPT_RETRY_S)
+                if exc.errno in _EXHAUSTED:
+                    # Out of descriptors: the kernel keeps the connection queued meanwhile.
+                    self._throttle.log(
+                        logging.ERROR, "accept", "cannot accept connections: %s", exc
+                    )
+                    await asyncio.sleep(ACCEPT_RETRY_S)
+                else:  # that one connection failed (accept(2): ECONNABORTED, EPROTO, ...)
+                    self._throttle.log(
+                        logging.WARNING, "accept-one", "a connection failed in accept: %s", exc
+                    )
                 continue
             host = str(addr[0]) if isinstance(addr, tuple) else "?"
             refusal = self._refusal(host)

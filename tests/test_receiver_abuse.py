@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
 import re
+import socket
 import ssl
 import statistics
 import sys
@@ -923,3 +925,32 @@ def origin(rx: Receiver) -> str:
 
 if __name__ == "__main__":  # the flooding device's process (:func:`flooding`)
     print(json.dumps(asyncio.run(flood(json.loads(sys.argv[1])))))
+
+
+async def test_a_connection_failing_in_accept_does_not_stop_accepting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """accept(2) may fail for one connection (ECONNABORTED, EPROTO, ...). That ended the
+    accept task: no device or viewer was served again, and nothing said so (found by a
+    review)."""
+    loop = asyncio.get_running_loop()
+    accept = loop.sock_accept
+    calls = 0
+
+    async def accept_failing_once(sock: socket.socket) -> tuple[socket.socket, Any]:
+        nonlocal calls
+        conn, addr = await accept(sock)
+        calls += 1
+        if calls == 1:
+            conn.close()  # the kernel reports the queued connection aborted
+            raise ConnectionAbortedError(errno.ECONNABORTED, "Software caused connection abort")
+        return conn, addr
+
+    monkeypatch.setattr(loop, "sock_accept", accept_failing_once)
+    async with Receiver(tmp_path / "rx", "127.0.0.1", 0, password_params=FAST) as rx:
+        with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+            await http(rx, "GET", "/v1/me")  # this one is lost
+        answer = await http(rx, "GET", "/v1/me")
+        assert_json_error(answer, 401, "unauthenticated")
+        assert rx.site is not None and rx.site._accepting is not None
+        assert not rx.site._accepting.done()
