@@ -289,9 +289,13 @@ class Notifier:
         async with aiohttp.ClientSession(timeout=timeout) as http:
             while True:
                 self._wake.clear()
-                await self.deliver_due(http)
-                next_at = await asyncio.to_thread(self.outbox.next_due)
-                wait = None if next_at is None else max(0.05, next_at - self.clock())
+                try:
+                    await self.deliver_due(http)
+                    next_at = await asyncio.to_thread(self.outbox.next_due)
+                    wait = None if next_at is None else max(0.05, next_at - self.clock())
+                except Exception:  # the outbox's disk (sqlite3.Error), or a bug: try again
+                    log.exception("district webhook: sending failed; trying again")
+                    wait = FIRST_RETRY_S
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=wait)
 

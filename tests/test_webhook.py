@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from receiver.webhook import (
     GIVE_UP_S,
     Notifier,
     Outbox,
+    Pending,
     WebhookError,
     check_url,
     session_event,
@@ -198,3 +200,31 @@ async def test_a_wrong_pin_is_a_failed_attempt_not_a_delivery(
 def test_only_https_urls_are_accepted(url: str) -> None:
     with pytest.raises(WebhookError, match="https"):
         check_url(url)
+
+
+async def test_the_sender_outlives_a_failing_outbox(
+    tmp_path: Path, district: District, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SQLite error (a full disk, a locked database) is not an OSError: it ended the
+    sender, and the district heard of no emergency again (found by a review)."""
+    outbox = Outbox(tmp_path / "notify.sqlite")
+    due, calls = outbox.due, 0
+
+    def due_failing_once(now: float, limit: int = 16) -> list[Pending]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        return due(now, limit)
+
+    monkeypatch.setattr(outbox, "due", due_failing_once)
+    key = Ed25519PrivateKey.generate()
+    pin = aiohttp.Fingerprint(fingerprint_digest(district.pin))
+    async with Notifier(district.url, outbox, key, ssl=pin) as notifier:
+        event_id, body = started()
+        await notifier.notify(event_id, body)  # wakes the sender after its failed round
+        async with asyncio.timeout(10):
+            await district.arrived.wait()
+        assert notifier._task is not None and not notifier._task.done()
+    assert calls >= 2
+    assert district.received[0][1] == body
