@@ -237,8 +237,11 @@ class IngestServer:
         answer: asyncio.Future[p.TriggerResult] = asyncio.get_running_loop().create_future()
         self._trigger_results[ref] = answer
         try:
-            await ws.send_str(str(conn.send(p.Trigger(envelope, ref))))
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(timeout_s):  # the send too: a device that does not read
+                try:
+                    await ws.send_str(str(conn.send(p.Trigger(envelope, ref))))
+                except (ConnectionError, RuntimeError) as exc:  # its connection is going
+                    raise LookupError(f"device {device} is not connected: {exc}") from exc
                 return await answer
         finally:
             self._trigger_results.pop(ref, None)

@@ -91,3 +91,25 @@ def test_bad_requests_name_the_field(
 ) -> None:
     with pytest.raises(DispatchError, match=f"^malformed: {field}"):
         check_request(building, action, reason)
+
+
+async def test_a_device_whose_connection_is_going_is_not_connected_not_a_failure(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Its transport is closing, and the receiver's handler has not noticed yet: the send
+    raised a ConnectionResetError that failed the whole building's dispatch (500, and
+    unaudited) after the other devices had taken it (found by a review)."""
+    path, _ = enroll(tmp_path, receiver)
+    device = load_config(path).device_id
+    key = load_private_key(dispatch_key_path(tmp_path / "agent"))
+    dispatch = Dispatch(key, receiver.ingest, lambda b: connected_in(receiver, b))
+    async with Agent(load_config(path)) as agent:
+        await receiver.presence.wait_for(lambda: bool(connected_in(receiver, BUILDING)))
+        ws = receiver.ingest._connections[device]
+        ws._writer.transport.close()  # type: ignore[union-attr]  # the TCP connection is gone
+        assert not ws.closed
+        (delivery,) = await dispatch.send(
+            building=BUILDING, action="start", reason="911 call: intruder", user="jdoe"
+        )
+        assert (delivery.status, delivery.body["error"]) == (0, "not_connected")
+        assert agent.emergency.active is None
