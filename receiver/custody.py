@@ -200,6 +200,13 @@ class CustodyLog:
                 fsync_dir(self.directory)  # a new file's name is durable too
             return sum(len(lines) for lines in fresh.values())
 
+    def forget(self) -> None:
+        """Drop what is cached of the files (a closed session's checkpoint ids: about
+        1 MB per camera-hour); read again from disk if the session is written to again."""
+        with self._lock:
+            self._seen.clear()
+            self._keys = None
+
     def _ensure_dir(self) -> None:
         if not self.directory.exists():
             self.directory.mkdir(parents=True, exist_ok=True)

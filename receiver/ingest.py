@@ -634,6 +634,8 @@ class IngestServer:
         await session.close(event.reason)
         for cam in cameras:
             cam.ack()  # the last frame of every run is durable now
+        if (custody := self._custody.get(session.directory)) is not None:
+            custody.forget()  # a closed session's cache, kept for the receiver's lifetime
         log.warning("session %s of %s closed: %s", event.session, device, event.reason)
 
     async def _open(self, device: str, event: p.SessionOpen) -> SessionRecording:

@@ -301,6 +301,10 @@ async def test_a_session_across_an_agent_restart_verifies(tmp_path: Path) -> Non
             await agent.uplink.wait_settled(session.id)
             refused = agent.uplink.stats.checkpoints_refused
         session_dir = receiver.store.get(session.id).directory
+        held = receiver.ingest.custody(session_dir)
+        assert not held._seen  # a closed session's checkpoint ids leave memory
+        records = custody.read_records(session_dir / "chain" / "front-door.jsonl")
+        assert records and held.write(records) == 0  # still known: read again from disk
     sources = {
         r.source
         for cam in ("front-door", "hallway-2")
