@@ -10,7 +10,10 @@ enforced by :mod:`receiver.auth`'s middleware):
 - ``POST /v1/evidence/{session}`` (officer): the session's evidence bundle
   (:func:`receiver.evidence.build_bundle`), a zip download. The receiver keeps
   the copy it handed out in ``DATA/exports/`` and logs its SHA-256, so the
-  access log says exactly which bytes left, to whom.
+  access log says exactly which bytes left, to whom. Exports run on threads of
+  their own (:data:`EXPORT_THREADS`), never the shared pool the recordings'
+  fsyncs run on: officers exporting long sessions at once must not hold up the
+  acks of every device. More exports at once wait their turn.
 
 Every dispatch and every export goes into the access log (who, what, when,
 the result); each HLS playlist a user opens is logged once per login session
@@ -24,6 +27,8 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
@@ -45,8 +50,11 @@ DISPATCH_KEY: Final = web.AppKey("breakglass.dispatch", Dispatch)
 DATA_KEY: Final = web.AppKey("breakglass.data_dir", Path)
 _Seen = OrderedDict[tuple[str, str, str], None]
 _PLAYLISTS_KEY: Final = web.AppKey("breakglass.playlists_seen", _Seen)
+_EXPORTS_KEY: Final = web.AppKey("breakglass.export_threads", ThreadPoolExecutor)
 MAX_BODY: Final = 2048
 _MAX_SEEN: Final = 10_000
+#: Evidence exports built at once (each reads a session's recordings, writes a zip).
+EXPORT_THREADS: Final = 2
 
 
 def setup_police_api(app: web.Application, data_dir: Path, dispatch: Dispatch) -> None:
@@ -57,6 +65,15 @@ def setup_police_api(app: web.Application, data_dir: Path, dispatch: Dispatch) -
     app.router.add_post("/v1/dispatch", _dispatch)
     app.router.add_post("/v1/evidence/{session}", _evidence)
     app.middlewares.append(_audit_playlists)
+    app.cleanup_ctx.append(_export_threads)
+
+
+async def _export_threads(app: web.Application) -> AsyncIterator[None]:
+    pool = ThreadPoolExecutor(EXPORT_THREADS, thread_name_prefix="evidence-export")
+    app[_EXPORTS_KEY] = pool
+    yield
+    # Exports under way finish (off the loop); ones still waiting are dropped.
+    await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
 
 def _error(status: int, code: str, detail: str) -> web.Response:
@@ -107,11 +124,12 @@ async def _evidence(request: web.Request) -> web.StreamResponse:
     data = request.app[DATA_KEY]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = data / "exports" / f"{session}-{stamp}-{user.name}.zip"
+    loop, pool = asyncio.get_running_loop(), request.app[_EXPORTS_KEY]
     try:
-        await asyncio.to_thread(build_bundle, data, session, out)
+        await loop.run_in_executor(pool, build_bundle, data, session, out)
     except (EvidenceError, ReceiverError) as exc:
         return _error(404 if "no recording" in str(exc) else 409, "no_evidence", str(exc))
-    digest = await asyncio.to_thread(sha256_file, out)
+    digest = await loop.run_in_executor(pool, sha256_file, out)
     request.app[ACCESS_LOG_KEY].record(
         "evidence_export", who=user.name, role=str(user.role), login=user.login,
         session=session, remote=request.remote, file=out.name, sha256=digest,

@@ -11,9 +11,11 @@ import asyncio
 import io
 import json
 import shutil
+import threading
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -22,6 +24,7 @@ from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.demo import BUILDING, press_button
 from provisioning.tls import ensure_certificate, server_context
+from receiver import police_api
 from receiver.accounts import Role
 from receiver.auth import CSRF_HEADER
 from receiver.evidence_format import evidence_key
@@ -92,8 +95,16 @@ async def test_a_dispatcher_starts_and_ends_an_emergency_from_the_api(
 
 
 async def test_an_officer_downloads_evidence_that_verifies_and_opens_hls_audited_once(
-    tmp_path: Path, receiver: Receiver
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    built_on: list[str] = []  # threads: the export's own, not the fsyncs' shared pool
+    build = police_api.build_bundle
+
+    def building(*args: Any) -> Any:
+        built_on.append(threading.current_thread().name)
+        return build(*args)
+
+    monkeypatch.setattr(police_api, "build_bundle", building)
     path = enrolled_agent(tmp_path, receiver)
     async with Agent(load_config(path)) as agent:
         await agent.uplink.wait_until(lambda: agent.uplink.connected)
@@ -127,6 +138,7 @@ async def test_an_officer_downloads_evidence_that_verifies_and_opens_hls_audited
     assert (export["who"], export["session"], export["sha256"]) == ("asmith", session.id, digest)
     playlists = [e for e in log if e["action"] == "recording_playlist"]
     assert [(e["who"], e["camera"]) for e in playlists] == [("asmith", "hallway-2")]
+    assert built_on and all(name.startswith("evidence-export") for name in built_on)
 
 
 @pytest.fixture
