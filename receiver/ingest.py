@@ -108,6 +108,9 @@ class UplinkLimits:
     #: camera live, and much faster when a device catches up).
     control: Rate = _CONTROL
     max_unsent_bytes: int = 1024 * 1024
+    #: Sessions of one device open at once (live, or owed and not closed yet): each
+    #: holds files open; an agent has one emergency and a few owed after an outage.
+    max_open_sessions: int = 64
     max_handshakes: int = 32
     max_handshakes_per_address: int = 4
 
@@ -569,6 +572,7 @@ class IngestServer:
                 elif isinstance(event, p.SessionOpen):
                     for cam in cameras:
                         await cam.settle()
+                    self._check_open_sessions(device, event.session)
                     session = await self._open(device, event)
                     if event.session not in status.sessions:
                         status.sessions.append(event.session)
@@ -617,6 +621,19 @@ class IngestServer:
         finally:
             beats.cancel()
             await asyncio.gather(beats, *failing, return_exceptions=True)
+
+    def _check_open_sessions(self, device: str, opening: str) -> None:
+        """Raise ``too_many_sessions`` if ``device`` may not open one more session."""
+        held = sum(
+            1
+            for s in self.store.open_sessions()
+            if s.device_id == device and s.session_id != opening
+        )
+        if held >= self.limits.max_open_sessions:
+            raise p.RemoteProtocolError(
+                "too_many_sessions",
+                f"{held} sessions of this device are open; close one first",
+            )
 
     def _tell(self, device: str, event: p.SessionOpen | p.SessionClose) -> None:
         for listener in self.session_listeners:

@@ -954,3 +954,24 @@ async def test_a_connection_failing_in_accept_does_not_stop_accepting(
         assert_json_error(answer, 401, "unauthenticated")
         assert rx.site is not None and rx.site._accepting is not None
         assert not rx.site._accepting.done()
+
+
+async def test_a_device_opening_session_after_session_is_cut_at_the_limit(
+    tmp_path: Path, small_packets: PacketList
+) -> None:
+    """Each open session holds files open; a device that opens and never closes (within
+    the rate limit) could take every descriptor of the receiver (found by a review)."""
+    limits = UplinkLimits(max_open_sessions=3)
+    async with Receiver(
+        tmp_path / "rx", "127.0.0.1", 0, password_params=FAST, uplink_limits=limits
+    ) as rx:
+        async with Device(rx, enroll(rx, tmp_path, "dev-1"), "dev-1") as device:
+            for n in range(4):
+                await device.open_session(f"s-{n}", small_packets)
+            error = await device.cut_with()
+        assert error is not None and error.code == "too_many_sessions", error
+        assert sorted(s.session_id for s in rx.store.open_sessions()) == ["s-0", "s-1", "s-2"]
+        async with Device(rx, enroll(rx, tmp_path, "dev-2"), "dev-2") as other:
+            await other.open_session("t-0", small_packets)  # another device is not counted
+            await other.stream(small_packets, 3)
+            await other.wait_acked(1)
