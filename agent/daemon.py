@@ -162,7 +162,7 @@ class Agent:
         self._streams: dict[str, StreamDesc] = {}
         self._live: tuple[SessionStream, dict[str, int]] | None = None
         #: The receiver's access-log head last anchored in the trail, and when (monotonic).
-        self._access_anchor = (0, -math.inf)
+        self._access_anchor: tuple[int, str, float] = (0, "", -math.inf)
         self._tasks: list[asyncio.Task[None]] = []
         self._persisting: set[asyncio.Task[None]] = set()
         self._persist_lock = asyncio.Lock()
@@ -435,13 +435,14 @@ class Agent:
         return ended
 
     def _on_access_head(self, n: int, digest: str) -> None:
-        """Anchor the receiver's access-log head in the signed trail: only when it grew,
-        at most every :data:`ACCESS_ANCHOR_EVERY_S` (a receiver cannot flood the trail)."""
+        """Anchor the receiver's access-log head in the signed trail: when it changed (a
+        head that went back is anchored too: the report then shows the log was cut), at
+        most every :data:`ACCESS_ANCHOR_EVERY_S` (a receiver cannot flood the trail)."""
         now = time.monotonic()
-        last_n, last_at = self._access_anchor
-        if n <= last_n or now - last_at < ACCESS_ANCHOR_EVERY_S:
+        last_n, last_digest, last_at = self._access_anchor
+        if (n, digest) == (last_n, last_digest) or now - last_at < ACCESS_ANCHOR_EVERY_S:
             return
-        self._access_anchor = (n, now)
+        self._access_anchor = (n, digest, now)
         origin = self.config.receiver_origin
         self._record("receiver_access_head", receiver=origin, entry=n, head=digest)
 

@@ -605,7 +605,8 @@ class UplinkClient:
             stream.chain_sent = [0 for _ in stream.chain]  # unanswered ones go again
         self._live.clear()
         self._lanes = []
-        self.audit_acked, self._audit_inflight = welcome.audit_n, False
+        self.audit_acked = min(welcome.audit_n, self._trail_head())
+        self._audit_inflight = False
         self._control.clear()  # answers for the old connection's receiver-side requests
 
     def _plan(self, stream: SessionStream) -> p.SessionOpen:
@@ -743,10 +744,7 @@ class UplinkClient:
                 self._control.append(p.TriggerResult(event.ref, status, body))
                 self._wake.set()
             elif isinstance(event, p.AuditAck):
-                self.audit_acked = max(self.audit_acked, event.n)
-                self._audit_inflight = False
-                self._progress.notify()
-                self._wake.set()
+                self._on_audit_ack(event)
             elif isinstance(event, p.AccessHead):
                 if self._on_access_head is not None:
                     self._on_access_head(event.n, event.hash)
@@ -832,6 +830,18 @@ class UplinkClient:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, next_beat - now)):  # no task per wait
                     await self._wake.wait()
+
+    def _on_audit_ack(self, ack: p.AuditAck) -> None:
+        # Never beyond what this device has: a receiver that claims more would stop the
+        # trail from being shipped.
+        self.audit_acked = max(self.audit_acked, min(ack.n, self._trail_head()))
+        self._audit_inflight = False
+        self._progress.notify()
+        self._wake.set()
+
+    def _trail_head(self) -> int:
+        """The last entry of this device's audit trail (0 without a trail)."""
+        return 0 if self._audit_head is None else self._audit_head()
 
     async def _ship_audit(self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink) -> None:
         """Send the next batch of audit entries the receiver lacks (one batch in flight)."""

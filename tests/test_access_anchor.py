@@ -8,12 +8,14 @@ anchored entry unchanged (``breakglass audit report --access-log``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent import daemon
 from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.cli import main
@@ -65,3 +67,20 @@ async def test_the_device_anchors_the_receivers_access_log_and_the_report_checks
     lines[n - 1] = lines[n - 1].replace(b'"officer-1"', b'"someone"')
     access.write_bytes(b"".join(lines))
     assert main(report) == 1
+
+
+async def test_a_head_that_went_back_is_anchored_too(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only heads that grew were anchored: one claim of a huge entry number hid every
+    later head until the agent restarted, and a log cut short was never anchored (found
+    by a review). Now every change is, at most once per ACCESS_ANCHOR_EVERY_S."""
+    monkeypatch.setattr(daemon, "ACCESS_ANCHOR_EVERY_S", 0.0)
+    path = write_agent_config(tmp_path / "agent", receiver, fps=30)
+    async with Agent(load_config(path)) as agent:
+        for n, digest in ((10**9, "a" * 64), (10**9, "a" * 64), (3, "b" * 64)):
+            agent._on_access_head(n, digest)
+        await asyncio.to_thread(agent.audit.flush)
+        told = [(a["entry"], a["head"]) for a in anchors(agent)]
+    assert told[-2:] == [(10**9, "a" * 64), (3, "b" * 64)]
+    assert told.count((10**9, "a" * 64)) == 1

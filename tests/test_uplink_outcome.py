@@ -13,6 +13,7 @@ import asyncio
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent import protocol as p
 from agent.errors import UplinkRefused
 from agent.uplink import UplinkClient, connection_outcome
 
@@ -95,3 +96,24 @@ async def test_an_unexpected_error_is_logged_and_the_uplink_connects_again(
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
         await running
+
+
+def test_the_receiver_cannot_claim_more_of_the_trail_than_the_device_has() -> None:
+    """An audit_ack (or a welcome) beyond the device's last entry stopped the trail from
+    being shipped for the rest of the connection (found by a review)."""
+    head = 5
+    uplink = UplinkClient(
+        url="wss://127.0.0.1:1/v1/uplink",
+        origin="wss://127.0.0.1:1",
+        pin="sha256:" + "00" * 32,
+        device_id="device-1",
+        device_key=Ed25519PrivateKey.generate(),
+        audit_head=lambda: head,
+    )
+    uplink._on_audit_ack(p.AuditAck(10**12))
+    assert uplink.audit_acked == 5
+    head = 7
+    uplink._on_audit_ack(p.AuditAck(6))
+    assert uplink.audit_acked == 6  # still moving
+    uplink._resume(p.Welcome({}, 5.0, 10**12))
+    assert uplink.audit_acked == 7
