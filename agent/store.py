@@ -209,7 +209,9 @@ class SegmentStore:
     def push(self, packet: EncodedPacket, stream: segment.StreamDesc) -> None:
         """Add one numbered packet to its camera's open segment."""
         cur = self._open.get(packet.camera)
-        size = len(packet.payload)
+        # Its record too: a segment of thousands of small packets (a camera without a
+        # keyframe for minutes) must still fit what a reader accepts.
+        size = len(packet.payload) + segment.RECORD.size
         # 0.95: a keyframe a hair before segment_s closes it, not one GOP later.
         if cur is not None and (
             packet.seq != cur.next_seq

@@ -551,3 +551,28 @@ async def test_a_segment_that_cannot_be_deleted_does_not_stop_other_cameras(
         assert not old.path.exists()
     assert store.stats.write_errors == 0
     assert events(audit, "segment_lost") == []
+
+
+async def test_a_long_run_without_a_keyframe_is_split_into_segments_a_reader_opens(
+    tmp_path: Path, audit: AuditLog
+) -> None:
+    """Split at the size bound, counting each packet's record too: 3,147 packets of 4 kB
+    made a segment over the bound every reader enforces (the receiver's backfill and the
+    district's export refused it; found by a review)."""
+    from receiver.sealed import open_segment as receiver_opens
+
+    count = segment.MAX_SEGMENT_BYTES // 4000 + 2
+    async with opened(tmp_path / "store", audit, segment_s=4.0) as store:
+        for seq in range(count):
+            t = seq * FRAME_NS
+            store.push(
+                EncodedPacket("cam", seq, T0_NS + t, t, seq == 0, "h264", bytes(4000)), STREAM
+            )
+    segs = store.segments("cam")
+    assert len(segs) == 2
+    assert (segs[0].first_seq, segs[-1].last_seq) == (0, count - 1)
+    for seg in segs:
+        _, packets = await asyncio.to_thread(
+            receiver_opens, SegmentStore.read(seg), [IDENTITY]
+        )
+        assert len(packets) == seg.last_seq - seg.first_seq + 1
