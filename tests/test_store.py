@@ -572,7 +572,5 @@ async def test_a_long_run_without_a_keyframe_is_split_into_segments_a_reader_ope
     assert len(segs) == 2
     assert (segs[0].first_seq, segs[-1].last_seq) == (0, count - 1)
     for seg in segs:
-        _, packets = await asyncio.to_thread(
-            receiver_opens, SegmentStore.read(seg), [IDENTITY]
-        )
+        _, packets = await asyncio.to_thread(receiver_opens, SegmentStore.read(seg), [IDENTITY])
         assert len(packets) == seg.last_seq - seg.first_seq + 1
