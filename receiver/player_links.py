@@ -290,16 +290,18 @@ class PlayerLinks:
             return web.json_response(body, status=401, headers=HEADERS)
         admit_link(request, link.token)
         response = await handler(request)
-        if (
-            request.method == "GET"
-            and response.status == 200
-            and request.path.endswith(".m3u8")
-            and _first(self._played, (link.handle, ""))
-        ):
+        if request.method != "GET" or response.status not in (200, 206):
+            return response
+        # Once per link, address and file: a link used from a new address is seen, and
+        # a part file fetched without its playlist is footage too.
+        name = request.path.rpartition("/")[2]
+        action = "player_link_playlist" if name.endswith(".m3u8") else "player_link_fetch"
+        if _first(self._played, (link.handle, f"{request.remote} {name}")):
+            fields = {} if action == "player_link_playlist" else {"file": name}
             request.app[ACCESS_LOG_KEY].record(
-                "player_link_playlist", who=link.name, role=str(role),
+                action, who=link.name, role=str(role),
                 session=link.session, camera=link.camera, remote=request.remote,
-                link=link.handle,
+                link=link.handle, **fields,
             )  # fmt: skip
         return response
 

@@ -42,7 +42,7 @@ from receiver.dispatch import Dispatch, DispatchError
 from receiver.errors import ReceiverError
 from receiver.evidence import build_bundle, sha256_file
 from receiver.evidence_format import EvidenceError
-from receiver.recording import validate_session_id
+from receiver.recording import parse_part_file, validate_session_id
 
 log = logging.getLogger(__name__)
 
@@ -148,21 +148,34 @@ async def _evidence(request: web.Request) -> web.StreamResponse:
 
 @web.middleware
 async def _audit_playlists(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Log a login's HLS playlists and the part files it fetches through them (once per
+    login session and camera, or part file: not per refresh or range request). A part
+    file fetched directly, without its playlist, is footage too."""
     response = await handler(request)
     path = request.path
-    if request.method == "GET" and path.startswith("/hls/") and path.endswith(".m3u8"):
-        user = current_user(request)
-        if user is not None and response.status == 200:
-            session, _, name = path.removeprefix("/hls/").partition("/")
-            camera = name.removesuffix(".m3u8")
-            seen = request.app[_PLAYLISTS_KEY]
-            key = (user.login, session, camera)
-            if key not in seen:  # once per login session and camera, not per refresh
-                seen[key] = None
-                while len(seen) > _MAX_SEEN:
-                    seen.popitem(last=False)
-                request.app[ACCESS_LOG_KEY].record(
-                    "recording_playlist", who=user.name, role=str(user.role),
-                    login=user.login, session=session, camera=camera, remote=request.remote,
-                )  # fmt: skip
+    user = current_user(request)
+    if (
+        request.method != "GET"
+        or not path.startswith("/hls/")
+        or user is None
+        or response.status not in (200, 206)
+    ):
+        return response
+    session, _, name = path.removeprefix("/hls/").partition("/")
+    if name.endswith(".m3u8"):
+        action, camera, fields = "recording_playlist", name.removesuffix(".m3u8"), {}
+    elif (parsed := parse_part_file(name)) is not None:
+        action, camera, fields = "recording_fetch", parsed[0], {"file": name, "via": "hls"}
+    else:
+        return response
+    seen = request.app[_PLAYLISTS_KEY]
+    key = (user.login, session, name)
+    if key not in seen:
+        seen[key] = None
+        while len(seen) > _MAX_SEEN:
+            seen.popitem(last=False)
+        request.app[ACCESS_LOG_KEY].record(
+            action, who=user.name, role=str(user.role), login=user.login,
+            session=session, camera=camera, remote=request.remote, **fields,
+        )  # fmt: skip
     return response

@@ -153,6 +153,12 @@ async def test_a_link_plays_in_ffmpeg_without_a_cookie_and_is_audited(
         "asmith", "s-1", "cam1", link["link"],
     )  # fmt: skip
     assert not [e for e in log if e["action"] == "recording_playlist"]  # not a login's
+    # The footage itself too, once per link, address and file (range requests and the
+    # players' fetches of the same file are one line).
+    fetched = [
+        (e["file"], e["link"], e["remote"]) for e in log if e["action"] == "player_link_fetch"
+    ]
+    assert fetched == [("cam1.0.mp4", link["link"], "127.0.0.1")]
     assert token not in (rx.data_dir / "access.log").read_text()
     # aiohttp's request log shows the paths, never the token.
     assert "/hls/s-1/cam1.m3u8" in caplog.text and token not in caplog.text

@@ -125,7 +125,13 @@ async def test_an_officer_downloads_evidence_that_verifies_and_opens_hls_audited
         for _ in range(3):  # a player refreshes; the audit says it once
             async with http.get(receiver.url + f"hls/{session.id}/hallway-2.m3u8") as r:
                 assert r.status == 200
-                assert (await r.text()).startswith("#EXTM3U")
+                playlist = await r.text()
+                assert playlist.startswith("#EXTM3U")
+        part = next(line for line in playlist.splitlines() if line.endswith(".mp4"))
+        for _ in range(2):  # footage fetched by its address alone is audited too, once
+            async with http.get(receiver.url + f"hls/{session.id}/{part}") as r:
+                assert r.status == 200
+                await r.read()
         async with http.post(receiver.url + "v1/evidence/not-a-session") as r:
             assert r.status == 404
     saved = tmp_path / "bundle.zip"
@@ -139,6 +145,8 @@ async def test_an_officer_downloads_evidence_that_verifies_and_opens_hls_audited
     playlists = [e for e in log if e["action"] == "recording_playlist"]
     assert [(e["who"], e["camera"]) for e in playlists] == [("asmith", "hallway-2")]
     assert built_on and all(name.startswith("evidence-export") for name in built_on)
+    fetched = [(e["who"], e["file"], e["via"]) for e in log if e["action"] == "recording_fetch"]
+    assert fetched == [("asmith", part, "hls")]
 
 
 @pytest.fixture
