@@ -195,18 +195,23 @@ async def _own_password(request: web.Request) -> web.Response:
         check_password(new, user.name)
     except PasswordPolicyError as exc:
         return _error(400, exc.code, str(exc))
-    try:
-        result = await auth.slow(_verify_and_set, auth.accounts, user.name, current, new)
-    except UnknownAccountError:  # removed meanwhile (only the database file could do that)
-        return _error(401, "unauthenticated", "log in first")
     who: dict[str, Any] = {"who": user.name, "role": str(user.role), "login": user.login}
-    if result.outcome is not LoginOutcome.OK:
-        auth.password_failed("password_change_failed", result, remote, **who)
-        if result.outcome is LoginOutcome.LOCKED:
-            retry = auth.lock_remaining(result)
-            return _refused(False, 429, "locked", "too many wrong passwords; try later", retry)
-        if result.outcome is LoginOutcome.DISABLED:
+    with auth.limiter.attempt(remote) as may:
+        if not may:
+            retry = auth.limiter.retry_after(remote)
+            return _refused(False, 429, "rate_limited", "too many failed passwords", retry)
+        try:
+            result = await auth.slow(_verify_and_set, auth.accounts, user.name, current, new)
+        except UnknownAccountError:  # removed meanwhile (only the database file could)
             return _error(401, "unauthenticated", "log in first")
+        if result.outcome is not LoginOutcome.OK:
+            auth.password_failed("password_change_failed", result, remote, **who)
+    if result.outcome is LoginOutcome.LOCKED:
+        retry = auth.lock_remaining(result)
+        return _refused(False, 429, "locked", "too many wrong passwords; try later", retry)
+    if result.outcome is LoginOutcome.DISABLED:
+        return _error(401, "unauthenticated", "log in first")
+    if result.outcome is not LoginOutcome.OK:
         return _error(403, "wrong_password", "the current password is wrong")
     auth.access_log.record("password_change", remote=remote, **who)
     body = {"ok": True, "logged_out": True, "detail": "every session ended: log in again"}

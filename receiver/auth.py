@@ -46,12 +46,13 @@ password; the admins' ``/v1/users`` endpoints).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import json
 import logging
-from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter, OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,7 @@ class _AddressLimiter:
         self.settings = settings
         self.clock = clock
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._pending: Counter[str] = Counter()  # checks under way, per address
 
     def _recent(self, address: str) -> deque[float]:
         now = self.clock()
@@ -177,8 +179,24 @@ class _AddressLimiter:
         return times
 
     def allowed(self, address: str) -> bool:
-        """Whether ``address`` may try to log in now."""
-        return len(self._recent(address)) < self.settings.ip_failures
+        """Whether ``address`` may try to log in now (its attempts under way count)."""
+        return len(self._recent(address)) + self._pending[address] < self.settings.ip_failures
+
+    @contextlib.contextmanager
+    def attempt(self, address: str) -> Iterator[bool]:
+        """One password check from ``address``: yields whether it may go on; while it runs
+        it counts against the allowance, so attempts sent at once (each waits for the
+        password hash) cannot check more passwords than the allowance."""
+        may = self.allowed(address)
+        if may:
+            self._pending[address] += 1
+        try:
+            yield may
+        finally:
+            if may:
+                self._pending[address] -= 1
+                if self._pending[address] <= 0:
+                    del self._pending[address]
 
     def failed(self, address: str) -> bool:
         """Count a failure; whether this one used up the address's allowance."""
@@ -454,14 +472,16 @@ async def _login(request: web.Request) -> web.StreamResponse:
     remote = request.remote or "?"
     name, password, form = await _credentials(request)
     audit = auth.access_log
-    if not auth.limiter.allowed(remote):
-        retry = auth.limiter.retry_after(remote)
-        return _refused(form, 429, "rate_limited", "too many failed logins", retry)
-    result: LoginResult = await auth.slow(auth.accounts.authenticate, name, password)
-    who = _audit_name(name)
-    role = str(result.role) if result.role else None
+    with auth.limiter.attempt(remote) as may:
+        if not may:
+            retry = auth.limiter.retry_after(remote)
+            return _refused(form, 429, "rate_limited", "too many failed logins", retry)
+        result: LoginResult = await auth.slow(auth.accounts.authenticate, name, password)
+        who = _audit_name(name)
+        role = str(result.role) if result.role else None
+        if result.outcome is not LoginOutcome.OK:
+            auth.password_failed("login_failed", result, remote, who=who, role=role)
     if result.outcome is not LoginOutcome.OK:
-        auth.password_failed("login_failed", result, remote, who=who, role=role)
         if result.outcome is LoginOutcome.LOCKED:
             retry = auth.lock_remaining(result)
             return _refused(form, 429, "locked", "too many failed logins; try later", retry)

@@ -163,6 +163,24 @@ async def test_too_many_failures_from_one_address_are_rate_limited(rx: Receiver)
     assert [e["action"] for e in access(rx)][-2:] == ["login_failed", "login_rate_limited"]
 
 
+async def test_logins_sent_at_once_check_no_more_passwords_than_the_allowance(
+    rx: Receiver,
+) -> None:
+    """Each waits for the password hash; all had passed the address check before the
+    first failure was counted (found by a review: 100 guesses at once, all checked)."""
+    async with client_for(rx.url, rx.fingerprint) as http:
+
+        async def guess(i: int) -> int:
+            body = {"name": f"u{i}", "password": "x" * 12}
+            async with http.post(rx.url + "login", json=body) as resp:
+                return resp.status
+
+        statuses = await asyncio.gather(*(guess(i) for i in range(40)))
+    assert statuses.count(401) == 10  # the allowance (rx: 10 per address)
+    assert statuses.count(429) == 30
+    assert [e["action"] for e in access(rx)].count("login_failed") == 10
+
+
 async def test_state_changes_need_the_csrf_token_and_the_origin(rx: Receiver) -> None:
     async with logged_in(rx, Role.ADMIN, "ada") as http:
         url = rx.url + "v1/users/olivia/disable"
