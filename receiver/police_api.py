@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -123,12 +124,16 @@ async def _evidence(request: web.Request) -> web.StreamResponse:
         return _error(400, "invalid_id", str(exc))
     data = request.app[DATA_KEY]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = data / "exports" / f"{session}-{stamp}-{user.name}.zip"
+    # A name of its own: two exports in one second (a double click) must not share a file.
+    out = data / "exports" / f"{session}-{stamp}-{user.name}-{secrets.token_hex(3)}.zip"
     loop, pool = asyncio.get_running_loop(), request.app[_EXPORTS_KEY]
     try:
         await loop.run_in_executor(pool, build_bundle, data, session, out)
     except (EvidenceError, ReceiverError) as exc:
-        return _error(404 if "no recording" in str(exc) else 409, "no_evidence", str(exc))
+        log.error("evidence of %s for %s not built: %s", session, user.name, exc)
+        missing = "no recording" in str(exc)  # the detail names no server path
+        detail = f"no recording of session {session}" if missing else "the export failed"
+        return _error(404 if missing else 409, "no_evidence", detail)
     digest = await loop.run_in_executor(pool, sha256_file, out)
     request.app[ACCESS_LOG_KEY].record(
         "evidence_export", who=user.name, role=str(user.role), login=user.login,

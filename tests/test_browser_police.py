@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import shutil
 import statistics
 from collections.abc import AsyncIterator
@@ -365,7 +366,7 @@ async def test_a_dispatcher_starts_and_ends_an_emergency_and_downloads_the_evide
             await page.click(export)
         download = await info.value
         assert download.suggested_filename.startswith(session.id)
-        assert download.suggested_filename.endswith("-dana.zip")
+        assert re.fullmatch(r".*-dana-[0-9a-f]{6}\.zip", download.suggested_filename)
         saved = tmp_path / download.suggested_filename
         await download.save_as(saved)
         note = f'.session[data-session="{session.id}"] .export-note'

@@ -134,13 +134,27 @@ async def test_an_officer_downloads_evidence_that_verifies_and_opens_hls_audited
                 await r.read()
         async with http.post(receiver.url + "v1/evidence/not-a-session") as r:
             assert r.status == 404
+            assert str(receiver.data_dir) not in await r.text()  # no server path
+        async with asyncio.TaskGroup() as clicks:  # a double click: two exports, two files
+            twice = [
+                clicks.create_task(http.post(receiver.url + f"v1/evidence/{session.id}"))
+                for _ in range(2)
+            ]
+        answers = [task.result() for task in twice]
+        assert [a.status for a in answers] == [200, 200]
+        names = {a.headers["Content-Disposition"] for a in answers}
+        assert len(names) == 2
+        for answer in answers:
+            answer.release()
     saved = tmp_path / "bundle.zip"
     saved.write_bytes(bundle)
     assert zipfile.ZipFile(io.BytesIO(bundle)).testzip() is None
     report = verify_bundle(saved, receiver_key=evidence_key(receiver.data_dir).public_key())
     assert not report.errors, report.errors
     log = await access(receiver)
-    (export,) = [e for e in log if e["action"] == "evidence_export"]
+    exports = [e for e in log if e["action"] == "evidence_export"]
+    assert len(exports) == 3 and len({e["file"] for e in exports}) == 3
+    export = exports[0]
     assert (export["who"], export["session"], export["sha256"]) == ("asmith", session.id, digest)
     playlists = [e for e in log if e["action"] == "recording_playlist"]
     assert [(e["who"], e["camera"]) for e in playlists] == [("asmith", "hallway-2")]
