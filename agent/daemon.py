@@ -773,6 +773,8 @@ class Agent:
                     self._end_share("rotated")  # one recording per SHARE_HOURS
                 if self.share is None:
                     self._start_share()
+            # A camera gone silent: what it sent last goes to disk, not waits in RAM.
+            self.store.seal_idle(time.monotonic_ns(), max(2.0, self.config.store.segment_s))
             now = time.monotonic()
             if now - last_checkpoint >= AUDIT_CHECKPOINT_S:
                 last_checkpoint = now

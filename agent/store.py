@@ -111,6 +111,7 @@ class _Open:
     next_seq: int  # the seq the next packet must have to join it
     packets: list[EncodedPacket] = field(default_factory=list)
     nbytes: int = 0
+    touched_ns: int = 0  # time.monotonic_ns() of the last packet added
 
 
 #: A closed segment for the writer: its packets, their stream, the device's chain checkpoint.
@@ -233,6 +234,21 @@ class SegmentStore:
         cur.nbytes += size
         cur.next_seq = packet.seq + 1
         cur.stream = stream
+        cur.touched_ns = time.monotonic_ns()
+
+    def seal_idle(self, now_ns: int, idle_s: float) -> list[str]:
+        """Seal every open segment no packet joined for ``idle_s`` (a camera that went
+        silent, cut perhaps: its last seconds must reach the disk, not wait in RAM for a
+        packet that may never come); returns the cameras sealed. On the loop."""
+        idle = [
+            camera
+            for camera, cur in self._open.items()
+            if cur.packets and now_ns - cur.touched_ns > idle_s * 1e9
+        ]
+        for camera in idle:
+            log.warning("camera %s silent for %g s: its open segment is sealed", camera, idle_s)
+            self._seal_open(camera)
+        return idle
 
     def open_first_seq(self, camera: str) -> int | None:
         """First seq of the camera's footage not on disk yet: queued for the writer, or

@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -574,3 +575,25 @@ async def test_a_long_run_without_a_keyframe_is_split_into_segments_a_reader_ope
     for seg in segs:
         _, packets = await asyncio.to_thread(receiver_opens, SegmentStore.read(seg), [IDENTITY])
         assert len(packets) == seg.last_seq - seg.first_seq + 1
+
+
+async def test_a_camera_gone_silent_has_its_last_seconds_sealed(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    """Only the next packet (or a close) sealed an open segment: a camera cut by an
+    intruder kept its last seconds in RAM only, lost to a power cut (found by a
+    review). The agent's housekeeping seals what no packet joined for a while."""
+    feed = Feed(media)
+    async with opened(tmp_path / "store", audit) as store:
+        sealed = Sealed(store)
+        push(store, feed.take(PER_SEGMENT + 10))  # one segment sealed, 10 packets open
+        await sealed.wait(1)
+        now = time.monotonic_ns()
+        assert store.seal_idle(now, 2.0) == []  # it just sent them
+        assert store.seal_idle(now + 3 * 10**9, 2.0) == ["cam"]
+        await sealed.wait(2)
+        assert store.open_first_seq("cam") is None
+        assert [(s.first_seq, s.last_seq) for s in store.segments("cam")] == [
+            (0, PER_SEGMENT - 1),
+            (PER_SEGMENT, PER_SEGMENT + 9),
+        ]
