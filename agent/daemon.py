@@ -683,17 +683,18 @@ class Agent:
             self.audit.record_soon("state_damaged", file=path.name, error=why)
 
     def _sequences(self, path: Path) -> SequenceReservations:
-        """The cameras' sequence numbers; from a damaged file's loss, numbers start above
-        anything the sealed store holds plus what a run may have used beyond it."""
+        """The cameras' sequence numbers: never below the sealed store's, so no seq is used
+        twice (a store holding two segments of one seq sends the wrong footage)."""
         _, why = read_state(path, _check_sequences, None)
-        if why is None:
-            return SequenceReservations(path)
         self._state_damaged(path, why)
+        # Never below what the store holds; without the file (damaged, or a state folder
+        # wiped while the store stayed) two blocks above: what a run used beyond it.
+        margin = 0 if path.exists() else 2 * SequenceReservations.BLOCK
         floor = {}
         for camera in self.config.cameras:
             segs = self.store.segments(camera.id)
-            stored = segs[-1].last_seq + 1 if segs else 0
-            floor[camera.id] = stored + 2 * SequenceReservations.BLOCK
+            if segs:
+                floor[camera.id] = segs[-1].last_seq + 1 + margin
         return SequenceReservations(path, floor)
 
     def _pin_owed(self) -> None:

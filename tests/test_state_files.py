@@ -69,15 +69,21 @@ async def test_a_damaged_state_file_is_set_aside_and_the_button_works(
         assert damaged["file"] == name
 
 
-async def test_sequence_numbers_from_a_damaged_file_start_above_the_stored_ones(
-    tmp_path: Path, receiver: Receiver
+@pytest.mark.parametrize("damage", ["damaged", "gone"])
+async def test_sequence_numbers_without_their_file_start_above_the_stored_ones(
+    tmp_path: Path, receiver: Receiver, damage: str
 ) -> None:
+    """Damaged, or gone (a state folder wiped while the store stayed): numbering started
+    at 0 again, and the store held two segments of one seq (found by a review)."""
     path = write_agent_config(tmp_path / "agent", receiver, fps=30)
     async with Agent(load_config(path)) as agent:
         await agent.capture.wait_packets(60)
     stored = max(s.last_seq for s in agent.store.segments("front-door"))
     state = load_config(path).state_dir
-    (state / "sequences.json").write_text('{"front-door": "x"}')
+    if damage == "damaged":
+        (state / "sequences.json").write_text('{"front-door": "x"}')
+    else:
+        (state / "sequences.json").unlink()
     async with Agent(load_config(path)) as again:
         await again.capture.wait_packets(1)
         first = again.capture.seqs.peek("front-door")
