@@ -478,7 +478,11 @@ class SegmentStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(folder)
+        try:
+            _fsync_dir(folder)
+        except OSError as exc:  # the file is whole under its name: keep it, say so
+            log.error("segment %s: its folder not fsynced (%s): the name may not survive "
+                      "a power cut", stored.path.name, exc)  # fmt: skip
         with self._lock:
             if camera not in self._index:
                 self._rank[camera] = len(self._index)

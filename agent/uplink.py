@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 BACKLOG_WINDOW = 64
 #: Sealed segments the fill lane may have in flight per camera (keeps a slow link full).
 SEGMENT_WINDOW = 2
+#: Seconds before the fill lane reads again a segment it could not read (EIO, EMFILE).
+SEGMENT_RETRY_S = 5.0
 #: Chain checkpoints kept per camera of a session until the receiver has them (over an
 #: hour at one a second); beyond it the oldest go (sealed segments carry their own).
 MAX_PENDING_CHECKPOINTS = 4096
@@ -135,6 +137,9 @@ class _Lane:
     todo: list[list[int | None]]
     #: Fill items sent and not acknowledged: (last seq, True for a sealed segment, bytes).
     inflight: deque[tuple[int, bool, int]] = field(default_factory=deque)
+    #: time.monotonic() before which the fill lane sends nothing (a segment it could
+    #: not read: tried again after a pause, not in a loop).
+    paused_until: float = 0.0
 
 
 @dataclass(slots=True)
@@ -664,6 +669,8 @@ class UplinkClient:
         self, stream: SessionStream, cam: int
     ) -> EncodedPacket | StoredSegment | p.Gap | None:
         lane = self._lanes[cam]
+        if lane.paused_until > time.monotonic():
+            return None
         while lane.todo:
             first, last = lane.todo[0]
             assert first is not None
@@ -876,12 +883,16 @@ class UplinkClient:
         try:
             sealed = await asyncio.to_thread(SegmentStore.read, seg)
         except OSError as exc:
-            # Evicted meanwhile, or unreadable: owe its range again; the lane sends what
-            # else holds it, or declares it lost.
+            # Gone (evicted meanwhile, or deleted): the store forgets it, and the lane
+            # sends what else holds its range or declares it lost. Unreadable for now
+            # (EIO, EMFILE): its range is owed again, tried after a pause.
             log.warning("segment %s could not be read for sending: %s", seg.path.name, exc)
-            if self.store is not None:
-                self.store.forget(seg, f"{type(exc).__name__}: {exc}")
             lane = self._lanes[cam]
+            if isinstance(exc, FileNotFoundError):
+                if self.store is not None:
+                    self.store.forget(seg, f"{type(exc).__name__}: {exc}")
+            else:
+                lane.paused_until = time.monotonic() + SEGMENT_RETRY_S
             with contextlib.suppress(ValueError):
                 lane.inflight.remove((seg.last_seq, True, seg.name.size))
             lane.todo.append([seg.first_seq, seg.last_seq])

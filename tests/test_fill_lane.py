@@ -9,6 +9,7 @@ the lane declared footage lost that was on disk (found by a review: the store ha
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from collections.abc import Iterator
@@ -191,3 +192,30 @@ def test_acks_for_a_session_not_planned_yet_leave_the_planned_lanes_alone() -> N
     d = uplink.stream("D")
     assert d is not None
     assert d.acked[3] == 2
+
+
+async def test_a_segment_unreadable_for_now_is_tried_again_not_declared_lost(
+    tmp_path: Path, audit: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error is not a missing file: the segment stays in the store (it was
+    forgotten, its bytes out of the quota, its footage declared lost while on disk) and
+    the lane tries it again after a pause, not in a loop (found by a review)."""
+    feed = Feed(make_h264_packets(3 * PER_SEGMENT, 160, 120, fps=30, gop=PER_SEGMENT // 2))
+    async with opened(tmp_path / "store", audit) as store:
+        sealed = Sealed(store)
+        for pkt in feed.take(PER_SEGMENT + 1):
+            store.push(pkt, STREAM)
+        (first,) = await sealed.wait(1)
+        uplink, stream = ended_session(store, PER_SEGMENT - 1)
+        assert uplink._fill_item(stream) == (0, first)
+
+        def failing(seg: StoredSegment) -> bytes:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(SegmentStore, "read", staticmethod(failing))
+        no_socket = cast(Any, None)  # the read fails before anything is sent
+        await uplink._send_segment(no_socket, no_socket, 0, first)
+        assert uplink._fill_item(stream) is None  # paused: not read again at once
+        assert store.find("cam", 0) == first  # still the store's
+        uplink._lanes[0].paused_until = 0.0  # the pause is over
+        assert uplink._fill_item(stream) == (0, first)

@@ -597,3 +597,30 @@ async def test_a_camera_gone_silent_has_its_last_seconds_sealed(
             (0, PER_SEGMENT - 1),
             (PER_SEGMENT, PER_SEGMENT + 9),
         ]
+
+
+async def test_a_segment_whose_folder_fsync_failed_is_kept(
+    tmp_path: Path, audit: AuditLog, media: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is whole under its name once renamed: a failed fsync of its folder left
+    it on disk, out of the index and the quota, audited as lost (found by a review)."""
+    from agent import store as store_module
+
+    fsync_dir, calls = store_module._fsync_dir, []
+
+    def failing_once(folder: Path) -> None:
+        if folder.name == "cam":  # the camera's folder, after a segment's rename
+            calls.append(folder)
+            if len(calls) == 1:
+                raise OSError(errno.EIO, "Input/output error")
+        fsync_dir(folder)
+
+    monkeypatch.setattr(store_module, "_fsync_dir", failing_once)
+    feed = Feed(media)
+    async with opened(tmp_path / "store", audit) as store:
+        sealed = Sealed(store)
+        push(store, feed.take(PER_SEGMENT + 1))
+        (seg,) = await sealed.wait(1)
+        assert store.find("cam", 0) == seg
+        assert store.used_bytes() == seg.path.stat().st_size
+    assert not events(audit, "segment_lost")
