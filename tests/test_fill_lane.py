@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol as p
 from agent.audit import AuditLog
@@ -34,6 +33,7 @@ from tests.test_store import (
     Sealed,
     opened,
 )
+from tests.uplink import unconnected_uplink
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,14 +70,7 @@ def ended_session(store: SegmentStore, end_seq: int) -> tuple[UplinkClient, Sess
     """An uplink owing one camera's ended session, seqs 0..``end_seq``, planned as on a
     connection: the receiver holds nothing and RAM none of it (after a restart, or RAM
     trimmed), so everything comes from the store."""
-    uplink = UplinkClient(
-        url="wss://127.0.0.1:1/v1/uplink",
-        origin="wss://127.0.0.1:1",
-        pin="sha256:" + "00" * 32,
-        device_id="device-1",
-        device_key=Ed25519PrivateKey.generate(),
-        store=store,
-    )
+    uplink = unconnected_uplink(store=store)
     camera = p.CameraDesc(0, "cam", "interior", "h264", 160, 120, 30.0, b"", 0, 0)
     open_ = p.SessionOpen(
         "s-1", "b-1", {"kind": "button"}, time.time(), time.time() + 60, (camera,)
@@ -158,13 +151,7 @@ def test_acks_for_a_session_not_planned_yet_leave_the_planned_lanes_alone() -> N
     the next session is the head before the writer plans it; its acks (or a reconnect's
     welcome) indexed the old lanes by camera: an IndexError that ended the uplink for
     good (found by a review)."""
-    uplink = UplinkClient(
-        url="wss://127.0.0.1:1/v1/uplink",
-        origin="wss://127.0.0.1:1",
-        pin="sha256:" + "00" * 32,
-        device_id="device-1",
-        device_key=Ed25519PrivateKey.generate(),
-    )
+    uplink = unconnected_uplink()
 
     def session(sid: str, cameras: int) -> p.SessionOpen:
         descs = tuple(

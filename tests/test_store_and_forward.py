@@ -24,6 +24,7 @@ import pytest
 from agent import daemon
 from agent.config import CameraConfig, load_config
 from agent.daemon import Agent, make_source
+from agent.emergency import Session
 from agent.segment import SegmentName
 from agent.uplink import SessionStream
 from breakglass.demo import press_button, write_agent_config
@@ -41,6 +42,18 @@ def via_proxy(config: Path, receiver: Receiver, proxy: TcpProxy) -> Path:
     receiver.ingest.origins.append(proxy.origin)
     config.write_text(config.read_text().replace(receiver.uplink_url, proxy.origin + "/v1/uplink"))
     return config
+
+
+async def pressed(agent: Agent) -> Session:
+    """Once the uplink is up and a second of footage was captured: press the button; the
+    session it started."""
+    await agent.uplink.wait_until(lambda: agent.uplink.connected)
+    await agent.capture.wait_packets(30)
+    press_button(agent)
+    await agent.wait_until(lambda: agent.emergency.active is not None)
+    session = agent.emergency.active
+    assert session is not None
+    return session
 
 
 async def test_a_30_second_network_cut_ends_gapless(tmp_path: Path, receiver: Receiver) -> None:
@@ -301,12 +314,7 @@ async def test_the_owed_sessions_are_read_on_the_loop_that_changes_them(
     monkeypatch.setattr(daemon, "_owed_entry", reading)
     path = write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2)
     async with Agent(load_config(path)) as agent:
-        await agent.uplink.wait_until(lambda: agent.uplink.connected)
-        await agent.capture.wait_packets(30)
-        press_button(agent)
-        await agent.wait_until(lambda: agent.emergency.active is not None)
-        session = agent.emergency.active
-        assert session is not None
+        session = await pressed(agent)
         await agent.uplink.wait_until(
             lambda: agent.owed_path.exists() and session.id in agent.owed_path.read_text()
         )
@@ -346,12 +354,7 @@ async def test_a_session_resumes_when_a_camera_was_renamed_while_stopped(
     are; waiting for the missing one ended the resume task (found by a review)."""
     path = write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2)
     async with Agent(load_config(path)) as agent:
-        await agent.uplink.wait_until(lambda: agent.uplink.connected)
-        await agent.capture.wait_packets(30)
-        press_button(agent)
-        await agent.wait_until(lambda: agent.emergency.active is not None)
-        session = agent.emergency.active
-        assert session is not None
+        session = await pressed(agent)
     path.write_text(path.read_text().replace('"hallway-2"', '"hallway-3"'))
     async with Agent(load_config(path)) as again:
         await again.uplink.wait_until(lambda: again.uplink.stream(session.id) is not None)
@@ -382,12 +385,7 @@ async def test_a_camera_that_does_not_say_its_rate_or_size_is_described_as_confi
 
     path = write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2)
     async with Agent(load_config(path), source_factory=vague) as agent:
-        await agent.uplink.wait_until(lambda: agent.uplink.connected)
-        await agent.capture.wait_packets(30)
-        press_button(agent)
-        await agent.wait_until(lambda: agent.emergency.active is not None)
-        session = agent.emergency.active
-        assert session is not None
+        session = await pressed(agent)
         stream = agent.uplink.stream(session.id)
         assert stream is not None
         await agent.uplink.wait_until(lambda: min(stream.acked) >= 0)

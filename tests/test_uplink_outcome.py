@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol as p
 from agent.errors import UplinkRefused
-from agent.uplink import UplinkClient, connection_outcome
+from agent.uplink import connection_outcome
+from tests.uplink import unconnected_uplink
 
 
 async def test_a_refusal_read_after_the_writer_broke_wins() -> None:
@@ -67,14 +67,7 @@ async def test_an_unexpected_error_is_logged_and_the_uplink_connects_again(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A bug of ours in a connection (any exception) must not end the uplink for good."""
-    uplink = UplinkClient(
-        url="wss://127.0.0.1:1/v1/uplink",
-        origin="wss://127.0.0.1:1",
-        pin="sha256:" + "00" * 32,
-        device_id="device-1",
-        device_key=Ed25519PrivateKey.generate(),
-        reconnect_max_s=0.05,
-    )
+    uplink = unconnected_uplink(reconnect_max_s=0.05)
     again = asyncio.Event()
     calls = 0
 
@@ -102,14 +95,7 @@ def test_the_receiver_cannot_claim_more_of_the_trail_than_the_device_has() -> No
     """An audit_ack (or a welcome) beyond the device's last entry stopped the trail from
     being shipped for the rest of the connection (found by a review)."""
     head = 5
-    uplink = UplinkClient(
-        url="wss://127.0.0.1:1/v1/uplink",
-        origin="wss://127.0.0.1:1",
-        pin="sha256:" + "00" * 32,
-        device_id="device-1",
-        device_key=Ed25519PrivateKey.generate(),
-        audit_head=lambda: head,
-    )
+    uplink = unconnected_uplink(audit_head=lambda: head)
     uplink._on_audit_ack(p.AuditAck(10**12))
     assert uplink.audit_acked == 5
     head = 7

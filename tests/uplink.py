@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol as p
+from agent.uplink import UplinkClient
 from provisioning.tls import fingerprint_digest
 
-__all__ = ["UplinkTarget", "connect_device"]
+__all__ = ["UplinkTarget", "connect_device", "unconnected_uplink"]
+
+
+def unconnected_uplink(**options: Any) -> UplinkClient:
+    """An agent's uplink client that is never run (nothing listens at its address): for
+    tests that drive its rules by hand."""
+    return UplinkClient(
+        url="wss://127.0.0.1:1/v1/uplink",
+        origin="wss://127.0.0.1:1",
+        pin="sha256:" + "00" * 32,
+        device_id="device-1",
+        device_key=Ed25519PrivateKey.generate(),
+        **options,
+    )
 
 
 class UplinkTarget(Protocol):
