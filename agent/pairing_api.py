@@ -35,6 +35,7 @@ import os
 import secrets
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ from provisioning.pairing import (
 log = logging.getLogger(__name__)
 
 MAX_BODY = 4096
+#: A refusal is audited once per this long per address, step and code (then counted).
+REFUSALS_REPORT_S = 60.0
+MAX_REFUSAL_KEYS = 1024
 #: A paired technician may use the channel this long (enroll, check the cameras' aim).
 SESSION_S = 600.0
 MAX_CHANNEL_BODY = 2 * MAX_MESSAGE_BYTES
@@ -122,6 +126,8 @@ class PairingService:
         if window_s > 0:
             self.window.open(mono())
         self._attempt: tuple[str, DevicePairing] | None = None
+        #: (peer, step, code) -> (when last audited, refusals not audited since)
+        self._refusals: OrderedDict[tuple[str, str, str], tuple[float, int]] = OrderedDict()
         self._session: tuple[str, Any, float] | None = None  # (id, channel, until)
 
     def is_open(self) -> bool:
@@ -166,10 +172,13 @@ class PairingService:
     async def _start(self, request: web.Request) -> web.Response:
         peer = request.remote or "?"
         try:
+            body = await self._body(request)
+            # Checked and counted with no await between: requests sent at once, each
+            # waiting for its body, must not all pass the check before one is counted.
             now = self.mono()
             self.window.check(now)
-            message = self._b64(await self._body(request), "msg")
             self.window.failed(now)  # counted until confirmed: the answer tests one guess
+            message = self._b64(body, "msg")
             attempt = DevicePairing(self._code, self.device_id)
             device_msg, confirm = attempt.respond(message)
         except PairingError as exc:
@@ -187,7 +196,7 @@ class PairingService:
             doc = await self._body(request)
             current = self._attempt
             if current is None or not secrets.compare_digest(
-                str(doc.get("attempt", "")), current[0]
+                str(doc.get("attempt", "")).encode(), current[0].encode()
             ):
                 raise PairingError("no_attempt", "no pairing attempt by that id is in progress")
             self._attempt = None  # one confirmation per attempt
@@ -213,7 +222,9 @@ class PairingService:
             if (
                 current is None
                 or self.mono() >= current[2]
-                or not secrets.compare_digest(str(doc.get("session", "")), current[0])
+                or not secrets.compare_digest(
+                    str(doc.get("session", "")).encode(), current[0].encode()
+                )
             ):
                 raise PairingError("no_session", "no paired session by that id (pair again)")
             channel = current[1]
@@ -241,8 +252,21 @@ class PairingService:
         return response
 
     def _refuse(self, exc: PairingError, peer: str, step: str) -> web.Response:
-        log.warning("pairing %s from %s refused: %s", step, peer, exc.code)
-        self.audit.record_soon("pairing_refused", peer=peer, step=step, code=exc.code)
+        # Audited once a minute per address, step and code, then with the count of those
+        # not audited since: a client repeating refused requests must not fill the card.
+        now, key = self.mono(), (peer, step, exc.code)
+        held = self._refusals.pop(key, None)
+        if held is None or now - held[0] >= REFUSALS_REPORT_S:
+            log.warning("pairing %s from %s refused: %s", step, peer, exc.code)
+            repeats = {} if held is None else {"repeats": held[1]}
+            self.audit.record_soon(
+                "pairing_refused", peer=peer, step=step, code=exc.code, **repeats
+            )
+            self._refusals[key] = (now, 0)
+        else:
+            self._refusals[key] = (held[0], held[1] + 1)
+        while len(self._refusals) > MAX_REFUSAL_KEYS:
+            self._refusals.popitem(last=False)
         return web.json_response(
             {"error": exc.code, "detail": exc.detail}, status=STATUS.get(exc.code, 400)
         )

@@ -14,13 +14,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.demo import write_agent_config
 from breakglass.pairing_client import pair
+from provisioning import documents as d
 from provisioning.keys import kid
-from provisioning.pairing import PairingError, normalise_code
+from provisioning.pairing import PairingError, TechnicianPairing, normalise_code
 from provisioning.tls import ensure_certificate, server_context
 from receiver.server import Receiver
 
@@ -154,3 +156,68 @@ async def test_the_technician_cli_pairs_and_writes_what_the_code_proved(
     paired = json.loads(out.read_text())
     assert paired["kid"] == kid(agent.device_public_key)
     assert paired["fingerprint"] == api.fingerprint
+
+
+async def test_guesses_sent_at_once_get_one_answer(agent: Agent) -> None:
+    """Each request used to pass the window's check while its body was on the way, and
+    be counted only after: guesses sent at once were all answered (each answer tests
+    one guess offline). Found by a review: 300 guesses in one window, code recovered."""
+    api = agent.local_api
+    assert api is not None and api.pairing is not None
+    url = URL(api.url)
+    code = setup_code(agent)
+    device = agent.config.device_id
+    guesses = [f"{(int(code) + 1 + i) % 10**8:08d}" for i in range(20)]
+    bodies = [
+        json.dumps({"msg": d.b64url(TechnicianPairing(g, device).start())}).encode()
+        for g in guesses
+    ]
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    conns = []
+    for body in bodies:  # every request's head first, its body held back
+        reader, writer = await asyncio.open_connection(url.host, url.port, ssl=tls)
+        writer.write(
+            b"POST /v1/pairing/start HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % len(body)
+        )
+        await writer.drain()
+        conns.append((reader, writer))
+    async with (  # a round trip: the heads are in
+        aiohttp.ClientSession() as http,
+        http.get(api.url + "/v1/status", ssl=tls) as r,
+    ):
+        assert r.status == 200
+    for (_, writer), body in zip(conns, bodies, strict=True):
+        writer.write(body)
+        await writer.drain()
+    answers = []
+    for reader, writer in conns:
+        answers.append(json.loads((await reader.read()).partition(b"\r\n\r\n")[2]))
+        writer.close()
+    assert sum("confirm" in a for a in answers) == 1
+    assert {a.get("error") for a in answers if "confirm" not in a} == {"rate_limited"}
+    assert api.pairing.window.failures == 1
+
+
+async def test_refusals_repeated_are_audited_once_with_their_count(agent: Agent) -> None:
+    """Every refusal was an fsynced audit entry: 5,000 requests, 5,000 entries on the SD
+    card (found by a review). Now once a minute per address, step and code."""
+    api = agent.local_api
+    assert api is not None and api.pairing is not None
+    async with aiohttp.ClientSession() as http:
+        for attempt in ("é", "x", "y", "z"):  # no such attempt (é: once a 500)
+            body = {"attempt": attempt, "confirm": "AA"}
+            async with http.post(api.url + "/v1/pairing/confirm", json=body, ssl=False) as r:
+                assert (r.status, (await r.json())["error"]) == (409, "no_attempt")
+    refused = [e for e in audit(agent) if e["event"] == "pairing_refused"]
+    assert [(e["step"], e["code"]) for e in refused] == [("confirm", "no_attempt")]
+    clock = api.pairing.mono
+    api.pairing.mono = lambda: clock() + 61  # a minute later: the next one says how many
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(api.url + "/v1/pairing/confirm", json={"attempt": "w"}, ssl=False) as r,
+    ):
+        assert r.status == 409
+    refused = [e for e in audit(agent) if e["event"] == "pairing_refused"]
+    assert [e.get("repeats") for e in refused] == [None, 3]
