@@ -76,23 +76,34 @@ def open_part_file(path: Path, sync_dir: bool) -> int:
     return fd
 
 
+def cut_part(path: Path, size: int) -> None:
+    """Cut a part file to its first ``size`` bytes (the last good fsync's), durably."""
+    try:
+        with open(path, "r+b") as f:
+            if os.fstat(f.fileno()).st_size > size:
+                _LOG.warning("%s: cut to %d bytes, what the last good fsync covered", path, size)
+                f.truncate(size)
+            os.fsync(f.fileno())
+    except FileNotFoundError:
+        pass
+
+
 def scan_part(path: Path, repair: bool) -> tuple[int, bytes | None]:
     """Samples in complete fragments and the avcC; with ``repair`` cut a torn tail."""
     try:
         with open(path, "r+b" if repair else "rb") as f:
             result = scan_file(f)
-            if repair:
-                if result.torn:
-                    _LOG.warning(
-                        "%s: truncating torn tail %d -> %d bytes",
-                        path,
-                        result.file_size,
-                        result.valid_end,
-                    )
-                    f.truncate(result.valid_end)
-                # Whatever survived a crash in the page cache becomes durable now,
-                # before we report it as acknowledged.
-                os.fsync(f.fileno())
+            if repair and result.torn:
+                _LOG.warning(
+                    "%s: truncating torn tail %d -> %d bytes",
+                    path,
+                    result.file_size,
+                    result.valid_end,
+                )
+                f.truncate(result.valid_end)
+            # Whatever survived a crash in the page cache becomes durable now, before it
+            # is reported as held (a welcome's acks, the index): read-only too.
+            os.fsync(f.fileno())
             return result.samples, result.avcc
     except FileNotFoundError:
         return 0, None

@@ -59,7 +59,7 @@ from receiver.errors import (
 )
 from receiver.fragmenter import Fragmenter
 from receiver.h264 import has_sps
-from receiver.parts import PartInfo, PartWriter, open_part_file, scan_part
+from receiver.parts import PartInfo, PartWriter, cut_part, open_part_file, scan_part
 from receiver.summaries import part_file
 
 __all__ = [
@@ -286,8 +286,17 @@ class Run:
         self.repaired = self.repaired or repair
 
     async def repair(self) -> None:
-        """Release the part (a failed one too) and re-read the run from disk, torn tails cut."""
+        """Release the part (a failed one too) and re-read the run from disk, torn tails cut.
+
+        After a failed write or fsync, the last part is first cut to what the last good
+        fsync covered: what came after may sit in the page cache, never to reach the disk
+        (Linux reports a failed fsync once and drops its pages' error), and a scan would
+        count it as durable.
+        """
+        failed, covered, last = self._failure is not None, self._synced, self.parts[-1].file
         await self.close()
+        if failed:
+            await asyncio.to_thread(cut_part, self._dir / last, covered)
         await self._scan(repair=True)
         self._failure = None
 

@@ -825,3 +825,54 @@ async def test_a_cancelled_session_save_keeps_the_next_one_waiting_for_its_write
     assert most[0] == 1
     saved = json.loads((store.root / "s-1" / "session.json").read_text())
     assert saved["session_id"] == "s-1"
+
+
+async def test_frames_of_a_failed_fsync_are_not_counted_when_the_session_reopens(
+    store: RecordingStore, packets: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an EIO from fsync, Linux keeps the pages in the cache marked clean, never
+    to be written; a rescan counted them, and the re-opened session acknowledged frames
+    that were not on disk (found by a review). The part is cut to the last good fsync."""
+    fsync, failing = os.fsync, [False]
+
+    def fsync_failing_once(fd: int) -> None:
+        if failing[0] and os.readlink(f"/proc/self/fd/{fd}").endswith(".mp4"):
+            failing[0] = False
+            raise OSError(errno.EIO, "Input/output error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_failing_once)
+    _, cam = await open_cam(store, packets)
+    await feed(cam, packets, range(20))
+    acked = await cam.flush()
+    assert acked == 18  # the muxer writes a frame when the next one arrives
+    failing[0] = True
+    await feed(cam, packets, range(20, 40))
+    with pytest.raises(RecordingFailedError):
+        await cam.flush()
+    again = await store.open_session("s-1", "dev-1", META, [make_track(packets, "cam1")])
+    assert again.camera("cam1").durable_seq == acked
+
+
+async def test_what_a_restart_finds_on_disk_is_made_durable_before_it_is_reported(
+    tmp_path: Path, packets: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between a write and its fsync, the receiver left frames in the page cache;
+    the next start counted them (welcome acks, the index) without an fsync, and a power
+    cut then lost acknowledged footage (found by a review)."""
+    async with RecordingStore(tmp_path / "rec") as first:
+        _, cam = await open_cam(first, packets)
+        await feed(cam, packets, range(20))
+        await cam.flush()
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    async with RecordingStore(tmp_path / "rec") as again:
+        held = again.get("s-1").camera("cam1").durable_seq
+        assert held >= 18
+    assert any(path.endswith("/s-1/cam1.0.mp4") for path in synced)
