@@ -460,8 +460,12 @@ class CameraRecording:
             "camera %r: device declares seqs %d..%d %s", self.camera_id, first, last, reason
         )
         self.gaps.append(gap)
+        try:
+            await self._save()  # first: acks move past the gap only once it is on disk
+        except BaseException:
+            self.gaps.remove(gap)
+            raise
         self._gaps_changed()
-        await self._save()
 
     def _gaps_changed(self) -> None:
         self._gap_ranges = seqranges.merge((g.first, g.last) for g in self.gaps)

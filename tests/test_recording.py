@@ -876,3 +876,35 @@ async def test_what_a_restart_finds_on_disk_is_made_durable_before_it_is_reporte
         held = again.get("s-1").camera("cam1").durable_seq
         assert held >= 18
     assert any(path.endswith("/s-1/cam1.0.mp4") for path in synced)
+
+
+async def test_an_ack_moves_past_a_declared_gap_only_once_the_gap_is_on_disk(
+    store: RecordingStore, packets: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gap counted toward the ack while session.json was still being saved: a crash
+    (or a full disk) then lost the record of it, and the ack the device had been sent
+    was past footage the receiver neither holds nor has a reason for (found by a
+    review)."""
+    from receiver import session_recording
+
+    rec = await store.open_session("s-1", "dev-1", META, [make_track(packets, live_seq=30)])
+    cam = rec.camera("cam1")
+    await feed(cam, packets, range(30, 50))
+    await cam.flush()
+    assert cam.durable_seq == -1  # 0..29 never came
+    write = session_recording._write_atomic
+    saving, release = threading.Event(), threading.Event()
+
+    def slow_write(path: Path, data: bytes) -> None:
+        saving.set()
+        if not release.wait(10):
+            raise AssertionError("never released")
+        write(path, data)
+
+    monkeypatch.setattr(session_recording, "_write_atomic", slow_write)
+    declaring = asyncio.create_task(cam.declare_gap(0, 29, "lost"))
+    assert await asyncio.to_thread(saving.wait, 10)
+    assert cam.durable_seq == -1  # not before the gap is on disk
+    release.set()
+    await declaring
+    assert cam.durable_seq == 48
