@@ -4,7 +4,8 @@ HTTPS with the device's own self-signed certificate (``state/tls/``; its
 fingerprint goes into the mDNS TXT record and the enrollment), JSON in and
 out, errors ``{"error": CODE, "detail": "..."}`` with a stable CODE:
 
-- ``GET /v1/status``     state, building, cameras (id, zone, healthy), session;
+- ``GET /v1/status``     state, building, cameras (id, zone, healthy), session (its id
+  and expiry only: who started it and why is not for everyone on the LAN);
 - ``GET /v1/challenge``  a fresh single-use device nonce for clock-free triggers;
 - ``POST /v1/triggers``  a trigger envelope: 202 ``{"session": ...}`` or 4xx with
   the verifier's code; every attempt is audited;
@@ -54,6 +55,17 @@ log = logging.getLogger(__name__)
 TRIGGERS_PER_S: Final = 10.0
 TRIGGER_BURST: Final = 50.0
 FLOOD_REPORT_S: Final = 60.0
+
+
+def public_status(status: dict[str, Any]) -> dict[str, Any]:
+    """The status anyone on the LAN may read: not who started an emergency, or why
+    (a trigger's reason, the signer, the button's room, the client's address), nor the
+    enrollment certificate (a paired technician gets that over the pairing channel)."""
+    out = {k: v for k, v in status.items() if k != "certificate"}
+    session = status.get("session")
+    if isinstance(session, dict):
+        out["session"] = {k: session[k] for k in ("id", "expires_at") if k in session}
+    return out
 
 
 class ApiHost(Protocol):
@@ -204,7 +216,7 @@ class LocalApi:
         return self._agent
 
     async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.host.status())
+        return web.json_response(public_status(self.host.status()))
 
     async def _challenge(self, request: web.Request) -> web.Response:
         challenge = self.agent.gate.challenge()

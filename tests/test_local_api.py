@@ -100,6 +100,9 @@ async def test_each_reason_code_over_https_is_answered_and_audited(
         status, doc = await call(agent, "GET", "/v1/status")
         assert status == 200
         assert doc["state"] == "active" and doc["session"]["id"] == session
+        # Not who started it, or why, for anyone on the LAN (found by a review).
+        assert set(doc["session"]) == {"id", "expires_at"}
+        assert "certificate" not in doc
         agent.end("test finished")
     trail = audit_entries(tmp_path / "agent")
     rejected = {
