@@ -45,7 +45,7 @@ from agent.technician import TechnicianDesk
 from provisioning.documents import DocumentError, envelope_limit
 from provisioning.keys import kid, public_pem
 from provisioning.tls import ensure_certificate, server_context
-from provisioning.triggers import CODES, MAX_KEYLIST_PAYLOAD
+from provisioning.triggers import CODES, MAX_KEYLIST_PAYLOAD, ChallengesExhausted
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
@@ -219,7 +219,11 @@ class LocalApi:
         return web.json_response(public_status(self.host.status()))
 
     async def _challenge(self, request: web.Request) -> web.Response:
-        challenge = self.agent.gate.challenge()
+        try:
+            challenge = self.agent.gate.challenge(request.remote or "?")
+        except ChallengesExhausted as exc:
+            body = {"error": "rate_limited", "detail": str(exc)}
+            return web.json_response(body, status=429, headers={"Retry-After": "60"})
         ttl = self.agent.gate.challenges.ttl_s
         return web.json_response({"challenge": challenge, "expires_in_s": ttl})
 

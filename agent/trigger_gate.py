@@ -141,9 +141,10 @@ class TriggerGate:
             log.info("trigger-key list v%d installed (%d keys)", keys.version, len(keys.keys))
         return keys
 
-    def challenge(self) -> str:
-        """A fresh single-use device challenge."""
-        return self.challenges.issue(self.mono())
+    def challenge(self, client: str | None = None) -> str:
+        """A fresh single-use device challenge for ``client`` (its address). Raises
+        :class:`provisioning.triggers.ChallengesExhausted`."""
+        return self.challenges.issue(self.mono(), client)
 
     def verify(self, body: bytes | str | Mapping[str, Any], *, via: str) -> Accepted | Rejected:
         """Verify one trigger. A rejection is counted and audited here."""

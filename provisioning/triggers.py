@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
@@ -51,6 +51,7 @@ MAX_LIFETIME_S: Final = 300
 #: A challenge is good for one trigger within this long of being issued.
 CHALLENGE_TTL_S: Final = 300.0
 MAX_CHALLENGES: Final = 64
+MAX_CHALLENGES_PER_CLIENT: Final = 4
 MAX_KEYLIST_PAYLOAD: Final = 64 * 1024
 ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 NONCE_RE: Final = re.compile(r"^[A-Za-z0-9_-]{22,86}$")  # 16..64 bytes in base64url
@@ -274,39 +275,75 @@ class MemoryReplayCache:
         self.nonces[nonce] = keep_until
 
 
+class ChallengesExhausted(Exception):
+    """No challenge now: too many are outstanding (in all, or of this client)."""
+
+
 class Challenges:
     """Device nonces for triggers from signers whose clock the device cannot trust
     (or a device whose own clock is not synchronised yet). Single use, in memory,
-    at most :data:`MAX_CHALLENGES` outstanding, each good for ``ttl_s`` of the
-    device's monotonic clock."""
+    each good for ``ttl_s`` of the device's monotonic clock; at most ``limit``
+    outstanding, and ``per_client`` of one client (its address).
 
-    def __init__(self, ttl_s: float = CHALLENGE_TTL_S, limit: int = MAX_CHALLENGES) -> None:
+    When they are all outstanding, new ones are refused, never the oldest given up: a
+    dispatcher signing with one takes minutes, and a flood of requests must not cancel
+    it.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float = CHALLENGE_TTL_S,
+        limit: int = MAX_CHALLENGES,
+        per_client: int = MAX_CHALLENGES_PER_CLIENT,
+    ) -> None:
         self.ttl_s = ttl_s
         self.limit = limit
-        self._issued: OrderedDict[str, float] = OrderedDict()
+        self.per_client = per_client
+        #: challenge -> (issued at, client), oldest first.
+        self._issued: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self._held: Counter[str] = Counter()
 
-    def issue(self, mono: float) -> str:
-        """A fresh challenge (128 bits, base64url, never starting with ``-``).
+    def issue(self, mono: float, client: str | None = None) -> str:
+        """A fresh challenge (128 bits, base64url, never starting with ``-``) for
+        ``client`` (None: not counted per client). Raises :class:`ChallengesExhausted`.
 
         People copy it onto a command line (``trigger sign --challenge C``), where
         a leading ``-`` reads as an option; one draw in 64 would, so redraw.
         """
+        self._expire(mono)
+        if len(self._issued) >= self.limit:
+            raise ChallengesExhausted(f"{self.limit} challenges are outstanding; retry later")
+        if client is not None and self._held[client] >= self.per_client:
+            raise ChallengesExhausted(
+                f"{self.per_client} challenges of this client are outstanding; use one"
+            )
         challenge = secrets.token_urlsafe(16)
-        while challenge.startswith("-"):
+        while challenge.startswith("-") or challenge in self._issued:
             challenge = secrets.token_urlsafe(16)
-        self._issued[challenge] = mono
-        while len(self._issued) > self.limit:
-            self._issued.popitem(last=False)
+        self._issued[challenge] = (mono, client)
+        if client is not None:
+            self._held[client] += 1
         return challenge
 
     def valid(self, challenge: str, mono: float) -> bool:
         """Whether ``challenge`` is outstanding and fresh (does not consume it)."""
         issued = self._issued.get(challenge)
-        return issued is not None and 0 <= mono - issued <= self.ttl_s
+        return issued is not None and 0 <= mono - issued[0] <= self.ttl_s
 
     def consume(self, challenge: str) -> None:
         """Spend a challenge (after the trigger that carried it was accepted)."""
-        self._issued.pop(challenge, None)
+        issued = self._issued.pop(challenge, None)
+        if issued is not None and issued[1] is not None:
+            self._held[issued[1]] -= 1
+            if self._held[issued[1]] <= 0:
+                del self._held[issued[1]]
+
+    def _expire(self, mono: float) -> None:
+        while self._issued:
+            challenge, (issued, _) = next(iter(self._issued.items()))
+            if mono - issued <= self.ttl_s:
+                return
+            self.consume(challenge)
 
 
 def verify_trigger(

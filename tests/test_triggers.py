@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from provisioning import documents as d
 from provisioning.keys import kid, load_private_key, raw_public
 from provisioning.triggers import (
+    CHALLENGE_TTL_S,
     Accepted,
     Challenges,
+    ChallengesExhausted,
     KeyListRefused,
     Keyring,
     MemoryReplayCache,
@@ -353,3 +355,23 @@ def test_field_mutations_are_never_accepted(field: str, value: Any, resign: bool
     result = trust.verify(json.dumps(body))
     assert isinstance(result, Rejected)
     assert result.code in ("unknown_key", "bad_signature", "malformed", "too_large")
+
+
+def test_a_flood_of_challenges_cancels_none_already_given() -> None:
+    """At the limit the oldest was given up: 64 anonymous requests cancelled the one a
+    dispatcher was signing with (found by a review). Now new ones are refused, and one
+    client may hold only a few."""
+    challenges = Challenges(limit=8, per_client=4)
+    mine = challenges.issue(0.0, "dispatch-desk")
+    for i in range(7):
+        challenges.issue(0.0, f"10.0.0.{i // 4}")
+    with pytest.raises(ChallengesExhausted):
+        challenges.issue(1.0, "10.0.0.9")
+    assert challenges.valid(mine, 1.0)
+    per_client = Challenges(limit=64, per_client=4)
+    for _ in range(4):
+        per_client.issue(0.0, "10.0.0.1")
+    with pytest.raises(ChallengesExhausted):
+        per_client.issue(0.0, "10.0.0.1")
+    per_client.issue(0.0, "10.0.0.2")  # another client is not held back
+    per_client.issue(CHALLENGE_TTL_S + 1, "10.0.0.1")  # expired ones free their place
