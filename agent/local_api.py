@@ -20,7 +20,8 @@ An unprovisioned device (:mod:`agent.first_boot`) serves the status and the
 pairing endpoints; the others answer 409 ``unprovisioned``.
 
 Bodies are read up to the envelope limit and no further. Triggers are rate
-limited (a token bucket, :data:`TRIGGERS_PER_S`): a flood is answered 429
+limited (a token bucket per client address, :data:`TRIGGERS_PER_S`, and one for
+all clients, twice that): a flood is answered 429
 ``rate_limited`` and audited as one ``trigger_flood`` entry per minute with its
 count, so nobody on the LAN can fill the SD card with audit entries.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -55,6 +57,10 @@ log = logging.getLogger(__name__)
 TRIGGERS_PER_S: Final = 10.0
 TRIGGER_BURST: Final = 50.0
 FLOOD_REPORT_S: Final = 60.0
+#: Client addresses whose trigger buckets are kept (the least recent are forgotten).
+MAX_CLIENTS: Final = 1024
+#: The API's bucket, for all clients together, in units of one client's.
+ALL_CLIENTS: Final = 2.0
 
 
 def public_status(status: dict[str, Any]) -> dict[str, Any]:
@@ -108,8 +114,8 @@ class LocalApi:
         self._runner: web.AppRunner | None = None
         self._stopped = False
         self.pairing: PairingService | None = None
-        self._tokens = burst
-        self._tokens_at = time.monotonic()
+        #: Per client address: (tokens, when counted); the least recent are forgotten.
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._flood = 0
         self._flood_since = 0.0
 
@@ -228,7 +234,7 @@ class LocalApi:
         return web.json_response({"challenge": challenge, "expires_in_s": ttl})
 
     async def _trigger(self, request: web.Request) -> web.Response:
-        if not self._take_token():
+        if not self._take_token(request.remote or "?"):
             return web.json_response(
                 {"error": "rate_limited", "detail": "too many triggers; retry in a second"},
                 status=429,
@@ -241,7 +247,7 @@ class LocalApi:
         return web.json_response(dict(outcome.body), status=outcome.status)
 
     async def _trigger_keys(self, request: web.Request) -> web.Response:
-        if not self._take_token():
+        if not self._take_token(request.remote or "?"):
             return web.json_response({"error": "rate_limited", "detail": "retry later"}, status=429)
         body = await request.content.read(envelope_limit(MAX_KEYLIST_PAYLOAD) + 1)
         try:
@@ -256,12 +262,20 @@ class LocalApi:
 
     # -- flood control ----------------------------------------------------------------
 
-    def _take_token(self) -> bool:
+    def _take_token(self, client: str) -> bool:
+        """One request of ``client`` (its address), under its own bucket and the API's:
+        junk from one machine on the LAN must not use up what a principal's trigger
+        needs, and many machines together still cannot fill the card with audit
+        entries (the API's bucket is twice one client's)."""
         now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._tokens_at) * self.triggers_per_s)
-        self._tokens_at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        own = self._refill(client, now, 1)
+        total = self._refill("", now, ALL_CLIENTS)
+        taken = own >= 1 and total >= 1
+        self._buckets[client] = (own - 1 if taken else own, now)
+        self._buckets[""] = (total - 1 if taken else total, now)
+        while len(self._buckets) > MAX_CLIENTS:
+            self._buckets.popitem(last=False)
+        if taken:
             self._report_flood()
             return True
         if self._flood == 0:
@@ -271,6 +285,10 @@ class LocalApi:
             self._agent.gate.rejected["rate_limited"] += 1
         self._report_flood()
         return False
+
+    def _refill(self, key: str, now: float, scale: float) -> float:
+        tokens, at = self._buckets.pop(key, (self.burst * scale, now))
+        return min(self.burst * scale, tokens + (now - at) * self.triggers_per_s * scale)
 
     def _report_flood(self, *, force: bool = False) -> None:
         if self._flood and (force or time.monotonic() - self._flood_since >= FLOOD_REPORT_S):

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -17,6 +18,7 @@ from agent.emergency import State
 from breakglass.demo import BUILDING, press_button, write_agent_config
 from provisioning import documents as d
 from provisioning.keys import kid, load_private_key
+from provisioning.tls import fingerprint_digest
 from provisioning.triggers import sign_key_list
 from receiver.server import Receiver
 from tests.trust import Signers, call, enrol_roles, entry
@@ -370,3 +372,27 @@ async def test_each_button_has_its_room_and_the_alarm_says_which_was_pressed(
     presses = [e for e in audit_entries(tmp_path / "agent") if e["event"] == "button_press"]
     assert [(e["button"], e["started"]) for e in presses] == [("gym", True), ("office", False)]
     assert {e["session"] for e in presses} == {session.id}
+
+
+async def test_junk_from_one_machine_does_not_hold_back_a_real_trigger(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """One bucket for everyone: a flood of junk from one laptop on the LAN answered a
+    principal's real triggers 429 too (found by a review). Each address has its own."""
+    path, keys = agent_config(tmp_path, receiver)
+    async with Agent(load_config(path)) as agent:
+        api = agent.local_api
+        assert api is not None
+        pin = aiohttp.Fingerprint(fingerprint_digest(api.fingerprint))
+        flooder = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(connector=flooder) as http:
+            statuses = []
+            while len(statuses) < 200 and 429 not in statuses:  # bounded: the burst is 50
+                async with http.post(api.url + "/v1/triggers", data=b"{}", ssl=pin) as r:
+                    statuses.append(r.status)
+            assert statuses[-1] == 429 and len(statuses) > 10
+        status, answer = await call(
+            agent, "POST", "/v1/triggers", keys.trigger("principal", "start")
+        )
+        assert status == 202, answer
+        agent.end("test finished")
