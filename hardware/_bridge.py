@@ -84,6 +84,11 @@ class PacketQueue:
         #: Packets discarded because the consumer fell behind (live queues only).
         self.dropped = 0
 
+    @property
+    def failed(self) -> bool:
+        """Whether the producer ended with an error (:meth:`fail`)."""
+        return self._error is not None
+
     def take_slot(self) -> None:
         """Producer thread: wait for room in a lossless queue (returns at once if live)."""
         if self._slots is not None:
@@ -174,8 +179,8 @@ class ThreadedSource:
 
     def __init__(self, camera_id: str, *, max_buffered_s: float, lossless: bool = False) -> None:
         self._id = camera_id
-        label = self._describe()
-        self._queue = PacketQueue(label, max_buffered_s=max_buffered_s, lossless=lossless)
+        self._max_buffered_s = max_buffered_s
+        self._queue = self._new_queue(lossless)
         self._info: StreamInfo | None = None
         #: What :attr:`info` says before the first packet; subclasses fill in what they know.
         self._initial_info = StreamInfo("h264", 0, 0, 0.0, b"")
@@ -188,6 +193,9 @@ class ThreadedSource:
         self._held_info: StreamInfo | None = None
         self._held_lock = threading.Lock()
         self._handoff_ns = 0
+
+    def _new_queue(self, lossless: bool) -> PacketQueue:
+        return PacketQueue(self._describe(), max_buffered_s=self._max_buffered_s, lossless=lossless)
 
     def _describe(self) -> str:
         """How log lines and errors name this camera (never with credentials)."""
@@ -248,6 +256,13 @@ class ThreadedSource:
         """
         if self._closed:
             raise CameraError(f"{self._describe()} is closed")
+        if self._thread is not None and self._queue.failed:
+            # The worker failed (its error was raised to the last caller): a new try gets
+            # a new worker, or a camera busy at boot would stay in fault until a restart.
+            await asyncio.to_thread(self._thread.join)  # it ends once it said why
+            self._thread = None
+            self._queue = self._new_queue(self._lossless)
+            self._held, self._held_info = [], None
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._thread_main,

@@ -6,13 +6,16 @@ import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.demo import press_button, write_agent_config
+from hardware import EncoderUnavailable
 from hardware.led import LedPattern
+from hardware.synthetic import SyntheticCamera
 from receiver.server import Receiver
 
 pytestmark = pytest.mark.timeout(60)
@@ -88,3 +91,29 @@ async def test_a_pi_camera_without_picamera2_is_audited_and_the_agent_arms(
     event = next(e for e in audit_events(agent) if e["event"] == "camera_fault")
     assert event["camera"] == "front-door"
     assert "pi" in str(event["error"])  # names the extra to install
+
+
+async def test_a_camera_whose_worker_failed_starts_again_on_the_next_try(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The failed worker's error was raised again on every try, and no new worker
+    started: a Pi camera busy at boot stayed in fault until the agent restarted (found
+    by a review). Here the encoder fails to open once."""
+    camera = SyntheticCamera("cam", width=160, height=120, fps=30)
+    open_encoder, opened = camera._open_encoder, []
+
+    def busy_once() -> Any:
+        opened.append(1)
+        if len(opened) == 1:
+            raise ValueError("device busy")
+        return open_encoder()
+
+    monkeypatch.setattr(camera, "_open_encoder", busy_once)
+    async with camera:
+        with pytest.raises(EncoderUnavailable):
+            async for _ in camera.packets():
+                pass
+        async for packet in camera.packets():  # the try the capture makes next
+            assert packet.keyframe
+            break
+    assert len(opened) == 2
