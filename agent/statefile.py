@@ -121,8 +121,10 @@ class SequenceReservations:
         """The next sequence number of ``camera``; reserves a new block when needed."""
         seq = self._next.get(camera, 0)
         if seq >= self._limit.get(camera, 0):
+            # On disk first: a failed write must not leave numbers handed out that a
+            # restart would hand out again.
+            write_json(self.path, {**self._limit, camera: seq + self.BLOCK})
             self._limit[camera] = seq + self.BLOCK
-            write_json(self.path, self._limit)
         self._next[camera] = seq + 1
         return seq
 

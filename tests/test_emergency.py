@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.config import CameraConfig
 from agent.emergency import Emergency, Ended, Repeated, Started, State
 from agent.statefile import SequenceReservations, read_json, write_json
@@ -57,3 +59,27 @@ def test_sequence_numbers_never_repeat_across_restarts(tmp_path: Path) -> None:
     after_crash = SequenceReservations(tmp_path / "seq.json")
     assert after_crash.next("cam") > max(used)
     assert after_crash.next("other") == 0
+
+
+def test_a_failed_reservation_hands_out_no_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The block was counted before its write: after a failed write (a full card) the
+    next numbers were handed out unreserved, and a restart handed them out again (found
+    by a review)."""
+    from agent import statefile
+
+    seqs = SequenceReservations(tmp_path / "seq.json")
+    write, failing = statefile.write_json, [True]
+
+    def full_card(path: Path, doc: object) -> None:
+        if failing[0]:
+            failing[0] = False
+            raise OSError(28, "No space left on device")
+        write(path, doc)
+
+    monkeypatch.setattr(statefile, "write_json", full_card)
+    with pytest.raises(OSError, match="No space left"):
+        seqs.next("cam")
+    used = [seqs.next("cam") for _ in range(3)]  # reserved on disk this time
+    assert SequenceReservations(tmp_path / "seq.json").next("cam") > max(used)
