@@ -7,7 +7,7 @@ drawing attention. Patterns are data (:data:`PATTERNS`), one row each:
 ==================  ========  ========  ===================================
 pattern             on (s)    off (s)   meaning
 ==================  ========  ========  ===================================
-``OFF``             --        --        dark: unprovisioned or shut down
+``OFF``             --        --        dark: the agent is not running
 ``ARMED``           0.05      4.95      a blip every 5 s: working, discreet
 ``ALARM_PENDING``   0.1       0.1       fast flicker: pressed, police NOT
                                         reached yet (keep trying to get help)
