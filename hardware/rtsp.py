@@ -66,8 +66,20 @@ _log = logging.getLogger("hardware.camera")
 _SECRET_KEYS = re.compile(r"pass|pwd|secret|token|key|auth|sig", re.IGNORECASE)
 
 
+def _redact_pairs(text: str, separators: str) -> str:
+    """``key=value`` items of ``text`` (split at any of ``separators``) with a secret-
+    looking key: their values as ``***``."""
+    return re.sub(
+        rf"([^{re.escape(separators)}=]*)=([^{re.escape(separators)}]*)",
+        lambda m: f"{m[1]}=***" if _SECRET_KEYS.search(m[1]) else m[0],
+        text,
+    )
+
+
 def redact_url(url: str) -> str:
-    """``url`` with its user info and secret-looking query values replaced by ``***``."""
+    """``url`` with its user info and secret-looking values replaced by ``***``: in the
+    query, and in the path as cheap NVRs put them (``/user=admin&password=X&channel=1``,
+    ``;password=X``)."""
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -77,11 +89,9 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
-    query = "&".join(
-        f"{key}=***" if _SECRET_KEYS.search(key) else f"{key}{sep}{value}"
-        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    query = _redact_pairs(parts.query, "&;")
+    path = _redact_pairs(parts.path, "/&;?")
+    return urlunsplit((parts.scheme, netloc, path, query, parts.fragment))
 
 
 class RtspCamera(ThreadedSource):
@@ -207,10 +217,14 @@ class RtspCamera(ThreadedSource):
             if not first:
                 self._post(loop, lambda: self._set_state(connected=False, attempt=True))
             first = False
+            began = time.monotonic()
             error, delivered = self._session(loop, clock)
             if self._stop.is_set():
                 return
-            failures = 1 if delivered else failures + 1
+            # The backoff starts over only after a connection that lasted: a camera that
+            # sends a frame and hangs up is not called again twice a second forever.
+            lasted = delivered and time.monotonic() - began >= self._backoff[1]
+            failures = 1 if lasted else failures + 1
             _log.warning("%s", error)
             self._post(loop, lambda e=error: self._set_state(connected=False, error=e))
             if self._give_up_after is not None and failures >= self._give_up_after:
@@ -238,7 +252,9 @@ class RtspCamera(ThreadedSource):
             )
         except (av.error.FFmpegError, OSError) as exc:
             waited = time.monotonic() - started
-            return self._classify(exc, waited, self._open_timeout_s, "answer"), False
+            # The socket timeout (the read timeout) may end the handshake first.
+            within = min(self._open_timeout_s, self._read_timeout_s)
+            return self._classify(exc, waited, within, "answer"), False
         delivered = False
         last = time.monotonic()
         try:
