@@ -268,6 +268,13 @@ class RtspCamera(ThreadedSource):
             for packet in container.demux(stream):
                 if self._stop.is_set():
                     break
+                if time.monotonic() - last >= 0.9 * self._read_timeout_s:
+                    # After a read timeout FFmpeg's parser hands out the frame it held
+                    # instead of an error: a stalled camera, not a frame to stamp now.
+                    timeout = self._read_timeout_s
+                    return CameraTimeout(
+                        f"{self._describe()}: no packet within {timeout:g} s"
+                    ), delivered
                 for payload, keyframe, ts_ns in reader.units(packet):
                     if not (joined or keyframe):
                         continue  # a connection starts at a keyframe, or it would not decode
