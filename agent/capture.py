@@ -224,6 +224,10 @@ class Capture:
                 silent = now - state.last_packet_mono
                 if not state.fault and silent > self.watchdog_s[cam]:
                     state.fault, state.healthy = True, False
+                    # A source that retries by itself (an IP camera) says why it is silent.
+                    said = getattr(self.sources.get(cam), "last_error", None)
+                    if said is not None:
+                        state.last_error = str(said)[:300]
                     log.error("camera %s: no packet for %.1f s: fault", cam, silent)
                     if self.audit is not None:
                         self.audit.record_soon(
