@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from agent import chain as hash_chain
+from agent import owed
 from agent import protocol as p
 from agent.audit import AuditLog
 from agent.audit_feed import AuditFeed
@@ -36,7 +37,13 @@ from agent.policy import Outcome, apply_trigger, refused
 from agent.sdnotify import tasks_alive
 from agent.segment import StreamDesc, parse_recipient
 from agent.snapshot import SnapshotError, jpeg_from_packets
-from agent.statefile import SequenceReservations, read_state, write_atomic, write_json
+from agent.statefile import (
+    SequenceReservations,
+    check_sequences,
+    read_state,
+    write_atomic,
+    write_json,
+)
 from agent.store import Pin, SegmentStore
 from agent.technician import TechnicianDesk
 from agent.trigger_gate import TriggerGate
@@ -186,7 +193,7 @@ class Agent:
         )
         self._state_damaged(self.state_path, why)
         none_owed: dict[str, Any] = {}
-        self._owed, why = read_state(self.owed_path, _parse_owed, none_owed)
+        self._owed, why = read_state(self.owed_path, owed.parse, none_owed)
         self._state_damaged(self.owed_path, why)
         # Every camera's footage hash chain, signed with the device key (agent/chain.py). It
         # keeps its checkpoints as long as a session's pre-roll may reach back, and more.
@@ -658,7 +665,7 @@ class Agent:
 
     def _remember(self, stream: SessionStream) -> None:
         """Record a session the receiver is owed, so a restart resumes it."""
-        self._owed[stream.id] = _owed_entry(stream)
+        self._owed[stream.id] = owed.entry(stream)
         self._persist()
 
     def _refresh_owed(self) -> None:
@@ -666,7 +673,7 @@ class Agent:
         # for its cameras) stays as it was saved.
         live = {s.id: s for s in self.uplink.streams}
         kept = {k: v for k, v in self._owed.items() if k not in self.uplink.settled_ids}
-        self._owed = kept | {sid: _owed_entry(s) for sid, s in live.items()}
+        self._owed = kept | {sid: owed.entry(s) for sid, s in live.items()}
 
     async def _save_owed(self) -> None:
         """Save the sessions owed, if they changed: read on the loop (the uplink changes
@@ -685,7 +692,7 @@ class Agent:
     def _sequences(self, path: Path) -> SequenceReservations:
         """The cameras' sequence numbers: never below the sealed store's, so no seq is used
         twice (a store holding two segments of one seq sends the wrong footage)."""
-        _, why = read_state(path, _check_sequences, None)
+        _, why = read_state(path, check_sequences, None)
         self._state_damaged(path, why)
         # Never below what the store holds; without the file (damaged, or a state folder
         # wiped while the store stayed) two blocks above: what a run used beyond it.
@@ -933,57 +940,6 @@ def _described_size(info: StreamInfo, camera: CameraConfig) -> tuple[int, int, f
         )  # fmt: skip
         fps = camera.fps
     return width, height, fps
-
-
-def _check_sequences(doc: Any) -> None:
-    """sequences.json as :class:`SequenceReservations` writes it; ValueError otherwise."""
-    if not isinstance(doc, dict):
-        raise ValueError("not a JSON object")
-    for camera, limit in doc.items():
-        if not isinstance(limit, int) or limit < 0:
-            raise ValueError(f"{camera!r}: {limit!r} is not a sequence number")
-
-
-def _parse_owed(doc: Any) -> dict[str, Any]:
-    """owed.json as saved by :meth:`Agent._save_owed`; ValueError for anything else."""
-    if not isinstance(doc, dict):
-        raise ValueError("not a JSON object")
-    for sid, entry in doc.items():
-        event = p.decode_control(entry["open"])
-        if not isinstance(event, p.SessionOpen) or event.session != sid:
-            raise ValueError(f"session {sid!r}: its session_open is not its own")
-        cams = {c.id for c in event.cameras}
-        for field in ("first", "acked", "end"):
-            if not isinstance(entry[field], dict) or not set(entry[field]) <= cams:
-                raise ValueError(f"session {sid!r}: {field} names other cameras")
-        for cam in cams:
-            int(entry["first"][cam])
-            int(entry["acked"][cam])
-            if entry["end"].get(cam) is not None:
-                int(entry["end"][cam])
-        if not isinstance(entry.get("chain", []), list):
-            raise ValueError(f"session {sid!r}: chain is not a list")
-    return doc
-
-
-def _owed_entry(stream: SessionStream) -> dict[str, Any]:
-    cams = stream.open.cameras
-    return {
-        "open": p.encode_control(stream.open),
-        "first": {c.id: c.first_seq for c in cams},
-        "acked": {c.id: stream.acked[c.index] for c in cams},
-        "end": {c.id: stream.end_seq[c.index] for c in cams},
-        "close_reason": stream.close_reason,
-        # Unanswered checkpoints of footage the receiver holds (at least in part): after a
-        # restart they go again. What it does not hold yet comes from sealed segments,
-        # which carry their own checkpoints.
-        "chain": [
-            hash_chain.record_json(cp)
-            for c in cams
-            for cp in (stream.chain[c.index] if c.index < len(stream.chain) else ())
-            if cp.first <= stream.newest(c.index)
-        ],
-    }
 
 
 def _read_enrollment(path: Path | None) -> dict[str, Any] | None:

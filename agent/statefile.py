@@ -90,6 +90,15 @@ def read_state(path: Path, parse: Callable[[Any], T], default: T) -> tuple[T, st
     return default, why
 
 
+def check_sequences(doc: Any) -> None:
+    """sequences.json as :class:`SequenceReservations` writes it; ValueError otherwise."""
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    for camera, limit in doc.items():
+        if not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"{camera!r}: {limit!r} is not a sequence number")
+
+
 class SequenceReservations:
     """Per-camera sequence numbers that never repeat across restarts.
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from agent import daemon
+from agent import owed
 from agent.config import CameraConfig, load_config
 from agent.daemon import Agent, make_source
 from agent.emergency import Session
@@ -305,13 +305,13 @@ async def test_the_owed_sessions_are_read_on_the_loop_that_changes_them(
     owed file is written in a worker thread, from what the loop read (reading there
     raced: "deque mutated during iteration")."""
     readers: set[int] = set()
-    entry = daemon._owed_entry
+    entry = owed.entry
 
     def reading(stream: SessionStream) -> dict[str, Any]:
         readers.add(threading.get_ident())
         return entry(stream)
 
-    monkeypatch.setattr(daemon, "_owed_entry", reading)
+    monkeypatch.setattr(owed, "entry", reading)
     path = write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2)
     async with Agent(load_config(path)) as agent:
         session = await pressed(agent)
