@@ -67,6 +67,14 @@ def read_json(path: Path) -> Any | None:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
 
 
+def set_aside(path: Path, stamp: int) -> Path:
+    """Move a damaged state file to ``NAME.damaged-<stamp>`` beside it (kept for whoever
+    looks into it); its new path. Raises OSError."""
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    path.replace(aside)
+    return aside
+
+
 def read_state(path: Path, parse: Callable[[Any], T], default: T) -> tuple[T, str | None]:
     """``parse`` of the JSON in ``path``, or ``default`` if there is no such file.
 
@@ -80,9 +88,8 @@ def read_state(path: Path, parse: Callable[[Any], T], default: T) -> tuple[T, st
         return (default if doc is None else parse(doc)), None
     except Exception as exc:  # whatever the contents: never a dead agent
         why = f"{type(exc).__name__}: {exc}"[:300]
-    aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
     try:
-        path.replace(aside)
+        aside = set_aside(path, int(time.time()))
     except OSError as exc:
         log.critical("state file %s is damaged (%s) and cannot be moved aside: %s", path, why, exc)
     else:

@@ -23,7 +23,7 @@ from typing import Any
 from agent.audit import AuditLog
 from agent.config import TrustConfig
 from agent.replay import SqliteReplayCache
-from agent.statefile import read_state, write_json
+from agent.statefile import read_state, set_aside, write_json
 from provisioning.documents import DocumentError, envelope_limit
 from provisioning.errors import KeyFileError
 from provisioning.keys import load_public_key
@@ -80,8 +80,7 @@ class TriggerGate:
             # A damaged cache must not keep the agent (and its buttons) from arming. The
             # nonces it held are lost: a trigger accepted in the last six minutes could be
             # replayed once, which the audit trail then shows beside this entry.
-            aside = path.with_name(f"{path.name}.corrupt-{int(self.clock())}")
-            path.replace(aside)
+            aside = set_aside(path, int(self.clock()))
             log.error("replay cache %s unreadable (%s): moved to %s", path, exc, aside.name)
             self.audit.record("replay_cache_reset", error=str(exc)[:300], moved_to=aside.name)
             return SqliteReplayCache(path, self.clock)

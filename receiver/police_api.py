@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 DISPATCH_KEY: Final = web.AppKey("breakglass.dispatch", Dispatch)
 DATA_KEY: Final = web.AppKey("breakglass.data_dir", Path)
 _Seen = OrderedDict[tuple[str, str, str], None]
-_PLAYLISTS_KEY: Final = web.AppKey("breakglass.playlists_seen", _Seen)
+_HLS_SEEN_KEY: Final = web.AppKey("breakglass.hls_seen", _Seen)
 _EXPORTS_KEY: Final = web.AppKey("breakglass.export_threads", ThreadPoolExecutor)
 MAX_BODY: Final = 2048
 _MAX_SEEN: Final = 10_000
@@ -62,10 +62,10 @@ def setup_police_api(app: web.Application, data_dir: Path, dispatch: Dispatch) -
     """Add the routes and the HLS audit (after :func:`receiver.auth.setup_auth`)."""
     app[DISPATCH_KEY] = dispatch
     app[DATA_KEY] = Path(data_dir)
-    app[_PLAYLISTS_KEY] = OrderedDict()
+    app[_HLS_SEEN_KEY] = OrderedDict()
     app.router.add_post("/v1/dispatch", _dispatch)
     app.router.add_post("/v1/evidence/{session}", _evidence)
-    app.middlewares.append(_audit_playlists)
+    app.middlewares.append(_audit_hls)
     app.cleanup_ctx.append(_export_threads)
 
 
@@ -152,7 +152,7 @@ async def _evidence(request: web.Request) -> web.StreamResponse:
 
 
 @web.middleware
-async def _audit_playlists(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _audit_hls(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Log a login's HLS playlists and the part files it fetches through them (once per
     login session and camera, or part file: not per refresh or range request). A part
     file fetched directly, without its playlist, is footage too."""
@@ -173,7 +173,7 @@ async def _audit_playlists(request: web.Request, handler: Handler) -> web.Stream
         action, camera, fields = "recording_fetch", parsed[0], {"file": name, "via": "hls"}
     else:
         return response
-    seen = request.app[_PLAYLISTS_KEY]
+    seen = request.app[_HLS_SEEN_KEY]
     key = (user.login, session, name)
     if key not in seen:
         seen[key] = None
