@@ -107,12 +107,14 @@ class FreshReplayCamera(ThreadedSource):
         first: StreamInfo | None = info
         while True:
             lag = mono() - (start + index * period_ns)
-            if lag < 0:
-                if self._stop.wait(-lag / 1e9):
-                    return
-            elif self._stop.is_set():
+            if self._stop.is_set():
                 return
-            elif lag > 1_000_000_000:  # a stalled thread: skip to a keyframe due now
+            if lag < 0:
+                # One nanosleep per frame, as ffmpeg -re paces (the peer); a frame
+                # period is short enough to see a stop in time.
+                time.sleep(-lag / 1e9)
+                continue
+            if lag > 1_000_000_000:  # a stalled thread: skip to a keyframe due now
                 skipped = lag // period_ns
                 while not units[(index + skipped) % count][1]:
                     skipped += 1
