@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 #: Bytes a camera may have waiting (behind a segment being opened) before the
 #: connection stops reading, so a flood of segments is held back by TCP, not RAM.
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
+#: A camera's live packets that cannot be recorded are logged at most this often.
+BAD_FOOTAGE_LOG_EVERY_S = 60.0
 
 
 class CameraIngest:
@@ -93,6 +96,7 @@ class CameraIngest:
         #: Checkpoints received, not checked yet (with the time they came).
         self._unchecked: list[tuple[chain.Checkpoint, float]] = []
         self._custodian: asyncio.Task[None] | None = None
+        self._bad_logged_at, self._bad_since_log = -math.inf, 0
 
     # -- intake ----------------------------------------------------------
 
@@ -244,14 +248,20 @@ class CameraIngest:
         if isinstance(item, p.Gap):
             await self.camera.declare_gap(item.first, item.last, item.reason)
         elif item.kind is p.MediaKind.LIVE:
-            await self.camera.append(
-                item.seq,
-                item.capture_us,
-                item.keyframe,
-                item.payload,
-                preroll=item.preroll,
-                live=True,
-            )
+            try:
+                await self.camera.append(
+                    item.seq,
+                    item.capture_us,
+                    item.keyframe,
+                    item.payload,
+                    preroll=item.preroll,
+                    live=True,
+                )
+            except (BitstreamError, InvalidPacketError) as exc:
+                # A packet no part can start with (one camera sending garbage): this
+                # camera's footage, not our disk. Recorded as bad footage; its GOP is
+                # dropped; the device's other cameras and the connection go on.
+                self._bad_live_packet(item, exc)
         else:
             await self._backfill(item)
 
@@ -290,6 +300,23 @@ class CameraIngest:
                 exc,
             )
             cam.bad_segment(media.seq, media.capture_us, str(exc)[:256])
+
+    def _bad_live_packet(self, media: p.Media, exc: Exception) -> None:
+        """A live packet no part can start with: kept in ``session.json`` (with the bad
+        segments: footage of the device's that cannot be recorded), not acknowledged, and
+        logged at most once a minute per camera (a camera sending garbage fails at every
+        keyframe)."""
+        now = time.monotonic()
+        self._bad_since_log += 1
+        if now - self._bad_logged_at >= BAD_FOOTAGE_LOG_EVERY_S:
+            log.error(
+                "device %s session %s camera %s: live packet seq %d not recorded: %s%s",
+                self.device, self.session_id, self.camera.camera_id, media.seq, exc,
+                f" ({self._bad_since_log} not recorded since the last such line)"
+                if self._bad_since_log > 1 else "",
+            )  # fmt: skip
+            self._bad_logged_at, self._bad_since_log = now, 0
+        self.camera.bad_segment(media.seq, media.capture_us, f"live packet: {exc}"[:256])
 
     # -- durability and acks ---------------------------------------------
 

@@ -35,7 +35,7 @@ from receiver import seqranges
 from receiver.errors import MissingSpsError, RecordingClosedError
 from receiver.h264 import annex_b_from_avcc, mse_codec_string, parameter_sets
 from receiver.livefeed import LiveFeed
-from receiver.run import FragmentListener, PartInfo, Run
+from receiver.run import FragmentListener, PartInfo, Run, make_part_init
 from receiver.summaries import BadSegment, DeclaredGap, part_file
 
 __all__ = ["CameraRecording", "Outcome", "TrackInfo"]
@@ -357,7 +357,12 @@ class CameraRecording:
             return done
         async with self._lock:
             route, run = self._route(seq, keyframe)  # again: runs may have changed meanwhile
+            init = None
             if route is _Route.NEW_RUN:
+                # Made before the run exists: a keyframe no part can start with (a camera
+                # sending garbage) raises here and leaves no empty run and part file behind,
+                # keyframe after keyframe.
+                init = await make_part_init(self, seq, capture_us, keyframe, payload, seq)
                 run = await self._new_run(seq)
             elif route is _Route.APPEND and run is not None and not run.writable:
                 if run.failed:
@@ -367,7 +372,7 @@ class CameraRecording:
                 return self._count(route, seq) or Outcome.DROPPED
             assert run is not None
             if run.needs_init:
-                await run.start_part(seq, capture_us, keyframe, payload)
+                await run.start_part(seq, capture_us, keyframe, payload, init)
             self._write(run, seq, capture_us, keyframe, payload, preroll, live)
             return Outcome.APPENDED
 
@@ -474,7 +479,8 @@ class CameraRecording:
                 self._finish(run)
 
     def bad_segment(self, first_seq: int, capture_us: int, error: str) -> None:
-        """Record a sealed segment that could not be recorded (saved with the next save)."""
+        """Record footage that could not be recorded (saved with the next save): a sealed
+        segment, or a live packet no part can start with."""
         for bad in self.bad_segments:
             if bad.first_seq == first_seq:
                 bad.count += 1

@@ -70,6 +70,7 @@ __all__ = [
     "Run",
     "RunHost",
     "init_segment",
+    "make_part_init",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -365,42 +366,25 @@ class Run:
         self._last_pts = pts
         self._pending.append((keyframe, capture_us))
 
-    async def start_part(self, seq: int, capture_us: int, keyframe: bool, payload: bytes) -> None:
+    async def start_part(
+        self, seq: int, capture_us: int, keyframe: bool, payload: bytes, init: bytes | None = None
+    ) -> None:
         """Begin the part with the init segment made from its first packet (``seq``, which
-        :meth:`append` then takes) in a worker thread: PyAV probes the packet, which
-        took 10-17 ms of the event loop for a 1080p keyframe, for every camera of every
-        session that starts. Raises what :meth:`append` would for that packet."""
-        template = self._init_template(seq, keyframe, payload)
-        init = await asyncio.to_thread(self._make_init, template, seq, capture_us)
+        :meth:`append` then takes) in a worker thread (:func:`make_part_init`), or with
+        ``init`` made so already. Raises what :meth:`append` would for that packet."""
+        if init is None:
+            init = await make_part_init(
+                self._host, seq, capture_us, keyframe, payload, self.first_seq
+            )
         if self.needs_init:  # else it closed or failed meanwhile: append will say so
             self._begin_part(init, capture_us)
 
     def _start_part(self, seq: int, capture_us: int, keyframe: bool, payload: bytes) -> None:
-        template = self._init_template(seq, keyframe, payload)
-        self._begin_part(self._make_init(template, seq, capture_us), capture_us)
-
-    def _init_template(self, seq: int, keyframe: bool, payload: bytes) -> bytes:
-        """Check a part's first packet; the template its init segment is made from."""
-        cam = self._host.camera_id
-        if not payload:  # the SPS alone would make no init segment
-            raise self._empty(seq)
-        if not keyframe and seq == self.first_seq:
-            raise NotKeyframeError(f"camera {cam!r}: a run must start at a keyframe (seq {seq})")
-        template = payload if has_sps(payload) else self._host.parameter_sets() + payload
-        if not has_sps(template):
-            raise MissingSpsError(f"camera {cam!r}: no SPS in seq {seq} nor in the track extradata")
-        return template
-
-    def _make_init(self, template: bytes, seq: int, capture_us: int) -> bytes:
-        """The part's init segment (safe in a worker thread: it reads only the camera id)."""
-        cam = self._host.camera_id
-        try:
-            return init_segment(template, capture_us, f"{cam} from seq {seq}")
-        except BitstreamError as exc:
-            raise BitstreamError(f"camera {cam!r}: cannot read H.264 at seq {seq}: {exc}") from exc
+        template = _init_template(self._host, seq, keyframe, payload, self.first_seq)
+        self._begin_part(_make_init(self._host.camera_id, template, seq, capture_us), capture_us)
 
     def _empty(self, seq: int) -> InvalidPacketError:
-        return InvalidPacketError(f"camera {self._host.camera_id!r}: empty payload at seq {seq}")
+        return _empty(self._host.camera_id, seq)
 
     def _begin_part(self, init: bytes, capture_us: int) -> None:
         self._write(init)
@@ -610,6 +594,45 @@ def _retrieve(task: asyncio.Task[None]) -> None:
     # Waiters may all have been cancelled; the error is logged, never silently lost.
     if not task.cancelled() and (exc := task.exception()) is not None:
         _LOG.error("fsync failed: %r", exc)
+
+
+async def make_part_init(
+    host: RunHost, seq: int, capture_us: int, keyframe: bool, payload: bytes, run_first_seq: int
+) -> bytes:
+    """The init segment of a part that starts at packet ``seq`` (of a run starting at
+    ``run_first_seq``), made in a worker thread: PyAV probes the packet, which took
+    10-17 ms of the event loop for a 1080p keyframe, for every camera of every session
+    that starts. Raises :class:`InvalidPacketError` or :class:`BitstreamError` for a
+    packet no part can start with."""
+    template = _init_template(host, seq, keyframe, payload, run_first_seq)
+    return await asyncio.to_thread(_make_init, host.camera_id, template, seq, capture_us)
+
+
+def _init_template(
+    host: RunHost, seq: int, keyframe: bool, payload: bytes, run_first_seq: int
+) -> bytes:
+    """Check a part's first packet; the template its init segment is made from."""
+    cam = host.camera_id
+    if not payload:  # the SPS alone would make no init segment
+        raise _empty(cam, seq)
+    if not keyframe and seq == run_first_seq:
+        raise NotKeyframeError(f"camera {cam!r}: a run must start at a keyframe (seq {seq})")
+    template = payload if has_sps(payload) else host.parameter_sets() + payload
+    if not has_sps(template):
+        raise MissingSpsError(f"camera {cam!r}: no SPS in seq {seq} nor in the track extradata")
+    return template
+
+
+def _make_init(cam: str, template: bytes, seq: int, capture_us: int) -> bytes:
+    """A part's init segment (safe in a worker thread)."""
+    try:
+        return init_segment(template, capture_us, f"{cam} from seq {seq}")
+    except BitstreamError as exc:
+        raise BitstreamError(f"camera {cam!r}: cannot read H.264 at seq {seq}: {exc}") from exc
+
+
+def _empty(cam: str, seq: int) -> InvalidPacketError:
+    return InvalidPacketError(f"camera {cam!r}: empty payload at seq {seq}")
 
 
 def init_segment(template: bytes, capture_us: int, title: str) -> bytes:

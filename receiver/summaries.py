@@ -93,7 +93,8 @@ class DeclaredGap:
 
 @dataclass(slots=True)
 class BadSegment:
-    """A sealed segment the receiver could not record (it cannot open or trust it).
+    """Footage the receiver could not record: a sealed segment it cannot open or
+    trust, or a live packet no part can start with (``error`` starts ``live packet:``).
 
     Only the first seq is known (from the media header: the segment's own
     header is unreadable or untrusted); ``count`` says how often it arrived.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from agent.changes import Changes
 from provisioning.keys import new_private_key, public_pem
 from receiver import camera_ingest, sealed
 from receiver.errors import BadSegmentError
-from receiver.h264 import parameter_sets
+from receiver.h264 import parameter_sets, split_nal_units
 from receiver.recording import CameraSummary
 from receiver.server import Receiver
 from tests.logins import logged_in
@@ -359,3 +360,47 @@ def test_sealed_plaintext_is_bounded(district: Any) -> None:
         sealed.unseal_bounded(big, [district])  # ... and cut off at the bound
     with pytest.raises(BadSegmentError, match="over the limit"):
         sealed.unseal_bounded(bytes(sealed.MAX_SEALED_BYTES + 1), [district])
+
+
+def _garbled_keyframe(keyframe: bytes) -> bytes:
+    """``keyframe`` with its SPS and IDR slices replaced by bytes no decoder can read (the
+    NAL headers stay valid: what a camera sending garbage looks like to the agent)."""
+    rnd = random.Random(7)
+    units = split_nal_units(keyframe)
+    return b"".join(
+        b"\x00\x00\x00\x01"
+        + (u[:1] + bytes(rnd.randrange(1, 256) for _ in u[1:]) if u[0] & 0x1F in (5, 7) else u)
+        for u in units
+    )
+
+
+async def test_a_live_keyframe_no_part_can_begin_with_spares_the_connection(
+    tmp_path: Path, receiver: Receiver, packets: PacketList, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One camera's garbage at a part's start is that camera's bad footage: the device's
+    other camera, its connection and that camera's next good keyframe go on."""
+    garbage = _garbled_keyframe(packets[30][0])
+    caplog.set_level(logging.ERROR, logger="receiver")
+    async with AgentEnd(receiver, enroll(receiver, tmp_path), "dev-1") as dev:
+        await dev.open("s-garbage", packets, live=30)
+        for _ in range(2):  # sent again (the device resends what was not acked): counted
+            await dev.send(
+                p.Media(p.MediaKind.LIVE, 0, FIRST + 30, capture_us(30), True, False, garbage)
+            )
+        await dev.live(0, packets, range(31, 60))  # its GOP: no run to append to, dropped
+        await dev.live(1, packets, range(30, 90))
+        await dev.live(0, packets, range(60, 90))  # the next keyframe begins a part
+        await dev.wait(
+            lambda: dev.acked(0)[1] == ((1060, 1088),) and dev.acked(1)[1] == ((1030, 1088),)
+        )
+        assert not dev.closed
+        assert dev.errors == []
+    cam = receiver.store.get("s-garbage").summary().camera("cam-a")
+    assert [(b.first_seq, b.count, b.error) for b in cam.bad_segments] == [
+        (1030, 2, "live packet: camera 'cam-a': cannot read H.264 at seq 1030: unreadable SPS")
+    ]
+    # No run, nor part file, was begun for the garbage.
+    assert [part.path.name for part in cam.parts] == ["cam-a.1060.mp4"]
+    logged = [r.getMessage() for r in caplog.records if "not recorded" in r.getMessage()]
+    assert len(logged) == 1  # once a minute at most
+    assert "camera cam-a: live packet seq 1030 not recorded: " in logged[0]

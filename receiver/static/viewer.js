@@ -85,7 +85,7 @@ function completeness(cam) {
   const declared = (cam.gaps || []).reduce((n, g) => n + g.last - g.first + 1, 0);
   if (declared) out.push(`${declared} declared lost`);
   const bad = (cam.bad_segments || []).length;
-  if (bad) out.push(`${bad} unreadable segment${bad > 1 ? "s" : ""}`);
+  if (bad) out.push(`${bad} unreadable segment${bad > 1 ? "s" : ""} or packet${bad > 1 ? "s" : ""}`);
   return out.join(", ");
 }
 
