@@ -197,16 +197,21 @@ class SessionRecording:
             if known is not None:
                 old = known.track
                 # A later first_seq is an older agent declaring the seqs before it lost.
-                if (old.codec, old.zone, old.width, old.height) != (
-                    track.codec,
-                    track.zone,
-                    track.width,
-                    track.height,
-                ) or track.first_seq < old.first_seq:
+                # The size may change (an IP camera set to another resolution while the
+                # agent restarted): each part's own init segment describes its frames.
+                if (old.codec, old.zone) != (track.codec, track.zone) or (
+                    track.first_seq < old.first_seq
+                ):
                     raise TrackMismatchError(
                         f"session {self.session_id!r}: camera {track.camera_id!r} was "
                         f"announced as {old!r}, now as {track!r}"
                     )
+                if (old.width, old.height) != (track.width, track.height):
+                    _LOG.warning(
+                        "session %r camera %r: now %dx%d (announced %dx%d at the start)",
+                        self.session_id, track.camera_id, track.width, track.height,
+                        old.width, old.height,
+                    )  # fmt: skip
         for track in tracks:
             if track.camera_id not in self.cameras:
                 self.cameras[track.camera_id] = self._new_camera(track)

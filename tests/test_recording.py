@@ -339,6 +339,9 @@ async def test_open_is_idempotent_and_checked(store: RecordingStore, packets: Pa
     exterior = TrackInfo("cam1", "exterior", "h264", 320, 240, 30.0, b"", 0)
     with pytest.raises(TrackMismatchError):
         await store.open_session("s-1", "dev-1", META, [exterior])
+    # A camera set to another size while its agent restarted resumes the session.
+    resized = TrackInfo("cam1", "interior", "h264", 640, 360, 30.0, b"", 0)
+    assert await store.open_session("s-1", "dev-1", META, [resized]) is rec
     mjpeg = TrackInfo("cam2", "exterior", "mjpeg", 320, 240, 30.0, b"", 0)
     with pytest.raises(UnsupportedCodecError):
         await store.open_session("s-2", "dev-1", META, [mjpeg])
