@@ -51,6 +51,7 @@ from provisioning.errors import KeyFileError
 from provisioning.keys import kid as key_id
 from provisioning.keys import load_public_key, public_pem
 from receiver import custody, seqranges
+from receiver.errors import MissingSpsError
 from receiver.evidence_format import (
     BUNDLE_TYPE,
     MANIFEST,
@@ -65,6 +66,7 @@ from receiver.evidence_format import (
     next_pts,
 )
 from receiver.fmp4 import scan_file
+from receiver.h264 import parameter_sets
 from receiver.session_recording import read_session_json
 from receiver.summaries import validate_camera_id, validate_session_id
 
@@ -429,7 +431,7 @@ class _Pieces:
             self._lead_in = [item] if key else [*self._lead_in, item] if self._lead_in else []
             return
         writer = self._writer
-        if writer is not None and writer.extradata != bytes(stream.codec_context.extradata or b""):
+        if writer is not None and not _same_sets(writer.extradata, stream.codec_context.extradata):
             self._finish()  # new SPS/PPS (a camera reconnected): a file of its own
             writer = None
         for seq2, data2, key2, at in [*self._lead_in, item]:
@@ -553,3 +555,16 @@ def _zip(out: Path, files: dict[str, Path], small: dict[str, bytes]) -> None:
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _same_sets(avcc: bytes, other: bytes | None) -> bool:
+    """Whether two parts' ``avcC`` records hold the same SPS and PPS. Not byte for byte:
+    parts an older receiver began mid-GOP have a zero byte more on the PPS
+    (:func:`receiver.run.make_part_init`)."""
+    other = bytes(other or b"")
+    if avcc == other:
+        return True
+    try:
+        return parameter_sets(avcc) == parameter_sets(other)
+    except MissingSpsError:
+        return False

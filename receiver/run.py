@@ -617,7 +617,13 @@ def _init_template(
         raise _empty(cam, seq)
     if not keyframe and seq == run_first_seq:
         raise NotKeyframeError(f"camera {cam!r}: a run must start at a keyframe (seq {seq})")
-    template = payload if has_sps(payload) else host.parameter_sets() + payload
+    template = payload
+    if not has_sps(payload):
+        if payload.startswith(b"\x00\x00\x00\x01"):
+            # Behind the PPS, a 3-byte start code: FFmpeg counts the first zero of a
+            # 4-byte one into the PPS of the avcC it writes, unlike the run's.
+            payload = payload[1:]
+        template = host.parameter_sets() + payload
     if not has_sps(template):
         raise MissingSpsError(f"camera {cam!r}: no SPS in seq {seq} nor in the track extradata")
     return template

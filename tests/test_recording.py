@@ -23,8 +23,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from receiver import evidence, seqranges
 from receiver import run as run_module
-from receiver import seqranges
 from receiver.errors import (
     CorruptRecordingError,
     InvalidIdError,
@@ -528,6 +528,10 @@ async def test_resume_after_clean_restart(tmp_path: Path, packets: PacketList) -
     assert int(infos[0]["nb_read_frames"]) == 45
     # Part 1 starts mid-GOP (seq 45); from its keyframe at seq 60 on it decodes alone.
     assert int(infos[1]["nb_read_frames"]) >= 30
+    # Its init has the run's parameter sets byte for byte (a stray zero byte on the PPS
+    # made an evidence export take it for another stream and leave out 45..59).
+    avccs = [avcc_from_moov(part.read_bytes()) for part in parts]
+    assert avccs[0] is not None and avccs[0] == avccs[1]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "cut"])
@@ -625,6 +629,17 @@ async def test_mse_codec_string_from_real_x264(store: RecordingStore, packets: P
     with pytest.raises(MissingSpsError) as err:
         mse_codec_string(packets[1][0])  # a P-frame has no SPS
     assert isinstance(err.value, ValueError)
+
+
+def test_an_evidence_file_goes_on_over_a_part_whose_pps_has_a_zero_more() -> None:
+    """Parts an older receiver began mid-GOP have the run's PPS with a trailing zero byte
+    in their avcC: the same stream, not one that calls for a file of its own."""
+    sps = bytes.fromhex("6742c01eda0280bfe584000003000400000300f23c58ba80")
+    avcc = bytes.fromhex("0142c01effe10018") + sps + bytes.fromhex("01000468ce0fc8")
+    older = bytes.fromhex("0142c01effe10018") + sps + bytes.fromhex("01000568ce0fc800")
+    assert evidence._same_sets(avcc, older)
+    assert not evidence._same_sets(avcc, older[:-2] + b"\xc9\x00")  # another PPS
+    assert not evidence._same_sets(avcc, None)
 
 
 def test_split_nal_units_handles_both_start_codes() -> None:
