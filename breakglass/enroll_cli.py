@@ -8,7 +8,10 @@ is back, armed, with that version. A device that was enrolled before gets the
 next version (re-enrollment); ``--version`` sets one.
 
 ``check`` pairs and saves one JPEG per camera (the device allows it only to a
-paired technician, in its pairing window, and audits each snapshot).
+paired technician, in its pairing window, and audits each snapshot). A camera
+without a picture (one that is down has no footage) gets a ``FAILED`` line with
+the device's code and reason; the other cameras are still saved, and the
+device counts as failed.
 
 ``rotate`` renews an enrolled device's certificate with the next version and
 a fresh validity, keeping building and cameras (and their sources on the
@@ -34,8 +37,12 @@ line of progress per step::
 Camera specs: ``ID=ZONE[,SOURCE]``: SOURCE is an ``rtsp://`` URL, ``picamera``
 (the default) or ``synthetic`` (a test pattern, for demos).
 
-Exit codes: 0 every device enrolled; 1 a device refused or failed; 2 bad
-arguments or files.
+Each command takes only its own options: ``check`` signs nothing (no
+``--authority``), ``rotate`` keeps building, cameras and retention (no
+``--building``, ``--camera``, ``--retention-h``).
+
+Exit codes: 0 every device done; 1 a device refused or failed (for ``check``:
+any of its cameras); 2 bad arguments or files.
 """
 
 from __future__ import annotations
@@ -68,6 +75,12 @@ DISCOVER_S: Final = 3.0
 ARMED_TIMEOUT_S: Final = 60.0
 PARALLEL: Final = 4
 VALID_DAYS: Final = 365
+#: Refusals after which no further request of a paired session can work (the session
+#: ended, or the device cannot be reached): a camera check stops there.
+SESSION_LOST: Final = frozenset(
+    {"no_session", "bad_box", "unreachable", "man_in_the_middle", "pairing_closed",
+     "rate_limited"}
+)  # fmt: skip
 
 
 class EnrollError(Exception):
@@ -248,19 +261,36 @@ async def wait_armed(paired: PairedDevice, version: int) -> None:
 async def check_one(
     target: Target, district: District, out: Path, progress: Progress
 ) -> list[Path]:
-    """Pair and save one snapshot per camera of the device as ``out/<device>-<camera>.jpg``."""
+    """Pair and save one snapshot per camera of the device as ``out/<device>-<camera>.jpg``.
+
+    A camera the device cannot take a snapshot of (no footage yet: a camera that is
+    down) gets its own ``FAILED`` line and does not stop the others; once every camera
+    was asked, the device fails ``camera_failed`` naming them. Only a lost session
+    (:data:`SESSION_LOST`) stops the check at once. Returns the files written.
+    """
     url = target.to or await find(target.device, district)
     paired = await pair(url, target.device, target.setup_code)
     if not paired.provisioned or paired.certificate is None:
         raise EnrollError("unprovisioned", f"{target.device} has no cameras yet: enroll it first")
-    written = []
+    written: list[Path] = []
+    failed: list[str] = []
     for camera, zone in paired.cameras:
-        answer = await request(paired, {"op": "check", "camera": camera})
+        try:
+            answer = await request(paired, {"op": "check", "camera": camera})
+            jpeg = d.b64url_decode(answer.get("jpeg", ""), what="jpeg")
+        except (PairingError, d.DocumentError) as exc:
+            if isinstance(exc, PairingError) and exc.code in SESSION_LOST:
+                raise
+            failed.append(f"{camera} ({exc.code})")
+            progress(target.device, f"{camera} ({zone}): FAILED {exc.code}: {exc.detail}")
+            continue
         path = out / f"{target.device}-{camera}.jpg"
-        jpeg = d.b64url_decode(answer["jpeg"], what="jpeg")
         await asyncio.to_thread(_write, path, jpeg)
         progress(target.device, f"{camera} ({zone}): {path}")
         written.append(path)
+    if failed:
+        detail = f"{len(failed)} of {len(paired.cameras)} camera(s) failed: {', '.join(failed)}"
+        raise EnrollError("camera_failed", detail)
     return written
 
 
@@ -402,96 +432,117 @@ def load_plan(path: Path) -> tuple[District, list[Target]]:
     return district, targets
 
 
-def _district(args: argparse.Namespace) -> District:
-    return District(
-        authority=getattr(args, "authority", None) or Path(),
-        receiver_url=getattr(args, "receiver_url", None) or "",
-        receiver_pin=getattr(args, "receiver_pin", None) or "",
-        recipients=tuple(getattr(args, "recipient", None) or ()),
-        retention_h=getattr(args, "retention_h", 72.0),
-        trigger_keys=getattr(args, "trigger_keys", None),
-        interfaces=tuple(args.interface or ["127.0.0.1"]),
-        valid_days=args.valid_days,
-    )
+def _targets(args: argparse.Namespace) -> tuple[District, list[Target]]:
+    """The district and the devices of one command, from ``--plan`` or DEVICE and options.
 
-
-def _targets(args: argparse.Namespace, *, need_setup: bool) -> tuple[District, list[Target]]:
-    if getattr(args, "plan", None) is not None:
+    Each command reads only the options its parser defines (:func:`add_commands`).
+    """
+    if args.plan is not None:
         district, targets = load_plan(args.plan)
-        return replace(district, valid_days=args.valid_days), targets
+        if args.action != "check":
+            district = replace(district, valid_days=args.valid_days)
+        return district, targets
     if not args.device or not args.setup_code:
         raise ValueError("give DEVICE and --setup-code, or --plan FILE")
-    district = _district(args)
-    if args.action == "rotate" and getattr(args, "authority", None) is None:
-        raise ValueError("rotate needs --authority (the district authority's key)")
-    if need_setup and not (district.receiver_url and district.receiver_pin and district.recipients):
+    interfaces = tuple(args.interface or ["127.0.0.1"])
+    if args.action == "check":  # pairs and reads the device: no authority, no receiver
+        code = normalise_code(args.setup_code)
+        return District(authority=Path(), interfaces=interfaces), [
+            Target(args.device, code, to=args.to)
+        ]
+    district = District(
+        authority=args.authority or Path(),
+        receiver_url=args.receiver_url or "",
+        receiver_pin=args.receiver_pin or "",
+        recipients=tuple(args.recipient or ()),
+        trigger_keys=args.trigger_keys,
+        interfaces=interfaces,
+        valid_days=args.valid_days,
+    )
+    if args.action == "rotate":  # building and cameras come from the device's certificate
+        if args.authority is None:
+            raise ValueError("rotate needs --authority (the district authority's key)")
+        code = normalise_code(args.setup_code)
+        return district, [Target(args.device, code, to=args.to, version=args.version)]
+    district = replace(district, retention_h=args.retention_h)
+    if not (district.receiver_url and district.receiver_pin and district.recipients):
         raise ValueError("enroll needs --authority, --receiver-url, --receiver-pin, --recipient")
-    if need_setup and getattr(args, "authority", None) is None:
+    if args.authority is None:
         raise ValueError("enroll needs --authority (the district authority's key)")
-    if need_setup and (not args.building or not args.camera):
+    if not args.building or not args.camera:
         raise ValueError("enroll needs --building and at least one --camera")
     code = normalise_code(args.setup_code)
-    target = Target(
-        args.device, code, args.building or "", tuple(args.camera or ()), args.to, args.version
-    )
+    target = Target(args.device, code, args.building, tuple(args.camera), args.to, args.version)
     return district, [target]
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        district, targets = _targets(args, need_setup=args.action == "enroll")
+        district, targets = _targets(args)
     except (ValueError, PairingError) as exc:
         print(f"breakglass: error: {exc}", file=sys.stderr)
         return 2
     progress = _printer(len(targets))
     started = time.monotonic()
-    if args.action == "enroll":
-        failed = asyncio.run(
-            run_all(targets, district, lambda t: enroll_one(t, district, progress), progress)
-        )
-    elif args.action == "rotate":
-        failed = asyncio.run(
-            run_all(targets, district, lambda t: rotate_one(t, district, progress), progress)
-        )
-    else:
-        failed = asyncio.run(
-            run_all(
-                targets, district, lambda t: check_one(t, district, args.out, progress), progress
-            )
-        )
+
+    async def job(target: Target) -> object:
+        if args.action == "enroll":
+            return await enroll_one(target, district, progress)
+        if args.action == "rotate":
+            return await rotate_one(target, district, progress)
+        return await check_one(target, district, args.out, progress)
+
+    failed = asyncio.run(run_all(targets, district, job, progress))
     ok, took = len(targets) - len(failed), time.monotonic() - started
     print(f"{args.action}: {ok}/{len(targets)} device(s) done in {took:.1f} s")
     return 1 if failed else 0
 
 
+def _command(
+    provision: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_: str
+) -> argparse.ArgumentParser:
+    """A subcommand with what every one takes: which device(s), and how to reach them."""
+    cmd = provision.add_parser(name, help=help_, description=help_)
+    cmd.add_argument("device", nargs="?", metavar="DEVICE", help="the device id (mDNS id)")
+    cmd.add_argument("--setup-code", metavar="CODE", help="from the device's label")
+    cmd.add_argument("--to", metavar="URL", help="https://HOST:PORT (default: find by mDNS)")
+    cmd.add_argument(
+        "--interface", action="append", metavar="ADDR", help="browse mDNS on (repeatable)"
+    )
+    cmd.add_argument("--plan", type=Path, metavar="FILE", help="many devices (TOML)")
+    cmd.set_defaults(func=_run)
+    return cmd
+
+
+def _certificate_options(cmd: argparse.ArgumentParser) -> None:
+    """What signing a certificate takes (``enroll`` and ``rotate``)."""
+    cmd.add_argument("--authority", type=Path, metavar="KEY")
+    cmd.add_argument("--receiver-url", metavar="wss://HOST:PORT/v1/uplink")
+    cmd.add_argument("--receiver-pin", metavar="sha256:HEX")
+    cmd.add_argument("--recipient", action="append", metavar="age1...")
+    cmd.add_argument("--trigger-keys", type=Path, metavar="FILE")
+    cmd.add_argument("--version", type=int, default=None)
+    cmd.add_argument("--valid-days", type=int, default=VALID_DAYS, metavar="D")
+
+
 def add_commands(provision: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``enroll``, ``check`` and ``rotate`` under ``provision``."""
-    for name, help_ in (
-        ("enroll", "pair, certify and enroll devices (one, or a --plan), then wait until armed"),
-        ("rotate", "renew enrolled devices' certificates (next version), optionally changed"),
-        ("check", "pair and save one snapshot per camera, to check the aim"),
-    ):
-        cmd = provision.add_parser(name, help=help_, description=help_)
-        cmd.add_argument("device", nargs="?", metavar="DEVICE", help="the device id (mDNS id)")
-        cmd.add_argument("--setup-code", metavar="CODE", help="from the device's label")
-        cmd.add_argument("--to", metavar="URL", help="https://HOST:PORT (default: find by mDNS)")
-        cmd.add_argument(
-            "--interface", action="append", metavar="ADDR", help="browse mDNS on (repeatable)"
-        )
-        cmd.add_argument("--plan", type=Path, metavar="FILE", help="many devices (TOML)")
-        if name == "check":
-            cmd.add_argument("--out", type=Path, default=Path("."), metavar="DIR")
-            cmd.set_defaults(valid_days=VALID_DAYS)
-        else:
-            cmd.add_argument("--authority", type=Path, metavar="KEY")
-            cmd.add_argument("--receiver-url", metavar="wss://HOST:PORT/v1/uplink")
-            cmd.add_argument("--receiver-pin", metavar="sha256:HEX")
-            cmd.add_argument("--recipient", action="append", metavar="age1...")
-            cmd.add_argument("--trigger-keys", type=Path, metavar="FILE")
-            cmd.add_argument("--retention-h", type=float, default=72.0)
-            cmd.add_argument("--version", type=int, default=None)
-            cmd.add_argument("--valid-days", type=int, default=VALID_DAYS, metavar="D")
-            if name == "enroll":
-                cmd.add_argument("--building", metavar="ID")
-                cmd.add_argument("--camera", action="append", type=camera_spec, metavar="SPEC")
-        cmd.set_defaults(func=_run)
+    """Add ``enroll``, ``rotate`` and ``check`` under ``provision``, each with its options."""
+    enroll = _command(
+        provision,
+        "enroll",
+        "pair, certify and enroll devices (one, or a --plan), then wait until armed",
+    )
+    _certificate_options(enroll)
+    enroll.add_argument("--retention-h", type=float, default=72.0)
+    enroll.add_argument("--building", metavar="ID")
+    enroll.add_argument("--camera", action="append", type=camera_spec, metavar="SPEC")
+
+    rotate = _command(
+        provision,
+        "rotate",
+        "renew enrolled devices' certificates (next version), optionally changed",
+    )
+    _certificate_options(rotate)  # building, cameras and retention: kept from the device
+
+    check = _command(provision, "check", "pair and save one snapshot per camera, to check the aim")
+    check.add_argument("--out", type=Path, default=Path("."), metavar="DIR")

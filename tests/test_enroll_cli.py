@@ -383,3 +383,46 @@ def test_a_device_listed_twice_is_refused(tmp_path: Path) -> None:
 def test_a_device_table_with_a_misspelt_key_is_refused(tmp_path: Path) -> None:
     device = DEVICE.replace("building =", "buidling =")
     assert plan_error(tmp_path, HEADER + device) == "devices[0].buidling: unknown key (misspelt?)"
+
+
+# -- check and rotate: each reads only its own options ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["check"], "give DEVICE and --setup-code, or --plan FILE"),
+        (["check", "bg-3f2a9c0d11aa"], "give DEVICE and --setup-code, or --plan FILE"),
+        (["check", "bg-3f2a9c0d11aa", "--setup-code", "12-34"],
+         "bad_code: a setup code is 8 digits"),
+        (["rotate", *ONE], "rotate needs --authority (the district authority's key)"),
+        (["rotate", "bg-3f2a9c0d11aa", "--setup-code", "12-34", "--authority", "a.key"],
+         "bad_code: a setup code is 8 digits"),
+    ],
+)  # fmt: skip
+def test_check_and_rotate_argument_errors_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    code, err = run_main(capsys, *argv)
+    assert (code, err) == (2, f"breakglass: error: {says}\n")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["check", *ONE, "--authority", "a.key"],  # check signs nothing
+        ["check", *ONE, "--building", "lincoln-elementary"],
+        ["check", *ONE, "--version", "2"],
+        ["rotate", *ONE, "--building", "lincoln-elementary"],  # kept from the certificate
+        ["rotate", *ONE, "--camera", "hall-2=interior"],
+        ["rotate", *ONE, "--retention-h", "48"],
+        ["enroll", *ONE, "--out", "shots"],
+    ],
+)
+def test_an_option_of_another_subcommand_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as usage:
+        main(["provision", *argv])
+    assert usage.value.code == 2
+    assert "unrecognized arguments: " + argv[-2] in capsys.readouterr().err
