@@ -7,6 +7,10 @@ command line (they would show in ``ps`` and the shell's history): they come
 from a prompt, or from ``--password-file FILE`` (``-``: standard input, the
 first line). Every change is written to the access log (``DATA/access.log``)
 as done by ``local:<unix user>``.
+
+``--data`` must name a receiver's data folder (:func:`check_receiver_data`: one
+that ``breakglass receiver serve`` has started in), never a new one: a typo
+in the path is an error (exit 2), not a fresh, empty receiver.
 """
 
 from __future__ import annotations
@@ -17,12 +21,34 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from receiver.access_log import AccessLog, verify_file
 from receiver.accounts import AccountStore, Role, check_password, validate_name
 
 ROLES = [str(r) for r in Role]
+
+#: What ``breakglass receiver serve`` makes in its data folder on its first start (and
+#: keeps): a folder holding none of them is not a receiver's.
+RECEIVER_MARKERS: Final = ("accounts.sqlite", "age.key", "tls/receiver.crt", "recordings")
+
+
+def check_receiver_data(data: Path) -> None:
+    """Raise :class:`ValueError` (exit 2 at the command line) unless ``data`` is a receiver's
+    data folder, one holding any of :data:`RECEIVER_MARKERS`.
+
+    Commands that write to it (accounts, the access log, evidence keys) call this first,
+    so that a mistyped ``--data`` fails instead of quietly starting an empty receiver.
+    """
+    try:
+        if data.is_dir() and any((data / marker).exists() for marker in RECEIVER_MARKERS):
+            return
+    except OSError as exc:  # e.g. the folder is the receiver user's (mode 0700)
+        raise ValueError(f"cannot read receiver data at {data}: {exc.strerror or exc}") from None
+    raise ValueError(
+        f"no receiver data at {data}: run `breakglass receiver serve --data {data}` first, "
+        "or check the path"
+    )
 
 
 def add_parser(receiver: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -89,7 +115,8 @@ def _common(cmd: argparse.ArgumentParser, *, password: bool = False) -> None:
         )
 
 
-def _actor() -> str:
+def local_actor() -> str:
+    """Who runs a command on the receiver's machine, as the access log names them."""
     try:
         return f"local:{getpass.getuser()}"
     except (KeyError, OSError):
@@ -105,8 +132,12 @@ def _read_password(args: argparse.Namespace) -> str:
             try:
                 with open(args.password_file, encoding="utf-8") as f:
                     line = f.readline()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ValueError(f"--password-file: {exc}") from None
+            except OSError as exc:
+                raise ValueError(
+                    f"--password-file {args.password_file}: {exc.strerror or exc}"
+                ) from None
+            except UnicodeDecodeError:
+                raise ValueError(f"--password-file {args.password_file}: not UTF-8 text") from None
         return line.removesuffix("\n").removesuffix("\r")
     if not sys.stdin.isatty():
         raise ValueError(
@@ -122,15 +153,19 @@ def _read_password(args: argparse.Namespace) -> str:
 
 
 def _store(args: argparse.Namespace) -> AccountStore:
+    check_receiver_data(args.data)
     return AccountStore(args.data / "accounts.sqlite")
 
 
 def _audit(args: argparse.Namespace, action: str, **fields: Any) -> None:
-    AccessLog(args.data / "access.log").record(action, who=_actor(), role="local-admin", **fields)
+    AccessLog(args.data / "access.log").record(
+        action, who=local_actor(), role="local-admin", **fields
+    )
 
 
 def _add(args: argparse.Namespace) -> int:
     validate_name(args.name)
+    check_receiver_data(args.data)  # before asking for the password
     password = _read_password(args)
     with _store(args) as store:
         info = store.add(args.name, Role(args.role), password)

@@ -4,8 +4,15 @@
 writes the bundle of a recorded session (:func:`receiver.evidence.build_bundle`):
 the footage as MP4s, the device's signed hash-chain checkpoints, the device
 keys and certificates, the audit excerpt, and the manifest signed with the
-receiver's evidence key. Exit 0 written; 1 nothing to export (unknown session
-or camera, no footage in range, the file exists); 2 bad arguments.
+receiver's evidence key. Like an export from the viewer, it goes into the
+receiver's access log (``DATA/access.log``, action ``evidence_export``, by
+``local:<unix user>``: the session, the cameras, the time range, the bundle's
+path and SHA-256), durably before the bundle appears at ``--out``: it is built
+under a hidden name beside it and given its name only once logged, so a
+bundle never exists without its entry. Exit 0 written; 1 nothing to export
+(unknown session or camera, no footage in range, the file exists) or not
+exported (the access log cannot be written); 2 bad arguments, or ``--data``
+is not a receiver's data folder.
 
 ``verify BUNDLE [--device-key PUB] [--receiver-key PUB] [--authority PUB]``
 checks everything offline (:func:`receiver.evidence_verify.verify_bundle`)
@@ -20,8 +27,13 @@ public key, making the key on first use: give it to whoever verifies bundles.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import zipfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 __all__ = ["add_parser", "evidence_export", "evidence_key", "evidence_verify"]
 
@@ -34,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     export = evidence.add_parser(
         "export",
         help="write a session's evidence bundle (zip)",
-        description="Exit 0 written, 1 nothing to export, 2 bad arguments.",
+        description="Exit 0 written (and in the receiver's access log), 1 nothing to export "
+        "or the access log cannot be written, 2 bad arguments.",
     )
     export.add_argument("--data", type=Path, required=True, help="the receiver's data folder")
     export.add_argument("--session", required=True, help="session id")
@@ -75,32 +88,94 @@ def _error(message: str, code: int) -> int:
 
 
 def evidence_export(args: argparse.Namespace) -> int:
-    """Handle ``evidence export``."""
+    """Handle ``evidence export``: build the bundle, log it, then give it its name."""
+    from breakglass.accounts_cli import check_receiver_data
     from breakglass.footage_cli import parse_time
     from receiver.errors import CorruptRecordingError, InvalidIdError, ReceiverError
-    from receiver.evidence import build_bundle
+    from receiver.evidence import build_bundle, sha256_file
 
     try:
         start = None if args.start is None else parse_time(args.start)
         end = None if args.end is None else parse_time(args.end)
+        check_receiver_data(args.data)
     except ValueError as exc:
         return _error(str(exc), 2)
-    if not args.data.is_dir():
-        return _error(f"{args.data} is not a receiver data folder", 2)
-    try:
-        out = build_bundle(
-            args.data, args.session, args.out, cameras=args.camera, start=start, end=end
-        )
-    except InvalidIdError as exc:
-        return _error(str(exc), 2)
-    except CorruptRecordingError as exc:
-        return _error(f"the recording cannot be read: {exc}", 1)
-    except ReceiverError as exc:
-        return _error(str(exc), 1)
+    out: Path = args.out
+    if out.exists():
+        return _error(f"{out} exists; refusing to overwrite evidence", 1)
+    access = args.data / "access.log"
+    try:  # can it be logged? Say so before a long export, not after
+        os.close(os.open(access, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
     except OSError as exc:
-        return _error(f"{exc.filename or args.out}: {exc.strerror}", 1)
+        return _unlogged(out, access, exc)
+    # Built under a hidden name: the bundle gets its name only once its export is logged.
+    staged = out.with_name(f".{out.name}.{os.getpid()}.unlogged")
+    try:
+        try:
+            build_bundle(args.data, args.session, staged, cameras=args.camera, start=start, end=end)
+        except InvalidIdError as exc:
+            return _error(str(exc), 2)
+        except CorruptRecordingError as exc:
+            return _error(f"the recording cannot be read: {exc}", 1)
+        except ReceiverError as exc:
+            return _error(str(exc).replace(str(staged), str(out)), 1)
+        except OSError as exc:
+            return _error(f"{exc.filename or out}: {exc.strerror}", 1)
+        try:
+            _log_export(access, args.session, staged, out, sha256_file(staged))
+        except (OSError, ValueError) as exc:
+            return _unlogged(out, access, exc)
+        if out.exists():  # taken meanwhile: the entry stays (too much is safe), no bundle
+            return _error(f"{out} exists; refusing to overwrite evidence", 1)
+        try:
+            os.replace(staged, out)
+        except OSError as exc:
+            return _error(f"{out}: {exc.strerror}", 1)
+    finally:
+        staged.unlink(missing_ok=True)
     print(f"evidence bundle of session {args.session}: {out} ({out.stat().st_size} bytes)")
     return 0
+
+
+def _unlogged(out: Path, access: Path, exc: BaseException) -> int:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return _error(
+        f"{out} not exported: the access log {access} cannot be written ({reason}); "
+        "every export must be in it",
+        1,
+    )
+
+
+def _log_export(access: Path, session: str, bundle: Path, out: Path, digest: str) -> None:
+    """Append the export's entry to the access log, durably (what the bundle holds, as its
+    manifest says: the cameras and the time range actually selected)."""
+    from breakglass.accounts_cli import local_actor
+    from receiver.access_log import AccessLog
+    from receiver.evidence_format import MANIFEST
+
+    with zipfile.ZipFile(bundle) as zf:
+        selection: dict[str, Any] = json.loads(zf.read(MANIFEST))["selection"]
+    cameras = [str(c) for c in selection["cameras"]]
+    AccessLog(access).record(  # not started: written and fsynced before it returns
+        "evidence_export",
+        who=local_actor(),
+        role="local-admin",
+        session=session,
+        camera=cameras[0] if len(cameras) == 1 else None,
+        cameras=cameras,
+        file=out.name,
+        path=str(out.resolve()),
+        sha256=digest,
+        **{"from": _iso_us(selection["from_us"]), "to": _iso_us(selection["to_us"])},
+    )
+
+
+def _iso_us(us: int | None) -> str | None:
+    """Microseconds since the epoch as ISO-8601 UTC (None: an open end of the range)."""
+    if us is None:
+        return None
+    stamp = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+    return stamp.isoformat().replace("+00:00", "Z")
 
 
 def evidence_verify(args: argparse.Namespace) -> int:
@@ -136,11 +211,14 @@ def evidence_verify(args: argparse.Namespace) -> int:
 
 def evidence_key(args: argparse.Namespace) -> int:
     """Handle ``evidence key``."""
+    from breakglass.accounts_cli import check_receiver_data
     from provisioning.keys import kid, public_pem
     from receiver.evidence_format import evidence_key as load_or_make
 
-    if not args.data.is_dir():
-        return _error(f"{args.data} is not a receiver data folder", 2)
+    try:
+        check_receiver_data(args.data)
+    except ValueError as exc:
+        return _error(str(exc), 2)
     key = load_or_make(args.data).public_key()
     pem = public_pem(key)
     if args.out is not None:

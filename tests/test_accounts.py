@@ -25,6 +25,7 @@ from receiver.accounts import (
     check_password,
 )
 from tests.logins import FAST, PASSWORD
+from tests.test_receiver_cli_data import served
 
 CLI = [sys.executable, "-m", "breakglass"]
 
@@ -286,7 +287,7 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
 
 
 def test_cli_user_add_list_disable_passwd_and_the_access_log(tmp_path: Path) -> None:
-    data = tmp_path / "rx"
+    data = served(tmp_path / "rx")  # README: accounts are added once the receiver has started
     pw = tmp_path / "pw.txt"
     pw.write_text(PASSWORD + "\n")
     added = run("receiver", "user", "add", "alice", "--role", "admin", "--data", str(data),

@@ -7,7 +7,11 @@ each tamper test works on its own copy of the bundle, unpacked or as the zip.
 from __future__ import annotations
 
 import asyncio
+import errno
+import getpass
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -34,6 +38,7 @@ from breakglass.demo import press_button, write_agent_config
 from provisioning.enrollment import sign_enrollment
 from provisioning.keys import load_private_key, new_private_key, public_pem
 from receiver import custody
+from receiver.access_log import AccessLog
 from receiver.evidence import build_bundle
 from receiver.evidence_format import evidence_key
 from receiver.evidence_verify import VerifyReport, verify_bundle
@@ -585,3 +590,124 @@ async def test_a_checkpoint_with_a_bad_signature_is_refused(
 
 def vars_of(event: p.Chain) -> dict[str, Any]:
     return {name: getattr(event, name) for name in p.Chain.__slots__}
+
+
+# -- the command line's export is in the access log -----------------------------------------
+
+
+def receiver_copy(recorded: Recorded, tmp_path: Path) -> Path:
+    """The recorded receiver's data, this test's own, with an access log of its own (the
+    module's other tests export from the shared one)."""
+    data = shutil.copytree(recorded.data, tmp_path / "receiver")
+    (data / "access.log").unlink(missing_ok=True)
+    return data
+
+
+def access_entries(data: Path) -> list[dict[str, Any]]:
+    path = data / "access.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines]
+
+
+def test_a_command_line_export_is_in_the_access_log_and_the_disclosure_report(
+    recorded: Recorded, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: every export is in the access log (who, session, cameras, range, file), as
+    the viewer's are, and ``audit report --access-log`` lists it under the session."""
+    data = receiver_copy(recorded, tmp_path)
+    (hall,) = [c for c in manifest_of(recorded.bundle)["cameras"] if c["id"] == "hallway-2"]
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    start = epoch + timedelta(microseconds=hall["footage"][0]["first_capture_us"] + 500_000)
+    end = start + timedelta(seconds=1)
+    out = tmp_path / "case" / "case.zip"
+    assert cli("evidence", "export", "--data", data, "--session", recorded.session,
+               "--camera", "hallway-2", "--from", start.isoformat(), "--to", end.isoformat(),
+               "--out", out) == 0  # fmt: skip
+    assert f"evidence bundle of session {recorded.session}: {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["case.zip"]  # nothing staged left
+
+    entries = access_entries(data)
+    (entry,) = entries
+    assert {k: entry[k] for k in ("action", "who", "role", "session", "camera", "cameras")} == {
+        "action": "evidence_export",
+        "who": f"local:{getpass.getuser()}",
+        "role": "local-admin",
+        "session": recorded.session,
+        "camera": "hallway-2",
+        "cameras": ["hallway-2"],
+    }
+    iso = [t.isoformat().replace("+00:00", "Z") for t in (start, end)]
+    assert [entry["from"], entry["to"]] == iso
+    assert (entry["file"], entry["path"]) == ("case.zip", str(out.resolve()))
+    assert entry["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert cli("receiver", "access", "verify", "--data", data) == 0
+    assert capsys.readouterr().out.startswith(f"OK: {len(entries)} entries, chain intact")
+
+    # Every camera, the whole session: the entry names them all, and no range.
+    whole = tmp_path / "whole.zip"
+    assert cli("evidence", "export", "--data", data, "--session", recorded.session,
+               "--out", whole) == 0  # fmt: skip
+    last = access_entries(data)[-1]
+    cameras = manifest_of(recorded.bundle)["selection"]["cameras"]
+    assert len(cameras) > 1
+    assert {k: last[k] for k in ("camera", "cameras", "from", "to")} == {
+        "camera": None,
+        "cameras": cameras,
+        "from": None,
+        "to": None,
+    }
+
+    (trail,) = (data / "audit").glob("*.log")  # the device's trail, as the receiver keeps it
+    capsys.readouterr()
+    assert cli("audit", "report", trail, "--access-log", data / "access.log") == 0
+    report = capsys.readouterr().out
+    viewed = [line.rsplit(", ", 1)[0] for line in report.splitlines() if "viewed by:" in line]
+    me = f"local:{getpass.getuser()} (local-admin)"
+    assert viewed == [
+        f"  viewed by:    {me}, evidence_export camera hallway-2",
+        f"  viewed by:    {me}, evidence_export",
+    ], report
+
+
+def test_an_export_that_cannot_be_logged_is_not_given_out(
+    recorded: Recorded, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = receiver_copy(recorded, tmp_path)
+    (data / "access.log").mkdir()  # what cannot be appended to, even by root
+    out = tmp_path / "case.zip"
+    assert cli("evidence", "export", "--data", data, "--session", recorded.session,
+               "--out", out) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert err == (
+        f"breakglass: error: {out} not exported: the access log {data / 'access.log'} cannot "
+        "be written (Is a directory); every export must be in it\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["receiver"]  # no bundle, nothing staged
+    (data / "access.log").rmdir()
+    assert access_entries(data) == []
+
+
+def test_an_export_whose_entry_cannot_be_made_durable_is_not_given_out(
+    recorded: Recorded,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The disk fills up between the bundle and its entry: no bundle, and an error."""
+    data = receiver_copy(recorded, tmp_path)
+
+    def disk_full(self: AccessLog, batch: list[dict[str, Any]]) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
+    monkeypatch.setattr(AccessLog, "_append", disk_full)
+    out = tmp_path / "case.zip"
+    assert cli("evidence", "export", "--data", data, "--session", recorded.session,
+               "--out", out) == 1  # fmt: skip
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"breakglass: error: {out} not exported: the access log {data / 'access.log'} cannot "
+        "be written (No space left on device); every export must be in it\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["receiver"]  # no bundle, nothing staged
+    assert access_entries(data) == []
