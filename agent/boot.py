@@ -29,7 +29,10 @@ from typing import Any
 from agent import enrollment_state
 from agent.config import AgentConfig, device_paths, parse_config, read_toml
 from agent.errors import ConfigError
-from provisioning.keys import kid, load_private_key, new_private_key
+from provisioning.documents import DocumentError
+from provisioning.enrollment import certified_device_key
+from provisioning.errors import KeyFileError
+from provisioning.keys import kid, load_private_key, new_private_key, read_small
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ def load_device(path: Path) -> tuple[AgentConfig, enrollment_state.Enrolled | No
     """
     path = Path(path).resolve()
     doc = read_toml(path)
-    key_path, state_dir = device_paths(doc, path)
+    key_path, state_dir, certificate = device_paths(doc, path)
     enrollment_state.recover(state_dir)
     try:
         enrolled = enrollment_state.load(state_dir)
@@ -69,12 +72,21 @@ def load_device(path: Path) -> tuple[AgentConfig, enrollment_state.Enrolled | No
                 "with it; re-enroll the device (its certificate names the lost key)",
                 key="device.key",
             )
+        if certificate is not None:
+            raise ConfigError(
+                f"{path}: device.key: {key_path} is missing but device.enrollment "
+                f"({certificate}) certifies this device's key; check the path (a new key "
+                "would not be the certified one)",
+                key="device.key",
+            )
         new_private_key(key_path)
         log.warning("first boot: made the device key %s (mode 0600)", key_path)
     try:
         key = load_private_key(key_path)
     except Exception as exc:
         raise ConfigError(f"{path}: device.key: {exc}", key="device.key") from exc
+    if enrolled is None and certificate is not None:
+        _check_certified_key(path, certificate, key_path, kid(key.public_key()))
     default_id = derived_id(kid(key.public_key()))
     if enrolled is not None:
         tables = enrolled.config_tables()
@@ -95,6 +107,23 @@ def load_device(path: Path) -> tuple[AgentConfig, enrollment_state.Enrolled | No
         return config, enrolled
     hand_written = any(t in doc for t in HAND_WRITTEN)
     return parse_config(doc, path, default_id=default_id, provisioned=hand_written), None
+
+
+def _check_certified_key(path: Path, certificate: Path, key_path: Path, key_kid: str) -> None:
+    """A hand-written configuration's certificate must name its key (a wrong ``key`` path
+    would sign the audit trail and the uplink with a key nobody trusts). A certificate
+    that cannot be read only is logged: the receiver refuses it, the buttons work."""
+    try:
+        certified = kid(certified_device_key(read_small(certificate, "enrollment certificate")))
+    except (KeyFileError, DocumentError) as exc:
+        log.error("%s: device.enrollment: %s", path, exc)
+        return
+    if certified != key_kid:
+        raise ConfigError(
+            f"{path}: device.key: {key_path} is key {key_kid}, but device.enrollment "
+            f"({certificate}) certifies key {certified}; check the path",
+            key="device.key",
+        )
 
 
 def check_enrollment(path: Path, device_id: str, enrolled: enrollment_state.Enrolled) -> None:

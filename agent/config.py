@@ -281,11 +281,13 @@ def read_toml(path: Path) -> dict[str, Any]:
     return doc
 
 
-def device_paths(doc: Mapping[str, Any], path: Path) -> tuple[Path, Path]:
-    """``[device]`` key and state folder, read ahead of the whole document (the state
-    folder says whether the device is enrolled)."""
+def device_paths(doc: Mapping[str, Any], path: Path) -> tuple[Path, Path, Path | None]:
+    """``[device]`` key, state folder and enrollment certificate (None: none configured),
+    read ahead of the whole document (the state folder says whether the device is
+    enrolled; a certificate, which key it must have)."""
     device = _Reader(path, "device", doc.get("device", {}))
-    return device.path("key", _REQUIRED), device.path("state_dir", "state")
+    certificate = None if device.text("enrollment", None) is None else device.path("enrollment")
+    return device.path("key", _REQUIRED), device.path("state_dir", "state"), certificate
 
 
 def parse_config(

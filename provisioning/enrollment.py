@@ -147,6 +147,17 @@ def parse_enrollment(
     )  # fmt: skip
 
 
+def certified_device_key(body: bytes | str | Mapping[str, Any]) -> Ed25519PublicKey:
+    """The device key an enrollment certificate names, its signature NOT checked: for a
+    device to see that its configuration points at the key it was certified with (the
+    receiver verifies the certificate). DocumentError if it is not a certificate."""
+    envelope = d.parse_envelope(body, max_payload=MAX_ENROLLMENT_PAYLOAD)
+    key: Ed25519PublicKey = d.read_payload(envelope, "enrollment", _FIELDS, frozenset())[
+        "device_key"
+    ]
+    return key
+
+
 def sign_enrollment(
     authority: Ed25519PrivateKey,
     *,

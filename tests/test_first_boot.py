@@ -459,3 +459,28 @@ async def test_an_enrollment_the_agent_could_not_start_with_is_refused_before_it
     assert "recipients" in refused.value.detail
     assert enrollment_state.load(first.config.state_dir) is None
     assert first.status()["pairing_open"] is True
+
+
+async def test_a_hand_written_configuration_must_point_at_its_certified_key(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A mistyped ``[device] key`` path: no new key (it would sign the audit trail as a
+    key nobody trusts), and a key other than the certified one: both a ConfigError."""
+    from breakglass.demo import write_agent_config, write_enrollment
+
+    config = write_agent_config(tmp_path / "agent", receiver)
+    write_enrollment(config, receiver)
+    assert load_agent_config(config).enrollment == tmp_path / "agent" / "enrollment.json"
+    text = config.read_text()
+    config.write_text(text.replace('key = "device.key"', 'key = "devce.key"'))
+    with pytest.raises(ConfigError, match=r"device\.key: .*devce\.key is missing but "):
+        load_agent_config(config)
+    assert not (tmp_path / "agent" / "devce.key").exists()
+    other = new_private_key(tmp_path / "agent" / "other.key")
+    config.write_text(text.replace('key = "device.key"', 'key = "other.key"'))
+    with pytest.raises(ConfigError, match=rf"is key {kid(other.public_key())}, but "):
+        load_agent_config(config)
+    # A certificate that cannot be read is the receiver's to refuse: the buttons work.
+    (tmp_path / "agent" / "enrollment.json").write_text("{not json")
+    config.write_text(text)
+    assert load_agent_config(config).device_id
