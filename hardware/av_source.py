@@ -43,6 +43,13 @@ __all__ = ["AccessUnit", "AccessUnitReader", "FileCamera", "size_from_keyframe"]
 AccessUnit = tuple[bytes, bool, int | None]
 
 _NS = 1_000_000_000
+#: A keyframe is decoded, on the camera's thread, to see that the camera sends H.264 at
+#: all (valid NAL headers say nothing of what follows them): the first of a
+#: connection, the first after new parameter sets, then one every this many seconds.
+KEYFRAME_CHECK_S = 60.0
+#: Checked keyframes in a row that do not decode before the camera is in fault (one
+#: may have lost packets on the way).
+KEYFRAME_CHECK_FAILURES = 3
 #: How long a paced file camera may take to see that it was stopped.
 _STOP_CHECK_NS = 100_000_000
 
@@ -67,6 +74,7 @@ class AccessUnitReader:
         extradata = ctx.extradata or b""
         self._sets = b"" if extradata[:1] == b"\x01" else parameter_sets(extradata)
         self._bsf = BitStreamFilterContext("h264_mp4toannexb", stream)
+        self._check = _KeyframeCheck(where)
         self._time_base = stream.time_base
         self._size = (ctx.width, ctx.height)
         rate = stream.guessed_rate or stream.average_rate
@@ -89,6 +97,8 @@ class AccessUnitReader:
             if keyframe:
                 in_band = parameter_sets(payload)
                 if in_band:
+                    if in_band != self._sets:
+                        self._check.due_now()
                     self._sets = in_band  # the camera's current parameter sets win
                 elif self._sets:
                     payload = with_parameter_sets(payload, self._sets)
@@ -96,6 +106,7 @@ class AccessUnitReader:
                     raise CameraStreamError(
                         f"{self._where}: a keyframe without SPS/PPS, and none out of band"
                     )
+                self._check(payload)
             ts = out.pts if out.pts is not None else out.dts
             yield payload, keyframe, self._to_ns(ts)
 
@@ -112,6 +123,52 @@ class AccessUnitReader:
             # first packet comes at once): read it from the keyframe's SPS.
             self._size = size_from_keyframe(keyframe)
         return StreamInfo("h264", *self._size, self.fps, self._sets)
+
+
+class _KeyframeCheck:
+    """Decodes a keyframe now and then (:data:`KEYFRAME_CHECK_S`); raises
+    :class:`CameraStreamError` once :data:`KEYFRAME_CHECK_FAILURES` checked in a row
+    did not decode. A camera sending garbage behind valid NAL headers was recorded as
+    healthy footage, its keyframes included."""
+
+    def __init__(self, where: str) -> None:
+        self._where = where
+        self._due = 0.0  # monotonic time of the next check: the first keyframe's
+        self._failures = 0
+
+    def due_now(self) -> None:
+        """Check the next keyframe (new parameter sets)."""
+        self._due = 0.0
+
+    def __call__(self, keyframe: bytes) -> None:
+        now = time.monotonic()
+        if now < self._due:
+            return
+        error = decode_error(keyframe)
+        if error is None:
+            self._failures, self._due = 0, now + KEYFRAME_CHECK_S
+            return
+        self._failures += 1  # the next keyframe is checked too
+        if self._failures >= KEYFRAME_CHECK_FAILURES:
+            raise CameraStreamError(
+                f"{self._where}: {self._failures} keyframes in a row do not decode ({error}): "
+                "the camera does not send valid H.264"
+            )
+
+
+def decode_error(keyframe: bytes) -> str | None:
+    """Why FFmpeg's H.264 decoder makes no picture of ``keyframe`` (None: it does)."""
+    ctx = av.CodecContext.create("h264", "r")
+    ctx.thread_count = 1  # one picture: no decoding threads to start and stop
+    # An error, not a concealed picture: FFmpeg makes a picture of random slices too.
+    ctx.options = {"err_detect": "explode"}
+    try:
+        frames = [*ctx.decode(av.Packet(keyframe)), *ctx.decode(None)]
+    except av.error.FFmpegError as exc:
+        return str(exc)
+    if not any(frame.width > 0 for frame in frames):
+        return "no picture"
+    return None
 
 
 def size_from_keyframe(keyframe: bytes) -> tuple[int, int]:
