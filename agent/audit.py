@@ -79,7 +79,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,12 +124,17 @@ def _unb64url(text: str) -> bytes:
         raise ValueError(str(exc)) from exc
 
 
-def _parse_entry(body: bytes) -> dict[str, Any] | None:
+def parse_entry(body: bytes) -> dict[str, Any] | None:
     """The entry on one line (without its newline) if it has the shape of one, else None."""
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError):
         return None
+    return _entry_shaped(obj)
+
+
+def _entry_shaped(obj: object) -> dict[str, Any] | None:
+    """``obj`` if it is a dict with an entry's ``n``, ``t``, ``event``, ``prev`` and ``hash``."""
     if not isinstance(obj, dict):
         return None
     n, t = obj.get("n"), obj.get("t")
@@ -150,6 +155,54 @@ def split_lines(data: bytes) -> list[bytes]:
     if parts[-1]:
         lines.append(parts[-1])
     return lines
+
+
+def iter_lines(data: bytes) -> Iterator[bytes]:
+    """:func:`split_lines` one line at a time: a file of many short lines costs no list
+    of them (a 256 MB trail of two-byte lines would be 128 million objects)."""
+    start, size = 0, len(data)
+    while start < size:
+        end = data.find(b"\n", start)
+        if end < 0:
+            yield data[start:]
+            return
+        yield data[start : end + 1]
+        start = end + 1
+
+
+#: Why a line is no entry, as :func:`verify_trail` says it.
+_UNPARSEABLE: Final = "not an audit entry (cannot be parsed)"
+_TOO_DEEP: Final = "not an audit entry (nested too deeply)"
+_NOT_AN_ENTRY: Final = (
+    "inserted line: a whole JSON object but no audit entry (it lacks a valid n, t, "
+    "event, prev or hash); a write cut short never leaves one"
+)
+
+
+def _classify(body: bytes) -> tuple[dict[str, Any] | None, str, bool]:
+    """(the entry, or None and why not, and whether it can be a torn write) of one line
+    (without its newline).
+
+    The writer appends each entry as one canonical line (``{"``, sorted keys, ``}``,
+    then ``\\n``; after a torn one, on a line of its own). A write cut short leaves a
+    prefix of such a line: it starts with ``{"`` (or is ``{``) and is no whole JSON value, since the
+    only prefix of a canonical line that parses is the whole entry. A line that parses
+    as a JSON object but is no entry was never written by :class:`AuditLog`.
+    """
+    if len(body) >= MAX_LINE_BYTES:
+        return None, f"longer than {MAX_LINE_BYTES} bytes: not an audit entry", False
+    if not body.startswith(b"{"):  # no JSON object: no need to parse it
+        return None, _UNPARSEABLE, False
+    try:
+        obj = json.loads(body)
+    except RecursionError:
+        return None, _TOO_DEEP, False
+    except ValueError:
+        return None, _UNPARSEABLE, body[:2] in (b"{", b'{"')
+    entry = _entry_shaped(obj)
+    if entry is None:
+        return None, _NOT_AN_ENTRY if isinstance(obj, dict) else _UNPARSEABLE, False
+    return entry, "", False
 
 
 #: The fields every entry gets from the chain; an event's own fields never use these names.
@@ -234,24 +287,37 @@ def verify_chain(lines: Iterable[bytes]) -> tuple[int, str]:
 # -- verification (sans-IO) ---------------------------------------------------------------
 
 
+#: Findings of one kind listed one by one; the rest of that kind are counted in one
+#: summary finding (a trail of a million bad lines is not a million lines of output).
+MAX_LISTED: Final = 20
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     """One finding: where (1-based ``line`` of the file, or of the reference when
     ``in_reference``; None when it concerns no single line), which entry ``n``
-    (presumed for a line that cannot be parsed), and what."""
+    (presumed for a line that cannot be parsed), and what. A finding with
+    ``unlisted`` > 0 is a summary: it stands for that many findings of one kind
+    beyond the first :data:`MAX_LISTED`, not listed one by one (``line`` is the
+    first of them)."""
 
     line: int | None
     entry: int | None
     what: str
     error: bool = True
     in_reference: bool = False
+    unlisted: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class TrailReport:
     """What :func:`verify_trail` found. ``entries`` is the ``n`` of the last entry,
     ``signed`` that of the last valid checkpoint (0: none), ``checkpoints`` how
-    many valid ones there are; ``problems`` are in file order, reference last."""
+    many valid ones there are; ``problems`` are in file order, reference last.
+
+    When the trail is :attr:`ok`, its entries are numbered 1..``entries`` in file
+    order, and those up to ``signed`` are covered by the device's signature; the
+    ones after it (the unsigned tail) anyone could have written."""
 
     entries: int
     checkpoints: int
@@ -266,6 +332,11 @@ class TrailReport:
     @property
     def warnings(self) -> tuple[Problem, ...]:
         return tuple(p for p in self.problems if not p.error)
+
+    @property
+    def error_count(self) -> int:
+        """How many errors were found, those counted in a summary included."""
+        return sum(p.unlisted or 1 for p in self.problems if p.error)
 
     @property
     def ok(self) -> bool:
@@ -290,8 +361,44 @@ class _Damaged:
     why: str
 
 
+@dataclass(slots=True)
+class _Tally:
+    """The findings of one kind: how many listed; how many more, on which lines."""
+
+    error: bool
+    listed: int = 0
+    unlisted: int = 0
+    first: int | None = None
+    last: int | None = None
+
+    def count(self, line: int | None) -> None:
+        self.unlisted += 1
+        if self.first is None:
+            self.first = line
+        self.last = line
+
+
+#: The kinds of findings that can repeat, as a summary names them.
+_KINDS: Final = {
+    "damaged": "lines that are not audit entries",
+    "torn": "torn entries",
+    "altered": "altered entries",
+    "chain": "breaks in the chain",
+    "order": "entries out of order or repeated",
+    "checkpoint": "bad checkpoints",
+}
+
+#: What :func:`verify_trail` calls with each entry that verified: (its line, the entry).
+Accept = Callable[[int, dict[str, Any]], None]
+
+
 class _Walk:
-    """One pass over a trail, collecting problems; the state of :func:`verify_trail`."""
+    """One pass over a trail, collecting problems; the state of :func:`verify_trail`.
+
+    Its memory does not grow with the trail: at most :data:`MAX_LISTED` findings of a
+    kind and as many unparseable lines awaiting judgement are kept; only the
+    reference's entries (``seen``, when collecting) are kept one by one.
+    """
 
     def __init__(
         self,
@@ -299,11 +406,13 @@ class _Walk:
         reference: dict[int, tuple[str, int]] | None,
         *,
         collect: bool,
+        accept: Accept | None = None,
     ) -> None:
         self.key = device_key
         self.kid = key_id(device_key)
         self.reference = reference  # n -> (hash, line in the reference); consumed
         self.collect = collect
+        self.accept = accept
         self.seen: dict[int, tuple[str, int]] = {}  # the same, of this trail, when collecting
         self.n = 0
         self.head = GENESIS
@@ -312,39 +421,66 @@ class _Walk:
         self.checkpoints = 0
         self.signed = 0
         self.tail: tuple[int, int] | None = None  # (line, n) of the first entry not signed
-        self.damaged: list[_Damaged] = []
+        self.damaged: list[_Damaged] = []  # the run of lines before the next entry, judged then
+        self.run = 0  # lines in that run (more than MAX_LISTED: each an error at once)
+        self.run_first = 0  # the first line of the run
         self.gaps: list[tuple[int, int, int]] = []  # (first, last, problem index) reported missing
         self.diverged = False
         self.problems: list[Problem] = []
+        self.tallies: dict[str, _Tally] = {}
+        self.errors = 0
 
-    def error(self, line: int | None, entry: int | None, what: str) -> None:
-        self.problems.append(Problem(line, entry, what))
+    def add(self, kind: str, problem: Problem) -> int | None:
+        """List ``problem``, or only count it once MAX_LISTED of its kind are listed;
+        its index in ``problems`` when listed."""
+        if problem.error:
+            self.errors += 1
+        tally = self.tallies.setdefault(kind, _Tally(problem.error))
+        if tally.listed < MAX_LISTED:
+            tally.listed += 1
+            self.problems.append(problem)
+            return len(self.problems) - 1
+        tally.count(problem.line)
+        return None
+
+    def error(self, kind: str, line: int | None, entry: int | None, what: str) -> int | None:
+        tally = self.tallies.get(kind)
+        if tally is not None and tally.listed >= MAX_LISTED:  # the common case of many
+            self.errors += 1
+            tally.count(line)
+            return None
+        return self.add(kind, Problem(line, entry, what))
 
     def feed(self, number: int, raw: bytes, last: bool) -> None:
         body = raw[:-1] if raw.endswith(b"\n") else raw
-        obj = _parse_entry(body) if len(body) < MAX_LINE_BYTES else None
+        obj, why, fragment = _classify(body)
         if obj is None:
-            if len(body) >= MAX_LINE_BYTES:
-                why = f"longer than {MAX_LINE_BYTES} bytes: not an audit entry"
-            elif last and not raw.endswith(b"\n"):
+            if last and not raw.endswith(b"\n") and why == _UNPARSEABLE:
                 why = (
                     "cut off mid-entry: the file ends inside an entry "
                     "(truncated, or copied or power-cut during a write)"
                 )
-            else:
-                why = "not an audit entry (cannot be parsed)"
-            fragment = body.startswith(b'{"') and len(body) < MAX_LINE_BYTES and not last
-            self.damaged.append(_Damaged(number, fragment, why))
+            self._damage(number, fragment and not last, why)
             return
         n, prev, claimed = obj["n"], obj["prev"], obj.pop("hash")
         expected = self.n + 1
         link_checked = self._settle_damaged(n, prev)
-        digest = hashlib.sha256(canonical_json(obj)).hexdigest()
-        if digest != claimed or canonical_json({**obj, "hash": claimed}) != body:
+        errors = self.errors
+        try:
+            digest = hashlib.sha256(canonical_json(obj)).hexdigest()
+            same = canonical_json({**obj, "hash": claimed}) == body
+        except (ValueError, RecursionError):  # json parses deeper than it writes
+            digest, same = "", False
+        if digest != claimed or not same:
             where = n if n == expected else expected
             claim = "" if n == expected else f" (it claims to be entry {n})"
-            self.error(number, where, f"entry altered: its hash does not match its content{claim}")
-            self._advance(number, expected, claimed, {claimed, digest})
+            self.error(
+                "altered",
+                number,
+                where,
+                f"entry altered: its hash does not match its content{claim}",
+            )
+            self._advance(number, expected, claimed, {claimed, digest} - {""})
             self._untrusted_tail(number, expected)
             if self.reference is not None:
                 self.reference.pop(expected, None)
@@ -357,10 +493,12 @@ class _Walk:
                 first, what = expected, f"entry {expected} is missing"
                 if n > expected + 1:
                     what = f"entries {expected}..{n - 1} are missing"
-                self.gaps.append((first, n - 1, len(self.problems)))
-                self.error(number, n, f"chain broken: {what} (deleted or moved)")
+                index = self.error("chain", number, n, f"chain broken: {what} (deleted or moved)")
+                if index is not None:
+                    self.gaps.append((first, n - 1, index))
         elif link_checked and prev not in self.heads:
             self.error(
+                "chain",
                 number,
                 n,
                 f"chain broken: prev is not the hash of entry {self.n}"
@@ -374,6 +512,22 @@ class _Walk:
             self.signed, self.tail = n, None
         else:
             self._untrusted_tail(number, n)
+        if self.accept is not None and link_checked and n == expected and self.errors == errors:
+            self.accept(number, {**obj, "hash": claimed})
+
+    def _damage(self, number: int, fragment: bool, why: str) -> None:
+        """A line that is no entry: held until the next entry tells what it was."""
+        if not self.run:
+            self.run_first = number
+        self.run += 1
+        if self.run <= MAX_LISTED:
+            self.damaged.append(_Damaged(number, fragment, why))
+            return
+        # No power cut leaves so many lines: each is an error, judged now, kept no longer.
+        for bad in self.damaged:
+            self.error("damaged", bad.line, self.n + 1, bad.why)
+        self.damaged.clear()
+        self.error("damaged", number, self.n + 1, why)
 
     @staticmethod
     def _at(line: int | None) -> str:
@@ -390,29 +544,33 @@ class _Walk:
 
     def _settle_damaged(self, n: int, prev: str) -> bool:
         """Judge the unparseable lines before an entry; False if its link cannot be checked."""
-        if not self.damaged:
+        if not self.run:
             return True
         expected = self.n + 1
-        links = n == expected and prev in self.heads
-        stands_for_entries = expected < n <= expected + len(self.damaged)
+        links = n == expected and prev in self.heads and self.run <= MAX_LISTED
+        stands_for_entries = expected < n <= expected + self.run
         if stands_for_entries:
-            self._untrusted_tail(self.damaged[0].line, expected)
+            self._untrusted_tail(self.run_first, expected)
         for i, bad in enumerate(self.damaged):
             if links and bad.fragment:
-                self.problems.append(
+                self.add(
+                    "torn",
                     Problem(
                         bad.line,
                         expected,
                         "torn entry (a write cut short, e.g. by a power cut); "
                         "the chain continues after it with nothing missing",
                         error=False,
-                    )
+                    ),
                 )
             elif stands_for_entries:
-                self.error(bad.line, min(expected + i, n - 1), f"entry damaged: {bad.why}")
+                self.error(
+                    "damaged", bad.line, min(expected + i, n - 1), f"entry damaged: {bad.why}"
+                )
             else:
-                self.error(bad.line, expected, bad.why)
+                self.error("damaged", bad.line, expected, bad.why)
         self.damaged.clear()
+        self.run = 0
         return not stands_for_entries
 
     def _out_of_order(self, number: int, n: int) -> None:
@@ -425,10 +583,10 @@ class _Walk:
                     f"chain broken: entries out of order (entry {n} is on line {number}, "
                     f"after entry {old.entry})",
                 )
-                self.error(number, n, f"out of order: belongs before line {old.line}")
+                self.error("order", number, n, f"out of order: belongs before line {old.line}")
                 break
         else:
-            self.error(number, n, f"out of order or repeated: comes after entry {self.n}")
+            self.error("order", number, n, f"out of order or repeated: comes after entry {self.n}")
         if self.reference is not None:
             self.reference.pop(n, None)
 
@@ -439,6 +597,7 @@ class _Walk:
         if ref is not None and ref[0] != claimed and not self.diverged:
             self.diverged = True
             self.error(
+                "reference",
                 number,
                 n,
                 f"differs from the reference copy (its line {ref[1]}): "
@@ -453,10 +612,13 @@ class _Walk:
             and isinstance(head, str)
             and isinstance(sig, str)
         ):
-            self.error(number, n, "checkpoint malformed: needs kid, covers, head and sig")
+            self.error(
+                "checkpoint", number, n, "checkpoint malformed: needs kid, covers, head and sig"
+            )
             return False
         if covers != n - 1 or head != obj["prev"]:
             self.error(
+                "checkpoint",
                 number,
                 n,
                 f"checkpoint signs entry {covers} with head {_show(head)}, "
@@ -465,6 +627,7 @@ class _Walk:
             return False
         if kid != self.kid:
             self.error(
+                "checkpoint",
                 number,
                 n,
                 f"checkpoint signed by key {_show(kid)}, not by the device key {self.kid!r}",
@@ -476,15 +639,19 @@ class _Walk:
             signature = b""
         if not verify_signature(self.key, signature, checkpoint_message(covers, head, kid)):
             self.error(
-                number, n, "checkpoint signature does not verify: not signed by the device key"
+                "checkpoint",
+                number,
+                n,
+                "checkpoint signature does not verify: not signed by the device key",
             )
             return False
         return True
 
     def finish(self) -> None:
         for bad in self.damaged:
-            self.error(bad.line, self.n + 1, bad.why)
+            self.error("damaged", bad.line, self.n + 1, bad.why)
         self.damaged.clear()
+        self.run = 0
         if self.n > self.signed and self.tail is not None:
             line, first = self.tail
             what = (
@@ -498,11 +665,24 @@ class _Walk:
             beyond = sorted(k for k in self.reference if k > self.n)
             if beyond:
                 self.error(
+                    "reference",
                     self.last_line,
                     self.n or None,
                     f"truncated after entry {self.n}: the reference copy continues with "
                     f"entries {beyond[0]}..{beyond[-1]} (from its line "
                     f"{self.reference[beyond[0]][1]})",
+                )
+        for kind, tally in self.tallies.items():
+            if tally.unlisted:
+                self.problems.append(
+                    Problem(
+                        tally.first,
+                        None,
+                        f"{tally.unlisted} more {_KINDS.get(kind, 'findings')} (lines "
+                        f"{tally.first}..{tally.last}), not listed one by one",
+                        error=tally.error,
+                        unlisted=tally.unlisted,
+                    )
                 )
 
 
@@ -511,18 +691,27 @@ def verify_trail(
     device_key: Ed25519PublicKey,
     *,
     reference: Iterable[bytes] | None = None,
+    accept: Accept | None = None,
 ) -> TrailReport:
     """Check a trail: chain, hashes, checkpoint signatures, and, given ``reference``
     (another copy of the same device's trail), that no entry of it is missing here.
 
-    ``lines`` are the file's lines with their ``\\n`` (:func:`split_lines`; without
-    them a cut-off last line is still found, but not told from garbage). Every
-    line is read at most :data:`MAX_LINE_BYTES` deep. Errors: an edited entry,
-    a deleted, moved or repeated one, a line that is no entry (a cut-off last
-    line among them), a bad checkpoint, and against the reference: a divergence
-    or entries cut off the end. Warnings: a torn entry the chain continued past
-    (a power cut), and entries after the last signed checkpoint. The reference's
-    own errors are reported with ``in_reference``.
+    ``lines`` are the file's lines with their ``\\n`` (:func:`split_lines`,
+    :func:`iter_lines`; without them a cut-off last line is still found, but not told
+    from garbage). Every line is read at most :data:`MAX_LINE_BYTES` deep. Errors: an
+    edited entry, a deleted, moved or repeated one, a line that is no entry (a
+    cut-off last line, and a whole JSON object that is no entry, among them), a bad
+    checkpoint, and against the reference: a divergence or entries cut off the end.
+    Warnings: a torn entry the chain continued past (a power cut: a line that starts
+    like an entry and is no whole JSON value), and entries after the last signed
+    checkpoint. The reference's own errors are reported with ``in_reference``. Of a
+    kind of finding, the first :data:`MAX_LISTED` are listed and the rest counted in
+    a summary (:attr:`Problem.unlisted`).
+
+    ``accept(line, entry)`` is called, in file order, with each entry that verified
+    (its hash, its number and link to the one before, a checkpoint's signature): a
+    report is built from those alone, and only when the trail is :attr:`TrailReport.ok`.
+    Memory does not grow with ``lines`` (only with ``reference``'s entries).
     """
     ref_problems: list[Problem] = []
     ref_entries: dict[int, tuple[str, int]] | None = None
@@ -530,11 +719,11 @@ def verify_trail(
         ref_walk = _walk(reference, device_key, None, collect=True)
         ref_entries = ref_walk.seen
         ref_problems = [
-            Problem(p.line, p.entry, p.what, in_reference=True)
+            Problem(p.line, p.entry, p.what, in_reference=True, unlisted=p.unlisted)
             for p in sorted(ref_walk.problems, key=_by_line)
             if p.error
         ]
-    walk = _walk(lines, device_key, ref_entries, collect=False)
+    walk = _walk(lines, device_key, ref_entries, collect=False, accept=accept)
     return TrailReport(
         entries=walk.n,
         checkpoints=walk.checkpoints,
@@ -554,8 +743,9 @@ def _walk(
     reference: dict[int, tuple[str, int]] | None,
     *,
     collect: bool,
+    accept: Accept | None = None,
 ) -> _Walk:
-    walk = _Walk(device_key, reference, collect=collect)
+    walk = _Walk(device_key, reference, collect=collect, accept=accept)
     number = 0
     pending: bytes | None = None
     for raw in lines:  # one line of lookahead: the last line is judged as such
@@ -578,7 +768,7 @@ def _last_entry(data: bytes, *, whole_first_line: bool) -> tuple[int, str, bool]
     if not whole_first_line:
         parts = parts[1:]  # may begin mid-line
     for part in reversed(parts):
-        obj = _parse_entry(part)
+        obj = parse_entry(part)
         if obj is not None:
             return obj["n"], obj["hash"], obj["event"] == CHECKPOINT
     return None
@@ -640,7 +830,7 @@ class AuditLog:
             # its newline counts; a torn one (a power cut mid-append) stays in the file,
             # the chain continues from the last whole entry, verify_trail reports it.
             self._torn = True
-            if _parse_entry(data.rsplit(b"\n", 1)[-1]) is None:
+            if parse_entry(data.rsplit(b"\n", 1)[-1]) is None:
                 log.error("audit trail %s ends in a torn entry", self.path)
         return found or (0, GENESIS, True)
 

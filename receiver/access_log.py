@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 GENESIS: Final = "0" * 64
 _N = re.compile(rb'"n":(\d+)')
 _MAX_TAIL = 1 << 20  # an entry is small; a longer last line is damage
+#: Problems :func:`verify_lines` lists one by one; the rest are counted in a last one.
+MAX_LISTED: Final = 100
 
 
 def canonical(obj: dict[str, Any]) -> bytes:
@@ -100,8 +102,10 @@ class Verification:
     entries: int = 0
     #: The last good entry's hash (the chain's head), GENESIS for an empty log.
     head: str = GENESIS
-    #: ``(line number, what is wrong)``, in file order; empty when the chain holds.
+    #: ``(line number, what is wrong)``, in file order; empty when the chain holds. Past
+    #: :data:`MAX_LISTED` the rest are counted in ``unlisted`` and one last summary.
     errors: list[tuple[int, str]] = field(default_factory=list)
+    unlisted: int = 0
 
     @property
     def ok(self) -> bool:
@@ -109,40 +113,87 @@ class Verification:
         return not self.errors
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # canonical() never writes NaN or Infinity
+
+
+def _show(value: object) -> str:
+    """An entry's ``n`` as a problem names it: short, whatever the line holds."""
+    if value is None or isinstance(value, bool | int | float):
+        text = repr(value)
+    elif isinstance(value, str):
+        text = repr(value[:40])
+    else:
+        text = f"<a JSON {'object' if isinstance(value, dict) else 'array'}>"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def verify_lines(lines: Iterable[bytes]) -> Verification:
-    """Check a log's lines: numbering, chaining and each entry's hash (sans-IO)."""
+    """Check a log's lines: numbering, chaining and each entry's hash (sans-IO).
+
+    Any line, however hostile (NaN, nesting deeper than Python's recursion limit), is a
+    problem on its line, never an exception; memory does not grow with the lines."""
     result = Verification()
+    first_unlisted = last_unlisted = 0
+
+    def problem(lineno: int, what: str) -> None:
+        nonlocal first_unlisted, last_unlisted
+        if len(result.errors) < MAX_LISTED:
+            result.errors.append((lineno, what))
+            return
+        result.unlisted += 1
+        first_unlisted = first_unlisted or lineno
+        last_unlisted = lineno
+
     prev, expect_n = GENESIS, 1
     for lineno, raw in enumerate(lines, start=1):
         if not raw.endswith(b"\n"):
-            result.errors.append((lineno, "unfinished last line (torn write)"))
+            problem(lineno, "unfinished last line (torn write)")
             break
         try:
-            entry = json.loads(raw)
-        except ValueError:
-            result.errors.append((lineno, "not a JSON entry"))
+            entry = json.loads(raw, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            why = ""
+            if isinstance(exc, RecursionError):
+                why = " (nested too deeply)"
+            elif "is not JSON" in str(exc):
+                why = f" ({exc})"
+            problem(lineno, f"not a JSON entry{why}")
             prev, expect_n = hashlib.sha256(raw.rstrip(b"\n")).hexdigest(), expect_n + 1
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("hash"), str):
-            result.errors.append((lineno, "not an access-log entry"))
+            problem(lineno, "not an access-log entry")
             continue
         digest = entry.pop("hash")
         n = entry.get("n")
+        try:
+            altered = entry_hash(entry) != digest
+            written = canonical(dict(entry, hash=digest))
+        except (ValueError, RecursionError):
+            problem(lineno, "not an access-log entry (nested too deeply)")
+            prev, expect_n = digest, expect_n + 1
+            continue
         if n != expect_n:
-            result.errors.append((lineno, f"entry number {n!r}, expected {expect_n}"))
+            problem(lineno, f"entry number {_show(n)}, expected {expect_n}")
         if entry.get("prev") != prev:
-            result.errors.append(
-                (lineno, f"entry {n!r} does not follow the one before (prev mismatch)")
-            )
-        if entry_hash(entry) != digest:
-            result.errors.append((lineno, f"entry {n!r} was altered (hash mismatch)"))
-        if raw.rstrip(b"\n") != canonical(dict(entry, hash=digest)):
-            result.errors.append((lineno, f"entry {n!r} is not in canonical form"))
+            problem(lineno, f"entry {_show(n)} does not follow the one before (prev mismatch)")
+        if altered:
+            problem(lineno, f"entry {_show(n)} was altered (hash mismatch)")
+        if raw.rstrip(b"\n") != written:
+            problem(lineno, f"entry {_show(n)} is not in canonical form")
         prev = digest
-        expect_n = (n + 1) if isinstance(n, int) else expect_n + 1
+        expect_n = (n + 1) if type(n) is int else expect_n + 1
         result.entries += 1
         if not result.errors:
             result.head = digest
+    if result.unlisted:
+        result.errors.append(
+            (
+                first_unlisted,
+                f"{result.unlisted} more problems, not listed one by one "
+                f"(lines {first_unlisted}..{last_unlisted})",
+            )
+        )
     return result
 
 
@@ -368,7 +419,7 @@ def _tail(fd: int) -> tuple[int, str, int]:
     try:
         entry = json.loads(last)
         return int(entry["n"]), str(entry["hash"]), torn
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         # A damaged last line: chain on its bytes, so the damage stays visible to verify.
         log.error("access log: the last entry is damaged; chaining after its bytes")
         match = _N.search(last)
