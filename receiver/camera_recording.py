@@ -33,7 +33,12 @@ from typing import Any
 
 from receiver import seqranges
 from receiver.errors import MissingSpsError, RecordingClosedError
-from receiver.h264 import annex_b_from_avcc, mse_codec_string, parameter_sets
+from receiver.h264 import (
+    annex_b_from_avcc,
+    leading_parameter_sets,
+    mse_codec_string,
+    parameter_sets,
+)
 from receiver.livefeed import LiveFeed
 from receiver.run import FragmentListener, PartInfo, Run, make_part_init
 from receiver.summaries import BadSegment, DeclaredGap, part_file
@@ -181,13 +186,19 @@ class CameraRecording:
         return self._param_sets
 
     def learn_parameter_sets(self, data: bytes) -> None:
-        """Remember SPS/PPS from a keyframe or an ``avcC`` record."""
+        """Remember SPS/PPS from a keyframe or an ``avcC`` record: the latest win (a part
+        begun mid-GOP gets the camera's current ones)."""
         with contextlib.suppress(MissingSpsError):
             if data[:1] == b"\x01":  # avcC record, not Annex-B
-                self._param_sets = annex_b_from_avcc(data)
-            elif not self._param_sets:
-                self._param_sets = parameter_sets(data).annex_b()
-            self.mse_codec = self.mse_codec or mse_codec_string(data)
+                sets = annex_b_from_avcc(data)
+            else:
+                found = leading_parameter_sets(data)
+                if found.sps is None:
+                    return  # no SPS in front of its slices: nothing new
+                sets = found.annex_b()
+            if sets != self._param_sets or not self.mse_codec:
+                self.mse_codec = mse_codec_string(sets)
+                self._param_sets = sets
 
     def mark_dirty(self) -> None:
         """Bookkeeping changed (saved later)."""
@@ -330,7 +341,7 @@ class CameraRecording:
             return None
         route, run = self._route(seq, keyframe)
         if route is _Route.APPEND and run is not None and run.writable:
-            if defer_init and run.needs_init:
+            if (defer_init and run.needs_init) or (keyframe and run.new_stream(payload)):
                 return None
             self._write(run, seq, capture_us, keyframe, payload, preroll, live)
             return Outcome.APPENDED
@@ -368,6 +379,13 @@ class CameraRecording:
                 if run.failed:
                     run.append(seq, capture_us, keyframe, payload)  # raises
                 await self._reopen(run)
+            elif (
+                route is _Route.APPEND and run is not None and keyframe and run.new_stream(payload)
+            ):
+                # New parameter sets (a camera set to another size or profile): a part of
+                # their own, begun by this keyframe (its init checked before the cut).
+                init = await make_part_init(self, seq, capture_us, keyframe, payload, seq)
+                await self._next_part(run)
             elif route is not _Route.APPEND:
                 return self._count(route, seq) or Outcome.DROPPED
             assert run is not None
@@ -442,6 +460,17 @@ class CameraRecording:
             raise
         _LOG.info("camera %r: new run from seq %d", self.camera_id, seq)
         return run
+
+    async def _next_part(self, run: Run) -> None:
+        """Finish ``run``'s part file and go on in a new one (listed before it gets data)."""
+        feeding = run is self._feed_run
+        await run.close()
+        run._plan_part()
+        await run._open_part(sync_dir=False)
+        await self._save()
+        if feeding:
+            run.attach(self._fanout)  # the live feed follows, to the new init segment
+        _LOG.info("camera %r: new parameter sets at seq %d: new part", self.camera_id, run.next_seq)
 
     async def _reopen(self, run: Run) -> None:
         if not run.repaired:

@@ -18,6 +18,7 @@ __all__ = [
     "ParameterSets",
     "annex_b_from_avcc",
     "has_sps",
+    "leading_parameter_sets",
     "mse_codec_string",
     "nal_type",
     "parameter_sets",
@@ -108,6 +109,27 @@ def parameter_sets(data: bytes) -> ParameterSets:
     pps: bytes | None = None
     for unit in split_nal_units(data):
         kind = unit[0] & 0x1F
+        if kind == NAL_SPS and sps is None:
+            sps = unit
+        elif kind == NAL_PPS and pps is None:
+            pps = unit
+    return ParameterSets(sps, pps)
+
+
+def leading_parameter_sets(data: bytes) -> ParameterSets:
+    """The SPS and PPS in front of an Annex-B access unit's first slice (where encoders
+    put them), found without reading on into the slices: cheap enough for every keyframe."""
+    sps: bytes | None = None
+    pps: bytes | None = None
+    end = len(data)
+    pos = data.find(_START)
+    while pos != -1 and pos + 3 < end:
+        begin = pos + 3
+        kind = data[begin] & 0x1F
+        if 1 <= kind <= 5:  # a slice: the parameter sets are behind
+            break
+        pos = data.find(_START, begin)
+        unit = data[begin : end if pos == -1 else pos].rstrip(b"\x00")
         if kind == NAL_SPS and sps is None:
             sps = unit
         elif kind == NAL_PPS and pps is None:

@@ -23,8 +23,9 @@ messages runs a few ms between yields) left the disk idle a third of the time
 and, past ``MAX_UNWRITTEN_BYTES``, stopped reading the connection. Rounds of
 a part start at least ``COMMIT_GAP_S`` apart.
 
-A part is never appended to once closed, so after a restart, a write failure
-or a re-opened session a run continues in a new part file, named after its
+A part is never appended to once closed, so after a restart, a write failure,
+a re-opened session or new parameter sets (:meth:`Run.new_stream`) a run
+continues in a new part file, named after its
 first sequence number (``<camera>.<first_seq>.mp4``) and listed in
 ``session.json`` before it gets any data.
 """
@@ -57,8 +58,9 @@ from receiver.errors import (
     RecordingError,
     RecordingFailedError,
 )
+from receiver.fmp4 import avcc_from_moov
 from receiver.fragmenter import Fragmenter
-from receiver.h264 import has_sps
+from receiver.h264 import ParameterSets, has_sps, leading_parameter_sets, parameter_sets
 from receiver.parts import PartInfo, PartWriter, cut_part, open_part_file, scan_part
 from receiver.summaries import part_file
 
@@ -173,6 +175,8 @@ class Run:
         #: takes the last fragments it listed.
         self._listing: Fragmenter | None = None
         self._init: bytes | None = None
+        #: The SPS and PPS the current part's init segment describes.
+        self._sets: ParameterSets | None = None
         #: (keyframe, capture time) of each frame whose fragment waits for the next frame.
         self._pending: deque[tuple[bool, int]] = deque()
         self._part_written = 0  # samples of the last part in complete fragments on the fd
@@ -250,6 +254,15 @@ class Run:
     def needs_init(self) -> bool:
         """Whether the next packet begins the part file (its init segment comes first)."""
         return self._fragmenter is None and self._writable and self._failure is None
+
+    def new_stream(self, keyframe: bytes) -> bool:
+        """Whether ``keyframe`` carries parameter sets other than the current part's (a
+        camera set to another size or profile): it must begin a part of its own, whose
+        init segment describes them (players that read only the init need it)."""
+        if self._sets is None or self._fragmenter is None:
+            return False
+        sets = leading_parameter_sets(keyframe)
+        return sets.sps is not None and sets != self._sets
 
     def held(self) -> list[tuple[int, int]]:
         """The durable seq ranges of this run, one per part that holds any."""
@@ -389,6 +402,11 @@ class Run:
     def _begin_part(self, init: bytes, capture_us: int) -> None:
         self._write(init)
         self._init = init
+        avcc = avcc_from_moov(init)
+        try:
+            self._sets = None if avcc is None else parameter_sets(avcc)
+        except MissingSpsError:
+            self._sets = None
         self._fragmenter = self._listing = Fragmenter(len(init))
         self._origin_us = capture_us
         self._last_pts = -1

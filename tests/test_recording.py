@@ -40,7 +40,7 @@ from receiver.fmp4 import avcc_from_moov, scan_file
 from receiver.h264 import mse_codec_string, parameter_sets, split_nal_units
 from receiver.parts import PartWriter
 from receiver.recording import CameraRecording, Outcome, RecordingStore, SessionRecording, TrackInfo
-from tests.media import META, PacketList, ffprobe_packets, ffprobe_stream
+from tests.media import META, PacketList, ffprobe_packets, ffprobe_stream, make_h264_packets
 
 T0_US = 1_767_000_000_000_000  # some capture time in UTC µs
 FRAME_US = 33_333
@@ -532,6 +532,33 @@ async def test_resume_after_clean_restart(tmp_path: Path, packets: PacketList) -
     # made an evidence export take it for another stream and leave out 45..59).
     avccs = [avcc_from_moov(part.read_bytes()) for part in parts]
     assert avccs[0] is not None and avccs[0] == avccs[1]
+
+
+async def test_new_parameter_sets_begin_a_part_of_their_own(
+    store: RecordingStore, packets: PacketList
+) -> None:
+    """A camera set to another size while it streams: its first keyframe at the new size
+    begins a part whose init segment describes it; the live feed gets that init."""
+    larger = make_h264_packets(30, width=640, height=360)
+    rec, cam = await open_cam(store, packets)
+    listener = Collector()
+    cam.add_listener(listener)
+    await feed(cam, packets[:45] + larger, range(75))  # 640x360 from seq 45 on
+    run = cam.runs[0]
+    # x264 repeats the sets at every keyframe: the same again begin nothing new.
+    assert not run.new_stream(larger[0][0]) and run.new_stream(packets[0][0])
+    await rec.close("done")
+    parts = [p.path for p in store.sessions()[0].camera("cam1").parts]
+    assert [p.name for p in parts] == ["cam1.0.mp4", "cam1.45.mp4"]
+    infos = [await probe(p) for p in parts]
+    assert [(i["width"], i["height"], int(i["nb_read_frames"])) for i in infos] == [
+        (320, 240, 45),
+        (640, 360, 30),
+    ]
+    assert [avcc_from_moov(init) for init in listener.inits] == [
+        avcc_from_moov(p.read_bytes()) for p in parts
+    ]
+    assert cam.mse_codec == mse_codec_string(larger[0][0])
 
 
 @pytest.mark.parametrize("damage", ["garbage", "cut"])
