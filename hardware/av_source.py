@@ -99,6 +99,8 @@ class AccessUnitReader:
                 if in_band:
                     if in_band != self._sets:
                         self._check.due_now()
+                        if self._sets:
+                            self._size = (0, 0)  # another size, maybe: read it from the SPS
                     self._sets = in_band  # the camera's current parameter sets win
                 elif self._sets:
                     payload = with_parameter_sets(payload, self._sets)
@@ -252,6 +254,7 @@ class FileCamera(ThreadedSource):
             stream = container.streams.video[0]
             reader = AccessUnitReader(stream, self._describe())
             fps = reader.fps = self._fps or reader.fps or 25.0
+            described = self._info
             frame_ns = round(_NS / fps)
             first: int | None = None
             rel = -frame_ns  # timestamp of the last unit, relative to the first
@@ -266,7 +269,9 @@ class FileCamera(ThreadedSource):
                     source_ts = offset_ns + rel
                     if not pacer.wait_until(source_ts, self._stop):
                         return None
-                    info = reader.info(payload) if keyframe and self._info is None else None
+                    info = reader.info(payload) if keyframe else None
+                    if info is not None:  # only a changed description travels
+                        info, described = (None if info == described else info), info
                     wall, mono = time.time_ns(), time.monotonic_ns()
                     unit = EncodedPacket(
                         self._id,

@@ -367,6 +367,27 @@ async def test_a_file_whose_keyframes_do_not_decode_is_a_stream_error(
             await asyncio.wait_for(take(cam, 120), 30)
 
 
+async def test_a_stream_that_changes_size_is_described_as_it_is_now(tmp_path: Path) -> None:
+    """New parameter sets in band (a camera set to another size): the description
+    follows, size and extradata together."""
+    # One GOP each; the first longer than the file camera's queue (32): the worker cannot
+    # have read the second's description yet when the first packet is taken.
+    small, large = make_h264_packets(60, gop=60), make_h264_packets(30, width=640, height=360)
+    path = tmp_path / "clip.h264"
+    path.write_bytes(b"".join(data for data, _ in small + large))
+    async with (
+        FileCamera("resized", path, loop=False, realtime=False) as cam,
+        aclosing(cam.packets()) as packets,
+    ):
+        await anext(packets)
+        assert (cam.info.width, cam.info.height) == (320, 240)
+        async for packet in packets:
+            if packet.keyframe:  # the first at the new size (one GOP each)
+                break
+        assert (cam.info.width, cam.info.height) == (640, 360)
+        assert cam.info.extradata == parameter_sets(large[0][0])
+
+
 def test_file_camera_arguments(tmp_path: Path) -> None:
     with pytest.raises(CameraConfigError, match="gone"):
         FileCamera("gone", tmp_path / "missing.mp4")
