@@ -391,7 +391,7 @@ def parse_config(
     _unique(top, "cameras", [c.id for c in cameras])
     buttons = tuple(_button(path, i, t) for i, t in enumerate(_array(top, "buttons")))
     _unique(top, "buttons", [b.id for b in buttons])
-    _unique(top, "buttons", [str(b.pin) for b in buttons], what="pin")
+    _pins_once(top, led_pin, buzzer_pin, buttons)
     top.done()
     return AgentConfig(
         path=path,
@@ -433,6 +433,27 @@ def _unique(top: _Reader, key: str, values: list[str], what: str = "id") -> None
         if value in seen:
             top.fail(f"{key}[{i}].{what}", f"{value!r} is used twice")
         seen.add(value)
+
+
+def _pins_once(
+    top: _Reader,
+    led_pin: int | str | None,
+    buzzer_pin: int | str | None,
+    buttons: tuple[ButtonConfig, ...],
+) -> None:
+    """Each GPIO pin has one use: a button, the LED or the buzzer (a clash found here names
+    both keys; gpiozero would find it after the store is opened, naming neither)."""
+    uses = [("gpio.led_pin", led_pin), ("gpio.buzzer_pin", buzzer_pin)]
+    uses += [(f"buttons[{i}].pin", b.pin) for i, b in enumerate(buttons)]
+    seen: dict[str, str] = {}
+    for key, pin in uses:
+        if pin is None:
+            continue
+        # 17, "GPIO17" and "BCM17" are one pin; BOARD numbers only gpiozero can map.
+        name = f"GPIO{pin}" if isinstance(pin, int) else pin.upper().replace("BCM", "GPIO", 1)
+        if name in seen:
+            top.fail(key, f"pin {pin!r} is already used by {seen[name]}")
+        seen[name] = key
 
 
 def _store(r: _Reader, needed: Any) -> StoreConfig:

@@ -80,6 +80,24 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
         ((f'tls_pin = "{PIN}"', 'tls_pin = "abc"'), "receiver.tls_pin", "does not match"),
         (("pin = 17", "pin = 99"), "buttons[0].pin", "does not exist"),
         (('id = "pi-1"', 'id = "Pi 1"'), "device.id", "does not match"),
+        (
+            ("[building]", "[gpio]\nled_pin = 17\n\n[building]"),
+            "buttons[0].pin",
+            "pin 17 is already used by gpio.led_pin",
+        ),
+        (
+            ("[building]", '[gpio]\nled_pin = 5\nbuzzer_pin = "BCM5"\n\n[building]'),
+            "gpio.buzzer_pin",
+            "pin 'BCM5' is already used by gpio.led_pin",
+        ),
+        (
+            (
+                'location = "Main office"',
+                'location = "Main office"\n\n[[buttons]]\nid = "gym"\npin = "GPIO17"\nlocation = "Gym"',
+            ),
+            "buttons[1].pin",
+            "pin 'GPIO17' is already used by buttons[0].pin",
+        ),
         (('id = "hall"', 'id = "front"'), "cameras[1].id", "used twice"),
         (('key = "device.key"', ""), "device.key", "missing"),
         (("[building]", "[buildin]"), "buildin", "unknown key"),
