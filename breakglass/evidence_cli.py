@@ -95,8 +95,8 @@ def evidence_export(args: argparse.Namespace) -> int:
     from receiver.evidence import build_bundle, sha256_file
 
     try:
-        start = None if args.start is None else parse_time(args.start)
-        end = None if args.end is None else parse_time(args.end)
+        start = None if args.start is None else parse_time(args.start, "--from")
+        end = None if args.end is None else parse_time(args.end, "--to")
         check_receiver_data(args.data)
     except ValueError as exc:
         return _error(str(exc), 2)

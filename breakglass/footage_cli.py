@@ -19,8 +19,9 @@ from pathlib import Path
 __all__ = ["add_footage_commands", "footage_export", "main", "parse_time"]
 
 
-def parse_time(text: str) -> datetime:
-    """A point in time: ISO-8601 with a timezone, or Unix seconds (UTC); ValueError if not."""
+def parse_time(text: str, option: str = "time") -> datetime:
+    """A point in time: ISO-8601 with a timezone, or Unix seconds (UTC); ValueError (that
+    names ``option``) if not."""
     try:
         return datetime.fromtimestamp(float(text), UTC)
     except (ValueError, OverflowError, OSError):
@@ -29,10 +30,11 @@ def parse_time(text: str) -> datetime:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(
-            f"{text!r} is neither ISO-8601 (2026-11-28T15:30:00+01:00) nor Unix seconds"
+            f"{option}: {text!r} is neither ISO-8601 (2026-11-28T15:30:00+01:00) nor Unix "
+            "seconds"
         ) from None
     if when.tzinfo is None:
-        raise ValueError(f"{text!r} has no timezone (add Z or +HH:MM)")
+        raise ValueError(f"{option}: {text!r} has no timezone (add Z or +HH:MM)")
     return when
 
 
@@ -79,7 +81,7 @@ def footage_export(args: argparse.Namespace) -> int:
     from receiver.export import export_footage
 
     try:
-        start, end = parse_time(args.start), parse_time(args.end)
+        start, end = parse_time(args.start, "--from"), parse_time(args.end, "--to")
     except ValueError as exc:
         return _error(str(exc), 2)
     if end < start:

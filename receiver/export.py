@@ -100,7 +100,12 @@ def _select(folder: Path, start_ns: int, end_ns: int) -> list[tuple[segment.Segm
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
-        raise NoFootageError(f"no segments of this camera in {folder}") from None
+        try:
+            cameras = sorted(e.name for e in os.scandir(folder.parent) if e.is_dir())
+        except OSError:
+            cameras = []
+        held = f"; the store has {', '.join(cameras)}" if cameras else ""
+        raise NoFootageError(f"no segments of this camera in {folder}{held}") from None
     named = sorted(
         ((name, Path(e.path)) for e in entries if (name := segment.SegmentName.parse(e.name))),
         key=lambda item: item[0].first_seq,
@@ -108,7 +113,13 @@ def _select(folder: Path, start_ns: int, end_ns: int) -> list[tuple[segment.Segm
     start_ms, end_ms = start_ns // 1_000_000, -(-end_ns // 1_000_000)
     hits = [i for i, (n, _) in enumerate(named) if n.end_ms >= start_ms and n.start_ms <= end_ms]
     if not hits:
-        raise NoFootageError(f"no segment in {folder} overlaps the time range")
+        held = (
+            f"; it holds {_utc(named[0][0].start_ms * 1_000_000).isoformat()} to "
+            f"{_utc(named[-1][0].end_ms * 1_000_000).isoformat()}"
+            if named
+            else "; it holds none"
+        )
+        raise NoFootageError(f"no segment in {folder} overlaps the time range{held}")
     first, last = hits[0], hits[-1]
     if first > 0 and named[first][0].start_ms * 1_000_000 > start_ns:
         before = named[first - 1][0]

@@ -106,9 +106,10 @@ async def test_export_errors_are_clear_and_leave_no_file(
     out = tmp_path / "evidence.mp4"
     with pytest.raises(WrongIdentityError, match="not sealed to this identity"):
         export_footage(store, stranger, "hall", at(0), at(60), out)
-    with pytest.raises(NoFootageError):
+    # Each says what there is instead: the range the camera's segments hold, the cameras.
+    with pytest.raises(NoFootageError, match=r"time range; it holds 20\d\d-.* to 20\d\d-"):
         export_footage(store, stranger, "hall", at(400), at(500), out)
-    with pytest.raises(NoFootageError):
+    with pytest.raises(NoFootageError, match=r"no segments of this camera .*; the store has hall"):
         export_footage(store, stranger, "door", at(0), at(60), out)
     assert not out.exists()
     assert not list(tmp_path.glob("*.partial"))
@@ -155,7 +156,12 @@ def test_cli_exports_and_fails_with_one_line_and_its_exit_code(
         (["--identity", str(tmp_path / "nope.key")], 2, "cannot read"),
         (["--identity", str(stranger)], 1, "not sealed to this identity"),
         (["--identity", key, "--camera", "../hall"], 2, "invalid camera id"),
-        (["--identity", key, "--from", "2026-11-28T10:00:00"], 2, "no timezone"),
+        (
+            ["--identity", key, "--from", "2026-11-28T10:00:00"],
+            2,
+            "--from: '2026-11-28T10:00:00' has no timezone",
+        ),
+        (["--identity", key, "--to", "noon"], 2, "--to: 'noon' is neither ISO-8601"),
         (["--identity", key, "--from", "1767001000", "--to", "1767002000"], 1, "no segment"),
         (["--identity", key, "--store", str(broken)], 1, "is corrupt"),
     ]
