@@ -30,8 +30,7 @@ def parse_time(text: str, option: str = "time") -> datetime:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(
-            f"{option}: {text!r} is neither ISO-8601 (2026-11-28T15:30:00+01:00) nor Unix "
-            "seconds"
+            f"{option}: {text!r} is neither ISO-8601 (2026-11-28T15:30:00+01:00) nor Unix seconds"
         ) from None
     if when.tzinfo is None:
         raise ValueError(f"{option}: {text!r} has no timezone (add Z or +HH:MM)")

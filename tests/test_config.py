@@ -93,7 +93,8 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
         (
             (
                 'location = "Main office"',
-                'location = "Main office"\n\n[[buttons]]\nid = "gym"\npin = "GPIO17"\nlocation = "Gym"',
+                'location = "Main office"\n\n[[buttons]]\nid = "gym"\npin = "GPIO17"\n'
+                'location = "Gym"',
             ),
             "buttons[1].pin",
             "pin 'GPIO17' is already used by buttons[0].pin",
