@@ -294,13 +294,28 @@ def _camera_entry(
     unique = list(dict.fromkeys(custody.record_line(r) for r in kept))
     staged.write(name, b"".join(unique))
     entry["checkpoints"] = name
+    # What the bundle should hold: every seq from its first file to its last, and every seq
+    # a checkpoint of the bundle signed in the time range (the verifier computes the same).
+    signed_in_range: list[tuple[int, int]] = []
+    for record in kept:
+        if record.ok:
+            for seq, (capture_us, _, _) in record.checkpoint.iter_entries():
+                if (start_us is None or capture_us >= start_us) and (
+                    end_us is None or capture_us <= end_us
+                ):
+                    signed_in_range.append((seq, seq))
+    wanted = seqranges.merge([(low, high), *signed_in_range])
     entry["gaps"] = [
-        g for g in cam.doc.get("gaps", []) if int(g["last"]) >= low and int(g["first"]) <= high
+        g
+        for g in cam.doc.get("gaps", [])
+        if any(int(g["last"]) >= a and int(g["first"]) <= b for a, b in wanted)
     ]
-    # Seqs between the files that the device did not declare lost either.
+    # What it lacks that the device did not declare lost either (receiver.evidence_format).
     held = [(f.first_seq, f.last_seq) for f in footage]
     declared = [(int(g["first"]), int(g["last"])) for g in entry["gaps"]]
-    entry["holes"] = [list(r) for r in seqranges.missing(low, high, [*held, *declared])]
+    entry["holes"] = [
+        list(r) for a, b in wanted for r in seqranges.missing(a, b, [*held, *declared])
+    ]
     return entry
 
 

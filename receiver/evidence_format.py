@@ -19,12 +19,21 @@ a fixed time stamp, so the same recording always gives the same bytes::
 signature over :data:`MANIFEST_CONTEXT` followed by the bytes of
 ``manifest.json`` exactly as stored.
 
-Every MP4 holds one camera's consecutive seqs ``first..last`` (sample ``i``
-is seq ``first + i``), samples byte for byte as recorded (the camera's own
+Every member is stored (never compressed, never encrypted). Every MP4 holds
+one stream, a video track (nothing a player could show instead), of one
+camera's consecutive seqs ``first..last`` (sample ``i`` is seq ``first + i``),
+named ``footage/<camera>/<camera>.<first>-<last>.mp4`` and listed under that
+camera in the manifest, samples byte for byte as recorded (the camera's own
 H.264, length-prefixed), in a 90 kHz time base where sample ``i`` has
 ``pts(i) = max(round((capture_us(i) - capture_us(0)) * 0.09), pts(i-1) + 1)``
 (rounding half up), ``capture_us`` being the capture time the device signed:
 the same rule the receiver's recordings follow (:mod:`receiver.run`).
+
+A camera's ``holes`` are the seqs the bundle lacks and the device did not
+declare lost (``gaps``): those between its files, and those the device
+signed (in a checkpoint of the bundle) in the selected time range that the
+receiver never recorded. The verifier computes them again from the device's
+checkpoints: a seq left out without being declared is a failure.
 """
 
 from __future__ import annotations
@@ -32,10 +41,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 import av
 from cryptography.hazmat.primitives import serialization
@@ -50,10 +61,11 @@ __all__ = [
     "MANIFEST_CONTEXT",
     "SIGNATURE",
     "EvidenceError",
-    "Mp4Track",
+    "Mp4Header",
+    "Mp4Sample",
     "evidence_key",
     "next_pts",
-    "read_mp4",
+    "open_mp4",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,35 +100,63 @@ def next_pts(capture_us: int, origin_us: int, last_pts: int) -> int:
     return pts if pts > last_pts else last_pts + 1
 
 
-@dataclass(frozen=True, slots=True)
-class Mp4Track:
-    """The video samples of an MP4: bytes, keyframe flag and pts (90 kHz)."""
+class Mp4Sample(NamedTuple):
+    """One sample of an MP4's video track."""
 
+    data: bytes
+    keyframe: bool
+    #: In the stream's time base (90 kHz in a bundle).
+    pts: int
+    #: Marked to be dropped by players (an edit list hides it): a bundle's never is.
+    discard: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Mp4Header:
+    """What an MP4's one video track says about its samples."""
+
+    codec: str
     length_size: int
     extradata: bytes
-    samples: list[tuple[bytes, bool, int]]
     #: Whether the stream's time base is 90 kHz (pts are in it either way).
     ninety_khz: bool
 
 
-def read_mp4(path: Path, limit: int | None = None) -> Mp4Track:
-    """The first ``limit`` (all) video samples of an MP4 file; raises ``av.FFmpegError``,
-    ``OSError`` or ValueError when it cannot be read."""
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
+@contextmanager
+def open_mp4(path: Path) -> Iterator[tuple[Mp4Header, Iterator[Mp4Sample]]]:
+    """The header and the samples (read one at a time, never all held) of an MP4 that holds
+    exactly one stream, a video track, as a bundle's MP4s do: anything else (a second video
+    track, an audio track) is a ValueError, since a player may show or play it instead of
+    the footage checked. Read as MP4 whatever its bytes look like. Raises
+    ``av.FFmpegError``, ``OSError`` or ValueError (also while iterating) when it cannot be
+    read."""
+    with av.open(str(path), format="mp4") as container:
+        streams = list(container.streams)
+        if len(streams) != 1 or streams[0].type != "video":
+            kinds = ", ".join(str(s.type) for s in streams) or "none"
+            raise ValueError(
+                f"holds {len(streams)} streams ({kinds}), not one video track: a player "
+                "could show what is not the footage checked"
+            )
         stream = container.streams.video[0]
         extradata = bytes(stream.codec_context.extradata or b"")
         length_size = (extradata[4] & 3) + 1 if len(extradata) > 4 and extradata[0] == 1 else 4
-        tb = stream.time_base
-        samples: list[tuple[bytes, bool, int]] = []
-        for packet in container.demux(stream):
-            if packet.size == 0:
-                continue  # the demuxer's end-of-stream packet
-            samples.append((bytes(packet), bool(packet.is_keyframe), int(packet.pts or 0)))
-            if limit is not None and len(samples) >= limit:
-                break
-    return Mp4Track(length_size, extradata, samples, tb == TIME_BASE)
+        header = Mp4Header(
+            str(stream.codec_context.name), length_size, extradata, stream.time_base == TIME_BASE
+        )
+
+        def samples() -> Iterator[Mp4Sample]:
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue  # the demuxer's end-of-stream packet
+                yield Mp4Sample(
+                    bytes(packet),
+                    bool(packet.is_keyframe),
+                    int(packet.pts or 0),
+                    bool(packet.is_discard),
+                )
+
+        yield header, samples()
 
 
 def evidence_key(data_dir: Path) -> Ed25519PrivateKey:
