@@ -174,7 +174,8 @@ class PiCamera(ThreadedSource):
             raise CameraConfigError(f"pi camera {camera_id!r}: camera_num must be >= 0")
         try:
             self._api = _load_api()
-        except (ImportError, OSError) as exc:  # on x86: No module named 'libcamera'
+        except Exception as exc:  # x86: no libcamera (ImportError); numpy 2 vs apt: ValueError
+            # Whatever picamera2's import raises, it is this camera's fault, not the agent's.
             raise CameraUnavailable(
                 f"pi camera {camera_id!r}: picamera2 is not usable here ({exc}); {INSTALL_HINT}"
             ) from exc

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -524,6 +525,21 @@ def test_pi_camera_without_picamera2_says_what_to_install() -> None:
     assert isinstance(info.value, ImportError)
     assert "python3-picamera2" in str(info.value)
     assert "--system-site-packages" in INSTALL_HINT
+
+
+def test_a_picamera2_that_fails_to_import_is_this_cameras_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """apt's picamera2 built against numpy 1 under a venv's numpy 2 raises ValueError on
+    import: the camera is unavailable (the agent arms without it), not the agent down."""
+    (tmp_path / "picamera2").mkdir()
+    (tmp_path / "picamera2" / "__init__.py").write_text(
+        'raise ValueError("numpy.dtype size changed, may indicate binary incompatibility")\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "picamera2", raising=False)
+    with pytest.raises(CameraUnavailable, match=r"'hall'.*numpy\.dtype size changed"):
+        PiCamera("hall")
 
 
 def test_pi_camera_arguments_are_checked_before_the_import() -> None:
