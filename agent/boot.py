@@ -58,7 +58,12 @@ def load_device(path: Path) -> tuple[AgentConfig, enrollment_state.Enrolled | No
     path = Path(path).resolve()
     doc = read_toml(path)
     key_path, state_dir, certificate = device_paths(doc, path)
-    enrollment_state.recover(state_dir)
+    try:
+        enrollment_state.recover(state_dir)
+    except OSError as exc:  # a folder the agent's user cannot write (not the unit's path?)
+        raise ConfigError(
+            f"{path}: device.state_dir: {state_dir}: {exc.strerror or exc}", key="device.state_dir"
+        ) from None
     try:
         enrolled = enrollment_state.load(state_dir)
     except enrollment_state.EnrollmentDamaged as exc:
@@ -79,7 +84,13 @@ def load_device(path: Path) -> tuple[AgentConfig, enrollment_state.Enrolled | No
                 "would not be the certified one)",
                 key="device.key",
             )
-        new_private_key(key_path)
+        try:
+            new_private_key(key_path)
+        except OSError as exc:
+            raise ConfigError(
+                f"{path}: device.key: cannot make {key_path}: {exc.strerror or exc}",
+                key="device.key",
+            ) from None
         log.warning("first boot: made the device key %s (mode 0600)", key_path)
     try:
         key = load_private_key(key_path)

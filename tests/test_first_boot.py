@@ -379,7 +379,7 @@ async def test_the_long_button_hold_reopens_pairing(tmp_path: Path) -> None:
 
 def test_the_first_boot_example_is_a_valid_unprovisioned_configuration(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parent.parent / "docs" / "agent.firstboot.example.toml"
-    text = example.read_text().replace("/var/lib/breakglass/", "").replace("lgpio", "mock")
+    text = example.read_text().replace("/var/lib/breakglass-agent/", "").replace("lgpio", "mock")
     config = tmp_path / "agent.toml"
     config.write_text(text)
     loaded = load_agent_config(config)
@@ -387,6 +387,15 @@ def test_the_first_boot_example_is_a_valid_unprovisioned_configuration(tmp_path:
     assert loaded.cameras == () and loaded.building == ""
     assert loaded.local_api.pairing_hold_s == 10
     assert loaded.device_id.startswith("bg-")
+
+
+def test_a_key_path_the_agent_cannot_write_is_a_config_error(tmp_path: Path) -> None:
+    """Not a PermissionError traceback and a crash loop: the key and the path named."""
+    example = Path(__file__).resolve().parent.parent / "docs" / "agent.firstboot.example.toml"
+    config = tmp_path / "agent.toml"
+    config.write_text(example.read_text().replace("/var/lib/breakglass-agent/", "/proc/none/"))
+    with pytest.raises(ConfigError, match=r"device\.key: cannot make /proc/none/device\.key"):
+        load_agent_config(config)
 
 
 def test_a_half_written_configuration_names_what_is_missing(tmp_path: Path) -> None:
