@@ -772,7 +772,7 @@ class Agent:
     async def _housekeeping(self) -> None:
         last_save = last_checkpoint = time.monotonic()
         while True:
-            ended = self.emergency.tick(self.clock())
+            ended = self.emergency.tick(self.clock(), time.monotonic())
             if ended is not None:
                 self._stop_streaming(ended)
             if self.config.share_exterior and self.emergency.active is None:

@@ -111,6 +111,8 @@ class Emergency:
         self.duration_s = duration_s
         self.active: Session | None = None
         self.last: Session | None = None
+        #: ((session id, extensions), monotonic deadline) of the open session (:meth:`tick`).
+        self._deadline: tuple[tuple[str, int], float] | None = None
 
     @property
     def state(self) -> State:
@@ -155,11 +157,28 @@ class Emergency:
         )
         return Extended(self.active)
 
-    def tick(self, now: float) -> Ended | None:
-        """Close the session if it expired."""
-        if self.active is not None and now >= self.active.expires_at:
-            return self.end(now, "expired")
-        return None
+    def tick(self, now: float, mono: float | None = None) -> Ended | None:
+        """Close the session if it expired.
+
+        With ``mono`` (the monotonic clock, in seconds) the time left is measured on it,
+        not on the wall clock: a Pi has no battery-backed clock, and an open session must
+        not end when the clock is set right (or last months when it is set back). The
+        time left is taken from the wall clock whenever the session starts, is extended
+        or is first seen after a restart, at most :attr:`duration_s` (the most any start
+        or extension gives), so a clock that was wrong then is bounded too.
+        """
+        active = self.active
+        if active is None:
+            return None
+        if mono is None:
+            expired = now >= active.expires_at
+        else:
+            key = (active.id, len(active.extensions))
+            if self._deadline is None or self._deadline[0] != key:
+                left = min(active.expires_at - now, self.duration_s)
+                self._deadline = (key, mono + left)
+            expired = mono >= self._deadline[1]
+        return self.end(now, "expired") if expired else None
 
     def end(self, now: float, reason: str, by: Mapping[str, Any] | None = None) -> Ended | None:
         """Close the open session (the caller checked the trigger's authority)."""

@@ -33,6 +33,33 @@ def test_press_opens_second_press_does_not_end_expiry_does() -> None:
     assert em.state is State.IDLE and em.last is not None
 
 
+def test_an_open_session_lasts_its_time_whatever_the_wall_clock_does() -> None:
+    """A Pi without a battery-backed clock: pressed at a stale boot time, the clock is set
+    right (months ahead) a minute later; the session still ends an hour after the press.
+    Extended with the clock set back, it still gets its hour; a session resumed after a
+    restart with a clock far behind lasts at most one duration."""
+    em = Emergency("lincoln", 3600)
+    stale, synced = 1_767_225_600.0, 1_795_910_525.0  # fake-hwclock's date; NTP's
+    em.press(stale, "office", "Main office", ("hall",))
+    assert em.tick(stale, mono=10.0) is None  # seen: an hour left, on the monotonic clock
+    assert em.tick(synced, mono=70.0) is None  # the clock jumped months ahead: still open
+    assert em.tick(synced + 3000, mono=3609.0) is None
+    ended = em.tick(synced + 3001, mono=3610.0)
+    assert ended is not None and ended.session.end_reason == "expired"
+
+    em.press(synced, "office", "Main office", ("hall",))
+    assert em.tick(synced, mono=5000.0) is None
+    em.extend(synced - 86400, {"kind": "trigger"})  # set back a day: expiry stays later
+    assert em.tick(synced - 86400, mono=6000.0) is None  # re-anchored: an hour from now
+    assert em.tick(synced - 86400, mono=9599.0) is None
+    assert em.tick(synced - 86400, mono=9600.0) is not None
+
+    restored = Emergency("lincoln", 3600)
+    restored.press(synced, "office", "Main office", ("hall",))  # saved before a power cut
+    assert restored.tick(stale, mono=1.0) is None  # boots months behind: at most an hour
+    assert restored.tick(stale, mono=3601.0) is not None
+
+
 def test_state_survives_a_restart(tmp_path: Path) -> None:
     em = Emergency("lincoln", 60)
     started = em.press(100.0, "office", "Main office", ("front", "hall"))
