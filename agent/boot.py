@@ -32,7 +32,13 @@ from agent.errors import ConfigError
 from provisioning.documents import DocumentError
 from provisioning.enrollment import certified_device_key
 from provisioning.errors import KeyFileError
-from provisioning.keys import kid, load_private_key, new_private_key, read_small
+from provisioning.keys import (
+    foreign_owner,
+    kid,
+    load_private_key,
+    new_private_key,
+    read_small,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,14 @@ def load_device(path: Path) -> tuple[AgentConfig, enrollment_state.Enrolled | No
     path = Path(path).resolve()
     doc = read_toml(path)
     key_path, state_dir, certificate = device_paths(doc, path)
+    for setting, where in (("device.state_dir", state_dir), ("device.key", key_path)):
+        if (owner := foreign_owner(where)) is not None:
+            raise ConfigError(
+                f"{path}: {setting}: {where} belongs to {owner}: run the agent as {owner} "
+                f"(sudo -u {owner} ...); files it made as another user would stop the "
+                "service from starting",
+                key=setting,
+            )
     try:
         enrollment_state.recover(state_dir)
     except OSError as exc:  # a folder the agent's user cannot write (not the unit's path?)

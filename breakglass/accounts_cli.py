@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from provisioning.keys import foreign_owner
 from receiver.access_log import AccessLog, verify_file
 from receiver.accounts import AccountStore, Role, check_password, validate_name
 
@@ -42,6 +43,12 @@ def check_receiver_data(data: Path) -> None:
     """
     try:
         if data.is_dir() and any((data / marker).exists() for marker in RECEIVER_MARKERS):
+            if (owner := foreign_owner(data)) is not None:
+                raise ValueError(
+                    f"receiver data at {data} belongs to {owner}: run this as {owner} "
+                    f"(sudo -u {owner} breakglass ...); files made as another user would "
+                    "lock the receiver out of them"
+                )
             return
     except OSError as exc:  # e.g. the folder is the receiver user's (mode 0700)
         raise ValueError(f"cannot read receiver data at {data}: {exc.strerror or exc}") from None

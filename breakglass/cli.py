@@ -75,8 +75,16 @@ def _agent_run(args: argparse.Namespace) -> int:
 
 
 def _receiver_serve(args: argparse.Namespace) -> int:
+    from provisioning.keys import foreign_owner
     from receiver.limits import ServerLimits
     from receiver.server import Receiver
+
+    if (owner := foreign_owner(args.data)) is not None:
+        raise ValueError(
+            f"--data {args.data} belongs to {owner}: run the receiver as {owner} "
+            f"(sudo -u {owner} ...); files it made as another user would lock the service "
+            "out of them"
+        )
 
     defaults = ServerLimits()
     connections = args.max_connections
@@ -129,8 +137,9 @@ def _receiver_serve(args: argparse.Namespace) -> int:
                 )
             else:
                 print(
-                    "police accounts: none yet; nobody can log in until you add one: "
-                    f"breakglass receiver user add NAME --role officer --data {args.data}"
+                    "police accounts: none yet; nobody can log in until you add one, as "
+                    f"this user: breakglass receiver user add NAME --role officer --data "
+                    f"{args.data}"
                 )
             await stop.wait()
         return 0

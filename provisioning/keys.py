@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -42,6 +43,25 @@ def write_secret(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def foreign_owner(path: Path) -> str | None:
+    """Who owns ``path`` if it is not the user running this process (None: ours, or gone).
+
+    A service's folder belongs to its user (``breakglass``, ``breakglass-receiver``);
+    a command run there as another user (root, by ``sudo``) would leave files that
+    user cannot read or replace, and the service stops working.
+    """
+    try:
+        uid = path.stat().st_uid
+    except OSError:
+        return None
+    if uid == os.geteuid():
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def new_private_key(path: Path) -> Ed25519PrivateKey:

@@ -116,7 +116,7 @@ def test_receiver_and_agent_run_separately_and_stop_cleanly(
     url = receiver.expect(r"receiver: (https://127\.0\.0\.1:\d+/)").group(1)
     pin = receiver.expect(r"TLS pin .*: (sha256:[0-9a-f]{64})").group(1)
     recipient = receiver.expect(r"age recipient .*: (age1[0-9a-z]+)").group(1)
-    receiver.expect(r"police accounts: none yet; nobody can log in until you add one: ")
+    receiver.expect(r"police accounts: none yet; nobody can log in until you add one, as this")
 
     class Contact:
         uplink_url = url.replace("https://", "wss://") + "v1/uplink"

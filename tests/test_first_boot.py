@@ -398,6 +398,30 @@ def test_a_key_path_the_agent_cannot_write_is_a_config_error(tmp_path: Path) -> 
         load_agent_config(config)
 
 
+def foreign_folder(tmp_path: Path) -> Path:
+    """A folder another user owns (made so as root; else the root directory)."""
+    if os.geteuid() != 0:
+        return Path("/")
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    os.chown(folder, 54321, 54321)
+    return folder
+
+
+def test_an_agent_run_as_another_user_than_its_folders_is_refused(tmp_path: Path) -> None:
+    """``sudo breakglass agent run`` would leave root's files where the service user cannot
+    write: the unit would crash-loop with the buttons dead."""
+    example = Path(__file__).resolve().parent.parent / "docs" / "agent.firstboot.example.toml"
+    config = tmp_path / "agent.toml"
+    theirs = foreign_folder(tmp_path)
+    text = example.read_text().replace("lgpio", "mock")
+    text = text.replace("/var/lib/breakglass-agent/state", str(theirs))
+    config.write_text(text.replace("/var/lib/breakglass-agent/", f"{tmp_path}/"))
+    with pytest.raises(ConfigError, match=rf"device\.state_dir: {theirs} belongs to .*: run "):
+        load_agent_config(config)
+    assert not (tmp_path / "device.key").exists()
+
+
 def test_a_half_written_configuration_names_what_is_missing(tmp_path: Path) -> None:
     config = first_boot_config(tmp_path / "pi")
     config.write_text(FIRST_BOOT + '\n[building]\nid = "lincoln-elementary"\n')

@@ -9,6 +9,7 @@ then add the accounts); anything else is exit 2, and nothing is made.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,20 @@ def test_a_receiver_folder_is_recognised_by_what_serve_makes(tmp_path: Path) -> 
 
     data = served(tmp_path / "receiver")
     assert all((data / marker).exists() for marker in RECEIVER_MARKERS)
+
+
+def test_a_data_folder_of_another_user_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sudo breakglass receiver user add`` on the service's folder made a root-owned
+    access log the receiver could no longer write: every access went unlogged."""
+    if os.geteuid() != 0:
+        pytest.skip("making a folder another user owns needs root")  # CI runs as root
+    data = served(tmp_path / "receiver")
+    os.chown(data, 54321, 54321)
+    before = tree(data)
+    assert cli("receiver", "user", "list", "--data", data) == 2
+    assert f"receiver data at {data} belongs to uid 54321: run this as" in capsys.readouterr().err
+    assert cli("receiver", "serve", "--data", data, "--port", "0") == 2
+    assert f"--data {data} belongs to uid 54321: run the receiver as" in capsys.readouterr().err
+    assert tree(data) == before
