@@ -175,6 +175,9 @@ class Agent:
         self._persist_lock = asyncio.Lock()
         self._stopped = asyncio.Event()
         self.press_log: list[PressEvent] = []
+        #: The enrollment certificate has expired (the LED shows a fault); last warned when.
+        self._certificate_expired = False
+        self._certificate_warned = -math.inf
         self.changes = Changes()
 
     # -- lifecycle ------------------------------------------------------------
@@ -769,9 +772,34 @@ class Agent:
             log.warning("streaming emergency %s now that cameras run", session.id)
             self._start_streaming(active, resume=resume)
 
+    def _check_certificate(self) -> None:
+        """Warn (log, audit trail) once a day from :data:`RENEW_WARN_DAYS` before the
+        enrollment certificate expires: the receiver then refuses the device, and a press
+        reaches nobody. An expired one shows as a fault on the LED."""
+        if self.enrollment is None:
+            return
+        e = self.enrollment.enrollment
+        days = (e.exp - self.clock()) / 86400
+        expired = days <= 0
+        if expired != self._certificate_expired:
+            self._certificate_expired = expired
+            self._update_led()
+        if days > RENEW_WARN_DAYS or time.monotonic() < self._certificate_warned + 86400:
+            return
+        self._certificate_warned = time.monotonic()
+        log.warning(
+            "enrollment certificate v%d %s: renew it (breakglass provision rotate %s)",
+            e.version,
+            "has expired: the receiver refuses this device" if expired
+            else f"expires in {days:.0f} day(s)",
+            self.config.device_id,
+        )  # fmt: skip
+        self._record("enrollment_expiring", version=e.version, exp=e.exp, expired=expired)
+
     async def _housekeeping(self) -> None:
         last_save = last_checkpoint = time.monotonic()
         while True:
+            self._check_certificate()
             ended = self.emergency.tick(self.clock(), time.monotonic())
             if ended is not None:
                 self._stop_streaming(ended)
@@ -800,7 +828,7 @@ class Agent:
         """What mDNS says of the device: ``armed``, ``emergency`` or ``fault``."""
         if self.emergency.active is not None:
             return "emergency"
-        if any(s.fault for s in self.capture.state.values()):
+        if self._certificate_expired or any(s.fault for s in self.capture.state.values()):
             return "fault"
         return "armed"
 
@@ -838,7 +866,7 @@ class Agent:
         """Show the state on the LED (and chirp once when the police have the alarm)."""
         self.changes.notify()
         if self.emergency.active is None:  # (a continuous exterior share is no alarm)
-            faulty = any(s.fault for s in self.capture.state.values())
+            faulty = self._certificate_expired or any(s.fault for s in self.capture.state.values())
             pattern = LedPattern.FAULT if faulty else LedPattern.ARMED
         elif self._live is None or self._live[0].first_ack_mono_ns is None:
             pattern = LedPattern.ALARM_PENDING
@@ -907,6 +935,8 @@ class Agent:
 
 
 OWED_SAVE_S = 2.0
+#: The agent warns this many days before its enrollment certificate expires.
+RENEW_WARN_DAYS = 30
 #: A continuous exterior share is recorded in sessions of this many hours.
 SHARE_HOURS = 1.0
 #: How often the audit trail's new entries get a signed checkpoint.

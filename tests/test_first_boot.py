@@ -36,6 +36,7 @@ from breakglass.demo import write_trust
 from breakglass.enroll_cli import District, Target, check_one, enroll_one, rotate_one
 from breakglass.pairing_client import pair, request
 from provisioning.age_keys import new_identity, recipient_of
+from provisioning.enrollment import Enrollment
 from provisioning.keys import kid, load_private_key, new_private_key
 from provisioning.pairing import PairingError, normalise_code
 from receiver.server import Receiver
@@ -517,3 +518,41 @@ async def test_a_hand_written_configuration_must_point_at_its_certified_key(
     (tmp_path / "agent" / "enrollment.json").write_text("{not json")
     config.write_text(text)
     assert load_agent_config(config).device_id
+
+
+def enrolled_until(config_path: Path, exp: int) -> enrollment_state.Enrolled:
+    """What the agent of ``config_path`` knows of an enrollment valid until ``exp``."""
+    config = load_agent_config(config_path)
+    key = load_private_key(config.device_key).public_key()
+    authority = new_private_key(config_path.parent / "authority.key").public_key()
+    certificate = Enrollment(
+        1, exp - 365 * 86400, exp, config.device_id, key, config.building,
+        config.receiver_url, config.receiver_pin, config.store.recipients, 72.0,
+        {c.id: c.zone for c in config.cameras}, {},
+    )  # fmt: skip
+    return enrollment_state.Enrolled(config_path.parent, certificate, authority, ())
+
+
+async def test_a_certificate_near_its_end_is_warned_of_and_an_expired_one_is_a_fault(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A year after enrollment the receiver refuses the device, and a press reaches nobody:
+    the trail says so 30 days ahead (once a day), and once expired the LED shows a fault."""
+    from breakglass.demo import write_agent_config
+    from hardware.led import LedPattern
+
+    path = write_agent_config(tmp_path / "agent", receiver)
+    exp = 1_900_000_000
+    certificate = enrolled_until(path, exp)
+    soon = exp - 10 * 86400
+    async with Agent(load_agent_config(path), enrolled=certificate, clock=lambda: soon) as agent:
+        agent._check_certificate()  # the housekeeping's check, now and again: warned once
+        agent._check_certificate()
+        assert agent.led is not None and agent.led.pattern is LedPattern.ARMED
+    late = exp + 60
+    async with Agent(load_agent_config(path), enrolled=certificate, clock=lambda: late) as agent:
+        await agent.wait_until(lambda: agent.device_state() == "fault")
+        assert agent.led is not None and agent.led.pattern is LedPattern.FAULT
+    trail = [json.loads(line) for line in (agent.config.state_dir / "audit.log").open()]
+    warned = [(e["exp"], e["expired"]) for e in trail if e["event"] == "enrollment_expiring"]
+    assert warned == [(exp, False), (exp, True)]
