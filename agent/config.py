@@ -85,6 +85,8 @@ class StoreConfig:
     segment_s: float = 4.0
     max_age_s: float = 72 * 3600.0
     quota_bytes: int = 8 * 1024**3
+    #: Unpinned footage goes before the disk has less free (the trail and state share it).
+    min_free_bytes: int = 256 * 1024**2
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,6 +476,7 @@ def _store(r: _Reader, needed: Any) -> StoreConfig:
         segment_s=r.number("segment_s", 4, low=1, high=30),
         max_age_s=r.number("retention_h", 72, low=0.01, high=24 * 365) * 3600,
         quota_bytes=r.integer("quota_mb", 8192, low=16, high=2**24) * 1024 * 1024,
+        min_free_bytes=r.integer("min_free_mb", 256, low=0, high=2**24) * 1024 * 1024,
     )
     r.done()
     return store

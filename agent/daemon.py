@@ -224,6 +224,7 @@ class Agent:
             segment_s=cfg.store.segment_s,
             max_age_s=cfg.store.max_age_s,
             quota_bytes=cfg.store.quota_bytes,
+            min_free_bytes=cfg.store.min_free_bytes,
             clock=self.clock,
             attest=self._attest_segment,
         )

@@ -40,9 +40,16 @@ class Plan:
 
 
 def plan(
-    held: Iterable[Held], *, now_s: float, max_age_s: float, quota_bytes: int, need_bytes: int = 0
+    held: Iterable[Held],
+    *,
+    now_s: float,
+    max_age_s: float,
+    quota_bytes: int,
+    need_bytes: int = 0,
+    spare_pinned: bool = False,
 ) -> Plan:
-    """Decide deletions for ``held`` at ``now_s``."""
+    """Decide deletions for ``held`` at ``now_s``; with ``spare_pinned`` rule 3 does not
+    apply (a quota that is a wish, not a full disk)."""
     result = Plan()
     keep: list[Held] = []
     for item in sorted(held, key=lambda h: h.end_s):
@@ -52,7 +59,7 @@ def plan(
             keep.append(item)
     used = sum(h.size for h in keep)
     budget = quota_bytes - need_bytes
-    for pinned_pass in (False, True):
+    for pinned_pass in (False,) if spare_pinned else (False, True):
         for item in keep:
             if used <= budget:
                 return result

@@ -145,6 +145,7 @@ class SegmentStore:
         segment_s: float = 4.0,
         max_age_s: float = 72 * 3600,
         quota_bytes: int = 8 * 1024**3,
+        min_free_bytes: int = 0,
         clock: Callable[[], float] = time.time,
         attest: Callable[[str, int, int], Mapping[str, Any] | None] | None = None,
     ) -> None:
@@ -159,6 +160,9 @@ class SegmentStore:
         self.segment_s = segment_s
         self.max_age_s = max_age_s
         self.quota_bytes = quota_bytes
+        #: Unpinned footage is evicted before the disk has less than this free (the audit
+        #: trail and the state files share it).
+        self.min_free_bytes = min_free_bytes
         self.clock = clock
         self._attest = attest
         self.stats = StoreStats()
@@ -457,6 +461,10 @@ class SegmentStore:
         first, last = packets[0], packets[-1]
         folder = self.directory / camera
         tmp = folder / f".{first.seq:016d}-{last.seq:016d}.tmp"
+        bound = segment.sealed_size_bound(len(plain), len(self.recipients))
+        free = _free_bytes(self.directory) if self.min_free_bytes else None
+        if free is not None and (short := self.min_free_bytes + bound - free) > 0:
+            self._enforce(need_bytes=bound, short=short)  # room for the trail and state files
         for attempt in range(3):
             try:
                 size = _seal_durably(folder, tmp, plain, self.recipients)
@@ -465,8 +473,7 @@ class SegmentStore:
                 if exc.errno != errno.ENOSPC or attempt == 2:
                     raise
                 log.error("disk full writing %s: evicting to make room", tmp)
-                need = segment.sealed_size_bound(len(plain), len(self.recipients))
-                self._enforce(need_bytes=need, disk_full=True)
+                self._enforce(need_bytes=bound, disk_full=True)
         name = segment.SegmentName(
             first.seq, last.seq, first.capture_ns // 1_000_000, last.capture_ns // 1_000_000, size
         )
@@ -498,12 +505,17 @@ class SegmentStore:
         """Retention's order: end time, then as listed in the index (camera, seq)."""
         return seg.name.end_ms, self._rank[seg.camera], seg.name.first_seq
 
-    def _enforce(self, *, need_bytes: int, disk_full: bool = False) -> None:
+    def _enforce(self, *, need_bytes: int, disk_full: bool = False, short: int = 0) -> None:
+        """Delete what retention says; ``disk_full``: room for ``need_bytes`` must be made,
+        pinned footage included; ``short``: bytes the disk is short of its free floor
+        (made from unpinned footage only)."""
         now_s = self.clock()
         with self._lock:
             pins = list(self.pins)
             used = self._used
             quota = min(self.quota_bytes, used) if disk_full else self.quota_bytes
+            if short:
+                quota = min(quota, max(0, used - short))
             # retention.plan deletes from the oldest end: it is given only the oldest
             # segments, as many as it can need (every expired one, and unpinned ones
             # at least as big as the excess), and the quota less what the rest holds.
@@ -528,6 +540,7 @@ class SegmentStore:
             max_age_s=self.max_age_s,
             quota_bytes=quota - rest,
             need_bytes=need_bytes,
+            spare_pinned=bool(short) and not disk_full,
         )
         pinned_lost = set(map(id, decision.pinned_lost))
         for key in decision.all():
@@ -628,6 +641,15 @@ def _seal_durably(
         raise
     os.close(fd)
     return out.size
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Bytes free for an unprivileged writer on ``folder``'s file system (None: unknown)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def _fsync_dir(folder: Path) -> None:

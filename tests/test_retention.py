@@ -92,6 +92,13 @@ def test_pinned_go_oldest_first_when_nothing_else_is_left() -> None:
     assert result.all() == ["u1", "p1", "p2"]
 
 
+def test_a_free_floor_spares_pinned_footage() -> None:
+    """The store's free-space floor is a wish, not a full disk: pinned footage stays."""
+    held = [h("p1", 50, pinned=True), h("u1", 40), h("p2", 30, pinned=True)]
+    result = plan(held, now_s=NOW, max_age_s=DAY, quota_bytes=15, need_bytes=0, spare_pinned=True)
+    assert result.all() == ["u1"]
+
+
 def test_empty_store() -> None:
     assert decide([], quota=0, need=10).all() == []
 

@@ -463,6 +463,29 @@ async def test_full_disk_evicts_the_oldest_and_keeps_capturing(
         assert events(audit, "segment_lost") == []
 
 
+async def test_unpinned_footage_goes_before_the_disk_is_short_of_its_free_floor(
+    tmp_path: Path, audit: AuditLog, media: PacketList, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever the quota, the store leaves ``min_free_bytes`` to the audit trail and the
+    state files beside it: it evicts before the disk is full, never pinned footage."""
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    feed = Feed(media)
+    floor = 1 << 20
+    with small_filesystem(tmp_path / "disk", "2m") as disk:
+        async with opened(disk / "store", audit, min_free_bytes=floor) as store:
+            sealed = Sealed(store)
+            one = await seal_first(store, sealed, feed)
+            total = 2 * (2 << 20) // one.name.size  # twice what the whole disk holds
+            push(store, feed.take((total - 1) * PER_SEGMENT))
+            written = await sealed.wait(total)
+            st = os.statvfs(disk)
+            assert st.f_bavail * st.f_frsize >= floor - one.name.size
+            assert store.stats.evicted > 0 and store.stats.pinned_evicted == 0
+            assert store.segments("cam")[-1] == written[-1]
+    assert not [r for r in caplog.records if "disk full" in r.getMessage()]
+
+
 async def test_audit_trail_on_a_full_disk_keeps_its_chain(tmp_path: Path) -> None:
     if shutil.which("mount") is None or os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root and mount(8)")
