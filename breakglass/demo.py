@@ -207,6 +207,10 @@ async def run_demo(data: Path | None, run_for: float | None, port: int, stop: as
     print(f"breakglass demo: data in {data}")
     async with Receiver(data / "receiver", "127.0.0.1", port) as receiver:
         password = await asyncio.to_thread(demo_account, receiver.accounts)
+        await asyncio.to_thread(  # as `receiver user add/passwd` would be
+            receiver.access_log.record,
+            "user_passwd", who="local:demo", role="local-admin", target=DEMO_ACCOUNT,
+        )  # fmt: skip
         # The district enrolls the receiver's dispatch key (the trigger-key list) and
         # certifies the agent, so the receiver knows its building (the dispatch panel).
         demo_dispatch = dispatch_key_path(data / "agent")
@@ -330,6 +334,13 @@ async def _all_clear(agent: Agent, receiver: Receiver) -> None:
         )
         for d in deliveries:
             print(f"dispatch all-clear trigger: {d.status} {json.dumps(d.to_json())}")
+        # In the access log as a dispatch from the page is (who: the demo's dispatcher).
+        await asyncio.to_thread(
+            receiver.access_log.record,
+            "dispatch", who=DEMO_ACCOUNT, role=str(Role.DISPATCHER), remote="local:demo",
+            building=agent.config.building, requested="end", reason="all clear",
+            results=[{"device": d.device, "status": d.status} for d in deliveries],
+        )  # fmt: skip
     except DispatchError as exc:
         print(f"warning: the all-clear could not be sent ({exc}); ending locally")
     if agent.emergency.active is not None:

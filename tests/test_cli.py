@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -102,6 +103,10 @@ def test_demo_for_n_seconds_exits_zero_with_a_summary(tmp_path: Path) -> None:
     assert stat_mode(tmp_path / "receiver" / "accounts.sqlite") == 0o600
     assert stat_mode(tmp_path / "agent" / "device.key") == 0o600
     assert stat_mode(tmp_path / "receiver" / "tls" / "receiver.key") == 0o600
+    # What the demo did as a person would is in the access log as theirs would be.
+    access = [json.loads(line) for line in (tmp_path / "receiver" / "access.log").open()]
+    did = [(e["action"], e.get("who")) for e in access]
+    assert ("user_passwd", "local:demo") in did and ("dispatch", "demo-dispatcher") in did
 
 
 def stat_mode(path: Path) -> int:
