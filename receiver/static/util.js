@@ -61,8 +61,16 @@ export function checkLoggedIn(res) {
   }
 }
 
+// A poll that hangs (a receiver wedged, a connection dead without a reset) must fail,
+// or the page goes on showing "updated" and no new alarm.
+const FETCH_TIMEOUT_MS = 5000;
+
 export async function getJson(url) {
-  const res = await fetch(url, { cache: "no-store", credentials: "same-origin" });
+  const res = await fetch(url, {
+    cache: "no-store",
+    credentials: "same-origin",
+    signal: AbortSignal.timeout(FETCH_TIMEOUT_MS),
+  });
   checkLoggedIn(res);
   return res;
 }

@@ -218,9 +218,12 @@ class CameraTile {
   update(cam, sessionOpen, visible) {
     this.cam = cam;
     const live = sessionOpen && cam.recording;
-    this.badge.textContent = live ? "LIVE" : "ENDED";
-    this.badge.className = `badge ${live ? "live" : "ended"}`;
-    this.root.classList.toggle("ended", !live);
+    // The session is open but the camera records nothing now: its device has not (re)connected
+    // yet (a receiver restart, a link down). Not ended: the last picture stays.
+    const waiting = sessionOpen && !cam.recording;
+    this.badge.textContent = live ? "LIVE" : waiting ? "NO SIGNAL" : "ENDED";
+    this.badge.className = `badge ${live ? "live" : waiting ? "wait" : "ended"}`;
+    this.root.classList.toggle("ended", !sessionOpen);
     this.counts.textContent =
       `${cam.frames_durable} frames (pre-roll ${cam.preroll_frames}, live ${cam.live_frames}) · ` +
       completeness(cam);
@@ -233,11 +236,12 @@ class CameraTile {
       this.player.start();
     } else if (play && !cam.mse_codec) {
       this.setState("waiting for video", "wait");
-    } else if (!play && this.player) {
+    } else if (!play && this.player && !(waiting && visible)) {
       this.player.stop();
       this.player = null;
     }
-    if (!live) this.setState("recording ended", "ended");
+    if (waiting) this.setState("no signal: waiting for the device to reconnect", "wait");
+    else if (!live) this.setState("recording ended", "ended");
     else if (!visible) this.setState("paused (another wall is open)", "wait");
     this.renderLinks(cam.recordings || []);
     this.updateScrubRange();
@@ -339,11 +343,16 @@ class CameraTile {
   // part a restart began. A hole between two parts is named in the note.
   playPart(parts, i, offset) {
     const part = parts[i];
-    this.recorded.src = part.url;
+    // The frame count in the URL: the browser's media cache kept a growing part's old
+    // length under its plain URL, and the replay stopped at it.
+    const sep = part.url.includes("?") ? "&" : "?";
+    this.recorded.src = `${part.url}${sep}frames=${part.frames}`;
     this.recorded.dataset.part = String(i);
+    this.pendingOffset = offset > 0 ? offset : null;
     if (offset > 0) {
       this.recorded.addEventListener("loadedmetadata", () => {
         this.recorded.currentTime = offset;
+        this.pendingOffset = null;
       }, { once: true });
     }
     this.recorded.onended = () => this.partEnded(i);
@@ -414,7 +423,10 @@ class CameraTile {
     const i = Number(this.recorded.dataset.part);
     const part = (this.cam.recordings || [])[i];
     if (!part || typeof part.first_capture_us !== "number" || !this.recorded.currentSrc) return null;
-    return part.first_capture_us / 1e6 + this.recorded.currentTime;
+    // While a part loads to resume at an offset, the player says 0: the offset is where it is.
+    const at = this.pendingOffset !== null && this.pendingOffset !== undefined
+      ? this.pendingOffset : this.recorded.currentTime;
+    return part.first_capture_us / 1e6 + at;
   }
 
   showScrubLabel(t) {
@@ -433,7 +445,8 @@ class CameraTile {
       // in the buffer: the live lane skips ahead rather than fall behind); else only
       // what is buffered.
       const c = behind.capture;
-      if (c !== null && c > -CLOCK_SLACK_S && c < behind.buffer + CLOCK_SLACK_MAX_S) {
+      const silent = this.player.silentFor() || 0; // a stall: the picture ages meanwhile
+      if (c !== null && c > -CLOCK_SLACK_S && c < behind.buffer + silent + CLOCK_SLACK_MAX_S) {
         seconds = Math.max(0, behind.capture);
         source = "capture";
       } else {
