@@ -95,7 +95,11 @@ async def _record(tmp: Path) -> tuple[Path, str, Path]:
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> Recorded:
-    tmp = tmp_path_factory.mktemp("evidence")
+    return record_and_bundle(tmp_path_factory.mktemp("evidence"))
+
+
+def record_and_bundle(tmp: Path) -> Recorded:
+    """A recorded emergency in ``tmp``, its bundle, and the keys that verify it."""
     data, session, device_key_path = asyncio.run(_record(tmp))
     bundle = build_bundle(data, session, tmp / "bundle.zip")
     device_key = load_private_key(device_key_path)

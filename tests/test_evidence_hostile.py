@@ -9,7 +9,6 @@ signatures can catch them); the device key signs nothing a device would not
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -27,13 +26,12 @@ import pytest
 from agent import chain
 from provisioning.documents import b64url, canonical
 from provisioning.keys import kid as key_id
-from provisioning.keys import load_private_key, public_pem
 from receiver import custody
 from receiver import evidence_verify as ev
 from receiver.evidence import _Writer, build_bundle
 from receiver.evidence_format import MANIFEST_CONTEXT, TIME_BASE, ZIP_TIME, evidence_key
 from receiver.evidence_verify import BundleInputError, VerifyReport
-from tests.test_evidence import Recorded, _record, failed_parts, manifest_of, verify
+from tests.test_evidence import Recorded, failed_parts, manifest_of, record_and_bundle, verify
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,15 +41,7 @@ FD, HW = "front-door", "hallway-2"
 @pytest.fixture(scope="module")
 def genuine(tmp_path_factory: pytest.TempPathFactory) -> Recorded:
     """A recorded emergency and its bundle (as test_evidence's ``recorded``)."""
-    tmp = tmp_path_factory.mktemp("hostile")
-    data, session, device_key_path = asyncio.run(_record(tmp))
-    bundle = build_bundle(data, session, tmp / "bundle.zip")
-    device_key = load_private_key(device_key_path)
-    device_pub = tmp / "device.pub"
-    device_pub.write_bytes(public_pem(device_key.public_key()))
-    receiver_pub = tmp / "receiver.pub"
-    receiver_pub.write_bytes(public_pem(evidence_key(data).public_key()))
-    return Recorded(data, session, bundle, tmp / "live.zip", device_pub, receiver_pub, device_key)
+    return record_and_bundle(tmp_path_factory.mktemp("hostile"))
 
 
 # -- building hostile bundles ---------------------------------------------------------------

@@ -31,36 +31,17 @@ from breakglass.demo import write_trust
 from breakglass.enroll_cli import District, Target, enroll_one
 from provisioning.age_keys import new_identity, recipient_of
 from receiver.server import Receiver
+from tests import test_first_boot as first_boot_file
 
 pytestmark = pytest.mark.timeout(60)
 
 BUILDING = "lincoln-elementary"
 
-FIRST_BOOT = """# the same on every SD card
-[device]
-key = "device.key"
-state_dir = "state"
-
-[local_api]
-host = "127.0.0.1"
-port = 0
-
-[discovery]
-interfaces = ["127.0.0.1"]
-
-[store]
-dir = "store"
-segment_s = 1
-
-[gpio]
-pin_factory = "mock"
-led_pin = 27
-
-[[buttons]]
-id = "office"
-pin = 17
-location = "Main office"
-"""
+# The first-boot file of test_first_boot, browsable by mDNS on loopback.
+FIRST_BOOT = first_boot_file.FIRST_BOOT.replace(
+    "[discovery]\nenabled = false", '[discovery]\ninterfaces = ["127.0.0.1"]'
+)
+assert "interfaces" in FIRST_BOOT
 
 
 def synthetic(camera: str) -> dict[str, Any]:
