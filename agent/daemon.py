@@ -177,7 +177,7 @@ class Agent:
         self.press_log: list[PressEvent] = []
         #: The enrollment certificate has expired (the LED shows a fault); last warned when.
         self._certificate_expired = False
-        self._certificate_warned = -math.inf
+        self._certificate_warned = self._keylist_warned = -math.inf
         self.changes = Changes()
 
     # -- lifecycle ------------------------------------------------------------
@@ -797,10 +797,29 @@ class Agent:
         )  # fmt: skip
         self._record("enrollment_expiring", version=e.version, exp=e.exp, expired=expired)
 
+    def _check_keylist(self) -> None:
+        """Warn likewise before the district's trigger-key list expires: remote triggers
+        (911 dispatch, the principal's phone) are then refused; the buttons still work."""
+        keys = self.gate.keyring.current
+        if keys is None:
+            return
+        days = (keys.exp - self.clock()) / 86400
+        if days > RENEW_WARN_DAYS or time.monotonic() < self._keylist_warned + 86400:
+            return
+        self._keylist_warned = time.monotonic()
+        log.warning(
+            "trigger-key list v%d %s: the district must send a new one (PUT /v1/trigger-keys)",
+            keys.version,
+            "has expired: remote triggers are refused" if days <= 0
+            else f"expires in {days:.0f} day(s)",
+        )  # fmt: skip
+        self._record("keylist_expiring", version=keys.version, exp=keys.exp, expired=days <= 0)
+
     async def _housekeeping(self) -> None:
         last_save = last_checkpoint = time.monotonic()
         while True:
             self._check_certificate()
+            self._check_keylist()
             ended = self.emergency.tick(self.clock(), time.monotonic())
             if ended is not None:
                 self._stop_streaming(ended)

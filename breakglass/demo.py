@@ -152,7 +152,7 @@ location = "Main office"
     return config
 
 
-def write_trust(folder: Path, *, valid_days: int = 30) -> tuple[Path, Path]:
+def write_trust(folder: Path, *, valid_days: int = 365) -> tuple[Path, Path]:
     """A demo district authority and dispatch key beside ``folder``, and the signed list.
 
     ``<folder>/../district/authority.key`` signs the trigger-key list (v1) that

@@ -556,3 +556,25 @@ async def test_a_certificate_near_its_end_is_warned_of_and_an_expired_one_is_a_f
     trail = [json.loads(line) for line in (agent.config.state_dir / "audit.log").open()]
     warned = [(e["exp"], e["expired"]) for e in trail if e["event"] == "enrollment_expiring"]
     assert warned == [(exp, False), (exp, True)]
+
+
+async def test_a_trigger_key_list_near_its_end_is_warned_of(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Once the district's list expires remote triggers are refused: the trail says so
+    30 days ahead, once a day; the buttons are not concerned."""
+    from breakglass.demo import write_agent_config
+    from hardware.led import LedPattern
+
+    path = write_agent_config(tmp_path / "agent", receiver)
+    async with Agent(load_agent_config(path)) as agent:
+        keys = agent.gate.keyring.current
+        assert keys is not None
+    soon = keys.exp - 5 * 86400
+    async with Agent(load_agent_config(path), clock=lambda: soon) as agent:
+        agent._check_keylist()  # the housekeeping's check, now and again: warned once
+        agent._check_keylist()
+        assert agent.led is not None and agent.led.pattern is LedPattern.ARMED
+    trail = [json.loads(line) for line in (agent.config.state_dir / "audit.log").open()]
+    warned = [(e["version"], e["expired"]) for e in trail if e["event"] == "keylist_expiring"]
+    assert warned == [(keys.version, False)]
