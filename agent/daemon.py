@@ -175,9 +175,10 @@ class Agent:
         self._persist_lock = asyncio.Lock()
         self._stopped = asyncio.Event()
         self.press_log: list[PressEvent] = []
-        #: The enrollment certificate has expired (the LED shows a fault); last warned when.
+        #: The enrollment certificate has expired (the LED shows a fault).
         self._certificate_expired = False
-        self._certificate_warned = self._keylist_warned = -math.inf
+        #: When each expiry (audit event name) was last warned of (monotonic).
+        self._expiry_warned: dict[str, float] = {}
         self.changes = Changes()
 
     # -- lifecycle ------------------------------------------------------------
@@ -773,53 +774,46 @@ class Agent:
             log.warning("streaming emergency %s now that cameras run", session.id)
             self._start_streaming(active, resume=resume)
 
-    def _check_certificate(self) -> None:
-        """Warn (log, audit trail) once a day from :data:`RENEW_WARN_DAYS` before the
-        enrollment certificate expires: the receiver then refuses the device, and a press
-        reaches nobody. An expired one shows as a fault on the LED."""
-        if self.enrollment is None:
-            return
-        e = self.enrollment.enrollment
-        days = (e.exp - self.clock()) / 86400
-        expired = days <= 0
-        if expired != self._certificate_expired:
-            self._certificate_expired = expired
-            self._update_led()
-        if days > RENEW_WARN_DAYS or time.monotonic() < self._certificate_warned + 86400:
-            return
-        self._certificate_warned = time.monotonic()
-        log.warning(
-            "enrollment certificate v%d %s: renew it (breakglass provision rotate %s)",
-            e.version,
-            "has expired: the receiver refuses this device" if expired
-            else f"expires in {days:.0f} day(s)",
-            self.config.device_id,
-        )  # fmt: skip
-        self._record("enrollment_expiring", version=e.version, exp=e.exp, expired=expired)
-
-    def _check_keylist(self) -> None:
-        """Warn likewise before the district's trigger-key list expires: remote triggers
-        (911 dispatch, the principal's phone) are then refused; the buttons still work."""
+    def _check_expiry(self) -> None:
+        """Warn (log, audit trail) once a day from :data:`RENEW_WARN_DAYS` before what the
+        district signed expires: the enrollment certificate (the receiver then refuses the
+        device and a press reaches nobody; an expired one is a fault on the LED) and the
+        trigger-key list (remote triggers are then refused; the buttons still work)."""
+        if self.enrollment is not None:
+            e = self.enrollment.enrollment
+            expired = e.exp <= self.clock()
+            if expired != self._certificate_expired:
+                self._certificate_expired = expired
+                self._update_led()
+            self._warn_expiring(
+                "enrollment_expiring", f"enrollment certificate v{e.version}", e.version, e.exp,
+                "the receiver refuses this device",
+                f"renew it (breakglass provision rotate {self.config.device_id})",
+            )  # fmt: skip
         keys = self.gate.keyring.current
-        if keys is None:
+        if keys is not None:
+            self._warn_expiring(
+                "keylist_expiring", f"trigger-key list v{keys.version}", keys.version, keys.exp,
+                "remote triggers are refused",
+                "the district must send a new one (PUT /v1/trigger-keys)",
+            )  # fmt: skip
+
+    def _warn_expiring(
+        self, event: str, what: str, version: int, exp: float, then: str, remedy: str
+    ) -> None:
+        days = (exp - self.clock()) / 86400
+        now = time.monotonic()
+        if days > RENEW_WARN_DAYS or now < self._expiry_warned.get(event, -math.inf) + 86400:
             return
-        days = (keys.exp - self.clock()) / 86400
-        if days > RENEW_WARN_DAYS or time.monotonic() < self._keylist_warned + 86400:
-            return
-        self._keylist_warned = time.monotonic()
-        log.warning(
-            "trigger-key list v%d %s: the district must send a new one (PUT /v1/trigger-keys)",
-            keys.version,
-            "has expired: remote triggers are refused" if days <= 0
-            else f"expires in {days:.0f} day(s)",
-        )  # fmt: skip
-        self._record("keylist_expiring", version=keys.version, exp=keys.exp, expired=days <= 0)
+        self._expiry_warned[event] = now
+        when = f"has expired: {then}" if days <= 0 else f"expires in {days:.0f} day(s)"
+        log.warning("%s %s: %s", what, when, remedy)
+        self._record(event, version=version, exp=exp, expired=days <= 0)
 
     async def _housekeeping(self) -> None:
         last_save = last_checkpoint = time.monotonic()
         while True:
-            self._check_certificate()
-            self._check_keylist()
+            self._check_expiry()
             ended = self.emergency.tick(self.clock(), time.monotonic())
             if ended is not None:
                 self._stop_streaming(ended)

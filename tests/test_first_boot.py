@@ -546,8 +546,8 @@ async def test_a_certificate_near_its_end_is_warned_of_and_an_expired_one_is_a_f
     certificate = enrolled_until(path, exp)
     soon = exp - 10 * 86400
     async with Agent(load_agent_config(path), enrolled=certificate, clock=lambda: soon) as agent:
-        agent._check_certificate()  # the housekeeping's check, now and again: warned once
-        agent._check_certificate()
+        agent._check_expiry()  # the housekeeping's check, now and again: warned once
+        agent._check_expiry()
         assert agent.led is not None and agent.led.pattern is LedPattern.ARMED
     late = exp + 60
     async with Agent(load_agent_config(path), enrolled=certificate, clock=lambda: late) as agent:
@@ -572,8 +572,8 @@ async def test_a_trigger_key_list_near_its_end_is_warned_of(
         assert keys is not None
     soon = keys.exp - 5 * 86400
     async with Agent(load_agent_config(path), clock=lambda: soon) as agent:
-        agent._check_keylist()  # the housekeeping's check, now and again: warned once
-        agent._check_keylist()
+        agent._check_expiry()  # the housekeeping's check, now and again: warned once
+        agent._check_expiry()
         assert agent.led is not None and agent.led.pattern is LedPattern.ARMED
     trail = [json.loads(line) for line in (agent.config.state_dir / "audit.log").open()]
     warned = [(e["version"], e["expired"]) for e in trail if e["event"] == "keylist_expiring"]
