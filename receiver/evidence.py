@@ -64,6 +64,7 @@ from receiver.evidence_format import (
     EvidenceError,
     evidence_key,
     next_pts,
+    owed_seqs,
 )
 from receiver.fmp4 import scan_file
 from receiver.h264 import parameter_sets
@@ -294,17 +295,10 @@ def _camera_entry(
     unique = list(dict.fromkeys(custody.record_line(r) for r in kept))
     staged.write(name, b"".join(unique))
     entry["checkpoints"] = name
-    # What the bundle should hold: every seq from its first file to its last, and every seq
-    # a checkpoint of the bundle signed in the time range (the verifier computes the same).
-    signed_in_range: list[tuple[int, int]] = []
-    for record in kept:
-        if record.ok:
-            for seq, (capture_us, _, _) in record.checkpoint.iter_entries():
-                if (start_us is None or capture_us >= start_us) and (
-                    end_us is None or capture_us <= end_us
-                ):
-                    signed_in_range.append((seq, seq))
-    wanted = seqranges.merge([(low, high), *signed_in_range])
+    captured = (
+        (seq, fields[0]) for r in kept if r.ok for seq, fields in r.checkpoint.iter_entries()
+    )
+    wanted = owed_seqs([(low, high)], captured, start_us, end_us)
     entry["gaps"] = [
         g
         for g in cam.doc.get("gaps", [])

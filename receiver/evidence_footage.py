@@ -24,7 +24,7 @@ from receiver import seqranges
 from receiver.custody import parse_record
 from receiver.evidence_audit import Trail
 from receiver.evidence_findings import MAX_FINDINGS_PER_PART, VerifyReport, iso
-from receiver.evidence_format import MANIFEST, next_pts, open_mp4
+from receiver.evidence_format import MANIFEST, next_pts, open_mp4, owed_seqs
 from receiver.evidence_manifest import Camera, Footage, Manifest
 from receiver.evidence_zip import MemberError, Source, shallow
 
@@ -187,22 +187,11 @@ def check_footage(
             reach = max(reach, b)
         # Every seq between its files, and every seq signed in the time range, is in a file
         # or declared missing: the device's checkpoints show what it had.
-        wanted: list[seqranges.Range] = []
-        if held:
-            wanted.append((min(a for a, _ in held), max(b for _, b in held)))
         ordered = sorted(entries)
-        for seq in ordered:
-            capture_us = entries[seq][0]
-            if (manifest.from_us is None or capture_us >= manifest.from_us) and (
-                manifest.to_us is None or capture_us <= manifest.to_us
-            ):
-                wanted.append((seq, seq))
+        captured = ((seq, entries[seq][0]) for seq in ordered)
+        wanted = owed_seqs(held, captured, manifest.from_us, manifest.to_us)
         declared = [(a, b) for a, b, _ in cam.gaps] + cam.holes
-        left_out = [
-            r
-            for a, b in seqranges.merge(wanted)
-            for r in seqranges.missing(a, b, [*held, *declared])
-        ]
+        left_out = [r for a, b in wanted for r in seqranges.missing(a, b, [*held, *declared])]
         if left_out:
             signed_out = _Seqs()
             for a, b in left_out:

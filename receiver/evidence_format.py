@@ -39,9 +39,10 @@ checkpoints: a seq left out without being declared is a failure.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -54,6 +55,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from provisioning.errors import KeyFileError
 from provisioning.keys import kid, load_private_key, public_pem, write_secret
+from receiver import seqranges
 from receiver.errors import ExportError
 
 __all__ = [
@@ -66,6 +68,7 @@ __all__ = [
     "evidence_key",
     "next_pts",
     "open_mp4",
+    "owed_seqs",
 ]
 
 log = logging.getLogger(__name__)
@@ -157,6 +160,34 @@ def open_mp4(path: Path) -> Iterator[tuple[Mp4Header, Iterator[Mp4Sample]]]:
                 )
 
         yield header, samples()
+
+
+def owed_seqs(
+    files: Sequence[tuple[int, int]],
+    signed: Iterable[tuple[int, int]],
+    from_us: int | None,
+    to_us: int | None,
+) -> list[tuple[int, int]]:
+    """The seq ranges a camera's part of a bundle must account for (in a file, or declared
+    missing): from its first file's first seq to its last file's last, and every seq a
+    checkpoint signed (``signed``: (seq, capture µs)) captured within the selected range.
+    The exporter declares the holes by this rule and the verifier checks them by it."""
+    spans = [(min(a for a, _ in files), max(b for _, b in files))] if files else []
+    low = -math.inf if from_us is None else from_us
+    high = math.inf if to_us is None else to_us
+    run: list[int] | None = None  # the contiguous run of signed seqs being gathered
+    for seq, capture_us in sorted(signed):
+        if not low <= capture_us <= high:
+            continue
+        if run is not None and seq <= run[1] + 1:
+            run[1] = max(run[1], seq)
+            continue
+        if run is not None:
+            spans.append((run[0], run[1]))
+        run = [seq, seq]
+    if run is not None:
+        spans.append((run[0], run[1]))
+    return seqranges.merge(spans)
 
 
 def evidence_key(data_dir: Path) -> Ed25519PrivateKey:
