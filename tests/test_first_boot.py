@@ -77,6 +77,21 @@ def first_boot_config(folder: Path) -> Path:
     return path
 
 
+async def next_runtime(
+    runtimes: asyncio.Queue[Agent | FirstBoot], task: asyncio.Task[None]
+) -> Agent | FirstBoot:
+    """The next runtime :func:`run_agent` started; fails at once if ``task`` (running it)
+    ended, with its error."""
+    get = asyncio.ensure_future(runtimes.get())
+    await asyncio.wait({get, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if not get.done():
+        get.cancel()
+        if task.done():
+            task.result()
+        raise AssertionError("no runtime started within 30 s")
+    return get.result()
+
+
 @dataclass
 class Device:
     """A device running :func:`run_agent`; ``runtimes`` gets each runtime as it starts."""
@@ -88,14 +103,7 @@ class Device:
 
     async def next(self) -> Agent | FirstBoot:
         """The next runtime; fails at once if the device stopped (the error shows)."""
-        get = asyncio.ensure_future(self.runtimes.get())
-        await asyncio.wait({get, self.task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if not get.done():
-            get.cancel()
-            if self.task.done():
-                self.task.result()
-            raise AssertionError("no runtime started within 30 s")
-        return get.result()
+        return await next_runtime(self.runtimes, self.task)
 
 
 @pytest.fixture

@@ -60,14 +60,7 @@ class Site:
 
     async def next(self) -> Agent | FirstBoot:
         """The device's next runtime; fails at once if the device stopped."""
-        get = asyncio.ensure_future(self.runtimes.get())
-        await asyncio.wait({get, self.task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if not get.done():
-            get.cancel()
-            if self.task.done():
-                self.task.result()
-            raise AssertionError("no runtime started within 30 s")
-        return get.result()
+        return await first_boot_file.next_runtime(self.runtimes, self.task)
 
     async def enrolled(self, *cameras: tuple[str, str, dict[str, Any]]) -> Agent:
         """Enroll the device (v1) with ``cameras``; the armed agent, advertising itself."""
