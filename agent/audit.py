@@ -40,10 +40,13 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
 - ``session_extend``: ``session``, ``by`` (trigger kind, as above),
   ``expires_at``.
 - ``session_end``: ``session``, ``reason`` (``expired`` | ``trigger`` | ...),
-  ``by`` (as above, or null).
+  ``by`` (as above, or null), ``cameras`` (``[{"id": ..., "last": SEQ}]``:
+  each streamed camera's last seq in the session, or null if it never
+  streamed), so a session's tail cannot be cut unnoticed.
 - ``disclosure``: ``session``, ``kind`` (the ``by.kind`` of its start),
   ``receiver`` (origin URL), ``device``, ``cameras`` (``[{"id": ...,
-  "zone": ...}]``), ``resumed`` (streaming again after a restart).
+  "zone": ..., "first": SEQ}]``: ``first`` is the camera's first seq in the
+  session, pre-roll included), ``resumed`` (streaming again after a restart).
 - ``keylist_installed`` (``source``, ``version``, ``keys``, ``exp``),
   ``keylist_refused`` (``source``, ``code``, ``detail``), ``trigger_flood``
   (``refused``, ``via``), ``replay_cache_reset``, ``local_api_fault``.

@@ -567,7 +567,7 @@ class Agent:
             session=session.id,
             receiver=self.config.receiver_origin,
             device=self.config.device_id,
-            cameras=[{"id": d.id, "zone": d.zone} for d in descs],
+            cameras=[{"id": d.id, "zone": d.zone, "first": d.first_seq} for d in descs],
             resumed=resume,
         )
         self._remember(stream)
@@ -590,23 +590,43 @@ class Agent:
         if self._live is not None and self._live[0].id == share.id:
             self._set_live(None)
         self.uplink.end_session(share.id, reason)
+        self._record(
+            "session_end", session=share.id, reason=reason, by=None, cameras=self._ends(share.id)
+        )
         self._cut_chains(share.id)
-        self._record("session_end", session=share.id, reason=reason, by=None)
 
     def _stop_streaming(self, ended: Ended) -> None:
-        log.warning("emergency %s ended: %s", ended.session.id, ended.session.end_reason)
+        sid = ended.session.id
+        log.warning("emergency %s ended: %s", sid, ended.session.end_reason)
+        self._set_live(None)
+        self.uplink.end_session(sid, ended.session.end_reason or "ended")
+        if self.uplink.stream(sid) is None and sid in self._owed:
+            # It ended before it streamed again after a restart (it expired while the agent
+            # was down): what the receiver is owed goes out from the sealed store.
+            self._resume_owed()
         by = ended.session.ended_by
         self._record(
             "session_end",
-            session=ended.session.id,
+            session=sid,
             reason=ended.session.end_reason,
             by=None if by is None else _by(by),
+            cameras=self._ends(sid),
         )
-        self._set_live(None)
-        self.uplink.end_session(ended.session.id, ended.session.end_reason or "ended")
-        self._cut_chains(ended.session.id)
+        self._cut_chains(sid)
         self._persist()
         self._update_led()
+
+    def _ends(self, session_id: str) -> list[dict[str, Any]] | None:
+        """Each camera's last seq in an ended session, as its ``session_end`` signs it, so
+        that no one can cut the session's tail unnoticed (None: not streamed, no seqs)."""
+        stream = self.uplink.stream(session_id)
+        if stream is None:
+            return None
+        return [
+            {"id": desc.id, "last": end}
+            for desc, end in zip(stream.open.cameras, stream.end_seq, strict=True)
+            if end is not None
+        ]
 
     def _chain_packet(self, packet: EncodedPacket) -> None:
         """Chain every packet as it is numbered; checkpoints go to the sessions showing it."""

@@ -348,11 +348,15 @@ class UplinkClient:
         self._wake.set()
 
     def end_session(self, session_id: str, reason: str) -> None:
-        """Mark a session closed; ``session_close`` follows its last packet."""
+        """Mark a session closed; ``session_close`` follows its last packet (a camera's
+        end given to :meth:`start_session`, for a session resumed after it ended, stays)."""
         for stream in self.streams:
             if stream.id == session_id and stream.close_reason is None:
                 stream.close_reason = reason
-                stream.end_seq = list(stream.last_pushed)
+                stream.end_seq = [
+                    pushed if end is None else end
+                    for end, pushed in zip(stream.end_seq, stream.last_pushed, strict=True)
+                ]
                 for pin, end in zip(stream.pins, stream.end_seq, strict=False):
                     pin.last = end
                 if stream is self._head():

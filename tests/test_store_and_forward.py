@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -394,3 +395,76 @@ async def test_a_camera_that_does_not_say_its_rate_or_size_is_described_as_confi
     config = {c.id: c for c in load_config(path).cameras}
     for camera_id, track in cameras.items():
         assert (track.width, track.fps) == (config[camera_id].width, config[camera_id].fps)
+
+
+async def test_an_emergency_that_expired_while_the_agent_was_stopped_is_still_delivered(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The agent is down (a power cut) when its emergency expires: at the restart the
+    emergency ends at once, and the footage the receiver never got still goes out from
+    the sealed store, by itself, and the session is signed to its last seq."""
+    async with TcpProxy(receiver.port) as proxy:
+        path = write_agent_config(
+            tmp_path / "agent", receiver, fps=30, preroll_s=2, store="segment_s = 1"
+        )
+        config = load_config(via_proxy(path, receiver, proxy))
+        async with Agent(config) as agent:
+            session = await pressed(agent)
+            await agent.uplink.wait_until(lambda: agent.uplink.stream(session.id) is not None)
+            proxy.cut()  # the link goes first: footage nobody has received yet
+            await agent.capture.wait_packets(60)
+        proxy.restore()
+        later = session.expires_at + 60 - time.time()  # back after the emergency expired
+        async with Agent(config, clock=lambda: time.time() + later) as again:
+            async with asyncio.timeout(60):
+                await again.uplink.wait_until(lambda: session.id in again.uplink.settled_ids)
+            assert again.emergency.active is None
+    for cam in session.cameras:
+        names = [SegmentName.parse(f.name) for f in (config.store.directory / cam).glob("*.age")]
+        last_sealed = max(n.last_seq for n in names if n is not None and n.first_seq < BLOCK)
+        seqs = recorded_seqs(receiver, session.id, cam)
+        assert set(range(min(seqs), last_sealed + 1)) <= seqs
+        assert_declared(receiver, session.id, cam)
+    ends = [
+        json.loads(line)
+        for line in (config.state_dir / "audit.log").read_text().splitlines()
+        if '"session_end"' in line
+    ]
+    assert [e["session"] for e in ends] == [session.id]
+    lasts = {c["id"]: c["last"] for c in ends[0]["cameras"]}
+    assert lasts == {cam: max(recorded_seqs(receiver, session.id, cam)) for cam in session.cameras}
+
+
+async def test_an_ended_session_still_owed_at_a_restart_is_delivered_to_its_end(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The emergency ended while the link was down, then the agent restarted: the session
+    goes out from the sealed store to the last seq it had, not a seq less."""
+    async with TcpProxy(receiver.port) as proxy:
+        path = write_agent_config(
+            tmp_path / "agent", receiver, fps=30, preroll_s=2, store="segment_s = 1"
+        )
+        config = load_config(via_proxy(path, receiver, proxy))
+        async with Agent(config) as agent:
+            # Two sessions, so that the owed one's seqs do not begin at 0.
+            first = await pressed(agent)
+            agent.end("all clear")
+            await agent.uplink.wait_settled(first.id)
+            session = await pressed(agent)
+            await agent.uplink.wait_until(lambda: agent.uplink.stream(session.id) is not None)
+            proxy.cut()
+            await agent.capture.wait_packets(60)
+            agent.end("all clear")
+            stream = agent.uplink.stream(session.id)
+            assert stream is not None
+            ends = dict(zip((c.id for c in stream.open.cameras), stream.end_seq, strict=True))
+        proxy.restore()
+        async with Agent(config) as again:
+            async with asyncio.timeout(60):
+                await again.uplink.wait_until(lambda: session.id in again.uplink.settled_ids)
+    for cam, end in ends.items():
+        assert end is not None
+        seqs = recorded_seqs(receiver, session.id, cam)
+        assert seqs and max(seqs) == end
+        assert set(range(min(seqs), end + 1)) <= seqs
+        assert_declared(receiver, session.id, cam)
