@@ -56,15 +56,19 @@ from receiver.evidence_format import (
     BUNDLE_TYPE,
     MANIFEST,
     MANIFEST_CONTEXT,
+    NO_SESSION_SEQS,
     README,
     RECEIVER_KEY,
     SIGNATURE,
     TIME_BASE,
     ZIP_TIME,
     EvidenceError,
+    SessionSeqs,
     evidence_key,
     next_pts,
     owed_seqs,
+    selected_bounds,
+    session_seqs,
 )
 from receiver.fmp4 import scan_file
 from receiver.h264 import parameter_sets
@@ -199,8 +203,10 @@ def build_bundle(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".evidence-") as tmp:
         staged = _Staged(Path(tmp))
         live = doc.get("closed_at") is None
+        audit, seqs = _audit_excerpt(staged, data_dir, device, session_id)
         entries = [
-            _camera_entry(staged, session_dir, cam, start_us, end_us, live=live) for cam in chosen
+            _camera_entry(staged, session_dir, cam, start_us, end_us, seqs, live=live)
+            for cam in chosen
         ]
         if not any(e["footage"] for e in entries):
             raise EvidenceError(f"session {session_id!r}: no footage in the selection")
@@ -224,7 +230,7 @@ def build_bundle(
             "chain": {"format": "breakglass-chain-v1", "digest": "h264-nal-units-u32be"},
             "cameras": entries,
             "device": {"id": device, "keys": _device_keys(staged, data_dir, session_dir, device)},
-            "audit": _audit_excerpt(staged, data_dir, device, session_id),
+            "audit": audit,
         }
         key = evidence_key(data_dir)
         staged.write(RECEIVER_KEY, public_pem(key.public_key()))
@@ -267,6 +273,7 @@ def _camera_entry(
     cam: _Camera,
     start_us: int | None,
     end_us: int | None,
+    seqs: SessionSeqs,
     *,
     live: bool,
 ) -> dict[str, Any]:
@@ -283,10 +290,13 @@ def _camera_entry(
         key: cam.doc.get(key) for key in ("zone", "codec", "width", "height", "fps")
     }
     entry.update({"id": cam.id, "footage": [f.to_json() for f in footage]})
-    if not footage:
+    bounds = selected_bounds(seqs, cam.id, start_us, end_us)
+    if not footage and bounds == (None, None):
         entry.update({"checkpoints": None, "gaps": [], "holes": []})
         return entry
-    low, high = footage[0].first_seq, footage[-1].last_seq
+    # The checkpoints kept: those over the footage, or over the session's seqs.
+    spans = [(f.first_seq, f.last_seq) for f in footage] + [(b, b) for b in bounds if b is not None]
+    low, high = min(a for a, _ in spans), max(b for _, b in spans)
     kept = sorted(
         (r for r in records if r.checkpoint.last >= low and r.checkpoint.first <= high),
         key=lambda r: (r.checkpoint.first, r.checkpoint.last, r.source, r.result),
@@ -298,7 +308,8 @@ def _camera_entry(
     captured = (
         (seq, fields[0]) for r in kept if r.ok for seq, fields in r.checkpoint.iter_entries()
     )
-    wanted = owed_seqs([(low, high)], captured, start_us, end_us)
+    files = [(footage[0].first_seq, footage[-1].last_seq)] if footage else []
+    wanted = owed_seqs(files, captured, start_us, end_us, bounds)
     entry["gaps"] = [
         g
         for g in cam.doc.get("gaps", [])
@@ -496,13 +507,14 @@ def _device_keys(
 
 def _audit_excerpt(
     staged: _Staged, data_dir: Path, device: str, session_id: str
-) -> dict[str, Any] | None:
+) -> tuple[dict[str, Any] | None, SessionSeqs]:
     """The receiver's copy of the device's trail from the session's first entry to the
-    first signed checkpoint after its last one (whole lines, as received)."""
+    first signed checkpoint after its last one (whole lines, as received), and what its
+    entries of the session say of its seqs (holes are declared by them)."""
     try:
         data = (data_dir / "audit" / f"{device}.log").read_bytes()
     except (FileNotFoundError, ValueError):
-        return None
+        return None, NO_SESSION_SEQS
     lines = data.split(b"\n")
     parsed: list[dict[str, Any] | None] = []
     for line in lines:
@@ -515,7 +527,8 @@ def _audit_excerpt(
         i for i, obj in enumerate(parsed) if obj is not None and obj.get("session") == session_id
     ]
     if not mine:
-        return None
+        return None, NO_SESSION_SEQS
+    seqs = session_seqs(obj for i in mine if (obj := parsed[i]) is not None)
     first, last = mine[0], mine[-1]
     for i in range(last + 1, len(parsed)):
         obj = parsed[i]
@@ -531,7 +544,7 @@ def _audit_excerpt(
         "first_n": numbers[0] if numbers else None,
         "last_n": numbers[-1] if numbers else None,
         "session_entries": len(mine),
-    }
+    }, seqs
 
 
 def sha256_file(path: Path) -> str:

@@ -20,6 +20,7 @@ from agent import audit
 from provisioning.documents import DocumentError, b64url_decode, canonical
 from provisioning.keys import verify
 from receiver.evidence_findings import VerifyReport
+from receiver.evidence_format import NO_SESSION_SEQS, SessionSeqs, session_seqs
 from receiver.evidence_manifest import Manifest, is_time
 from receiver.evidence_zip import MemberError, Source, strict_json
 
@@ -41,6 +42,8 @@ class Trail:
     disclosures_signed: bool = True
     #: The cameras its session_start names (None: not signed).
     started: list[str] | None = None
+    #: Each camera's first and last seq in the session, as its signed entries say.
+    seqs: SessionSeqs = NO_SESSION_SEQS
 
 
 class _Broken(Exception):
@@ -146,6 +149,8 @@ def _session_facts(
                 trail.disclosures_signed = False
             continue
         where = f"entry {n} ({event})"
+        if event != "session_start" and not _seqs_well_formed(entry, event):
+            report.fail(name, f"{where}: its cameras' seqs are not whole numbers")
         if event == "session_start":
             cams = entry.get("cameras")
             if not isinstance(cams, list) or not all(isinstance(c, str) for c in cams):
@@ -174,6 +179,7 @@ def _session_facts(
             if is_time(t):
                 end_us = round(t * 1e6)
                 trail.end_us = end_us if trail.end_us is None else max(trail.end_us, end_us)
+    trail.seqs = session_seqs(entry for n, _, entry in mine if n <= signed_through)
     if trail.end_us is None and manifest.closed:
         report.warn(
             name,
@@ -181,6 +187,19 @@ def _session_facts(
             "capture times cannot be checked against it",
         )
     return trail
+
+
+def _seqs_well_formed(entry: dict[str, Any], event: str) -> bool:
+    """Whether a disclosure's ``first`` or a session_end's ``last`` seqs, where given,
+    are seqs (an older agent gives none; a session_end's camera list may be null)."""
+    cams = entry.get("cameras")
+    field, low = ("first", 0) if event == "disclosure" else ("last", -1)
+    if not isinstance(cams, list):
+        return cams is None
+    return all(
+        not isinstance(c, dict) or field not in c or (type(c[field]) is int and c[field] >= low)
+        for c in cams
+    )
 
 
 def check_cameras(report: VerifyReport, manifest: Manifest, trail: Trail | None) -> None:

@@ -24,7 +24,15 @@ from receiver import seqranges
 from receiver.custody import parse_record
 from receiver.evidence_audit import Trail
 from receiver.evidence_findings import MAX_FINDINGS_PER_PART, VerifyReport, iso
-from receiver.evidence_format import MANIFEST, next_pts, open_mp4, owed_seqs
+from receiver.evidence_format import (
+    MANIFEST,
+    NO_SESSION_SEQS,
+    SessionSeqs,
+    next_pts,
+    open_mp4,
+    owed_seqs,
+    selected_bounds,
+)
 from receiver.evidence_manifest import Camera, Footage, Manifest
 from receiver.evidence_zip import MemberError, Source, shallow
 
@@ -160,6 +168,7 @@ def check_footage(
     """Every camera's MP4s (``readable``: those that may be copied to ``tmp``, at most
     the size given) against ``signed``, and its seqs left out."""
     end_us = None if trail is None else trail.end_us
+    seqs = NO_SESSION_SEQS if trail is None else trail.seqs
     seen: set[str] = set()
     for cam in manifest.cameras:
         part = f"camera {cam.id}"
@@ -185,11 +194,14 @@ def check_footage(
             if a <= reach:
                 report.fail(part, f"seqs {a}..{min(b, reach)} are in two of its files")
             reach = max(reach, b)
-        # Every seq between its files, and every seq signed in the time range, is in a file
-        # or declared missing: the device's checkpoints show what it had.
+        _check_session_seqs(report, manifest, part, held, seqs, cam.id, trail)
+        # Every seq between its files, every seq signed in the time range, and those from
+        # the session's first seq and to its last (signed), is in a file or declared
+        # missing: the device's checkpoints and trail show what it had.
         ordered = sorted(entries)
         captured = ((seq, entries[seq][0]) for seq in ordered)
-        wanted = owed_seqs(held, captured, manifest.from_us, manifest.to_us)
+        bounds = selected_bounds(seqs, cam.id, manifest.from_us, manifest.to_us)
+        wanted = owed_seqs(held, captured, manifest.from_us, manifest.to_us, bounds)
         declared = [(a, b) for a, b, _ in cam.gaps] + cam.holes
         left_out = [r for a, b in wanted for r in seqranges.missing(a, b, [*held, *declared])]
         if left_out:
@@ -223,6 +235,41 @@ def check_footage(
             )
         for first, last in cam.holes:
             report.warn(part, f"seqs {first}..{last} not in the recording")
+
+
+def _check_session_seqs(
+    report: VerifyReport,
+    manifest: Manifest,
+    part: str,
+    held: list[seqranges.Range],
+    seqs: SessionSeqs,
+    camera: str,
+    trail: Trail | None,
+) -> None:
+    """Footage outside the camera's first..last seq of the session (the device's signed
+    disclosure and session_end) is another session's; a closed session whose end does
+    not sign the camera's last seq cannot show a cut tail (an older agent)."""
+    first, last = seqs.first.get(camera), seqs.last.get(camera)
+    before = [(a, min(b, first - 1)) for a, b in held if first is not None and a < first]
+    after = [(max(a, last + 1), b) for a, b in held if last is not None and b > last]
+    if before:
+        report.fail(
+            part,
+            f"seqs {_show(before)}: before the camera's first seq in the session ({first}, "
+            "the device's signed disclosure): footage of another time",
+        )
+    if after:
+        report.fail(
+            part,
+            f"seqs {_show(after)}: after the camera's last seq in the session ({last}, the "
+            "device's signed session_end): footage of another time",
+        )
+    if trail is not None and trail.end_us is not None and last is None:
+        report.warn(
+            part,
+            "the device's signed session_end does not give the camera's last seq (an older "
+            "agent): footage cut from the session's end could go unnoticed",
+        )
 
 
 def _one_file(

@@ -32,8 +32,11 @@ the same rule the receiver's recordings follow (:mod:`receiver.run`).
 A camera's ``holes`` are the seqs the bundle lacks and the device did not
 declare lost (``gaps``): those between its files, and those the device
 signed (in a checkpoint of the bundle) in the selected time range that the
-receiver never recorded. The verifier computes them again from the device's
-checkpoints: a seq left out without being declared is a failure.
+receiver never recorded, and, when the selection reaches the session's start or
+end, those from the camera's first seq (the device's signed ``disclosure``)
+and to its last (its signed ``session_end``). The verifier computes them
+again from the device's checkpoints and trail: a seq left out without being
+declared is a failure.
 """
 
 from __future__ import annotations
@@ -42,12 +45,12 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import av
 from cryptography.hazmat.primitives import serialization
@@ -61,14 +64,18 @@ from receiver.errors import ExportError
 __all__ = [
     "MANIFEST",
     "MANIFEST_CONTEXT",
+    "NO_SESSION_SEQS",
     "SIGNATURE",
     "EvidenceError",
     "Mp4Header",
     "Mp4Sample",
+    "SessionSeqs",
     "evidence_key",
     "next_pts",
     "open_mp4",
     "owed_seqs",
+    "selected_bounds",
+    "session_seqs",
 ]
 
 log = logging.getLogger(__name__)
@@ -162,17 +169,61 @@ def open_mp4(path: Path) -> Iterator[tuple[Mp4Header, Iterator[Mp4Sample]]]:
         yield header, samples()
 
 
+@dataclass(frozen=True, slots=True)
+class SessionSeqs:
+    """What the device's trail says of a session's seqs: each camera's first (its
+    ``disclosure``: pre-roll included), its last (its ``session_end``) and when the
+    session ended (µs; None: not known)."""
+
+    first: Mapping[str, int]
+    last: Mapping[str, int]
+    end_us: int | None
+
+
+NO_SESSION_SEQS: Final = SessionSeqs({}, {}, None)
+
+
+def session_seqs(entries: Iterable[Mapping[str, Any]]) -> SessionSeqs:
+    """The :class:`SessionSeqs` of a session's ``disclosure`` and ``session_end`` entries
+    (the caller picks them: the exporter every one it has, the verifier the signed
+    ones). Malformed cameras are skipped; the verifier reports them itself."""
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    end_us: int | None = None
+    for entry in entries:
+        cams = entry.get("cameras")
+        event = entry.get("event")
+        t = entry.get("t")
+        if event == "session_end" and isinstance(t, (int, float)) and math.isfinite(t):
+            end_us = max(end_us or 0, round(t * 1e6))
+        for cam in cams if isinstance(cams, list) else ():
+            if not isinstance(cam, dict) or not isinstance(cid := cam.get("id"), str):
+                continue
+            if event == "disclosure" and type(seq := cam.get("first")) is int and seq >= 0:
+                first[cid] = min(first.get(cid, seq), seq)
+            elif event == "session_end" and type(seq := cam.get("last")) is int and seq >= -1:
+                last[cid] = max(last.get(cid, seq), seq)
+    return SessionSeqs(first, last, end_us)
+
+
 def owed_seqs(
     files: Sequence[tuple[int, int]],
     signed: Iterable[tuple[int, int]],
     from_us: int | None,
     to_us: int | None,
+    bounds: tuple[int | None, int | None] = (None, None),
 ) -> list[tuple[int, int]]:
     """The seq ranges a camera's part of a bundle must account for (in a file, or declared
     missing): from its first file's first seq to its last file's last, and every seq a
-    checkpoint signed (``signed``: (seq, capture µs)) captured within the selected range.
-    The exporter declares the holes by this rule and the verifier checks them by it."""
+    checkpoint signed (``signed``: (seq, capture µs)) captured within the selected range;
+    ``bounds`` (see :func:`selected_bounds`) stretch that span to the camera's first
+    and last seq in the session. The exporter declares the holes by this rule and the
+    verifier checks them by it."""
+    ends = [b for b in bounds if b is not None]
     spans = [(min(a for a, _ in files), max(b for _, b in files))] if files else []
+    if ends:
+        span = spans or [(min(ends), max(ends))]
+        spans = [(min(span[0][0], *ends), max(span[0][1], *ends))]
     low = -math.inf if from_us is None else from_us
     high = math.inf if to_us is None else to_us
     run: list[int] | None = None  # the contiguous run of signed seqs being gathered
@@ -188,6 +239,19 @@ def owed_seqs(
     if run is not None:
         spans.append((run[0], run[1]))
     return seqranges.merge(spans)
+
+
+def selected_bounds(
+    seqs: SessionSeqs, camera: str, from_us: int | None, to_us: int | None
+) -> tuple[int | None, int | None]:
+    """The camera's first and last seq in the session, each if the selection reaches it:
+    the first when nothing before the session's end is left out (no ``from``), the last
+    when the selection runs to the session's end (no ``to``, or one past its end)."""
+    first, last = seqs.first.get(camera), seqs.last.get(camera)
+    if first is not None and last is not None and last < first:
+        return None, None  # it streamed nothing (its last is its first - 1)
+    reaches_end = to_us is None or (seqs.end_us is not None and to_us >= seqs.end_us)
+    return (first if from_us is None else None), (last if reaches_end else None)
 
 
 def evidence_key(data_dir: Path) -> Ed25519PrivateKey:

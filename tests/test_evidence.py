@@ -40,7 +40,7 @@ from provisioning.keys import load_private_key, new_private_key, public_pem
 from receiver import custody
 from receiver.access_log import AccessLog
 from receiver.evidence import build_bundle
-from receiver.evidence_format import evidence_key
+from receiver.evidence_format import evidence_key, owed_seqs, selected_bounds, session_seqs
 from receiver.evidence_verify import VerifyReport, verify_bundle
 from receiver.server import Receiver
 from tests.media import make_h264_packets
@@ -715,3 +715,35 @@ def test_an_export_whose_entry_cannot_be_made_durable_is_not_given_out(
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["receiver"]  # no bundle, nothing staged
     assert access_entries(data) == []
+
+
+def test_the_seqs_owed_reach_the_sessions_signed_first_and_last() -> None:
+    """A camera's part of a bundle accounts for its seqs from its first in the session (the
+    signed disclosure) to its last (the signed session_end) when the selection reaches
+    them; the exporter declares by this rule and the verifier checks by it."""
+    entries = [
+        {"event": "disclosure", "cameras": [{"id": "a", "zone": "z", "first": 10}]},
+        {"event": "disclosure", "cameras": [{"id": "a", "zone": "z", "first": 12}]},  # resumed
+        {"event": "session_end", "t": 100.0, "cameras": [{"id": "a", "last": 90}]},
+        {"event": "session_end", "cameras": [{"id": "b", "last": "x"}, "junk"]},
+    ]
+    seqs = session_seqs(entries)
+    assert (dict(seqs.first), dict(seqs.last), seqs.end_us) == ({"a": 10}, {"a": 90}, 100_000_000)
+    files, none = [(20, 40)], ()
+    everything = selected_bounds(seqs, "a", None, None)
+    assert everything == (10, 90)
+    assert owed_seqs(files, none, None, None, everything) == [(10, 90)]
+    # A time range: the first only without --from, the last only to the session's end.
+    assert selected_bounds(seqs, "a", 5, 99_000_000) == (None, None)
+    assert selected_bounds(seqs, "a", None, 100_000_000) == (10, 90)
+    assert owed_seqs(files, none, 5, None, selected_bounds(seqs, "a", 5, None)) == [(20, 90)]
+    # No footage at all: the whole session is owed; a camera that streamed nothing owes none.
+    assert owed_seqs([], none, None, None, everything) == [(10, 90)]
+    empty = session_seqs(
+        [
+            {"event": "disclosure", "cameras": [{"id": "c", "first": 7}]},
+            {"event": "session_end", "cameras": [{"id": "c", "last": 6}]},
+        ]
+    )
+    assert selected_bounds(empty, "c", None, None) == (None, None)
+    assert selected_bounds(seqs, "unknown", None, None) == (None, None)

@@ -223,6 +223,35 @@ def test_frames_left_out_are_named(genuine: Recorded, tmp_path: Path, cut: str) 
     assert says(report, f"camera {FD}", f"seqs {missing[0]}..{missing[1]} not in", error=False)
 
 
+def test_a_tail_cut_with_its_checkpoints_is_named_by_the_signed_session_end(
+    genuine: Recorded, tmp_path: Path
+) -> None:
+    """Old: an insider with the receiver's key dropped the session's last frames together
+    with the device's checkpoints over them; nothing else the device signed named the
+    session's last seq, so the bundle verified. Its signed session_end now does."""
+    m, manifest = members(genuine.bundle), manifest_of(genuine.bundle)
+    front = camera(manifest, FD)
+    (item,) = front["footage"]
+    first, last = item["first_seq"], item["last_seq"]
+    captures = signed_captures(m, manifest, FD)
+    original = m.pop(item["file"])
+    records = [custody.parse_record(line) for line in m[front["checkpoints"]].splitlines()]
+    kept = [r for r in records if r.checkpoint.last < (first + last) // 2]
+    keep_to = max(r.checkpoint.last for r in kept)
+    m[front["checkpoints"]] = b"".join(custody.record_line(r) for r in kept)
+    name = f"footage/{FD}/{FD}.{first}-{keep_to}.mp4"
+    m[name] = remux(tmp_path, original, range(first, keep_to + 1), captures)
+    front["footage"] = [footage_item(name, first, keep_to, captures)]
+    report = insider(genuine, tmp_path, m, json.loads(json.dumps(manifest)))
+    what = failed_parts(report).get(f"camera {FD}", [])
+    assert any(f"seqs {keep_to + 1}..{last}: not in the bundle" in w for w in what), what
+    # Declared as a hole it is the receiver's word: a warning, named.
+    front["holes"] = [[keep_to + 1, last]]
+    report = insider(genuine, tmp_path, m, manifest)
+    assert report.ok, report.errors
+    assert says(report, f"camera {FD}", f"seqs {keep_to + 1}..{last} not in", error=False)
+
+
 def shifted_chain(recorded: Recorded, m: dict[str, bytes], name: str, shift_us: int) -> bytes:
     """The camera's checkpoints with every capture time moved by ``shift_us``, signed with the
     device key: the device's genuine footage of another time (another session)."""
