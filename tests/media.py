@@ -16,9 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import av
+import av.logging
 import numpy as np
 
-__all__ = ["PacketList", "ffprobe_packets", "ffprobe_stream", "make_h264_packets"]
+__all__ = [
+    "PacketList",
+    "decode_every_frame",
+    "ffprobe_packets",
+    "ffprobe_stream",
+    "make_h264_packets",
+]
 
 #: ``(payload, keyframe)`` pairs in decode order.
 PacketList = list[tuple[bytes, bool]]
@@ -102,6 +109,25 @@ def ffprobe_packets(path: Path) -> list[dict[str, Any]]:
         "packets"
     ]
     return packets
+
+
+def decode_every_frame(path: Path) -> tuple[tuple[int, int], list[tuple[int, int]], list[str]]:
+    """Decode every frame of the first video stream with PyAV.
+
+    Returns the size the container declares, the size of each decoded frame,
+    and the errors FFmpeg logged while decoding (a decoder that conceals broken
+    slices logs them rather than raising).
+    """
+    level = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)
+    try:
+        with av.logging.Capture() as logs, av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            declared = (stream.codec_context.width, stream.codec_context.height)
+            sizes = [(f.width, f.height) for p in container.demux(stream) for f in p.decode()]
+    finally:
+        av.logging.set_level(level)
+    return declared, sizes, [message.strip() for _, _, message in logs]
 
 
 #: Session metadata as the ingest writes it, for recording and viewer tests.

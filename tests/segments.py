@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from agent import segment
 from hardware import EncodedPacket
-from receiver.h264 import parameter_sets
+from receiver.h264 import NAL_PPS, NAL_SPS, nal_type, parameter_sets, split_nal_units
 from tests.media import PacketList
 
-__all__ = ["FRAME_US", "T0_US", "capture_us", "encoded", "seal", "store_segment"]
+__all__ = [
+    "FRAME_US",
+    "T0_US",
+    "capture_us",
+    "encoded",
+    "seal",
+    "store_segment",
+    "without_parameter_sets",
+]
 
 T0_US = 1_767_000_000_000_000  # capture time of packet 0, UTC µs
 FRAME_US = 33_333
@@ -50,14 +59,31 @@ def seal(
     first_seq: int = 0,
     boot_id: str = "boot-1",
     size: tuple[int, int] = (320, 240),
+    extradata_from: int = 0,
+    in_band: bool = True,
 ) -> tuple[segment.SegmentHeader, bytes]:
-    """A sealed segment of packets ``first..last`` (header, file bytes)."""
-    extradata = parameter_sets(packets[0][0]).annex_b()
+    """A sealed segment of packets ``first..last`` (header, file bytes).
+
+    The stream's extradata is the SPS/PPS of packet ``extradata_from``. With
+    ``in_band=False`` the payloads carry no SPS/PPS (only the extradata does), as
+    from an RTSP camera that sends them out of band (``sprop-parameter-sets``).
+    """
+    extradata = parameter_sets(packets[extradata_from][0]).annex_b()
     stream = segment.StreamDesc("h264", size[0], size[1], 30.0, extradata)
-    header, plaintext = segment.encode(
-        encoded(camera, packets, first, last, first_seq), stream, boot_id
-    )
+    pkts = encoded(camera, packets, first, last, first_seq)
+    if not in_band:
+        pkts = [replace(p, payload=without_parameter_sets(p.payload)) for p in pkts]
+    header, plaintext = segment.encode(pkts, stream, boot_id)
     return header, segment.seal(plaintext, recipients)
+
+
+def without_parameter_sets(access_unit: bytes) -> bytes:
+    """An Annex-B access unit without its SPS and PPS NAL units."""
+    return b"".join(
+        b"\x00\x00\x00\x01" + unit
+        for unit in split_nal_units(access_unit)
+        if nal_type(unit) not in (NAL_SPS, NAL_PPS)
+    )
 
 
 def store_segment(store: Path, header: segment.SegmentHeader, sealed: bytes) -> Path:
