@@ -12,7 +12,9 @@ answers as its Local API would, and audits it.
 Who pressed it (the dispatcher's account) is not in the signed trigger (the
 device knows the role, not people): it goes in the reason the device audits
 (``"911 call: shots fired (dispatcher jdoe)"``) and in the receiver's access
-log, so both trails name the person.
+log, so both trails name the person. The name always comes last and whole
+(:func:`signed_reason`): only the last ``(dispatcher NAME)`` is the receiver's,
+anything before it is the dispatcher's own text.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 
 ACTIONS: Final = ("start", "extend", "end")
 MAX_REASON: Final = 200
+#: The most characters a signed trigger's ``reason`` may hold (``provisioning.triggers``
+#: checks it, and a device refuses a longer one).
+TRIGGER_REASON_MAX: Final = 500
 PUSH_TIMEOUT_S: Final = 10.0
 
 
@@ -96,6 +101,20 @@ def check_request(building: Any, action: Any, reason: Any) -> tuple[str, str, st
     return building, str(action), reason.strip()
 
 
+def signed_reason(reason: str, user: str) -> str:
+    """The reason a trigger carries: the dispatcher's ``reason``, then ``(dispatcher
+    USER)``, last and whole; ``reason`` is shortened (ending in ``…``) if together they
+    would not fit in :data:`TRIGGER_REASON_MAX` (a reason of :data:`MAX_REASON` and any
+    account name fit)."""
+    suffix = f" (dispatcher {user})"
+    room = TRIGGER_REASON_MAX - len(suffix)
+    if room < 2:
+        raise DispatchError("malformed", "user: too long a name for a trigger's reason")
+    if len(reason) > room:
+        reason = reason[: room - 1] + "…"
+    return reason + suffix
+
+
 class Dispatch:
     """Signs and delivers dispatch triggers to a building's connected devices."""
 
@@ -123,7 +142,7 @@ class Dispatch:
         devices = sorted(set(self.devices_of(building)))
         if not devices:
             raise DispatchError("no_device", f"no device of {building} is connected")
-        said = f"{reason} (dispatcher {user})"[: MAX_REASON + 40]
+        said = signed_reason(reason, user)
 
         async def one(device: str) -> Delivery:
             # One envelope per device: each nonce is single-use on its device.

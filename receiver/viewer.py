@@ -27,6 +27,20 @@ must be set up on the same application; without it every route answers
 401). Each live view opened and closed (with its duration) and each
 recorded part file fetched (once per login session, however many range
 requests a player makes) goes into the access log (:mod:`receiver.access_log`).
+
+A footage stream outlives the request that opened it: a live view lasts the
+whole emergency, and a player reads a large part file lazily over one
+response. So while either is open its login is looked up again every
+``login_recheck_s`` (:data:`LOGIN_RECHECK_S`; one lookup per login session,
+however many cameras it watches, on the accounts' database thread as the
+middleware does, so an account changed by the command line in another
+process is noticed too). When the session has ended (logout, the account
+disabled, its password reset, expiry) the live socket is closed with
+:data:`CLOSE_LOGIN_ENDED` (4401), when the role no longer allows footage with
+:data:`CLOSE_FORBIDDEN` (4403), each with a reason the page can show, and the
+``live_close`` entry says ``cut``; a recording transfer's connection is
+dropped. A lookup that fails (the database) is retried; after
+:data:`MAX_FAILED_CHECKS` failures in a row the stream is cut too (1011).
 """
 
 from __future__ import annotations
@@ -37,14 +51,18 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from aiohttp import WSCloseCode, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_request import BaseRequest
 
 from receiver.access_log import ACCESS_LOG_KEY
 from receiver.accounts import Role
-from receiver.auth import User, require
+from receiver.auth import AUTH_KEY, COOKIE, User, require
 from receiver.errors import InvalidIdError, ReceiverError
 from receiver.livefeed import LiveFeed, Subscription
 from receiver.presence import Presence
@@ -57,7 +75,19 @@ from receiver.recording import (
     validate_session_id,
 )
 
-__all__ = ["FEEDS_KEY", "PRESENCE_KEY", "STORE_KEY", "FeedLookup", "setup_viewer"]
+__all__ = [
+    "CLOSE_FORBIDDEN",
+    "CLOSE_LOGIN_ENDED",
+    "FEEDS_KEY",
+    "LOGIN_RECHECK_S",
+    "LOGIN_WATCH_KEY",
+    "PRESENCE_KEY",
+    "STORE_KEY",
+    "Cut",
+    "FeedLookup",
+    "LoginWatch",
+    "setup_viewer",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -80,6 +110,17 @@ _MAX_FETCHED = 100_000
 #: Closed sessions on a page of ``/api/sessions`` unless ``limit`` says, and at most.
 PAGE_DEFAULT = 50
 PAGE_MAX = 500
+
+#: Seconds between lookups of the login behind an open live view or recording transfer.
+LOGIN_RECHECK_S: Final = 2.0
+#: Lookups in a row that may fail (the accounts' database) before the streams are cut.
+MAX_FAILED_CHECKS: Final = 3
+#: WebSocket close codes of a live view cut for its login: the session ended (log in
+#: again), or the account's role no longer allows footage.
+CLOSE_LOGIN_ENDED: Final = 4401
+CLOSE_FORBIDDEN: Final = 4403
+#: How long a cut live socket may take to close before its connection is dropped.
+_CUT_CLOSE_S = 5.0
 
 _STATIC_DIR = Path(__file__).parent / "static"
 _STATIC_FILES = {
@@ -105,6 +146,143 @@ _HEADERS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """Why a footage stream was cut: its WebSocket close code and reason, the audit code."""
+
+    code: int
+    audit: str
+    message: str
+
+
+_LOGIN_ENDED = Cut(
+    CLOSE_LOGIN_ENDED,
+    "login_ended",
+    "your login ended (logged out, account disabled, password reset or expired): log in again",
+)
+_FORBIDDEN = Cut(CLOSE_FORBIDDEN, "forbidden", "your role no longer allows watching footage")
+_UNCHECKED = Cut(
+    WSCloseCode.INTERNAL_ERROR, "login_unchecked", "the receiver cannot check your login now"
+)
+
+
+def _verdict(user: User | None, role: Role) -> Cut | None:
+    """Why a stream that needs ``role`` must end for this login now (None: it may go on)."""
+    if user is None:
+        return _LOGIN_ENDED
+    if not user.role.includes(role):
+        return _FORBIDDEN
+    return None
+
+
+@dataclass(eq=False, slots=True)
+class _Stream:
+    request: web.Request
+    role: Role
+    cut: asyncio.Future[Cut] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class LoginWatch:
+    """The login sessions behind open footage streams, looked up again every ``interval_s``.
+
+    One ticker task (running while any stream is open) looks up each login session once
+    per round, however many streams it holds open, with :meth:`receiver.auth.Auth.user_of`
+    (the middleware's lookup, on the accounts' database thread), and resolves each
+    stream's ``cut`` future when the login no longer allows it.
+    """
+
+    def __init__(self, interval_s: float = LOGIN_RECHECK_S) -> None:
+        if not (math.isfinite(interval_s) and interval_s > 0):
+            raise ValueError(f"login re-check interval {interval_s!r}: expected seconds > 0")
+        self.interval_s = interval_s
+        #: Rounds of lookups done so far (tests wait on :meth:`wait_rounds`).
+        self.rounds = 0
+        self._groups: dict[str, set[_Stream]] = {}  # by session cookie
+        self._failures: dict[str, int] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._round_done = asyncio.Condition()
+
+    @property
+    def streams(self) -> int:
+        """How many streams are watched now."""
+        return sum(len(group) for group in self._groups.values())
+
+    @contextlib.contextmanager
+    def watch(self, request: web.Request, role: Role) -> Iterator[asyncio.Future[Cut]]:
+        """Watch the login of ``request`` while the block runs; the future resolves (with
+        why) when the login no longer allows a stream that needs ``role``."""
+        token = request.cookies.get(COOKIE, "")
+        stream = _Stream(request, role)
+        self._groups.setdefault(token, set()).add(stream)
+        if self._ticker is None and not self._stopped:
+            self._ticker = asyncio.create_task(self._tick(), name="viewer login re-check")
+        try:
+            yield stream.cut
+        finally:
+            group = self._groups.get(token)
+            if group is not None:
+                group.discard(stream)
+                if not group:
+                    del self._groups[token]
+                    self._failures.pop(token, None)
+
+    async def _tick(self) -> None:
+        try:
+            while self._groups:
+                await asyncio.sleep(self.interval_s)
+                await self.check()
+        finally:
+            self._ticker = None
+
+    async def check(self) -> None:
+        """One round: look up every watched login once; cut the streams it no longer allows."""
+        for token, group in list(self._groups.items()):
+            streams = list(group)
+            if not streams:
+                continue
+            request = streams[0].request
+            try:
+                user = await request.app[AUTH_KEY].user_of(request)
+            except Exception as exc:  # the accounts' database: try again next round
+                failures = self._failures.get(token, 0) + 1
+                self._failures[token] = failures
+                _LOG.warning("cannot check a viewer's login (%d in a row): %r", failures, exc)
+                if failures < MAX_FAILED_CHECKS:
+                    continue
+                cut: Cut | None = _UNCHECKED
+            else:
+                self._failures.pop(token, None)
+                cut = None
+            for stream in streams:
+                why = cut or _verdict(user, stream.role)
+                if why is not None and not stream.cut.done():
+                    stream.cut.set_result(why)
+        async with self._round_done:
+            self.rounds += 1
+            self._round_done.notify_all()
+
+    async def wait_rounds(self, rounds: int) -> None:
+        """Wait until :attr:`rounds` reaches ``rounds``."""
+        async with self._round_done:
+            await self._round_done.wait_for(lambda: self.rounds >= rounds)
+
+    async def stop(self) -> None:
+        """Stop looking up (the application shuts down)."""
+        self._stopped = True
+        ticker = self._ticker
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+
+
+#: The viewer's :class:`LoginWatch`.
+LOGIN_WATCH_KEY = web.AppKey("breakglass.viewer.login_watch", LoginWatch)
+
+
 def _error(status: int, code: str, detail: str) -> web.Response:
     return web.json_response({"error": code, "detail": detail}, status=status, headers=_HEADERS)
 
@@ -119,10 +297,14 @@ def setup_viewer(
     store: RecordingStore,
     feeds: FeedLookup,
     presence: Presence | None = None,
+    *,
+    login_recheck_s: float = LOGIN_RECHECK_S,
 ) -> None:
     """Add the viewer's routes to ``app``; ``feeds`` finds a camera's live feed.
 
     With ``presence``, ``GET /v1/devices`` lists the devices and their offline alarm.
+    ``login_recheck_s``: how often the login behind an open live view or recording
+    transfer is looked up again (see the module's docstring).
 
     Reads the static files once, here. Open live WebSockets are closed when
     the application shuts down.
@@ -137,6 +319,7 @@ def setup_viewer(
     app[_SOCKETS_KEY] = set()
     app[_FILES_KEY] = files
     app[_FETCHED_KEY] = OrderedDict()
+    app[LOGIN_WATCH_KEY] = LoginWatch(login_recheck_s)
     app.router.add_get("/", _index)
     app.router.add_get("/static/{name}", _static)
     app.router.add_get("/api/sessions", _sessions)
@@ -147,6 +330,7 @@ def setup_viewer(
     app.router.add_get("/v1/live/{session}/{camera}", _live)
     app.router.add_get("/recordings/{session}/{file}", _recording)
     app.on_shutdown.append(_close_sockets)
+    app.on_shutdown.append(_stop_watch)
 
 
 def _file_response(request: web.Request, name: str) -> web.Response:
@@ -267,7 +451,37 @@ async def _recording(request: web.Request) -> web.StreamResponse:
             fetched.popitem(last=False)
         _audit(request, user, "recording_fetch", summary.session_id, parsed[0], file=name)
     headers = dict(_HEADERS, **{"Cache-Control": "no-cache", "Content-Type": "video/mp4"})
-    return web.FileResponse(part.path, headers=headers)
+    return _WatchedFile(part.path, request.app[LOGIN_WATCH_KEY], headers=headers)
+
+
+class _WatchedFile(web.FileResponse):
+    """A part file whose transfer is cut (its connection dropped) if the login behind it
+    no longer allows footage meanwhile: a player reads a large file lazily, as it plays."""
+
+    def __init__(self, path: Path, watch: LoginWatch, *, headers: dict[str, str]) -> None:
+        super().__init__(path, headers=headers)
+        self._watch = watch
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        if not isinstance(request, web.Request):
+            return await super().prepare(request)
+        with self._watch.watch(request, Role.OFFICER) as cut:
+            sending = asyncio.ensure_future(super().prepare(request))
+            try:
+                await asyncio.wait((sending, cut), return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                sending.cancel()
+                raise
+            if sending.done():
+                return sending.result()
+            why = cut.result()
+            _LOG.info("recording transfer %s cut: %s", request.path, why.audit)
+            if request.transport is not None:
+                request.transport.abort()
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await sending
+            raise ConnectionResetError(f"recording transfer cut: {why.audit}")
 
 
 def _audit(
@@ -304,22 +518,46 @@ async def _live(request: web.Request) -> web.StreamResponse:
     sid = summary.session_id
     _audit(request, user, "live_open", sid, camera)
     opened = time.monotonic()
+    cut: Cut | None = None
     try:
         async with feed.subscribe() as sub:
-            pump = asyncio.create_task(_pump(sub, ws), name=f"live {summary.session_id}/{camera}")
-            try:
-                async for _msg in ws:
-                    pass  # viewers send nothing; reading notices their close
-            finally:
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pump
+            with request.app[LOGIN_WATCH_KEY].watch(request, Role.OFFICER) as verdict:
+                tasks = (
+                    asyncio.create_task(_pump(sub, ws), name=f"live {sid}/{camera}"),
+                    asyncio.create_task(_close_when_cut(verdict, ws, request)),
+                )
+                try:
+                    async for _msg in ws:
+                        pass  # viewers send nothing; reading notices their close
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    for task in tasks:
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
+                    if verdict.done():
+                        cut = verdict.result()
     finally:
         sockets.discard(ws)
         await ws.close()
         duration = round(time.monotonic() - opened, 3)
-        _audit(request, user, "live_close", sid, camera, duration_s=duration)
+        ended = {} if cut is None else {"cut": cut.audit}
+        _audit(request, user, "live_close", sid, camera, duration_s=duration, **ended)
     return ws
+
+
+async def _close_when_cut(
+    verdict: asyncio.Future[Cut], ws: web.WebSocketResponse, request: web.Request
+) -> None:
+    """Close the live socket with the cut's code and reason when its login ends."""
+    why = await verdict
+    _LOG.info("live view %s cut: %s", request.path, why.audit)
+    try:
+        async with asyncio.timeout(_CUT_CLOSE_S):
+            await ws.close(code=why.code, message=why.message.encode())
+    except TimeoutError:  # a viewer that reads nothing: drop the connection
+        if request.transport is not None:
+            request.transport.abort()
 
 
 async def _pump(sub: Subscription, ws: web.WebSocketResponse) -> None:
@@ -332,6 +570,10 @@ async def _pump(sub: Subscription, ws: web.WebSocketResponse) -> None:
     finally:
         if not ws.closed:
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"live feed ended")
+
+
+async def _stop_watch(app: web.Application) -> None:
+    await app[LOGIN_WATCH_KEY].stop()
 
 
 async def _close_sockets(app: web.Application) -> None:

@@ -20,6 +20,13 @@ What is sent (no footage, nothing about students): event id, type
 who or what started it (button and room, or the trigger's role and reason),
 the cameras (ids and zones) and, for an end, why it ended.
 
+Redirects are not followed: an answer 3xx is a failed attempt, retried like any
+other (following one would re-send the signed event wherever the ``Location``
+points, plain ``http://`` included, or turn the POST into a GET of another page
+whose 200 would pass for a delivery). Logs and the outbox's ``last_error``
+name the district's URL and a redirect's target by scheme, host and port only:
+a path, query or user part may hold a secret.
+
 Headers: ``Breakglass-Event-Id``, ``Breakglass-Timestamp`` (Unix seconds)
 and ``Breakglass-Signature: kid=<key id>,ed25519=<b64url>`` over the bytes
 ``<timestamp>.<body>``. The district should refuse a timestamp far from its
@@ -40,11 +47,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from yarl import URL
 
 from provisioning import documents as d
 from provisioning.keys import kid
@@ -69,6 +77,47 @@ def check_url(url: str) -> str:
     if parts.scheme != "https" or not parts.hostname:
         raise WebhookError(f"{url!r}: the district's webhook must be an https:// URL")
     return url
+
+
+def safe_url(url: str) -> str:
+    """``url`` as a log may show it: ``scheme://host:port/…`` (its path, query and user
+    part may hold a secret); ``an unreadable URL`` if it has no host."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "an unreadable URL"
+    if not parts.scheme or not host:
+        return "an unreadable URL"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{'' if port is None else f':{port}'}/…"
+
+
+def _redacted(text: str, url: str) -> str:
+    """``text`` (an error's message) with ``url``, and its path, query and user part,
+    replaced by what :func:`safe_url` shows."""
+    wholes = {url}
+    with contextlib.suppress(ValueError):
+        wholes.add(str(URL(url)))  # as aiohttp prints it
+    for whole in sorted(wholes, key=len, reverse=True):
+        text = text.replace(whole, safe_url(url))
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    tails = {path, parts.path, parts.query, parts.username or "", parts.password or ""}
+    for secret in sorted((t for t in tails if len(t) > 1), key=len, reverse=True):
+        text = text.replace(secret, "…")
+    return text
+
+
+def _target(url: str, answer: aiohttp.ClientResponse) -> str:
+    """``, to SCHEME://HOST:PORT/…`` of a redirect's ``Location`` (empty without one)."""
+    location = answer.headers.get("Location")
+    if not location:
+        return ""
+    try:
+        return f", to {safe_url(urljoin(url, location))}"
+    except ValueError:
+        return ", to an unreadable URL"
 
 
 def signature_base(timestamp: int, body: bytes) -> bytes:
@@ -278,11 +327,15 @@ class Notifier:
             "Breakglass-Signature": sign(self.key, timestamp, event.body),
         }
         try:
-            async with http.post(self.url, data=event.body, headers=headers, ssl=self.ssl) as r:
+            async with http.post(
+                self.url, data=event.body, headers=headers, ssl=self.ssl, allow_redirects=False
+            ) as r:
                 await r.content.read(4096)
+                if 300 <= r.status < 400:
+                    return f"HTTP {r.status} (redirects are not followed{_target(self.url, r)})"
                 return None if 200 <= r.status < 300 else f"HTTP {r.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return f"{type(exc).__name__}: {exc}"[:300]
+            return _redacted(f"{type(exc).__name__}: {exc}", self.url)[:300]
 
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent import protocol as p
 from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.demo import BUILDING, dispatch_key_path
+from provisioning import documents as d
+from provisioning import triggers
 from provisioning.keys import load_private_key, new_private_key
-from receiver.dispatch import Dispatch, DispatchError, check_request, load_or_make_key
+from receiver.dispatch import (
+    MAX_REASON,
+    Dispatch,
+    DispatchError,
+    check_request,
+    load_or_make_key,
+)
 from receiver.server import Receiver
 from tests.test_enrollment import enroll
 
@@ -113,3 +124,57 @@ async def test_a_device_whose_connection_is_going_is_not_connected_not_a_failure
         )
         assert (delivery.status, delivery.body["error"]) == (0, "not_connected")
         assert agent.emergency.active is None
+
+
+class Capture:
+    """A pusher that keeps the reason of every trigger it is given (and its envelope)."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[dict[str, Any]] = []
+
+    async def push_trigger(
+        self, device: str, envelope: dict[str, Any], *, timeout_s: float = 10.0
+    ) -> p.TriggerResult:
+        self.envelopes.append(envelope)
+        return p.TriggerResult("r", 202, {"session": "s"})
+
+    def reasons(self) -> list[str]:
+        return [
+            json.loads(d.b64url_decode(e["payload"], what="p"))["reason"] for e in self.envelopes
+        ]
+
+
+async def test_the_dispatchers_name_is_last_and_whole_in_the_devices_reason(
+    tmp_path: Path,
+) -> None:
+    """The signed reason was f"{reason} (dispatcher {user})"[:240]: a long reason cut the
+    name off, and a reason ending in "(dispatcher chief)" then read as chief's (review s9)."""
+    user = "a" + "b" * 62 + "z"  # the longest account name
+    reason = "all clear, building searched " + "x" * 152 + " (dispatcher chief)"
+    assert len(reason) == MAX_REASON
+    capture = Capture()
+    dispatch = Dispatch(new_private_key(tmp_path / "dispatch.key"), capture, lambda b: ["dev-1"])
+    await dispatch.send(building="lincoln", action="end", reason=reason, user=user)
+    (said,) = capture.reasons()
+    assert said == f"{reason} (dispatcher {user})"  # all of it: it fits the trigger
+    # ... and a device takes it: the trigger's own checks pass.
+    (envelope,) = capture.envelopes
+    doc = d.read_payload(
+        d.parse_envelope(envelope), "trigger", triggers._TRIGGER_FIELDS, frozenset({"challenge"})
+    )
+    assert doc["reason"] == said
+
+
+def test_a_reason_too_long_for_the_trigger_is_shortened_before_the_name() -> None:
+    from receiver.dispatch import TRIGGER_REASON_MAX, signed_reason
+
+    said = signed_reason("y" * 600 + " (dispatcher chief)", "jdoe")
+    assert len(said) == TRIGGER_REASON_MAX
+    assert said.endswith("y… (dispatcher jdoe)")
+    assert signed_reason("fire", "jdoe") == "fire (dispatcher jdoe)"
+    # TRIGGER_REASON_MAX is the trigger's own limit: a reason of that length is taken,
+    # one character more is not.
+    check = triggers._TRIGGER_FIELDS["reason"]
+    assert check("r" * TRIGGER_REASON_MAX, "reason") == "r" * TRIGGER_REASON_MAX
+    with pytest.raises(d.DocumentError):
+        check("r" * (TRIGGER_REASON_MAX + 1), "reason")

@@ -22,7 +22,9 @@ from receiver.webhook import (
     Outbox,
     Pending,
     WebhookError,
+    _redacted,
     check_url,
+    safe_url,
     session_event,
     verify,
 )
@@ -228,3 +230,91 @@ async def test_the_sender_outlives_a_failing_outbox(
         assert notifier._task is not None and not notifier._task.done()
     assert calls >= 2
     assert district.received[0][1] == body
+
+
+@pytest.mark.parametrize(
+    ("status", "location"),
+    [
+        (307, "http://127.0.0.1:{plain}/cleartext?key=leaked-secret"),  # the POST again, in clear
+        (308, "http://127.0.0.1:{plain}/cleartext?key=leaked-secret"),
+        (302, "http://127.0.0.1:{plain}/sso-login?key=leaked-secret"),  # a GET answering 200
+        (301, "/elsewhere?key=leaked-secret"),
+        (303, "https://127.0.0.1:{plain}/sso-login?key=leaked-secret"),
+    ],
+)
+async def test_a_redirect_is_a_failed_attempt_never_followed(
+    tmp_path: Path, status: int, location: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp follows redirects by default: a 307 to http:// re-sent the signed event in
+    clear text, and a 302 to a login page made a GET whose 200 marked the event delivered
+    (review s9). Now any 3xx is retried with the usual backoff, and neither the log nor
+    the outbox shows the URLs' paths or queries."""
+    plain_hits: list[tuple[str, str]] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        plain_hits.append((request.method, request.path))
+        return web.Response(text="a login page")
+
+    plain = web.Application()
+    plain.router.add_route("*", "/{tail:.*}", elsewhere)
+    plain_runner = web.AppRunner(plain)
+    await plain_runner.setup()
+    await web.TCPSite(plain_runner, "127.0.0.1", 0).start()
+    plain_port = plain_runner.addresses[0][1]
+    hooked: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        hooked.append(request.method)
+        target = location.format(plain=plain_port)
+        return web.Response(status=status, headers={"Location": target})
+
+    district = web.Application()
+    district.router.add_route("*", "/hooks/{token}", hook)
+    district.router.add_route("*", "/elsewhere", elsewhere)
+    pin = ensure_certificate(
+        tmp_path / "d.crt", tmp_path / "d.key", common_name="district", hosts=["127.0.0.1"]
+    )
+    runner = web.AppRunner(district)
+    await runner.setup()
+    context = server_context(tmp_path / "d.crt", tmp_path / "d.key")
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context).start()
+    port = runner.addresses[0][1]
+    clock = Clock()
+    notifier = Notifier(
+        f"https://127.0.0.1:{port}/hooks/hook-secret?sig=url-secret",
+        Outbox(tmp_path / "notify.sqlite"),
+        Ed25519PrivateKey.generate(),
+        ssl=aiohttp.Fingerprint(fingerprint_digest(pin)),
+        clock=clock,
+    )
+    await notifier.notify(*started())
+    try:
+        async with aiohttp.ClientSession() as http:
+            with caplog.at_level("WARNING", logger="receiver.webhook"):
+                assert await notifier.deliver_due(http) == 0
+                assert await notifier.deliver_due(http) == 0  # not due before the backoff
+                clock.now += FIRST_RETRY_S
+                assert await notifier.deliver_due(http) == 0  # retried: redirected again
+    finally:
+        await runner.cleanup()
+        await plain_runner.cleanup()
+    assert hooked == ["POST", "POST"]
+    assert plain_hits == []  # nothing followed the redirect
+    assert notifier.outbox.states() == {"pending": 1}
+    ((attempts, last_error),) = notifier.outbox._execute("SELECT attempts, last_error FROM events")
+    notifier.outbox.close()
+    assert attempts == 2
+    assert last_error.startswith(f"HTTP {status} (redirects are not followed")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "receiver.webhook"]
+    assert len(warnings) == 2 and all("will retry" in w for w in warnings)
+    for text in [*warnings, last_error]:
+        for secret in ("leaked-secret", "hook-secret", "url-secret", "cleartext", "sso-login"):
+            assert secret not in text
+
+
+def test_an_error_names_the_url_without_its_secrets() -> None:
+    url = "https://user:pass-secret@district.example:8443/hooks/path-secret?sig=query-secret"
+    assert safe_url(url) == "https://district.example:8443/…"
+    error = _redacted(f"InvalidUrlClientError: {url}; path /hooks/path-secret", url)
+    assert error == ("InvalidUrlClientError: https://district.example:8443/…; path …")
+    assert safe_url("not a url") == "an unreadable URL"
