@@ -152,8 +152,17 @@ export class LivePlayer {
       if (this.queue.length > MAX_QUEUE) return this.restart("fell behind");
       this.pump();
     };
-    ws.onclose = () => {
-      if (this.ws === ws) this.restart("disconnected");
+    ws.onclose = (ev) => {
+      if (this.ws !== ws) return;
+      // The receiver cut the view for its login (4401: ended; 4403: the role no longer
+      // allows footage): retrying cannot help, so say why and stop.
+      if (ev.code === 4401 || ev.code === 4403) {
+        this.stop();
+        this.onState(ev.reason || "your login no longer allows watching", "error");
+        if (ev.code === 4401) location.assign("/login");
+        return;
+      }
+      this.restart("disconnected");
     };
     this.ws = ws;
   }
