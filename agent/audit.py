@@ -56,7 +56,12 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
   over later must still hold that entry.
 - ``camera_fault``, ``camera_recovered``, ``segment_torn``,
   ``store_foreign_file``, ``segment_dropped``, ``segment_lost``,
-  ``segment_pinned_evicted``, ``segment_unreadable`` (store and capture facts),
+  ``segment_pinned_evicted`` (``camera``, ``first_seq``, ``last_seq``,
+  ``reason``: ``disk full`` or ``free space floor``), ``store_over_quota``
+  (``quota_bytes``, ``over_bytes``: unacknowledged emergency footage holds the
+  store over its quota, said once) and ``store_within_quota``
+  (``quota_bytes``), ``segment_renamed`` (``camera``, ``file``, ``to``,
+  ``reason``), ``segment_unreadable`` (store and capture facts),
   ``state_damaged`` (``file``, ``error``: a state file moved aside at start),
   and ``checkpoint``.
 

@@ -845,6 +845,7 @@ class Agent:
                     self._start_share()
             # A camera gone silent: what it sent last goes to disk, not waits in RAM.
             self.store.seal_idle(time.monotonic_ns(), max(2.0, self.config.store.segment_s))
+            self.store.retain_soon(time.monotonic())  # ages footage out with no camera writing
             now = time.monotonic()
             if now - last_checkpoint >= AUDIT_CHECKPOINT_S:
                 last_checkpoint = now

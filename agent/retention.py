@@ -5,8 +5,14 @@ Rules (DESIGN.md "Storage on the agent"):
    emergency the receiver has not acknowledged yet).
 2. While the store holds more than ``quota_bytes`` (plus ``need_bytes``, the
    size of a segment about to be written), the oldest unpinned segment goes.
-3. Only when no unpinned segment is left do pinned ones go, oldest first:
-   the caller must raise that as a loud fault (footage of an emergency lost).
+   The quota never takes pinned footage: while an emergency is unacknowledged
+   the store may hold more than its quota (``Plan.over_quota_bytes`` says by
+   how much, for the caller to report once).
+3. Only a full disk takes pinned footage: given ``room_bytes`` (what the disk
+   can hold of the store, the new segment included), the oldest unpinned
+   segments go first, and only when none is left the oldest pinned ones, as
+   many as the room needs: the caller must raise that as a loud fault
+   (footage of an emergency lost).
 Oldest means earliest end time, across all cameras.
 """
 
@@ -33,6 +39,9 @@ class Plan:
     expired: list[Hashable] = field(default_factory=list)
     over_quota: list[Hashable] = field(default_factory=list)
     pinned_lost: list[Hashable] = field(default_factory=list)
+    #: Bytes the store still holds beyond its quota (and ``need_bytes``) after the plan:
+    #: pinned footage the quota may not take.
+    over_quota_bytes: int = 0
 
     def all(self) -> list[Hashable]:
         """Every key to delete, in order."""
@@ -46,10 +55,12 @@ def plan(
     max_age_s: float,
     quota_bytes: int,
     need_bytes: int = 0,
-    spare_pinned: bool = False,
+    room_bytes: int | None = None,
 ) -> Plan:
-    """Decide deletions for ``held`` at ``now_s``; with ``spare_pinned`` rule 3 does not
-    apply (a quota that is a wish, not a full disk)."""
+    """Decide deletions for ``held`` at ``now_s``. ``room_bytes``: the disk is full,
+    it holds no more than this of the store (``need_bytes`` included), pinned footage
+    too if nothing else is left (rule 3); ``None``: the disk has room, pinned footage
+    stays whatever the quota."""
     result = Plan()
     keep: list[Held] = []
     for item in sorted(held, key=lambda h: h.end_s):
@@ -57,13 +68,20 @@ def plan(
             result.expired.append(item.key)
         else:
             keep.append(item)
-    used = sum(h.size for h in keep)
-    budget = quota_bytes - need_bytes
-    for pinned_pass in (False,) if spare_pinned else (False, True):
+    used = sum(h.size for h in keep) + need_bytes
+    limit = quota_bytes if room_bytes is None else min(quota_bytes, room_bytes)
+    for item in keep:
+        if used <= limit:
+            break
+        if not item.pinned:
+            result.over_quota.append(item.key)
+            used -= item.size
+    if room_bytes is not None:
         for item in keep:
-            if used <= budget:
-                return result
-            if item.pinned is pinned_pass:
-                (result.pinned_lost if pinned_pass else result.over_quota).append(item.key)
+            if used <= room_bytes:
+                break
+            if item.pinned:
+                result.pinned_lost.append(item.key)
                 used -= item.size
+    result.over_quota_bytes = max(0, used - quota_bytes)
     return result

@@ -15,18 +15,26 @@ The index (per camera, segments in seq order) is rebuilt from file names at
 start: no segment is opened (10k segments: about 0.3 s on a 2-core VM).
 Temporary files and files whose size differs from the size in their name are
 torn leftovers: removed and audited. Files that are not ours are audited and
-left alone.
+left alone. A name whose capture times run backwards (older versions wrote one
+when the clock stepped back inside a segment) is renamed with its two times in
+order, and audited. A segment's capture times never run backwards: a packet
+stamped before the one it follows starts a new segment.
 
 Retention (:mod:`agent.retention`) runs in the writer thread for each
-segment (before its rename, with room for it), and again on a full disk.
+segment (before its rename, with room for it), again on a full disk, and
+whenever the agent asks (:meth:`SegmentStore.retain_soon`, once a minute: with
+every camera down no segment is written, yet old footage must still go).
 Segments that overlap a :class:`Pin` (an emergency's range of a camera) and
-that the receiver has not acknowledged are pinned; only when nothing else is
-left do they go, with a loud ``segment_pinned_evicted`` audit entry. The
+that the receiver has not acknowledged are pinned: the quota never takes them
+(the store then holds more than its quota, reported once per episode); only a
+full disk (below ``min_free_bytes`` free, or ENOSPC) does, and only when
+nothing else is left, with a loud ``segment_pinned_evicted`` audit entry. The
 store keeps its segments in retention's order and its byte total, so the
 policy is given only the oldest segments it can need: a store at its quota
 (8 GiB is about 4000 segments of a 4 Mbit/s camera) decides in 0.1 ms, not
 by sorting every segment for every segment written (14 ms at 4000, 0.4 s at
-100k, on a 2-core VM).
+100k, on a 2-core VM). While an emergency's pinned footage holds it over its
+quota, every segment is checked against the pins instead (4000: about 18 ms).
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ log = logging.getLogger(__name__)
 TARGET_SEGMENT_BYTES: Final = 4 * 1024 * 1024
 #: Sealed segments waiting for the writer beyond this are dropped (a stalled disk).
 MAX_PENDING_BYTES: Final = 64 * 1024 * 1024
+#: :meth:`SegmentStore.retain_soon` queues a retention pass at most this often.
+RETAIN_EVERY_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +118,7 @@ class _Open:
 
     stream: segment.StreamDesc  # the stream of the packets in it
     first_ns: int  # capture time of its first packet
+    last_ns: int  # capture time of its last packet: the next one may not be earlier
     next_seq: int  # the seq the next packet must have to join it
     packets: list[EncodedPacket] = field(default_factory=list)
     nbytes: int = 0
@@ -116,6 +127,13 @@ class _Open:
 
 #: A closed segment for the writer: its packets, their stream, the device's chain checkpoint.
 _Job = tuple[list[EncodedPacket], segment.StreamDesc, Mapping[str, Any] | None]
+
+
+class _Retain:
+    """A retention pass for the writer, with no segment to write."""
+
+
+_RETAIN: Final = _Retain()
 
 
 @dataclass(slots=True)
@@ -174,7 +192,10 @@ class SegmentStore:
         self._used = 0  # bytes of the indexed segments
         self._open: dict[str, _Open] = {}
         self._lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | _Retain | None] = queue.SimpleQueue()
+        self._retained_at: float | None = None  # retain_soon's clock at its last pass
+        #: Whether pinned footage holds the store over its quota (the writer's: said once).
+        self._over_quota = False
         self._pending_bytes = 0
         #: Per camera, first seqs of sealed-to-be segments queued for the writer (FIFO).
         self._queued: dict[str, deque[int]] = {}
@@ -222,6 +243,8 @@ class SegmentStore:
             packet.seq != cur.next_seq
             or (stream is not cur.stream and stream != cur.stream)  # a new stream: new segment
             or cur.nbytes + size > segment.MAX_SEGMENT_BYTES
+            # The clock stepped back (NTP, a restarted source): a name is start <= end.
+            or packet.capture_ns < cur.last_ns
             or (
                 packet.keyframe
                 and (
@@ -233,10 +256,13 @@ class SegmentStore:
             self._seal_open(packet.camera)
             cur = None
         if cur is None:
-            cur = self._open[packet.camera] = _Open(stream, packet.capture_ns, packet.seq)
+            cur = self._open[packet.camera] = _Open(
+                stream, packet.capture_ns, packet.capture_ns, packet.seq
+            )
         cur.packets.append(packet)
         cur.nbytes += size
         cur.next_seq = packet.seq + 1
+        cur.last_ns = packet.capture_ns
         cur.stream = stream
         cur.touched_ns = time.monotonic_ns()
 
@@ -253,6 +279,21 @@ class SegmentStore:
             log.warning("camera %s silent for %g s: its open segment is sealed", camera, idle_s)
             self._seal_open(camera)
         return idle
+
+    def retain_soon(self, now_s: float) -> bool:
+        """Have the writer thread apply retention (age, quota) now, if it did not on
+        this call's account in the last :data:`RETAIN_EVERY_S` of ``now_s`` (a monotonic
+        clock); whether it was queued. Retention otherwise runs only as a segment is
+        written: with every camera down, footage past its age would stay on the card.
+        The agent calls this every few seconds once its owed footage is pinned (not
+        :meth:`open`: that runs before the pins are back). On the loop; never waits."""
+        if self._thread is None:
+            return False
+        if self._retained_at is not None and now_s - self._retained_at < RETAIN_EVERY_S:
+            return False
+        self._retained_at = now_s
+        self._jobs.put(_RETAIN)
+        return True
 
     def open_first_seq(self, camera: str) -> int | None:
         """First seq of the camera's footage not on disk yet: queued for the writer, or
@@ -398,6 +439,7 @@ class SegmentStore:
             self._remove_torn(camera, path, "unfinished write")
             return
         name = segment.SegmentName.parse(entry.name)
+        backwards = name is None and (name := _backwards_name(entry.name)) is not None
         if name is None or not entry.is_file(follow_symlinks=False):
             self._foreign(path)
             return
@@ -405,7 +447,32 @@ class SegmentStore:
         if size != name.size:
             self._remove_torn(camera, path, f"size {size} bytes, expected {name.size}")
             return
+        if backwards:
+            path = self._rename_backwards(camera, path, name)
         segs.append(StoredSegment(camera, name, path))
+
+    def _rename_backwards(self, camera: str, path: Path, name: segment.SegmentName) -> Path:
+        """Give a segment whose name's times run backwards (an older version's, written
+        across a clock step back) the name of its times in order, so that retention,
+        backfill and the export tool see it; its path (the old one if it cannot be)."""
+        new = path.with_name(name.filename)
+        try:
+            if new.exists():
+                raise FileExistsError(errno.EEXIST, "a segment has that name", str(new))
+            os.rename(path, new)
+            _fsync_dir(path.parent)
+        except OSError as exc:  # indexed as it lies: retention still deletes it in time
+            log.error("segment %s not renamed to %s: %s", path, new.name, exc)
+        renamed = path if path.exists() else new
+        log.warning("segment %s: capture times backwards in its name, now %s", path, renamed)
+        self.audit.record(
+            "segment_renamed",
+            camera=camera,
+            file=path.name,
+            to=renamed.name,
+            reason="capture times backwards in its name",
+        )
+        return renamed
 
     def _remove_torn(self, camera: str, path: Path, why: str) -> None:
         try:
@@ -424,6 +491,12 @@ class SegmentStore:
 
     def _writer(self) -> None:
         while (job := self._jobs.get()) is not None:
+            if isinstance(job, _Retain):
+                try:
+                    self._enforce(need_bytes=0)
+                except Exception:  # the writer must outlive any one pass
+                    log.exception("retention pass failed")
+                continue
             packets, desc, chain = job
             nbytes = sum(len(p.payload) for p in packets)
             stored: StoredSegment | None = None
@@ -463,8 +536,11 @@ class SegmentStore:
         tmp = folder / f".{first.seq:016d}-{last.seq:016d}.tmp"
         bound = segment.sealed_size_bound(len(plain), len(self.recipients))
         free = _free_bytes(self.directory) if self.min_free_bytes else None
-        if free is not None and (short := self.min_free_bytes + bound - free) > 0:
-            self._enforce(need_bytes=bound, short=short)  # room for the trail and state files
+        if free is not None and self.min_free_bytes + bound > free:
+            # Room for the trail and the state files: the disk is as good as full.
+            self._enforce(
+                need_bytes=bound, headroom=free - self.min_free_bytes, why="free space floor"
+            )
         for attempt in range(3):
             try:
                 size = _seal_durably(folder, tmp, plain, self.recipients)
@@ -473,7 +549,7 @@ class SegmentStore:
                 if exc.errno != errno.ENOSPC or attempt == 2:
                     raise
                 log.error("disk full writing %s: evicting to make room", tmp)
-                self._enforce(need_bytes=bound, disk_full=True)
+                self._enforce(need_bytes=bound, headroom=0)
         name = segment.SegmentName(
             first.seq, last.seq, first.capture_ns // 1_000_000, last.capture_ns // 1_000_000, size
         )
@@ -505,34 +581,41 @@ class SegmentStore:
         """Retention's order: end time, then as listed in the index (camera, seq)."""
         return seg.name.end_ms, self._rank[seg.camera], seg.name.first_seq
 
-    def _enforce(self, *, need_bytes: int, disk_full: bool = False, short: int = 0) -> None:
-        """Delete what retention says; ``disk_full``: room for ``need_bytes`` must be made,
-        pinned footage included; ``short``: bytes the disk is short of its free floor
-        (made from unpinned footage only)."""
+    def _enforce(
+        self, *, need_bytes: int, headroom: int | None = None, why: str = "disk full"
+    ) -> None:
+        """Delete what retention says, making room for ``need_bytes`` within the quota.
+        Given ``headroom`` the disk is full (``why``: ENOSPC, or its free-space floor):
+        it takes only ``headroom`` bytes more than the store holds, and room for
+        ``need_bytes`` is made within that, pinned footage too once nothing else is left
+        (loudly)."""
         now_s = self.clock()
         with self._lock:
-            pins = list(self.pins)
+            pins: dict[str, list[Pin]] = {}
+            for pin in self.pins:
+                pins.setdefault(pin.camera, []).append(pin)
             used = self._used
-            quota = min(self.quota_bytes, used) if disk_full else self.quota_bytes
-            if short:
-                quota = min(quota, max(0, used - short))
+            quota = self.quota_bytes
+            room = None if headroom is None else used + headroom
             # retention.plan deletes from the oldest end: it is given only the oldest
             # segments, as many as it can need (every expired one, and unpinned ones
             # at least as big as the excess), and the quota less what the rest holds.
             # Same decision as over everything; a store at its quota no longer sorts
-            # all its segments (tens of thousands) for every segment it writes.
-            excess = used + need_bytes - quota
+            # all its segments (tens of thousands) for every segment it writes. With
+            # room on the disk pinned ones cannot go: they are part of the rest (an
+            # emergency's footage over the quota is walked, not handed over, each time).
+            excess = used + need_bytes - (quota if room is None else min(quota, room))
             candidates: list[retention.Held] = []
             unpinned = 0
             for seg in self._by_end:
                 end_s = seg.name.end_ms / 1000
                 if unpinned >= excess and not end_s < now_s - self.max_age_s:
                     break
-                pinned = any(p.protects(seg) for p in pins)
+                pinned = any(p.protects(seg) for p in pins.get(seg.camera, ()))
+                if pinned and room is None:
+                    continue
                 candidates.append(retention.Held(seg, end_s, seg.name.size, pinned))
                 unpinned += 0 if pinned else seg.name.size
-        if not candidates:
-            return
         rest = used - sum(h.size for h in candidates)
         decision = retention.plan(
             candidates,
@@ -540,14 +623,37 @@ class SegmentStore:
             max_age_s=self.max_age_s,
             quota_bytes=quota - rest,
             need_bytes=need_bytes,
-            spare_pinned=bool(short) and not disk_full,
+            room_bytes=None if room is None else room - rest,
         )
         pinned_lost = set(map(id, decision.pinned_lost))
         for key in decision.all():
             assert isinstance(key, StoredSegment)
-            self._delete(key, pinned=id(key) in pinned_lost, expired=key in decision.expired)
+            self._delete(
+                key,
+                pinned=id(key) in pinned_lost,
+                expired=key in decision.expired,
+                why=why,
+            )
+        if headroom is None and (decision.over_quota_bytes > 0) != self._over_quota:
+            self._quota_episode(decision.over_quota_bytes, quota)
 
-    def _delete(self, seg: StoredSegment, *, pinned: bool, expired: bool) -> None:
+    def _quota_episode(self, over: int, quota: int) -> None:
+        """Say once that unacknowledged emergency footage holds the store over its
+        quota (the quota does not take it), and once that it is within it again."""
+        self._over_quota = over > 0
+        if self._over_quota:
+            log.warning(
+                "segment store over its quota of %d bytes by %d: unacknowledged emergency "
+                "footage is kept until the receiver has it (only a full disk takes it)",
+                quota,
+                over,
+            )
+            self.audit.record("store_over_quota", quota_bytes=quota, over_bytes=over)
+        else:
+            log.info("segment store within its quota of %d bytes again", quota)
+            self.audit.record("store_within_quota", quota_bytes=quota)
+
+    def _delete(self, seg: StoredSegment, *, pinned: bool, expired: bool, why: str) -> None:
         try:
             seg.path.unlink(missing_ok=True)
         except OSError as exc:  # one broken camera folder must not stop every camera's writes
@@ -560,15 +666,28 @@ class SegmentStore:
         self.stats.evicted += 1
         if pinned:
             self.stats.pinned_evicted += 1
-            log.critical("disk full: evicted UNACKNOWLEDGED emergency footage %s", seg.path.name)
+            log.critical("%s: evicted UNACKNOWLEDGED emergency footage %s", why, seg.path.name)
             self.audit.record(
                 "segment_pinned_evicted",
                 camera=seg.camera,
                 first_seq=seg.first_seq,
                 last_seq=seg.last_seq,
+                reason=why,
             )
         elif not expired:
             log.info("quota: evicted %s/%s", seg.camera, seg.path.name)
+
+
+def _backwards_name(filename: str) -> segment.SegmentName | None:
+    """The name an older version gave a segment across a clock step back (its start
+    after its end), with its two capture times in order; ``None`` if it is not one."""
+    m = segment.NAME_RE.fullmatch(filename)
+    if m is None:
+        return None
+    first, last, start, end, size = (int(g) for g in m.groups())
+    if first > last or start <= end:
+        return None
+    return segment.SegmentName(first, last, end, start, size)
 
 
 def _first_seq(seg: StoredSegment) -> int:

@@ -18,8 +18,16 @@ def h(key: Hashable, age_s: float, size: int = 10, *, pinned: bool = False) -> H
     return Held(key, NOW - age_s, size, pinned)
 
 
-def decide(held: list[Held], quota: int = 1000, need: int = 0, max_age: float = DAY) -> Plan:
-    return plan(held, now_s=NOW, max_age_s=max_age, quota_bytes=quota, need_bytes=need)
+def decide(
+    held: list[Held],
+    quota: int = 1000,
+    need: int = 0,
+    max_age: float = DAY,
+    room: int | None = None,
+) -> Plan:
+    return plan(
+        held, now_s=NOW, max_age_s=max_age, quota_bytes=quota, need_bytes=need, room_bytes=room
+    )
 
 
 # -- rule 1: age ---------------------------------------------------------------------------
@@ -69,17 +77,20 @@ def test_expired_count_towards_the_quota() -> None:
     assert result.over_quota == []
 
 
-# -- rule 3: pinned only when nothing else is left -----------------------------------------
+# -- rule 3: pinned only on a full disk, and only when nothing else is left ----------------
 
 
 def test_pinned_skipped_while_unpinned_remain() -> None:
     held = [h("p1", 50, pinned=True), h("u1", 40), h("p2", 30, pinned=True), h("u2", 20)]
-    result = decide(held, quota=20)
+    result = decide(held, quota=20, room=20)
     assert result.over_quota == ["u1", "u2"]
     assert result.pinned_lost == []
 
 
-def test_pinned_go_oldest_first_when_nothing_else_is_left() -> None:
+def test_the_quota_never_takes_pinned_footage() -> None:
+    """A quota is a wish, not a full disk: an emergency the receiver does not have yet
+    keeps its footage beyond it, and the plan says by how much (found by a review:
+    pinned footage went to the quota with the disk three quarters empty)."""
     held = [
         h("p1", 50, pinned=True),
         h("u1", 40),
@@ -87,16 +98,34 @@ def test_pinned_go_oldest_first_when_nothing_else_is_left() -> None:
         h("p3", 20, pinned=True),
     ]
     result = decide(held, quota=15)
+    assert result.all() == ["u1"]
+    assert result.over_quota_bytes == 30 - 15
+    assert decide(held, quota=15, need=5).over_quota_bytes == 35 - 15
+    assert decide(held, quota=40).over_quota_bytes == 0
+
+
+def test_a_full_disk_takes_pinned_oldest_first_when_nothing_else_is_left() -> None:
+    held = [
+        h("p1", 50, pinned=True),
+        h("u1", 40),
+        h("p2", 30, pinned=True),
+        h("p3", 20, pinned=True),
+    ]
+    result = decide(held, quota=1000, room=15)
     assert result.over_quota == ["u1"]
     assert result.pinned_lost == ["p1", "p2"]
     assert result.all() == ["u1", "p1", "p2"]
+    assert decide(held, quota=1000, room=15, need=5).pinned_lost == ["p1", "p2"]
+    assert decide(held, quota=1000, room=15, need=6).pinned_lost == ["p1", "p2", "p3"]
 
 
-def test_a_free_floor_spares_pinned_footage() -> None:
-    """The store's free-space floor is a wish, not a full disk: pinned footage stays."""
-    held = [h("p1", 50, pinned=True), h("u1", 40), h("p2", 30, pinned=True)]
-    result = plan(held, now_s=NOW, max_age_s=DAY, quota_bytes=15, need_bytes=0, spare_pinned=True)
-    assert result.all() == ["u1"]
+def test_a_full_disk_takes_only_the_room_it_needs_of_pinned_footage() -> None:
+    """Unpinned footage goes to the quota as always; pinned footage only to the room."""
+    held = [h("p1", 50, pinned=True), h("u1", 40), h("p2", 30, pinned=True), h("u2", 20)]
+    result = decide(held, quota=5, room=15)
+    assert result.over_quota == ["u1", "u2"]
+    assert result.pinned_lost == ["p1"]
+    assert result.over_quota_bytes == 10 - 5
 
 
 def test_empty_store() -> None:
@@ -119,11 +148,18 @@ def _held(items: list[tuple[float, int, bool]]) -> list[Held]:
     return [Held(i, NOW - age, size, pinned) for i, (age, size, pinned) in enumerate(items)]
 
 
-@given(items=segments, quota=st.integers(0, 3000), need=st.integers(0, 400))
-def test_properties(items: list[tuple[float, int, bool]], quota: int, need: int) -> None:
+@given(
+    items=segments,
+    quota=st.integers(0, 3000),
+    need=st.integers(0, 400),
+    room=st.none() | st.integers(0, 3000),
+)
+def test_properties(
+    items: list[tuple[float, int, bool]], quota: int, need: int, room: int | None
+) -> None:
     held = _held(items)
     by_key = {x.key: x for x in held}
-    result = decide(held, quota=quota, need=need)
+    result = decide(held, quota=quota, need=need, room=room)
     deleted = result.all()
     assert len(deleted) == len(set(deleted))
     kept = [x for x in held if x.key not in set(deleted)]
@@ -134,19 +170,27 @@ def test_properties(items: list[tuple[float, int, bool]], quota: int, need: int)
     assert all(not by_key[k].pinned for k in result.expired + result.over_quota)
     assert all(by_key[k].pinned for k in result.pinned_lost)
 
-    # Never a pinned segment while an unpinned one remains.
+    # Never a pinned segment while an unpinned one remains, nor with room on the disk.
     if result.pinned_lost:
         assert kept_unpinned == []
+        assert room is not None
 
-    # Under the quota (room for the next segment) whenever that is possible at all.
-    budget = quota - need
+    # Under the quota and the room (with the next segment) whenever unpinned footage is
+    # left, and pinned footage within the room whenever that is possible at all.
+    limit = quota if room is None else min(quota, room)
     used = sum(x.size for x in kept)
-    if budget >= 0:
-        assert used <= budget
+    if kept_unpinned:
+        assert used + need <= limit
+    if room is not None and room - need >= 0:
+        assert used + need <= room
+    assert result.over_quota_bytes == max(0, used + need - quota)
     # ... and no deeper than needed: keeping the last one taken would have been too much.
-    forced = result.over_quota + result.pinned_lost
-    if forced:
-        assert used + by_key[forced[-1]].size > budget
+    lost = sum(by_key[k].size for k in result.pinned_lost)
+    if result.over_quota:
+        assert used + lost + by_key[result.over_quota[-1]].size + need > limit
+    if result.pinned_lost:
+        assert room is not None
+        assert used + by_key[result.pinned_lost[-1]].size + need > room
 
     # Oldest first within each class.
     for taken, cls in ((result.over_quota, False), (result.pinned_lost, True)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import itertools
 import json
@@ -20,9 +21,10 @@ import pyrage
 import pytest
 
 from agent import segment
+from agent import store as store_module
 from agent.audit import AuditLog, verify_chain
 from agent.segment import StreamDesc
-from agent.store import Pin, SegmentStore, StoredSegment
+from agent.store import RETAIN_EVERY_S, Pin, SegmentStore, StoredSegment
 from hardware import EncodedPacket
 from tests.media import PacketList, make_h264_packets
 
@@ -235,6 +237,31 @@ async def test_a_new_stream_starts_a_new_segment(
     assert open_segment(second)[0].width == 320
 
 
+async def test_a_clock_step_back_starts_a_new_segment(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    """Capture times are the wall clock's (NTP steps it; a restarted RTSP source starts a
+    new one): a segment whose packets went back in time was named with its start after
+    its end, which the next start took for a foreign file, never retained nor deleted
+    (found by a review). A packet stamped before the one it follows starts a segment."""
+    packets = Feed(media).take(PER_SEGMENT)
+    back = 2 * 10**9  # after packet 10, 2 s back: no keyframe due, one segment before
+    stepped = packets[:10] + [
+        dataclasses.replace(p, capture_ns=p.capture_ns - back) for p in packets[10:]
+    ]
+    async with opened(tmp_path / "store", audit) as store:
+        push(store, stepped)
+    segs = store.segments("cam")
+    assert [(s.first_seq, s.last_seq) for s in segs] == [(0, 9), (10, PER_SEGMENT - 1)]
+    assert all(s.name.start_ms <= s.name.end_ms for s in segs)
+    assert [p.capture_ns for s in segs for p in open_segment(s)[1]] == [
+        p.capture_ns for p in stepped
+    ]
+    async with opened(tmp_path / "store", audit) as again:
+        assert again.segments("cam") == segs
+    assert events(audit, "store_foreign_file") == []
+
+
 async def test_queries(tmp_path: Path, audit: AuditLog, media: PacketList) -> None:
     async with opened(tmp_path / "store", audit) as store:
         push(store, Feed(media, "b").take(3 * PER_SEGMENT))
@@ -299,6 +326,35 @@ async def test_open_removes_torn_leftovers_and_leaves_foreign_files(
     }
 
 
+async def test_a_name_with_its_times_backwards_is_renamed_and_retained(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    """Older versions named a segment across a clock step back with its start after its
+    end: the scan renames it with its times in order (audited) and retention deletes it
+    in time, where it was left alone as foreign, forever (found by a review)."""
+    root = tmp_path / "store"
+    async with opened(root, audit) as store:
+        push(store, Feed(media).take(2 * PER_SEGMENT))
+    first, second = store.segments("cam")
+    n = first.name
+    backwards = dataclasses.replace(n, start_ms=n.end_ms, end_ms=n.start_ms).filename
+    assert segment.SegmentName.parse(backwards) is None
+    first.path.rename(root / "cam" / backwards)
+
+    async with opened(root, audit) as again:
+        assert again.segments("cam") == [first, second]
+    assert on_disk(root / "cam") == sorted([first.path.name, second.path.name])
+    (renamed,) = events(audit, "segment_renamed")
+    assert (renamed["camera"], renamed["file"], renamed["to"]) == ("cam", backwards, n.filename)
+    assert events(audit, "store_foreign_file") == []
+
+    later = second.name.end_ms / 1000 + 61
+    async with opened(root, audit, max_age_s=60, clock=lambda: later) as last:
+        assert last.retain_soon(0.0)
+    assert last.segments("cam") == []
+    assert on_disk(root / "cam") == []
+
+
 # -- retention ---------------------------------------------------------------------------
 
 
@@ -317,6 +373,34 @@ async def test_retention_by_age(tmp_path: Path, audit: AuditLog, media: PacketLi
         assert not first.path.exists()
         assert store.segments("cam") == sealed.segments[1:]
     assert store.stats.evicted == 1
+    assert events(audit, "segment_pinned_evicted") == []
+
+
+async def test_retention_runs_with_no_segment_written(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    """Retention ran only as a segment was written: with every camera down, footage
+    stayed on the card past its age (found by a review). The agent asks for a pass
+    every few seconds (a minute apart at most); it runs on the writer thread, and not in
+    open(), which runs before the agent pins the footage the receiver is owed."""
+    root = tmp_path / "store"
+    async with opened(root, audit) as store:
+        push(store, Feed(media).take(3 * PER_SEGMENT))
+    a, b, c = store.segments("cam")
+    assert not store.retain_soon(0.0)  # closed: no writer
+    now = c.name.end_ms / 1000 + 10 * 86_400  # ten days later, every camera down
+    owed = Pin("cam", b.first_seq, b.last_seq)
+    async with opened(root, audit, max_age_s=72 * 3600, clock=lambda: now) as again:
+        assert again.segments("cam") == [a, b, c]
+        again.add_pin(owed)
+        assert again.retain_soon(1000.0)
+        assert not again.retain_soon(1000.0 + RETAIN_EVERY_S - 1)
+        assert again.retain_soon(1000.0 + RETAIN_EVERY_S)
+    # close() let the writer finish what was queued
+    assert again.segments("cam") == [b]
+    assert on_disk(root / "cam") == [b.path.name]
+    assert again.used_bytes() == b.name.size
+    assert again.stats.evicted == 2
     assert events(audit, "segment_pinned_evicted") == []
 
 
@@ -395,26 +479,107 @@ async def test_pin_protects_until_acknowledged(
     assert store.stats.pinned_evicted == 0
 
 
-async def test_only_pinned_left_evicts_loudly_and_capture_continues(
+async def test_the_quota_spares_pinned_footage_and_says_so_once(
     tmp_path: Path, audit: AuditLog, media: PacketList
 ) -> None:
+    """The quota took an unacknowledged emergency's footage with plenty of room on the
+    disk (found by a review): only a full disk may. Over the quota because of it, the
+    store says so once, and once again when it is back within it."""
     feed = Feed(media)
+    pin = Pin("cam", 0)  # an emergency streaming since seq 0, nothing acked
     async with opened(tmp_path / "store", audit) as store:
-        store.pins.append(Pin("cam", 0))  # an emergency streaming since seq 0, nothing acked
+        store.add_pin(pin)
         sealed = Sealed(store)
         one = await seal_first(store, sealed, feed)
         store.quota_bytes = int(2.5 * one.name.size)
         push(store, feed.take(4 * PER_SEGMENT))
         written = await sealed.wait(5)
+        assert store.segments("cam") == written
+        assert all(s.path.exists() for s in written)
+        assert store.used_bytes() > store.quota_bytes
+
+        pin.acked = written[-1].last_seq  # the receiver has it all: the quota applies
+        push(store, feed.take(PER_SEGMENT))
+        await sealed.wait(6)
         assert store.used_bytes() <= store.quota_bytes
-        assert store.segments("cam")[-1] == written[-1]
-    lost = events(audit, "segment_pinned_evicted")
-    assert [(e["camera"], e["first_seq"]) for e in lost[:2]] == [
-        ("cam", 0),
-        ("cam", PER_SEGMENT),
-    ]
-    assert store.stats.pinned_evicted == len(lost) >= 2
+        assert not written[0].path.exists()
+    assert events(audit, "segment_pinned_evicted") == []
+    assert store.stats.pinned_evicted == 0
+    (over,) = events(audit, "store_over_quota")
+    (within,) = events(audit, "store_within_quota")
+    assert over["n"] < within["n"]
+    assert over["quota_bytes"] == store.quota_bytes and over["over_bytes"] > 0
+
+
+class FakeDisk:
+    """A disk of ``capacity`` bytes holding the store alone: what ``_free_bytes`` says,
+    and ENOSPC from a segment's write that does not fit."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, capacity: int) -> None:
+        self.capacity = capacity
+        self.store: SegmentStore | None = None
+        self.enospc = 0
+        self.lowest_free = capacity
+        seal = store_module._seal_durably
+
+        def sealing(folder: Path, tmp: Path, plain: bytes, recipients: Any) -> int:
+            size = seal(folder, tmp, plain, recipients)
+            if size > self.free():
+                tmp.unlink()
+                self.enospc += 1
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.lowest_free = min(self.lowest_free, self.free() - size)
+            return size
+
+        monkeypatch.setattr(store_module, "_seal_durably", sealing)
+        monkeypatch.setattr(store_module, "_free_bytes", lambda _folder: self.free())
+
+    def free(self) -> int:
+        assert self.store is not None
+        return self.capacity - self.store.used_bytes()
+
+
+@pytest.mark.parametrize("floor", [False, True], ids=["enospc", "free_floor"])
+async def test_a_full_disk_takes_pinned_footage_loudly_and_capture_continues(
+    tmp_path: Path,
+    audit: AuditLog,
+    media: PacketList,
+    monkeypatch: pytest.MonkeyPatch,
+    floor: bool,
+) -> None:
+    """Only a full disk takes pinned footage: ENOSPC, or less free than the floor the
+    audit trail and the state files need (there, the loss must still be written down),
+    oldest first, as little as the new segment needs, each loudly."""
+    feed = Feed(media)
+    async with opened(tmp_path / "store", audit) as store:
+        sealed = Sealed(store)
+        one = await seal_first(store, sealed, feed)
+    size = one.name.size
+    min_free = 2 * size if floor else 0
+    disk = FakeDisk(monkeypatch, int(6.5 * size))
+    async with opened(tmp_path / "store", audit, min_free_bytes=min_free) as store:
+        disk.store = store
+        store.add_pin(Pin("cam", 0))  # nothing acked
+        sealed = Sealed(store)
+        push(store, feed.take(8 * PER_SEGMENT))
+        written = await sealed.wait(8)
+        kept = store.segments("cam")
+        assert kept[-1] == written[-1]
+        assert kept[0].first_seq > 0
+        assert [s.first_seq for s in kept] == sorted(s.first_seq for s in kept)
+        # As little as needed: one more segment would not have fitted.
+        assert store.used_bytes() + 2 * size > disk.capacity - min_free
     assert store.stats.write_errors == 0
+    assert events(audit, "segment_lost") == []
+    lost = events(audit, "segment_pinned_evicted")
+    assert lost and store.stats.pinned_evicted == len(lost)
+    assert lost[0]["first_seq"] == 0
+    assert {e["reason"] for e in lost} == {"free space floor" if floor else "disk full"}
+    if floor:  # the floor held: no segment ever hit a full disk
+        assert disk.enospc == 0
+        assert disk.lowest_free >= min_free
+    else:
+        assert disk.enospc > 0
 
 
 # -- faults ------------------------------------------------------------------------------
@@ -627,8 +792,6 @@ async def test_a_segment_whose_folder_fsync_failed_is_kept(
 ) -> None:
     """The file is whole under its name once renamed: a failed fsync of its folder left
     it on disk, out of the index and the quota, audited as lost (found by a review)."""
-    from agent import store as store_module
-
     fsync_dir, calls = store_module._fsync_dir, []
 
     def failing_once(folder: Path) -> None:
