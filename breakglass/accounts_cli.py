@@ -2,7 +2,8 @@
 
 Accounts live in the receiver's ``DATA/accounts.sqlite`` and may be changed
 while the receiver runs: disabling an account or changing its password ends
-its sessions at the officer's next request. Passwords are never taken on the
+its sessions at the officer's next request, and ``unlock`` clears the locks
+that failed logins put on a name (at each client address) at once. Passwords are never taken on the
 command line (they would show in ``ps`` and the shell's history): they come
 from a prompt, or from ``--password-file FILE`` (``-``: standard input, the
 first line). Every change is written to the access log (``DATA/access.log``)
@@ -86,6 +87,14 @@ def add_parser(receiver: argparse._SubParsersAction) -> None:  # type: ignore[ty
     passwd.add_argument("name")
     _common(passwd, password=True)
     passwd.set_defaults(func=_passwd)
+
+    unlock = users.add_parser(
+        "unlock",
+        help="clear an account's failed logins and locks at every address (and its throttle)",
+    )
+    unlock.add_argument("name")
+    _common(unlock)
+    unlock.set_defaults(func=_unlock)
 
     role = users.add_parser("role", help="change an account's role")
     role.add_argument("name")
@@ -200,7 +209,8 @@ def _list(args: argparse.Namespace) -> int:
     for a in accounts:
         state = "disabled" if a.disabled else "active"
         if a.locked_until > now:
-            state += f", locked until {_when(a.locked_until)}"
+            where = "1 address" if a.locked_addresses == 1 else f"{a.locked_addresses} addresses"
+            state += f", locked for {where} until {_when(a.locked_until)}"
         print(f"{a.name:<24} {a.role!s:<11} {state:<28} {_when(a.last_login)}")
     return 0
 
@@ -220,6 +230,15 @@ def _passwd(args: argparse.Namespace) -> int:
         store.set_password(args.name, _read_password(args))
     _audit(args, "user_passwd", target=args.name)
     print(f"password of {args.name} changed (its sessions ended)")
+    return 0
+
+
+def _unlock(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        locked = store.unlock(args.name)
+    _audit(args, "user_unlock", target=args.name, addresses=locked)
+    where = "1 address" if locked == 1 else f"{locked} addresses"
+    print(f"account {args.name} unlocked (it was locked for {where}; failed logins forgotten)")
     return 0
 
 

@@ -17,14 +17,15 @@ verify``). The chain proves order and integrity, not completeness at the
 end: record the head it prints elsewhere to notice a cut.
 
 Actions: ``login`` / ``login_failed`` (``reason``: ``invalid_credentials``,
-``disabled``, ``locked``) / ``login_lockout`` (``until``) /
+``disabled``, ``locked``, ``throttled``, ``changed``: the password was reset
+during the check) / ``login_lockout`` (``until``) /
 ``login_rate_limited`` / ``logout``; ``live_open`` / ``live_close``
 (``duration_s``; ``cut`` when the receiver ended the view because its login
 no longer allowed it: ``login_ended``, ``forbidden`` or ``login_unchecked``,
 see :mod:`receiver.viewer`); ``recording_fetch`` (``file``: once per part
 file per login session, however many range requests the player makes); ``user_add``,
 ``user_disable``, ``user_enable``, ``user_passwd``, ``user_role``
-(``target``, ``role``); ``password_change`` / ``password_change_failed``
+(``target``, ``role``), ``user_unlock`` (``target``, ``addresses``); ``password_change`` / ``password_change_failed``
 (one's own, :mod:`receiver.accounts_api`); ``log_torn_tail`` (``bytes``: an
 unfinished line a crash left, cut before appending). Other modules record
 through :data:`ACCESS_LOG_KEY` with their own actions (evidence exports,

@@ -14,20 +14,40 @@ account's name, not a well-known password) and are hashed with argon2id at
 A successful login whose hash was made with other parameters is rehashed on
 the spot, so raising the cost reaches every account at its next login.
 
-:meth:`AccountStore.authenticate` is the one place a password is checked. It
-counts consecutive failures per name and locks the name for ``lockout_s``
-after ``max_failures`` (:class:`LockoutPolicy`). Names that have no account
-are counted too, in memory, and a password given for one is checked against
-a dummy hash made with the same parameters: an unknown name costs the same
-time and locks the same way as a known one, so neither tells which names
-exist. A locked name is refused without checking the password.
+:meth:`AccountStore.authenticate` is the one place a password is checked. An
+empty password is refused at once, for every name, uncounted. Otherwise the
+attempt is counted against the *name and the client address* (an IPv4
+address, or an IPv6 /64: :func:`address_key`) before the password is checked
+(so attempts sent at once cannot check more passwords than allowed), and the
+count is cleared when the password turns out right (:class:`LockoutPolicy`):
+
+- ``max_failures`` failures of one name from one address lock that name *for
+  that address* for ``lockout_s``: its attempts there are refused without a
+  check. The same name from any other address is unaffected, so nobody can
+  lock an officer out by guessing at their name from somewhere else;
+- once a name has had ``name_failures`` failures from all addresses within
+  ``lockout_s``, an address that failed for it lately gets at most one check
+  per ``name_interval_s`` among all such addresses (a global rate across
+  addresses). An address without a recent failure for the name is never held
+  back: the right password from there always logs in.
+
+The counts live in the database (tables ``login_failures`` and
+``login_names``), so a restart does not reset them and ``breakglass receiver
+user unlock`` (another process) clears a name's at once. Names that have no
+account are counted exactly the same way, in the same tables, and a password
+given for one is checked against a dummy hash made with the same parameters:
+neither the answer, the time nor the locking tells which names exist.
 
 Login sessions live in the same file, so that ``breakglass receiver user
 disable`` (another process) ends an officer's sessions at once. A session id
 is 256 random bits, given to the browser only; the table keeps its SHA-256.
 A session ends at logout, after ``idle_timeout_s`` without a request, after
 ``lifetime_s`` in any case, and whenever its account is disabled or its
-password changed (:class:`SessionPolicy`). Its role is read from the account
+password changed (:class:`SessionPolicy`). Both bump the account's
+``generation``; :meth:`AccountStore.create_session` is given the generation
+the password was checked against and refuses (:class:`CredentialsChangedError`)
+if it changed meanwhile, so a login whose check was under way during a
+password reset gets no session. Its role is read from the account
 on every lookup, so a role change applies at the next request.
 
 The file is created with mode 0600 and used in WAL mode. Every method is
@@ -41,6 +61,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import ipaddress
 import math
 import os
 import re
@@ -48,9 +69,8 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -66,6 +86,7 @@ __all__ = [
     "AccountExistsError",
     "AccountInfo",
     "AccountStore",
+    "CredentialsChangedError",
     "InvalidNameError",
     "LastAdminError",
     "LockoutPolicy",
@@ -78,11 +99,14 @@ __all__ = [
     "SessionInfo",
     "SessionPolicy",
     "UnknownAccountError",
+    "address_key",
     "check_password",
     "validate_name",
 ]
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+#: How much of an attempted name its failure count is kept under (longer ones are no name).
+_NAME_KEY = 64
 MIN_PASSWORD = 12
 MAX_PASSWORD = 1024
 #: A few of the most common passwords of 12 characters or more (breach corpora).
@@ -124,6 +148,13 @@ class UnknownAccountError(AccountError, LookupError):
     """No account has this name."""
 
     code = "unknown_account"
+
+
+class CredentialsChangedError(AccountError):
+    """The password was changed, or the account disabled, while a login was being checked:
+    the password that login gave is no longer the account's, so it gets no session."""
+
+    code = "invalid_credentials"
 
 
 class LastAdminError(AccountError):
@@ -171,12 +202,23 @@ class PasswordParams:
 
 @dataclass(frozen=True, slots=True)
 class LockoutPolicy:
-    """Consecutive failed logins of one name before it is locked, and for how long."""
+    """What failed logins hold back: a name from one address, and a name from all of them.
 
+    An address is an IPv4 address or an IPv6 /64 (:func:`address_key`).
+    """
+
+    #: Failures of one name from one address (each within ``lockout_s`` of the one
+    #: before, with no success between) that lock the name *for that address*.
     max_failures: int = 5
+    #: How long such a lock lasts, and how long a failure counts.
     lockout_s: float = 15 * 60.0
-    #: How many names without an account are tracked in memory (oldest dropped first).
-    max_unknown_names: int = 10_000
+    #: Failures of one name from all addresses within a ``lockout_s`` window after which
+    #: the addresses that failed for it lately share one check per ``name_interval_s``
+    #: (an address with no recent failure for the name is never held back).
+    name_failures: int = 10
+    name_interval_s: float = 30.0
+    #: Name and address pairs tracked at most (the oldest failures are forgotten first).
+    max_tracked: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,11 +243,15 @@ class AccountInfo:
     created: float
     password_changed: float
     last_login: float | None
+    #: Failed logins of the name from all addresses in the current ``lockout_s`` window.
     failures: int
+    #: When the last lock of the name at some address ends (0: never locked).
     locked_until: float
     #: When the account last lost rights (disabled, or its role changed to one that
     #: does not include the old): player links issued before are dead for good.
     rights_lost: float = 0.0
+    #: How many addresses the name is locked for now.
+    locked_addresses: int = 0
 
     def to_json(self, now: float) -> dict[str, object]:
         """The ``GET /v1/users`` entry."""
@@ -215,6 +261,7 @@ class AccountInfo:
             "disabled": self.disabled,
             "locked": self.locked_until > now,
             "locked_until": self.locked_until if self.locked_until > now else None,
+            "locked_addresses": self.locked_addresses if self.locked_until > now else 0,
             "created": self.created,
             "password_changed": self.password_changed,
             "last_login": self.last_login,
@@ -229,8 +276,12 @@ class LoginOutcome(enum.StrEnum):
     INVALID = "invalid_credentials"
     #: The right password for a disabled account (answered like ``INVALID``).
     DISABLED = "disabled"
-    #: The name is locked after too many failures; the password was not checked.
+    #: The name is locked for this address after too many failures from it; the
+    #: password was not checked.
     LOCKED = "locked"
+    #: The name has had many failures from everywhere and this address failed for it
+    #: lately: not checked now, try after ``locked_until`` (answered like ``LOCKED``).
+    THROTTLED = "throttled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,12 +291,16 @@ class LoginResult:
     outcome: LoginOutcome
     #: The account's role when it exists (for the audit entry), else None.
     role: Role | None = None
-    #: When the lock ends (wall seconds), for ``LOCKED`` and for a failure that locked it.
+    #: When the lock ends (wall seconds), for ``LOCKED`` and for a failure that locked it;
+    #: when a check may be tried again, for ``THROTTLED``.
     locked_until: float | None = None
-    #: This failure started a lockout.
+    #: This failure started a lockout (of the name, for this address).
     locked_now: bool = False
     #: The stored hash was replaced by one with the current parameters.
     rehashed: bool = False
+    #: For ``OK``: the account's generation the password was checked against (give it to
+    #: :meth:`AccountStore.create_session` or :meth:`AccountStore.set_password`).
+    generation: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +350,24 @@ def check_password(password: str, name: str) -> None:
         raise PasswordPolicyError("the password is too common; choose another")
 
 
+def address_key(remote: str | None) -> str:
+    """The client address as login failures are counted per: an IPv4 address as it is,
+    an IPv6 address as its /64 (one subscriber's prefix holds 2^64 addresses), an
+    IPv4-mapped IPv6 address as the IPv4 address; anything else as given (at most 64
+    characters), and no address at all as ``-``."""
+    if not remote:
+        return "-"
+    try:
+        ip = ipaddress.ip_address(remote.split("%", 1)[0])  # without an IPv6 zone
+    except ValueError:
+        return remote[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
+
 def session_handle(token_hash: str) -> str:
     """The public handle of a session: 16 hex digits of its stored hash."""
     return token_hash[:16]
@@ -313,9 +386,10 @@ CREATE TABLE IF NOT EXISTS users (
     created REAL NOT NULL,
     password_changed REAL NOT NULL,
     last_login REAL,
-    failures INTEGER NOT NULL DEFAULT 0,
-    locked_until REAL NOT NULL DEFAULT 0,
-    rights_lost REAL NOT NULL DEFAULT 0
+    failures INTEGER NOT NULL DEFAULT 0,  -- unused since failures are counted per address
+    locked_until REAL NOT NULL DEFAULT 0,  -- unused likewise
+    rights_lost REAL NOT NULL DEFAULT 0,
+    generation INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash TEXT PRIMARY KEY,
@@ -326,7 +400,33 @@ CREATE TABLE IF NOT EXISTS sessions (
     remote TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_by_name ON sessions(name);
+CREATE TABLE IF NOT EXISTS login_failures (
+    name TEXT NOT NULL,
+    source TEXT NOT NULL,
+    failures INTEGER NOT NULL,
+    last_failure REAL NOT NULL,
+    locked_until REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, source)
+);
+CREATE INDEX IF NOT EXISTS login_failures_by_time ON login_failures(last_failure);
+CREATE TABLE IF NOT EXISTS login_names (
+    name TEXT PRIMARY KEY,
+    window_start REAL NOT NULL,
+    failures INTEGER NOT NULL,
+    next_check REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS login_names_by_time ON login_names(window_start);
 """
+#: Every this many attempts, stale failure records are dropped (and the table trimmed).
+_PRUNE_EVERY = 64
+_USER_COLUMNS = (
+    "u.name, u.role, u.disabled, u.created, u.password_changed, u.last_login, "
+    "COALESCE((SELECT n.failures FROM login_names n WHERE n.name = u.name "
+    "AND n.window_start > ?), 0), "
+    "COALESCE((SELECT MAX(f.locked_until) FROM login_failures f WHERE f.name = u.name), 0), "
+    "u.rights_lost, "
+    "(SELECT COUNT(*) FROM login_failures f WHERE f.name = u.name AND f.locked_until > ?)"
+)
 
 
 class AccountStore:
@@ -353,8 +453,7 @@ class AccountStore:
         self._dummy_hash: str | None = None
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
-        # Failures of names without an account: name -> (failures, locked_until).
-        self._unknown: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._attempts = 0  # login attempts admitted, for pruning (under the lock)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -374,6 +473,8 @@ class AccountStore:
             columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
             if "rights_lost" not in columns:  # a database made before the column existed
                 db.execute("ALTER TABLE users ADD COLUMN rights_lost REAL NOT NULL DEFAULT 0")
+            if "generation" not in columns:  # likewise
+                db.execute("ALTER TABLE users ADD COLUMN generation INTEGER NOT NULL DEFAULT 0")
         except BaseException:
             db.close()
             raise
@@ -438,10 +539,10 @@ class AccountStore:
 
     def get(self, name: str) -> AccountInfo:
         """The account ``name``; :class:`UnknownAccountError` if there is none."""
+        now = self.clock()
         rows = self._query(
-            "SELECT name, role, disabled, created, password_changed, last_login, failures, "
-            "locked_until, rights_lost FROM users WHERE name = ?",
-            (name,),
+            f"SELECT {_USER_COLUMNS} FROM users u WHERE u.name = ?",  # noqa: S608 (constant)
+            (now - self.lockout.lockout_s, now, name),
         )
         if not rows:
             raise UnknownAccountError(f"no account {name!r:.70}")
@@ -449,9 +550,10 @@ class AccountStore:
 
     def accounts(self) -> list[AccountInfo]:
         """Every account, by name."""
+        now = self.clock()
         rows = self._query(
-            "SELECT name, role, disabled, created, password_changed, last_login, failures, "
-            "locked_until, rights_lost FROM users ORDER BY name"
+            f"SELECT {_USER_COLUMNS} FROM users u ORDER BY u.name",  # noqa: S608 (constant)
+            (now - self.lockout.lockout_s, now),
         )
         return [_info(r) for r in rows]
 
@@ -460,19 +562,45 @@ class AccountStore:
         (row,) = self._query("SELECT COUNT(*) FROM users")
         return int(row[0])
 
-    def set_password(self, name: str, password: str) -> None:
-        """Replace the password; ends every session of the account and clears its lock."""
+    def set_password(self, name: str, password: str, *, generation: int | None = None) -> None:
+        """Replace the password; ends every session of the account and clears its locks.
+
+        ``generation``: the one a check of the current password returned
+        (:attr:`LoginResult.generation`); :class:`CredentialsChangedError` if the password
+        was changed (or the account disabled) since, and nothing is changed.
+        """
         check_password(password, validate_name(name))
         digest = self._hasher.hash(password)
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE users SET hash = ?, password_changed = ?, failures = 0, locked_until = 0 "
+            row = db.execute("SELECT generation FROM users WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise UnknownAccountError(f"no account {name!r:.70}")
+            if generation is not None and int(row[0]) != generation:
+                raise CredentialsChangedError(
+                    f"the password of {name!r:.70} was changed meanwhile: nothing done"
+                )
+            db.execute(
+                "UPDATE users SET hash = ?, password_changed = ?, generation = generation + 1 "
                 "WHERE name = ?",
                 (digest, self.clock(), name),
             )
-            if cur.rowcount == 0:
-                raise UnknownAccountError(f"no account {name!r:.70}")
             db.execute("DELETE FROM sessions WHERE name = ?", (name,))
+            _clear_failures(db, name)
+
+    def unlock(self, name: str) -> int:
+        """Clear the failure counts and locks of account ``name`` at every address (and
+        its throttle); how many addresses it was locked for. :class:`UnknownAccountError`
+        if there is no such account."""
+        now = self.clock()
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None:
+                raise UnknownAccountError(f"no account {name!r:.70}")
+            (locked,) = db.execute(
+                "SELECT COUNT(*) FROM login_failures WHERE name = ? AND locked_until > ?",
+                (name, now),
+            ).fetchone()
+            _clear_failures(db, name)
+        return int(locked)
 
     def set_disabled(self, name: str, disabled: bool, *, keep_admin: bool = False) -> None:
         """Disable (ending every session and player link for good) or enable an account.
@@ -484,7 +612,8 @@ class AccountStore:
                 _keep_an_admin(db, name)
             if disabled:
                 cur = db.execute(
-                    "UPDATE users SET disabled = 1, rights_lost = ? WHERE name = ?",
+                    "UPDATE users SET disabled = 1, rights_lost = ?, generation = generation + 1 "
+                    "WHERE name = ?",
                     (self.clock(), name),
                 )
             else:
@@ -516,85 +645,158 @@ class AccountStore:
 
     # -- login ---------------------------------------------------------------
 
-    def authenticate(self, name: str, password: str, *, login: bool = True) -> LoginResult:
-        """Check a login attempt (slow: one argon2id verification, unless locked).
+    def authenticate(
+        self, name: str, password: str, *, remote: str | None = None, login: bool = True
+    ) -> LoginResult:
+        """Check a login attempt from client address ``remote`` (slow: one argon2id
+        verification, unless the attempt is held back or the password is empty).
 
         ``login=False``: a password confirmed for another purpose (a password change):
         counted and locked alike, but ``last_login`` stays.
         """
-        now = self.clock()
-        known = _NAME.fullmatch(name) is not None and 0 < len(password) <= MAX_PASSWORD
+        if not password:  # never anyone's: refused alike for every name, uncounted
+            return LoginResult(LoginOutcome.INVALID)
+        key, source = name[:_NAME_KEY], address_key(remote)
+        valid = _NAME.fullmatch(name) is not None and len(password) <= MAX_PASSWORD
         row = (
             self._query(
-                "SELECT hash, role, disabled, locked_until FROM users WHERE name = ?", (name,)
+                "SELECT hash, role, disabled, generation FROM users WHERE name = ?", (name,)
             )
-            if known
+            if valid
             else []
         )
-        if not row:
-            return self._authenticate_unknown(name, password, now)
-        digest, role_text, disabled, locked_until = row[0]
-        role = Role(str(role_text))
-        if float(locked_until) > now:
-            return LoginResult(LoginOutcome.LOCKED, role, locked_until=float(locked_until))
+        role = Role(str(row[0][1])) if row else None
+        held = self._admit(key, source, role, self.clock())
+        if held is not None:
+            return held
+        # An unknown name costs the same verification, against a hash of nobody's password.
+        digest = str(row[0][0]) if row else self._dummy()
         try:
-            self._hasher.verify(str(digest), password)
+            right = self._hasher.verify(digest, password[:MAX_PASSWORD]) and bool(row)
         except (VerificationError, InvalidHashError):
-            return self._failed(name, role, now)
-        if disabled:
-            return LoginResult(LoginOutcome.DISABLED, role)
-        rehashed = False
+            right = False
+        if not right or row[0][2]:
+            return self._failed(key, source, role, disabled=right)
+        generation = int(row[0][3])
         with self._tx() as db:
             db.execute(
-                "UPDATE users SET failures = 0, locked_until = 0, "
-                "last_login = CASE WHEN ? THEN ? ELSE last_login END WHERE name = ?",
-                (login, now, name),
+                "UPDATE users SET last_login = CASE WHEN ? THEN ? ELSE last_login END "
+                "WHERE name = ?",
+                (login, self.clock(), name),
             )
-        if self._hasher.check_needs_rehash(str(digest)):
+            # This address is clean again; the name's count across addresses keeps the
+            # others' failures (it only gives back the one this attempt was counted as).
+            db.execute("DELETE FROM login_failures WHERE name = ? AND source = ?", (key, source))
+            db.execute(
+                "UPDATE login_names SET failures = MAX(failures - 1, 0) WHERE name = ?", (key,)
+            )
+        rehashed = False
+        if self._hasher.check_needs_rehash(digest):
             fresh = self._hasher.hash(password)
             with self._tx() as db:
                 db.execute(
                     "UPDATE users SET hash = ? WHERE name = ? AND hash = ?", (fresh, name, digest)
                 )
             rehashed = True
-        return LoginResult(LoginOutcome.OK, role, rehashed=rehashed)
+        return LoginResult(LoginOutcome.OK, role, rehashed=rehashed, generation=generation)
 
-    def _failed(self, name: str, role: Role, now: float) -> LoginResult:
+    def _admit(self, key: str, source: str, role: Role | None, now: float) -> LoginResult | None:
+        """None if the password may be checked now (the attempt is then counted as a
+        failure until it succeeds); else the refusal (``LOCKED`` or ``THROTTLED``)."""
         policy = self.lockout
         with self._tx() as db:
-            (failures,) = db.execute(
-                "UPDATE users SET failures = failures + 1 WHERE name = ? RETURNING failures",
-                (name,),
+            pair = db.execute(
+                "SELECT failures, last_failure, locked_until FROM login_failures "
+                "WHERE name = ? AND source = ?",
+                (key, source),
             ).fetchone()
-            if failures >= policy.max_failures:
+            failures, last, until = (
+                (int(pair[0]), float(pair[1]), float(pair[2])) if pair else (0, 0.0, 0.0)
+            )
+            if until > now:
+                return LoginResult(LoginOutcome.LOCKED, role, locked_until=until)
+            if last <= now - policy.lockout_s:
+                failures = 0  # the last failure from here is too old to count
+            if failures >= policy.max_failures:  # that many checks from here are under way
+                return LoginResult(LoginOutcome.THROTTLED, role, locked_until=now + 1.0)
+            named = db.execute(
+                "SELECT window_start, failures, next_check FROM login_names WHERE name = ?",
+                (key,),
+            ).fetchone()
+            start, heat, next_check = (
+                (float(named[0]), int(named[1]), float(named[2])) if named else (now, 0, 0.0)
+            )
+            if not start <= now < start + policy.lockout_s:
+                start, heat = now, 0
+            if failures and heat >= policy.name_failures:
+                # Many failures of this name from everywhere, and this address is one that
+                # failed for it lately: such addresses share one check per interval.
+                if next_check > now:
+                    return LoginResult(LoginOutcome.THROTTLED, role, locked_until=next_check)
+                next_check = now + policy.name_interval_s
+            db.execute(
+                "INSERT INTO login_failures(name, source, failures, last_failure, locked_until) "
+                "VALUES (?, ?, ?, ?, 0) ON CONFLICT(name, source) DO UPDATE SET "
+                "failures = excluded.failures, last_failure = excluded.last_failure, "
+                "locked_until = 0",
+                (key, source, failures + 1, now),
+            )
+            db.execute(
+                "INSERT INTO login_names(name, window_start, failures, next_check) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                "window_start = excluded.window_start, failures = excluded.failures, "
+                "next_check = excluded.next_check",
+                (key, start, heat + 1, next_check),
+            )
+            self._attempts += 1
+            if self._attempts % _PRUNE_EVERY == 0:
+                self._prune(db, now)
+        return None
+
+    def _failed(self, key: str, source: str, role: Role | None, *, disabled: bool) -> LoginResult:
+        """A checked password was wrong (or right for a disabled account): the attempt stays
+        counted; lock the name for this address if it was the ``max_failures``-th."""
+        policy = self.lockout
+        outcome = LoginOutcome.DISABLED if disabled else LoginOutcome.INVALID
+        now = self.clock()
+        with self._tx() as db:
+            pair = db.execute(
+                "SELECT failures FROM login_failures WHERE name = ? AND source = ?",
+                (key, source),
+            ).fetchone()
+            if pair is not None and int(pair[0]) >= policy.max_failures:
                 until = now + policy.lockout_s
                 db.execute(
-                    "UPDATE users SET failures = 0, locked_until = ? WHERE name = ?", (until, name)
+                    "UPDATE login_failures SET failures = 0, last_failure = ?, locked_until = ? "
+                    "WHERE name = ? AND source = ?",
+                    (now, until, key, source),
                 )
-                return LoginResult(LoginOutcome.INVALID, role, locked_until=until, locked_now=True)
-        return LoginResult(LoginOutcome.INVALID, role)
+                return LoginResult(outcome, role, locked_until=until, locked_now=True)
+            db.execute(
+                "UPDATE login_failures SET last_failure = MAX(last_failure, ?) "
+                "WHERE name = ? AND source = ?",
+                (now, key, source),
+            )
+        return LoginResult(outcome, role)
 
-    def _authenticate_unknown(self, name: str, password: str, now: float) -> LoginResult:
-        """No such account: the same work, the same counting, the same answers."""
-        key = name[:64]
-        with self._lock:
-            failures, until = self._unknown.get(key, (0, 0.0))
-        if until > now:
-            return LoginResult(LoginOutcome.LOCKED, locked_until=until)
-        with suppress(VerificationError, InvalidHashError):
-            self._hasher.verify(self._dummy(), password[:MAX_PASSWORD] or "-")
+    def _prune(self, db: sqlite3.Connection, now: float) -> None:
+        """Forget failures too old to count, then the oldest beyond ``max_tracked``."""
         policy = self.lockout
-        failures += 1
-        locked_now = failures >= policy.max_failures
-        until = now + policy.lockout_s if locked_now else 0.0
-        with self._lock:
-            self._unknown[key] = (0, until) if locked_now else (failures, 0.0)
-            self._unknown.move_to_end(key)
-            while len(self._unknown) > policy.max_unknown_names:
-                self._unknown.popitem(last=False)
-        return LoginResult(
-            LoginOutcome.INVALID, locked_until=until if locked_now else None, locked_now=locked_now
+        old = now - policy.lockout_s
+        db.execute(
+            "DELETE FROM login_failures WHERE last_failure <= ? AND locked_until <= ?", (old, now)
         )
+        db.execute(
+            "DELETE FROM login_names WHERE window_start <= ? AND next_check <= ?", (old, now)
+        )
+        for table, column in (("login_failures", "last_failure"), ("login_names", "window_start")):
+            (count,) = db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()  # noqa: S608
+            if count > policy.max_tracked:
+                db.execute(
+                    f"DELETE FROM {table} WHERE rowid IN "  # noqa: S608 (constant names)
+                    f"(SELECT rowid FROM {table} ORDER BY {column} LIMIT ?)",
+                    (count - policy.max_tracked,),
+                )
 
     def _dummy(self) -> str:
         if self._dummy_hash is None:
@@ -607,14 +809,29 @@ class AccountStore:
 
     # -- sessions ------------------------------------------------------------
 
-    def create_session(self, name: str, remote: str | None = None) -> NewSession:
-        """A new session for ``name`` (after a successful :meth:`authenticate`)."""
+    def create_session(
+        self, name: str, remote: str | None = None, *, generation: int | None = None
+    ) -> NewSession:
+        """A new session for ``name`` (after a successful :meth:`authenticate`).
+
+        ``generation``: the one that check returned (:attr:`LoginResult.generation`);
+        :class:`CredentialsChangedError` if the password was changed or the account
+        disabled since (checked in the same transaction as the insert).
+        """
         token = secrets.token_urlsafe(32)  # 256 bits
         token_hash = _hash_token(token)
         csrf = secrets.token_urlsafe(32)
         now = self.clock()
         policy = self.session_policy
         with self._tx() as db:
+            if generation is not None:
+                row = db.execute(
+                    "SELECT generation, disabled FROM users WHERE name = ?", (name,)
+                ).fetchone()
+                if row is None or int(row[0]) != generation or row[1]:
+                    raise CredentialsChangedError(
+                        f"the password of {name!r:.70} changed during the login: no session"
+                    )
             db.execute(
                 "DELETE FROM sessions WHERE last_seen < ? OR created < ?",
                 (now - policy.idle_timeout_s, now - policy.lifetime_s),
@@ -685,8 +902,14 @@ def _keep_an_admin(db: sqlite3.Connection, name: str) -> None:
         raise LastAdminError(f"{name!r:.70} is the last enabled admin; make another admin first")
 
 
+def _clear_failures(db: sqlite3.Connection, name: str) -> None:
+    """Forget the failure counts and locks of ``name`` (inside a transaction)."""
+    db.execute("DELETE FROM login_failures WHERE name = ?", (name,))
+    db.execute("DELETE FROM login_names WHERE name = ?", (name,))
+
+
 def _info(row: Any) -> AccountInfo:
-    name, role, disabled, created, changed, last_login, failures, locked_until, lost = row
+    name, role, disabled, created, changed, last_login, failures, locked_until, lost, n = row
     return AccountInfo(
         name=str(name),
         role=Role(str(role)),
@@ -697,4 +920,5 @@ def _info(row: Any) -> AccountInfo:
         failures=int(failures),
         locked_until=float(locked_until),
         rights_lost=float(lost),
+        locked_addresses=int(n),
     )

@@ -14,15 +14,20 @@ API (JSON bodies of at most :data:`MAX_BODY` bytes; errors are
 
 - ``POST /v1/me/password`` ``{"current", "new"}``: the current password is
   checked like a login (argon2 on a hashing thread, the address's rate limit,
-  the name's lockout: a wrong one counts as a failed login), the new one
-  against :func:`check_password`. Success ends every session of the account,
-  this one included (the answer clears the cookie): the user logs in again.
+  the name's lockout at this address: a wrong one counts as a failed login),
+  the new one against :func:`check_password`. Success ends every session of
+  the account, this one included (the answer clears the cookie): the user
+  logs in again. If an admin set the password while the current one was
+  being checked, nothing changes (401 ``unauthenticated``: that session
+  ended with the reset).
   Codes: 403 ``wrong_password``, 429 ``locked`` / ``rate_limited`` (with
   ``Retry-After``), 400 ``weak_password`` / ``same_password`` / ``malformed``.
 - Admins: ``GET /v1/users``; ``POST /v1/users`` ``{"name", "role",
   "password"}``; ``POST /v1/users/NAME/disable`` and ``.../enable``;
   ``POST /v1/users/NAME/role`` ``{"role"}``; ``POST
-  /v1/users/NAME/password`` ``{"password"}`` (ends NAME's sessions). An
+  /v1/users/NAME/password`` ``{"password"}`` (ends NAME's sessions, clears
+  its locks); ``POST /v1/users/NAME/unlock`` (clears NAME's failure counts
+  and locks at every address: ``{"name", "unlocked_addresses"}``). An
   admin cannot disable or demote themselves, nor set their own password
   here (409 ``self``: ``/v1/me/password`` asks for the current one), and no
   change may leave no enabled admin (409 ``last_admin``). 404
@@ -32,8 +37,9 @@ API (JSON bodies of at most :data:`MAX_BODY` bytes; errors are
 Access log actions: ``password_change``, ``password_change_failed``
 (``reason``), and ``login_lockout`` / ``login_rate_limited`` as for logins;
 for admins ``user_add`` (``target``, ``target_role``), ``user_disable``,
-``user_enable``, ``user_role`` (``target``, ``target_role``) and
-``user_passwd`` (``target``). No password ever goes into the log.
+``user_enable``, ``user_role`` (``target``, ``target_role``),
+``user_passwd`` (``target``) and ``user_unlock`` (``target``,
+``addresses``). No password ever goes into the log.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from receiver.accounts import (
     AccountError,
     AccountExistsError,
     AccountStore,
+    CredentialsChangedError,
     LastAdminError,
     LoginOutcome,
     LoginResult,
@@ -102,6 +109,7 @@ def setup_accounts_api(app: web.Application) -> None:
     app.router.add_post("/v1/users/{name}/{change:disable|enable}", _user_state)
     app.router.add_post("/v1/users/{name}/role", _user_role)
     app.router.add_post("/v1/users/{name}/password", _user_password)
+    app.router.add_post("/v1/users/{name}/unlock", _user_unlock)
 
 
 async def _file(request: web.Request) -> web.Response:
@@ -139,6 +147,10 @@ async def _body(request: web.Request) -> dict[str, Any]:
         data = json.loads(raw)
     except ValueError:
         raise _json_error(web.HTTPBadRequest, "malformed", "the body is not JSON") from None
+    except RecursionError:  # nested deeper than the parser goes
+        raise _json_error(
+            web.HTTPBadRequest, "malformed", "the body is nested too deeply"
+        ) from None
     if not isinstance(data, dict):
         raise _json_error(web.HTTPBadRequest, "malformed", "expected a JSON object")
     return data
@@ -172,11 +184,14 @@ def _target(request: web.Request) -> str:
 # -- one's own password ------------------------------------------------------------
 
 
-def _verify_and_set(store: AccountStore, name: str, current: str, new: str) -> LoginResult:
-    """Check ``current`` like a login (counted, locked); if right, set ``new`` (hashing thread)."""
-    result = store.authenticate(name, current, login=False)
+def _verify_and_set(
+    store: AccountStore, name: str, current: str, new: str, remote: str
+) -> LoginResult:
+    """Check ``current`` like a login (counted, locked); if right, set ``new`` (hashing
+    thread) unless the password changed meanwhile (:class:`CredentialsChangedError`)."""
+    result = store.authenticate(name, current, remote=remote, login=False)
     if result.outcome is LoginOutcome.OK:
-        store.set_password(name, new)
+        store.set_password(name, new, generation=result.generation)
     return result
 
 
@@ -201,12 +216,17 @@ async def _own_password(request: web.Request) -> web.Response:
             retry = auth.limiter.retry_after(remote)
             return _refused(False, 429, "rate_limited", "too many failed passwords", retry)
         try:
-            result = await auth.slow(_verify_and_set, auth.accounts, user.name, current, new)
+            result = await auth.slow(
+                _verify_and_set, auth.accounts, user.name, current, new, remote
+            )
         except UnknownAccountError:  # removed meanwhile (only the database file could)
+            return _error(401, "unauthenticated", "log in first")
+        except CredentialsChangedError:  # reset (or disabled) meanwhile: this session ended
+            auth.access_log.record("password_change_failed", remote=remote, reason="changed", **who)
             return _error(401, "unauthenticated", "log in first")
         if result.outcome is not LoginOutcome.OK:
             auth.password_failed("password_change_failed", result, remote, **who)
-    if result.outcome is LoginOutcome.LOCKED:
+    if result.outcome in (LoginOutcome.LOCKED, LoginOutcome.THROTTLED):
         retry = auth.lock_remaining(result)
         return _refused(False, 429, "locked", "too many wrong passwords; try later", retry)
     if result.outcome is LoginOutcome.DISABLED:
@@ -311,3 +331,15 @@ async def _user_password(request: web.Request) -> web.Response:
         return _account_error(exc)
     _audit(request, admin, "user_passwd", name)
     return web.json_response({"name": name, "sessions_ended": True}, headers=HEADERS)
+
+
+async def _user_unlock(request: web.Request) -> web.Response:
+    admin = require(request, Role.ADMIN)
+    auth = request.app[AUTH_KEY]
+    name = _target(request)
+    try:
+        locked = await auth.db(auth.accounts.unlock, name)
+    except AccountError as exc:
+        return _account_error(exc)
+    _audit(request, admin, "user_unlock", name, addresses=locked)
+    return web.json_response({"name": name, "unlocked_addresses": locked}, headers=HEADERS)

@@ -20,8 +20,10 @@ that is the receiver's own; so must every WebSocket upgrade (Origin only) and
 token from ``GET /v1/me`` or the login answer, both readable only same-origin.
 
 Login attempts are limited per client address (``ip_failures`` failures in
-``ip_window_s``, then 429 ``rate_limited`` before any password is checked)
-and per name (the account store's lockout: 429 ``locked``). At most
+``ip_window_s``, then 429 ``rate_limited`` before any password is checked;
+an IPv6 address counts as its /64) and per name and address (the account
+store's lockout, :class:`receiver.accounts.LockoutPolicy`: 429 ``locked``,
+which a name locked for one address never answers another). At most
 ``hash_workers`` argon2 checks run at once, on their own threads; session
 lookups run on another thread so a flood of logins never delays them.
 
@@ -64,9 +66,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from receiver.access_log import ACCESS_LOG_KEY, AccessLog
 from receiver.accounts import (
     AccountStore,
+    CredentialsChangedError,
     LoginOutcome,
     LoginResult,
     Role,
+    address_key,
     validate_name,
 )
 
@@ -161,7 +165,8 @@ class LinkGate(Protocol):
 
 
 class _AddressLimiter:
-    """Failed logins per client address in a sliding window."""
+    """Failed logins per client address in a sliding window (an IPv6 address counts as
+    its /64: :func:`receiver.accounts.address_key`)."""
 
     def __init__(self, settings: AuthSettings, clock: Callable[[], float]) -> None:
         self.settings = settings
@@ -170,6 +175,7 @@ class _AddressLimiter:
         self._pending: Counter[str] = Counter()  # checks under way, per address
 
     def _recent(self, address: str) -> deque[float]:
+        address = address_key(address)
         now = self.clock()
         times = self._failures.get(address)
         if times is None:
@@ -180,7 +186,8 @@ class _AddressLimiter:
 
     def allowed(self, address: str) -> bool:
         """Whether ``address`` may try to log in now (its attempts under way count)."""
-        return len(self._recent(address)) + self._pending[address] < self.settings.ip_failures
+        pending = self._pending[address_key(address)]
+        return len(self._recent(address)) + pending < self.settings.ip_failures
 
     @contextlib.contextmanager
     def attempt(self, address: str) -> Iterator[bool]:
@@ -188,22 +195,24 @@ class _AddressLimiter:
         it counts against the allowance, so attempts sent at once (each waits for the
         password hash) cannot check more passwords than the allowance."""
         may = self.allowed(address)
+        key = address_key(address)
         if may:
-            self._pending[address] += 1
+            self._pending[key] += 1
         try:
             yield may
         finally:
             if may:
-                self._pending[address] -= 1
-                if self._pending[address] <= 0:
-                    del self._pending[address]
+                self._pending[key] -= 1
+                if self._pending[key] <= 0:
+                    del self._pending[key]
 
     def failed(self, address: str) -> bool:
         """Count a failure; whether this one used up the address's allowance."""
         times = self._recent(address)
         times.append(self.clock())
-        self._failures[address] = times
-        self._failures.move_to_end(address)
+        key = address_key(address)
+        self._failures[key] = times
+        self._failures.move_to_end(key)
         while len(self._failures) > self.settings.max_addresses:
             self._failures.popitem(last=False)
         return len(times) == self.settings.ip_failures
@@ -293,7 +302,7 @@ class Auth:
             audit.record("login_rate_limited", who=None, remote=remote)
 
     def lock_remaining(self, result: LoginResult) -> float:
-        """Seconds until the lock of a ``LOCKED`` result ends (at least 1)."""
+        """Seconds until the lock of a ``LOCKED`` (or ``THROTTLED``) result ends (at least 1)."""
         return max(1.0, (result.locked_until or 0) - self.accounts.clock())
 
     def origin_ok(self, request: web.Request) -> bool:
@@ -420,8 +429,9 @@ async def _middleware(request: web.Request, handler: _Handler) -> web.StreamResp
     if (request.method in UNSAFE_METHODS or _is_websocket(request)) and not auth.origin_ok(request):
         return _error(403, "bad_origin", "the request's Origin is not this receiver")
     if request.method in UNSAFE_METHODS:
-        token = request.headers.get(CSRF_HEADER, "")
-        if not hmac.compare_digest(token.encode(), user.csrf.encode()):
+        # aiohttp decodes header bytes that are not UTF-8 as surrogates: encode them back.
+        token = request.headers.get(CSRF_HEADER, "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(token, user.csrf.encode()):
             return _error(403, "csrf", f"missing or wrong {CSRF_HEADER} header")
     request[_USER_KEY] = user
     return await handler(request)
@@ -450,6 +460,10 @@ async def _credentials(request: web.Request) -> tuple[str, str, bool]:
             raise _json_error(web.HTTPUnsupportedMediaType, "malformed", "send JSON or a form")
     except (ValueError, HttpProcessingError):  # a multipart body's broken part headers too
         raise _json_error(web.HTTPBadRequest, "malformed", "the body is not valid") from None
+    except RecursionError:  # JSON nested deeper than the parser goes
+        raise _json_error(
+            web.HTTPBadRequest, "malformed", "the body is nested too deeply"
+        ) from None
     name = data.get("name") if isinstance(data, dict) or form else None
     password = data.get("password") if isinstance(data, dict) or form else None
     if not isinstance(name, str) or not isinstance(password, str):
@@ -476,20 +490,26 @@ async def _login(request: web.Request) -> web.StreamResponse:
         if not may:
             retry = auth.limiter.retry_after(remote)
             return _refused(form, 429, "rate_limited", "too many failed logins", retry)
-        result: LoginResult = await auth.slow(auth.accounts.authenticate, name, password)
+        check = functools.partial(auth.accounts.authenticate, remote=remote)
+        result: LoginResult = await auth.slow(check, name, password)
         who = _audit_name(name)
         role = str(result.role) if result.role else None
         if result.outcome is not LoginOutcome.OK:
             auth.password_failed("login_failed", result, remote, who=who, role=role)
     if result.outcome is not LoginOutcome.OK:
-        if result.outcome is LoginOutcome.LOCKED:
+        if result.outcome in (LoginOutcome.LOCKED, LoginOutcome.THROTTLED):
             retry = auth.lock_remaining(result)
             return _refused(form, 429, "locked", "too many failed logins; try later", retry)
         return _refused(form, 401, "invalid_credentials", "wrong name or password")
     old = request.cookies.get(COOKIE)
     if old:
         await auth.db(auth.accounts.end_session, old)
-    new = await auth.db(auth.accounts.create_session, name, remote)
+    start = functools.partial(auth.accounts.create_session, generation=result.generation)
+    try:
+        new = await auth.db(start, name, remote)
+    except CredentialsChangedError:  # the password was reset while it was being checked
+        audit.record("login_failed", who=name, role=role, remote=remote, reason="changed")
+        return _refused(form, 401, "invalid_credentials", "wrong name or password")
     audit.record(
         "login", who=name, role=role, login=new.handle, remote=remote, rehashed=result.rehashed
     )

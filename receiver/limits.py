@@ -24,9 +24,11 @@ What each one stops:
   address, counted from the TCP accept (handshakes in progress count).
 
 Every error the application or aiohttp raises is answered as JSON ``{"error":
-CODE, "detail": ...}`` with a stable CODE (:data:`CODES`). Refusals are logged
-once a minute per client address with a count (:class:`LogThrottle`), never
-once per request.
+CODE, "detail": ...}`` with a stable CODE (:data:`CODES`); so is an exception a
+handler did not expect: 500 ``internal_error``, whose detail says nothing of
+the cause (the traceback goes to the log, once a minute per kind of failure
+and route). Refusals are logged once a minute per client address with a count
+(:class:`LogThrottle`), never once per request.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ CODES: Final = {
     416: "range_not_satisfiable",
     429: "rate_limited",
     431: "headers_too_large",
+    500: "internal_error",
     503: "busy",
 }
 _HEADERS: Final = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
@@ -177,8 +180,16 @@ class LogThrottle:
         self.clock = clock
         self._seen: OrderedDict[object, tuple[float, int]] = OrderedDict()
 
-    def log(self, level: int, key: object, msg: str, *args: object) -> bool:
-        """Log ``msg`` unless ``key`` was logged less than ``every_s`` ago; whether it was."""
+    def log(
+        self,
+        level: int,
+        key: object,
+        msg: str,
+        *args: object,
+        exc_info: BaseException | None = None,
+    ) -> bool:
+        """Log ``msg`` (with ``exc_info``'s traceback) unless ``key`` was logged less than
+        ``every_s`` ago; whether it was."""
         now = self.clock()
         last = self._seen.get(key)
         if last is not None and now - last[0] < self.every_s:
@@ -186,7 +197,7 @@ class LogThrottle:
             return False
         if last is not None and last[1]:
             msg += f" ({last[1]} more like it since the last report)"
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
         self._seen[key] = (now, 0)
         self._seen.move_to_end(key)
         while len(self._seen) > self.max_keys:
@@ -226,6 +237,7 @@ def _as_json(exc: web.HTTPException) -> web.Response:
 
 
 _refusals = LogThrottle(log)
+_failures = LogThrottle(log)
 
 
 def _body_late(content: StreamReader, limit_s: float) -> None:
@@ -266,6 +278,17 @@ def guard_middleware(limits: ServerLimits) -> Middleware:
         except BodyTimeoutError as exc:
             _refusals.log(logging.WARNING, ("body", remote), "%s from %s: cut", exc, remote)
             return _answer(408, None, str(exc), close=True)
+        except Exception as exc:
+            if isinstance(exc, ConnectionError) or request.writer.output_size > 0:
+                raise  # the client is gone, or an answer has begun: aiohttp ends the connection
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "?"
+            _failures.log(
+                logging.ERROR, (type(exc).__name__, route),
+                "%s %s from %s failed: %s", request.method, route, remote, type(exc).__name__,
+                exc_info=exc,
+            )  # fmt: skip
+            return _answer(500, None, "the receiver could not answer this request")
         finally:
             if deadline is not None:
                 deadline.cancel()

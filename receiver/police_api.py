@@ -90,7 +90,7 @@ async def _dispatch(request: web.Request) -> web.Response:
         body = json.loads(raw)
         if not isinstance(body, dict):
             raise ValueError("not an object")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return _error(400, "malformed", "body: a JSON object {building, action, reason}")
     journal = request.app[ACCESS_LOG_KEY]
     who = {"who": user.name, "role": str(user.role), "login": user.login}

@@ -66,10 +66,14 @@ async def log_in(http: aiohttp.ClientSession | TestClient, url: str | URL, name:
     return csrf
 
 
-def client_for(url: str, fingerprint: str) -> aiohttp.ClientSession:
-    """A client pinned to the receiver's certificate, sending the receiver's ``Origin``."""
+def client_for(url: str, fingerprint: str, source: str | None = None) -> aiohttp.ClientSession:
+    """A client pinned to the receiver's certificate, sending the receiver's ``Origin``;
+    ``source``: the loopback address it connects from (any 127/8 address is this host)."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(fingerprint_digest(fingerprint))),
+        connector=aiohttp.TCPConnector(
+            ssl=aiohttp.Fingerprint(fingerprint_digest(fingerprint)),
+            local_addr=(source, 0) if source else None,
+        ),
         cookie_jar=aiohttp.CookieJar(unsafe=True),  # cookies for an IP address
         headers={"Origin": origin_of(url)},
         timeout=aiohttp.ClientTimeout(total=30),
@@ -133,8 +137,9 @@ async def secured_client(
 
 @contextlib.asynccontextmanager
 async def strict_receiver(folder: Path) -> AsyncIterator[Receiver]:
-    """A receiver with small login limits (3 failures lock a name, 10 an address in a
-    minute) and three accounts: olivia (officer), dana (dispatcher), ada (admin)."""
+    """A receiver with small login limits (3 failures from one address lock a name for
+    that address, 10 failures limit an address for a minute) and three accounts: olivia
+    (officer), dana (dispatcher), ada (admin)."""
     receiver = Receiver(
         folder,
         "127.0.0.1",

@@ -30,7 +30,8 @@ class Clock:
 
 @pytest.fixture
 async def rx(tmp_path: Path) -> AsyncIterator[Receiver]:
-    """A receiver with small login limits: 3 failures lock a name, 10 an address."""
+    """A receiver with small login limits: 3 failures lock a name (for that address),
+    10 an address."""
     async with strict_receiver(tmp_path / "receiver") as receiver:
         yield receiver
 

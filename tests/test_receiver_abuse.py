@@ -852,6 +852,7 @@ ROUTES = [
     "/v1/uplink",
     "/recordings/s-rec/cam.0.mp4",
     "/hls/s-rec/cam.m3u8",
+    "/api/sessions/s-rec/cameras/cam/player-link",
     "/nowhere",
 ]
 BODIES: list[tuple[str, bytes]] = [
@@ -866,6 +867,7 @@ BODIES: list[tuple[str, bytes]] = [
     ),
     ("application/json", b'{"building": ["b"], "action": "start", "reason": 7}'),
     ("application/json", b"\xff\xfe not utf-8"),
+    ("application/json", b"[" * 1000 + b"]" * 1000),  # deeper than the JSON parser goes
     ("text/plain", b"name=x&password=y"),
     ("application/x-www-form-urlencoded", b"name=%ff&password"),
     ("multipart/form-data; boundary=zz", b"--zz\r\nbroken"),
@@ -918,6 +920,7 @@ async def test_fuzzed_http_requests_are_4xx_json_never_500_never_outside_data(
         {"Cookie": f"{COOKIE}={cookie}", CSRF_HEADER: "x" * 5000, "Origin": origin(rx)},
         {"Cookie": f"{COOKIE}={cookie}", CSRF_HEADER: csrf, "Origin": "null"},
         {"Cookie": f"{COOKIE}={cookie}", CSRF_HEADER: "\u00e9".encode().decode("latin-1")},
+        {"Cookie": f"{COOKIE}={cookie}", CSRF_HEADER: "\xff\xfe", "Origin": origin(rx)},  # no UTF-8
     ):
         await check("POST", "/v1/users", dict(bad, **{"Content-Type": "application/json"}), b"{}")
     statuses = dict(sorted(seen.items()))

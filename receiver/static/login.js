@@ -4,7 +4,7 @@
 
 const MESSAGES = {
   invalid_credentials: "Wrong name or password.",
-  locked: "Too many failed attempts: this name is locked for a while.",
+  locked: "Too many failed attempts from this network: this name is locked here for a while.",
   rate_limited: "Too many failed attempts from this computer: wait a few minutes.",
   bad_origin: "The request did not come from this receiver's page.",
   malformed: "Enter a name and a password.",
