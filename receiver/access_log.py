@@ -25,8 +25,9 @@ no longer allowed it: ``login_ended``, ``forbidden`` or ``login_unchecked``,
 see :mod:`receiver.viewer`); ``recording_fetch`` (``file``: once per part
 file per login session, however many range requests the player makes); ``user_add``,
 ``user_disable``, ``user_enable``, ``user_passwd``, ``user_role``
-(``target``, ``role``), ``user_unlock`` (``target``, ``addresses``); ``password_change`` / ``password_change_failed``
-(one's own, :mod:`receiver.accounts_api`); ``log_torn_tail`` (``bytes``: an
+(``target``, ``role``), ``user_unlock`` (``target``, ``addresses``);
+``password_change`` / ``password_change_failed`` (one's own,
+:mod:`receiver.accounts_api`); ``log_torn_tail`` (``bytes``: an
 unfinished line a crash left, cut before appending). Other modules record
 through :data:`ACCESS_LOG_KEY` with their own actions (evidence exports,
 dispatch, ``player_link_*`` in :mod:`receiver.player_links`).
