@@ -61,7 +61,10 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
   (``quota_bytes``, ``over_bytes``: unacknowledged emergency footage holds the
   store over its quota, said once) and ``store_within_quota``
   (``quota_bytes``), ``segment_renamed`` (``camera``, ``file``, ``to``,
-  ``reason``), ``segment_unreadable`` (store and capture facts),
+  ``reason``), ``store_clock_behind`` (``segments``, ``newest_end_ms``,
+  ``clock_ms``: stored footage ends days after the clock), ``segments_expired``
+  (``count``, ``bytes``, ``oldest_end_ms``, ``newest_end_ms``, ``max_age_s``:
+  age expiry, in summary), ``segment_unreadable`` (store and capture facts),
   ``state_damaged`` (``file``, ``error``: a state file moved aside at start),
   and ``checkpoint``.
 

@@ -13,7 +13,11 @@ Rules (DESIGN.md "Storage on the agent"):
    segments go first, and only when none is left the oldest pinned ones, as
    many as the room needs: the caller must raise that as a loud fault
    (footage of an emergency lost).
-Oldest means earliest end time, across all cameras.
+Oldest means the greatest age, across all cameras; equal ages in the order given.
+Ages are the caller's: how old each segment's footage is at least (since its
+end), by whatever clock the caller trusts for it. :mod:`agent.store` does not
+take the wall clock's word alone: a clock stepped forward would delete footage
+early, one set back would keep it past ``max_age_s`` (see its docstring).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class Held:
     """One stored segment as retention sees it."""
 
     key: Hashable
-    end_s: float
+    age_s: float  # how old its footage is at least (its end), in seconds
     size: int
     pinned: bool
 
@@ -51,20 +55,20 @@ class Plan:
 def plan(
     held: Iterable[Held],
     *,
-    now_s: float,
     max_age_s: float,
     quota_bytes: int,
     need_bytes: int = 0,
     room_bytes: int | None = None,
 ) -> Plan:
-    """Decide deletions for ``held`` at ``now_s``. ``room_bytes``: the disk is full,
+    """Decide deletions for ``held``. ``room_bytes``: the disk is full,
     it holds no more than this of the store (``need_bytes`` included), pinned footage
     too if nothing else is left (rule 3); ``None``: the disk has room, pinned footage
     stays whatever the quota."""
     result = Plan()
     keep: list[Held] = []
-    for item in sorted(held, key=lambda h: h.end_s):
-        if not item.pinned and item.end_s < now_s - max_age_s:
+    # Oldest first; sorted() is stable, reversed too: equal ages keep the caller's order.
+    for item in sorted(held, key=_age, reverse=True):
+        if not item.pinned and item.age_s > max_age_s:
             result.expired.append(item.key)
         else:
             keep.append(item)
@@ -85,3 +89,7 @@ def plan(
                 used -= item.size
     result.over_quota_bytes = max(0, used - quota_bytes)
     return result
+
+
+def _age(item: Held) -> float:
+    return item.age_s

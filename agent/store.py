@@ -28,13 +28,38 @@ Segments that overlap a :class:`Pin` (an emergency's range of a camera) and
 that the receiver has not acknowledged are pinned: the quota never takes them
 (the store then holds more than its quota, reported once per episode); only a
 full disk (below ``min_free_bytes`` free, or ENOSPC) does, and only when
-nothing else is left, with a loud ``segment_pinned_evicted`` audit entry. The
-store keeps its segments in retention's order and its byte total, so the
+nothing else is left, with a loud ``segment_pinned_evicted`` audit entry. Age
+expiry is audited in summary (``segments_expired``: the first of a run at
+once, then at most one an hour, and at close), not per segment.
+
+Retention does not trust the wall clock. A Pi has no battery-backed clock: it
+boots on a stale date and records until NTP steps it forward (days, months);
+a reboot without NTP sets it back again. The names carry the wall clock's
+capture times, as other tools parse them; what retention trusts is in memory:
+
+- Footage written in this run ages by the monotonic clock since its write
+  (:attr:`SegmentStore.monotonic`): a step forward no longer ages it out at
+  once, a step back no longer keeps it past its age. It is evicted in write
+  order, after all footage from before this run.
+- Footage from before this run (found by the scan) ages by the wall clock
+  against the end time in its name, and is at least as old as this run (the
+  monotonic clock since the scan): it goes ``max_age_s`` after the start at
+  the latest, whatever the clock says. Evicted first, oldest end first.
+- Footage from before this run that ends more than a day after the wall clock
+  (set back: a reboot on a stale date) is audited once per episode
+  (``store_clock_behind``).
+
+Not covered (nothing in memory knows): footage of a previous run recorded on a
+stale clock, when the clock has been set right since. Its names say it is old,
+and it goes by them.
+
+The store keeps its segments in retention's order and its byte total, so the
 policy is given only the oldest segments it can need: a store at its quota
 (8 GiB is about 4000 segments of a 4 Mbit/s camera) decides in 0.1 ms, not
 by sorting every segment for every segment written (14 ms at 4000, 0.4 s at
-100k, on a 2-core VM). While an emergency's pinned footage holds it over its
-quota, every segment is checked against the pins instead (4000: about 18 ms).
+100k, on a 2-core VM). A segment written goes to the end of that order. While
+an emergency's pinned footage holds it over its quota, every segment is
+checked against the pins instead (4000: about 18 ms).
 """
 
 from __future__ import annotations
@@ -67,6 +92,10 @@ TARGET_SEGMENT_BYTES: Final = 4 * 1024 * 1024
 MAX_PENDING_BYTES: Final = 64 * 1024 * 1024
 #: :meth:`SegmentStore.retain_soon` queues a retention pass at most this often.
 RETAIN_EVERY_S: Final = 60.0
+#: Footage from before this run ending this far after the wall clock: the clock is behind.
+CLOCK_BEHIND_S: Final = 86_400.0
+#: Age expiry is audited in summary: the first of a run at once, then at most this often.
+EXPIRED_AUDIT_EVERY_S: Final = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +166,23 @@ _RETAIN: Final = _Retain()
 
 
 @dataclass(slots=True)
+class _Expired:
+    """Segments age expiry deleted since its last audit entry."""
+
+    count: int = 0
+    bytes: int = 0
+    oldest_end_ms: int = 0
+    newest_end_ms: int = 0
+
+    def add(self, seg: StoredSegment) -> None:
+        end = seg.name.end_ms
+        self.oldest_end_ms = end if not self.count else min(self.oldest_end_ms, end)
+        self.newest_end_ms = end if not self.count else max(self.newest_end_ms, end)
+        self.count += 1
+        self.bytes += seg.name.size
+
+
+@dataclass(slots=True)
 class StoreStats:
     """Counters for status, metrics and benchmarks."""
 
@@ -165,9 +211,12 @@ class SegmentStore:
         quota_bytes: int = 8 * 1024**3,
         min_free_bytes: int = 0,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         attest: Callable[[str, int, int], Mapping[str, Any] | None] | None = None,
     ) -> None:
-        """``attest(camera, first_seq, last_seq)``, called on the event loop as a segment
+        """``clock`` is the wall clock (capture times are its); ``monotonic`` ages the
+        footage this run writes, and bounds the age of older footage from below.
+        ``attest(camera, first_seq, last_seq)``, called on the event loop as a segment
         closes, gives the device's signed chain checkpoint to put in its header."""
         if not recipients:
             raise ValueError("a segment store needs at least one age recipient")
@@ -182,13 +231,20 @@ class SegmentStore:
         #: trail and the state files share it).
         self.min_free_bytes = min_free_bytes
         self.clock = clock
+        self.monotonic = monotonic
         self._attest = attest
         self.stats = StoreStats()
         self.pins: list[Pin] = []
         self._index: dict[str, list[StoredSegment]] = {}  # per camera, in seq order
-        #: Every indexed segment in retention's order (oldest end first; ties in index order).
-        self._by_end: list[StoredSegment] = []
-        self._rank: dict[str, int] = {}  # a camera's position in the index
+        #: Every indexed segment in retention's order (:meth:`_order`): the first
+        #: ``_n_scanned``, from before this run, by end time; then this run's, as written.
+        self._by_age: list[StoredSegment] = []
+        self._n_scanned = 0
+        #: This run's segments: (write number, monotonic time of the write).
+        self._stamps: dict[StoredSegment, tuple[int, float]] = {}
+        self._writes = 0
+        self._scanned_at: float | None = None  # monotonic time of the scan
+        self._rank: dict[str, int] = {}  # a camera's position in the scanned index
         self._used = 0  # bytes of the indexed segments
         self._open: dict[str, _Open] = {}
         self._lock = threading.Lock()
@@ -196,6 +252,10 @@ class SegmentStore:
         self._retained_at: float | None = None  # retain_soon's clock at its last pass
         #: Whether pinned footage holds the store over its quota (the writer's: said once).
         self._over_quota = False
+        #: Whether footage from before this run ends days after the clock (said once).
+        self._clock_behind = False
+        self._expired = _Expired()  # expiry not audited yet (the writer's)
+        self._expired_said: float | None = None  # monotonic time of its last audit entry
         self._pending_bytes = 0
         #: Per camera, first seqs of sealed-to-be segments queued for the writer (FIFO).
         self._queued: dict[str, deque[int]] = {}
@@ -387,10 +447,8 @@ class SegmentStore:
         index, loudly, so backfill declares its range lost instead of retrying it (on the
         loop). A segment the writer evicted meanwhile is already out: nothing to say."""
         with self._lock:
-            if not _remove(self._index.get(seg.camera, []), seg, _first_seq):
+            if not self._unindex(seg):
                 return
-            _remove(self._by_end, seg, self._order)
-            self._used -= seg.name.size
         log.error("segment %s cannot be read, forgotten: %s", seg.path.name, reason)
         self.audit.record_soon(
             "segment_unreadable",
@@ -413,6 +471,8 @@ class SegmentStore:
     # -- start-up scan -------------------------------------------------------------
 
     def _scan(self) -> None:
+        # Every file found is at least as old as this (the lower bound of its age).
+        scanned_at = self.monotonic()
         index: dict[str, list[StoredSegment]] = {}
         with os.scandir(self.directory) as top:
             for cam_entry in top:
@@ -425,13 +485,20 @@ class SegmentStore:
                         self._scan_one(cam_entry.name, entry, segs)
         for segs in index.values():
             segs.sort(key=_first_seq)
+        now_s = self.clock()
         with self._lock:
             self._index = index
             self._rank = {camera: rank for rank, camera in enumerate(index)}
-            self._by_end = sorted((s for segs in index.values() for s in segs), key=self._order)
-            self._used = sum(s.name.size for s in self._by_end)
-        total = sum(len(s) for s in index.values())
-        log.info("segment store %s: %d segment(s) indexed", self.directory, total)
+            self._by_age = sorted(
+                (s for segs in index.values() for s in segs), key=self._scanned_order
+            )
+            self._n_scanned = len(self._by_age)
+            self._stamps = {}
+            self._scanned_at = scanned_at
+            self._used = sum(s.name.size for s in self._by_age)
+            ahead = self._ahead_of_clock(now_s)
+        log.info("segment store %s: %d segment(s) indexed", self.directory, self._n_scanned)
+        self._clock_episode(ahead, now_s)
 
     def _scan_one(self, camera: str, entry: os.DirEntry[str], segs: list[StoredSegment]) -> None:
         path = Path(entry.path)
@@ -490,6 +557,12 @@ class SegmentStore:
     # -- writer thread ---------------------------------------------------------------
 
     def _writer(self) -> None:
+        try:
+            self._write_jobs()
+        finally:
+            self._say_expired(self.monotonic(), flush=True)
+
+    def _write_jobs(self) -> None:
         while (job := self._jobs.get()) is not None:
             if isinstance(job, _Retain):
                 try:
@@ -566,20 +639,120 @@ class SegmentStore:
         except OSError as exc:  # the file is whole under its name: keep it, say so
             log.error("segment %s: its folder not fsynced (%s): the name may not survive "
                       "a power cut", stored.path.name, exc)  # fmt: skip
+        written_at = self.monotonic()
         with self._lock:
-            if camera not in self._index:
-                self._rank[camera] = len(self._index)
+            self._unindex(stored)  # the same name written again: the file was replaced
             bisect.insort(self._index.setdefault(camera, []), stored, key=_first_seq)
-            bisect.insort(self._by_end, stored, key=self._order)
+            # The newest in retention's order: after all that is indexed.
+            self._stamps[stored] = (self._writes, written_at)
+            self._writes += 1
+            self._by_age.append(stored)
             self._used += size
         self.stats.segments_written += 1
         self.stats.bytes_written += size
         self.stats.media_bytes += sum(len(p.payload) for p in packets)
         return stored
 
-    def _order(self, seg: StoredSegment) -> tuple[int, int, int]:
-        """Retention's order: end time, then as listed in the index (camera, seq)."""
-        return seg.name.end_ms, self._rank[seg.camera], seg.name.first_seq
+    def _order(self, seg: StoredSegment) -> tuple[int, int, int, int]:
+        """Retention's order (under the lock): the segments from before this run first,
+        by end time, then as listed in the index (camera, seq); then this run's, in the
+        order written. A clock set back cannot put this run's footage before older
+        footage."""
+        stamp = self._stamps.get(seg)
+        if stamp is None:
+            return self._scanned_order(seg)
+        return 1, stamp[0], 0, 0
+
+    def _scanned_order(self, seg: StoredSegment) -> tuple[int, int, int, int]:
+        return 0, seg.name.end_ms, self._rank[seg.camera], seg.name.first_seq
+
+    def _age(self, seg: StoredSegment, now_s: float, now_mono: float) -> float:
+        """How old ``seg``'s footage is at least, in seconds (under the lock).
+
+        This run's by the monotonic clock since its write: the wall clock may have
+        stepped since (forward: it would look days old; back: young for days).
+        Older footage by the wall clock (its name's end), and at least as old as the
+        time since the scan found it: a clock set back keeps it no longer than
+        ``max_age_s`` after this start. Never more than its true age, so nothing goes
+        early; neither rises along :meth:`_order` (that is retention's order)."""
+        stamp = self._stamps.get(seg)
+        if stamp is not None:
+            return now_mono - stamp[1]
+        assert self._scanned_at is not None
+        return max(now_s - seg.name.end_ms / 1000, now_mono - self._scanned_at)
+
+    def _unindex(self, seg: StoredSegment) -> bool:
+        """Take ``seg`` out of the index (under the lock); whether it was in it."""
+        if not _remove(self._index.get(seg.camera, []), seg, _first_seq):
+            return False
+        if self._by_age[0] is seg:  # retention takes the oldest: no search
+            del self._by_age[0]
+        else:
+            _remove(self._by_age, seg, self._order)
+        if self._stamps.pop(seg, None) is None:
+            self._n_scanned -= 1
+        self._used -= seg.name.size
+        return True
+
+    def _ahead_of_clock(self, now_s: float) -> tuple[int, int] | None:
+        """Segments from before this run ending more than :data:`CLOCK_BEHIND_S` after
+        ``now_s`` (the wall clock was set back), and the newest end (ms); ``None``
+        if none does. Under the lock."""
+        n = self._n_scanned
+        limit_ms = (now_s + CLOCK_BEHIND_S) * 1000
+        if not n or self._by_age[n - 1].name.end_ms <= limit_ms:
+            return None
+        first = bisect.bisect_right(self._by_age, limit_ms, hi=n, key=_end_ms)
+        return n - first, self._by_age[n - 1].name.end_ms
+
+    def _clock_episode(self, ahead: tuple[int, int] | None, now_s: float) -> None:
+        """Say once that footage from before this run ends days after the wall clock."""
+        if (ahead is not None) == self._clock_behind:
+            return
+        self._clock_behind = ahead is not None
+        now_ms = int(now_s * 1000)
+        if ahead is None:
+            log.info("segment store: the wall clock is no longer behind its footage")
+            return
+        count, newest_ms = ahead
+        log.warning(
+            "segment store: %d segment(s) from before this start end more than a day after "
+            "the wall clock (newest %.1f days ahead): the clock was set back (a reboot on a "
+            "stale date?); they go %g h after this start at the latest",
+            count,
+            (newest_ms - now_ms) / 86_400_000,
+            self.max_age_s / 3600,
+        )
+        self.audit.record(
+            "store_clock_behind", segments=count, newest_end_ms=newest_ms, clock_ms=now_ms
+        )
+
+    def _say_expired(self, now_mono: float, *, flush: bool = False) -> None:
+        """Audit the age expiry since the last entry: the first of a run at once, then
+        at most every :data:`EXPIRED_AUDIT_EVERY_S` (routine expiry is a segment per
+        write at most), all of it with ``flush``. The writer's."""
+        done = self._expired
+        said = self._expired_said
+        if not done.count or (
+            not flush and said is not None and now_mono - said < EXPIRED_AUDIT_EVERY_S
+        ):
+            return
+        self._expired, self._expired_said = _Expired(), now_mono
+        log.info(
+            "age expiry: %d segment(s), %d bytes, ends %d..%d ms",
+            done.count,
+            done.bytes,
+            done.oldest_end_ms,
+            done.newest_end_ms,
+        )
+        self.audit.record(
+            "segments_expired",
+            count=done.count,
+            bytes=done.bytes,
+            oldest_end_ms=done.oldest_end_ms,
+            newest_end_ms=done.newest_end_ms,
+            max_age_s=self.max_age_s,
+        )
 
     def _enforce(
         self, *, need_bytes: int, headroom: int | None = None, why: str = "disk full"
@@ -589,8 +762,9 @@ class SegmentStore:
         it takes only ``headroom`` bytes more than the store holds, and room for
         ``need_bytes`` is made within that, pinned footage too once nothing else is left
         (loudly)."""
-        now_s = self.clock()
+        now_s, now_mono = self.clock(), self.monotonic()
         with self._lock:
+            ahead = self._ahead_of_clock(now_s)
             pins: dict[str, list[Pin]] = {}
             for pin in self.pins:
                 pins.setdefault(pin.camera, []).append(pin)
@@ -607,33 +781,39 @@ class SegmentStore:
             excess = used + need_bytes - (quota if room is None else min(quota, room))
             candidates: list[retention.Held] = []
             unpinned = 0
-            for seg in self._by_end:
-                end_s = seg.name.end_ms / 1000
-                if unpinned >= excess and not end_s < now_s - self.max_age_s:
-                    break
+            # Ages do not rise along the order: the expired ones are a prefix of it.
+            for seg in self._by_age:
+                age_s = None  # not needed for pinned footage walked past (over the quota)
+                if unpinned >= excess:
+                    age_s = self._age(seg, now_s, now_mono)
+                    if not age_s > self.max_age_s:
+                        break
                 pinned = any(p.protects(seg) for p in pins.get(seg.camera, ()))
                 if pinned and room is None:
                     continue
-                candidates.append(retention.Held(seg, end_s, seg.name.size, pinned))
+                if age_s is None:
+                    age_s = self._age(seg, now_s, now_mono)
+                candidates.append(retention.Held(seg, age_s, seg.name.size, pinned))
                 unpinned += 0 if pinned else seg.name.size
+        self._clock_episode(ahead, now_s)
         rest = used - sum(h.size for h in candidates)
         decision = retention.plan(
             candidates,
-            now_s=now_s,
             max_age_s=self.max_age_s,
             quota_bytes=quota - rest,
             need_bytes=need_bytes,
             room_bytes=None if room is None else room - rest,
         )
         pinned_lost = set(map(id, decision.pinned_lost))
+        expired = set(map(id, decision.expired))
         for key in decision.all():
             assert isinstance(key, StoredSegment)
-            self._delete(
-                key,
-                pinned=id(key) in pinned_lost,
-                expired=key in decision.expired,
-                why=why,
+            gone = self._delete(
+                key, pinned=id(key) in pinned_lost, expired=id(key) in expired, why=why
             )
+            if gone and id(key) in expired:
+                self._expired.add(key)
+        self._say_expired(now_mono)
         if headroom is None and (decision.over_quota_bytes > 0) != self._over_quota:
             self._quota_episode(decision.over_quota_bytes, quota)
 
@@ -653,16 +833,15 @@ class SegmentStore:
             log.info("segment store within its quota of %d bytes again", quota)
             self.audit.record("store_within_quota", quota_bytes=quota)
 
-    def _delete(self, seg: StoredSegment, *, pinned: bool, expired: bool, why: str) -> None:
+    def _delete(self, seg: StoredSegment, *, pinned: bool, expired: bool, why: str) -> bool:
+        """Delete ``seg``'s file and take it out of the index; whether it is gone."""
         try:
             seg.path.unlink(missing_ok=True)
         except OSError as exc:  # one broken camera folder must not stop every camera's writes
             log.error("cannot delete segment %s: %s", seg.path, exc)
-            return
+            return False
         with self._lock:
-            if _remove(self._index.get(seg.camera, []), seg, _first_seq):
-                _remove(self._by_end, seg, self._order)
-                self._used -= seg.name.size
+            self._unindex(seg)
         self.stats.evicted += 1
         if pinned:
             self.stats.pinned_evicted += 1
@@ -676,6 +855,7 @@ class SegmentStore:
             )
         elif not expired:
             log.info("quota: evicted %s/%s", seg.camera, seg.path.name)
+        return True
 
 
 def _backwards_name(filename: str) -> segment.SegmentName | None:
@@ -692,6 +872,10 @@ def _backwards_name(filename: str) -> segment.SegmentName | None:
 
 def _first_seq(seg: StoredSegment) -> int:
     return seg.name.first_seq
+
+
+def _end_ms(seg: StoredSegment) -> int:
+    return seg.name.end_ms
 
 
 def _last_seq(seg: StoredSegment) -> int:

@@ -37,6 +37,17 @@ SEGMENT_S = 1.0
 PER_SEGMENT = 2 * GOP  # packets in every segment closed by push
 STREAM = StreamDesc("h264", 160, 120, float(FPS), b"\x00\x00\x00\x01\x67")
 WAIT_S = 10
+DAY = 86_400
+
+
+class Clock:
+    """A clock the test sets: the store's wall clock (``clock``) or monotonic one."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
 
 
 @pytest.fixture(scope="module")
@@ -359,20 +370,33 @@ async def test_a_name_with_its_times_backwards_is_renamed_and_retained(
 
 
 async def test_retention_by_age(tmp_path: Path, audit: AuditLog, media: PacketList) -> None:
-    now = [T0_NS / 1e9]
+    """Footage this run wrote ages by the monotonic clock since its write: the wall
+    clock stepping forward a day ages nothing out, nor does one set back keep it."""
+    wall, mono = Clock(T0_NS / 1e9), Clock(1000.0)
     feed = Feed(media)
-    async with opened(tmp_path / "store", audit, max_age_s=60, clock=lambda: now[0]) as store:
+    async with opened(tmp_path / "store", audit, max_age_s=60, clock=wall, monotonic=mono) as store:
         sealed = Sealed(store)
-        first = await seal_first(store, sealed, feed)
+        first = await seal_first(store, sealed, feed)  # written at 1000
+        mono.t = 1010.0
         push(store, feed.take(PER_SEGMENT))
-        await sealed.wait(2)
-        assert first.path.exists()  # young enough
-        now[0] = first.name.end_ms / 1000 + 60.5  # the first is too old, the second is not
+        second = (await sealed.wait(2))[1]
+        wall.t += DAY  # NTP: a day forward
+        mono.t = 1020.0
         push(store, feed.take(PER_SEGMENT))
         await sealed.wait(3)
+        assert first.path.exists()  # a minute old at most, whatever the wall clock says
+        mono.t = 1060.5  # the first is too old, the second is not
+        push(store, feed.take(PER_SEGMENT))
+        await sealed.wait(4)
         assert not first.path.exists()
         assert store.segments("cam") == sealed.segments[1:]
-    assert store.stats.evicted == 1
+        wall.t -= 10 * DAY  # set back: the second looks ten days younger
+        mono.t = 1070.5
+        push(store, feed.take(PER_SEGMENT))
+        await sealed.wait(5)
+        assert not second.path.exists()
+        assert store.segments("cam") == sealed.segments[2:]
+    assert store.stats.evicted == 2
     assert events(audit, "segment_pinned_evicted") == []
 
 
@@ -429,6 +453,131 @@ async def test_quota_evicts_the_oldest_first_across_cameras(
         assert {s.camera for s in gone} == {"a", "b"}
         assert store.stats.evicted == len(gone)
     assert events(audit, "segment_pinned_evicted") == []
+
+
+# -- clock steps: a Pi has no battery-backed clock --------------------------------------
+
+
+async def test_a_clock_step_forward_ages_out_none_of_this_runs_footage(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    """A Pi boots on a stale date (fake-hwclock) and records until NTP steps its clock
+    forward, 90 days here: all it recorded before looked 90 days old and went at the
+    next write, unaudited (found by a review). What this run wrote ages by the
+    monotonic clock since it was written."""
+    wall = Clock(T0_NS / 1e9 + 60)  # the stale date: the capture times are its
+    feed = Feed(media)
+    async with opened(tmp_path / "store", audit, clock=wall) as store:  # 72 h
+        sealed = Sealed(store)
+        push(store, feed.take(3 * PER_SEGMENT + 1))
+        before = await sealed.wait(3)
+        wall.t += 90 * DAY  # NTP synchronised
+        feed.offset_ns = 90 * DAY * 10**9
+        push(store, feed.take(PER_SEGMENT))
+        await sealed.wait(4)
+        assert store.retain_soon(0.0)
+    assert store.segments("cam") == sealed.segments  # close() sealed the open one
+    assert len(sealed.segments) == 5
+    assert all(s.path.exists() for s in before)
+    assert store.stats.evicted == 0
+    assert events(audit, "segments_expired") == []
+
+
+async def test_a_clock_set_back_does_not_make_the_quota_take_the_newest_footage(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    """A reboot with no NTP sets the clock back to the stale date: the footage of the
+    run before it (ten days on that clock) looked newer than this run's, and the quota
+    took this run's first (found by a review). Footage from before this run goes
+    first, oldest first; that it ends days after the clock is said once."""
+    root = tmp_path / "store"
+    feed = Feed(media, offset_ns=10 * DAY * 10**9)
+    async with opened(root, audit, clock=Clock(T0_NS / 1e9 + 10 * DAY + 60)) as run1:
+        push(run1, feed.take(3 * PER_SEGMENT))
+    old = run1.segments("cam")
+    assert len(old) == 3
+    feed.offset_ns = 0  # rebooted: the clock is at the stale date again
+    async with opened(root, audit) as run2:
+        run2.quota_bytes = run1.used_bytes() * 3 // 2  # about four and a half segments
+        sealed = Sealed(run2)
+        push(run2, feed.take(3 * PER_SEGMENT))
+    new = sealed.segments
+    assert len(new) == 3
+    assert all(s.name.end_ms < o.name.end_ms for s in new for o in old)
+    kept = run2.segments("cam")
+    assert kept[-3:] == new  # the newest footage stays
+    assert kept[:-3] == old[len(old) - len(kept) + 3 :]  # the old run's oldest went
+    assert not old[0].path.exists()
+    assert run2.used_bytes() <= run2.quota_bytes
+    (behind,) = events(audit, "store_clock_behind")
+    assert (behind["segments"], behind["newest_end_ms"]) == (3, old[-1].name.end_ms)
+    assert behind["clock_ms"] == (T0_NS // 10**9 + 60) * 1000
+
+
+async def test_footage_from_before_a_clock_set_back_goes_at_most_max_age_after_the_start(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    """Aged by a clock set back ten days, the old run's footage would stay ten days
+    past its age. It is at least as old as this run: it goes ``max_age_s`` after the
+    start at the latest, never earlier (pinned footage not at all)."""
+    root = tmp_path / "store"
+    async with opened(root, audit, clock=Clock(T0_NS / 1e9 + 10 * DAY + 60)) as run1:
+        push(run1, Feed(media, offset_ns=10 * DAY * 10**9).take(3 * PER_SEGMENT))
+    a, b, c = run1.segments("cam")
+    wall, mono = Clock(T0_NS / 1e9 + 60), Clock(5000.0)  # rebooted on the stale date
+    feed = Feed(media, "other")
+    async with opened(root, audit, max_age_s=3600, clock=wall, monotonic=mono) as run2:
+        run2.add_pin(Pin("cam", b.first_seq, b.last_seq))  # owed to the receiver
+        sealed = Sealed(run2)
+        mono.t = 5000.0 + 3600  # an hour since the start: no more, yet
+        wall.t += 3600
+        first = await seal_first(run2, sealed, feed)
+        assert run2.segments("cam") == [a, b, c]
+        mono.t += 1
+        wall.t += 1  # still ten days before the old footage's end
+        push(run2, feed.take(PER_SEGMENT))
+        await sealed.wait(2)
+        assert run2.segments("cam") == [b]
+        assert run2.segments("other") == [first, sealed.segments[1]]
+    assert not a.path.exists() and not c.path.exists()
+    assert run2.stats.pinned_evicted == 0
+    (behind,) = events(audit, "store_clock_behind")  # once, not per pass
+    assert (behind["segments"], behind["newest_end_ms"]) == (3, c.name.end_ms)
+    (expired,) = events(audit, "segments_expired")
+    assert (expired["count"], expired["bytes"]) == (2, a.name.size + c.name.size)
+    assert (expired["oldest_end_ms"], expired["newest_end_ms"]) == (a.name.end_ms, c.name.end_ms)
+
+
+async def test_age_expiry_is_audited_in_summary(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    """Age expiry deleted footage without a word in the trail, however much went at
+    once (a clock stepped forward: days of it; found by a review). An entry says what
+    went: the first expiry of a run at once, then at most one an hour, and at close."""
+    root = tmp_path / "store"
+    feed = Feed(media)
+    async with opened(root, audit) as store:
+        push(store, feed.take(3 * PER_SEGMENT))
+    a, b, c = store.segments("cam")
+    later = c.name.end_ms / 1000 + 4 * DAY
+    async with opened(root, audit, clock=lambda: later) as again:
+        assert again.retain_soon(0.0)
+    assert again.segments("cam") == []
+    (entry,) = events(audit, "segments_expired")
+    assert (entry["count"], entry["bytes"]) == (3, a.name.size + b.name.size + c.name.size)
+    assert (entry["oldest_end_ms"], entry["newest_end_ms"]) == (a.name.end_ms, c.name.end_ms)
+
+    # Routine expiry: a segment per write, not an entry per segment.
+    mono = Clock(0.0)
+    async with opened(root, audit, max_age_s=100, clock=lambda: later, monotonic=mono) as last:
+        sealed = Sealed(last)
+        await seal_first(last, sealed, feed)
+        for n, at in enumerate([10.0, 20.0, 100.5, 110.5, 120.5], start=2):
+            mono.t = at
+            push(last, feed.take(PER_SEGMENT))
+            await sealed.wait(n)
+        assert last.stats.evicted == 3
+    assert [e["count"] for e in events(audit, "segments_expired")] == [3, 1, 2]
 
 
 def test_pin_protects() -> None:
@@ -720,14 +869,14 @@ async def test_a_segment_that_cannot_be_deleted_does_not_stop_other_cameras(
     tmp_path: Path, audit: AuditLog, media: PacketList
 ) -> None:
     root = tmp_path / "store"
-    now = [T0_NS / 1e9 + 60]
+    mono = Clock(0.0)
     a, b = Feed(media, "a"), Feed(media, "b", offset_ns=120 * 10**9)
-    async with opened(root, audit, max_age_s=100, clock=lambda: now[0]) as store:
+    async with opened(root, audit, max_age_s=100, monotonic=mono) as store:
         sealed = Sealed(store)
         old = await seal_first(store, sealed, a)
         (root / "a").rename(tmp_path / "a-moved")
         (root / "a").write_text("the camera folder is now a file")
-        now[0] += 70  # camera a's segment expired, and cannot be deleted
+        mono.t += 101  # camera a's segment expired, and cannot be deleted
         push(store, b.take(PER_SEGMENT + 1))
         await sealed.wait(2)
         assert sealed.segments[-1].camera == "b"
