@@ -69,6 +69,7 @@ class CameraIngest:
         custody: CustodyLog | None = None,
         device_key: DeviceKey | None = None,
         on_refused: Callable[[str], None] | None = None,
+        on_recorded: Callable[[], None] | None = None,
     ) -> None:
         self.device = device
         self.session_id = session_id
@@ -92,6 +93,8 @@ class CameraIngest:
         self._custody = custody
         self._device_key = device_key
         self._on_refused = on_refused
+        #: Called when an fsync made more footage durable and it was acknowledged.
+        self._on_recorded = on_recorded
         self._checkpoints: list[CustodyRecord] = []
         #: Checkpoints received, not checked yet (with the time they came).
         self._unchecked: list[tuple[chain.Checkpoint, float]] = []
@@ -330,19 +333,23 @@ class CameraIngest:
         try:
             while True:
                 await self.camera.flush()
-                self.ack()
+                if self.ack() and self._on_recorded is not None:
+                    self._on_recorded()
                 if not self.camera.has_unflushed:
                     return
         except ReceiverError as exc:
             self._fail(exc)
 
-    def ack(self) -> None:
-        """Send an ack if the cumulative seq or the holds changed since the last one."""
+    def ack(self) -> bool:
+        """Send an ack if the cumulative seq or the holds changed since the last one;
+        whether one was sent."""
         state = self.camera.ack_state(p.MAX_HOLDS)
         # seq -1 (nothing from seq 0 on is durable yet) is sent only to carry holds.
         if state != self._sent and (state[0] >= 0 or state[1]):
             self._sent = state
             self._send_ack(p.Ack(self.session_id, self.index, state[0], state[1]))
+            return True
+        return False
 
     async def settle(self) -> None:
         """Wait until everything queued is recorded and flushed (before a close)."""

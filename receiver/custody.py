@@ -162,6 +162,8 @@ class CustodyLog:
         self._lock = threading.Lock()
         self._seen: dict[str, set[tuple[int, int, bytes, str]]] = {}
         self._keys: dict[str, DeviceKey] | None = None
+        #: Cameras whose file this log created and whose name no folder fsync covers yet.
+        self._unnamed: set[str] = set()
 
     def path(self, camera: str) -> Path:
         """The file of one camera's checkpoints."""
@@ -171,33 +173,32 @@ class CustodyLog:
         """Append the records not held yet and make them durable; how many were new.
 
         ``key`` (the device key they were checked with) is listed in ``keys.json``
-        first if it is new there.
+        first if it is new there. A record counts as held (a resend is skipped)
+        only once the fsync covering it succeeded: when writing or an fsync fails
+        (a full disk, EIO) the error is raised, the file is cut back to where it
+        was, and the resend is written again. A line left without its newline (a
+        crash or a short write) is cut before anything is appended after it.
         """
         with self._lock:
             self._ensure_dir()
             if key is not None:
                 self._note_key(key)
-            fresh: dict[str, list[bytes]] = {}
+            fresh: dict[str, dict[tuple[int, int, bytes, str], bytes]] = {}
             for record in records:
                 cp = record.checkpoint
-                seen = self._held(cp.camera)
                 ident = (cp.first, cp.last, cp.head, record.result)
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                fresh.setdefault(cp.camera, []).append(record_line(record))
-            created = False
+                if ident not in self._held(cp.camera):
+                    fresh.setdefault(cp.camera, {}).setdefault(ident, record_line(record))
             for camera, lines in fresh.items():
                 path = self.path(camera)
-                created = created or not path.exists()
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-                try:
-                    _write_all(fd, b"".join(lines))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            if created:
-                fsync_dir(self.directory)  # a new file's name is durable too
+                if not path.exists():
+                    self._unnamed.add(camera)
+                _append_durably(path, b"".join(lines.values()))
+                if camera in self._unnamed:
+                    fsync_dir(self.directory)  # a new file's name is durable too
+                    self._unnamed.discard(camera)
+                # Only now: a record whose write or fsync failed must be written again.
+                self._held(camera).update(lines)
             return sum(len(lines) for lines in fresh.values())
 
     def forget(self) -> None:
@@ -228,8 +229,8 @@ class CustodyLog:
         known = self._keys.get(key.kid)
         if known is not None and (known.certificate is not None or key.certificate is None):
             return
-        self._keys[key.kid] = key
-        doc = {kid: k.to_json() for kid, k in sorted(self._keys.items())}
+        keys = {**self._keys, key.kid: key}
+        doc = {kid: k.to_json() for kid, k in sorted(keys.items())}
         tmp = self.directory / (KEYS_FILE + ".tmp")
         data = json.dumps(doc, indent=1, sort_keys=True).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
@@ -240,9 +241,58 @@ class CustodyLog:
             os.close(fd)
         os.replace(tmp, self.directory / KEYS_FILE)
         fsync_dir(self.directory)
+        self._keys = keys  # known only once durable: a failed save is tried again
 
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _append_durably(path: Path, data: bytes) -> None:
+    """Append ``data`` (whole lines) to ``path`` (created if need be) and fsync it.
+
+    A last line without its newline (a crash, a short write) is cut first, so
+    nothing is appended onto it. If writing or the fsync fails, the file is cut
+    back to its size before the append (what a scan finds is then only what an
+    fsync covered: Linux reports a failed fsync once, and the pages it failed to
+    write may stay readable in the page cache) and the error is raised.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        size = _cut_torn_line(path, fd)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError as exc:
+            log.error("%s: appending %d bytes failed: %s; cut back to %d bytes", path,
+                      len(data), exc, size)  # fmt: skip
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            except OSError as again:
+                log.error("%s: cutting back to %d bytes failed: %s", path, size, again)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _cut_torn_line(path: Path, fd: int) -> int:
+    """Cut the file after its last newline if its last line has none; its size after."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    end = size
+    keep = 0
+    while end > 0:
+        start = max(0, end - 65536)
+        chunk = os.pread(fd, end - start, start)
+        at = chunk.rfind(b"\n")
+        if at >= 0:
+            keep = start + at + 1
+            break
+        end = start
+    log.warning("%s: last line has no newline (cut short): cut %d -> %d bytes", path, size, keep)
+    os.ftruncate(fd, keep)
+    return keep

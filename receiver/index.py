@@ -34,7 +34,11 @@ missing, unreadable or foreign file is deleted and rebuilt from the files
 fragments). Every start reconciles each known session with its rows:
 parts whose durable frame count is unchanged are not read again, so a
 restart costs one query per session. Sessions no longer on disk are
-dropped from the index.
+dropped from the index; a session whose folder is still there but whose
+``session.json`` is unreadable or missing (:attr:`RecordingStore.damaged`)
+keeps its rows, and is listed marked damaged (:attr:`SessionEntry.damaged`),
+with no cameras if it was never indexed: its part files are kept, and the
+index is then what still lists them.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import sys
 import threading
 from array import array
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -767,7 +771,9 @@ class LocalStorage:
         self.rebuilt = db.rebuilt
         self._unsubscribe = self.store.subscribe(self._changed)
         known = {s.session_id for s in self.store.sessions()}
-        gone = await asyncio.to_thread(db.session_ids) - known
+        # A damaged session (its session.json unreadable or missing, its folder and part
+        # files still there) keeps its rows: the index is then all that lists its footage.
+        gone = await asyncio.to_thread(db.session_ids) - known - set(self.store.damaged)
         if gone:
             await asyncio.to_thread(db.drop_sessions, gone)
         self._dirty |= known
@@ -850,15 +856,41 @@ class LocalStorage:
     # -- RecordingStorage --------------------------------------------------
 
     async def sessions(self) -> list[SessionEntry]:
-        """Every indexed session, newest first."""
-        return await asyncio.to_thread(self._open_db().sessions)
+        """Every indexed session, newest first; damaged ones marked (see
+        :attr:`SessionEntry.damaged`), listed even if never indexed."""
+        found = await asyncio.to_thread(self._open_db().sessions)
+        return await self._mark_damaged(found, None)
 
     async def session(self, session_id: str) -> SessionEntry:
         """One session; raises :class:`UnknownSessionError`."""
         found = await asyncio.to_thread(self._open_db().sessions, session_id)
+        found = await self._mark_damaged(found, session_id)
         if not found:
             raise UnknownSessionError(f"no recording for session {session_id!r}")
         return found[0]
+
+    async def _mark_damaged(
+        self, found: list[SessionEntry], session_id: str | None
+    ) -> list[SessionEntry]:
+        damaged = self.store.damaged
+        if session_id is not None:
+            damaged = {k: v for k, v in damaged.items() if k == session_id}
+        if not damaged:
+            return found
+        out = [
+            replace(e, damaged=damaged[e.session_id]) if e.session_id in damaged else e
+            for e in found
+        ]
+        listed = {e.session_id for e in found}
+        stubs = [
+            SessionEntry(sid, "", when, None, None, (), why)
+            for sid, why in damaged.items()
+            if sid not in listed
+            if (when := await asyncio.to_thread(_folder_time, self.store.root / sid)) is not None
+        ]
+        if not stubs:
+            return out
+        return sorted([*out, *stubs], key=lambda e: (-e.opened_at, e.session_id))
 
     async def parts(self, session_id: str, camera_id: str) -> list[PartEntry]:
         """A camera's parts holding durable frames, in seq order."""
@@ -899,3 +931,11 @@ def _read_range(path: Path, start: int, stop: int) -> bytes:
     if len(data) != stop - start:
         raise OSError(f"{path}: {stop - start} bytes expected at {start}, read {len(data)}")
     return data
+
+
+def _folder_time(path: Path) -> float | None:
+    """A session folder's modification time (None: it is gone)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None

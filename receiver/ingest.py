@@ -20,7 +20,10 @@ checkpoint that does not verify is refused with its code in ``chain_ack``,
 logged and recorded as refused; the connection and the footage go on.
 
 Every message from an accepted device counts as hearing from it
-(:class:`receiver.presence.Presence`: last heard, the offline alarm).
+(:class:`receiver.presence.Presence`: last heard, the offline alarm). A
+failure to record its footage (our disk full or failing, a damaged
+recording: ``error`` ``recording_failed`` or ``corrupt_recording``) is
+reported there too, until an fsync makes its footage durable again.
 Revocation: the district's revocation list (``DATA/revocations.json``) is
 read at every hello with a certificate, and :meth:`IngestServer.check_revocations`
 re-reads it when the file changed (the receiver calls it every few seconds and
@@ -63,7 +66,7 @@ from receiver.audit_copy import AuditCopies
 from receiver.camera_ingest import CameraIngest
 from receiver.custody import CustodyLog, DeviceKey
 from receiver.device_trust import DeviceTrust
-from receiver.errors import ReceiverError
+from receiver.errors import CorruptRecordingError, ReceiverError
 from receiver.limits import LogThrottle, Rate, TokenBucket
 from receiver.presence import Presence
 from receiver.recording import RecordingStore, SessionRecording, TrackInfo
@@ -315,7 +318,17 @@ class IngestServer:
             await self._send_error(ws, conn, exc.code, exc.detail)
         except ReceiverError as exc:
             log.error("device %s: cannot record: %s", device, exc)
-            await self._send_error(ws, conn, "recording_failed", str(exc))
+            # A damaged recording says so (the device keeps its footage and retries later);
+            # everything else of ours is a failed recording.
+            code = exc.code if isinstance(exc, CorruptRecordingError) else "recording_failed"
+            self.presence.recording_failed(device, f"{code}: {exc}")
+            await self._send_error(ws, conn, code, str(exc))
+        except ConnectionError:
+            raise
+        except OSError as exc:  # our disk (full, failing), from wherever it was not mapped
+            log.error("device %s: cannot record: %r", device, exc)
+            self.presence.recording_failed(device, f"recording_failed: {exc!r}")
+            await self._send_error(ws, conn, "recording_failed", repr(exc))
         finally:
             if self._connections.get(device) is ws:
                 del self._connections[device]
@@ -509,9 +522,13 @@ class IngestServer:
             if ws.closed or any(not f.done() for f in failing):
                 return
             log.error("device %s: cannot record: %s", device, exc)
+            self.presence.recording_failed(device, f"recording_failed: {exc}")
             failing.append(
                 asyncio.ensure_future(self._send_error(ws, conn, "recording_failed", str(exc)))
             )
+
+        def recorded() -> None:
+            self.presence.recording_works(device)
 
         async def keepalive() -> None:
             # Heartbeats, and the end of a device gone quiet or not reading what we send,
@@ -590,6 +607,7 @@ class IngestServer:
                             custody=self.custody(session.directory),
                             device_key=device_key,
                             on_refused=self._chain_refused,
+                            on_recorded=recorded,
                         )
                         for c in event.cameras
                     ]

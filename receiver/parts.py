@@ -11,9 +11,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from receiver.errors import CorruptRecordingError
 from receiver.fmp4 import scan_file
+from receiver.summaries import parse_part_file
 
-__all__ = ["PartInfo", "PartWriter", "open_part_file", "scan_part"]
+__all__ = [
+    "PartInfo",
+    "PartWriter",
+    "cut_failed_part",
+    "cut_part",
+    "open_part_file",
+    "parts_with_data",
+    "remove_empty_part",
+    "scan_part",
+]
 
 _IOV_MAX = 1024  # buffers one writev takes at most (Linux)
 
@@ -64,9 +75,27 @@ class PartWriter:
         return total
 
 
-def open_part_file(path: Path, sync_dir: bool) -> int:
-    """Create (or truncate) a part file for writing; with ``sync_dir`` make its name durable."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+def open_part_file(path: Path, sync_dir: bool, *, rewrite: bool = False) -> int:
+    """Create a part file for writing; with ``sync_dir`` make its name durable.
+
+    A file of that name is never overwritten: it is created with ``O_EXCL``;
+    one that exists already is taken only when empty (a part created, never
+    listed, then abandoned: a failed or interrupted open). ``rewrite`` is the
+    one exception: the planned rewrite of a part found to hold no complete
+    fragment (an init segment, a torn one); the file is scanned again first.
+    Raises :class:`CorruptRecordingError` (and leaves the file as it is) when
+    it holds more.
+    """
+    flags = os.O_WRONLY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o640)
+    except FileExistsError:
+        fd = os.open(path, (os.O_RDWR if rewrite else os.O_WRONLY) | os.O_CLOEXEC)
+        try:
+            _take_existing(path, fd, rewrite)
+        except BaseException:
+            os.close(fd)
+            raise
     if sync_dir:  # the new name must survive a power cut, not only its data
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -74,6 +103,43 @@ def open_part_file(path: Path, sync_dir: bool) -> int:
         finally:
             os.close(dir_fd)
     return fd
+
+
+def _take_existing(path: Path, fd: int, rewrite: bool) -> None:
+    """Empty an existing part file about to be (re)written, if it holds no footage."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return
+    if rewrite:
+        with open(path, "rb") as f:
+            samples = scan_file(f).samples
+        if samples == 0:
+            os.ftruncate(fd, 0)
+            return
+        what = f"{samples} samples in complete fragments"
+    else:
+        what = f"{size} bytes"
+    _LOG.error("%s: exists and holds %s: never overwritten", path, what)
+    raise CorruptRecordingError(
+        f"{path.parent.name}/{path.name} exists and holds {what}; it is not overwritten "
+        "(is session.json current?)"
+    )
+
+
+def cut_failed_part(fd: int, size: int, path: Path) -> None:
+    """Cut a part whose write or fsync just failed to ``size`` bytes (what the last
+    good fsync covered), through its still open descriptor, and make the new size
+    durable. What came after may read back from the page cache but never reach the
+    disk: cut now, a restart before the part is repaired finds only durable frames.
+    """
+    try:
+        if os.fstat(fd).st_size > size:
+            _LOG.warning("%s: writing failed: cut to %d bytes, what the last good fsync "
+                         "covered", path, size)  # fmt: skip
+            os.ftruncate(fd, size)
+        os.fsync(fd)  # the size only: the bytes before it were fsynced already
+    except OSError as exc:  # the repair at the re-open cuts it again
+        _LOG.error("%s: cutting to %d bytes after a failed write failed: %s", path, size, exc)
 
 
 def cut_part(path: Path, size: int) -> None:
@@ -86,6 +152,42 @@ def cut_part(path: Path, size: int) -> None:
             os.fsync(f.fileno())
     except FileNotFoundError:
         pass
+
+
+def parts_with_data(directory: Path) -> list[str]:
+    """Names of the part files in a session folder that are not empty, sorted."""
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found: list[str] = []
+    for entry in entries:
+        if parse_part_file(entry.name) is None:
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_size > 0:
+                found.append(entry.name)
+        except FileNotFoundError:
+            continue
+    return sorted(found)
+
+
+def remove_empty_part(path: Path) -> bool:
+    """Delete a part file listed nowhere any more, unless it holds a complete fragment
+    (then it is kept and logged: footage is never deleted); whether it was deleted."""
+    try:
+        with open(path, "rb") as f:
+            samples = scan_file(f).samples
+        if samples:
+            _LOG.error("%s: not deleted: it holds %d samples in complete fragments", path, samples)
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # left behind: an empty file that nothing lists harms nobody
+        _LOG.warning("%s: not deleted: %s", path, exc)
+        return False
+    return True
 
 
 def scan_part(path: Path, repair: bool) -> tuple[int, bytes | None]:

@@ -27,6 +27,13 @@ The first check after a restart warns again about each device already
 offline, so a new log starts with the alarms in force. A device revoked by
 the district is forgotten (:meth:`Presence.forget`): its silence is expected
 and raises no alarm.
+
+A device whose footage the receiver cannot record (its disk full or failing,
+a damaged recording) keeps it and reconnects every few seconds, so it never
+goes offline: the uplink reports each failure (:meth:`Presence.recording_failed`)
+and each acknowledgement (:meth:`Presence.recording_works`), and the device's
+entry says since when its recording fails and why (``recording_failing``),
+logged once per transition. Not kept across restarts.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ MIN_OFFLINE_AFTER_S = 15.0
 SAVE_EVERY_S = 5.0
 _FILE_VERSION = 1
 _MAX_ID = 64
+#: Characters of a recording failure's error kept (and shown).
+_MAX_ERROR = 512
 
 
 def validate_offline_after(value: float) -> float:
@@ -100,6 +109,11 @@ class DevicePresence:
     session: str | None = None
     #: The offline alarm is raised (the warning was logged).
     alarmed: bool = False
+    #: Since when its footage cannot be recorded (clock seconds; None: it can), why,
+    #: and when it last failed.
+    failing_since: float | None = None
+    failing_error: str | None = None
+    failing_last: float | None = None
 
     def offline(self, now: float, offline_after_s: float) -> bool:
         """Whether it has been silent for ``offline_after_s`` at ``now``."""
@@ -121,6 +135,13 @@ class DevicePresence:
             "offline": self.offline(now, offline_after_s),
             "since": iso_utc(self.since(now, offline_after_s)),
             "session": self.session,
+            "recording_failing": None
+            if self.failing_since is None or self.failing_last is None
+            else {
+                "since": iso_utc(self.failing_since),
+                "last": iso_utc(self.failing_last),
+                "error": self.failing_error,
+            },
         }
 
 
@@ -191,6 +212,41 @@ class Presence:
             entry.connected, entry.changed, entry.session = False, self.clock(), None
             self._dirty = True
             self._changed()
+
+    def recording_failed(self, device: str, error: str) -> None:
+        """The receiver could not record the device's footage (its disk is full or
+        failing, its recording is damaged): the device keeps it and retries, so it
+        stays connected (or reconnects every few seconds) and never goes offline.
+        Reported until :meth:`recording_works`; logged once per transition."""
+        entry = self.devices.get(device)
+        if entry is None:
+            return
+        now = self.clock()
+        error = error[:_MAX_ERROR]
+        if entry.failing_since is None:
+            entry.failing_since = now
+            log.error(
+                "device %s (building %s): RECORDING FAILING: %s",
+                device, entry.building or "?", error,
+            )  # fmt: skip
+        entry.failing_error, entry.failing_last = error, now
+        self._changed()
+
+    def recording_works(self, device: str) -> None:
+        """Footage of the device was made durable (acknowledged): it records again."""
+        entry = self.devices.get(device)
+        if entry is None or entry.failing_since is None:
+            return
+        log.warning(
+            "device %s: recording works again (failing since %s: %s)",
+            device, iso_utc(entry.failing_since), entry.failing_error,
+        )  # fmt: skip
+        entry.failing_since = entry.failing_error = entry.failing_last = None
+        self._changed()
+
+    def failing(self) -> list[str]:
+        """Ids of the devices whose footage cannot be recorded now."""
+        return sorted(d.device for d in self.devices.values() if d.failing_since is not None)
 
     def forget(self, devices: Iterable[str], why: str) -> None:
         """Stop tracking these devices (revoked: their silence raises no alarm)."""

@@ -14,7 +14,12 @@ frame, and acknowledges what :meth:`CameraRecording.ack_state` says after
 by :meth:`RecordingStore.load` (read only) and resumed, each run in a new
 part file, when their agent opens them again. A session closed by
 ``session_close`` can be re-opened by its device, so late footage is never
-refused.
+refused. A session folder holding part files with data but no readable
+``session.json`` is never started over: it is :attr:`RecordingStore.damaged`,
+left as it is, and its ``session_open`` raises :class:`CorruptRecordingError`.
+Part files are created with ``O_EXCL`` and never truncated unless planned as
+the rewrite of a part holding no complete fragment
+(:func:`receiver.parts.open_part_file`).
 """
 
 from __future__ import annotations
@@ -30,8 +35,14 @@ from pathlib import Path
 from types import TracebackType
 
 from receiver.camera_recording import CameraRecording, Outcome, TrackInfo
-from receiver.errors import CorruptRecordingError, InvalidMetadataError, UnknownSessionError
+from receiver.errors import (
+    CorruptRecordingError,
+    InvalidMetadataError,
+    RecordingFailedError,
+    UnknownSessionError,
+)
 from receiver.livefeed import LiveFeed
+from receiver.parts import parts_with_data
 from receiver.run import FragmentListener
 from receiver.session_recording import SessionRecording, check_track, read_session_json
 from receiver.summaries import (
@@ -103,6 +114,10 @@ class RecordingStore:
         self._clock = clock
         self._mono_ns = mono_ns
         self._sessions: dict[str, SessionRecording] = {}
+        #: Sessions whose folder holds footage but whose ``session.json`` is unreadable
+        #: or missing: why. Left as they are on disk (never overwritten, never pruned,
+        #: kept in the index); a ``session_open`` of one is refused.
+        self.damaged: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._subscribers: list[Callable[[str], None]] = []
 
@@ -121,9 +136,10 @@ class RecordingStore:
     async def load(self) -> None:
         """Index the sessions already on disk (read only; torn tails are cut on resume).
 
-        A session whose ``session.json`` is unreadable is logged and left out;
-        opening it later raises :class:`CorruptRecordingError` rather than
-        overwrite anything.
+        A session whose ``session.json`` is unreadable, or missing while its
+        folder holds part files with data, is logged at ERROR, listed in
+        :attr:`damaged` and left as it is: opening it raises
+        :class:`CorruptRecordingError` rather than overwrite anything.
         """
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
         names = await asyncio.to_thread(lambda: sorted(p.name for p in self.root.iterdir()))
@@ -133,11 +149,23 @@ class RecordingStore:
                     continue
                 try:
                     rec = await self._load_one(name)
-                except CorruptRecordingError:
-                    _LOG.exception("skipping unreadable session %r", name)
+                except CorruptRecordingError as exc:
+                    self._damaged(name, str(exc))
                     continue
                 if rec is not None:
                     self._sessions[name] = rec
+                    self.damaged.pop(name, None)
+
+    def _damaged(self, session_id: str, why: str) -> None:
+        """Note a session whose recording cannot be read: logged at ERROR once."""
+        if self.damaged.get(session_id) != why:
+            _LOG.error(
+                "session %r: recording unreadable, left as it is on disk: %s. Its part "
+                "files are kept (and stay in the index); its device is refused until "
+                "session.json is repaired",
+                session_id, why,
+            )  # fmt: skip
+        self.damaged[session_id] = why
 
     def subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call ``callback(session_id)`` on the loop whenever a session's recording changed.
@@ -163,9 +191,17 @@ class RecordingStore:
                 _LOG.exception("recording subscriber failed")
 
     async def _load_one(self, session_id: str) -> SessionRecording | None:
+        """A session read from its folder; None if there is none (no ``session.json``
+        and no part file holding data). Raises :class:`CorruptRecordingError`."""
         directory = self.root / session_id
         doc = await asyncio.to_thread(read_session_json, directory / "session.json")
         if doc is None:
+            held = await asyncio.to_thread(parts_with_data, directory)
+            if held:
+                raise CorruptRecordingError(
+                    f"{directory}: no session.json, but {len(held)} part file(s) holding "
+                    f"data ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''})"
+                )
             return None
         rec = SessionRecording._from_json(directory, doc, clock=self._clock, mono_ns=self._mono_ns)
         rec.on_change = self._notify
@@ -203,7 +239,16 @@ class RecordingStore:
         async with self._lock:
             rec = self._sessions.get(session_id)
             if rec is None:
-                rec = await self._load_one(session_id)
+                try:
+                    rec = await self._load_one(session_id)
+                except CorruptRecordingError as exc:
+                    # Never started over on top of footage the device was told is safe.
+                    self._damaged(session_id, str(exc))
+                    raise CorruptRecordingError(
+                        f"session {session_id!r} cannot be resumed: its recording on this "
+                        f"receiver is damaged ({exc}); nothing is overwritten"
+                    ) from exc
+                self.damaged.pop(session_id, None)
             if rec is None:
                 rec = SessionRecording(
                     self.root / session_id,
@@ -215,7 +260,12 @@ class RecordingStore:
                     mono_ns=self._mono_ns,
                 )
                 rec.on_change = self._notify
-            await rec._activate(device_id, tracks)
+            try:
+                await rec._activate(device_id, tracks)
+            except OSError as exc:  # our disk (full, failing): the device keeps its footage
+                raise RecordingFailedError(
+                    f"session {session_id!r}: cannot open its recording: {exc!r}"
+                ) from exc
             self._sessions[session_id] = rec
             return rec
 

@@ -61,7 +61,14 @@ from receiver.errors import (
 from receiver.fmp4 import avcc_from_moov
 from receiver.fragmenter import Fragmenter
 from receiver.h264 import ParameterSets, has_sps, leading_parameter_sets, parameter_sets
-from receiver.parts import PartInfo, PartWriter, cut_part, open_part_file, scan_part
+from receiver.parts import (
+    PartInfo,
+    PartWriter,
+    cut_failed_part,
+    cut_part,
+    open_part_file,
+    scan_part,
+)
 from receiver.summaries import part_file
 
 __all__ = [
@@ -190,6 +197,8 @@ class Run:
         self._failure: BaseException | None = None
         #: Whether torn tails were cut since this run was read from disk.
         self.repaired = False
+        #: Whether the next part opened is the rewrite of one holding no complete fragment.
+        self._rewrite = False
         #: Packets whose capture time did not increase (pts bumped by one tick).
         self.timestamp_fixups = 0
 
@@ -244,6 +253,11 @@ class Run:
     def has_open_file(self) -> bool:
         """Whether a part file is open (writable, or failed and not yet released)."""
         return self._fd is not None
+
+    @property
+    def _part_path(self) -> Path:
+        """The file of the part written now (the run's last)."""
+        return self._dir / self.parts[-1].file
 
     @property
     def init_segment(self) -> bytes | None:
@@ -319,6 +333,7 @@ class Run:
         last = self.parts[-1]
         if last.frames == 0:
             last.first_capture_us = None  # it holds nothing: rewrite it from the start
+            self._rewrite = True
         else:
             seq = self.durable_seq + 1
             self.parts.append(PartInfo(part_file(self._host.camera_id, seq), seq))
@@ -333,7 +348,8 @@ class Run:
         fsync makes the new file's name durable too (one fsync for all parts).
         """
         path = self._dir / self.parts[-1].file
-        self._fd = await asyncio.to_thread(open_part_file, path, sync_dir)
+        self._fd = await asyncio.to_thread(open_part_file, path, sync_dir, rewrite=self._rewrite)
+        self._rewrite = False
         self._writer = PartWriter(self._fd)
         self._unwritten.clear()
         self._made = self._taken = self._synced = self._uncached_to = 0
@@ -506,10 +522,24 @@ class Run:
                 try:
                     await asyncio.to_thread(self._sync_rounds, writer, fd, loop)
                 except OSError as exc:
-                    # A failed write may have left a torn tail (cut by the repair at the
-                    # re-open); after a failed fsync the kernel may have dropped the dirty
-                    # pages: never fsync this file again and call it durable.
+                    # A failed write may have left a torn tail; after a failed fsync the
+                    # kernel may have dropped the dirty pages (they read back from the
+                    # page cache, but never reach the disk): never fsync this file again
+                    # and call it durable. The file is cut to what the last good fsync
+                    # covered now, before its descriptor is released, so that a scan
+                    # (the re-open, or a restart before it) finds only durable frames.
                     self._fail(exc)
+                    cut = asyncio.ensure_future(
+                        asyncio.to_thread(cut_failed_part, fd, self._synced, self._part_path)
+                    )
+                    cancelled = False
+                    while not cut.done():  # cancelled too: never close the fd under the cut
+                        try:
+                            await asyncio.wait({cut})
+                        except asyncio.CancelledError:
+                            cancelled = True
+                    if cancelled:
+                        raise asyncio.CancelledError from exc
                     raise RecordingFailedError(
                         f"camera {self._host.camera_id!r}: writing or fsync failed: {exc}"
                     ) from exc

@@ -27,6 +27,7 @@ from receiver.errors import (
     UnknownCameraError,
     UnsupportedCodecError,
 )
+from receiver.parts import remove_empty_part
 from receiver.summaries import SessionSummary, validate_camera_id, validate_session_id
 
 __all__ = ["SessionRecording", "check_track", "read_session_json"]
@@ -225,9 +226,23 @@ class SessionRecording:
             planned = [run for t in tracks for run in await self.cameras[t.camera_id]._prepare(t)]
             # Create the part files, then list them: the save's folder fsync covers their
             # names, and no data reaches them before this method returns.
-            await asyncio.to_thread(_ensure_dir, self._dir)
-            await asyncio.gather(*(run._open_part(sync_dir=False) for run in planned))
-            await self._save()
+            try:
+                await asyncio.to_thread(_ensure_dir, self._dir)
+                opened = await asyncio.gather(
+                    *(run._open_part(sync_dir=False) for run in planned), return_exceptions=True
+                )
+                for result in opened:
+                    if isinstance(result, BaseException):
+                        raise result
+                await self._save()
+            except BaseException:
+                # Not activated (a full disk, a failing one): release the part files just
+                # opened, or every retry of the device leaks their descriptors. They are
+                # empty and unlisted; the next open takes them again.
+                for run in planned:
+                    with contextlib.suppress(Exception):
+                        await run.close()
+                raise
 
     async def _suspend(self) -> None:
         """Finish every camera without ending the session (receiver shutdown)."""
@@ -245,10 +260,10 @@ class SessionRecording:
         if self._meta_task is not None:
             self._meta_task.cancel()  # saved right here instead
         await self._save()
-        # Parts that never got a frame: unlisted first, then deleted.
+        # Parts that never got a frame: unlisted first, then deleted (never one holding a
+        # complete fragment, whatever the count in memory says).
         for name in gone:
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(os.unlink, self._dir / name)
+            await asyncio.to_thread(remove_empty_part, self._dir / name)
 
     def _mark_dirty(self) -> None:
         self._dirty = True

@@ -125,6 +125,10 @@ class SessionEntry:
     closed_at: float | None
     close_reason: str | None
     cameras: tuple[CameraEntry, ...]
+    #: Why the session's recording cannot be read now (its ``session.json`` is
+    #: unreadable or missing), else None. What the index held of it before is
+    #: still listed (its part files are kept); the device is refused meanwhile.
+    damaged: str | None = None
 
     def camera(self, camera_id: str) -> CameraEntry:
         """One camera; raises :class:`UnknownCameraError`."""

@@ -42,7 +42,16 @@ pytestmark = pytest.mark.timeout(60)
 
 DEVICE = "demo-agent-1"
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
-FIELDS = {"device", "building", "connected", "last_heard", "offline", "since", "session"}
+FIELDS = {
+    "device",
+    "building",
+    "connected",
+    "last_heard",
+    "offline",
+    "since",
+    "session",
+    "recording_failing",
+}
 
 
 class Clock:
@@ -130,6 +139,7 @@ async def test_a_silent_device_goes_offline_once_and_comes_back_on_reconnect(
                 "offline": False,
                 "since": "2027-01-15T08:00:00Z",
                 "session": None,
+                "recording_failing": None,
             }
         await until_disconnected(rx)
         clock.t += 299
@@ -365,6 +375,37 @@ async def test_the_viewer_shows_the_offline_alarm_and_clears_it_without_reload(
             assert ok["hidden"] is True
             assert "connected" in ok["chipClass"].split()
             assert ok["title"] == "breakglass receiver"
+
+
+@needs_chromium
+async def test_the_viewer_shows_a_device_whose_recording_fails_and_clears_it(
+    tmp_path: Path,
+) -> None:
+    """A device the receiver cannot record (its disk full) reconnects every few seconds, so
+    it is never offline: its failure has a banner line of its own."""
+    clock = Clock()
+    presence = Presence(clock=clock)
+    presence.connected("lincoln-pi-1", building="lincoln-elementary")
+    presence.recording_failed("lincoln-pi-1", "recording_failed: [Errno 28] No space left")
+    async with RecordingStore(tmp_path / "rec") as store:
+        app = web.Application()
+        setup_viewer(app, store, store.live_feed, presence)
+        async with (
+            secured_client(app, tmp_path / "auth") as client,
+            chromium() as browser,
+            logged_in_page(browser, str(client.make_url("/")), "officer-1") as page,
+        ):
+            alarm = await banner(page, hidden_now=True)
+            assert "RECORDING FAILING — lincoln-pi-1 (building lincoln-elementary)" in alarm["text"]
+            assert "No space left" in alarm["text"]
+            assert "DEVICE OFFLINE" not in alarm["text"]
+            assert "RECORDING FAILING" in alarm["chip"]
+            assert "connected" in alarm["chipClass"].split()
+
+            presence.recording_works("lincoln-pi-1")  # acked again: the next poll clears it
+            ok = await banner(page, hidden_now=False)
+            assert ok["hidden"] is True
+            assert "RECORDING FAILING" not in ok["chip"]
 
 
 async def test_the_presence_file_is_written_whole_and_read_back(tmp_path: Path) -> None:

@@ -700,18 +700,29 @@ function deviceState(d) {
   return d.offline ? "OFFLINE" : d.connected ? "online" : "disconnected";
 }
 
-// The offline alarm (red banner, one line per device) and the buildings with their devices.
+// The offline alarm and the recording failures (red banner, one line per device) and the
+// buildings with their devices. A device whose footage the receiver cannot record (its disk
+// full or failing) keeps reconnecting, so it is never offline: it has a line of its own.
 function renderDevices(devices) {
   state.devices = devices;
   const banner = document.getElementById("device-alarms");
   const list = document.getElementById("devices");
   const offline = devices.filter((d) => d.offline);
-  banner.replaceChildren(...offline.map((d) => el(
-    "p", "alarm-line",
-    `DEVICE OFFLINE — ${d.device} (building ${d.building || "?"}) — ` +
-    `last heard ${when(isoSeconds(d.last_heard))} (${ago(isoSeconds(d.last_heard))})`,
-  )));
-  banner.hidden = offline.length === 0;
+  const failing = devices.filter((d) => d.recording_failing);
+  banner.replaceChildren(
+    ...offline.map((d) => el(
+      "p", "alarm-line",
+      `DEVICE OFFLINE — ${d.device} (building ${d.building || "?"}) — ` +
+      `last heard ${when(isoSeconds(d.last_heard))} (${ago(isoSeconds(d.last_heard))})`,
+    )),
+    ...failing.map((d) => el(
+      "p", "alarm-line recording-failing",
+      `RECORDING FAILING — ${d.device} (building ${d.building || "?"}) — since ` +
+      `${when(isoSeconds(d.recording_failing.since))} ` +
+      `(${ago(isoSeconds(d.recording_failing.since))}): ${d.recording_failing.error}`,
+    )),
+  );
+  banner.hidden = offline.length + failing.length === 0;
 
   const buildings = new Map();
   for (const d of devices) {
@@ -743,6 +754,7 @@ function renderDevices(devices) {
         ` · ${deviceState(d)} since ${when(isoSeconds(d.since))}`,
         el("span", "heard", ` · last heard ${when(heard)} (${ago(heard)})`),
       );
+      if (d.recording_failing) li.append(el("span", "failing", " · RECORDING FAILING"));
       li.title = d.session ? `session ${d.session}` : "no session";
       ul.append(li);
     }
