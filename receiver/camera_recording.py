@@ -467,7 +467,7 @@ class CameraRecording:
         await run.close()
         run._plan_part()
         await run._open_part(sync_dir=False)
-        await self._save()
+        await self._list_part(run)
         if feeding:
             run.attach(self._fanout)  # the live feed follows, to the new init segment
         _LOG.info("camera %r: new parameter sets at seq %d: new part", self.camera_id, run.next_seq)
@@ -477,7 +477,17 @@ class CameraRecording:
             await run.repair()
         run._plan_part()
         await run._open_part(sync_dir=False)
-        await self._save()
+        await self._list_part(run)
+
+    async def _list_part(self, run: Run) -> None:
+        """List ``run``'s new part in ``session.json`` before it gets data; if that cannot
+        be saved the run fails (footage acked into a part no listing names would be lost
+        to a restart) until a re-open plans the part again."""
+        try:
+            await self._save()
+        except BaseException as exc:
+            run._fail(exc)
+            raise
 
     # -- declared gaps and bad segments ----------------------------------
 

@@ -953,3 +953,27 @@ async def test_an_ack_moves_past_a_declared_gap_only_once_the_gap_is_on_disk(
     release.set()
     await declaring
     assert cam.durable_seq == 48
+
+
+async def test_a_part_whose_listing_failed_takes_no_footage(
+    store: RecordingStore, packets: PacketList
+) -> None:
+    """The receiver cannot save session.json as a camera's new parameter sets begin a
+    part (a full disk): that part is not listed, so nothing may go into it (acked
+    there, it would be footage no listing finds after a restart) until a re-open."""
+    larger = make_h264_packets(30, width=640, height=360)
+    rec, cam = await open_cam(store, packets)
+    await feed(cam, packets[:45], range(45))
+    real_save = cam._save
+
+    async def full_disk() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cam._save = full_disk
+    with pytest.raises(OSError, match="No space"):
+        await feed(cam, packets[:45] + larger, range(45, 46))
+    cam._save = real_save
+    with pytest.raises(RecordingFailedError):  # sent again: the part is still unlisted
+        await feed(cam, packets[:45] + larger, range(45, 47))
+    assert cam.durable_seq == 44
+    await rec.close("done")
