@@ -5,7 +5,9 @@ a technician reads on the device; made on first start and printed once on
 the console, never logged). Pairing is open for ``[local_api]
 pairing_window_s`` after start; every attempt counts against the window's
 budget whether it is confirmed or not, because the device's answer lets the
-caller test one guess.
+caller test one guess. Budgets are per client address (an IPv6 /64) with a
+slow pace after them and a global pace (:class:`provisioning.pairing.PairingWindow`):
+a guesser slows itself down, never the technician at another address.
 
 - ``POST /v1/pairing/start``   ``{"msg": b64url}`` -> ``{"attempt", "msg", "confirm"}``
 - ``POST /v1/pairing/confirm`` ``{"attempt", "confirm"}`` -> ``{"session", "box": b64url}``:
@@ -23,12 +25,16 @@ caller test one guess.
   not open ends the session.
 
 Errors are the Local API's ``{"error", "detail"}`` (``pairing_closed``,
-``rate_limited``, ``wrong_code``, ``malformed``, ``no_attempt``); every
-attempt, failure and success is audited (never the code).
+``rate_limited`` with ``Retry-After``, ``wrong_code``, ``malformed``,
+``no_attempt``, ``too_large``, ``timeout``); every attempt, failure and success
+is audited (never the code). A body is read whole (it may arrive in pieces)
+within :data:`BODY_TIMEOUT_S`, and refused at once if its ``Content-Length``
+is over the limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -41,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.audit import AuditLog
 from provisioning import documents as d
@@ -50,6 +57,7 @@ from provisioning.pairing import (
     DevicePairing,
     PairingError,
     PairingWindow,
+    client_key,
     new_setup_code,
     normalise_code,
     show_code,
@@ -58,7 +66,14 @@ from provisioning.pairing import (
 log = logging.getLogger(__name__)
 
 MAX_BODY = 4096
-#: A refusal is audited once per this long per address, step and code (then counted).
+#: A request's body must have arrived within this long (the largest, an enrollment
+#: bundle of 320 KiB sealed and in base64, at about 11 KiB/s).
+BODY_TIMEOUT_S = 30.0
+#: Attempts between start and confirm kept at once (one per client; the global pace
+#: lets about 31 start in a minute), and how long each waits for its confirmation.
+MAX_ATTEMPTS = 64
+ATTEMPT_TTL_S = 60.0
+#: A refusal is audited once per this long per client, step and code (then counted).
 REFUSALS_REPORT_S = 60.0
 MAX_REFUSAL_KEYS = 1024
 #: A paired technician may use the channel this long (enroll, check the cameras' aim).
@@ -71,6 +86,8 @@ STATUS = {
     "no_attempt": 409,
     "no_session": 409,
     "bad_box": 403,
+    "too_large": 413,
+    "timeout": 408,
 }
 
 #: A sealed request's handler: the opened request -> the answer to seal.
@@ -122,26 +139,26 @@ class PairingService:
         self.close_on_pairing = close_on_pairing
         self.audit = audit
         self.mono = mono
+        self.body_timeout_s = BODY_TIMEOUT_S
         self.window = PairingWindow(duration_s=window_s)
         if window_s > 0:
             self.window.open(mono())
-        self._attempt: tuple[str, DevicePairing] | None = None
-        #: (peer, step, code) -> (when last audited, refusals not audited since)
+        #: attempt id -> (client, attempt, confirm by): one per client, so that a start
+        #: from another address does not replace the technician's before its confirm.
+        self._attempts: OrderedDict[str, tuple[str, DevicePairing, float]] = OrderedDict()
+        #: (client, step, code) -> (when last audited, refusals not audited since)
         self._refusals: OrderedDict[tuple[str, str, str], tuple[float, int]] = OrderedDict()
         self._session: tuple[str, Any, float] | None = None  # (id, channel, until)
 
     def is_open(self) -> bool:
-        """Whether a pairing attempt could start now (or after the pause of a failure)."""
-        try:
-            self.window.check(self.mono())
-        except PairingError as exc:
-            return exc.code == "rate_limited"
-        return True
+        """Whether a pairing attempt could start now (or after a pause)."""
+        return self.window.is_open(self.mono())
 
     def reopen(self) -> None:
         """Open the window again with a fresh budget (the long button hold)."""
         self.window.open(self.mono())
-        self._attempt = self._session = None
+        self._attempts.clear()
+        self._session = None
         log.warning("pairing reopened for %.0f s", self.window.duration_s)
         self.audit.record_soon("pairing_reopened", window_s=self.window.duration_s)
 
@@ -152,11 +169,27 @@ class PairingService:
         app.router.add_post("/v1/pairing/channel", self._channel)
 
     async def _body(self, request: web.Request, limit: int = MAX_BODY) -> dict[str, Any]:
-        raw = await request.content.read(limit + 1)
-        if len(raw) > limit:
-            raise PairingError("too_large", f"pairing messages are at most {limit} bytes")
+        too_large = PairingError("too_large", f"pairing messages are at most {limit} bytes")
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        # read(n) returns what has arrived so far, up to n: a body split in transit
+        # (Wi-Fi, TLS records, a client writing it in parts) needs more than one.
+        raw = bytearray()
         try:
-            doc = d.parse_json(raw, what="body")
+            async with asyncio.timeout(self.body_timeout_s):
+                while len(raw) <= limit:
+                    chunk = await request.content.read(limit + 1 - len(raw))
+                    if not chunk:
+                        break
+                    raw += chunk
+        except TimeoutError as exc:
+            raise PairingError("timeout", "the request body did not arrive in time") from exc
+        except (ConnectionError, HttpProcessingError) as exc:  # the client went away
+            raise PairingError("malformed", "the request body was cut off") from exc
+        if len(raw) > limit:
+            raise too_large
+        try:
+            doc = d.parse_json(bytes(raw), what="body")
         except d.DocumentError as exc:
             raise PairingError("malformed", exc.detail) from exc
         if not isinstance(doc, dict):
@@ -171,21 +204,32 @@ class PairingService:
 
     async def _start(self, request: web.Request) -> web.Response:
         peer = request.remote or "?"
+        client = client_key(peer)
         try:
             body = await self._body(request)
             # Checked and counted with no await between: requests sent at once, each
             # waiting for its body, must not all pass the check before one is counted.
             now = self.mono()
-            self.window.check(now)
-            self.window.failed(now)  # counted until confirmed: the answer tests one guess
+            self.window.check(now, client)
+            self.window.failed(now, client)  # counted until confirmed: it tests one guess
             message = self._b64(body, "msg")
             attempt = DevicePairing(self._code, self.device_id)
             device_msg, confirm = attempt.respond(message)
         except PairingError as exc:
             return self._refuse(exc, peer, "start")
         attempt_id = secrets.token_urlsafe(12)
-        self._attempt = (attempt_id, attempt)
-        self.audit.record_soon("pairing_attempt", peer=peer, attempt=self.window.failures)
+        for held, (owner, _, until) in list(self._attempts.items()):
+            if owner == client or until <= now:  # its previous one, and those expired
+                del self._attempts[held]
+        self._attempts[attempt_id] = (client, attempt, now + ATTEMPT_TTL_S)
+        while len(self._attempts) > MAX_ATTEMPTS:
+            self._attempts.popitem(last=False)
+        self.audit.record_soon(
+            "pairing_attempt",
+            peer=peer,
+            attempt=self.window.attempts(client),
+            in_window=self.window.failures,
+        )
         return web.json_response(
             {"attempt": attempt_id, "msg": d.b64url(device_msg), "confirm": d.b64url(confirm)}
         )
@@ -194,16 +238,20 @@ class PairingService:
         peer = request.remote or "?"
         try:
             doc = await self._body(request)
-            current = self._attempt
-            if current is None or not secrets.compare_digest(
-                str(doc.get("attempt", "")).encode(), current[0].encode()
-            ):
+            wanted = str(doc.get("attempt", "")).encode()
+            found = None
+            for held in self._attempts:  # compared in constant time, each
+                if secrets.compare_digest(wanted, held.encode()):
+                    found = held
+            current = None if found is None else self._attempts.pop(found)  # one confirm
+            if current is None or self.mono() >= current[2]:
                 raise PairingError("no_attempt", "no pairing attempt by that id is in progress")
-            self._attempt = None  # one confirmation per attempt
             channel = current[1].confirm(self._b64(doc, "confirm"))
         except PairingError as exc:
             return self._refuse(exc, peer, "confirm")
-        self.window.succeeded(close=self.close_on_pairing)
+        self.window.succeeded(current[0], close=self.close_on_pairing)
+        if self.close_on_pairing:
+            self._attempts.clear()
         box = channel.seal(json.dumps(self._identity(), sort_keys=True).encode())
         session = secrets.token_urlsafe(16)
         self._session = (session, channel, self.mono() + SESSION_S)
@@ -252,9 +300,10 @@ class PairingService:
         return response
 
     def _refuse(self, exc: PairingError, peer: str, step: str) -> web.Response:
-        # Audited once a minute per address, step and code, then with the count of those
-        # not audited since: a client repeating refused requests must not fill the card.
-        now, key = self.mono(), (peer, step, exc.code)
+        # Audited once a minute per client (an address, an IPv6 /64), step and code, then
+        # with the count of those not audited since: a client repeating refused requests
+        # (or cycling through the addresses of its /64) must not fill the card.
+        now, key = self.mono(), (client_key(peer), step, exc.code)
         held = self._refusals.pop(key, None)
         if held is None or now - held[0] >= REFUSALS_REPORT_S:
             log.warning("pairing %s from %s refused: %s", step, peer, exc.code)
@@ -267,6 +316,11 @@ class PairingService:
             self._refusals[key] = (held[0], held[1] + 1)
         while len(self._refusals) > MAX_REFUSAL_KEYS:
             self._refusals.popitem(last=False)
+        headers = {}
+        if exc.retry_after_s is not None:
+            headers["Retry-After"] = str(int(exc.retry_after_s))
         return web.json_response(
-            {"error": exc.code, "detail": exc.detail}, status=STATUS.get(exc.code, 400)
+            {"error": exc.code, "detail": exc.detail},
+            status=STATUS.get(exc.code, 400),
+            headers=headers,
         )

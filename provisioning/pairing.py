@@ -11,11 +11,27 @@ derived from the SPAKE2 key (HKDF-SHA256), so the device's identity (its
 public key and its API certificate pin) reaches the technician authenticated
 by the code, and the enrollment reaches the device the same way.
 
-Online guessing is the only attack left; :class:`PairingWindow` bounds it: a
-window (15 minutes by default), one attempt at a time with a pause after a
-failure, and a cap on failures per window (10: a 1 in 10 million chance for a
-guesser), after which pairing needs the device again (a reboot or the long
-button hold).
+Online guessing is the only attack left; :class:`PairingWindow` bounds it
+without letting a guesser lock the technician out. Each ``start`` is one
+online guess (the device's answer carries its confirmation, which tests the
+guess offline), so attempts are counted when they start:
+
+- a window (15 minutes by default, from a start of the agent or the long
+  button hold);
+- per client (an IPv4 address; an IPv6 /64, which one host may fill with
+  addresses): 10 attempts 2 s apart, then one per 5 minutes. Another client
+  (the technician at their own address) is not slowed by that one;
+- for all clients together, a bucket of 30 attempts refilled one a minute
+  and full at each opening: however many addresses a guesser uses, in any
+  ``t`` seconds of one opening at most ``30 + t / 60`` wrong guesses (45 in
+  a 15-minute window; 1,470 in a day if the window stayed open all day). A
+  setup code is one of 10^8 - 11,460 (26.6 bits), so a guesser's chance is
+  at most 4.5 in 10 million per 15-minute window, 1.5 in 100,000 per day of
+  open window. A guesser with many addresses can empty the bucket: the
+  technician then competes with it for the next attempt (one a minute, the
+  answer's ``Retry-After`` says when), but is never shut out.
+
+A confirmed attempt (the right code) is given back: it was no guess.
 
 Nothing here touches sockets, files or clocks: time is passed in.
 """
@@ -24,10 +40,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import itertools
+import math
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -43,17 +62,27 @@ SPAKE2_MESSAGE_BYTES: Final = 33
 TECHNICIAN_ID: Final = b"breakglass-technician"
 MAX_MESSAGE_BYTES: Final = 160 * 1024  # an enrollment bundle with a full trigger-key list
 WINDOW_S: Final = 15 * 60.0
+#: Attempts one client may make in a window, RETRY_AFTER_FAILURE_S apart ...
 MAX_FAILURES: Final = 10
 RETRY_AFTER_FAILURE_S: Final = 2.0
+#: ... and after those, one per this long.
+SLOW_RETRY_S: Final = 300.0
+#: All clients together: a bucket of GLOBAL_BURST attempts, one more per GLOBAL_PACE_S.
+GLOBAL_BURST: Final = 30
+GLOBAL_PACE_S: Final = 60.0
+#: Clients remembered per window (the least recent forgotten: the bucket still counts).
+MAX_CLIENTS: Final = 4096
 
 
 class PairingError(ValueError):
     """Pairing cannot go on; ``code`` is stable (``wrong_code``, ``pairing_closed``, ...)."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
+        #: For ``rate_limited``: when another attempt may start.
+        self.retry_after_s = retry_after_s
 
 
 # -- setup codes -----------------------------------------------------------------
@@ -226,8 +255,34 @@ class TechnicianPairing:
 # -- the window ----------------------------------------------------------------------
 
 
+def client_key(remote: str) -> str:
+    """Whose budget an attempt from ``remote`` counts against: an IPv4 address, or an
+    IPv6 /64 (one host can take any address in its /64; IPv4-mapped ones are IPv4).
+    Anything else (no address) is its own client."""
+    try:
+        ip = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
+
+@dataclass(slots=True)
+class _Client:
+    attempts: int = 0
+    not_before: float = 0.0
+
+
 class PairingWindow:
-    """When the device accepts a pairing attempt (time in the device's monotonic seconds)."""
+    """When the device accepts a pairing attempt (time in the device's monotonic seconds),
+    and from whom: see the module docstring for the budgets and the bound they give.
+
+    :meth:`check` and :meth:`failed` go together, with nothing in between that could let
+    another request pass the check first; an attempt counts until :meth:`succeeded`.
+    """
 
     def __init__(
         self,
@@ -235,37 +290,85 @@ class PairingWindow:
         duration_s: float = WINDOW_S,
         max_failures: int = MAX_FAILURES,
         retry_after_s: float = RETRY_AFTER_FAILURE_S,
+        slow_retry_s: float = SLOW_RETRY_S,
+        global_burst: int = GLOBAL_BURST,
+        global_pace_s: float = GLOBAL_PACE_S,
+        max_clients: int = MAX_CLIENTS,
     ) -> None:
         self.duration_s = duration_s
         self.max_failures = max_failures
         self.retry_after_s = retry_after_s
+        self.slow_retry_s = slow_retry_s
+        self.global_burst = global_burst
+        self.global_pace_s = global_pace_s
+        self.max_clients = max_clients
         self.closes_at: float | None = None
+        #: Attempts counted in this window, all clients (confirmed ones are given back).
         self.failures = 0
-        self._not_before = 0.0
         self.paired = False
+        self._clients: OrderedDict[str, _Client] = OrderedDict()
+        self._tokens = float(global_burst)
+        self._filled_at = 0.0
 
     def open(self, now: float) -> None:
-        """Open (first boot, or the long button hold): a fresh budget of attempts."""
-        self.closes_at, self.failures, self._not_before, self.paired = (
-            now + self.duration_s, 0, 0.0, False,
-        )  # fmt: skip
+        """Open (a start of the agent, or the long button hold): fresh budgets."""
+        self.closes_at, self.failures, self.paired = now + self.duration_s, 0, False
+        self._clients.clear()
+        self._tokens, self._filled_at = float(self.global_burst), now
 
-    def check(self, now: float) -> None:
-        """Raise ``pairing_closed`` or ``rate_limited`` unless an attempt may start now."""
-        if self.failures >= self.max_failures:
-            raise PairingError("pairing_closed", "too many wrong codes: pairing closed")
-        if self.closes_at is None or now >= self.closes_at or self.paired:
+    def is_open(self, now: float) -> bool:
+        """Whether the window is open (an attempt may start now or after a pause)."""
+        return self.closes_at is not None and now < self.closes_at and not self.paired
+
+    def attempts(self, client: str = "") -> int:
+        """Attempts ``client`` has counted in this window."""
+        state = self._clients.get(client)
+        return 0 if state is None else state.attempts
+
+    def check(self, now: float, client: str = "") -> None:
+        """Raise ``pairing_closed`` or ``rate_limited`` unless ``client`` (a
+        :func:`client_key`) may start an attempt now."""
+        if not self.is_open(now):
             raise PairingError("pairing_closed", "pairing is not open on this device")
-        if now < self._not_before:
-            raise PairingError("rate_limited", f"retry in {self._not_before - now:.1f} s")
+        state = self._clients.get(client)
+        if state is not None and now < state.not_before:
+            self._limited(state.not_before - now)
+        self._refill(now)
+        if self._tokens < 1:
+            self._limited((1 - self._tokens) * self.global_pace_s)
 
-    def failed(self, now: float) -> None:
-        """A wrong code (or a broken exchange): count it and pause."""
+    def failed(self, now: float, client: str = "") -> None:
+        """Count an attempt of ``client`` (a wrong code until confirmed) and pause it."""
+        self._refill(now)
+        self._tokens -= 1
         self.failures += 1
-        self._not_before = now + self.retry_after_s
+        state = self._clients.pop(client, None) or _Client()
+        state.attempts += 1
+        pause = self.retry_after_s if state.attempts < self.max_failures else self.slow_retry_s
+        state.not_before = now + pause
+        self._clients[client] = state
+        while len(self._clients) > self.max_clients:
+            self._clients.popitem(last=False)
 
-    def succeeded(self, *, close: bool = True) -> None:
-        """Paired: the window closes (unless ``close`` is false), and the pause after the
-        attempt is over (it was no wrong guess)."""
+    def succeeded(self, client: str = "", *, close: bool = True) -> None:
+        """``client`` paired: its attempt was no wrong guess (given back, and its pause is
+        over); the window closes unless ``close`` is false."""
         self.paired = close
-        self._not_before = 0.0
+        self.failures = max(0, self.failures - 1)
+        self._tokens = min(float(self.global_burst), self._tokens + 1)
+        state = self._clients.get(client)
+        if state is not None:
+            state.attempts = max(0, state.attempts - 1)
+            state.not_before = 0.0
+
+    def _refill(self, now: float) -> None:
+        if now > self._filled_at:
+            earned = (now - self._filled_at) / self.global_pace_s
+            self._tokens = min(float(self.global_burst), self._tokens + earned)
+            self._filled_at = now
+
+    @staticmethod
+    def _limited(wait_s: float) -> NoReturn:
+        raise PairingError(
+            "rate_limited", f"retry in {wait_s:.1f} s", retry_after_s=max(1.0, math.ceil(wait_s))
+        )

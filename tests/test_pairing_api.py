@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import stat
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,7 +24,15 @@ from breakglass.demo import write_agent_config
 from breakglass.pairing_client import pair
 from provisioning import documents as d
 from provisioning.keys import kid
-from provisioning.pairing import PairingError, TechnicianPairing, normalise_code
+from provisioning.pairing import (
+    MAX_FAILURES,
+    MAX_MESSAGE_BYTES,
+    RETRY_AFTER_FAILURE_S,
+    SLOW_RETRY_S,
+    PairingError,
+    TechnicianPairing,
+    normalise_code,
+)
 from provisioning.tls import ensure_certificate, server_context
 from receiver.server import Receiver
 
@@ -221,3 +231,153 @@ async def test_refusals_repeated_are_audited_once_with_their_count(agent: Agent)
         assert r.status == 409
     refused = [e for e in audit(agent) if e["event"] == "pairing_refused"]
     assert [e.get("repeats") for e in refused] == [None, 3]
+
+
+async def start_from(api_url: str, source: str, device: str, guess: str) -> tuple[int, Any]:
+    """One ``POST /v1/pairing/start`` from the local address ``source`` (127.0.0.0/8)."""
+    body = {"msg": d.b64url(TechnicianPairing(guess, device).start())}
+    connector = aiohttp.TCPConnector(local_addr=(source, 0), force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector) as http,
+        http.post(api_url + "/v1/pairing/start", json=body, ssl=False) as r,
+    ):
+        return r.status, (await r.json()) | {"retry-after": r.headers.get("Retry-After")}
+
+
+async def test_a_guesser_slows_only_itself_and_the_technician_pairs(agent: Agent) -> None:
+    """Ten starts from any LAN host closed pairing for everyone until a restart (found by
+    a review: the technician with the right code was refused ``pairing_closed``)."""
+    api = agent.local_api
+    assert api is not None and api.pairing is not None
+    clock = [api.pairing.mono()]
+    api.pairing.mono = lambda: clock[0]
+    device, code = agent.config.device_id, setup_code(agent)
+    answers = []
+    for i in range(MAX_FAILURES + 2):  # no code known: any SPAKE2 message will do
+        status, body = await start_from(api.url, "127.0.0.66", device, f"{i:08d}")
+        answers.append(status if status != 200 else "ok")
+        clock[0] += RETRY_AFTER_FAILURE_S + 0.1
+    assert answers == ["ok"] * MAX_FAILURES + [429, 429]
+    assert body["error"] == "rate_limited" and int(body["retry-after"]) > 200
+    clock[0] += SLOW_RETRY_S  # five minutes later it may try once more
+    assert (await start_from(api.url, "127.0.0.66", device, "00000042"))[0] == 200
+    assert (await start_from(api.url, "127.0.0.66", device, "00000043"))[0] == 429
+    # The technician, at another address, with the right code: no wait, no lockout.
+    paired = await pair(api.url, device, code)
+    assert paired.kid == kid(agent.device_public_key)
+    attempts = [e for e in audit(agent) if e["event"] == "pairing_attempt"]
+    assert [e["attempt"] for e in attempts] == [*range(1, MAX_FAILURES + 2), 1]
+
+
+async def test_a_start_from_another_address_keeps_the_technicians_attempt(agent: Agent) -> None:
+    """Attempts are kept per client: another address starting one between the
+    technician's start and confirm does not replace the technician's."""
+    api = agent.local_api
+    assert api is not None and api.pairing is not None
+    device, code = agent.config.device_id, setup_code(agent)
+    side = TechnicianPairing(code, device)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            api.url + "/v1/pairing/start", json={"msg": d.b64url(side.start())}, ssl=False
+        ) as r:
+            first = await r.json()
+        assert (await start_from(api.url, "127.0.0.66", device, "12345670"))[0] == 200
+        confirm = side.finish(
+            d.b64url_decode(first["msg"], what="msg"),
+            d.b64url_decode(first["confirm"], what="confirm"),
+        )
+        body = {"attempt": first["attempt"], "confirm": d.b64url(confirm)}
+        async with http.post(api.url + "/v1/pairing/confirm", json=body, ssl=False) as r:
+            assert r.status == 200, await r.text()
+            assert "box" in await r.json()
+
+
+def tls_client() -> ssl.SSLContext:
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    return tls
+
+
+async def post_in_pieces(
+    url: str, path: str, pieces: list[bytes], *, length: int | None = None, pause: float = 0.05
+) -> tuple[int, dict[str, Any]]:
+    """POST over a raw TLS socket: the head, then each piece with a short pause between."""
+    parsed = URL(url)
+    reader, writer = await asyncio.open_connection(parsed.host, parsed.port, ssl=tls_client())
+    size = sum(map(len, pieces)) if length is None else length
+    writer.write(
+        b"POST %s HTTP/1.1\r\nHost: device\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (path.encode(), size)
+    )
+    answer = b""
+    with contextlib.suppress(ConnectionError):  # it may answer (and close) before the end
+        for i, piece in enumerate(pieces):
+            if i:
+                await asyncio.sleep(pause)  # the deliberate gap in transit, not a wait for it
+            writer.write(piece)
+            await writer.drain()
+    with contextlib.suppress(ConnectionError):
+        while chunk := await reader.read(65536):
+            answer += chunk
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+async def test_a_body_that_arrives_in_two_pieces_is_read_whole(agent: Agent) -> None:
+    """``read(n)`` returns what has arrived so far: a start whose body came in two TLS
+    records 50 ms apart was parsed half and refused ``malformed`` (found by a review)."""
+    api = agent.local_api
+    assert api is not None and api.pairing is not None
+    side = TechnicianPairing(setup_code(agent), agent.config.device_id)
+    body = json.dumps({"msg": d.b64url(side.start())}).encode()
+    status, answer = await post_in_pieces(api.url, "/v1/pairing/start", [body[:20], body[20:]])
+    assert status == 200, answer
+    side.finish(  # the device answered this very message: the code checks out
+        d.b64url_decode(answer["msg"], what="msg"),
+        d.b64url_decode(answer["confirm"], what="confirm"),
+    )
+
+
+async def test_a_large_sealed_request_sent_in_chunks_reaches_the_device(agent: Agent) -> None:
+    """An enrollment-sized request (about 200 KB, chunked, in pieces with a pause) is
+    read whole: the device opens the box and answers it, sealed."""
+    api = agent.local_api
+    assert api is not None
+    paired = await pair(api.url, agent.config.device_id, setup_code(agent))
+    request = {"op": "no-such-op", "pad": "x" * 150_000}
+    body = json.dumps(
+        {
+            "session": paired.session,
+            "box": d.b64url(paired.channel.seal(json.dumps(request).encode())),
+        }
+    ).encode()
+    assert 200_000 < len(body) < 2 * MAX_MESSAGE_BYTES
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield body[:1000]
+        await asyncio.sleep(0.05)  # the deliberate gap in transit
+        yield body[1000:]
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(api.url + "/v1/pairing/channel", data=pieces(), ssl=False) as r,
+    ):
+        answer = await r.json()
+    assert r.status == 200, answer
+    opened = json.loads(paired.channel.open(d.b64url_decode(answer["box"], what="box")))
+    assert opened["error"] == "malformed" and "op" in opened["detail"]  # about the op itself
+
+
+async def test_a_body_too_large_or_too_slow_is_refused(agent: Agent) -> None:
+    api = agent.local_api
+    assert api is not None and api.pairing is not None
+    async with asyncio.timeout(10):  # refused by its Content-Length, without waiting for it
+        status, answer = await post_in_pieces(
+            api.url, "/v1/pairing/start", [b"{"], length=10_000_000
+        )
+    assert (status, answer["error"]) == (413, "too_large")
+    api.pairing.body_timeout_s = 0.2
+    status, answer = await post_in_pieces(api.url, "/v1/pairing/start", [b'{"msg": "'], length=100)
+    assert (status, answer["error"]) == (408, "timeout")
+    assert api.pairing.window.failures == 0  # neither counted as an attempt
