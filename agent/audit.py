@@ -49,7 +49,11 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
   session, pre-roll included), ``resumed`` (streaming again after a restart).
 - ``keylist_installed`` (``source``, ``version``, ``keys``, ``exp``),
   ``keylist_refused`` (``source``, ``code``, ``detail``), ``trigger_flood``
-  (``refused``, ``via``), ``replay_cache_reset``, ``local_api_fault``.
+  (``refused``, ``via``), ``refusals`` (``of``: the event summarised,
+  ``trigger`` or ``keylist_refused``; ``code``; ``count``; ``first``,
+  ``last``: UTC seconds; ``example``: one of them as it would have been
+  audited: refusals repeated within a minute, after the first was audited in
+  full), ``replay_cache_reset``, ``local_api_fault``.
 - ``receiver_access_head``: ``receiver`` (origin), ``entry`` (a number) and
   ``head`` (that entry's hash): the head of the receiver's access log as the
   receiver told it (at most once a minute, when it grew), so a log handed

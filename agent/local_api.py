@@ -19,15 +19,36 @@ out, errors ``{"error": CODE, "detail": "..."}`` with a stable CODE:
 An unprovisioned device (:mod:`agent.first_boot`) serves the status and the
 pairing endpoints; the others answer 409 ``unprovisioned``.
 
-Bodies are read up to the envelope limit and no further. Triggers are rate
-limited (a token bucket per client address, :data:`TRIGGERS_PER_S`, and one for
-all clients, twice that): a flood is answered 429
-``rate_limited`` and audited as one ``trigger_flood`` entry per minute with its
-count, so nobody on the LAN can fill the SD card with audit entries.
+Any host on the LAN is untrusted, and nothing it sends may take from the agent
+what the buttons, the store and the uplink need (:class:`ApiLimits`):
+
+- connections: at most ``max_per_address`` from one address and
+  ``max_connections`` in all (lowered to a quarter of the process's open-file
+  limit), counted from the TCP accept, TLS handshakes under way included. One
+  over is closed at once with a reset (no task, no TLS, nothing logged but a
+  line a minute per address): descriptors for segments, the uplink, the audit
+  trail and the state files are left whatever the LAN does;
+- a TLS handshake not done within ``tls_handshake_s`` is cut; request headers
+  not whole within ``header_s`` of the handshake or of the previous answer are
+  cut (that is also how long an idle keep-alive connection stays);
+- a body not whole within ``body_s`` of its headers: 408 ``body_timeout``, and
+  the connection closes. A body is read whole (until its end, however it is
+  split in transit), and never past its limit: one announced or found larger
+  is refused without reading the rest.
+
+Triggers are checked for a signature by an enrolled key before anything else
+(after the size limit): a signed trigger is never rate limited. What fails that
+check is (a token bucket per client address, :data:`TRIGGERS_PER_S`, and one for
+all clients, twice that): over it, 429 ``rate_limited``, audited as one
+``trigger_flood`` entry per minute with its count. The same for key lists, with
+the district authority's signature. Refusals are audited off the event loop, in
+summary when they repeat (:class:`agent.trigger_gate.RefusalDigest`), so nobody
+on the LAN can fill the SD card with audit entries or stall the loop on them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -41,13 +62,23 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.audit import AuditLog
 from agent.config import AgentConfig, LocalApiConfig
+from agent.lan_guard import (
+    DEFAULT_LIMITS,
+    ApiLimits,
+    BodyTimeoutError,
+    GuardedSite,
+    LogThrottle,
+    body_late,
+    read_body,
+    too_large,
+)
 from agent.pairing_api import PairingService, load_or_make_code
 from agent.policy import STATUS
 from agent.technician import TechnicianDesk
 from provisioning.documents import DocumentError, envelope_limit
 from provisioning.keys import kid, public_pem
 from provisioning.tls import ensure_certificate, server_context
-from provisioning.triggers import CODES, MAX_KEYLIST_PAYLOAD, ChallengesExhausted
+from provisioning.triggers import CODES, MAX_KEYLIST_PAYLOAD, ChallengesExhausted, Rejected
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
@@ -61,6 +92,9 @@ FLOOD_REPORT_S: Final = 60.0
 MAX_CLIENTS: Final = 1024
 #: The API's bucket, for all clients together, in units of one client's.
 ALL_CLIENTS: Final = 2.0
+#: The largest trigger envelope, and the largest key list's (bytes of body).
+TRIGGER_BODY: Final = envelope_limit(4096)
+KEYLIST_BODY: Final = envelope_limit(MAX_KEYLIST_PAYLOAD)
 
 
 def public_status(status: dict[str, Any]) -> dict[str, Any]:
@@ -101,8 +135,10 @@ class LocalApi:
         agent: Agent | None = None,
         triggers_per_s: float = TRIGGERS_PER_S,
         burst: float = TRIGGER_BURST,
+        limits: ApiLimits | None = None,
     ) -> None:
         self.host = host
+        self.limits = limits or DEFAULT_LIMITS
         self._agent = agent
         self.triggers_per_s = triggers_per_s
         self.burst = burst
@@ -112,7 +148,9 @@ class LocalApi:
         self.fingerprint = ""
         self.port = config.port
         self._runner: web.AppRunner | None = None
+        self.site: GuardedSite | None = None
         self._stopped = False
+        self._throttle = LogThrottle()
         self.pairing: PairingService | None = None
         #: Per client address: (tokens, when counted); the least recent are forgotten.
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
@@ -128,7 +166,9 @@ class LocalApi:
     def make_app(self) -> web.Application:
         """The aiohttp application."""
         app = web.Application(
-            client_max_size=envelope_limit(MAX_KEYLIST_PAYLOAD), middlewares=[self._closing]
+            client_max_size=KEYLIST_BODY,
+            handler_args=self.limits.handler_args(),
+            middlewares=[self._closing, self._guard],
         )
         app.router.add_get("/v1/status", self._status)
         armed = self._agent is not None
@@ -171,11 +211,20 @@ class LocalApi:
         self.port = sock.getsockname()[1]
         self._runner = web.AppRunner(self.make_app(), handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.SockSite(
-            self._runner, sock, ssl_context=server_context(self.cert_path, self.key_path)
+        self.site = GuardedSite(
+            self._runner,
+            sock,
+            ssl_context=server_context(self.cert_path, self.key_path),
+            limits=self.limits,
         )
-        await site.start()
+        await self.site.start()
         log.info("local API on %s (TLS pin %s)", self.url, self.fingerprint)
+        if self.site.cap < self.limits.max_connections:
+            log.warning(
+                "local API: at most %d connections at once (a quarter of the open-file "
+                "limit), not %d",
+                self.site.cap, self.limits.max_connections,
+            )  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
         """What pairing tells the technician: the device's id, public key, API pin, state."""
@@ -204,6 +253,33 @@ class LocalApi:
                 headers={"Connection": "close", "Retry-After": "1"},
             )
         return await handler(request)
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # A body not whole in time is cut (408); a client gone mid-body is no error of ours.
+        deadline: asyncio.TimerHandle | None = None
+        if request.body_exists and not request.content.is_eof():
+            deadline = asyncio.get_running_loop().call_later(
+                self.limits.body_s, body_late, request.content, self.limits.body_s
+            )
+        remote = request.remote or "?"
+        try:
+            return await handler(request)
+        except BodyTimeoutError as exc:
+            self._throttle.log(logging.WARNING, ("body", remote), "%s from %s: cut", exc, remote)
+            resp = web.json_response({"error": "body_timeout", "detail": str(exc)}, status=408)
+            resp.force_close()
+            return resp
+        except ConnectionError:
+            if request.writer.output_size > 0:
+                raise
+            self._throttle.log(logging.INFO, ("gone", remote), "%s left mid-request", remote)
+            resp = web.json_response({"error": "malformed", "detail": "incomplete"}, status=400)
+            resp.force_close()
+            return resp
+        finally:
+            if deadline is not None:
+                deadline.cancel()
 
     async def stop(self) -> None:
         """Stop serving."""
@@ -234,27 +310,47 @@ class LocalApi:
         return web.json_response({"challenge": challenge, "expires_in_s": ttl})
 
     async def _trigger(self, request: web.Request) -> web.Response:
-        if not self._take_token(request.remote or "?"):
-            return web.json_response(
-                {"error": "rate_limited", "detail": "too many triggers; retry in a second"},
-                status=429,
-                headers={"Retry-After": "1"},
-            )
-        # One byte past the limit is enough to say "too large"; the rest is never read.
-        body = await request.content.read(envelope_limit(4096) + 1)
         peer = request.remote or "?"
-        outcome = self.agent.submit_trigger(body, via=f"local_api {peer}")
+        via = f"local_api {peer}"
+        body = await read_body(request, TRIGGER_BODY)
+        # A trigger signed by an enrolled key is never held back by what others send
+        # (Ed25519 verifies in a fraction of a millisecond); the rest is rate limited.
+        if body is None or not self.agent.gate.signed_by_enrolled_key(body):
+            if not self._take_token(peer):
+                resp = web.json_response(
+                    {"error": "rate_limited", "detail": "too many triggers; retry in a second"},
+                    status=429,
+                    headers={"Retry-After": "1"},
+                )
+                if body is None:
+                    resp.force_close()
+                return resp
+            if body is None:
+                detail = f"envelope larger than {TRIGGER_BODY} bytes"
+                self.agent.gate.reject(Rejected("too_large", detail), via=via)
+                return too_large(TRIGGER_BODY)
+        outcome = self.agent.submit_trigger(body, via=via)
         return web.json_response(dict(outcome.body), status=outcome.status)
 
     async def _trigger_keys(self, request: web.Request) -> web.Response:
-        if not self._take_token(request.remote or "?"):
-            return web.json_response({"error": "rate_limited", "detail": "retry later"}, status=429)
-        body = await request.content.read(envelope_limit(MAX_KEYLIST_PAYLOAD) + 1)
+        peer = request.remote or "?"
+        body = await read_body(request, KEYLIST_BODY)
+        gate = self.agent.gate
+        if body is None or not gate.signed_by_authority(body):
+            if not self._take_token(peer):
+                resp = web.json_response(
+                    {"error": "rate_limited", "detail": "retry later"}, status=429
+                )
+                if body is None:
+                    resp.force_close()
+                return resp
+            if body is None:
+                return too_large(KEYLIST_BODY)
         try:
-            keys = self.agent.gate.install_key_list(body, via=f"local_api {request.remote}")
+            keys = gate.install_key_list(body, via=f"local_api {peer}")
         except DocumentError as exc:
             status = 409 if exc.code.startswith("keylist_") else STATUS.get(exc.code, 400)
-            return web.json_response({"error": exc.code, "detail": exc.detail}, status=status)
+            return web.json_response({"error": exc.code, "detail": exc.detail[:300]}, status=status)
         return web.json_response({"version": keys.version, "keys": len(keys.keys), "exp": keys.exp})
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -347,6 +443,23 @@ class LocalApi:
         metric(
             "breakglass_button_presses_total", "counter", "Panic button presses, by button.",
             [(f'{{button="{b}"}}', float(n)) for b, n in presses.items()],
+        )  # fmt: skip
+        site = self.site
+        metric(
+            "breakglass_local_api_connections", "gauge",
+            "Connections to the Local API now (TLS handshakes under way included).",
+            [("", float(site.open_connections if site else 0))],
+        )  # fmt: skip
+        metric(
+            "breakglass_local_api_connections_refused_total", "counter",
+            "Connections to the Local API refused at once, by limit.",
+            [(f'{{limit="{r}"}}', float(site.refused[r] if site else 0))
+             for r in ("per_address", "total")],
+        )  # fmt: skip
+        metric(
+            "breakglass_local_api_handshakes_failed_total", "counter",
+            "TLS handshakes with the Local API that failed or timed out.",
+            [("", float(site.handshakes_failed if site else 0))],
         )  # fmt: skip
         metric(
             "breakglass_audit_entries", "gauge", "Entries in the audit trail, and shipped.",

@@ -7,27 +7,49 @@ replay cache (``state/replay.sqlite``), the outstanding device challenges,
 and counters for ``/metrics``. Every attempt that fails verification is
 audited here; accepted ones are audited by the daemon once applied (with the
 session they acted on). The physical button never passes through here.
+
+Refusals come from anyone on the LAN, so their auditing is bounded
+(:class:`RefusalDigest`): written on the trail's own thread, never on the event
+loop; every field taken from the request cut to a few hundred characters; and
+of each kind of refusal (its event and code, and the key when the signature
+verified) only the first in a minute in full, the others in that minute as one
+``refusals`` summary entry (``of``, ``code``, ``count``, ``first``, ``last``,
+``example``). A flood costs the trail about one entry a minute per kind.
+
+Device challenges (:class:`FairChallenges`): a client (an address) that asks
+for more than its share gives up its own oldest, and when all are outstanding
+the client holding the most gives up its oldest: whoever asks gets one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from agent.audit import AuditLog
 from agent.config import TrustConfig
 from agent.replay import SqliteReplayCache
 from agent.statefile import read_state, set_aside, write_json
-from provisioning.documents import DocumentError, envelope_limit
+from provisioning.documents import (
+    DocumentError,
+    envelope_limit,
+    open_signed,
+    parse_envelope,
+    signature_valid,
+)
 from provisioning.errors import KeyFileError
 from provisioning.keys import load_public_key
 from provisioning.triggers import (
+    CHALLENGE_TTL_S,
+    MAX_CHALLENGES_PER_CLIENT,
     MAX_KEYLIST_PAYLOAD,
     Accepted,
     Challenges,
@@ -39,6 +61,180 @@ from provisioning.triggers import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Of each kind of refusal, one is audited in full per this many seconds; the rest in summary.
+REFUSALS_REPORT_S: Final = 60.0
+#: Kinds of refusal followed at once (codes, times the keys enrolled: bounded anyway).
+MAX_REFUSAL_KINDS: Final = 256
+#: The longest text from a request that goes into the trail (a detail, a source).
+MAX_DETAIL: Final = 300
+#: The longest trigger reason that goes into the trail.
+MAX_REASON: Final = 500
+#: Device challenges outstanding at once (single use, 300 s each; a few bytes each).
+MAX_OUTSTANDING_CHALLENGES: Final = 256
+
+
+@dataclass
+class _Run:
+    """Refusals of one kind since ``opened`` (monotonic), not audited one by one."""
+
+    opened: float
+    count: int = 0
+    first: float = 0.0
+    last: float = 0.0
+    example: dict[str, Any] = field(default_factory=dict)
+
+
+class RefusalDigest:
+    """Audits refusals so that their senders cannot fill the trail or stall the loop.
+
+    The first refusal of a kind (``event`` and a key, such as its code) is audited
+    in full at once; further ones within ``every_s`` are counted, and written when
+    that time is up as one ``refusals`` entry: ``of`` (the event), ``code``,
+    ``count``, ``first`` and ``last`` (UTC seconds) and ``example`` (the first of
+    them, as it would have been audited). While they keep coming, one such entry
+    per ``every_s``; after a quiet ``every_s`` the next is audited in full again.
+    Every entry goes through :meth:`AuditLog.record_soon` (the trail's thread).
+    Call :meth:`close` at the end: it writes what is counted.
+    """
+
+    def __init__(
+        self,
+        audit: AuditLog,
+        *,
+        every_s: float = REFUSALS_REPORT_S,
+        clock: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.audit = audit
+        self.every_s = every_s
+        self.clock = clock
+        self.mono = mono
+        self._runs: OrderedDict[tuple[str | None, ...], _Run] = OrderedDict()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def refuse(self, event: str, key: tuple[str | None, ...], fields: dict[str, Any]) -> bool:
+        """Audit or count one refusal; True when it was audited in full (log it then)."""
+        now = self.mono()
+        self._report(now)
+        kind = (event, *key)
+        run = self._runs.get(kind)
+        if run is None:
+            while len(self._runs) >= MAX_REFUSAL_KINDS:
+                oldest, dropped = self._runs.popitem(last=False)
+                self._summarise(oldest, dropped)
+            self._runs[kind] = _Run(opened=now)
+            self.audit.record_soon(event, **fields)
+            return True
+        t = self.clock()
+        if run.count == 0:
+            run.first, run.example = t, fields
+        run.count += 1
+        run.last = t
+        self._arm(run.opened + self.every_s - now)
+        return False
+
+    def close(self) -> None:
+        """Write a summary of every refusal counted and not written yet."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for kind, run in self._runs.items():
+            self._summarise(kind, run)
+        self._runs.clear()
+
+    def _report(self, now: float) -> None:
+        for kind, run in list(self._runs.items()):
+            if now - run.opened < self.every_s:
+                continue
+            if run.count:  # still coming: the next ones are counted too
+                self._summarise(kind, run)
+                self._runs[kind] = _Run(opened=now)
+            else:  # a quiet minute: the next is audited in full
+                del self._runs[kind]
+
+    def _summarise(self, kind: tuple[str | None, ...], run: _Run) -> None:
+        if not run.count:
+            return
+        event, code = kind[0], kind[1] if len(kind) > 1 else None
+        log.warning(
+            "%d more %s refusals (%s) in the last %.0f s, audited in summary",
+            run.count, event, code, self.every_s,
+        )  # fmt: skip
+        self.audit.record_soon(
+            "refusals",
+            of=event,
+            code=code,
+            count=run.count,
+            first=round(run.first, 3),
+            last=round(run.last, 3),
+            example=run.example,
+        )
+
+    def _arm(self, delay: float) -> None:
+        """Write the summaries when due even if no refusal follows (on the running loop)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a caller in a thread): the next refusal or close()
+            return
+        due = loop.time() + max(0.0, delay)
+        if self._timer is not None:
+            if self._timer.when() <= due:
+                return
+            self._timer.cancel()
+        self._timer = loop.call_at(due, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = self.mono()
+        self._report(now)
+        pending = [run.opened + self.every_s - now for run in self._runs.values() if run.count]
+        if pending:
+            self._arm(min(pending))
+
+
+class FairChallenges(Challenges):
+    """:class:`Challenges` that a client can always get, whatever others on the LAN ask.
+
+    One client (an address) holds at most ``per_client``: asking for another gives
+    up its own oldest. When ``limit`` are outstanding, the client holding the most
+    gives up its oldest. A flood from a few addresses cancels only their own
+    challenges; to cancel a dispatcher's (who holds one), an attacker needs as many
+    addresses as ``limit``, each holding no more than the dispatcher.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float = CHALLENGE_TTL_S,
+        limit: int = MAX_OUTSTANDING_CHALLENGES,
+        per_client: int = MAX_CHALLENGES_PER_CLIENT,
+    ) -> None:
+        super().__init__(ttl_s, limit, per_client)
+        #: challenge -> (issued at, client), oldest first (the base class keeps its own).
+        self._order: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+
+    def issue(self, mono: float, client: str | None = None) -> str:
+        """A fresh challenge for ``client``, giving up another as the class docstring says."""
+        for challenge, (issued, _) in list(self._order.items()):
+            if mono - issued <= self.ttl_s:
+                break
+            self.consume(challenge)
+        if client is not None:
+            own = [c for c, (_, who) in self._order.items() if who == client]
+            if len(own) >= self.per_client:
+                self.consume(own[0])
+        if len(self._order) >= self.limit:
+            held = Counter(who for _, who in self._order.values())
+            most = max(held.values())
+            self.consume(next(c for c, (_, who) in self._order.items() if held[who] == most))
+        challenge = super().issue(mono, client)
+        self._order[challenge] = (mono, client)
+        return challenge
+
+    def consume(self, challenge: str) -> None:
+        """Spend (or give up) a challenge."""
+        super().consume(challenge)
+        self._order.pop(challenge, None)
 
 
 class TriggerGate:
@@ -59,9 +255,10 @@ class TriggerGate:
         self.clock = clock
         self.mono = mono
         self.keyring = Keyring()
-        self.challenges = Challenges()
+        self.challenges: Challenges = FairChallenges()
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
+        self.refusals = RefusalDigest(audit, clock=clock, mono=mono)
         self._keylist_path = state_dir / "trigger-keys.json"
         self._authority = None
         if trust.authority is not None:
@@ -119,14 +316,13 @@ class TriggerGate:
         """Verify and install a trigger-key list; audited either way. Raises DocumentError."""
         if self._authority is None:
             err = DocumentError("unknown_key", "no district authority is configured ([trust])")
-            self.audit.record("keylist_refused", source=via, code=err.code, detail=err.detail)
+            self._refuse_key_list(err, via)
             raise err
         try:
             keys = parse_key_list(body, self._authority)
             changed = self.keyring.install(keys, self.clock())
         except DocumentError as exc:
-            log.error("trigger-key list from %s refused: %s", via, exc)
-            self.audit.record("keylist_refused", source=via, code=exc.code, detail=exc.detail)
+            self._refuse_key_list(exc, via)
             raise
         if changed:
             write_json(self._keylist_path, dict(keys.envelope))
@@ -139,6 +335,36 @@ class TriggerGate:
             )
             log.info("trigger-key list v%d installed (%d keys)", keys.version, len(keys.keys))
         return keys
+
+    def _refuse_key_list(self, exc: DocumentError, via: str) -> None:
+        """Audit a refused list (in summary when they repeat: anyone on the LAN can send one)."""
+        detail, source = exc.detail[:MAX_DETAIL], via[:MAX_DETAIL]
+        fields = {"source": source, "code": exc.code, "detail": detail}
+        if self.refusals.refuse("keylist_refused", (exc.code,), fields):
+            log.error("trigger-key list from %s refused: %s: %s", source, exc.code, detail)
+
+    def signed_by_enrolled_key(self, body: bytes | str | Mapping[str, Any]) -> bool:
+        """Whether ``body`` is a trigger envelope that a key of the installed list signed.
+        Checks nothing else, and counts, audits or consumes nothing."""
+        try:
+            envelope = parse_envelope(body)
+        except DocumentError:
+            return False
+        key = self.keyring.lookup(envelope.kid, self.clock())
+        return not isinstance(key, str) and signature_valid(envelope, key.public)
+
+    def signed_by_authority(self, body: bytes | str | Mapping[str, Any]) -> bool:
+        """Whether ``body`` is an envelope the district authority signed (a key list, maybe
+        an older one). Counts and audits nothing."""
+        if self._authority is None:
+            return False
+        try:
+            open_signed(
+                body, self._authority, what="trigger-key list", max_payload=MAX_KEYLIST_PAYLOAD
+            )
+        except DocumentError:
+            return False
+        return True
 
     def challenge(self, client: str | None = None) -> str:
         """A fresh single-use device challenge for ``client`` (its address). Raises
@@ -162,22 +388,29 @@ class TriggerGate:
         return result
 
     def reject(self, result: Rejected, *, via: str) -> None:
-        """Count and audit a refused trigger (also for refusals by policy after verification)."""
+        """Count and audit a refused trigger (also for refusals by policy after verification).
+
+        Audited in full the first time in a minute for its code (and its key, when the
+        signature verified), in summary after that (:class:`RefusalDigest`)."""
         self.rejected[result.code] += 1
-        log.warning("trigger via %s refused: %s (%s)", via, result.code, result.detail)
-        self.audit.record_soon(  # in order, off the loop: a flood must not stall streaming
-            "trigger",
-            result="rejected",
-            code=result.code,
-            detail=result.detail[:300],
-            kid=result.kid,
-            role=result.role,
-            action=result.action,
-            reason=None if result.reason is None else result.reason[:500],
-            via=via,
-            session=None,
-        )
+        detail, via = result.detail[:MAX_DETAIL], via[:MAX_DETAIL]
+        fields = {
+            "result": "rejected",
+            "code": result.code,
+            "detail": detail,
+            "kid": result.kid,
+            "role": result.role,
+            "action": result.action,
+            "reason": None if result.reason is None else result.reason[:MAX_REASON],
+            "via": via,
+            "session": None,
+        }
+        signed = result.role is not None and result.code != "bad_signature"
+        kind = (result.code, result.kid if signed else None)
+        if self.refusals.refuse("trigger", kind, fields):
+            log.warning("trigger via %s refused: %s (%s)", via, result.code, detail)
 
     def close(self) -> None:
-        """Close the replay cache."""
+        """Write the refusals counted and not audited yet; close the replay cache."""
+        self.refusals.close()
         self.replay.close()
