@@ -574,9 +574,11 @@ class UplinkClient:
             finally:
                 for task in (reader, writer):
                     task.cancel()
-                    # the other task may have failed too (a closing transport): retrieved here
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+                # The other task may have failed too (a closing transport): retrieved here.
+                # Not by suppressing CancelledError around awaiting them: a cancellation of
+                # this task (the agent stopping) landing then was swallowed, and the uplink
+                # reconnected and ran on, so the agent never finished stopping.
+                await asyncio.gather(reader, writer, return_exceptions=True)
                 self._conn = None
                 self._opened_on_conn = None
 

@@ -96,7 +96,7 @@ async def test_wrong_password_is_refused_then_the_name_locks(rx: Receiver) -> No
             else:  # the right password, but the name is locked now
                 assert response.status == 429
                 await message.to_have_text(
-                    re.compile(r"^Too many failed attempts: this name is lo")
+                    re.compile(r"^Too many failed attempts from this network: this name is lo")
                 )
             assert page.url == rx.url + "login"
         assert await context.cookies() == []
