@@ -6,8 +6,9 @@ reasons are in :mod:`agent.local_api`'s docstring). :class:`GuardedSite`
 accepts connections itself and counts them from the TCP accept (per address
 and in all), resetting one over the limits at once, and gives each TLS
 handshake a timeout; :func:`read_body` reads a body whole, never past its
-limit. The same design as the receiver's listener (``receiver/listener.py``);
-the agent imports nothing of the receiver.
+limit. The same design as the receiver's listener (``receiver/listener.py``),
+which takes :class:`LogThrottle`, :class:`CountedProtocol` and
+:class:`BodyTimeoutError` from here (the agent imports nothing of the receiver).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "ApiLimits",
     "BodyTimeoutError",
+    "CountedProtocol",
     "GuardedSite",
     "LogThrottle",
     "body_late",
@@ -103,26 +105,46 @@ class BodyTimeoutError(Exception):
 class LogThrottle:
     """Log one kind of event once per ``every_s`` per key; the next line counts the rest."""
 
-    def __init__(self, every_s: float = REFUSALS_LOG_S, max_keys: int = 1024) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        every_s: float = 60.0,
+        *,
+        max_keys: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
         self.every_s = every_s
         self.max_keys = max_keys
+        self.clock = clock
         self._seen: OrderedDict[object, tuple[float, int]] = OrderedDict()
 
-    def log(self, level: int, key: object, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        last = self._seen.pop(key, None)
+    def log(
+        self,
+        level: int,
+        key: object,
+        msg: str,
+        *args: object,
+        exc_info: BaseException | None = None,
+    ) -> bool:
+        """Log ``msg`` (with ``exc_info``'s traceback) unless ``key`` was logged less than
+        ``every_s`` ago; whether it was."""
+        now = self.clock()
+        last = self._seen.get(key)
         if last is not None and now - last[0] < self.every_s:
             self._seen[key] = (last[0], last[1] + 1)
-            return
+            return False
         if last is not None and last[1]:
-            msg += f" ({last[1]} more like it since)"
-        log.log(level, msg, *args)
+            msg += f" ({last[1]} more like it since the last report)"
+        self.logger.log(level, msg, *args, exc_info=exc_info)
         self._seen[key] = (now, 0)
+        self._seen.move_to_end(key)
         while len(self._seen) > self.max_keys:
             self._seen.popitem(last=False)
+        return True
 
 
-class _Counted(asyncio.Protocol):
+class CountedProtocol(asyncio.Protocol):
     """Wraps a connection's protocol to give its slot back when the connection ends."""
 
     def __init__(self, inner: asyncio.Protocol, release: Callable[[], None]) -> None:
@@ -186,7 +208,7 @@ class GuardedSite(web.BaseSite):
         self.handshakes_failed = 0
         self._handshakes: set[asyncio.Task[None]] = set()
         self._accepting: asyncio.Task[None] | None = None
-        self._throttle = LogThrottle()
+        self._throttle = LogThrottle(log, REFUSALS_LOG_S, max_keys=1024)
 
     @property
     def name(self) -> str:
@@ -277,7 +299,7 @@ class GuardedSite(web.BaseSite):
         loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(
-                lambda: _Counted(server(), release),
+                lambda: CountedProtocol(server(), release),
                 conn,
                 ssl=self._tls,
                 ssl_handshake_timeout=self.limits.tls_handshake_s,

@@ -150,7 +150,7 @@ class LocalApi:
         self._runner: web.AppRunner | None = None
         self.site: GuardedSite | None = None
         self._stopped = False
-        self._throttle = LogThrottle()
+        self._throttle = LogThrottle(log, max_keys=1024)
         self.pairing: PairingService | None = None
         #: Per client address: (tokens, when counted); the least recent are forgotten.
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()

@@ -37,9 +37,6 @@ import asyncio
 import json
 import logging
 import resource
-import time
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -47,6 +44,7 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Handler, Middleware
 
+from agent.lan_guard import BodyTimeoutError, LogThrottle
 from receiver.errors import InvalidSettingError
 
 __all__ = [
@@ -161,52 +159,6 @@ class TokenBucket:
             self._tokens -= 1.0
             return True
         return False
-
-
-class LogThrottle:
-    """Log one kind of event once per ``every_s`` per key; the next line counts the rest."""
-
-    def __init__(
-        self,
-        logger: logging.Logger,
-        every_s: float = 60.0,
-        *,
-        max_keys: int = 4096,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.logger = logger
-        self.every_s = every_s
-        self.max_keys = max_keys
-        self.clock = clock
-        self._seen: OrderedDict[object, tuple[float, int]] = OrderedDict()
-
-    def log(
-        self,
-        level: int,
-        key: object,
-        msg: str,
-        *args: object,
-        exc_info: BaseException | None = None,
-    ) -> bool:
-        """Log ``msg`` (with ``exc_info``'s traceback) unless ``key`` was logged less than
-        ``every_s`` ago; whether it was."""
-        now = self.clock()
-        last = self._seen.get(key)
-        if last is not None and now - last[0] < self.every_s:
-            self._seen[key] = (last[0], last[1] + 1)
-            return False
-        if last is not None and last[1]:
-            msg += f" ({last[1]} more like it since the last report)"
-        self.logger.log(level, msg, *args, exc_info=exc_info)
-        self._seen[key] = (now, 0)
-        self._seen.move_to_end(key)
-        while len(self._seen) > self.max_keys:
-            self._seen.popitem(last=False)
-        return True
-
-
-class BodyTimeoutError(Exception):
-    """The request body did not arrive whole in time (set on the body's stream)."""
 
 
 def error_body(status: int, code: str | None, detail: str) -> str:

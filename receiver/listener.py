@@ -27,13 +27,14 @@ import socket
 import ssl
 import struct
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from yarl import URL
 
+from agent.lan_guard import CountedProtocol
 from receiver.limits import LogThrottle, ServerLimits, error_body
 
 __all__ = ["GuardedSite"]
@@ -87,35 +88,6 @@ class _Handler(web.RequestHandler):
         )
         resp.force_close()
         return resp
-
-
-class _Counted(asyncio.Protocol):
-    """Wraps a connection's protocol to give its slot back when the connection ends."""
-
-    def __init__(self, inner: asyncio.Protocol, release: Callable[[], None]) -> None:
-        self.inner = inner
-        self.release = release
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        try:
-            self.inner.connection_lost(exc)
-        finally:
-            self.release()
 
 
 class GuardedSite(web.BaseSite):
@@ -251,7 +223,7 @@ class GuardedSite(web.BaseSite):
         loop = asyncio.get_running_loop()
 
         def protocol() -> asyncio.Protocol:
-            return _Counted(_Handler(server, loop=loop, **self._handler_args), release)
+            return CountedProtocol(_Handler(server, loop=loop, **self._handler_args), release)
 
         try:
             await loop.connect_accepted_socket(
