@@ -9,12 +9,15 @@ still come from the ``error``. Real asyncio tasks; they coordinate on events.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from agent import protocol as p
 from agent.errors import UplinkRefused
-from agent.uplink import connection_outcome
+from agent.uplink import UplinkClient, connection_outcome
+from provisioning.keys import new_private_key, public_pem
+from receiver.server import Receiver
 from tests.uplink import unconnected_uplink
 
 
@@ -103,3 +106,45 @@ def test_the_receiver_cannot_claim_more_of_the_trail_than_the_device_has() -> No
     assert uplink.audit_acked == 6  # still moving
     uplink._resume(p.Welcome({}, 5.0, 10**12))
     assert uplink.audit_acked == 7
+
+
+async def test_stopping_while_a_failed_connection_is_collected_stops_the_uplink(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent stopping (its uplink task cancelled) while a failed connection's reader
+    and writer are being collected stops the uplink. The cancellation was swallowed
+    there: the uplink connected again and ran on, and the agent never finished stopping
+    (a CI hang in test_dispatch). Here the cancellation lands exactly then: from the
+    writer's own cancellation, on a real connection to a real receiver."""
+    key = new_private_key(tmp_path / "device-1.key")
+    (receiver.devices_dir / "device-1.pub").write_bytes(public_pem(key.public_key()))
+    uplink = UplinkClient(
+        url=receiver.uplink_url,
+        origin=receiver.origin,
+        pin=receiver.fingerprint,
+        device_id="device-1",
+        device_key=key,
+        reconnect_max_s=0.05,
+    )
+    connections = 0
+
+    async def reader(*_: object) -> None:
+        nonlocal connections
+        connections += 1
+        raise ConnectionResetError("the receiver went away")
+
+    async def writer(*_: object) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:  # the connection is being collected: stop now
+            running.cancel()
+            raise
+
+    monkeypatch.setattr(uplink, "_reader", reader)
+    monkeypatch.setattr(uplink, "_writer", writer)
+    running = asyncio.create_task(uplink.run())
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(10):
+            await asyncio.shield(running)
+    assert running.cancelled()
+    assert connections == 1
