@@ -39,6 +39,7 @@ from agent.segment import StreamDesc, parse_recipient
 from agent.snapshot import SnapshotError, jpeg_from_packets
 from agent.statefile import (
     SequenceReservations,
+    backup_path,
     check_sequences,
     read_state,
     write_atomic,
@@ -717,11 +718,14 @@ class Agent:
     def _sequences(self, path: Path) -> SequenceReservations:
         """The cameras' sequence numbers: never below the sealed store's, so no seq is used
         twice (a store holding two segments of one seq sends the wrong footage)."""
-        _, why = read_state(path, check_sequences, None)
-        self._state_damaged(path, why)
-        # Never below what the store holds; without the file (damaged, or a state folder
-        # wiped while the store stayed) two blocks above: what a run used beyond it.
-        margin = 0 if path.exists() else 2 * SequenceReservations.BLOCK
+        copies = (path, backup_path(path))
+        for copy in copies:  # one damaged copy (set aside here): the other has it all
+            _, why = read_state(copy, check_sequences, None)
+            self._state_damaged(copy, why)
+        present = any(copy.exists() for copy in copies)
+        # Never below what the store holds; without either copy (damaged, or a state
+        # folder wiped while the store stayed) two blocks above: what a run used beyond it.
+        margin = 0 if present else 2 * SequenceReservations.BLOCK
         floor = {}
         for camera in self.config.cameras:
             segs = self.store.segments(camera.id)

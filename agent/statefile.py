@@ -106,13 +106,21 @@ def check_sequences(doc: Any) -> None:
             raise ValueError(f"{camera!r}: {limit!r} is not a sequence number")
 
 
+def backup_path(path: Path) -> Path:
+    """Where :class:`SequenceReservations` keeps its second copy of ``path``."""
+    return path.with_name(f"{path.stem}.backup{path.suffix}")
+
+
 class SequenceReservations:
     """Per-camera sequence numbers that never repeat across restarts.
 
     Numbers are handed out from blocks reserved on disk before use: after a
     crash the next run starts above every number the last run could have
     used. Numbers skipped by a restart are a declared discontinuity, never a
-    reuse. (The sealed segment store will make this exact.)
+    reuse. Each reservation is written twice, to ``path`` and then to its
+    :func:`backup_path`, each file whole: a card that damages one file still
+    holds the other, so numbering never starts again below numbers the
+    receiver has (the sealed store, the other floor, may have aged out).
     """
 
     BLOCK = 100_000
@@ -121,14 +129,18 @@ class SequenceReservations:
         """Raises ValueError (or TypeError) for a damaged file.
 
         ``floor``: per camera, a number every one used before is below (the agent passes
-        it when the file was damaged and moved aside: the sealed store's last seq and
-        what may have been used beyond it).
+        it when a file was damaged and moved aside: the other copy, the sealed store's
+        last seq and what may have been used beyond it).
         """
         self.path = path
-        doc = read_json(path) or {}
-        if not isinstance(doc, dict):
-            raise ValueError(f"{path}: not a JSON object")
-        self._limit: dict[str, int] = {str(k): int(v) for k, v in doc.items()}
+        self.backup = backup_path(path)
+        self._limit: dict[str, int] = {}
+        for copy in (path, self.backup):
+            doc = read_json(copy) or {}
+            if not isinstance(doc, dict):
+                raise ValueError(f"{copy}: not a JSON object")
+            for camera, seq in doc.items():
+                self._limit[str(camera)] = max(self._limit.get(str(camera), 0), int(seq))
         for camera, seq in (floor or {}).items():
             self._limit[camera] = max(self._limit.get(camera, 0), seq)
         self._next: dict[str, int] = dict(self._limit)
@@ -139,7 +151,9 @@ class SequenceReservations:
         if seq >= self._limit.get(camera, 0):
             # On disk first: a failed write must not leave numbers handed out that a
             # restart would hand out again.
-            write_json(self.path, {**self._limit, camera: seq + self.BLOCK})
+            reserved = {**self._limit, camera: seq + self.BLOCK}
+            write_json(self.path, reserved)
+            write_json(self.backup, reserved)
             self._limit[camera] = seq + self.BLOCK
         self._next[camera] = seq + 1
         return seq

@@ -10,6 +10,7 @@ of these kept the agent from starting, and systemd restarted it into the same er
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,11 +81,33 @@ async def test_sequence_numbers_without_their_file_start_above_the_stored_ones(
         await agent.capture.wait_packets(60)
     stored = max(s.last_seq for s in agent.store.segments("front-door"))
     state = load_config(path).state_dir
-    if damage == "damaged":
-        (state / "sequences.json").write_text('{"front-door": "x"}')
-    else:
-        (state / "sequences.json").unlink()
+    for name in ("sequences.json", "sequences.backup.json"):  # both copies
+        if damage == "damaged":
+            (state / name).write_text('{"front-door": "x"}')
+        else:
+            (state / name).unlink()
     async with Agent(load_config(path)) as again:
         await again.capture.wait_packets(1)
         first = again.capture.seqs.peek("front-door")
     assert first > stored + SequenceReservations.BLOCK  # above all a run may have used
+
+
+async def test_a_damaged_sequences_file_with_an_emptied_store_numbers_on(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """With the sealed store emptied (retention took it all) the reservations were the
+    only record of the numbers used: a damaged sequences.json started numbering at 0
+    again, reusing numbers the receiver and the audit trail already hold. Its second
+    copy keeps them."""
+    path = write_agent_config(tmp_path / "agent", receiver, fps=30)
+    async with Agent(load_config(path)) as agent:
+        await agent.capture.wait_packets(10)
+        used = agent.capture.seqs.peek("front-door")
+    cfg = load_config(path)
+    shutil.rmtree(cfg.store.directory)
+    (cfg.state_dir / "sequences.json").write_text("{")
+    async with Agent(load_config(path)) as again:
+        await again.capture.wait_packets(1)
+        first = again.capture.seqs.peek("front-door")
+    assert first >= SequenceReservations.BLOCK > used  # above the reserved block
+    assert list(cfg.state_dir.glob("sequences.json.damaged-*"))
