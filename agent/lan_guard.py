@@ -21,6 +21,7 @@ import resource
 import socket
 import ssl
 import struct
+import sys
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "CountedProtocol",
     "GuardedSite",
     "LogThrottle",
+    "RequestErrorLog",
     "body_late",
     "read_body",
     "too_large",
@@ -142,6 +145,34 @@ class LogThrottle:
         while len(self._seen) > self.max_keys:
             self._seen.popitem(last=False)
         return True
+
+
+class RequestErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger for aiohttp's request handlers (``AppRunner(..., logger=)``).
+
+    aiohttp logs a request it cannot parse (a bad header, a line too long: anything
+    on the LAN can send them) as an error with a traceback, each time. Those are the
+    client's, not ours: one line without a traceback, at most once a minute per
+    address, with a count of the rest. A failure in our own handlers keeps its
+    traceback.
+    """
+
+    def __init__(self, logger: logging.Logger, every_s: float = REFUSALS_LOG_S) -> None:
+        super().__init__(logger, {})
+        self._throttle = LogThrottle(logger, every_s, max_keys=1024)
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError):
+            self._throttle.log(
+                logging.WARNING,
+                ("bad request", args[0] if args else None),
+                f"{msg}: %s",
+                *args,
+                f"{type(exc).__name__}: {exc}"[:300],
+            )
+        else:
+            self.logger.exception(msg, *args, exc_info=exc_info, **kw)
 
 
 class CountedProtocol(asyncio.Protocol):

@@ -68,6 +68,7 @@ from agent.lan_guard import (
     BodyTimeoutError,
     GuardedSite,
     LogThrottle,
+    RequestErrorLog,
     body_late,
     read_body,
     too_large,
@@ -209,7 +210,12 @@ class LocalApi:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.config.host, self.config.port))
         self.port = sock.getsockname()[1]
-        self._runner = web.AppRunner(self.make_app(), handle_signals=False, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(
+            self.make_app(),
+            handle_signals=False,
+            shutdown_timeout=1.0,
+            logger=RequestErrorLog(logging.getLogger("agent.local_api.http")),
+        )
         await self._runner.setup()
         self.site = GuardedSite(
             self._runner,

@@ -564,3 +564,29 @@ def test_a_digest_writes_through_an_ordinary_trail(tmp_path: Path) -> None:
         json.loads(line)["event"] for line in (tmp_path / "audit.log").read_text().splitlines()
     ]
     assert events == ["keylist_refused", "refusals"]
+
+
+async def test_a_malformed_request_is_one_line_a_minute_without_a_traceback(
+    tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp logged every request it could not parse as an error with a traceback:
+    any host on the LAN could fill the journal with them. Now one line per address a
+    minute, counting the rest; the request is still refused with 400."""
+    path, _ = agent_config(tmp_path, receiver)
+    async with Agent(load_config(path)) as agent:
+        api = agent.local_api
+        assert api is not None
+        caplog.clear()
+        for _ in range(5):
+            reader, writer = await raw(api, "127.0.0.2", tls=True)
+            writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+            await writer.drain()
+            assert b" 400 " in await reader.readuntil(b"\r\n")
+            writer.close()
+        assert (await request(api, "GET", "/v1/status", None, "127.0.0.3"))[0] == 200
+    bad = [r for r in caplog.records if "Error handling request" in r.getMessage()]
+    assert len(bad) == 1, caplog.text
+    assert bad[0].exc_info is None
+    assert bad[0].levelname == "WARNING"
+    assert "127.0.0.2" in bad[0].getMessage()
+    assert "BadHttpMessage" in bad[0].getMessage()
