@@ -16,6 +16,15 @@ an older list never replaces a newer one even when two reads race.
 Without an authority, or for a device that sends no certificate, the
 allow-list (``DATA/devices/<id>.pub``) still applies: a development and
 transition path, which a district closes by not keeping one.
+
+Expiry: past its certificate's ``exp`` a device is refused
+(``enrollment_expired``), so an emergency at its school no longer reaches
+the receiver. The device list shows it coming (:meth:`DeviceTrust.expiry`):
+the expiry of the last certificate accepted per device (kept in
+``DATA/enrolled/<device>.json``, read by :meth:`DeviceTrust.load` at start
+and held in memory), and, until a certificate of the device is accepted
+again, when its expired certificate was last refused (in memory only: a
+refused device tries again within seconds of a restart).
 """
 
 from __future__ import annotations
@@ -26,19 +35,29 @@ import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import protocol as p
 from agent.statefile import write_atomic
 from provisioning.documents import DocumentError
-from provisioning.enrollment import Enrollment, Revocations, parse_enrollment, parse_revocations
+from provisioning.enrollment import (
+    ID_RE,
+    Enrollment,
+    Revocations,
+    parse_enrollment,
+    parse_revocations,
+)
 from provisioning.errors import KeyFileError
 from provisioning.keys import load_public_key
 from provisioning.tls import pins_equal
+from receiver.presence import iso_utc
 
 log = logging.getLogger(__name__)
+
+#: An enrollment that expires within this is shown with a warning (seconds).
+EXPIRY_WARNING_S: Final = 30 * 86400
 
 
 class DeviceTrust:
@@ -52,6 +71,61 @@ class DeviceTrust:
         #: (size, mtime_ns, inode, ctime_ns) of the revocation file when last read.
         self._read_stat: tuple[int, int, int, int] | None = None
         self._lock = threading.Lock()
+        #: What ``DATA/enrolled/<device>.json`` holds, by device (replaced whole, never
+        #: changed in place: the event loop reads it without the lock).
+        self._enrolled: dict[str, dict[str, Any]] = {}
+        #: Devices whose expired certificate was refused since one was last accepted:
+        #: (when, the certificate's version, its exp).
+        self._expired: dict[str, tuple[float, int, int]] = {}
+
+    def load(self) -> None:
+        """Read what is remembered of each device's enrollment (at start; a file that
+        cannot be read is logged and skipped)."""
+        found: dict[str, dict[str, Any]] = {}
+        try:
+            paths = sorted(self.enrolled_dir.glob("*.json"))
+        except OSError as exc:
+            log.error("enrolled devices %s not read: %s", self.enrolled_dir, exc)
+            return
+        for path in paths:
+            try:
+                record = json.loads(path.read_bytes())
+                int(record["version"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("enrolled device %s not read: %r", path, exc)
+                continue
+            if ID_RE.fullmatch(path.stem):
+                found[path.stem] = record
+        with self._lock:
+            for device, record in found.items():
+                self._enrolled.setdefault(device, record)
+
+    def expiry(self, device: str, now: float) -> dict[str, object] | None:
+        """When the device's enrollment expires, for the device list (None: no
+        certificate of it was ever accepted here): ``version``, ``expires_at`` (ISO-8601;
+        None if remembered before expiry dates were), ``expired``, ``expires_soon``
+        (within :data:`EXPIRY_WARNING_S`), and ``refused`` (``{code, at}``: its expired
+        certificate was refused, and is the one shown)."""
+        record = self._enrolled.get(device)
+        refused = self._expired.get(device)
+        exp: float | None
+        if refused is not None:
+            _, version, exp = refused
+        elif record is not None:
+            version, held = int(record["version"]), record.get("exp")
+            exp = float(held) if isinstance(held, int) and not isinstance(held, bool) else None
+        else:
+            return None
+        expired = refused is not None or (exp is not None and now >= exp)
+        return {
+            "version": version,
+            "expires_at": None if exp is None else iso_utc(exp),
+            "expired": expired,
+            "expires_soon": not expired and exp is not None and exp - now <= EXPIRY_WARNING_S,
+            "refused": None if refused is None else {
+                "code": "enrollment_expired", "at": iso_utc(refused[0]),
+            },
+        }  # fmt: skip
 
     @property
     def current(self) -> Revocations | None:
@@ -121,6 +195,8 @@ class DeviceTrust:
         try:
             enrollment = parse_enrollment(envelope, authority, now=now)
         except DocumentError as exc:
+            if exc.code == "expired":
+                self._refused_expired(device, envelope, authority, now, own_pin)
             raise p.RemoteProtocolError(f"enrollment_{exc.code}", exc.detail) from exc
         if enrollment.device != device:
             raise p.RemoteProtocolError(
@@ -134,16 +210,42 @@ class DeviceTrust:
         if revoked is not None and revoked.revoked(enrollment):
             raise p.RemoteProtocolError("revoked", f"device {device} is revoked")
         self._remember(enrollment)
+        self._expired.pop(device, None)
         return enrollment
 
+    def _refused_expired(
+        self,
+        device: str,
+        envelope: Mapping[str, Any],
+        authority: Ed25519PublicKey,
+        now: float,
+        own_pin: str,
+    ) -> None:
+        """Note that the device's certificate was refused as expired (for the device list),
+        unless it would have been refused anyway (another device's, another receiver's) or
+        is older than the one remembered (no news then)."""
+        try:
+            expired = parse_enrollment(envelope, authority, now=None)
+        except DocumentError:
+            return
+        record = self._enrolled.get(device)
+        if (
+            expired.device == device
+            and pins_equal(expired.receiver_pin, own_pin)
+            and expired.version >= int(record["version"] if record else 0)
+        ):
+            self._expired[device] = (now, expired.version, expired.exp)
+
     def _remember(self, enrollment: Enrollment) -> None:
-        """Refuse certificates older than the newest seen for the device; record it.
+        """Refuse certificates older than the newest seen for the device; record it (version,
+        key id, building, expiry), in the file and in memory.
 
         Under the lock, and replaced atomically: two hellos of one device at once (a
         reconnect), or a crash mid-write, must never let a reader see no version and
         take an older certificate.
         """
         path = self.enrolled_dir / f"{enrollment.device}.json"
+        seen: Any = None
         with self._lock:
             try:
                 seen = json.loads(path.read_text())
@@ -155,7 +257,10 @@ class DeviceTrust:
                     "enrollment_superseded",
                     f"certificate v{enrollment.version} is older than v{newest} of this device",
                 )
-            if enrollment.version > newest:
-                record = {"version": enrollment.version, "kid": enrollment.device_kid,
-                          "building": enrollment.building}  # fmt: skip
+            record = {"version": enrollment.version, "kid": enrollment.device_kid,
+                      "building": enrollment.building, "exp": enrollment.exp}  # fmt: skip
+            # Written when it changed: a newer version, or the same one with an expiry date
+            # the receiver did not keep before (or re-signed); not at every hello.
+            if record != seen:
                 write_atomic(path, json.dumps(record).encode(), mode=0o600)
+            self._enrolled[enrollment.device] = record

@@ -133,12 +133,14 @@ class Receiver:
         self.presence = Presence(
             self.data_dir / "presence.json", offline_after_s=offline_after_s, clock=clock
         )
+        #: The district's enrollments (``DATA/authority.pub``, ``DATA/enrolled/``).
+        self.trust = DeviceTrust(self.data_dir)
         self.ingest = IngestServer(
             self.store,
             AllowList(self.devices_dir),
             [],
             audits=AuditCopies(self.data_dir / "audit"),
-            trust=DeviceTrust(self.data_dir),
+            trust=self.trust,
             presence=self.presence,
             limits=uplink_limits,
         )
@@ -195,7 +197,7 @@ class Receiver:
         setup_auth(app, self.auth)  # first: its middleware guards every route below
         app.router.add_get("/v1/uplink", self.ingest.handle)
         allow_anonymous(app, "GET", "/v1/uplink")  # devices prove their key in the handshake
-        setup_viewer(app, self.store, self.ingest_feed, self.presence)
+        setup_viewer(app, self.store, self.ingest_feed, self.presence, trust=self.trust)
         setup_hls(app, self.store)
         setup_player_links(app, self.player_links)
         if self.dispatch is not None:
@@ -206,6 +208,7 @@ class Receiver:
     async def _watchers(self, app: web.Application) -> AsyncIterator[None]:
         """The presence alarms and the revocation watch, for the application's lifetime."""
         await asyncio.to_thread(self.presence.load)
+        await asyncio.to_thread(self.trust.load)
         tasks = [
             asyncio.create_task(self.presence.run(self.poll_s), name="receiver presence"),
             asyncio.create_task(

@@ -10,10 +10,18 @@ Routes added by :func:`setup_viewer`:
   ``before`` (a ``next`` from an earlier answer) the closed sessions after it. Every
   viewer polls this, so its cost must not grow with the receiver's whole history.
 - ``GET /api/sessions/{session}`` — one session, open or closed (for a link to it).
+- A session whose recording cannot be read (its ``session.json`` unreadable or
+  missing: :attr:`RecordingStore.damaged`) is on the first page of every listing and
+  answers its own route, with ``damaged`` saying why (``null`` for every other
+  session; no server path), no cameras, and its folder's last change as
+  ``opened_at``; its footage routes answer 409 ``corrupt_recording``.
 - ``GET /v1/devices`` — every device heard from, with its offline alarm (JSON:
   ``{"devices": [{device, building, connected, last_heard, offline, since,
-  session}], "offline_after_s": N}``, times ISO-8601 UTC; ``since`` is when
-  the device's present condition began: offline, connected or disconnected).
+  session, recording_failing, enrollment}], "offline_after_s": N}``, times
+  ISO-8601 UTC; ``since`` is when the device's present condition began:
+  offline, connected or disconnected; ``enrollment`` is when its enrollment
+  expires, and whether it was refused for that, as
+  :meth:`receiver.device_trust.DeviceTrust.expiry` says, or null).
   Only when :func:`setup_viewer` is given a :class:`Presence`.
 - ``GET /v1/live/{session}/{camera}`` — WebSocket: binary fMP4 init segment,
   then fragments, for Media Source Extensions.
@@ -49,6 +57,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -63,7 +72,8 @@ from aiohttp.web_request import BaseRequest
 from receiver.access_log import ACCESS_LOG_KEY
 from receiver.accounts import Role
 from receiver.auth import AUTH_KEY, COOKIE, User, require
-from receiver.errors import InvalidIdError, ReceiverError
+from receiver.device_trust import DeviceTrust
+from receiver.errors import CorruptRecordingError, InvalidIdError, ReceiverError
 from receiver.livefeed import LiveFeed, Subscription
 from receiver.presence import Presence
 from receiver.recording import (
@@ -83,6 +93,7 @@ __all__ = [
     "LOGIN_WATCH_KEY",
     "PRESENCE_KEY",
     "STORE_KEY",
+    "TRUST_KEY",
     "Cut",
     "FeedLookup",
     "LoginWatch",
@@ -100,6 +111,8 @@ STORE_KEY = web.AppKey("breakglass.viewer.store", RecordingStore)
 FEEDS_KEY: web.AppKey[FeedLookup] = web.AppKey("breakglass.viewer.feeds")
 #: The devices' presence (last heard, offline alarm) the viewer shows.
 PRESENCE_KEY = web.AppKey("breakglass.viewer.presence", Presence)
+#: The enrollments the device list shows the expiry of.
+TRUST_KEY = web.AppKey("breakglass.viewer.trust", DeviceTrust)
 _SOCKETS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("breakglass.viewer.sockets")
 _FILES_KEY: web.AppKey[dict[str, tuple[bytes, str]]] = web.AppKey("breakglass.viewer.files")
 #: (login handle, session, part file) already audited as fetched, oldest first.
@@ -288,7 +301,10 @@ def _error(status: int, code: str, detail: str) -> web.Response:
 
 
 def _from_exception(exc: ReceiverError) -> web.Response:
-    status = 400 if isinstance(exc, InvalidIdError) else 404
+    if isinstance(exc, InvalidIdError):
+        status = 400
+    else:
+        status = 409 if isinstance(exc, CorruptRecordingError) else 404
     return _error(status, exc.code, str(exc))
 
 
@@ -298,11 +314,13 @@ def setup_viewer(
     feeds: FeedLookup,
     presence: Presence | None = None,
     *,
+    trust: DeviceTrust | None = None,
     login_recheck_s: float = LOGIN_RECHECK_S,
 ) -> None:
     """Add the viewer's routes to ``app``; ``feeds`` finds a camera's live feed.
 
-    With ``presence``, ``GET /v1/devices`` lists the devices and their offline alarm.
+    With ``presence``, ``GET /v1/devices`` lists the devices and their offline alarm;
+    with ``trust`` too, when each one's enrollment expires.
     ``login_recheck_s``: how often the login behind an open live view or recording
     transfer is looked up again (see the module's docstring).
 
@@ -326,6 +344,8 @@ def setup_viewer(
     app.router.add_get("/api/sessions/{session}", _session)
     if presence is not None:
         app[PRESENCE_KEY] = presence
+        if trust is not None:
+            app[TRUST_KEY] = trust
         app.router.add_get("/v1/devices", _devices)
     app.router.add_get("/v1/live/{session}/{camera}", _live)
     app.router.add_get("/recordings/{session}/{file}", _recording)
@@ -369,7 +389,51 @@ def _session_json(summary: SessionSummary) -> dict[str, object]:
         ]
         cams.append(entry)
     doc["cameras"] = cams
+    doc["damaged"] = None
     return doc
+
+
+def _damaged_reason(store: RecordingStore, session_id: str) -> str | None:
+    """Why the session's recording cannot be read (by its own name, not the server's
+    path), or None if it can."""
+    why = store.damaged.get(session_id)
+    return None if why is None else why.replace(f"{store.root}{os.sep}", "")
+
+
+async def _damaged_sessions(store: RecordingStore, ids: list[str]) -> list[dict[str, object]]:
+    """The listing entries of damaged sessions (those still on disk): why, no cameras, and
+    their folder's last change as ``opened_at`` (the time ``session.json`` held is lost)."""
+    reasons = [(sid, why) for sid in ids if (why := _damaged_reason(store, sid)) is not None]
+
+    def stat() -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for sid, why in reasons:
+            try:
+                changed = (store.root / sid).stat().st_mtime
+            except FileNotFoundError:
+                continue  # removed since: nothing left to list
+            out.append(
+                {
+                    "session_id": sid,
+                    "device_id": None,
+                    "meta": {},
+                    "opened_at": changed,
+                    "closed_at": None,
+                    "close_reason": None,
+                    "open": False,
+                    "cameras": [],
+                    "damaged": why,
+                }
+            )
+        return out
+
+    return await asyncio.to_thread(stat) if reasons else []
+
+
+def _listing_key(doc: dict[str, object]) -> tuple[float, str]:
+    """Where a listing entry sorts: as :meth:`RecordingStore.page` sorts (opened, id)."""
+    opened = doc["opened_at"]
+    return (float(opened) if isinstance(opened, int | float) else 0.0, str(doc["session_id"]))
 
 
 async def _sessions(request: web.Request) -> web.Response:
@@ -386,9 +450,14 @@ async def _sessions(request: web.Request) -> web.Response:
         before = _parse_cursor(query["before"])
         if before is None:
             return _error(400, "bad_cursor", "before must be a next cursor from this API")
-    page = request.app[STORE_KEY].page(limit, before)
+    store = request.app[STORE_KEY]
+    page = store.page(limit, before)
+    sessions = [_session_json(s) for s in page.sessions]
+    if before is None and store.damaged:  # few and in need of attention: every first page
+        damaged = await _damaged_sessions(store, list(store.damaged))
+        sessions = sorted([*sessions, *damaged], key=_listing_key, reverse=True)
     body = {
-        "sessions": [_session_json(s) for s in page.sessions],
+        "sessions": sessions,
         "next": None if page.next is None else f"{page.next[0]!r}~{page.next[1]}",
     }
     return web.json_response(body, headers=_HEADERS)
@@ -407,9 +476,12 @@ def _parse_cursor(text: str) -> SessionKey | None:
 
 async def _session(request: web.Request) -> web.Response:
     require(request, Role.OFFICER)
+    store = request.app[STORE_KEY]
     try:
         sid = validate_session_id(request.match_info["session"])
-        summary = request.app[STORE_KEY].get(sid).summary()
+        if sid in store.damaged and (found := await _damaged_sessions(store, [sid])):
+            return web.json_response(found[0], headers=_HEADERS)
+        summary = store.get(sid).summary()
     except ReceiverError as exc:
         return _from_exception(exc)
     return web.json_response(_session_json(summary), headers=_HEADERS)
@@ -418,14 +490,25 @@ async def _session(request: web.Request) -> web.Response:
 async def _devices(request: web.Request) -> web.Response:
     require(request, Role.OFFICER)
     presence = request.app[PRESENCE_KEY]
-    body = {"devices": presence.to_json(), "offline_after_s": presence.offline_after_s}
+    trust, now = request.app.get(TRUST_KEY), presence.clock()
+    devices = presence.to_json()
+    for entry in devices:
+        entry["enrollment"] = None if trust is None else trust.expiry(str(entry["device"]), now)
+    body = {"devices": devices, "offline_after_s": presence.offline_after_s}
     return web.json_response(body, headers=_HEADERS)
 
 
 def _lookup(request: web.Request, camera_id: str) -> SessionSummary:
     """The session summary, after checking the session and camera exist."""
     sid = validate_session_id(request.match_info["session"])
-    summary = request.app[STORE_KEY].get(sid).summary()
+    store = request.app[STORE_KEY]
+    why = _damaged_reason(store, sid)
+    if why is not None:
+        raise CorruptRecordingError(
+            f"session {sid!r}: its recording on this receiver is damaged ({why}); "
+            "nothing of it can be played here"
+        )
+    summary = store.get(sid).summary()
     summary.camera(validate_camera_id(camera_id))
     return summary
 

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,10 @@ from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.cli import build_parser
 from breakglass.demo import BUILDING, press_button
-from provisioning.enrollment import sign_revocations
-from provisioning.keys import kid, load_private_key
+from provisioning.enrollment import sign_enrollment, sign_revocations
+from provisioning.keys import kid, load_private_key, public_pem
 from provisioning.tls import fingerprint_digest
+from receiver.device_trust import DeviceTrust
 from receiver.errors import InvalidSettingError
 from receiver.presence import DevicePresence, Presence, iso_utc
 from receiver.recording import RecordingStore
@@ -51,7 +54,9 @@ FIELDS = {
     "since",
     "session",
     "recording_failing",
+    "enrollment",
 }
+DAY = 86400
 
 
 class Clock:
@@ -88,6 +93,11 @@ def entry(body: dict[str, Any]) -> dict[str, Any]:
     (device,) = body["devices"]
     assert set(device) == FIELDS
     return dict(device)
+
+
+def isoparse(text: str) -> float:
+    """An ISO-8601 UTC time of the API as seconds."""
+    return datetime.fromisoformat(text).timestamp()
 
 
 def presence_of(rx: Receiver) -> DevicePresence:
@@ -131,7 +141,9 @@ async def test_a_silent_device_goes_offline_once_and_comes_back_on_reconnect(
         async with Agent(load_config(path)) as agent:
             await agent.uplink.wait_until(lambda: agent.uplink.connected)
             await rx.presence.wait_for(lambda: DEVICE in rx.presence.devices)
-            assert entry(await get_devices(rx)) == {
+            first = entry(await get_devices(rx))
+            assert first.pop("enrollment")["version"] == 1  # its expiry: a test of its own
+            assert first == {
                 "device": DEVICE,
                 "building": BUILDING,  # from its enrollment certificate
                 "connected": True,
@@ -191,6 +203,41 @@ async def test_the_offline_alarm_survives_a_receiver_restart(
         assert after["building"] == BUILDING
         assert after["since"] == iso_utc(T0 + 300)
     assert len(offline_warnings(caplog)) == 1
+
+
+async def test_the_device_list_says_when_an_enrollment_expires_and_that_it_was_refused(
+    tmp_path: Path,
+) -> None:
+    """Past its enrollment's expiry the receiver refuses a device, and an emergency from
+    its school no longer reaches it: the device list says when that comes (a warning
+    within 30 days), across a restart, and that the device was refused for it."""
+    clock = Clock(NOW)
+    async with receiver_at(tmp_path, clock) as rx:
+        path, _ = enroll(tmp_path, rx, exp=NOW + 40 * DAY)
+        async with Agent(load_config(path)) as agent:
+            await agent.uplink.wait_until(lambda: agent.uplink.connected)
+            await rx.presence.wait_for(lambda: DEVICE in rx.presence.devices)
+            assert entry(await get_devices(rx))["enrollment"] == {
+                "version": 1,
+                "expires_at": iso_utc(NOW + 40 * DAY),
+                "expired": False,
+                "expires_soon": False,
+                "refused": None,
+            }
+        await until_disconnected(rx)
+        clock.t += 11 * DAY  # 29 days left
+        soon = entry(await get_devices(rx))["enrollment"]
+        assert (soon["expires_soon"], soon["expired"]) == (True, False)
+
+    async with receiver_at(tmp_path, clock) as rx:  # a restart: still known
+        assert entry(await get_devices(rx))["enrollment"]["expires_soon"] is True
+        enroll(tmp_path, rx, exp=NOW - 1)  # the same certificate, as if its time had come
+        assert await refused(path) == "enrollment_expired"
+        gone = entry(await get_devices(rx))["enrollment"]
+        assert gone["expires_at"] == iso_utc(NOW - 1)
+        assert (gone["expired"], gone["expires_soon"]) == (True, False)
+        assert gone["refused"]["code"] == "enrollment_expired"
+        assert abs(isoparse(gone["refused"]["at"]) - time.time()) < 60
 
 
 async def test_a_revocation_written_while_connected_drops_the_device(
@@ -406,6 +453,66 @@ async def test_the_viewer_shows_a_device_whose_recording_fails_and_clears_it(
             ok = await banner(page, hidden_now=False)
             assert ok["hidden"] is True
             assert "RECORDING FAILING" not in ok["chip"]
+
+
+_ENROLLMENT_JS = """() => {
+  const banner = document.getElementById('device-alarms');
+  const chips = {};
+  for (const li of document.querySelectorAll('#devices .device')) {
+    const span = li.querySelector('.enrollment');
+    chips[li.dataset.device] = span && {text: span.textContent, cls: span.className,
+                                        background: getComputedStyle(span).backgroundColor};
+  }
+  if (Object.keys(chips).length < 3 || banner.hidden) return null;
+  return {banner: banner.textContent, chips};
+}"""
+
+
+@needs_chromium
+async def test_the_viewer_shows_when_each_enrollment_expires_and_warns_before(
+    tmp_path: Path,
+) -> None:
+    """Per device, when its enrollment expires: a warning within 30 days, an alarm once
+    it expired and the receiver refused the device."""
+    data, pin, now = tmp_path / "receiver", "sha256:" + "ab" * 32, time.time()
+    authority = Ed25519PrivateKey.generate()
+    data.mkdir()
+    (data / "authority.pub").write_bytes(public_pem(authority.public_key()))
+    trust = DeviceTrust(data)
+    presence = Presence(clock=Clock(now))
+    for device, exp in [("lincoln-pi-1", now + 10 * DAY), ("lincoln-pi-2", now + 200 * DAY),
+                        ("lincoln-pi-3", now - DAY)]:  # fmt: skip
+        cert = sign_enrollment(
+            authority, version=1, device=device,
+            device_key=Ed25519PrivateKey.generate().public_key(), building=BUILDING,
+            receiver_url="wss://rx:8443/v1/uplink", receiver_pin=pin,
+            recipients=["age1" + "q" * 58], cameras=[], iat=int(now) - 400 * DAY, exp=int(exp),
+        )  # fmt: skip
+        with contextlib.suppress(p.RemoteProtocolError):  # lincoln-pi-3: expired, refused
+            trust.check(device, cert, now=now, own_pin=pin)
+        presence.connected(device, building=BUILDING)
+    presence.disconnected("lincoln-pi-3")
+    async with RecordingStore(tmp_path / "rec") as store:
+        app = web.Application()
+        setup_viewer(app, store, store.live_feed, presence, trust=trust)
+        async with (
+            secured_client(app, tmp_path / "auth") as client,
+            chromium() as browser,
+            logged_in_page(browser, str(client.make_url("/")), "officer-1") as page,
+        ):
+            shown = await (
+                await page.wait_for_function(_ENROLLMENT_JS, timeout=15_000)
+            ).json_value()
+    soon, later, gone = (shown["chips"][f"lincoln-pi-{i}"] for i in (1, 2, 3))
+    assert soon["text"].startswith("ENROLLMENT EXPIRES ") and "(in 10 days)" in soon["text"]
+    assert soon["cls"] == "enrollment expiring"
+    assert soon["background"] == "rgb(217, 154, 0)"  # --warn: amber
+    assert later["text"].startswith("enrolled until ") and later["cls"] == "enrollment"
+    assert gone["text"].startswith("REFUSED: ENROLLMENT EXPIRED ")
+    assert gone["cls"] == "enrollment expired"
+    assert f"ENROLLMENT EXPIRED — lincoln-pi-3 (building {BUILDING})" in shown["banner"]
+    assert "an emergency there no longer reaches this receiver" in shown["banner"]
+    assert "lincoln-pi-1" not in shown["banner"] and "lincoln-pi-2" not in shown["banner"]
 
 
 async def test_the_presence_file_is_written_whole_and_read_back(tmp_path: Path) -> None:

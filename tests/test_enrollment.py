@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent import protocol as p
 from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.demo import BUILDING, DEMO_CAMERAS, press_button, write_agent_config
@@ -21,7 +22,9 @@ from provisioning.enrollment import (
     sign_enrollment,
     sign_revocations,
 )
-from provisioning.keys import kid, load_private_key
+from provisioning.keys import kid, load_private_key, public_pem
+from receiver.device_trust import DeviceTrust
+from receiver.presence import iso_utc
 from receiver.server import Receiver
 
 pytestmark = pytest.mark.timeout(60)
@@ -180,3 +183,68 @@ def test_a_malformed_revocation_entry_is_refused(entry: dict[str, object]) -> No
         parse_revocations(json.dumps(doc), authority.public_key())
     assert bad.value.code == "malformed"
     assert "revoked[0]" in bad.value.detail
+
+
+def test_the_receiver_remembers_each_devices_enrollment_expiry(tmp_path: Path) -> None:
+    """The device list shows when each device's enrollment expires (a warning within 30
+    days), from the last certificate the receiver accepted, across restarts; a hello
+    refused for an expired certificate is said so until one is accepted again."""
+    data, day, pin = tmp_path / "receiver", 86400, "sha256:" + "ab" * 32
+    authority, device = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    data.mkdir()
+    (data / "authority.pub").write_bytes(public_pem(authority.public_key()))
+
+    def cert(version: int, exp: int, receiver: str = pin) -> dict[str, str]:
+        return sign_enrollment(
+            authority, version=version, device="lincoln-pi-1", device_key=device.public_key(),
+            building=BUILDING, receiver_url="wss://rx:8443/v1/uplink", receiver_pin=receiver,
+            recipients=["age1" + "q" * 58], cameras=[], iat=NOW - 10, exp=exp,
+        )  # fmt: skip
+
+    def expiry(version: int, exp: int | None, *, expired: bool = False, soon: bool = False,
+               refused: float | None = None) -> dict[str, object]:  # fmt: skip
+        return {
+            "version": version,
+            "expires_at": None if exp is None else iso_utc(exp),
+            "expired": expired,
+            "expires_soon": soon,
+            "refused": None if refused is None else {
+                "code": "enrollment_expired", "at": iso_utc(refused),
+            },
+        }  # fmt: skip
+
+    # What the receiver kept before it remembered expiry dates: shown without one, and
+    # completed at the device's next hello (the same version).
+    old = {"version": 1, "kid": kid(device.public_key()), "building": BUILDING}
+    (data / "enrolled").mkdir()
+    (data / "enrolled" / "lincoln-pi-1.json").write_text(json.dumps(old))
+    trust = DeviceTrust(data)
+    trust.load()
+    assert trust.expiry("lincoln-pi-1", NOW) == expiry(1, None)
+    assert trust.expiry("lincoln-pi-9", NOW) is None  # never enrolled here
+
+    exp = NOW + 40 * day
+    trust.check("lincoln-pi-1", cert(1, exp), now=NOW, own_pin=pin)
+    assert trust.expiry("lincoln-pi-1", NOW) == expiry(1, exp)
+    assert trust.expiry("lincoln-pi-1", exp - 30 * day) == expiry(1, exp, soon=True)
+    assert trust.expiry("lincoln-pi-1", exp) == expiry(1, exp, expired=True)
+
+    # The certificate expired: refused, and said so.
+    with pytest.raises(p.RemoteProtocolError) as refusal:
+        trust.check("lincoln-pi-1", cert(1, exp), now=exp + 5, own_pin=pin)
+    assert refusal.value.code == "enrollment_expired"
+    assert trust.expiry("lincoln-pi-1", exp + 6) == expiry(1, exp, expired=True, refused=exp + 5)
+
+    # Renewed: accepted, the refusal is over. An expired certificate older than it, or
+    # for another receiver, is no news (refused anyway).
+    renewed = exp + 365 * day
+    trust.check("lincoln-pi-1", cert(2, renewed), now=exp + 7, own_pin=pin)
+    assert trust.expiry("lincoln-pi-1", exp + 8) == expiry(2, renewed)
+    for stale in (cert(1, exp), cert(3, exp, "sha256:" + "cd" * 32)):
+        with pytest.raises(p.RemoteProtocolError):
+            trust.check("lincoln-pi-1", stale, now=exp + 9, own_pin=pin)
+    assert trust.expiry("lincoln-pi-1", exp + 10) == expiry(2, renewed)
+
+    again = DeviceTrust(data)  # a restart: read back from DATA/enrolled/
+    again.load()
+    assert again.expiry("lincoln-pi-1", exp + 11) == expiry(2, renewed)

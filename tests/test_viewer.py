@@ -500,3 +500,101 @@ async def test_browser_shows_older_sessions_on_request_and_opens_a_link_to_one(
                 timeout=15_000,
             )
             assert not await page.is_visible("#older")  # a wall shows one session
+
+
+async def _damaged_store(root: Path, packets: PacketList) -> None:
+    """A recorded session ``s-1`` whose ``session.json`` is then cut short (a damaged
+    sector, a partial restore) beside a good one, ``s-2``."""
+    now = [1_767_000_000.0]
+    async with RecordingStore(root, clock=lambda: now[0]) as store:
+        extradata = parameter_sets(packets[0][0]).annex_b()
+        track = TrackInfo("cam1", "interior", "h264", 320, 240, 30.0, extradata, 0)
+        for sid in ("s-1", "s-2"):
+            now[0] += 60
+            rec = await store.open_session(sid, "dev-1", META, [track])
+            cam = rec.camera("cam1")
+            for i in range(30):
+                payload, key = packets[i]
+                cam.append_nowait(i, T0_US + i * 33_333, key, payload, live=True)
+            await cam.flush()
+            await rec.close("all clear")
+    sj = root / "s-1" / "session.json"
+    sj.write_bytes(sj.read_bytes()[:50])
+
+
+async def test_a_damaged_session_is_listed_marked_damaged_and_says_why(
+    tmp_path: Path, packets: PacketList
+) -> None:
+    """A session whose session.json is unreadable is on the page's list, marked damaged
+    with the reason (no server path), with nothing to play; its files answer that it is
+    damaged, not that it does not exist."""
+    root = tmp_path / "rec"
+    await _damaged_store(root, packets)
+    async with RecordingStore(root) as store:
+        assert "s-1" in store.damaged
+        app = web.Application()
+        setup_viewer(app, store, store.live_feed)
+        async with secured_client(app, tmp_path / "auth") as client:
+            resp = await client.get("/api/sessions")
+            assert resp.status == 200
+            listed = {s["session_id"]: s for s in (await resp.json())["sessions"]}
+            assert set(listed) == {"s-1", "s-2"}
+            assert listed["s-2"]["damaged"] is None
+            damaged = listed["s-1"]
+            assert damaged["damaged"].startswith("s-1/session.json: ")  # why, by its own name
+            assert str(root) not in json.dumps(damaged)
+            assert (damaged["open"], damaged["cameras"]) == (False, [])
+
+            one = await client.get("/api/sessions/s-1")  # a link to it opens it too
+            assert one.status == 200
+            assert await one.json() == damaged
+
+            for path in ("/recordings/s-1/cam1.0.mp4", "/v1/live/s-1/cam1"):
+                resp = await client.get(path)
+                assert resp.status == 409, path
+                body = await resp.json()
+                assert body["error"] == "corrupt_recording", path
+                assert "damaged" in body["detail"] and str(root) not in body["detail"], path
+
+
+_DAMAGED_JS = """() => {
+  const s = document.querySelector('#sessions > section.session[data-session="s-1"]');
+  const note = s && s.querySelector('.damaged-note');
+  if (!note || note.hidden || !note.textContent) return null;
+  return {title: s.querySelector('.session-title').textContent, note: note.textContent,
+          hidden: s.hidden, videos: s.querySelectorAll('video').length,
+          exportShown: !s.querySelector('button.export').hidden,
+          others: [...document.querySelectorAll('#sessions > section.session')]
+            .filter((x) => !x.hidden).map((x) => x.dataset.session),
+          empty: document.getElementById('empty').hidden};
+}"""
+
+
+@needs_chromium
+async def test_browser_shows_a_damaged_session_and_opens_it_without_a_player(
+    tmp_path: Path, packets: PacketList
+) -> None:
+    root = tmp_path / "rec"
+    await _damaged_store(root, packets)
+    async with RecordingStore(root) as store:
+        app = web.Application()
+        setup_viewer(app, store, store.live_feed)
+        async with (
+            secured_client(app, tmp_path / "auth") as client,
+            chromium() as browser,
+            logged_in_page(browser, str(client.make_url("/")), "officer-1") as page,
+        ):
+            listed = await (await page.wait_for_function(_DAMAGED_JS, timeout=15_000)).json_value()
+            assert "RECORDING DAMAGED" in listed["title"]
+            assert "cannot be played or exported here: s-1/session.json: " in listed["note"]
+            assert (listed["videos"], listed["exportShown"]) == (0, False)
+            assert set(listed["others"]) == {"s-1", "s-2"}
+
+            await page.click('section.session[data-session="s-1"] a.wall-link')  # "Open"
+            await page.wait_for_function(
+                "() => location.hash === '#/wall/s-1' && "
+                "document.querySelector('section.session[data-session=\"s-2\"]').hidden"
+            )
+            opened = await page.evaluate(f"({_DAMAGED_JS})()")
+            assert opened["others"] == ["s-1"] and opened["empty"] is True
+            assert "RECORDING DAMAGED" in opened["title"] and opened["videos"] == 0

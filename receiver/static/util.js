@@ -48,6 +48,17 @@ export function ago(seconds) {
   return `${Math.round(s / 86400)} days ago`;
 }
 
+// How long from now, in words ("in 12 days"); a time already passed as ago() says it.
+export function until(seconds) {
+  if (typeof seconds !== "number" || !Number.isFinite(seconds)) return "";
+  const s = seconds - Date.now() / 1000;
+  if (s <= 0) return ago(seconds);
+  if (s < 120) return `in ${Math.round(s)} s`;
+  if (s < 7200) return `in ${Math.round(s / 60)} min`;
+  if (s < 172800) return `in ${(s / 3600).toFixed(1)} h`;
+  return `in ${Math.round(s / 86400)} days`;
+}
+
 // An ISO-8601 time as seconds since the epoch (NaN if unreadable).
 export function isoSeconds(iso) {
   return typeof iso === "string" ? Date.parse(iso) / 1000 : NaN;

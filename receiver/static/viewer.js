@@ -10,7 +10,7 @@ import { Alarm } from "./alarm.js";
 import { DispatchPanel } from "./dispatch.js";
 import { LivePlayer } from "./live.js";
 import {
-  ago, button, clock, el, errorText, getJson, isoSeconds, loadMe, post, showUser, when,
+  ago, button, clock, el, errorText, getJson, isoSeconds, loadMe, post, showUser, until, when,
   wireLogout,
 } from "./util.js";
 
@@ -504,7 +504,11 @@ class SessionView {
     this.exportButton = button("Export evidence", "export", () => this.exportEvidence());
     this.exportNote = el("span", "export-note");
     actions.append(this.wallLink, this.exportButton, this.exportNote);
-    head.append(this.title, this.sub, actions);
+    // A damaged recording (its session.json unreadable): why, in place of the cameras.
+    this.damagedNote = el("p", "damaged-note");
+    this.damagedNote.setAttribute("role", "alert");
+    this.damagedNote.hidden = true;
+    head.append(this.title, this.sub, this.damagedNote, actions);
     this.grid = el("div", "tiles");
     this.root.append(head, this.grid);
     this.tiles = new Map();
@@ -518,14 +522,26 @@ class SessionView {
     this.root.hidden = !visible;
     this.root.classList.toggle("open", isEmergency(session));
     this.root.classList.toggle("share", session.open && isShare(session));
-    this.title.textContent = session.open
-      ? alarmText(session)
-      : `Session ${session.session_id} — building ${buildingOf(session)}`;
-    const ended = session.open ? "open" : `ended ${when(session.closed_at)} (${session.close_reason || "closed"})`;
-    const by = session.open ? "" : ` · ${describeStart(meta)}`;
-    this.sub.textContent =
-      `session ${session.session_id} · device ${session.device_id} · opened ${when(session.opened_at)} · ${ended}${by}`;
+    this.root.classList.toggle("damaged", Boolean(session.damaged));
+    this.damagedNote.hidden = !session.damaged;
+    this.exportButton.hidden = Boolean(session.damaged);
     const inWall = route.session === this.id;
+    if (session.damaged) {
+      // Nothing to play: say so, and why, instead of a player that cannot start.
+      this.title.textContent = `Session ${session.session_id} — RECORDING DAMAGED`;
+      this.sub.textContent = `session ${session.session_id} · folder last written ${when(session.opened_at)}`;
+      this.damagedNote.textContent =
+        `This recording cannot be played or exported here: ${session.damaged}. ` +
+        "Its files are kept on the receiver as they are, for an administrator to repair.";
+    } else {
+      this.title.textContent = session.open
+        ? alarmText(session)
+        : `Session ${session.session_id} — building ${buildingOf(session)}`;
+      const ended = session.open ? "open" : `ended ${when(session.closed_at)} (${session.close_reason || "closed"})`;
+      const by = session.open ? "" : ` · ${describeStart(meta)}`;
+      this.sub.textContent =
+        `session ${session.session_id} · device ${session.device_id} · opened ${when(session.opened_at)} · ${ended}${by}`;
+    }
     this.wallLink.textContent = inWall ? "← Dashboard" : session.open ? "Open the live wall" : "Open";
     this.wallLink.href = inWall ? "#/" : `#/wall/${this.id}`;
     const seen = new Set();
@@ -700,15 +716,31 @@ function deviceState(d) {
   return d.offline ? "OFFLINE" : d.connected ? "online" : "disconnected";
 }
 
-// The offline alarm and the recording failures (red banner, one line per device) and the
-// buildings with their devices. A device whose footage the receiver cannot record (its disk
-// full or failing) keeps reconnecting, so it is never offline: it has a line of its own.
+// When the device's enrollment expires, for its line in the device list: [text, class], or
+// null if unknown. Past it the receiver refuses the device: an emergency at its school no
+// longer reaches this receiver. Within 30 days it is a warning.
+function enrollmentNote(e) {
+  if (!e || !e.expires_at) return null;
+  const exp = isoSeconds(e.expires_at);
+  if (e.refused) {
+    return [`REFUSED: ENROLLMENT EXPIRED ${when(exp)} (last refused ${ago(isoSeconds(e.refused.at))})`, "expired"];
+  }
+  if (e.expired) return [`ENROLLMENT EXPIRED ${when(exp)}: refused when it reconnects`, "expired"];
+  if (e.expires_soon) return [`ENROLLMENT EXPIRES ${when(exp)} (${until(exp)})`, "expiring"];
+  return [`enrolled until ${when(exp)}`, ""];
+}
+
+// The offline alarm, the recording failures and the expired enrollments (red banner, one
+// line per device) and the buildings with their devices. A device whose footage the receiver
+// cannot record (its disk full or failing) keeps reconnecting, so it is never offline: it
+// has a line of its own.
 function renderDevices(devices) {
   state.devices = devices;
   const banner = document.getElementById("device-alarms");
   const list = document.getElementById("devices");
   const offline = devices.filter((d) => d.offline);
   const failing = devices.filter((d) => d.recording_failing);
+  const expired = devices.filter((d) => d.enrollment && d.enrollment.expired);
   banner.replaceChildren(
     ...offline.map((d) => el(
       "p", "alarm-line",
@@ -721,8 +753,16 @@ function renderDevices(devices) {
       `${when(isoSeconds(d.recording_failing.since))} ` +
       `(${ago(isoSeconds(d.recording_failing.since))}): ${d.recording_failing.error}`,
     )),
+    ...expired.map((d) => el(
+      "p", "alarm-line enrollment-expired",
+      `ENROLLMENT EXPIRED — ${d.device} (building ${d.building || "?"}) — expired ` +
+      `${when(isoSeconds(d.enrollment.expires_at))}` + (d.enrollment.refused
+        ? `, refused ${ago(isoSeconds(d.enrollment.refused.at))}: an emergency there no ` +
+          "longer reaches this receiver until the device is enrolled again"
+        : ": the receiver refuses it when it next connects; enroll it again"),
+    )),
   );
-  banner.hidden = offline.length + failing.length === 0;
+  banner.hidden = offline.length + failing.length + expired.length === 0;
 
   const buildings = new Map();
   for (const d of devices) {
@@ -755,6 +795,8 @@ function renderDevices(devices) {
         el("span", "heard", ` · last heard ${when(heard)} (${ago(heard)})`),
       );
       if (d.recording_failing) li.append(el("span", "failing", " · RECORDING FAILING"));
+      const enrolled = enrollmentNote(d.enrollment);
+      if (enrolled) li.append(" · ", el("span", `enrollment ${enrolled[1]}`.trim(), enrolled[0]));
       li.title = d.session ? `session ${d.session}` : "no session";
       ul.append(li);
     }
