@@ -38,7 +38,7 @@ async def test_a_press_while_the_agent_stops_is_audited_and_resumed(
 
         def closing_audit() -> None:
             at_audit_close["buttons_open"] = [b for b in agent.buttons.values() if not b.closed]
-            at_audit_close["state_writes"] = len(agent._persisting)
+            at_audit_close["state_writes"] = len(agent.state_writer.pending)
             audit_close()
 
         agent.store.close = pressed_while_closing  # type: ignore[method-assign]

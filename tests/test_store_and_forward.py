@@ -342,7 +342,7 @@ async def test_owed_footage_is_pinned_from_the_start_of_a_restart(tmp_path: Path
         pinned = {(pin.camera, pin.last) for pin in again.store.pins}
         assert pinned == {(camera, None) for camera in session.cameras}  # still open
         await again.uplink.wait_until(lambda: again.uplink.stream(session.id) is not None)
-        assert not again._boot_pins
+        assert not again.owed.boot_pins
         stream = again.uplink.stream(session.id)
         assert stream is not None
         assert all(any(held is pin for pin in stream.pins) for held in again.store.pins)

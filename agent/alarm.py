@@ -1,0 +1,141 @@
+"""The emergency on this device: what starts, extends and ends it.
+
+A panic button press starts one (or joins the open one: it never ends it),
+whatever the key list says. A remote trigger (over the Local API or pushed by the
+receiver over the uplink) is verified by :class:`agent.trigger_gate.TriggerGate` and
+applied by :func:`agent.policy.apply_trigger`: a start, an extension or an end.
+Expiry ends it too (the agent's housekeeping asks). Each change is persisted first
+(the session survives a restart whatever fails after), audited, then streamed or
+stopped (:mod:`agent.streaming`). The state machine itself: :mod:`agent.emergency`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from agent.audit import AuditLog
+from agent.changes import Changes
+from agent.config import AgentConfig
+from agent.emergency import Emergency, Ended, Extended, Started
+from agent.policy import Outcome, apply_trigger, refused
+from agent.streaming import Streaming
+from agent.trigger_gate import TriggerGate
+from hardware.button import PressEvent
+from provisioning.triggers import Rejected
+
+log = logging.getLogger(__name__)
+
+
+class Alarm:
+    """Presses, remote triggers and expiry, applied to the emergency."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        emergency: Emergency,
+        gate: TriggerGate,
+        streaming: Streaming,
+        audit: AuditLog,
+        *,
+        clock: Callable[[], float],
+        persist: Callable[[], None],
+        changes: Changes,
+        press_log: list[PressEvent],
+    ) -> None:
+        self.config = config
+        self.emergency = emergency
+        self.gate = gate
+        self.streaming = streaming
+        self.audit = audit
+        self.clock = clock
+        #: Writes the state files (the emergency and the sessions owed).
+        self.persist = persist
+        self.changes = changes
+        #: Every press, in order.
+        self.press_log = press_log
+
+    def press(self, event: PressEvent) -> None:
+        """A panic button was pressed (runs on the loop). Never depends on any key list."""
+        self.press_log.append(event)
+        self.changes.notify()
+        cameras = tuple(c.id for c in self.config.cameras)
+        result = self.emergency.press(self.clock(), event.button_id, event.location, cameras)
+        self.persist()  # first: whatever fails below, the session survives a restart
+        self.audit.record_soon(
+            "button_press",
+            button=event.button_id,
+            location=event.location,
+            session=result.session.id,
+            started=isinstance(result, Started),
+        )
+        if isinstance(result, Started):
+            log.warning(
+                "EMERGENCY %s started by button %s (%s)",
+                result.session.id,
+                event.button_id,
+                event.location,
+            )
+            self.streaming.begin(result.session)
+        else:
+            log.info(
+                "button %s pressed again during session %s", event.button_id, result.session.id
+            )
+
+    def trigger(self, body: bytes | str | Mapping[str, Any], *, via: str) -> Outcome:
+        """Verify a remote trigger and apply it; every attempt is audited. Never raises."""
+        verdict = self.gate.verify(body, via=via)
+        if isinstance(verdict, Rejected):
+            return refused(verdict.code, verdict.detail)
+        trigger = verdict.trigger
+        cameras = tuple(c.id for c in self.config.cameras)
+        outcome = apply_trigger(self.emergency, trigger, now=self.clock(), cameras=cameras, via=via)
+        if not outcome.accepted:
+            code, detail = outcome.body["error"], outcome.body["detail"]
+            self.gate.reject(
+                Rejected(code, detail, trigger.kid, trigger.role, trigger.action, trigger.reason),
+                via=via,
+            )
+            return outcome
+        self.gate.accepted += 1
+        result = outcome.result
+        assert result is not None  # an accepted outcome carries the state change
+        log.warning(
+            "trigger %s by %s key %s (%s) via %s: session %s",
+            trigger.action, trigger.role, trigger.kid, trigger.label, via, result.session.id,
+        )  # fmt: skip
+        self.audit.record_soon(
+            "trigger",
+            result="accepted",
+            code=None,
+            detail=None,
+            kid=trigger.kid,
+            role=trigger.role,
+            action=trigger.action,
+            reason=trigger.reason,
+            via=via,
+            session=result.session.id,
+        )
+        if isinstance(result, Started):
+            self.streaming.begin(result.session)
+        elif isinstance(result, Extended):
+            self.streaming.extend(result.session)
+        elif isinstance(result, Ended):
+            self.streaming.stop(result)
+        self.persist()
+        return outcome
+
+    def end(self, reason: str) -> Ended | None:
+        """End the open session (callers verify the authority to do so)."""
+        ended = self.emergency.end(self.clock(), reason)
+        if ended is not None:
+            self.streaming.stop(ended)
+        return ended
+
+    def expire(self) -> None:
+        """End the open session if its time is up."""
+        ended = self.emergency.tick(self.clock(), time.monotonic())
+        if ended is not None:
+            self.streaming.stop(ended)

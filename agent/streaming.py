@@ -1,0 +1,317 @@
+"""Sessions on the uplink: what leaves the building, from when, and until when.
+
+A session (an emergency's, or a continuous share of the exterior cameras: DECISIONS.md,
+"Exterior cameras shared continuously") streams the cameras :mod:`agent.zones` lets
+out. It opens with each camera's pre-roll from RAM (a share: from the newest
+keyframe), described as the stream says (or as configured where it does not), with
+the chain checkpoints of that pre-roll; then its live lane gets every packet as it
+comes. The start is audited (``session_start``, ``disclosure``), and so is the end,
+with each camera's last seq signed (``session_end``). A session resumed after a
+restart keeps its first seqs and the checkpoints not answered yet
+(:mod:`agent.owed_sessions`). Who may start or end one: :mod:`agent.alarm`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from agent import protocol as p
+from agent.audit import AuditLog
+from agent.capture import Capture
+from agent.checkpoints import Checkpoints
+from agent.config import AgentConfig, CameraConfig
+from agent.emergency import Emergency, Ended, Session, share_session
+from agent.messages import MAX_FPS, MAX_SIDE
+from agent.owed_sessions import OwedSessions
+from agent.store import SegmentStore
+from agent.uplink import SessionStream, UplinkClient
+from agent.zones import cameras_to_share, cameras_to_stream, is_share
+from hardware import EncodedPacket, StreamInfo
+
+log = logging.getLogger(__name__)
+
+#: A continuous exterior share is recorded in sessions of this many hours.
+SHARE_HOURS = 1.0
+
+
+class Streaming:
+    """Starts and ends the device's sessions on the uplink; feeds the live lane."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        emergency: Emergency,
+        capture: Capture,
+        uplink: UplinkClient,
+        store: SegmentStore,
+        checkpoints: Checkpoints,
+        owed: OwedSessions,
+        audit: AuditLog,
+        *,
+        clock: Callable[[], float],
+        persist: Callable[[], None],
+        on_change: Callable[[], None],
+        spawn: Callable[[Coroutine[Any, Any, None], str], None],
+    ) -> None:
+        self.config = config
+        self.emergency = emergency
+        self.capture = capture
+        self.uplink = uplink
+        self.store = store
+        self.checkpoints = checkpoints
+        self.owed = owed
+        self.audit = audit
+        self.clock = clock
+        #: Writes the state files (the emergency and the sessions owed).
+        self.persist = persist
+        #: Something the LED shows changed.
+        self.on_change = on_change
+        #: Runs a task of the agent's (named; it stops with the agent).
+        self.spawn = spawn
+        #: The continuous exterior share streaming now (the building's policy), if any.
+        self.share: Session | None = None
+        #: The session whose live lane gets every packet as it comes (None: idle), and
+        #: the index of each of its cameras.
+        self.live: tuple[SessionStream, dict[str, int]] | None = None
+
+    @property
+    def live_stream(self) -> SessionStream | None:
+        """The session streaming live, if any."""
+        return None if self.live is None else self.live[0]
+
+    def begin(self, session: Session) -> None:
+        """Audit a session's start (an emergency's, or a share's), then stream it."""
+        if not is_share(session):
+            self.end_share("an emergency started")  # the emergency carries every camera
+        self.audit.record_soon(
+            "session_start",
+            session=session.id,
+            building=session.building,
+            by=audited_by(session.started_by),
+            cameras=list(session.cameras),
+            expires_at=session.expires_at,
+        )
+        self.start(session)
+
+    def start(self, session: Session, *, resume: bool = False) -> None:
+        """Open ``session`` on the uplink with its pre-roll and stream it live (``resume``:
+        after a restart, with what was saved of it)."""
+        share = is_share(session)
+        for source in () if share else self.capture.sources.values():
+            force = getattr(source, "force_keyframe", None)  # encoders we drive (Pi, synthetic)
+            if callable(force):
+                force()  # the live view gets a fresh keyframe at once
+        descs: list[p.CameraDesc] = []
+        preroll: dict[int, list[EncodedPacket]] = {}
+        owed = self.owed.entries.get(session.id)
+        first_seqs: dict[str, int] = dict(owed["first"]) if resume and owed else {}
+        acked_by_id: dict[str, int] = dict(owed["acked"]) if resume and owed else {}
+        for camera in cameras_to_stream(self.config.cameras, session):
+            packets = self.capture.prerolls[camera.id].snapshot()
+            if packets and share:  # a share has no pre-roll: from the newest keyframe on
+                packets = packets[packets.index(_last_keyframe(packets)) :]
+            if not packets:
+                log.error(
+                    "camera %s has no decodable footage yet; not in session %s",
+                    camera.id,
+                    session.id,
+                )
+                continue
+            info = self.capture.sources[camera.id].info
+            width, height, fps = _described_size(info, camera)
+            index = len(descs)
+            descs.append(
+                p.CameraDesc(
+                    index,
+                    camera.id,
+                    camera.zone,
+                    info.codec,
+                    width,
+                    height,
+                    fps,
+                    info.extradata,
+                    # After a restart the session keeps its first seq: what came before
+                    # the restart is owed from the sealed store.
+                    min(first_seqs.get(camera.id, packets[0].seq), packets[0].seq),
+                    # Live lane from the GOP the press fell in; after a restart from the
+                    # newest keyframe (the RAM pre-roll of a resumed session is not from
+                    # before the press).
+                    _last_keyframe(packets).seq,
+                )
+            )
+            preroll[index] = packets
+        if not descs and share:
+            return  # housekeeping starts it again once the cameras run
+        if not descs:  # pressed right after boot: stream as soon as footage exists
+            log.error("session %s: no camera has footage yet; streaming once one has", session.id)
+            self.spawn(self.when_ready(session, resume=resume), "start-when-ready")
+            return
+        open_ = p.SessionOpen(
+            session.id,
+            session.building,
+            session.started_by,
+            session.started_at,
+            session.expires_at,
+            tuple(descs),
+        )
+        acked = {d.index: acked_by_id[d.id] for d in descs if d.id in acked_by_id}
+        stream = self.uplink.start_session(open_, preroll, acked=acked, emergency=not share)
+        self.checkpoints.from_first(stream)  # the chain of the pre-roll, signed before the press
+        self.checkpoints.restore(stream, owed if resume else None)
+        self.set_live((stream, {d.id: d.index for d in descs}))
+        if share:
+            self.share = session
+        self.audit.record_soon(
+            "disclosure",
+            kind=str(session.started_by.get("kind")),
+            session=session.id,
+            receiver=self.config.receiver_origin,
+            device=self.config.device_id,
+            cameras=[{"id": d.id, "zone": d.zone, "first": d.first_seq} for d in descs],
+            resumed=resume,
+        )
+        self.owed.remember(stream)  # a restart resumes it
+        self.persist()
+        self.on_change()
+        if resume:
+            self.resume_owed()
+
+    def extend(self, session: Session) -> None:
+        """An emergency was extended: audited, and the receiver learns its new expiry."""
+        self.audit.record_soon(
+            "session_extend",
+            session=session.id,
+            by=audited_by(session.extensions[-1]),
+            expires_at=session.expires_at,
+        )
+        self.uplink.extend_session(session.id, session.expires_at)
+
+    def resume_owed(self) -> None:
+        """Queue every session still owed but the active one (it resumes with live)."""
+        self.owed.resume(self.uplink, self.store, self.checkpoints, self.emergency.active)
+
+    async def when_ready(self, session: Session, *, resume: bool = True) -> None:
+        """Stream an open session once its cameras run (after a restart, or a press at boot)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                # A camera the config no longer has (renamed while stopped) is not waited
+                # for: the session streams the cameras there are.
+                ready = [c for c in session.cameras if c in self.capture.sources]
+                await asyncio.gather(*(self.capture.wait_ready(c) for c in ready))
+        active = self.emergency.active  # a press meanwhile replaced the object: match ids
+        if active is not None and active.id == session.id:
+            log.warning("streaming emergency %s now that cameras run", session.id)
+            self.start(active, resume=resume)
+
+    def keep_share(self) -> None:
+        """While no emergency is open, share the exterior cameras if the building chose
+        to, in a new session every :data:`SHARE_HOURS` (the housekeeping calls this)."""
+        if self.config.share_exterior and self.emergency.active is None:
+            share = self.share
+            if share is not None and self.clock() >= share.expires_at:
+                self.end_share("rotated")  # one recording per SHARE_HOURS
+            if self.share is None:
+                self.start_share()
+
+    def start_share(self) -> None:
+        """Share the exterior cameras (the building's policy) while no emergency is open."""
+        cameras = cameras_to_share(self.config.cameras, share_exterior=self.config.share_exterior)
+        ready = tuple(c for c in cameras if len(self.capture.prerolls[c]))
+        if ready and self.share is None and self.emergency.active is None:
+            session = share_session(self.config.building, self.clock(), ready, SHARE_HOURS)
+            self.begin(session)
+
+    def end_share(self, reason: str) -> None:
+        """End the share streaming now, if any."""
+        share, self.share = self.share, None
+        if share is None:
+            return
+        if self.live is not None and self.live[0].id == share.id:
+            self.set_live(None)
+        self.uplink.end_session(share.id, reason)
+        self.audit.record_soon(
+            "session_end", session=share.id, reason=reason, by=None, cameras=self.ends(share.id)
+        )
+        self.checkpoints.cut(share.id)
+
+    def stop(self, ended: Ended) -> None:
+        """An emergency ended: close its session (what is owed still goes out)."""
+        sid = ended.session.id
+        log.warning("emergency %s ended: %s", sid, ended.session.end_reason)
+        self.set_live(None)
+        self.uplink.end_session(sid, ended.session.end_reason or "ended")
+        if self.uplink.stream(sid) is None and sid in self.owed.entries:
+            # It ended before it streamed again after a restart (it expired while the agent
+            # was down): what the receiver is owed goes out from the sealed store.
+            self.resume_owed()
+        ended_by = ended.session.ended_by
+        self.audit.record_soon(
+            "session_end",
+            session=sid,
+            reason=ended.session.end_reason,
+            by=None if ended_by is None else audited_by(ended_by),
+            cameras=self.ends(sid),
+        )
+        self.checkpoints.cut(sid)
+        self.persist()
+        self.on_change()
+
+    def ends(self, session_id: str) -> list[dict[str, Any]] | None:
+        """Each camera's last seq in an ended session, as its ``session_end`` signs it, so
+        that no one can cut the session's tail unnoticed (None: not streamed, no seqs)."""
+        stream = self.uplink.stream(session_id)
+        if stream is None:
+            return None
+        return [
+            {"id": desc.id, "last": end}
+            for desc, end in zip(stream.open.cameras, stream.end_seq, strict=True)
+            if end is not None
+        ]
+
+    def set_live(self, live: tuple[SessionStream, dict[str, int]] | None) -> None:
+        """The session whose live lane gets every packet as it comes (None: idle)."""
+        self.live = live
+        self.capture.set_live(live is not None)
+
+    def on_packet(self, packet: EncodedPacket) -> None:
+        """A camera's packet (a capture subscriber): to the live lane, if one streams it."""
+        if self.live is None:
+            return
+        stream, indexes = self.live
+        index = indexes.get(packet.camera)
+        if index is not None:
+            self.uplink.push(stream, index, packet)
+
+
+def audited_by(event: Mapping[str, Any]) -> dict[str, Any]:
+    """Who acted, for the audit trail (without the time: the entry has its own)."""
+    return {k: v for k, v in event.items() if k not in ("at", "expires_at")}
+
+
+def _described_size(info: StreamInfo, camera: CameraConfig) -> tuple[int, int, float]:
+    """Width, height and rate to describe ``camera`` with: the stream's, or where it does
+    not say (an IP camera without a frame rate, a size not read yet) the configured ones;
+    the receiver refuses a session_open with a 0 in them (and the agent would send it
+    again and again)."""
+    width, height, fps = info.width, info.height, info.fps
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        log.warning(
+            "camera %s: stream size %dx%d unknown or out of range; described as configured "
+            "(%dx%d)", camera.id, width, height, camera.width, camera.height,
+        )  # fmt: skip
+        width, height = camera.width, camera.height
+    if not 0 < fps <= MAX_FPS:
+        log.warning(
+            "camera %s: stream rate %r unknown or out of range; described as configured (%g)",
+            camera.id, fps, camera.fps,
+        )  # fmt: skip
+        fps = camera.fps
+    return width, height, fps
+
+
+def _last_keyframe(packets: list[EncodedPacket]) -> EncodedPacket:
+    return next(pkt for pkt in reversed(packets) if pkt.keyframe)
