@@ -118,13 +118,13 @@ class Alarm:
             via=via,
             session=result.session.id,
         )
+        self.persist()  # first, as for a press: whatever fails below, a restart knows it
         if isinstance(result, Started):
             self.streaming.begin(result.session)
         elif isinstance(result, Extended):
             self.streaming.extend(result.session)
         elif isinstance(result, Ended):
             self.streaming.stop(result)
-        self.persist()
         return outcome
 
     def end(self, reason: str) -> Ended | None:

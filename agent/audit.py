@@ -70,7 +70,8 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
   (``count``, ``bytes``, ``oldest_end_ms``, ``newest_end_ms``, ``max_age_s``:
   age expiry, in summary), ``segment_unreadable`` (store and capture facts),
   ``state_damaged`` (``file``, ``error``: a state file moved aside at start),
-  and ``checkpoint``.
+  ``state_write_failed`` and ``state_write_recovered`` (``error``: the state
+  files could not be written, and then could again), and ``checkpoint``.
 
 The session events are what FERPA 34 CFR 99.32(a)(5) asks a school to record
 for a health-or-safety disclosure: the threat that justified it and who

@@ -193,7 +193,14 @@ class Agent:
             on_access_head=self._on_access_head,
         )
         self.checkpoints = Checkpoints(self.chains, self.uplink)
-        self.state_writer = StateWriter(self.state_path, self.emergency, self.owed, self.uplink)
+        self.state_writer = StateWriter(
+            self.state_path,
+            self.emergency,
+            self.owed,
+            self.uplink,
+            self.audit,
+            on_change=self._update_led,
+        )
         sources = {c.id: open_source(c, self._source_factory, self.audit) for c in cfg.cameras}
         self.capture = Capture(
             sources,
@@ -388,15 +395,25 @@ class Agent:
                 # Acks move while a session is active or owed: keep resume cheap. An idle
                 # agent has nothing that changes without an event that persists it, so
                 # it does not rewrite (and fsync) the same state files every 2 s.
-                if self.emergency.active is not None or self.owed.entries or self.uplink.streams:
+                if (
+                    self.emergency.active is not None
+                    or self.owed.entries
+                    or self.uplink.streams
+                    or self.state_writer.failed is not None  # until it is written
+                ):
                     self.state_writer.persist()
             await asyncio.sleep(0.5)
 
     # -- what the principal, the LAN and the technician see -------------------
 
     def _faulty(self) -> bool:
-        """A camera is down, or the enrollment certificate has expired."""
-        return self.renewal.certificate_expired or any(s.fault for s in self.capture.state.values())
+        """A camera is down, the state files cannot be written, or the enrollment
+        certificate has expired."""
+        return (
+            self.renewal.certificate_expired
+            or self.state_writer.failed is not None
+            or any(s.fault for s in self.capture.state.values())
+        )
 
     def _update_led(self) -> None:
         """Show the state on the LED (and chirp once when the police have the alarm)."""

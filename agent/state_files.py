@@ -14,7 +14,8 @@ buttons, start without it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from agent.audit import AuditLog
@@ -31,6 +32,8 @@ from agent.statefile import (
 from agent.store import SegmentStore
 from agent.uplink import UplinkClient
 
+log = logging.getLogger(__name__)
+
 
 def state_damaged(audit: AuditLog, path: Path, why: str | None) -> None:
     """Audit a state file found damaged (``why``; None: it was not)."""
@@ -39,17 +42,35 @@ def state_damaged(audit: AuditLog, path: Path, why: str | None) -> None:
 
 
 class StateWriter:
-    """Writes ``emergency.json``, then ``owed.json``, on a worker thread, in order."""
+    """Writes ``emergency.json``, then ``owed.json``, on a worker thread, in order.
+
+    A write that fails (a card gone read-only, an I/O error) is logged and audited
+    once (``state_write_failed``, then ``state_write_recovered``) and :attr:`failed`
+    says why until a write succeeds: the agent's housekeeping writes again every
+    few seconds meanwhile, and the LED shows a fault. Before, the failure was lost
+    in the task, and an emergency ended meanwhile came back after a restart.
+    """
 
     def __init__(
-        self, path: Path, emergency: Emergency, owed: OwedSessions, uplink: UplinkClient
+        self,
+        path: Path,
+        emergency: Emergency,
+        owed: OwedSessions,
+        uplink: UplinkClient,
+        audit: AuditLog,
+        *,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.path = path
         self.emergency = emergency
         self.owed = owed
         self.uplink = uplink
+        self.audit = audit
+        self.on_change = on_change
         #: The writes asked for and not done (the agent never stops half way through one).
         self.pending: set[asyncio.Task[None]] = set()
+        #: Why the last write failed; None once one succeeded.
+        self.failed: str | None = None
         self._lock = asyncio.Lock()
 
     def persist(self) -> None:
@@ -62,8 +83,27 @@ class StateWriter:
         # Small JSON, fsynced, on a worker thread so the loop keeps streaming. The lock
         # keeps writes in order, and each writes the state as it is when its turn comes.
         async with self._lock:
-            await asyncio.to_thread(write_json, self.path, self.emergency.to_json())
-            await self.owed.save(self.uplink)
+            try:
+                await asyncio.to_thread(write_json, self.path, self.emergency.to_json())
+                await self.owed.save(self.uplink)
+            except OSError as exc:
+                why = f"{type(exc).__name__}: {exc}"[:300]
+                if self.failed is None:
+                    log.critical(
+                        "state files in %s not saved (%s): a restart now would not know the"
+                        " emergency's latest state; writing again every few seconds",
+                        self.path.parent,
+                        why,
+                    )
+                    self.audit.record_soon("state_write_failed", error=why)
+                    self.failed = why
+                    self.on_change()
+                return
+            if self.failed is not None:
+                log.warning("state files in %s saved again", self.path.parent)
+                self.audit.record_soon("state_write_recovered", error=self.failed)
+                self.failed = None
+                self.on_change()
 
 
 def sequence_reservations(

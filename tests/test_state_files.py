@@ -111,3 +111,40 @@ async def test_a_damaged_sequences_file_with_an_emptied_store_numbers_on(
         first = again.capture.seqs.peek("front-door")
     assert first >= SequenceReservations.BLOCK > used  # above the reserved block
     assert list(cfg.state_dir.glob("sequences.json.damaged-*"))
+
+
+async def test_a_failed_state_write_is_loud_retried_and_an_ended_emergency_stays_ended(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state write that failed (a card gone read-only) was lost in its task: nothing
+    logged or audited, and when it was the write of an emergency's end, emergency.json
+    kept the session open and a restart started streaming it again. Now it is audited,
+    the LED shows a fault, and housekeeping writes again until it succeeds."""
+    from agent import state_files
+
+    path = write_agent_config(tmp_path / "agent", receiver, fps=30)
+    cfg = load_config(path)
+    write, failing = state_files.write_json, [False]
+
+    def card(target: Path, doc: object) -> None:
+        if failing[0]:
+            raise OSError(30, "Read-only file system")
+        write(target, doc)
+
+    monkeypatch.setattr(state_files, "write_json", card)
+    async with Agent(cfg) as agent:
+        await agent.capture.wait_packets(5)
+        press_button(agent)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        await agent.wait_until(lambda: not agent.state_writer.pending)
+        failing[0] = True
+        assert agent.alarm.end("all clear") is not None
+        await agent.wait_until(lambda: agent.state_writer.failed is not None)
+        assert agent._faulty()
+        assert json.loads((cfg.state_dir / "emergency.json").read_text())["active"] is not None
+        failing[0] = False  # the card is back: housekeeping writes again by itself
+        await agent.wait_until(lambda: agent.state_writer.failed is None)
+    assert json.loads((cfg.state_dir / "emergency.json").read_text())["active"] is None
+    events = [e["event"] for e in audited(agent)]
+    assert events.count("state_write_failed") == 1
+    assert events.index("state_write_failed") < events.index("state_write_recovered")
