@@ -341,7 +341,11 @@ class CameraRecording:
             return None
         route, run = self._route(seq, keyframe)
         if route is _Route.APPEND and run is not None and run.writable:
-            if (defer_init and run.needs_init) or (keyframe and run.new_stream(payload)):
+            if (
+                (defer_init and run.needs_init)
+                or (keyframe and run.new_stream(payload))
+                or run.time_jump(capture_us)
+            ):
                 return None
             self._write(run, seq, capture_us, keyframe, payload, preroll, live)
             return Outcome.APPENDED
@@ -385,6 +389,16 @@ class CameraRecording:
                 # New parameter sets (a camera set to another size or profile): a part of
                 # their own, begun by this keyframe (its init checked before the cut).
                 init = await make_part_init(self, seq, capture_us, keyframe, payload, seq)
+                await self._next_part(run)
+            elif route is _Route.APPEND and run is not None and run.time_jump(capture_us):
+                # The device's clock stepped (or the camera stalled): a part of its own,
+                # whose media time starts again from this frame's capture time.
+                _LOG.warning(
+                    "camera %r: seq %d captured %+.1f s from the one before: a new part",
+                    self.camera_id,
+                    seq,
+                    run.capture_step_s(capture_us),
+                )
                 await self._next_part(run)
             elif route is not _Route.APPEND:
                 return self._count(route, seq) or Outcome.DROPPED
@@ -470,7 +484,7 @@ class CameraRecording:
         await self._list_part(run)
         if feeding:
             run.attach(self._fanout)  # the live feed follows, to the new init segment
-        _LOG.info("camera %r: new parameter sets at seq %d: new part", self.camera_id, run.next_seq)
+        _LOG.info("camera %r: new part from seq %d", self.camera_id, run.next_seq)
 
     async def _reopen(self, run: Run) -> None:
         if not run.repaired:

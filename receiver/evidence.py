@@ -72,6 +72,7 @@ from receiver.evidence_format import (
 )
 from receiver.fmp4 import scan_file
 from receiver.h264 import parameter_sets
+from receiver.run import capture_jump
 from receiver.session_recording import read_session_json
 from receiver.summaries import validate_camera_id, validate_session_id
 
@@ -359,7 +360,7 @@ class _Writer:
     ) -> None:
         self.path = path
         self.first_seq = self.last_seq = first_seq
-        self.first_capture_us = capture_us
+        self.first_capture_us = self.last_capture_us = capture_us
         self.extradata = bytes(template.codec_context.extradata or b"")
         self._out: OutputContainer = av.open(
             str(path), "w", format="mp4", options={"movflags": "+faststart"}
@@ -374,6 +375,7 @@ class _Writer:
         self.frames = 0
 
     def add(self, seq: int, data: bytes, keyframe: bool, capture_us: int) -> None:
+        self.last_capture_us = capture_us
         pts = next_pts(capture_us, self.first_capture_us, self._last_pts)
         packet = av.Packet(data)
         packet.stream = self._stream
@@ -454,9 +456,16 @@ class _Pieces:
         if writer is not None and not _same_sets(writer.extradata, stream.codec_context.extradata):
             self._finish()  # new SPS/PPS (a camera reconnected): a file of its own
             writer = None
+        mid_gop = False
+        if writer is not None and capture_jump(writer.last_capture_us, capture_us):
+            # The device's clock stepped (or the camera stalled): a file of its own, from
+            # this frame on (a step of over 13.26 h is no MP4 sample duration: the muxer
+            # refused it and the whole export failed), as the receiver's parts are cut.
+            self._finish()
+            writer, mid_gop = None, True
         for seq2, data2, key2, at in [*self._lead_in, item]:
             if writer is None:
-                if not key2:
+                if not key2 and not mid_gop:
                     continue  # nothing decodes before a keyframe
                 tmp = self._staged.root / f".{self._camera}.{seq2}.mp4"
                 writer = self._writer = _Writer(tmp, stream, seq2, at, self._fps)

@@ -273,6 +273,13 @@ def _read(
     return header, packets
 
 
+#: The longest gap between two frames one file holds (90 kHz ticks): an MP4 sample's
+#: duration has 32 bits. Holes shorter than that show as jumps in time, as they were.
+_MAX_SAMPLE_TICKS = 2**31
+#: A frame captured more than this before the one before it begins a new file.
+_MAX_BACK_NS = 1_000_000_000
+
+
 class _Writer:
     """Muxes packets of one stream description into a regular MP4, pts from capture time
     (remux only)."""
@@ -302,9 +309,16 @@ class _Writer:
         self.frames = 0
         self.first = self.last = first
 
+    def clock_stepped(self, pkt: EncodedPacket) -> bool:
+        """Whether ``pkt`` was captured so long after the last frame that no MP4 sample
+        duration holds the gap (over 13 h: the muxer refuses it), or more than a second
+        before it: the agent's clock stepped, and ``pkt`` must begin another file."""
+        step_ns = pkt.capture_ns - self.last.capture_ns
+        return step_ns * 9 // 100_000 > _MAX_SAMPLE_TICKS or -step_ns > _MAX_BACK_NS
+
     def write(self, header: segment.SegmentHeader, pkt: EncodedPacket) -> None:
         pts = ((pkt.capture_ns - self._origin_ns) * 9 + 50_000) // 100_000  # ns -> 90 kHz
-        pts = max(pts, self._last_pts + 1)  # never backwards (a clock step on the agent)
+        pts = max(pts, self._last_pts + 1)  # never backwards (small clock jitter)
         packet = av.Packet(pkt.payload)
         packet.stream = self._stream
         packet.time_base = TIME_BASE
@@ -441,12 +455,20 @@ class _Export:
         if self.prev is not None and pkt.seq > self.prev[1] + 1:
             self.gaps.append((self.prev[1] + 1, pkt.seq - 1, header.boot_id != self.prev[0]))
         self.prev = (header.boot_id, pkt.seq)
-        if self.writer is not None and self.writer.desc != _desc(header):
-            self.writer.close()  # the stream changed: this file is done, the next begins
+        mid_gop = False
+        if self.writer is not None and (
+            self.writer.desc != _desc(header) or self.writer.clock_stepped(pkt)
+        ):
+            # The stream changed, or the agent's clock stepped (a step back, or one forward
+            # that no MP4 sample duration holds): this file is done, the next begins; after
+            # a step, with this frame even if it is no keyframe (its GOP decodes from the
+            # keyframe in the file before).
+            mid_gop = self.writer.desc == _desc(header)
+            self.writer.close()
             self.parts.append(self.writer)
             self.writer = None
         if self.writer is None:
-            if not pkt.keyframe:  # nothing decodes it
+            if not pkt.keyframe and not mid_gop:  # nothing decodes it
                 if self.undecodable and self.undecodable[-1][1] + 1 == pkt.seq:
                     self.undecodable[-1][1] = pkt.seq
                 else:

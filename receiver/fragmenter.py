@@ -51,6 +51,7 @@ _find_starts = re.compile(b"\x00\x00\x01").finditer
 _NON_SYNC_FLAGS = 0x01010000  # sample_depends_on = 1, sample_is_non_sync_sample
 _SYNC_FLAGS = 0x02000000  # sample_depends_on = 2 (an IDR)
 _TFHD_FLAGS = 0x020038  # default-base-is-moof, default duration, size and flags present
+_MAX_DURATION = 0xFFFFFFFF
 _MOOF_KEY = 104  # moof of a keyframe's fragment: its trun carries first-sample flags
 _MOOF = 100
 # moof(mfhd, traf(tfhd, tfdt, trun)) and the mdat header, in one pack: moof, mfhd header,
@@ -119,8 +120,9 @@ class Fragmenter:
         units = avcc_from_annex_b(annex_b)
         size = sum(map(len, units))
         out = None
-        if self._held is not None:
-            out = self._fragment(self._held, dts - self._held[0])
+        if self._held is not None:  # a sample's duration has 32 bits (the caller cuts a
+            # part at a capture-time jump long before: this only keeps a bug from raising)
+            out = self._fragment(self._held, min(dts - self._held[0], _MAX_DURATION))
         self._held = (dts, duration, keyframe, units, size)
         return out
 

@@ -24,7 +24,8 @@ and, past ``MAX_UNWRITTEN_BYTES``, stopped reading the connection. Rounds of
 a part start at least ``COMMIT_GAP_S`` apart.
 
 A part is never appended to once closed, so after a restart, a write failure,
-a re-opened session or new parameter sets (:meth:`Run.new_stream`) a run
+a re-opened session, new parameter sets (:meth:`Run.new_stream`) or a jump in
+capture time (:meth:`Run.time_jump`: the device's clock stepped) a run
 continues in a new part file, named after its
 first sequence number (``<camera>.<first_seq>.mp4``) and listed in
 ``session.json`` before it gets any data.
@@ -78,6 +79,7 @@ __all__ = [
     "PartInfo",
     "Run",
     "RunHost",
+    "capture_jump",
     "init_segment",
     "make_part_init",
 ]
@@ -101,6 +103,22 @@ _PAGE = mmap.PAGESIZE
 
 #: MP4 time base of every recording: the 90 kHz clock of MPEG video.
 TIME_BASE = Fraction(1, 90_000)
+#: A frame captured this much later than the one before it (µs), or this much earlier,
+#: begins a new part (:meth:`Run.time_jump`): the device's clock stepped (a Pi without a
+#: real-time clock syncing over NTP), or the camera stalled. Within a part, media time
+#: follows capture time: a step of hours made one frame last hours (and one of over
+#: 13.26 h overflowed its 32-bit sample duration and cut the device's connection).
+MAX_FRAME_GAP_US = 10_000_000
+MAX_FRAME_BACK_US = 1_000_000
+
+
+def capture_jump(last_us: int, capture_us: int) -> bool:
+    """Whether a frame captured at ``capture_us`` after one captured at ``last_us`` jumps
+    by more than :data:`MAX_FRAME_GAP_US` forward or :data:`MAX_FRAME_BACK_US` back."""
+    step = capture_us - last_us
+    return step > MAX_FRAME_GAP_US or -step > MAX_FRAME_BACK_US
+
+
 #: The mov muxer's options the part files are written with (its init segment, and what
 #: :class:`Fragmenter` reproduces).
 MUX_OPTIONS = {
@@ -190,6 +208,7 @@ class Run:
         self._last_seq = self.durable_seq
         self._origin_us = 0
         self._last_pts = -1
+        self._last_capture_us = 0
         self._fsync_task: asyncio.Task[None] | None = None
         #: ``time.monotonic()`` when the last round started (written by its thread).
         self._fsync_started = -COMMIT_GAP_S
@@ -277,6 +296,18 @@ class Run:
             return False
         sets = leading_parameter_sets(keyframe)
         return sets.sps is not None and sets != self._sets
+
+    def time_jump(self, capture_us: int) -> bool:
+        """Whether a frame captured at ``capture_us`` must begin a part of its own: the
+        capture time jumps from the part's last frame, forward by more than
+        :data:`MAX_FRAME_GAP_US` or back by more than :data:`MAX_FRAME_BACK_US`."""
+        if self._fragmenter is None or self._last_pts < 0:
+            return False
+        return capture_jump(self._last_capture_us, capture_us)
+
+    def capture_step_s(self, capture_us: int) -> float:
+        """How far (s) ``capture_us`` is from the capture time of the part's last frame."""
+        return (capture_us - self._last_capture_us) / 1e6
 
     def held(self) -> list[tuple[int, int]]:
         """The durable seq ranges of this run, one per part that holds any."""
@@ -393,6 +424,7 @@ class Run:
             self._write_fragment(fragment)
         self._last_seq = seq
         self._last_pts = pts
+        self._last_capture_us = capture_us
         self._pending.append((keyframe, capture_us))
 
     async def start_part(

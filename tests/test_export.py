@@ -16,6 +16,7 @@ import pytest
 
 import receiver.export
 from agent import segment
+from hardware import EncodedPacket
 from provisioning.age_keys import new_identity, recipient_of
 from receiver.errors import BadSegmentError, ExportError, NoFootageError, WrongIdentityError
 from receiver.export import (
@@ -25,6 +26,7 @@ from receiver.export import (
     UnreadableSegment,
     export_footage,
 )
+from receiver.h264 import parameter_sets
 from tests.media import (
     PacketList,
     decode_every_frame,
@@ -633,3 +635,46 @@ def test_cli_refuses_two_versions_of_a_seq_in_one_line(
     assert "seq 10 is held with different footage by" in line
     assert str(segment_file(store, 0)) in line and str(segment_file(store, 10)) in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+@pytest.mark.parametrize("step_s", [20 * 3600, -600])
+def test_a_clock_step_on_the_agent_goes_on_in_a_new_file(
+    tmp_path: Path, footage: PacketList, district: tuple[Path, Any], step_s: int
+) -> None:
+    """The agent's clock stepped between two frames (NTP on a Pi without a real-time
+    clock). A step forward of over 13 h was no MP4 sample duration: the muxer refused
+    it and the export failed; a step back squashed every frame after it a tick apart.
+    Now the frame after the step begins the next file, even mid-GOP."""
+    receiver = pyrage.x25519.Identity.generate()
+    to = [district[1].to_public(), receiver.to_public()]
+    stream = segment.StreamDesc("h264", 160, 120, 30.0, parameter_sets(footage[0][0]).annex_b())
+    for first in (0, 45):  # the agent seals its segment at a step
+        pkts = [
+            EncodedPacket(
+                "hall",
+                i,
+                (capture_us(i) + (step_s * 1_000_000 if i >= 45 else 0)) * 1000,
+                i * FRAME_US * 1000,
+                footage[i][1],
+                "h264",
+                footage[i][0],
+            )
+            for i in range(first, first + 45)
+        ]
+        header, plaintext = segment.encode(pkts, stream, "boot-1")
+        store_segment(tmp_path / "store", header, segment.seal(plaintext, to))
+    out = tmp_path / "hall.mp4"
+    stepped = [capture_us(i) + step_s * 1_000_000 for i in (45, 89)]
+    report = export_footage(
+        tmp_path / "store",
+        district[1],
+        "hall",
+        datetime.fromtimestamp(min(capture_us(0), stepped[0]) / 1e6, UTC),
+        datetime.fromtimestamp(max(capture_us(44), stepped[1]) / 1e6, UTC),
+        out,
+    )
+    assert [(f.first_seq, f.last_seq) for f in report.files] == [(0, 44), (45, 89)]
+    for f in report.files:
+        times = [float(p["pts_time"]) for p in ffprobe_packets(f.path)]
+        assert len(times) == f.last_seq - f.first_seq + 1
+        assert times == sorted(times) and times[-1] - times[0] < 2.0

@@ -561,6 +561,32 @@ async def test_new_parameter_sets_begin_a_part_of_their_own(
     assert cam.mse_codec == mse_codec_string(larger[0][0])
 
 
+@pytest.mark.parametrize("step_s", [20 * 3600, 2 * 3600, -600])
+async def test_a_clock_step_inside_a_run_begins_a_part_of_its_own(
+    store: RecordingStore, packets: PacketList, step_s: int
+) -> None:
+    """The device's clock stepped between two frames (a Pi syncing over NTP). Before, a
+    step of over 13.26 h overflowed the 32-bit sample duration: the connection was cut at
+    every frame after it, this emergency's and the next's; a step of hours made one frame
+    last hours (HLS: one EXTINF of hours); a step back squashed every frame after it into
+    a tick apart. Now the frame after the step begins a part, mid-GOP if need be, and
+    every frame is recorded with the media time of its own part."""
+    rec, cam = await open_cam(store, packets)
+    for seq, (payload, key) in enumerate(packets[:60]):
+        at = T0_US + seq * FRAME_US + (step_s * 1_000_000 if seq >= 40 else 0)
+        assert await cam.append(seq, at, key, payload, preroll=False, live=True) in (
+            Outcome.APPENDED,
+        )
+    await rec.close("done")
+    parts = [p.path for p in store.sessions()[0].camera("cam1").parts]
+    assert [p.name for p in parts] == ["cam1.0.mp4", "cam1.40.mp4"]
+    probed = [await asyncio.to_thread(ffprobe_packets, p) for p in parts]
+    assert [len(packets) for packets in probed] == [40, 20]
+    for packets in probed:  # seconds, not hours; increasing at the frame rate
+        times = [float(pk["pts_time"]) for pk in packets]
+        assert times == sorted(times) and times[-1] - times[0] < 2.0
+
+
 @pytest.mark.parametrize("damage", ["garbage", "cut"])
 async def test_resume_after_crash_truncates_torn_tail(
     tmp_path: Path, packets: PacketList, damage: str
