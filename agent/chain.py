@@ -51,14 +51,16 @@ import hashlib
 import json
 import re
 import struct
+import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent import protocol as p
+from agent.messages import MAX_FPS
 from provisioning.documents import DocumentError, b64url_decode
 from provisioning.keys import kid as key_id
 from provisioning.keys import verify as verify_signature
@@ -355,9 +357,13 @@ class CameraChain:
     """One camera's chain on the agent: feed every numbered packet, get checkpoints.
 
     Keeps the open range (since the last checkpoint) and the recent
-    checkpoints (``keep_us`` of capture time, for a session's pre-roll and for
-    sealed segments' ranges). A packet whose seq does not follow the last one
-    closes the open range first; the chain continues over the jump.
+    checkpoints (those made in the last ``keep_us`` on the monotonic clock, and
+    at most that long at :data:`agent.messages.MAX_FPS`, for a session's
+    pre-roll and for sealed segments' ranges). A packet whose seq does not
+    follow the last one closes the open range first; the chain continues over
+    the jump. Kept by capture time, a step of the device's clock forward (NTP)
+    dropped every checkpoint at once: the segments being sealed then could not
+    be signed, nor a session's pre-roll.
     """
 
     def __init__(
@@ -368,6 +374,7 @@ class CameraChain:
         *,
         every: int = CHECKPOINT_EVERY,
         keep_us: int = 120_000_000,
+        mono_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         if not 1 <= every <= p.MAX_CHAIN_ENTRIES:
             raise ValueError(f"every must be 1..{p.MAX_CHAIN_ENTRIES}, not {every}")
@@ -375,13 +382,18 @@ class CameraChain:
         self._signer = signer
         self._every = every
         self._keep_us = keep_us
+        self._mono_ns = mono_ns
+        #: At most this many entries in :attr:`recent` (a file replayed at full speed).
+        self._max_kept = max(every, int(keep_us / 1e6 * MAX_FPS))
         self.head = GENESIS
         self.last_seq: int | None = None
         self._open_first = 0
         self._open_prev = GENESIS
         self._open = bytearray()
-        self._newest_us = 0
         self.recent: deque[Checkpoint] = deque()
+        #: When each of :attr:`recent` was made (monotonic ns), and their entries in all.
+        self._made: deque[int] = deque()
+        self._kept = 0
 
     def add(self, seq: int, capture_us: int, keyframe: bool, digest: bytes) -> list[Checkpoint]:
         """Chain one packet; the checkpoints this closes (at a keyframe, or every ``every``)."""
@@ -394,7 +406,6 @@ class CameraChain:
         self._open += ENTRY.pack(capture_us, flags, digest)
         self.head = link(self.head, seq, capture_us, flags, digest)
         self.last_seq = seq
-        self._newest_us = max(self._newest_us, capture_us)
         if len(self._open) >= self._every * ENTRY.size:
             made.append(self._close())
         return made
@@ -413,10 +424,14 @@ class CameraChain:
         return cp
 
     def _remember(self, cp: Checkpoint) -> None:
+        now = self._mono_ns()
         self.recent.append(cp)
-        oldest_kept = self._newest_us - self._keep_us
-        while len(self.recent) > 1 and self.recent[0].entry(self.recent[0].last)[0] < oldest_kept:
-            self.recent.popleft()
+        self._made.append(now)
+        self._kept += cp.count
+        oldest = now - self._keep_us * 1000
+        while len(self.recent) > 1 and (self._made[0] < oldest or self._kept > self._max_kept):
+            self._kept -= self.recent.popleft().count
+            self._made.popleft()
 
     def since(self, seq: int) -> list[Checkpoint]:
         """Recent checkpoints that cover ``seq`` or anything after it."""
@@ -472,10 +487,11 @@ class Chains:
         *,
         every: int = CHECKPOINT_EVERY,
         keep_us: int = 120_000_000,
+        mono_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self.device = device
         self._signer = signer
-        self._every, self._keep_us = every, keep_us
+        self._every, self._keep_us, self._mono_ns = every, keep_us, mono_ns
         self.cameras: dict[str, CameraChain] = {}
 
     def chain(self, camera: str) -> CameraChain:
@@ -483,7 +499,12 @@ class Chains:
         found = self.cameras.get(camera)
         if found is None:
             found = self.cameras[camera] = CameraChain(
-                self.device, camera, self._signer, every=self._every, keep_us=self._keep_us
+                self.device,
+                camera,
+                self._signer,
+                every=self._every,
+                keep_us=self._keep_us,
+                mono_ns=self._mono_ns,
             )
         return found
 

@@ -151,6 +151,33 @@ def test_cut_signs_exactly_up_to_the_end_of_a_session() -> None:
     assert (jumped.first, jumped.last) == (127, 127)
 
 
+def test_a_clock_step_forward_keeps_what_the_chain_must_still_sign() -> None:
+    """Recent checkpoints were kept by capture time: the device's clock stepping forward
+    (NTP on a Pi) dropped them all at once, and the segments being sealed then, and a
+    session's pre-roll, could not be signed ("chain no longer known"). Now they are kept
+    by the monotonic clock, and by count."""
+    mono = [0]
+    c = chain.CameraChain("dev", "cam", KEY, every=30, keep_us=40_000_000, mono_ns=lambda: mono[0])
+    made = feed(c, [i % 30 == 0 for i in range(60)])  # 100..129, 130..159
+    day = 20 * 3600 * 1_000_000
+    digest = chain.payload_digest("h264", b"\x00\x00\x01\x65\xff")
+    mono[0] += 2_000_000_000  # two seconds later, captured most of a day "later"
+    made += c.add(160, T0 + day, True, digest)
+    assert c.since(100) == made
+    assert c.span(100, 159) is not None
+    mono[0] += 41_000_000_000  # past keep_us on the monotonic clock: now they may go
+    c.add(161, T0 + day + 33_333, True, digest)
+    assert [cp.first for cp in c.recent] == [160]
+
+
+def test_the_chain_keeps_at_most_keep_us_at_the_highest_frame_rate() -> None:
+    """A file replayed at full speed makes checkpoints faster than real time: they are
+    bounded by count too."""
+    c = chain.CameraChain("dev", "cam", KEY, every=30, keep_us=1_000_000, mono_ns=lambda: 0)
+    feed(c, [i % 30 == 0 for i in range(3000)])
+    assert sum(cp.count for cp in c.recent) <= 240 + 30
+
+
 def test_refusal_codes() -> None:
     (cp,) = feed(chain.CameraChain("dev", "cam", KEY, every=5), [True] + [False] * 4)
     other = Ed25519PrivateKey.generate().public_key()
