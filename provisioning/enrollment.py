@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -136,9 +137,20 @@ def parse_enrollment(
     if now is None:
         pass
     elif now >= doc["exp"]:
-        raise DocumentError("expired", f"enrollment of {doc['device']} expired")
+        raise DocumentError(
+            "expired",
+            f"enrollment of {doc['device']} expired at {_utc(doc['exp'])} "
+            f"(this clock says {_utc(now)})",
+        )
     elif now < doc["iat"] - 60:
-        raise DocumentError("not_yet_valid", f"enrollment of {doc['device']} is not valid yet")
+        # Most often this clock is wrong: a Pi has no real-time clock, and before NTP
+        # syncs it runs on the time it last saved. Say so, with both times.
+        raise DocumentError(
+            "not_yet_valid",
+            f"enrollment of {doc['device']} is valid from {_utc(doc['iat'])}, but this "
+            f"clock says {_utc(now)}: if the clock is wrong (no network time yet), set it "
+            "or let NTP sync, then try again",
+        )
     url, pin = doc["receiver"]
     return Enrollment(
         doc["version"], doc["iat"], doc["exp"], doc["device"], doc["device_key"],
@@ -252,3 +264,11 @@ def sign_revocations(
     every key it ever had, and with ``kid`` that key under any device id too)."""
     payload = {"type": "revocations", "v": 1, "iat": iat, "exp": exp, "version": version}
     return d.seal({**payload, "revoked": revoked}, authority, max_payload=MAX_REVOCATIONS_PAYLOAD)
+
+
+def _utc(t: float) -> str:
+    """``t`` (Unix seconds) as ISO-8601 UTC to the second, or as it is if out of range."""
+    try:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return repr(t)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,13 @@ def test_documents_round_trip_and_reject_tampering() -> None:
     with pytest.raises(DocumentError) as late:
         parse_enrollment(json.dumps(cert), authority.public_key(), now=NOW + 60)
     assert late.value.code == "expired"
+    # A Pi before NTP syncs runs on the time it last saved: the refusal says both times.
+    with pytest.raises(DocumentError) as early:
+        parse_enrollment(json.dumps(cert), authority.public_key(), now=NOW - 40 * 86400)
+    assert early.value.code == "not_yet_valid"
+    stale = datetime.fromtimestamp(NOW - 40 * 86400, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert f"this clock says {stale}" in early.value.detail
+    assert "NTP" in early.value.detail
     revocations = sign_revocations(authority, 3, [], iat=NOW, exp=NOW + 1)
     assert parse_revocations(json.dumps(revocations), authority.public_key()).version == 3
     with pytest.raises(DocumentError) as stranger:
