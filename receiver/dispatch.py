@@ -15,11 +15,26 @@ device knows the role, not people): it goes in the reason the device audits
 log, so both trails name the person. The name always comes last and whole
 (:func:`signed_reason`): only the last ``(dispatcher NAME)`` is the receiver's,
 anything before it is the dispatcher's own text.
+
+**The device's clock.** A device judges a trigger's ``iat``/``exp`` by its own
+clock (±60 s), and a Raspberry Pi's runs hours or days off until NTP syncs it.
+The trigger is signed in the device's time: the receiver's clock plus the
+device's offset as its heartbeats measured it (:mod:`receiver.device_clock`;
+with none yet on its connection, the receiver's own time, right for a synced
+device). A refusal for the clock (``not_yet_valid``, ``expired``: the device
+checks the clock before it spends the nonce, so the trigger did nothing) means
+the clock moved since it was measured (an NTP step) or was never measured: the
+receiver takes a reading that arrived after the refused trigger was sent (waiting
+for the next heartbeat at most :attr:`Dispatch.remeasure_s`) and signs once more,
+once. The lifetime (120 s), the nonce and the device's
+checks are as for any trigger. Each :class:`Delivery` says which receiver time
+and device time it signed at, for the access log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +48,8 @@ from agent import protocol as p
 from provisioning.enrollment import ID_RE
 from provisioning.keys import kid, load_private_key, new_private_key, public_pem
 from provisioning.triggers import sign_trigger
+from receiver.access_log import iso_ms
+from receiver.device_clock import MAX_DEVICE_TIME, REMEASURE_S, ClockReading, DeviceClocks
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +59,10 @@ MAX_REASON: Final = 200
 #: checks it, and a device refuses a longer one).
 TRIGGER_REASON_MAX: Final = 500
 PUSH_TIMEOUT_S: Final = 10.0
+#: A device's answers that mean its clock and the trigger's times disagree.
+CLOCK_REFUSALS: Final = frozenset({"not_yet_valid", "expired"})
+#: The latest ``iat`` signed (a reading is at most this; a trigger's times fit 2**40).
+_LATEST_IAT: Final = int(MAX_DEVICE_TIME)
 
 
 class DispatchError(ValueError):
@@ -64,15 +85,44 @@ class Pusher(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """What one device answered (or why it could not be asked)."""
+    """What one device answered (or why it could not be asked), and the times signed."""
 
     device: str
     status: int  # the device's HTTP-like status; 0: not delivered
     body: dict[str, Any]
+    #: The receiver's clock when the (last) trigger was signed.
+    receiver_time: float = 0.0
+    #: The trigger's ``iat``: the device's time then, as the receiver measured it.
+    device_time: int = 0
+    #: The device's clock minus the receiver's that was used (None: not measured yet).
+    clock_offset_s: float | None = None
+    #: How old that measurement was (seconds).
+    offset_age_s: float | None = None
+    #: Triggers signed for this device: 2 after a refusal for the clock.
+    attempts: int = 1
+    #: The first answer's error, when it was tried again.
+    retried_after: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """For the dispatcher's screen."""
         return {"device": self.device, "status": self.status, **self.body}
+
+    def audit(self) -> dict[str, Any]:
+        """For the access log: the answer and both clocks (ISO-8601 UTC, to the ms)."""
+        offset = self.clock_offset_s
+        entry: dict[str, Any] = {
+            "device": self.device,
+            "status": self.status,
+            "receiver_time": iso_ms(self.receiver_time),
+            "device_time": iso_ms(self.device_time),
+            "clock_offset_s": None if offset is None else round(offset, 3),
+            "attempts": self.attempts,
+        }
+        if self.offset_age_s is not None:
+            entry["offset_age_s"] = round(self.offset_age_s, 1)
+        if self.retried_after is not None:
+            entry["retried_after"] = self.retried_after
+        return entry
 
 
 def load_or_make_key(path: Path) -> Ed25519PrivateKey:
@@ -116,7 +166,11 @@ def signed_reason(reason: str, user: str) -> str:
 
 
 class Dispatch:
-    """Signs and delivers dispatch triggers to a building's connected devices."""
+    """Signs and delivers dispatch triggers to a building's connected devices.
+
+    ``clocks``: the devices' clocks as measured by the ingest, on the same ``clock``
+    (None: every trigger is signed on ``clock``, as a synced device expects).
+    """
 
     def __init__(
         self,
@@ -125,11 +179,16 @@ class Dispatch:
         devices_of: Callable[[str], Iterable[str]],
         *,
         clock: Callable[[], float] = time.time,
+        clocks: DeviceClocks | None = None,
+        remeasure_s: float = REMEASURE_S,
     ) -> None:
         self.key = key
         self.pusher = pusher
         self.devices_of = devices_of
         self.clock = clock
+        self.clocks = clocks
+        #: How long to wait for a new heartbeat after a refusal for the clock.
+        self.remeasure_s = remeasure_s
 
     @property
     def kid(self) -> str:
@@ -145,22 +204,64 @@ class Dispatch:
         said = signed_reason(reason, user)
 
         async def one(device: str) -> Delivery:
-            # One envelope per device: each nonce is single-use on its device.
-            envelope = sign_trigger(
-                self.key, action=action, building=building, reason=said, now=int(self.clock())
-            )
-            try:
-                result = await self.pusher.push_trigger(device, envelope, timeout_s=PUSH_TIMEOUT_S)
-            except LookupError:
-                return Delivery(device, 0, {"error": "not_connected", "detail": "went offline"})
-            except TimeoutError:
-                return Delivery(device, 0, {"error": "no_answer", "detail": "may have applied"})
-            return Delivery(device, result.status, dict(result.body))
+            clocks = self.clocks
+            reading = None if clocks is None else clocks.reading(device)
+            sent = time.monotonic() if clocks is None else clocks.mono()
+            delivery = await self._push(device, action, building, said, reading)
+            if clocks is None or not _clock_refused(delivery):
+                return delivery
+            # Its clock moved since it was measured (an NTP step), or it was not measured
+            # yet: take a reading that arrived after this trigger was sent, sign once more.
+            fresh = await clocks.next_reading(device, after=sent, within=self.remeasure_s)
+            if fresh is None:
+                return delivery
+            log.warning(
+                "dispatch %s to %s refused for the clock (%s); signing again with its clock "
+                "measured after it (offset %+.1f s)", action, device,
+                delivery.body.get("detail"), fresh.offset_s,
+            )  # fmt: skip
+            again = await self._push(device, action, building, said, fresh)
+            first = str(delivery.body.get("error"))
+            return dataclasses.replace(again, attempts=2, retried_after=first)
 
         deliveries = list(await asyncio.gather(*(one(d) for d in devices)))
         for delivery in deliveries:
             log.warning(
-                "dispatch %s %s by %s to %s: %d %s", action, building, user, delivery.device,
-                delivery.status, delivery.body.get("error") or delivery.body.get("session"),
+                "dispatch %s %s by %s to %s: %d %s (device time %s, receiver time %s)",
+                action, building, user, delivery.device, delivery.status,
+                delivery.body.get("error") or delivery.body.get("session"),
+                iso_ms(delivery.device_time), iso_ms(delivery.receiver_time),
             )  # fmt: skip
         return deliveries
+
+    async def _push(
+        self, device: str, action: str, building: str, reason: str, reading: ClockReading | None
+    ) -> Delivery:
+        """Sign one trigger for ``device`` in its time (as ``reading`` measured it) and push
+        it; what it answered."""
+        now = self.clock()
+        iat = now if reading is None else reading.device_time(now)
+        signed_at = min(max(int(iat), 0), _LATEST_IAT)  # a reading is 1970..9999: a no-op
+        # One envelope per device: each nonce is single-use on its device.
+        envelope = sign_trigger(
+            self.key, action=action, building=building, reason=reason, now=signed_at
+        )
+        times: dict[str, Any] = {"receiver_time": now, "device_time": signed_at}
+        if reading is not None:
+            times["clock_offset_s"] = reading.offset_s
+            times["offset_age_s"] = max(0.0, now - reading.at)
+        try:
+            result = await self.pusher.push_trigger(device, envelope, timeout_s=PUSH_TIMEOUT_S)
+        except LookupError:
+            body = {"error": "not_connected", "detail": "went offline"}
+            return Delivery(device, 0, body, **times)
+        except TimeoutError:
+            return Delivery(
+                device, 0, {"error": "no_answer", "detail": "may have applied"}, **times
+            )
+        return Delivery(device, result.status, dict(result.body), **times)
+
+
+def _clock_refused(delivery: Delivery) -> bool:
+    """Whether the device refused the trigger for its times (and did nothing with it)."""
+    return delivery.status == 403 and delivery.body.get("error") in CLOCK_REFUSALS

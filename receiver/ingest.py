@@ -19,6 +19,11 @@ proved at hello and kept beside each session's recording
 checkpoint that does not verify is refused with its code in ``chain_ack``,
 logged and recorded as refused; the connection and the footage go on.
 
+Each heartbeat measures the device's clock (:class:`receiver.device_clock.DeviceClocks`:
+its offset from the receiver's, per connection, and each open session's): dispatch
+signs triggers in the device's time, and the page shows times on the receiver's.
+A re-opened session's new expiry (an extension) replaces the one recorded.
+
 Every message from an accepted device counts as hearing from it
 (:class:`receiver.presence.Presence`: last heard, the offline alarm). A
 failure to record its footage (our disk full or failing, a damaged
@@ -65,6 +70,7 @@ from provisioning.keys import load_public_key, verify
 from receiver.audit_copy import AuditCopies
 from receiver.camera_ingest import CameraIngest
 from receiver.custody import CustodyLog, DeviceKey
+from receiver.device_clock import DeviceClocks, plausible
 from receiver.device_trust import DeviceTrust
 from receiver.errors import CorruptRecordingError, ReceiverError
 from receiver.limits import LogThrottle, Rate, TokenBucket
@@ -187,8 +193,11 @@ class IngestServer:
         trust: DeviceTrust | None = None,
         presence: Presence | None = None,
         limits: UplinkLimits | None = None,
+        clocks: DeviceClocks | None = None,
     ) -> None:
         self.store = store
+        #: Each connected device's clock as its heartbeats tell it (and each open session's).
+        self.clocks = clocks if clocks is not None else DeviceClocks()
         #: What one device may send (rates, unread bytes, handshakes at once).
         self.limits = limits or UplinkLimits()
         #: Uplinks in their handshake now, per client address.
@@ -305,6 +314,7 @@ class IngestServer:
             self._enrollments[device] = enrollment
         else:
             self._enrollments.pop(device, None)
+        self.clocks.connected(device)  # measured again on this connection
         status = self.devices.setdefault(device, DeviceStatus(device))
         status.connected, status.last_seen = True, time.time()
         self.presence.connected(device, building=enrollment.building if enrollment else None)
@@ -334,6 +344,7 @@ class IngestServer:
                 del self._connections[device]
                 self._uplinks.pop(device, None)
                 self._enrollments.pop(device, None)
+                self.clocks.disconnected(device)
                 status.connected = False
                 self.presence.disconnected(device)
         return ws
@@ -582,7 +593,10 @@ class IngestServer:
                 status.last_seen = time.time()
                 self.presence.heard(device)
                 await asyncio.sleep(0)  # a burst of control messages never suspends either
-                if isinstance(event, p.Gap):
+                if isinstance(event, p.Heartbeat):
+                    if self._connections.get(device) is ws:  # not one replaced meanwhile
+                        self.clocks.heard(device, event.t)
+                elif isinstance(event, p.Gap):
                     cameras[event.camera].gap(event)
                 elif isinstance(event, p.Chain):
                     cameras[event.camera].checkpoint(event)
@@ -594,6 +608,7 @@ class IngestServer:
                     if event.session not in status.sessions:
                         status.sessions.append(event.session)
                     self.presence.session(device, event.session, building=event.building)
+                    self.clocks.session_opened(device, event.session, event.expires_at)
                     self._tell(device, event)
                     cameras = [
                         CameraIngest(
@@ -617,6 +632,7 @@ class IngestServer:
                     await self._close(device, event, cameras)
                     cameras = []
                     self.presence.session(device, None)
+                    self.clocks.session_closed(event.session)
                     self._tell(device, event)
                 elif isinstance(event, p.AuditEntries):
                     if self.audits is not None:
@@ -680,8 +696,22 @@ class IngestServer:
             "started_at": event.started_at,
             "expires_at": event.expires_at,
         }
-        if any(s.session_id == event.session for s in self.store.open_sessions()):
+        known = next((s for s in self.store.open_sessions() if s.session_id == event.session), None)
+        if known is not None:
             log.info("session %s of %s opened again (resume or end)", event.session, device)
+            expires = event.expires_at
+            if (
+                known.device_id == device
+                and plausible(expires)
+                and known.meta.get("expires_at") != expires
+            ):
+                # Extended: the device opens it again with its new expiry (on its clock).
+                # The open below saves it; the rest of what the device said first stands.
+                log.info(
+                    "session %s of %s now expires at %.0f (device clock)",
+                    event.session, device, event.expires_at,
+                )  # fmt: skip
+                known.meta["expires_at"] = event.expires_at
         elif event.started_by.get("kind") == "share":
             log.info(
                 "exterior share %s from %s (building %s)", event.session, device, event.building

@@ -16,8 +16,10 @@ enforced by :mod:`receiver.auth`'s middleware):
   acks of every device. More exports at once wait their turn.
 
 Every dispatch and every export goes into the access log (who, what, when,
-the result); each HLS playlist a user opens is logged once per login session
-and camera, like the recordings the viewer fetches.
+the result; for a dispatch, per device, the receiver's time and the device's
+time it signed the trigger at, and the device's clock offset used); each HLS
+playlist a user opens is logged once per login session and camera, like the
+recordings the viewer fetches.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ async def _dispatch(request: web.Request) -> web.Response:
     journal.record(
         "dispatch", **who, remote=request.remote, building=body["building"],
         requested=body["action"], reason=str(body["reason"])[:200],
-        results=[{"device": d.device, "status": d.status} for d in deliveries],
+        results=[d.audit() for d in deliveries],
     )  # fmt: skip
     return web.json_response({"deliveries": [d.to_json() for d in deliveries]})
 

@@ -30,7 +30,9 @@ for one silent for ``offline_after_s`` (:mod:`receiver.presence`, kept in
 ``DATA/presence.json`` across restarts). Every ``poll_s`` seconds two
 background tasks, owned by the application's ``cleanup_ctx``, check those
 alarms and re-read the revocation list if it changed, dropping connected
-devices it revokes. ``clock`` (wall seconds) is what presence counts in.
+devices it revokes. ``clock`` (wall seconds) is what presence counts in, what
+each device's clock is measured against (its heartbeats: :mod:`receiver.device_clock`)
+and what dispatch signs with, in the device's time.
 
 What one client may hold is bounded (:mod:`receiver.limits`, :mod:`receiver.listener`):
 connections per address and in all, the TLS handshake, request headers and body
@@ -63,6 +65,7 @@ from receiver.access_log import AccessLog
 from receiver.accounts import AccountStore, PasswordParams
 from receiver.audit_copy import AuditCopies
 from receiver.auth import Auth, AuthSettings, allow_anonymous, setup_auth
+from receiver.device_clock import DeviceClocks
 from receiver.device_trust import DeviceTrust
 from receiver.dispatch import Dispatch, load_or_make_key
 from receiver.errors import InvalidSettingError
@@ -135,6 +138,8 @@ class Receiver:
         )
         #: The district's enrollments (``DATA/authority.pub``, ``DATA/enrolled/``).
         self.trust = DeviceTrust(self.data_dir)
+        #: The receiver's wall clock (presence, the devices' clock offsets, dispatch).
+        self.clock = clock
         self.ingest = IngestServer(
             self.store,
             AllowList(self.devices_dir),
@@ -143,6 +148,7 @@ class Receiver:
             trust=self.trust,
             presence=self.presence,
             limits=uplink_limits,
+            clocks=DeviceClocks(clock=clock),
         )
         #: Police accounts and login sessions (``DATA/accounts.sqlite``).
         self.accounts = AccountStore(self.data_dir / "accounts.sqlite", params=password_params)
@@ -197,7 +203,14 @@ class Receiver:
         setup_auth(app, self.auth)  # first: its middleware guards every route below
         app.router.add_get("/v1/uplink", self.ingest.handle)
         allow_anonymous(app, "GET", "/v1/uplink")  # devices prove their key in the handshake
-        setup_viewer(app, self.store, self.ingest_feed, self.presence, trust=self.trust)
+        setup_viewer(
+            app,
+            self.store,
+            self.ingest_feed,
+            self.presence,
+            trust=self.trust,
+            clocks=self.ingest.clocks,
+        )
         setup_hls(app, self.store)
         setup_player_links(app, self.player_links)
         if self.dispatch is not None:
@@ -248,7 +261,10 @@ class Receiver:
         self.ingest.identities = [identity]
         await self.store.load()
         key = await asyncio.to_thread(load_or_make_key, self.dispatch_key_path)
-        self.dispatch = Dispatch(key, self.ingest, self.devices_of)
+        # Signed in each device's time, as its heartbeats measure it on the same clock.
+        self.dispatch = Dispatch(
+            key, self.ingest, self.devices_of, clock=self.clock, clocks=self.ingest.clocks
+        )
         if self._notify is not None:
             signer = await asyncio.to_thread(evidence_key, self.data_dir)
             outbox = await asyncio.to_thread(Outbox, self.data_dir / "notify.sqlite")

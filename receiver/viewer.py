@@ -10,6 +10,14 @@ Routes added by :func:`setup_viewer`:
   ``before`` (a ``next`` from an earlier answer) the closed sessions after it. Every
   viewer polls this, so its cost must not grow with the receiver's whole history.
 - ``GET /api/sessions/{session}`` — one session, open or closed (for a link to it).
+- Times: a session's ``opened_at`` and ``closed_at`` are the receiver's clock (when it
+  opened and closed the recording); ``meta`` is what the device said, on its own clock
+  (``started_at``, ``expires_at``), which a Raspberry Pi may have hours or days off
+  until NTP syncs it. ``expires_at`` (open sessions; else null) is the device's expiry
+  on the receiver's clock: moved by ``device_clock_offset_s`` (the device's clock
+  minus the receiver's, measured by its heartbeats when the expiry was set:
+  :mod:`receiver.device_clock`; null until measured), or, unmeasured, the session's
+  length on the device's clock from ``opened_at``.
 - A session whose recording cannot be read (its ``session.json`` unreadable or
   missing: :attr:`RecordingStore.damaged`) is on the first page of every listing and
   answers its own route, with ``damaged`` saying why (``null`` for every other
@@ -72,6 +80,7 @@ from aiohttp.web_request import BaseRequest
 from receiver.access_log import ACCESS_LOG_KEY
 from receiver.accounts import Role
 from receiver.auth import AUTH_KEY, COOKIE, User, require
+from receiver.device_clock import DeviceClocks, receiver_expiry
 from receiver.device_trust import DeviceTrust
 from receiver.errors import CorruptRecordingError, InvalidIdError, ReceiverError
 from receiver.livefeed import LiveFeed, Subscription
@@ -86,6 +95,7 @@ from receiver.recording import (
 )
 
 __all__ = [
+    "CLOCKS_KEY",
     "CLOSE_FORBIDDEN",
     "CLOSE_LOGIN_ENDED",
     "FEEDS_KEY",
@@ -113,6 +123,8 @@ FEEDS_KEY: web.AppKey[FeedLookup] = web.AppKey("breakglass.viewer.feeds")
 PRESENCE_KEY = web.AppKey("breakglass.viewer.presence", Presence)
 #: The enrollments the device list shows the expiry of.
 TRUST_KEY = web.AppKey("breakglass.viewer.trust", DeviceTrust)
+#: The devices' clocks, which convert a session's expiry to the receiver's clock.
+CLOCKS_KEY = web.AppKey("breakglass.viewer.clocks", DeviceClocks)
 _SOCKETS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("breakglass.viewer.sockets")
 _FILES_KEY: web.AppKey[dict[str, tuple[bytes, str]]] = web.AppKey("breakglass.viewer.files")
 #: (login handle, session, part file) already audited as fetched, oldest first.
@@ -315,12 +327,15 @@ def setup_viewer(
     presence: Presence | None = None,
     *,
     trust: DeviceTrust | None = None,
+    clocks: DeviceClocks | None = None,
     login_recheck_s: float = LOGIN_RECHECK_S,
 ) -> None:
     """Add the viewer's routes to ``app``; ``feeds`` finds a camera's live feed.
 
     With ``presence``, ``GET /v1/devices`` lists the devices and their offline alarm;
-    with ``trust`` too, when each one's enrollment expires.
+    with ``trust`` too, when each one's enrollment expires. ``clocks``: the devices'
+    clocks as the ingest measures them (without, a session's expiry on the receiver's
+    clock is its length from when the receiver opened it).
     ``login_recheck_s``: how often the login behind an open live view or recording
     transfer is looked up again (see the module's docstring).
 
@@ -334,6 +349,8 @@ def setup_viewer(
             files[name] = (path.read_bytes(), mime)
     app[STORE_KEY] = store
     app[FEEDS_KEY] = feeds
+    if clocks is not None:
+        app[CLOCKS_KEY] = clocks
     app[_SOCKETS_KEY] = set()
     app[_FILES_KEY] = files
     app[_FETCHED_KEY] = OrderedDict()
@@ -374,9 +391,15 @@ async def _static(request: web.Request) -> web.Response:
     return _file_response(request, name)
 
 
-def _session_json(summary: SessionSummary) -> dict[str, object]:
+def _session_json(summary: SessionSummary, clocks: DeviceClocks | None) -> dict[str, object]:
     doc = summary.to_json()
     sid = summary.session_id
+    # The receiver's clock beside the device's (see the module's docstring).
+    offset = None if clocks is None or not summary.is_open else clocks.session_offset(sid)
+    doc["device_clock_offset_s"] = offset
+    doc["expires_at"] = (
+        receiver_expiry(summary.meta, summary.opened_at, offset) if summary.is_open else None
+    )
     cams = []
     for cam in summary.cameras:
         entry = cam.to_json()
@@ -423,6 +446,8 @@ async def _damaged_sessions(store: RecordingStore, ids: list[str]) -> list[dict[
                     "open": False,
                     "cameras": [],
                     "damaged": why,
+                    "expires_at": None,
+                    "device_clock_offset_s": None,
                 }
             )
         return out
@@ -452,7 +477,8 @@ async def _sessions(request: web.Request) -> web.Response:
             return _error(400, "bad_cursor", "before must be a next cursor from this API")
     store = request.app[STORE_KEY]
     page = store.page(limit, before)
-    sessions = [_session_json(s) for s in page.sessions]
+    clocks = request.app.get(CLOCKS_KEY)
+    sessions = [_session_json(s, clocks) for s in page.sessions]
     if before is None and store.damaged:  # few and in need of attention: every first page
         damaged = await _damaged_sessions(store, list(store.damaged))
         sessions = sorted([*sessions, *damaged], key=_listing_key, reverse=True)
@@ -484,7 +510,7 @@ async def _session(request: web.Request) -> web.Response:
         summary = store.get(sid).summary()
     except ReceiverError as exc:
         return _from_exception(exc)
-    return web.json_response(_session_json(summary), headers=_HEADERS)
+    return web.json_response(_session_json(summary, request.app.get(CLOCKS_KEY)), headers=_HEADERS)
 
 
 async def _devices(request: web.Request) -> web.Response:

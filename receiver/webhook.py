@@ -15,10 +15,27 @@ exponential backoff (:data:`FIRST_RETRY_S` doubling up to
 the outbox, marked failed and logged as an error. Receivers treat the event
 id as an idempotency key: a retry after a lost answer may deliver it twice.
 
-What is sent (no footage, nothing about students): event id, type
-(``session.started`` / ``session.ended``), time, device, building, session,
-who or what started it (button and room, or the trigger's role and reason),
-the cameras (ids and zones) and, for an end, why it ended.
+What is sent (no footage, nothing about students): one JSON object, keys sorted:
+
+- ``id``: ``evt_`` and 24 hex digits, from device, session and type (an
+  idempotency key);
+- ``type``: ``session.started`` or ``session.ended``;
+- ``at``: when, on the **receiver's** clock (Unix seconds, 3 decimals): when it
+  opened the session's recording (``started``: the device told it), or when the
+  device told it the session ended (``ended``). Both on one clock, so
+  ``ended.at - started.at`` is how long the receiver had the emergency open;
+- ``device_at`` (``session.started`` only): when the session started on the
+  **device's** own clock (the press, or the trigger). A Raspberry Pi's clock may
+  be hours or days off until NTP syncs it, and a press made while the receiver
+  was out of reach arrives later: compare it with ``at``, do not use it for
+  ``at``. (Before it was added, ``session.started``'s ``at`` was this time.) The
+  device does not say when a session ended on its clock;
+- ``device``, ``building`` (null if unknown), ``session``;
+- ``started_by`` (``started`` only): who or what started it, as the device says
+  (``kind``: ``button`` with ``button_id`` and ``location``, or ``trigger`` with
+  the signer's ``role``, ``label`` and ``reason``, ...);
+- ``cameras`` (``started`` only): ``[{"id", "zone"}]``;
+- ``reason`` (``ended`` only): why it ended (``expired``, the trigger's reason, ...).
 
 Redirects are not followed: an answer 3xx is a failed attempt, retried like any
 other (following one would re-send the signed event wherever the ``Location``
@@ -40,6 +57,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -232,14 +250,17 @@ def session_event(
     building: str | None,
     session: str,
     at: float,
+    device_at: float | None = None,
     started_by: Mapping[str, Any] | None = None,
     cameras: list[Mapping[str, Any]] | None = None,
     reason: str | None = None,
 ) -> tuple[str, bytes]:
     """An event's id and its JSON body (canonical: sorted keys, no spaces).
 
-    The id is derived from the session and the type, so a session re-opened after a
-    reconnect (or told again after a receiver restart) queues no second event.
+    ``at`` is the receiver's clock, ``device_at`` the device's (see the module's
+    docstring). The id is derived from the session and the type, so a session
+    re-opened after a reconnect (or told again after a receiver restart) queues no
+    second event.
     """
     if kind not in EVENT_TYPES:
         raise ValueError(f"event type {kind!r}")
@@ -252,6 +273,8 @@ def session_event(
         "building": building,
         "session": session,
     }
+    if device_at is not None and math.isfinite(device_at):  # the device's word
+        doc["device_at"] = round(device_at, 3)
     if started_by is not None:
         doc["started_by"] = dict(started_by)
     if cameras is not None:
@@ -358,7 +381,8 @@ class SessionNotices:
 
     Emergencies only: a continuous exterior share (``started_by.kind == "share"``)
     is the building's standing policy, not an emergency, and would notify hourly.
-    Register :meth:`__call__` in ``IngestServer.session_listeners``.
+    Register :meth:`__call__` in ``IngestServer.session_listeners`` (called when the
+    receiver has opened or closed the session's recording: its time then is ``at``).
     """
 
     def __init__(self, notifier: Notifier) -> None:
@@ -379,7 +403,8 @@ class SessionNotices:
                 device=device,
                 building=event.building,
                 session=event.session,
-                at=event.started_at,
+                at=self.notifier.clock(),  # the receiver's, as the end's
+                device_at=event.started_at,  # the device's own, beside it
                 started_by=event.started_by,
                 cameras=[{"id": c.id, "zone": c.zone} for c in event.cameras],
             )

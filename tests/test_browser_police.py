@@ -16,6 +16,7 @@ import hashlib
 import re
 import shutil
 import statistics
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -516,3 +517,34 @@ async def test_the_dispatch_panel_sends_what_the_route_expects_and_shows_every_a
     assert first == {"building": BUILDING, "action": "extend", "reason": "911 call: still ongoing"}
     assert second == {"building": BUILDING, "action": "end", "reason": "all clear"}
     assert (csrf, mime) == (token, "application/json")  # the login's own CSRF token
+
+
+async def test_the_alarm_says_when_on_the_receivers_clock_and_the_devices_beside(
+    tmp_path: Path, packets: PacketList
+) -> None:
+    """A Pi 77 h behind (fake-hwclock, not synced yet): the banner said "started ...
+    at 09:57:33 (3 days ago)" for a press seconds ago, and an expiry three days before it
+    (review s4). It shows the receiver's times, with the device's own beside them."""
+    async with RecordingStore(tmp_path / "rec") as store:
+        extradata = parameter_sets(packets[0][0]).annex_b()
+        track = TrackInfo("cam1", "interior", "h264", 320, 240, 30.0, extradata, 0)
+        pressed = time.time() - 278_220  # on the device's clock: 77 h behind
+        meta = dict(META, started_at=pressed, expires_at=pressed + 3600)
+        rec = await store.open_session("s-1", "lincoln-pi-1", meta, [track])
+        app = web.Application()
+        setup_viewer(app, store, store.live_feed)
+        async with (
+            secured_client(app, tmp_path / "auth") as client,
+            chromium() as browser,
+            logged_in_page(browser, str(client.make_url("/")), "officer-1") as page,
+        ):
+            await page.wait_for_selector("#alarms .alarm", timeout=WAIT_MS)
+            at = "(t) => new Date(t * 1000).toLocaleTimeString([], { hour12: false })"
+            opened = await page.evaluate(at, rec.opened_at)
+            expires = await page.evaluate(at, rec.opened_at + 3600)
+            line = await page.text_content("#alarms .alarm-line") or ""
+            assert f"started by button 'office' (Main office) at {opened} (device clock: " in line
+            assert re.fullmatch(r"\(\d+ s ago\)", await page.text_content("#alarms .ago") or "")
+            info = await page.text_content("#alarms .info") or ""
+            assert f" · expires {expires} (device clock: " in info
+        await rec.close("test over")

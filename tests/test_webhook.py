@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent import protocol as p
 from provisioning.tls import ensure_certificate, fingerprint_digest, server_context
 from receiver.webhook import (
     FIRST_RETRY_S,
@@ -21,6 +22,7 @@ from receiver.webhook import (
     Notifier,
     Outbox,
     Pending,
+    SessionNotices,
     WebhookError,
     _redacted,
     check_url,
@@ -318,3 +320,35 @@ def test_an_error_names_the_url_without_its_secrets() -> None:
     error = _redacted(f"InvalidUrlClientError: {url}; path /hooks/path-secret", url)
     assert error == ("InvalidUrlClientError: https://district.example:8443/…; path …")
     assert safe_url("not a url") == "an unreadable URL"
+
+
+async def test_both_times_are_the_receivers_and_the_devices_own_is_beside(
+    tmp_path: Path,
+) -> None:
+    """``session.started`` carried the device's clock and ``session.ended`` the
+    receiver's: a Pi 77 h behind made a 10 s emergency last 77 h for the district (review
+    s4). Both ``at`` are the receiver's now; the device's own start is ``device_at``."""
+    clock = Clock()
+    notifier = Notifier(
+        "https://district.example/hook",
+        Outbox(tmp_path / "notify.sqlite"),
+        Ed25519PrivateKey.generate(),
+        clock=clock,
+    )
+    notices = SessionNotices(notifier)
+    camera = p.CameraDesc(0, "hall-2", "interior", "h264", 160, 120, 30.0, b"\0\0\0\1g", 0, 0)
+    pressed = clock.now - 278_220.25  # the Pi's clock, 77 h behind
+    by = {"kind": "button", "button_id": "office", "location": "Main office"}
+    opened = p.SessionOpen("s-1", "lincoln-elementary", by, pressed, pressed + 3600, (camera,))
+    notices("lincoln-pi-1", opened)
+    await asyncio.gather(*list(notices._tasks))
+    clock.now += 10
+    notices("lincoln-pi-1", p.SessionClose("s-1", "ended locally"))
+    await asyncio.gather(*list(notices._tasks))
+    started, ended = (json.loads(e.body) for e in notifier.outbox.due(clock.now))
+    notifier.outbox.close()
+    assert (started["type"], ended["type"]) == ("session.started", "session.ended")
+    assert started["at"] == clock.now - 10  # when the receiver opened the session
+    assert started["device_at"] == round(pressed, 3)  # the press, on the device's clock
+    assert ended["at"] - started["at"] == 10
+    assert "device_at" not in ended  # the device does not say when it ended

@@ -20,6 +20,9 @@ const TICK_MS = 250;
 const LATE_S = 1; // a behind-live figure above this is shown as late
 const CLOCK_SLACK_S = 0.5; // capture clock ahead of ours by more: the clocks disagree
 const CLOCK_SLACK_MAX_S = 30; // or behind by more than this beyond the buffer
+// The device's own time is shown beside the receiver's when they are further apart: a
+// Raspberry Pi's clock may be hours or days off until NTP syncs it.
+const CLOCKS_APART_S = 5;
 // How long a player link works (the receiver allows 60 s to 12 h).
 const LINK_TTLS = [[3600, "1 hour"], [4 * 3600, "4 hours"], [12 * 3600, "12 hours"]];
 
@@ -48,9 +51,23 @@ function buildingOf(session) {
   return (session.meta && session.meta.building) || session.device_id;
 }
 
+// When the emergency started, on the receiver's clock: when it opened the session.
 function startedAt(session) {
+  return session.opened_at;
+}
+
+// When it started on the device's own clock (the press, or the trigger): what its
+// footage's capture times are on.
+function deviceStartedAt(session) {
   const meta = session.meta || {};
   return typeof meta.started_at === "number" ? meta.started_at : session.opened_at;
+}
+
+// " (device clock: …)" after a receiver time, when the device's own differs from it.
+function deviceClock(receiverTime, deviceTime) {
+  if (typeof deviceTime !== "number" || !Number.isFinite(deviceTime)) return "";
+  if (typeof receiverTime === "number" && Math.abs(deviceTime - receiverTime) <= CLOCKS_APART_S) return "";
+  return ` (device clock: ${when(deviceTime)})`;
 }
 
 // Who or what started it: the button and its room, or the trigger's signer and reason.
@@ -72,7 +89,7 @@ function describeStart(meta) {
 
 function alarmText(session) {
   const meta = session.meta || {};
-  const at = clock(startedAt(session));
+  const at = clock(startedAt(session)) + deviceClock(startedAt(session), meta.started_at);
   if (isShare(session)) {
     return `Exterior cameras — building ${buildingOf(session)} — ${describeStart(meta)} since ${at}`;
   }
@@ -114,9 +131,10 @@ function timeline(cam) {
     .map((p) => ({ part: p, start: p.first_capture_us / 1e6, end: p.first_capture_us / 1e6 + p.frames / fps }));
 }
 
-// When the emergency started (the press, or the trigger), on the agent's clock: seconds.
+// When the emergency started (the press, or the trigger), on the agent's clock (the
+// capture times' clock): seconds.
 function pressTime(session) {
-  const t = startedAt(session);
+  const t = deviceStartedAt(session);
   return typeof t === "number" && Number.isFinite(t) ? t : null;
 }
 
@@ -642,7 +660,11 @@ function renderAlarms(open) {
     item.line.textContent = alarmText(s);
     item.ago.textContent = `(${ago(startedAt(s))})`;
     const meta = s.meta || {};
-    const expires = typeof meta.expires_at === "number" ? ` · expires ${clock(meta.expires_at)}` : "";
+    // The receiver's clock (the device's expiry moved by its clock's offset), the
+    // device's own beside it when they differ.
+    const expires = typeof s.expires_at === "number"
+      ? ` · expires ${clock(s.expires_at)}${deviceClock(s.expires_at, meta.expires_at)}`
+      : "";
     item.info.textContent = ` · session ${s.session_id} · device ${s.device_id} · ${s.cameras.length} camera(s)${expires}`;
     const acked = alarm.isAcked(s.session_id);
     item.root.classList.toggle("acked", acked);
