@@ -9,6 +9,7 @@ when, is :class:`agent.protocol.Uplink`'s business.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, Final
@@ -72,6 +73,18 @@ def _expect(
             raise RemoteProtocolError("malformed", f"{where}.{name}: wrong type")
         if not isinstance(value, kind):
             raise RemoteProtocolError("malformed", f"{where}.{name}: wrong type")
+
+
+def _time(value: float, where: str) -> float:
+    """A wall-clock time (Unix seconds): finite, 0 .. 2**40 (json takes NaN, and ints of
+    any length, whose float() overflows)."""
+    try:
+        t = float(value)
+    except OverflowError:
+        raise RemoteProtocolError("malformed", f"{where}: out of range") from None
+    if not (math.isfinite(t) and 0 <= t < 2**40):
+        raise RemoteProtocolError("malformed", f"{where}: out of range")
+    return t
 
 
 def _text(value: str, where: str, limit: int = 256) -> str:
@@ -264,8 +277,8 @@ def decode_control(text: str) -> Event:
             _text(obj["session"], "session_open.session", 64),
             _text(obj["building"], "session_open.building", 64),
             obj["started_by"],
-            float(obj["started_at"]),
-            float(obj["expires_at"]),
+            _time(obj["started_at"], "session_open.started_at"),
+            _time(obj["expires_at"], "session_open.expires_at"),
             cameras,
         )
     if kind == "ack":
@@ -299,7 +312,14 @@ def decode_control(text: str) -> Event:
         return SessionClose(obj["session"], _text(obj["reason"], "session_close.reason"))
     if kind == "heartbeat":
         _expect(obj, kind, {"t": (int, float)})
-        return Heartbeat(float(obj["t"]))
+        # The peer's word, judged by whoever reads it (the receiver ignores a reading that
+        # is no time: receiver/device_clock.py), not a reason to cut the connection; an
+        # int too long for a float (it raised OverflowError) reads as no time either.
+        try:
+            t = float(obj["t"])
+        except OverflowError:
+            t = math.inf
+        return Heartbeat(t)
     if kind == "trigger":
         _expect(obj, kind, {"envelope": dict, "ref": str})
         return Trigger(obj["envelope"], _text(obj["ref"], "trigger.ref", 64))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import protocol as p
+from agent.wire import decode_control, encode_control
 
 NONCE = p.b64url(bytes(range(32)))
 
@@ -75,6 +77,18 @@ def test_media_header_layout_is_the_documented_one() -> None:
     assert data[25:] == b"abc"
 
 
+OPEN = encode_control(
+    p.SessionOpen(
+        "s1",
+        "b",
+        {},
+        1.0,
+        2.0,
+        (p.CameraDesc(0, "cam", "interior", "h264", 160, 120, 30.0, b"", 0, 0),),
+    )
+)
+
+
 @pytest.mark.parametrize(
     ("message", "code"),
     [
@@ -89,6 +103,11 @@ def test_media_header_layout_is_the_documented_one() -> None:
         # An integer of over 4300 digits: Python refuses to parse it with a ValueError
         # that is not a JSONDecodeError; it ended the agent's uplink for good.
         ('{"type":"heartbeat","t":1' + "0" * 4400 + "}", "malformed"),
+        # Times of a session that are no times (float() of a long int overflowed: a
+        # traceback, the uplink cut; NaN reached session.json, which no browser parses).
+        (OPEN.replace('"started_at":1.0', '"started_at":1' + "0" * 400), "malformed"),
+        (OPEN.replace('"expires_at":2.0', '"expires_at":NaN'), "malformed"),
+        (OPEN.replace('"expires_at":2.0', '"expires_at":-1'), "malformed"),
     ],
 )
 def test_bad_control_messages_are_refused_with_a_code(message: str, code: str) -> None:
@@ -270,3 +289,10 @@ def test_access_head_goes_from_receiver_to_agent_only() -> None:
         with pytest.raises(p.RemoteProtocolError) as info:
             pair.agent.receive(bad)
         assert info.value.code == "malformed"
+
+
+def test_a_heartbeat_time_too_long_for_a_float_reads_as_no_time() -> None:
+    """Its float() overflowed: a traceback at the receiver, the device's uplink cut. A
+    heartbeat's time is the peer's word (the receiver ignores one that is no time)."""
+    event = decode_control('{"type":"heartbeat","t":1' + "0" * 400 + "}")
+    assert isinstance(event, p.Heartbeat) and event.t == math.inf
