@@ -62,7 +62,9 @@ class Alarm:
         self.press_log.append(event)
         self.changes.notify()
         cameras = tuple(c.id for c in self.config.cameras)
-        result = self.emergency.press(self.clock(), event.button_id, event.location, cameras)
+        result = self.emergency.press(
+            self.clock(), event.button_id, event.location, cameras, mono=time.monotonic()
+        )
         self.persist()  # first: whatever fails below, the session survives a restart
         self.audit.record_soon(
             "button_press",
@@ -91,7 +93,14 @@ class Alarm:
             return refused(verdict.code, verdict.detail)
         trigger = verdict.trigger
         cameras = tuple(c.id for c in self.config.cameras)
-        outcome = apply_trigger(self.emergency, trigger, now=self.clock(), cameras=cameras, via=via)
+        outcome = apply_trigger(
+            self.emergency,
+            trigger,
+            now=self.clock(),
+            cameras=cameras,
+            via=via,
+            mono=time.monotonic(),
+        )
         if not outcome.accepted:
             code, detail = outcome.body["error"], outcome.body["detail"]
             self.gate.reject(

@@ -17,16 +17,35 @@ Time is passed in; the shell persists :meth:`Emergency.to_json` atomically
 after every change (see :func:`agent.statefile.write_atomic`) and restores it
 with :meth:`Emergency.from_json` on start, so a session survives restarts and
 power loss.
+
+How long an open session has left is measured on the monotonic clock
+(:meth:`Emergency.tick`): a Pi has no battery-backed clock, and NTP steps it by
+hours (forward after a stale boot, or back). The persisted form carries the
+session's monotonic deadline and this boot's id (``clock``), so a restart within
+the same boot (systemd after a crash or an update: CLOCK_MONOTONIC goes on) keeps
+exactly the time left whatever the wall clock did. After a reboot the monotonic
+clock starts again and only the wall clock is left, bounded (:meth:`Emergency._resumed`).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import logging
+import math
 import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: After a reboot, a session whose end the wall clock cannot vouch for (it says the
+#: session is over, or nearly: a clock stepped forward since the press looks exactly like
+#: a long outage) still streams this long, never longer than it had left when last seen
+#: open. The police see it resumed and can extend it or end it.
+RESUME_AT_LEAST_S = 600.0
 
 
 class State(enum.Enum):
@@ -103,16 +122,90 @@ def new_session_id(now: float) -> str:
     return f"{stamp}-{secrets.token_hex(4)}"
 
 
-class Emergency:
-    """The emergency state of one building agent."""
+@dataclass(frozen=True, slots=True)
+class _Clock:
+    """The open session's deadline as saved: on the monotonic clock of boot ``boot``, and
+    when it was last seen open (``seen_at`` on the wall clock, ``left`` seconds left)."""
 
-    def __init__(self, building: str, duration_s: float) -> None:
+    session: str
+    extensions: int
+    boot: str
+    deadline: float
+    seen_at: float
+    left: float
+
+    @classmethod
+    def from_json(cls, raw: Any) -> _Clock | None:
+        """The record, or None when it is missing or damaged (then as from an older file)."""
+        if not isinstance(raw, Mapping):
+            return None
+        try:
+            record = cls(
+                _str(raw["session"]),
+                _int(raw["extensions"]),
+                _str(raw["boot"]),
+                _float(raw["deadline"]),
+                _float(raw["seen_at"]),
+                _float(raw["left"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        return record
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("not an integer")
+    return value
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("not a number")
+    if not math.isfinite(value):
+        raise ValueError("not finite")
+    return float(value)
+
+
+@functools.cache
+def this_boot() -> str:
+    """This boot's id (Linux): monotonic times are only comparable within one boot.
+    Without one, a random id: every restart then counts as a reboot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read(64).strip()
+    except OSError:
+        boot = ""
+    return boot or "random-" + secrets.token_hex(16)
+
+
+class Emergency:
+    """The emergency state of one building agent.
+
+    ``boot`` is this boot's id (default: :func:`this_boot`); the monotonic times passed
+    in (``mono``) must be CLOCK_MONOTONIC seconds (``time.monotonic()``) of that boot.
+    """
+
+    def __init__(self, building: str, duration_s: float, *, boot: str | None = None) -> None:
         self.building = building
         self.duration_s = duration_s
+        self.boot = this_boot() if boot is None else boot
         self.active: Session | None = None
         self.last: Session | None = None
         #: ((session id, extensions), monotonic deadline) of the open session (:meth:`tick`).
         self._deadline: tuple[tuple[str, int], float] | None = None
+        #: (wall, monotonic) when the open session was last seen open (saved with it).
+        self._seen: tuple[float, float] | None = None
+        #: The session restored by :meth:`from_json` ((id, extensions)), until anchored,
+        #: and its saved clock record (None: an older file, or a damaged record).
+        self._restored: tuple[str, int] | None = None
+        self._saved: _Clock | None = None
 
     @property
     def state(self) -> State:
@@ -120,16 +213,31 @@ class Emergency:
         return State.ACTIVE if self.active is not None else State.IDLE
 
     def press(
-        self, now: float, button_id: str, location: str, cameras: tuple[str, ...]
+        self,
+        now: float,
+        button_id: str,
+        location: str,
+        cameras: tuple[str, ...],
+        *,
+        mono: float | None = None,
     ) -> Started | Repeated:
         """A physical panic button was pressed."""
         by = {"kind": "button", "button_id": button_id, "location": location}
-        return self.start(now, by, cameras)
+        return self.start(now, by, cameras, mono=mono)
 
     def start(
-        self, now: float, by: Mapping[str, Any], cameras: tuple[str, ...]
+        self,
+        now: float,
+        by: Mapping[str, Any],
+        cameras: tuple[str, ...],
+        *,
+        mono: float | None = None,
     ) -> Started | Repeated:
-        """Open a session (a press or a verified start trigger); while open, join it."""
+        """Open a session (a press or a verified start trigger); while open, join it.
+
+        With ``mono`` (the monotonic clock) its deadline is fixed at once, so the state
+        saved right after the press already has it (else the next :meth:`tick` fixes it).
+        """
         event = {**by, "at": now}
         if self.active is not None:
             self.active = replace(self.active, presses=(*self.active.presses, event))
@@ -144,17 +252,26 @@ class Emergency:
             presses=(event,),
         )
         self.active = session
+        if mono is not None:
+            self._anchor(session, now, mono)
         return Started(session)
 
-    def extend(self, now: float, by: Mapping[str, Any]) -> Extended | None:
+    def extend(
+        self, now: float, by: Mapping[str, Any], *, mono: float | None = None
+    ) -> Extended | None:
         """Keep the open session for another ``duration_s`` from now (never shorter)."""
         if self.active is None:
             return None
         expires = max(self.active.expires_at, now + self.duration_s)
         event = {**by, "at": now, "expires_at": expires}
+        before = self._deadline
         self.active = replace(
             self.active, expires_at=expires, extensions=(*self.active.extensions, event)
         )
+        if mono is not None:
+            deadline = self._anchor(self.active, now, mono)
+            if before is not None and before[0][0] == self.active.id and before[1] > deadline:
+                self._deadline = (self._deadline_key(self.active), before[1])  # never shorter
         return Extended(self.active)
 
     def tick(self, now: float, mono: float | None = None) -> Ended | None:
@@ -163,9 +280,10 @@ class Emergency:
         With ``mono`` (the monotonic clock, in seconds) the time left is measured on it,
         not on the wall clock: a Pi has no battery-backed clock, and an open session must
         not end when the clock is set right (or last months when it is set back). The
-        time left is taken from the wall clock whenever the session starts, is extended
-        or is first seen after a restart, at most :attr:`duration_s` (the most any start
-        or extension gives), so a clock that was wrong then is bounded too.
+        time left is taken from the wall clock when the session starts or is extended, at
+        most :attr:`duration_s` (the most any start or extension gives), so a clock that
+        was wrong then is bounded too. After a restart in the same boot it is the saved
+        monotonic deadline; after a reboot, :meth:`_resumed`.
         """
         active = self.active
         if active is None:
@@ -173,12 +291,67 @@ class Emergency:
         if mono is None:
             expired = now >= active.expires_at
         else:
-            key = (active.id, len(active.extensions))
-            if self._deadline is None or self._deadline[0] != key:
-                left = min(active.expires_at - now, self.duration_s)
-                self._deadline = (key, mono + left)
-            expired = mono >= self._deadline[1]
+            expired = mono >= self._anchor(active, now, mono)
         return self.end(now, "expired") if expired else None
+
+    def time_left(self, now: float, mono: float) -> float | None:
+        """Seconds the open session has left on the monotonic clock (None: none open);
+        fixes its deadline as :meth:`tick` does."""
+        active = self.active
+        return None if active is None else self._anchor(active, now, mono) - mono
+
+    @staticmethod
+    def _deadline_key(session: Session) -> tuple[str, int]:
+        return (session.id, len(session.extensions))
+
+    def _anchor(self, active: Session, now: float, mono: float) -> float:
+        """The open session's monotonic deadline, fixed the first time it is asked for
+        after a start, an extension or a restore; notes when the session was seen open."""
+        key = self._deadline_key(active)
+        if self._deadline is None or self._deadline[0] != key:
+            if key == self._restored:
+                left = self._resumed(active, now, mono)
+            else:
+                left = min(active.expires_at - now, self.duration_s)
+            self._deadline = (key, mono + left)
+            self._restored = self._saved = None
+        self._seen = (now, mono)
+        return self._deadline[1]
+
+    def _resumed(self, active: Session, now: float, mono: float) -> float:
+        """Time left of a session restored from the file (a restart).
+
+        - Saved in this boot: exactly what was left (the monotonic clock went on).
+        - Otherwise (a reboot, or a file from before the deadline was saved): the wall
+          clock, at most what the session had left when last seen open (a whole duration
+          for an older file). If the clock reads before that moment (or, for an older
+          file, before the press) it went back (fake-hwclock): the outage cannot be
+          measured, and the session has the most it can have. If it says the session is
+          over or nearly, it still gets :data:`RESUME_AT_LEAST_S` (within that bound): a
+          clock stepped forward since the press cannot be told from a long outage, and a
+          life-safety emergency is not ended on its word.
+        """
+        saved = self._saved
+        if saved is not None and saved.boot == self.boot:
+            return min(saved.deadline - mono, self.duration_s)
+        if saved is not None:
+            most = min(max(saved.left, 0.0), self.duration_s)
+            seen_at, deadline = saved.seen_at, saved.seen_at + saved.left
+        else:
+            most, seen_at, deadline = self.duration_s, active.started_at, active.expires_at
+        if most <= 0 or now < seen_at:
+            left = most
+        else:
+            left = min(most, max(deadline - now, min(RESUME_AT_LEAST_S, most)))
+        if left > min(deadline - now, most):
+            log.warning(
+                "session %s resumed after a reboot with %.0f s left where the wall clock"
+                " gives it %.0f s: a clock step cannot be told from how long the device was off",
+                active.id,
+                left,
+                deadline - now,
+            )
+        return left
 
     def end(self, now: float, reason: str, by: Mapping[str, Any] | None = None) -> Ended | None:
         """Close the open session (the caller checked the trigger's authority)."""
@@ -190,17 +363,48 @@ class Emergency:
         return Ended(ended)
 
     def to_json(self) -> dict[str, Any]:
-        """The persisted form."""
+        """The persisted form (``clock``: the open session's deadline, once it has one)."""
         return {
             "v": 1,
             "active": _session_json(self.active),
             "last": _session_json(self.last),
+            "clock": self._clock_json(),
         }
 
+    def _clock_json(self) -> dict[str, Any] | None:
+        active = self.active
+        if active is None:
+            return None
+        key = self._deadline_key(active)
+        if self._deadline is not None and self._deadline[0] == key and self._seen is not None:
+            seen_at, seen_mono = self._seen
+            deadline = self._deadline[1]
+            return {
+                "session": active.id,
+                "extensions": len(active.extensions),
+                "boot": self.boot,
+                "deadline": deadline,
+                "seen_at": seen_at,
+                "left": deadline - seen_mono,
+            }
+        saved = self._saved  # restored and not looked at since: kept as it was
+        if saved is not None and key == self._restored == (saved.session, saved.extensions):
+            return asdict(saved)
+        return None
+
     @classmethod
-    def from_json(cls, building: str, duration_s: float, doc: Mapping[str, Any]) -> Emergency:
-        """Restore from :meth:`to_json` output; a foreign building's session is not restored."""
-        emergency = cls(building, duration_s)
+    def from_json(
+        cls,
+        building: str,
+        duration_s: float,
+        doc: Mapping[str, Any],
+        *,
+        boot: str | None = None,
+    ) -> Emergency:
+        """Restore from :meth:`to_json` output; a foreign building's session is not restored.
+
+        ``clock`` is optional (files written before it are read as they were)."""
+        emergency = cls(building, duration_s, boot=boot)
         if doc.get("v") != 1:
             raise ValueError("emergency state: unknown version")
         for name in ("active", "last"):
@@ -221,6 +425,12 @@ class Emergency:
                 )
                 if session.building == building:
                     setattr(emergency, name, session)
+        active = emergency.active
+        if active is not None:
+            emergency._restored = key = cls._deadline_key(active)
+            saved = _Clock.from_json(doc.get("clock"))
+            if saved is not None and (saved.session, saved.extensions) == key:
+                emergency._saved = saved
         return emergency
 
 

@@ -71,21 +71,28 @@ def trigger_by(trigger: Trigger, via: str) -> dict[str, Any]:
 
 
 def apply_trigger(
-    emergency: Emergency, trigger: Trigger, *, now: float, cameras: tuple[str, ...], via: str
+    emergency: Emergency,
+    trigger: Trigger,
+    *,
+    now: float,
+    cameras: tuple[str, ...],
+    via: str,
+    mono: float | None = None,
 ) -> Outcome:
-    """Apply a verified trigger to ``emergency`` (``cameras``: the building's camera ids)."""
+    """Apply a verified trigger to ``emergency`` (``cameras``: the building's camera ids;
+    ``mono``: the monotonic clock, which fixes a start's or an extension's deadline)."""
     by = trigger_by(trigger, via)
     if trigger.action == "start":
         named = cameras if trigger.cameras is None else trigger.cameras
         unknown = sorted(set(named) - set(cameras))
         if unknown:
             return refused("malformed", f"payload.cameras: {unknown[0]!r} is not a camera here")
-        started = emergency.start(now, by, tuple(c for c in cameras if c in named))
+        started = emergency.start(now, by, tuple(c for c in cameras if c in named), mono=mono)
         joined = isinstance(started, Repeated)
         body = {"session": started.session.id, "action": "start", "joined": joined}
         return Outcome(202, body, started)
     if trigger.action == "extend":
-        extended = emergency.extend(now, by)
+        extended = emergency.extend(now, by, mono=mono)
         if extended is None:
             return refused("no_session", "no emergency session is open to extend")
         body = {"session": extended.session.id, "action": "extend"}

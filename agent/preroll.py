@@ -6,13 +6,17 @@ starts at a keyframe and drops whole GOPs from its front. It is bounded twice:
 
 - by time: it keeps the shortest keyframe-aligned suffix that spans at least
   ``seconds`` (the oldest keyframe kept is the newest one at or before
-  ``newest - seconds``);
+  ``newest - seconds``), measured on the monotonic clock (``mono_ns``), never on
+  capture times: the Pi's wall clock steps (NTP), and a step back of 10 minutes
+  kept every packet until the clock caught up (a press sent 54 s of interior
+  footage from before it where ``preroll_s`` was 30), a step forward cut the
+  ring to one GOP;
 - by bytes: it never holds more than ``max_bytes``. If the newest GOP alone
   grows past the byte bound (a broken encoder that never sends a keyframe),
   the ring empties and waits for the next keyframe rather than hold a GOP it
   cannot start at. That is the only case where the newest packet is not kept.
 
-Pure code: no clocks (packet capture times are used), no I/O.
+Pure code: no clocks (the packets' monotonic times are used), no I/O.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ class PreRoll:
         self._keys: deque[int] = deque()
         self._first = 0  # absolute counter of _packets[0]
         self._bytes = 0
-        #: Capture time from which the oldest GOP goes: the second keyframe's + the window
+        #: Monotonic time from which the oldest GOP goes: the second keyframe's + the window
         #: (the next GOP alone covers the window then). Compared once per packet.
         self._drop_at: float = math.inf
         self.dropped_gops = 0
@@ -55,13 +59,13 @@ class PreRoll:
         if packet.keyframe:
             self._keys.append(self._first + len(packets))
             if len(self._keys) == 2:
-                self._drop_at = packet.capture_ns + self.window_ns
+                self._drop_at = packet.mono_ns + self.window_ns
         elif not packets:
             return  # nothing decodable to attach it to: wait for a keyframe
         packets.append(packet)
         self._bytes += len(packet.payload)
-        if packet.capture_ns >= self._drop_at or self._bytes > self.max_bytes:
-            self._trim(packet.capture_ns)
+        if packet.mono_ns >= self._drop_at or self._bytes > self.max_bytes:
+            self._trim(packet.mono_ns)
 
     def _drop_front_gop(self) -> None:
         self._keys.popleft()
@@ -72,7 +76,7 @@ class PreRoll:
         self.dropped_gops += 1
         keys = self._keys
         self._drop_at = (
-            self._packets[keys[1] - self._first].capture_ns + self.window_ns
+            self._packets[keys[1] - self._first].mono_ns + self.window_ns
             if len(keys) > 1
             else math.inf
         )

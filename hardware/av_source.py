@@ -276,7 +276,7 @@ class FileCamera(ThreadedSource):
                     unit = EncodedPacket(
                         self._id,
                         -1,
-                        clock.capture_ns(source_ts, wall),
+                        clock.capture_ns(source_ts, wall, mono),
                         mono,
                         keyframe,
                         "h264",

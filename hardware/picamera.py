@@ -104,7 +104,7 @@ class FrameBridge:
         if keyframe and (sets := parameter_sets(payload)) != self._sent_sets:
             self._sent_sets = sets
             info = StreamInfo("h264", *self._size, self._fps, sets)
-        capture = self._clock.capture_ns(source_ts, wall)
+        capture = self._clock.capture_ns(source_ts, wall, mono)
         self._emit_packet(
             EncodedPacket(self._camera_id, -1, capture, mono, keyframe, "h264", payload, source_ts),
             info,

@@ -284,7 +284,7 @@ class RtspCamera(ThreadedSource):
                     if info is not None:
                         # Only a changed description travels (a new connection may bring new SPS).
                         info, self._sent_info = (None if info == self._sent_info else info), info
-                    capture = clock.capture_ns(ts_ns, wall)
+                    capture = clock.capture_ns(ts_ns, wall, mono)
                     unit = EncodedPacket(
                         self._id, -1, capture, mono, keyframe, "h264", payload, ts_ns
                     )

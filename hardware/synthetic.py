@@ -38,6 +38,7 @@ import numpy.typing as npt
 from av.video.frame import PictureType
 
 from hardware._bridge import ThreadedSource
+from hardware._clock import ArrivalClock
 from hardware._h264 import parameter_sets
 from hardware._settings import check_encoding
 from hardware.camera import EncodedPacket, StreamInfo
@@ -272,6 +273,7 @@ class SyntheticCamera(ThreadedSource):
     def _encode_loop(self, loop: asyncio.AbstractEventLoop, encoder: av.VideoCodecContext) -> None:
         pattern = _Pattern(self._width, self._height, self._fps, self._id, self._label)
         stamps: dict[int, tuple[int, int]] = {}
+        clock = ArrivalClock()  # a wall clock set back does not take capture times back
         have_info = False
         start = time.monotonic()
         index = 0
@@ -285,7 +287,8 @@ class SyntheticCamera(ThreadedSource):
             elif (behind := int(-delay * self._fps)) > 0:
                 index += behind
                 self._frames_skipped += behind
-            capture_ns, mono_ns = time.time_ns(), time.monotonic_ns()
+            wall_ns, mono_ns = time.time_ns(), time.monotonic_ns()
+            capture_ns = clock.capture_ns(None, wall_ns, mono_ns)
             frame = av.VideoFrame.from_ndarray(pattern.render(index, capture_ns), format="yuv420p")
             frame.pts = index
             if self._keyframe_wanted.is_set():

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent import alarm
 from agent.config import load_config
 from agent.daemon import Agent
 from agent.emergency import State
@@ -183,9 +184,26 @@ async def test_who_may_extend_and_end_and_what_a_second_press_does(
     assert disclosure["receiver"] == receiver.origin
 
 
-async def test_expiry_ends_a_session(tmp_path: Path, receiver: Receiver) -> None:
+class Later:
+    """The ``time`` module, ``offset[0]`` seconds later on the monotonic clock."""
+
+    def __init__(self, offset: list[float]) -> None:
+        self.offset = offset
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset[0]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+async def test_expiry_ends_a_session(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path, _ = agent_config(tmp_path, receiver)
     offset = [0.0]
+    # The time left is measured on the monotonic clock (the wall clock alone steps).
+    monkeypatch.setattr(alarm, "time", Later(offset))
     async with Agent(load_config(path), clock=lambda: time.time() + offset[0]) as agent:
         await agent.capture.wait_packets(10)
         press_button(agent)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from agent import owed
+from agent import alarm, owed
 from agent.config import CameraConfig, load_config
 from agent.daemon import Agent, make_source
 from agent.emergency import Session
@@ -398,11 +398,12 @@ async def test_a_camera_that_does_not_say_its_rate_or_size_is_described_as_confi
 
 
 async def test_an_emergency_that_expired_while_the_agent_was_stopped_is_still_delivered(
-    tmp_path: Path, receiver: Receiver
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The agent is down (a power cut) when its emergency expires: at the restart the
-    emergency ends at once, and the footage the receiver never got still goes out from
-    the sealed store, by itself, and the session is signed to its last seq."""
+    """The agent is down when its emergency expires (stopped for longer than the time
+    left, in the same boot): at the restart the emergency ends at once, and the footage
+    the receiver never got still goes out from the sealed store, by itself, and the
+    session is signed to its last seq."""
     async with TcpProxy(receiver.port) as proxy:
         path = write_agent_config(
             tmp_path / "agent", receiver, fps=30, preroll_s=2, store="segment_s = 1"
@@ -415,6 +416,9 @@ async def test_an_emergency_that_expired_while_the_agent_was_stopped_is_still_de
             await agent.capture.wait_packets(60)
         proxy.restore()
         later = session.expires_at + 60 - time.time()  # back after the emergency expired
+        # The monotonic clock went on as well: within a boot the session's time left is
+        # measured on it, and a wall clock moved alone no longer ends it (test_emergency_restart).
+        monkeypatch.setattr(alarm, "time", LaterTime(later))
         async with Agent(config, clock=lambda: time.time() + later) as again:
             async with asyncio.timeout(60):
                 await again.uplink.wait_until(lambda: session.id in again.uplink.settled_ids)
@@ -433,6 +437,22 @@ async def test_an_emergency_that_expired_while_the_agent_was_stopped_is_still_de
     assert [e["session"] for e in ends] == [session.id]
     lasts = {c["id"]: c["last"] for c in ends[0]["cameras"]}
     assert lasts == {cam: max(recorded_seqs(receiver, session.id, cam)) for cam in session.cameras}
+
+
+class LaterTime:
+    """The ``time`` module, ``later_s`` later on both clocks (the agent was stopped)."""
+
+    def __init__(self, later_s: float) -> None:
+        self.later_s = later_s
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.later_s
+
+    def time(self) -> float:
+        return time.time() + self.later_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
 
 
 async def test_an_ended_session_still_owed_at_a_restart_is_delivered_to_its_end(
