@@ -186,7 +186,11 @@ def check_footage(
                     item.file, f"the manifest lists it as {expected[:200]}: named for other footage"
                 )
             held.append((item.first, item.last))
-            found = _one_file(source, report, item, entries, readable, end_us, tmp)
+            # Where the device signed the camera's last seq of the session, that bounds it
+            # whatever its clock did (a clock stepped back, or slewing back to UTC, stamps
+            # genuine frames after the end's time): a late capture time is a warning then.
+            strict = seqs.last.get(cam.id) is None
+            found = _one_file(source, report, item, entries, readable, end_us, tmp, strict)
             if found is not None:
                 latest = found if latest is None else max(latest, found)
         reach = -1
@@ -280,6 +284,7 @@ def _one_file(
     readable: dict[str, int],
     end_us: int | None,
     tmp: Path,
+    strict: bool = True,
 ) -> int | None:
     """Check one MP4; the latest capture time of its samples that verified."""
     name, first, frames = item.file, item.first, item.frames
@@ -357,10 +362,17 @@ def _one_file(
             f"seqs {uncovered}: no device checkpoint covers them "
             "(only the receiver vouches for this footage)",
         )
-    if late and end_us is not None:
+    if late and end_us is not None and strict:
         report.fail(
             name,
             f"seqs {late}: captured after the session ended ({iso(end_us)}, the device's "
             "signed session_end): footage of another time",
+        )
+    elif late and end_us is not None:
+        report.warn(
+            name,
+            f"seqs {late}: captured after the session ended ({iso(end_us)}, the device's "
+            "signed session_end) by the device's clock, within the session's signed last "
+            "seq: the device's clock stepped back (or ran ahead) during the session",
         )
     return latest

@@ -100,3 +100,51 @@ async def test_a_step_of_most_of_a_day_mid_emergency_is_recorded_whole_and_verif
         receiver_key=evidence_key(receiver.data_dir).public_key(),
     )
     assert report.ok, [str(f) for f in report.errors]
+
+
+async def test_a_step_back_mid_emergency_verifies_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Pi whose clock ran five minutes ahead is set back by NTP mid-emergency: its
+    capture times slew back to UTC, so genuine frames carry times after the session's
+    signed end time. Verification failed them as "footage of another time"; the signed
+    last seq of each camera bounds the session, so it is a warning."""
+    clock = SteppedTime()
+    clock.offset_ns = 300 * 10**9
+    monkeypatch.setattr(synthetic, "time", clock)
+    async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as receiver:
+        config = load_config(write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2))
+        async with Agent(config, clock=clock.time) as agent:
+            await agent.uplink.wait_until(lambda: agent.uplink.connected)
+            await agent.capture.wait_packets(30)
+            press_button(agent)
+            await agent.wait_until(lambda: agent.emergency.active is not None)
+            session = agent.emergency.active
+            assert session is not None
+            stream = agent.uplink.stream(session.id)
+            assert stream is not None
+            live = {c.index: c.live_seq for c in stream.open.cameras}
+            await agent.uplink.wait_until(
+                lambda: all(stream.acked[i] >= seq + 20 for i, seq in live.items())
+            )
+            clock.offset_ns = 0  # NTP sets the clock back to UTC
+            cams = {c.index: c.id for c in stream.open.cameras}
+            stepped = {i: agent.capture.seqs.peek(cam) for i, cam in cams.items()}
+            await agent.uplink.wait_until(
+                lambda: all(stream.acked[i] >= seq + 20 for i, seq in stepped.items())
+            )
+            agent.end("test finished")
+            await agent.uplink.wait_settled(session.id)
+            await asyncio.to_thread(agent.audit.checkpoint)
+            agent.uplink.audit_recorded()
+            await agent.uplink.wait_until(lambda: agent.uplink.audit_acked >= agent.audit.head_n)
+    bundle = await asyncio.to_thread(
+        build_bundle, receiver.data_dir, session.id, tmp_path / "bundle.zip"
+    )
+    report = verify_bundle(
+        bundle,
+        device_key=load_private_key(config.device_key).public_key(),
+        receiver_key=evidence_key(receiver.data_dir).public_key(),
+    )
+    assert report.ok, [str(f) for f in report.errors]
+    assert any("clock stepped back" in f.what for f in report.warnings)
