@@ -548,3 +548,34 @@ async def test_the_alarm_says_when_on_the_receivers_clock_and_the_devices_beside
             info = await page.text_content("#alarms .info") or ""
             assert f" · expires {expires} (device clock: " in info
         await rec.close("test over")
+
+
+async def test_a_restart_gap_is_shown_as_a_place_not_as_100000_frames(
+    tmp_path: Path, packets: PacketList
+) -> None:
+    """An agent restart skips the rest of its block of reserved seqs: the device declares
+    that hole lost, and the tile said "99940 declared lost", which reads as hours lost
+    where a second or two was (review s8). It says where footage was declared lost."""
+    async with RecordingStore(tmp_path / "rec") as store:
+        extradata = parameter_sets(packets[0][0]).annex_b()
+        track = TrackInfo("cam1", "interior", "h264", 320, 240, 30.0, extradata, 0)
+        rec = await store.open_session("s-1", "lincoln-pi-1", META, [track])
+        cam = rec.camera("cam1")
+        t0 = int(time.time() * 1e6)
+        for seq, (payload, key) in enumerate(packets[:60]):
+            await cam.append(seq, t0 + seq * 33_333, key, payload, preroll=False, live=True)
+        await cam.declare_gap(60, 99_999, "lost")
+        await cam.flush()
+        app = web.Application()
+        setup_viewer(app, store, store.live_feed)
+        async with (
+            secured_client(app, tmp_path / "auth") as client,
+            chromium() as browser,
+            logged_in_page(browser, str(client.make_url("/")), "officer-1") as page,
+        ):
+            counts = page.locator(".tile .counts").first
+            await counts.wait_for(timeout=WAIT_MS)
+            text = await counts.text_content() or ""
+            assert "declared lost in 1 place (by the device)" in text, text
+            assert "99940" not in text, text
+        await rec.close("test over")

@@ -99,8 +99,11 @@ function alarmText(session) {
 // "complete", or what is missing, declared lost or could not be opened.
 function completeness(cam) {
   const out = [cam.complete ? "complete" : `missing ${cam.missing_frames} frames`];
-  const declared = (cam.gaps || []).reduce((n, g) => n + g.last - g.first + 1, 0);
-  if (declared) out.push(`${declared} declared lost`);
+  // Where the device declared footage lost, not how many seqs: a restart skips the
+  // rest of its block of 100,000 reserved numbers, and "199267 declared lost" read as
+  // hours lost where a second or two was (what was being written when it stopped).
+  const gaps = (cam.gaps || []).length;
+  if (gaps) out.push(`declared lost in ${gaps} place${gaps > 1 ? "s" : ""} (by the device)`);
   const bad = (cam.bad_segments || []).length;
   if (bad) out.push(`${bad} unreadable segment${bad > 1 ? "s" : ""} or packet${bad > 1 ? "s" : ""}`);
   return out.join(", ");
