@@ -21,6 +21,7 @@ Pure code: no clocks (the packets' monotonic times are used), no I/O.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 
@@ -89,6 +90,27 @@ class PreRoll:
         while self._bytes > self.max_bytes and self._keys:
             self._drop_front_gop()
 
-    def snapshot(self) -> list[EncodedPacket]:
-        """The packets held, oldest first (starts at a keyframe, or is empty)."""
-        return list(self._packets)
+    def snapshot(self, now_ns: int | None = None) -> list[EncodedPacket]:
+        """The packets held, oldest first (starts at a keyframe, or is empty).
+
+        With ``now_ns`` (the monotonic clock), only what the window before then holds:
+        the ring is trimmed when a packet arrives, so a camera that stopped sending
+        still holds what it sent last, however old. From the newest keyframe at or
+        before ``now_ns - window``, as the ring keeps; nothing if every packet is older
+        (a camera down for 40 s before a press sent 44 s old interior footage as its
+        pre-roll).
+        """
+        packets = self._packets
+        if now_ns is None or not packets:
+            return list(packets)
+        cutoff = now_ns - self.window_ns
+        if packets[-1].mono_ns < cutoff:
+            return []
+        keys = [key - self._first for key in self._keys]
+        j = 0  # the newest keyframe at or before the cutoff (or the first)
+        while j + 1 < len(keys) and packets[keys[j + 1]].mono_ns <= cutoff:
+            j += 1
+        # ... unless its whole GOP is older (the camera was down in between): the next.
+        if j + 1 < len(keys) and packets[keys[j + 1] - 1].mono_ns < cutoff:
+            j += 1
+        return list(itertools.islice(packets, keys[j], None))

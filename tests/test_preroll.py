@@ -77,3 +77,31 @@ def test_waits_for_a_keyframe_after_an_oversized_gop() -> None:
     assert ring.snapshot() == []
     ring.push(packet(3, 3, True, 10))
     assert [p.seq for p in ring.snapshot()] == [3]
+
+
+def test_a_snapshot_at_a_press_holds_only_the_window_before_it() -> None:
+    """The ring is trimmed when a packet arrives: a camera that stopped sending 40 s
+    before a press still held what it sent last, and sent it as 44 s old pre-roll
+    (interior footage from before the window the agreement allows). A snapshot taken
+    with the press's monotonic time holds only the window before it."""
+    ring = PreRoll(30, 1 << 30)
+    for i in range(300):  # 10 s at 30 fps, a keyframe a second
+        ring.push(packet(i, i * SECOND // 30, i % 30 == 0, 100))
+    last = 299 * SECOND // 30
+    assert ring.snapshot(last + 40 * SECOND) == []  # down for 40 s: nothing of it
+    held = ring.snapshot(last + 25 * SECOND)  # window from 5 s into it: its GOP on
+    assert held[0].seq == 120 and held[0].keyframe and held[-1].seq == 299
+    assert ring.snapshot(last) == ring.snapshot()  # all of it is within the window
+
+
+def test_a_snapshot_skips_a_gop_that_ended_before_the_window() -> None:
+    """A camera down for a minute comes back: the GOP it sent last before going down
+    spans no part of the window, and is not sent with the new keyframe."""
+    ring = PreRoll(30, 1 << 30)
+    for i in range(60):
+        ring.push(packet(i, i * SECOND // 30, i % 30 == 0, 100))
+    back = 60 * SECOND  # a minute later
+    for i in range(60, 70):
+        ring.push(packet(i, back + (i - 60) * SECOND // 30, i == 60, 100))
+    held = ring.snapshot(back + SECOND)
+    assert [p.seq for p in held] == list(range(60, 70))
