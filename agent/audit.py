@@ -46,7 +46,9 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
 - ``disclosure``: ``session``, ``kind`` (the ``by.kind`` of its start),
   ``receiver`` (origin URL), ``device``, ``cameras`` (``[{"id": ...,
   "zone": ..., "first": SEQ}]``: ``first`` is the camera's first seq in the
-  session, pre-roll included), ``resumed`` (streaming again after a restart).
+  session, pre-roll included), ``resumed`` (streaming again after a restart),
+  ``joined`` (present and true: a camera that had no footage when the session
+  opened joins it; ``cameras`` lists it alone).
 - ``keylist_installed`` (``source``, ``version``, ``keys``, ``exp``),
   ``keylist_refused`` (``source``, ``code``, ``detail``), ``trigger_flood``
   (``refused``, ``via``), ``refusals`` (``of``: the event summarised,
@@ -71,7 +73,9 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
   age expiry, in summary), ``segment_unreadable`` (store and capture facts),
   ``state_damaged`` (``file``, ``error``: a state file moved aside at start),
   ``state_write_failed`` and ``state_write_recovered`` (``error``: the state
-  files could not be written, and then could again), and ``checkpoint``.
+  files could not be written, and then could again), ``segment_unrecorded``
+  (``session``, ``camera``, ``file``, ``first_seq``, ``last_seq``: a sealed
+  segment the receiver could not open, declared lost), and ``checkpoint``.
 
 The session events are what FERPA 34 CFR 99.32(a)(5) asks a school to record
 for a health-or-safety disclosure: the threat that justified it and who

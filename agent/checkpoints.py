@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent import chain as hash_chain
+from agent import protocol as p
 from agent.uplink import SessionStream, UplinkClient
 from hardware import EncodedPacket
 
@@ -40,10 +41,10 @@ class Checkpoints:
         for cp in made:
             self.uplink.add_checkpoint(cp)
 
-    def from_first(self, stream: SessionStream) -> None:
-        """A new session's chain from each camera's first seq: its pre-roll's, signed
-        before the press."""
-        for d in stream.open.cameras:
+    def from_first(self, stream: SessionStream, camera: p.CameraDesc | None = None) -> None:
+        """A new session's chain from each camera's first seq (or only ``camera``'s, one
+        that joined it): its pre-roll's, signed before the press."""
+        for d in stream.open.cameras if camera is None else (camera,):
             for cp in self.chains.since(d.id, d.first_seq):
                 self.uplink.add_checkpoint(cp, stream)
 

@@ -8,7 +8,9 @@ the chain checkpoints of that pre-roll; then its live lane gets every packet as 
 comes. The start is audited (``session_start``, ``disclosure``), and so is the end,
 with each camera's last seq signed (``session_end``). A session resumed after a
 restart keeps its first seqs and the checkpoints not answered yet
-(:mod:`agent.owed_sessions`). Who may start or end one: :mod:`agent.alarm`.
+(:mod:`agent.owed_sessions`). A camera with no footage yet when a session opens is
+not left out (:meth:`Streaming.start`, :meth:`Streaming.join`). Who may start or end
+one: :mod:`agent.alarm`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from agent import protocol as p
@@ -77,6 +81,12 @@ class Streaming:
         #: The session whose live lane gets every packet as it comes (None: idle), and
         #: the index of each of its cameras.
         self.live: tuple[SessionStream, dict[str, int]] | None = None
+        #: The cameras the live session may stream that had no footage when it opened:
+        #: each joins it at its first keyframe (by id).
+        self.pending: dict[str, CameraConfig] = {}
+        #: An emergency opened while no camera had footage (and whether it resumes after
+        #: a restart): it streams at the first keyframe of one of its cameras.
+        self.waiting: tuple[Session, bool] | None = None
 
     @property
     def live_stream(self) -> SessionStream | None:
@@ -99,7 +109,14 @@ class Streaming:
 
     def start(self, session: Session, *, resume: bool = False) -> None:
         """Open ``session`` on the uplink with its pre-roll and stream it live (``resume``:
-        after a restart, with what was saved of it)."""
+        after a restart, with what was saved of it).
+
+        A camera with no footage yet (an IP camera still booting after a power cut) is
+        not left out: one the session already streamed before a restart is in it at once
+        as it was described then (what the store holds of it goes out, live follows at
+        its first keyframe); any other joins the session at its first keyframe
+        (:meth:`join`). DECISIONS.md, "A camera with no footage yet joins the session".
+        """
         share = is_share(session)
         for source in () if share else self.capture.sources.values():
             force = getattr(source, "force_keyframe", None)  # encoders we drive (Pi, synthetic)
@@ -107,48 +124,74 @@ class Streaming:
                 force()  # the live view gets a fresh keyframe at once
         descs: list[p.CameraDesc] = []
         preroll: dict[int, list[EncodedPacket]] = {}
+        stored: dict[int, int] = {}  # index -> the last seq the store holds (nothing in RAM)
+        pending: list[CameraConfig] = []
         owed = self.owed.entries.get(session.id)
         first_seqs: dict[str, int] = dict(owed["first"]) if resume and owed else {}
         acked_by_id: dict[str, int] = dict(owed["acked"]) if resume and owed else {}
-        for camera in cameras_to_stream(self.config.cameras, session):
-            packets = self.capture.prerolls[camera.id].snapshot()
+        saved = _saved_cameras(owed) if resume else {}
+        allowed = cameras_to_stream(self.config.cameras, session)
+        for camera_id in set(saved) - {c.id for c in allowed}:
+            log.error(
+                "session %s: camera %s, owed, is no longer configured: not sent",
+                session.id,
+                camera_id,
+            )
+        now = time.monotonic_ns()
+        for camera in allowed:
+            # Only the window before now: a camera down before the press holds what it
+            # sent last, however old (it joins at its next keyframe instead).
+            packets = self.capture.prerolls[camera.id].snapshot(now)
             if packets and share:  # a share has no pre-roll: from the newest keyframe on
                 packets = packets[packets.index(_last_keyframe(packets)) :]
-            if not packets:
+            index = len(descs)
+            if packets:
+                descs.append(
+                    self._describe(
+                        camera,
+                        index,
+                        # After a restart the session keeps its first seq: what came before
+                        # the restart is owed from the sealed store.
+                        min(first_seqs.get(camera.id, packets[0].seq), packets[0].seq),
+                        # Live lane from the GOP the press fell in; after a restart from the
+                        # newest keyframe (the RAM pre-roll of a resumed session is not from
+                        # before the press).
+                        _last_keyframe(packets).seq,
+                    )
+                )
+                preroll[index] = packets
+            elif camera.id in saved:
+                first = int(first_seqs.get(camera.id, saved[camera.id].first_seq))
                 log.error(
-                    "camera %s has no decodable footage yet; not in session %s",
+                    "camera %s has no footage yet; in session %s from the sealed store, "
+                    "live once it runs",
                     camera.id,
                     session.id,
                 )
-                continue
-            info = self.capture.sources[camera.id].info
-            width, height, fps = _described_size(info, camera)
-            index = len(descs)
-            descs.append(
-                p.CameraDesc(
-                    index,
-                    camera.id,
-                    camera.zone,
-                    info.codec,
-                    width,
-                    height,
-                    fps,
-                    info.extradata,
-                    # After a restart the session keeps its first seq: what came before
-                    # the restart is owed from the sealed store.
-                    min(first_seqs.get(camera.id, packets[0].seq), packets[0].seq),
-                    # Live lane from the GOP the press fell in; after a restart from the
-                    # newest keyframe (the RAM pre-roll of a resumed session is not from
-                    # before the press).
-                    _last_keyframe(packets).seq,
+                descs.append(
+                    replace(
+                        saved[camera.id],
+                        index=index,
+                        zone=camera.zone,
+                        first_seq=first,
+                        live_seq=first,
+                        end_seq=None,
+                    )
                 )
-            )
-            preroll[index] = packets
+                segments = self.store.segments(camera.id)
+                stored[index] = segments[-1].last_seq if segments else first - 1
+            else:
+                log.error(
+                    "camera %s has no decodable footage yet; joins session %s when it has",
+                    camera.id,
+                    session.id,
+                )
+                pending.append(camera)
         if not descs and share:
             return  # housekeeping starts it again once the cameras run
         if not descs:  # pressed right after boot: stream as soon as footage exists
             log.error("session %s: no camera has footage yet; streaming once one has", session.id)
-            self.spawn(self.when_ready(session, resume=resume), "start-when-ready")
+            self.waiting = (session, resume)
             return
         open_ = p.SessionOpen(
             session.id,
@@ -160,9 +203,11 @@ class Streaming:
         )
         acked = {d.index: acked_by_id[d.id] for d in descs if d.id in acked_by_id}
         stream = self.uplink.start_session(open_, preroll, acked=acked, emergency=not share)
+        for index, last in stored.items():  # its end, should the session end before it runs
+            stream.last_pushed[index] = max(stream.acked[index], last)
         self.checkpoints.from_first(stream)  # the chain of the pre-roll, signed before the press
         self.checkpoints.restore(stream, owed if resume else None)
-        self.set_live((stream, {d.id: d.index for d in descs}))
+        self.set_live((stream, {d.id: d.index for d in descs}), pending)
         if share:
             self.share = session
         self.audit.record_soon(
@@ -180,6 +225,64 @@ class Streaming:
         if resume:
             self.resume_owed()
 
+    def join(self, camera_id: str) -> None:
+        """A camera of the live session that had no footage when it opened has a keyframe
+        now: it joins at the next index (the others keep theirs), the session is opened
+        again with it, and its disclosure is audited."""
+        live, camera = self.live, self.pending.get(camera_id)
+        packets = self.capture.prerolls[camera_id].snapshot(time.monotonic_ns())
+        if live is None or camera is None or not packets:
+            return
+        stream, indexes = live
+        if stream.close_reason is not None:
+            return
+        del self.pending[camera_id]
+        desc = self._describe(
+            camera, len(stream.open.cameras), packets[0].seq, _last_keyframe(packets).seq
+        )
+        self.uplink.add_camera(stream, desc, packets)
+        indexes[camera_id] = desc.index
+        self.checkpoints.from_first(stream, desc)
+        log.warning(
+            "camera %s joins session %s from seq %d (index %d)",
+            camera_id,
+            stream.id,
+            desc.first_seq,
+            desc.index,
+        )
+        self.audit.record_soon(
+            "disclosure",
+            kind=str(stream.open.started_by.get("kind")),
+            session=stream.id,
+            receiver=self.config.receiver_origin,
+            device=self.config.device_id,
+            cameras=[{"id": desc.id, "zone": desc.zone, "first": desc.first_seq}],
+            resumed=False,
+            joined=True,
+        )
+        self.owed.remember(stream)  # a restart resumes it with the camera
+        self.persist()
+        self.on_change()
+
+    def _describe(
+        self, camera: CameraConfig, index: int, first_seq: int, live_seq: int
+    ) -> p.CameraDesc:
+        """A camera of a session as its stream says (as configured where it does not)."""
+        info = self.capture.sources[camera.id].info
+        width, height, fps = _described_size(info, camera)
+        return p.CameraDesc(
+            index,
+            camera.id,
+            camera.zone,
+            info.codec,
+            width,
+            height,
+            fps,
+            info.extradata,
+            first_seq,
+            live_seq,
+        )
+
     def extend(self, session: Session) -> None:
         """An emergency was extended: audited, and the receiver learns its new expiry."""
         self.audit.record_soon(
@@ -195,7 +298,8 @@ class Streaming:
         self.owed.resume(self.uplink, self.store, self.checkpoints, self.emergency.active)
 
     async def when_ready(self, session: Session, *, resume: bool = True) -> None:
-        """Stream an open session once its cameras run (after a restart, or a press at boot)."""
+        """Stream an open session once its cameras run (after a restart), or after 10 s
+        without those that do not: they are in it all the same (:meth:`start`)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(10):
                 # A camera the config no longer has (renamed while stopped) is not waited
@@ -203,7 +307,7 @@ class Streaming:
                 ready = [c for c in session.cameras if c in self.capture.sources]
                 await asyncio.gather(*(self.capture.wait_ready(c) for c in ready))
         active = self.emergency.active  # a press meanwhile replaced the object: match ids
-        if active is not None and active.id == session.id:
+        if active is not None and active.id == session.id and self.uplink.stream(active.id) is None:
             log.warning("streaming emergency %s now that cameras run", session.id)
             self.start(active, resume=resume)
 
@@ -272,19 +376,43 @@ class Streaming:
             if end is not None
         ]
 
-    def set_live(self, live: tuple[SessionStream, dict[str, int]] | None) -> None:
-        """The session whose live lane gets every packet as it comes (None: idle)."""
+    def set_live(
+        self,
+        live: tuple[SessionStream, dict[str, int]] | None,
+        pending: Iterable[CameraConfig] = (),
+    ) -> None:
+        """The session whose live lane gets every packet as it comes (None: idle), and its
+        cameras with no footage yet."""
         self.live = live
+        self.pending = {} if live is None else {c.id: c for c in pending}
+        self.waiting = None
         self.capture.set_live(live is not None)
 
     def on_packet(self, packet: EncodedPacket) -> None:
         """A camera's packet (a capture subscriber): to the live lane, if one streams it."""
         if self.live is None:
+            if self.waiting is not None:
+                self._start_waiting(packet.camera)
             return
         stream, indexes = self.live
         index = indexes.get(packet.camera)
         if index is not None:
             self.uplink.push(stream, index, packet)
+        elif packet.camera in self.pending:
+            self.join(packet.camera)  # its first keyframe (the pre-roll starts at one)
+
+    def _start_waiting(self, camera_id: str) -> None:
+        """A camera has footage: stream the emergency that waited for one."""
+        assert self.waiting is not None
+        session, resume = self.waiting
+        active = self.emergency.active
+        if active is None or active.id != session.id:
+            self.waiting = None  # it ended meanwhile
+            return
+        allowed = {c.id for c in cameras_to_stream(self.config.cameras, active)}
+        if camera_id in allowed and len(self.capture.prerolls[camera_id]):
+            log.warning("streaming emergency %s now that camera %s runs", session.id, camera_id)
+            self.start(active, resume=resume)
 
 
 def audited_by(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -315,3 +443,15 @@ def _described_size(info: StreamInfo, camera: CameraConfig) -> tuple[int, int, f
 
 def _last_keyframe(packets: list[EncodedPacket]) -> EncodedPacket:
     return next(pkt for pkt in reversed(packets) if pkt.keyframe)
+
+
+def _saved_cameras(entry: Mapping[str, Any] | None) -> dict[str, p.CameraDesc]:
+    """The cameras of a session as its saved ``session_open`` described them (owed.json)."""
+    if entry is None:
+        return {}
+    try:
+        event = p.decode_control(entry["open"])
+    except (KeyError, TypeError, ValueError, p.ProtocolError) as exc:
+        log.error("a saved session_open is unreadable: %r", exc)
+        return {}
+    return {c.id: c for c in event.cameras} if isinstance(event, p.SessionOpen) else {}

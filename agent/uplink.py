@@ -87,6 +87,11 @@ class SessionStream:
     #: the current connection.
     chain: list[deque[hash_chain.Checkpoint]] = field(default_factory=list)
     chain_sent: list[int] = field(default_factory=list)
+    #: Per camera index: ranges of sealed segments the receiver could not record, to be
+    #: declared lost (ascending; until acknowledged), and how many went out on the
+    #: current plan.
+    unrecorded: list[list[tuple[int, int]]] = field(default_factory=list)
+    unrecorded_sent: list[int] = field(default_factory=list)
 
     @property
     def id(self) -> str:
@@ -128,6 +133,19 @@ class SessionStream:
 
 
 @dataclass(slots=True)
+class _SentSegment:
+    """A sealed segment the fill lane sent on this connection, until the receiver holds
+    its first owed seq or shows that it got past it without recording it."""
+
+    #: The first seq of it the receiver lacked when it was sent, and its last seq.
+    first: int
+    last: int
+    file: str
+    #: Whether the fill lane sent ``last + 1`` after it (the receiver lacked it then).
+    followed: bool = False
+
+
+@dataclass(slots=True)
 class _Lane:
     """One camera's plan on the current connection."""
 
@@ -140,6 +158,10 @@ class _Lane:
     #: time.monotonic() before which the fill lane sends nothing (a segment it could
     #: not read: tried again after a pause, not in a loop).
     paused_until: float = 0.0
+    #: Sealed segments chosen, by first seq: the first seq the receiver lacked then.
+    owed_from: dict[int, int] = field(default_factory=dict)
+    #: Sealed segments sent whose outcome is not known yet (oldest first).
+    unproven: list[_SentSegment] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -152,6 +174,8 @@ class UplinkStats:
     bytes_sent: int = 0
     segments_sent: int = 0
     segment_bytes_sent: int = 0
+    #: Sealed segments the receiver got and did not record (their range declared lost).
+    segments_unrecorded: int = 0
     live_skips: int = 0
     gaps_declared: int = 0
     checkpoints_sent: int = 0
@@ -286,6 +310,8 @@ class UplinkClient:
         )
         stream.chain = [deque() for _ in cams]
         stream.chain_sent = [0 for _ in cams]
+        stream.unrecorded = [[] for _ in cams]
+        stream.unrecorded_sent = [0 for _ in cams]
         if self.store is not None and emergency:
             for cam, c in enumerate(open_.cameras):
                 held = Pin(c.id, c.first_seq, ends.get(cam), stream.acked[cam])
@@ -300,6 +326,38 @@ class UplinkClient:
             self.streams.append(stream)
         self._wake.set()
         return stream
+
+    def add_camera(
+        self, stream: SessionStream, desc: p.CameraDesc, preroll: Iterable[EncodedPacket]
+    ) -> None:
+        """Add a camera to a session still streaming (it had no footage when the session
+        opened), at the next index: the others keep theirs. ``preroll`` is what RAM holds
+        of it (all of it captured after the press); the session is opened again with it.
+        Every per-camera list of :class:`SessionStream` grows by one here, as
+        :meth:`start_session` makes them.
+        """
+        if desc.index != len(stream.open.cameras) or stream.close_reason is not None:
+            raise ValueError(f"session {stream.id}: cannot add camera {desc.id} at {desc.index}")
+        queue = deque(preroll)
+        stream.open = replace(stream.open, cameras=(*stream.open.cameras, desc))
+        stream.ram.append(queue)
+        stream.ram_bytes += sum(len(pkt.payload) for pkt in queue)
+        stream.acked.append(desc.first_seq - 1)
+        stream.holds.append(())
+        stream.preroll_end.append(desc.first_seq - 1)  # nothing of it is from before the press
+        stream.end_seq.append(None)
+        stream.last_pushed.append(queue[-1].seq if queue else desc.first_seq - 1)
+        stream.chain.append(deque())
+        stream.chain_sent.append(0)
+        stream.unrecorded.append([])
+        stream.unrecorded_sent.append(0)
+        if self.store is not None and stream.pins:  # an emergency pins every camera's footage
+            held = Pin(desc.id, desc.first_seq, None, desc.first_seq - 1)
+            stream.pins.append(held)
+            self.store.add_pin(held)
+        if stream is self._head():
+            self._opened_on_conn = None  # session_open again, with the camera
+        self._wake.set()
 
     def push(self, stream: SessionStream, camera: int, packet: EncodedPacket) -> None:
         """Queue one live packet of an open session."""
@@ -452,6 +510,11 @@ class UplinkClient:
                 inflight = self._lanes[cam].inflight
                 while inflight and stream.held(cam, inflight[0][0]):
                     self._goodput.count(inflight.popleft()[2], time.monotonic_ns())
+                self._check_unproven(stream, cam)
+            declared = stream.unrecorded[cam]
+            while declared and declared[0][1] <= stream.acked[cam]:  # recorded: done with
+                declared.pop(0)
+                stream.unrecorded_sent[cam] = max(0, stream.unrecorded_sent[cam] - 1)
             self._progress.notify()
             self._wake.set()  # the fill window moved
             if stream.first_ack_mono_ns is None:
@@ -459,6 +522,82 @@ class UplinkClient:
                 self._changed()
         if stream.settled():
             self._remove(stream)
+
+    def _filled(self, stream: SessionStream, cam: int, owed: int) -> None:
+        """The fill lane just sent footage of ``cam`` from ``owed`` on (the receiver
+        lacked it): it follows the sealed segment sent before it that ends at ``owed - 1``."""
+        if cam >= len(self._lanes) or stream.id != self._opened_on_conn:
+            return
+        for sent in self._lanes[cam].unproven:
+            if sent.last + 1 == owed:
+                sent.followed = True
+
+    def _check_unproven(self, stream: SessionStream, cam: int) -> None:
+        """Declare lost what the receiver demonstrably did not record of a sealed segment.
+
+        The receiver records a camera's messages in the order they came, and a run's
+        frames become durable in order. Recorded, the segment's owed seqs and the seq
+        after its last, sent next by the fill lane, would be one run: that one durable
+        and the segment's first owed seq not means the receiver got past the segment
+        without recording it (it could not open it: bit rot on the card, say). Sent
+        again, it would be refused again, and the acks (cumulative) would never pass
+        it: the session would never settle, and every session behind it would wait.
+        Its range, up to what the receiver does hold, is declared lost. Nothing here
+        depends on time, so a slow link cannot cause it. (Footage of other runs, live
+        say, is no proof: runs are made durable each by its own fsync, in no order.)
+        """
+        lane = self._lanes[cam]
+        for sent in list(lane.unproven):
+            if stream.held(cam, sent.first):
+                lane.unproven.remove(sent)  # recorded
+                continue
+            if not (sent.followed and stream.held(cam, sent.last + 1)):
+                continue
+            lane.unproven.remove(sent)
+            above = [f for f, _ in stream.holds[cam] if f > sent.first]
+            last = min([sent.last, *(f - 1 for f in above)])
+            end = stream.end_seq[cam]
+            if end is not None:
+                last = min(last, end)
+            declared = stream.unrecorded[cam]
+            if last < sent.first or any(f <= sent.first <= t for f, t in declared):
+                continue
+            declared.append((sent.first, last))
+            declared.sort()
+            camera = stream.open.cameras[cam].id
+            log.error(
+                "session %s camera %s: the receiver did not record sealed segment %s "
+                "(seqs %d..%d; it could not open it?); declared lost",
+                stream.id, camera, sent.file, sent.first, last,
+            )  # fmt: skip
+            stream.gaps += 1
+            self.stats.gaps_declared += 1
+            self.stats.segments_unrecorded += 1
+            if self.store is not None:
+                self.store.audit.record_soon(
+                    "segment_unrecorded",
+                    session=stream.id,
+                    camera=camera,
+                    file=sent.file,
+                    first_seq=sent.first,
+                    last_seq=last,
+                )
+            if stream.close_sent:
+                # Closed before this was known: open it again to declare it.
+                stream.close_sent = False
+                if stream is self._head():
+                    self._opened_on_conn = None
+            self._wake.set()
+
+    def _next_unrecorded(self, stream: SessionStream) -> p.Gap | None:
+        """The next range the receiver could not record, to declare lost on this plan."""
+        for cam, ranges in enumerate(stream.unrecorded):
+            sent = stream.unrecorded_sent[cam]
+            if sent < len(ranges):
+                stream.unrecorded_sent[cam] = sent + 1
+                first, last = ranges[sent]
+                return p.Gap(stream.id, cam, first, last, "lost")
+        return None
 
     def _on_chain_ack(self, ack: p.ChainAck) -> None:
         stream = self.stream(ack.session)
@@ -629,6 +768,7 @@ class UplinkClient:
         segments from the store, or a declared gap for what exists nowhere.
         """
         first_open, stream.opened = not stream.opened, True
+        stream.unrecorded_sent = [0 for _ in stream.unrecorded]  # declared again, in order
         self._live.inflight.clear()
         self._lanes, tails = [], []
         cameras = list(stream.open.cameras)
@@ -640,7 +780,9 @@ class UplinkClient:
                 lane = _Lane(None, [[acked + 1, end]] if end > acked else [])
                 live_from = end + 1
             else:
-                live_from = desc.live_seq if first_open and desc.live_seq > acked else None
+                # A camera with nothing in RAM (resumed while it is still down) goes live
+                # at its next keyframe; until then the fill lane sends what is stored.
+                live_from = desc.live_seq if first_open and desc.live_seq > acked and ram else None
                 if live_from is None:
                     key = next((k for k in reversed(ram) if k.keyframe and k.seq > acked), None)
                     live_from = None if key is None else key.seq
@@ -684,6 +826,9 @@ class UplinkClient:
             for held_first, held_last in stream.holds[cam]:  # never resend what it holds
                 if held_first <= seq <= held_last:
                     seq = held_last + 1
+            for bad_first, bad_last in stream.unrecorded[cam]:  # nor what it cannot record
+                if bad_first <= seq <= bad_last:
+                    seq = bad_last + 1
             if last is not None and seq > last:
                 lane.todo.pop(0)
                 continue
@@ -712,6 +857,7 @@ class UplinkClient:
                     return None
                 lane.todo[0][0] = seg.last_seq + 1
                 lane.inflight.append((seg.last_seq, True, seg.name.size))
+                lane.owed_from[seg.first_seq] = seq
                 return seg
             # Nowhere yet: wait for the segment being filled, or declare what is gone.
             later = [
@@ -775,6 +921,10 @@ class UplinkClient:
                 await ws.send_str(_text(conn.send(self._plan(stream))))
                 self._opened_on_conn = stream.id
             while stream is not None and stream is self._head():
+                declared = self._next_unrecorded(stream)
+                if declared is not None:  # small, and what waits behind it depends on it
+                    await ws.send_str(_text(conn.send(declared)))
+                    continue
                 if self._live.queue:
                     if self._live.behind(stream.newest, time.monotonic_ns()):
                         break  # wait for acks; meanwhile live may skip to a keyframe
@@ -795,6 +945,7 @@ class UplinkClient:
                 cam, what = item
                 if isinstance(what, EncodedPacket):
                     await self._send_packet(ws, conn, stream, cam, what)
+                    self._filled(stream, cam, what.seq)
                 elif isinstance(what, p.Gap):
                     log.error(
                         "session %s camera %s: seqs %d..%d exist nowhere any more; declared lost",
@@ -810,9 +961,17 @@ class UplinkClient:
                 and not any(lane.todo for lane in self._lanes)
                 and (
                     stream is None
-                    or all(
-                        sent >= len(q)
-                        for sent, q in zip(stream.chain_sent, stream.chain, strict=True)
+                    or (
+                        all(
+                            sent >= len(q)
+                            for sent, q in zip(stream.chain_sent, stream.chain, strict=True)
+                        )
+                        and all(
+                            sent >= len(r)
+                            for sent, r in zip(
+                                stream.unrecorded_sent, stream.unrecorded, strict=True
+                            )
+                        )
                     )
                 )
             )
@@ -899,6 +1058,7 @@ class UplinkClient:
                     self.store.forget(seg, f"{type(exc).__name__}: {exc}")
             else:
                 lane.paused_until = time.monotonic() + SEGMENT_RETRY_S
+            lane.owed_from.pop(seg.first_seq, None)
             with contextlib.suppress(ValueError):
                 lane.inflight.remove((seg.last_seq, True, seg.name.size))
             lane.todo.append([seg.first_seq, seg.last_seq])
@@ -916,6 +1076,17 @@ class UplinkClient:
         await ws.send_bytes(_binary(conn.send(media)))
         self.stats.segments_sent += 1
         self.stats.segment_bytes_sent += len(sealed)
+        stream = self._head()
+        if stream is None or cam >= len(self._lanes):
+            return
+        lane = self._lanes[cam]
+        owed = lane.owed_from.pop(seg.first_seq, seg.first_seq)
+        self._filled(stream, cam, owed)
+        end = stream.end_seq[cam]
+        if min(seg.last_seq, seg.last_seq if end is None else end) > owed:
+            # Two owed seqs at least: the first is durable once the second is written. (A
+            # lone one is the last frame of its run, durable only when the next comes.)
+            lane.unproven.append(_SentSegment(owed, seg.last_seq, seg.path.name))
 
 
 def _text(wire: str | bytes) -> str:

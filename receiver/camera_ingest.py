@@ -270,6 +270,7 @@ class CameraIngest:
 
     async def _backfill(self, media: p.Media) -> None:
         cam = self.camera
+        at = media.seq  # the first seq of it not recorded (should it fail)
         try:
             if not self._identities:
                 raise BadSegmentError("this receiver has no age identity")
@@ -289,6 +290,7 @@ class CameraIngest:
                 if self.first_seq <= pkt.seq and (self.end_seq is None or pkt.seq <= self.end_seq)
             ]
             for i, pkt in enumerate(inside):
+                at = pkt.seq
                 await cam.append(pkt.seq, pkt.capture_ns // 1000, pkt.keyframe, pkt.payload)
                 if i % 16 == 15:
                     await asyncio.sleep(0)  # let fsyncs, acks and other cameras run
@@ -303,6 +305,11 @@ class CameraIngest:
                 exc,
             )
             cam.bad_segment(media.seq, media.capture_us, str(exc)[:256])
+            # What it would have continued is complete as far as it goes: its last frame
+            # is made durable, so the ack reaches the seq before it and the device, which
+            # knows where the segment ends, sees exactly what was not recorded (it declares
+            # that lost once footage it sent after the segment is acknowledged).
+            await cam.finish_before(max(at, self.first_seq))
 
     def _bad_live_packet(self, media: p.Media, exc: Exception) -> None:
         """A live packet no part can start with: kept in ``session.json`` (with the bad

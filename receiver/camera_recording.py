@@ -43,10 +43,13 @@ from receiver.livefeed import LiveFeed
 from receiver.run import FragmentListener, PartInfo, Run, make_part_init
 from receiver.summaries import BadSegment, DeclaredGap, part_file
 
-__all__ = ["CameraRecording", "Outcome", "TrackInfo"]
+__all__ = ["UNREADABLE", "CameraRecording", "Outcome", "TrackInfo"]
 
 _LOG = logging.getLogger(__name__)
 
+#: The reason recorded for a declared gap that begins where a sealed segment began that
+#: could not be opened or recorded here (the device declares it ``lost``).
+UNREADABLE = "unreadable"
 #: Bad segments remembered per camera (a broken device must not grow session.json forever).
 MAX_BAD_SEGMENTS = 256
 
@@ -506,12 +509,13 @@ class CameraRecording:
     # -- declared gaps and bad segments ----------------------------------
 
     async def declare_gap(self, first: int, last: int, reason: str) -> None:
-        """The device says seqs ``first..last`` will never come: record it durably.
+        """The device says seqs ``first..last`` will never come: record it durably (with
+        the reason :meth:`unreadable` gives).
 
         ``session.json`` is saved before this returns, so an ack that moves past
         the gap never outlives the record of why.
         """
-        gap = DeclaredGap(first, last, reason)
+        gap = DeclaredGap(first, last, self.unreadable(first, reason))
         if gap in self.gaps:
             return
         _LOG.warning(
@@ -530,6 +534,38 @@ class CameraRecording:
         for run in self.runs:
             if run.writable and self._complete(run):
                 self._finish(run)
+
+    def unreadable(self, first: int, reason: str) -> str:
+        """The reason to record for a gap the device declares from ``first``: ``reason``,
+        unless a sealed segment from there arrived and could not be recorded (the device
+        cannot tell why its footage was never acknowledged; this receiver can)."""
+        if reason == "lost" and any(
+            max(bad.first_seq, self.track.first_seq) == first
+            and not bad.error.startswith("live packet:")
+            for bad in self.bad_segments
+        ):
+            return UNREADABLE
+        return reason
+
+    async def finish_before(self, seq: int) -> None:
+        """Footage from ``seq`` could not be recorded (a sealed segment that cannot be
+        opened): finish the run it would have continued, so that run's last frame becomes
+        durable and the ack reaches ``seq - 1`` now rather than never (a run's last frame
+        is written when the next one arrives, and this one's next may never come). A
+        packet that does continue the run later opens it again, in a new part: so the
+        run is finished before this returns, not in the background (a part still being
+        finished looks empty, and would be planned again under its own name)."""
+        async with self._lock:
+            i = self._index(seq - 1)
+            run = self.runs[i] if i >= 0 else None
+            if run is None or not run.writable or run.next_seq != seq:
+                return
+            if run is self._feed_run:
+                run.attach(None)
+                self._feed_run = None
+            await run.close()  # raises if its writing failed (our disk: as an append would)
+        if self.on_durable is not None:  # its last frame is durable
+            self.on_durable()
 
     def bad_segment(self, first_seq: int, capture_us: int, error: str) -> None:
         """Record footage that could not be recorded (saved with the next save): a sealed
@@ -604,13 +640,13 @@ class CameraRecording:
         listed at once, before any data.
         """
         if track.first_seq > self.track.first_seq:
-            # An older agent announces a later first seq to say the rest is lost.
-            written = [(r.first_seq, r.last_seq) for r in self.runs]
-            for first, last in seqranges.missing(
-                self.track.first_seq, track.first_seq - 1, written
-            ):
-                self.gaps.append(DeclaredGap(first, last, "lost"))
-            self._gaps_changed()
+            # An older agent announces a later first seq to say the rest is lost: declared
+            # once (it says so again on every session_open), never over what is declared.
+            covered = [*((r.first_seq, r.last_seq) for r in self.runs), *self._gap_ranges]
+            lost = seqranges.missing(self.track.first_seq, track.first_seq - 1, covered)
+            if lost:
+                self.gaps += [DeclaredGap(first, last, "lost") for first, last in lost]
+                self._gaps_changed()
         for run in self.runs:
             if run.failed or not (run.repaired or run.writable):
                 await run.repair()

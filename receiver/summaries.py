@@ -72,7 +72,8 @@ def parse_part_file(name: str) -> tuple[str, int] | None:
 
 @dataclass(frozen=True, slots=True)
 class DeclaredGap:
-    """Seqs ``first..last`` the device declared lost for good (``reason``: lost, evicted)."""
+    """Seqs ``first..last`` the device declared lost for good (``reason``: lost, evicted,
+    or unreadable: a sealed segment this receiver could not open)."""
 
     first: int
     last: int

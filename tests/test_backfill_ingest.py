@@ -278,6 +278,37 @@ async def test_bad_segments_are_recorded_and_the_connection_stays_up(
     }
 
 
+async def test_a_segment_that_cannot_be_opened_ends_the_run_before_it_and_is_declared(
+    tmp_path: Path, receiver: Receiver, district: Any, packets: PacketList
+) -> None:
+    """Bit rot in a sealed segment: the run it would have continued is finished at once
+    (its last frame durable, so the ack reaches the seq before the segment: the device
+    sees exactly where the damage begins), and the gap the device then declares ``lost``
+    is recorded as ``unreadable``. The ack stopped one frame short of the damaged
+    segment before, for good, and a session's backfill with it (found by a review)."""
+    to = recipients(receiver, district)
+    good = segment_of("cam-a", packets, 30, 59, to)
+    damaged = good[:-100] + bytes([good[-100] ^ 1]) + good[-99:]
+    async with AgentEnd(receiver, enroll(receiver, tmp_path), "dev-1") as dev:
+        await dev.open("s-rot", packets, live=90)
+        await dev.backfill(0, 0, segment_of("cam-a", packets, 0, 29, to))
+        await dev.backfill(0, 30, damaged)
+        await dev.wait(lambda: dev.acked(0) == (1029, ()))
+        await dev.send(p.Gap("s-rot", 0, 1030, 1059, "lost"))
+        await dev.backfill(0, 60, segment_of("cam-a", packets, 60, 89, to))
+        await dev.send(p.SessionClose("s-rot", "all clear"))
+        await dev.wait(lambda: dev.acked(0) == (1089, ()))
+        assert dev.errors == []
+    cam = receiver.store.get("s-rot").summary().camera("cam-a")
+    assert [(b.first_seq, b.error.split(":")[0]) for b in cam.bad_segments] == [
+        (1030, "age payload damaged")
+    ]
+    assert cam.complete and cam.missing == ()
+    assert runs(cam) == [(1000, 1029), (1060, 1089)]
+    doc = json.loads((receiver.store.get("s-rot").directory / "session.json").read_text())
+    assert doc["cameras"][0]["gaps"] == [{"first": 1030, "last": 1059, "reason": "unreadable"}]
+
+
 async def test_a_live_packet_waits_for_the_segment_before_it(
     tmp_path: Path,
     receiver: Receiver,

@@ -32,7 +32,12 @@ from breakglass.demo import press_button, write_agent_config
 from hardware import CameraSource, StreamInfo
 from receiver.server import Receiver
 from tests.netproxy import TcpProxy
-from tests.recordings import assert_declared, assert_session_gapless, recorded_seqs
+from tests.recordings import (
+    assert_declared,
+    assert_session_gapless,
+    camera_summary,
+    recorded_seqs,
+)
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -488,3 +493,83 @@ async def test_an_ended_session_still_owed_at_a_restart_is_delivered_to_its_end(
         assert seqs and max(seqs) == end
         assert set(range(min(seqs), end + 1)) <= seqs
         assert_declared(receiver, session.id, cam)
+
+
+async def test_a_damaged_sealed_segment_is_declared_lost_and_the_rest_still_flows(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Two emergencies while the link is down, then a restart; one sealed segment of the
+    first is damaged on the SD card (one bit flipped: bit rot). The receiver cannot open
+    it: its seqs are recorded as lost (unreadable), everything else of that session and
+    all of the session queued behind it is delivered, and both settle."""
+    async with TcpProxy(receiver.port) as proxy:
+        path = write_agent_config(
+            tmp_path / "agent", receiver, fps=30, preroll_s=2, store="segment_s = 1"
+        )
+        config = load_config(via_proxy(path, receiver, proxy))
+        cams = [c.id for c in config.cameras]
+        async with Agent(config) as agent:
+            a = await pressed(agent)
+            await agent.uplink.wait_until(lambda: agent.uplink.stream(a.id) is not None)
+            proxy.cut()
+            await agent.capture.wait_packets(150)  # five seconds nobody receives
+            agent.end("all clear")
+            press_button(agent)
+            await agent.wait_until(
+                lambda: agent.emergency.active is not None and agent.emergency.active.id != a.id
+            )
+            b = agent.emergency.active
+            assert b is not None
+            await agent.capture.wait_packets(60)
+            agent.end("all clear")
+            ends: dict[str, dict[str, int | None]] = {}
+            firsts: dict[str, dict[str, int]] = {}
+            for emergency in (a, b):
+                stream = agent.uplink.stream(emergency.id)
+                assert stream is not None
+                ends[emergency.id] = {c.id: stream.end_seq[c.index] for c in stream.open.cameras}
+                firsts[emergency.id] = {c.id: c.first_seq for c in stream.open.cameras}
+                if emergency is a:
+                    acked_a = {c.id: stream.acked[c.index] for c in stream.open.cameras}
+        # Bit rot in one of A's segments of the first camera, well inside what is owed.
+        owed = sorted(
+            (
+                (n, f)
+                for f in (config.store.directory / cams[0]).glob("*.age")
+                if (n := SegmentName.parse(f.name)) is not None
+                and n.first_seq > acked_a[cams[0]] + 1
+                and n.last_seq < (ends[a.id][cams[0]] or 0)
+            ),
+            key=lambda t: t[0].first_seq,
+        )
+        assert len(owed) >= 3, owed
+        name, victim = owed[len(owed) // 2]
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+        proxy.restore()
+        async with Agent(config) as again:
+            async with asyncio.timeout(60):
+                await again.uplink.wait_until(lambda: {a.id, b.id} <= again.uplink.settled_ids)
+    for sid, cam_ends in ends.items():
+        for cam, end in cam_ends.items():
+            assert end is not None
+            seqs = recorded_seqs(receiver, sid, cam)
+            summary = camera_summary(receiver, sid, cam)
+            assert summary is not None
+            # B's pre-roll may reach back into A's footage, the damaged segment included.
+            first, last = max(name.first_seq, firsts[sid][cam]), min(name.last_seq, end)
+            if cam == cams[0] and first <= last:
+                lost = set(range(first, last + 1))
+                assert not seqs & lost
+                assert seqs and max(seqs) == end
+                assert set(range(firsts[sid][cam], end + 1)) - lost <= seqs
+                assert [(g.first, g.last, g.reason) for g in summary.gaps] == [
+                    (first, last, "unreadable")
+                ]
+                assert [bad.first_seq for bad in summary.bad_segments] == [name.first_seq]
+                assert summary.missing == ()
+            else:
+                assert seqs and max(seqs) == end
+                assert set(range(min(seqs), end + 1)) <= seqs
+                assert_declared(receiver, sid, cam)
