@@ -12,9 +12,7 @@ evidence export refused the step too.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,6 +25,7 @@ from receiver.evidence import build_bundle
 from receiver.evidence_format import evidence_key
 from receiver.evidence_verify import verify_bundle
 from receiver.server import Receiver
+from tests.clocks import ShiftedTime
 from tests.media import ffprobe_packets
 
 pytestmark = pytest.mark.timeout(120)
@@ -34,26 +33,10 @@ pytestmark = pytest.mark.timeout(120)
 DAY_NS = 20 * 3600 * 10**9  # more than 2**32 ticks of 90 kHz (13.26 h)
 
 
-class SteppedTime:
-    """The ``time`` module, with a wall clock that steps when told (NTP)."""
-
-    def __init__(self) -> None:
-        self.offset_ns = 0
-
-    def time_ns(self) -> int:
-        return time.time_ns() + self.offset_ns
-
-    def time(self) -> float:
-        return self.time_ns() / 1e9
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
 async def test_a_step_of_most_of_a_day_mid_emergency_is_recorded_whole_and_verifies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    clock = SteppedTime()
+    clock = ShiftedTime()
     monkeypatch.setattr(synthetic, "time", clock)
     async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as receiver:
         path = write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2)
@@ -72,7 +55,7 @@ async def test_a_step_of_most_of_a_day_mid_emergency_is_recorded_whole_and_verif
             await agent.uplink.wait_until(
                 lambda: all(stream.acked[i] >= seq + 20 for i, seq in live.items())
             )
-            clock.offset_ns = DAY_NS  # NTP syncs a clock that was most of a day behind
+            clock.wall_ns = DAY_NS  # NTP syncs a clock that was most of a day behind
             stepped = {i: agent.capture.seqs.peek(cam) for i, cam in cams.items()}
             async with asyncio.timeout(30):  # was: the connection cut at every frame
                 await agent.uplink.wait_until(
@@ -109,8 +92,7 @@ async def test_a_step_back_mid_emergency_verifies_with_a_warning(
     capture times slew back to UTC, so genuine frames carry times after the session's
     signed end time. Verification failed them as "footage of another time"; the signed
     last seq of each camera bounds the session, so it is a warning."""
-    clock = SteppedTime()
-    clock.offset_ns = 300 * 10**9
+    clock = ShiftedTime(wall_s=300)
     monkeypatch.setattr(synthetic, "time", clock)
     async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as receiver:
         config = load_config(write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2))
@@ -127,7 +109,7 @@ async def test_a_step_back_mid_emergency_verifies_with_a_warning(
             await agent.uplink.wait_until(
                 lambda: all(stream.acked[i] >= seq + 20 for i, seq in live.items())
             )
-            clock.offset_ns = 0  # NTP sets the clock back to UTC
+            clock.wall_ns = 0  # NTP sets the clock back to UTC
             cams = {c.index: c.id for c in stream.open.cameras}
             stepped = {i: agent.capture.seqs.peek(cam) for i, cam in cams.items()}
             await agent.uplink.wait_until(

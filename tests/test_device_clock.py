@@ -48,6 +48,7 @@ from provisioning.triggers import (
 from receiver.accounts import Role
 from receiver.device_clock import MAX_SESSIONS, DeviceClocks, receiver_expiry
 from receiver.server import Receiver
+from tests.clocks import ShiftedTime
 from tests.logins import logged_in
 from tests.media import PacketList
 from tests.test_enrollment import enroll
@@ -58,22 +59,6 @@ pytestmark = pytest.mark.timeout(60)
 DAY = 86400.0
 #: How far apart two readings of "now" taken moments apart on two clocks may be here.
 SLACK_S = 5.0
-
-
-class SkewedTime:
-    """The ``time`` module, with a wall clock ``offset_s`` off the real one (a Pi's)."""
-
-    def __init__(self, offset_s: float) -> None:
-        self.offset_s = offset_s
-
-    def time(self) -> float:
-        return time.time() + self.offset_s
-
-    def time_ns(self) -> int:
-        return time.time_ns() + int(self.offset_s * 1e9)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
 
 
 def seconds(iso: object) -> float:
@@ -98,7 +83,7 @@ async def test_a_dispatcher_starts_extends_and_ends_on_an_agent_whose_clock_is_o
     60 s off its own (``403 not_yet_valid "iat is 7200 s in the future"``, or ``expired``
     for a clock ahead): no dispatcher could start, extend or end an emergency at a school
     whose Pi had not synced its clock yet (review s3)."""
-    skewed = SkewedTime(offset_s)
+    skewed = ShiftedTime(wall_s=offset_s)
     monkeypatch.setattr(agent_uplink, "time", skewed)  # the agent's heartbeats
     demo_dispatch = tmp_path / "dispatch" / "dispatch.key"
     demo_dispatch.parent.mkdir(parents=True, exist_ok=True)

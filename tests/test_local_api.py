@@ -22,6 +22,7 @@ from provisioning.keys import kid, load_private_key
 from provisioning.tls import fingerprint_digest
 from provisioning.triggers import sign_key_list
 from receiver.server import Receiver
+from tests.clocks import ShiftedTime
 from tests.trust import Signers, call, enrol_roles, entry
 
 pytestmark = pytest.mark.timeout(120)
@@ -184,31 +185,18 @@ async def test_who_may_extend_and_end_and_what_a_second_press_does(
     assert disclosure["receiver"] == receiver.origin
 
 
-class Later:
-    """The ``time`` module, ``offset[0]`` seconds later on the monotonic clock."""
-
-    def __init__(self, offset: list[float]) -> None:
-        self.offset = offset
-
-    def monotonic(self) -> float:
-        return time.monotonic() + self.offset[0]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
 async def test_expiry_ends_a_session(
     tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, _ = agent_config(tmp_path, receiver)
-    offset = [0.0]
+    later = ShiftedTime()
     # The time left is measured on the monotonic clock (the wall clock alone steps).
-    monkeypatch.setattr(alarm, "time", Later(offset))
-    async with Agent(load_config(path), clock=lambda: time.time() + offset[0]) as agent:
+    monkeypatch.setattr(alarm, "time", later)
+    async with Agent(load_config(path), clock=later.time) as agent:
         await agent.capture.wait_packets(10)
         press_button(agent)
         await agent.wait_until(lambda: agent.emergency.active is not None)
-        offset[0] = 3601.0  # an hour later (the default duration)
+        later.wall_ns = later.mono_ns = 3601 * 10**9  # an hour later (the default duration)
         await agent.wait_until(lambda: agent.emergency.active is None)
         assert agent.emergency.last is not None
         assert agent.emergency.last.end_reason == "expired"

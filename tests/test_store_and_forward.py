@@ -31,6 +31,7 @@ from agent.uplink import SessionStream
 from breakglass.demo import press_button, write_agent_config
 from hardware import CameraSource, StreamInfo
 from receiver.server import Receiver
+from tests.clocks import ShiftedTime
 from tests.netproxy import TcpProxy
 from tests.recordings import (
     assert_declared,
@@ -423,7 +424,7 @@ async def test_an_emergency_that_expired_while_the_agent_was_stopped_is_still_de
         later = session.expires_at + 60 - time.time()  # back after the emergency expired
         # The monotonic clock went on as well: within a boot the session's time left is
         # measured on it, and a wall clock moved alone no longer ends it (test_emergency_restart).
-        monkeypatch.setattr(alarm, "time", LaterTime(later))
+        monkeypatch.setattr(alarm, "time", ShiftedTime(wall_s=later, mono_s=later))
         async with Agent(config, clock=lambda: time.time() + later) as again:
             async with asyncio.timeout(60):
                 await again.uplink.wait_until(lambda: session.id in again.uplink.settled_ids)
@@ -442,22 +443,6 @@ async def test_an_emergency_that_expired_while_the_agent_was_stopped_is_still_de
     assert [e["session"] for e in ends] == [session.id]
     lasts = {c["id"]: c["last"] for c in ends[0]["cameras"]}
     assert lasts == {cam: max(recorded_seqs(receiver, session.id, cam)) for cam in session.cameras}
-
-
-class LaterTime:
-    """The ``time`` module, ``later_s`` later on both clocks (the agent was stopped)."""
-
-    def __init__(self, later_s: float) -> None:
-        self.later_s = later_s
-
-    def monotonic(self) -> float:
-        return time.monotonic() + self.later_s
-
-    def time(self) -> float:
-        return time.time() + self.later_s
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
 
 
 async def test_an_ended_session_still_owed_at_a_restart_is_delivered_to_its_end(
