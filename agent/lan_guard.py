@@ -40,6 +40,7 @@ __all__ = [
     "GuardedSite",
     "LogThrottle",
     "RequestErrorLog",
+    "accept_next",
     "body_late",
     "read_body",
     "too_large",
@@ -273,25 +274,8 @@ class GuardedSite(web.BaseSite):
         await super().stop()
 
     async def _accept(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            try:
-                conn, addr = await loop.sock_accept(self._sock)
-            except OSError as exc:
-                if exc.errno in _LISTENER_GONE:
-                    raise
-                if exc.errno in _EXHAUSTED:
-                    # Out of descriptors: the kernel keeps the connection queued meanwhile.
-                    self._throttle.log(
-                        logging.ERROR, "accept", "local API: cannot accept connections: %s", exc
-                    )
-                    await asyncio.sleep(ACCEPT_RETRY_S)
-                else:  # that one connection failed (accept(2): ECONNABORTED, EPROTO, ...)
-                    self._throttle.log(
-                        logging.WARNING, "accept-one", "local API: a connection failed: %s", exc
-                    )
-                continue
-            host = str(addr[0]) if isinstance(addr, tuple) else "?"
+            conn, host = await accept_next(self._sock, self._throttle, "local API")
             if self._per_address[host] >= self.limits.max_per_address:
                 reason = "per_address"
             elif self._open >= self.cap:
@@ -349,6 +333,36 @@ class GuardedSite(web.BaseSite):
             release()
             conn.close()
             raise
+
+
+async def accept_next(
+    sock: socket.socket, throttle: LogThrottle, what: str
+) -> tuple[socket.socket, str]:
+    """The next connection on the listening ``sock`` and its peer's address.
+
+    A connection that fails in accept(2) (ECONNABORTED, EPROTO, ...) is logged and
+    skipped; out of descriptors, it waits :data:`ACCEPT_RETRY_S` (the kernel keeps the
+    connection queued meanwhile) and tries again; a listener gone (the site stopping)
+    raises. Logged through ``throttle``, prefixed with ``what``.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            conn, addr = await loop.sock_accept(sock)
+        except OSError as exc:
+            if exc.errno in _LISTENER_GONE:
+                raise
+            if exc.errno in _EXHAUSTED:
+                throttle.log(
+                    logging.ERROR, "accept", "%s: cannot accept connections: %s", what, exc
+                )
+                await asyncio.sleep(ACCEPT_RETRY_S)
+            else:
+                throttle.log(
+                    logging.WARNING, "accept-one", "%s: a connection failed: %s", what, exc
+                )
+            continue
+        return conn, str(addr[0]) if isinstance(addr, tuple) else "?"
 
 
 def _accept_ended(task: asyncio.Task[None]) -> None:

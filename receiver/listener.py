@@ -21,7 +21,6 @@ not with a traceback per request as aiohttp's handler does.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 import ssl
@@ -34,22 +33,16 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from yarl import URL
 
-from agent.lan_guard import CountedProtocol
+from agent.lan_guard import CountedProtocol, accept_next
 from receiver.limits import LogThrottle, ServerLimits, error_body
 
 __all__ = ["GuardedSite"]
 
 log = logging.getLogger(__name__)
 
-#: How long to wait before accepting again when the process is out of file descriptors.
-ACCEPT_RETRY_S: Final = 0.5
 _TOO_MANY_HEADERS: Final = "Too many headers"
 #: ``struct linger`` on, 0 s: close with a reset.
 _RESET: Final = struct.pack("ii", 1, 0)
-#: accept(2) errors that say the process is out of something: retry after a pause.
-_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-#: accept(2) errors that say the listening socket itself is gone (the site stops).
-_LISTENER_GONE: Final = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
 
 
 def _accept_ended(task: asyncio.Task[None]) -> None:
@@ -158,25 +151,8 @@ class GuardedSite(web.BaseSite):
         await super().stop()
 
     async def _accept(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            try:
-                conn, addr = await loop.sock_accept(self._sock)
-            except OSError as exc:
-                if exc.errno in _LISTENER_GONE:
-                    raise
-                if exc.errno in _EXHAUSTED:
-                    # Out of descriptors: the kernel keeps the connection queued meanwhile.
-                    self._throttle.log(
-                        logging.ERROR, "accept", "cannot accept connections: %s", exc
-                    )
-                    await asyncio.sleep(ACCEPT_RETRY_S)
-                else:  # that one connection failed (accept(2): ECONNABORTED, EPROTO, ...)
-                    self._throttle.log(
-                        logging.WARNING, "accept-one", "a connection failed in accept: %s", exc
-                    )
-                continue
-            host = str(addr[0]) if isinstance(addr, tuple) else "?"
+            conn, host = await accept_next(self._sock, self._throttle, "receiver")
             refusal = self._refusal(host)
             if refusal is not None:
                 self.refused[refusal[0]] += 1
