@@ -19,7 +19,7 @@ import pytest
 
 from agent.config import load_config
 from agent.daemon import Agent
-from breakglass.demo import press_button, write_agent_config
+from breakglass.demo import write_agent_config
 from hardware import synthetic
 from provisioning.keys import load_private_key
 from receiver.evidence import build_bundle
@@ -27,6 +27,7 @@ from receiver.evidence_format import evidence_key
 from receiver.evidence_verify import VerifyReport, verify_bundle
 from receiver.server import Receiver
 from tests.clocks import ShiftedTime
+from tests.emergencies import pressed
 from tests.media import ffprobe_packets
 
 pytestmark = pytest.mark.timeout(120)
@@ -56,12 +57,7 @@ async def emergency_across_a_step(
     async with Receiver(tmp_path / "receiver", "127.0.0.1", 0) as receiver:
         config = load_config(write_agent_config(tmp_path / "agent", receiver, fps=30, preroll_s=2))
         async with Agent(config, clock=clock.time) as agent:
-            await agent.uplink.wait_until(lambda: agent.uplink.connected)
-            await agent.capture.wait_packets(30)
-            press_button(agent)
-            await agent.wait_until(lambda: agent.emergency.active is not None)
-            session = agent.emergency.active
-            assert session is not None
+            session = await pressed(agent)
             stream = agent.uplink.stream(session.id)
             assert stream is not None
             live = {c.index: c.live_seq for c in stream.open.cameras}

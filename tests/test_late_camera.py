@@ -30,6 +30,7 @@ from hardware import CameraSource, EncodedPacket
 from receiver.recording import RecordingStore, TrackInfo
 from receiver.server import Receiver
 from receiver.summaries import DeclaredGap
+from tests.emergencies import pressed
 from tests.netproxy import TcpProxy
 from tests.recordings import (
     assert_declared,
@@ -167,12 +168,7 @@ async def test_a_camera_slow_after_a_restart_keeps_its_footage_and_rejoins(
         config = load_config(path)
         store = config.store.directory
         async with Agent(config) as agent:
-            await agent.uplink.wait_until(lambda: agent.uplink.connected)
-            await agent.capture.wait_packets(30)
-            press_button(agent)
-            await agent.wait_until(lambda: agent.emergency.active is not None)
-            session = agent.emergency.active
-            assert session is not None
+            session = await pressed(agent)
             stream = agent.uplink.stream(session.id)
             assert stream is not None and ids(stream) == ["front-door", LATE]
             first = {c.id: c.first_seq for c in stream.open.cameras}
@@ -243,12 +239,7 @@ async def test_a_camera_that_never_comes_back_after_a_restart_is_delivered_from_
         path.write_text(path.read_text().replace(receiver.uplink_url, proxy.origin + "/v1/uplink"))
         config = load_config(path)
         async with Agent(config) as agent:
-            await agent.uplink.wait_until(lambda: agent.uplink.connected)
-            await agent.capture.wait_packets(30)
-            press_button(agent)
-            await agent.wait_until(lambda: agent.emergency.active is not None)
-            session = agent.emergency.active
-            assert session is not None
+            session = await pressed(agent)
             stream = agent.uplink.stream(session.id)
             assert stream is not None
             first = {c.id: c.first_seq for c in stream.open.cameras}

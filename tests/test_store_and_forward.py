@@ -25,13 +25,13 @@ import pytest
 from agent import alarm, owed
 from agent.config import CameraConfig, load_config
 from agent.daemon import Agent, make_source
-from agent.emergency import Session
 from agent.segment import SegmentName
 from agent.uplink import SessionStream
 from breakglass.demo import press_button, write_agent_config
 from hardware import CameraSource, StreamInfo
 from receiver.server import Receiver
 from tests.clocks import ShiftedTime
+from tests.emergencies import pressed
 from tests.netproxy import TcpProxy
 from tests.recordings import (
     assert_declared,
@@ -49,18 +49,6 @@ def via_proxy(config: Path, receiver: Receiver, proxy: TcpProxy) -> Path:
     receiver.ingest.origins.append(proxy.origin)
     config.write_text(config.read_text().replace(receiver.uplink_url, proxy.origin + "/v1/uplink"))
     return config
-
-
-async def pressed(agent: Agent) -> Session:
-    """Once the uplink is up and a second of footage was captured: press the button; the
-    session it started."""
-    await agent.uplink.wait_until(lambda: agent.uplink.connected)
-    await agent.capture.wait_packets(30)
-    press_button(agent)
-    await agent.wait_until(lambda: agent.emergency.active is not None)
-    session = agent.emergency.active
-    assert session is not None
-    return session
 
 
 async def test_a_30_second_network_cut_ends_gapless(tmp_path: Path, receiver: Receiver) -> None:
