@@ -707,7 +707,15 @@ class UplinkClient:
             reader = asyncio.create_task(
                 self._reader(ws, conn, welcome.heartbeat_s), name="uplink-reader"
             )
-            writer = asyncio.create_task(self._writer(ws, conn), name="uplink-writer")
+            # The receiver cuts a device it has not heard from in three of its heartbeats:
+            # never beat slower than it asks, whatever this device's own setting.
+            beat_s = min(self.heartbeat_s, welcome.heartbeat_s)
+            if beat_s < self.heartbeat_s:
+                log.info(
+                    "heartbeat every %.3g s, as the receiver asks (uplink.heartbeat_s is %.3g)",
+                    beat_s, self.heartbeat_s,
+                )  # fmt: skip
+            writer = asyncio.create_task(self._writer(ws, conn, beat_s), name="uplink-writer")
             try:
                 await connection_outcome(reader, writer)
             finally:
@@ -910,7 +918,9 @@ class UplinkClient:
             elif isinstance(event, p.Error):
                 raise UplinkRefused(event.code, event.detail)
 
-    async def _writer(self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink) -> None:
+    async def _writer(
+        self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink, beat_s: float
+    ) -> None:
         next_beat = 0.0
         while True:
             while self._control:
@@ -990,7 +1000,7 @@ class UplinkClient:
             now = time.monotonic()
             if now >= next_beat:
                 await ws.send_str(_text(conn.send(p.Heartbeat(time.time()))))
-                next_beat = now + self.heartbeat_s
+                next_beat = now + beat_s
             self._wake.clear()
             if self._head() is not stream or (
                 self._live.queue

@@ -17,6 +17,7 @@ from agent import protocol as p
 from agent.errors import UplinkRefused
 from agent.uplink import UplinkClient, connection_outcome
 from provisioning.keys import new_private_key, public_pem
+from receiver import ingest
 from receiver.server import Receiver
 from tests.uplink import unconnected_uplink
 
@@ -148,3 +149,49 @@ async def test_stopping_while_a_failed_connection_is_collected_stops_the_uplink(
             await asyncio.shield(running)
     assert running.cancelled()
     assert connections == 1
+
+
+async def test_a_device_set_to_beat_slower_than_the_receiver_asks_is_not_cut(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``uplink.heartbeat_s`` may be up to 300 s; the receiver cuts a device it has not
+    heard from in three of its own heartbeats (its welcome says how often). An idle agent
+    set to beat every 30 s was cut and reconnected every 15 s. It now beats as often as
+    the welcome asks. Here the receiver's heartbeat is 0.2 s, the device's setting 30 s:
+    while the receiver hears twelve heartbeats, the device stays on one connection."""
+    monkeypatch.setattr(ingest, "HEARTBEAT_S", 0.2)
+    key = new_private_key(tmp_path / "device-1.key")
+    (receiver.devices_dir / "device-1.pub").write_bytes(public_pem(key.public_key()))
+    heard = 0
+    enough = asyncio.Event()
+    real_receive = p.Uplink.receive
+
+    def receive(self: p.Uplink, message: str | bytes) -> p.Event:
+        nonlocal heard
+        event = real_receive(self, message)
+        if isinstance(event, p.Heartbeat) and self.role is p.Role.RECEIVER:
+            heard += 1
+            if heard >= 12:
+                enough.set()
+        return event
+
+    monkeypatch.setattr(p.Uplink, "receive", receive)
+    uplink = UplinkClient(
+        url=receiver.uplink_url,
+        origin=receiver.origin,
+        pin=receiver.fingerprint,
+        device_id="device-1",
+        device_key=key,
+        heartbeat_s=30,
+        reconnect_max_s=0.05,
+    )
+    running = asyncio.create_task(uplink.run())
+    try:
+        async with asyncio.timeout(30):
+            await enough.wait()
+        assert uplink.stats.connects == 1, uplink.stats.last_error
+        assert uplink.connected
+    finally:
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
