@@ -200,7 +200,9 @@ def build_bundle(
         raise EvidenceError(f"no recording of session {session_id!r} in {data_dir}")
     chosen = _cameras(doc, cameras)
     device = str(doc["device_id"])
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # Footage of pupils: readable by the receiver's user only, whatever its umask (a
+    # receiver run by hand has 022). A folder it creates is 0700, the bundle 0600.
+    out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".evidence-") as tmp:
         staged = _Staged(Path(tmp))
         live = doc.get("closed_at") is None
@@ -568,8 +570,12 @@ def sha256_file(path: Path) -> str:
 def _zip(out: Path, files: dict[str, Path], small: dict[str, bytes]) -> None:
     """Write the zip: members in name order, stored, fixed times; atomically."""
     partial = out.with_name(out.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with (
+            os.fdopen(fd, "wb") as raw,
+            zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf,
+        ):
             for name in sorted({*files, *small}):
                 info = zipfile.ZipInfo(name, date_time=ZIP_TIME)
                 info.compress_type = zipfile.ZIP_STORED

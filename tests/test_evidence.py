@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import time
 import zipfile
@@ -280,6 +281,23 @@ def test_one_camera_and_a_time_range(recorded: Recorded, tmp_path: Path) -> None
         first = next(container.demux(container.streams.video[0]))
         assert first.is_keyframe and first.pts == 0
     assert ffprobe_frames(folder / cut["file"]) == ("h264", cut["frames"])
+
+
+def test_a_bundle_and_the_folder_made_for_it_are_the_receivers_alone(
+    recorded: Recorded, tmp_path: Path
+) -> None:
+    """A receiver run by hand has umask 022: its exports were 0644 in a 0755 folder,
+    while the recordings they copy are 0640 (found by a review)."""
+    old = os.umask(0o022)
+    try:
+        out = build_bundle(
+            recorded.data, recorded.session, tmp_path / "exports" / "b.zip", cameras=["hallway-2"]
+        )
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert stat.S_IMODE(out.parent.stat().st_mode) == 0o700
+    assert verify(recorded, out).ok
 
 
 async def test_a_session_across_an_agent_restart_verifies(tmp_path: Path) -> None:
