@@ -7,6 +7,7 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from playwright.async_api import expect
@@ -119,6 +120,21 @@ async def test_the_login_form_works_without_its_script(rx: Receiver) -> None:
         await page.click("#submit")
         await page.wait_for_url(rx.url)
         assert "breakglass receiver" in (await page.title())
+        await context.close()
+
+
+async def test_the_login_page_shows_no_text_from_its_link(rx: Receiver) -> None:
+    """``/login?error=...`` showed any text in the page's own words (phishing by link)."""
+    lure = "this receiver moved. Log in at https://police.example/login instead"
+    async with chromium() as browser:
+        context = await browser.new_context(ignore_https_errors=True)
+        page = await context.new_page()
+        await page.goto(rx.url + "login?error=" + quote(lure))
+        await page.wait_for_function("document.getElementById('message').textContent !== ''")
+        assert await page.text_content("#message") == "Login failed."
+        await page.goto(rx.url + "login?error=locked")
+        await page.wait_for_function("document.getElementById('message').textContent !== ''")
+        assert "locked" in (await page.text_content("#message") or "")
         await context.close()
 
 

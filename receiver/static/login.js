@@ -17,8 +17,13 @@ function show(code, retry) {
 }
 
 const form = document.getElementById("login");
+// Anyone can send an officer a link to /login?error=...: only our own codes are shown from
+// it, never its text (a "this receiver moved, log in at ..." would be read as ours).
 const fromUrl = new URLSearchParams(location.search).get("error");
-if (fromUrl) show(fromUrl);
+if (fromUrl) {
+  if (Object.hasOwn(MESSAGES, fromUrl)) show(fromUrl);
+  else document.getElementById("message").textContent = "Login failed.";
+}
 
 form.addEventListener("submit", async (ev) => {
   ev.preventDefault();
