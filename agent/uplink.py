@@ -162,6 +162,9 @@ class _Lane:
     owed_from: dict[int, int] = field(default_factory=dict)
     #: Sealed segments sent whose outcome is not known yet (oldest first).
     unproven: list[_SentSegment] = field(default_factory=list)
+    #: What the receiver held of this camera before this plan's footage reached it: the
+    #: first ack after the ``session_open`` (the receiver acks it before it reads on).
+    before: tuple[int, tuple[tuple[int, int], ...]] | None = None
 
 
 @dataclass(slots=True)
@@ -496,6 +499,10 @@ class UplinkClient:
         if stream is None or not 0 <= ack.camera < len(stream.ram):
             return
         cam = ack.camera
+        if stream.id == self._opened_on_conn and cam < len(self._lanes):
+            lane = self._lanes[cam]
+            if lane.before is None:
+                lane.before = (ack.seq, ack.holds)
         if ack.seq > stream.acked[cam] or ack.holds != stream.holds[cam]:
             stream.acked[cam] = max(stream.acked[cam], ack.seq)
             stream.holds[cam] = ack.holds
@@ -545,14 +552,24 @@ class UplinkClient:
         Its range, up to what the receiver does hold, is declared lost. Nothing here
         depends on time, so a slow link cannot cause it. (Footage of other runs, live
         say, is no proof: runs are made durable each by its own fsync, in no order.)
+        Nor is ``last + 1`` held before this plan's footage reached the receiver (live
+        footage of an earlier connection, whose acks this agent never got): that run
+        holds it whether or not the segment was recorded. What the receiver held then
+        is its first ack after the ``session_open``; until it comes nothing is judged.
         """
         lane = self._lanes[cam]
+        if lane.before is None:
+            return
+        acked_before, holds_before = lane.before
         for sent in list(lane.unproven):
             if stream.held(cam, sent.first):
                 lane.unproven.remove(sent)  # recorded
                 continue
             if not (sent.followed and stream.held(cam, sent.last + 1)):
                 continue
+            after = sent.last + 1
+            if after <= acked_before or any(f <= after <= t for f, t in holds_before):
+                continue  # no proof: it may still be recorded, or stay owed
             lane.unproven.remove(sent)
             above = [f for f, _ in stream.holds[cam] if f > sent.first]
             last = min([sent.last, *(f - 1 for f in above)])

@@ -88,7 +88,7 @@ class CameraIngest:
         self._worker: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         # What the agent knows we hold: nothing beyond the first seq until we say so.
-        self._sent: tuple[int, tuple[tuple[int, int], ...]] = (camera.track.first_seq - 1, ())
+        self._sent: tuple[int, tuple[tuple[int, int], ...]] | None = None  # none yet
         #: The session's checkpoint files and the key the device signs them with.
         self._custody = custody
         self._device_key = device_key
@@ -348,11 +348,11 @@ class CameraIngest:
             self._fail(exc)
 
     def ack(self) -> bool:
-        """Send an ack if the cumulative seq or the holds changed since the last one;
-        whether one was sent."""
+        """Send an ack if the cumulative seq or the holds changed since the last one, and
+        the first time in any case (at the ``session_open``: the device learns what this
+        receiver held before it reads on); whether one was sent."""
         state = self.camera.ack_state(p.MAX_HOLDS)
-        # seq -1 (nothing from seq 0 on is durable yet) is sent only to carry holds.
-        if state != self._sent and (state[0] >= 0 or state[1]):
+        if state != self._sent:
             self._sent = state
             self._send_ack(p.Ack(self.session_id, self.index, state[0], state[1]))
             return True

@@ -513,19 +513,26 @@ class CameraRecording:
         the reason :meth:`unreadable` gives).
 
         ``session.json`` is saved before this returns, so an ack that moves past
-        the gap never outlives the record of why.
+        the gap never outlives the record of why. Seqs of the range this receiver
+        already recorded (they came before the declaration) are not gaps: a device
+        may judge wrongly what it never saw acknowledged.
         """
-        gap = DeclaredGap(first, last, self.unreadable(first, reason))
-        if gap in self.gaps:
+        why = self.unreadable(first, reason)
+        recorded = [(r.first_seq, r.last_seq) for r in self.runs if r.last_seq >= r.first_seq]
+        pieces = seqranges.missing(first, last, recorded)
+        gaps = [g for f, t in pieces if (g := DeclaredGap(f, t, why)) not in self.gaps]
+        if not gaps:
             return
         _LOG.warning(
-            "camera %r: device declares seqs %d..%d %s", self.camera_id, first, last, reason
-        )
-        self.gaps.append(gap)
+            "camera %r: device declares seqs %d..%d %s%s", self.camera_id, first, last, reason,
+            "" if pieces == [(first, last)] else f" (recorded: all but {pieces})",
+        )  # fmt: skip
+        self.gaps.extend(gaps)
         try:
             await self._save()  # first: acks move past the gap only once it is on disk
         except BaseException:
-            self.gaps.remove(gap)
+            for gap in gaps:
+                self.gaps.remove(gap)
             raise
         self._gaps_changed()
 

@@ -21,7 +21,7 @@ import pytest
 from agent import protocol as p
 from agent.audit import AuditLog
 from agent.store import SegmentStore, StoredSegment
-from agent.uplink import SessionStream, UplinkClient
+from agent.uplink import SessionStream, UplinkClient, _SentSegment
 from tests.media import make_h264_packets
 from tests.test_store import (
     IDENTITY,
@@ -206,3 +206,43 @@ async def test_a_segment_unreadable_for_now_is_tried_again_not_declared_lost(
         assert store.find("cam", 0) == first  # still the store's
         uplink._lanes[0].paused_until = 0.0  # the pause is over
         assert uplink._fill_item(stream) == (0, first)
+
+
+def planned(end_seq: int) -> tuple[UplinkClient, SessionStream]:
+    """An uplink with no store owing one camera's ended session, planned on a connection."""
+    uplink = unconnected_uplink()
+    camera = p.CameraDesc(0, "cam", "interior", "h264", 160, 120, 30.0, b"", 0, 0)
+    open_ = p.SessionOpen(
+        "s-1", "b-1", {"kind": "button"}, time.time(), time.time() + 60, (camera,)
+    )
+    stream = uplink.start_session(open_, {}, end_seq={0: end_seq})
+    uplink._plan(stream)
+    uplink._opened_on_conn = stream.id
+    return uplink, stream
+
+
+def test_a_segment_before_footage_the_receiver_held_already_is_not_declared_lost() -> None:
+    """After a restart the agent knew nothing the receiver held: the live run from seq 30
+    of the connection before (its acks never came). The fill lane sent the sealed
+    segment 0..29 and then 30 on; the receiver's first ack (at the session_open) showed
+    30.. held and 0 not yet. That was taken as proof that the receiver got past the
+    segment without recording it, and 0..29 was declared lost though recorded (a CI
+    failure under load). What the receiver held before this plan's footage is no proof."""
+    uplink, stream = planned(299)
+    uplink._lanes[0].unproven.append(_SentSegment(0, 29, "0-29.age", followed=True))
+    uplink._on_ack(p.Ack("s-1", 0, -1, ((30, 150),)))  # at the session_open
+    uplink._on_ack(p.Ack("s-1", 0, -1, ((30, 180),)))
+    assert stream.unrecorded[0] == []
+    uplink._on_ack(p.Ack("s-1", 0, 180))  # it was recorded after all
+    assert stream.unrecorded[0] == [] and uplink._lanes[0].unproven == []
+
+
+def test_a_segment_the_receiver_got_past_is_declared_lost() -> None:
+    """The damaged-segment case the rule is for: nothing held at the session_open, then
+    the seq after the segment held and its first owed seq not."""
+    uplink, stream = planned(299)
+    uplink._lanes[0].unproven.append(_SentSegment(0, 29, "0-29.age", followed=True))
+    uplink._on_ack(p.Ack("s-1", 0, -1))  # at the session_open: nothing yet
+    uplink._on_ack(p.Ack("s-1", 0, -1, ((30, 59),)))
+    assert stream.unrecorded[0] == [(0, 29)]
+    assert uplink.stats.segments_unrecorded == 1

@@ -274,6 +274,25 @@ async def test_declared_gap_moves_the_ack_and_finishes_the_run(
     assert (summary.complete, summary.missing_frames, len(summary.gaps)) == (True, 0, 1)
 
 
+async def test_a_declared_gap_spares_what_was_recorded(
+    store: RecordingStore, packets: PacketList
+) -> None:
+    """A device may declare lost what it never saw acknowledged (it judged from acks
+    that had not come yet): the seqs recorded before the declaration stay footage, and
+    only the rest is a gap. A range all recorded is no gap at all."""
+    rec, cam = await open_cam(store, packets)
+    await feed(cam, packets, range(20))
+    await feed(cam, packets, range(30, 50))
+    await cam.declare_gap(10, 39, "lost")
+    await cam.declare_gap(0, 9, "lost")
+    doc = json.loads((rec.directory / "session.json").read_text())
+    assert doc["cameras"][0]["gaps"] == [{"first": 20, "last": 29, "reason": "lost"}]
+    await cam.flush()
+    assert cam.ack_state(64) == (48, ())
+    summary = rec.summary().camera("cam1")
+    assert (summary.complete, summary.missing_frames, len(summary.gaps)) == (True, 0, 1)
+
+
 def test_seq_ranges_match_a_set_model() -> None:
     @settings(max_examples=200, deadline=None)
     @given(
