@@ -45,6 +45,15 @@ jump forward by its real length. The files are never changed, and the
 viewer's ``/recordings/...`` and the district export serve or read them as
 stored.
 
+Accountability. Whoever admitted a request (the login audit of
+:mod:`receiver.police_api`, the player-link gate of :mod:`receiver.player_links`)
+says what to record with :func:`on_sending`: it is called just before a
+playlist or footage is sent (a 200 or 206 answer to a ``GET``), never after, so
+a player that hangs up mid-transfer is on the access log all the same. A part
+transfer under way is cut (its connection dropped) when what admitted it no
+longer would: a login by the viewer's :class:`receiver.viewer.LoginWatch`, as
+``/recordings/...``; a player link by its own re-check (:func:`watch_transfer`).
+
 Errors are JSON ``{"error": CODE, "detail": "..."}`` (400 ``invalid_id``,
 404 ``unknown_session`` / ``unknown_camera`` / ``unknown_recording``, 416
 ``bad_range``).
@@ -52,23 +61,28 @@ Errors are JSON ``{"error": CODE, "detail": "..."}`` (400 ``invalid_id``,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import struct
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aiohttp import web
 
-from receiver.auth import LINK_PARAM, link_token
+from receiver.accounts import Role
+from receiver.auth import LINK_PARAM, current_user, link_token
 from receiver.errors import InvalidIdError, ReceiverError
 from receiver.fmp4 import FragmentInfo
 from receiver.index import LocalStorage
 from receiver.recording import RecordingStore
 from receiver.storage import CameraEntry, PartEntry, RecordingStorage, SessionEntry
 from receiver.summaries import parse_part_file, validate_camera_id, validate_session_id
+from receiver.viewer import LOGIN_WATCH_KEY, Cut, TransferCut, until_cut
 
 __all__ = [
     "SEGMENT_MAX_S",
@@ -76,10 +90,13 @@ __all__ = [
     "STORAGE_KEY",
     "Segment",
     "SegmentCutter",
+    "Watch",
+    "on_sending",
     "render_playlist",
     "requested_camera",
     "setup_hls",
     "timeline_shift",
+    "watch_transfer",
 ]
 
 #: A segment ends at the first keyframe once it holds this many seconds.
@@ -97,6 +114,14 @@ _CUTTERS_KEY: web.AppKey[OrderedDict[tuple[str, str], SegmentCutter]] = web.AppK
 _CUTTERS_KEPT = 1024
 #: Bytes read (and sent) at a time by the segment route.
 _CHUNK = 1 << 20
+
+#: What cuts a part transfer under way: entered for the transfer, its future resolves (with
+#: why) when the transfer must stop.
+Watch = Callable[[], AbstractContextManager[asyncio.Future[Cut]]]
+_SENDING_KEY: web.RequestKey[list[Callable[[web.Request], None]]] = web.RequestKey(
+    "breakglass.hls.sending"
+)
+_WATCH_KEY: web.RequestKey[Watch] = web.RequestKey("breakglass.hls.watch")
 
 _URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
 _PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
@@ -295,6 +320,34 @@ def _listed(
 # -- routes --------------------------------------------------------------------------
 
 
+def on_sending(request: web.Request, audit: Callable[[web.Request], None]) -> None:
+    """Have the HLS route call ``audit(request)`` just before it sends a playlist or
+    footage (a 200 or 206 answer to a GET; not for an error, nor a HEAD)."""
+    if _SENDING_KEY not in request:
+        request[_SENDING_KEY] = []
+    request[_SENDING_KEY].append(audit)
+
+
+def watch_transfer(request: web.Request, watch: Watch) -> None:
+    """Cut the part transfer of ``request`` by ``watch`` (instead of its login's watch)."""
+    request[_WATCH_KEY] = watch
+
+
+def _sending(request: web.Request) -> None:
+    for audit in request.get(_SENDING_KEY, ()):
+        audit(request)
+
+
+def _watch(request: web.Request) -> AbstractContextManager[asyncio.Future[Cut] | None]:
+    """What may cut this request's part transfer: its own watch, else its login's."""
+    if _WATCH_KEY in request:
+        return request[_WATCH_KEY]()
+    logins = request.app.get(LOGIN_WATCH_KEY)
+    if logins is not None and current_user(request) is not None:
+        return logins.watch(request, Role.OFFICER)
+    return contextlib.nullcontext()
+
+
 def setup_hls(
     app: web.Application,
     store: RecordingStore,
@@ -378,7 +431,10 @@ async def _playlist(request: web.Request) -> web.Response:
         session.closed_at is not None and not camera.recording and all(part.final for part in parts)
     )
     text = render_playlist(listed, ended=ended, token=link_token(request))
-    return web.Response(text=text, content_type=_PLAYLIST_TYPE, headers=_HEADERS)
+    response = web.Response(text=text, content_type=_PLAYLIST_TYPE, headers=_HEADERS)
+    if request.method == "GET":
+        _sending(request)
+    return response
 
 
 def _patch_decode_times(
@@ -426,9 +482,32 @@ async def _part_bytes(request: web.Request) -> web.StreamResponse:
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = stop - start
-    await response.prepare(request)
     if request.method == "HEAD":
+        await response.prepare(request)
         return response
+    _sending(request)  # the access log first: before a byte of footage leaves
+    with _watch(request) as cut:
+        sending = _send(request, response, session_id, part, (start, stop))
+        if cut is None:
+            await sending
+        else:
+            # Cut: the connection is dropped already; aiohttp sees a client gone.
+            with contextlib.suppress(TransferCut):
+                await until_cut(request, cut, sending)
+    return response
+
+
+async def _send(
+    request: web.Request,
+    response: web.StreamResponse,
+    session_id: str,
+    part: PartEntry,
+    span: tuple[int, int],
+) -> None:
+    """Send bytes ``span`` (start, stop) of ``part``, its decode times rebased."""
+    storage = request.app[STORAGE_KEY]
+    file, (start, stop) = part.file, span
+    await response.prepare(request)
     shift = timeline_shift(part)
     pos = start
     while pos < stop:
@@ -438,4 +517,3 @@ async def _part_bytes(request: web.Request) -> web.StreamResponse:
         await response.write(bytes(data))
         pos = end
     await response.write_eof()
-    return response

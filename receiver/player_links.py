@@ -20,7 +20,9 @@ link dies when it expires, when its user is removed, when they are disabled,
 their password changes or their role stops including an earlier one after it
 was made (for good: ``rights_lost``), or while their role does not include the
 role they had when they made it. It does not die at logout: a player outlives
-the browser tab that made its link.
+the browser tab that made its link. A part file transfer a link opened is
+checked again (expiry and account) every :data:`receiver.viewer.LOGIN_RECHECK_S`
+while it runs, and cut (its connection dropped) once the link no longer holds.
 
 Where a link counts: only on ``GET``/``HEAD`` of the two HLS routes of its own
 session and camera (the playlist and the camera's part files), and only when
@@ -37,9 +39,11 @@ forged, tampered, or for another session or camera), ``token_expired``,
 
 Access log actions (the token itself is never written; ``link`` is the first
 16 hex digits of its SHA-256): ``player_link_issue`` (who, session, camera,
-``link``, ``expires``, ``ttl_s``), ``player_link_playlist`` (the first playlist
-fetched with a link, per link and receiver run), ``player_link_refused``
-(``code``; once per link, or per address for a bad token, and code).
+``link``, ``expires``, ``ttl_s``), ``player_link_playlist`` and
+``player_link_fetch`` (``file``: the first playlist or part file fetched with a
+link, per link, address and file and receiver run; written before a byte of it
+is sent), ``player_link_refused`` (``code``; once per link, or per address for a
+bad token, and code).
 """
 
 from __future__ import annotations
@@ -72,8 +76,9 @@ from receiver.access_log import ACCESS_LOG_KEY, iso_ms
 from receiver.accounts import AccountInfo, Role, UnknownAccountError, validate_name
 from receiver.auth import AUTH_KEY, HEADERS, LINK_PARAM, admit_link, require
 from receiver.errors import ReceiverError
-from receiver.hls import requested_camera
+from receiver.hls import on_sending, requested_camera, watch_transfer
 from receiver.summaries import parse_part_file, validate_camera_id, validate_session_id
+from receiver.viewer import CLOSE_LOGIN_ENDED, LOGIN_WATCH_KEY, Cut
 
 __all__ = [
     "DEFAULT_TTL_S",
@@ -277,33 +282,56 @@ class PlayerLinks:
             if session is None or camera is None or len(tokens) != 1:
                 raise LinkRefused("bad_token", "one player link token (t=) for a recording")
             link = self.check(tokens[0], session, camera)
-            auth = request.app[AUTH_KEY]
-            try:
-                account = await auth.db(auth.accounts.get, link.name)
-            except UnknownAccountError:
-                raise LinkRefused("token_revoked", "the link's account is gone", link) from None
-            self.check_account(link, account)
-            role = account.role
+            role = (await self._account(request, link)).role
         except LinkRefused as exc:
             self._refused_entry(request, exc, session, camera)
             body = {"error": exc.code, "detail": str(exc)}
             return web.json_response(body, status=401, headers=HEADERS)
         admit_link(request, link.token)
-        response = await handler(request)
-        if request.method != "GET" or response.status not in (200, 206):
-            return response
-        # Once per link, address and file: a link used from a new address is seen, and
-        # a part file fetched without its playlist is footage too.
         name = request.path.rpartition("/")[2]
-        action = "player_link_playlist" if name.endswith(".m3u8") else "player_link_fetch"
-        if _first(self._played, (link.handle, f"{request.remote} {name}")):
-            fields = {} if action == "player_link_playlist" else {"file": name}
+
+        def audit(request: web.Request) -> None:
+            # Once per link, address and file: a link used from a new address is seen,
+            # and a part file fetched without its playlist is footage too. Called by the
+            # HLS route just before it sends: a player that hangs up is logged too.
+            key = (link.handle, f"{request.remote} {name}")
+            if key in self._played:
+                return
+            playlist = name.endswith(".m3u8")
             request.app[ACCESS_LOG_KEY].record(
-                action, who=link.name, role=str(role),
+                "player_link_playlist" if playlist else "player_link_fetch",
+                who=link.name, role=str(role),
                 session=link.session, camera=link.camera, remote=request.remote,
-                link=link.handle, **fields,
+                link=link.handle, **({} if playlist else {"file": name}),
             )  # fmt: skip
-        return response
+            _first(self._played, key)  # only once recorded
+
+        on_sending(request, audit)
+        logins = request.app.get(LOGIN_WATCH_KEY)
+        if logins is not None:
+            check = (link.handle, lambda: self.recheck(request, link))
+            watch_transfer(request, lambda: logins.watch(request, role, check=check))
+        return await handler(request)
+
+    async def _account(self, request: web.Request, link: PlayerLink) -> AccountInfo:
+        """The link's account as it is now; :class:`LinkRefused` unless it keeps the link."""
+        auth = request.app[AUTH_KEY]
+        try:
+            account = await auth.db(auth.accounts.get, link.name)
+        except UnknownAccountError:
+            raise LinkRefused("token_revoked", "the link's account is gone", link) from None
+        self.check_account(link, account)
+        return account
+
+    async def recheck(self, request: web.Request, link: PlayerLink) -> Cut | None:
+        """Why a transfer ``link`` opened must stop now (expired or revoked), or None."""
+        try:
+            if self.clock() >= link.expires:
+                raise LinkRefused("token_expired", "the player link expired", link)
+            await self._account(request, link)
+        except LinkRefused as exc:
+            return Cut(CLOSE_LOGIN_ENDED, exc.code, str(exc))
+        return None
 
     def _refused_entry(
         self, request: web.Request, exc: LinkRefused, session: str | None, camera: str | None

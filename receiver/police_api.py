@@ -18,8 +18,9 @@ enforced by :mod:`receiver.auth`'s middleware):
 Every dispatch and every export goes into the access log (who, what, when,
 the result; for a dispatch, per device, the receiver's time and the device's
 time it signed the trigger at, and the device's clock offset used); each HLS
-playlist a user opens is logged once per login session and camera, like the
-recordings the viewer fetches.
+playlist a user opens, and each part file it fetches, is logged once per login
+session and file, like the recordings the viewer fetches, before a byte of it
+is sent.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from receiver.dispatch import Dispatch, DispatchError
 from receiver.errors import ReceiverError
 from receiver.evidence import build_bundle, sha256_file
 from receiver.evidence_format import EvidenceError
+from receiver.hls import on_sending
 from receiver.recording import parse_part_file, validate_session_id
 
 log = logging.getLogger(__name__)
@@ -157,32 +159,37 @@ async def _evidence(request: web.Request) -> web.StreamResponse:
 async def _audit_hls(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Log a login's HLS playlists and the part files it fetches through them (once per
     login session and camera, or part file: not per refresh or range request). A part
-    file fetched directly, without its playlist, is footage too."""
-    response = await handler(request)
+    file fetched directly, without its playlist, is footage too.
+
+    The entry is written just before the route sends (:func:`receiver.hls.on_sending`),
+    never after: a player that hangs up mid-transfer (to fetch the file in pieces it
+    never lets finish) is on the log all the same. A request is marked seen only where
+    it is logged, so no transfer, cut or not, leaves a later one of its file unlogged.
+    """
     path = request.path
     user = current_user(request)
-    if (
-        request.method != "GET"
-        or not path.startswith("/hls/")
-        or user is None
-        or response.status not in (200, 206)
-    ):
-        return response
+    if request.method != "GET" or not path.startswith("/hls/") or user is None:
+        return await handler(request)
     session, _, name = path.removeprefix("/hls/").partition("/")
     if name.endswith(".m3u8"):
         action, camera, fields = "recording_playlist", name.removesuffix(".m3u8"), {}
     elif (parsed := parse_part_file(name)) is not None:
         action, camera, fields = "recording_fetch", parsed[0], {"file": name, "via": "hls"}
     else:
-        return response
-    seen = request.app[_HLS_SEEN_KEY]
-    key = (user.login, session, name)
-    if key not in seen:
-        seen[key] = None
-        while len(seen) > _MAX_SEEN:
-            seen.popitem(last=False)
+        return await handler(request)
+
+    def audit(request: web.Request) -> None:
+        seen = request.app[_HLS_SEEN_KEY]
+        key = (user.login, session, name)
+        if key in seen:
+            return
         request.app[ACCESS_LOG_KEY].record(
             action, who=user.name, role=str(user.role), login=user.login,
             session=session, camera=camera, remote=request.remote, **fields,
         )  # fmt: skip
-    return response
+        seen[key] = None  # only once recorded
+        while len(seen) > _MAX_SEEN:
+            seen.popitem(last=False)
+
+    on_sending(request, audit)
+    return await handler(request)

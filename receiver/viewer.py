@@ -55,8 +55,10 @@ disabled, its password reset, expiry) the live socket is closed with
 :data:`CLOSE_LOGIN_ENDED` (4401), when the role no longer allows footage with
 :data:`CLOSE_FORBIDDEN` (4403), each with a reason the page can show, and the
 ``live_close`` entry says ``cut``; a recording transfer's connection is
-dropped. A lookup that fails (the database) is retried; after
-:data:`MAX_FAILED_CHECKS` failures in a row the stream is cut too (1011).
+dropped (:func:`until_cut`; the HLS routes' part transfers are cut the same
+way, and a player link's by a re-check of the link: :mod:`receiver.hls`,
+:mod:`receiver.player_links`). A lookup that fails (the database) is retried;
+after :data:`MAX_FAILED_CHECKS` failures in a row the stream is cut too (1011).
 """
 
 from __future__ import annotations
@@ -68,10 +70,10 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from aiohttp import WSCloseCode, web
 from aiohttp.abc import AbstractStreamWriter
@@ -107,10 +109,14 @@ __all__ = [
     "Cut",
     "FeedLookup",
     "LoginWatch",
+    "Recheck",
+    "TransferCut",
     "setup_viewer",
+    "until_cut",
 ]
 
 _LOG = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: Finds the live feed of ``(session_id, camera_id)``, or None if it is not live.
 FeedLookup = Callable[[str, str], LiveFeed | None]
@@ -200,10 +206,16 @@ def _verdict(user: User | None, role: Role) -> Cut | None:
     return None
 
 
+#: A stream's own re-check, for one not opened by a login (a player link): why it must
+#: end now, or None. It may raise: a failed lookup, as a login's.
+Recheck = Callable[[], Awaitable[Cut | None]]
+
+
 @dataclass(eq=False, slots=True)
 class _Stream:
     request: web.Request
     role: Role
+    check: Recheck | None = None
     cut: asyncio.Future[Cut] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -215,7 +227,9 @@ class LoginWatch:
     One ticker task (running while any stream is open) looks up each login session once
     per round, however many streams it holds open, with :meth:`receiver.auth.Auth.user_of`
     (the middleware's lookup, on the accounts' database thread), and resolves each
-    stream's ``cut`` future when the login no longer allows it.
+    stream's ``cut`` future when the login no longer allows it. A stream opened by
+    something else than a login (a player link) brings its own :data:`Recheck`, run once
+    per round for all the streams of its key.
     """
 
     def __init__(self, interval_s: float = LOGIN_RECHECK_S) -> None:
@@ -224,8 +238,9 @@ class LoginWatch:
         self.interval_s = interval_s
         #: Rounds of lookups done so far (tests wait on :meth:`wait_rounds`).
         self.rounds = 0
-        self._groups: dict[str, set[_Stream]] = {}  # by session cookie
-        self._failures: dict[str, int] = {}
+        # By ("login", session cookie), or by a re-checked stream's ("link", key).
+        self._groups: dict[tuple[str, str], set[_Stream]] = {}
+        self._failures: dict[tuple[str, str], int] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._stopped = False
         self._round_done = asyncio.Condition()
@@ -236,23 +251,31 @@ class LoginWatch:
         return sum(len(group) for group in self._groups.values())
 
     @contextlib.contextmanager
-    def watch(self, request: web.Request, role: Role) -> Iterator[asyncio.Future[Cut]]:
+    def watch(
+        self, request: web.Request, role: Role, *, check: tuple[str, Recheck] | None = None
+    ) -> Iterator[asyncio.Future[Cut]]:
         """Watch the login of ``request`` while the block runs; the future resolves (with
-        why) when the login no longer allows a stream that needs ``role``."""
-        token = request.cookies.get(COOKIE, "")
-        stream = _Stream(request, role)
-        self._groups.setdefault(token, set()).add(stream)
+        why) when the login no longer allows a stream that needs ``role``.
+
+        ``check=(key, recheck)``: watch with ``recheck`` instead of the login (a player
+        link's stream; ``role`` is then unused); one call a round per ``key``.
+        """
+        if check is None:
+            key, stream = ("login", request.cookies.get(COOKIE, "")), _Stream(request, role)
+        else:
+            key, stream = ("link", check[0]), _Stream(request, role, check[1])
+        self._groups.setdefault(key, set()).add(stream)
         if self._ticker is None and not self._stopped:
             self._ticker = asyncio.create_task(self._tick(), name="viewer login re-check")
         try:
             yield stream.cut
         finally:
-            group = self._groups.get(token)
+            group = self._groups.get(key)
             if group is not None:
                 group.discard(stream)
                 if not group:
-                    del self._groups[token]
-                    self._failures.pop(token, None)
+                    del self._groups[key]
+                    self._failures.pop(key, None)
 
     async def _tick(self) -> None:
         try:
@@ -264,25 +287,30 @@ class LoginWatch:
 
     async def check(self) -> None:
         """One round: look up every watched login once; cut the streams it no longer allows."""
-        for token, group in list(self._groups.items()):
+        for key, group in list(self._groups.items()):
             streams = list(group)
             if not streams:
                 continue
-            request = streams[0].request
+            request, recheck = streams[0].request, streams[0].check
+            user: User | None = None
+            found: Cut | None = None
             try:
-                user = await request.app[AUTH_KEY].user_of(request)
+                if recheck is None:
+                    user = await request.app[AUTH_KEY].user_of(request)
+                else:
+                    found = await recheck()
             except Exception as exc:  # the accounts' database: try again next round
-                failures = self._failures.get(token, 0) + 1
-                self._failures[token] = failures
+                failures = self._failures.get(key, 0) + 1
+                self._failures[key] = failures
                 _LOG.warning("cannot check a viewer's login (%d in a row): %r", failures, exc)
                 if failures < MAX_FAILED_CHECKS:
                     continue
                 cut: Cut | None = _UNCHECKED
             else:
-                self._failures.pop(token, None)
+                self._failures.pop(key, None)
                 cut = None
             for stream in streams:
-                why = cut or _verdict(user, stream.role)
+                why = cut or (found if recheck is not None else _verdict(user, stream.role))
                 if why is not None and not stream.cut.done():
                     stream.cut.set_result(why)
         async with self._round_done:
@@ -575,22 +603,32 @@ class _WatchedFile(web.FileResponse):
         if not isinstance(request, web.Request):
             return await super().prepare(request)
         with self._watch.watch(request, Role.OFFICER) as cut:
-            sending = asyncio.ensure_future(super().prepare(request))
-            try:
-                await asyncio.wait((sending, cut), return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                sending.cancel()
-                raise
-            if sending.done():
-                return sending.result()
-            why = cut.result()
-            _LOG.info("recording transfer %s cut: %s", request.path, why.audit)
-            if request.transport is not None:
-                request.transport.abort()
-            sending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await sending
-            raise ConnectionResetError(f"recording transfer cut: {why.audit}")
+            return await until_cut(request, cut, super().prepare(request))
+
+
+async def until_cut(request: web.Request, cut: asyncio.Future[Cut], sending: Awaitable[_T]) -> _T:
+    """Await ``sending`` (a footage transfer of ``request``) unless ``cut`` resolves first:
+    then drop the request's connection and raise :class:`TransferCut`."""
+    task = asyncio.ensure_future(sending)
+    try:
+        await asyncio.wait((task, cut), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
+    why = cut.result()
+    _LOG.info("recording transfer %s cut: %s", request.path, why.audit)
+    if request.transport is not None:
+        request.transport.abort()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+        await task
+    raise TransferCut(f"recording transfer cut: {why.audit}")
+
+
+class TransferCut(ConnectionResetError):
+    """A footage transfer the receiver cut (:func:`until_cut`), its connection dropped."""
 
 
 def _audit(
