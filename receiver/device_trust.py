@@ -25,6 +25,14 @@ the expiry of the last certificate accepted per device (kept in
 and held in memory), and, until a certificate of the device is accepted
 again, when its expired certificate was last refused (in memory only: a
 refused device tries again within seconds of a restart).
+
+What a certified device says in ``session_open`` is held to its certificate
+(:func:`certify_open`): the session is recorded, shown and notified with the
+certificate's building and each listed camera's certificate zone, and what the
+device claimed otherwise is kept beside it as mismatches (an emergency is never
+refused for them). A share session (``started_by.kind == "share"``) may carry only
+cameras the certificate lists as exterior; anything else is refused
+(``zone_forbidden``).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -58,6 +67,51 @@ log = logging.getLogger(__name__)
 
 #: An enrollment that expires within this is shown with a warning (seconds).
 EXPIRY_WARNING_S: Final = 30 * 86400
+#: The protocol error of a share session carrying a camera its certificate does not list
+#: as exterior.
+ZONE_FORBIDDEN: Final = "zone_forbidden"
+
+
+def certify_open(
+    enrollment: Enrollment | None, event: p.SessionOpen
+) -> tuple[p.SessionOpen, list[dict[str, str | None]]]:
+    """``event`` as the receiver records it, and what the device claimed otherwise.
+
+    With a certificate: the certificate's building, and each camera's certificate zone
+    where the certificate lists the camera (one it does not list keeps its claimed zone).
+    Each difference is a mismatch ``{field, claimed, certified}`` (``field``:
+    ``building`` or ``cameras.<id>.zone``; ``certified`` null: the certificate does not
+    list that camera). An emergency is never refused for them (its footage must reach
+    the police); a share (``started_by.kind == "share"``) carrying a camera that is not
+    exterior in the certificate raises ``zone_forbidden``. Without a certificate (the
+    allow-list), ``event`` as it came and no mismatches: nothing to check it against.
+    """
+    if enrollment is None:
+        return event, []
+    share = event.started_by.get("kind") == "share"
+    mismatches: list[dict[str, str | None]] = []
+    if event.building != enrollment.building:
+        mismatches.append(
+            {"field": "building", "claimed": event.building, "certified": enrollment.building}
+        )
+    cameras = []
+    for cam in event.cameras:
+        zone = enrollment.cameras.get(cam.id)
+        if share and zone != "exterior":
+            what = "not in" if zone is None else f"{zone} in"
+            raise p.RemoteProtocolError(
+                ZONE_FORBIDDEN,
+                f"share session {event.session}: camera {cam.id!r} is {what} the enrollment "
+                "certificate; a share carries only cameras certified exterior",
+            )
+        if zone != cam.zone:
+            field = f"cameras.{cam.id}.zone"
+            mismatches.append({"field": field, "claimed": cam.zone, "certified": zone})
+        cameras.append(cam if zone is None or zone == cam.zone else replace(cam, zone=zone))
+    if not mismatches:
+        return event, []
+    certified = replace(event, building=enrollment.building, cameras=tuple(cameras))
+    return certified, mismatches
 
 
 class DeviceTrust:

@@ -38,6 +38,15 @@ refused handshake closes: what it sent is recorded and acked data stays
 durable; unacked data stays with the device. Devices accepted by the
 allow-list (no certificate) are not subject to revocation lists, as at hello.
 
+What a device says of a session is held to its certificate
+(:func:`receiver.device_trust.certify_open`): a session of a certified device is
+recorded, shown and told to the listeners (the district's webhook) with the
+certificate's building and camera zones; what it claimed otherwise is logged as a
+warning and kept in the session's ``meta["mismatches"]``, never a reason to refuse an
+emergency. A share carrying a camera the certificate does not list as exterior is
+refused (``error`` ``zone_forbidden``). ``meta["certified"]`` says which it was: false
+for a device accepted by the allow-list, whose building and zones are its own word.
+
 What one device may send is bounded (:class:`UplinkLimits`): heartbeats,
 ``session_open`` and other control messages each at a rate (beyond it:
 ``error`` ``rate_limited``, one log line, the uplink closes), what it leaves
@@ -71,7 +80,7 @@ from receiver.audit_copy import AuditCopies
 from receiver.camera_ingest import CameraIngest
 from receiver.custody import CustodyLog, DeviceKey
 from receiver.device_clock import DeviceClocks, plausible
-from receiver.device_trust import DeviceTrust
+from receiver.device_trust import DeviceTrust, certify_open
 from receiver.errors import CorruptRecordingError, ReceiverError
 from receiver.limits import LogThrottle, Rate, TokenBucket
 from receiver.presence import Presence
@@ -322,7 +331,7 @@ class IngestServer:
         # A newer list read by this hello (or by one racing with it) drops whoever it revokes.
         await self.check_revocations()
         try:
-            await self._serve(ws, conn, device, status, device_key, request.transport)
+            await self._serve(ws, conn, device, status, device_key, enrollment, request.transport)
         except p.ProtocolError as exc:
             log.warning("device %s broke the protocol: %s", device, exc)
             await self._send_error(ws, conn, exc.code, exc.detail)
@@ -512,6 +521,7 @@ class IngestServer:
         device: str,
         status: DeviceStatus,
         device_key: DeviceKey,
+        enrollment: Enrollment | None,
         transport: asyncio.Transport | None,
     ) -> None:
         cameras: list[CameraIngest] = []
@@ -604,7 +614,10 @@ class IngestServer:
                     for cam in cameras:
                         await cam.settle()
                     self._check_open_sessions(device, event.session)
-                    session = await self._open(device, event)
+                    # The certificate's building and zones from here on (a share with a
+                    # camera not certified exterior is refused: zone_forbidden).
+                    event, mismatches = certify_open(enrollment, event)
+                    session = await self._open(device, event, enrollment, mismatches)
                     if event.session not in status.sessions:
                         status.sessions.append(event.session)
                     self.presence.session(device, event.session, building=event.building)
@@ -689,13 +702,34 @@ class IngestServer:
             custody.forget()  # a closed session's cache, kept for the receiver's lifetime
         log.warning("session %s of %s closed: %s", event.session, device, event.reason)
 
-    async def _open(self, device: str, event: p.SessionOpen) -> SessionRecording:
+    async def _open(
+        self,
+        device: str,
+        event: p.SessionOpen,
+        enrollment: Enrollment | None,
+        mismatches: list[dict[str, str | None]],
+    ) -> SessionRecording:
+        """Open (or resume) the session's recording. ``event`` has the certificate's
+        building and zones already; ``mismatches`` is what the device claimed otherwise."""
         meta: dict[str, object] = {
             "building": event.building,
+            "certified": enrollment is not None,
             "started_by": dict(event.started_by),
             "started_at": event.started_at,
             "expires_at": event.expires_at,
         }
+        if mismatches:
+            meta["mismatches"] = mismatches
+            log.warning(
+                "device %s claims in session %s what its enrollment certificate (v%d) does "
+                "not say; recorded as certified: %s",
+                device, event.session, enrollment.version if enrollment else 0,
+                "; ".join(
+                    f"{m['field']} claimed {m['claimed']!r}, certified "
+                    + ("(not listed)" if m["certified"] is None else repr(m["certified"]))
+                    for m in mismatches
+                ),
+            )  # fmt: skip
         known = next((s for s in self.store.open_sessions() if s.session_id == event.session), None)
         if known is not None:
             log.info("session %s of %s opened again (resume or end)", event.session, device)
@@ -712,6 +746,12 @@ class IngestServer:
                     event.session, device, event.expires_at,
                 )  # fmt: skip
                 known.meta["expires_at"] = event.expires_at
+            if known.device_id == device and mismatches:
+                # Kept with the rest of what the device said (a camera that joined late).
+                held = known.meta.get("mismatches")
+                listed = list(held) if isinstance(held, list) else []
+                listed += [m for m in mismatches if m not in listed]
+                known.meta["mismatches"] = listed
         elif event.started_by.get("kind") == "share":
             log.info(
                 "exterior share %s from %s (building %s)", event.session, device, event.building

@@ -30,11 +30,15 @@ What is sent (no footage, nothing about students): one JSON object, keys sorted:
   was out of reach arrives later: compare it with ``at``, do not use it for
   ``at``. (Before it was added, ``session.started``'s ``at`` was this time.) The
   device does not say when a session ended on its clock;
-- ``device``, ``building`` (null if unknown), ``session``;
+- ``device``, ``building`` (null if unknown), ``session``: for a device enrolled by
+  certificate the building its certificate names, whatever its ``session_open`` says
+  (the uplink tells the listeners the session as recorded:
+  :func:`receiver.device_trust.certify_open`); for an allow-listed device, its word;
 - ``started_by`` (``started`` only): who or what started it, as the device says
   (``kind``: ``button`` with ``button_id`` and ``location``, or ``trigger`` with
   the signer's ``role``, ``label`` and ``reason``, ...);
-- ``cameras`` (``started`` only): ``[{"id", "zone"}]``;
+- ``cameras`` (``started`` only): ``[{"id", "zone"}]``, each zone the certificate's
+  where it lists the camera;
 - ``reason`` (``ended`` only): why it ended (``expired``, the trigger's reason, ...).
 
 Redirects are not followed: an answer 3xx is a failed attempt, retried like any
@@ -382,7 +386,8 @@ class SessionNotices:
     Emergencies only: a continuous exterior share (``started_by.kind == "share"``)
     is the building's standing policy, not an emergency, and would notify hourly.
     Register :meth:`__call__` in ``IngestServer.session_listeners`` (called when the
-    receiver has opened or closed the session's recording: its time then is ``at``).
+    receiver has opened or closed the session's recording: its time then is ``at``;
+    with the certificate's building and zones in the ``SessionOpen``, not the device's).
     """
 
     def __init__(self, notifier: Notifier) -> None:

@@ -87,13 +87,33 @@ function describeStart(meta) {
   return "started";
 }
 
+// What the receiver could not take from the device's enrollment certificate: the device
+// claimed something else (the session shows the certificate's building and zones; the
+// claims are in meta.mismatches), or it has no certificate (meta.certified false: an
+// allow-listed device's building is its own word). "" when neither, and for sessions
+// recorded before the receiver said.
+function certNote(session) {
+  const meta = session.meta || {};
+  const claims = Array.isArray(meta.mismatches) ? meta.mismatches : [];
+  if (claims.length) {
+    const said = claims.map((m) => {
+      const cam = /^cameras\.(.+)\.zone$/.exec(String(m.field));
+      const what = cam ? `camera ${cam[1]} zone` : String(m.field);
+      const cert = m.certified === null ? "not in its certificate" : `certificate: ${m.certified}`;
+      return `${what} ${m.claimed} (${cert})`;
+    });
+    return ` — DEVICE CLAIMED OTHERWISE, shown as certified: ${said.join("; ")}`;
+  }
+  return meta.certified === false ? " — building unverified (device not enrolled by certificate)" : "";
+}
+
 function alarmText(session) {
   const meta = session.meta || {};
   const at = clock(startedAt(session)) + deviceClock(startedAt(session), meta.started_at);
   if (isShare(session)) {
-    return `Exterior cameras — building ${buildingOf(session)} — ${describeStart(meta)} since ${at}`;
+    return `Exterior cameras — building ${buildingOf(session)} — ${describeStart(meta)} since ${at}${certNote(session)}`;
   }
-  return `EMERGENCY — building ${buildingOf(session)} — ${describeStart(meta)} at ${at}`;
+  return `EMERGENCY — building ${buildingOf(session)} — ${describeStart(meta)} at ${at}${certNote(session)}`;
 }
 
 // "complete", or what is missing, declared lost or could not be opened.
@@ -557,7 +577,7 @@ class SessionView {
     } else {
       this.title.textContent = session.open
         ? alarmText(session)
-        : `Session ${session.session_id} — building ${buildingOf(session)}`;
+        : `Session ${session.session_id} — building ${buildingOf(session)}${certNote(session)}`;
       const ended = session.open ? "open" : `ended ${when(session.closed_at)} (${session.close_reason || "closed"})`;
       const by = session.open ? "" : ` · ${describeStart(meta)}`;
       this.sub.textContent =
@@ -822,6 +842,8 @@ function renderDevices(devices) {
       if (d.recording_failing) li.append(el("span", "failing", " · RECORDING FAILING"));
       const enrolled = enrollmentNote(d.enrollment);
       if (enrolled) li.append(" · ", el("span", `enrollment ${enrolled[1]}`.trim(), enrolled[0]));
+      // No certificate accepted here: its building is what its sessions claimed.
+      if (!d.enrollment && d.building) li.append(" · ", el("span", "unverified", "building unverified (not enrolled)"));
       li.title = d.session ? `session ${d.session}` : "no session";
       ul.append(li);
     }
