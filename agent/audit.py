@@ -100,7 +100,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -818,6 +818,7 @@ class AuditLog:
         self._every = checkpoint_every
         self._lock = threading.Lock()
         self._torn = False  # the file ends without a newline: start the next entry on a new one
+        self._synced = False  # whether the last entry _append wrote was also fsynced
         path.parent.mkdir(parents=True, exist_ok=True)
         n, head, signed = self._resume()
         self._chain = AuditChain(n, head, unsigned=0 if signed else 1)
@@ -857,6 +858,7 @@ class AuditLog:
     def _append(self, event: str, make: Callable[[float], bytes]) -> bool:
         """Write ``make(now)`` durably; on failure undo the chain. Caller holds the lock."""
         state, landed = self._chain.state, False
+        self._synced = False  # set once this entry is written and fsynced (record_durable)
         try:
             line = make(self.clock())
             data = b"\n" + line if self._torn else line
@@ -868,6 +870,7 @@ class AuditLog:
             self._torn, landed = False, True
             self._head_n = self._chain.n
             os.fsync(self._fd)
+            self._synced = True
         except (OSError, ValueError) as exc:
             if not landed:  # the entry is not in the file: the next one takes its place
                 self._chain.restore(state)
@@ -894,6 +897,29 @@ class AuditLog:
         log.info("audit: %s %s", event, fields)
         if self.on_written is not None:
             self.on_written()
+
+    def record_durable(self, event: str, **fields: Any) -> bool:
+        """Like :meth:`record`, but says whether the entry is durably in the file
+        (written whole and fsynced). For what may happen only once it is on the trail
+        (the technician's camera check, :mod:`agent.technician`); emergencies never
+        wait for it. Blocks: from the event loop use :meth:`record_durable_soon`."""
+        check_fields(event, fields)
+        with self._lock:
+            landed = self._append(event, lambda t: self._chain.entry(t, event, fields))
+            durable = landed and self._synced
+            if self._chain.unsigned >= self._every:
+                self._checkpoint_locked()
+        log.info("audit: %s %s", event, fields)
+        if self.on_written is not None:
+            self.on_written()
+        return durable
+
+    def record_durable_soon(self, event: str, **fields: Any) -> Future[bool]:
+        """:meth:`record_durable` on the trail's own thread, in call order after what is
+        queued; the future says whether the entry is durable (``asyncio.wrap_future``
+        to await it). Field errors raise here, in the caller."""
+        check_fields(event, fields)
+        return self._executor().submit(self.record_durable, event, **fields)
 
     def checkpoint(self) -> bool:
         """Sign the chain as it stands; True if a checkpoint was written. Does nothing

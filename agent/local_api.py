@@ -12,7 +12,8 @@ out, errors ``{"error": CODE, "detail": "..."}`` with a stable CODE:
 - ``PUT /v1/trigger-keys`` a newer trigger-key list signed by the district
   authority (key rotation and revocation without a visit): 200 with its
   version, or 4xx (``keylist_rollback``, ``keylist_expired``, ...); audited;
-- ``GET /metrics``       Prometheus text format;
+- ``GET /metrics``       Prometheus text format (no login: nothing in it names a button,
+  a room or a person; presses are one total);
 - ``POST /v1/pairing/start|confirm|channel`` pairing by setup code, then enrollment
   and the technician's camera check (:mod:`agent.pairing_api`).
 
@@ -193,8 +194,10 @@ class LocalApi:
             common_name=f"breakglass {self.host.config.device_id}",
             hosts=hosts,
         )
+        host = self.host
+        if host.config.provisioned:  # taken at every armed start, whether pairing is on or not
+            host.desk.claim_interior_checks()
         if self.config.pairing_window_s > 0:
-            host = self.host
             self.pairing = PairingService(
                 device_id=host.config.device_id,
                 code=load_or_make_code(host.config.state_dir / "setup-code"),
@@ -443,12 +446,11 @@ class LocalApi:
             "breakglass_triggers_rejected_total", "counter", "Remote triggers refused, by reason.",
             [(f'{{reason="{r}"}}', float(agent.gate.rejected[r])) for r in reasons],
         )  # fmt: skip
-        presses: dict[str, int] = {b.id: 0 for b in agent.config.buttons}
-        for press in agent.press_log:
-            presses[press.button_id] = presses.get(press.button_id, 0) + 1
+        # In all, never by button: anyone on the LAN reads this, and a button's id names
+        # the room that raised the alarm (the status hides it too: public_status).
         metric(
-            "breakglass_button_presses_total", "counter", "Panic button presses, by button.",
-            [(f'{{button="{b}"}}', float(n)) for b, n in presses.items()],
+            "breakglass_button_presses_total", "counter", "Panic button presses (all buttons).",
+            [("", float(len(agent.press_log)))],
         )  # fmt: skip
         site = self.site
         metric(

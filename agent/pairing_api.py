@@ -19,10 +19,11 @@ a guesser slows itself down, never the technician at another address.
   sealed under the pairing key, answered sealed, for :data:`SESSION_S` after
   pairing: ``{"op": "enroll", "bundle": ...}`` installs an enrollment
   (:mod:`agent.enrollment_state`); ``{"op": "check", "camera": ID}`` returns a
-  JPEG snapshot of one camera (interior ones too: only a technician who
-  proved the code, in the pairing window, sees them; each is audited). The
-  answer is ``{"ok": ...}`` or ``{"error", "detail"}``, sealed. A box that does
-  not open ends the session.
+  JPEG snapshot of one camera, within the limits of :mod:`agent.technician`
+  (never during an emergency; interior cameras only at the first start after
+  an enrollment; each camera once per 10 s and 3 times per session; audited
+  durably before it is given). The answer is ``{"ok": ...}`` or ``{"error",
+  "detail"}``, sealed. A box that does not open ends the session.
 
 Errors are the Local API's ``{"error", "detail"}`` (``pairing_closed``,
 ``rate_limited`` with ``Retry-After``, ``wrong_code``, ``malformed``,
@@ -90,8 +91,9 @@ STATUS = {
     "timeout": 408,
 }
 
-#: A sealed request's handler: the opened request -> the answer to seal.
-ChannelHandler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
+#: A sealed request's handler: (the opened request, the client's address, the pairing
+#: session's id) -> the answer to seal.
+ChannelHandler = Callable[[dict[str, Any], str, str], Awaitable[dict[str, Any]]]
 
 
 def load_or_make_code(path: Path) -> str:
@@ -275,7 +277,7 @@ class PairingService:
                 )
             ):
                 raise PairingError("no_session", "no paired session by that id (pair again)")
-            channel = current[1]
+            session, channel = current[0], current[1]
             try:
                 opened = channel.open(self._b64(doc, "box"))
             except PairingError:
@@ -291,7 +293,7 @@ class PairingService:
         if self._handler is None:
             answer: dict[str, Any] = {"error": "unsupported", "detail": "no channel operations"}
         else:
-            answer = await self._handler(request_doc, peer)
+            answer = await self._handler(request_doc, peer, session)
         response = web.json_response({"box": d.b64url(channel.seal(json.dumps(answer).encode()))})
         await response.prepare(request)
         await response.write_eof()  # sent before anything restarts the device
