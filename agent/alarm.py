@@ -7,6 +7,8 @@ applied by :func:`agent.policy.apply_trigger`: a start, an extension or an end.
 Expiry ends it too (the agent's housekeeping asks). Each change is persisted first
 (the session survives a restart whatever fails after), audited, then streamed or
 stopped (:mod:`agent.streaming`). The state machine itself: :mod:`agent.emergency`.
+A session restored after a restart is audited as ``session_resumed`` with the time
+left it got and why, as soon as that is fixed (the first housekeeping tick).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Alarm:
         result = self.emergency.press(
             self.clock(), event.button_id, event.location, cameras, mono=time.monotonic()
         )
+        self.audit_resumed()
         self.persist()  # first: whatever fails below, the session survives a restart
         self.audit.record_soon(
             "button_press",
@@ -101,6 +104,7 @@ class Alarm:
             via=via,
             mono=time.monotonic(),
         )
+        self.audit_resumed()
         if not outcome.accepted:
             code, detail = outcome.body["error"], outcome.body["detail"]
             self.gate.reject(
@@ -146,5 +150,22 @@ class Alarm:
     def expire(self) -> None:
         """End the open session if its time is up."""
         ended = self.emergency.tick(self.clock(), time.monotonic())
+        self.audit_resumed()
         if ended is not None:
             self.streaming.stop(ended)
+
+    def audit_resumed(self) -> None:
+        """Audit how a session restored after a restart got its time left, once it has
+        (``session_resumed``: after a reboot the wall clock decides, bounded)."""
+        resumed = self.emergency.take_resumed()
+        if resumed is None:
+            return
+        self.audit.record_soon(
+            "session_resumed",
+            session=resumed.session,
+            reboot=resumed.reboot,
+            why=resumed.why,
+            left_s=round(resumed.left, 1),
+            wall_left_s=None if resumed.wall_left is None else round(resumed.wall_left, 1),
+            most_s=round(resumed.most, 1),
+        )

@@ -49,6 +49,17 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
   session, pre-roll included), ``resumed`` (streaming again after a restart),
   ``joined`` (present and true: a camera that had no footage when the session
   opened joins it; ``cameras`` lists it alone).
+- ``session_resumed``: ``session`` (restored from the state file after a restart),
+  ``reboot`` (bool: false when the agent restarted within the same boot), ``why``
+  (how its time left was chosen: ``same_boot``, ``wall_clock``, ``clock_behind``,
+  ``clock_says_over``, ``none_left``; :class:`agent.emergency.Resumed`), ``left_s``
+  (the seconds it got), ``wall_left_s`` (what the wall clock alone gives, or null in
+  the same boot), ``most_s`` (what it had left when last seen open).
+- ``camera_keyframe_interval``: ``camera``, ``interval_s`` (measured, twice in a
+  row), ``preroll_s``: a camera's keyframe interval is longer than the pre-roll
+  allows for (:mod:`agent.capture`), so a press sends up to ``interval_s`` more
+  from before it than ``preroll_s`` (with ``preroll_s`` 0: starts up to
+  ``interval_s`` after the press); said once per camera and run.
 - ``keylist_installed`` (``source``, ``version``, ``keys``, ``exp``),
   ``keylist_refused`` (``source``, ``code``, ``detail``), ``trigger_flood``
   (``refused``, ``via``), ``refusals`` (``of``: the event summarised,

@@ -17,6 +17,14 @@ and back.
 A watchdog marks a camera ``fault`` when no packet arrived for its
 ``watchdog_s`` (a camera that hangs without an error, a cut cable), audits
 it, and audits the recovery when packets flow again.
+
+Each camera's keyframe interval is measured (:class:`KeyframeWatch`): a press sends
+the pre-roll from a keyframe, so up to one interval more than ``preroll_s`` (with
+``preroll_s = 0``, nothing from before the press, and nothing until the camera's next
+keyframe). An IP camera keeps its own GOP, often 4-10 s: when its interval is longer
+than :func:`keyframe_limit_s` allows, twice in a row, the agent says so once per camera
+and run, in the log and the audit trail (``camera_keyframe_interval``), and the
+camera's :class:`CameraState` keeps it (``keyframe_interval_s``, ``keyframe_too_long``).
 """
 
 from __future__ import annotations
@@ -37,6 +45,67 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[EncodedPacket], None]
 
+#: A keyframe interval this long is accepted whatever ``preroll_s`` (the encoders we
+#: drive use at most this: :data:`agent.config.MAX_KEYFRAME_INTERVAL_S`), and one up to
+#: ``preroll_s`` up to :data:`KEYFRAME_OK_MAX_S` (the install guide's 1-2 s).
+KEYFRAME_OK_S = 1.0
+KEYFRAME_OK_MAX_S = 2.0
+#: Measurement jitter allowed over the limit (an IP camera's keyframes arrive unevenly).
+KEYFRAME_SLACK_S = 0.25
+#: A pause between two packets this long (a reconnect, a stall) is not measured as a GOP.
+KEYFRAME_GAP_S = 2.0
+
+
+def keyframe_limit_s(preroll_s: float) -> float:
+    """The longest keyframe interval the agent takes without saying so: ``preroll_s``
+    (a press then sends at most twice the pre-roll agreed), but at least 1 s and at most
+    2 s (so a 30 s pre-roll does not hide a 20 s GOP)."""
+    return max(KEYFRAME_OK_S, min(preroll_s, KEYFRAME_OK_MAX_S))
+
+
+class KeyframeWatch:
+    """One camera's keyframe interval, measured on the packets' monotonic times.
+
+    An interval spanning a pause of :data:`KEYFRAME_GAP_S` (a reconnect) is not one;
+    one over the limit must be seen twice in a row (a GOP the source dropped whole when
+    the agent lagged, or a late keyframe, is not the camera's setting).
+    """
+
+    __slots__ = ("_key_ns", "_last_ns", "_over", "interval_s", "limit_ns", "said")
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_ns = int((limit_s + KEYFRAME_SLACK_S) * 1e9)
+        #: The last interval measured, in seconds (None: none yet).
+        self.interval_s: float | None = None
+        #: The interval was found too long (said once).
+        self.said = False
+        self._key_ns: int | None = None
+        self._last_ns: int | None = None
+        self._over = 0
+
+    def reset(self) -> None:
+        """The source restarted: the next keyframe starts a new measurement."""
+        self._key_ns = self._last_ns = None
+        self._over = 0
+
+    def packet(self, mono_ns: int, keyframe: bool) -> float | None:
+        """Note a packet; the interval (seconds) the first time it is found too long."""
+        last, self._last_ns = self._last_ns, mono_ns
+        if last is not None and mono_ns - last > KEYFRAME_GAP_S * 1e9:
+            self._key_ns, self._over = None, 0
+        if not keyframe:
+            return None
+        start, self._key_ns = self._key_ns, mono_ns
+        if start is None:
+            return None
+        interval = mono_ns - start
+        self.interval_s = interval / 1e9
+        self._over = self._over + 1 if interval > self.limit_ns else 0
+        if self._over < 2 or self.said:
+            return None
+        self.said = True
+        return self.interval_s
+
 
 @dataclass(slots=True)
 class CameraState:
@@ -47,6 +116,10 @@ class CameraState:
     last_error: str | None = None
     fault: bool = False
     last_packet_mono: float = 0.0
+    #: The camera's keyframe interval as last measured (seconds; None: not yet).
+    keyframe_interval_s: float | None = None
+    #: Its keyframe interval was found longer than the pre-roll allows for (said once).
+    keyframe_too_long: bool = False
 
 
 class RetryingSource:
@@ -133,7 +206,10 @@ class Capture:
         self.audit = audit
         self._on_change = on_change
         self.seqs = seqs
+        self.preroll_s = preroll_s
         self.prerolls = {cam: PreRoll(preroll_s, preroll_max_bytes) for cam in sources}
+        limit = keyframe_limit_s(preroll_s)
+        self.keyframes = {cam: KeyframeWatch(limit) for cam in sources}
         self.state = {cam: CameraState() for cam in sources}
         self.restart_max_s = restart_max_s
         self.idle_handoff_s = idle_handoff_s
@@ -207,6 +283,7 @@ class Capture:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a camera must never take the agent down
+                self.keyframes[cam].reset()
                 state.healthy = False
                 state.last_error = f"{type(exc).__name__}: {exc}"
                 log.error(
@@ -239,6 +316,31 @@ class Capture:
                     if self._on_change is not None:
                         self._on_change()
 
+    def _keyframes_too_far_apart(self, cam: str, interval_s: float) -> None:
+        """Say once that ``cam``'s keyframes are further apart than the pre-roll allows for:
+        the district must know a press sends more than ``preroll_s`` of it."""
+        self.state[cam].keyframe_too_long = True
+        if self.preroll_s:
+            effect = (
+                f"a press sends up to {self.preroll_s + interval_s:.1f} s of it from before "
+                f"the press where preroll_s is {self.preroll_s:g}"
+            )
+        else:
+            effect = f"a press streams it from its next keyframe, up to {interval_s:.1f} s after"
+        log.warning(
+            "camera %s sends a keyframe every %.1f s: %s; set its keyframe interval (GOP) to 1-2 s",
+            cam,
+            interval_s,
+            effect,
+        )
+        if self.audit is not None:
+            self.audit.record_soon(
+                "camera_keyframe_interval",
+                camera=cam,
+                interval_s=round(interval_s, 2),
+                preroll_s=self.preroll_s,
+            )
+
     def _deliver(
         self,
         cam: str,
@@ -259,6 +361,11 @@ class Capture:
             if self._on_change is not None:
                 self._on_change()
         preroll.push(packet)
+        watch = self.keyframes[cam]
+        if watch.packet(packet.mono_ns, packet.keyframe) is not None:
+            self._keyframes_too_far_apart(cam, watch.interval_s or 0.0)
+        if packet.keyframe:
+            state.keyframe_interval_s = watch.interval_s
         if not ready.is_set():
             ready.set()
         for sink in self._sinks:

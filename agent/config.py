@@ -37,6 +37,7 @@ Example (see ``docs/agent.example.toml``)::
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import tomllib
 from collections.abc import Mapping
@@ -47,6 +48,8 @@ from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 from agent.segment import SegmentError, parse_recipient
+
+log = logging.getLogger(__name__)
 
 Zone = Literal["exterior", "interior"]
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -63,6 +66,8 @@ class CameraConfig:
     width: int = 640
     height: int = 480
     fps: float = 15.0
+    #: The GOP of an encoder the agent drives (picamera, synthetic), at most
+    #: :data:`MAX_KEYFRAME_INTERVAL_S`; an IP camera keeps its own (set it to 1-2 s).
     keyframe_interval_s: float = 1.0
     #: rtsp: the camera's URL (may hold credentials: never logged whole).
     url: str | None = None
@@ -73,6 +78,14 @@ class CameraConfig:
 
 
 SOURCES = ("synthetic", "rtsp", "file", "picamera")
+#: The sources whose encoder the agent drives (``keyframe_interval_s`` sets their GOP).
+DRIVEN = ("synthetic", "picamera")
+#: The longest keyframe interval the agent gives an encoder it drives: a press sends up
+#: to one keyframe interval more pre-roll than ``preroll_s`` (H.264 starts at a
+#: keyframe). A longer ``keyframe_interval_s`` (accepted up to 10, as it was) is used as
+#: this, with a warning: an update must not turn a working config into one that stops
+#: the agent, and with it the buttons.
+MAX_KEYFRAME_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +505,14 @@ def camera_from_table(path: Path, i: int, table: Any) -> CameraConfig:
     if url is not None and (source != "rtsp" or urlsplit(url).scheme not in ("rtsp", "rtsps")):
         r.fail("url", "only an rtsp camera has a url, and it must be rtsp:// or rtsps://")
     file = r.path("path", _REQUIRED) if source == "file" else None
+    keyframe_interval_s = r.number("keyframe_interval_s", 1.0, low=0.1, high=10)
+    if source in DRIVEN and keyframe_interval_s > MAX_KEYFRAME_INTERVAL_S:
+        log.warning(
+            "%s: cameras[%d].keyframe_interval_s = %g is used as %g s: a press sends up to one"
+            " keyframe interval more pre-roll than preroll_s",
+            path, i, keyframe_interval_s, MAX_KEYFRAME_INTERVAL_S,
+        )  # fmt: skip
+        keyframe_interval_s = MAX_KEYFRAME_INTERVAL_S
     camera = CameraConfig(
         id=r.text("id", _REQUIRED, pattern=ID_RE),
         zone=r.text("zone", _REQUIRED),
@@ -502,7 +523,7 @@ def camera_from_table(path: Path, i: int, table: Any) -> CameraConfig:
         width=r.integer("width", 640, low=16, high=4096),
         height=r.integer("height", 480, low=16, high=4096),
         fps=r.number("fps", 15, low=1, high=60),
-        keyframe_interval_s=r.number("keyframe_interval_s", 1.0, low=0.1, high=10),
+        keyframe_interval_s=keyframe_interval_s,
     )
     if camera.zone not in ("exterior", "interior"):
         r.fail("zone", f"{camera.zone!r} must be 'exterior' or 'interior'")

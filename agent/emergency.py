@@ -25,6 +25,8 @@ session's monotonic deadline and this boot's id (``clock``), so a restart within
 the same boot (systemd after a crash or an update: CLOCK_MONOTONIC goes on) keeps
 exactly the time left whatever the wall clock did. After a reboot the monotonic
 clock starts again and only the wall clock is left, bounded (:meth:`Emergency._resumed`).
+How a restored session's time left was chosen is kept as a :class:`Resumed` note for
+the shell to audit (:meth:`Emergency.take_resumed`); this module does no I/O.
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: After a reboot, a session whose end the wall clock cannot vouch for (it says the
-#: session is over, or nearly: a clock stepped forward since the press looks exactly like
-#: a long outage) still streams this long, never longer than it had left when last seen
-#: open. The police see it resumed and can extend it or end it.
+#: After a reboot, a session whose end the wall clock cannot vouch for streams this long,
+#: never longer than it had left when last seen open: at least this long when the clock
+#: says the session is over, or nearly (a clock stepped forward since the press looks
+#: exactly like a long outage), and at most this long when the clock reads before a time
+#: the file says was already past (fake-hwclock's last save after a power cut: the outage
+#: cannot be measured). The police see it resumed and can extend it or end it.
 RESUME_AT_LEAST_S = 600.0
 
 
@@ -98,6 +102,27 @@ class Ended:
     """A session was closed (``session.end_reason`` says why)."""
 
     session: Session
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """How a session restored from the file after a restart got its time left.
+
+    ``why``: ``same_boot`` (the saved monotonic deadline, exact), or after a reboot
+    ``wall_clock`` (the time left when last seen open, less the outage the wall clock
+    measures), ``clock_behind`` (the clock reads before a time the file says was already
+    past: at most :data:`RESUME_AT_LEAST_S`), ``clock_says_over`` (the clock says it is
+    over or nearly: :data:`RESUME_AT_LEAST_S`) or ``none_left`` (it had no time left when
+    last seen open: it ends). ``wall_left``: what the wall clock alone gives (None in the
+    same boot); ``most``: the bound, what it had left when last seen open.
+    """
+
+    session: str
+    reboot: bool
+    left: float
+    why: str
+    wall_left: float | None
+    most: float
 
 
 def share_session(building: str, now: float, cameras: tuple[str, ...], hours: float) -> Session:
@@ -165,6 +190,10 @@ def _int(value: Any) -> int:
     return value
 
 
+def _is_time(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError("not a number")
@@ -206,6 +235,8 @@ class Emergency:
         #: and its saved clock record (None: an older file, or a damaged record).
         self._restored: tuple[str, int] | None = None
         self._saved: _Clock | None = None
+        #: How the restored session's time left was chosen, until the shell takes it.
+        self.resumed: Resumed | None = None
 
     @property
     def state(self) -> State:
@@ -318,40 +349,69 @@ class Emergency:
         self._seen = (now, mono)
         return self._deadline[1]
 
+    def take_resumed(self) -> Resumed | None:
+        """How the session restored from the file got its time left, once (for the audit
+        trail); None when nothing was restored, or it was taken already."""
+        resumed, self.resumed = self.resumed, None
+        return resumed
+
     def _resumed(self, active: Session, now: float, mono: float) -> float:
-        """Time left of a session restored from the file (a restart).
+        """Time left of a session restored from the file (a restart); noted in
+        :attr:`resumed`.
 
         - Saved in this boot: exactly what was left (the monotonic clock went on).
         - Otherwise (a reboot, or a file from before the deadline was saved): the wall
           clock, at most what the session had left when last seen open (a whole duration
-          for an older file). If the clock reads before that moment (or, for an older
-          file, before the press) it went back (fake-hwclock): the outage cannot be
-          measured, and the session has the most it can have. If it says the session is
-          over or nearly, it still gets :data:`RESUME_AT_LEAST_S` (within that bound): a
-          clock stepped forward since the press cannot be told from a long outage, and a
-          life-safety emergency is not ended on its word.
+          for an older file). If the clock reads before a time the file says was already
+          past (when the session was last seen open, a press, an extension, the start, the
+          end of the session before) it is behind (fake-hwclock's last save after a power
+          cut): the outage cannot be measured, and the session gets at most
+          :data:`RESUME_AT_LEAST_S`. If it says the session is over or nearly, it still
+          gets :data:`RESUME_AT_LEAST_S` (within that bound): a clock stepped forward since
+          the press cannot be told from a long outage, and a life-safety emergency is not
+          ended on its word.
         """
         saved = self._saved
         if saved is not None and saved.boot == self.boot:
-            return min(saved.deadline - mono, self.duration_s)
+            left = min(saved.deadline - mono, self.duration_s)
+            self.resumed = Resumed(active.id, False, left, "same_boot", None, left)
+            return left
         if saved is not None:
             most = min(max(saved.left, 0.0), self.duration_s)
             seen_at, deadline = saved.seen_at, saved.seen_at + saved.left
         else:
             most, seen_at, deadline = self.duration_s, active.started_at, active.expires_at
-        if most <= 0 or now < seen_at:
-            left = most
+        wall_left = deadline - now
+        if most <= 0:
+            left, why = most, "none_left"
+        elif now < max(seen_at, self._latest_known(active)):
+            left, why = min(most, RESUME_AT_LEAST_S), "clock_behind"
+        elif wall_left < min(RESUME_AT_LEAST_S, most):
+            left, why = min(RESUME_AT_LEAST_S, most), "clock_says_over"
         else:
-            left = min(most, max(deadline - now, min(RESUME_AT_LEAST_S, most)))
-        if left > min(deadline - now, most):
-            log.warning(
-                "session %s resumed after a reboot with %.0f s left where the wall clock"
-                " gives it %.0f s: a clock step cannot be told from how long the device was off",
-                active.id,
-                left,
-                deadline - now,
-            )
+            left, why = min(most, wall_left), "wall_clock"
+        self.resumed = Resumed(active.id, True, left, why, wall_left, most)
+        log.warning(
+            "session %s resumed after a reboot with %.0f s left (%s; the wall clock gives it"
+            " %.0f s, it had %.0f s left when last seen open)",
+            active.id,
+            left,
+            why,
+            wall_left,
+            most,
+        )
         return left
+
+    def _latest_known(self, active: Session) -> float:
+        """The latest wall time the file says was already past: the open session's start,
+        presses and extensions, the session before it. A clock that reads before it is
+        behind."""
+        times = [active.started_at]
+        times += [e["at"] for e in (*active.presses, *active.extensions) if _is_time(e.get("at"))]
+        last = self.last
+        if last is not None:
+            times += [t for t in (last.started_at, last.ended_at) if t is not None]
+        return max(times)
 
     def end(self, now: float, reason: str, by: Mapping[str, Any] | None = None) -> Ended | None:
         """Close the open session (the caller checked the trigger's authority)."""

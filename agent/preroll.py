@@ -16,6 +16,9 @@ starts at a keyframe and drops whole GOPs from its front. It is bounded twice:
   the ring empties and waits for the next keyframe rather than hold a GOP it
   cannot start at. That is the only case where the newest packet is not kept.
 
+With ``seconds = 0`` (``preroll_s = 0``) the ring holds the newest GOP only, and a
+session's snapshot holds nothing from before the press (:meth:`PreRoll.snapshot`).
+
 Pure code: no clocks (the packets' monotonic times are used), no I/O.
 """
 
@@ -93,20 +96,28 @@ class PreRoll:
     def snapshot(self, now_ns: int | None = None) -> list[EncodedPacket]:
         """The packets held, oldest first (starts at a keyframe, or is empty).
 
-        With ``now_ns`` (the monotonic clock), only what the window before then holds:
-        the ring is trimmed when a packet arrives, so a camera that stopped sending
+        With ``now_ns`` (the monotonic clock: a press), only what the window before then
+        holds: the ring is trimmed when a packet arrives, so a camera that stopped sending
         still holds what it sent last, however old. From the newest keyframe at or
-        before ``now_ns - window``, as the ring keeps; nothing if every packet is older
-        (a camera down for 40 s before a press sent 44 s old interior footage as its
-        pre-roll).
+        before ``now_ns - window``, as the ring keeps (so up to one keyframe interval
+        more than the window: H.264 cannot start mid-GOP); nothing if every packet is
+        older (a camera down for 40 s before a press sent 44 s old interior footage as
+        its pre-roll).
+
+        With no window (``preroll_s = 0``: the school wants nothing from before a press),
+        from the first keyframe at or after ``now_ns``: nothing from before it, so
+        nothing until the camera's next keyframe (the caller asks again as packets come).
         """
         packets = self._packets
         if now_ns is None or not packets:
             return list(packets)
+        keys = [key - self._first for key in self._keys]
+        if not self.window_ns:
+            after = next((k for k in keys if packets[k].mono_ns >= now_ns), None)
+            return [] if after is None else list(itertools.islice(packets, after, None))
         cutoff = now_ns - self.window_ns
         if packets[-1].mono_ns < cutoff:
             return []
-        keys = [key - self._first for key in self._keys]
         j = 0  # the newest keyframe at or before the cutoff (or the first)
         while j + 1 < len(keys) and packets[keys[j + 1]].mono_ns <= cutoff:
             j += 1
@@ -114,3 +125,11 @@ class PreRoll:
         if j + 1 < len(keys) and packets[keys[j + 1] - 1].mono_ns < cutoff:
             j += 1
         return list(itertools.islice(packets, keys[j], None))
+
+    def newest_gop(self, now_ns: int, max_age_ns: int) -> list[EncodedPacket]:
+        """From the newest keyframe on, if the newest packet is at most ``max_age_ns`` old
+        at ``now_ns`` (else nothing: the camera is down). A share starts with it."""
+        packets = self._packets
+        if not packets or not self._keys or packets[-1].mono_ns < now_ns - max_age_ns:
+            return []
+        return list(itertools.islice(packets, self._keys[-1] - self._first, None))

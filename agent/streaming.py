@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 #: A continuous exterior share is recorded in sessions of this many hours.
 SHARE_HOURS = 1.0
+#: A share starts with a camera's newest GOP if it sent something this recently (or
+#: within ``preroll_s``, if longer); else the camera joins at its next keyframe.
+SHARE_FRESH_S = 1.0
 
 
 class Streaming:
@@ -84,9 +87,13 @@ class Streaming:
         #: The cameras the live session may stream that had no footage when it opened:
         #: each joins it at its first keyframe (by id).
         self.pending: dict[str, CameraConfig] = {}
-        #: An emergency opened while no camera had footage (and whether it resumes after
-        #: a restart): it streams at the first keyframe of one of its cameras.
-        self.waiting: tuple[Session, bool] | None = None
+        #: An emergency opened while no camera had footage (whether it resumes after a
+        #: restart, and when it opened on the monotonic clock): it streams at the first
+        #: keyframe of one of its cameras (with ``preroll_s = 0``: the first after then).
+        self.waiting: tuple[Session, bool, int] | None = None
+        #: When the live session opened (monotonic ns): its cameras' pre-roll, and that of
+        #: a camera joining it, is measured from then (:meth:`agent.preroll.PreRoll.snapshot`).
+        self.since_ns = 0
 
     @property
     def live_stream(self) -> SessionStream | None:
@@ -107,9 +114,14 @@ class Streaming:
         )
         self.start(session)
 
-    def start(self, session: Session, *, resume: bool = False) -> None:
+    def start(self, session: Session, *, resume: bool = False, since_ns: int | None = None) -> None:
         """Open ``session`` on the uplink with its pre-roll and stream it live (``resume``:
-        after a restart, with what was saved of it).
+        after a restart, with what was saved of it; ``since_ns``: when it opened on the
+        monotonic clock, by default now).
+
+        With ``preroll_s = 0`` nothing from before ``since_ns`` goes out: each camera
+        streams from its first keyframe after it (the encoders we drive are asked for one
+        at once), and the session opens at the first of them.
 
         A camera with no footage yet (an IP camera still booting after a power cut) is
         not left out: one the session already streamed before a restart is in it at once
@@ -137,13 +149,16 @@ class Streaming:
                 session.id,
                 camera_id,
             )
-        now = time.monotonic_ns()
+        now = time.monotonic_ns() if since_ns is None else since_ns
         for camera in allowed:
-            # Only the window before now: a camera down before the press holds what it
-            # sent last, however old (it joins at its next keyframe instead).
-            packets = self.capture.prerolls[camera.id].snapshot(now)
-            if packets and share:  # a share has no pre-roll: from the newest keyframe on
-                packets = packets[packets.index(_last_keyframe(packets)) :]
+            ring = self.capture.prerolls[camera.id]
+            if share:  # a share has no pre-roll: from the newest keyframe on
+                fresh = max(ring.window_ns, int(SHARE_FRESH_S * 1e9))
+                packets = ring.newest_gop(now, fresh)
+            else:
+                # Only the window before now: a camera down before the press holds what it
+                # sent last, however old (it joins at its next keyframe instead).
+                packets = ring.snapshot(now)
             index = len(descs)
             if packets:
                 descs.append(
@@ -181,17 +196,24 @@ class Streaming:
                 segments = self.store.segments(camera.id)
                 stored[index] = segments[-1].last_seq if segments else first - 1
             else:
-                log.error(
-                    "camera %s has no decodable footage yet; joins session %s when it has",
+                log.log(
+                    logging.INFO if len(ring) and not ring.window_ns else logging.ERROR,
+                    "camera %s has no decodable footage %s yet; joins session %s when it has",
                     camera.id,
+                    "from after the press (no pre-roll)" if not ring.window_ns else "at all",
                     session.id,
                 )
                 pending.append(camera)
         if not descs and share:
             return  # housekeeping starts it again once the cameras run
-        if not descs:  # pressed right after boot: stream as soon as footage exists
-            log.error("session %s: no camera has footage yet; streaming once one has", session.id)
-            self.waiting = (session, resume)
+        if not descs:  # pressed right after boot, or no pre-roll: stream at the first keyframe
+            if self.config.preroll_s:
+                log.error(
+                    "session %s: no camera has footage yet; streaming once one has", session.id
+                )
+            else:
+                log.warning("session %s: no pre-roll; streaming from the next keyframe", session.id)
+            self.waiting = (session, resume, now)
             return
         open_ = p.SessionOpen(
             session.id,
@@ -208,6 +230,7 @@ class Streaming:
         self.checkpoints.from_first(stream)  # the chain of the pre-roll, signed before the press
         self.checkpoints.restore(stream, owed if resume else None)
         self.set_live((stream, {d.id: d.index for d in descs}), pending)
+        self.since_ns = now
         if share:
             self.share = session
         self.audit.record_soon(
@@ -230,7 +253,8 @@ class Streaming:
         now: it joins at the next index (the others keep theirs), the session is opened
         again with it, and its disclosure is audited."""
         live, camera = self.live, self.pending.get(camera_id)
-        packets = self.capture.prerolls[camera_id].snapshot(time.monotonic_ns())
+        # Measured from the session's start: with preroll_s = 0, its first keyframe after.
+        packets = self.capture.prerolls[camera_id].snapshot(self.since_ns)
         if live is None or camera is None or not packets:
             return
         stream, indexes = live
@@ -404,15 +428,15 @@ class Streaming:
     def _start_waiting(self, camera_id: str) -> None:
         """A camera has footage: stream the emergency that waited for one."""
         assert self.waiting is not None
-        session, resume = self.waiting
+        session, resume, since = self.waiting
         active = self.emergency.active
         if active is None or active.id != session.id:
             self.waiting = None  # it ended meanwhile
             return
         allowed = {c.id for c in cameras_to_stream(self.config.cameras, active)}
-        if camera_id in allowed and len(self.capture.prerolls[camera_id]):
+        if camera_id in allowed and self.capture.prerolls[camera_id].snapshot(since):
             log.warning("streaming emergency %s now that camera %s runs", session.id, camera_id)
-            self.start(active, resume=resume)
+            self.start(active, resume=resume, since_ns=since)
 
 
 def audited_by(event: Mapping[str, Any]) -> dict[str, Any]:
