@@ -406,6 +406,17 @@ class IngestServer:
         finally:
             self._dropping.discard(ws)
 
+    async def close_all(self) -> None:
+        """Close every device's uplink (the receiver shuts down): each with ``going away``
+        (1001), so its handler records what came and ends, and the device connects again
+        later. Not closing them held the shutdown for aiohttp's whole ``shutdown_timeout``,
+        then cancelled the handlers mid-recording."""
+        sockets = [ws for ws in self._connections.values() if not ws.closed]
+        await asyncio.gather(
+            *(_close_within(ws, aiohttp.WSCloseCode.GOING_AWAY, b"receiver shutting down")
+              for ws in sockets),
+        )  # fmt: skip
+
     async def watch_revocations(self, every_s: float) -> None:
         """:meth:`check_revocations` every ``every_s`` seconds, until cancelled."""
         while True:
@@ -784,6 +795,16 @@ def _event(ws: web.WebSocketResponse, conn: p.Uplink, msg: aiohttp.WSMessage) ->
     if msg.type is aiohttp.WSMsgType.ERROR:
         raise p.RemoteProtocolError("transport", f"websocket error: {ws.exception()}")
     return None  # closed
+
+
+async def _close_within(ws: web.WebSocketResponse, code: int, message: bytes) -> None:
+    """Close ``ws``; a peer that does not answer the close in a heartbeat is cut."""
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        try:
+            async with asyncio.timeout(HEARTBEAT_S):
+                await ws.close(code=code, message=message)
+        except TimeoutError:
+            log.warning("an uplink did not answer its close in %.0f s: cut", HEARTBEAT_S)
 
 
 def _ignore_closed(task: asyncio.Future[None]) -> None:

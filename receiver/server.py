@@ -216,7 +216,11 @@ class Receiver:
         if self.dispatch is not None:
             setup_police_api(app, self.data_dir, self.dispatch)
         app.cleanup_ctx.append(self._watchers)
+        app.on_shutdown.append(self._close_uplinks)
         return app
+
+    async def _close_uplinks(self, app: web.Application) -> None:
+        await self.ingest.close_all()
 
     async def _watchers(self, app: web.Application) -> AsyncIterator[None]:
         """The presence alarms and the revocation watch, for the application's lifetime."""

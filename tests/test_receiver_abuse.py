@@ -813,6 +813,30 @@ async def test_a_device_gone_quiet_gets_heartbeats_then_is_cut_and_its_footage_s
     assert rx.store.get("s-quiet").camera("cam").durable_seq >= 8
 
 
+async def test_a_receiver_stopping_closes_each_uplink_going_away_after_recording_it(
+    tmp_path: Path, small_packets: PacketList
+) -> None:
+    """Device uplinks were not closed at shutdown: aiohttp waited its whole
+    ``shutdown_timeout`` for their handlers, then cancelled them mid-recording, and the
+    device saw the connection drop (no close frame). Each is closed "going away" (1001)
+    now, and what it sent stays recorded."""
+    data = tmp_path / "receiver"
+    async with Receiver(data, "127.0.0.1", 0, password_params=FAST, limits=LIMITS) as rx:
+        key = enroll(rx, tmp_path, "dev-stop")
+        dev = Device(rx, key, "dev-stop")
+        await dev.__aenter__()
+        await dev.open_session("s-stop", small_packets)
+        await dev.stream(small_packets, 10, fps=1000)
+        await dev.wait_acked(8)
+    try:
+        await dev.cut_with()
+        assert dev.close_code == aiohttp.WSCloseCode.GOING_AWAY
+    finally:
+        await dev.__aexit__()
+    async with Receiver(data, "127.0.0.1", 0, password_params=FAST) as again:
+        assert again.store.get("s-stop").camera("cam").durable_seq >= 8
+
+
 # -- 4. unauthenticated and malformed HTTP ------------------------------------------------------
 
 
