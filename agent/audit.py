@@ -60,6 +60,11 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
   allows for (:mod:`agent.capture`), so a press sends up to ``interval_s`` more
   from before it than ``preroll_s`` (with ``preroll_s`` 0: starts up to
   ``interval_s`` after the press); said once per camera and run.
+- Any entry may carry ``happened_at`` (UTC seconds): it could not be written when
+  it happened (a full or failing card) and was held in RAM until the trail could
+  be written again; ``t`` is when it was written. ``audit_entries_lost``
+  (``count``, ``kept``): more entries than :data:`MAX_HELD` came meanwhile; the
+  ``count`` newest were not kept. Meanwhile the LED and mDNS show a fault.
 - ``keylist_installed`` (``source``, ``version``, ``keys``, ``exp``),
   ``keylist_refused`` (``source``, ``code``, ``detail``), ``trigger_flood``
   (``refused``, ``via``), ``refusals`` (``of``: the event summarised,
@@ -105,11 +110,13 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import functools
 import hashlib
 import json
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -128,6 +135,9 @@ MAX_LINE_BYTES: Final = 16 * 1024
 CHECKPOINT: Final = "checkpoint"
 CHECKPOINT_CONTEXT: Final = b"breakglass-audit-checkpoint\x00"
 CHECKPOINT_EVERY: Final = 64
+#: Entries kept in RAM while the trail cannot be written (a full or failing card); more
+#: are counted (``audit_entries_lost``). Entries are a few hundred bytes (16 KiB at most).
+MAX_HELD: Final = 1024
 _TAIL_BYTES: Final = 4 * MAX_LINE_BYTES  # how much of the file's end a reopen reads first
 
 
@@ -836,6 +846,13 @@ class AuditLog:
         self._head_n = n
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._background: ThreadPoolExecutor | None = None
+        #: Entries that could not be written (a full or failing card), oldest first: each
+        #: later write and :meth:`retry` write them first, in order; ``happened_at`` says
+        #: when each was due. Beyond :data:`MAX_HELD` the newest are counted, not kept.
+        self._held: deque[tuple[str, dict[str, Any]]] = deque()
+        self._dropped = 0
+        #: Why the last write failed, while entries are held (None: the trail is whole).
+        self.failing: str | None = None
         #: Called (on the writing thread) after each entry lands: the uplink ships it.
         self.on_written: Callable[[], None] | None = None
         self.checkpoint()
@@ -866,8 +883,9 @@ class AuditLog:
                 log.error("audit trail %s ends in a torn entry", self.path)
         return found or (0, GENESIS, True)
 
-    def _append(self, event: str, make: Callable[[float], bytes]) -> bool:
-        """Write ``make(now)`` durably; on failure undo the chain. Caller holds the lock."""
+    def _append(self, event: str, make: Callable[[float], bytes], *, quiet: bool = False) -> bool:
+        """Write ``make(now)`` durably; on failure undo the chain. Caller holds the lock.
+        A failure to write (not a bad entry) is kept in :attr:`failing`."""
         state, landed = self._chain.state, False
         self._synced = False  # set once this entry is written and fsynced (record_durable)
         try:
@@ -885,8 +903,72 @@ class AuditLog:
         except (OSError, ValueError) as exc:
             if not landed:  # the entry is not in the file: the next one takes its place
                 self._chain.restore(state)
-            log.error("audit entry %s not written: %s", event, exc)
+            if isinstance(exc, OSError):
+                self.failing = str(exc)[:300]
+            if not quiet:
+                log.error("audit entry %s not written: %s", event, exc)
         return landed
+
+    def _write_locked(self, event: str, fields: dict[str, Any]) -> bool:
+        """Write one entry after those held; hold it if it cannot be written now (a full
+        or failing card: an emergency's disclosures must reach the trail once it can be
+        written, not be lost). Caller holds the lock. Whether it is in the file."""
+        if self._held and not self._write_held_locked():
+            self._hold(event, fields)
+            return False
+        self.failing = None
+        if self._append(event, lambda t: self._chain.entry(t, event, fields)):
+            return True
+        if self.failing is not None:  # the card, not the entry: try again later
+            self._hold(event, fields)
+        return False
+
+    def _hold(self, event: str, fields: dict[str, Any]) -> None:
+        if not self._held:
+            log.error("audit trail %s cannot be written: holding entries until it can", self.path)
+        if len(self._held) >= MAX_HELD:
+            self._dropped += 1
+        else:
+            self._held.append((event, {**fields, "happened_at": round(self.clock(), 3)}))
+
+    def _write_held_locked(self) -> bool:
+        """Write the held entries, oldest first (then how many were not kept); whether
+        none is left. Caller holds the lock."""
+        while self._held:
+            event, fields = self._held[0]
+            line = functools.partial(self._chain.entry, event=event, fields=fields)
+            if not self._append(event, line, quiet=True):
+                return False
+            self._held.popleft()
+        if self._dropped:
+            lost = {"count": self._dropped, "kept": MAX_HELD}
+            if not self._append(
+                "audit_entries_lost", lambda t: self._chain.entry(t, "audit_entries_lost", lost)
+            ):
+                return False
+            self._dropped = 0
+        log.warning("audit trail %s written again: the entries held meanwhile are in it", self.path)
+        self.failing = None
+        return True
+
+    @property
+    def held(self) -> int:
+        """Entries waiting to be written (the card failed), counted or kept."""
+        return len(self._held) + self._dropped
+
+    def retry(self) -> bool:
+        """Write the held entries now if the card takes them; whether none is left."""
+        with self._lock:
+            if not self._held and not self._dropped:
+                return True
+            done = self._write_held_locked()
+        if done and self.on_written is not None:
+            self.on_written()
+        return done
+
+    def retry_soon(self) -> None:
+        """:meth:`retry` on the trail's own thread, after what is queued."""
+        self._executor().submit(self.retry)
 
     @property
     def head_n(self) -> int:
@@ -902,7 +984,7 @@ class AuditLog:
     def record(self, event: str, **fields: Any) -> None:
         """Append one entry durably. Never raises into the caller: a full disk is logged."""
         with self._lock:
-            self._append(event, lambda t: self._chain.entry(t, event, fields))
+            self._write_locked(event, fields)
             if self._chain.unsigned >= self._every:
                 self._checkpoint_locked()
         log.info("audit: %s %s", event, fields)
@@ -916,8 +998,7 @@ class AuditLog:
         wait for it. Blocks: from the event loop use :meth:`record_durable_soon`."""
         check_fields(event, fields)
         with self._lock:
-            landed = self._append(event, lambda t: self._chain.entry(t, event, fields))
-            durable = landed and self._synced
+            durable = self._write_locked(event, fields) and self._synced
             if self._chain.unsigned >= self._every:
                 self._checkpoint_locked()
         log.info("audit: %s %s", event, fields)

@@ -122,6 +122,7 @@ class Agent:
         #: The receiver's access-log head last anchored in the trail, and when (monotonic).
         self._access_anchor: tuple[int, str, float] = (0, "", -math.inf)
         self._tasks: list[asyncio.Task[None]] = []
+        self._audit_held = False  # entries wait in RAM for the trail (shown on the LED)
         self.press_log: list[PressEvent] = []
 
     # -- lifecycle ------------------------------------------------------------
@@ -386,6 +387,11 @@ class Agent:
             # A camera gone silent: what it sent last goes to disk, not waits in RAM.
             self.store.seal_idle(time.monotonic_ns(), max(2.0, self.config.store.segment_s))
             self.store.retain_soon(time.monotonic())  # ages footage out with no camera writing
+            if self.audit.held:  # the card failed: write what waits as soon as it can be
+                self.audit.retry_soon()
+            if bool(self.audit.held) != self._audit_held:
+                self._audit_held = not self._audit_held
+                self._update_led()
             now = time.monotonic()
             if now - last_checkpoint >= AUDIT_CHECKPOINT_S:
                 last_checkpoint = now
@@ -407,11 +413,12 @@ class Agent:
     # -- what the principal, the LAN and the technician see -------------------
 
     def _faulty(self) -> bool:
-        """A camera is down, the state files cannot be written, or the enrollment
-        certificate has expired."""
+        """A camera is down, the state files or the audit trail cannot be written, or the
+        enrollment certificate has expired."""
         return (
             self.renewal.certificate_expired
             or self.state_writer.failed is not None
+            or bool(self.audit.held)
             or any(s.fault for s in self.capture.state.values())
         )
 

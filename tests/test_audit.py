@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent import audit as audit_module
 from agent.audit import (
     CHECKPOINT_CONTEXT,
     GENESIS,
@@ -31,6 +32,7 @@ from agent.audit import (
 )
 from provisioning.keys import kid, load_private_key, load_public_key, new_private_key, public_pem
 from provisioning.keys import verify as verify_signature
+from tests.cards import full_card
 
 
 def clock() -> float:
@@ -671,3 +673,59 @@ def test_oversized_and_deeply_nested_lines(tmp_path: Path, device: Ed25519Privat
     assert report.problems[0].what == f"longer than {MAX_LINE_BYTES} bytes: not an audit entry"
     assert report.problems[1].what == "not an audit entry (cannot be parsed)"
     assert (report.entries, report.signed) == (3, 3)  # the chain around them still checks
+
+
+def test_entries_the_card_cannot_take_are_held_and_written_in_order_once_it_can(
+    tmp_path: Path, device: Ed25519PrivateKey
+) -> None:
+    """A full card dropped each entry with a log line: a disclosure to the police while
+    the state volume was full never reached the district's trail (review f7). They are
+    held in RAM now, written first, in order, once the card takes writes, each with
+    when it happened; a durable record meanwhile says it is not on the trail."""
+    path = tmp_path / "audit.log"
+    ticks = count()
+    audit = AuditLog(path, lambda: 1_767_000_000.0 + next(ticks), signer=device)
+    try:
+        audit.record("agent_started")
+        with full_card(audit):
+            audit.record("button_press", button="office")
+            audit.record("disclosure", session="s-1", cameras=[{"id": "hall"}])
+            assert not audit.record_durable("camera_check", camera="door")
+            assert audit.held == 3 and audit.failing is not None
+            assert not audit.retry()
+        assert audit.retry() and audit.held == 0 and audit.failing is None
+        audit.record("session_end", session="s-1")
+    finally:
+        audit.close()
+    lines = path.read_bytes().splitlines()
+    entries = [json.loads(x) for x in lines]
+    events = [e["event"] for e in entries if e["event"] != "checkpoint"]
+    assert events == [
+        "agent_started", "button_press", "disclosure", "camera_check", "session_end"
+    ]  # fmt: skip
+    late = [e for e in entries if "happened_at" in e]
+    assert [e["event"] for e in late] == ["button_press", "disclosure", "camera_check"]
+    assert all(e["happened_at"] < e["t"] for e in late)
+    assert verify_trail(lines, device.public_key()).ok
+
+
+def test_past_what_is_held_the_trail_says_how_many_were_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_module, "MAX_HELD", 2)
+    audit = AuditLog(tmp_path / "audit.log", clock)
+    try:
+        with full_card(audit):
+            for i in range(5):
+                audit.record("camera_fault", camera=f"cam-{i}")
+            assert audit.held == 5
+        audit.record("agent_started")  # writes what waits first
+    finally:
+        audit.close()
+    entries = [json.loads(x) for x in (tmp_path / "audit.log").read_bytes().splitlines()]
+    assert [(e["event"], e.get("camera"), e.get("count")) for e in entries] == [
+        ("camera_fault", "cam-0", None),
+        ("camera_fault", "cam-1", None),
+        ("audit_entries_lost", None, 3),
+        ("agent_started", None, None),
+    ]

@@ -20,6 +20,7 @@ from agent.daemon import Agent
 from agent.statefile import SequenceReservations
 from breakglass.demo import press_button, write_agent_config
 from receiver.server import Receiver
+from tests.cards import full_card
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -148,3 +149,27 @@ async def test_a_failed_state_write_is_loud_retried_and_an_ended_emergency_stays
     events = [e["event"] for e in audited(agent)]
     assert events.count("state_write_failed") == 1
     assert events.index("state_write_failed") < events.index("state_write_recovered")
+
+
+async def test_a_press_while_the_audit_trail_cannot_be_written_reaches_it_afterwards(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """With the state volume full, a press still streamed to the police (it must), but its
+    ``button_press``, ``session_start`` and ``disclosure`` entries were dropped with a log
+    line (review f7): the district's trail never had them. They wait in RAM now, the LED
+    shows a fault, and housekeeping writes them, in order, as soon as the card takes
+    writes again."""
+    path = write_agent_config(tmp_path / "agent", receiver, fps=30)
+    cfg = load_config(path)
+    async with Agent(cfg) as agent:
+        await agent.capture.wait_packets(5)
+        agent.audit.flush()
+        with full_card(agent.audit):
+            press_button(agent)
+            await agent.wait_until(lambda: agent.streaming.live_stream is not None)
+            await agent.wait_until(lambda: agent.audit.held >= 3)
+            assert agent._faulty() and agent.emergency.active is not None
+        await agent.wait_until(lambda: not agent.audit.held)  # housekeeping wrote them
+        assert not agent._faulty()
+    late = [e["event"] for e in audited(agent) if "happened_at" in e]
+    assert late[:3] == ["button_press", "session_start", "disclosure"], late
