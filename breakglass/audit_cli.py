@@ -247,6 +247,7 @@ class SessionRecord:
     cameras: list[Any] = field(default_factory=list)
     presses: list[dict[str, Any]] = field(default_factory=list)
     extensions: list[dict[str, Any]] = field(default_factory=list)
+    resumes: list[dict[str, Any]] = field(default_factory=list)
     ended: dict[str, Any] | None = None
     recipients: list[dict[str, Any]] = field(default_factory=list)
     viewers: list[dict[str, Any]] = field(default_factory=list)
@@ -255,7 +256,14 @@ class SessionRecord:
 
 
 _SESSION_EVENTS: Final = frozenset(
-    {"session_start", "button_press", "session_extend", "session_end", "disclosure"}
+    {
+        "session_start",
+        "button_press",
+        "session_extend",
+        "session_end",
+        "disclosure",
+        "session_resumed",
+    }
 )
 #: The trail's events a report reads: the sessions', and the access-log anchors.
 _REPORTED_EVENTS: Final = _SESSION_EVENTS | {"receiver_access_head"}
@@ -267,6 +275,7 @@ VIEW_ACTIONS: Final = frozenset(
         "recording_fetch",  # a recording's part file
         "player_link_issue",  # a link that lets its holder watch, under the officer's name
         "player_link_playlist",  # such a link opened
+        "player_link_fetch",  # footage fetched with such a link (a part file)
         "evidence_export",  # the session's evidence bundle
     }
 )
@@ -317,7 +326,8 @@ def session_records(
             continue
         entry = _plain(raw)
         record = records.setdefault(session, SessionRecord(session, signed=signed))
-        t = entry.get("t")
+        # When it happened: an entry the card could not take at once was written later.
+        t = entry.get("happened_at", entry.get("t"))
         if event == "session_start":
             record.building = entry.get("building")
             record.threat = entry.get("by")
@@ -336,6 +346,8 @@ def session_records(
             record.extensions.append({"t": t, **_pick(entry, "by", "expires_at")})
         elif event == "session_end":
             record.ended = {"t": t, **_pick(entry, "reason", "by")}
+        elif event == "session_resumed":
+            record.resumes.append({"t": t, **_pick(entry, "reboot", "why", "left_s")})
         else:
             _add_disclosure(record, entry)
     return list(records.values())
@@ -466,6 +478,12 @@ def _render(record: SessionRecord, access_log: Path | None, *, views: bool = Tru
         out.append(
             f"  extended:     {_when(ext['t'])} until {_when(ext['expires_at'])}, "
             f"by {_by(ext['by'])}"
+        )
+    for res in record.resumes:
+        after = "a reboot" if res["reboot"] is True else "a restart"
+        out.append(
+            f"  resumed:      {_when(res['t'])} after {after}, {_text(res['left_s'])} s left "
+            f"({_text(res['why'])})"
         )
     if record.ended is not None:
         by = record.ended["by"]

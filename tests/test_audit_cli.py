@@ -392,3 +392,41 @@ def test_the_installed_command(trail: Trail) -> None:
     )
     assert (bad.returncode, bad.stdout) == (1, "")
     assert f"{trail.path}:3: entry 3: entry altered" in bad.stderr
+
+
+def test_report_dates_late_entries_when_they_happened_and_lists_resumes_and_link_fetches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An entry the card could not take at once (written later, ``happened_at``) is dated
+    when it happened; a resume after a reboot is in the record (``session_resumed``); a
+    part file fetched through a player link is a view (it was not listed: only the
+    link's playlist was)."""
+    key = new_private_key(tmp_path / "device.key")
+    pub = tmp_path / "device.pub"
+    pub.write_bytes(public_pem(key.public_key()))
+    path = tmp_path / "audit.log"
+    ticks = count()
+    audit = AuditLog(path, lambda: T0 + 100 + next(ticks), signer=key)
+    try:
+        audit.record("session_start", session="s-3", building="north-high", by=BUTTON,
+                     cameras=["hallway-2"], expires_at=T0 + 3600, happened_at=T0)  # fmt: skip
+        audit.record("session_resumed", session="s-3", reboot=True, why="clock_behind",
+                     left_s=600.0, wall_left_s=-5.0, most_s=2600.0)  # fmt: skip
+    finally:
+        audit.close()
+    access = tmp_path / "access.log"
+    AccessLog(access, clock=lambda: T0 + 50).record(
+        "player_link_fetch", who="diaz", role="officer", session="s-3", camera="hallway-2",
+        remote="10.0.0.7", link="ab" * 8, file="hallway-2.0.mp4",
+    )  # fmt: skip
+    code, out, err = run(capsys, "report", path, "--device-key", pub, "--access-log", access)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "  started:      2026-11-28T10:00:00Z, cameras hallway-2, " in "\n".join(lines)
+    assert "  resumed:      2026-11-28T10:01:41Z after a reboot, 600.0 s left (clock_behind)" in (
+        lines
+    )
+    assert (
+        "  viewed by:    diaz (officer), player_link_fetch camera hallway-2, 2026-11-28T10:00:50Z"
+        in lines
+    )
