@@ -56,6 +56,9 @@ def status_report(
                 "zone": c.zone,
                 "healthy": capture.state[c.id].healthy,
                 "fault": capture.state[c.id].fault,
+                # Measured; too long: a press sends more pre-roll than preroll_s (capture).
+                "keyframe_interval_s": _rounded(capture.state[c.id].keyframe_interval_s),
+                "keyframe_too_long": capture.state[c.id].keyframe_too_long,
             }
             for c in config.cameras
         ],
@@ -68,6 +71,10 @@ def status_report(
             "expires_at": session.expires_at,
         },
     }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 2)
 
 
 def device_state(emergency: Emergency, faulty: Callable[[], bool]) -> str:

@@ -175,6 +175,10 @@ async def test_an_ip_camera_with_long_gops_is_said_and_joins_at_its_keyframe_aft
                 await agent.uplink.wait_until(lambda: state.keyframe_too_long)
             assert state.keyframe_interval_s == pytest.approx(1.6, abs=0.3)
             assert not agent.capture.state["front-door"].keyframe_too_long  # 1 s, driven
+            shown = {c["id"]: c for c in agent.status()["cameras"]}  # the Local API's status
+            assert shown["hallway-2"]["keyframe_too_long"] is True
+            assert shown["hallway-2"]["keyframe_interval_s"] == pytest.approx(1.6, abs=0.3)
+            assert shown["front-door"]["keyframe_too_long"] is False
             press_ns = time.monotonic_ns()
             press_button(agent)
             await agent.wait_until(lambda: agent.emergency.active is not None)
