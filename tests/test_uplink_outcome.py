@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,21 @@ from provisioning.keys import new_private_key, public_pem
 from receiver import ingest
 from receiver.server import Receiver
 from tests.uplink import unconnected_uplink
+
+
+def allowed_uplink(receiver: Receiver, tmp_path: Path, **options: Any) -> UplinkClient:
+    """An agent's uplink client to ``receiver`` as device-1, on its allow-list."""
+    key = new_private_key(tmp_path / "device-1.key")
+    (receiver.devices_dir / "device-1.pub").write_bytes(public_pem(key.public_key()))
+    return UplinkClient(
+        url=receiver.uplink_url,
+        origin=receiver.origin,
+        pin=receiver.fingerprint,
+        device_id="device-1",
+        device_key=key,
+        reconnect_max_s=0.05,
+        **options,
+    )
 
 
 async def test_a_refusal_read_after_the_writer_broke_wins() -> None:
@@ -117,16 +133,7 @@ async def test_stopping_while_a_failed_connection_is_collected_stops_the_uplink(
     there: the uplink connected again and ran on, and the agent never finished stopping
     (a CI hang in test_dispatch). Here the cancellation lands exactly then: from the
     writer's own cancellation, on a real connection to a real receiver."""
-    key = new_private_key(tmp_path / "device-1.key")
-    (receiver.devices_dir / "device-1.pub").write_bytes(public_pem(key.public_key()))
-    uplink = UplinkClient(
-        url=receiver.uplink_url,
-        origin=receiver.origin,
-        pin=receiver.fingerprint,
-        device_id="device-1",
-        device_key=key,
-        reconnect_max_s=0.05,
-    )
+    uplink = allowed_uplink(receiver, tmp_path)
     connections = 0
 
     async def reader(*_: object) -> None:
@@ -160,8 +167,6 @@ async def test_a_device_set_to_beat_slower_than_the_receiver_asks_is_not_cut(
     the welcome asks. Here the receiver's heartbeat is 0.2 s, the device's setting 30 s:
     while the receiver hears twelve heartbeats, the device stays on one connection."""
     monkeypatch.setattr(ingest, "HEARTBEAT_S", 0.2)
-    key = new_private_key(tmp_path / "device-1.key")
-    (receiver.devices_dir / "device-1.pub").write_bytes(public_pem(key.public_key()))
     heard = 0
     enough = asyncio.Event()
     real_receive = p.Uplink.receive
@@ -176,15 +181,7 @@ async def test_a_device_set_to_beat_slower_than_the_receiver_asks_is_not_cut(
         return event
 
     monkeypatch.setattr(p.Uplink, "receive", receive)
-    uplink = UplinkClient(
-        url=receiver.uplink_url,
-        origin=receiver.origin,
-        pin=receiver.fingerprint,
-        device_id="device-1",
-        device_key=key,
-        heartbeat_s=30,
-        reconnect_max_s=0.05,
-    )
+    uplink = allowed_uplink(receiver, tmp_path, heartbeat_s=30)
     running = asyncio.create_task(uplink.run())
     try:
         async with asyncio.timeout(30):
