@@ -11,7 +11,6 @@ camera the certificate does not list as exterior (``zone_forbidden``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +20,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from agent import protocol as p
 from agent.config import load_config
@@ -29,10 +27,11 @@ from agent.daemon import Agent
 from breakglass.demo import BUILDING, press_button
 from provisioning.enrollment import sign_enrollment
 from provisioning.keys import new_private_key, public_pem
-from provisioning.tls import ensure_certificate, fingerprint_digest, server_context
+from provisioning.tls import fingerprint_digest
 from receiver.accounts import Role
 from receiver.server import Receiver
 from tests.browser import chromium, logged_in_page, needs_chromium
+from tests.district_hook import DistrictHook, district_hook
 from tests.logins import FAST, add_account, logged_in
 from tests.media import PacketList, make_h264_packets
 from tests.test_enrollment import enroll
@@ -53,45 +52,14 @@ def small() -> PacketList:
     return make_h264_packets(45, width=160, height=120)
 
 
-@dataclass
-class District:
-    """The district's webhook endpoint on loopback: every event it received, in order."""
-
-    url: str = ""
-    pin: str = ""
-    events: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
-
-    async def next(self) -> dict[str, Any]:
-        async with asyncio.timeout(30):
-            return await self.events.get()
+@pytest.fixture
+async def district(tmp_path: Path) -> AsyncIterator[DistrictHook]:
+    async with district_hook(tmp_path) as hook:
+        yield hook
 
 
 @pytest.fixture
-async def district(tmp_path: Path) -> AsyncIterator[District]:
-    state = District()
-    state.pin = ensure_certificate(
-        tmp_path / "d.crt", tmp_path / "d.key", common_name="district", hosts=["127.0.0.1"]
-    )
-
-    async def hook(request: web.Request) -> web.Response:
-        state.events.put_nowait(json.loads(await request.read()))
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    ctx = server_context(tmp_path / "d.crt", tmp_path / "d.key")
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    state.url = f"https://127.0.0.1:{port}/hook"
-    yield state
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def rx(tmp_path: Path, district: District) -> AsyncIterator[Receiver]:
+async def rx(tmp_path: Path, district: DistrictHook) -> AsyncIterator[Receiver]:
     async with Receiver(
         tmp_path / "receiver", "127.0.0.1", 0, password_params=FAST,
         notify_url=district.url, notify_pin=district.pin,
@@ -219,7 +187,7 @@ async def api_session(rx: Receiver, session: str) -> dict[str, Any]:
 async def test_an_emergency_claiming_another_building_is_recorded_shown_and_notified_as_certified(
     tmp_path: Path,
     rx: Receiver,
-    district: District,
+    district: DistrictHook,
     small: PacketList,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -289,7 +257,7 @@ async def test_an_emergency_claiming_another_building_is_recorded_shown_and_noti
      ("attic", "'attic' is not in the enrollment certificate")],
 )  # fmt: skip
 async def test_a_share_carries_only_cameras_certified_exterior(
-    tmp_path: Path, rx: Receiver, district: District, small: PacketList, camera: str, why: str
+    tmp_path: Path, rx: Receiver, district: DistrictHook, small: PacketList, camera: str, why: str
 ) -> None:
     key, cert = certificate(rx, tmp_path)
     async with Device(rx, key, cert) as dev:
@@ -308,12 +276,12 @@ async def test_a_share_carries_only_cameras_certified_exterior(
     ok = sessions["share-ok"]
     assert [(c.camera_id, c.zone) for c in ok.cameras] == [("door", "exterior")]
     assert ok.meta["certified"] is True and "mismatches" not in ok.meta
-    assert district.events.empty()
+    assert district.posts.empty()
 
 
 @needs_chromium
 async def test_an_allow_listed_devices_building_is_its_word_and_marked_unverified(
-    tmp_path: Path, rx: Receiver, district: District, small: PacketList
+    tmp_path: Path, rx: Receiver, district: DistrictHook, small: PacketList
 ) -> None:
     key = new_private_key(tmp_path / "old-pi.key")
     (rx.devices_dir / "old-pi.pub").write_bytes(public_pem(key.public_key()))

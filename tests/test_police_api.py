@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.demo import BUILDING, press_button
-from provisioning.tls import ensure_certificate, server_context
 from receiver import police_api
 from receiver.accounts import Role
 from receiver.auth import CSRF_HEADER
@@ -31,6 +29,7 @@ from receiver.evidence_format import evidence_key
 from receiver.evidence_verify import verify_bundle
 from receiver.server import Receiver
 from receiver.webhook import verify as verify_webhook
+from tests.district_hook import district_hook
 from tests.logins import FAST, logged_in
 from tests.test_enrollment import enroll
 
@@ -167,25 +166,8 @@ async def test_an_officer_downloads_evidence_that_verifies_and_opens_hls_audited
 async def district(
     tmp_path: Path,
 ) -> AsyncIterator[tuple[str, str, asyncio.Queue[tuple[dict[str, str], bytes]]]]:
-    pin = ensure_certificate(
-        tmp_path / "d.crt", tmp_path / "d.key", common_name="district", hosts=["127.0.0.1"]
-    )
-    events: asyncio.Queue[tuple[dict[str, str], bytes]] = asyncio.Queue()
-
-    async def hook(request: web.Request) -> web.Response:
-        await events.put((dict(request.headers), await request.read()))
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    ctx = server_context(tmp_path / "d.crt", tmp_path / "d.key")
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"https://127.0.0.1:{port}/hook", pin, events
-    await runner.cleanup()
+    async with district_hook(tmp_path) as hook:
+        yield hook.url, hook.pin, hook.posts
 
 
 async def test_the_district_is_told_of_an_emergency_start_and_end(
