@@ -29,6 +29,23 @@ for the next heartbeat at most :attr:`Dispatch.remeasure_s`) and signs once more
 once. The lifetime (120 s), the nonce and the device's
 checks are as for any trigger. Each :class:`Delivery` says which receiver time
 and device time it signed at, for the access log.
+
+**Who gets one.** Only devices whose building the receiver verified: connected
+with an accepted enrollment certificate naming the building (``devices_of``).
+A device accepted by the allow-list (no certificate) that opened a session
+claiming the building is listed as ``not_certified`` (``unverified_of``) and no
+trigger is signed for it: a trigger signed for one device is valid on every
+device of its building (each keeps its own replay cache), so a device that only
+claims a building could collect that building's triggers and use them there.
+
+**How far ahead.** A device's time is its word too. A trigger is not signed more
+than :data:`MAX_DEVICE_AHEAD_S` ahead of the receiver's clock (the device is
+listed as ``device_clock_ahead``): such a trigger stays valid on the building's
+other devices until that later time. A Pi's clock runs *behind* after a power cut
+(``fake-hwclock`` restores its last saved time; with no saved time, 1970) by hours,
+days or months, so behind is not bounded: a trigger signed in the past is never
+valid again on a device whose clock is right. Ahead has no such cause: a crystal
+drifts seconds a day, and beyond an hour the clock (or the receiver's) is wrong.
 """
 
 from __future__ import annotations
@@ -63,6 +80,13 @@ PUSH_TIMEOUT_S: Final = 10.0
 CLOCK_REFUSALS: Final = frozenset({"not_yet_valid", "expired"})
 #: The latest ``iat`` signed (a reading is at most this; a trigger's times fit 2**40).
 _LATEST_IAT: Final = int(MAX_DEVICE_TIME)
+#: The furthest a device's clock may read ahead of the receiver's for a trigger to be
+#: signed in it (seconds; see the module docstring). Behind is not bounded.
+MAX_DEVICE_AHEAD_S: Final = 3600.0
+#: A device listed for the building without a trigger: it only claims the building.
+NOT_CERTIFIED: Final = "not_certified"
+#: A device whose clock reads more than :data:`MAX_DEVICE_AHEAD_S` ahead: not signed.
+DEVICE_CLOCK_AHEAD: Final = "device_clock_ahead"
 
 
 class DispatchError(ValueError):
@@ -92,13 +116,14 @@ class Delivery:
     body: dict[str, Any]
     #: The receiver's clock when the (last) trigger was signed.
     receiver_time: float = 0.0
-    #: The trigger's ``iat``: the device's time then, as the receiver measured it.
-    device_time: int = 0
+    #: The trigger's ``iat``: the device's time then, as the receiver measured it (None:
+    #: not signed for it, ``not_certified``; for ``device_clock_ahead``, the time refused).
+    device_time: int | None = 0
     #: The device's clock minus the receiver's that was used (None: not measured yet).
     clock_offset_s: float | None = None
     #: How old that measurement was (seconds).
     offset_age_s: float | None = None
-    #: Triggers signed for this device: 2 after a refusal for the clock.
+    #: Triggers signed for this device: 2 after a refusal for the clock; 0: none.
     attempts: int = 1
     #: The first answer's error, when it was tried again.
     retried_after: str | None = None
@@ -114,7 +139,7 @@ class Delivery:
             "device": self.device,
             "status": self.status,
             "receiver_time": iso_ms(self.receiver_time),
-            "device_time": iso_ms(self.device_time),
+            "device_time": None if self.device_time is None else iso_ms(self.device_time),
             "clock_offset_s": None if offset is None else round(offset, 3),
             "attempts": self.attempts,
         }
@@ -181,10 +206,15 @@ class Dispatch:
         clock: Callable[[], float] = time.time,
         clocks: DeviceClocks | None = None,
         remeasure_s: float = REMEASURE_S,
+        unverified_of: Callable[[str], Iterable[str]] | None = None,
     ) -> None:
+        """``devices_of(building)``: the connected devices certified for ``building`` (each
+        gets a trigger); ``unverified_of(building)``: those that only claim it (listed as
+        :data:`NOT_CERTIFIED`, sent nothing)."""
         self.key = key
         self.pusher = pusher
         self.devices_of = devices_of
+        self.unverified_of = unverified_of
         self.clock = clock
         self.clocks = clocks
         #: How long to wait for a new heartbeat after a refusal for the clock.
@@ -196,10 +226,13 @@ class Dispatch:
         return kid(self.key.public_key())
 
     async def send(self, *, building: Any, action: Any, reason: Any, user: str) -> list[Delivery]:
-        """Sign one trigger per device of ``building`` and push it; every answer."""
+        """Sign one trigger per certified device of ``building`` and push it; every answer,
+        then each device that only claims ``building`` (:data:`NOT_CERTIFIED`)."""
         building, action, reason = check_request(building, action, reason)
         devices = sorted(set(self.devices_of(building)))
-        if not devices:
+        claimed = self.unverified_of(building) if self.unverified_of is not None else ()
+        unverified = sorted(set(claimed) - set(devices))
+        if not devices and not unverified:
             raise DispatchError("no_device", f"no device of {building} is connected")
         said = signed_reason(reason, user)
 
@@ -222,15 +255,18 @@ class Dispatch:
             )  # fmt: skip
             again = await self._push(device, action, building, said, fresh)
             first = str(delivery.body.get("error"))
-            return dataclasses.replace(again, attempts=2, retried_after=first)
+            return dataclasses.replace(again, attempts=1 + again.attempts, retried_after=first)
 
         deliveries = list(await asyncio.gather(*(one(d) for d in devices)))
+        now = self.clock()
+        deliveries += [_not_certified(device, building, now) for device in unverified]
         for delivery in deliveries:
             log.warning(
                 "dispatch %s %s by %s to %s: %d %s (device time %s, receiver time %s)",
                 action, building, user, delivery.device, delivery.status,
                 delivery.body.get("error") or delivery.body.get("session"),
-                iso_ms(delivery.device_time), iso_ms(delivery.receiver_time),
+                "-" if delivery.device_time is None else iso_ms(delivery.device_time),
+                iso_ms(delivery.receiver_time),
             )  # fmt: skip
         return deliveries
 
@@ -242,14 +278,23 @@ class Dispatch:
         now = self.clock()
         iat = now if reading is None else reading.device_time(now)
         signed_at = min(max(int(iat), 0), _LATEST_IAT)  # a reading is 1970..9999: a no-op
-        # One envelope per device: each nonce is single-use on its device.
-        envelope = sign_trigger(
-            self.key, action=action, building=building, reason=reason, now=signed_at
-        )
         times: dict[str, Any] = {"receiver_time": now, "device_time": signed_at}
         if reading is not None:
             times["clock_offset_s"] = reading.offset_s
             times["offset_age_s"] = max(0.0, now - reading.at)
+        if iat - now > MAX_DEVICE_AHEAD_S:
+            # Before signing: nothing valid that far ahead is made, let alone sent.
+            detail = (
+                f"its clock reads {iat - now:.0f} s ahead of the receiver's, more than the "
+                f"{MAX_DEVICE_AHEAD_S:.0f} s a trigger is signed ahead; not signed, not sent "
+                "(set its clock right: NTP)"
+            )
+            body = {"error": DEVICE_CLOCK_AHEAD, "detail": detail}
+            return Delivery(device, 0, body, attempts=0, **times)
+        # One envelope per device: each nonce is single-use on its device.
+        envelope = sign_trigger(
+            self.key, action=action, building=building, reason=reason, now=signed_at
+        )
         try:
             result = await self.pusher.push_trigger(device, envelope, timeout_s=PUSH_TIMEOUT_S)
         except LookupError:
@@ -260,6 +305,16 @@ class Dispatch:
                 device, 0, {"error": "no_answer", "detail": "may have applied"}, **times
             )
         return Delivery(device, result.status, dict(result.body), **times)
+
+
+def _not_certified(device: str, building: str, now: float) -> Delivery:
+    """The entry of a device that only claims ``building``: nothing signed, nothing sent."""
+    detail = (
+        f"connected without an enrollment certificate (allow-list): {building} is only "
+        "what its session claims; no trigger is signed for it"
+    )
+    body = {"error": NOT_CERTIFIED, "detail": detail}
+    return Delivery(device, 0, body, receiver_time=now, device_time=None, attempts=0)
 
 
 def _clock_refused(delivery: Delivery) -> bool:

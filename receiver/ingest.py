@@ -63,9 +63,10 @@ import math
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import aiohttp
@@ -405,6 +406,12 @@ class IngestServer:
             await self._send_error(ws, conn, "revoked", f"device {device} is revoked")
         finally:
             self._dropping.discard(ws)
+
+    @property
+    def enrollments(self) -> Mapping[str, Enrollment]:
+        """The enrollment each connected device's connection was accepted with (a device
+        accepted by the allow-list is not in it)."""
+        return MappingProxyType(self._enrollments)
 
     async def close_all(self) -> None:
         """Close every device's uplink (the receiver shuts down): each with ``going away``

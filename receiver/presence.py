@@ -9,6 +9,16 @@ certificate, else from the sessions it opens) and the session open on its
 connection, if any. The protocol carries no device state (armed, fault)
 beyond that, so none is shown.
 
+A building is **verified** (``building_verified``) only when it came from the
+enrollment certificate the device's current connection was accepted with
+(:meth:`Presence.connected` with a ``building``). A session's claim never sets
+or changes a verified building; for a device accepted by the allow-list (no
+certificate) the first claim sets it, unverified: the device's own word, shown
+as such, and never a reason to send it the building's dispatch triggers
+(:meth:`receiver.server.Receiver.devices_of` takes certified connections only).
+A device that connects without a certificate keeps the building it had, marked
+unverified.
+
 A device heard from before and silent for ``offline_after_s`` (default
 300 s) is *offline*. :meth:`Presence.check` raises the alarm once per
 transition: one warning when a device goes offline, one info line when it is
@@ -104,6 +114,9 @@ class DevicePresence:
     #: When ``connected`` last changed (clock seconds).
     changed: float
     building: str | None = None
+    #: ``building`` came from the enrollment certificate of its (last) connection; False:
+    #: from a session's claim (an allow-listed device), or from before that connection.
+    building_verified: bool = False
     connected: bool = False
     #: The session open on its current connection.
     session: str | None = None
@@ -130,6 +143,7 @@ class DevicePresence:
         return {
             "device": self.device,
             "building": self.building,
+            "building_verified": self.building is not None and self.building_verified,
             "connected": self.connected,
             "last_heard": iso_utc(self.last_heard),
             "offline": self.offline(now, offline_after_s),
@@ -172,14 +186,18 @@ class Presence:
     # -- what the uplink reports ---------------------------------------------
 
     def connected(self, device: str, *, building: str | None = None) -> None:
-        """The device completed a handshake (its hello counts as heard)."""
+        """The device completed a handshake (its hello counts as heard). ``building``: the
+        one its accepted enrollment certificate names (verified); None: no certificate on
+        this connection (the allow-list), so whatever building it had is unverified now."""
         now = self.clock()
         entry = self.devices.get(device)
         if entry is None:
             entry = self.devices[device] = DevicePresence(device, now, now)
         entry.connected, entry.changed, entry.session = True, now, None
         if building:
-            entry.building = building
+            entry.building, entry.building_verified = building, True
+        else:
+            entry.building_verified = False
         self.heard(device)
         self._changed()
 
@@ -196,12 +214,14 @@ class Presence:
             self._changed()
 
     def session(self, device: str, session: str | None, *, building: str | None = None) -> None:
-        """The session open on the device's connection (``None``: none)."""
+        """The session open on the device's connection (``None``: none). ``building`` is
+        what the session says: it sets an unknown building, unverified (a claim), and never
+        sets or changes one its certificate gave."""
         entry = self.devices.get(device)
         if entry is not None:
             entry.session = session
-            if building and not entry.building:
-                entry.building = building
+            if building and not entry.building and not entry.building_verified:
+                entry.building, entry.building_verified = building, False
                 self._dirty = True
             self._changed()
 
@@ -316,7 +336,11 @@ class Presence:
         doc = {
             "version": _FILE_VERSION,
             "devices": {
-                d.device: {"last_heard": d.last_heard, "building": d.building}
+                d.device: {
+                    "last_heard": d.last_heard,
+                    "building": d.building,
+                    "building_verified": d.building_verified,
+                }
                 for d in self.devices.values()
             },
         }
@@ -343,7 +367,12 @@ class Presence:
             heard = float(entry["last_heard"])
             building = entry.get("building")
             self.devices[device] = DevicePresence(
-                device, heard, heard, building if isinstance(building, str) else None
+                device,
+                heard,
+                heard,
+                building if isinstance(building, str) else None,
+                # A file from before this key: unverified until the device's next hello.
+                building_verified=entry.get("building_verified") is True,
             )
 
 

@@ -243,11 +243,21 @@ class Receiver:
             await self.presence.save()
 
     def devices_of(self, building: str) -> list[str]:
-        """The connected devices of ``building`` (as their enrollment or session says)."""
+        """The connected devices of ``building`` that dispatch signs for: those whose
+        connection was accepted with an enrollment certificate naming ``building`` (the
+        ingest's verified enrollment of each connection). Never a session's claim."""
+        enrolled = self.ingest.enrollments  # connected devices only
+        return [device for device, e in enrolled.items() if e.building == building]
+
+    def unverified_of(self, building: str) -> list[str]:
+        """The connected devices that only *claim* ``building`` (a session of a device
+        accepted by the allow-list, without a certificate): dispatch lists them as
+        ``not_certified`` and signs nothing for them."""
+        enrolled = self.ingest.enrollments
         return [
             d.device
             for d in self.presence.devices.values()
-            if d.connected and d.building == building
+            if d.connected and d.building == building and d.device not in enrolled
         ]
 
     def ingest_feed(self, session_id: str, camera_id: str):  # type: ignore[no-untyped-def]
@@ -266,8 +276,14 @@ class Receiver:
         await self.store.load()
         key = await asyncio.to_thread(load_or_make_key, self.dispatch_key_path)
         # Signed in each device's time, as its heartbeats measure it on the same clock.
+        # Only to devices certified for the building; one that claims it is listed, not sent.
         self.dispatch = Dispatch(
-            key, self.ingest, self.devices_of, clock=self.clock, clocks=self.ingest.clocks
+            key,
+            self.ingest,
+            self.devices_of,
+            clock=self.clock,
+            clocks=self.ingest.clocks,
+            unverified_of=self.unverified_of,
         )
         if self._notify is not None:
             signer = await asyncio.to_thread(evidence_key, self.data_dir)

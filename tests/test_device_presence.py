@@ -48,6 +48,7 @@ T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 FIELDS = {
     "device",
     "building",
+    "building_verified",
     "connected",
     "last_heard",
     "offline",
@@ -146,6 +147,7 @@ async def test_a_silent_device_goes_offline_once_and_comes_back_on_reconnect(
             assert first == {
                 "device": DEVICE,
                 "building": BUILDING,  # from its enrollment certificate
+                "building_verified": True,
                 "connected": True,
                 "last_heard": "2027-01-15T08:00:00Z",
                 "offline": False,
@@ -191,7 +193,9 @@ async def test_the_offline_alarm_survives_a_receiver_restart(
             await rx.presence.wait_for(lambda: DEVICE in rx.presence.devices)
         await until_disconnected(rx)
     saved = json.loads((tmp_path / "receiver" / "presence.json").read_text())
-    assert saved["devices"][DEVICE] == {"last_heard": T0, "building": BUILDING}
+    assert saved["devices"][DEVICE] == {
+        "last_heard": T0, "building": BUILDING, "building_verified": True,
+    }  # fmt: skip
 
     clock.t += 120
     async with receiver_at(tmp_path, clock) as rx:  # the device never reconnects
@@ -201,6 +205,7 @@ async def test_the_offline_alarm_survives_a_receiver_restart(
         after = entry(await get_devices(rx))
         assert after["offline"] is True
         assert after["building"] == BUILDING
+        assert after["building_verified"] is True  # kept: its certificate said so
         assert after["since"] == iso_utc(T0 + 300)
     assert len(offline_warnings(caplog)) == 1
 

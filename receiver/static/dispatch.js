@@ -50,16 +50,18 @@ export class DispatchPanel {
     this.root.hidden = !roleAtLeast("dispatcher");
   }
 
-  // The buildings to choose from: {id, online} from the devices list.
+  // The buildings to choose from: {id, online, devices, unverified} from the devices list
+  // (devices: those certified for the building; unverified: those that only claim it).
   setBuildings(buildings) {
-    const key = buildings.map((b) => `${b.id}:${b.online}/${b.devices}`).join(",");
+    const key = buildings.map((b) => `${b.id}:${b.online}/${b.devices}/${b.unverified || 0}`).join(",");
     if (key === this.buildingsKey) return;
     this.buildingsKey = key;
     const chosen = this.building.value;
     const placeholder = el("option", null, buildings.length ? "choose a building…" : "no building known yet");
     placeholder.value = "";
     const options = buildings.map((b) => {
-      const opt = el("option", null, `${b.id} (${b.online} of ${b.devices} device${b.devices === 1 ? "" : "s"} online)`);
+      const unverified = b.unverified ? `; ${b.unverified} unverified, sent nothing` : "";
+      const opt = el("option", null, `${b.id} (${b.online} of ${b.devices} device${b.devices === 1 ? "" : "s"} online${unverified})`);
       opt.value = b.id;
       return opt;
     });

@@ -842,8 +842,8 @@ function renderDevices(devices) {
       if (d.recording_failing) li.append(el("span", "failing", " · RECORDING FAILING"));
       const enrolled = enrollmentNote(d.enrollment);
       if (enrolled) li.append(" · ", el("span", `enrollment ${enrolled[1]}`.trim(), enrolled[0]));
-      // No certificate accepted here: its building is what its sessions claimed.
-      if (!d.enrollment && d.building) li.append(" · ", el("span", "unverified", "building unverified (not enrolled)"));
+      // No certificate on its connection: its building is what its sessions claimed.
+      if (d.building && !d.building_verified) li.append(" · ", el("span", "unverified", "building unverified (not enrolled)"));
       li.title = d.session ? `session ${d.session}` : "no session";
       ul.append(li);
     }
@@ -853,9 +853,15 @@ function renderDevices(devices) {
   list.replaceChildren(...cards);
   list.hidden = devices.length === 0;
   alarm.update(undefined, offline.length);
+  // Dispatch goes only to devices certified for the building; one that only claims it is
+  // counted apart (the receiver lists it as not_certified and sends it nothing).
   dispatch.setBuildings([...buildings]
     .filter(([id]) => id !== "unknown building")
-    .map(([id, devs]) => ({ id, devices: devs.length, online: devs.filter((d) => d.connected).length })));
+    .map(([id, devs]) => {
+      const certified = devs.filter((d) => d.building_verified);
+      const online = certified.filter((d) => d.connected).length;
+      return { id, devices: certified.length, online, unverified: devs.length - certified.length };
+    }));
 }
 
 // -- the address: dashboard, wall, one camera -----------------------------------------------
