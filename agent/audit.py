@@ -71,7 +71,9 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
   ``trigger`` or ``keylist_refused``; ``code``; ``count``; ``first``,
   ``last``: UTC seconds; ``example``: one of them as it would have been
   audited: refusals repeated within a minute, after the first was audited in
-  full), ``replay_cache_reset``, ``local_api_fault``.
+  full), ``replay_cache_reset``, ``local_api_fault``, ``challenge_refused``
+  (``code``, ``detail``, ``via``: a device challenge asked of a device that
+  cannot give one, an unprovisioned one).
 - ``receiver_access_head``: ``receiver`` (origin), ``entry`` (a number) and
   ``head`` (that entry's hash): the head of the receiver's access log as the
   receiver told it (at most once a minute, when it grew), so a log handed

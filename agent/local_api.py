@@ -18,7 +18,10 @@ out, errors ``{"error": CODE, "detail": "..."}`` with a stable CODE:
   and the technician's camera check (:mod:`agent.pairing_api`).
 
 An unprovisioned device (:mod:`agent.first_boot`) serves the status and the
-pairing endpoints; the others answer 409 ``unprovisioned``.
+pairing endpoints; the others answer 409 ``unprovisioned``. A trigger, a
+challenge request or a key list sent to it is audited as refused (``trigger``,
+``challenge_refused``, ``keylist_refused`` with code ``unprovisioned``), in
+summary when they repeat, as every refusal is: someone believes it is armed.
 
 Any host on the LAN is untrusted, and nothing it sends may take from the agent
 what the buttons, the store and the uplink need (:class:`ApiLimits`):
@@ -37,14 +40,21 @@ what the buttons, the store and the uplink need (:class:`ApiLimits`):
   split in transit), and never past its limit: one announced or found larger
   is refused without reading the rest.
 
-Triggers are checked for a signature by an enrolled key before anything else
-(after the size limit): a signed trigger is never rate limited. What fails that
-check is (a token bucket per client address, :data:`TRIGGERS_PER_S`, and one for
-all clients, twice that): over it, 429 ``rate_limited``, audited as one
-``trigger_flood`` entry per minute with its count. The same for key lists, with
-the district authority's signature. Refusals are audited off the event loop, in
-summary when they repeat (:class:`agent.trigger_gate.RefusalDigest`), so nobody
-on the LAN can fill the SD card with audit entries or stall the loop on them.
+Triggers are checked before anything else (after the size limit): one the
+verifier would accept now (signed by an enrolled key, for this building and
+role, in its window, its nonce never seen) is never rate limited. Everything
+else is, a signed envelope that is spent, expired or for another building too
+(review t1: one spent envelope, replayed 780 times a second, skipped the limit):
+a token bucket per client address, :data:`TRIGGERS_PER_S`, and one for all
+clients, twice that. Over it, 429 ``rate_limited``, audited as one
+``trigger_flood`` entry per minute with its count, written when the minute is
+up (by a timer: not only by the next request or at shutdown, which a crash
+lost). The same for key lists: only one the district authority signed that
+would replace the installed list skips the limit. ``GET /v1/challenge`` has a
+bucket per network (the /24 or /64 of the address, :data:`CHALLENGES_PER_S`).
+Refusals are audited off the event loop, in summary when they repeat
+(:class:`agent.trigger_gate.RefusalDigest`), so nobody on the LAN can fill the
+SD card with audit entries or stall the loop on them.
 """
 
 from __future__ import annotations
@@ -77,6 +87,7 @@ from agent.lan_guard import (
 from agent.pairing_api import PairingService, load_or_make_code
 from agent.policy import STATUS
 from agent.technician import TechnicianDesk
+from agent.trigger_gate import MAX_DETAIL, RefusalDigest, address_prefix
 from provisioning.documents import DocumentError, envelope_limit
 from provisioning.keys import kid, public_pem
 from provisioning.tls import ensure_certificate, server_context
@@ -90,6 +101,11 @@ log = logging.getLogger(__name__)
 TRIGGERS_PER_S: Final = 10.0
 TRIGGER_BURST: Final = 50.0
 FLOOD_REPORT_S: Final = 60.0
+#: ``GET /v1/challenge`` per network (:func:`agent.trigger_gate.address_prefix`).
+CHALLENGES_PER_S: Final = 1.0
+CHALLENGE_BURST: Final = 16.0
+#: The detail of every ``unprovisioned`` answer.
+UNPROVISIONED: Final = "this device is not enrolled yet"
 #: Client addresses whose trigger buckets are kept (the least recent are forgotten).
 MAX_CLIENTS: Final = 1024
 #: The API's bucket, for all clients together, in units of one client's.
@@ -156,8 +172,13 @@ class LocalApi:
         self.pairing: PairingService | None = None
         #: Per client address: (tokens, when counted); the least recent are forgotten.
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        #: The same for ``GET /v1/challenge``, per network.
+        self._challenge_buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._flood = 0
         self._flood_since = 0.0
+        self._flood_timer: asyncio.TimerHandle | None = None
+        #: Refusals by an unprovisioned device (an armed one audits through its gate).
+        self._refusals = RefusalDigest(host.audit)
 
     @property
     def url(self) -> str:
@@ -174,9 +195,9 @@ class LocalApi:
         )
         app.router.add_get("/v1/status", self._status)
         armed = self._agent is not None
-        app.router.add_get("/v1/challenge", self._challenge if armed else _unprovisioned)
-        app.router.add_post("/v1/triggers", self._trigger if armed else _unprovisioned)
-        app.router.add_put("/v1/trigger-keys", self._trigger_keys if armed else _unprovisioned)
+        app.router.add_get("/v1/challenge", self._challenge if armed else self._no_challenge)
+        app.router.add_post("/v1/triggers", self._trigger if armed else self._no_trigger)
+        app.router.add_put("/v1/trigger-keys", self._trigger_keys if armed else self._no_keys)
         app.router.add_get("/metrics", self._metrics if armed else _unprovisioned)
         if self.pairing is not None:
             self.pairing.setup(app)
@@ -296,7 +317,11 @@ class LocalApi:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._flood_timer is not None:
+            self._flood_timer.cancel()
+            self._flood_timer = None
         self._report_flood(force=True)
+        self._refusals.close()
 
     # -- handlers ------------------------------------------------------------------
 
@@ -310,8 +335,16 @@ class LocalApi:
         return web.json_response(public_status(self.host.status()))
 
     async def _challenge(self, request: web.Request) -> web.Response:
+        peer = request.remote or "?"
+        prefix = address_prefix(peer)
+        if not self._take(self._challenge_buckets, prefix, CHALLENGES_PER_S, CHALLENGE_BURST):
+            self._throttle.log(
+                logging.WARNING, ("challenge", prefix), "challenges rate limited for %s", prefix
+            )
+            body = {"error": "rate_limited", "detail": "too many challenges; retry later"}
+            return web.json_response(body, status=429, headers={"Retry-After": "1"})
         try:
-            challenge = self.agent.gate.challenge(request.remote or "?")
+            challenge = self.agent.gate.challenge(peer)
         except ChallengesExhausted as exc:
             body = {"error": "rate_limited", "detail": str(exc)}
             return web.json_response(body, status=429, headers={"Retry-After": "60"})
@@ -322,9 +355,10 @@ class LocalApi:
         peer = request.remote or "?"
         via = f"local_api {peer}"
         body = await read_body(request, TRIGGER_BODY)
-        # A trigger signed by an enrolled key is never held back by what others send
-        # (Ed25519 verifies in a fraction of a millisecond); the rest is rate limited.
-        if body is None or not self.agent.gate.signed_by_enrolled_key(body):
+        # A trigger the verifier would accept is never held back by what others send
+        # (Ed25519 verifies in a fraction of a millisecond); the rest is rate limited,
+        # a signed one that is spent, expired or for another building too.
+        if body is None or not self.agent.gate.would_accept(body):
             if not self._take_token(peer):
                 resp = web.json_response(
                     {"error": "rate_limited", "detail": "too many triggers; retry in a second"},
@@ -345,7 +379,7 @@ class LocalApi:
         peer = request.remote or "?"
         body = await read_body(request, KEYLIST_BODY)
         gate = self.agent.gate
-        if body is None or not gate.signed_by_authority(body):
+        if body is None or not gate.would_install(body):
             if not self._take_token(peer):
                 resp = web.json_response(
                     {"error": "rate_limited", "detail": "retry later"}, status=429
@@ -362,6 +396,31 @@ class LocalApi:
             return web.json_response({"error": exc.code, "detail": exc.detail[:300]}, status=status)
         return web.json_response({"version": keys.version, "keys": len(keys.keys), "exp": keys.exp})
 
+    async def _no_trigger(self, request: web.Request) -> web.Response:
+        via = f"local_api {request.remote or '?'}"[:MAX_DETAIL]
+        fields = {
+            "result": "rejected", "code": "unprovisioned", "detail": UNPROVISIONED,
+            "kid": None, "role": None, "action": None, "reason": None, "via": via,
+            "session": None,
+        }  # fmt: skip
+        if self._refusals.refuse("trigger", ("unprovisioned", None), fields):
+            log.warning("trigger via %s refused: unprovisioned", via)
+        return await _unprovisioned(request)
+
+    async def _no_challenge(self, request: web.Request) -> web.Response:
+        via = f"local_api {request.remote or '?'}"[:MAX_DETAIL]
+        fields = {"code": "unprovisioned", "detail": UNPROVISIONED, "via": via}
+        if self._refusals.refuse("challenge_refused", ("unprovisioned",), fields):
+            log.warning("challenge for %s refused: unprovisioned", via)
+        return await _unprovisioned(request)
+
+    async def _no_keys(self, request: web.Request) -> web.Response:
+        source = f"local_api {request.remote or '?'}"[:MAX_DETAIL]
+        fields = {"source": source, "code": "unprovisioned", "detail": UNPROVISIONED}
+        if self._refusals.refuse("keylist_refused", ("unprovisioned",), fields):
+            log.warning("trigger-key list from %s refused: unprovisioned", source)
+        return await _unprovisioned(request)
+
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self.metrics_text(), content_type="text/plain", charset="utf-8")
 
@@ -373,8 +432,11 @@ class LocalApi:
         needs, and many machines together still cannot fill the card with audit
         entries (the API's bucket is twice one client's)."""
         now = time.monotonic()
-        own = self._refill(client, now, 1)
-        total = self._refill("", now, ALL_CLIENTS)
+        own = self._refill(self._buckets, client, now, self.triggers_per_s, self.burst)
+        scale = ALL_CLIENTS
+        total = self._refill(
+            self._buckets, "", now, self.triggers_per_s * scale, self.burst * scale
+        )
         taken = own >= 1 and total >= 1
         self._buckets[client] = (own - 1 if taken else own, now)
         self._buckets[""] = (total - 1 if taken else total, now)
@@ -385,21 +447,52 @@ class LocalApi:
             return True
         if self._flood == 0:
             self._flood_since = now
+            # Written when its minute is up even if nothing follows (a crash must not
+            # lose it): the refusal summaries are written so too.
+            if self._flood_timer is None:
+                loop = asyncio.get_running_loop()
+                self._flood_timer = loop.call_later(FLOOD_REPORT_S, self._flood_due)
         self._flood += 1
         if self._agent is not None:
             self._agent.gate.rejected["rate_limited"] += 1
         self._report_flood()
         return False
 
-    def _refill(self, key: str, now: float, scale: float) -> float:
-        tokens, at = self._buckets.pop(key, (self.burst * scale, now))
-        return min(self.burst * scale, tokens + (now - at) * self.triggers_per_s * scale)
+    def _take(
+        self, buckets: OrderedDict[str, tuple[float, float]], key: str, per_s: float, burst: float
+    ) -> bool:
+        """One token of ``key``'s bucket (``per_s``, ``burst``); the least recent forgotten."""
+        now = time.monotonic()
+        tokens = self._refill(buckets, key, now, per_s, burst)
+        taken = tokens >= 1
+        buckets[key] = (tokens - 1 if taken else tokens, now)
+        while len(buckets) > MAX_CLIENTS:
+            buckets.popitem(last=False)
+        return taken
+
+    @staticmethod
+    def _refill(
+        buckets: OrderedDict[str, tuple[float, float]],
+        key: str,
+        now: float,
+        per_s: float,
+        burst: float,
+    ) -> float:
+        tokens, at = buckets.pop(key, (burst, now))
+        return min(burst, tokens + (now - at) * per_s)
+
+    def _flood_due(self) -> None:
+        self._flood_timer = None
+        self._report_flood(force=True)
 
     def _report_flood(self, *, force: bool = False) -> None:
         if self._flood and (force or time.monotonic() - self._flood_since >= FLOOD_REPORT_S):
             log.warning("local API: %d triggers refused by the rate limit", self._flood)
             self.host.audit.record_soon("trigger_flood", refused=self._flood, via="local_api")
             self._flood = 0
+            if self._flood_timer is not None:
+                self._flood_timer.cancel()
+                self._flood_timer = None
 
     # -- metrics --------------------------------------------------------------------------
 
@@ -478,6 +571,4 @@ class LocalApi:
 
 
 async def _unprovisioned(request: web.Request) -> web.Response:
-    return web.json_response(
-        {"error": "unprovisioned", "detail": "this device is not enrolled yet"}, status=409
-    )
+    return web.json_response({"error": "unprovisioned", "detail": UNPROVISIONED}, status=409)

@@ -22,13 +22,26 @@ no nonce is forgotten early, and after the correction its trigger is still
 ``replayed``. Setting the clock back is caught too, by up to :data:`RETAIN_S`
 (at least half of it after a long forward step): the nonces are still there.
 
-The cache never refuses a trigger by its mark, so a mark made from a wrong
-clock cannot shut remote triggers out: one ahead of the clock (made on first
-start from a clock set to 2099) only leaves the wall clock to judge, less
-:data:`RETAIN_S`, and once the clock has read before the mark for
-:data:`REBASE_S` of running time the mark is taken back to the clock (moving
-it back only keeps nonces longer). A mark behind the real time (after the
-device was off) only keeps nonces longer until it catches up.
+A clock set back further than :data:`RETAIN_S` would still meet a nonce the
+cache forgot (review t5: an ``end`` accepted 25 h before ended a new emergency
+once the clock was set back into its window). So the cache answers
+:meth:`SqliteReplayCache.forgotten_before`: the mark less :data:`RETAIN_S`.
+Every nonce it ever forgot was kept until before that (the mark only moves
+forward), and the verifier refuses a trigger whose window ended before it
+(``expired``): exactly the triggers the cache can no longer judge, whatever the
+clock reads now. A window that ended less than a day before the mark is still
+judged by its nonce, so a clock behind the mark by less than a day (the usual
+case after a power cut: fake-hwclock's last save) refuses nothing new.
+
+A mark made from a wrong clock is bounded the same way as before: one ahead of
+the clock (made on first start from a clock set to 2099) refuses the triggers
+more than a day older than it (dispatch signs in the device's time), and once
+the clock has read before the mark for :data:`REBASE_S` of running time the
+mark is taken back to the clock (moving it back only keeps nonces longer; it
+also takes back what :meth:`forgotten_before` refuses, so a clock held back
+for a whole day without a break is the one step this does not catch). A mark
+behind the real time (after the device was off) only keeps nonces longer until
+it catches up.
 """
 
 from __future__ import annotations
@@ -96,6 +109,13 @@ class SqliteReplayCache:
     def mark(self) -> float:
         """The latest wall time seen, as far as the monotonic clock vouches for it."""
         return self._mark
+
+    def forgotten_before(self) -> float:
+        """A time (UTC seconds) such that every nonce this cache forgot was kept until
+        before it: a trigger whose window ended earlier may be one it accepted and no
+        longer knows, and must be refused. Reads the clocks (moving the mark), saves nothing."""
+        self._look()
+        return self._mark - RETAIN_S
 
     def seen(self, nonce: str) -> bool:
         """Whether an accepted trigger already carried ``nonce``."""

@@ -16,15 +16,20 @@ verified) only the first in a minute in full, the others in that minute as one
 ``refusals`` summary entry (``of``, ``code``, ``count``, ``first``, ``last``,
 ``example``). A flood costs the trail about one entry a minute per kind.
 
-Device challenges (:class:`FairChallenges`): a client (an address) that asks
-for more than its share gives up its own oldest, and when all are outstanding
-the client holding the most gives up its oldest: whoever asks gets one.
+Device challenges (:class:`FairChallenges`): an outstanding challenge is never
+given up for another (a signer takes minutes with one, and a flood must not
+cancel it: review t4, where 256 addresses did). A new one is refused (429) when
+all are outstanding, when its client (an address) holds its share, or when its
+network (the /24 of an IPv4 address, the /64 of an IPv6 one) holds its share:
+one LAN cannot take them all, however many addresses it uses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import json
 import logging
 import sqlite3
 import time
@@ -38,13 +43,7 @@ from agent.audit import AuditLog
 from agent.config import TrustConfig
 from agent.replay import SqliteReplayCache
 from agent.statefile import read_state, set_aside, write_json
-from provisioning.documents import (
-    DocumentError,
-    envelope_limit,
-    open_signed,
-    parse_envelope,
-    signature_valid,
-)
+from provisioning.documents import DocumentError, envelope_limit, open_signed
 from provisioning.errors import KeyFileError
 from provisioning.keys import load_public_key
 from provisioning.triggers import (
@@ -53,9 +52,11 @@ from provisioning.triggers import (
     MAX_KEYLIST_PAYLOAD,
     Accepted,
     Challenges,
+    ChallengesExhausted,
     Keyring,
     Rejected,
     TriggerKeyList,
+    check_trigger,
     parse_key_list,
     verify_trigger,
 )
@@ -72,6 +73,8 @@ MAX_DETAIL: Final = 300
 MAX_REASON: Final = 500
 #: Device challenges outstanding at once (single use, 300 s each; a few bytes each).
 MAX_OUTSTANDING_CHALLENGES: Final = 256
+#: Device challenges outstanding at once for one network (see :func:`address_prefix`).
+MAX_CHALLENGES_PER_PREFIX: Final = 16
 
 
 @dataclass
@@ -193,14 +196,29 @@ class RefusalDigest:
             self._arm(min(pending))
 
 
-class FairChallenges(Challenges):
-    """:class:`Challenges` that a client can always get, whatever others on the LAN ask.
+def address_prefix(client: str) -> str:
+    """The network a client address is counted in: the /24 of an IPv4 address (an
+    IPv4-mapped IPv6 one too), the /64 of an IPv6 one; anything else as it is."""
+    try:
+        address = ipaddress.ip_address(client.split("%", 1)[0])
+    except ValueError:
+        return client
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    bits = 24 if isinstance(address, ipaddress.IPv4Address) else 64
+    return str(ipaddress.ip_network(f"{address}/{bits}", strict=False))
 
-    One client (an address) holds at most ``per_client``: asking for another gives
-    up its own oldest. When ``limit`` are outstanding, the client holding the most
-    gives up its oldest. A flood from a few addresses cancels only their own
-    challenges; to cancel a dispatcher's (who holds one), an attacker needs as many
-    addresses as ``limit``, each holding no more than the dispatcher.
+
+class FairChallenges(Challenges):
+    """:class:`Challenges` that one network on the LAN cannot take all of.
+
+    As :class:`Challenges`: at most ``limit`` outstanding and ``per_client`` of one
+    address, a new one refused (:class:`ChallengesExhausted`) when either is full and
+    none ever given up for it. And at most ``per_prefix`` of one network
+    (:func:`address_prefix`): a host can take many addresses of its own LAN (any IPv6
+    host, its whole /64), so to hold them all it needs ``limit / per_prefix`` networks.
+    A signer on another network still gets one; a signer on the flooder's network is
+    refused until the flood's expire (never cancelled once given).
     """
 
     def __init__(
@@ -208,33 +226,36 @@ class FairChallenges(Challenges):
         ttl_s: float = CHALLENGE_TTL_S,
         limit: int = MAX_OUTSTANDING_CHALLENGES,
         per_client: int = MAX_CHALLENGES_PER_CLIENT,
+        per_prefix: int = MAX_CHALLENGES_PER_PREFIX,
     ) -> None:
         super().__init__(ttl_s, limit, per_client)
-        #: challenge -> (issued at, client), oldest first (the base class keeps its own).
-        self._order: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self.per_prefix = per_prefix
+        #: challenge -> its client's network; outstanding per network.
+        self._prefix: dict[str, str] = {}
+        self._per_prefix: Counter[str] = Counter()
 
     def issue(self, mono: float, client: str | None = None) -> str:
-        """A fresh challenge for ``client``, giving up another as the class docstring says."""
-        for challenge, (issued, _) in list(self._order.items()):
-            if mono - issued <= self.ttl_s:
-                break
-            self.consume(challenge)
-        if client is not None:
-            own = [c for c, (_, who) in self._order.items() if who == client]
-            if len(own) >= self.per_client:
-                self.consume(own[0])
-        if len(self._order) >= self.limit:
-            held = Counter(who for _, who in self._order.values())
-            most = max(held.values())
-            self.consume(next(c for c, (_, who) in self._order.items() if held[who] == most))
+        """A fresh challenge for ``client``. Raises :class:`ChallengesExhausted`."""
+        self._expire(mono)
+        prefix = None if client is None else address_prefix(client)
+        if prefix is not None and self._per_prefix[prefix] >= self.per_prefix:
+            raise ChallengesExhausted(
+                f"{self.per_prefix} challenges of this network are outstanding; retry later"
+            )
         challenge = super().issue(mono, client)
-        self._order[challenge] = (mono, client)
+        if prefix is not None:
+            self._prefix[challenge] = prefix
+            self._per_prefix[prefix] += 1
         return challenge
 
     def consume(self, challenge: str) -> None:
-        """Spend (or give up) a challenge."""
+        """Spend a challenge (or forget an expired one)."""
         super().consume(challenge)
-        self._order.pop(challenge, None)
+        prefix = self._prefix.pop(challenge, None)
+        if prefix is not None:
+            self._per_prefix[prefix] -= 1
+            if self._per_prefix[prefix] <= 0:
+                del self._per_prefix[prefix]
 
 
 class TriggerGate:
@@ -272,7 +293,7 @@ class TriggerGate:
 
     def _open_replay(self, path: Path) -> SqliteReplayCache:
         try:
-            return SqliteReplayCache(path, self.clock)
+            return SqliteReplayCache(path, self.clock, self.mono)
         except sqlite3.DatabaseError as exc:
             # A damaged cache must not keep the agent (and its buttons) from arming. The
             # nonces it held are lost: a trigger accepted in the last six minutes could be
@@ -280,7 +301,7 @@ class TriggerGate:
             aside = set_aside(path, int(self.clock()))
             log.error("replay cache %s unreadable (%s): moved to %s", path, exc, aside.name)
             self.audit.record("replay_cache_reset", error=str(exc)[:300], moved_to=aside.name)
-            return SqliteReplayCache(path, self.clock)
+            return SqliteReplayCache(path, self.clock, self.mono)
 
     def _load(self, configured: Path | None) -> None:
         if self._authority is None:
@@ -343,28 +364,44 @@ class TriggerGate:
         if self.refusals.refuse("keylist_refused", (exc.code,), fields):
             log.error("trigger-key list from %s refused: %s: %s", source, exc.code, detail)
 
-    def signed_by_enrolled_key(self, body: bytes | str | Mapping[str, Any]) -> bool:
-        """Whether ``body`` is a trigger envelope that a key of the installed list signed.
-        Checks nothing else, and counts, audits or consumes nothing."""
-        try:
-            envelope = parse_envelope(body)
-        except DocumentError:
-            return False
-        key = self.keyring.lookup(envelope.kid, self.clock())
-        return not isinstance(key, str) and signature_valid(envelope, key.public)
+    def would_accept(self, body: bytes | str | Mapping[str, Any]) -> bool:
+        """Whether :meth:`verify` would accept ``body`` now: signed by an enrolled key, for
+        this building and role, in its window, its nonce never seen (or its challenge
+        outstanding). Counts, audits and consumes nothing. A spent, expired or foreign
+        envelope is signed too, and must not pass for one that would act (review t1)."""
+        result = check_trigger(
+            body,
+            building=self.building,
+            keyring=self.keyring,
+            now=self.clock(),
+            mono=self.mono(),
+            replay=self.replay,
+            challenges=self.challenges,
+            forgotten_before=self.replay.forgotten_before(),
+        )
+        return isinstance(result, Accepted)
 
-    def signed_by_authority(self, body: bytes | str | Mapping[str, Any]) -> bool:
-        """Whether ``body`` is an envelope the district authority signed (a key list, maybe
-        an older one). Counts and audits nothing."""
+    def would_install(self, body: bytes | str | Mapping[str, Any]) -> bool:
+        """Whether ``body`` is a key list the district authority signed that would replace
+        the installed one (a newer version, not expired): an older, the same or an expired
+        list is signed too, and must not pass for one that changes something. Reads the
+        payload's ``version`` and ``exp`` only (the whole list is checked on install)."""
         if self._authority is None:
             return False
         try:
-            open_signed(
+            envelope = open_signed(
                 body, self._authority, what="trigger-key list", max_payload=MAX_KEYLIST_PAYLOAD
             )
-        except DocumentError:
+            doc = json.loads(envelope.payload)
+        except (DocumentError, ValueError, RecursionError):
             return False
-        return True
+        if not isinstance(doc, dict):
+            return False
+        version, exp = doc.get("version"), doc.get("exp")
+        if type(version) is not int or type(exp) is not int or exp <= self.clock():
+            return False
+        current = self.keyring.current
+        return current is None or version > current.version
 
     def challenge(self, client: str | None = None) -> str:
         """A fresh single-use device challenge for ``client`` (its address). Raises
@@ -382,6 +419,7 @@ class TriggerGate:
             mono=self.mono(),
             replay=self.replay,
             challenges=self.challenges,
+            forgotten_before=self.replay.forgotten_before(),
         )
         if isinstance(result, Rejected):
             self.reject(result, via=via)

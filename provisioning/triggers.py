@@ -12,7 +12,10 @@ Order of the checks, so that each code means one thing:
 current list; an expired list enrols nothing) -> ``bad_signature`` ->
 ``malformed`` (the payload, parsed only now) -> ``wrong_building`` (payload
 or key scope) -> ``role_forbidden`` -> ``bad_challenge`` | ``not_yet_valid``
-/ ``expired`` -> ``replayed``. An accepted trigger's nonce is consumed.
+/ ``expired`` (by the clock, then by ``forgotten_before``: a window that ended
+before a time the replay cache may have forgotten nonces of) -> ``replayed``.
+An accepted trigger's nonce is consumed. :func:`check_trigger` applies the same
+rules and consumes nothing (the Local API asks it which triggers skip its rate limit).
 
 The trigger-key list (``type: "trigger_keys"``) is signed by the district
 authority and carries a ``version`` and an ``exp``: :meth:`Keyring.install`
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -355,8 +359,50 @@ def verify_trigger(
     mono: float,
     replay: ReplayCache,
     challenges: Challenges,
+    forgotten_before: float | None = None,
 ) -> Accepted | Rejected:
-    """Apply every rule of DESIGN.md to one trigger envelope (see the module docstring)."""
+    """Apply every rule of DESIGN.md to one trigger envelope (see the module docstring);
+    an accepted trigger's nonce is remembered and its challenge spent.
+
+    ``forgotten_before`` (UTC seconds): the replay cache may have forgotten the nonces of
+    triggers whose window (``exp`` + :data:`SKEW_S`) ended before it, so such a trigger
+    is refused ``expired`` whatever the clock says now (a clock set back cannot bring
+    back a trigger the cache no longer knows it accepted). A trigger carrying a device
+    challenge is fresh by that challenge and is not held to it.
+    """
+    result = check_trigger(
+        body,
+        building=building,
+        keyring=keyring,
+        now=now,
+        mono=mono,
+        replay=replay,
+        challenges=challenges,
+        forgotten_before=forgotten_before,
+    )
+    if isinstance(result, Accepted):
+        trigger = result.trigger
+        # Remember it while any clock could still take it for valid (a challenge-path
+        # trigger carries times the device cannot judge: keep it at least a lifetime).
+        replay.add(trigger.nonce, max(trigger.exp + SKEW_S, now + MAX_LIFETIME_S + SKEW_S))
+        if trigger.challenge is not None:
+            challenges.consume(trigger.challenge)
+    return result
+
+
+def check_trigger(
+    body: bytes | str | Mapping[str, Any],
+    *,
+    building: str,
+    keyring: Keyring,
+    now: float,
+    mono: float,
+    replay: ReplayCache,
+    challenges: Challenges,
+    forgotten_before: float | None = None,
+) -> Accepted | Rejected:
+    """What :func:`verify_trigger` would answer, consuming nothing (no nonce remembered,
+    no challenge spent): an :class:`Accepted` here is not accepted yet."""
     try:
         envelope = d.parse_envelope(body)
     except DocumentError as exc:
@@ -391,13 +437,16 @@ def verify_trigger(
         return Rejected("not_yet_valid", f"iat is {doc['iat'] - now:.0f} s in the future", **seen)
     elif doc["exp"] < now - SKEW_S:
         return Rejected("expired", f"expired {now - doc['exp']:.0f} s ago", **seen)
+    elif forgotten_before is not None and doc["exp"] + SKEW_S < forgotten_before:
+        ended = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(doc["exp"]))
+        return Rejected(
+            "expired",
+            f"its window ended ({ended}) before the oldest time this device still knows"
+            " the triggers of (its clock was set back?); sign it with a device challenge",
+            **seen,
+        )
     if replay.seen(doc["nonce"]):
         return Rejected("replayed", "nonce already used", **seen)
-    # Remember it while any clock could still take it for valid (a challenge-path
-    # trigger carries times the device cannot judge: keep it at least a lifetime).
-    replay.add(doc["nonce"], max(doc["exp"] + SKEW_S, now + MAX_LIFETIME_S + SKEW_S))
-    if challenge is not None:
-        challenges.consume(challenge)
     cameras = None if doc["cameras"] == "all" else tuple(doc["cameras"])
     return Accepted(
         Trigger(

@@ -11,6 +11,7 @@ split in transit was read half and refused as malformed.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.demo import press_button, write_agent_config
 from provisioning.tls import fingerprint_digest
-from provisioning.triggers import sign_key_list
+from provisioning.triggers import ChallengesExhausted, sign_key_list
 from receiver.server import Receiver
 from tests.trust import Signers, call, enrol_roles, entry
 
@@ -400,14 +401,23 @@ async def test_junk_from_other_addresses_never_holds_back_a_signed_trigger(
         assert statuses.count(429) == 2  # the buckets are empty
         junk = await request(api, "POST", "/v1/triggers", JUNK_TRIGGER, "127.0.0.4")
         assert junk[0] == 429  # a third address: held back by the bucket for all
-        start = keys.trigger("principal", "start")
-        for _ in range(3):  # signed: answered for what it is, never 429
+        for _ in range(3):  # one the verifier accepts: answered for what it is, never 429
+            start = keys.trigger("principal", "start")
             status, answer = await request(api, "POST", "/v1/triggers", start, "127.0.0.4")
-            assert status in (202, 409), answer
+            assert status == 202, answer
         assert agent.emergency.active is not None
-        v2 = (tmp_path / "agent" / "trigger-keys.json").read_text()  # installed at start
-        status, answer = await request(api, "PUT", "/v1/trigger-keys", v2, "127.0.0.4")
-        assert status == 200, answer
+        # (review t1: a spent one, signed too, is rate limited now: test_trigger_hardening)
+        v2 = json.loads((tmp_path / "agent" / "trigger-keys.json").read_text())
+        now = int(time.time())
+        v3 = sign_key_list(
+            keys.authority,
+            3,
+            json.loads(base64.urlsafe_b64decode(v2["payload"] + "==").decode())["keys"],
+            iat=now,
+            exp=now + 86400,
+        )
+        status, answer = await request(api, "PUT", "/v1/trigger-keys", json.dumps(v3), "127.0.0.4")
+        assert status == 200, answer  # a newer list from the authority: never 429
         status, answer = await request(api, "PUT", "/v1/trigger-keys", JUNK_KEYLIST, "127.0.0.4")
         assert status == 429, answer
         agent.end("test finished")
@@ -416,8 +426,9 @@ async def test_junk_from_other_addresses_never_holds_back_a_signed_trigger(
 async def test_a_dispatcher_gets_a_challenge_whoever_holds_the_others(
     tmp_path: Path, receiver: Receiver
 ) -> None:
-    """16 addresses with 4 challenges each held all 64: a dispatcher got 429. Now whoever
-    asks gets one, and a flood from many addresses gives up its own, not the dispatcher's."""
+    """16 addresses with 4 challenges each held all 64: a dispatcher got 429. Now one
+    network (here 127.0.1.0/24) holds at most its share: a signer on another still gets
+    one, and nobody's is given up for a new one (review t4)."""
     path, keys = agent_config(tmp_path, receiver)
     async with Agent(load_config(path)) as agent:
         api = agent.local_api
@@ -437,20 +448,33 @@ async def test_a_dispatcher_gets_a_challenge_whoever_holds_the_others(
 
 
 def test_challenges_are_shared_so_that_whoever_asks_gets_one() -> None:
-    challenges = trigger_gate.FairChallenges(limit=8, per_client=4)
-    dispatcher = challenges.issue(0.0, "10.0.0.9")
+    """Review t4: giving up the oldest let 256 addresses cancel a signer's challenge. Now
+    none is ever given up: a new one is refused when its address, its network or the
+    pool holds its share, and one network cannot hold the whole pool."""
+    challenges = trigger_gate.FairChallenges(limit=8, per_client=4, per_prefix=4)
+    dispatcher = challenges.issue(0.0, "10.0.9.9")
     flood = [challenges.issue(1.0, "10.0.0.1") for _ in range(4)]
-    more = challenges.issue(2.0, "10.0.0.1")  # a fifth of one client: its own oldest goes
-    assert not challenges.valid(flood[0], 3.0) and challenges.valid(more, 3.0)
-    others = [challenges.issue(3.0, "10.0.0.2") for _ in range(3)]  # all 8 held now
-    new = challenges.issue(4.0, "10.0.0.3")  # the client holding the most gives one up
-    assert challenges.valid(new, 5.0) and not challenges.valid(flood[1], 5.0)
-    assert challenges.valid(dispatcher, 5.0)
-    assert all(challenges.valid(c, 5.0) for c in (*flood[2:], more, *others))
-    challenges.consume(dispatcher)  # used: gone
+    with pytest.raises(ChallengesExhausted):  # a fifth of one address: refused
+        challenges.issue(2.0, "10.0.0.1")
+    with pytest.raises(ChallengesExhausted):  # another address of the same /24: refused
+        challenges.issue(2.0, "10.0.0.2")
+    others = [challenges.issue(3.0, "10.0.1.2") for _ in range(3)]  # all 8 held now
+    with pytest.raises(ChallengesExhausted):
+        challenges.issue(4.0, "10.0.2.3")
+    assert all(challenges.valid(c, 5.0) for c in (dispatcher, *flood, *others))
+    challenges.consume(dispatcher)  # used: gone, and its place is free
     assert not challenges.valid(dispatcher, 5.0)
-    stale = challenges.issue(400.0, "10.0.0.9")  # expired ones free their places
+    assert challenges.valid(challenges.issue(5.0, "10.0.2.3"), 5.0)
+    stale = challenges.issue(400.0, "10.0.0.1")  # expired ones free their places
     assert challenges.valid(stale, 400.0)
+
+
+def test_a_network_is_its_prefix() -> None:
+    assert trigger_gate.address_prefix("10.1.2.3") == "10.1.2.0/24"
+    assert trigger_gate.address_prefix("::ffff:10.1.2.3") == "10.1.2.0/24"
+    assert trigger_gate.address_prefix("fd00:1:2:3:4:5:6:7") == "fd00:1:2:3::/64"
+    assert trigger_gate.address_prefix("fe80::1%eth0") == "fe80::/64"
+    assert trigger_gate.address_prefix("?") == "?"
 
 
 # -- D2: refusals audited off the loop, bounded, in summary --------------------------------
