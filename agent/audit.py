@@ -911,17 +911,19 @@ class AuditLog:
                 log.error("audit entry %s not written: %s", event, exc)
         return landed
 
-    def _write_locked(self, event: str, fields: dict[str, Any]) -> bool:
-        """Write one entry after those held; hold it if it cannot be written now (a full
-        or failing card: an emergency's disclosures must reach the trail once it can be
-        written, not be lost). Caller holds the lock. Whether it is in the file."""
+    def _write_locked(self, event: str, fields: dict[str, Any], *, hold: bool = True) -> bool:
+        """Write one entry after those held; unless ``hold`` is false, hold it if it cannot
+        be written now (a full or failing card: an emergency's disclosures must reach the
+        trail once it can be written, not be lost). Caller holds the lock. Whether it is
+        in the file."""
         if self._held and not self._write_held_locked():
-            self._hold(event, fields)
+            if hold:
+                self._hold(event, fields)
             return False
         self.failing = None
         if self._append(event, lambda t: self._chain.entry(t, event, fields)):
             return True
-        if self.failing is not None:  # the card, not the entry: try again later
+        if self.failing is not None and hold:  # the card, not the entry: try again later
             self._hold(event, fields)
         return False
 
@@ -997,10 +999,11 @@ class AuditLog:
         """Like :meth:`record`, but says whether the entry is durably in the file
         (written whole and fsynced). For what may happen only once it is on the trail
         (the technician's camera check, :mod:`agent.technician`); emergencies never
-        wait for it. Blocks: from the event loop use :meth:`record_durable_soon`."""
+        wait for it. An entry that cannot be written is not held: what it records does
+        not happen. Blocks: from the event loop use :meth:`record_durable_soon`."""
         check_fields(event, fields)
         with self._lock:
-            durable = self._write_locked(event, fields) and self._synced
+            durable = self._write_locked(event, fields, hold=False) and self._synced
             if self._chain.unsigned >= self._every:
                 self._checkpoint_locked()
         log.info("audit: %s %s", event, fields)

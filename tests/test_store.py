@@ -831,8 +831,12 @@ async def test_audit_trail_on_a_full_disk_keeps_its_chain(tmp_path: Path) -> Non
     whole = [x for x in lines if x.endswith(b"}")]
     assert len(lines) - len(whole) <= 1  # at most one fragment of a short write
     entries, _ = verify_chain(whole)
-    assert entries == len(whole) < 44
-    assert [json.loads(x)["event"] for x in whole[-3:]] == ["disk_ok"] * 3
+    # None lost: those the full disk refused were held, then written first, in order.
+    assert entries == len(whole) == 44
+    events = [json.loads(x) for x in whole]
+    assert [e.get("first_seq") for e in events[1:41]] == list(range(40))
+    assert any("happened_at" in e for e in events[1:41])
+    assert [e["event"] for e in events[-3:]] == ["disk_ok"] * 3
 
 
 async def test_writer_survives_a_failing_write(
