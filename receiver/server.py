@@ -56,6 +56,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from aiohttp import Fingerprint, web
 
@@ -68,7 +69,7 @@ from receiver.auth import Auth, AuthSettings, allow_anonymous, setup_auth
 from receiver.device_clock import DeviceClocks
 from receiver.device_trust import DeviceTrust
 from receiver.dispatch import Dispatch, load_or_make_key
-from receiver.errors import InvalidSettingError
+from receiver.errors import InvalidSettingError, ReceiverError
 from receiver.evidence_format import evidence_key
 from receiver.hls import setup_hls
 from receiver.ingest import AllowList, IngestServer, UplinkLimits
@@ -260,6 +261,13 @@ class Receiver:
             if d.connected and d.building == building and d.device not in enrolled
         ]
 
+    def _meta_of(self, session_id: str) -> dict[str, Any] | None:
+        """A session's recorded metadata (the district's webhook says what it holds)."""
+        try:
+            return self.store.get(session_id).meta
+        except ReceiverError:
+            return None
+
     def ingest_feed(self, session_id: str, camera_id: str):  # type: ignore[no-untyped-def]
         """The live feed of one camera of one session, if it is recording."""
         return self.store.live_feed(session_id, camera_id)
@@ -290,7 +298,7 @@ class Receiver:
             outbox = await asyncio.to_thread(Outbox, self.data_dir / "notify.sqlite")
             self.notifier = Notifier(self._notify[0], outbox, signer, ssl=self._notify[1])
             await self.notifier.__aenter__()
-            self.ingest.session_listeners.append(SessionNotices(self.notifier))
+            self.ingest.session_listeners.append(SessionNotices(self.notifier, self._meta_of))
         self.fingerprint = ensure_certificate(
             self.cert_path,
             self.key_path,

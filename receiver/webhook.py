@@ -39,6 +39,11 @@ What is sent (no footage, nothing about students): one JSON object, keys sorted:
   the signer's ``role``, ``label`` and ``reason``, ...);
 - ``cameras`` (``started`` only): ``[{"id", "zone"}]``, each zone the certificate's
   where it lists the camera;
+- ``certified`` (``started`` only, when known): whether the building and zones come
+  from the device's enrollment certificate (false: an allow-listed device's word);
+  ``mismatches`` (``started`` only, when there are any): what the device claimed
+  otherwise, ``[{"field", "claimed", "certified"}]`` (a device misconfigured, or one
+  that lies: the district should look at it);
 - ``reason`` (``ended`` only): why it ended (``expired``, the trigger's reason, ...).
 
 Redirects are not followed: an answer 3xx is a failed attempt, retried like any
@@ -258,6 +263,8 @@ def session_event(
     started_by: Mapping[str, Any] | None = None,
     cameras: list[Mapping[str, Any]] | None = None,
     reason: str | None = None,
+    certified: bool | None = None,
+    mismatches: list[Mapping[str, Any]] | None = None,
 ) -> tuple[str, bytes]:
     """An event's id and its JSON body (canonical: sorted keys, no spaces).
 
@@ -285,6 +292,12 @@ def session_event(
         doc["cameras"] = [{"id": c.get("id"), "zone": c.get("zone")} for c in cameras]
     if reason is not None:
         doc["reason"] = reason
+    if certified is not None:
+        doc["certified"] = certified
+    if mismatches:
+        doc["mismatches"] = [
+            {k: m.get(k) for k in ("field", "claimed", "certified")} for m in mismatches
+        ]
     body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     if len(body) > MAX_BODY:
         raise ValueError(f"event of {len(body)} bytes (at most {MAX_BODY})")
@@ -390,8 +403,15 @@ class SessionNotices:
     with the certificate's building and zones in the ``SessionOpen``, not the device's).
     """
 
-    def __init__(self, notifier: Notifier) -> None:
+    def __init__(
+        self,
+        notifier: Notifier,
+        meta_of: Callable[[str], Mapping[str, Any] | None] | None = None,
+    ) -> None:
+        """``meta_of(session)``: the session's recorded metadata (``certified`` and
+        ``mismatches``, :func:`receiver.device_trust.certify_open`), if known."""
         self.notifier = notifier
+        self.meta_of = meta_of
         self._open: dict[tuple[str, str], str | None] = {}  # (device, session) -> building
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -403,6 +423,9 @@ class SessionNotices:
             if event.started_by.get("kind") == "share":
                 return
             self._open[(device, event.session)] = event.building
+            meta = self.meta_of(event.session) if self.meta_of is not None else None
+            certified = meta.get("certified") if meta is not None else None
+            mismatches = meta.get("mismatches") if meta is not None else None
             made = session_event(
                 "session.started",
                 device=device,
@@ -412,6 +435,10 @@ class SessionNotices:
                 device_at=event.started_at,  # the device's own, beside it
                 started_by=event.started_by,
                 cameras=[{"id": c.id, "zone": c.zone} for c in event.cameras],
+                certified=certified if isinstance(certified, bool) else None,
+                mismatches=[m for m in mismatches if isinstance(m, Mapping)]
+                if isinstance(mismatches, list)
+                else None,
             )
         elif isinstance(event, p.SessionClose):
             if (device, event.session) not in self._open:

@@ -228,6 +228,9 @@ async def test_an_emergency_claiming_another_building_is_recorded_shown_and_noti
         {"field": "cameras.hall.zone", "claimed": "exterior", "certified": "interior"},
         {"field": "cameras.attic.zone", "claimed": "interior", "certified": None},
     ]
+    # The district is told what the device claimed too: a device that lies is its concern.
+    assert (started["certified"], started["mismatches"]) == (True, mismatches)
+    assert "mismatches" not in ended
     meta = api["meta"]
     assert (meta["building"], meta["certified"]) == (CERTIFIED, True)
     assert meta["mismatches"] == mismatches
@@ -301,6 +304,7 @@ async def test_an_allow_listed_devices_building_is_its_word_and_marked_unverifie
     assert line.endswith(" — building unverified (device not enrolled by certificate)"), line
     assert note == "building unverified (not enrolled)"
     assert started["building"] == "washington-high"  # unchanged: nothing to hold it to
+    assert started["certified"] is False and "mismatches" not in started
     assert started["cameras"] == [{"id": "hall", "zone": "exterior"}]
     api = await api_session(rx, "s-old")
     assert api["meta"]["building"] == "washington-high"
