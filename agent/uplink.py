@@ -253,6 +253,10 @@ class UplinkClient:
         self._audit_head = audit_head
         self.audit_acked = 0
         self._audit_inflight = False
+        #: The receiver took nothing of the last batch (its copy holds another trail: a
+        #: device replaced under the same id, or a trail edited): not sent again on this
+        #: connection (sent at once, it looped, and the receiver stored each as a fork).
+        self._audit_refused = False
         #: Control messages for the writer to send first (answers to pushed triggers).
         self._control: deque[p.Event] = deque()
         self.streams: deque[SessionStream] = deque()
@@ -782,6 +786,7 @@ class UplinkClient:
         self._lanes = []
         self.audit_acked = min(welcome.audit_n, self._trail_head())
         self._audit_inflight = False
+        self._audit_refused = False
         self._control.clear()  # answers for the old connection's receiver-side requests
 
     def _plan(self, stream: SessionStream) -> p.SessionOpen:
@@ -1033,6 +1038,13 @@ class UplinkClient:
     def _on_audit_ack(self, ack: p.AuditAck) -> None:
         # Never beyond what this device has: a receiver that claims more would stop the
         # trail from being shipped.
+        if self._audit_inflight and ack.n <= self.audit_acked and not self._audit_refused:
+            self._audit_refused = True
+            log.error(
+                "the receiver holds another audit trail for this device (it took none of"
+                " entries %d on): not sent again until the next connection",
+                self.audit_acked + 1,
+            )
         self.audit_acked = max(self.audit_acked, min(ack.n, self._trail_head()))
         self._audit_inflight = False
         self._progress.notify()
@@ -1045,7 +1057,13 @@ class UplinkClient:
     async def _ship_audit(self, ws: aiohttp.ClientWebSocketResponse, conn: p.Uplink) -> None:
         """Send the next batch of audit entries the receiver lacks (one batch in flight)."""
         feed, head = self._audit_feed, self._audit_head
-        if feed is None or head is None or self._audit_inflight or head() <= self.audit_acked:
+        if (
+            feed is None
+            or head is None
+            or self._audit_inflight
+            or self._audit_refused
+            or head() <= self.audit_acked
+        ):
             return
         first, lines = await asyncio.to_thread(feed.after, self.audit_acked)
         if lines:

@@ -12,7 +12,10 @@ the last ``hash``, and ``hash`` the SHA-256 of the entry's canonical JSON):
 entries already held are skipped, and a batch that does not continue the copy
 (a device whose trail was replaced or edited) is not appended: it is stored
 beside the copy as ``<device>.fork-<time>.log`` and logged loudly, and the
-ack stays at the copy's last entry.
+ack stays at the copy's last entry. The same fork sent again (a device resends
+after each ack) is not stored again, and at most :data:`MAX_FORKS` are kept per
+device and receiver run: a device that resent its fork at once filled the disk
+with copies of it, thousands a minute.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from provisioning.documents import canonical
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 16 * 1024
+#: Forks stored per device and receiver run (each a different one).
+MAX_FORKS = 8
 DEVICE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -53,6 +58,8 @@ class AuditCopies:
         self.directory = directory
         self._heads: dict[str, _Head] = {}
         self._lock = threading.Lock()
+        #: Per device, the forks stored this run: (entry number, SHA-256 of that line).
+        self._forks: dict[str, set[tuple[int, str]]] = {}
 
     def path(self, device: str) -> Path:
         """The copy of ``device``'s trail."""
@@ -94,7 +101,7 @@ class AuditCopies:
                 continue  # held already (a resend after a reconnect)
             problem = _check(line, number, n, prev)
             if problem is not None:
-                self._fork(device, first, lines, f"entry {number}: {problem}")
+                self._fork(device, first, lines, number, f"entry {number}: {problem}")
                 break
             entry = json.loads(line)
             n, prev = number, str(entry["hash"])
@@ -110,7 +117,18 @@ class AuditCopies:
             head.n, head.hash = n, prev
         return head.n
 
-    def _fork(self, device: str, first: int, lines: tuple[str, ...], why: str) -> None:
+    def _fork(self, device: str, first: int, lines: tuple[str, ...], number: int, why: str) -> None:
+        forks = self._forks.setdefault(device, set())
+        line = lines[number - first].encode("utf-8", "surrogateescape")
+        key = (number, hashlib.sha256(line).hexdigest())
+        if key in forks:
+            return  # this fork is kept already
+        if len(forks) >= MAX_FORKS:
+            if len(forks) == MAX_FORKS:
+                forks.add(key)  # said once
+                log.error("audit trail of %s: %d forks kept; no more this run", device, MAX_FORKS)
+            return
+        forks.add(key)
         log.error(
             "audit trail of %s does not continue the receiver's copy (%s): kept aside", device, why
         )
