@@ -48,6 +48,7 @@ from provisioning.tls import ensure_certificate, server_context
 from tests.bench.agent_proc import write_units
 from tests.bench.common import (
     Figure,
+    ReceiverContact,
     child,
     figure,
     h264_stream,
@@ -94,35 +95,37 @@ async def measure_agent(
     seconds: float,
     warmup: float,
     *,
+    rx: ReceiverContact,
     name: str,
     cameras: int = 1,
     preroll_s: float = 30,
     press: bool = False,
 ) -> dict[str, float]:
-    """Run a receiver and an agent process; the agent's own measurement (its JSON line)."""
-    async with receiver_process(tmp / f"{name}-receiver") as rx:
-        ids = (
-            (("replay", "interior"),)
-            if cameras == 1
-            else tuple((f"replay-{i}", "interior") for i in range(cameras))
-        )
-        config = write_agent_config(tmp / name, rx, fps=FPS, preroll_s=preroll_s, cameras=ids)
-        units = tmp / f"{stream.name}.units"
-        if not units.exists():  # split here: the agent's process never loads PyAV for it
-            split = await asyncio.to_thread(load_access_units, stream)
-            info: dict[str, int | str] = {"width": split.width, "height": split.height}
-            info["extradata"] = split.extradata.hex()
-            await asyncio.to_thread(write_units, units, list(split.units), info)
-        argv = [sys.executable, "-m", "tests.bench.agent_proc", "--config", str(config)]
-        argv += ["--units", str(units), "--seconds", str(seconds), "--warmup", str(warmup)]
-        if press:
-            argv.append("--press")
-        async with child(name, argv, grace_s=5) as agent:
-            line = await agent.wait_line(re.compile(r"^\{.*\}$"), timeout=seconds + warmup + 60)
-            result: dict[str, float] = json.loads(line.group(0))
-            code = await agent.wait_exit(timeout=40)
-            if code != 0:
-                raise RuntimeError(f"agent process exited with {code}")
+    """Run an agent process uplinked to ``rx``; its own measurement (its JSON line)."""
+    ids = (
+        (("replay", "interior"),)
+        if cameras == 1
+        else tuple((f"replay-{i}", "interior") for i in range(cameras))
+    )
+    config = write_agent_config(  # a device of its own: its own audit trail and sessions
+        tmp / name, rx, device_id=f"bench-{name}", fps=FPS, preroll_s=preroll_s, cameras=ids
+    )
+    units = tmp / f"{stream.name}.units"
+    if not units.exists():  # split here: the agent's process never loads PyAV for it
+        split = await asyncio.to_thread(load_access_units, stream)
+        info: dict[str, int | str] = {"width": split.width, "height": split.height}
+        info["extradata"] = split.extradata.hex()
+        await asyncio.to_thread(write_units, units, list(split.units), info)
+    argv = [sys.executable, "-m", "tests.bench.agent_proc", "--config", str(config)]
+    argv += ["--units", str(units), "--seconds", str(seconds), "--warmup", str(warmup)]
+    if press:
+        argv.append("--press")
+    async with child(name, argv, grace_s=5) as agent:
+        line = await agent.wait_line(re.compile(r"^\{.*\}$"), timeout=seconds + warmup + 60)
+        result: dict[str, float] = json.loads(line.group(0))
+        code = await agent.wait_exit(timeout=40)
+        if code != 0:
+            raise RuntimeError(f"agent process exited with {code}")
     log.info(
         "%s: %.2f %% of one core over %.1f s for %d stream(s) (user %.2f s, system %.2f s), "
         "RSS %.1f MiB (%.1f of it file-backed: libraries), pre-roll %.1f MiB (>= %.1f s per "
@@ -298,15 +301,20 @@ async def run(smoke: bool) -> list[Figure]:
     full = preroll_s + warmup  # a full pre-roll before the window: the steady state
     with make_temp_dir(BENCH) as tmp_name:
         tmp = Path(tmp_name)
-        idle = await measure_agent(tmp, stream, seconds, full, name="agent", preroll_s=preroll_s)
-        idle_peer = await measure_ffmpeg_segment(tmp, stream, seconds, warmup)
-        live = await measure_agent(
-            tmp, stream, seconds, warmup, name="agent-live", preroll_s=preroll_s, press=True
-        )
-        live_peer = await measure_ffmpeg_tls(tmp, stream, seconds, warmup)
-        eight = await measure_agent(
-            tmp, stream, rss_seconds, full, name="agent-8", cameras=8, preroll_s=preroll_s
-        )
+        async with receiver_process(tmp / "receiver") as rx:  # idle while ffmpeg runs
+            idle = await measure_agent(
+                tmp, stream, seconds, full, rx=rx, name="agent", preroll_s=preroll_s
+            )
+            idle_peer = await measure_ffmpeg_segment(tmp, stream, seconds, warmup)
+            live = await measure_agent(
+                tmp, stream, seconds, warmup, rx=rx, name="agent-live", preroll_s=preroll_s,
+                press=True,
+            )  # fmt: skip
+            live_peer = await measure_ffmpeg_tls(tmp, stream, seconds, warmup)
+            eight = await measure_agent(
+                tmp, stream, rss_seconds, full, rx=rx, name="agent-8", cameras=8,
+                preroll_s=preroll_s,
+            )  # fmt: skip
     return [
         figure(
             BENCH,
