@@ -79,7 +79,7 @@ def procs() -> Iterator[list[Proc]]:
 
 def test_demo_for_n_seconds_exits_zero_with_a_summary(tmp_path: Path) -> None:
     result = subprocess.run(
-        [*CLI, "demo", "--for", "8", "--data", str(tmp_path)],
+        [*CLI, "demo", "--for", "5", "--data", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=80,
