@@ -10,11 +10,15 @@ from __future__ import annotations
 import contextlib
 import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+from aiohttp import web
 from playwright.async_api import Browser, Page, async_playwright
 
-from tests.logins import PASSWORD
+from receiver.recording import RecordingStore
+from receiver.viewer import setup_viewer
+from tests.logins import PASSWORD, secured_client
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARGS = [
@@ -75,3 +79,19 @@ async def logged_in_page(
         yield page
     finally:
         await context.close()
+
+
+@contextlib.asynccontextmanager
+async def viewer_page(
+    store: RecordingStore, folder: Path, name: str = "officer-1"
+) -> AsyncIterator[Page]:
+    """The viewer of ``store`` (its routes alone, secured, on 127.0.0.1) in Chromium,
+    logged in as ``name`` (an officer made in ``folder``)."""
+    app = web.Application()
+    setup_viewer(app, store, store.live_feed)
+    async with (
+        secured_client(app, folder) as client,
+        chromium() as browser,
+        logged_in_page(browser, str(client.make_url("/")), name) as page,
+    ):
+        yield page

@@ -24,7 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from receiver.server import Receiver
 
 CHUNK = 16 * 1024
 #: A throttled link forwards at most this much of its time at once (and no less than
@@ -148,3 +153,11 @@ class TcpProxy:
         finally:
             writer.close()
             self._writers.discard(writer)
+
+
+def via_proxy(config: Path, receiver: Receiver, proxy: TcpProxy) -> Path:
+    """Point an agent config at the proxy; the receiver accepts the proxy's origin too
+    (as a receiver behind a load balancer accepts its public name)."""
+    receiver.ingest.origins.append(proxy.origin)
+    config.write_text(config.read_text().replace(receiver.uplink_url, proxy.origin + "/v1/uplink"))
+    return config

@@ -44,7 +44,7 @@ from receiver.presence import Presence
 from receiver.recording import RecordingStore, TrackInfo
 from receiver.server import Receiver
 from receiver.viewer import setup_viewer
-from tests.browser import chromium, logged_in_page, needs_chromium
+from tests.browser import chromium, logged_in_page, needs_chromium, viewer_page
 from tests.logins import add_account, secured_client
 from tests.media import META, PacketList
 
@@ -531,13 +531,7 @@ async def test_the_alarm_says_when_on_the_receivers_clock_and_the_devices_beside
         pressed = time.time() - 278_220  # on the device's clock: 77 h behind
         meta = dict(META, started_at=pressed, expires_at=pressed + 3600)
         rec = await store.open_session("s-1", "lincoln-pi-1", meta, [track])
-        app = web.Application()
-        setup_viewer(app, store, store.live_feed)
-        async with (
-            secured_client(app, tmp_path / "auth") as client,
-            chromium() as browser,
-            logged_in_page(browser, str(client.make_url("/")), "officer-1") as page,
-        ):
+        async with viewer_page(store, tmp_path / "auth") as page:
             await page.wait_for_selector("#alarms .alarm", timeout=WAIT_MS)
             at = "(t) => new Date(t * 1000).toLocaleTimeString([], { hour12: false })"
             opened = await page.evaluate(at, rec.opened_at)
@@ -566,13 +560,7 @@ async def test_a_restart_gap_is_shown_as_a_place_not_as_100000_frames(
             await cam.append(seq, t0 + seq * 33_333, key, payload, preroll=False, live=True)
         await cam.declare_gap(60, 99_999, "lost")
         await cam.flush()
-        app = web.Application()
-        setup_viewer(app, store, store.live_feed)
-        async with (
-            secured_client(app, tmp_path / "auth") as client,
-            chromium() as browser,
-            logged_in_page(browser, str(client.make_url("/")), "officer-1") as page,
-        ):
+        async with viewer_page(store, tmp_path / "auth") as page:
             counts = page.locator(".tile .counts").first
             await counts.wait_for(timeout=WAIT_MS)
             text = await counts.text_content() or ""

@@ -31,7 +31,7 @@ from receiver.recording import RecordingStore, TrackInfo
 from receiver.server import Receiver
 from receiver.summaries import DeclaredGap
 from tests.emergencies import pressed
-from tests.netproxy import TcpProxy
+from tests.netproxy import TcpProxy, via_proxy
 from tests.recordings import (
     assert_declared,
     assert_session_gapless,
@@ -160,12 +160,10 @@ async def test_a_camera_slow_after_a_restart_keeps_its_footage_and_rejoins(
     """A power cut mid-emergency with the link down, the hallway camera slow to come back
     after the restart, then a second restart with every camera up (the review's s2c)."""
     async with TcpProxy(receiver.port) as proxy:
-        receiver.ingest.origins.append(proxy.origin)
         path = write_agent_config(
             tmp_path / "agent", receiver, fps=30, preroll_s=2, store="segment_s = 1"
         )
-        path.write_text(path.read_text().replace(receiver.uplink_url, proxy.origin + "/v1/uplink"))
-        config = load_config(path)
+        config = load_config(via_proxy(path, receiver, proxy))
         store = config.store.directory
         async with Agent(config) as agent:
             session = await pressed(agent)
@@ -232,12 +230,10 @@ async def test_a_camera_that_never_comes_back_after_a_restart_is_delivered_from_
     """The emergency ends while the camera is still down after the restart: what the store
     holds of it goes out, and the session ends (signed) at its last stored seq."""
     async with TcpProxy(receiver.port) as proxy:
-        receiver.ingest.origins.append(proxy.origin)
         path = write_agent_config(
             tmp_path / "agent", receiver, fps=30, preroll_s=2, store="segment_s = 1"
         )
-        path.write_text(path.read_text().replace(receiver.uplink_url, proxy.origin + "/v1/uplink"))
-        config = load_config(path)
+        config = load_config(via_proxy(path, receiver, proxy))
         async with Agent(config) as agent:
             session = await pressed(agent)
             stream = agent.uplink.stream(session.id)

@@ -32,7 +32,7 @@ from hardware import CameraSource, StreamInfo
 from receiver.server import Receiver
 from tests.clocks import ShiftedTime
 from tests.emergencies import pressed
-from tests.netproxy import TcpProxy
+from tests.netproxy import TcpProxy, via_proxy
 from tests.recordings import (
     assert_declared,
     assert_session_gapless,
@@ -41,14 +41,6 @@ from tests.recordings import (
 )
 
 pytestmark = pytest.mark.timeout(150)
-
-
-def via_proxy(config: Path, receiver: Receiver, proxy: TcpProxy) -> Path:
-    """Point an agent config at the proxy; the receiver accepts the proxy's origin too
-    (as a receiver behind a load balancer accepts its public name)."""
-    receiver.ingest.origins.append(proxy.origin)
-    config.write_text(config.read_text().replace(receiver.uplink_url, proxy.origin + "/v1/uplink"))
-    return config
 
 
 async def test_a_30_second_network_cut_ends_gapless(tmp_path: Path, receiver: Receiver) -> None:

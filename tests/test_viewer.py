@@ -29,7 +29,7 @@ from receiver.recording import (
     TrackInfo,
 )
 from receiver.viewer import setup_viewer
-from tests.browser import chromium, logged_in_page, needs_chromium
+from tests.browser import chromium, logged_in_page, needs_chromium, viewer_page
 from tests.logins import log_in, secured_client
 from tests.media import META, PacketList, ffprobe_stream
 
@@ -476,14 +476,8 @@ async def test_browser_shows_older_sessions_on_request_and_opens_a_link_to_one(
             now[0] += 60
             rec = await store.open_session(f"s-{i:03}", "dev-1", META, [track])
             await rec.close("all clear")
-        app = web.Application()
-        setup_viewer(app, store, store.live_feed)
         shows = "(n) => document.querySelectorAll('#sessions > section.session').length === n"
-        async with (
-            secured_client(app, tmp_path / "auth") as client,
-            chromium() as browser,
-            logged_in_page(browser, str(client.make_url("/")), "officer-1") as page,
-        ):
+        async with viewer_page(store, tmp_path / "auth") as page:
             await page.wait_for_function(shows, arg=50, timeout=15_000)
             await page.click("#older")
             await page.wait_for_function(shows, arg=100, timeout=15_000)
@@ -576,25 +570,18 @@ async def test_browser_shows_a_damaged_session_and_opens_it_without_a_player(
 ) -> None:
     root = tmp_path / "rec"
     await _damaged_store(root, packets)
-    async with RecordingStore(root) as store:
-        app = web.Application()
-        setup_viewer(app, store, store.live_feed)
-        async with (
-            secured_client(app, tmp_path / "auth") as client,
-            chromium() as browser,
-            logged_in_page(browser, str(client.make_url("/")), "officer-1") as page,
-        ):
-            listed = await (await page.wait_for_function(_DAMAGED_JS, timeout=15_000)).json_value()
-            assert "RECORDING DAMAGED" in listed["title"]
-            assert "cannot be played or exported here: s-1/session.json: " in listed["note"]
-            assert (listed["videos"], listed["exportShown"]) == (0, False)
-            assert set(listed["others"]) == {"s-1", "s-2"}
+    async with RecordingStore(root) as store, viewer_page(store, tmp_path / "auth") as page:
+        listed = await (await page.wait_for_function(_DAMAGED_JS, timeout=15_000)).json_value()
+        assert "RECORDING DAMAGED" in listed["title"]
+        assert "cannot be played or exported here: s-1/session.json: " in listed["note"]
+        assert (listed["videos"], listed["exportShown"]) == (0, False)
+        assert set(listed["others"]) == {"s-1", "s-2"}
 
-            await page.click('section.session[data-session="s-1"] a.wall-link')  # "Open"
-            await page.wait_for_function(
-                "() => location.hash === '#/wall/s-1' && "
-                "document.querySelector('section.session[data-session=\"s-2\"]').hidden"
-            )
-            opened = await page.evaluate(f"({_DAMAGED_JS})()")
-            assert opened["others"] == ["s-1"] and opened["empty"] is True
-            assert "RECORDING DAMAGED" in opened["title"] and opened["videos"] == 0
+        await page.click('section.session[data-session="s-1"] a.wall-link')  # "Open"
+        await page.wait_for_function(
+            "() => location.hash === '#/wall/s-1' && "
+            "document.querySelector('section.session[data-session=\"s-2\"]').hidden"
+        )
+        opened = await page.evaluate(f"({_DAMAGED_JS})()")
+        assert opened["others"] == ["s-1"] and opened["empty"] is True
+        assert "RECORDING DAMAGED" in opened["title"] and opened["videos"] == 0
