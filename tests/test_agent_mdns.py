@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,11 @@ pytestmark = pytest.mark.timeout(60)
 async def test_the_agent_is_found_with_its_pin_and_its_state(
     tmp_path: Path, receiver: Receiver
 ) -> None:
-    path = write_agent_config(tmp_path / "agent", receiver, preroll_s=1)
+    # A device id of its own: agents of other tests (other xdist workers) advertise on
+    # the same loopback.
+    path = write_agent_config(
+        tmp_path / "agent", receiver, preroll_s=1, device_id=f"mdns-test-{os.getpid()}"
+    )
     async with Agent(load_config(path)) as agent:
         await agent.wait_until(lambda: agent.advertiser is not None)
         api = agent.local_api
