@@ -5,7 +5,9 @@
   second button press, and changes nothing else.
 - ``extend``: moves the open session's expiry to ``now + duration``.
 - ``end``: closes the open session.
-- ``extend`` and ``end`` with no session open are refused (``no_session``);
+- ``extend`` and ``end`` with no session open are refused (``no_session``), and so
+  are those that name a session (``Trigger.session``) other than the open one: an
+  end meant for an emergency that is over never ends the next one;
   a start naming a camera the building does not have is refused
   (``malformed``): the signer meant something this device cannot do.
 
@@ -91,6 +93,13 @@ def apply_trigger(
         joined = isinstance(started, Repeated)
         body = {"session": started.session.id, "action": "start", "joined": joined}
         return Outcome(202, body, started)
+    target = trigger.session
+    active = emergency.active
+    if target is not None and (active is None or active.id != target):
+        now_open = "no session is open" if active is None else "another session is open"
+        return refused(
+            "no_session", f"the trigger is for session {target}, which is not open ({now_open})"
+        )
     if trigger.action == "extend":
         extended = emergency.extend(now, by, mono=mono)
         if extended is None:

@@ -101,6 +101,14 @@ def _challenge(text: str) -> str:
     return text
 
 
+def _session(text: str) -> str:
+    if not t.SESSION_RE.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text[:70]!r}: not a session id (as in 20261128T133000Z-3f9a1c2e)"
+        )
+    return text
+
+
 def _bounded_int(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -168,6 +176,8 @@ def _key_entry(text: str) -> KeyEntry:
 
 
 def _trigger_sign(args: argparse.Namespace) -> int:
+    if args.session is not None and args.trigger_action == "start":
+        return _error("--session: only an extend or an end names a session", 2)
     key = load_private_key(args.key)
     try:
         envelope = t.sign_trigger(
@@ -179,6 +189,7 @@ def _trigger_sign(args: argparse.Namespace) -> int:
             cameras=args.cameras,
             lifetime_s=args.lifetime,
             challenge=args.challenge,
+            session=args.session,
         )
     except DocumentError as exc:
         return _error(f"{exc.code}: {exc.detail}", 1)
@@ -427,6 +438,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=_challenge,
         metavar="N",
         help="a challenge from `breakglass trigger challenge` (for an unsynchronised clock)",
+    )
+    sign.add_argument(
+        "--session",
+        type=_session,
+        metavar="ID",
+        help="extend or end only this session (the agent's status names the open one; "
+        "it refuses the trigger, no_session, once another is open)",
     )
     sign.add_argument(
         "--lifetime",

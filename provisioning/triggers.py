@@ -17,6 +17,11 @@ before a time the replay cache may have forgotten nonces of) -> ``replayed``.
 An accepted trigger's nonce is consumed. :func:`check_trigger` applies the same
 rules and consumes nothing (the Local API asks it which triggers skip its rate limit).
 
+An ``extend`` or ``end`` may name the ``session`` it acts on (optional, an addition
+to DESIGN.md's fields: docs/DECISIONS.md "Triggers name their session"); the device
+then refuses it (``no_session``) unless that very session is open, so an end meant
+for one emergency never ends the next one. A ``start`` names none (``malformed``).
+
 The trigger-key list (``type: "trigger_keys"``) is signed by the district
 authority and carries a ``version`` and an ``exp``: :meth:`Keyring.install`
 refuses a lower version (rollback) and an expired list (freeze); rotating or
@@ -58,6 +63,9 @@ MAX_CHALLENGES: Final = 64
 MAX_CHALLENGES_PER_CLIENT: Final = 4
 MAX_KEYLIST_PAYLOAD: Final = 64 * 1024
 ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+#: An emergency session's id as the agent makes them (``20261128T133000Z-3f9a1c2e``),
+#: loosely: the device compares it whole.
+SESSION_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 NONCE_RE: Final = re.compile(r"^[A-Za-z0-9_-]{22,86}$")  # 16..64 bytes in base64url
 
 #: Every code a rejected trigger can carry (the Local API's ``error`` values).
@@ -237,6 +245,7 @@ class Trigger:
     kid: str
     role: Role
     label: str
+    session: str | None = None  # an extend's or end's: the session it acts on, if named
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,13 +422,17 @@ def check_trigger(
     if not d.signature_valid(envelope, key.public):
         return Rejected("bad_signature", "signature does not verify", kid=key.kid, role=key.role)
     try:
-        doc = d.read_payload(envelope, "trigger", _TRIGGER_FIELDS, frozenset({"challenge"}))
+        doc = d.read_payload(envelope, "trigger", _TRIGGER_FIELDS, _OPTIONAL)
     except DocumentError as exc:
         return Rejected(exc.code, exc.detail, kid=key.kid, role=key.role)
     seen = {"kid": key.kid, "role": key.role, "action": doc["action"], "reason": doc["reason"]}
     if doc["exp"] <= doc["iat"] or doc["exp"] - doc["iat"] > MAX_LIFETIME_S:
         return Rejected(
             "malformed", f"payload.exp: must be after iat and at most {MAX_LIFETIME_S} s", **seen
+        )
+    if "session" in doc and doc["action"] == "start":
+        return Rejected(
+            "malformed", "payload.session: only an extend or an end names a session", **seen
         )
     if doc["building"] != building:
         return Rejected("wrong_building", f"trigger is for {doc['building']!r}", **seen)
@@ -461,6 +474,7 @@ def check_trigger(
             key.kid,
             key.role,
             key.label,
+            doc.get("session"),
         )
     )
 
@@ -489,7 +503,9 @@ _TRIGGER_FIELDS: Final[Mapping[str, d.Check]] = {
     "reason": lambda v, w: d.text(v, w, max_len=500),
     "nonce": _nonce,
     "challenge": _nonce,
+    "session": lambda v, w: d.text(v, w, max_len=64, pattern=SESSION_RE),
 }
+_OPTIONAL: Final = frozenset({"challenge", "session"})
 
 
 def sign_trigger(
@@ -502,8 +518,10 @@ def sign_trigger(
     cameras: str | list[str] = "all",
     lifetime_s: int = 120,
     challenge: str | None = None,
+    session: str | None = None,
 ) -> dict[str, str]:
-    """A signed trigger envelope (what ``breakglass trigger sign`` prints)."""
+    """A signed trigger envelope (what ``breakglass trigger sign`` prints); ``session``:
+    the one an extend or an end acts on (the device refuses it for any other)."""
     payload: dict[str, Any] = {
         "type": "trigger",
         "v": 1,
@@ -517,4 +535,6 @@ def sign_trigger(
     }
     if challenge is not None:
         payload["challenge"] = challenge
+    if session is not None:
+        payload["session"] = session
     return d.seal(payload, key)

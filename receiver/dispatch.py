@@ -38,6 +38,12 @@ trigger is signed for it: a trigger signed for one device is valid on every
 device of its building (each keeps its own replay cache), so a device that only
 claims a building could collect that building's triggers and use them there.
 
+**Which session.** An ``extend`` or ``end`` names the session the device has open as
+far as the receiver knows (``session_of``: the one open recording of that device that
+is an emergency, not a share), so the device refuses it (``no_session``) if that
+emergency is over by the time it arrives, and a later one goes on. A device with no
+such recording, or more than one (one never closed), gets the trigger without it.
+
 **How far ahead.** A device's time is its word too. A trigger is not signed more
 than :data:`MAX_DEVICE_AHEAD_S` ahead of the receiver's clock (the device is
 listed as ``device_clock_ahead``): such a trigger stays valid on the building's
@@ -127,6 +133,8 @@ class Delivery:
     attempts: int = 1
     #: The first answer's error, when it was tried again.
     retried_after: str | None = None
+    #: The session an extend or end named (None: none named).
+    session: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """For the dispatcher's screen."""
@@ -147,6 +155,8 @@ class Delivery:
             entry["offset_age_s"] = round(self.offset_age_s, 1)
         if self.retried_after is not None:
             entry["retried_after"] = self.retried_after
+        if self.session is not None:
+            entry["named_session"] = self.session
         return entry
 
 
@@ -207,14 +217,17 @@ class Dispatch:
         clocks: DeviceClocks | None = None,
         remeasure_s: float = REMEASURE_S,
         unverified_of: Callable[[str], Iterable[str]] | None = None,
+        session_of: Callable[[str], str | None] | None = None,
     ) -> None:
         """``devices_of(building)``: the connected devices certified for ``building`` (each
         gets a trigger); ``unverified_of(building)``: those that only claim it (listed as
-        :data:`NOT_CERTIFIED`, sent nothing)."""
+        :data:`NOT_CERTIFIED`, sent nothing); ``session_of(device)``: the emergency
+        session it has open as the receiver knows it (an extend or end names it)."""
         self.key = key
         self.pusher = pusher
         self.devices_of = devices_of
         self.unverified_of = unverified_of
+        self.session_of = session_of
         self.clock = clock
         self.clocks = clocks
         #: How long to wait for a new heartbeat after a refusal for the clock.
@@ -291,9 +304,18 @@ class Dispatch:
             )
             body = {"error": DEVICE_CLOCK_AHEAD, "detail": detail}
             return Delivery(device, 0, body, attempts=0, **times)
+        session = None
+        if action != "start" and self.session_of is not None:
+            session = self.session_of(device)
+            times["session"] = session
         # One envelope per device: each nonce is single-use on its device.
         envelope = sign_trigger(
-            self.key, action=action, building=building, reason=reason, now=signed_at
+            self.key,
+            action=action,
+            building=building,
+            reason=reason,
+            now=signed_at,
+            session=session,
         )
         try:
             result = await self.pusher.push_trigger(device, envelope, timeout_s=PUSH_TIMEOUT_S)

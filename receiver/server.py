@@ -53,7 +53,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -261,6 +261,21 @@ class Receiver:
             if d.connected and d.building == building and d.device not in enrolled
         ]
 
+    def emergency_of(self, device: str) -> str | None:
+        """The emergency session ``device`` has open as the receiver knows it (a share is
+        not one); None when it has none, or more than one (one was never closed)."""
+
+        def share(meta: Mapping[str, object]) -> bool:
+            started_by = meta.get("started_by")
+            return isinstance(started_by, dict) and started_by.get("kind") == "share"
+
+        open_ = [
+            r.session_id
+            for r in self.store.open_sessions()
+            if r.device_id == device and not share(r.meta)
+        ]
+        return open_[0] if len(open_) == 1 else None
+
     def _meta_of(self, session_id: str) -> dict[str, Any] | None:
         """A session's recorded metadata (the district's webhook says what it holds)."""
         try:
@@ -292,6 +307,7 @@ class Receiver:
             clock=self.clock,
             clocks=self.ingest.clocks,
             unverified_of=self.unverified_of,
+            session_of=self.emergency_of,
         )
         if self._notify is not None:
             signer = await asyncio.to_thread(evidence_key, self.data_dir)

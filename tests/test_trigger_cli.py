@@ -129,6 +129,7 @@ def test_a_signed_trigger_verifies_against_the_signed_key_list(
         capsys,
         *("trigger", "sign", "--key", str(key), "--action", "end", "--building", BUILDING),
         *("--cameras", "hallway-2,gym", "--reason", "all clear", "--lifetime", "300"),
+        *("--session", "20261128T133000Z-3f9a1c2e"),
     )
     assert code == 0, err
     assert out.count("\n") == 1  # one line
@@ -146,6 +147,7 @@ def test_a_signed_trigger_verifies_against_the_signed_key_list(
         "County 911: dispatch",
     )
     assert trigger.exp - trigger.iat == 300
+    assert trigger.session == "20261128T133000Z-3f9a1c2e"  # ends that session only
     payload = d.parse_envelope(out).payload
     assert d.canonical(json.loads(payload)) == payload
 
@@ -214,6 +216,8 @@ def test_a_key_readable_by_others_is_refused(
         (["--reason", "two\nlines"], "argument --reason: 1-500 printable characters"),
         (["--challenge", "short"], "argument --challenge: 'short': not 16-64 bytes"),
         (["--action", "stop"], "argument --action: invalid choice: 'stop'"),
+        (["--session", "a b"], "argument --session: 'a b': not a session id"),
+        (["--session", "20261128T133000Z-3f9a1c2e"], "--session: only an extend or an end"),
     ],
 )
 def test_bad_sign_arguments_are_clear_errors(

@@ -12,6 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.emergency import Emergency
+from agent.policy import apply_trigger
 from provisioning import documents as d
 from provisioning.keys import kid, load_private_key, raw_public
 from provisioning.triggers import (
@@ -375,3 +377,49 @@ def test_a_flood_of_challenges_cancels_none_already_given() -> None:
         per_client.issue(0.0, "10.0.0.1")
     per_client.issue(0.0, "10.0.0.2")  # another client is not held back
     per_client.issue(CHALLENGE_TTL_S + 1, "10.0.0.1")  # expired ones free their place
+
+
+def test_an_extend_or_end_may_name_its_session_and_a_start_may_not(trust: Trust) -> None:
+    session = "20261128T133000Z-3f9a1c2e"
+    named = trust.verify(envelope(trust.dispatch, payload(action="end", session=session)))
+    assert isinstance(named, Accepted) and named.trigger.session == session
+    for action, value, detail in [
+        ("start", session, "only an extend or an end names a session"),
+        ("end", "../etc", "payload.session: not of the form"),
+        ("extend", "x" * 65, "payload.session: expected a string of 1..64"),
+    ]:
+        refused = trust.verify(envelope(trust.dispatch, payload(action=action, session=value)))
+        assert isinstance(refused, Rejected) and refused.code == "malformed", refused
+        assert detail in refused.detail
+
+
+def test_an_end_for_an_emergency_that_is_over_never_ends_the_next(trust: Trust) -> None:
+    """The race a session id closes: an end signed for emergency A arrives (late, or
+    replayed where the cache cannot see it) after A ended and B began."""
+    emergency = Emergency(BUILDING, 3600)
+    cams = ("front-door",)
+    first = emergency.press(NOW, "b1", "office", cams).session
+    late_end = sign_trigger(
+        trust.dispatch, action="end", building=BUILDING, reason="all clear", now=NOW,
+        session=first.id,
+    )  # fmt: skip
+    assert emergency.end(NOW + 5, "ended by trigger") is not None
+    second = emergency.press(NOW + 9, "b1", "office", cams).session
+    verified = trust.verify(json.dumps(late_end), now=NOW + 10)
+    assert isinstance(verified, Accepted)
+    outcome = apply_trigger(emergency, verified.trigger, now=NOW + 10, cameras=cams, via="api")
+    assert (outcome.status, outcome.body["error"]) == (409, "no_session")
+    assert (
+        first.id in outcome.body["detail"] and "another session is open" in outcome.body["detail"]
+    )
+    assert emergency.active is not None and emergency.active.id == second.id
+    # The same end naming the open session ends it.
+    end_b = sign_trigger(
+        trust.dispatch, action="end", building=BUILDING, reason="all clear", now=NOW,
+        session=second.id,
+    )  # fmt: skip
+    verified = trust.verify(json.dumps(end_b), now=NOW + 11)
+    assert isinstance(verified, Accepted)
+    outcome = apply_trigger(emergency, verified.trigger, now=NOW + 11, cameras=cams, via="api")
+    assert outcome.accepted and outcome.body["session"] == second.id
+    assert emergency.active is None
