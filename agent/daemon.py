@@ -160,8 +160,9 @@ class Agent:
         )
         self.desk.current = self.enrollment
         self.gate = TriggerGate(
-            cfg.building, cfg.trust, cfg.state_dir, self.audit, clock=self.clock
-        )
+            cfg.building, cfg.trust, cfg.state_dir, self.audit, device=cfg.device_id,
+            clock=self.clock,
+        )  # fmt: skip
         self.store = SegmentStore(
             cfg.store.directory,
             [parse_recipient(r, where="store.recipients") for r in cfg.store.recipients],

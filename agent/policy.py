@@ -33,6 +33,7 @@ STATUS: Final[Mapping[str, int]] = {
     "bad_signature": 403,
     "role_forbidden": 403,
     "wrong_building": 403,
+    "wrong_device": 403,
     "expired": 403,
     "not_yet_valid": 403,
     "bad_challenge": 403,

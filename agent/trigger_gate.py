@@ -268,10 +268,13 @@ class TriggerGate:
         state_dir: Path,
         audit: AuditLog,
         *,
+        device: str | None = None,
         clock: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``device``: this device's id (a trigger naming another is refused)."""
         self.building = building
+        self.device = device
         self.audit = audit
         self.clock = clock
         self.mono = mono
@@ -378,6 +381,7 @@ class TriggerGate:
             replay=self.replay,
             challenges=self.challenges,
             forgotten_before=self.replay.forgotten_before(),
+            device=self.device,
         )
         return isinstance(result, Accepted)
 
@@ -420,6 +424,7 @@ class TriggerGate:
             replay=self.replay,
             challenges=self.challenges,
             forgotten_before=self.replay.forgotten_before(),
+            device=self.device,
         )
         if isinstance(result, Rejected):
             self.reject(result, via=via)

@@ -74,6 +74,10 @@ def _building(text: str) -> str:
     return _id(text, "building")
 
 
+def _device(text: str) -> str:
+    return _id(text, "device")
+
+
 def _cameras(text: str) -> str | list[str]:
     if text == "all":
         return "all"
@@ -190,6 +194,7 @@ def _trigger_sign(args: argparse.Namespace) -> int:
             lifetime_s=args.lifetime,
             challenge=args.challenge,
             session=args.session,
+            device=args.device,
         )
     except DocumentError as exc:
         return _error(f"{exc.code}: {exc.detail}", 1)
@@ -445,6 +450,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="ID",
         help="extend or end only this session (the agent's status names the open one; "
         "it refuses the trigger, no_session, once another is open)",
+    )
+    sign.add_argument(
+        "--device",
+        type=_device,
+        metavar="ID",
+        help="for this device only (the building's other devices refuse it)",
     )
     sign.add_argument(
         "--lifetime",

@@ -17,10 +17,13 @@ before a time the replay cache may have forgotten nonces of) -> ``replayed``.
 An accepted trigger's nonce is consumed. :func:`check_trigger` applies the same
 rules and consumes nothing (the Local API asks it which triggers skip its rate limit).
 
-An ``extend`` or ``end`` may name the ``session`` it acts on (optional, an addition
-to DESIGN.md's fields: docs/DECISIONS.md "Triggers name their session"); the device
-then refuses it (``no_session``) unless that very session is open, so an end meant
-for one emergency never ends the next one. A ``start`` names none (``malformed``).
+Two optional fields, additions to DESIGN.md's (docs/DECISIONS.md "Triggers name
+their session and their device"): an ``extend`` or ``end`` may name the ``session``
+it acts on (the device then refuses it, ``no_session``, unless that very session is
+open, so an end meant for one emergency never ends the next one; a ``start`` names
+none, ``malformed``), and any trigger may name the ``device`` it is for (refused
+``wrong_device`` by every other device of the building, checked after
+``wrong_building``).
 
 The trigger-key list (``type: "trigger_keys"``) is signed by the district
 authority and carries a ``version`` and an ``exp``: :meth:`Keyring.install`
@@ -78,6 +81,7 @@ CODES: Final = (
     "wrong_building",
     "expired",
     "not_yet_valid",
+    "wrong_device",
     "replayed",
     "bad_challenge",
 )
@@ -369,9 +373,11 @@ def verify_trigger(
     replay: ReplayCache,
     challenges: Challenges,
     forgotten_before: float | None = None,
+    device: str | None = None,
 ) -> Accepted | Rejected:
     """Apply every rule of DESIGN.md to one trigger envelope (see the module docstring);
-    an accepted trigger's nonce is remembered and its challenge spent.
+    an accepted trigger's nonce is remembered and its challenge spent. ``device``: this
+    device's id (a trigger naming another is refused ``wrong_device``).
 
     ``forgotten_before`` (UTC seconds): the replay cache may have forgotten the nonces of
     triggers whose window (``exp`` + :data:`SKEW_S`) ended before it, so such a trigger
@@ -388,6 +394,7 @@ def verify_trigger(
         replay=replay,
         challenges=challenges,
         forgotten_before=forgotten_before,
+        device=device,
     )
     if isinstance(result, Accepted):
         trigger = result.trigger
@@ -409,6 +416,7 @@ def check_trigger(
     replay: ReplayCache,
     challenges: Challenges,
     forgotten_before: float | None = None,
+    device: str | None = None,
 ) -> Accepted | Rejected:
     """What :func:`verify_trigger` would answer, consuming nothing (no nonce remembered,
     no challenge spent): an :class:`Accepted` here is not accepted yet."""
@@ -438,6 +446,8 @@ def check_trigger(
         return Rejected("wrong_building", f"trigger is for {doc['building']!r}", **seen)
     if not key.covers(building):
         return Rejected("wrong_building", f"key {key.kid} is not enrolled for {building!r}", **seen)
+    if "device" in doc and doc["device"] != device:
+        return Rejected("wrong_device", f"trigger is for device {doc['device']!r}", **seen)
     if key.role not in MAY[doc["action"]]:
         return Rejected("role_forbidden", f"a {key.role} key may not {doc['action']}", **seen)
     challenge = doc.get("challenge")
@@ -504,8 +514,9 @@ _TRIGGER_FIELDS: Final[Mapping[str, d.Check]] = {
     "nonce": _nonce,
     "challenge": _nonce,
     "session": lambda v, w: d.text(v, w, max_len=64, pattern=SESSION_RE),
+    "device": lambda v, w: d.text(v, w, max_len=32, pattern=ID_RE),
 }
-_OPTIONAL: Final = frozenset({"challenge", "session"})
+_OPTIONAL: Final = frozenset({"challenge", "session", "device"})
 
 
 def sign_trigger(
@@ -519,9 +530,11 @@ def sign_trigger(
     lifetime_s: int = 120,
     challenge: str | None = None,
     session: str | None = None,
+    device: str | None = None,
 ) -> dict[str, str]:
     """A signed trigger envelope (what ``breakglass trigger sign`` prints); ``session``:
-    the one an extend or an end acts on (the device refuses it for any other)."""
+    the one an extend or an end acts on (the device refuses it for any other);
+    ``device``: the one device it is for (the building's others refuse it)."""
     payload: dict[str, Any] = {
         "type": "trigger",
         "v": 1,
@@ -537,4 +550,6 @@ def sign_trigger(
         payload["challenge"] = challenge
     if session is not None:
         payload["session"] = session
+    if device is not None:
+        payload["device"] = device
     return d.seal(payload, key)

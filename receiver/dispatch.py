@@ -34,9 +34,11 @@ and device time it signed at, for the access log.
 with an accepted enrollment certificate naming the building (``devices_of``).
 A device accepted by the allow-list (no certificate) that opened a session
 claiming the building is listed as ``not_certified`` (``unverified_of``) and no
-trigger is signed for it: a trigger signed for one device is valid on every
-device of its building (each keeps its own replay cache), so a device that only
-claims a building could collect that building's triggers and use them there.
+trigger is signed for it. Each trigger also names the device it is for (the
+building's other devices refuse it, ``wrong_device``); an agent from before that
+field took a trigger signed for one device on every device of its building (each
+keeps its own replay cache), so a device that only claimed a building could
+collect its triggers and use them there.
 
 **Which session.** An ``extend`` or ``end`` names the session the device has open as
 far as the receiver knows (``session_of``: the one open recording of that device that
@@ -316,6 +318,7 @@ class Dispatch:
             reason=reason,
             now=signed_at,
             session=session,
+            device=device,
         )
         try:
             result = await self.pusher.push_trigger(device, envelope, timeout_s=PUSH_TIMEOUT_S)

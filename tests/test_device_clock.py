@@ -178,6 +178,7 @@ class HandDevice:
         outcome = verify_trigger(
             trigger.envelope, building=BUILDING, keyring=self.keyring, now=self.now(),
             mono=time.monotonic(), replay=self.replay, challenges=self.challenges,
+            device=self.name,
         )  # fmt: skip
         self.outcomes.append(outcome)
         if isinstance(outcome, Accepted):

@@ -184,6 +184,7 @@ async def test_the_dispatchers_name_is_last_and_whole_in_the_devices_reason(
         d.parse_envelope(envelope), "trigger", triggers._TRIGGER_FIELDS, triggers._OPTIONAL
     )
     assert doc["reason"] == said
+    assert doc["device"] == "dev-1"  # the building's other devices refuse it
 
 
 def test_a_reason_too_long_for_the_trigger_is_shortened_before_the_name() -> None:

@@ -127,6 +127,7 @@ class HandDevice:
             outcome = verify_trigger(
                 event.envelope, building=BUILDING, keyring=self.keyring, now=self.now(),
                 mono=time.monotonic(), replay=self.replay, challenges=self.challenges,
+                device=self.name,
             )  # fmt: skip
             self.outcomes.append(outcome)
             if isinstance(outcome, Accepted):
@@ -209,6 +210,14 @@ async def test_a_device_that_only_claims_the_building_is_sent_nothing_and_listed
         assert deliveries[1]["error"] == "not_certified"
         assert "enrollment certificate" in deliveries[1]["detail"]
     assert len(real.kept) == 2 and all(isinstance(o, Accepted) for o in real.outcomes)
+    # What one device was sent is of no use on the building's others: each names its device.
+    for kept in real.kept:
+        other = verify_trigger(
+            kept, building=BUILDING, keyring=real.keyring, now=real.now(),
+            mono=time.monotonic(), replay=MemoryReplayCache(), challenges=Challenges(),
+            device="lincoln-pi-2",
+        )  # fmt: skip
+        assert isinstance(other, Rejected) and other.code == "wrong_device", other
     # The device list: the claim is shown as such, the certificate's building as verified.
     assert (shown["rogue-1"]["building"], shown["rogue-1"]["building_verified"]) == (
         BUILDING,

@@ -423,3 +423,23 @@ def test_an_end_for_an_emergency_that_is_over_never_ends_the_next(trust: Trust) 
     outcome = apply_trigger(emergency, verified.trigger, now=NOW + 11, cameras=cams, via="api")
     assert outcome.accepted and outcome.body["session"] == second.id
     assert emergency.active is None
+
+
+def test_a_trigger_naming_a_device_is_refused_by_the_buildings_others(trust: Trust) -> None:
+    body = envelope(trust.dispatch, payload(device="dev-a"))
+
+    def verify(device: str | None) -> Accepted | Rejected:
+        return verify_trigger(
+            body, building=BUILDING, keyring=trust.keyring, now=NOW, mono=0.0,
+            replay=trust.replay, challenges=trust.challenges, device=device,
+        )  # fmt: skip
+
+    for other in ("dev-b", None):
+        refused = verify(other)
+        assert isinstance(refused, Rejected) and refused.code == "wrong_device", refused
+        assert refused.detail == "trigger is for device 'dev-a'"
+    assert trust.replay.nonces == {}  # refused before its nonce is spent
+    accepted = verify("dev-a")
+    assert isinstance(accepted, Accepted)
+    malformed = trust.verify(envelope(trust.dispatch, payload(device="Dev A")))
+    assert isinstance(malformed, Rejected) and malformed.code == "malformed"
