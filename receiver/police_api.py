@@ -13,7 +13,11 @@ enforced by :mod:`receiver.auth`'s middleware):
   access log says exactly which bytes left, to whom. Exports run on threads of
   their own (:data:`EXPORT_THREADS`), never the shared pool the recordings'
   fsyncs run on: officers exporting long sessions at once must not hold up the
-  acks of every device. More exports at once wait their turn.
+  acks of every device. More exports at once wait their turn. The bundle is
+  sent only once its ``evidence_export`` entry is durable; a log that cannot
+  be written within :data:`EXPORT_LOG_WAIT_S` withholds it (503
+  ``access_log_unavailable``, the copy deleted, ``evidence_export_withheld``
+  logged after it), as the CLI's export does.
 
 Every dispatch and every export goes into the access log (who, what, when,
 the result; for a dispatch, per device, the receiver's time and the device's
@@ -58,6 +62,8 @@ _HLS_SEEN_KEY: Final = web.AppKey("breakglass.hls_seen", _Seen)
 _EXPORTS_KEY: Final = web.AppKey("breakglass.export_threads", ThreadPoolExecutor)
 MAX_BODY: Final = 2048
 _MAX_SEEN: Final = 10_000
+#: How long an export waits for its access-log entry to be durable before it is withheld.
+EXPORT_LOG_WAIT_S: Final = 10.0
 #: Evidence exports built at once (each reads a session's recordings, writes a zip).
 EXPORT_THREADS: Final = 2
 
@@ -139,10 +145,27 @@ async def _evidence(request: web.Request) -> web.StreamResponse:
         detail = f"no recording of session {session}" if missing else "the export failed"
         return _error(404 if missing else 409, "no_evidence", detail)
     digest = await loop.run_in_executor(pool, sha256_file, out)
-    request.app[ACCESS_LOG_KEY].record(
-        "evidence_export", who=user.name, role=str(user.role), login=user.login,
-        session=session, remote=request.remote, file=out.name, sha256=digest,
+    access_log = request.app[ACCESS_LOG_KEY]
+    who = {"who": user.name, "role": str(user.role), "login": user.login}
+    access_log.record(
+        "evidence_export", **who, session=session, remote=request.remote, file=out.name,
+        sha256=digest,
     )  # fmt: skip
+    try:
+        # A copy of footage leaves only once the log says who took it (as at the CLI):
+        # views fail open, an export does not.
+        await asyncio.to_thread(access_log.flush_sync, EXPORT_LOG_WAIT_S)
+    except TimeoutError:
+        access_log.record(
+            "evidence_export_withheld", **who, session=session, remote=request.remote,
+            file=out.name, reason="access_log_unavailable",
+        )  # fmt: skip
+        await loop.run_in_executor(pool, out.unlink)
+        log.error(
+            "evidence of %s for %s withheld: the access log is not written", session, user.name
+        )
+        detail = "the access log cannot be written now: no evidence is handed out without it"
+        return _error(503, "access_log_unavailable", detail)
     log.warning("evidence of %s exported by %s (%s, sha256 %s)", session, user.name, out, digest)
     return web.FileResponse(
         out,

@@ -145,6 +145,18 @@ async def test_an_officer_downloads_evidence_that_verifies_and_opens_hls_audited
         assert len(names) == 2
         for answer in answers:
             answer.release()
+        # A log that cannot be written: the bundle is withheld, not handed out unlogged.
+        log_path = receiver.data_dir / "access.log"
+        log_path.rename(tmp_path / "access.log.kept")
+        log_path.mkdir()  # as a failed disk: every append fails
+        monkeypatch.setattr(police_api, "EXPORT_LOG_WAIT_S", 0.5)
+        exports_before = sorted((receiver.data_dir / "exports").iterdir())
+        async with http.post(receiver.url + f"v1/evidence/{session.id}") as r:
+            assert r.status == 503
+            assert (await r.json())["error"] == "access_log_unavailable"
+        assert sorted((receiver.data_dir / "exports").iterdir()) == exports_before
+        log_path.rmdir()
+        (tmp_path / "access.log.kept").rename(log_path)
     saved = tmp_path / "bundle.zip"
     saved.write_bytes(bundle)
     assert zipfile.ZipFile(io.BytesIO(bundle)).testzip() is None
@@ -152,7 +164,10 @@ async def test_an_officer_downloads_evidence_that_verifies_and_opens_hls_audited
     assert not report.errors, report.errors
     log = await access(receiver)
     exports = [e for e in log if e["action"] == "evidence_export"]
-    assert len(exports) == 3 and len({e["file"] for e in exports}) == 3
+    assert len(exports) == 4 and len({e["file"] for e in exports}) == 4
+    (withheld,) = [e for e in log if e["action"] == "evidence_export_withheld"]
+    assert withheld["file"] == exports[-1]["file"]  # logged later, as withheld
+    assert withheld["reason"] == "access_log_unavailable"
     export = exports[0]
     assert (export["who"], export["session"], export["sha256"]) == ("asmith", session.id, digest)
     playlists = [e for e in log if e["action"] == "recording_playlist"]
