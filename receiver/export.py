@@ -408,10 +408,15 @@ class _Export:
             for pkt in packets:
                 if not self._first_time(path, pkt):
                     continue
-                if pkt.capture_ns > self.end_ns:
-                    return
-                if pkt.capture_ns < self.start_ns:
-                    self._lead(header, pkt)
+                if not self.start_ns <= pkt.capture_ns <= self.end_ns:
+                    # Out of the range, not missing: no hole is said for it. Every chosen
+                    # segment is read to its end: after the agent's clock stepped back,
+                    # later seqs were captured in the range again (review s2).
+                    self.prev = (header.boot_id, pkt.seq)
+                    if pkt.capture_ns < self.start_ns:
+                        self._lead(header, pkt)
+                    else:
+                        self.lead_in = []
                     continue
                 for h, queued in [*self.lead_in, (header, pkt)]:
                     self._account(h, queued)

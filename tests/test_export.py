@@ -678,3 +678,34 @@ def test_a_clock_step_on_the_agent_goes_on_in_a_new_file(
         times = [float(p["pts_time"]) for p in ffprobe_packets(f.path)]
         assert len(times) == f.last_seq - f.first_seq + 1
         assert times == sorted(times) and times[-1] - times[0] < 2.0
+
+
+def test_after_a_clock_step_back_the_footage_captured_in_range_again_is_exported(
+    tmp_path: Path, footage: PacketList, district: tuple[Path, Any]
+) -> None:
+    """NTP stepped the agent's clock back 3 s at seq 90: seqs 90..149 were captured in the
+    same two seconds as 0..59. An export of those seconds has both; it stopped at the first
+    frame after the range and left out the later ones without a word (review s2)."""
+    to = [district[1].to_public()]
+    stream = segment.StreamDesc("h264", 160, 120, 30.0, parameter_sets(footage[0][0]).annex_b())
+    for first in (0, 90):  # the agent seals its segment at a step
+        pkts = [
+            EncodedPacket(
+                "hall",
+                i,
+                (capture_us(i) - (90 * FRAME_US if i >= 90 else 0)) * 1000,
+                i * FRAME_US * 1000,
+                footage[i][1],
+                "h264",
+                footage[i][0],
+            )
+            for i in range(first, first + 90)
+        ]
+        header, plaintext = segment.encode(pkts, stream, "boot-1")
+        store_segment(tmp_path / "store", header, segment.seal(plaintext, to))
+    out = tmp_path / "hall.mp4"
+    report = export_footage(tmp_path / "store", district[1], "hall", at(0), at(59), out)
+    assert [(f.first_seq, f.last_seq) for f in report.files] == [(0, 59), (90, 149)]
+    assert report.holes == () and report.complete  # out of the range is not missing
+    for f in report.files:
+        assert len(ffprobe_packets(f.path)) == 60
