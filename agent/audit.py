@@ -78,8 +78,12 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
   ``head`` (that entry's hash): the head of the receiver's access log as the
   receiver told it (at most once a minute, when it grew), so a log handed
   over later must still hold that entry.
-- ``camera_fault``, ``camera_recovered``, ``segment_torn``,
-  ``store_foreign_file``, ``segment_dropped``, ``segment_lost``,
+- ``segment_torn`` (``camera``, ``file``, ``reason``: a torn or unfinished
+  segment removed at start), ``store_foreign_file`` (``file``, relative to the
+  store: not ours, left alone), ``store_unreadable`` (``file``, ``error``: a
+  folder of the store the start-up scan cannot read, left alone; the agent
+  starts anyway); a file name that is not UTF-8 keeps its bytes as ``\\xNN``.
+- ``camera_fault``, ``camera_recovered``, ``segment_dropped``, ``segment_lost``,
   ``segment_pinned_evicted`` (``camera``, ``first_seq``, ``last_seq``,
   ``reason``: ``disk full`` or ``free space floor``), ``store_over_quota``
   (``quota_bytes``, ``over_bytes``: unacknowledged emergency footage holds the
@@ -259,6 +263,18 @@ def check_fields(event: str, fields: dict[str, Any]) -> None:
         raise ValueError(f"audit entry {event!r} cannot carry {sorted(clash)}")
 
 
+def _encodable(value: Any) -> Any:
+    """``value`` with strings UTF-8 can encode: a lone surrogate (``os.fsdecode`` of a
+    file name that is not UTF-8) becomes the text ``\\udcNN``."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(v) for v in value]
+    return value
+
+
 class AuditChain:
     """Numbers, chains and signs entries; knows nothing of files or clocks.
 
@@ -274,7 +290,11 @@ class AuditChain:
     def _line(self, t: float, event: str, fields: dict[str, Any]) -> bytes:
         check_fields(event, fields)
         body = {**fields, "n": self.n + 1, "t": round(t, 3), "event": event, "prev": self.head}
-        digest = hashlib.sha256(canonical_json(body)).hexdigest()
+        try:
+            digest = hashlib.sha256(canonical_json(body)).hexdigest()
+        except UnicodeEncodeError:  # a lone surrogate: escaped, the entry is not dropped
+            body = _encodable(body)
+            digest = hashlib.sha256(canonical_json(body)).hexdigest()
         line = canonical_json({**body, "hash": digest}) + b"\n"
         if len(line) > MAX_LINE_BYTES:
             raise ValueError(f"audit entry {event!r} is larger than {MAX_LINE_BYTES} bytes")

@@ -16,7 +16,7 @@ from agent import chain as hash_chain
 from agent import protocol as p
 from agent.uplink import SessionStream
 
-__all__ = ["entry", "parse"]
+__all__ = ["entry", "parse", "seq"]
 
 
 def entry(stream: SessionStream) -> dict[str, Any]:
@@ -42,10 +42,14 @@ def entry(stream: SessionStream) -> dict[str, Any]:
 
 
 def parse(doc: Any) -> dict[str, Any]:
-    """``owed.json`` as the agent saves it; ValueError for anything else."""
+    """``owed.json`` as the agent saves it, its seqs checked to be integers; ValueError
+    for anything else (:func:`agent.statefile.read_state` sets the file aside)."""
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
+    out: dict[str, Any] = {}
     for sid, item in doc.items():
+        if not isinstance(item, dict):
+            raise ValueError(f"session {sid!r}: not a JSON object")
         event = p.decode_control(item["open"])
         if not isinstance(event, p.SessionOpen) or event.session != sid:
             raise ValueError(f"session {sid!r}: its session_open is not its own")
@@ -53,11 +57,31 @@ def parse(doc: Any) -> dict[str, Any]:
         for field in ("first", "acked", "end"):
             if not isinstance(item[field], dict) or not set(item[field]) <= cams:
                 raise ValueError(f"session {sid!r}: {field} names other cameras")
-        for cam in cams:
-            int(item["first"][cam])
-            int(item["acked"][cam])
-            if item["end"].get(cam) is not None:
-                int(item["end"][cam])
+        first = {cam: _seq(sid, "first", cam, item["first"].get(cam)) for cam in cams}
+        acked = {cam: _seq(sid, "acked", cam, item["acked"].get(cam)) for cam in cams}
+        end = {
+            cam: None if value is None else _seq(sid, "end", cam, value)
+            for cam, value in item["end"].items()
+        }
         if not isinstance(item.get("chain", []), list):
             raise ValueError(f"session {sid!r}: chain is not a list")
-    return doc
+        reason = item.get("close_reason")
+        if reason is not None and not isinstance(reason, str):
+            raise ValueError(f"session {sid!r}: close_reason {reason!r} is not text")
+        out[sid] = {**item, "first": first, "acked": acked, "end": end}
+    return out
+
+
+def _seq(sid: str, field: str, cam: str, value: Any) -> int:
+    try:
+        return seq(value)
+    except ValueError:
+        raise ValueError(f"session {sid!r}: {field}[{cam!r}] is {value!r}, not a seq") from None
+
+
+def seq(value: Any) -> int:
+    """A saved seq: a JSON integer, not a string, float or bool (a pin compares them
+    with ints on every write); ValueError otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a seq")
+    return value

@@ -50,9 +50,14 @@ class OwedSessions:
     def pin(self, store: SegmentStore) -> None:
         """Pin what the receiver is owed, as saved, until the sessions are queued again."""
         for sid, entry in self.entries.items():
-            try:
+            try:  # ints only (owed.parse checks them): a pin compares them on every write
                 pins = [
-                    Pin(str(cam), int(first), entry["end"].get(cam), int(entry["acked"][cam]))
+                    Pin(
+                        str(cam),
+                        owed.seq(first),
+                        _end(entry["end"].get(cam)),
+                        owed.seq(entry["acked"][cam]),
+                    )
                     for cam, first in entry["first"].items()
                 ]
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -112,3 +117,8 @@ class OwedSessions:
         if text != self._saved:
             await asyncio.to_thread(write_atomic, self.path, text.encode())
             self._saved = text
+
+
+def _end(value: Any) -> int | None:
+    """A saved end seq: None while the session streamed."""
+    return None if value is None else owed.seq(value)

@@ -14,11 +14,12 @@ and the queue of the writer (normally empty).
 The index (per camera, segments in seq order) is rebuilt from file names at
 start: no segment is opened (10k segments: about 0.3 s on a 2-core VM).
 Temporary files and files whose size differs from the size in their name are
-torn leftovers: removed and audited. Files that are not ours are audited and
-left alone. A name whose capture times run backwards (older versions wrote one
-when the clock stepped back inside a segment) is renamed with its two times in
-order, and audited. A segment's capture times never run backwards: a packet
-stamped before the one it follows starts a new segment.
+torn leftovers: removed and audited. Files that are not ours, and folders the
+scan cannot read, are audited and left alone: the agent starts. A name whose
+capture times run backwards (older versions wrote one when the clock stepped
+back inside a segment) is renamed with its two times in order, and audited.
+A segment's capture times never run backwards: a packet stamped before the one
+it follows starts a new segment.
 
 Retention (:mod:`agent.retention`) runs in the writer thread for each
 segment (before its rename, with room for it), again on a full disk, and
@@ -154,8 +155,9 @@ class _Open:
     touched_ns: int = 0  # time.monotonic_ns() of the last packet added
 
 
-#: A closed segment for the writer: its packets, their stream, the device's chain checkpoint.
-_Job = tuple[list[EncodedPacket], segment.StreamDesc, Mapping[str, Any] | None]
+#: A closed segment for the writer: its packets, their stream, the device's chain
+#: checkpoint, and the bytes it added to ``_pending_bytes`` (the writer takes back these).
+_Job = tuple[list[EncodedPacket], segment.StreamDesc, Mapping[str, Any] | None, int]
 
 
 class _Retain:
@@ -408,7 +410,7 @@ class SegmentStore:
                 log.exception("segment of %s: no chain checkpoint", camera)
         with self._lock:
             self._queued.setdefault(camera, deque()).append(cur.packets[0].seq)
-        self._jobs.put((cur.packets, desc, chain))
+        self._jobs.put((cur.packets, desc, chain, cur.nbytes))
 
     def add_pin(self, pin: Pin) -> None:
         """Protect an emergency's footage from retention until it is acknowledged."""
@@ -480,9 +482,12 @@ class SegmentStore:
                     self._foreign(Path(cam_entry.path))
                     continue
                 segs = index.setdefault(cam_entry.name, [])
-                with os.scandir(cam_entry.path) as files:
-                    for entry in files:
-                        self._scan_one(cam_entry.name, entry, segs)
+                try:
+                    with os.scandir(cam_entry.path) as files:
+                        for entry in files:
+                            self._scan_one(cam_entry.name, entry, segs)
+                except OSError as exc:  # one folder must never keep the agent from starting
+                    self._unreadable(Path(cam_entry.path), exc)
         for segs in index.values():
             segs.sort(key=_first_seq)
         now_s = self.clock()
@@ -529,12 +534,16 @@ class SegmentStore:
             os.rename(path, new)
             _fsync_dir(path.parent)
         except OSError as exc:  # indexed as it lies: retention still deletes it in time
-            log.error("segment %s not renamed to %s: %s", path, new.name, exc)
+            log.error("segment %s not renamed to %s: %s", _printable(str(path)), new.name, exc)
         renamed = path if path.exists() else new
-        log.warning("segment %s: capture times backwards in its name, now %s", path, renamed)
+        log.warning(
+            "segment %s: capture times backwards in its name, now %s",
+            _printable(str(path)),
+            renamed,
+        )
         self.audit.record(
             "segment_renamed",
-            camera=camera,
+            camera=_printable(camera),
             file=path.name,
             to=renamed.name,
             reason="capture times backwards in its name",
@@ -545,14 +554,32 @@ class SegmentStore:
         try:
             path.unlink()
         except OSError as exc:
-            log.error("cannot remove torn segment %s: %s", path, exc)
+            log.error("cannot remove torn segment %s: %s", _printable(str(path)), exc)
         self.stats.torn_removed += 1
-        log.warning("removed torn segment %s (%s)", path, why)
-        self.audit.record("segment_torn", camera=camera, file=path.name, reason=why)
+        log.warning("removed torn segment %s (%s)", _printable(str(path)), why)
+        self.audit.record(
+            "segment_torn", camera=_printable(camera), file=_printable(path.name), reason=why
+        )
 
     def _foreign(self, path: Path) -> None:
-        log.warning("segment store: %s is not a breakglass segment; left alone", path)
-        self.audit.record("store_foreign_file", file=str(path.relative_to(self.directory)))
+        log.warning(  # printable: a name need not be UTF-8
+            "segment store: %s is not a breakglass segment; left alone", _printable(str(path))
+        )
+        self.audit.record("store_foreign_file", file=self._relative(path))
+
+    def _unreadable(self, folder: Path, exc: OSError) -> None:
+        """A folder of the store the scan cannot read (a root-only ``lost+found``, a
+        technician's copy): said, left alone; what it held so far stays indexed."""
+        log.error("segment store: cannot read %s (%s); left alone", _printable(str(folder)), exc)
+        self.audit.record(
+            "store_unreadable",
+            file=self._relative(folder),
+            error=f"{type(exc).__name__}: {exc.strerror or exc}"[:200],
+        )
+
+    def _relative(self, path: Path) -> str:
+        """``path`` relative to the store, as text the trail can hold (:func:`_printable`)."""
+        return _printable(str(path.relative_to(self.directory)))
 
     # -- writer thread ---------------------------------------------------------------
 
@@ -570,8 +597,9 @@ class SegmentStore:
                 except Exception:  # the writer must outlive any one pass
                     log.exception("retention pass failed")
                 continue
-            packets, desc, chain = job
-            nbytes = sum(len(p.payload) for p in packets)
+            # Exactly what _seal_open added (payloads and their records): anything else
+            # drifts, and a backlog that never drains drops every segment.
+            packets, desc, chain, nbytes = job
             stored: StoredSegment | None = None
             try:
                 stored = self._write(packets, desc, chain)
@@ -868,6 +896,12 @@ def _backwards_name(filename: str) -> segment.SegmentName | None:
     if first > last or start <= end:
         return None
     return segment.SegmentName(first, last, end, start, size)
+
+
+def _printable(name: str) -> str:
+    """A file name as UTF-8 text: bytes that are not UTF-8 (``os.fsdecode`` makes them
+    surrogates, which no UTF-8 encoder takes) as ``\\xNN`` escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _first_seq(seg: StoredSegment) -> int:

@@ -9,20 +9,49 @@ of these kept the agent from starting, and systemd restarted it into the same er
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 
+import pyrage
 import pytest
 
+from agent import protocol as p
+from agent import segment
+from agent.audit import AuditLog
 from agent.config import load_config
 from agent.daemon import Agent
+from agent.messages import CameraDesc, SessionOpen
+from agent.owed_sessions import OwedSessions
 from agent.statefile import SequenceReservations
+from agent.store import Pin, SegmentStore
 from breakglass.demo import press_button, write_agent_config
+from hardware import EncodedPacket
 from receiver.server import Receiver
 from tests.cards import full_card
 
 pytestmark = pytest.mark.timeout(60)
+
+T0_NS = 1_767_000_000_000_000_000
+
+
+def owed_doc(first: object = 0, acked: object = -1, end: object = 1000) -> str:
+    """owed.json as the agent saves it: one ended session of camera ``cam-a``, its seqs
+    as given."""
+    cam = CameraDesc(0, "cam-a", "interior", "h264", 160, 120, 30.0, b"", 0, 0)
+    opened = SessionOpen("s1", "bldg", {"kind": "button"}, T0_NS / 1e9, T0_NS / 1e9 + 3600, (cam,))
+    entry = {
+        "open": p.encode_control(opened),
+        "first": {"cam-a": first},
+        "acked": {"cam-a": acked},
+        "end": {"cam-a": end},
+        "close_reason": "ended",
+        "chain": [],
+    }
+    return json.dumps({"s1": entry})
+
 
 DAMAGED = [
     ("emergency.json", "{"),
@@ -33,6 +62,8 @@ DAMAGED = [
     ("owed.json", "[1]"),
     ("owed.json", '{"s": {}}'),
     ("owed.json", '{"s": {"open": "{}", "first": {}, "acked": {}, "end": {}}}'),
+    ("owed.json", owed_doc(end="1000")),  # a seq that is not a JSON integer
+    ("owed.json", owed_doc(acked=True)),
     ("sequences.json", "{"),
     ("sequences.json", '{"front-door": null}'),
     ("sequences.json", '{"front-door": "x"}'),
@@ -173,3 +204,85 @@ async def test_a_press_while_the_audit_trail_cannot_be_written_reaches_it_afterw
         assert not agent._faulty()
     late = [e["event"] for e in audited(agent) if "happened_at" in e]
     assert late[:3] == ["button_press", "session_start", "disclosure"], late
+
+
+async def write_two_cameras(store: SegmentStore) -> None:
+    """Three segments of ``cam-a`` (the owed session's) and of ``cam-b`` (in none), and
+    close: the store runs retention, and so checks the pins, before each write."""
+    stream = segment.StreamDesc("h264", 160, 120, 30.0, b"\x00\x00\x00\x01\x67")
+    for cam in ("cam-a", "cam-b"):
+        for seq in range(91):
+            t = T0_NS + seq * 33_333_333
+            store.push(EncodedPacket(cam, seq, t, 0, seq % 30 == 0, "h264", b"x" * 500), stream)
+    await store.close()
+
+
+def small_store(tmp_path: Path, audit: AuditLog) -> SegmentStore:
+    """A store over its quota from its second segment on: every write checks the pins."""
+    return SegmentStore(
+        tmp_path / "store",
+        [pyrage.x25519.Identity.generate().to_public()],
+        audit=audit,
+        boot_id="b",
+        segment_s=1.0,
+        quota_bytes=40_000,
+        clock=lambda: T0_NS / 1e9 + 60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("end", "1000"), ("end", 1000.0), ("acked", True), ("first", "0"), ("first", None)],
+)
+async def test_owed_seqs_that_are_not_integers_set_the_file_aside(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    """owed.json's seqs were only checked to convert to int: ``"end": {"cam-a": "1000"}``
+    was accepted, pinned as the string it was, and every write of every camera failed in
+    retention (TypeError, comparing it with a seq) until the pins were dropped (found by
+    a review). Now the file is damaged: set aside, saying which field, as any other."""
+    path = tmp_path / "owed.json"
+    path.write_text(owed_doc(**{field: value}))
+    owed = OwedSessions(path)
+    why = owed.load()
+    assert why is not None
+    assert f"session 's1': {field}['cam-a'] is {value!r}, not a seq" in why
+    assert owed.entries == {}
+    (aside,) = tmp_path.glob("owed.json.damaged-*")
+    assert aside.read_text() == owed_doc(**{field: value})
+    audit = AuditLog(tmp_path / "audit.jsonl", time.time)
+    store = small_store(tmp_path, audit)
+    try:
+        await asyncio.to_thread(store.open)
+        owed.pin(store)
+        assert store.pins == []
+        await write_two_cameras(store)
+    finally:
+        audit.close()
+    assert store.stats.write_errors == 0
+    assert store.cameras() == ["cam-a", "cam-b"]
+
+
+async def test_owed_seqs_are_pinned_as_integers_and_every_camera_writes(tmp_path: Path) -> None:
+    path = tmp_path / "owed.json"
+    path.write_text(owed_doc(first=0, acked=-1, end=1000))
+    owed = OwedSessions(path)
+    assert owed.load() is None
+    audit = AuditLog(tmp_path / "audit.jsonl", time.time)
+    store = small_store(tmp_path, audit)
+    try:
+        await asyncio.to_thread(store.open)
+        owed.pin(store)
+        assert store.pins == [Pin("cam-a", 0, 1000, -1)]
+        await write_two_cameras(store)
+    finally:
+        audit.close()
+    assert store.stats.write_errors == 0
+    assert store.segments("cam-a")[0].first_seq == 0  # pinned: the quota kept it
+    assert store.segments("cam-b")[0].first_seq > 0  # not pinned: the quota took it
+
+    # An entry that is not as parsed (a bug) is not pinned either: it is checked again.
+    owed.entries["s1"]["end"]["cam-a"] = "1000"
+    pinned = list(store.pins)
+    owed.pin(store)
+    assert store.pins == pinned

@@ -366,6 +366,77 @@ async def test_a_name_with_its_times_backwards_is_renamed_and_retained(
     assert on_disk(root / "cam") == []
 
 
+async def test_a_folder_the_scan_cannot_read_is_audited_and_the_store_opens(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    """A folder in the store the agent cannot read (a root-only ``lost+found`` on a
+    mounted card, a technician's copy) raised out of ``open()``: the agent never started
+    and the panic button was dead (found by a review). It is audited and left alone.
+
+    The tests run as root, which reads any folder: here opening it fails because its
+    path is longer than the kernel opens (ENAMETOOLONG), a real OSError all the same."""
+    deep = tmp_path
+    while len(str(deep)) < 3680:
+        deep /= "d" * 200
+    root = deep / ("s" * (3900 - len(str(deep)) - 1))  # segments still fit under it
+    feed = Feed(media)
+    async with opened(root, audit) as store:
+        push(store, feed.take(2 * PER_SEGMENT))
+    before = store.segments("cam")
+    unreadable = "x" * 255  # listed by the scan; its own path is 4156 characters
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.mkdir(unreadable, dir_fd=fd)
+    finally:
+        os.close(fd)
+    (root / "notes.txt").write_text("the scan goes on past the folder")
+    with pytest.raises(OSError, match="too long") as failed:
+        os.scandir(root / unreadable)
+    assert failed.value.errno == errno.ENAMETOOLONG
+
+    async with opened(root, audit) as again:
+        assert again.segments("cam") == before  # the other folders are indexed
+        assert again.cameras() == ["cam"]
+        push(again, feed.take(PER_SEGMENT))  # and it writes (close seals it)
+    *old, new = again.segments("cam")
+    assert old == before
+    assert (new.first_seq, new.last_seq) == (2 * PER_SEGMENT, 3 * PER_SEGMENT - 1)
+    (said,) = events(audit, "store_unreadable")
+    assert said["file"] == unreadable
+    assert said["error"] == "OSError: File name too long"
+    assert [e["file"] for e in events(audit, "store_foreign_file")] == ["notes.txt"]
+
+
+async def test_a_file_name_that_is_not_utf8_is_audited(
+    tmp_path: Path, audit: AuditLog, media: PacketList
+) -> None:
+    """A foreign or torn file whose name is not UTF-8 was never audited: its name (with
+    surrogates, as Python decodes it) could not be written to the trail, and the entry
+    was dropped (found by a review). Its bytes are in the entry as ``\\xNN`` escapes."""
+    root = tmp_path / "store"
+    async with opened(root, audit) as store:
+        push(store, Feed(media).take(PER_SEGMENT))
+    (seg,) = store.segments("cam")
+    folder = os.fsencode(root / "cam")
+    (root / "cam" / os.fsdecode(b"notes-\xff.txt")).write_text("not footage")
+    (root / "cam" / os.fsdecode(b".caf\xe9.tmp")).write_bytes(b"half a segment")
+    (root / os.fsdecode(b"copie-\xe9t\xe9")).write_text("not a camera")
+
+    async with opened(root, audit) as again:
+        assert again.segments("cam") == [seg]
+    assert {e["file"] for e in events(audit, "store_foreign_file")} == {
+        "cam/notes-\\xff.txt",
+        "copie-\\xe9t\\xe9",
+    }
+    (torn,) = events(audit, "segment_torn")
+    assert (torn["camera"], torn["file"]) == ("cam", ".caf\\xe9.tmp")
+    assert sorted(os.listdir(folder)) == sorted([b"notes-\xff.txt", os.fsencode(seg.path.name)])
+
+    # Any other string the trail cannot encode is escaped too, never dropped.
+    audit.record("store_foreign_file", file=os.fsdecode(b"\xff"))
+    assert events(audit)[-1]["file"] == "\\udcff"
+
+
 # -- retention ---------------------------------------------------------------------------
 
 
@@ -963,3 +1034,27 @@ async def test_a_segment_whose_folder_fsync_failed_is_kept(
         assert store.find("cam", 0) == seg
         assert store.used_bytes() == seg.path.stat().st_size
     assert not events(audit, "segment_lost")
+
+
+async def test_the_writer_backlog_drains_to_zero(
+    tmp_path: Path, audit: AuditLog, media: PacketList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segment counts its packets' records in the writer's backlog, and the writer gave
+    back only their payloads: 29 bytes a packet stayed behind, and after hours (2.7 h at
+    8 cameras) the backlog looked full and every segment was dropped, an emergency's too
+    (found by a review). Here the backlog has room for one segment at a time."""
+    feed = Feed(media)
+    chunks = [feed.take(PER_SEGMENT) for _ in range(len(media) // PER_SEGMENT)]
+    biggest = max(sum(len(p.payload) + segment.RECORD.size for p in c) for c in chunks)
+    monkeypatch.setattr(store_module, "MAX_PENDING_BYTES", biggest)
+    async with opened(tmp_path / "store", audit) as store:
+        sealed = Sealed(store)
+        for n, chunk in enumerate(chunks):
+            push(store, chunk)  # its first packet, a keyframe, seals the segment before
+            await sealed.wait(n)  # written: nothing is queued
+            assert store._pending_bytes == 0
+            assert store.open_first_seq("cam") == chunk[0].seq
+    assert store._pending_bytes == 0
+    assert store.stats.dropped == 0
+    assert store.stats.segments_written == len(chunks)
+    assert events(audit, "segment_dropped") == []
