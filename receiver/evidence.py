@@ -206,7 +206,7 @@ def build_bundle(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".evidence-") as tmp:
         staged = _Staged(Path(tmp))
         live = doc.get("closed_at") is None
-        audit, seqs = _audit_excerpt(staged, data_dir, device, session_id)
+        audit, seqs, end_signed = _audit_excerpt(staged, data_dir, device, session_id)
         entries = [
             _camera_entry(staged, session_dir, cam, start_us, end_us, seqs, live=live)
             for cam in chosen
@@ -225,7 +225,10 @@ def build_bundle(
                 "close_reason": doc.get("close_reason"),
             },
             "selection": {
-                "open_session": live,
+                # Whether the device had not signed the session's end yet: still
+                # streaming, or ended a moment ago (the device signs its trail every
+                # minute); the verifier requires a signed end of a bundle that says it had.
+                "open_session": live or not end_signed,
                 "cameras": [c.id for c in chosen],
                 "from_us": start_us,
                 "to_us": end_us,
@@ -293,33 +296,39 @@ def _camera_entry(
         key: cam.doc.get(key) for key in ("zone", "codec", "width", "height", "fps")
     }
     entry.update({"id": cam.id, "footage": [f.to_json() for f in footage]})
-    bounds = selected_bounds(seqs, cam.id, start_us, end_us)
+    held = [(f.first_seq, f.last_seq) for f in footage]
+    # The checkpoints kept: those over the footage and the seq on either side of it (the
+    # verifier sees by their capture times whether the footage reaches the range's
+    # edges), and those over the camera's signed first and last seq in the session
+    # (whether the range covers them): evidence_format.selected_bounds.
+    ends = [s for s in (seqs.first.get(cam.id), seqs.last.get(cam.id)) if s is not None]
+    spans = [(a - 1, b + 1) for a, b in held] + [(s, s) for s in ends]
+    kept = sorted(
+        (r for r in records if any(r.checkpoint.last >= a and r.checkpoint.first <= b
+                                   for a, b in spans)),
+        key=lambda r: (r.checkpoint.first, r.checkpoint.last, r.source, r.result),
+    )  # fmt: skip
+    captures: dict[int, int] = {}
+    for r in kept:
+        if r.ok:
+            for seq, fields in r.checkpoint.iter_entries():
+                captures.setdefault(seq, fields[0])
+    bounds = selected_bounds(seqs, cam.id, start_us, end_us, held, captures.get)
     if not footage and bounds == (None, None):
         entry.update({"checkpoints": None, "gaps": [], "holes": []})
         return entry
-    # The checkpoints kept: those over the footage, or over the session's seqs.
-    spans = [(f.first_seq, f.last_seq) for f in footage] + [(b, b) for b in bounds if b is not None]
-    low, high = min(a for a, _ in spans), max(b for _, b in spans)
-    kept = sorted(
-        (r for r in records if r.checkpoint.last >= low and r.checkpoint.first <= high),
-        key=lambda r: (r.checkpoint.first, r.checkpoint.last, r.source, r.result),
-    )
     name = f"chain/{cam.id}.jsonl"
     unique = list(dict.fromkeys(custody.record_line(r) for r in kept))
     staged.write(name, b"".join(unique))
     entry["checkpoints"] = name
-    captured = (
-        (seq, fields[0]) for r in kept if r.ok for seq, fields in r.checkpoint.iter_entries()
-    )
     files = [(footage[0].first_seq, footage[-1].last_seq)] if footage else []
-    wanted = owed_seqs(files, captured, start_us, end_us, bounds)
+    wanted = owed_seqs(files, sorted(captures.items()), start_us, end_us, bounds)
     entry["gaps"] = [
         g
         for g in cam.doc.get("gaps", [])
         if any(int(g["last"]) >= a and int(g["first"]) <= b for a, b in wanted)
     ]
     # What it lacks that the device did not declare lost either (receiver.evidence_format).
-    held = [(f.first_seq, f.last_seq) for f in footage]
     declared = [(int(g["first"]), int(g["last"])) for g in entry["gaps"]]
     entry["holes"] = [
         list(r) for a, b in wanted for r in seqranges.missing(a, b, [*held, *declared])
@@ -518,14 +527,15 @@ def _device_keys(
 
 def _audit_excerpt(
     staged: _Staged, data_dir: Path, device: str, session_id: str
-) -> tuple[dict[str, Any] | None, SessionSeqs]:
+) -> tuple[dict[str, Any] | None, SessionSeqs, bool]:
     """The receiver's copy of the device's trail from the session's first entry to the
-    first signed checkpoint after its last one (whole lines, as received), and what its
-    entries of the session say of its seqs (holes are declared by them)."""
+    first signed checkpoint after its last one (whole lines, as received), what its
+    entries of the session say of its seqs (holes are declared by them), and whether the
+    session's end is in it, signed (a checkpoint follows it)."""
     try:
         data = (data_dir / "audit" / f"{device}.log").read_bytes()
     except (FileNotFoundError, ValueError):
-        return None, NO_SESSION_SEQS
+        return None, NO_SESSION_SEQS, False
     lines = data.split(b"\n")
     parsed: list[dict[str, Any] | None] = []
     for line in lines:
@@ -538,24 +548,32 @@ def _audit_excerpt(
         i for i, obj in enumerate(parsed) if obj is not None and obj.get("session") == session_id
     ]
     if not mine:
-        return None, NO_SESSION_SEQS
+        return None, NO_SESSION_SEQS, False
     seqs = session_seqs(obj for i in mine if (obj := parsed[i]) is not None)
     first, last = mine[0], mine[-1]
+    end_signed = False
     for i in range(last + 1, len(parsed)):
         obj = parsed[i]
         if obj is not None and obj.get("event") == AUDIT_CHECKPOINT:
             last = i
+            end_signed = any(
+                (e := parsed[j]) is not None and e.get("event") == "session_end" for j in mine
+            )
             break
     excerpt = [line + b"\n" for line in lines[first : last + 1]]
     name = f"audit/{device}.log"
     staged.write(name, b"".join(excerpt))
     numbers = [obj["n"] for obj in parsed[first : last + 1] if obj is not None and "n" in obj]
-    return {
-        "file": name,
-        "first_n": numbers[0] if numbers else None,
-        "last_n": numbers[-1] if numbers else None,
-        "session_entries": len(mine),
-    }, seqs
+    return (
+        {
+            "file": name,
+            "first_n": numbers[0] if numbers else None,
+            "last_n": numbers[-1] if numbers else None,
+            "session_entries": len(mine),
+        },
+        seqs,
+        end_signed,
+    )
 
 
 def sha256_file(path: Path) -> str:

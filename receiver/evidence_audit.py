@@ -27,6 +27,12 @@ from receiver.evidence_zip import MemberError, Source, strict_json
 __all__ = ["Trail", "check_audit", "check_cameras"]
 
 MAX_AUDIT_LINE: Final = 4 * audit.MAX_LINE_BYTES
+#: Why an ended session's bundle needs the device's signed session_end.
+_END: Final = (
+    "without it a tail cut from every camera (with its checkpoints) cannot be told "
+    "(export again once the device has signed its trail, which it does every minute and "
+    "when it stops)"
+)
 
 
 @dataclass(slots=True)
@@ -59,14 +65,17 @@ def check_audit(
     """Check the excerpt; what its signed entries say of the session (None: nothing)."""
     name = manifest.audit
     if name is None:
-        report.warn(
-            "audit",
+        what = (
             "no audit entries of this session in the receiver's copy: the cameras and the "
-            "session's end cannot be checked against the device's trail",
+            "session's end cannot be checked against the device's trail"
         )
+        if manifest.open_session:
+            report.warn("audit", what)
+        else:
+            report.fail("audit", f"{what}, and the bundle is of a session that ended: {_END}")
         return None
     if not source.holds(name):
-        return None  # reported as missing
+        return None  # reported as missing (check_files, check_references)
     prev: str | None = None
     signed_through = 0
     first_n = last_n = 0
@@ -180,7 +189,15 @@ def _session_facts(
                 end_us = round(t * 1e6)
                 trail.end_us = end_us if trail.end_us is None else max(trail.end_us, end_us)
     trail.seqs = session_seqs(entry for n, _, entry in mine if n <= signed_through)
-    if trail.end_us is None and manifest.closed:
+    if trail.end_us is None and not manifest.open_session:
+        # Whatever session.closed_at says (the receiver writes it): the manifest says the
+        # session was no longer streaming, so the device signed its end.
+        report.fail(
+            name,
+            "the session's end is not among the device's signed entries, though the "
+            f"manifest says the session was not streaming any more: {_END}",
+        )
+    elif trail.end_us is None and manifest.closed:
         report.warn(
             name,
             "the session's end is not among the device's signed entries: the footage's "

@@ -12,7 +12,7 @@ left out of the bundle must be declared missing (the manifest's ``gaps`` and
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final
 
@@ -27,11 +27,12 @@ from receiver.evidence_findings import MAX_FINDINGS_PER_PART, VerifyReport, iso
 from receiver.evidence_format import (
     MANIFEST,
     NO_SESSION_SEQS,
+    Mp4Refused,
     SessionSeqs,
+    bound_reasons,
     next_pts,
     open_mp4,
     owed_seqs,
-    selected_bounds,
 )
 from receiver.evidence_manifest import Camera, Footage, Manifest
 from receiver.evidence_zip import MemberError, Source, shallow
@@ -61,7 +62,7 @@ def signed_entries(
         entries = signed.setdefault(cam.id, {})
         name = cam.checkpoints
         if name is None or not source.holds(name):
-            continue  # reported as missing
+            continue  # reported as missing (check_files, check_references)
         failed = 0  # lines that failed: a genuine file has none (reading on costs CPU only)
         try:
             for number, line in source.lines(name, MAX_CHAIN_LINE):
@@ -204,7 +205,10 @@ def check_footage(
         # missing: the device's checkpoints and trail show what it had.
         ordered = sorted(entries)
         captured = ((seq, entries[seq][0]) for seq in ordered)
-        bounds = selected_bounds(seqs, cam.id, manifest.from_us, manifest.to_us)
+        reasons = bound_reasons(
+            seqs, cam.id, manifest.from_us, manifest.to_us, held, _captures(entries)
+        )
+        bounds = (reasons[0] and reasons[0][0], reasons[1] and reasons[1][0])
         wanted = owed_seqs(held, captured, manifest.from_us, manifest.to_us, bounds)
         declared = [(a, b) for a, b, _ in cam.gaps] + cam.holes
         left_out = [r for a, b in wanted for r in seqranges.missing(a, b, [*held, *declared])]
@@ -216,7 +220,8 @@ def check_footage(
             report.fail(
                 part,
                 f"seqs {_show(left_out)}: not in the bundle, and not declared missing"
-                + (f" (the device signed seqs {signed_out} of them)" if signed_out else ""),
+                + (f" (the device signed seqs {signed_out} of them)" if signed_out else "")
+                + _edges(left_out, reasons),
             )
         start_us = None if trail is None else trail.start_us
         if (
@@ -234,11 +239,43 @@ def check_footage(
         for first, last, reason in cam.gaps:
             report.warn(
                 part,
-                f"seqs {first}..{last} declared {reason[:80]!r} by the device: "
-                "no footage of them exists",
+                f"seqs {first}..{last} declared {reason[:80]!r} by the receiver (what it "
+                "says the device reported: the device does not sign it): not in the bundle",
             )
         for first, last in cam.holes:
-            report.warn(part, f"seqs {first}..{last} not in the recording")
+            report.warn(
+                part, f"seqs {first}..{last} not in the recording (declared by the receiver)"
+            )
+
+
+def _captures(entries: dict[int, _Entry]) -> Callable[[int], int | None]:
+    """A seq's capture time as the device signed it (None: not signed in the bundle)."""
+
+    def capture_of(seq: int) -> int | None:
+        entry = entries.get(seq)
+        return None if entry is None else entry[0]
+
+    return capture_of
+
+
+def _edges(
+    left_out: list[seqranges.Range],
+    reasons: tuple[tuple[int, str] | None, tuple[int, str] | None],
+) -> str:
+    """Why the seqs at the session's edges are owed, if some left out are there."""
+    first, last = reasons
+    why = []
+    if first is not None and any(a <= first[0] <= b for a, b in left_out):
+        why.append(
+            f"from the camera's first seq in the session, {first[0]} (the device's signed "
+            f"disclosure): {first[1]}"
+        )
+    if last is not None and any(a <= last[0] <= b for a, b in left_out):
+        why.append(
+            f"to the camera's last seq in the session, {last[0]} (the device's signed "
+            f"session_end): {last[1]}"
+        )
+    return f"; owed {'; and '.join(why)}" if why else ""
 
 
 def _check_session_seqs(
@@ -290,7 +327,7 @@ def _one_file(
     name, first, frames = item.file, item.first, item.frames
     report.frames += frames
     if not source.holds(name):
-        return None  # reported as missing
+        return None  # reported as missing (check_files, check_references)
     if name not in readable:
         report.fail(name, "not read, so not checked against the device's checkpoints")
         return None
@@ -339,6 +376,9 @@ def _one_file(
                     late.add(seq)
                 latest = capture_us if latest is None else max(latest, capture_us)
                 verified += 1
+    except Mp4Refused as exc:
+        report.fail(name, f"refused: {exc}")
+        return None
     except (av.FFmpegError, OSError, ValueError, MemberError) as exc:
         report.fail(name, f"unreadable as MP4: {exc}")
         return None

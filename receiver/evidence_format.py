@@ -19,8 +19,10 @@ a fixed time stamp, so the same recording always gives the same bytes::
 signature over :data:`MANIFEST_CONTEXT` followed by the bytes of
 ``manifest.json`` exactly as stored.
 
-Every member is stored (never compressed, never encrypted). Every MP4 holds
-one stream, a video track (nothing a player could show instead), of one
+Every member is stored (never compressed, never encrypted), back to back from
+the zip's first byte to its central directory, then the end record, no
+comment. Every MP4 holds one stream, a video track (nothing a player could
+show instead; identity display matrices, no crop, no stretch), of one
 camera's consecutive seqs ``first..last`` (sample ``i`` is seq ``first + i``),
 named ``footage/<camera>/<camera>.<first>-<last>.mp4`` and listed under that
 camera in the manifest, samples byte for byte as recorded (the camera's own
@@ -32,10 +34,11 @@ the same rule the receiver's recordings follow (:mod:`receiver.run`).
 A camera's ``holes`` are the seqs the bundle lacks and the device did not
 declare lost (``gaps``): those between its files, and those the device
 signed (in a checkpoint of the bundle) in the selected time range that the
-receiver never recorded, and, when the selection reaches the session's start or
-end, those from the camera's first seq (the device's signed ``disclosure``)
-and to its last (its signed ``session_end``). The verifier computes them
-again from the device's checkpoints and trail: a seq left out without being
+receiver never recorded, and those from the camera's first seq (the device's
+signed ``disclosure``) and to its last (its signed ``session_end``) when the
+selection covers them or the camera's footage stops well short of the
+selection's edge (:func:`selected_bounds`). The verifier computes them again
+from the device's checkpoints and trail: a seq left out without being
 declared is a failure.
 """
 
@@ -45,12 +48,13 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, BinaryIO, Final, NamedTuple
 
 import av
 from cryptography.hazmat.primitives import serialization
@@ -60,16 +64,21 @@ from provisioning.errors import KeyFileError
 from provisioning.keys import kid, load_private_key, public_pem, write_secret
 from receiver import seqranges
 from receiver.errors import ExportError
+from receiver.evidence_findings import iso
 
 __all__ = [
+    "EDGE_MARGIN_US",
     "MANIFEST",
     "MANIFEST_CONTEXT",
     "NO_SESSION_SEQS",
     "SIGNATURE",
     "EvidenceError",
     "Mp4Header",
+    "Mp4Refused",
     "Mp4Sample",
     "SessionSeqs",
+    "bound_reasons",
+    "display_problem",
     "evidence_key",
     "next_pts",
     "open_mp4",
@@ -132,19 +141,111 @@ class Mp4Header:
     ninety_khz: bool
 
 
+class Mp4Refused(ValueError):
+    """An MP4 that holds something a player could show instead of the footage checked."""
+
+
+#: The identity display matrix (16.16 fixed point; the last column 2.30), as the
+#: exporter writes it in ``mvhd`` and ``tkhd``.
+IDENTITY_MATRIX: Final = (0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+_MATRIX: Final = struct.Struct(">9i")
+#: Boxes :func:`display_problem` descends into (a sample entry's children follow its
+#: fields: 8 bytes of stsd's, 78 of a visual sample entry's).
+_CONTAINERS: Final = frozenset({b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts", b"dinf"})
+_SKIP: Final = {b"stsd": 8, b"avc1": 78, b"avc3": 78, b"encv": 78}
+#: Boxes nested deeper than this, or more boxes than this: not an MP4 the exporter wrote.
+_MAX_DEPTH: Final = 12
+_MAX_BOXES: Final = 10_000
+
+
+def display_problem(path: Path) -> str | None:
+    """What in an MP4 tells a player to show its pictures other than as encoded (None:
+    nothing): a display matrix in ``mvhd`` or ``tkhd`` other than the identity (a mirror,
+    a rotation, a shift, a scale), a ``clap`` box (a crop) or a ``pasp`` box whose pixels
+    are not square (a stretch). The device signs the samples, not these boxes. Reads the
+    boxes' headers and those few fields only (never the media)."""
+    with path.open("rb") as fh:
+        walker = _BoxWalker(fh)
+        walker.walk(0, fh.seek(0, 2), 0)
+        return walker.found
+
+
+class _BoxWalker:
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.found: str | None = None
+        self.count = 0
+
+    def walk(self, start: int, end: int, depth: int) -> None:
+        pos = start
+        while pos + 8 <= end and self.found is None:
+            self.count += 1
+            if self.count > _MAX_BOXES or depth > _MAX_DEPTH:
+                self.found = "boxes nested too deep or too many: not as the exporter writes"
+                return
+            self.fh.seek(pos)
+            head = self.fh.read(16)
+            box_size, kind = struct.unpack(">I4s", head[:8])
+            header = 8
+            if box_size == 1 and len(head) == 16:
+                box_size, header = struct.unpack(">Q", head[8:16])[0], 16
+            elif box_size == 0:
+                box_size = end - pos
+            if box_size < header or pos + box_size > end:
+                return  # damaged: the demuxer says what it makes of it
+            self.box(kind, pos + header, pos + box_size, depth)
+            pos += box_size
+
+    def box(self, kind: bytes, body: int, end: int, depth: int) -> None:
+        name = kind.decode("latin-1")
+        if kind in (b"mvhd", b"tkhd"):
+            self.fh.seek(body)
+            v1 = self.fh.read(1) == b"\x01"
+            times = (28 if v1 else 16) if kind == b"mvhd" else (32 if v1 else 20)
+            at = body + 4 + times + 16
+            self.fh.seek(at)
+            raw = self.fh.read(_MATRIX.size)
+            if at + _MATRIX.size > end or len(raw) < _MATRIX.size:
+                self.found = f"its {name} box is too short for a display matrix"
+            elif (matrix := _MATRIX.unpack(raw)) != IDENTITY_MATRIX:
+                self.found = (
+                    f"its {name} box's display matrix is {list(matrix)}, not the identity: "
+                    "players would show the picture transformed (mirrored, rotated, moved or "
+                    "scaled)"
+                )
+        elif kind == b"clap":
+            self.found = "it has a clap box: players would show the picture cropped"
+        elif kind == b"pasp":
+            self.fh.seek(body)
+            spacing = self.fh.read(8)
+            if end - body < 8 or spacing[:4] != spacing[4:]:
+                self.found = (
+                    "it has a pasp box whose pixels are not square: players would show the "
+                    "picture stretched"
+                )
+        elif kind in _CONTAINERS:
+            self.walk(body, end, depth + 1)
+        elif kind in _SKIP:
+            self.walk(body + _SKIP[kind], end, depth + 1)
+
+
 @contextmanager
 def open_mp4(path: Path) -> Iterator[tuple[Mp4Header, Iterator[Mp4Sample]]]:
     """The header and the samples (read one at a time, never all held) of an MP4 that holds
     exactly one stream, a video track, as a bundle's MP4s do: anything else (a second video
     track, an audio track) is a ValueError, since a player may show or play it instead of
-    the footage checked. Read as MP4 whatever its bytes look like. Raises
-    ``av.FFmpegError``, ``OSError`` or ValueError (also while iterating) when it cannot be
-    read."""
+    the footage checked; so is a display matrix other than the identity, a crop or a
+    stretch (:func:`display_problem`): both :class:`Mp4Refused`. Read as MP4 whatever its
+    bytes look like. Raises ``av.FFmpegError``, ``OSError`` or ValueError (also while
+    iterating) when it cannot be read."""
+    problem = display_problem(path)
+    if problem is not None:
+        raise Mp4Refused(problem)
     with av.open(str(path), format="mp4") as container:
         streams = list(container.streams)
         if len(streams) != 1 or streams[0].type != "video":
             kinds = ", ".join(str(s.type) for s in streams) or "none"
-            raise ValueError(
+            raise Mp4Refused(
                 f"holds {len(streams)} streams ({kinds}), not one video track: a player "
                 "could show what is not the footage checked"
             )
@@ -172,15 +273,22 @@ def open_mp4(path: Path) -> Iterator[tuple[Mp4Header, Iterator[Mp4Sample]]]:
 @dataclass(frozen=True, slots=True)
 class SessionSeqs:
     """What the device's trail says of a session's seqs: each camera's first (its
-    ``disclosure``: pre-roll included), its last (its ``session_end``) and when the
-    session ended (µs; None: not known)."""
+    ``disclosure``: pre-roll included), its last (its ``session_end``), when the
+    session ended and when it started (µs; None: not known)."""
 
     first: Mapping[str, int]
     last: Mapping[str, int]
     end_us: int | None
+    start_us: int | None = None
 
 
 NO_SESSION_SEQS: Final = SessionSeqs({}, {}, None)
+#: A camera's footage in a bundle that begins this much after the selection's start (or
+#: ends this much before its end) does not reach it: the seqs from the camera's signed
+#: first seq (or to its signed last) are owed, unless the device's signed capture time of
+#: the seq just outside the footage shows it outside the selection. About the most
+#: footage the device ever leaves unsigned (it signs every second or so).
+EDGE_MARGIN_US: Final = 1_000_000
 
 
 def session_seqs(entries: Iterable[Mapping[str, Any]]) -> SessionSeqs:
@@ -190,12 +298,20 @@ def session_seqs(entries: Iterable[Mapping[str, Any]]) -> SessionSeqs:
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     end_us: int | None = None
+    start_us: int | None = None
     for entry in entries:
         cams = entry.get("cameras")
         event = entry.get("event")
         t = entry.get("t")
-        if event == "session_end" and isinstance(t, (int, float)) and math.isfinite(t):
-            end_us = max(end_us or 0, round(t * 1e6))
+        at = (
+            round(t * 1e6)
+            if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+            else None
+        )
+        if event == "session_end" and at is not None:
+            end_us = max(end_us or 0, at)
+        elif event == "session_start" and at is not None:
+            start_us = at if start_us is None else min(start_us, at)
         for cam in cams if isinstance(cams, list) else ():
             if not isinstance(cam, dict) or not isinstance(cid := cam.get("id"), str):
                 continue
@@ -203,7 +319,7 @@ def session_seqs(entries: Iterable[Mapping[str, Any]]) -> SessionSeqs:
                 first[cid] = min(first.get(cid, seq), seq)
             elif event == "session_end" and type(seq := cam.get("last")) is int and seq >= -1:
                 last[cid] = max(last.get(cid, seq), seq)
-    return SessionSeqs(first, last, end_us)
+    return SessionSeqs(first, last, end_us, start_us)
 
 
 def owed_seqs(
@@ -242,16 +358,109 @@ def owed_seqs(
 
 
 def selected_bounds(
-    seqs: SessionSeqs, camera: str, from_us: int | None, to_us: int | None
+    seqs: SessionSeqs,
+    camera: str,
+    from_us: int | None,
+    to_us: int | None,
+    held: Sequence[tuple[int, int]] = (),
+    capture_of: Callable[[int], int | None] = lambda seq: None,
 ) -> tuple[int | None, int | None]:
-    """The camera's first and last seq in the session, each if the selection reaches it:
-    the first when nothing before the session's end is left out (no ``from``), the last
-    when the selection runs to the session's end (no ``to``, or one past its end)."""
+    """The camera's first and last seq in the session (the device's signed disclosure and
+    session_end), each if the bundle owes it (:func:`bound_reasons` says why)."""
+    first, last = bound_reasons(seqs, camera, from_us, to_us, held, capture_of)
+    return (None if first is None else first[0]), (None if last is None else last[0])
+
+
+def bound_reasons(
+    seqs: SessionSeqs,
+    camera: str,
+    from_us: int | None,
+    to_us: int | None,
+    held: Sequence[tuple[int, int]] = (),
+    capture_of: Callable[[int], int | None] = lambda seq: None,
+) -> tuple[tuple[int, str] | None, tuple[int, str] | None]:
+    """The camera's first and last seq in the session (the device's signed disclosure and
+    session_end), each with why the bundle owes it (None: it does not): the selected range
+    covers it, or the camera's footage here (``held``: its files' seqs) stops well short of
+    the range's edge on that side (:data:`EDGE_MARGIN_US`) while the signed seq lies
+    beyond.
+
+    Whether the range covers a seq is judged by its capture time as the device signed it
+    (``capture_of``: from the bundle's checkpoints), else by the session's signed start
+    (first) and end (last): a range from before the session started covers its first seq
+    (the pre-roll is captured before the start, a camera that joined after it), a range to
+    its end or later covers its last. Footage that stops short is judged by the signed
+    capture times of its first and last seq, and of the seq just outside it (one
+    captured outside the range shows the footage reaches the range's edge; the exporter
+    widens a range back to the keyframe at or before its start, so its footage begins at
+    or before the range). The exporter keeps the checkpoints these need and declares its
+    holes by this rule; the verifier checks by it: a receiver-written range does not
+    switch off the device's signed bounds."""
     first, last = seqs.first.get(camera), seqs.last.get(camera)
     if first is not None and last is not None and last < first:
         return None, None  # it streamed nothing (its last is its first - 1)
-    reaches_end = to_us is None or (seqs.end_us is not None and to_us >= seqs.end_us)
-    return (first if from_us is None else None), (last if reaches_end else None)
+    low = min((a for a, _ in held), default=None)
+    high = max((b for _, b in held), default=None)
+    owe_first = owe_last = None
+    if first is not None:
+        at = capture_of(first)
+        if from_us is None and (at is None or to_us is None or at <= to_us):
+            why: str | None = "the export starts at the session's start"
+        elif at is not None:
+            why = (
+                f"the device signed its capture at {iso(at)}, within the export's range"
+                if (from_us is None or from_us <= at) and (to_us is None or at <= to_us)
+                else None
+            )
+        elif from_us is not None and seqs.start_us is not None and from_us <= seqs.start_us:
+            why = (
+                f"the export's range starts at {iso(from_us)}, before the session's signed "
+                f"start ({iso(seqs.start_us)})"
+            )
+        else:
+            why = None
+        if why is None and from_us is not None and low is not None and low > first:
+            begins, before = capture_of(low), capture_of(low - 1)
+            if (
+                begins is not None
+                and begins > from_us + EDGE_MARGIN_US
+                and (before is None or before >= from_us)
+            ):
+                why = (
+                    f"its footage here begins at {iso(begins)}, well after the export's range "
+                    f"starts ({iso(from_us)})"
+                )
+        owe_first = None if why is None else (first, why)
+    if last is not None:
+        at = capture_of(last)
+        if to_us is None and (at is None or from_us is None or from_us <= at):
+            why = "the export runs to the session's end"
+        elif at is not None:
+            why = (
+                f"the device signed its capture at {iso(at)}, within the export's range"
+                if (from_us is None or from_us <= at) and (to_us is None or at <= to_us)
+                else None
+            )
+        elif to_us is not None and seqs.end_us is not None and to_us >= seqs.end_us:
+            why = (
+                f"the export's range ends at {iso(to_us)}, after the session's signed end "
+                f"({iso(seqs.end_us)})"
+            )
+        else:
+            why = None
+        if why is None and to_us is not None and high is not None and high < last:
+            ends, after = capture_of(high), capture_of(high + 1)
+            if (
+                ends is not None
+                and ends < to_us - EDGE_MARGIN_US
+                and (after is None or after <= to_us)
+            ):
+                why = (
+                    f"its footage here ends at {iso(ends)}, well before the export's range "
+                    f"ends ({iso(to_us)})"
+                )
+        owe_last = None if why is None else (last, why)
+    return owe_first, owe_last
 
 
 def evidence_key(data_dir: Path) -> Ed25519PrivateKey:

@@ -4,6 +4,8 @@
 :class:`Manifest`, reporting every field that is missing or of the wrong type
 (and leaving out what it cannot use). :func:`check_files` compares the
 members with the manifest's list of files (missing, altered, extra);
+:func:`check_references` fails every member the manifest refers to that its
+list of files lacks;
 :func:`check_roles` fails every listed member no part of the manifest refers
 to, since nothing would check it.
 """
@@ -27,6 +29,7 @@ __all__ = [
     "ListedFile",
     "Manifest",
     "check_files",
+    "check_references",
     "check_roles",
     "is_int",
     "is_time",
@@ -75,6 +78,8 @@ class Manifest:
     device: str
     opened_at: float | None
     closed: bool
+    #: The device had not signed the session's end when it was exported (it streamed
+    #: still, or had just ended): without it, a bundle must hold the signed end.
     open_session: bool
     #: The cameras the export selected (None: the field is malformed).
     selected: list[str] | None
@@ -319,6 +324,47 @@ def check_files(source: Source, report: VerifyReport, manifest: Manifest) -> dic
         report.fail(name, "extra: not listed in the manifest")
     report.files = len(listed)
     return readable
+
+
+def _references(manifest: Manifest) -> dict[str, str]:
+    """Every member the manifest refers to, and as what."""
+    named: dict[str, str] = {}
+    for cam in manifest.cameras:
+        for item in cam.footage:
+            named.setdefault(item.file, f"footage of camera {cam.id[:80]}")
+        if cam.checkpoints is not None:
+            named.setdefault(cam.checkpoints, f"the device's checkpoints of camera {cam.id[:80]}")
+    for key in manifest.keys:
+        named.setdefault(key.file, "a device key")
+        if key.certificate is not None:
+            named.setdefault(key.certificate, "a device key's enrollment certificate")
+    if manifest.audit is not None:
+        named.setdefault(manifest.audit, "the audit excerpt")
+    if manifest.receiver is not None:
+        named.setdefault(manifest.receiver, "the receiver's key")
+    return named
+
+
+def check_references(source: Source, report: VerifyReport, manifest: Manifest) -> None:
+    """Every member the manifest refers to is in its list of files (with its SHA-256) and
+    in the bundle: one that is neither was passed over by every check (a camera's footage
+    listed as a file that exists nowhere stood for seqs never shown)."""
+    listed = {f.path for f in manifest.files}
+    for name, role in sorted(_references(manifest).items()):
+        if name in listed:
+            continue  # missing from the bundle: check_files says so
+        if name in source.present:
+            report.fail(
+                name,
+                f"the manifest names it as {role} but does not list it among its files: no "
+                "SHA-256 of it is signed",
+            )
+        else:
+            report.fail(
+                name,
+                f"missing: the manifest names it as {role}, but it is neither in the bundle "
+                "nor among the manifest's files",
+            )
 
 
 def check_roles(report: VerifyReport, manifest: Manifest) -> None:

@@ -2,10 +2,22 @@
 
 :class:`Source` holds the members of a bundle, from the zip or from a folder
 it was unpacked into: their names (as often as each occurs), the sizes
-declared, and those never read (compressed, encrypted, with two sizes). A
-member is read a chunk at a time and never past the limit its caller gives:
-whatever a damaged or hostile zip raises becomes :class:`MemberError`, and a
-bundle that cannot be opened at all :class:`BundleInputError`.
+declared, and those never read (compressed, encrypted, with two sizes, or
+whose bytes overlap another member's). A member is read a chunk at a time and
+never past the limit its caller gives, and all of a zip's members together
+never past the size of the archive (each member counted once, however often
+it is read): whatever a damaged or hostile zip raises becomes
+:class:`MemberError`, and a bundle that cannot be opened at all
+:class:`BundleInputError`.
+
+A zip is laid out as the exporter writes it or :attr:`Source.layout` says
+how it is not: its first member's local header at offset 0, each member's
+data followed at once by the next member's header, the central directory
+right after the last member, then the end record (and the zip64 records
+before it, for a large bundle) ending the file, with no comment. Bytes
+before, between or after the members are what another reader (one that
+walks the local headers from the start, as a streaming unzipper does) may
+take for the bundle instead.
 :func:`strict_json` parses JSON without NaN, Infinity or deep nesting.
 """
 
@@ -15,13 +27,14 @@ import hashlib
 import json
 import lzma
 import re
+import struct
 import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator
 from itertools import accumulate
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 from receiver.evidence_format import safe_name
 
@@ -38,6 +51,11 @@ __all__ = [
 MAX_MANIFEST_BYTES: Final = 16 * 1024 * 1024
 MAX_SMALL_FILE: Final = 256 * 1024 * 1024
 MAX_KEY_FILE: Final = 64 * 1024
+_STORED: Final = "the exporter stores every member as it is"
+_LOCAL_HEADER: Final = struct.Struct("<4s22xHH")  # signature, name and extra lengths
+_END: Final = struct.Struct("<4s18x")  # signature; the rest as zipfile reads it
+_END64_LOCATOR: Final = struct.Struct("<4sIQI")
+_END64: Final = struct.Struct("<4sQHHIIQQQQ")  # zipfile assumes no extensible data too
 #: Nothing in a bundle nests JSON half as deep.
 MAX_JSON_DEPTH: Final = 64
 _JSON_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"')
@@ -75,8 +93,15 @@ class Source:
         self.names: list[str] = []
         #: Size as the zip (or the file system) declares it.
         self.sizes: dict[str, int] = {}
-        #: Members that are never read, and why (compressed, encrypted).
+        #: Members that are never read, and why (compressed, encrypted, overlapping).
         self.refused: dict[str, str] = {}
+        #: How the zip is not laid out as the exporter writes it (empty: as it does).
+        self.layout: list[str] = []
+        #: Bytes all members may give together (a zip's size; None: a folder), and the
+        #: bytes each member gave at most so far.
+        self._budget: int | None = None
+        self._given: dict[str, int] = {}
+        self._total = 0
         if path.is_dir():
             for p in sorted(path.rglob("*")):
                 if p.is_file():
@@ -102,17 +127,83 @@ class Source:
                 self.names.append(name)
                 self.sizes[name] = info.file_size
                 if info.flag_bits & 0x1:
-                    self.refused[name] = "encrypted"
+                    self.refused[name] = f"encrypted: {_STORED}"
                 elif info.compress_type != zipfile.ZIP_STORED:
-                    self.refused[name] = f"compressed (zip method {info.compress_type})"
+                    self.refused[name] = f"compressed (zip method {info.compress_type}): {_STORED}"
                 elif info.compress_size != info.file_size:
-                    self.refused[name] = "its two sizes in the zip differ"
+                    self.refused[name] = f"its two sizes in the zip differ: {_STORED}"
                 else:
                     self.refused.pop(name, None)
+            try:
+                self._check_layout(path)
+            except OSError as exc:
+                raise BundleInputError(f"{path}: cannot be read ({exc})") from exc
         else:
             raise BundleInputError(f"{path}: no such file or folder")
         self.present = set(self.names)
         self.counts = Counter(self.names)
+
+    def _check_layout(self, path: Path) -> None:
+        """Fill :attr:`layout` (how the zip is not as the exporter writes it) and refuse
+        every member whose bytes run into the next member's (a zip bomb makes many members
+        of the same bytes)."""
+        assert self._zip is not None
+        with path.open("rb") as fh:
+            size = fh.seek(0, 2)
+            self._budget = size
+            self._check_end(fh, size)
+            members = sorted(self._zip.infolist(), key=lambda i: i.header_offset)
+            at = 0  # where the next member's header should be
+            for i, info in enumerate(members):
+                nxt = members[i + 1] if i + 1 < len(members) else None
+                stop = self._zip.start_dir if nxt is None else nxt.header_offset
+                name = info.filename[:200]
+                if info.header_offset > at:
+                    where = "before the zip's first member" if i == 0 else f"before {name}"
+                    self.layout.append(
+                        f"{info.header_offset - at} bytes {where} that no member holds: a "
+                        "reader that walks the zip from its start may take them for the bundle"
+                    )
+                fh.seek(info.header_offset)
+                header = fh.read(_LOCAL_HEADER.size)
+                if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+                    self.refused[info.filename] = "no local header where the zip says it is"
+                    at = max(at, stop)
+                    continue
+                _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+                data_end = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+                data_end += info.compress_size
+                if data_end > stop:
+                    what = "the zip's directory" if nxt is None else f"{nxt.filename[:200]}"
+                    self.refused[info.filename] = (
+                        f"its bytes in the zip run {data_end - stop} bytes into {what}: members "
+                        "that overlap (so many members can be made of the same bytes)"
+                    )
+                at = max(at, data_end)
+            if at < self._zip.start_dir:
+                self.layout.append(
+                    f"{self._zip.start_dir - at} bytes after the zip's last member that no "
+                    "member holds"
+                )
+
+    def _check_end(self, fh: BinaryIO, size: int) -> None:
+        """The end record ends the file, without a comment (zip64's records before it)."""
+        end = size - _END.size
+        fh.seek(max(end, 0))
+        record = fh.read(_END.size)
+        if len(record) != _END.size or record[:4] != b"PK\x05\x06" or record[-2:] != b"\0\0":
+            self.layout.append(
+                "bytes after the zip's end record (or a comment): not as the exporter writes "
+                "a bundle"
+            )
+            return
+        if end >= _END64_LOCATOR.size + _END64.size:
+            fh.seek(end - _END64_LOCATOR.size)
+            locator = _END64_LOCATOR.unpack(fh.read(_END64_LOCATOR.size))
+            start = end - _END64_LOCATOR.size - _END64.size
+            fh.seek(start)
+            if locator[0] == b"PK\x06\x07" and (locator[2] != start or fh.read(4) != b"PK\x06\x06"):
+                self.layout.append("its zip64 end record is not right before its locator")
 
     def close(self) -> None:
         if self._zip is not None:
@@ -136,9 +227,23 @@ class Source:
                     size += len(chunk)
                     if size > limit:
                         raise MemberError(f"larger than {limit} bytes; not read further")
+                    self._count(name, size)
                     yield chunk
         except _ZIP_ERRORS as exc:
             raise MemberError(f"damaged in the zip: {exc}") from exc
+
+    def _count(self, name: str, size: int) -> None:
+        """Count ``size`` bytes read of member ``name`` (each member once, at its most):
+        MemberError once the members together gave more than the archive holds."""
+        if self._budget is None or size <= (given := self._given.get(name, 0)):
+            return
+        self._given[name] = size
+        self._total += size - given
+        if self._total > self._budget:
+            raise MemberError(
+                f"the members read so far hold more bytes ({self._total}) than the whole "
+                f"zip ({self._budget}): members that overlap; not read further"
+            )
 
     def read(self, name: str, limit: int) -> bytes:
         """A member's bytes; MemberError if larger than ``limit`` or unreadable."""

@@ -41,7 +41,13 @@ from provisioning.keys import load_private_key, new_private_key, public_pem
 from receiver import custody
 from receiver.access_log import AccessLog
 from receiver.evidence import build_bundle
-from receiver.evidence_format import evidence_key, owed_seqs, selected_bounds, session_seqs
+from receiver.evidence_format import (
+    bound_reasons,
+    evidence_key,
+    owed_seqs,
+    selected_bounds,
+    session_seqs,
+)
 from receiver.evidence_verify import VerifyReport, verify_bundle
 from receiver.server import Receiver
 from tests.media import make_h264_packets
@@ -274,6 +280,7 @@ def test_one_camera_and_a_time_range(recorded: Recorded, tmp_path: Path) -> None
     (cam,) = manifest_of(out)["cameras"]
     (cut,) = cam["footage"]
     assert cam["id"] == "hallway-2"
+    assert cam["holes"] == [] and cam["gaps"] == []
     # From the keyframe at or before the start (so it decodes), to the end of the range.
     assert (cut["first_seq"], cut["last_seq"]) == (keyframe, last)
     folder = unzip(out, tmp_path / "cut")
@@ -281,6 +288,62 @@ def test_one_camera_and_a_time_range(recorded: Recorded, tmp_path: Path) -> None
         first = next(container.demux(container.streams.video[0]))
         assert first.is_keyframe and first.pts == 0
     assert ffprobe_frames(folder / cut["file"]) == ("h264", cut["frames"])
+
+
+def session_times(bundle: Path) -> tuple[int, int, dict[str, dict[int, int]]]:
+    """The signed session_start and session_end (µs) of a bundle, and each camera's
+    signed capture times by seq."""
+    manifest = manifest_of(bundle)
+    with zipfile.ZipFile(bundle) as zf:
+        entries = [json.loads(line) for line in zf.read(manifest["audit"]["file"]).splitlines()]
+        captures = {
+            cam["id"]: {
+                seq: fields[0]
+                for line in zf.read(cam["checkpoints"]).splitlines()
+                for seq, fields in custody.parse_record(line).checkpoint.iter_entries()
+            }
+            for cam in manifest["cameras"]
+        }
+    (start,) = [round(e["t"] * 1e6) for e in entries if e["event"] == "session_start"]
+    (end,) = [round(e["t"] * 1e6) for e in entries if e["event"] == "session_end"]
+    return start, end, captures
+
+
+@pytest.mark.parametrize("edge", ["in-pre-roll", "around-all", "to-before-end", "from-after-start"])
+def test_time_ranges_at_the_sessions_edges_verify(
+    recorded: Recorded, tmp_path: Path, edge: str
+) -> None:
+    """The signed first and last seq bind a range that covers them (judged by the signed
+    times, whatever the range's fields say), and a range that stops short of them does not
+    owe them: genuine exports at the edges verify without a hole (review 2)."""
+    start, end, captures = session_times(recorded.bundle)
+    last_at = max(captures["front-door"].values())
+    ranges = {
+        "in-pre-roll": (start - 200_000, None),  # after the first seq, before the press
+        "around-all": (start - 60_000_000, end + 60_000_000),
+        "to-before-end": (None, last_at - 300_000),
+        "from-after-start": (start + 300_000, None),
+    }
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    lo, hi = ranges[edge]
+    out = build_bundle(
+        recorded.data,
+        recorded.session,
+        tmp_path / "edge.zip",
+        start=None if lo is None else epoch + timedelta(microseconds=lo),
+        end=None if hi is None else epoch + timedelta(microseconds=hi),
+    )
+    report = verify(recorded, out)
+    assert report.ok, report.errors
+    assert report.frames == report.frames_verified > 0
+    for cam in manifest_of(out)["cameras"]:
+        assert cam["holes"] == [] and cam["gaps"] == [], cam
+        (item,) = cam["footage"]
+        if edge == "around-all":
+            assert item["first_seq"] == 0 and item["frames"] > 100
+        elif edge == "in-pre-roll":  # from a keyframe of the pre-roll after the first
+            assert item["first_seq"] > 0 and captures[cam["id"]][item["first_seq"]] < start
+    assert {f.part for f in report.warnings} == {"selection"}, report.warnings
 
 
 def test_a_bundle_and_the_folder_made_for_it_are_the_receivers_alone(
@@ -326,6 +389,13 @@ async def test_a_session_across_an_agent_restart_verifies(tmp_path: Path) -> Non
             )
             agent.end("test finished")
             await agent.uplink.wait_settled(session.id)
+            # Exported before the device signed its trail: its session_end is not signed.
+            early = await asyncio.to_thread(
+                build_bundle, receiver.data_dir, session.id, tmp_path / "early.zip"
+            )
+            await asyncio.to_thread(agent.audit.checkpoint)
+            agent.uplink.audit_recorded()
+            await agent.uplink.wait_until(lambda: agent.uplink.audit_acked >= agent.audit.head_n)
             refused = agent.uplink.stats.checkpoints_refused
         session_dir = receiver.store.get(session.id).directory
         held = receiver.ingest.custody(session_dir)
@@ -346,8 +416,20 @@ async def test_a_session_across_an_agent_restart_verifies(tmp_path: Path) -> Non
     )
     assert report.ok, report.errors
     assert report.frames == report.frames_verified > 0
+    # Exported once the session ended but before the device signed its end: the manifest
+    # says so (as of a session still streaming), and the verifier says what it cannot
+    # check. Said otherwise, it fails: a tail cut from every camera could not be told.
+    keys = {"device_key": device, "receiver_key": evidence_key(tmp_path / "receiver").public_key()}
+    assert manifest_of(early)["selection"]["open_session"]
+    assert not manifest_of(bundle)["selection"]["open_session"]
+    early_report = verify_bundle(early, **keys)
+    assert early_report.ok, early_report.errors
+    assert any(
+        f.part == "selection" and "before the device signed the session's end" in f.what
+        for f in early_report.warnings
+    ), early_report.warnings
     # Only facts: the numbers reserved before the restart and never used, declared lost by
-    # the device, and the audit entries since its last signed checkpoint.
+    # the receiver, and the audit entries since its last signed checkpoint.
     assert {f.part for f in report.warnings} <= {
         "camera front-door", "camera hallway-2", "audit/demo-agent-1.log"
     }, report.warnings  # fmt: skip
@@ -737,9 +819,12 @@ def test_an_export_whose_entry_cannot_be_made_durable_is_not_given_out(
 
 def test_the_seqs_owed_reach_the_sessions_signed_first_and_last() -> None:
     """A camera's part of a bundle accounts for its seqs from its first in the session (the
-    signed disclosure) to its last (the signed session_end) when the selection reaches
-    them; the exporter declares by this rule and the verifier checks by it."""
+    signed disclosure) to its last (the signed session_end) when the selection covers
+    them (by the signed capture times, else the signed start and end), or when its
+    footage stops well short of the selection's edge; the exporter declares by this rule
+    and the verifier checks by it (review 2: a range switched the signed bounds off)."""
     entries = [
+        {"event": "session_start", "t": 50.0, "cameras": ["a"]},
         {"event": "disclosure", "cameras": [{"id": "a", "zone": "z", "first": 10}]},
         {"event": "disclosure", "cameras": [{"id": "a", "zone": "z", "first": 12}]},  # resumed
         {"event": "session_end", "t": 100.0, "cameras": [{"id": "a", "last": 90}]},
@@ -747,14 +832,33 @@ def test_the_seqs_owed_reach_the_sessions_signed_first_and_last() -> None:
     ]
     seqs = session_seqs(entries)
     assert (dict(seqs.first), dict(seqs.last), seqs.end_us) == ({"a": 10}, {"a": 90}, 100_000_000)
+    assert seqs.start_us == 50_000_000
     files, none = [(20, 40)], ()
     everything = selected_bounds(seqs, "a", None, None)
     assert everything == (10, 90)
     assert owed_seqs(files, none, None, None, everything) == [(10, 90)]
-    # A time range: the first only without --from, the last only to the session's end.
-    assert selected_bounds(seqs, "a", 5, 99_000_000) == (None, None)
+    # A time range from before the signed start covers the first seq (its capture time not
+    # known); one to the signed end or later covers the last.
+    assert selected_bounds(seqs, "a", 5, 99_000_000) == (10, None)
+    assert selected_bounds(seqs, "a", 60_000_000, 99_000_000) == (None, None)
     assert selected_bounds(seqs, "a", None, 100_000_000) == (10, 90)
-    assert owed_seqs(files, none, 5, None, selected_bounds(seqs, "a", 5, None)) == [(20, 90)]
+    s60 = selected_bounds(seqs, "a", 60_000_000, None)
+    assert owed_seqs(files, none, 60_000_000, None, s60) == [(20, 90)]
+    # The capture times the device signed decide where the bundle has them.
+    signed = {10: 40_000_000, 90: 95_000_000}
+    assert selected_bounds(seqs, "a", 45_000_000, 96_000_000, (), signed.get) == (None, 90)
+    assert selected_bounds(seqs, "a", 5, 94_000_000, (), signed.get) == (10, None)
+    # Footage that begins well after the range's start, or ends well before its end, owes
+    # the signed bounds; unless the seq just outside it was captured outside the range.
+    short = {20: 70_000_000, 40: 80_000_000}
+    assert selected_bounds(seqs, "a", 60_000_000, 99_000_000, files, short.get) == (10, 90)
+    first, last = bound_reasons(seqs, "a", 60_000_000, 99_000_000, files, short.get)
+    assert first is not None and "begins at" in first[1] and "well after" in first[1]
+    assert last is not None and "ends at" in last[1] and "well before" in last[1]
+    near = {**short, 19: 59_000_000, 41: 99_500_000}
+    assert selected_bounds(seqs, "a", 60_000_000, 99_000_000, files, near.get) == (None, None)
+    close = {20: 60_500_000, 40: 98_500_000}  # within the margin of the range's edges
+    assert selected_bounds(seqs, "a", 60_000_000, 99_000_000, files, close.get) == (None, None)
     # No footage at all: the whole session is owed; a camera that streamed nothing owes none.
     assert owed_seqs([], none, None, None, everything) == [(10, 90)]
     empty = session_seqs(

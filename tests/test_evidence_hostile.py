@@ -16,6 +16,7 @@ import shutil
 import struct
 import tracemalloc
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import av
 import pytest
 
-from agent import chain
+from agent import audit, chain
 from provisioning.documents import b64url, canonical
 from provisioning.keys import kid as key_id
 from receiver import custody
@@ -31,6 +32,7 @@ from receiver import evidence_verify as ev
 from receiver.evidence import _Writer, build_bundle
 from receiver.evidence_format import MANIFEST_CONTEXT, TIME_BASE, ZIP_TIME, evidence_key
 from receiver.evidence_verify import BundleInputError, VerifyReport
+from receiver.evidence_zip import MemberError
 from tests.test_evidence import Recorded, failed_parts, manifest_of, record_and_bundle, verify
 
 pytestmark = pytest.mark.timeout(120)
@@ -312,14 +314,25 @@ def test_an_audit_excerpt_without_its_signature_says_what_it_cannot_check(
     genuine: Recorded, tmp_path: Path
 ) -> None:
     """Old: only "not signed yet"; now also that the cameras and the session's end (which
-    the other checks rely on) are then the receiver's word."""
+    the other checks rely on) are then the receiver's word. Of a session that ended (the
+    manifest says it no longer streamed) that is a failure: without the signed end a tail
+    cut from every camera with its checkpoints could not be told (review 2)."""
     m, manifest = members(genuine.bundle), manifest_of(genuine.bundle)
     name = manifest["audit"]["file"]
     m[name] = b"".join(m[name].splitlines(keepends=True)[:-1])  # the signed checkpoint
+    report = insider(genuine, tmp_path, m, json.loads(json.dumps(manifest)))
+    assert says(report, name, "the session's end is not among"), report.findings
+    assert says(report, name, "whether the bundle holds every camera", error=False)
+    # Whatever closed_at says (the receiver writes it).
+    manifest["session"]["closed_at"] = manifest["session"]["close_reason"] = None
+    report = insider(genuine, tmp_path, m, json.loads(json.dumps(manifest)))
+    assert says(report, name, "the session's end is not among"), report.findings
+    # Exported while it streamed, as the exporter does: what the device signed of it yet.
+    manifest["selection"]["open_session"] = True
     report = insider(genuine, tmp_path, m, manifest)
     assert report.ok, report.errors
     assert says(report, name, "whether the bundle holds every camera", error=False)
-    assert says(report, name, "the session's end is not among", error=False)
+    assert says(report, "selection", "still streaming", error=False)
 
 
 def test_the_export_declares_signed_seqs_it_lacks(genuine: Recorded, tmp_path: Path) -> None:
@@ -589,3 +602,349 @@ def test_footage_is_read_a_sample_at_a_time(genuine: Recorded, tmp_path: Path) -
         tracemalloc.stop()
     assert says(report, name, "not the footage the device signed"), report.findings
     assert peak < 4 << 20, peak  # the MP4 is 8 MB
+
+
+# -- F: a second review (review 1-7: parts that exist nowhere, cut edges, boxes, zips) ------
+
+
+def cut_each_camera(
+    m: dict[str, bytes], manifest: dict[str, Any], tmp: Path, *, head: bool
+) -> dict[str, tuple[int, int]]:
+    """Every camera's first (``head``) or last two thirds or so cut, with the device's
+    checkpoints over them, as an insider with the receiver's key would; per camera the
+    seqs kept."""
+    kept_seqs: dict[str, tuple[int, int]] = {}
+    for cam in manifest["cameras"]:
+        (item,) = cam["footage"]
+        first, last = item["first_seq"], item["last_seq"]
+        captures = signed_captures(m, manifest, cam["id"])
+        original = m.pop(item["file"])
+        records = [custody.parse_record(line) for line in m[cam["checkpoints"]].splitlines()]
+        third = first + 2 * (last - first) // 3
+        if head:  # from a checkpoint that begins at a keyframe, so the file decodes
+            kept = [
+                r
+                for r in records
+                if r.checkpoint.first > (first + last) // 2
+                and r.checkpoint.entry(r.checkpoint.first)[1] & chain.FLAG_KEYFRAME
+            ]
+            a, b = min(r.checkpoint.first for r in kept), last
+            kept = [r for r in records if r.checkpoint.first >= a]
+        else:
+            kept = [r for r in records if r.checkpoint.last < third]
+            a, b = first, max(r.checkpoint.last for r in kept)
+        m[cam["checkpoints"]] = b"".join(custody.record_line(r) for r in kept)
+        name = f"footage/{cam['id']}/{cam['id']}.{a}-{b}.mp4"
+        m[name] = remux(tmp, original, range(a, b + 1), captures)
+        cam["footage"] = [footage_item(name, a, b, captures)]
+        kept_seqs[cam["id"]] = (a, b)
+    return kept_seqs
+
+
+def audit_lines(m: dict[str, bytes], manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in m[manifest["audit"]["file"]].splitlines()]
+
+
+def signed_now(recorded: Recorded, entries: list[dict[str, Any]]) -> bytes:
+    """``entries`` followed by the checkpoint the device signs at its minute tick."""
+    last = entries[-1]
+    kid = key_id(recorded.device_key.public_key())
+    head = last["hash"]
+    sig = recorded.device_key.sign(audit.checkpoint_message(last["n"], head, kid))
+    entry = {
+        "covers": last["n"], "event": audit.CHECKPOINT, "head": head, "kid": kid,
+        "n": last["n"] + 1, "prev": head, "sig": b64url(sig), "t": last["t"] + 0.001,
+    }  # fmt: skip
+    entry["hash"] = hashlib.sha256(canonical(entry)).hexdigest()
+    return b"".join(canonical(e) + b"\n" for e in [*entries, entry])
+
+
+@pytest.mark.parametrize("part", ["footage", "audit", "checkpoints"])
+def test_a_part_the_manifest_names_that_exists_nowhere_is_named(
+    genuine: Recorded, tmp_path: Path, part: str
+) -> None:
+    """Review 1. Old: a file the manifest referred to but neither listed nor held was
+    passed over: frames cut from the middle, listed as a file that exists nowhere (no
+    hole, no warning), or the audit excerpt pointed elsewhere (every check of the session's
+    cameras and end skipped): bundle OK."""
+    m, manifest = members(genuine.bundle), manifest_of(genuine.bundle)
+    front = camera(manifest, FD)
+    if part == "footage":  # as /tmp/.../phantom.py
+        (item,) = front["footage"]
+        captures = signed_captures(m, manifest, FD)
+        original = m.pop(item["file"])
+        k = next(i for i in keyframes(original, tmp_path) if i >= 60)
+        front["footage"] = []
+        for seqs in (range(0, 40), range(k, item["last_seq"] + 1)):
+            name = f"footage/{FD}/{FD}.{seqs[0]}-{seqs[-1]}.mp4"
+            m[name] = remux(tmp_path, original, seqs, captures)
+            front["footage"].append(footage_item(name, seqs[0], seqs[-1], captures))
+        gone = f"footage/{FD}/{FD}.40-{k - 1}.mp4"
+        front["footage"].insert(1, footage_item(gone, 40, k - 1, captures))
+    elif part == "audit":  # as noaudit.py
+        del m[manifest["audit"]["file"]]
+        gone = manifest["audit"]["file"] = "audit/elsewhere.log"
+    else:
+        del m[front["checkpoints"]]
+        gone = front["checkpoints"] = f"chain/{FD}-elsewhere.jsonl"
+    report = insider(genuine, tmp_path, m, manifest)
+    assert says(report, gone, "missing: the manifest names it as"), report.findings
+    if part != "audit":
+        assert says(report, "footage", "frames the manifest lists were checked"), report.findings
+
+
+def test_a_tail_cut_with_the_signed_end_left_out_of_the_excerpt_fails(
+    genuine: Recorded, tmp_path: Path
+) -> None:
+    """Review 2, as tailcut.py. Old: the last two thirds of every camera cut with their
+    checkpoints, the excerpt ended at the device's minute checkpoint before its
+    session_end, closed_at set null: only a warning, bundle OK."""
+    m, manifest = members(genuine.bundle), manifest_of(genuine.bundle)
+    cut_each_camera(m, manifest, tmp_path, head=False)
+    entries = audit_lines(m, manifest)
+    until = next(i for i, e in enumerate(entries) if e["event"] == "session_end")
+    m[manifest["audit"]["file"]] = signed_now(genuine, entries[:until])
+    manifest["session"]["closed_at"] = manifest["session"]["close_reason"] = None
+    report = insider(genuine, tmp_path, m, manifest)
+    name = manifest["audit"]["file"]
+    assert says(report, name, "the session's end is not among the device's signed"), report.findings
+    assert not report.ok
+
+
+def test_a_tail_cut_hidden_by_a_range_is_named(genuine: Recorded, tmp_path: Path) -> None:
+    """Review 2, as tailcut_range.py. Old: the last third of every camera cut with its
+    checkpoints and the range's end set 1 ms before the signed session_end: the signed
+    last seq was no longer owed, a warning about the range only."""
+    m, manifest = members(genuine.bundle), manifest_of(genuine.bundle)
+    kept = cut_each_camera(m, manifest, tmp_path, head=False)
+    (end,) = [e for e in audit_lines(m, manifest) if e["event"] == "session_end"]
+    manifest["selection"]["to_us"] = round(end["t"] * 1e6) - 1000
+    report = insider(genuine, tmp_path, m, manifest)
+    for cam in manifest["cameras"]:
+        last = {c["id"]: c["last"] for c in end["cameras"]}[cam["id"]]
+        what = failed_parts(report).get(f"camera {cam['id']}", [])
+        assert any(
+            f"seqs {kept[cam['id']][1] + 1}..{last}: not in the bundle" in w
+            and "well before the export's range ends" in w
+            for w in what
+        ), report.findings
+
+
+def test_a_head_cut_hidden_by_a_range_is_named(genuine: Recorded, tmp_path: Path) -> None:
+    """Review 2, as headcut.py. Old: the first half of every camera (pre-roll and press)
+    cut with its checkpoints and the range's start set an hour before the session: the
+    signed first seq was never owed."""
+    m, manifest = members(genuine.bundle), manifest_of(genuine.bundle)
+    kept = cut_each_camera(m, manifest, tmp_path, head=True)
+    manifest["selection"]["from_us"] = round(manifest["session"]["opened_at"] * 1e6) - 3600_000_000
+    report = insider(genuine, tmp_path, m, manifest)
+    for cam in manifest["cameras"]:
+        what = failed_parts(report).get(f"camera {cam['id']}", [])
+        assert any(
+            f"seqs 0..{kept[cam['id']][0] - 1}: not in the bundle" in w
+            and "before the session's signed start" in w
+            for w in what
+        ), report.findings
+
+
+def test_frames_declared_lost_are_the_receivers_word(genuine: Recorded, tmp_path: Path) -> None:
+    """Review 7: ``gaps`` are written by the receiver (unsigned), not declared by the
+    device as the warning said."""
+    m, manifest = members(genuine.bundle), manifest_of(genuine.bundle)
+    front = camera(manifest, FD)
+    (item,) = front["footage"]
+    captures = signed_captures(m, manifest, FD)
+    original = m.pop(item["file"])
+    name = f"footage/{FD}/{FD}.0-59.mp4"
+    m[name] = remux(tmp_path, original, range(60), captures)
+    front["footage"] = [footage_item(name, 0, 59, captures)]
+    front["gaps"] = [{"first": 60, "last": item["last_seq"], "reason": "lost"}]
+    report = insider(genuine, tmp_path, m, manifest)
+    assert report.ok, report.errors
+    (said,) = [f.what for f in report.warnings if "declared 'lost'" in f.what]
+    assert "by the receiver" in said and "by the device" not in said, said
+
+
+def box_edit(kind: str) -> Callable[[bytes], bytes]:
+    """An MP4 with its display changed in one box (nothing else: the samples, timestamps,
+    sample count and track count are the exporter's)."""
+
+    def find(data: bytes, path: list[bytes]) -> tuple[int, int]:
+        start, end = 0, len(data)
+        for want in path:
+            pos = start
+            while pos + 8 <= end:
+                size, typ = struct.unpack(">I4s", data[pos : pos + 8])
+                if typ == want:
+                    break
+                pos += size
+            else:
+                raise KeyError(want)
+            skip = {b"stsd": 16, b"avc1": 86}.get(typ, 8)
+            start, end = pos + skip, pos + size
+        return start, end
+
+    def edit(mp4: bytes) -> bytes:
+        b = bytearray(mp4)
+        if kind in ("tkhd", "mvhd"):  # as mirror.py: a = -1, tx = width
+            parents = [b"moov", b"trak", b"tkhd"] if kind == "tkhd" else [b"moov", b"mvhd"]
+            body, _ = find(mp4, parents)
+            at = body + (40 if kind == "tkhd" else 36)
+            struct.pack_into(">i", b, at, -0x10000)
+            struct.pack_into(">i", b, at + 24, 640 << 16)
+        else:  # the sample entry's btrt box (20 bytes) becomes a crop or a stretch
+            path = [b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd", b"avc1", b"btrt"]
+            body, _ = find(mp4, path)
+            b[body - 4 : body] = kind.encode()
+            struct.pack_into(">II", b, body, 4, 3)
+        return bytes(b)
+
+    return edit
+
+
+@pytest.mark.parametrize("kind", ["tkhd", "mvhd", "pasp", "clap"])
+def test_a_display_other_than_the_pictures_is_refused(
+    genuine: Recorded, tmp_path: Path, kind: str
+) -> None:
+    """Review 3, as mirror.py. Old: a display matrix mirroring the picture (players that
+    honour it show the scene left-right swapped), a crop or a stretch: bundle OK."""
+    m, manifest = members(genuine.bundle), manifest_of(genuine.bundle)
+    name = camera(manifest, FD)["footage"][0]["file"]
+    m[name] = box_edit(kind)(m[name])
+    report = insider(genuine, tmp_path, m, manifest)
+    words = {"tkhd": "display matrix", "mvhd": "display matrix", "pasp": "stretched"}
+    assert says(report, name, words.get(kind, "cropped")), report.findings
+    assert says(report, "footage", "frames the manifest lists were checked")
+
+
+def overlapping_zip(out: Path, block: int, count: int) -> int:
+    """As zipbomb.py: stored members each of whose data holds the next ones' headers and
+    one shared block of zeros; returns what reading every member would read."""
+    names = [f"footage/c/c.{i}-{i}.mp4" for i in range(count)]
+
+    def local(name: str, size: int) -> bytes:
+        n = name.encode()
+        return struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 0, 0x21, 0, 0, size, size,
+                           len(n), 0) + n  # fmt: skip
+
+    lengths = [len(local(n, 0)) for n in names]
+    sizes = [sum(lengths[i + 1 :]) + block for i in range(count)]
+    files = [{"path": n, "sha256": "0" * 64, "size": s} for n, s in zip(names, sizes, strict=True)]
+    manifest = json.dumps({"type": "breakglass-evidence", "v": 1, "files": files}).encode()
+    entries = []
+    with out.open("wb") as f:
+        crc = zlib.crc32(manifest)
+        f.write(local("manifest.json", len(manifest))[:14] + struct.pack("<I", crc))
+        f.write(local("manifest.json", len(manifest))[18:] + manifest)
+        entries.append(("manifest.json", 0, len(manifest), crc))
+        for i, n in enumerate(names):
+            entries.append((n, f.tell(), sizes[i], 0))
+            f.write(local(n, sizes[i]))
+        f.write(bytes(block))
+        cd = f.tell()
+        for n, o, s, c in entries:
+            b = n.encode()
+            f.write(struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, 0, 0x21, 0, c,
+                                s, s, len(b), 0, 0, 0, 0, 0, o) + b)  # fmt: skip
+        end = f.tell()
+        f.write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(entries), len(entries),
+                            end - cd, cd, 0))  # fmt: skip
+    return sum(sizes)
+
+
+def test_overlapping_members_are_refused_and_reading_is_bounded(
+    genuine: Recorded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 4, as zipbomb.py. Old: a 4 MiB zip of 40 members overlapping one another made
+    the verifier read (CRC and SHA-256) 160 MiB before it looked at the signature; a
+    100 MB one, hundreds of GB."""
+    out = tmp_path / "bomb.zip"
+    would_read = overlapping_zip(out, 4 << 20, 40)
+    read = 0
+    chunks = ev._Source.chunks
+
+    def counting(self: Any, name: str, limit: int) -> Any:
+        nonlocal read
+        for chunk in chunks(self, name, limit):
+            read += len(chunk)
+            yield chunk
+
+    monkeypatch.setattr(ev._Source, "chunks", counting)
+    report = verify(genuine, out)
+    assert would_read > 30 * out.stat().st_size
+    assert read <= out.stat().st_size, read
+    assert says(report, "footage/c/c.0-0.mp4", "members that overlap"), report.findings
+    assert not says(report, "footage/c/c.39-39.mp4", "overlap")  # the last holds the block
+
+
+def test_the_members_together_never_read_more_than_the_zip(
+    genuine: Recorded, tmp_path: Path
+) -> None:
+    """Review 4: whatever the layout checks miss, reading stops at the archive's size
+    (each member counted once, however often it is read)."""
+    source = ev._Source(genuine.bundle)
+    try:
+        name = camera(manifest_of(genuine.bundle), FD)["footage"][0]["file"]
+        size = source.sizes[name]
+        assert len(source.read(name, size)) == len(source.read(name, size)) == size
+        source._budget = size + 10  # as if the rest of the zip were this member's bytes
+        with pytest.raises(MemberError, match=r"more bytes .* than the whole zip"):
+            source.read(camera(manifest_of(genuine.bundle), HW)["footage"][0]["file"], 1 << 30)
+    finally:
+        source.close()
+
+
+def test_the_signature_is_checked_before_the_footage_is_hashed(
+    genuine: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 4: an unsigned manifest is said before anything it lists is read."""
+    calls: list[str] = []
+    for name in ("check_signature", "check_files"):
+        real = getattr(ev, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(ev, name, spy)
+    assert verify(genuine, genuine.bundle).ok
+    assert calls == ["check_signature", "check_files"]
+
+
+@pytest.mark.parametrize("where", ["before", "after", "comment"])
+def test_bytes_around_the_zip_fail(genuine: Recorded, tmp_path: Path, where: str) -> None:
+    """Review 5, as prepend.py. Old: a forged zip (front-door's footage replaced by
+    hallway-2's) with the genuine bundle after it verified OK (Python reads the central
+    directory at the end), while a reader that walks the local headers from the start
+    (java.util.zip.ZipInputStream, jar, streaming unzippers) sees the forged members."""
+    data = genuine.bundle.read_bytes()
+    out = tmp_path / "around.zip"
+    if where == "before":
+        m, manifest = members(genuine.bundle), manifest_of(genuine.bundle)
+        hall = m[camera(manifest, HW)["footage"][0]["file"]]
+        m[camera(manifest, FD)["footage"][0]["file"]] = hall
+        forged = write_zip(tmp_path / "forged.zip", sorted(m.items())).read_bytes()
+        out.write_bytes(forged + data)
+        words = f"{len(forged)} bytes before the zip's first member"
+    elif where == "after":
+        out.write_bytes(data + b"PK\x03\x04 more")
+        words = "bytes after the zip's end record"
+    else:
+        with zipfile.ZipFile(shutil.copy(genuine.bundle, out), "a") as zf:
+            zf.comment = b"forged"
+        words = "bytes after the zip's end record (or a comment)"
+    report = verify(genuine, out)
+    assert says(report, "zip", words), report.findings
+    assert not report.ok
+
+
+def test_a_large_bundles_zip64_end_records_are_as_the_exporter_writes_them(
+    genuine: Recorded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 5: a bundle over 2 GiB (or of over 65535 members) ends with zip64 records
+    before the end record: allowed, as zipfile writes them."""
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 3)
+    out = write_zip(tmp_path / "z64.zip", sorted(members(genuine.bundle).items()))
+    assert b"PK\x06\x06" in out.read_bytes()[-200:]
+    report = verify(genuine, out)
+    assert report.ok, report.errors
