@@ -94,6 +94,9 @@ def _receiver_serve(args: argparse.Namespace) -> int:
             f"--max-per-address {per_address} is more than --max-connections {connections}"
         )
     limits = ServerLimits(max_connections=connections, max_per_address=per_address)
+    from receiver.retention import KeepPolicy
+
+    keep = KeepPolicy(shares_s=args.keep_shares_days, emergencies_s=args.keep_emergencies_days)
 
     async def main(stop: asyncio.Event) -> int:
         async with Receiver(
@@ -104,12 +107,24 @@ def _receiver_serve(args: argparse.Namespace) -> int:
             notify_url=args.notify_url,
             notify_pin=args.notify_pin,
             limits=limits,
+            keep=keep,
         ) as rx:
             print(f"receiver: {rx.url}  uplink: {rx.uplink_url}")
             print(f"TLS pin (put it in each agent's [receiver] tls_pin): {rx.fingerprint}")
             print(f"allowed devices: {rx.devices_dir}/<device-id>.pub")
             print(f"age recipient (put it in each agent's [store] recipients): {rx.age_recipient}")
             print(f"offline alarm after {rx.presence.offline_after_s:g} s of silence")
+            policy = rx.retention.policy
+            for kind, keep_s in [
+                ("shares", policy.shares_s),
+                ("emergencies", policy.emergencies_s),
+            ]:
+                kept = (
+                    "with no end"
+                    if keep_s is None
+                    else f"{keep_s / 86_400:g} days after they close"
+                )
+                print(f"recordings of {kind} kept {kept}")
             print(
                 f"connections: at most {limits.connection_cap()} at once, "
                 f"{limits.max_per_address} from one address"
@@ -159,6 +174,19 @@ def _offline_after(text: str) -> float:
         return validate_offline_after(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("offline_after_s: ")) from None
+
+
+def _keep_days(text: str) -> float | None:
+    """``--keep-*-days``: days (fractions allowed), or ``forever``; seconds or None."""
+    if text == "forever":
+        return None
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected days or 'forever', got {text!r}") from None
+    if not 0 < days <= 36_500:
+        raise argparse.ArgumentTypeError(f"expected 0 < days <= 36500, got {text!r}")
+    return days * 86_400
 
 
 #: The most ``--max-connections`` or ``--max-per-address`` may say.
@@ -283,6 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="connections from one IP address (default 256, or --max-connections if "
         "less): raise it when many schools "
         "reach the receiver through one NAT address",
+    )
+    serve.add_argument(
+        "--keep-shares-days",
+        type=_keep_days,
+        default=30 * 86_400.0,
+        metavar="DAYS|forever",
+        help="delete a closed exterior-share recording this long after it closed (default 30)",
+    )
+    serve.add_argument(
+        "--keep-emergencies-days",
+        type=_keep_days,
+        default=None,
+        metavar="DAYS|forever",
+        help="delete a closed emergency's recording (and its exported bundles) this long "
+        "after it closed (default: forever; set it to the agency's records-retention "
+        "schedule)",
     )
     serve.set_defaults(func=_receiver_serve)
     accounts_cli.add_parser(receiver)

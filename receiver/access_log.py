@@ -30,7 +30,8 @@ file per login session, however many range requests the player makes); ``user_ad
 :mod:`receiver.accounts_api`); ``log_torn_tail`` (``bytes``: an
 unfinished line a crash left, cut before appending). Other modules record
 through :data:`ACCESS_LOG_KEY` with their own actions (evidence exports,
-dispatch, ``player_link_*`` in :mod:`receiver.player_links`).
+dispatch, ``player_link_*`` in :mod:`receiver.player_links`), and
+``recording_deleted`` comes from :mod:`receiver.retention` (no user).
 
 Writing: :meth:`AccessLog.record` never blocks; a writer thread appends what
 is queued in batches, one ``fsync`` per batch (entries that arrive while it

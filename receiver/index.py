@@ -834,6 +834,8 @@ class LocalStorage:
                         try:
                             rec = self.store.get(sid)
                         except UnknownSessionError:
+                            if sid not in self.store.damaged:  # deleted (retention)
+                                await asyncio.to_thread(db.drop_sessions, [sid])
                             continue
                         snap = _snapshot(rec)  # on the loop: the writer mutates its state here
                         try:

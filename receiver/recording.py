@@ -28,6 +28,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from receiver.camera_recording import CameraRecording, Outcome, TrackInfo
 from receiver.errors import (
     CorruptRecordingError,
     InvalidMetadataError,
+    ReceiverError,
     RecordingFailedError,
     UnknownSessionError,
 )
@@ -76,6 +79,8 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger(__name__)
+#: A deleted session's folder while it is removed (no session id starts with a dot).
+_DELETED = ".deleted-"
 
 #: Where a session sorts in a listing: its opening time, then its id (ties are real:
 #: two devices can open sessions in the same clock tick).
@@ -143,6 +148,9 @@ class RecordingStore:
         """
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
         names = await asyncio.to_thread(lambda: sorted(p.name for p in self.root.iterdir()))
+        for name in names:
+            if name.startswith(_DELETED):  # a deletion a crash interrupted: finished now
+                await asyncio.to_thread(remove_tree, self.root / name)
         async with self._lock:
             for name in names:
                 if name in self._sessions or SESSION_ID_RE.fullmatch(name) is None:
@@ -280,6 +288,29 @@ class RecordingStore:
         """Known sessions that have not been closed (including ones from before a restart)."""
         return [r for r in self._sessions.values() if r.is_open]
 
+    def closed_sessions(self) -> list[SessionRecording]:
+        """Known sessions that were closed."""
+        return [r for r in self._sessions.values() if not r.is_open]
+
+    async def delete(self, session_id: str) -> int:
+        """Delete a closed session's recording (its folder, whole); the bytes freed.
+
+        The folder is first renamed out of the store (``.deleted-SESSION``, a name no
+        session has), so a crash halfway leaves no half a recording that would load; what
+        is left of one is removed at the next :meth:`load`. Raises
+        :class:`UnknownSessionError`, or :class:`ReceiverError` for an open session.
+        """
+        async with self._lock:
+            rec = self.get(session_id)
+            if rec.is_open:
+                raise ReceiverError(f"session {session_id!r} is open: not deleted")
+            doomed = self.root / f"{_DELETED}{session_id}"
+            await asyncio.to_thread(os.replace, rec.directory, doomed)
+            del self._sessions[session_id]
+        freed = await asyncio.to_thread(remove_tree, doomed)
+        self._notify(session_id)  # the index drops it
+        return freed
+
     def live_feed(self, session_id: str, camera_id: str) -> LiveFeed | None:
         """The live feed of a camera that is recording now, else None."""
         rec = self._sessions.get(session_id)
@@ -322,3 +353,14 @@ class RecordingStore:
                     await rec._suspend()
                 except Exception:
                     _LOG.exception("session %r: suspending failed", rec.session_id)
+
+
+def remove_tree(path: Path) -> int:
+    """Delete a folder; the bytes its files held."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    shutil.rmtree(path)
+    return total

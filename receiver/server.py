@@ -79,6 +79,7 @@ from receiver.player_links import KEY_FILE, PlayerLinks, QueryFreeAccessLogger, 
 from receiver.police_api import setup_police_api
 from receiver.presence import OFFLINE_AFTER_S, Presence
 from receiver.recording import RecordingStore
+from receiver.retention import KeepPolicy, Retention
 from receiver.viewer import setup_viewer
 from receiver.webhook import Notifier, Outbox, SessionNotices, WebhookError, check_url
 
@@ -107,6 +108,7 @@ class Receiver:
         notify_pin: str | None = None,
         limits: ServerLimits | None = None,
         uplink_limits: UplinkLimits | None = None,
+        keep: KeepPolicy | None = None,
     ) -> None:
         """Raises :class:`InvalidSettingError` (a ``ValueError``) for an unusable setting.
 
@@ -116,7 +118,9 @@ class Receiver:
         certificate checked against the system's CAs or pinned by ``notify_pin``;
         ``limits`` what one client may hold (:class:`receiver.limits.ServerLimits`:
         sizes, time bounds, connections); ``uplink_limits`` what one device may send
-        (:class:`receiver.ingest.UplinkLimits`).
+        (:class:`receiver.ingest.UplinkLimits`); ``keep`` how long closed recordings are
+        kept (:class:`receiver.retention.KeepPolicy`: shares 30 days, emergencies with no
+        end).
         """
         if not 0 < poll_s <= 60:
             raise InvalidSettingError(f"poll_s: expected 0 < seconds <= 60, got {poll_s!r}")
@@ -156,6 +160,14 @@ class Receiver:
         #: Who logged in and who watched what (``DATA/access.log``).
         self.access_log = AccessLog(self.data_dir / "access.log")
         self.ingest.access_head = lambda: self.access_log.head
+        #: Deletes closed recordings past their time (checked every 10 minutes).
+        self.retention = Retention(
+            self.store,
+            self.data_dir / "exports",
+            self.access_log,
+            keep or KeepPolicy(),
+            clock=clock,
+        )
         self.auth = Auth(self.accounts, self.access_log, auth_settings)
         #: HLS links for players that cannot log in (key ``DATA/player-links.key``).
         self.player_links = PlayerLinks(self.data_dir / KEY_FILE)
@@ -224,7 +236,8 @@ class Receiver:
         await self.ingest.close_all()
 
     async def _watchers(self, app: web.Application) -> AsyncIterator[None]:
-        """The presence alarms and the revocation watch, for the application's lifetime."""
+        """The presence alarms, the revocation watch and the recordings' retention, for
+        the application's lifetime."""
         await asyncio.to_thread(self.presence.load)
         await asyncio.to_thread(self.trust.load)
         tasks = [
@@ -232,6 +245,7 @@ class Receiver:
             asyncio.create_task(
                 self.ingest.watch_revocations(self.poll_s), name="receiver revocations"
             ),
+            asyncio.create_task(self.retention.run(), name="receiver retention"),
         ]
         for task in tasks:
             task.add_done_callback(_report_failure)
