@@ -315,14 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--keep-shares-days",
         type=_keep_days,
-        default=30 * 86_400.0,
+        default="30",
         metavar="DAYS|forever",
         help="delete a closed exterior-share recording this long after it closed (default 30)",
     )
     serve.add_argument(
         "--keep-emergencies-days",
         type=_keep_days,
-        default=None,
+        default="forever",
         metavar="DAYS|forever",
         help="delete a closed emergency's recording (and its exported bundles) this long "
         "after it closed (default: forever; set it to the agency's records-retention "

@@ -307,9 +307,12 @@ class RecordingStore:
             doomed = self.root / f"{_DELETED}{session_id}"
             await asyncio.to_thread(os.replace, rec.directory, doomed)
             del self._sessions[session_id]
-        freed = await asyncio.to_thread(remove_tree, doomed)
         self._notify(session_id)  # the index drops it
-        return freed
+        try:
+            return await asyncio.to_thread(remove_tree, doomed)
+        except OSError as exc:  # out of the store already; the next start removes the rest
+            _LOG.error("deleted session %r: %s not removed yet: %s", session_id, doomed, exc)
+            return 0
 
     def live_feed(self, session_id: str, camera_id: str) -> LiveFeed | None:
         """The live feed of a camera that is recording now, else None."""

@@ -123,6 +123,9 @@ class Retention:
             except ReceiverError as exc:  # reopened by its device meanwhile: kept
                 log.info("recording %s not deleted: %s", sid, exc)
                 continue
+            except OSError as exc:  # its folder could not be moved: kept, tried next pass
+                log.error("recording %s not deleted: %s", sid, exc)
+                continue
             exported = await asyncio.to_thread(_remove_exports, self.exports, sid)
             keep = self.policy.keep_s(share)
             self.access_log.record(

@@ -53,7 +53,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -79,7 +79,7 @@ from receiver.player_links import KEY_FILE, PlayerLinks, QueryFreeAccessLogger, 
 from receiver.police_api import setup_police_api
 from receiver.presence import OFFLINE_AFTER_S, Presence
 from receiver.recording import RecordingStore
-from receiver.retention import KeepPolicy, Retention
+from receiver.retention import KeepPolicy, Retention, is_share
 from receiver.viewer import setup_viewer
 from receiver.webhook import Notifier, Outbox, SessionNotices, WebhookError, check_url
 
@@ -278,15 +278,10 @@ class Receiver:
     def emergency_of(self, device: str) -> str | None:
         """The emergency session ``device`` has open as the receiver knows it (a share is
         not one); None when it has none, or more than one (one was never closed)."""
-
-        def share(meta: Mapping[str, object]) -> bool:
-            started_by = meta.get("started_by")
-            return isinstance(started_by, dict) and started_by.get("kind") == "share"
-
         open_ = [
             r.session_id
             for r in self.store.open_sessions()
-            if r.device_id == device and not share(r.meta)
+            if r.device_id == device and not is_share(r)
         ]
         return open_[0] if len(open_) == 1 else None
 
