@@ -53,6 +53,7 @@ from agent.enrollment_state import Enrolled
 from agent.feedback import StatusFeedback, led_pattern
 from agent.lan_presence import Advertising
 from agent.local_api import LocalApi
+from agent.memory import return_large_buffers
 from agent.owed_sessions import OwedSessions
 from agent.policy import Outcome
 from agent.renewal import RenewalWatch
@@ -128,6 +129,7 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------
 
     async def __aenter__(self) -> Agent:
+        return_large_buffers()  # the segment writer's buffers go back when freed
         cfg = self.config
         key = load_private_key(cfg.device_key)
         self.device_public_key = key.public_key()
