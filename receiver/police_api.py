@@ -9,7 +9,7 @@ enforced by :mod:`receiver.auth`'s middleware):
   Errors: 400 ``malformed``, 409 ``no_device``.
 - ``POST /v1/evidence/{session}`` (officer): the session's evidence bundle
   (:func:`receiver.evidence.build_bundle`), a zip download. The receiver keeps
-  the copy it handed out in ``DATA/exports/`` and logs its SHA-256, so the
+  the copy it handed out in ``DATA/exports/SESSION/`` and logs its SHA-256, so the
   access log says exactly which bytes left, to whom. Exports run on threads of
   their own (:data:`EXPORT_THREADS`), never the shared pool the recordings'
   fsyncs run on: officers exporting long sessions at once must not hold up the
@@ -45,18 +45,20 @@ from aiohttp.typedefs import Handler
 
 from receiver.access_log import ACCESS_LOG_KEY
 from receiver.accounts import Role
-from receiver.auth import current_user, require
+from receiver.auth import User, current_user, require
 from receiver.dispatch import Dispatch, DispatchError
 from receiver.errors import ReceiverError
 from receiver.evidence import build_bundle, sha256_file
 from receiver.evidence_format import EvidenceError
 from receiver.hls import on_sending
 from receiver.recording import parse_part_file, validate_session_id
+from receiver.retention import Retention
 
 log = logging.getLogger(__name__)
 
 DISPATCH_KEY: Final = web.AppKey("breakglass.dispatch", Dispatch)
 DATA_KEY: Final = web.AppKey("breakglass.data_dir", Path)
+RETENTION_KEY: Final = web.AppKey("breakglass.retention", Retention)
 _Seen = OrderedDict[tuple[str, str, str], None]
 _HLS_SEEN_KEY: Final = web.AppKey("breakglass.hls_seen", _Seen)
 _EXPORTS_KEY: Final = web.AppKey("breakglass.export_threads", ThreadPoolExecutor)
@@ -68,10 +70,13 @@ EXPORT_LOG_WAIT_S: Final = 10.0
 EXPORT_THREADS: Final = 2
 
 
-def setup_police_api(app: web.Application, data_dir: Path, dispatch: Dispatch) -> None:
+def setup_police_api(
+    app: web.Application, data_dir: Path, dispatch: Dispatch, retention: Retention
+) -> None:
     """Add the routes and the HLS audit (after :func:`receiver.auth.setup_auth`)."""
     app[DISPATCH_KEY] = dispatch
     app[DATA_KEY] = Path(data_dir)
+    app[RETENTION_KEY] = retention
     app[_HLS_SEEN_KEY] = OrderedDict()
     app.router.add_post("/v1/dispatch", _dispatch)
     app.router.add_post("/v1/evidence/{session}", _evidence)
@@ -134,16 +139,31 @@ async def _evidence(request: web.Request) -> web.StreamResponse:
         return _error(400, "invalid_id", str(exc))
     data = request.app[DATA_KEY]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    # A name of its own: two exports in one second (a double click) must not share a file.
-    out = data / "exports" / f"{session}-{stamp}-{user.name}-{secrets.token_hex(3)}.zip"
+    # A folder per session (its retention deletes it whole); a name of its own: two
+    # exports in one second (a double click) must not share a file.
+    out = data / "exports" / session / f"{session}-{stamp}-{user.name}-{secrets.token_hex(3)}.zip"
     loop, pool = asyncio.get_running_loop(), request.app[_EXPORTS_KEY]
-    try:
-        await loop.run_in_executor(pool, build_bundle, data, session, out)
-    except (EvidenceError, ReceiverError) as exc:
-        log.error("evidence of %s for %s not built: %s", session, user.name, exc)
-        missing = "no recording" in str(exc)  # the detail names no server path
-        detail = f"no recording of session {session}" if missing else "the export failed"
-        return _error(404 if missing else 409, "no_evidence", detail)
+    with request.app[RETENTION_KEY].hold(session):  # not deleted while it is exported
+        try:
+            await loop.run_in_executor(pool, _build, data, session, out)
+        except (EvidenceError, ReceiverError) as exc:
+            log.error("evidence of %s for %s not built: %s", session, user.name, exc)
+            missing = "no recording" in str(exc)  # the detail names no server path
+            detail = f"no recording of session {session}" if missing else "the export failed"
+            return _error(404 if missing else 409, "no_evidence", detail)
+        return await _hand_out(request, user, session, out)
+
+
+def _build(data: Path, session: str, out: Path) -> None:
+    (data / "exports").mkdir(mode=0o700, exist_ok=True)
+    build_bundle(data, session, out)
+
+
+async def _hand_out(
+    request: web.Request, user: User, session: str, out: Path
+) -> web.StreamResponse:
+    """Log the built bundle ``out`` durably, then send it (or withhold it: 503)."""
+    loop, pool = asyncio.get_running_loop(), request.app[_EXPORTS_KEY]
     digest = await loop.run_in_executor(pool, sha256_file, out)
     access_log = request.app[ACCESS_LOG_KEY]
     who = {"who": user.name, "role": str(user.role), "login": user.login}
@@ -154,7 +174,8 @@ async def _evidence(request: web.Request) -> web.StreamResponse:
     try:
         # A copy of footage leaves only once the log says who took it (as at the CLI):
         # views fail open, an export does not.
-        await asyncio.to_thread(access_log.flush_sync, EXPORT_LOG_WAIT_S)
+        # On the exports' own threads: the shared pool runs the recordings' fsyncs.
+        await loop.run_in_executor(pool, access_log.flush_sync, EXPORT_LOG_WAIT_S)
     except TimeoutError:
         access_log.record(
             "evidence_export_withheld", **who, session=session, remote=request.remote,

@@ -12,10 +12,13 @@ receiver keeps what was pushed to it:
 
 Only closed sessions go, whole: the recording (part files, ``session.json``,
 the device's chain of custody), its rows in the index, and the evidence
-bundles exported of it (``DATA/exports/SESSION-*.zip``, copies of the same
+bundles exported of it (``DATA/exports/SESSION/``, copies of the same
 footage). Each deletion is in the access log (``recording_deleted``: the
-session, device, kind, when it closed, the bytes and files removed, and the
-rule), so "where did this footage go" has an answer. The rule that picks the
+session, device, kind, when it closed, the bytes removed, and the rule),
+durable before anything is removed, so "where did this footage go" has an
+answer even after a crash; while the log cannot be written nothing is
+deleted. A session being exported (:meth:`Retention.hold`) waits for the
+next pass. The rule that picks the
 sessions (:func:`due`) is pure; :class:`Retention` runs it every
 :data:`CHECK_S` on the receiver's loop.
 """
@@ -26,8 +29,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -44,6 +49,8 @@ DAY_S: Final = 86_400.0
 SHARES_DEFAULT_S: Final = 30 * DAY_S
 #: How often the receiver looks for recordings past their time.
 CHECK_S: Final = 600.0
+#: How long a deletion waits for its access-log entry to be durable.
+LOG_WAIT_S: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +90,7 @@ def due(recs: Iterable[SessionRecording], policy: KeepPolicy, now: float) -> lis
 
 
 class Retention:
-    """Deletes the recordings :func:`due` picks, each one logged."""
+    """Deletes the recordings :func:`due` picks, each one logged before it goes."""
 
     def __init__(
         self,
@@ -93,13 +100,28 @@ class Retention:
         policy: KeepPolicy,
         *,
         clock: Callable[[], float] = time.time,
+        log_wait_s: float = LOG_WAIT_S,
     ) -> None:
         self.store = store
         self.exports = exports
         self.access_log = access_log
         self.policy = policy
         self.clock = clock
+        self.log_wait_s = log_wait_s
         self.deleted = 0
+        #: Sessions being exported now (:meth:`hold`): not deleted until let go.
+        self._held: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def hold(self, session_id: str) -> Iterator[None]:
+        """Keep ``session_id`` while the block runs (an evidence export reads it)."""
+        self._held[session_id] += 1
+        try:
+            yield
+        finally:
+            self._held[session_id] -= 1
+            if not self._held[session_id]:
+                del self._held[session_id]
 
     async def run(self, every_s: float = CHECK_S) -> None:
         """Check now, then every ``every_s``, until cancelled; a failed pass is logged."""
@@ -110,31 +132,60 @@ class Retention:
                 log.exception("recording retention pass failed")
             await asyncio.sleep(every_s)
 
+    async def _logged(self) -> bool:
+        """Whether everything recorded in the access log so far is durable (waiting at
+        most :attr:`log_wait_s`, on a thread of its own)."""
+        try:
+            await asyncio.to_thread(self.access_log.flush_sync, self.log_wait_s)
+        except TimeoutError:
+            return False
+        return True
+
     async def check(self) -> list[str]:
-        """Delete every recording past its time now; the ids deleted."""
+        """Delete every recording past its time now; the ids deleted. Nothing goes while
+        the access log cannot be written: each deletion's entry is durable before it."""
         now = self.clock()
+        due_now = [
+            s for s in due(self.store.closed_sessions(), self.policy, now) if s not in self._held
+        ]
+        if not due_now:
+            return []
+        if not await self._logged():
+            log.error("recordings past their time kept: the access log cannot be written")
+            return []
         done = []
-        for sid in due(self.store.closed_sessions(), self.policy, now):
+        for sid in due_now:
             try:
                 rec = self.store.get(sid)
-                share = is_share(rec)
-                closed_at = rec.closed_at
-                freed = await self.store.delete(sid)
-            except ReceiverError as exc:  # reopened by its device meanwhile: kept
-                log.info("recording %s not deleted: %s", sid, exc)
+            except ReceiverError:
                 continue
-            except OSError as exc:  # its folder could not be moved: kept, tried next pass
-                log.error("recording %s not deleted: %s", sid, exc)
+            if not rec.closed_at or sid in self._held:  # reopened, or exported meanwhile
                 continue
-            exported = await asyncio.to_thread(_remove_exports, self.exports, sid)
+            share = is_share(rec)
             keep = self.policy.keep_s(share)
+            folder = self.exports / sid
+            sizes = await asyncio.to_thread(_sizes, [rec.directory, folder])
             self.access_log.record(
                 "recording_deleted", who=None, session=sid, device=rec.device_id,
-                kind="share" if share else "emergency", closed_at=closed_at,
-                bytes=freed + sum(size for _, size in exported),
-                exports=[name for name, _ in exported],
+                kind="share" if share else "emergency", closed_at=rec.closed_at,
+                bytes=sizes[0] + sizes[1], exported_bytes=sizes[1],
                 rule=f"kept {keep / DAY_S:g} days after it closed" if keep else None,
             )  # fmt: skip
+            if not await self._logged():
+                log.error("recording %s kept: its deletion is not in the access log", sid)
+                self.access_log.record(
+                    "recording_kept", who=None, session=sid, reason="access_log_unavailable"
+                )
+                break
+            try:
+                await self.store.delete(sid)
+            except (ReceiverError, OSError) as exc:  # reopened meanwhile, or not movable
+                log.error("recording %s not deleted: %s", sid, exc)
+                self.access_log.record(
+                    "recording_kept", who=None, session=sid, reason=str(exc)[:200]
+                )
+                continue
+            await asyncio.to_thread(_remove_folder, folder)
             log.warning(
                 "recording %s (%s of %s) deleted: kept %.4g days after it closed",
                 sid, "share" if share else "emergency", rec.device_id, (keep or 0) / DAY_S,
@@ -144,18 +195,24 @@ class Retention:
         return done
 
 
-def _remove_exports(exports: Path, session_id: str) -> list[tuple[str, int]]:
-    """Delete the evidence bundles exported of ``session_id``: (name, bytes) of each."""
-    removed = []
-    prefix = session_id + "-"
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(exports):
-            if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
-                size = entry.stat(follow_symlinks=False).st_size
-                try:
-                    os.unlink(entry.path)
-                except OSError as exc:
-                    log.error("exported bundle %s not deleted: %s", entry.path, exc)
-                    continue
-                removed.append((entry.name, size))
-    return removed
+def _sizes(folders: list[Path]) -> list[int]:
+    """The bytes the files under each folder hold (0: none, or no such folder)."""
+    out = []
+    for folder in folders:
+        total = 0
+        for root, _, files in os.walk(folder):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(root, name)).st_size
+        out.append(total)
+    return out
+
+
+def _remove_folder(folder: Path) -> None:
+    """Delete a session's exported bundles (its folder under ``DATA/exports``)."""
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("exported bundles %s not deleted: %s", folder, exc)

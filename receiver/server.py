@@ -227,7 +227,7 @@ class Receiver:
         setup_hls(app, self.store)
         setup_player_links(app, self.player_links)
         if self.dispatch is not None:
-            setup_police_api(app, self.data_dir, self.dispatch)
+            setup_police_api(app, self.data_dir, self.dispatch, self.retention)
         app.cleanup_ctx.append(self._watchers)
         app.on_shutdown.append(self._close_uplinks)
         return app

@@ -71,11 +71,11 @@ async def test_a_share_past_its_time_goes_whole_and_logged_an_emergency_stays(
         [make_track(make_h264_packets(30, 320, 240))],
     )
     exports = receiver.data_dir / "exports"
-    exports.mkdir(exist_ok=True)
-    bundle = exports / f"{share.session_id}-20261102T000000Z-asmith-abc123.zip"
-    bundle.write_bytes(b"a bundle of the share")
-    other = exports / f"{emergency.session_id}-20261102T000000Z-asmith-def456.zip"
-    other.write_bytes(b"a bundle of the emergency")
+    bundle = exports / share.session_id / f"{share.session_id}-20261102T000000Z-a-abc123.zip"
+    other = exports / emergency.session_id / f"{emergency.session_id}-20261102T000000Z-a-d.zip"
+    for path, text in [(bundle, b"a bundle of the share"), (other, b"of the emergency")]:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(text)
     storage = receiver._runner.app[STORAGE_KEY]  # type: ignore[union-attr]
     await storage.sync()  # type: ignore[attr-defined]
     assert {share.session_id, emergency.session_id} <= index_rows(receiver)
@@ -83,7 +83,7 @@ async def test_a_share_past_its_time_goes_whole_and_logged_an_emergency_stays(
     receiver.retention.clock = lambda: time.time() + 31 * DAY_S
     assert await receiver.retention.check() == [share.session_id]
     assert not share.directory.exists() and emergency.directory.exists()
-    assert not bundle.exists() and other.exists()
+    assert not bundle.parent.exists() and other.exists()
     assert [r.session_id for r in receiver.store.closed_sessions()] == [emergency.session_id]
     assert live.is_open and live.directory.exists()  # open: never due
     await storage.sync()  # type: ignore[attr-defined]
@@ -96,7 +96,8 @@ async def test_a_share_past_its_time_goes_whole_and_logged_an_emergency_stays(
         "dev-1",
         "share",
     )
-    assert deleted["exports"] == [bundle.name] and deleted["bytes"] > 1000
+    assert deleted["exported_bytes"] == len(b"a bundle of the share")
+    assert deleted["bytes"] > 1000 + deleted["exported_bytes"]
     assert deleted["rule"] == "kept 30 days after it closed"
     async with logged_in(receiver) as http:  # gone for viewers too, not an error page
         async with http.get(receiver.url + f"api/sessions/{share.session_id}") as r:
@@ -132,3 +133,50 @@ def test_bad_keep_days_are_clear_errors(
         main(argv)
     assert exit_.value.code == 2
     assert f"argument --keep-shares-days: {message}" in capsys.readouterr().err
+
+
+async def test_nothing_is_deleted_unlogged_or_while_it_is_exported(receiver: Receiver) -> None:
+    """Review n3 and n5: a deletion the log could not take vanished from it after a crash;
+    an export running during a deletion left its bundle behind."""
+    share = await recorded(receiver.store, "share-20261101T000000Z-aaaa0001", SHARE_META)
+    later = time.time() + 31 * DAY_S
+    receiver.retention.clock = lambda: later
+    receiver.retention.log_wait_s = 0.2
+    with receiver.retention.hold(share.session_id):  # an export reads it now
+        assert await receiver.retention.check() == []
+    log_path = receiver.data_dir / "access.log"
+    await receiver.access_log.flush()
+    kept = log_path.with_name("access.log.kept")
+    log_path.touch()
+    log_path.rename(kept)
+    log_path.mkdir()  # every append fails
+    try:
+        assert await receiver.retention.check() == []
+        assert share.directory.exists()
+    finally:
+        log_path.rmdir()
+        kept.rename(log_path)
+    receiver.retention.log_wait_s = 10  # the log's writer retries every second
+    assert await receiver.retention.check() == [share.session_id]
+    await receiver.access_log.flush()
+    log = [json.loads(x) for x in log_path.read_text().splitlines()]
+    trail = [(e["action"], e.get("reason")) for e in log if e["session"] == share.session_id]
+    assert trail == [  # the first attempt said, and why it was kept; then the deletion
+        ("recording_deleted", None),
+        ("recording_kept", "access_log_unavailable"),
+        ("recording_deleted", None),
+    ]
+
+
+async def test_a_session_whose_id_begins_another_s_keeps_its_own_bundles(
+    receiver: Receiver,
+) -> None:
+    """Review n4: bundles were matched by name prefix, and a device chooses its ids."""
+    short = await recorded(receiver.store, "share-x", SHARE_META)
+    longer = await recorded(receiver.store, "share-x-20261102T000000Z", META)
+    theirs = receiver.data_dir / "exports" / longer.session_id / "b.zip"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"evidence")
+    receiver.retention.clock = lambda: time.time() + 31 * DAY_S
+    assert await receiver.retention.check() == [short.session_id]
+    assert theirs.exists() and longer.directory.exists()
