@@ -44,7 +44,9 @@ collect its triggers and use them there.
 far as the receiver knows (``session_of``: the one open recording of that device that
 is an emergency, not a share), so the device refuses it (``no_session``) if that
 emergency is over by the time it arrives, and a later one goes on. A device with no
-such recording, or more than one (one never closed), gets the trigger without it.
+such recording, or more than one (one never closed), gets the trigger without it. An
+agent from before both fields refuses them as unknown (:func:`_older_agent`): it is sent
+the trigger without them, as before, and the delivery says ``unbound``.
 
 **How far ahead.** A device's time is its word too. A trigger is not signed more
 than :data:`MAX_DEVICE_AHEAD_S` ahead of the receiver's clock (the device is
@@ -62,7 +64,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -137,10 +139,13 @@ class Delivery:
     retried_after: str | None = None
     #: The session an extend or end named (None: none named).
     session: str | None = None
+    #: Signed without session and device: the device is an older agent that refused them.
+    unbound: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """For the dispatcher's screen."""
-        return {"device": self.device, "status": self.status, **self.body}
+        shown = {"device": self.device, "status": self.status, **self.body}
+        return {**shown, "unbound": True} if self.unbound else shown
 
     def audit(self) -> dict[str, Any]:
         """For the access log: the answer and both clocks (ISO-8601 UTC, to the ms)."""
@@ -159,6 +164,8 @@ class Delivery:
             entry["retried_after"] = self.retried_after
         if self.session is not None:
             entry["named_session"] = self.session
+        if self.unbound:
+            entry["unbound"] = "an older agent: refused the session and device fields"
         return entry
 
 
@@ -310,25 +317,27 @@ class Dispatch:
         if action != "start" and self.session_of is not None:
             session = self.session_of(device)
             times["session"] = session
-        # One envelope per device: each nonce is single-use on its device.
-        envelope = sign_trigger(
-            self.key,
-            action=action,
-            building=building,
-            reason=reason,
-            now=signed_at,
-            session=session,
-            device=device,
-        )
-        try:
-            result = await self.pusher.push_trigger(device, envelope, timeout_s=PUSH_TIMEOUT_S)
-        except LookupError:
-            body = {"error": "not_connected", "detail": "went offline"}
-            return Delivery(device, 0, body, **times)
-        except TimeoutError:
-            return Delivery(
-                device, 0, {"error": "no_answer", "detail": "may have applied"}, **times
-            )
+        for bound in (True, False):
+            # One envelope per device: each nonce is single-use on its device.
+            envelope = sign_trigger(
+                self.key, action=action, building=building, reason=reason, now=signed_at,
+                session=session if bound else None, device=device if bound else None,
+            )  # fmt: skip
+            try:
+                result = await self.pusher.push_trigger(device, envelope, timeout_s=PUSH_TIMEOUT_S)
+            except LookupError:
+                body = {"error": "not_connected", "detail": "went offline"}
+                return Delivery(device, 0, body, **times)
+            except TimeoutError:
+                return Delivery(
+                    device, 0, {"error": "no_answer", "detail": "may have applied"}, **times
+                )
+            if not (bound and _older_agent(result.status, result.body)):
+                break
+            # An agent from before the session and device fields refuses them (it
+            # rejects unknown fields): it gets the trigger it knew, as it did then.
+            log.warning("dispatch to %s: an older agent; signed without session and device", device)
+            times["session"], times["unbound"] = None, True
         return Delivery(device, result.status, dict(result.body), **times)
 
 
@@ -340,6 +349,18 @@ def _not_certified(device: str, building: str, now: float) -> Delivery:
     )
     body = {"error": NOT_CERTIFIED, "detail": detail}
     return Delivery(device, 0, body, receiver_time=now, device_time=None, attempts=0)
+
+
+def _older_agent(status: int, body: Mapping[str, Any]) -> bool:
+    """Whether the answer is an agent's from before the ``session`` and ``device``
+    fields, refusing one of them as unknown (nothing was applied)."""
+    detail = str(body.get("detail", ""))
+    return (
+        status == 400
+        and body.get("error") == "malformed"
+        and detail.startswith("payload: unknown field ")
+        and detail.removeprefix("payload: unknown field ") in ("'device'", "'session'")
+    )
 
 
 def _clock_refused(delivery: Delivery) -> bool:

@@ -200,3 +200,49 @@ def test_a_reason_too_long_for_the_trigger_is_shortened_before_the_name() -> Non
     assert check("r" * TRIGGER_REASON_MAX, "reason") == "r" * TRIGGER_REASON_MAX
     with pytest.raises(d.DocumentError):
         check("r" * (TRIGGER_REASON_MAX + 1), "reason")
+
+
+class OlderAgent(Capture):
+    """Answers as an agent from before the session and device fields: the real payload
+    reader with the fields it knew (unknown fields refused), then 202."""
+
+    async def push_trigger(
+        self, device: str, envelope: dict[str, Any], *, timeout_s: float = 10.0
+    ) -> p.TriggerResult:
+        self.envelopes.append(envelope)
+        known = {
+            k: v for k, v in triggers._TRIGGER_FIELDS.items() if k not in ("session", "device")
+        }
+        try:
+            d.read_payload(d.parse_envelope(envelope), "trigger", known, frozenset({"challenge"}))
+        except d.DocumentError as exc:
+            return p.TriggerResult("r", 400, {"error": exc.code, "detail": exc.detail})
+        return p.TriggerResult("r", 202, {"session": "s"})
+
+
+async def test_an_older_agent_gets_the_trigger_it_knew_and_the_log_says_so(
+    tmp_path: Path,
+) -> None:
+    """Review n1: an upgraded receiver's bound triggers were refused by every agent not
+    yet upgraded (unknown fields), start included: no dispatch reached them."""
+    older = OlderAgent()
+    dispatch = Dispatch(
+        new_private_key(tmp_path / "dispatch.key"), older, lambda b: ["dev-1"],
+        session_of=lambda device: "20261128T000000Z-0ld5e55i",
+    )  # fmt: skip
+    for action in ("start", "end"):
+        (delivery,) = await dispatch.send(
+            building="lincoln", action=action, reason="drill", user="jdoe"
+        )
+        assert delivery.status == 202 and delivery.unbound, delivery
+        assert delivery.session is None and delivery.to_json()["unbound"] is True
+        assert "older agent" in delivery.audit()["unbound"]
+    payloads = [json.loads(d.b64url_decode(e["payload"], what="p")) for e in older.envelopes]
+    assert [("device" in x, "session" in x) for x in payloads] == [
+        (True, False), (False, False), (True, True), (False, False),
+    ]  # fmt: skip
+    # An agent of today never gets the unbound one: its answer is not that refusal.
+    current = Capture()
+    dispatch.pusher = current
+    (delivery,) = await dispatch.send(building="lincoln", action="end", reason="x", user="j")
+    assert not delivery.unbound and len(current.envelopes) == 1
