@@ -6,7 +6,7 @@
   (``https://AGENT:PORT/v1/triggers``); ``trigger challenge`` fetches a device
   nonce (``GET /v1/challenge``) for a signer whose clock is not synchronised.
   Both pin the agent's self-signed certificate by its SHA-256 (``--pin``, from
-  the mDNS TXT record ``fp`` or the enrollment) and refuse to run without a
+  the mDNS TXT record ``fp`` or ``provision pair --out``) and refuse to run without a
   pin: there is no trust on first use.
 - ``trust keylist`` signs the district's trigger-key list with the district
   authority key.
@@ -44,7 +44,8 @@ MAX_ANSWER_BYTES: Final = 64 * 1024
 MAX_VALID_DAYS: Final = 3650
 NO_PIN: Final = (
     "no --pin: refusing to contact the agent without its certificate pin "
-    "(sha256:..., the `fp` of its mDNS record or its enrollment); there is no trust on first use"
+    "(sha256:..., the `fp` of its mDNS record, or from `provision pair --out`); there is no "
+    "trust on first use"
 )
 
 
@@ -412,7 +413,7 @@ def _agent_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pin",
         metavar="sha256:HEX",
-        help="SHA-256 of the agent's certificate (mDNS `fp`, enrollment); required",
+        help="SHA-256 of the agent's certificate (mDNS `fp`, `provision pair --out`); required",
     )
 
 
