@@ -161,11 +161,13 @@ async def test_nothing_is_deleted_unlogged_or_while_it_is_exported(receiver: Rec
     await receiver.access_log.flush()
     log = [json.loads(x) for x in log_path.read_text().splitlines()]
     trail = [(e["action"], e.get("reason")) for e in log if e["session"] == share.session_id]
-    assert trail == [  # the first attempt said, and why it was kept; then the deletion
-        ("recording_deleted", None),
-        ("recording_kept", "access_log_unavailable"),
-        ("recording_deleted", None),
-    ]
+    # The failing log was noticed before the entry (nothing said) or after it (then why
+    # it was kept follows); either way one deletion, said before it happened.
+    assert trail[-1] == ("recording_deleted", None)
+    assert trail[:-1] in (
+        [],
+        [("recording_deleted", None), ("recording_kept", "access_log_unavailable")],
+    )
 
 
 async def test_a_session_whose_id_begins_another_s_keeps_its_own_bundles(
