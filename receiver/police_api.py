@@ -33,6 +33,7 @@ import asyncio
 import json
 import logging
 import secrets
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -157,6 +158,9 @@ async def _evidence(request: web.Request) -> web.StreamResponse:
 def _build(data: Path, session: str, out: Path) -> None:
     (data / "exports").mkdir(mode=0o700, exist_ok=True)
     build_bundle(data, session, out)
+    if not (data / "recordings" / session).is_dir():  # deleted (retention) meanwhile
+        shutil.rmtree(out.parent, ignore_errors=True)
+        raise ReceiverError(f"no recording of session {session!r} any more (deleted)")
 
 
 async def _hand_out(

@@ -177,6 +177,11 @@ class Retention:
                     "recording_kept", who=None, session=sid, reason="access_log_unavailable"
                 )
                 break
+            if sid in self._held:  # an export began while the entry was made durable
+                self.access_log.record(
+                    "recording_kept", who=None, session=sid, reason="being exported"
+                )
+                continue
             try:
                 await self.store.delete(sid)
             except (ReceiverError, OSError) as exc:  # reopened meanwhile, or not movable
