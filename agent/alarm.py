@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,7 +46,7 @@ class Alarm:
         clock: Callable[[], float],
         persist: Callable[[], None],
         changes: Changes,
-        press_log: list[PressEvent],
+        press_log: deque[PressEvent],
     ) -> None:
         self.config = config
         self.emergency = emergency
@@ -56,12 +57,15 @@ class Alarm:
         #: Writes the state files (the emergency and the sessions owed).
         self.persist = persist
         self.changes = changes
-        #: Every press, in order.
+        #: The latest presses, in order (a chattering button must not grow it for ever).
         self.press_log = press_log
+        #: Every press since start (the metrics' counter).
+        self.presses = 0
 
     def press(self, event: PressEvent) -> None:
         """A panic button was pressed (runs on the loop). Never depends on any key list."""
         self.press_log.append(event)
+        self.presses += 1
         self.changes.notify()
         cameras = tuple(c.id for c in self.config.cameras)
         result = self.emergency.press(

@@ -30,6 +30,7 @@ import logging
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -74,6 +75,8 @@ from provisioning.errors import KeyFileError, ProvisioningError
 from provisioning.keys import load_private_key, read_small
 
 log = logging.getLogger(__name__)
+#: Presses the agent keeps in memory (the audit trail has every one).
+PRESS_LOG_MAX = 256
 
 
 class Agent:
@@ -124,7 +127,8 @@ class Agent:
         self._access_anchor: tuple[int, str, float] = (0, "", -math.inf)
         self._tasks: list[asyncio.Task[None]] = []
         self._audit_held = False  # entries wait in RAM for the trail (shown on the LED)
-        self.press_log: list[PressEvent] = []
+        #: The latest presses (:data:`PRESS_LOG_MAX`); the count is ``alarm.presses``.
+        self.press_log: deque[PressEvent] = deque(maxlen=PRESS_LOG_MAX)
 
     # -- lifecycle ------------------------------------------------------------
 

@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 #: the file says was already past (fake-hwclock's last save after a power cut: the outage
 #: cannot be measured). The police see it resumed and can extend it or end it.
 RESUME_AT_LEAST_S = 600.0
+#: Presses a session keeps (its first and its latest halves): each one is saved with it,
+#: and a chattering button took ``emergency.json`` past its size limit in 20 minutes.
+#: The audit trail has every press.
+MAX_PRESSES_KEPT = 32
 
 
 class State(enum.Enum):
@@ -271,7 +275,11 @@ class Emergency:
         """
         event = {**by, "at": now}
         if self.active is not None:
-            self.active = replace(self.active, presses=(*self.active.presses, event))
+            presses = (*self.active.presses, event)
+            if len(presses) > MAX_PRESSES_KEPT:  # a chattering button: the first and latest
+                half = MAX_PRESSES_KEPT // 2
+                presses = (*presses[:half], *presses[-half:])
+            self.active = replace(self.active, presses=presses)
             return Repeated(self.active)
         session = Session(
             id=new_session_id(now),

@@ -543,7 +543,7 @@ class LocalApi:
         # the room that raised the alarm (the status hides it too: public_status).
         metric(
             "breakglass_button_presses_total", "counter", "Panic button presses (all buttons).",
-            [("", float(len(agent.press_log)))],
+            [("", float(agent.alarm.presses))],
         )  # fmt: skip
         site = self.site
         metric(

@@ -60,7 +60,8 @@ class SessionStream:
 
     ``ram`` holds, per camera index, the session's packets still in memory and
     not acknowledged (pre-roll and live), bounded by the client's
-    ``unacked_max_bytes``: when it is full the oldest go, and backfill reads
+    ``unacked_max_bytes`` (all sessions together): when it is full the oldest go
+    (other sessions' first), and backfill reads
     them from the sealed store instead. ``end_seq`` is each camera's last seq
     once the session ended (``None`` while it streams).
     """
@@ -381,9 +382,22 @@ class UplinkClient:
                 if packet.keyframe:
                     self._skip_if_behind(stream, camera, packet)
                 self._live.queue.append((camera, packet))
-        while stream.ram_bytes > self.unacked_max_bytes:
-            self._forget_oldest(stream)
+        self._within_budget(stream)
         self._wake.set()
+
+    def _within_budget(self, pushing: SessionStream) -> None:
+        """Keep the RAM of every stream together within ``unacked_max_bytes``: the other
+        streams' (ended shares or emergencies waiting for the receiver) go first, then the
+        oldest of ``pushing``. One budget, not one per session: with the receiver away and
+        an exterior share rotating hourly, a budget per session grew by one every hour."""
+        excess = sum(s.ram_bytes for s in self.streams) - self.unacked_max_bytes
+        for stream in [*(s for s in self.streams if s is not pushing), pushing]:
+            while excess > 0 and any(stream.ram):
+                before = stream.ram_bytes
+                self._forget_oldest(stream)
+                excess -= before - stream.ram_bytes
+            if excess <= 0:
+                return
 
     def add_checkpoint(
         self, cp: hash_chain.Checkpoint, stream: SessionStream | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,19 @@ def test_a_failed_reservation_hands_out_no_number(
         seqs.next("cam")
     used = [seqs.next("cam") for _ in range(3)]  # reserved on disk this time
     assert SequenceReservations(tmp_path / "seq.json").next("cam") > max(used)
+
+
+def test_a_chattering_button_keeps_the_saved_session_small() -> None:
+    """Review l2: every press was saved with the session; a button chattering 16 times a
+    second took emergency.json past its 1 MiB limit in 20 minutes (refused at the next
+    start). The session keeps its first and latest presses; the audit trail has all."""
+    from agent.emergency import MAX_PRESSES_KEPT
+
+    em = Emergency("lincoln", 3600)
+    for i in range(20_000):
+        em.press(1000.0 + i * 0.06, "office", "Main office", ("cam",))
+    assert em.active is not None
+    times = [p["at"] for p in em.active.presses]
+    assert len(times) == MAX_PRESSES_KEPT
+    assert times[0] == 1000.0 and times[-1] == 1000.0 + 19_999 * 0.06
+    assert len(json.dumps(em.to_json())) < 20_000

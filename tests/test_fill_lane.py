@@ -22,6 +22,7 @@ from agent import protocol as p
 from agent.audit import AuditLog
 from agent.store import SegmentStore, StoredSegment
 from agent.uplink import SessionStream, UplinkClient, _SentSegment
+from hardware import EncodedPacket
 from tests.media import make_h264_packets
 from tests.test_store import (
     IDENTITY,
@@ -246,3 +247,25 @@ def test_a_segment_the_receiver_got_past_is_declared_lost() -> None:
     uplink._on_ack(p.Ack("s-1", 0, -1, ((30, 59),)))
     assert stream.unrecorded[0] == [(0, 29)]
     assert uplink.stats.segments_unrecorded == 1
+
+
+def test_ram_of_all_sessions_together_stays_within_one_budget() -> None:
+    """Review l1: the budget was per session. With the receiver away and an exterior share
+    rotating hourly, each ended share kept its 64 MiB: RAM grew by that every hour."""
+    uplink = unconnected_uplink(unacked_max_bytes=10_000)
+
+    def share(sid: str) -> p.SessionOpen:
+        cam = p.CameraDesc(0, "front", "exterior", "h264", 64, 64, 10.0, b"", 0, 0)
+        return p.SessionOpen(sid, "b-1", {"kind": "share"}, 1.0, 2.0, (cam,))
+
+    seq = 0
+    for hour in range(12):
+        stream = uplink.start_session(share(f"share-{hour}"), {}, emergency=False)
+        for _ in range(20):  # 20 x 1000 bytes an "hour": twice the budget
+            uplink.push(stream, 0, EncodedPacket("front", seq, seq, seq, True, "h264", b"x" * 1000))
+            seq += 1
+        uplink.end_session(stream.id, "rotated")
+        assert sum(s.ram_bytes for s in uplink.streams) <= 10_000
+    assert len(uplink.streams) == 12  # each still owed to the receiver (from the store)
+    *older, newest = uplink.streams
+    assert newest.ram_bytes == 10_000 and all(s.ram_bytes == 0 for s in older)
