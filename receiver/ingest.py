@@ -64,7 +64,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -187,7 +187,6 @@ class DeviceStatus:
     device: str
     connected: bool = False
     last_seen: float = 0.0
-    sessions: list[str] = field(default_factory=list)
 
 
 class IngestServer:
@@ -636,8 +635,6 @@ class IngestServer:
                     # camera not certified exterior is refused: zone_forbidden).
                     event, mismatches = certify_open(enrollment, event)
                     session = await self._open(device, event, enrollment, mismatches)
-                    if event.session not in status.sessions:
-                        status.sessions.append(event.session)
                     self.presence.session(device, event.session, building=event.building)
                     self.clocks.session_opened(device, event.session, event.expires_at)
                     self._tell(device, event)
@@ -716,8 +713,11 @@ class IngestServer:
         await session.close(event.reason)
         for cam in cameras:
             cam.ack()  # the last frame of every run is durable now
-        if (custody := self._custody.get(session.directory)) is not None:
-            custody.forget()  # a closed session's cache, kept for the receiver's lifetime
+        # A closed session's custody log is let go (one per session held for the
+        # receiver's lifetime grew by a session an hour with a share); a checkpoint that
+        # comes later opens it again from its files.
+        if (custody := self._custody.pop(session.directory, None)) is not None:
+            custody.forget()
         log.warning("session %s of %s closed: %s", event.session, device, event.reason)
 
     async def _open(

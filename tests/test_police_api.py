@@ -115,6 +115,7 @@ async def test_an_officer_downloads_evidence_that_verifies_and_opens_hls_audited
         await agent.capture.wait_packets(20)
         agent.end("test over")
         await agent.uplink.wait_settled(session.id)
+    assert receiver.ingest._custody == {}  # let go at the close (review r1: held for ever)
     async with logged_in(receiver, Role.OFFICER, "asmith") as http:
         async with http.post(receiver.url + f"v1/evidence/{session.id}") as r:
             assert r.status == 200, await r.text()
