@@ -12,7 +12,8 @@ SQLite (``DATA/notify.sqlite``, committed before anything is sent), then a
 sender task POSTs what is due, oldest first, and retries a failure with
 exponential backoff (:data:`FIRST_RETRY_S` doubling up to
 :data:`MAX_RETRY_S`) for :data:`GIVE_UP_S`; an event it gives up on stays in
-the outbox, marked failed and logged as an error. Receivers treat the event
+the outbox, marked failed and logged as an error, for :data:`KEEP_DONE_S` (as
+delivered ones are), then deleted. Receivers treat the event
 id as an idempotency key: a retry after a lost answer may deliver it twice.
 
 What is sent (no footage, nothing about students): one JSON object, keys sorted:
@@ -89,6 +90,9 @@ log = logging.getLogger(__name__)
 FIRST_RETRY_S: Final = 5.0
 MAX_RETRY_S: Final = 15 * 60.0
 GIVE_UP_S: Final = 72 * 3600.0
+#: Delivered and given-up events are kept this long (the outbox is not a log: the
+#: receiver's own log and the access log are), then deleted as new ones come.
+KEEP_DONE_S: Final = 30 * 86400.0
 TIMEOUT_S: Final = 10.0
 MAX_BODY: Final = 16 * 1024
 EVENT_TYPES: Final = ("session.started", "session.ended")
@@ -195,6 +199,9 @@ class Outbox:
             " next_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'pending',"
             " last_error TEXT)"
         )
+        # The sender asks for due events on every pass; done ones are pruned by age.
+        self._db.execute("CREATE INDEX IF NOT EXISTS events_due ON events (state, next_at)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS events_done ON events (state, created)")
 
     def close(self) -> None:
         """Close the database."""
@@ -206,7 +213,13 @@ class Outbox:
             return self._db.execute(sql, args).fetchall()
 
     def add(self, body: bytes, *, event_id: str, now: float) -> None:
-        """Queue an event (committed, fsynced, before this returns)."""
+        """Queue an event (committed, fsynced, before this returns); events delivered or
+        given up more than :data:`KEEP_DONE_S` ago are deleted (their ids no longer
+        recognise a repeat: the district treats ids as idempotency keys anyway)."""
+        self._execute(
+            "DELETE FROM events WHERE state IN ('delivered', 'failed') AND created < ?",
+            (now - KEEP_DONE_S,),
+        )
         self._execute(
             "INSERT OR IGNORE INTO events (id, body, created, next_at) VALUES (?, ?, ?, ?)",
             (event_id, body, now, now),

@@ -352,3 +352,22 @@ async def test_both_times_are_the_receivers_and_the_devices_own_is_beside(
     assert started["device_at"] == round(pressed, 3)  # the press, on the device's clock
     assert ended["at"] - started["at"] == 10
     assert "device_at" not in ended  # the device does not say when it ended
+
+
+def test_done_events_are_pruned_after_a_month_pending_ones_never(tmp_path: Path) -> None:
+    """Review r4: delivered events were kept for ever (the sender's query scanned them)."""
+    from receiver.webhook import KEEP_DONE_S
+
+    outbox = Outbox(tmp_path / "notify.sqlite")
+    try:
+        outbox.add(b"{}", event_id="delivered-old", now=0.0)
+        outbox.delivered("delivered-old")
+        outbox.add(b"{}", event_id="pending-old", now=0.0)
+        outbox.add(b"{}", event_id="delivered-new", now=KEEP_DONE_S)
+        outbox.delivered("delivered-new")
+        assert outbox.states() == {"delivered": 2, "pending": 1}
+        outbox.add(b"{}", event_id="later", now=KEEP_DONE_S + 1)
+        assert outbox.states() == {"delivered": 1, "pending": 2}
+        assert [e.id for e in outbox.due(KEEP_DONE_S + 1)] == ["pending-old", "later"]
+    finally:
+        outbox.close()
