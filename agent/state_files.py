@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from agent.audit import AuditLog
 from agent.config import CameraConfig
@@ -72,6 +73,8 @@ class StateWriter:
         #: Why the last write failed; None once one succeeded.
         self.failed: str | None = None
         self._lock = asyncio.Lock()
+        #: What ``emergency.json`` holds as this process last wrote it (None: not yet).
+        self._written: dict[str, Any] | None = None
 
     def persist(self) -> None:
         """Write the state as it is when the write's turn comes (in a task)."""
@@ -84,7 +87,12 @@ class StateWriter:
         # keeps writes in order, and each writes the state as it is when its turn comes.
         async with self._lock:
             try:
-                await asyncio.to_thread(write_json, self.path, self.emergency.to_json())
+                doc = self.emergency.to_json()
+                # The same state is not written again (an exterior share keeps the
+                # periodic save going all day: 43,200 fsyncs a day on the SD card).
+                if doc != self._written or self.failed is not None:
+                    await asyncio.to_thread(write_json, self.path, doc)
+                    self._written = doc
                 await self.owed.save(self.uplink)
             except OSError as exc:
                 why = f"{type(exc).__name__}: {exc}"[:300]

@@ -182,6 +182,36 @@ async def test_a_failed_state_write_is_loud_retried_and_an_ended_emergency_stays
     assert events.index("state_write_failed") < events.index("state_write_recovered")
 
 
+async def test_the_same_emergency_state_is_not_written_again(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review l4: with an exterior share the periodic save rewrote and fsynced an
+    unchanged emergency.json every 2 s (43,200 times a day on the SD card)."""
+    from agent import state_files
+
+    path = write_agent_config(tmp_path / "agent", receiver, fps=30)
+    written: list[object] = []
+    write = state_files.write_json
+
+    def counted(target: Path, doc: object) -> None:
+        if target.name == "emergency.json":
+            written.append(doc)
+        write(target, doc)
+
+    monkeypatch.setattr(state_files, "write_json", counted)
+    async with Agent(load_config(path)) as agent:
+        for _ in range(3):  # what housekeeping does while a share streams
+            agent.state_writer.persist()
+            await asyncio.gather(*agent.state_writer.pending)
+        assert len(written) <= 1  # at most the first
+        await agent.capture.wait_packets(5)
+        press_button(agent)
+        await agent.wait_until(lambda: agent.emergency.active is not None)
+        await asyncio.gather(*agent.state_writer.pending)
+        assert written and written[-1]["active"] is not None  # type: ignore[index]
+        agent.end("test over")
+
+
 async def test_a_press_while_the_audit_trail_cannot_be_written_reaches_it_afterwards(
     tmp_path: Path, receiver: Receiver
 ) -> None:
