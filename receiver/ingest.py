@@ -91,6 +91,8 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 HEARTBEAT_S = 5.0
+#: A device's open session this old may be closed as abandoned to make room for a new one.
+ABANDONED_AFTER_S = 24 * 3600.0
 #: A device is told the access log's head at most this often (each telling becomes an
 #: entry of its audit trail), and only when the log grew.
 ACCESS_HEAD_EVERY_S = 60.0
@@ -630,7 +632,7 @@ class IngestServer:
                 elif isinstance(event, p.SessionOpen):
                     for cam in cameras:
                         await cam.settle()
-                    self._check_open_sessions(device, event.session)
+                    await self._make_room(device, event.session)
                     # The certificate's building and zones from here on (a share with a
                     # camera not certified exterior is refused: zone_forbidden).
                     event, mismatches = certify_open(enrollment, event)
@@ -684,18 +686,36 @@ class IngestServer:
             beats.cancel()
             await asyncio.gather(beats, *failing, return_exceptions=True)
 
-    def _check_open_sessions(self, device: str, opening: str) -> None:
-        """Raise ``too_many_sessions`` if ``device`` may not open one more session."""
-        held = sum(
-            1
-            for s in self.store.open_sessions()
-            if s.device_id == device and s.session_id != opening
+    async def _make_room(self, device: str, opening: str) -> None:
+        """Raise ``too_many_sessions`` if ``device`` may not open one more session.
+
+        At the limit, the device's oldest session opened over :data:`ABANDONED_AFTER_S`
+        ago is closed first (``abandoned``): a device whose state was lost (reflashed, its
+        owed sessions set aside) never closes what it had open, and 64 such sessions
+        refused its next emergency. A device that does come back with it opens it again
+        (a closed session resumes) and closes it itself."""
+        mine = sorted(
+            (s for s in self.store.open_sessions() if s.device_id == device),
+            key=lambda s: s.opened_at,
         )
-        if held >= self.limits.max_open_sessions:
+        held = [s for s in mine if s.session_id != opening]
+        if len(held) < self.limits.max_open_sessions:
+            return
+        now = self.clocks.clock()
+        stale = [s for s in held if now - s.opened_at > ABANDONED_AFTER_S]
+        if not stale:
             raise p.RemoteProtocolError(
                 "too_many_sessions",
-                f"{held} sessions of this device are open; close one first",
+                f"{len(held)} sessions of this device are open; close one first",
             )
+        oldest = stale[0]
+        reason = "abandoned: its device opened another at the limit of open sessions"
+        await oldest.close(reason)
+        log.warning(
+            "session %s of %s closed as abandoned (opened %.1f days ago)",
+            oldest.session_id, device, (now - oldest.opened_at) / 86400,
+        )  # fmt: skip
+        self._tell(device, p.SessionClose(oldest.session_id, reason))
 
     def _tell(self, device: str, event: p.SessionOpen | p.SessionClose) -> None:
         for listener in self.session_listeners:

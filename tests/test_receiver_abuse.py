@@ -40,7 +40,7 @@ from receiver import ingest
 from receiver.accounts import Role
 from receiver.accounts_api import MAX_BODY as ACCOUNT_BODY
 from receiver.auth import COOKIE, CSRF_HEADER
-from receiver.ingest import UplinkLimits
+from receiver.ingest import ABANDONED_AFTER_S, UplinkLimits
 from receiver.limits import ServerLimits
 from receiver.server import Receiver
 from tests.logins import FAST, add_account, client_for, log_in
@@ -998,12 +998,23 @@ async def test_a_device_opening_session_after_session_is_cut_at_the_limit(
     async with Receiver(
         tmp_path / "rx", "127.0.0.1", 0, password_params=FAST, uplink_limits=limits
     ) as rx:
-        async with Device(rx, enroll(rx, tmp_path, "dev-1"), "dev-1") as device:
+        dev_1 = enroll(rx, tmp_path, "dev-1")
+        async with Device(rx, dev_1, "dev-1") as device:
             for n in range(4):
                 await device.open_session(f"s-{n}", small_packets)
             error = await device.cut_with()
         assert error is not None and error.code == "too_many_sessions", error
         assert sorted(s.session_id for s in rx.store.open_sessions()) == ["s-0", "s-1", "s-2"]
+        # A day later they are taken for abandoned (a device whose state was lost never
+        # closes them): the oldest is closed to make room, and the new one opens.
+        rx.ingest.clocks.clock = lambda: time.time() + ABANDONED_AFTER_S + 60
+        async with Device(rx, dev_1, "dev-1") as device:
+            await device.open_session("s-3", small_packets)
+            await device.stream(small_packets, 3)
+            await device.wait_acked(1)
+        assert sorted(s.session_id for s in rx.store.open_sessions()) == ["s-1", "s-2", "s-3"]
+        assert rx.store.get("s-0").close_reason.startswith("abandoned")  # type: ignore[union-attr]
+        rx.ingest.clocks.clock = time.time
         async with Device(rx, enroll(rx, tmp_path, "dev-2"), "dev-2") as other:
             await other.open_session("t-0", small_packets)  # another device is not counted
             await other.stream(small_packets, 3)
