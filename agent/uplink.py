@@ -391,6 +391,8 @@ class UplinkClient:
         oldest of ``pushing``. One budget, not one per session: with the receiver away and
         an exterior share rotating hourly, a budget per session grew by one every hour."""
         excess = sum(s.ram_bytes for s in self.streams) - self.unacked_max_bytes
+        if excess <= 0:  # the usual case, once per packet: nothing to build
+            return
         for stream in [*(s for s in self.streams if s is not pushing), pushing]:
             while excess > 0 and any(stream.ram):
                 before = stream.ram_bytes
