@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from pathlib import Path
 
@@ -57,6 +58,8 @@ async def test_packets_are_batched_while_idle_and_prompt_while_live(
     # one by one, a packet waits a few milliseconds.
     assert IDLE_HANDOFF_S >= 0.2
     assert 0.15 < max(waits) < 1.0
-    assert max((at - p.mono_ns) / 1e9 for p, at in live) < 0.15
+    # Live, by the median: batched, it would be about half a batch (0.12 s); one slow
+    # wake-up of a loaded machine (the suite runs on two workers) is not batching.
+    assert statistics.median((at - p.mono_ns) / 1e9 for p, at in live) < 0.06
     seqs = [p.seq for p, _ in seen]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # gapless through the switch
