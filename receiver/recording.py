@@ -358,12 +358,18 @@ class RecordingStore:
                     _LOG.exception("session %r: suspending failed", rec.session_id)
 
 
-def remove_tree(path: Path) -> int:
-    """Delete a folder; the bytes its files held."""
+def folder_bytes(path: Path) -> int:
+    """The bytes the files under a folder hold (0: none, or no such folder)."""
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def remove_tree(path: Path) -> int:
+    """Delete a folder; the bytes its files held."""
+    total = folder_bytes(path)
     shutil.rmtree(path)
     return total

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import time
 from collections import Counter
@@ -39,7 +38,7 @@ from typing import Final
 
 from receiver.access_log import AccessLog
 from receiver.errors import ReceiverError
-from receiver.recording import RecordingStore
+from receiver.recording import RecordingStore, folder_bytes
 from receiver.session_recording import SessionRecording
 
 log = logging.getLogger(__name__)
@@ -164,7 +163,10 @@ class Retention:
             share = is_share(rec)
             keep = self.policy.keep_s(share)
             folder = self.exports / sid
-            sizes = await asyncio.to_thread(_sizes, [rec.directory, folder])
+            sizes = [
+                await asyncio.to_thread(folder_bytes, rec.directory),
+                await asyncio.to_thread(folder_bytes, folder),
+            ]
             self.access_log.record(
                 "recording_deleted", who=None, session=sid, device=rec.device_id,
                 kind="share" if share else "emergency", closed_at=rec.closed_at,
@@ -198,19 +200,6 @@ class Retention:
             self.deleted += 1
             done.append(sid)
         return done
-
-
-def _sizes(folders: list[Path]) -> list[int]:
-    """The bytes the files under each folder hold (0: none, or no such folder)."""
-    out = []
-    for folder in folders:
-        total = 0
-        for root, _, files in os.walk(folder):
-            for name in files:
-                with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(root, name)).st_size
-        out.append(total)
-    return out
 
 
 def _remove_folder(folder: Path) -> None:
