@@ -42,11 +42,6 @@ __all__ = ["add_parser"]
 TIMEOUT_S: Final = 10.0
 MAX_ANSWER_BYTES: Final = 64 * 1024
 MAX_VALID_DAYS: Final = 3650
-NO_PIN: Final = (
-    "no --pin: refusing to contact the agent without its certificate pin "
-    "(sha256:..., the `fp` of its mDNS record, or from `provision pair --out`); there is no "
-    "trust on first use"
-)
 
 
 def _error(message: str, code: int) -> int:
@@ -281,11 +276,9 @@ async def _exchange(method: str, url: str, pin: str, body: bytes | None) -> Answ
         raise Unreachable(f"cannot reach the agent at {url}: {_clean(exc)}") from None
 
 
-def _checked_pin(pin: str | None) -> str:
+def _checked_pin(pin: str) -> str:
     from provisioning.tls import fingerprint_digest
 
-    if pin is None:
-        raise ValueError(NO_PIN)
     try:
         fingerprint_digest(pin)
     except ValueError as exc:
@@ -412,8 +405,10 @@ def _agent_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--pin",
+        required=True,
         metavar="sha256:HEX",
-        help="SHA-256 of the agent's certificate (mDNS `fp`, `provision pair --out`); required",
+        help="SHA-256 of the agent's certificate (mDNS `fp`, `provision pair --out`): "
+        "there is no trust on first use",
     )
 
 
