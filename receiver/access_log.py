@@ -23,7 +23,9 @@ during the check) / ``login_lockout`` (``until``) /
 (``duration_s``; ``cut`` when the receiver ended the view because its login
 no longer allowed it: ``login_ended``, ``forbidden`` or ``login_unchecked``,
 see :mod:`receiver.viewer`); ``recording_fetch`` (``file``: once per part
-file per login session, however many range requests the player makes); ``user_add``,
+file per login session, however many range requests the player makes);
+``footage_withheld`` (``withheld``: the view's action, ``reason``: recorded
+footage not sent, its entry not durable in time); ``user_add``,
 ``user_disable``, ``user_enable``, ``user_passwd``, ``user_role``
 (``target``, ``role``), ``user_unlock`` (``target``, ``addresses``);
 ``password_change`` / ``password_change_failed`` (one's own,
@@ -39,7 +41,16 @@ syncs form the next batch). Each batch is chained under an exclusive
 ``flock`` on the file, reading the last entry first, so the server and the
 command line (``breakglass receiver user ...``) can append to the same log
 without forking the chain. :meth:`AccessLog.flush` waits until everything
-recorded so far is durable.
+recorded so far is durable; :meth:`AccessLog.durable` until one entry is.
+
+Recorded footage leaves only once the log says who took it
+(:class:`FootageLog`): the route records its entry (once per login, or player
+link, and file) and sends nothing until that entry is durable; a log that
+cannot be written within :data:`VIEW_LOG_WAIT_S` withholds it (503
+``access_log_unavailable``, a ``footage_withheld`` entry queued after the
+view's). Live video is not held back: during an emergency, police see the
+cameras whatever the state of this disk (its entries wait in the queue, and
+the writer's failure is in the receiver's log).
 """
 
 from __future__ import annotations
@@ -54,7 +65,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,6 +79,7 @@ __all__ = [
     "ACCESS_LOG_KEY",
     "GENESIS",
     "AccessLog",
+    "FootageLog",
     "Verification",
     "entry_hash",
     "verify_file",
@@ -80,6 +93,9 @@ _N = re.compile(rb'"n":(\d+)')
 _MAX_TAIL = 1 << 20  # an entry is small; a longer last line is damage
 #: Problems :func:`verify_lines` lists one by one; the rest are counted in a last one.
 MAX_LISTED: Final = 100
+#: How long recorded footage waits for its access-log entry to be durable before it is
+#: withheld (an fsync takes milliseconds; this is a disk that fails).
+VIEW_LOG_WAIT_S: Final = 10.0
 
 
 def canonical(obj: dict[str, Any]) -> bytes:
@@ -226,6 +242,8 @@ class AccessLog:
         self._closing = False
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._head: tuple[int, str] = (0, GENESIS)
+        #: :meth:`durable` callers: (ticket, their loop, their future), under ``_cond``.
+        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     @property
     def head(self) -> tuple[int, str]:
@@ -250,8 +268,9 @@ class AccessLog:
         camera: str | None = None,
         remote: str | None = None,
         **fields: Any,
-    ) -> None:
-        """Queue one entry (never blocks on the disk); safe from any thread."""
+    ) -> int:
+        """Queue one entry (never blocks on the disk); safe from any thread. Returns its
+        ticket for :meth:`durable` (0 when written at once: no writer thread runs)."""
         entry = self._entry(
             action,
             who=who,
@@ -262,18 +281,18 @@ class AccessLog:
             remote=remote,
             **fields,
         )
+        ticket = 0
         with self._cond:
-            if self._thread is None:
-                running = False
-            else:
-                running = True
+            if self._thread is not None:
                 self._queue.append(entry)
                 self._recorded += 1
+                ticket = self._recorded
                 self._cond.notify_all()
-        if not running:  # not started, or closed: write it now (the command line)
+        if not ticket:  # not started, or closed: write it now (the command line)
             self._append([entry])
         for listener in list(self._listeners):
             listener(entry)
+        return ticket
 
     def listen(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
         """Call ``callback(entry)`` (unchained, on the recording thread) for every entry
@@ -303,6 +322,25 @@ class AccessLog:
     async def flush(self) -> None:
         """Wait (off the event loop) until every entry recorded so far is durable."""
         await asyncio.to_thread(self.flush_sync)
+
+    async def durable(self, ticket: int, within_s: float) -> bool:
+        """Whether the entry :meth:`record` gave ``ticket`` for is durable within
+        ``within_s`` seconds (no thread: the writer wakes the caller's loop)."""
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            if self._written >= ticket or self._thread is None:
+                return self._written >= ticket
+            waiter = (ticket, loop, loop.create_future())
+            self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(within_s):
+                await waiter[2]
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with self._cond, contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -375,6 +413,10 @@ class AccessLog:
             with self._cond:
                 self._written += len(batch)
                 self._cond.notify_all()
+                ready = [w for w in self._waiters if w[0] <= self._written]
+            for _, loop, future in ready:
+                with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_resolve, future)
 
     # -- the file ------------------------------------------------------------
 
@@ -404,6 +446,46 @@ class AccessLog:
             self._head = (n, prev)
         finally:
             os.close(fd)  # releases the lock
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class FootageLog:
+    """Recorded footage's entries, once per key, and the wait before it is sent.
+
+    A key names one viewing (a login, or a player link and address, and one file):
+    a player's many range requests of a file are one entry. :meth:`admit` records
+    the entry the first time and, every time, answers whether the footage may go:
+    only once that entry is durable (the module docs). A key whose entry was
+    withheld is forgotten, so the next try is logged anew.
+    """
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self._tickets: OrderedDict[Hashable, int] = OrderedDict()
+        self._keep = keep
+
+    async def admit(self, access_log: AccessLog, key: Hashable, action: str, **fields: Any) -> bool:
+        """Log ``action`` with ``fields`` (as :meth:`AccessLog.record` takes them) unless
+        ``key`` was; whether its entry is durable within :data:`VIEW_LOG_WAIT_S`."""
+        ticket = self._tickets.get(key)
+        first = ticket is None
+        if ticket is None:
+            ticket = access_log.record(action, **fields)
+            self._tickets[key] = ticket
+            while len(self._tickets) > self._keep:
+                self._tickets.popitem(last=False)
+        if await access_log.durable(ticket, VIEW_LOG_WAIT_S):
+            return True
+        if first:
+            self._tickets.pop(key, None)
+            log.error("%s withheld: the access log %s is not written", action, access_log.path)
+            access_log.record(
+                "footage_withheld", withheld=action, reason="access_log_unavailable", **fields
+            )
+        return False
 
 
 def _tail(fd: int) -> tuple[int, str, int]:

@@ -49,14 +49,16 @@ Accountability. Whoever admitted a request (the login audit of
 :mod:`receiver.police_api`, the player-link gate of :mod:`receiver.player_links`)
 says what to record with :func:`on_sending`: it is called just before a
 playlist or footage is sent (a 200 or 206 answer to a ``GET``), never after, so
-a player that hangs up mid-transfer is on the access log all the same. A part
+a player that hangs up mid-transfer is on the access log all the same; it
+answers whether the answer may go (:class:`receiver.access_log.FootageLog`:
+not before its entry is durable; else 503 ``access_log_unavailable``). A part
 transfer under way is cut (its connection dropped) when what admitted it no
 longer would: a login by the viewer's :class:`receiver.viewer.LoginWatch`, as
 ``/recordings/...``; a player link by its own re-check (:func:`watch_transfer`).
 
 Errors are JSON ``{"error": CODE, "detail": "..."}`` (400 ``invalid_id``,
 404 ``unknown_session`` / ``unknown_camera`` / ``unknown_recording``, 416
-``bad_range``).
+``bad_range``, 503 ``access_log_unavailable``).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ import contextlib
 import re
 import struct
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -118,9 +120,9 @@ _CHUNK = 1 << 20
 #: What cuts a part transfer under way: entered for the transfer, its future resolves (with
 #: why) when the transfer must stop.
 Watch = Callable[[], AbstractContextManager[asyncio.Future[Cut]]]
-_SENDING_KEY: web.RequestKey[list[Callable[[web.Request], None]]] = web.RequestKey(
-    "breakglass.hls.sending"
-)
+#: Called just before an answer is sent: whether it may be (its access-log entry durable).
+Audit = Callable[[web.Request], Awaitable[bool]]
+_SENDING_KEY: web.RequestKey[list[Audit]] = web.RequestKey("breakglass.hls.sending")
 _WATCH_KEY: web.RequestKey[Watch] = web.RequestKey("breakglass.hls.watch")
 
 _URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
@@ -320,9 +322,10 @@ def _listed(
 # -- routes --------------------------------------------------------------------------
 
 
-def on_sending(request: web.Request, audit: Callable[[web.Request], None]) -> None:
-    """Have the HLS route call ``audit(request)`` just before it sends a playlist or
-    footage (a 200 or 206 answer to a GET; not for an error, nor a HEAD)."""
+def on_sending(request: web.Request, audit: Audit) -> None:
+    """Have the HLS route await ``audit(request)`` just before it sends a playlist or
+    footage (a 200 or 206 answer to a GET; not for an error, nor a HEAD); ``False``
+    withholds the answer (503 ``access_log_unavailable``)."""
     if _SENDING_KEY not in request:
         request[_SENDING_KEY] = []
     request[_SENDING_KEY].append(audit)
@@ -333,9 +336,13 @@ def watch_transfer(request: web.Request, watch: Watch) -> None:
     request[_WATCH_KEY] = watch
 
 
-def _sending(request: web.Request) -> None:
+async def _withheld(request: web.Request) -> web.Response | None:
+    """Await the audits of :func:`on_sending`; the error to answer if one withholds."""
     for audit in request.get(_SENDING_KEY, ()):
-        audit(request)
+        if not await audit(request):
+            detail = "the access log cannot be written now: no footage is sent without it"
+            return _error(503, "access_log_unavailable", detail)
+    return None
 
 
 def _watch(request: web.Request) -> AbstractContextManager[asyncio.Future[Cut] | None]:
@@ -432,8 +439,8 @@ async def _playlist(request: web.Request) -> web.Response:
     )
     text = render_playlist(listed, ended=ended, token=link_token(request))
     response = web.Response(text=text, content_type=_PLAYLIST_TYPE, headers=_HEADERS)
-    if request.method == "GET":
-        _sending(request)
+    if request.method == "GET" and (withheld := await _withheld(request)) is not None:
+        return withheld
     return response
 
 
@@ -485,7 +492,8 @@ async def _part_bytes(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         await response.prepare(request)
         return response
-    _sending(request)  # the access log first: before a byte of footage leaves
+    if (withheld := await _withheld(request)) is not None:  # the log first: before a
+        return withheld  # byte of footage leaves
     with _watch(request) as cut:
         sending = _send(request, response, session_id, part, (start, stop))
         if cut is None:

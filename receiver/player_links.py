@@ -72,7 +72,7 @@ from aiohttp.web_request import BaseRequest
 
 from agent.statefile import fsync_dir, write_atomic
 from provisioning.keys import read_small
-from receiver.access_log import ACCESS_LOG_KEY, iso_ms
+from receiver.access_log import ACCESS_LOG_KEY, FootageLog, iso_ms
 from receiver.accounts import AccountInfo, Role, UnknownAccountError, validate_name
 from receiver.auth import AUTH_KEY, HEADERS, LINK_PARAM, admit_link, require
 from receiver.errors import ReceiverError
@@ -199,7 +199,7 @@ class PlayerLinks:
         self.clock = clock
         self.max_ttl_s = max_ttl_s
         self._key: bytes | None = None
-        self._played: _Remembered = OrderedDict()
+        self._played = FootageLog(keep=_MAX_REMEMBERED)
         self._refused: _Remembered = OrderedDict()
 
     def load(self) -> None:
@@ -290,21 +290,18 @@ class PlayerLinks:
         admit_link(request, link.token)
         name = request.path.rpartition("/")[2]
 
-        def audit(request: web.Request) -> None:
+        async def audit(request: web.Request) -> bool:
             # Once per link, address and file: a link used from a new address is seen,
             # and a part file fetched without its playlist is footage too. Called by the
             # HLS route just before it sends: a player that hangs up is logged too.
-            key = (link.handle, f"{request.remote} {name}")
-            if key in self._played:
-                return
             playlist = name.endswith(".m3u8")
-            request.app[ACCESS_LOG_KEY].record(
+            return await self._played.admit(
+                request.app[ACCESS_LOG_KEY], (link.handle, f"{request.remote} {name}"),
                 "player_link_playlist" if playlist else "player_link_fetch",
                 who=link.name, role=str(role),
                 session=link.session, camera=link.camera, remote=request.remote,
                 link=link.handle, **({} if playlist else {"file": name}),
             )  # fmt: skip
-            _first(self._played, key)  # only once recorded
 
         on_sending(request, audit)
         logins = request.app.get(LOGIN_WATCH_KEY)

@@ -23,8 +23,8 @@ Every dispatch and every export goes into the access log (who, what, when,
 the result; for a dispatch, per device, the receiver's time and the device's
 time it signed the trigger at, and the device's clock offset used); each HLS
 playlist a user opens, and each part file it fetches, is logged once per login
-session and file, like the recordings the viewer fetches, before a byte of it
-is sent.
+session and file, like the recordings the viewer fetches, and sent only once
+that entry is durable (:class:`receiver.access_log.FootageLog`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import logging
 import secrets
 import shutil
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,7 +43,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from receiver.access_log import ACCESS_LOG_KEY
+from receiver.access_log import ACCESS_LOG_KEY, FootageLog
 from receiver.accounts import Role
 from receiver.auth import User, current_user, require
 from receiver.dispatch import Dispatch, DispatchError
@@ -60,11 +59,9 @@ log = logging.getLogger(__name__)
 DISPATCH_KEY: Final = web.AppKey("breakglass.dispatch", Dispatch)
 DATA_KEY: Final = web.AppKey("breakglass.data_dir", Path)
 RETENTION_KEY: Final = web.AppKey("breakglass.retention", Retention)
-_Seen = OrderedDict[tuple[str, str, str], None]
-_HLS_SEEN_KEY: Final = web.AppKey("breakglass.hls_seen", _Seen)
+_HLS_SEEN_KEY: Final = web.AppKey("breakglass.hls_seen", FootageLog)
 _EXPORTS_KEY: Final = web.AppKey("breakglass.export_threads", ThreadPoolExecutor)
 MAX_BODY: Final = 2048
-_MAX_SEEN: Final = 10_000
 #: How long an export waits for its access-log entry to be durable before it is withheld.
 EXPORT_LOG_WAIT_S: Final = 10.0
 #: Evidence exports built at once (each reads a session's recordings, writes a zip).
@@ -78,7 +75,7 @@ def setup_police_api(
     app[DISPATCH_KEY] = dispatch
     app[DATA_KEY] = Path(data_dir)
     app[RETENTION_KEY] = retention
-    app[_HLS_SEEN_KEY] = OrderedDict()
+    app[_HLS_SEEN_KEY] = FootageLog()
     app.router.add_post("/v1/dispatch", _dispatch)
     app.router.add_post("/v1/evidence/{session}", _evidence)
     app.middlewares.append(_audit_hls)
@@ -171,16 +168,12 @@ async def _hand_out(
     digest = await loop.run_in_executor(pool, sha256_file, out)
     access_log = request.app[ACCESS_LOG_KEY]
     who = {"who": user.name, "role": str(user.role), "login": user.login}
-    access_log.record(
+    ticket = access_log.record(
         "evidence_export", **who, session=session, remote=request.remote, file=out.name,
         sha256=digest,
     )  # fmt: skip
-    try:
-        # A copy of footage leaves only once the log says who took it (as at the CLI):
-        # views fail open, an export does not.
-        # On the exports' own threads: the shared pool runs the recordings' fsyncs.
-        await loop.run_in_executor(pool, access_log.flush_sync, EXPORT_LOG_WAIT_S)
-    except TimeoutError:
+    # A copy of footage leaves only once the log says who took it (as at the CLI).
+    if not await access_log.durable(ticket, EXPORT_LOG_WAIT_S):
         access_log.record(
             "evidence_export_withheld", **who, session=session, remote=request.remote,
             file=out.name, reason="access_log_unavailable",
@@ -211,8 +204,9 @@ async def _audit_hls(request: web.Request, handler: Handler) -> web.StreamRespon
 
     The entry is written just before the route sends (:func:`receiver.hls.on_sending`),
     never after: a player that hangs up mid-transfer (to fetch the file in pieces it
-    never lets finish) is on the log all the same. A request is marked seen only where
-    it is logged, so no transfer, cut or not, leaves a later one of its file unlogged.
+    never lets finish) is on the log all the same; nothing is sent before the entry is
+    durable. A request is marked seen only where it is logged, so no transfer, cut or
+    not, leaves a later one of its file unlogged.
     """
     path = request.path
     user = current_user(request)
@@ -226,18 +220,12 @@ async def _audit_hls(request: web.Request, handler: Handler) -> web.StreamRespon
     else:
         return await handler(request)
 
-    def audit(request: web.Request) -> None:
-        seen = request.app[_HLS_SEEN_KEY]
-        key = (user.login, session, name)
-        if key in seen:
-            return
-        request.app[ACCESS_LOG_KEY].record(
-            action, who=user.name, role=str(user.role), login=user.login,
+    async def audit(request: web.Request) -> bool:
+        return await request.app[_HLS_SEEN_KEY].admit(
+            request.app[ACCESS_LOG_KEY], (user.login, session, name), action,
+            who=user.name, role=str(user.role), login=user.login,
             session=session, camera=camera, remote=request.remote, **fields,
         )  # fmt: skip
-        seen[key] = None  # only once recorded
-        while len(seen) > _MAX_SEEN:
-            seen.popitem(last=False)
 
     on_sending(request, audit)
     return await handler(request)

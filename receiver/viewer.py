@@ -43,6 +43,9 @@ must be set up on the same application; without it every route answers
 401). Each live view opened and closed (with its duration) and each
 recorded part file fetched (once per login session, however many range
 requests a player makes) goes into the access log (:mod:`receiver.access_log`).
+A recorded part is sent only once its entry is durable (503
+``access_log_unavailable`` when the log cannot be written); a live view is
+never held back by the log (life safety: the entry waits in its queue).
 
 A footage stream outlives the request that opened it: a live view lasts the
 whole emergency, and a player reads a large part file lazily over one
@@ -69,7 +72,6 @@ import logging
 import math
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +81,7 @@ from aiohttp import WSCloseCode, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from receiver.access_log import ACCESS_LOG_KEY
+from receiver.access_log import ACCESS_LOG_KEY, FootageLog
 from receiver.accounts import Role
 from receiver.auth import AUTH_KEY, COOKIE, User, require
 from receiver.device_clock import DeviceClocks, receiver_expiry
@@ -133,11 +135,8 @@ TRUST_KEY = web.AppKey("breakglass.viewer.trust", DeviceTrust)
 CLOCKS_KEY = web.AppKey("breakglass.viewer.clocks", DeviceClocks)
 _SOCKETS_KEY: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("breakglass.viewer.sockets")
 _FILES_KEY: web.AppKey[dict[str, tuple[bytes, str]]] = web.AppKey("breakglass.viewer.files")
-#: (login handle, session, part file) already audited as fetched, oldest first.
-_FETCHED_KEY: web.AppKey[OrderedDict[tuple[str, str, str], None]] = web.AppKey(
-    "breakglass.viewer.fetched"
-)
-_MAX_FETCHED = 100_000
+#: Part files fetched, by (login handle, session, part file): logged once each.
+_FETCHED_KEY: web.AppKey[FootageLog] = web.AppKey("breakglass.viewer.fetched")
 #: Closed sessions on a page of ``/api/sessions`` unless ``limit`` says, and at most.
 PAGE_DEFAULT = 50
 PAGE_MAX = 500
@@ -381,7 +380,7 @@ def setup_viewer(
         app[CLOCKS_KEY] = clocks
     app[_SOCKETS_KEY] = set()
     app[_FILES_KEY] = files
-    app[_FETCHED_KEY] = OrderedDict()
+    app[_FETCHED_KEY] = FootageLog(keep=100_000)
     app[LOGIN_WATCH_KEY] = LoginWatch(login_recheck_s)
     app.router.add_get("/", _index)
     app.router.add_get("/static/{name}", _static)
@@ -580,13 +579,15 @@ async def _recording(request: web.Request) -> web.StreamResponse:
     part = next((p for p in summary.camera(parsed[0]).parts if p.file == name), None)
     if part is None or not part.path.is_file():
         return _error(404, "unknown_recording", f"no recording file {name!r}")
-    fetched = request.app[_FETCHED_KEY]
-    key = (user.login, summary.session_id, name)
-    if key not in fetched:  # once per part per login, not per range request
-        fetched[key] = None
-        while len(fetched) > _MAX_FETCHED:
-            fetched.popitem(last=False)
-        _audit(request, user, "recording_fetch", summary.session_id, parsed[0], file=name)
+    # Once per part per login, not per range request; sent once that is durable.
+    logged = await request.app[_FETCHED_KEY].admit(
+        request.app[ACCESS_LOG_KEY], (user.login, summary.session_id, name),
+        "recording_fetch", who=user.name, role=str(user.role), login=user.login,
+        session=summary.session_id, camera=parsed[0], remote=request.remote, file=name,
+    )  # fmt: skip
+    if not logged:
+        detail = "the access log cannot be written now: no footage is sent without it"
+        return _error(503, "access_log_unavailable", detail)
     headers = dict(_HEADERS, **{"Cache-Control": "no-cache", "Content-Type": "video/mp4"})
     return _WatchedFile(part.path, request.app[LOGIN_WATCH_KEY], headers=headers)
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,20 @@ def access_entries(rx: Receiver) -> list[dict[str, Any]]:
     """Every entry of ``rx``'s access log so far."""
     rx.access_log.flush_sync()
     return [json.loads(line) for line in (rx.data_dir / "access.log").read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def failing_access_log(log: AccessLog) -> Iterator[None]:
+    """Every append of ``log`` fails (EIO, as a failed disk) until the block ends; its
+    writer keeps what it could not write and tries again (now and then, and at the next
+    entry). Injected into the log itself: a folder put in the file's place, and put back,
+    raced with the writer's retry, which could create a new file in between."""
+
+    def fail(batch: list[dict[str, Any]]) -> None:
+        raise OSError(errno.EIO, f"test: the disk under {log.path} fails")
+
+    log._append = fail  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del log._append

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from receiver.access_log import GENESIS, AccessLog, entry_hash, verify_file, verify_lines
+from tests.logins import failing_access_log
 
 CLI = [sys.executable, "-m", "breakglass"]
 
@@ -109,6 +111,31 @@ async def test_flush_waits_until_durable(tmp_path: Path) -> None:
         assert len(path.read_bytes().splitlines()) == 50
     log.record("after_close", who="o")  # written at once, synchronously
     assert verify_file(path).entries == 51
+
+
+async def test_durable_answers_for_one_entry_and_waits_out_a_failing_disk(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "access.log"
+    async with AccessLog(path) as log:
+        first = log.record("recording_fetch", who="o", file="a.mp4")
+        assert await log.durable(first, 10)
+        with failing_access_log(log):
+            second = log.record("recording_fetch", who="o", file="b.mp4")
+            assert second == first + 1
+            assert not await log.durable(second, 0.2)  # not written: the caller withholds
+            assert await log.durable(first, 0)  # what was written stays durable
+            waiting = asyncio.create_task(log.durable(second, 10))
+            await asyncio.sleep(0)  # it waits (not a time: one loop round)
+            assert not waiting.done()
+        log.record("recording_fetch", who="o", file="c.mp4")  # wakes the writer at once
+        assert await waiting
+        assert not log._waiters  # nobody is left waiting
+    assert [json.loads(line)["file"] for line in path.read_text().splitlines()] == [
+        "a.mp4", "b.mp4", "c.mp4"
+    ]  # fmt: skip
+    assert log.record("after_close", who="o") == 0  # written at once: nothing to wait for
+    assert await log.durable(0, 0)
 
 
 def test_an_entry_recorded_while_the_log_closes_is_written(tmp_path: Path) -> None:

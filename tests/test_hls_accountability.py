@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import ssl
 import struct
@@ -27,11 +28,12 @@ import aiohttp
 import pytest
 from yarl import URL
 
+import receiver.access_log
 from receiver.accounts import AccountStore, Role
 from receiver.hls import STORAGE_KEY
 from receiver.server import Receiver
 from receiver.viewer import LOGIN_WATCH_KEY
-from tests.logins import FAST, add_account, client_for, log_in
+from tests.logins import FAST, add_account, client_for, failing_access_log, log_in
 from tests.media import META, PacketList
 from tests.test_hls import capture_us, track
 
@@ -284,3 +286,47 @@ async def test_a_part_transfer_under_way_is_cut_when_its_rights_end(
         refused = await who.fetch(rx)
         assert refused.status == 401
         await refused.rest()
+
+
+# -- no log, no recorded footage ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("via", ["login", "link", "viewer"])
+async def test_recorded_footage_waits_for_its_entry_and_is_withheld_without_it(
+    rx: Receiver, entries: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, via: str
+) -> None:
+    """Footage leaves only once the log names who took it (as an evidence export): a log
+    that cannot be written withholds it (503, said in the log once it is written), and
+    the next try, the log mended, is logged anew and served."""
+    async with viewer(rx, "olivia", "link" if via == "link" else "login") as who:
+        if via == "viewer":  # the web viewer's own route, not HLS
+            jar = who.http.cookie_jar.filter_cookies(URL(rx.url))
+            cookie = {"Cookie": "; ".join(f"{k}={v.value}" for k, v in jar.items())}
+
+            async def fetch() -> Transfer:
+                return await start(rx, f"recordings/s-1/{FILE}", cookie)
+        else:
+
+            async def fetch() -> Transfer:
+                return await who.fetch(rx)
+
+        monkeypatch.setattr(receiver.access_log, "VIEW_LOG_WAIT_S", 0.5)
+        with failing_access_log(rx.access_log):
+            refused = await fetch()
+            assert refused.status == 503
+            assert refused.length < 1024  # an error, not footage
+            (withheld,) = [e for e in entries if e["action"] == "footage_withheld"]
+            assert withheld["reason"] == "access_log_unavailable"
+            assert (withheld["who"], withheld["file"]) == ("olivia", FILE)
+            refused.writer.close()
+        served = await fetch()
+        assert (served.status, await served.rest()) == (200, served.length)
+    viewed = fetches(entries)
+    assert len(viewed) == 2  # the withheld try and the served one
+    assert entries.index(viewed[0]) < entries.index(withheld) < entries.index(viewed[1])
+    assert withheld["withheld"] == viewed[0]["action"]
+    await rx.access_log.flush()
+    written = [json.loads(line) for line in rx.access_log.path.read_text().splitlines()]
+    assert [e["action"] for e in written if e.get("file") == FILE] == [
+        viewed[0]["action"], "footage_withheld", viewed[1]["action"]
+    ]  # fmt: skip

@@ -30,7 +30,7 @@ from receiver.evidence_verify import verify_bundle
 from receiver.server import Receiver
 from receiver.webhook import verify as verify_webhook
 from tests.district_hook import district_hook
-from tests.logins import FAST, logged_in
+from tests.logins import FAST, failing_access_log, logged_in
 from tests.test_enrollment import enroll
 
 pytestmark = pytest.mark.timeout(90)
@@ -147,17 +147,13 @@ async def test_an_officer_downloads_evidence_that_verifies_and_opens_hls_audited
         for answer in answers:
             answer.release()
         # A log that cannot be written: the bundle is withheld, not handed out unlogged.
-        log_path = receiver.data_dir / "access.log"
-        log_path.rename(tmp_path / "access.log.kept")
-        log_path.mkdir()  # as a failed disk: every append fails
         monkeypatch.setattr(police_api, "EXPORT_LOG_WAIT_S", 0.5)
         exports_before = sorted((receiver.data_dir / "exports").iterdir())
-        async with http.post(receiver.url + f"v1/evidence/{session.id}") as r:
-            assert r.status == 503
-            assert (await r.json())["error"] == "access_log_unavailable"
+        with failing_access_log(receiver.access_log):
+            async with http.post(receiver.url + f"v1/evidence/{session.id}") as r:
+                assert r.status == 503
+                assert (await r.json())["error"] == "access_log_unavailable"
         assert sorted((receiver.data_dir / "exports").iterdir()) == exports_before
-        log_path.rmdir()
-        (tmp_path / "access.log.kept").rename(log_path)
     saved = tmp_path / "bundle.zip"
     saved.write_bytes(bundle)
     assert zipfile.ZipFile(io.BytesIO(bundle)).testzip() is None
