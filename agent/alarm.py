@@ -9,6 +9,13 @@ Expiry ends it too (the agent's housekeeping asks). Each change is persisted fir
 stopped (:mod:`agent.streaming`). The state machine itself: :mod:`agent.emergency`.
 A session restored after a restart is audited as ``session_resumed`` with the time
 left it got and why, as soon as that is fixed (the first housekeeping tick).
+
+A button pressed again and again while a session is open (a frightened person, or a
+chattering contact: a broken switch can "press" ten times a second for days) is
+never ignored, but only the first :data:`JOIN_AUDITS` such presses of a button per
+:data:`JOIN_WINDOW_S` are audited (and saved) one by one; the rest are counted and
+audited as one ``button_presses`` entry when the window closes, or the session ends.
+A press that starts a session is always audited and saved at once.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 
 from agent.audit import AuditLog
 from agent.changes import Changes
@@ -30,6 +38,25 @@ from hardware.button import PressEvent
 from provisioning.triggers import Rejected
 
 log = logging.getLogger(__name__)
+
+#: Presses of one button joining an open session audited one by one per window.
+JOIN_AUDITS: Final = 5
+#: The window (monotonic seconds from its first press) beyond whose first presses a
+#: button's joining presses are counted, then audited as one entry.
+JOIN_WINDOW_S: Final = 60.0
+
+
+@dataclass(slots=True)
+class _Joins:
+    """One button's presses joining ``session`` in the window opened at ``opened``."""
+
+    session: str
+    location: str
+    opened: float
+    audited: int = 0
+    counted: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
 
 
 class Alarm:
@@ -61,6 +88,8 @@ class Alarm:
         self.press_log = press_log
         #: Every press since start (the metrics' counter).
         self.presses = 0
+        #: Presses joining an open session, by button, in their window.
+        self._joins: dict[str, _Joins] = {}
 
     def press(self, event: PressEvent) -> None:
         """A panic button was pressed (runs on the loop). Never depends on any key list."""
@@ -68,10 +97,13 @@ class Alarm:
         self.presses += 1
         self.changes.notify()
         cameras = tuple(c.id for c in self.config.cameras)
-        result = self.emergency.press(
-            self.clock(), event.button_id, event.location, cameras, mono=time.monotonic()
-        )
+        now, mono = self.clock(), time.monotonic()
+        result = self.emergency.press(now, event.button_id, event.location, cameras, mono=mono)
         self.audit_resumed()
+        if not isinstance(result, Started) and not self._audit_join(
+            event, result.session.id, now, mono
+        ):
+            return  # counted: audited with the others of its window
         self.persist()  # first: whatever fails below, the session survives a restart
         self.audit.record_soon(
             "button_press",
@@ -92,6 +124,49 @@ class Alarm:
             log.info(
                 "button %s pressed again during session %s", event.button_id, result.session.id
             )
+
+    def _audit_join(self, event: PressEvent, session: str, now: float, mono: float) -> bool:
+        """Whether this press joining ``session`` is audited on its own (else counted)."""
+        joins = self._joins.get(event.button_id)
+        if joins is not None and (joins.session != session or mono - joins.opened >= JOIN_WINDOW_S):
+            self._say_joins(event.button_id)
+            joins = None
+        if joins is None:
+            joins = self._joins[event.button_id] = _Joins(session, event.location, mono)
+        if joins.audited < JOIN_AUDITS:
+            joins.audited += 1
+            return True
+        if not joins.counted:
+            joins.first_at = now
+            log.warning(
+                "button %s pressed over %d times within %g s: further presses are counted",
+                event.button_id, JOIN_AUDITS, JOIN_WINDOW_S,
+            )  # fmt: skip
+        joins.counted += 1
+        joins.last_at = now
+        return False
+
+    def _say_joins(self, button: str) -> None:
+        """Audit the presses of ``button`` counted in its window, if any; close it."""
+        joins = self._joins.pop(button, None)
+        if joins is None or not joins.counted:
+            return
+        self.audit.record_soon(
+            "button_presses",
+            button=button,
+            location=joins.location,
+            session=joins.session,
+            count=joins.counted,
+            first_at=joins.first_at,
+            last_at=joins.last_at,
+        )
+
+    def _close_windows(self, *, every: bool = False) -> None:
+        """Audit the counted presses of windows that have closed (``every``: all)."""
+        mono = time.monotonic()
+        for button, joins in list(self._joins.items()):
+            if every or mono - joins.opened >= JOIN_WINDOW_S:
+                self._say_joins(button)
 
     def trigger(self, body: bytes | str | Mapping[str, Any], *, via: str) -> Outcome:
         """Verify a remote trigger and apply it; every attempt is audited. Never raises."""
@@ -141,6 +216,7 @@ class Alarm:
         elif isinstance(result, Extended):
             self.streaming.extend(result.session)
         elif isinstance(result, Ended):
+            self._close_windows(every=True)
             self.streaming.stop(result)
         return outcome
 
@@ -148,6 +224,7 @@ class Alarm:
         """End the open session (callers verify the authority to do so)."""
         ended = self.emergency.end(self.clock(), reason)
         if ended is not None:
+            self._close_windows(every=True)
             self.streaming.stop(ended)
         return ended
 
@@ -155,6 +232,8 @@ class Alarm:
         """End the open session if its time is up."""
         ended = self.emergency.tick(self.clock(), time.monotonic())
         self.audit_resumed()
+        if self._joins:
+            self._close_windows(every=ended is not None)
         if ended is not None:
             self.streaming.stop(ended)
 

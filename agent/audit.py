@@ -25,6 +25,9 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
 
 - ``button_press``: ``button`` (id), ``location``, ``session`` (the id it
   started or joined), ``started`` (bool).
+- ``button_presses``: ``button``, ``location``, ``session``, ``count``,
+  ``first_at``, ``last_at``: presses of a button joining a session beyond the
+  first few of a minute, counted (:mod:`agent.alarm`).
 - ``trigger``: ``result`` (``accepted`` | ``rejected``), ``code`` (reason code
   when rejected: ``malformed``, ``too_large``, ``unknown_key``,
   ``bad_signature``, ``role_forbidden``, ``wrong_building``, ``expired``,

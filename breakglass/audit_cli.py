@@ -259,6 +259,7 @@ _SESSION_EVENTS: Final = frozenset(
     {
         "session_start",
         "button_press",
+        "button_presses",
         "session_extend",
         "session_end",
         "disclosure",
@@ -342,6 +343,8 @@ def session_records(
                     "button_id": entry.get("button"),
                     "location": entry.get("location"),
                 }
+        elif event == "button_presses":
+            record.presses.append({"t": t, **_pick(entry, "button", "location", "count")})
         elif event == "session_extend":
             record.extensions.append({"t": t, **_pick(entry, "by", "expires_at")})
         elif event == "session_end":
@@ -470,8 +473,9 @@ def _render(record: SessionRecord, access_log: Path | None, *, views: bool = Tru
     elif not partial:
         out.append("  started:      not in this trail")
     for press in record.presses:
+        times = f" {_text(press['count'])} more times, until" if "count" in press else ""
         out.append(
-            f"  pressed:      {_when(press['t'])} button {_text(press['button'])} "
+            f"  pressed:     {times} {_when(press['t'])} button {_text(press['button'])} "
             f"at {_quoted(press['location'])}"
         )
     for ext in record.extensions:
