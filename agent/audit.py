@@ -25,6 +25,8 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
 
 - ``button_press``: ``button`` (id), ``location``, ``session`` (the id it
   started or joined), ``started`` (bool).
+- ``share_given_up``: ``session``, ``owed_shares``: an exterior share no longer
+  owed to the receiver (more than :data:`agent.uplink.MAX_OWED_SHARES` queued).
 - ``button_presses``: ``button``, ``location``, ``session``, ``count``,
   ``first_at``, ``last_at``: presses of a button joining a session beyond the
   first few of a minute, counted (:mod:`agent.alarm`).

@@ -48,9 +48,12 @@ class OwedSessions:
         return why
 
     def pin(self, store: SegmentStore) -> None:
-        """Pin what the receiver is owed, as saved, until the sessions are queued again."""
+        """Pin what the receiver is owed, as saved, until the sessions are queued again
+        (an emergency's: a building's exterior share is never pinned)."""
         for sid, entry in self.entries.items():
             try:  # ints only (owed.parse checks them): a pin compares them on every write
+                if _is_share(entry):
+                    continue
                 pins = [
                     Pin(
                         str(cam),
@@ -88,7 +91,8 @@ class OwedSessions:
                     end = max(entry["acked"].get(c.id, -1), segs[-1].last_seq if segs else -1)
                 ends[c.index] = end
             acked = {c.index: entry["acked"][c.id] for c in event.cameras if c.id in entry["acked"]}
-            stream = uplink.start_session(event, {}, acked=acked, end_seq=ends)
+            share = event.started_by.get("kind") == "share"  # never pinned
+            stream = uplink.start_session(event, {}, acked=acked, end_seq=ends, emergency=not share)
             checkpoints.restore(stream, entry)
             uplink.end_session(stream.id, entry.get("close_reason") or "ended")
             log.warning("resuming delivery of ended session %s from the sealed store", sid)
@@ -117,6 +121,12 @@ class OwedSessions:
         if text != self._saved:
             await asyncio.to_thread(write_atomic, self.path, text.encode())
             self._saved = text
+
+
+def _is_share(entry: dict[str, Any]) -> bool:
+    """Whether a saved entry is a building's exterior share (not an emergency)."""
+    event = p.decode_control(entry["open"])
+    return isinstance(event, p.SessionOpen) and event.started_by.get("kind") == "share"
 
 
 def _end(value: Any) -> int | None:

@@ -48,6 +48,9 @@ SEGMENT_RETRY_S = 5.0
 #: Chain checkpoints kept per camera of a session until the receiver has them (over an
 #: hour at one a second); beyond it the oldest go (sealed segments carry their own).
 MAX_PENDING_CHECKPOINTS = 4096
+#: Exterior shares (a session an hour) queued for a receiver away; older ones are given
+#: up (a week: their footage aged out of the store days before, at the default 72 h).
+MAX_OWED_SHARES = 168
 
 # Codes after which retrying soon is pointless: the receiver does not know us (or our
 # enrollment does not do: refused, expired, superseded, revoked).
@@ -93,6 +96,8 @@ class SessionStream:
     #: current plan.
     unrecorded: list[list[tuple[int, int]]] = field(default_factory=list)
     unrecorded_sent: list[int] = field(default_factory=list)
+    #: A building's continuous exterior share, not an emergency (nothing pinned).
+    share: bool = False
 
     @property
     def id(self) -> str:
@@ -326,14 +331,34 @@ class UplinkClient:
                 stream.pins.append(held)
                 self.store.add_pin(held)
         stream.ram_bytes = sum(len(pkt.payload) for q in queues for pkt in q)
+        stream.share = not emergency
         if end_seq is None and emergency:
             # A live emergency goes before sessions still delivering old footage: its
             # session_open preempts theirs on the connection; they resume after it.
             self.streams.appendleft(stream)
         else:
             self.streams.append(stream)
+        if stream.share:
+            self._give_up_old_shares()
         self._wake.set()
         return stream
+
+    def _give_up_old_shares(self) -> None:
+        """Keep at most :data:`MAX_OWED_SHARES` shares queued: the oldest go (audited).
+
+        A receiver away for weeks with a share rotating hourly queued a session an
+        hour; past about 1,100 the saved list of owed sessions outgrew its read
+        limit and a restart set it aside, emergencies and all. A share's footage
+        (exterior, never pinned) has aged out of the store long before.
+        """
+        shares = [s for s in self.streams if s.share]
+        for old in shares[: max(0, len(shares) - MAX_OWED_SHARES)]:
+            log.warning("share %s given up: more than %d shares owed", old.id, MAX_OWED_SHARES)
+            if self.store is not None:
+                self.store.audit.record_soon(
+                    "share_given_up", session=old.id, owed_shares=len(shares)
+                )
+            self._remove(old)
 
     def add_camera(
         self, stream: SessionStream, desc: p.CameraDesc, preroll: Iterable[EncodedPacket]
