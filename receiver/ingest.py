@@ -91,7 +91,8 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 HEARTBEAT_S = 5.0
-#: A device's open session this old may be closed as abandoned to make room for a new one.
+#: A device's open session this old may be closed as abandoned to make room for a new one;
+#: and one whose device has been silent this long is closed as abandoned.
 ABANDONED_AFTER_S = 24 * 3600.0
 #: A device is told the access log's head at most this often (each telling becomes an
 #: entry of its audit trail), and only when the log grew.
@@ -424,6 +425,45 @@ class IngestServer:
             *(_close_within(ws, aiohttp.WSCloseCode.GOING_AWAY, b"receiver shutting down")
               for ws in sockets),
         )  # fmt: skip
+
+    async def close_abandoned(self) -> list[str]:
+        """Close (``abandoned``) every open session whose device is not connected and has
+        been silent for :data:`ABANDONED_AFTER_S`, counted from the session's opening at
+        the earliest; the ids closed.
+
+        Its emergency ended on the device long before (an hour, unless extended), but a
+        device that never came back (destroyed, reflashed, replaced) left it open here:
+        on the police dashboard as an emergency under way, for good. One that does come
+        back with it opens it again (a closed session resumes) and closes it itself.
+        """
+        if self.presence is None:
+            return []
+        now, closed = self.clocks.clock(), []
+        for session in self.store.open_sessions():
+            device = self.presence.devices.get(session.device_id)
+            if device is not None and device.connected:
+                continue
+            heard = max(session.opened_at, 0.0 if device is None else device.last_heard)
+            if now - heard < ABANDONED_AFTER_S:
+                continue
+            reason = "abandoned: its device has been silent for over a day"
+            await session.close(reason)
+            log.warning(
+                "session %s of %s closed as abandoned (its device silent %.1f days)",
+                session.session_id, session.device_id, (now - heard) / 86400,
+            )  # fmt: skip
+            self._tell(session.device_id, p.SessionClose(session.session_id, reason))
+            closed.append(session.session_id)
+        return closed
+
+    async def watch_abandoned(self, every_s: float) -> None:
+        """:meth:`close_abandoned` every ``every_s`` seconds, until cancelled."""
+        while True:
+            try:
+                await self.close_abandoned()
+            except (ReceiverError, OSError) as exc:  # one that cannot close now: next round
+                log.error("closing abandoned sessions failed: %s", exc)
+            await asyncio.sleep(every_s)
 
     async def watch_revocations(self, every_s: float) -> None:
         """:meth:`check_revocations` every ``every_s`` seconds, until cancelled."""

@@ -88,6 +88,8 @@ log = logging.getLogger(__name__)
 INGEST_KEY = web.AppKey("ingest", IngestServer)
 #: How often presence alarms and the revocation list are checked (seconds).
 POLL_S = 2.0
+#: How often open sessions of devices long silent are looked for (and closed).
+ABANDONED_CHECK_S = 600.0
 
 
 class Receiver:
@@ -246,6 +248,9 @@ class Receiver:
                 self.ingest.watch_revocations(self.poll_s), name="receiver revocations"
             ),
             asyncio.create_task(self.retention.run(), name="receiver retention"),
+            asyncio.create_task(
+                self.ingest.watch_abandoned(ABANDONED_CHECK_S), name="receiver abandoned"
+            ),
         ]
         for task in tasks:
             task.add_done_callback(_report_failure)

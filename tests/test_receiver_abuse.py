@@ -989,6 +989,46 @@ async def test_a_connection_failing_in_accept_does_not_stop_accepting(
         assert not rx.site._accepting.done()
 
 
+async def test_a_session_whose_device_stays_away_a_day_is_closed_as_abandoned(
+    tmp_path: Path, small_packets: PacketList
+) -> None:
+    """A device that never came back (destroyed, reflashed) left its session open: an
+    emergency under way on the police dashboard for good. A day after its device was
+    last heard it is closed (the district told); a device connected is never judged so,
+    and one that comes back with the session opens it again."""
+    async with Receiver(tmp_path / "rx", "127.0.0.1", 0, password_params=FAST) as rx:
+        told: list[tuple[str, str, str]] = []
+        rx.ingest.session_listeners.append(
+            lambda device, event: told.append((device, type(event).__name__, event.session))
+        )
+        gone = enroll(rx, tmp_path, "dev-gone")
+        async with Device(rx, gone, "dev-gone") as device:
+            await device.open_session("s-gone", small_packets)
+            await device.stream(small_packets, 3)
+            await device.wait_acked(1)
+        async with Device(rx, enroll(rx, tmp_path, "dev-here"), "dev-here") as here:
+            await here.open_session("s-here", small_packets)
+            await here.stream(small_packets, 3)
+            await here.wait_acked(1)
+            await rx.presence.wait_for(lambda: not rx.presence.devices["dev-gone"].connected)
+            assert await rx.ingest.close_abandoned() == []  # silent for seconds only
+            rx.ingest.clocks.clock = lambda: time.time() + ABANDONED_AFTER_S + 60
+            assert await rx.ingest.close_abandoned() == ["s-gone"]
+            assert await rx.ingest.close_abandoned() == []  # once
+        rx.ingest.clocks.clock = time.time
+        closed = rx.store.get("s-gone")
+        assert closed is not None and not closed.is_open
+        assert closed.close_reason is not None and closed.close_reason.startswith("abandoned")
+        assert ("dev-gone", "SessionClose", "s-gone") in told
+        still = rx.store.get("s-here")
+        assert still is not None and still.is_open  # its device was connected
+        async with Device(rx, gone, "dev-gone") as device:  # it comes back after all
+            await device.open_session("s-gone", small_packets)
+            await device.stream(small_packets, 3, first=3)
+            await device.wait_acked(4)
+        assert rx.store.get("s-gone").is_open  # type: ignore[union-attr]
+
+
 async def test_a_device_opening_session_after_session_is_cut_at_the_limit(
     tmp_path: Path, small_packets: PacketList
 ) -> None:
