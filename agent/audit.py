@@ -25,6 +25,9 @@ Event vocabulary (fields besides ``n``, ``t``, ``event``, ``prev``, ``hash``):
 
 - ``button_press``: ``button`` (id), ``location``, ``session`` (the id it
   started or joined), ``started`` (bool).
+- ``store_ledger_unreadable`` / ``store_ledger_unsaved``: ``file``, ``error``:
+  the sealed store's observation ledger (:mod:`agent.store_ledger`) could not be
+  read (a fresh one is started) or written (said once; tried again).
 - ``share_given_up``: ``session``, ``owed_shares``: an exterior share no longer
   owed to the receiver (more than :data:`agent.uplink.MAX_OWED_SHARES` queued).
 - ``button_presses``: ``button``, ``location``, ``session``, ``count``,

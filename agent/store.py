@@ -36,19 +36,26 @@ once, then at most one an hour, and at close), not per segment.
 Retention does not trust the wall clock. A Pi has no battery-backed clock: it
 boots on a stale date and records until NTP steps it forward (days, months);
 a reboot without NTP sets it back again. The names carry the wall clock's
-capture times, as other tools parse them; what retention trusts is in memory:
+capture times, as other tools parse them; what retention trusts is in memory,
+and in a small ledger beside the segments (:mod:`agent.store_ledger`):
 
 - Footage written in this run ages by the monotonic clock since its write
   (:attr:`SegmentStore.monotonic`): a step forward no longer ages it out at
   once, a step back no longer keeps it past its age. It is evicted in write
   order, after all footage from before this run.
 - Footage from before this run (found by the scan) ages by the wall clock
-  against the end time in its name, and is at least as old as this run (the
-  monotonic clock since the scan): it goes ``max_age_s`` after the start at
-  the latest, whatever the clock says. Evicted first, oldest end first.
+  against the end time in its name, and is at least as old as the time the
+  store has seen it: this run (the monotonic clock since the scan) and the
+  earlier runs the ledger counted (their monotonic time, added up across
+  restarts; power-off time is not counted). It goes once the agent has run
+  ``max_age_s`` with it, whatever the clock says and however often it
+  restarts. Evicted first, oldest first (by the older of the two ages).
 - Footage from before this run that ends more than a day after the wall clock
   (set back: a reboot on a stale date) is audited once per episode
-  (``store_clock_behind``).
+  (``store_clock_behind``). A ledger that cannot be read is audited
+  (``store_ledger_unreadable``) and started afresh; one that cannot be written
+  (``store_ledger_unsaved``, once) is tried again. Either way footage is then
+  kept longer, never deleted earlier.
 
 Not covered (nothing in memory knows): footage of a previous run recorded on a
 stale clock, when the clock has been set right since. Its names say it is old,
@@ -81,7 +88,7 @@ from typing import Any, Final
 
 import pyrage
 
-from agent import retention, segment
+from agent import retention, segment, store_ledger
 from agent.audit import AuditLog
 from hardware import EncodedPacket
 
@@ -97,6 +104,12 @@ RETAIN_EVERY_S: Final = 60.0
 CLOCK_BEHIND_S: Final = 86_400.0
 #: Age expiry is audited in summary: the first of a run at once, then at most this often.
 EXPIRED_AUDIT_EVERY_S: Final = 3600.0
+#: Footage from before this run is put in retention's order again when the wall clock
+#: has stepped more than this since it was last (:meth:`SegmentStore._order`).
+RESORT_STEP_S: Final = 1.0
+
+#: Retention's order of a segment (:meth:`SegmentStore._order`).
+_Key = tuple[int, float, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,9 +252,20 @@ class SegmentStore:
         self.pins: list[Pin] = []
         self._index: dict[str, list[StoredSegment]] = {}  # per camera, in seq order
         #: Every indexed segment in retention's order (:meth:`_order`): the first
-        #: ``_n_scanned``, from before this run, by end time; then this run's, as written.
+        #: ``_n_scanned``, from before this run, oldest first; then this run's, as written.
         self._by_age: list[StoredSegment] = []
         self._n_scanned = 0
+        #: The wall clock at the scan as the segments from before this run were last
+        #: put in order for it (:meth:`_sort_scanned`: it changes as the clock steps).
+        self._sorted_for = 0.0
+        #: End times (ms) of the segments from before this run, ascending.
+        self._scanned_ends: list[int] = []
+        #: How long the footage from before this run was seen in earlier runs: the
+        #: ledger, and what it said at the scan (:meth:`_age`, :meth:`_order`).
+        self._ledger = store_ledger.Ledger(directory / store_ledger.LEDGER_NAME)
+        self._accrued: Callable[[str, int], float] = lambda camera, last_seq: 0.0
+        self._ledger_saved_at: float | None = None  # monotonic time of its last save
+        self._ledger_failing = False  # whether its last save failed (said once)
         #: This run's segments: (write number, monotonic time of the write).
         self._stamps: dict[StoredSegment, tuple[int, float]] = {}
         self._writes = 0
@@ -479,7 +503,8 @@ class SegmentStore:
         with os.scandir(self.directory) as top:
             for cam_entry in top:
                 if not cam_entry.is_dir(follow_symlinks=False):
-                    self._foreign(Path(cam_entry.path))
+                    if cam_entry.name not in store_ledger.LEDGER_FILES:
+                        self._foreign(Path(cam_entry.path))
                     continue
                 segs = index.setdefault(cam_entry.name, [])
                 try:
@@ -490,20 +515,30 @@ class SegmentStore:
                     self._unreadable(Path(cam_entry.path), exc)
         for segs in index.values():
             segs.sort(key=_first_seq)
-        now_s = self.clock()
+        why = self._ledger.load()
+        if why is not None:
+            self._ledger_damaged(why)
+        lowest = {cam: min(map(_last_seq, segs)) for cam, segs in index.items() if segs}
+        highest = {cam: max(map(_last_seq, segs)) for cam, segs in index.items() if segs}
+        now_s, now_mono = self.clock(), self.monotonic()
         with self._lock:
             self._index = index
             self._rank = {camera: rank for rank, camera in enumerate(index)}
-            self._by_age = sorted(
-                (s for segs in index.values() for s in segs), key=self._scanned_order
-            )
+            self._by_age = [s for segs in index.values() for s in segs]
             self._n_scanned = len(self._by_age)
+            self._scanned_ends = sorted(map(_end_ms, self._by_age))
             self._stamps = {}
             self._scanned_at = scanned_at
             self._used = sum(s.name.size for s in self._by_age)
+            self._ledger.start(lowest, highest)
+            self._accrued = self._ledger.accrual()
+            self._sort_scanned(self._wall_at_scan(now_s, now_mono))
             ahead = self._ahead_of_clock(now_s)
         log.info("segment store %s: %d segment(s) indexed", self.directory, self._n_scanned)
         self._clock_episode(ahead, now_s)
+        # Now, before this run writes a segment: no bound the file holds may stay above
+        # the highest seq on disk (store_ledger: what this run writes is above it).
+        self._save_ledger(now_mono)
 
     def _scan_one(self, camera: str, entry: os.DirEntry[str], segs: list[StoredSegment]) -> None:
         path = Path(entry.path)
@@ -581,6 +616,43 @@ class SegmentStore:
         """``path`` relative to the store, as text the trail can hold (:func:`_printable`)."""
         return _printable(str(path.relative_to(self.directory)))
 
+    # -- the observation ledger (agent.store_ledger) -----------------------------------
+
+    def _ledger_damaged(self, why: str) -> None:
+        """The ledger could not be read: said; a fresh one counts from this start."""
+        log.error(
+            "segment store: its ledger %s cannot be read (%s): a fresh one is started; "
+            "footage from before this start ages by its names and from this start",
+            self._ledger.path,
+            why,
+        )
+        self.audit.record("store_ledger_unreadable", file=store_ledger.LEDGER_NAME, error=why)
+
+    def _save_ledger(self, now_mono: float) -> None:
+        """Save how long this run has seen the footage found at its start, cutting the
+        ledger to the footage on disk first: at the start, on a retention pass every
+        :data:`~agent.store_ledger.SAVE_EVERY_S` and at close (the opening thread's,
+        then the writer's). A failure is logged, audited once, and tried again."""
+        if self._scanned_at is None:
+            return
+        with self._lock:
+            lowest = {cam: segs[0].last_seq for cam, segs in self._index.items() if segs}
+            self._ledger.cut(lowest)
+            doc = self._ledger.doc(now_mono - self._scanned_at)
+        self._ledger_saved_at = now_mono
+        try:
+            self._ledger.save(doc)
+        except Exception as exc:  # a card gone read-only must not stop the writer
+            why = f"{type(exc).__name__}: {exc}"[:200]
+            log.error("segment store: ledger %s not saved: %s", self._ledger.path, why)
+            if not self._ledger_failing:
+                self._ledger_failing = True
+                self.audit.record("store_ledger_unsaved", file=store_ledger.LEDGER_NAME, error=why)
+            return
+        if self._ledger_failing:
+            self._ledger_failing = False
+            log.warning("segment store: ledger %s saved again", self._ledger.path)
+
     # -- writer thread ---------------------------------------------------------------
 
     def _writer(self) -> None:
@@ -588,6 +660,7 @@ class SegmentStore:
             self._write_jobs()
         finally:
             self._say_expired(self.monotonic(), flush=True)
+            self._save_ledger(self.monotonic())
 
     def _write_jobs(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -596,6 +669,10 @@ class SegmentStore:
                     self._enforce(need_bytes=0)
                 except Exception:  # the writer must outlive any one pass
                     log.exception("retention pass failed")
+                now_mono = self.monotonic()
+                saved_at = self._ledger_saved_at
+                if saved_at is None or now_mono - saved_at >= store_ledger.SAVE_EVERY_S:
+                    self._save_ledger(now_mono)
                 continue
             # Exactly what _seal_open added (payloads and their records): anything else
             # drifts, and a backlog that never drains drops every segment.
@@ -681,18 +758,41 @@ class SegmentStore:
         self.stats.media_bytes += sum(len(p.payload) for p in packets)
         return stored
 
-    def _order(self, seg: StoredSegment) -> tuple[int, int, int, int]:
+    def _order(self, seg: StoredSegment) -> _Key:
         """Retention's order (under the lock): the segments from before this run first,
-        by end time, then as listed in the index (camera, seq); then this run's, in the
-        order written. A clock set back cannot put this run's footage before older
-        footage."""
+        oldest first (:meth:`_sort_scanned`); then this run's, in the order written. A
+        clock set back cannot put this run's footage before older footage."""
         stamp = self._stamps.get(seg)
         if stamp is None:
             return self._scanned_order(seg)
-        return 1, stamp[0], 0, 0
+        return 1, 0.0, stamp[0], 0, 0
 
-    def _scanned_order(self, seg: StoredSegment) -> tuple[int, int, int, int]:
-        return 0, seg.name.end_ms, self._rank[seg.camera], seg.name.first_seq
+    def _scanned_order(self, seg: StoredSegment) -> _Key:
+        oldest = max(
+            self._sorted_for - seg.name.end_ms / 1000, self._accrued(seg.camera, seg.last_seq)
+        )
+        return 0, -oldest, seg.name.end_ms, self._rank[seg.camera], seg.name.first_seq
+
+    def _sort_scanned(self, wall_at_scan: float) -> None:
+        """Put the segments from before this run in order of :meth:`_age` for a wall
+        clock that read ``wall_at_scan`` at the scan (under the lock).
+
+        Their age is ``live + max(wall_at_scan - end, accrued)`` (``live``: the time
+        since the scan, the same for all of them; ``accrued``: what the ledger saw of
+        them before this start, fixed for the run). Ordered by the second term, oldest
+        first, then by end time, then as listed in the index (camera, seq), ages do
+        not rise along the order until the wall clock steps (:meth:`_enforce` sorts
+        again then). With no time accrued that is the order of end times, whatever
+        the clock: footage named ahead of it comes last, as before the ledger.
+        """
+        n = self._n_scanned
+        self._sorted_for = wall_at_scan  # the keys are this, and _accrued: fixed for the run
+        self._by_age[:n] = sorted(self._by_age[:n], key=self._scanned_order)
+
+    def _wall_at_scan(self, now_s: float, now_mono: float) -> float:
+        """What the wall clock read at the scan, as it reads now (it may have stepped)."""
+        assert self._scanned_at is not None
+        return now_s - (now_mono - self._scanned_at)
 
     def _age(self, seg: StoredSegment, now_s: float, now_mono: float) -> float:
         """How old ``seg``'s footage is at least, in seconds (under the lock).
@@ -700,14 +800,17 @@ class SegmentStore:
         This run's by the monotonic clock since its write: the wall clock may have
         stepped since (forward: it would look days old; back: young for days).
         Older footage by the wall clock (its name's end), and at least as old as the
-        time since the scan found it: a clock set back keeps it no longer than
-        ``max_age_s`` after this start. Never more than its true age, so nothing goes
-        early; neither rises along :meth:`_order` (that is retention's order)."""
+        time the store has seen it: since the scan found it, plus what the ledger
+        (:mod:`agent.store_ledger`) saw of it in earlier runs. A clock set back keeps
+        it no longer than ``max_age_s`` of the agent's running time, however often it
+        restarts. Never more than its true age, so nothing goes early; neither rises
+        along :meth:`_order` (that is retention's order)."""
         stamp = self._stamps.get(seg)
         if stamp is not None:
             return now_mono - stamp[1]
         assert self._scanned_at is not None
-        return max(now_s - seg.name.end_ms / 1000, now_mono - self._scanned_at)
+        seen = now_mono - self._scanned_at + self._accrued(seg.camera, seg.last_seq)
+        return max(now_s - seg.name.end_ms / 1000, seen)
 
     def _unindex(self, seg: StoredSegment) -> bool:
         """Take ``seg`` out of the index (under the lock); whether it was in it."""
@@ -719,6 +822,8 @@ class SegmentStore:
             _remove(self._by_age, seg, self._order)
         if self._stamps.pop(seg, None) is None:
             self._n_scanned -= 1
+            ends = self._scanned_ends
+            del ends[bisect.bisect_left(ends, seg.name.end_ms)]
         self._used -= seg.name.size
         return True
 
@@ -726,12 +831,11 @@ class SegmentStore:
         """Segments from before this run ending more than :data:`CLOCK_BEHIND_S` after
         ``now_s`` (the wall clock was set back), and the newest end (ms); ``None``
         if none does. Under the lock."""
-        n = self._n_scanned
+        ends = self._scanned_ends
         limit_ms = (now_s + CLOCK_BEHIND_S) * 1000
-        if not n or self._by_age[n - 1].name.end_ms <= limit_ms:
+        if not ends or ends[-1] <= limit_ms:
             return None
-        first = bisect.bisect_right(self._by_age, limit_ms, hi=n, key=_end_ms)
-        return n - first, self._by_age[n - 1].name.end_ms
+        return len(ends) - bisect.bisect_right(ends, limit_ms), ends[-1]
 
     def _clock_episode(self, ahead: tuple[int, int] | None, now_s: float) -> None:
         """Say once that footage from before this run ends days after the wall clock."""
@@ -793,6 +897,10 @@ class SegmentStore:
         now_s, now_mono = self.clock(), self.monotonic()
         with self._lock:
             ahead = self._ahead_of_clock(now_s)
+            if self._n_scanned and self._ledger.accrues:
+                wall_at_scan = self._wall_at_scan(now_s, now_mono)
+                if abs(wall_at_scan - self._sorted_for) > RESORT_STEP_S:  # it stepped
+                    self._sort_scanned(wall_at_scan)
             pins: dict[str, list[Pin]] = {}
             for pin in self.pins:
                 pins.setdefault(pin.camera, []).append(pin)

@@ -220,6 +220,8 @@ def _bare_scan(root: Path) -> int:
     count = 0
     with os.scandir(root) as top:
         for cam in top:
+            if not cam.is_dir(follow_symlinks=False):  # the store's .ledger.json
+                continue
             with os.scandir(cam.path) as files:
                 for entry in files:
                     entry.stat(follow_symlinks=False)
