@@ -104,11 +104,22 @@ class LiveLane:
     def waiting_since(self, newest: Newest, now_ns: int) -> int | None:
         """Since when the longest-waiting live packet awaits delivery (None: none waits).
 
-        Counts what the receiver now holds as delivered (:attr:`goodput`) first.
+        Counts what the receiver now holds as delivered (:attr:`goodput`) first:
+        wherever it is in flight, not only at the head. A camera's packet the receiver
+        cannot hold yet (its successor was skipped: it waits for backfill) may stay in
+        flight for long; taken from the head only, it kept every other camera's packets
+        behind it in flight, delivered or not, and one of them "waited" for ever: live
+        stopped, and so did backfill, until the session ended (found by a review).
         """
         inflight = self.inflight
-        while inflight and (newest is None or newest(inflight[0][0]) >= inflight[0][1].seq):
-            self.goodput.count(len(inflight.popleft()[1].payload), now_ns)
+        if inflight and any(newest is None or newest(cam) >= pkt.seq for cam, pkt, _ in inflight):
+            kept: deque[tuple[int, EncodedPacket, int]] = deque()
+            for item in inflight:
+                if newest is None or newest(item[0]) >= item[1].seq:
+                    self.goodput.count(len(item[1].payload), now_ns)
+                else:
+                    kept.append(item)
+            self.inflight = inflight = kept
         # The receiver's muxer writes a frame only when the next one of its run arrives
         # (DECISIONS.md): a packet can be acknowledged, and so waits, from the moment its
         # successor was sent.

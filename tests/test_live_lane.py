@@ -82,6 +82,24 @@ def test_packets_of_different_cameras_do_not_make_each_other_wait() -> None:
     assert lane.waiting_since(held, 5 * S) == S // 5
 
 
+def test_a_packet_that_cannot_be_held_yet_does_not_keep_others_in_flight() -> None:
+    """Live skipped camera 1 past seq 153 (the link stalled): its 152 stays undelivered
+    until backfill sends 153. Camera 0's 153 and 154, sent after it and delivered, were
+    kept in flight behind it, and 154 "waited" for ever: live never sent again, nor did
+    backfill (it waits while live does), until the session ended (a review's flood of
+    idle connections froze a live emergency for 11 minutes)."""
+    lane, held = LiveLane(1.0, Goodput()), Held()
+    lane.sent(1, packet(152), 0)
+    for seq in (153, 154, 155):
+        lane.sent(0, packet(seq), seq * S // 100)
+    held.newest.update({0: 154, 1: 151})
+    assert lane.waiting_since(held, 10 * S) is None  # 155 waits for 156; 152 for 153
+    assert [(cam, p.seq) for cam, p, _ in lane.inflight] == [(1, 152), (0, 155)]
+    assert not lane.behind(held, 10 * S)
+    assert not lane.in_flight(held, 10 * S)  # backfill may send 153 of camera 1 now
+    assert lane.goodput.rate(10 * S) > 0  # 153 and 154 counted as delivered
+
+
 def test_no_session_at_the_head_counts_everything_in_flight_as_delivered() -> None:
     lane = LiveLane(1.0, Goodput())
     lane.sent(0, packet(1), 0)
