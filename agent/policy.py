@@ -107,7 +107,10 @@ def apply_trigger(
             return refused("no_session", "no emergency session is open to extend")
         body = {"session": extended.session.id, "action": "extend"}
         return Outcome(202, {**body, "expires_at": extended.session.expires_at}, extended)
-    ended = emergency.end(now, "ended by trigger", by)
+    # Who and why, as the receiver and the district's notice show it (the trigger's own
+    # reason names the dispatcher): "ended by trigger" alone said neither.
+    who = f"{trigger.role} key {trigger.label or trigger.kid}"
+    ended = emergency.end(now, f"ended by {who}: {trigger.reason}"[:600], by)
     if ended is None:
         return refused("no_session", "no emergency session is open to end")
     return Outcome(202, {"session": ended.session.id, "action": "end"}, ended)

@@ -177,6 +177,12 @@ async def test_who_may_extend_and_end_and_what_a_second_press_does(
     ]
     (end,) = [e for e in trail if e["event"] == "session_end"]
     assert end["by"]["role"] == "superintendent"
+    # Who and why, as the receiver and the district are told (not "ended by trigger").
+    assert (
+        end["reason"] == f"ended by superintendent key {end['by']['label']}: {end['by']['reason']}"
+    )
+    (closed,) = [s for s in receiver.store.sessions() if s.session_id == session.id]
+    assert closed.close_reason == end["reason"]
     (disclosure,) = [e for e in trail if e["event"] == "disclosure"]
     assert {c["id"]: c["zone"] for c in disclosure["cameras"]} == {
         "front-door": "exterior",
