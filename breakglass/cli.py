@@ -136,7 +136,10 @@ def _receiver_serve(args: argparse.Namespace) -> int:
                     "trigger-key list with the role dispatch"
                 )
             if rx.notifier is not None:
-                print(f"district notified of emergencies at {rx.notifier.url}")
+                from receiver.webhook import safe_url
+
+                # Scheme, host and port: a path or query may hold the district's secret.
+                print(f"district notified of emergencies at {safe_url(rx.notifier.url)}")
             from provisioning.keys import kid
             from receiver.evidence_format import evidence_key
 

@@ -306,9 +306,13 @@ class IngestServer:
                 device, enrollment, device_key = await self._handshake(ws, conn)
             except (p.ProtocolError, TimeoutError, ConnectionError) as exc:
                 code = exc.code if isinstance(exc, p.ProtocolError) else "handshake_failed"
+                if isinstance(exc, TimeoutError):  # str() of it is empty
+                    why = f"no hello within {HANDSHAKE_TIMEOUT_S:g} s of the challenge"
+                else:
+                    why = str(exc) or type(exc).__name__
                 self._refuse(code)
-                log.warning("uplink from %s refused: %s", peer, exc)
-                await self._send_error(ws, conn, code, str(exc))
+                log.warning("uplink from %s refused: %s", peer, why)
+                await self._send_error(ws, conn, code, why)
                 await self.check_revocations()  # the hello may have read a newer list
                 return ws
         finally:

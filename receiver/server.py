@@ -341,7 +341,14 @@ class Receiver:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:  # a port in use, an address not on this machine
+            sock.close()
+            await self.__aexit__(None, None, None)
+            raise InvalidSettingError(
+                f"--host {self.host} --port {self.port}: cannot listen there ({exc.strerror})"
+            ) from None
         self.port = sock.getsockname()[1]
         self.ingest.origins = [self.origin]
         self._runner = web.AppRunner(self.make_app(), handle_signals=False, shutdown_timeout=2.0)

@@ -15,7 +15,8 @@ from agent.config import load_config
 from agent.daemon import Agent
 from breakglass.demo import press_button, write_agent_config
 from provisioning.keys import new_private_key, public_pem
-from provisioning.tls import server_context
+from provisioning.tls import fingerprint_digest, server_context
+from receiver import ingest
 from receiver.server import Receiver
 from tests.media import make_h264_packets
 from tests.uplink import connect_device
@@ -160,3 +161,23 @@ async def test_agent_survives_a_receiver_that_sends_garbage(tmp_path: Path) -> N
             assert not any(b.closed for b in agent.buttons.values())
     finally:
         await runner.cleanup()
+
+
+async def test_a_device_that_never_says_hello_is_told_why(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal named nothing: ``str(TimeoutError())`` is empty (found by a review)."""
+    monkeypatch.setattr(ingest, "HANDSHAKE_TIMEOUT_S", 0.3)
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(
+            receiver.uplink_url, ssl=aiohttp.Fingerprint(fingerprint_digest(receiver.fingerprint))
+        )
+        conn = p.Uplink(p.Role.AGENT)
+        assert isinstance(conn.receive((await ws.receive(timeout=10)).data), p.Challenge)
+        error = conn.receive((await ws.receive(timeout=10)).data)  # and nothing sent
+        await ws.close()
+    assert isinstance(error, p.Error)
+    assert (error.code, error.detail) == (
+        "handshake_failed",
+        "no hello within 0.3 s of the challenge",
+    )

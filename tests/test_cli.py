@@ -190,6 +190,41 @@ def test_bad_connection_limits_are_refused_clearly(
     assert not (tmp_path / "rx").exists()  # refused before anything was made
 
 
+def test_serve_never_prints_the_district_s_secret(tmp_path: Path, procs: list[Proc]) -> None:
+    """The webhook URL's path or query may hold the district's secret: the start-up line
+    (the journal, under systemd) names scheme, host and port only (found by a review)."""
+    receiver = Proc(
+        "receiver", "serve", "--data", str(tmp_path / "rx"), "--port", "0",
+        "--notify-url", "https://127.0.0.1:9/hooks/bg?secret=s3cr3t",
+    )  # fmt: skip
+    procs.append(receiver)
+    receiver.expect(r"^district notified of emergencies at https://127\.0\.0\.1:9/…$")
+    receiver.expect(r"^evidence key ")  # the start-up lines are all read by now
+    assert "s3cr3t" not in "".join(receiver.seen)
+    assert receiver.stop() == 0
+
+
+@pytest.mark.parametrize("where", ["busy_port", "foreign_address"])
+def test_a_receiver_that_cannot_listen_says_where_without_a_traceback(
+    tmp_path: Path, where: str
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        if where == "busy_port":
+            host, port = "127.0.0.1", str(busy.getsockname()[1])
+        else:  # an address of no interface here: nothing is sent anywhere
+            host, port = "192.0.2.1", "0"
+        result = subprocess.run(
+            [*CLI, "receiver", "serve", "--data", str(tmp_path / "rx"), "--host", host,
+             "--port", port],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"--host {host} --port {port}: cannot listen there (" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_the_default_connection_limits_are_the_receivers() -> None:
     args = build_parser().parse_args(["receiver", "serve", "--data", "rx"])
     assert args.max_connections == ServerLimits().max_connections
