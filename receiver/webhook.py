@@ -9,12 +9,27 @@ with the receiver's public key (no shared secret to leak or to default).
 
 Delivery survives outages and restarts: events go first into an outbox in
 SQLite (``DATA/notify.sqlite``, committed before anything is sent), then a
-sender task POSTs what is due, oldest first, and retries a failure with
-exponential backoff (:data:`FIRST_RETRY_S` doubling up to
+sender task POSTs what is due, one at a time in the order queued, and retries a
+failure with exponential backoff (:data:`FIRST_RETRY_S` doubling up to
 :data:`MAX_RETRY_S`) for :data:`GIVE_UP_S`; an event it gives up on stays in
 the outbox, marked failed and logged as an error, for :data:`KEEP_DONE_S` (as
 delivered ones are), then deleted. Receivers treat the event
 id as an idempotency key: a retry after a lost answer may deliver it twice.
+
+A session's events reach the district in the order they were queued: one is not
+sent while an earlier one of the same session (device and session) is pending, so
+a ``session.ended`` never overtakes its ``session.started`` that is waiting out a
+backoff. The order is the outbox's (a sequence number stored with each event, not
+the clock), so it holds across restarts. Only giving up lifts it: the later events
+of a session whose event is given up go without it (the error logged says so).
+Sessions do not wait for one another: an event the district refuses holds back its
+own session's later events only. Once the district takes an event again, every
+event waiting out a backoff is due at once, and the backlog goes out in queue
+order rather than one per backoff; and a new event held back by one waiting out a
+backoff has that one tried at once, in its place (the POST the new event would
+have had), so an emergency's end finds out whether the district is back. No order
+is kept between sessions, and the body carries no sequence number: within a
+session, ``at`` (the receiver's clock for both events) orders them too.
 
 What is sent (no footage, nothing about students): one JSON object, keys sorted:
 
@@ -71,7 +86,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -173,6 +188,21 @@ def verify(public: Ed25519PublicKey, header: str, timestamp: str, body: bytes) -
     return fields.get("kid") == kid(public)
 
 
+def _session_of(body: bytes) -> str | None:
+    """The key that orders an event among its session's (device and session, from its
+    body); None for a body without them (an event ordered with no other)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    device, session = doc.get("device"), doc.get("session")
+    if not isinstance(device, str) or not isinstance(session, str):
+        return None
+    return json.dumps([device, session])
+
+
 @dataclass(frozen=True, slots=True)
 class Pending:
     """An event waiting in the outbox."""
@@ -185,7 +215,11 @@ class Pending:
 
 class Outbox:
     """The durable queue of events (SQLite; time passed in). Any thread: the sender's
-    and each notice's worker threads share one connection, one call at a time."""
+    and each notice's worker threads share one connection, one call at a time.
+
+    Each event keeps its session (``session``: device and session) and its place in
+    the queue (``seq``: one more than any event stored then; not the clock, which may
+    step back, nor the rowid, which ``VACUUM`` may renumber)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,11 +231,45 @@ class Outbox:
             "CREATE TABLE IF NOT EXISTS events (id TEXT PRIMARY KEY, body BLOB NOT NULL,"
             " created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
             " next_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'pending',"
-            " last_error TEXT)"
+            " last_error TEXT, session TEXT, seq INTEGER)"
         )
-        # The sender asks for due events on every pass; done ones are pruned by age.
+        self._upgrade()
+        # The sender asks for due events on every pass, each checked against its
+        # session's earlier ones; done ones are pruned by age.
         self._db.execute("CREATE INDEX IF NOT EXISTS events_due ON events (state, next_at)")
         self._db.execute("CREATE INDEX IF NOT EXISTS events_done ON events (state, created)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS events_order ON events (session, state, seq)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS events_seq ON events (seq)")
+
+    def _upgrade(self) -> None:
+        """An outbox from before the order was kept: its events' sessions read from their
+        bodies, their places in the queue from the rowid (the order they were added)."""
+        with self._transaction() as db:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+            if "seq" not in columns:
+                db.execute("ALTER TABLE events ADD COLUMN seq INTEGER")
+                db.execute("UPDATE events SET seq = rowid")
+            if "session" not in columns:
+                db.execute("ALTER TABLE events ADD COLUMN session TEXT")
+                rows = db.execute("SELECT rowid, body FROM events").fetchall()
+                for rowid, body in rows:
+                    session = _session_of(body)
+                    if session is not None:
+                        db.execute(
+                            "UPDATE events SET session = ? WHERE rowid = ?", (session, rowid)
+                        )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         """Close the database."""
@@ -213,35 +281,70 @@ class Outbox:
             return self._db.execute(sql, args).fetchall()
 
     def add(self, body: bytes, *, event_id: str, now: float) -> None:
-        """Queue an event (committed, fsynced, before this returns); events delivered or
-        given up more than :data:`KEEP_DONE_S` ago are deleted (their ids no longer
-        recognise a repeat: the district treats ids as idempotency keys anyway)."""
-        self._execute(
-            "DELETE FROM events WHERE state IN ('delivered', 'failed') AND created < ?",
-            (now - KEEP_DONE_S,),
-        )
-        self._execute(
-            "INSERT OR IGNORE INTO events (id, body, created, next_at) VALUES (?, ?, ?, ?)",
-            (event_id, body, now, now),
-        )
+        """Queue an event last (committed, fsynced, before this returns); events
+        delivered or given up more than :data:`KEEP_DONE_S` ago are deleted (their ids no
+        longer recognise a repeat: the district treats ids as idempotency keys anyway).
+
+        A new event kept back by an earlier one of its session that is waiting out a
+        backoff makes that one due now: it is tried at once in the new one's place."""
+        session = _session_of(body)
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM events WHERE state IN ('delivered', 'failed') AND created < ?",
+                (now - KEEP_DONE_S,),
+            )
+            added = db.execute(
+                "INSERT OR IGNORE INTO events (id, body, created, next_at, session, seq)"
+                " VALUES (?, ?, ?, ?, ?, (SELECT coalesce(max(seq), 0) + 1 FROM events))",
+                (event_id, body, now, now, session),
+            ).rowcount
+            if added and session is not None:
+                db.execute(
+                    "UPDATE events SET next_at = ? WHERE next_at > ? AND seq = (SELECT"
+                    " min(seq) FROM events WHERE session = ? AND state = 'pending')",
+                    (now, now, session),
+                )
 
     def due(self, now: float, limit: int = 16) -> list[Pending]:
-        """Pending events whose time has come, oldest first."""
+        """Pending events whose time has come, in queue order, each the first pending
+        of its session (the later ones wait for it)."""
         rows = self._execute(
-            "SELECT id, body, created, attempts FROM events WHERE state = 'pending'"
-            " AND next_at <= ? ORDER BY created LIMIT ?",
+            "SELECT id, body, created, attempts FROM events AS e WHERE e.state = 'pending'"
+            " AND e.next_at <= ? AND (e.session IS NULL OR NOT EXISTS (SELECT 1 FROM events"
+            " AS f WHERE f.session = e.session AND f.state = 'pending' AND f.seq < e.seq))"
+            " ORDER BY e.seq LIMIT ?",
             (now, limit),
         )
         return [Pending(r[0], r[1], r[2], r[3]) for r in rows]
 
     def next_due(self) -> float | None:
-        """When the next pending event is due (None: nothing pending)."""
-        (row,) = self._execute("SELECT min(next_at) FROM events WHERE state = 'pending'")
+        """When the next event :meth:`due` may give is due (None: nothing pending). An
+        event kept back by its session's is not counted: its own time passed long ago."""
+        (row,) = self._execute(
+            "SELECT min(next_at) FROM events AS e WHERE e.state = 'pending' AND (e.session"
+            " IS NULL OR NOT EXISTS (SELECT 1 FROM events AS f WHERE f.session = e.session"
+            " AND f.state = 'pending' AND f.seq < e.seq))"
+        )
         return None if row[0] is None else float(row[0])
 
-    def delivered(self, event_id: str) -> None:
-        """The district took it."""
-        self._execute("UPDATE events SET state = 'delivered' WHERE id = ?", (event_id,))
+    def delivered(self, event_id: str, *, now: float) -> int:
+        """The district took it: it answers again, so every event waiting out a backoff is
+        due ``now`` (then sent in queue order). Returns how many were."""
+        with self._transaction() as db:
+            db.execute("UPDATE events SET state = 'delivered' WHERE id = ?", (event_id,))
+            return db.execute(
+                "UPDATE events SET next_at = ? WHERE state = 'pending' AND next_at > ?",
+                (now, now),
+            ).rowcount
+
+    def waiting_behind(self, event_id: str) -> int:
+        """How many pending events of ``event_id``'s session were queued after it."""
+        (row,) = self._execute(
+            "SELECT count(*) FROM events AS e JOIN events AS f ON f.session = e.session"
+            " AND f.seq > e.seq WHERE e.id = ? AND f.state = 'pending'",
+            (event_id,),
+        )
+        return int(row[0])
 
     def failed(self, event: Pending, error: str, now: float) -> bool:
         """A failed attempt: schedule the retry; returns False when given up."""
@@ -355,19 +458,31 @@ class Notifier:
         self._wake.set()
 
     async def deliver_due(self, http: aiohttp.ClientSession) -> int:
-        """Try every due event once; returns how many were delivered."""
+        """Try every due event once (:meth:`Outbox.due`: a session's in order); returns
+        how many were delivered."""
         done = 0
         for event in await asyncio.to_thread(self.outbox.due, self.clock()):
             error = await self._post(http, event)
             if error is None:
-                await asyncio.to_thread(self.outbox.delivered, event.id)
+                now = self.clock()
+                backlog = await asyncio.to_thread(self.outbox.delivered, event.id, now=now)
+                if backlog:
+                    log.info(
+                        "district webhook: delivered again; %d waiting event(s) due now", backlog
+                    )
                 done += 1
                 continue
             retry = await asyncio.to_thread(self.outbox.failed, event, error, self.clock())
             if retry:
                 log.warning("district webhook: event %s: %s (will retry)", event.id, error)
-            else:
-                log.error("district webhook: event %s given up after %s", event.id, error)
+                continue
+            behind = await asyncio.to_thread(self.outbox.waiting_behind, event.id)
+            log.error(
+                "district webhook: event %s given up after %s%s",
+                event.id,
+                error,
+                f"; {behind} later event(s) of its session now go without it" if behind else "",
+            )
         self.delivered += done
         return done
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -19,6 +21,7 @@ from provisioning.tls import ensure_certificate, fingerprint_digest, server_cont
 from receiver.webhook import (
     FIRST_RETRY_S,
     GIVE_UP_S,
+    MAX_RETRY_S,
     Notifier,
     Outbox,
     Pending,
@@ -36,13 +39,30 @@ pytestmark = pytest.mark.timeout(30)
 
 @dataclass
 class District:
-    """The district's endpoint on loopback: answers ``fail_first`` requests with 503."""
+    """The district's endpoint on loopback: answers ``fail_first`` requests with 503, and
+    500 to an event ``failing(its JSON)`` (the endpoint down, or failing on some events)."""
 
     url: str
     pin: str
     fail_first: int = 0
+    failing: Callable[[dict[str, Any]], bool] = lambda doc: False
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)  # to each of ``received``
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def tried(self) -> list[tuple[str, str]]:
+        """``(type, session)`` of every POST, answered or not, in order."""
+        return [_type_and_session(body) for _, body in self.received]
+
+    def taken(self) -> list[tuple[str, str]]:
+        """``(type, session)`` of every event the district took (answered 2xx), in order."""
+        pairs = zip(self.received, self.answers, strict=True)
+        return [_type_and_session(body) for (_, body), status in pairs if status < 300]
+
+
+def _type_and_session(body: bytes) -> tuple[str, str]:
+    doc = json.loads(body)
+    return doc["type"], doc["session"]
 
 
 @pytest.fixture
@@ -57,8 +77,11 @@ async def district(tmp_path: Path) -> AsyncIterator[District]:
         state.received.append((dict(request.headers), body))
         state.arrived.set()
         if len(state.received) <= state.fail_first:
-            return web.Response(status=503)
-        return web.Response(status=204)
+            status = 503
+        else:
+            status = 500 if state.failing(json.loads(body)) else 204
+        state.answers.append(status)
+        return web.Response(status=status)
 
     app = web.Application()
     app.router.add_post("/hooks/breakglass", hook)
@@ -345,7 +368,8 @@ async def test_both_times_are_the_receivers_and_the_devices_own_is_beside(
     clock.now += 10
     notices("lincoln-pi-1", p.SessionClose("s-1", "ended locally"))
     await asyncio.gather(*list(notices._tasks))
-    started, ended = (json.loads(e.body) for e in notifier.outbox.due(clock.now))
+    bodies = notifier.outbox._execute("SELECT body FROM events ORDER BY seq")
+    started, ended = (json.loads(body) for (body,) in bodies)
     notifier.outbox.close()
     assert (started["type"], ended["type"]) == ("session.started", "session.ended")
     assert started["at"] == clock.now - 10  # when the receiver opened the session
@@ -361,13 +385,212 @@ def test_done_events_are_pruned_after_a_month_pending_ones_never(tmp_path: Path)
     outbox = Outbox(tmp_path / "notify.sqlite")
     try:
         outbox.add(b"{}", event_id="delivered-old", now=0.0)
-        outbox.delivered("delivered-old")
+        outbox.delivered("delivered-old", now=0.0)
         outbox.add(b"{}", event_id="pending-old", now=0.0)
         outbox.add(b"{}", event_id="delivered-new", now=KEEP_DONE_S)
-        outbox.delivered("delivered-new")
+        outbox.delivered("delivered-new", now=KEEP_DONE_S)
         assert outbox.states() == {"delivered": 2, "pending": 1}
         outbox.add(b"{}", event_id="later", now=KEEP_DONE_S + 1)
         assert outbox.states() == {"delivered": 1, "pending": 2}
         assert [e.id for e in outbox.due(KEEP_DONE_S + 1)] == ["pending-old", "later"]
+    finally:
+        outbox.close()
+
+
+def event(kind: str, session: str, device: str = "lincoln-pi-1") -> tuple[str, bytes]:
+    return session_event(
+        kind, device=device, building="lincoln-elementary", session=session, at=1_800_000_000.0
+    )
+
+
+def pinned(district: District, tmp_path: Path, clock: Clock) -> Notifier:
+    return Notifier(
+        district.url,
+        Outbox(tmp_path / "notify.sqlite"),
+        Ed25519PrivateKey.generate(),
+        ssl=aiohttp.Fingerprint(fingerprint_digest(district.pin)),
+        clock=clock,
+    )
+
+
+START_1, END_1 = ("session.started", "s-1"), ("session.ended", "s-1")
+START_2, END_2 = ("session.started", "s-2"), ("session.ended", "s-2")
+
+
+async def test_an_end_waits_for_its_start_which_is_tried_at_once(
+    tmp_path: Path, district: District
+) -> None:
+    """Review s13: the district's endpoint down, a start was retried (5, 10, 20, 40 s ...);
+    back up, it still waited out its backoff, and the end, queued meanwhile, went at once:
+    the district heard ``session.ended`` before ``session.started``. Now the end waits for
+    its start, and has it tried at once in its place."""
+    clock = Clock()
+    district.failing = lambda doc: True  # the endpoint answers 500
+    notifier = pinned(district, tmp_path, clock)
+    await notifier.notify(*event("session.started", "s-1"))
+    async with aiohttp.ClientSession() as http:
+        for backoff in (0, 1, 2, 4):  # tried at 0, 5, 15 and 35 s: next at 75 s
+            clock.now += backoff * FIRST_RETRY_S
+            assert await notifier.deliver_due(http) == 0
+        district.failing = lambda doc: False  # back at 42 s
+        clock.now += 7
+        assert await notifier.deliver_due(http) == 0  # the start is not due before 75 s
+        clock.now += 5
+        await notifier.notify(*event("session.ended", "s-1"))  # the emergency ends at 47 s
+        assert await notifier.deliver_due(http) == 1  # the start, at 47 s
+        assert await notifier.deliver_due(http) == 1  # then the end
+        assert await notifier.deliver_due(http) == 0
+    notifier.outbox.close()
+    assert district.tried() == [START_1] * 5 + [END_1]
+    assert district.taken() == [START_1, END_1]
+
+
+async def test_once_the_district_takes_one_the_backlog_goes_at_once_in_queue_order(
+    tmp_path: Path, district: District
+) -> None:
+    """Events waiting out a backoff waited it out (up to 15 min each) after the district
+    answered again. The first delivery makes them all due, and the running sender sends
+    them at once, in the order queued. The outbox's clock stands still below: the sender
+    would wait 28 s (in real time) for a backoff, longer than the test waits."""
+    clock = Clock()
+    district.failing = lambda doc: True
+    notifier = pinned(district, tmp_path, clock)
+    async with aiohttp.ClientSession() as http:
+        await notifier.notify(*event("session.started", "s-1"))
+        await notifier.notify(*event("session.started", "s-2"))
+        for backoff in (0, 1, 2, 4):  # both tried at 0, 5, 15 and 35 s: next at 75 s
+            clock.now += backoff * FIRST_RETRY_S
+            assert await notifier.deliver_due(http) == 0
+    assert district.tried() == [START_1, START_2] * 4
+    district.failing = lambda doc: False
+    clock.now += 12  # 47 s
+    async with notifier:
+        await notifier.notify(*event("session.ended", "s-1"))
+        async with asyncio.timeout(10):
+            while len(district.taken()) < 3:
+                district.arrived.clear()
+                await district.arrived.wait()
+    assert district.taken() == [START_1, START_2, END_1]
+    assert district.tried()[8:] == [START_1, START_2, END_1]
+
+
+async def test_a_session_waits_for_its_own_events_only(tmp_path: Path, district: District) -> None:
+    """One endpoint serves every session: down, it is down for all, each event tried and
+    backing off on its own. What holds an event back is an earlier event of its session
+    not delivered: an event the district refuses (a 500 to that one, the endpoint up)
+    holds back its session's end, and nothing else."""
+    clock = Clock()
+    district.failing = lambda doc: doc["session"] == "s-1"
+    notifier = pinned(district, tmp_path, clock)
+    async with aiohttp.ClientSession() as http:
+        await notifier.notify(*event("session.started", "s-1"))
+        assert await notifier.deliver_due(http) == 0
+        await notifier.notify(*event("session.ended", "s-1"))
+        await notifier.notify(*event("session.started", "s-2"))
+        assert await notifier.deliver_due(http) == 1  # s-2's start (s-1's start tried, refused)
+        await notifier.notify(*event("session.ended", "s-2"))
+        assert await notifier.deliver_due(http) == 1
+        assert district.taken() == [START_2, END_2]
+        assert END_1 not in district.tried()
+        district.failing = lambda doc: False
+        clock.now += MAX_RETRY_S
+        assert await notifier.deliver_due(http) == 1
+        assert await notifier.deliver_due(http) == 1
+    notifier.outbox.close()
+    assert district.taken() == [START_2, END_2, START_1, END_1]
+
+
+async def test_a_start_given_up_lets_its_end_go_and_the_log_says_so(
+    tmp_path: Path, district: District, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    district.failing = lambda doc: True
+    notifier = pinned(district, tmp_path, clock)
+    async with aiohttp.ClientSession() as http:
+        await notifier.notify(*event("session.started", "s-1"))
+        assert await notifier.deliver_due(http) == 0
+        clock.now += GIVE_UP_S
+        district.failing = lambda doc: doc["type"] == "session.started"
+        await notifier.notify(*event("session.ended", "s-1"))
+        with caplog.at_level("WARNING", logger="receiver.webhook"):
+            assert await notifier.deliver_due(http) == 0  # the start: tried, given up
+            assert await notifier.deliver_due(http) == 1  # then the end
+    assert notifier.outbox.states() == {"failed": 1, "delivered": 1}
+    notifier.outbox.close()
+    assert district.tried() == [START_1, START_1, END_1]
+    assert district.taken() == [END_1]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "given up" in errors[0]
+    assert "1 later event(s) of its session now go without it" in errors[0]
+
+
+def test_the_order_survives_a_restart_and_the_sender_waits_for_the_first(tmp_path: Path) -> None:
+    """The order is the outbox's. And the sender waits for the start's retry, not for the
+    end's own time (long past: it would wake every 50 ms while the start backs off)."""
+    started_id, started_body = event("session.started", "s-1")
+    ended_id, ended_body = event("session.ended", "s-1")
+    outbox = Outbox(tmp_path / "notify.sqlite")
+    outbox.add(started_body, event_id=started_id, now=0.0)
+    outbox.add(ended_body, event_id=ended_id, now=1.0)
+    (start,) = outbox.due(1.0)
+    assert start.id == started_id
+    assert outbox.failed(start, "HTTP 500", 1.0)  # next at 6 s
+    outbox.close()
+    outbox = Outbox(tmp_path / "notify.sqlite")  # the receiver restarted
+    try:
+        assert outbox.due(5.0) == []
+        assert outbox.next_due() == 1.0 + FIRST_RETRY_S
+        (start,) = outbox.due(6.0)
+        assert outbox.delivered(start.id, now=6.0) == 0
+        assert [e.id for e in outbox.due(6.0)] == [ended_id]
+    finally:
+        outbox.close()
+
+
+def test_the_queue_order_is_not_the_clocks(tmp_path: Path) -> None:
+    """The receiver's clock stepped back after a start: the events queued then come after
+    it all the same, its session's end held back."""
+    (started_id, started_body), (ended_id, ended_body), (other_id, other_body) = (
+        event("session.started", "s-1"),
+        event("session.ended", "s-1"),
+        event("session.started", "s-2"),
+    )
+    outbox = Outbox(tmp_path / "notify.sqlite")
+    try:
+        outbox.add(started_body, event_id=started_id, now=100.0)
+        outbox.add(other_body, event_id=other_id, now=40.0)
+        outbox.add(ended_body, event_id=ended_id, now=41.0)
+        assert [e.id for e in outbox.due(100.0)] == [started_id, other_id]
+    finally:
+        outbox.close()
+
+
+def test_an_outbox_from_before_keeps_its_events_in_order(tmp_path: Path) -> None:
+    """An outbox written before the order was kept (no session nor place stored)."""
+    started_id, started_body = event("session.started", "s-1")
+    ended_id, ended_body = event("session.ended", "s-1")
+    db = sqlite3.connect(tmp_path / "notify.sqlite")
+    db.execute(
+        "CREATE TABLE events (id TEXT PRIMARY KEY, body BLOB NOT NULL,"
+        " created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+        " next_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'pending',"
+        " last_error TEXT)"
+    )
+    db.executemany(
+        "INSERT INTO events (id, body, created, attempts, next_at) VALUES (?, ?, ?, ?, ?)",
+        [(started_id, started_body, 0.0, 4, 75.0), (ended_id, ended_body, 47.0, 0, 47.0)],
+    )
+    db.commit()
+    db.close()
+    outbox = Outbox(tmp_path / "notify.sqlite")
+    try:
+        assert outbox.due(50.0) == []
+        assert outbox.next_due() == 75.0
+        (start,) = outbox.due(75.0)
+        outbox.delivered(start.id, now=75.0)
+        assert [e.id for e in outbox.due(75.0)] == [ended_id]
+        later_id, later_body = event("session.started", "s-2")
+        outbox.add(later_body, event_id=later_id, now=76.0)
+        assert [e.id for e in outbox.due(76.0)] == [ended_id, later_id]
     finally:
         outbox.close()
