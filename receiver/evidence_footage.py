@@ -236,16 +236,26 @@ def check_footage(
                 f"({iso(start_us)}, the device's signed session_start; the last frame "
                 f"{iso(latest)}): none of the emergency itself",
             )
+        capture_of = _captures(entries)
         for first, last, reason in cam.gaps:
             report.warn(
                 part,
                 f"seqs {first}..{last} declared {reason[:80]!r} by the receiver (what it "
-                "says the device reported: the device does not sign it): not in the bundle",
+                "says the device reported: the device does not sign it): not in the bundle"
+                + _span(capture_of(first - 1), capture_of(last + 1)),
             )
         for first, last in cam.holes:
             report.warn(
                 part, f"seqs {first}..{last} not in the recording (declared by the receiver)"
             )
+
+
+def _span(before_us: int | None, after_us: int | None) -> str:
+    """How long a declared gap lasted by the signed capture times around it: a restart
+    skips the rest of its block of reserved numbers, so the seq count overstates it."""
+    if before_us is None or after_us is None or after_us < before_us:
+        return ""
+    return f"; {(after_us - before_us) / 1e6:.1f} s between the signed frames around it"
 
 
 def _captures(entries: dict[int, _Entry]) -> Callable[[int], int | None]:

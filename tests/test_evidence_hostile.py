@@ -30,6 +30,7 @@ from provisioning.keys import kid as key_id
 from receiver import custody
 from receiver import evidence_verify as ev
 from receiver.evidence import _Writer, build_bundle
+from receiver.evidence_footage import _span
 from receiver.evidence_format import MANIFEST_CONTEXT, TIME_BASE, ZIP_TIME, evidence_key
 from receiver.evidence_verify import BundleInputError, VerifyReport
 from receiver.evidence_zip import MemberError
@@ -763,6 +764,16 @@ def test_frames_declared_lost_are_the_receivers_word(genuine: Recorded, tmp_path
     assert report.ok, report.errors
     (said,) = [f.what for f in report.warnings if "declared 'lost'" in f.what]
     assert "by the receiver" in said and "by the device" not in said, said
+    assert " s between the signed frames around it" not in said  # none signed after it
+
+
+def test_a_declared_gap_says_how_long_it_lasted_by_the_signed_capture_times() -> None:
+    """A restart skips the rest of the device's block of 100,000 reserved seqs: "seqs
+    111230..199999 declared 'lost'" read as 98 minutes lost where a second was (review
+    s13, J1). The signed frames around the gap say how long it was."""
+    assert _span(1_000_000, 2_250_000) == "; 1.2 s between the signed frames around it"
+    assert _span(None, 2_250_000) == _span(1_000_000, None) == ""
+    assert _span(2_000_000, 1_000_000) == ""  # a clock stepped back says nothing
 
 
 def box_edit(kind: str) -> Callable[[bytes], bytes]:

@@ -146,6 +146,19 @@ function holeKind(cam, seq) {
   return gap ? `declared ${gap.reason}` : "missing";
 }
 
+// How long the hole between two parts lasts, on the capture clock; its seq count only
+// when that says the same: a restart skips the rest of its block of 100,000 reserved
+// numbers, and "88770 frames" read as an hour and a half lost where a second was.
+function holeSpan(cam, part, next, hole) {
+  const fps = cam.fps > 0 ? cam.fps : 15;
+  if (typeof part.first_capture_us !== "number" || typeof next.first_capture_us !== "number") {
+    return `${hole} frames`;
+  }
+  const seconds = Math.max(0, (next.first_capture_us - part.first_capture_us) / 1e6 - part.frames / fps);
+  const span = seconds < 60 ? `${seconds.toFixed(1)} s` : `${(seconds / 60).toFixed(1)} min`;
+  return hole <= Math.ceil(seconds * fps) + 1 ? `${span} (${hole} frames)` : span;
+}
+
 // The recorded parts on the capture clock: [{part, start, end}] in seconds since the epoch.
 function timeline(cam) {
   const fps = cam.fps > 0 ? cam.fps : 15;
@@ -399,7 +412,7 @@ class CameraTile {
     this.recorded.onended = () => this.partEnded(i);
     const next = parts[i + 1];
     const hole = next ? next.first_seq - part.last_seq - 1 : 0;
-    const after = hole > 0 ? `; then ${hole} frames not here (${holeKind(this.cam, part.last_seq + 1)})` : "";
+    const after = hole > 0 ? `; then ${holeSpan(this.cam, part, next, hole)} not here (${holeKind(this.cam, part.last_seq + 1)})` : "";
     this.recordedNote.textContent = parts.length > 1
       ? `part ${i + 1} of ${parts.length}: ${partLabel(part, this.cam)}${after}` : "";
   }
