@@ -17,7 +17,9 @@ enforced by :mod:`receiver.auth`'s middleware):
   sent only once its ``evidence_export`` entry is durable; a log that cannot
   be written within :data:`EXPORT_LOG_WAIT_S` withholds it (503
   ``access_log_unavailable``, the copy deleted, ``evidence_export_withheld``
-  logged after it), as the CLI's export does.
+  logged after it), as the CLI's export does. An export that would leave less
+  than :data:`EXPORT_FREE_FLOOR_BYTES` free on the data disk is refused (507
+  ``insufficient_storage``): the recordings need it more.
 
 Every dispatch and every export goes into the access log (who, what, when,
 the result; for a dispatch, per device, the receiver's time and the device's
@@ -51,7 +53,7 @@ from receiver.errors import ReceiverError
 from receiver.evidence import build_bundle, sha256_file
 from receiver.evidence_format import EvidenceError
 from receiver.hls import on_sending
-from receiver.recording import parse_part_file, validate_session_id
+from receiver.recording import folder_bytes, parse_part_file, validate_session_id
 from receiver.retention import Retention
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,9 @@ MAX_BODY: Final = 2048
 EXPORT_LOG_WAIT_S: Final = 10.0
 #: Evidence exports built at once (each reads a session's recordings, writes a zip).
 EXPORT_THREADS: Final = 2
+#: Free space an evidence export must leave on the data disk, beyond its own size: the
+#: recordings of emergencies under way come first (each export keeps a copy there).
+EXPORT_FREE_FLOOR_BYTES: Final = 1 << 30
 
 
 def setup_police_api(
@@ -144,6 +149,9 @@ async def _evidence(request: web.Request) -> web.StreamResponse:
     with request.app[RETENTION_KEY].hold(session):  # not deleted while it is exported
         try:
             await loop.run_in_executor(pool, _build, data, session, out)
+        except _NoRoom as exc:
+            log.error("evidence of %s for %s not built: %s", session, user.name, exc)
+            return _error(507, "insufficient_storage", str(exc))
         except (EvidenceError, ReceiverError) as exc:
             log.error("evidence of %s for %s not built: %s", session, user.name, exc)
             missing = "no recording" in str(exc)  # the detail names no server path
@@ -152,8 +160,23 @@ async def _evidence(request: web.Request) -> web.StreamResponse:
         return await _hand_out(request, user, session, out)
 
 
+class _NoRoom(ReceiverError):
+    """An export would leave the recordings too little room on the data disk."""
+
+
 def _build(data: Path, session: str, out: Path) -> None:
     (data / "exports").mkdir(mode=0o700, exist_ok=True)
+    # About the size of its recordings (remuxed, never re-encoded); refused before a
+    # byte is written if it would eat into what live recording needs (ten exports of
+    # one session at once took ten copies: an officer could fill the disk).
+    size = folder_bytes(data / "recordings" / session)
+    free = shutil.disk_usage(data / "exports").free
+    if free < size + EXPORT_FREE_FLOOR_BYTES:
+        raise _NoRoom(
+            f"the export (about {size / 1e6:.0f} MB) would leave less than "
+            f"{EXPORT_FREE_FLOOR_BYTES / 2**30:g} GiB free on the receiver's disk, which "
+            "the recordings need; free space first (older exports are in DATA/exports)"
+        )
     build_bundle(data, session, out)
     if not (data / "recordings" / session).is_dir():  # deleted (retention) meanwhile
         shutil.rmtree(out.parent, ignore_errors=True)

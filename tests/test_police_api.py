@@ -149,6 +149,16 @@ async def test_an_officer_downloads_evidence_that_verifies_and_opens_hls_audited
         # A log that cannot be written: the bundle is withheld, not handed out unlogged.
         monkeypatch.setattr(police_api, "EXPORT_LOG_WAIT_S", 0.5)
         exports_before = sorted((receiver.data_dir / "exports").iterdir())
+        # A disk the export would leave too little for the recordings: refused before a
+        # byte is written (ten exports at once took ten copies).
+        free = shutil.disk_usage(receiver.data_dir).free
+        monkeypatch.setattr(police_api, "EXPORT_FREE_FLOOR_BYTES", free)
+        files_before = sorted((receiver.data_dir / "exports").rglob("*"))
+        async with http.post(receiver.url + f"v1/evidence/{session.id}") as r:
+            assert r.status == 507
+            assert (await r.json())["error"] == "insufficient_storage"
+        assert sorted((receiver.data_dir / "exports").rglob("*")) == files_before
+        monkeypatch.setattr(police_api, "EXPORT_FREE_FLOOR_BYTES", 1 << 20)
         with failing_access_log(receiver.access_log):
             async with http.post(receiver.url + f"v1/evidence/{session.id}") as r:
                 assert r.status == 503
