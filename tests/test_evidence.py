@@ -209,6 +209,12 @@ def test_bundle_verifies_plays_and_is_deterministic(
     args = ["--device-key", recorded.device_pub, "--receiver-key", recorded.receiver_pub]
     assert cli("evidence", "verify", recorded.bundle, *args) == 0
     assert "bundle OK" in capsys.readouterr().out
+    # Without keys of one's own a forgery would pass as well: the verdict says so.
+    assert cli("evidence", "verify", recorded.bundle, "--receiver-key", recorded.receiver_pub) == 0
+    said = capsys.readouterr().out
+    assert "bundle OK" not in said
+    assert "bundle consistent, NOT VERIFIED: checked only against the keys it carries" in said
+    assert "(give --device-key or --authority): session " in said
     assert cli("evidence", "verify", folder, *args) == 0  # the unpacked folder too
     out = tmp_path / "cli.zip"
     assert cli("evidence", "export", "--data", recorded.data, "--session", recorded.session,
