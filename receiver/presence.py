@@ -44,6 +44,12 @@ goes offline: the uplink reports each failure (:meth:`Presence.recording_failed`
 and each acknowledgement (:meth:`Presence.recording_works`), and the device's
 entry says since when its recording fails and why (``recording_failing``),
 logged once per transition. Not kept across restarts.
+
+A device connected with a session open whose footage has not become durable
+for :data:`FOOTAGE_STALL_S` (nothing arrives, or nothing can be recorded) is
+in an alarm of its own, ``footage_stalled_since`` (logged once per
+transition, cleared by the next footage recorded): connected and online said
+all was well while an emergency's footage had stopped.
 """
 
 from __future__ import annotations
@@ -75,6 +81,10 @@ log = logging.getLogger(__name__)
 
 #: Default silence after which a device is offline (seconds).
 OFFLINE_AFTER_S = 300.0
+#: A connected device's open session with no footage made durable for this long raises
+#: its own alarm (``footage_stalled_since``): connected and online said all was well
+#: while an emergency's live footage had stopped (a review found a stall of 11 minutes).
+FOOTAGE_STALL_S = 30.0
 #: Three of the receiver's heartbeats (``receiver.ingest.HEARTBEAT_S``): a shorter
 #: threshold would raise the alarm for devices that are merely idle.
 MIN_OFFLINE_AFTER_S = 15.0
@@ -127,6 +137,10 @@ class DevicePresence:
     failing_since: float | None = None
     failing_error: str | None = None
     failing_last: float | None = None
+    #: While a session is open on its connection: when its footage last became durable
+    #: (or the session opened), and whether the alarm for none since is raised.
+    footage_at: float | None = None
+    stalled: bool = False
 
     def offline(self, now: float, offline_after_s: float) -> bool:
         """Whether it has been silent for ``offline_after_s`` at ``now``."""
@@ -149,6 +163,9 @@ class DevicePresence:
             "offline": self.offline(now, offline_after_s),
             "since": iso_utc(self.since(now, offline_after_s)),
             "session": self.session,
+            "footage_stalled_since": iso_utc(self.footage_at)
+            if self.stalled and self.footage_at is not None
+            else None,
             "recording_failing": None
             if self.failing_since is None or self.failing_last is None
             else {
@@ -219,6 +236,8 @@ class Presence:
         sets or changes one its certificate gave."""
         entry = self.devices.get(device)
         if entry is not None:
+            if session != entry.session:
+                entry.footage_at, entry.stalled = None if session is None else self.clock(), False
             entry.session = session
             if building and not entry.building and not entry.building_verified:
                 entry.building, entry.building_verified = building, False
@@ -230,6 +249,7 @@ class Presence:
         entry = self.devices.get(device)
         if entry is not None and entry.connected:
             entry.connected, entry.changed, entry.session = False, self.clock(), None
+            entry.footage_at, entry.stalled = None, False  # offline says it now
             self._dirty = True
             self._changed()
 
@@ -255,7 +275,15 @@ class Presence:
     def recording_works(self, device: str) -> None:
         """Footage of the device was made durable (acknowledged): it records again."""
         entry = self.devices.get(device)
-        if entry is None or entry.failing_since is None:
+        if entry is None:
+            return
+        if entry.session is not None:
+            entry.footage_at = self.clock()
+            if entry.stalled:
+                entry.stalled = False
+                log.warning("device %s: session %s: footage recorded again", device, entry.session)
+                self._changed()
+        if entry.failing_since is None:
             return
         log.warning(
             "device %s: recording works again (failing since %s: %s)",
@@ -293,6 +321,20 @@ class Presence:
                     iso_utc(entry.last_heard),
                     now - entry.last_heard,
                 )
+            if (
+                not entry.stalled
+                and entry.connected
+                and entry.session is not None
+                and entry.footage_at is not None
+                and now - entry.footage_at >= FOOTAGE_STALL_S
+            ):
+                entry.stalled = True
+                log.error(
+                    "device %s (building %s): session %s: NO FOOTAGE recorded for %.0f s, "
+                    "though it is connected",
+                    entry.device, entry.building or "?", entry.session, now - entry.footage_at,
+                )  # fmt: skip
+                self._changed()
         if newly:
             self._changed()
         return newly

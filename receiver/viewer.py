@@ -25,7 +25,7 @@ Routes added by :func:`setup_viewer`:
   ``opened_at``; its footage routes answer 409 ``corrupt_recording``.
 - ``GET /v1/devices`` — every device heard from, with its offline alarm (JSON:
   ``{"devices": [{device, building, connected, last_heard, offline, since,
-  session, recording_failing, enrollment}], "offline_after_s": N}``, times
+  session, footage_stalled_since, recording_failing, enrollment}], "offline_after_s": N}``, times
   ISO-8601 UTC; ``since`` is when the device's present condition began:
   offline, connected or disconnected; ``enrollment`` is when its enrollment
   expires, and whether it was refused for that, as

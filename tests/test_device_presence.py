@@ -33,7 +33,7 @@ from provisioning.keys import kid, load_private_key, public_pem
 from provisioning.tls import fingerprint_digest
 from receiver.device_trust import DeviceTrust
 from receiver.errors import InvalidSettingError
-from receiver.presence import DevicePresence, Presence, iso_utc
+from receiver.presence import FOOTAGE_STALL_S, DevicePresence, Presence, iso_utc
 from receiver.recording import RecordingStore
 from receiver.server import Receiver
 from receiver.viewer import setup_viewer
@@ -54,6 +54,7 @@ FIELDS = {
     "offline",
     "since",
     "session",
+    "footage_stalled_since",
     "recording_failing",
     "enrollment",
 }
@@ -153,6 +154,7 @@ async def test_a_silent_device_goes_offline_once_and_comes_back_on_reconnect(
                 "offline": False,
                 "since": "2027-01-15T08:00:00Z",
                 "session": None,
+                "footage_stalled_since": None,
                 "recording_failing": None,
             }
         await until_disconnected(rx)
@@ -543,3 +545,38 @@ async def test_the_presence_file_is_written_whole_and_read_back(tmp_path: Path) 
     fresh = Presence(tmp_path / "missing" / "presence.json", clock=clock)
     fresh.load()  # the first start: no file yet
     assert fresh.devices == {}
+
+
+def test_a_connected_device_whose_session_records_nothing_raises_its_own_alarm(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Connected and online said all was well while an emergency's footage had stopped
+    (a review found live frozen for 11 minutes, the device list green throughout)."""
+    clock = Clock()
+    presence = Presence(clock=clock)
+    presence.connected("lincoln-pi-1", building="lincoln-elementary")
+    presence.session("lincoln-pi-1", "s-1")
+    clock.t += FOOTAGE_STALL_S - 1
+    presence.recording_works("lincoln-pi-1")  # footage made durable: the count starts again
+    clock.t += FOOTAGE_STALL_S - 1
+    presence.check()
+    assert presence.to_json()[0]["footage_stalled_since"] is None
+    clock.t += 1
+    presence.check()
+    presence.check()  # said once
+    (device,) = presence.to_json()
+    assert device["footage_stalled_since"] == iso_utc(T0 + FOOTAGE_STALL_S - 1)
+    said = [r.getMessage() for r in caplog.records if "NO FOOTAGE" in r.getMessage()]
+    assert len(said) == 1 and "session s-1" in said[0], said
+    presence.recording_works("lincoln-pi-1")
+    assert presence.to_json()[0]["footage_stalled_since"] is None
+    # No session open, or not connected: no footage is owed, no alarm.
+    presence.session("lincoln-pi-1", None)
+    clock.t += 10 * FOOTAGE_STALL_S
+    presence.check()
+    assert presence.to_json()[0]["footage_stalled_since"] is None
+    presence.session("lincoln-pi-1", "s-2")
+    presence.disconnected("lincoln-pi-1")
+    clock.t += 10 * FOOTAGE_STALL_S
+    presence.check()
+    assert presence.to_json()[0]["footage_stalled_since"] is None

@@ -798,6 +798,7 @@ function renderDevices(devices) {
   const list = document.getElementById("devices");
   const offline = devices.filter((d) => d.offline);
   const failing = devices.filter((d) => d.recording_failing);
+  const stalled = devices.filter((d) => d.footage_stalled_since);
   const expired = devices.filter((d) => d.enrollment && d.enrollment.expired);
   banner.replaceChildren(
     ...offline.map((d) => el(
@@ -811,6 +812,12 @@ function renderDevices(devices) {
       `${when(isoSeconds(d.recording_failing.since))} ` +
       `(${ago(isoSeconds(d.recording_failing.since))}): ${d.recording_failing.error}`,
     )),
+    ...stalled.map((d) => el(
+      "p", "alarm-line recording-failing",
+      `NO FOOTAGE — ${d.device} (building ${d.building || "?"}) — connected, but nothing ` +
+      `of session ${d.session} recorded since ${when(isoSeconds(d.footage_stalled_since))} ` +
+      `(${ago(isoSeconds(d.footage_stalled_since))})`,
+    )),
     ...expired.map((d) => el(
       "p", "alarm-line enrollment-expired",
       `ENROLLMENT EXPIRED — ${d.device} (building ${d.building || "?"}) — expired ` +
@@ -820,7 +827,7 @@ function renderDevices(devices) {
         : ": the receiver refuses it when it next connects; enroll it again"),
     )),
   );
-  banner.hidden = offline.length + failing.length + expired.length === 0;
+  banner.hidden = offline.length + failing.length + stalled.length + expired.length === 0;
 
   const buildings = new Map();
   for (const d of devices) {
@@ -853,6 +860,7 @@ function renderDevices(devices) {
         el("span", "heard", ` · last heard ${when(heard)} (${ago(heard)})`),
       );
       if (d.recording_failing) li.append(el("span", "failing", " · RECORDING FAILING"));
+      if (d.footage_stalled_since) li.append(el("span", "failing", " · NO FOOTAGE"));
       const enrolled = enrollmentNote(d.enrollment);
       if (enrolled) li.append(" · ", el("span", `enrollment ${enrolled[1]}`.trim(), enrolled[0]));
       // No certificate on its connection: its building is what its sessions claimed.
