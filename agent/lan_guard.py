@@ -4,18 +4,26 @@ Any host on the LAN is untrusted, and nothing it sends may take from the agent
 what the buttons, the store and the uplink need (:class:`ApiLimits`; the
 reasons are in :mod:`agent.local_api`'s docstring). :class:`GuardedSite`
 accepts connections itself and counts them from the TCP accept (per address
-and in all), resetting one over the limits at once, and gives each TLS
-handshake a timeout; :func:`read_body` reads a body whole, never past its
-limit. The same design as the receiver's listener (``receiver/listener.py``),
-which takes :class:`LogThrottle`, :class:`CountedProtocol` and
-:class:`BodyTimeoutError` from here (the agent imports nothing of the receiver).
+group, an IPv6 /64, and in all: :class:`ConnectionSlots`), and gives each TLS
+handshake a timeout. At a cap, a connection that has not proven itself (its
+TLS handshake or its first request not done), or else one idle after a request,
+is cut to make room for the new one: idle connections that a few addresses keep
+re-opening cannot lock others out. Only a cap held by busy connections (a request
+being served, a WebSocket) refuses the new one, with a reset. :func:`read_body`
+reads a body whole, never past its limit. The receiver's listener
+(``receiver/listener.py``) is this :class:`GuardedSite`, and takes
+:class:`LogThrottle` and :class:`BodyTimeoutError` from here (the agent imports
+nothing of the receiver).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import errno
+import functools
+import ipaddress
 import logging
 import resource
 import socket
@@ -24,9 +32,9 @@ import struct
 import sys
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -36,11 +44,15 @@ __all__ = [
     "DEFAULT_LIMITS",
     "ApiLimits",
     "BodyTimeoutError",
-    "CountedProtocol",
+    "ConnectionSlots",
     "GuardedSite",
     "LogThrottle",
     "RequestErrorLog",
+    "SiteLimits",
+    "Slot",
+    "Stage",
     "accept_next",
+    "address_group",
     "body_late",
     "read_body",
     "too_large",
@@ -60,6 +72,10 @@ _RESET: Final = struct.pack("ii", 1, 0)
 _EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: accept(2) errors that say the listening socket itself is gone (the site stops).
 _LISTENER_GONE: Final = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
+#: Marks an application's request handler that tells connection slots of its requests.
+_TRACKING: Final = "_breakglass_tracks_slots"
+
+_RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,45 +192,353 @@ class RequestErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
             self.logger.exception(msg, *args, exc_info=exc_info, **kw)
 
 
-class CountedProtocol(asyncio.Protocol):
-    """Wraps a connection's protocol to give its slot back when the connection ends."""
+def address_group(host: str) -> str:
+    """The group a client address is counted in (connections per address, and which
+    group gives up an unproven connection first): an IPv4 address as it is, an IPv6
+    address as its /64 (one subscriber's prefix holds 2^64 addresses), an IPv4-mapped
+    IPv6 address as the IPv4 address; anything else as given (at most 64 characters),
+    and no address at all as ``-``. The rule the receiver's login limiter counts by
+    (``receiver.accounts.address_key``; the agent imports nothing of the receiver, and
+    a test holds the two to the same answers)."""
+    if not host:
+        return "-"
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # without an IPv6 zone
+    except ValueError:
+        return host[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 
-    def __init__(self, inner: asyncio.Protocol, release: Callable[[], None]) -> None:
+
+class Stage(enum.Enum):
+    """Where a connection is in its life, as far as its slot goes."""
+
+    #: Accepted; its TLS handshake is not done.
+    HANDSHAKE = "TLS handshake unfinished"
+    #: TLS done; no request of it whole yet.
+    FRESH = "no request yet"
+    #: A request whole (headers and body) and not answered yet, or a WebSocket.
+    BUSY = "serving a request"
+    #: Answered; waiting for its next request (keep-alive), or a next one not whole.
+    IDLE = "idle after a request"
+
+
+class Slot:
+    """One connection's place in :class:`ConnectionSlots` (from the TCP accept on)."""
+
+    __slots__ = (
+        "conn",
+        "freed",
+        "group",
+        "host",
+        "opened",
+        "requests",
+        "since",
+        "stage",
+        "started",
+        "task",
+        "transport",
+    )
+
+    def __init__(self, host: str, group: str, now: float) -> None:
+        self.host = host
+        self.group = group
+        self.opened = now
+        #: When it entered its stage.
+        self.since = now
+        self.stage = Stage.HANDSHAKE
+        #: Counted free (closed, cut or evicted): never counted again.
+        self.freed = False
+        #: Requests begun on it (a request's callbacks carry its number).
+        self.requests = 0
+        self.conn: socket.socket | None = None
+        self.task: asyncio.Task[None] | None = None
+        #: The TLS transport, once the handshake is done.
+        self.transport: asyncio.Transport | None = None
+        #: Whether its handshake task began (one cancelled before has its socket closed).
+        self.started = False
+
+
+class _Tier:
+    """Evictable slots of one kind: each group's oldest first, and the groups by how
+    many they hold (the largest found in O(1): buckets by size)."""
+
+    def __init__(self) -> None:
+        self._groups: dict[str, OrderedDict[Slot, None]] = {}
+        self._by_size: dict[int, OrderedDict[str, None]] = {}
+        self._top = 0
+        self.count = 0
+
+    def add(self, slot: Slot) -> None:
+        slots = self._groups.setdefault(slot.group, OrderedDict())
+        slots[slot] = None
+        self.count += 1
+        self._resize(slot.group, len(slots) - 1, len(slots))
+
+    def discard(self, slot: Slot) -> None:
+        slots = self._groups.get(slot.group)
+        if slots is None or slot not in slots:
+            return
+        del slots[slot]
+        self.count -= 1
+        self._resize(slot.group, len(slots) + 1, len(slots))
+        if not slots:
+            del self._groups[slot.group]
+
+    def _resize(self, group: str, old: int, new: int) -> None:
+        if old:
+            bucket = self._by_size[old]
+            del bucket[group]
+            if not bucket:
+                del self._by_size[old]
+        if new:
+            self._by_size.setdefault(new, OrderedDict())[group] = None
+        self._top = max(self._top, new)
+        while self._top and self._top not in self._by_size:  # sizes move by one
+            self._top -= 1
+
+    def oldest_in(self, group: str) -> Slot | None:
+        slots = self._groups.get(group)
+        return next(iter(slots)) if slots else None
+
+    def victim(self) -> Slot | None:
+        """The oldest slot of the group that holds the most (of those, the one that
+        reached that many first)."""
+        if not self._top:
+            return None
+        return self.oldest_in(next(iter(self._by_size[self._top])))
+
+
+class ConnectionSlots:
+    """Who holds the connections a site may keep: at most ``cap`` in all and
+    ``per_group`` from one :func:`address_group`, counted from the TCP accept.
+
+    A connection not yet proven (:attr:`Stage.HANDSHAKE`, :attr:`Stage.FRESH`), then
+    one idle after a request (:attr:`Stage.IDLE`), gives its slot up to a new one at a
+    cap: within the new one's group at the per-group cap, else the oldest of the group
+    holding the most of them. Only when every slot concerned is :attr:`Stage.BUSY` (a
+    request whole and not yet answered, or a WebSocket) is the new one refused.
+    Accounting only: the caller closes what :meth:`admit` evicts. A slot is counted
+    free once (:meth:`free`), whatever reports its end and how often.
+    """
+
+    def __init__(
+        self,
+        cap: int,
+        per_group: int,
+        *,
+        group: Callable[[str], str] = address_group,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cap = cap
+        self.per_group = per_group
+        self.group = group
+        self.clock = clock
+        #: Slots held now.
+        self.open = 0
+        self._held: Counter[str] = Counter()
+        self._new = _Tier()
+        self._idle = _Tier()
+
+    def held_by(self, host: str) -> int:
+        """Slots held now by ``host``'s group."""
+        return self._held.get(self.group(host), 0)
+
+    @property
+    def evictable(self) -> int:
+        """Slots held now that a new connection may take."""
+        return self._new.count + self._idle.count
+
+    def admit(self, host: str) -> tuple[Slot | None, Slot | None, str | None]:
+        """A slot for a connection from ``host``, the slot evicted to make room for it
+        (already counted free), and the cap that was reached (``per_address``,
+        ``total``, or None); no slot when that cap is held by busy connections only."""
+        group = self.group(host)
+        reason: str | None = None
+        victim: Slot | None = None
+        if self._held[group] >= self.per_group:
+            reason = "per_address"
+            victim = self._new.oldest_in(group) or self._idle.oldest_in(group)
+        elif self.open >= self.cap:
+            reason = "total"
+            victim = self._new.victim() or self._idle.victim()
+        if reason is not None:
+            if victim is None:
+                return None, None, reason
+            self.free(victim)
+        slot = Slot(host, group, self.clock())
+        self.open += 1
+        self._held[group] += 1
+        self._new.add(slot)
+        return slot, victim, reason
+
+    def free(self, slot: Slot) -> bool:
+        """Count ``slot`` free; whether it was held until now (False the second time)."""
+        if slot.freed:
+            return False
+        slot.freed = True
+        if slot.stage is not Stage.BUSY:
+            self._tier(slot.stage).discard(slot)
+        self.open -= 1
+        self._held[slot.group] -= 1
+        if self._held[slot.group] <= 0:
+            del self._held[slot.group]
+        return True
+
+    def tls_done(self, slot: Slot) -> None:
+        """Its TLS handshake is done (it keeps its place among the unproven)."""
+        if not slot.freed and slot.stage is Stage.HANDSHAKE:
+            slot.stage = Stage.FRESH
+            slot.since = self.clock()
+
+    def request_began(self, slot: Slot, *, whole: bool) -> int:
+        """A request's headers are in (``whole``: its body too); the request's number."""
+        slot.requests += 1
+        if whole:
+            self._move(slot, Stage.BUSY)
+        elif slot.stage is Stage.BUSY:  # the next one on a keep-alive connection
+            self._move(slot, Stage.IDLE)
+        return slot.requests
+
+    def body_whole(self, slot: Slot, request: int) -> None:
+        """Request ``request``'s body is whole: the connection is serving it."""
+        if request == slot.requests:
+            self._move(slot, Stage.BUSY)
+
+    def request_ended(self, slot: Slot, request: int) -> None:
+        """Request ``request`` was answered (or given up): idle until the next."""
+        if request == slot.requests:
+            self._move(slot, Stage.IDLE)
+
+    def _tier(self, stage: Stage) -> _Tier:
+        return self._idle if stage is Stage.IDLE else self._new
+
+    def _move(self, slot: Slot, stage: Stage) -> None:
+        if slot.freed or (slot.stage is Stage.BUSY and stage is Stage.BUSY):
+            return
+        if slot.stage is not Stage.BUSY:
+            self._tier(slot.stage).discard(slot)
+        if stage is not Stage.BUSY:
+            self._tier(stage).add(slot)  # at the end: idle from now
+        slot.stage = stage
+        slot.since = self.clock()
+
+
+class _SlotProtocol(asyncio.Protocol):
+    """Wraps a connection's protocol: tells its :class:`Slot` when the TLS handshake is
+    done, and gives the slot back when the connection ends. A connection evicted while
+    its handshake completed is aborted here, its protocol never told."""
+
+    def __init__(self, inner: asyncio.Protocol, site: GuardedSite, slot: Slot) -> None:
         self.inner = inner
-        self.release = release
+        self.site = site
+        self.slot = slot
+        self._made = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.slot.transport = cast(asyncio.Transport, transport)  # the TLS transport
+        if self.slot.freed:  # evicted while its handshake was completing
+            _abort(self.slot)
+            return
+        self._made = True
+        self.site.slots.tls_done(self.slot)
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
+        if self._made:
+            self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
+        return self.inner.eof_received() if self._made else None
 
     def pause_writing(self) -> None:
-        self.inner.pause_writing()
+        if self._made:
+            self.inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self.inner.resume_writing()
+        if self._made:
+            self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         try:
-            self.inner.connection_lost(exc)
+            if self._made:
+                self.inner.connection_lost(exc)
         finally:
-            self.release()
+            self.site.slots.free(self.slot)
+
+    def request_began(self, request: web.BaseRequest) -> None:
+        """A request's headers are in: busy once its body is whole, idle once answered
+        (when the task aiohttp runs it in ends: the answer written, a WebSocket closed)."""
+        slots, slot = self.site.slots, self.slot
+        content = request.content
+        number = slots.request_began(slot, whole=content.is_eof())
+        if not content.is_eof():
+            content.on_eof(lambda: slots.body_whole(slot, number))
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(lambda _: slots.request_ended(slot, number))
+
+
+def _track_requests(handler: _RequestHandler) -> _RequestHandler:
+    """``handler`` telling each request's connection slot when it begins."""
+
+    async def tracked(request: web.BaseRequest) -> web.StreamResponse:
+        transport = request.transport
+        protocol = transport.get_protocol() if transport is not None else None
+        if isinstance(protocol, _SlotProtocol):
+            protocol.request_began(request)
+        return await handler(request)
+
+    setattr(tracked, _TRACKING, True)
+    return tracked
+
+
+def _abort(slot: Slot) -> None:
+    """Close an evicted connection now, with a reset (its slot is already free)."""
+    if slot.conn is not None:
+        with contextlib.suppress(OSError):  # the peer may be gone already
+            slot.conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    if slot.transport is not None:
+        slot.transport.abort()
+    elif slot.task is not None:
+        slot.task.cancel()  # the handshake's transport closes; one not begun: _handshake_ended
+
+
+class SiteLimits(Protocol):
+    """What :class:`GuardedSite` takes of :class:`ApiLimits` (and of the receiver's)."""
+
+    @property
+    def tls_handshake_s(self) -> float: ...
+    @property
+    def tls_shutdown_s(self) -> float: ...
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def max_per_address(self) -> int: ...
+    def connection_cap(self) -> int: ...
 
 
 class GuardedSite(web.BaseSite):
     """Serves ``runner`` over TLS on a bound socket, within ``limits``.
 
     aiohttp's ``SockSite`` lets ``loop.create_server`` accept every connection and
-    gives each TLS handshake 60 s: idle connections from the LAN could use up the
-    process's file descriptors. This site accepts itself, counts connections from
-    the accept on (per address and in all), closes one over the limits at once
-    with a reset, and runs the handshake with ``ssl_handshake_timeout``. The same
-    design as the receiver's listener (``receiver/listener.py``), for the agent.
+    gives each TLS handshake 60 s: idle connections could use up the process's file
+    descriptors. This site accepts itself and counts connections from the accept on
+    (:class:`ConnectionSlots`: per :func:`address_group` and in all), runs the
+    handshake with ``ssl_handshake_timeout``, and at a cap makes room by cutting (with
+    a reset) a connection that has not proven itself, or one idle after a request;
+    one over a cap held only by busy connections is closed at once with a reset.
+    Cuts and refusals are logged once a minute per address group, with a count. The
+    receiver's listener (``receiver/listener.py``) is this site with JSON parse errors.
     """
+
+    #: What the site is, in task names and accept errors.
+    what = "local API"
+    #: How its log lines begin.
+    log_prefix = "local API: "
 
     def __init__(
         self,
@@ -222,8 +546,9 @@ class GuardedSite(web.BaseSite):
         sock: socket.socket,
         *,
         ssl_context: ssl.SSLContext,
-        limits: ApiLimits,
+        limits: SiteLimits,
         backlog: int = 128,
+        logger: logging.Logger = log,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._sock = sock
@@ -232,15 +557,18 @@ class GuardedSite(web.BaseSite):
         self.limits = limits
         #: The connection cap in force (``max_connections`` within the file limit).
         self.cap = limits.connection_cap()
-        self._per_address: Counter[str] = Counter()
-        self._open = 0
-        #: Connections refused, by reason (``per_address``, ``total``).
+        self.slots = ConnectionSlots(self.cap, limits.max_per_address)
+        #: Connections refused (a cap held by busy connections only), by cap
+        #: (``per_address``, ``total``).
         self.refused: Counter[str] = Counter()
+        #: Connections cut to make room for a new one, by cap (``per_address``, ``total``).
+        self.evicted: Counter[str] = Counter()
         #: TLS handshakes that failed or timed out.
         self.handshakes_failed = 0
         self._handshakes: set[asyncio.Task[None]] = set()
         self._accepting: asyncio.Task[None] | None = None
-        self._throttle = LogThrottle(log, REFUSALS_LOG_S, max_keys=1024)
+        self.log = logger
+        self._throttle = LogThrottle(logger, REFUSALS_LOG_S, max_keys=1024)
 
     @property
     def name(self) -> str:
@@ -250,19 +578,28 @@ class GuardedSite(web.BaseSite):
     @property
     def open_connections(self) -> int:
         """Connections held now (handshakes under way included)."""
-        return self._open
+        return self.slots.open
 
     def connections_from(self, host: str) -> int:
-        """Connections held now from ``host`` (handshakes under way included)."""
-        return self._per_address.get(host, 0)
+        """Connections held now from ``host``'s group (its /64 for IPv6), handshakes
+        under way included."""
+        return self.slots.held_by(host)
+
+    def make_handler(self, server: web.Server, loop: asyncio.AbstractEventLoop) -> asyncio.Protocol:
+        """The protocol serving one connection (after its TLS handshake)."""
+        return server()
 
     async def start(self) -> None:
         """Listen and accept (registers with the runner: its cleanup stops the site)."""
         await super().start()
+        server = self._app_runner.server
+        assert server is not None  # the runner was set up before its site started
+        if not getattr(server.request_handler, _TRACKING, False):
+            server.request_handler = _track_requests(server.request_handler)
         self._sock.setblocking(False)
         self._sock.listen(self._backlog)
-        self._accepting = asyncio.create_task(self._accept(), name="local API accept")
-        self._accepting.add_done_callback(_accept_ended)
+        self._accepting = asyncio.create_task(self._accept(), name=f"{self.what} accept")
+        self._accepting.add_done_callback(self._accept_ended)
 
     async def stop(self) -> None:
         """Stop accepting and drop handshakes under way; the runner ends the rest."""
@@ -273,66 +610,101 @@ class GuardedSite(web.BaseSite):
         self._sock.close()
         await super().stop()
 
+    def _accept_ended(self, task: asyncio.Task[None]) -> None:
+        """Say so loudly if accepting ended otherwise than by the site stopping."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.log.critical("the %s stopped accepting connections: %r", self.what, exc)
+
+    def _cap_reached(self, reason: str, host: str) -> str:
+        if reason == "per_address":
+            group = self.slots.group(host)
+            whose = "it" if group == host else group
+            return f"{self.slots.per_group} connections from {whose} already"
+        return f"{self.cap} connections open in all"
+
     async def _accept(self) -> None:
         while True:
-            conn, host = await accept_next(self._sock, self._throttle, "local API")
-            if self._per_address[host] >= self.limits.max_per_address:
-                reason = "per_address"
-            elif self._open >= self.cap:
-                reason = "total"
-            else:
-                self._open += 1
-                self._per_address[host] += 1
-                task = asyncio.create_task(self._handshake(conn, host), name="local API TLS")
-                self._handshakes.add(task)
-                task.add_done_callback(self._handshakes.discard)
+            conn, host = await accept_next(self._sock, self._throttle, self.what)
+            slot, victim, reason = self.slots.admit(host)
+            if slot is None:
+                assert reason is not None
+                self.refused[reason] += 1
+                self._throttle.log(
+                    logging.WARNING, ("refused", self.slots.group(host)),
+                    "%srefused a connection from %s: %s (all in use)",
+                    self.log_prefix, host, self._cap_reached(reason, host),
+                )  # fmt: skip
+                # A reset, not a FIN: nothing of ours lingers in TIME_WAIT for it.
+                with contextlib.suppress(OSError):  # the peer may be gone already
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                conn.close()
                 continue
-            self.refused[reason] += 1
-            self._throttle.log(
-                logging.WARNING, ("refused", host),
-                "local API: refused a connection from %s (%s: %d from it, %d in all)",
-                host, reason, self._per_address[host], self._open,
-            )  # fmt: skip
-            with contextlib.suppress(OSError):  # the peer may be gone already
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-            conn.close()
+            slot.conn = conn
+            task = asyncio.create_task(self._handshake(slot), name=f"TLS from {host}")
+            slot.task = task
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+            task.add_done_callback(functools.partial(self._handshake_ended, slot))
+            if victim is not None:
+                assert reason is not None
+                self.evicted[reason] += 1
+                self._throttle.log(
+                    logging.WARNING, ("evicted", victim.group),
+                    "%scut a connection from %s (%s, open %.1f s) for one from %s: %s",
+                    self.log_prefix, victim.host, victim.stage.value,
+                    self.slots.clock() - victim.opened, host, self._cap_reached(reason, host),
+                )  # fmt: skip
+                _abort(victim)
+                await asyncio.sleep(0)  # let its close run before the next accept
 
-    async def _handshake(self, conn: socket.socket, host: str) -> None:
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self._open -= 1
-                self._per_address[host] -= 1
-                if self._per_address[host] <= 0:
-                    del self._per_address[host]
-
+    async def _handshake(self, slot: Slot) -> None:
+        slot.started = True
+        assert slot.conn is not None
         server = self._app_runner.server
         assert server is not None  # the runner was set up before its site started
         loop = asyncio.get_running_loop()
+
+        def protocol() -> asyncio.Protocol:
+            return _SlotProtocol(self.make_handler(server, loop), self, slot)
+
         try:
             await loop.connect_accepted_socket(
-                lambda: CountedProtocol(server(), release),
-                conn,
+                protocol,
+                slot.conn,
                 ssl=self._tls,
                 ssl_handshake_timeout=self.limits.tls_handshake_s,
                 ssl_shutdown_timeout=self.limits.tls_shutdown_s,
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            # The transport closed the socket: a scanner, or a client that gave up.
-            release()
-            conn.close()
-            self.handshakes_failed += 1
-            self._throttle.log(
-                logging.INFO, ("handshake", host),
-                "local API: TLS handshake from %s failed: %s", host, exc,
-            )  # fmt: skip
-        except BaseException:
-            release()
-            conn.close()
+            # A scanner, or a client that gave up: the transport closes the socket.
+            _close_unwrapped(slot)
+            if self.slots.free(slot):  # not evicted meanwhile
+                self.handshakes_failed += 1
+                self._throttle.log(
+                    logging.INFO, ("handshake", slot.group),
+                    "%sTLS handshake from %s failed: %s", self.log_prefix, slot.host, exc,
+                )  # fmt: skip
+        except BaseException:  # evicted (cancelled), or the site stopping
+            _close_unwrapped(slot)
+            self.slots.free(slot)
             raise
+
+    def _handshake_ended(self, slot: Slot, task: asyncio.Task[None]) -> None:
+        """A handshake task cancelled before it began (evicted, or the site stopping)
+        made no transport to close its socket: free its slot and close it here."""
+        if not slot.started:
+            self.slots.free(slot)
+            if slot.conn is not None:
+                slot.conn.close()
+
+
+def _close_unwrapped(slot: Slot) -> None:
+    """Close the socket of a connection whose TLS handshake failed or was cancelled, in
+    case no transport was made for it. One whose transport was made stopped watching
+    the socket as it failed, and closes it itself; one whose handshake completed (its
+    TLS transport known) may be closing gracefully: left to its transport."""
+    if slot.transport is None and slot.conn is not None:
+        slot.conn.close()
 
 
 async def accept_next(
@@ -363,12 +735,6 @@ async def accept_next(
                 )
             continue
         return conn, str(addr[0]) if isinstance(addr, tuple) else "?"
-
-
-def _accept_ended(task: asyncio.Task[None]) -> None:
-    """Say so loudly if accepting ended otherwise than by the site stopping."""
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.critical("the local API stopped accepting connections: %r", exc)
 
 
 def body_late(content: StreamReader, limit_s: float) -> None:

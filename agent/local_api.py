@@ -26,12 +26,15 @@ summary when they repeat, as every refusal is: someone believes it is armed.
 Any host on the LAN is untrusted, and nothing it sends may take from the agent
 what the buttons, the store and the uplink need (:class:`ApiLimits`):
 
-- connections: at most ``max_per_address`` from one address and
+- connections: at most ``max_per_address`` from one address (an IPv6 /64) and
   ``max_connections`` in all (lowered to a quarter of the process's open-file
   limit), counted from the TCP accept, TLS handshakes under way included. One
-  over is closed at once with a reset (no task, no TLS, nothing logged but a
-  line a minute per address): descriptors for segments, the uplink, the audit
-  trail and the state files are left whatever the LAN does;
+  over takes the slot of the oldest connection that has done nothing yet (or
+  sits idle), of the address holding the most, which is reset; only when every
+  slot is busy is the new one reset instead (:mod:`agent.lan_guard`; no task, no
+  TLS, nothing logged but a line a minute per address): descriptors for
+  segments, the uplink, the audit trail and the state files are left whatever
+  the LAN does;
 - a TLS handshake not done within ``tls_handshake_s`` is cut; request headers
   not whole within ``header_s`` of the handshake or of the previous answer are
   cut (that is also how long an idle keep-alive connection stays);

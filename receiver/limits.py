@@ -21,7 +21,11 @@ What each one stops:
 - a request line or header over ``max_line``/``max_field`` bytes, or more than
   ``max_headers`` headers: 431 ``headers_too_large`` (:mod:`receiver.listener`);
 - connections: at most ``max_connections`` at once, ``max_per_address`` from one
-  address, counted from the TCP accept (handshakes in progress count).
+  address (an IPv6 /64 counts as one), counted from the TCP accept (handshakes in
+  progress count). At a cap a new connection takes the slot of one that has not
+  proven itself (TLS handshake or first request not done), else of one idle after
+  a request; it is refused only when the cap is held by busy connections
+  (:mod:`receiver.listener`).
 
 Every error the application or aiohttp raises is answered as JSON ``{"error":
 CODE, "detail": ...}`` with a stable CODE (:data:`CODES`); so is an exception a
@@ -101,6 +105,7 @@ class ServerLimits:
     max_headers: int = 64
     #: Connections at once (at most half the process's file descriptor limit).
     max_connections: int = 2048
+    #: Connections from one address (an IPv6 /64: ``agent.lan_guard.address_group``).
     max_per_address: int = 256
 
     def __post_init__(self) -> None:

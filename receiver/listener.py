@@ -2,11 +2,17 @@
 
 aiohttp's ``SockSite`` hands its socket to ``loop.create_server``, which accepts
 every connection and gives each TLS handshake 60 seconds. :class:`GuardedSite`
-is an aiohttp site (``web.BaseSite``, so ``AppRunner.cleanup`` stops it) that
-accepts itself: it counts connections from the TCP accept on, per client
-address and in all, and refuses one over :class:`ServerLimits`'
-``max_per_address`` or its connection cap by closing it at once (a reset; the
-refusals are logged once a minute per address, with a count). The TLS
+is the agent's :class:`agent.lan_guard.GuardedSite` (one implementation for
+both): an aiohttp site (``web.BaseSite``, so ``AppRunner.cleanup`` stops it)
+that accepts itself and counts connections from the TCP accept on, per address
+group (an IPv4 address, an IPv6 /64) and in all, within :class:`ServerLimits`'
+``max_per_address`` and connection cap. At a cap the new connection takes the
+slot of one that has not proven itself (TLS handshake or first request not
+done; in the new one's group at the per-address cap, else the oldest of the
+group holding the most of them), or else of one idle after a request: it is cut
+with a reset. Only a cap held by busy connections (a request being served, an
+uplink or live-view WebSocket) refuses the new one, with a reset. Cuts and
+refusals are logged once a minute per address group, with a count. The TLS
 handshake runs in ``loop.connect_accepted_socket`` with
 ``ssl_handshake_timeout`` and ``ssl_shutdown_timeout``: a client that never
 finishes its handshake is cut after ``tls_handshake_s``, and closing a
@@ -24,8 +30,6 @@ import asyncio
 import logging
 import socket
 import ssl
-import struct
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -33,7 +37,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from yarl import URL
 
-from agent.lan_guard import CountedProtocol, accept_next
+from agent import lan_guard
 from receiver.limits import LogThrottle, ServerLimits, error_body
 
 __all__ = ["GuardedSite"]
@@ -41,14 +45,6 @@ __all__ = ["GuardedSite"]
 log = logging.getLogger(__name__)
 
 _TOO_MANY_HEADERS: Final = "Too many headers"
-#: ``struct linger`` on, 0 s: close with a reset.
-_RESET: Final = struct.pack("ii", 1, 0)
-
-
-def _accept_ended(task: asyncio.Task[None]) -> None:
-    """Say so loudly if accepting ended otherwise than by the site stopping."""
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.critical("the receiver stopped accepting connections: %r", exc)
 
 
 class _Handler(web.RequestHandler):
@@ -83,12 +79,15 @@ class _Handler(web.RequestHandler):
         return resp
 
 
-class GuardedSite(web.BaseSite):
+class GuardedSite(lan_guard.GuardedSite):
     """Serve ``runner`` over TLS on a bound socket, within ``limits``.
 
     ``handler_args`` must be what the application was given as ``handler_args``
     (the site makes the connection handlers itself, to answer parse errors in JSON).
     """
+
+    what = "receiver"
+    log_prefix = ""
 
     def __init__(
         self,
@@ -100,122 +99,24 @@ class GuardedSite(web.BaseSite):
         handler_args: Mapping[str, Any],
         backlog: int = 512,
     ) -> None:
-        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
-        self._sock = sock
-        self._tls = ssl_context
-        self._app_runner = runner
-        self.limits = limits
+        super().__init__(
+            runner, sock, ssl_context=ssl_context, limits=limits, backlog=backlog, logger=log
+        )
         self._handler_args = dict(handler_args)
-        #: The connection cap in force (``max_connections`` within the file limit).
-        self.cap = limits.connection_cap()
-        self._per_address: Counter[str] = Counter()
-        self._open = 0
-        #: Connections refused, by reason (``per_address``, ``total``).
-        self.refused: Counter[str] = Counter()
-        #: TLS handshakes that failed or timed out.
-        self.handshakes_failed = 0
-        self._handshakes: set[asyncio.Task[None]] = set()
-        self._accepting: asyncio.Task[None] | None = None
-        self._throttle = LogThrottle(log)
 
     @property
     def name(self) -> str:
         host, port = self._sock.getsockname()[:2]
         return str(URL.build(scheme="https", host=host, port=port))
 
-    @property
-    def open_connections(self) -> int:
-        """Connections held now (handshakes in progress included)."""
-        return self._open
+    def make_handler(self, server: web.Server, loop: asyncio.AbstractEventLoop) -> asyncio.Protocol:
+        return _Handler(server, loop=loop, **self._handler_args)
 
     async def start(self) -> None:
         """Listen and accept (registers with the runner: its cleanup stops the site)."""
         await super().start()
-        self._sock.setblocking(False)
-        self._sock.listen(self._backlog)
-        self._accepting = asyncio.create_task(self._accept(), name="receiver accept")
-        self._accepting.add_done_callback(_accept_ended)
         if self.cap < self.limits.max_connections:
             log.warning(
                 "at most %d connections at once (half the open-file limit), not %d",
                 self.cap, self.limits.max_connections,
             )  # fmt: skip
-
-    async def stop(self) -> None:
-        """Stop accepting and drop handshakes in progress; the runner ends the rest."""
-        tasks = [t for t in (self._accepting, *self._handshakes) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._sock.close()
-        await super().stop()
-
-    async def _accept(self) -> None:
-        while True:
-            conn, host = await accept_next(self._sock, self._throttle, "receiver")
-            refusal = self._refusal(host)
-            if refusal is not None:
-                self.refused[refusal[0]] += 1
-                self._throttle.log(
-                    logging.WARNING, ("refused", host),
-                    "refused a connection from %s: %s", host, refusal[1],
-                )  # fmt: skip
-                # A reset, not a FIN: nothing of ours lingers in TIME_WAIT for it.
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-                conn.close()
-                continue
-            self._open += 1
-            self._per_address[host] += 1
-            task = asyncio.create_task(self._handshake(conn, host), name=f"tls from {host}")
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
-
-    def connections_from(self, host: str) -> int:
-        """Connections held now from ``host`` (handshakes in progress included)."""
-        return self._per_address.get(host, 0)
-
-    def _refusal(self, host: str) -> tuple[str, str] | None:
-        """Why a connection from ``host`` is refused now: (reason, description), or None."""
-        if self._per_address[host] >= self.limits.max_per_address:
-            return "per_address", f"{self.limits.max_per_address} connections from it already"
-        if self._open >= self.cap:
-            return "total", f"{self.cap} connections open in all"
-        return None
-
-    async def _handshake(self, conn: socket.socket, host: str) -> None:
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self._open -= 1
-                self._per_address[host] -= 1
-                if self._per_address[host] <= 0:
-                    del self._per_address[host]
-
-        server = self._app_runner.server
-        assert server is not None  # the runner was set up before its site started
-        loop = asyncio.get_running_loop()
-
-        def protocol() -> asyncio.Protocol:
-            return CountedProtocol(_Handler(server, loop=loop, **self._handler_args), release)
-
-        try:
-            await loop.connect_accepted_socket(
-                protocol,
-                conn,
-                ssl=self._tls,
-                ssl_handshake_timeout=self.limits.tls_handshake_s,
-                ssl_shutdown_timeout=self.limits.tls_shutdown_s,
-            )
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            # The transport closed the socket; a scanner or a client that gave up.
-            release()
-            self.handshakes_failed += 1
-            self._throttle.log(
-                logging.INFO, ("handshake", host), "TLS handshake from %s failed: %s", host, exc
-            )
-        except BaseException:
-            release()
-            raise

@@ -394,14 +394,9 @@ async def test_slow_clients_are_cut_in_bounded_time_while_others_are_served(
         async with asyncio.timeout(5):
             while rx.site is not None and rx.site.connections_from(ATTACKER) < 16:
                 await asyncio.sleep(0.01)  # polled: the attackers connect on their own tasks
-        # More from that address are refused at once, before any TLS.
+        # (One more from that address would take the slot of its own oldest idle one:
+        # tests/test_connection_slots.py.)
         assert rx.site is not None
-        for _ in range(4):
-            start = time.monotonic()
-            with pytest.raises((ConnectionError, ssl.SSLError)):
-                await connect(rx, ATTACKER)
-            assert time.monotonic() - start < 1.0
-        assert rx.site.refused["per_address"] >= 4
         # Meanwhile an officer and a device are served as before.
         during = await viewer_latencies(officer, rx, 10)
         async with Device(rx, key, "dev-ok") as dev:
@@ -446,15 +441,17 @@ async def test_connections_are_capped_in_all(tmp_path: Path) -> None:
         async with asyncio.timeout(5):
             while rx.site.open_connections < 8:
                 await asyncio.sleep(0.01)  # polled: accepts run on the receiver's task
-        with pytest.raises((ConnectionError, ssl.SSLError)):
-            await connect(rx, "127.0.0.4")
-        assert rx.site.refused["total"] == 1
-        # The held ones are cut when their handshake time runs out; then others get in.
+        # A ninth takes the slot of an idle one (tests/test_connection_slots.py), which is
+        # cut at once; the others when their handshake time runs out.
+        answer = await http(rx, "GET", "/v1/me", source="127.0.0.4")
+        assert_json_error(answer, 401, "unauthenticated")
+        assert rx.site.evicted == {"total": 1} and not rx.site.refused
         for reader, writer in held:
             await read_to_end(reader, 5)
             writer.close()
-        answer = await http(rx, "GET", "/v1/me")
-        assert_json_error(answer, 401, "unauthenticated")
+        async with asyncio.timeout(5):
+            while rx.site.open_connections:
+                await asyncio.sleep(0.01)  # polled: the receiver sees the closes on its task
 
 
 async def test_uplink_handshakes_in_progress_are_bounded(rx: Receiver) -> None:
