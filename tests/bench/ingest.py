@@ -133,7 +133,7 @@ SMOKE_BUDGET_S = 60.0
 MAX_RATE_S = 4.0
 SMOKE_MAX_RATE_S = 1.0
 #: Max-rate transfers to each side, alternating; the best of each is reported.
-MAX_RATE_ROUNDS = 3
+MAX_RATE_ROUNDS = 5
 SMOKE_MAX_RATE_ROUNDS = 1
 #: Devices per load-generator process (more processes only on spare cores).
 DEVICES_PER_LOADER = 64
