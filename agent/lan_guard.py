@@ -197,9 +197,8 @@ def address_group(host: str) -> str:
     group gives up an unproven connection first): an IPv4 address as it is, an IPv6
     address as its /64 (one subscriber's prefix holds 2^64 addresses), an IPv4-mapped
     IPv6 address as the IPv4 address; anything else as given (at most 64 characters),
-    and no address at all as ``-``. The rule the receiver's login limiter counts by
-    (``receiver.accounts.address_key``; the agent imports nothing of the receiver, and
-    a test holds the two to the same answers)."""
+    and no address at all as ``-``. The receiver's login limiter counts by it too
+    (``receiver.accounts.address_key``)."""
     if not host:
         return "-"
     try:

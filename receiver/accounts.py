@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import ipaddress
 import math
 import os
 import re
@@ -79,6 +78,7 @@ from typing import Any
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from agent.lan_guard import address_group
 from receiver.errors import ReceiverError
 
 __all__ = [
@@ -354,18 +354,9 @@ def address_key(remote: str | None) -> str:
     """The client address as login failures are counted per: an IPv4 address as it is,
     an IPv6 address as its /64 (one subscriber's prefix holds 2^64 addresses), an
     IPv4-mapped IPv6 address as the IPv4 address; anything else as given (at most 64
-    characters), and no address at all as ``-``."""
-    if not remote:
-        return "-"
-    try:
-        ip = ipaddress.ip_address(remote.split("%", 1)[0])  # without an IPv6 zone
-    except ValueError:
-        return remote[:64]
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
-    return str(ip)
+    characters), and no address at all as ``-``. The connection caps' groups too
+    (:func:`agent.lan_guard.address_group`, which this is)."""
+    return address_group(remote or "")
 
 
 def session_handle(token_hash: str) -> str:
