@@ -115,9 +115,11 @@ _AFTER_ALARM_JS = r"""(sel) => {
 
 
 async def tile(page: Page, cam: str) -> dict[str, Any]:
-    """A live tile's state once its video has a frame."""
-    await page.wait_for_function(f"(cam) => ({_TILE_JS})(cam) !== null", arg=cam, timeout=WAIT_MS)
-    value: dict[str, Any] = await page.evaluate(_TILE_JS, cam)
+    """A live tile's state once its video has a frame: the state the wait saw, not read
+    again (the wall may be rebuilt in between: after Escape from the full view, a second
+    read found no tile at all)."""
+    handle = await page.wait_for_function(f"(cam) => ({_TILE_JS})(cam)", arg=cam, timeout=WAIT_MS)
+    value: dict[str, Any] = await handle.json_value()
     return value
 
 
