@@ -91,7 +91,7 @@ class OwedSessions:
                     end = max(entry["acked"].get(c.id, -1), segs[-1].last_seq if segs else -1)
                 ends[c.index] = end
             acked = {c.index: entry["acked"][c.id] for c in event.cameras if c.id in entry["acked"]}
-            share = event.started_by.get("kind") == "share"  # never pinned
+            share = _is_share(entry)  # never pinned
             stream = uplink.start_session(event, {}, acked=acked, end_seq=ends, emergency=not share)
             checkpoints.restore(stream, entry)
             uplink.end_session(stream.id, entry.get("close_reason") or "ended")

@@ -450,15 +450,22 @@ class IngestServer:
             heard = max(session.opened_at, 0.0 if device is None else device.last_heard)
             if now - heard < ABANDONED_AFTER_S:
                 continue
-            reason = "abandoned: its device has been silent for over a day"
-            await session.close(reason)
-            log.warning(
-                "session %s of %s closed as abandoned (its device silent %.1f days)",
-                session.session_id, session.device_id, (now - heard) / 86400,
-            )  # fmt: skip
-            self._tell(session.device_id, p.SessionClose(session.session_id, reason))
+            days = (now - heard) / 86400
+            await self._abandon(session, "its device has been silent for over a day",
+                                f"its device silent {days:.1f} days")  # fmt: skip
             closed.append(session.session_id)
         return closed
+
+    async def _abandon(self, session: SessionRecording, why: str, detail: str) -> None:
+        """Close ``session`` as abandoned (``why`` in its reason, ``detail`` in the log);
+        the district is told. Its device may open it again (a closed session resumes)."""
+        reason = f"abandoned: {why}"
+        await session.close(reason)
+        log.warning(
+            "session %s of %s closed as abandoned (%s)",
+            session.session_id, session.device_id, detail,
+        )  # fmt: skip
+        self._tell(session.device_id, p.SessionClose(session.session_id, reason))
 
     async def watch_abandoned(self, every_s: float) -> None:
         """:meth:`close_abandoned` every ``every_s`` seconds, until cancelled."""
@@ -753,13 +760,9 @@ class IngestServer:
                 f"{len(held)} sessions of this device are open; close one first",
             )
         oldest = stale[0]
-        reason = "abandoned: its device opened another at the limit of open sessions"
-        await oldest.close(reason)
-        log.warning(
-            "session %s of %s closed as abandoned (opened %.1f days ago)",
-            oldest.session_id, device, (now - oldest.opened_at) / 86400,
-        )  # fmt: skip
-        self._tell(device, p.SessionClose(oldest.session_id, reason))
+        days = (now - oldest.opened_at) / 86400
+        await self._abandon(oldest, "its device opened another at the limit of open sessions",
+                            f"opened {days:.1f} days ago")  # fmt: skip
 
     def _tell(self, device: str, event: p.SessionOpen | p.SessionClose) -> None:
         for listener in self.session_listeners:
