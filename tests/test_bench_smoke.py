@@ -25,6 +25,7 @@ FIGURES = {
     "trigger_to_first_byte_p99_ms",
     "trigger_to_live_frame_p99_ms",
     "agent_cpu_per_stream_pct",
+    "agent_cpu_floor_per_stream_pct",
     "agent_cpu_live_per_stream_pct",
     "agent_rss_mb_8_cameras",
     "store_write_amplification",

@@ -12,6 +12,12 @@ receiver runs in a third process, so the uplink is connected as deployed.
   recipients, written tmp + fsync + rename). Peer, same run, same input,
   same window: ffmpeg segmenting the stream in real time (``-re -f h264 -i
   FILE -c copy -f segment -segment_time 4``, MPEG-TS segments).
+- ``agent_cpu_floor_per_stream_pct``: the floor under the figure above, a
+  skeleton of what any agent of this design must do per camera and nothing
+  more (:mod:`tests.bench.agent_floor`: a camera thread waking per frame,
+  0.25 s hand-offs, age-sealed 4 s segments written tmp + fsync + rename);
+  peer: the same ffmpeg run. Its ratio is the lowest the first figure's
+  ratio can be on this machine.
 - ``agent_cpu_live_per_stream_pct``: the same during an emergency (button
   pressed), the uplink streaming live over pinned TLS too. Peer: ffmpeg
   forwarding the same stream in real time over TLS on loopback (``-re -f
@@ -263,6 +269,22 @@ async def _ffmpeg_cpu(
     return pct
 
 
+async def measure_floor(tmp: Path, seconds: float, warmup: float) -> float:
+    """The skeleton of :mod:`tests.bench.agent_floor` on the units file the agent replayed."""
+    units = next(tmp.glob("*.units"))  # written by measure_agent
+    argv = [sys.executable, "-m", "tests.bench.agent_floor", "--units", str(units)]
+    argv += ["--folder", str(tmp / "floor"), "--seconds", str(seconds), "--warmup", str(warmup)]
+    async with child("floor", argv, grace_s=5) as proc:
+        line = await proc.wait_line(re.compile(r"^\{.*\}$"), timeout=seconds + warmup + 60)
+        result = json.loads(line.group(0))
+        code = await proc.wait_exit(timeout=30)
+        if code != 0:
+            raise RuntimeError(f"floor process exited with {code}")
+    pct = float(result["cpu_pct"])
+    log.info("floor (skeleton agent): %.2f %% of one core (%s)", pct, result)
+    return pct
+
+
 async def measure_ffmpeg_segment(tmp: Path, stream: Path, seconds: float, warmup: float) -> float:
     """ffmpeg writing 4 s MPEG-TS segments of the stream in real time."""
     out = tmp / "ffmpeg-segments"
@@ -287,7 +309,7 @@ async def measure_ffmpeg_tls(tmp: Path, stream: Path, seconds: float, warmup: fl
 
 
 async def run(smoke: bool) -> list[Figure]:
-    """Measure the agent (idle, live, eight cameras) and ffmpeg; three figures."""
+    """Measure the agent (idle, live, eight cameras), its floor and ffmpeg; four figures."""
     if smoke:
         stream_s, seconds, warmup, preroll_s, rss_seconds = 2.0, 2.0, 1.0, 2.0, 1.0
     else:
@@ -306,6 +328,7 @@ async def run(smoke: bool) -> list[Figure]:
                 tmp, stream, seconds, full, rx=rx, name="agent", preroll_s=preroll_s
             )
             idle_peer = await measure_ffmpeg_segment(tmp, stream, seconds, warmup)
+            floor = await measure_floor(tmp, seconds, warmup)
             live = await measure_agent(
                 tmp, stream, seconds, warmup, rx=rx, name="agent-live", preroll_s=preroll_s,
                 press=True,
@@ -320,6 +343,14 @@ async def run(smoke: bool) -> list[Figure]:
             BENCH,
             "agent_cpu_per_stream_pct",
             idle["cpu_pct"] / max(1.0, idle["streams"]),
+            "percent_of_one_core",
+            "ffmpeg_copy_segment_pct",
+            idle_peer,
+        ),
+        figure(
+            BENCH,
+            "agent_cpu_floor_per_stream_pct",
+            floor,
             "percent_of_one_core",
             "ffmpeg_copy_segment_pct",
             idle_peer,
