@@ -74,6 +74,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import protocol as p
+from agent.lan_guard import address_group
 from provisioning.enrollment import Enrollment, Revocations
 from provisioning.errors import KeyFileError
 from provisioning.keys import load_public_key, verify
@@ -134,6 +135,7 @@ class UplinkLimits:
     #: holds files open; an agent has one emergency and a few owed after an outage.
     max_open_sessions: int = 64
     max_handshakes: int = 32
+    #: Per address group: an IPv4 address, an IPv6 /64 (:func:`agent.lan_guard.address_group`).
     max_handshakes_per_address: int = 4
 
 
@@ -276,10 +278,10 @@ class IngestServer:
     def _refuse(self, code: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
 
-    def _busy(self, peer: str) -> web.Response | None:
-        """503 ``busy`` if ``peer`` may not start one more handshake now."""
+    def _busy(self, peer: str, group: str) -> web.Response | None:
+        """503 ``busy`` if ``peer`` (of address ``group``) may not start one more handshake."""
         limits, busy = self.limits, self._handshaking
-        if busy[peer] < limits.max_handshakes_per_address and busy.total() < limits.max_handshakes:
+        if busy[group] < limits.max_handshakes_per_address and busy.total() < limits.max_handshakes:
             return None
         self._refuse("busy")
         self._throttle.log(
@@ -292,10 +294,13 @@ class IngestServer:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler of ``GET /v1/uplink``."""
         peer = request.remote or "?"
-        busy = self._busy(peer)
+        # Counted per address group (an IPv6 /64), as the connection slots count: one
+        # host's prefix holds 2^64 addresses.
+        group = address_group(request.remote or "")
+        busy = self._busy(peer, group)
         if busy is not None:
             return busy
-        self._handshaking[peer] += 1
+        self._handshaking[group] += 1
         try:
             ws = web.WebSocketResponse(
                 max_msg_size=p.MEDIA_HEADER.size + p.MAX_PAYLOAD_BYTES, autoping=True
@@ -316,9 +321,9 @@ class IngestServer:
                 await self.check_revocations()  # the hello may have read a newer list
                 return ws
         finally:
-            self._handshaking[peer] -= 1
-            if self._handshaking[peer] <= 0:
-                del self._handshaking[peer]
+            self._handshaking[group] -= 1
+            if self._handshaking[group] <= 0:
+                del self._handshaking[group]
         old = self._connections.get(device)
         if old is not None:
             await old.close(

@@ -34,6 +34,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol as p
+from agent.lan_guard import address_group
 from provisioning.keys import load_private_key, new_private_key, public_pem
 from provisioning.tls import fingerprint_digest
 from receiver import ingest
@@ -470,6 +471,19 @@ async def test_uplink_handshakes_in_progress_are_bounded(rx: Receiver) -> None:
         ws = await http_client.ws_connect(rx.uplink_url, ssl=pin)  # room again
         await ws.close()
     assert rx.ingest.refused["busy"] == 1
+
+
+async def test_uplink_handshakes_are_counted_per_ipv6_64(rx: Receiver) -> None:
+    # One host's /64 holds 2^64 addresses: counted per address, it could hold every
+    # handshake slot of the receiver from addresses of its own.
+    limit = UplinkLimits().max_handshakes_per_address
+    rx.ingest._handshaking[address_group("2001:db8:1:2::1")] = limit
+    try:
+        refused = rx.ingest._busy("2001:db8:1:2::ffff", address_group("2001:db8:1:2::ffff"))
+        assert refused is not None and refused.status == 503
+        assert rx.ingest._busy("2001:db8:1:3::1", address_group("2001:db8:1:3::1")) is None
+    finally:
+        rx.ingest._handshaking.clear()
 
 
 # -- 2. oversized ---------------------------------------------------------------------
