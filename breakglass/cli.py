@@ -97,6 +97,9 @@ def _receiver_serve(args: argparse.Namespace) -> int:
     from receiver.retention import KeepPolicy
 
     keep = KeepPolicy(shares_s=args.keep_shares_days, emergencies_s=args.keep_emergencies_days)
+    notify_url = args.notify_url
+    if args.notify_url_file is not None:
+        notify_url = _read_notify_url(args.notify_url_file)
 
     async def main(stop: asyncio.Event) -> int:
         async with Receiver(
@@ -104,7 +107,7 @@ def _receiver_serve(args: argparse.Namespace) -> int:
             args.host,
             args.port,
             offline_after_s=args.offline_after,
-            notify_url=args.notify_url,
+            notify_url=notify_url,
             notify_pin=args.notify_pin,
             limits=limits,
             keep=keep,
@@ -163,6 +166,25 @@ def _receiver_serve(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(until_signalled(main))
+
+
+def _read_notify_url(path: Path) -> str:
+    """``--notify-url-file``: the one line of a small file only its owner can read."""
+    import stat
+
+    from provisioning.keys import read_small
+
+    data = read_small(path, "--notify-url-file")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ValueError(f"--notify-url-file {path}: mode {mode:04o} is too open, expected 0600")
+    try:
+        lines = data.decode("utf-8").split()
+    except UnicodeDecodeError:
+        raise ValueError(f"--notify-url-file {path}: not UTF-8 text") from None
+    if len(lines) != 1:
+        raise ValueError(f"--notify-url-file {path}: expected one URL, found {len(lines)} words")
+    return lines[0]
 
 
 def _offline_after(text: str) -> float:
@@ -289,10 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="raise a device's offline alarm after this long without a message (default 300)",
     )
-    serve.add_argument(
+    notify = serve.add_mutually_exclusive_group()
+    notify.add_argument(
         "--notify-url",
         metavar="https://...",
         help="the district's webhook: told of every emergency's start and end (signed)",
+    )
+    notify.add_argument(
+        "--notify-url-file",
+        type=Path,
+        metavar="FILE",
+        help="the webhook's URL read from FILE (mode 0600): a URL holding the district's "
+        "secret stays out of the process list",
     )
     serve.add_argument(
         "--notify-pin",

@@ -190,18 +190,51 @@ def test_bad_connection_limits_are_refused_clearly(
     assert not (tmp_path / "rx").exists()  # refused before anything was made
 
 
-def test_serve_never_prints_the_district_s_secret(tmp_path: Path, procs: list[Proc]) -> None:
+@pytest.mark.parametrize("given", ["argument", "file"])
+def test_serve_never_prints_the_district_s_secret(
+    tmp_path: Path, procs: list[Proc], given: str
+) -> None:
     """The webhook URL's path or query may hold the district's secret: the start-up line
-    (the journal, under systemd) names scheme, host and port only (found by a review)."""
-    receiver = Proc(
-        "receiver", "serve", "--data", str(tmp_path / "rx"), "--port", "0",
-        "--notify-url", "https://127.0.0.1:9/hooks/bg?secret=s3cr3t",
-    )  # fmt: skip
+    (the journal, under systemd) names scheme, host and port only (found by a review);
+    from a file of mode 0600 the URL is not on the command line either."""
+    url = "https://127.0.0.1:9/hooks/bg?secret=s3cr3t"
+    flags = ["--notify-url", url]
+    if given == "file":
+        secret = tmp_path / "notify-url"
+        secret.write_text(url + "\n")
+        secret.chmod(0o600)
+        flags = ["--notify-url-file", str(secret)]
+    receiver = Proc("receiver", "serve", "--data", str(tmp_path / "rx"), "--port", "0", *flags)
     procs.append(receiver)
     receiver.expect(r"^district notified of emergencies at https://127\.0\.0\.1:9/…$")
     receiver.expect(r"^evidence key ")  # the start-up lines are all read by now
     assert "s3cr3t" not in "".join(receiver.seen)
     assert receiver.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "text", "message"),
+    [
+        (0o644, "https://d.example/h?secret=s3cr3t", "mode 0644 is too open, expected 0600"),
+        (0o600, "https://d.example/a https://d.example/b", "expected one URL, found 2 words"),
+        (0o600, "", "expected one URL, found 0 words"),
+    ],
+)
+def test_a_bad_notify_url_file_is_refused_clearly(
+    tmp_path: Path, mode: int, text: str, message: str
+) -> None:
+    secret = tmp_path / "notify-url"
+    secret.write_text(text)
+    secret.chmod(mode)
+    result = subprocess.run(
+        [*CLI, "receiver", "serve", "--data", str(tmp_path / "rx"), "--port", "0",
+         "--notify-url-file", str(secret)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"--notify-url-file {secret}: {message}" in result.stderr
+    assert "s3cr3t" not in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("where", ["busy_port", "foreign_address"])
