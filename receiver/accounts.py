@@ -78,7 +78,7 @@ from typing import Any
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from agent.lan_guard import address_group
+from agent.connection_slots import address_group
 from receiver.errors import ReceiverError
 
 __all__ = [
@@ -355,7 +355,7 @@ def address_key(remote: str | None) -> str:
     an IPv6 address as its /64 (one subscriber's prefix holds 2^64 addresses), an
     IPv4-mapped IPv6 address as the IPv4 address; anything else as given (at most 64
     characters), and no address at all as ``-``. The connection caps' groups too
-    (:func:`agent.lan_guard.address_group`, which this is)."""
+    (:func:`agent.connection_slots.address_group`, which this is)."""
     return address_group(remote or "")
 
 

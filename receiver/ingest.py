@@ -74,7 +74,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import protocol as p
-from agent.lan_guard import address_group
+from agent.connection_slots import address_group
 from provisioning.enrollment import Enrollment, Revocations
 from provisioning.errors import KeyFileError
 from provisioning.keys import load_public_key, verify
@@ -135,7 +135,8 @@ class UplinkLimits:
     #: holds files open; an agent has one emergency and a few owed after an outage.
     max_open_sessions: int = 64
     max_handshakes: int = 32
-    #: Per address group: an IPv4 address, an IPv6 /64 (:func:`agent.lan_guard.address_group`).
+    #: Per address group: an IPv4 address, an IPv6 /64
+    #: (:func:`agent.connection_slots.address_group`).
     max_handshakes_per_address: int = 4
 
 

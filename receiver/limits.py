@@ -105,7 +105,7 @@ class ServerLimits:
     max_headers: int = 64
     #: Connections at once (at most half the process's file descriptor limit).
     max_connections: int = 2048
-    #: Connections from one address (an IPv6 /64: ``agent.lan_guard.address_group``).
+    #: Connections from one address (an IPv6 /64: ``agent.connection_slots.address_group``).
     max_per_address: int = 256
 
     def __post_init__(self) -> None:

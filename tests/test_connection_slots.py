@@ -37,7 +37,8 @@ from yarl import URL
 
 from agent import lan_guard
 from agent import protocol as p
-from agent.lan_guard import ApiLimits, ConnectionSlots, Stage, address_group
+from agent.connection_slots import ConnectionSlots, Stage, address_group
+from agent.lan_guard import ApiLimits
 from provisioning.tls import fingerprint_digest
 from receiver.accounts import Role, address_key
 from receiver.auth import COOKIE

@@ -34,7 +34,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol as p
-from agent.lan_guard import address_group
+from agent.connection_slots import address_group
 from provisioning.keys import load_private_key, new_private_key, public_pem
 from provisioning.tls import fingerprint_digest
 from receiver import ingest
