@@ -474,7 +474,11 @@ def _pins_once(
 def _store(r: _Reader, needed: Any) -> StoreConfig:
     recipients = r._get("recipients", needed or [], (list,), "a list of age recipients (age1...)")
     if not recipients and needed is _REQUIRED:
-        r.fail("recipients", "at least one age recipient is needed (the district's)")
+        r.fail(
+            "recipients",
+            "age recipients are needed: the district's, and the receiver's (which must "
+            "open what the store keeps through an outage; breakglass receiver serve prints it)",
+        )
     for i, text in enumerate(recipients):
         where = f"recipients[{i}]"
         if not isinstance(text, str):

@@ -199,6 +199,7 @@ class Agent:
             audit_head=lambda: self.audit.head_n,
             enrollment=_read_enrollment(cfg.enrollment),
             on_access_head=self._on_access_head,
+            sealed_to=cfg.store.recipients,
         )
         self.checkpoints = Checkpoints(self.chains, self.uplink)
         self.state_writer = StateWriter(
@@ -420,10 +421,11 @@ class Agent:
     # -- what the principal, the LAN and the technician see -------------------
 
     def _faulty(self) -> bool:
-        """A camera is down, the state files or the audit trail cannot be written, or the
-        enrollment certificate has expired."""
+        """A camera is down, the state files or the audit trail cannot be written, the
+        enrollment certificate has expired, or the receiver cannot open the sealed store."""
         return (
             self.renewal.certificate_expired
+            or self.uplink.sealing_fault is not None
             or self.state_writer.failed is not None
             or bool(self.audit.held)
             or any(s.fault for s in self.capture.state.values())

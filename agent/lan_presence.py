@@ -50,6 +50,8 @@ def status_report(
         "certificate": None if enrollment is None else dict(enrollment.enrollment.envelope),
         "state": emergency.state.value,
         "uplink_connected": uplink.connected,
+        # Why the receiver cannot open the sealed store (a fault), or None.
+        "sealing_fault": uplink.sealing_fault,
         "cameras": [
             {
                 "id": c.id,

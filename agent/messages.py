@@ -125,6 +125,11 @@ class Welcome:
     heartbeat_s: float = 5.0
     #: The last entry of this device's audit trail the receiver holds (0: none).
     audit_n: int = 0
+    #: The age recipients of the identities the receiver opens sealed segments with
+    #: (an optional field beside DESIGN.md's; empty from a receiver before it): a device
+    #: whose store seals to none of them raises a fault, since the footage it must
+    #: fetch after an outage would be refused (docs/DECISIONS.md).
+    recipients: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

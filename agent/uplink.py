@@ -239,6 +239,7 @@ class UplinkClient:
         audit_head: Callable[[], int] | None = None,
         enrollment: Mapping[str, Any] | None = None,
         on_access_head: Callable[[int, str], None] | None = None,
+        sealed_to: Iterable[str] = (),
     ) -> None:
         self.url = url
         self.origin = origin
@@ -254,6 +255,11 @@ class UplinkClient:
         #: Told the receiver's access-log head ``(n, hash)`` (to anchor it in the trail).
         self._on_access_head = on_access_head
         self.enrollment = enrollment
+        #: The age recipients the store seals to (``[store] recipients``).
+        self.sealed_to = frozenset(sealed_to)
+        #: Why the receiver cannot open this device's sealed segments (its welcome names
+        #: its recipients and the store seals to none of them), or None: a fault.
+        self.sealing_fault: str | None = None
         #: The audit trail shipped to the receiver: what it holds, what is on the way.
         self._audit_feed = audit_feed
         self._audit_head = audit_head
@@ -354,10 +360,7 @@ class UplinkClient:
         shares = [s for s in self.streams if s.share]
         for old in shares[: max(0, len(shares) - MAX_OWED_SHARES)]:
             log.warning("share %s given up: more than %d shares owed", old.id, MAX_OWED_SHARES)
-            if self.store is not None:
-                self.store.audit.record_soon(
-                    "share_given_up", session=old.id, owed_shares=len(shares)
-                )
+            self._audit("share_given_up", session=old.id, owed_shares=len(shares))
             self._remove(old)
 
     def add_camera(
@@ -635,15 +638,14 @@ class UplinkClient:
             stream.gaps += 1
             self.stats.gaps_declared += 1
             self.stats.segments_unrecorded += 1
-            if self.store is not None:
-                self.store.audit.record_soon(
-                    "segment_unrecorded",
-                    session=stream.id,
-                    camera=camera,
-                    file=sent.file,
-                    first_seq=sent.first,
-                    last_seq=last,
-                )
+            self._audit(
+                "segment_unrecorded",
+                session=stream.id,
+                camera=camera,
+                file=sent.file,
+                first_seq=sent.first,
+                last_seq=last,
+            )
             if stream.close_sent:
                 # Closed before this was known: open it again to declare it.
                 stream.close_sent = False
@@ -764,6 +766,7 @@ class UplinkClient:
             self.connected = True
             self.stats.connects += 1
             self._resume(welcome)
+            self._check_sealing(welcome.recipients)
             self._changed()
             log.info("uplink connected to %s", self.url)
             reader = asyncio.create_task(
@@ -813,6 +816,38 @@ class UplinkClient:
             raise UplinkRefused(event.code, event.detail)
         assert isinstance(event, p.Welcome)
         return event
+
+    def _check_sealing(self, receiver: tuple[str, ...]) -> None:
+        """Whether the receiver can open what the store seals (a fault if not; audited
+        when it becomes so, and when it is mended). Its welcome names the recipients of
+        its identities; a receiver from before that names none: nothing to check."""
+        if not receiver:
+            return
+        if any(r in self.sealed_to for r in receiver):
+            if self.sealing_fault is not None:
+                self.sealing_fault = None
+                log.warning("the receiver can open this device's sealed segments again")
+                self._audit("store_sealing_mended", receiver_recipients=list(receiver))
+            return
+        fault = (
+            f"[store] recipients ({len(self.sealed_to)}) do not include the receiver's "
+            f"({', '.join(receiver)}): footage it must fetch from the store after an "
+            "outage or a restart cannot be opened there; add the receiver's recipient "
+            "(breakglass receiver serve prints it)"
+        )
+        if fault != self.sealing_fault:
+            self.sealing_fault = fault
+            log.error("%s", fault)
+            self._audit(
+                "store_not_sealed_to_receiver",
+                receiver_recipients=list(receiver),
+                store_recipients=sorted(self.sealed_to),
+            )
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        """An entry in the device's audit trail (through the store's; none without one)."""
+        if self.store is not None:
+            self.store.audit.record_soon(event, **fields)
 
     def _resume(self, welcome: p.Welcome) -> None:
         """Forget what the receiver already holds; plan the rest again on session_open."""

@@ -54,6 +54,8 @@ from agent.messages import (
 )
 
 _HASH_HEX: Final = re.compile(r"[0-9a-f]{64}")
+#: An age X25519 recipient: ``age1`` and 58 characters of bech32's alphabet.
+_AGE_RECIPIENT: Final = re.compile(r"age1[02-9ac-hj-np-z]{58}")
 
 # --- JSON field checking ----------------------------------------------------
 
@@ -220,6 +222,22 @@ def _chain(obj: dict[str, Any]) -> Chain:
     )
 
 
+#: Recipients a welcome may name (a receiver with its identities of a key rotation).
+MAX_WELCOME_RECIPIENTS = 8
+
+
+def _recipients(value: Any, where: str) -> tuple[str, ...]:
+    """Age X25519 recipients (``age1`` + 58 bech32 characters), at most a few."""
+    if not isinstance(value, list) or len(value) > MAX_WELCOME_RECIPIENTS:
+        raise RemoteProtocolError(
+            "malformed", f"{where}: expected a list of up to {MAX_WELCOME_RECIPIENTS}"
+        )
+    for i, item in enumerate(value):
+        if not (isinstance(item, str) and _AGE_RECIPIENT.fullmatch(item)):
+            raise RemoteProtocolError("malformed", f"{where}[{i}]: not an age recipient")
+    return tuple(value)
+
+
 def decode_control(text: str) -> Event:
     """One control message (JSON text) as its event, checked field by field."""
     if len(text) > MAX_CONTROL_BYTES:
@@ -240,6 +258,7 @@ def decode_control(text: str) -> Event:
         _expect(obj, kind, {"device": str, "sig": str, "enrollment": (dict, type(None))})
         return Hello(_text(obj["device"], "hello.device", 64), obj["sig"], obj["enrollment"])
     if kind == "welcome":
+        recipients = _recipients(obj.pop("recipients", []), "welcome.recipients")
         _expect(obj, kind, {"acked": dict, "heartbeat_s": (int, float), "audit_n": int})
         acked: dict[str, dict[str, int]] = {}
         for sid, cams in obj["acked"].items():
@@ -252,7 +271,12 @@ def decode_control(text: str) -> Event:
             acked[sid] = dict(cams)
         if not 0.1 <= obj["heartbeat_s"] <= 3600:
             raise RemoteProtocolError("malformed", "welcome.heartbeat_s: out of range")
-        return Welcome(acked, float(obj["heartbeat_s"]), _seq(obj["audit_n"], "welcome.audit_n"))
+        return Welcome(
+            acked,
+            float(obj["heartbeat_s"]),
+            _seq(obj["audit_n"], "welcome.audit_n"),
+            recipients,
+        )
     if kind == "session_open":
         _expect(
             obj,
@@ -380,6 +404,8 @@ def encode(event: Event) -> str | bytes:
             "heartbeat_s": event.heartbeat_s,
             "audit_n": event.audit_n,
         }
+        if event.recipients:  # only then: an agent from before the field refuses it
+            body["recipients"] = list(event.recipients)
     elif isinstance(event, SessionOpen):
         body = {
             "type": "session_open",

@@ -25,7 +25,13 @@ from agent import protocol as p
 from hardware import EncodedPacket
 from receiver.camera_recording import CameraRecording, Outcome
 from receiver.custody import CustodyLog, CustodyRecord, DeviceKey
-from receiver.errors import BadSegmentError, BitstreamError, InvalidPacketError, ReceiverError
+from receiver.errors import (
+    BadSegmentError,
+    BitstreamError,
+    InvalidPacketError,
+    ReceiverError,
+    WrongIdentityError,
+)
 from receiver.sealed import open_segment
 
 __all__ = ["MAX_QUEUED_BYTES", "CameraIngest"]
@@ -297,12 +303,16 @@ class CameraIngest:
         except (BadSegmentError, BitstreamError, InvalidPacketError) as exc:
             # The device's footage, not our disk: say so, keep the connection, go on.
             log.error(
-                "device %s session %s camera %s: sealed segment seqs %d..? not recorded: %s",
+                "device %s session %s camera %s: sealed segment seqs %d..? not recorded: %s%s",
                 self.device,
                 self.session_id,
                 cam.camera_id,
                 media.seq,
                 exc,
+                " (the device's [store] recipients lack this receiver's; the district's "
+                "identity opens it from the device's card: breakglass footage export)"
+                if isinstance(exc, WrongIdentityError)
+                else "",
             )
             cam.bad_segment(media.seq, media.capture_us, str(exc)[:256])
             # What it would have continued is complete as far as it goes: its last frame

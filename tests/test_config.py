@@ -103,7 +103,7 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
         (('key = "device.key"', ""), "device.key", "missing"),
         (("[building]", "[buildin]"), "buildin", "unknown key"),
         ((f'["{RECIPIENT}"]', '["age1notakey"]'), "store.recipients[0]", "not an age X25519"),
-        ((f'["{RECIPIENT}"]', "[]"), "store.recipients", "at least one"),
+        ((f'["{RECIPIENT}"]', "[]"), "store.recipients", "age recipients are needed"),
         ((f'recipients = ["{RECIPIENT}"]', ""), "store.recipients", "missing"),
         ((f'["{RECIPIENT}"]', f'["{RECIPIENT}", 7]'), "store.recipients[1]", "must be a string"),
         (('source = "synthetic"\n\n', 'source = "webcam"\n\n'), "cameras[0].source", "not one of"),
