@@ -84,6 +84,9 @@ class SegmentHeader:
     last: Anchor
     #: The device's checkpoint over first_seq..last_seq (agent.chain), if it signed one.
     chain: Mapping[str, Any] | None = None
+    #: The agent run (process start) that wrote it; None in segments from before the field.
+    #: Seqs skipped between two runs were reserved and never used (an agent restart).
+    run: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +136,12 @@ def encode(
     boot_id: str,
     *,
     chain: Mapping[str, Any] | None = None,
+    run: str | None = None,
 ) -> tuple[SegmentHeader, bytes]:
     """The plaintext of a segment of consecutive ``packets`` of one camera.
 
-    ``chain``: the device's checkpoint over exactly these packets, if any.
+    ``chain``: the device's checkpoint over exactly these packets, if any; ``run``: the
+    agent run writing it.
     """
     if not packets:
         raise SegmentError("a segment needs at least one packet")
@@ -157,6 +162,7 @@ def encode(
         Anchor(first.capture_ns, first.mono_ns, first.source_ts_ns),
         Anchor(last.capture_ns, last.mono_ns, last.source_ts_ns),
         None if chain is None else dict(chain),
+        run,
     )
     head = json.dumps(_header_json(header), sort_keys=True, separators=(",", ":")).encode()
     parts = [MAGIC, _HEADER_LEN.pack(len(head)), head]
@@ -292,7 +298,9 @@ def _anchor(obj: Any) -> Anchor:
 
 
 def _header_json(h: SegmentHeader) -> dict[str, Any]:
-    extra = {} if h.chain is None else {"chain": dict(h.chain)}
+    extra: dict[str, Any] = {} if h.chain is None else {"chain": dict(h.chain)}
+    if h.run is not None:
+        extra["run"] = h.run
     return {
         **extra,
         "v": 1,
@@ -318,6 +326,9 @@ def _header_from_json(obj: Any) -> SegmentHeader:
     chain = obj.get("chain")
     if chain is not None and not isinstance(chain, dict):
         raise ValueError("segment header chain is not an object")
+    run = obj.get("run")
+    if run is not None and not (isinstance(run, str) and 0 < len(run) <= 64):
+        raise ValueError("segment header run is not a short string")
     return SegmentHeader(
         str(obj["camera"]),
         obj["codec"],
@@ -332,4 +343,5 @@ def _header_from_json(obj: Any) -> SegmentHeader:
         _anchor(obj["anchors"]["first"]),
         _anchor(obj["anchors"]["last"]),
         chain,
+        run,
     )

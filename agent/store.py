@@ -78,6 +78,7 @@ import errno
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from collections import deque
@@ -239,6 +240,9 @@ class SegmentStore:
         self.recipients = recipients
         self.audit = audit
         self.boot_id = boot_id
+        #: This run of the agent (a store is opened once per start): in every segment, so
+        #: an export tells seqs a restart skipped from footage gone missing.
+        self.run_id = secrets.token_hex(8)
         self.segment_s = segment_s
         self.max_age_s = max_age_s
         self.quota_bytes = quota_bytes
@@ -708,7 +712,7 @@ class SegmentStore:
         chain: Mapping[str, Any] | None,
     ) -> StoredSegment:
         camera = packets[0].camera
-        _, plain = segment.encode(packets, desc, self.boot_id, chain=chain)
+        _, plain = segment.encode(packets, desc, self.boot_id, chain=chain, run=self.run_id)
         first, last = packets[0], packets[-1]
         folder = self.directory / camera
         tmp = folder / f".{first.seq:016d}-{last.seq:016d}.tmp"

@@ -153,13 +153,19 @@ def _print_report(report: ExportReport) -> int:
         print(f"breakglass: warning: {message}", file=sys.stderr)
 
     for hole in report.holes:
+        if hole.declared and not hole.unreadable:
+            # Numbers reserved by the run before and never used: sized by capture time.
+            warn(
+                f"seqs {hole.first}..{hole.last} skipped: the agent restarted, "
+                f"{hole.seconds:.1f} s between the frames either side (what it was writing "
+                "then is lost; the other numbers were never used)"
+            )
+            continue
         if hole.unreadable:
             why = "in unreadable segment " + ", ".join(str(p) for p in hole.unreadable)
-        elif hole.declared:
-            why = "declared lost (the agent restarted)"
         else:
             why = "missing from the store"
-        warn(f"seqs {hole.first}..{hole.last} ({hole.frames} frames) {why}")
+        warn(f"seqs {hole.first}..{hole.last} ({hole.frames} frames, {hole.seconds:.1f} s) {why}")
     for first, last in report.undecodable:
         warn(
             f"seqs {first}..{last} ({last - first + 1} frames) not exported: "

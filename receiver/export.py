@@ -39,7 +39,7 @@ import re
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
@@ -87,8 +87,11 @@ class Hole:
     """Seqs ``first..last`` inside the export that no segment on the card holds.
 
     ``declared``: the agent restarted across the hole (the segments on either
-    side come from different boots): the segment being written was lost, which
-    the agent also declares to the receiver (``gap``, reason ``lost``).
+    side come from different runs, or boots for segments from before runs were
+    written down): most of its seqs were reserved and never used (numbering
+    goes on from the next block after a restart), and only what the agent was
+    writing then was lost, which it also declares to the receiver (``gap``,
+    reason ``lost``): its size is :attr:`seconds`, not its seqs.
     ``unreadable``: segment files on the card that hold (by their names) seqs
     of the hole but could not be opened (see :attr:`ExportReport.unreadable`).
     Otherwise nothing on the card explains it (deleted, evicted, never written).
@@ -98,6 +101,8 @@ class Hole:
     last: int
     declared: bool
     unreadable: tuple[Path, ...] = ()
+    #: Capture time from the frame before the hole to the frame after it, in seconds.
+    seconds: float = field(default=0.0, compare=False)
 
     @property
     def frames(self) -> int:
@@ -389,9 +394,10 @@ class _Export:
         self.duplicates = 0
         self.duplicate_files: dict[Path, None] = {}
         self.unreadable: list[tuple[segment.SegmentName, Path, BadSegmentError]] = []
-        self.gaps: list[tuple[int, int, bool]] = []
+        self.gaps: list[tuple[int, int, bool, float]] = []
         self.undecodable: list[list[int]] = []
-        self.prev: tuple[str, int] | None = None  # boot and seq of the last frame accounted
+        #: The last frame accounted: its segment's boot and run, its seq and capture time.
+        self.prev: tuple[str, str | None, int, int] | None = None
         self.lead_in: list[tuple[segment.SegmentHeader, EncodedPacket]] = []
 
     # -- reading ----------------------------------------------------------------------
@@ -412,7 +418,7 @@ class _Export:
                     # Out of the range, not missing: no hole is said for it. Every chosen
                     # segment is read to its end: after the agent's clock stepped back,
                     # later seqs were captured in the range again (review s2).
-                    self.prev = (header.boot_id, pkt.seq)
+                    self.prev = (header.boot_id, header.run, pkt.seq, pkt.capture_ns)
                     if pkt.capture_ns < self.start_ns:
                         self._lead(header, pkt)
                     else:
@@ -457,9 +463,11 @@ class _Export:
 
     def _account(self, header: segment.SegmentHeader, pkt: EncodedPacket) -> None:
         """One frame of the export, in seq order: write it, or note why not."""
-        if self.prev is not None and pkt.seq > self.prev[1] + 1:
-            self.gaps.append((self.prev[1] + 1, pkt.seq - 1, header.boot_id != self.prev[0]))
-        self.prev = (header.boot_id, pkt.seq)
+        if self.prev is not None and pkt.seq > self.prev[2] + 1:
+            boot, run, seq, capture_ns = self.prev
+            restarted = header.boot_id != boot or header.run != run
+            self.gaps.append((seq + 1, pkt.seq - 1, restarted, (pkt.capture_ns - capture_ns) / 1e9))
+        self.prev = (header.boot_id, header.run, pkt.seq, pkt.capture_ns)
         mid_gop = False
         if self.writer is not None and (
             self.writer.desc != _desc(header) or self.writer.clock_stepped(pkt)
@@ -565,7 +573,7 @@ class _Export:
             written[-1].last_seq,
             written[0].first_capture,
             written[-1].last_capture,
-            tuple(Hole(a, b, d, self._unreadable_in(a, b)) for a, b, d in self.gaps),
+            tuple(Hole(a, b, d, self._unreadable_in(a, b), seconds=t) for a, b, d, t in self.gaps),
             written,
             self.duplicates,
             tuple(self.duplicate_files),

@@ -61,6 +61,7 @@ def seal(
     size: tuple[int, int] = (320, 240),
     extradata_from: int = 0,
     in_band: bool = True,
+    run: str | None = None,
 ) -> tuple[segment.SegmentHeader, bytes]:
     """A sealed segment of packets ``first..last`` (header, file bytes).
 
@@ -73,7 +74,7 @@ def seal(
     pkts = encoded(camera, packets, first, last, first_seq)
     if not in_band:
         pkts = [replace(p, payload=without_parameter_sets(p.payload)) for p in pkts]
-    header, plaintext = segment.encode(pkts, stream, boot_id)
+    header, plaintext = segment.encode(pkts, stream, boot_id, run=run)
     return header, segment.seal(plaintext, recipients)
 
 

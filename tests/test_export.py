@@ -139,6 +139,30 @@ async def test_export_reports_declared_and_undeclared_holes(
     assert int(ffprobe_stream(out)["nb_read_frames"]) == 120  # decodes across the holes
 
 
+async def test_a_restart_without_a_reboot_is_told_from_footage_gone_missing(
+    tmp_path: Path, footage: PacketList, district: tuple[Path, Any]
+) -> None:
+    """An agent restarted (systemd, an update, a crash) goes on numbering at its next
+    reserved block, in the same OS boot: that hole is the restart's, sized by time, not
+    99,970 frames "missing from the store" (found by a review)."""
+    to = [district[1].to_public()]
+    store = tmp_path / "store"
+    store_segment(store, *seal("hall", footage, 0, 29, to, size=(160, 120), run="run-1"))
+    later = seal("hall", footage, 30, 59, to, first_seq=100_000 - 30, size=(160, 120), run="run-2")
+    store_segment(store, *later)
+    out = tmp_path / "evidence.mp4"
+    report = export_footage(store, district[1], "hall", at(0), at(59), out)
+    assert report.holes == (Hole(30, 99_999, declared=True),)
+    assert report.holes[0].seconds == pytest.approx(FRAME_US / 1e6)  # the next frame on time
+    done = run_cli(
+        "--store", str(store), "--camera", "hall", "--identity", str(district[0]),
+        "--from", at(0).isoformat(), "--to", at(59).isoformat(), "--out", str(tmp_path / "b.mp4"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "seqs 30..99999 skipped: the agent restarted, 0.0 s between the frames" in done.stderr
+    assert "missing from the store" not in done.stderr
+
+
 async def test_export_errors_are_clear_and_leave_no_file(
     tmp_path: Path, store: Path, footage: PacketList
 ) -> None:
@@ -609,7 +633,7 @@ def test_cli_says_loudly_what_was_skipped_and_exits_3(
     assert done.stdout.startswith("exported 60 frames of hall (seqs 0..89")
     assert f"  {out}: seqs 0..89 (60 frames" in done.stdout
     err = done.stderr.splitlines()
-    assert f"seqs 30..59 (30 frames) in unreadable segment {damaged}" in err[0]
+    assert f"seqs 30..59 (30 frames, 1.0 s) in unreadable segment {damaged}" in err[0]
     assert any("30 frames are on the card twice" in e and str(copy) in e for e in err)
     assert any(f"SKIPPED seqs 30..59: segment {damaged} is corrupt" in e for e in err)
     assert err[-1].startswith("breakglass: error: export INCOMPLETE: 1 segment")

@@ -120,6 +120,15 @@ def test_real_h264_round_trip(packets: PacketList) -> None:
     assert header.first.mono_ns == pkts[0].mono_ns
 
 
+def test_a_segment_names_the_agent_run_that_wrote_it(packets: PacketList) -> None:
+    pkts = numbered(packets[:2])
+    header, plain = segment.encode(pkts, STREAM, "boot-1", run="0123456789abcdef")
+    assert segment.decode(plain)[0] == header and header.run == "0123456789abcdef"
+    _, older = segment.encode(pkts, STREAM, "boot-1")  # from before the field: no run
+    assert segment.decode(older)[0].run is None
+    assert b'"run"' not in older
+
+
 def test_encode_rejects_empty_gaps_and_mixed_cameras(packets: PacketList) -> None:
     pkts = numbered(packets[:4])
     with pytest.raises(SegmentError, match="at least one"):

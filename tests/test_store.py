@@ -182,6 +182,7 @@ async def test_segments_are_gop_aligned_consecutive_and_gapless(
             len(packets),
         )
         assert (header.camera, header.width, header.extradata) == ("cam", 160, STREAM.extradata)
+        assert header.run == store.run_id  # this start of the store (an export tells restarts)
         assert seg.name.start_ms == packets[0].capture_ns // 1_000_000
         assert seg.name.end_ms == packets[-1].capture_ns // 1_000_000
         assert seg.path.stat().st_size == seg.name.size
