@@ -25,6 +25,12 @@ keyframe). An IP camera keeps its own GOP, often 4-10 s: when its interval is lo
 than :func:`keyframe_limit_s` allows, twice in a row, the agent says so once per camera
 and run, in the log and the audit trail (``camera_keyframe_interval``), and the
 camera's :class:`CameraState` keeps it (``keyframe_interval_s``, ``keyframe_too_long``).
+
+A camera sending frames out of presentation order (H.264 B-frames, which the
+agent records with wrong frame timing: :mod:`agent.camera_watch`) is in fault
+(``reorders_frames``; logged and audited as ``camera_reorders_frames``) until it
+has sent none for :data:`~agent.camera_watch.REORDER_CLEAR_S` (``camera_frames_in_order``);
+its footage is still recorded.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from agent.audit import AuditLog
+from agent.camera_watch import KeyframeWatch, ReorderWatch, keyframe_limit_s
 from agent.preroll import PreRoll
 from agent.statefile import SequenceReservations
 from hardware import CameraSource, EncodedPacket, StreamInfo
@@ -44,67 +51,6 @@ from hardware import CameraSource, EncodedPacket, StreamInfo
 log = logging.getLogger(__name__)
 
 Sink = Callable[[EncodedPacket], None]
-
-#: A keyframe interval this long is accepted whatever ``preroll_s`` (the encoders we
-#: drive use at most this: :data:`agent.config.MAX_KEYFRAME_INTERVAL_S`), and one up to
-#: ``preroll_s`` up to :data:`KEYFRAME_OK_MAX_S` (the install guide's 1-2 s).
-KEYFRAME_OK_S = 1.0
-KEYFRAME_OK_MAX_S = 2.0
-#: Measurement jitter allowed over the limit (an IP camera's keyframes arrive unevenly).
-KEYFRAME_SLACK_S = 0.25
-#: A pause between two packets this long (a reconnect, a stall) is not measured as a GOP.
-KEYFRAME_GAP_S = 2.0
-
-
-def keyframe_limit_s(preroll_s: float) -> float:
-    """The longest keyframe interval the agent takes without saying so: ``preroll_s``
-    (a press then sends at most twice the pre-roll agreed), but at least 1 s and at most
-    2 s (so a 30 s pre-roll does not hide a 20 s GOP)."""
-    return max(KEYFRAME_OK_S, min(preroll_s, KEYFRAME_OK_MAX_S))
-
-
-class KeyframeWatch:
-    """One camera's keyframe interval, measured on the packets' monotonic times.
-
-    An interval spanning a pause of :data:`KEYFRAME_GAP_S` (a reconnect) is not one;
-    one over the limit must be seen twice in a row (a GOP the source dropped whole when
-    the agent lagged, or a late keyframe, is not the camera's setting).
-    """
-
-    __slots__ = ("_key_ns", "_last_ns", "_over", "interval_s", "limit_ns", "said")
-
-    def __init__(self, limit_s: float) -> None:
-        self.limit_ns = int((limit_s + KEYFRAME_SLACK_S) * 1e9)
-        #: The last interval measured, in seconds (None: none yet).
-        self.interval_s: float | None = None
-        #: The interval was found too long (said once).
-        self.said = False
-        self._key_ns: int | None = None
-        self._last_ns: int | None = None
-        self._over = 0
-
-    def reset(self) -> None:
-        """The source restarted: the next keyframe starts a new measurement."""
-        self._key_ns = self._last_ns = None
-        self._over = 0
-
-    def packet(self, mono_ns: int, keyframe: bool) -> float | None:
-        """Note a packet; the interval (seconds) the first time it is found too long."""
-        last, self._last_ns = self._last_ns, mono_ns
-        if last is not None and mono_ns - last > KEYFRAME_GAP_S * 1e9:
-            self._key_ns, self._over = None, 0
-        if not keyframe:
-            return None
-        start, self._key_ns = self._key_ns, mono_ns
-        if start is None:
-            return None
-        interval = mono_ns - start
-        self.interval_s = interval / 1e9
-        self._over = self._over + 1 if interval > self.limit_ns else 0
-        if self._over < 2 or self.said:
-            return None
-        self.said = True
-        return self.interval_s
 
 
 @dataclass(slots=True)
@@ -120,6 +66,8 @@ class CameraState:
     keyframe_interval_s: float | None = None
     #: Its keyframe interval was found longer than the pre-roll allows for (said once).
     keyframe_too_long: bool = False
+    #: It sends frames out of presentation order (B-frames): recorded, but mistimed.
+    reorders_frames: bool = False
 
 
 class RetryingSource:
@@ -210,6 +158,7 @@ class Capture:
         self.prerolls = {cam: PreRoll(preroll_s, preroll_max_bytes) for cam in sources}
         limit = keyframe_limit_s(preroll_s)
         self.keyframes = {cam: KeyframeWatch(limit) for cam in sources}
+        self.reorders = {cam: ReorderWatch() for cam in sources}
         self.state = {cam: CameraState() for cam in sources}
         self.restart_max_s = restart_max_s
         self.idle_handoff_s = idle_handoff_s
@@ -298,6 +247,8 @@ class Capture:
             await asyncio.sleep(period)
             now = time.monotonic()
             for cam, state in self.state.items():
+                if state.reorders_frames and self.reorders[cam].mended(time.monotonic_ns()):
+                    self._frames_reordered(cam, state, False)
                 silent = now - state.last_packet_mono
                 if not state.fault and silent > self.watchdog_s[cam]:
                     state.fault, state.healthy = True, False
@@ -315,6 +266,24 @@ class Capture:
                         )
                     if self._on_change is not None:
                         self._on_change()
+
+    def _frames_reordered(self, cam: str, state: CameraState, reordered: bool) -> None:
+        """``cam`` began (``reordered``) or stopped sending frames out of order: say so."""
+        state.reorders_frames = reordered
+        if reordered:
+            log.error(
+                "camera %s sends frames out of presentation order (B-frames): recorded, but "
+                "with wrong frame timing, and players drop frames of it; set its H.264 "
+                "encoder without B-frames (Baseline profile, or B-frames 0): fault",
+                cam,
+            )
+        else:
+            log.warning("camera %s sends its frames in order again", cam)
+        if self.audit is not None:
+            event = "camera_reorders_frames" if reordered else "camera_frames_in_order"
+            self.audit.record_soon(event, camera=cam)
+        if self._on_change is not None:
+            self._on_change()
 
     def _keyframes_too_far_apart(self, cam: str, interval_s: float) -> None:
         """Say once that ``cam``'s keyframes are further apart than the pre-roll allows for:
@@ -366,6 +335,9 @@ class Capture:
             self._keyframes_too_far_apart(cam, watch.interval_s or 0.0)
         if packet.keyframe:
             state.keyframe_interval_s = watch.interval_s
+        reordered = self.reorders[cam].packet(packet.source_ts_ns, packet.keyframe, packet.mono_ns)
+        if reordered and not state.reorders_frames:
+            self._frames_reordered(cam, state, True)
         if not ready.is_set():
             ready.set()
         for sink in self._sinks:

@@ -421,14 +421,15 @@ class Agent:
     # -- what the principal, the LAN and the technician see -------------------
 
     def _faulty(self) -> bool:
-        """A camera is down, the state files or the audit trail cannot be written, the
-        enrollment certificate has expired, or the receiver cannot open the sealed store."""
+        """A camera is down or sends B-frames, the state files or the audit trail cannot be
+        written, the enrollment certificate has expired, or the receiver cannot open the
+        sealed store."""
         return (
             self.renewal.certificate_expired
             or self.uplink.sealing_fault is not None
             or self.state_writer.failed is not None
             or bool(self.audit.held)
-            or any(s.fault for s in self.capture.state.values())
+            or any(s.fault or s.reorders_frames for s in self.capture.state.values())
         )
 
     def _update_led(self) -> None:

@@ -61,6 +61,8 @@ def status_report(
                 # Measured; too long: a press sends more pre-roll than preroll_s (capture).
                 "keyframe_interval_s": _rounded(capture.state[c.id].keyframe_interval_s),
                 "keyframe_too_long": capture.state[c.id].keyframe_too_long,
+                # Frames out of presentation order (B-frames): mistimed footage, a fault.
+                "reorders_frames": capture.state[c.id].reorders_frames,
             }
             for c in config.cameras
         ],

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from agent.capture import KeyframeWatch, keyframe_limit_s
+from agent.camera_watch import KeyframeWatch, keyframe_limit_s
 from agent.config import CameraConfig, camera_from_table, load_config
 from agent.daemon import Agent, make_source
 from agent.preroll import PreRoll
