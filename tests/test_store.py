@@ -24,7 +24,7 @@ from agent import segment
 from agent import store as store_module
 from agent.audit import AuditLog, verify_chain
 from agent.segment import StreamDesc
-from agent.store import RETAIN_EVERY_S, Pin, SegmentStore, StoredSegment
+from agent.store import MAX_SEALED_BYTES, RETAIN_EVERY_S, Pin, SegmentStore, StoredSegment
 from hardware import EncodedPacket
 from tests.media import PacketList, make_h264_packets
 
@@ -320,6 +320,11 @@ async def test_open_removes_torn_leftovers_and_leaves_foreign_files(
     foreign_in_camera.write_text("not footage")
     foreign_top = root / "README"
     foreign_top.write_text("not a camera")
+    # Named as a segment, and as large as its name says, but larger than any the store
+    # writes: sent, the uplink would refuse it and reconnect again and again (a review).
+    huge = segment.SegmentName(900, 999, 1, 2, MAX_SEALED_BYTES + 1)
+    with (root / "cam" / huge.filename).open("wb") as f:
+        f.truncate(huge.size)  # sparse: no 12 MiB written
 
     async with opened(root, audit) as again:
         assert again.segments("cam") == [whole, last]
@@ -335,6 +340,7 @@ async def test_open_removes_torn_leftovers_and_leaves_foreign_files(
     assert {e["file"] for e in events(audit, "store_foreign_file")} == {
         "README",
         "cam/notes.txt",
+        f"cam/{huge.filename}",
     }
 
 
