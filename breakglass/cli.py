@@ -170,14 +170,9 @@ def _receiver_serve(args: argparse.Namespace) -> int:
 
 def _read_notify_url(path: Path) -> str:
     """``--notify-url-file``: the one line of a small file only its owner can read."""
-    import stat
+    from provisioning.keys import read_secret
 
-    from provisioning.keys import read_small
-
-    data = read_small(path, "--notify-url-file")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise ValueError(f"--notify-url-file {path}: mode {mode:04o} is too open, expected 0600")
+    data = read_secret(path, "--notify-url-file")
     try:
         lines = data.decode("utf-8").split()
     except UnicodeDecodeError:

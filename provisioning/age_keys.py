@@ -9,13 +9,12 @@ written with mode 0600; loading refuses a file that group or others can read.
 
 from __future__ import annotations
 
-import stat
 from pathlib import Path
 
 import pyrage
 
 from provisioning.errors import KeyFileError
-from provisioning.keys import read_small, write_secret
+from provisioning.keys import read_secret, write_secret
 
 __all__ = ["load_identity", "new_identity", "recipient_of"]
 
@@ -30,10 +29,7 @@ def new_identity(path: Path) -> pyrage.x25519.Identity:
 
 def load_identity(path: Path) -> pyrage.x25519.Identity:
     """Read an ``age-keygen`` identity file; refuses modes open to group or others."""
-    data = read_small(path, "age identity")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise KeyFileError(f"age identity {path}: mode {mode:04o} is too open, expected 0600")
+    data = read_secret(path, "age identity")
     keys = [
         line.strip()
         for line in data.decode("ascii", "replace").splitlines()

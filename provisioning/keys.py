@@ -88,12 +88,19 @@ def read_small(path: Path, what: str) -> bytes:
     return data
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
-    """Load an Ed25519 private key; refuse files readable by group or others."""
-    data = read_small(path, "private key")
+def read_secret(path: Path, what: str) -> bytes:
+    """:func:`read_small`, refusing (:class:`KeyFileError` naming ``what``) a file that
+    group or others may read."""
+    data = read_small(path, what)
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
-        raise KeyFileError(f"private key {path}: mode {mode:04o} is too open, expected 0600")
+        raise KeyFileError(f"{what} {path}: mode {mode:04o} is too open, expected 0600")
+    return data
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """Load an Ed25519 private key; refuse files readable by group or others."""
+    data = read_secret(path, "private key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
