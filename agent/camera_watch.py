@@ -107,6 +107,10 @@ class ReorderWatch:
         #: Monotonic time (ns) of the last frame found out of order (None: never).
         self.seen_ns: int | None = None
 
+    def restart(self) -> None:
+        """The source restarted: its timestamps begin anew (what was seen still counts)."""
+        self._last_ts = None
+
     def packet(self, source_ts_ns: int | None, keyframe: bool, mono_ns: int) -> bool:
         """Note a packet; whether it came out of presentation order."""
         last, self._last_ts = self._last_ts, source_ts_ns

@@ -233,6 +233,7 @@ class Capture:
                 raise
             except Exception as exc:  # a camera must never take the agent down
                 self.keyframes[cam].reset()
+                self.reorders[cam].restart()
                 state.healthy = False
                 state.last_error = f"{type(exc).__name__}: {exc}"
                 log.error(

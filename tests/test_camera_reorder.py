@@ -46,6 +46,9 @@ def test_keyframes_stepping_back_and_sources_without_timestamps_are_not_judged()
     assert not any(watch.packet(ts * MS, key, 0) for ts, key in frames)
     assert not watch.packet(None, False, 0) and not watch.packet(5, False, 0)
     assert watch.seen_ns is None and watch.mended(0)
+    watch.packet(900, False, 0)
+    watch.restart()  # a source restarted: its clock begins anew, whatever its first frame
+    assert not watch.packet(10, False, 0)
 
 
 def audit_events(agent: Agent, name: str) -> list[dict[str, Any]]:
