@@ -100,10 +100,11 @@ class ReorderWatch:
     without their own timestamps (``None``) are never judged.
     """
 
-    __slots__ = ("_last_ts", "seen_ns")
+    __slots__ = ("_last_mono", "_last_ts", "seen_ns")
 
     def __init__(self) -> None:
         self._last_ts: int | None = None
+        self._last_mono = 0
         #: Monotonic time (ns) of the last frame found out of order (None: never).
         self.seen_ns: int | None = None
 
@@ -113,12 +114,14 @@ class ReorderWatch:
 
     def packet(self, source_ts_ns: int | None, keyframe: bool, mono_ns: int) -> bool:
         """Note a packet; whether it came out of presentation order."""
-        last, self._last_ts = self._last_ts, source_ts_ns
+        last, self._last_ts, self._last_mono = self._last_ts, source_ts_ns, mono_ns
         if source_ts_ns is None or last is None or keyframe or source_ts_ns >= last:
             return False
         self.seen_ns = mono_ns
         return True
 
-    def mended(self, now_ns: int) -> bool:
-        """Whether no frame came out of order for :data:`REORDER_CLEAR_S` (or ever)."""
-        return self.seen_ns is None or now_ns - self.seen_ns > REORDER_CLEAR_S * 1e9
+    def mended(self) -> bool:
+        """Whether the camera has sent frames, none out of order, for
+        :data:`REORDER_CLEAR_S` since the last that was (or none ever was). Judged on
+        frames: a camera gone silent is not said to be set right."""
+        return self.seen_ns is None or self._last_mono - self.seen_ns > REORDER_CLEAR_S * 1e9

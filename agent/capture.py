@@ -248,8 +248,6 @@ class Capture:
             await asyncio.sleep(period)
             now = time.monotonic()
             for cam, state in self.state.items():
-                if state.reorders_frames and self.reorders[cam].mended(time.monotonic_ns()):
-                    self._frames_reordered(cam, state, False)
                 silent = now - state.last_packet_mono
                 if not state.fault and silent > self.watchdog_s[cam]:
                     state.fault, state.healthy = True, False
@@ -336,9 +334,10 @@ class Capture:
             self._keyframes_too_far_apart(cam, watch.interval_s or 0.0)
         if packet.keyframe:
             state.keyframe_interval_s = watch.interval_s
-        reordered = self.reorders[cam].packet(packet.source_ts_ns, packet.keyframe, packet.mono_ns)
-        if reordered and not state.reorders_frames:
-            self._frames_reordered(cam, state, True)
+        order = self.reorders[cam]
+        reordered = order.packet(packet.source_ts_ns, packet.keyframe, packet.mono_ns)
+        if reordered != state.reorders_frames and (reordered or order.mended()):
+            self._frames_reordered(cam, state, reordered)
         if not ready.is_set():
             ready.set()
         for sink in self._sinks:

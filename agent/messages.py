@@ -21,6 +21,12 @@ VERSION: Final = 1
 MEDIA_HEADER: Final = struct.Struct("<BBHQqBI")
 MAX_CONTROL_BYTES: Final = 64 * 1024
 MAX_PAYLOAD_BYTES: Final = 16 * 1024 * 1024
+#: The upgrade request's header in which an agent names the optional fields it takes
+#: (comma-separated); a receiver sends such a field only to an agent that names it, so
+#: agents from before a field are never sent what their strict decoder refuses.
+FEATURES_HEADER: Final = "Breakglass-Features"
+#: ``welcome.recipients``: the receiver's age recipients (docs/DECISIONS.md).
+WELCOME_RECIPIENTS: Final = "welcome-recipients"
 #: Durable ranges beyond the cumulative ack that one ``ack`` may list.
 MAX_HOLDS: Final = 64
 #: Packets one ``chain`` message may cover (each entry is about 90 bytes of JSON).

@@ -61,6 +61,7 @@ from __future__ import annotations
 from typing import Final
 
 from agent.messages import (
+    FEATURES_HEADER,
     FLAG_KEYFRAME,
     FLAG_PREROLL,
     MAX_AUDIT_LINES,
@@ -71,6 +72,7 @@ from agent.messages import (
     MAX_PAYLOAD_BYTES,
     MEDIA_HEADER,
     VERSION,
+    WELCOME_RECIPIENTS,
     AccessHead,
     Ack,
     AuditAck,
@@ -103,6 +105,7 @@ from agent.messages import (
 from agent.wire import decode_control, decode_media, encode, encode_control
 
 __all__ = [
+    "FEATURES_HEADER",
     "FLAG_KEYFRAME",
     "FLAG_PREROLL",
     "MAX_AUDIT_LINES",
@@ -113,6 +116,7 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "MEDIA_HEADER",
     "VERSION",
+    "WELCOME_RECIPIENTS",
     "AccessHead",
     "Ack",
     "AuditAck",

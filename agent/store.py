@@ -91,6 +91,7 @@ import pyrage
 
 from agent import retention, segment, store_ledger
 from agent.audit import AuditLog
+from agent.messages import MAX_PAYLOAD_BYTES
 from hardware import EncodedPacket
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,9 @@ log = logging.getLogger(__name__)
 TARGET_SEGMENT_BYTES: Final = 4 * 1024 * 1024
 #: Sealed segments waiting for the writer beyond this are dropped (a stalled disk).
 MAX_PENDING_BYTES: Final = 64 * 1024 * 1024
-#: No segment the store writes is larger (the largest plaintext, to the most recipients
-#: an enrollment may name); a file named as one but larger is foreign.
-MAX_SEALED_BYTES: Final = segment.sealed_size_bound(segment.MAX_SEGMENT_BYTES, 8)
+#: A file named as a segment but larger is foreign: the uplink could not carry it (a
+#: media frame's payload limit; the store's own segments stay well below it).
+MAX_SEALED_BYTES: Final = MAX_PAYLOAD_BYTES
 #: :meth:`SegmentStore.retain_soon` queues a retention pass at most this often.
 RETAIN_EVERY_S: Final = 60.0
 #: Footage from before this run ending this far after the wall clock: the clock is behind.
@@ -554,8 +555,8 @@ class SegmentStore:
             return
         name = segment.SegmentName.parse(entry.name)
         backwards = name is None and (name := _backwards_name(entry.name)) is not None
-        # Larger than any segment the store writes: not one (sent, the uplink would
-        # refuse it as too large and reconnect, again and again).
+        # Larger than the uplink carries: not one of ours (sent, the uplink would refuse
+        # it as too large and reconnect, again and again).
         if name is None or name.size > MAX_SEALED_BYTES or not entry.is_file(follow_symlinks=False):
             self._foreign(path)
             return

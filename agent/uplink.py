@@ -33,6 +33,7 @@ from agent.audit_feed import AuditFeed
 from agent.changes import Changes
 from agent.errors import UplinkRefused
 from agent.live_lane import LIVE_LAG_S, Goodput, LiveLane, fill_fits
+from agent.segment import parse_recipient
 from agent.store import Pin, SegmentStore, StoredSegment
 from hardware import EncodedPacket
 from provisioning.tls import fingerprint_digest
@@ -255,8 +256,11 @@ class UplinkClient:
         #: Told the receiver's access-log head ``(n, hash)`` (to anchor it in the trail).
         self._on_access_head = on_access_head
         self.enrollment = enrollment
-        #: The age recipients the store seals to (``[store] recipients``).
-        self.sealed_to = frozenset(sealed_to)
+        #: The age recipients the store seals to (``[store] recipients``), as age spells
+        #: them (the config takes upper case and spaces around them, as age does).
+        self.sealed_to = frozenset(
+            str(parse_recipient(r, where="store.recipients")) for r in sealed_to
+        )
         #: Why the receiver cannot open this device's sealed segments (its welcome names
         #: its recipients and the store seals to none of them), or None: a fault.
         self.sealing_fault: str | None = None
@@ -758,7 +762,11 @@ class UplinkClient:
 
     async def _connect_once(self, http: aiohttp.ClientSession) -> None:
         async with http.ws_connect(
-            self.url, ssl=self._fingerprint, max_msg_size=p.MAX_CONTROL_BYTES, autoping=True
+            self.url,
+            ssl=self._fingerprint,
+            max_msg_size=p.MAX_CONTROL_BYTES,
+            autoping=True,
+            headers={p.FEATURES_HEADER: p.WELCOME_RECIPIENTS},
         ) as ws:
             conn = p.Uplink(p.Role.AGENT)
             welcome = await self._handshake(ws, conn)
@@ -820,8 +828,12 @@ class UplinkClient:
     def _check_sealing(self, receiver: tuple[str, ...]) -> None:
         """Whether the receiver can open what the store seals (a fault if not; audited
         when it becomes so, and when it is mended). Its welcome names the recipients of
-        its identities; a receiver from before that names none: nothing to check."""
+        its identities; a receiver from before that (or without an identity) names none:
+        nothing to check, and a fault from another receiver's welcome does not stand."""
         if not receiver:
+            if self.sealing_fault is not None:
+                self.sealing_fault = None
+                log.warning("the receiver names no age recipients: sealing not checked")
             return
         if any(r in self.sealed_to for r in receiver):
             if self.sealing_fault is not None:

@@ -153,19 +153,22 @@ def _print_report(report: ExportReport) -> int:
         print(f"breakglass: warning: {message}", file=sys.stderr)
 
     for hole in report.holes:
+        # Capture time from the frame before to the frame after (a clock stepped back: <0).
+        between = f"{hole.seconds:.1f} s" if hole.seconds >= 0 else "a clock step back"
         if hole.declared and not hole.unreadable:
-            # Numbers reserved by the run before and never used: sized by capture time.
+            # Mostly numbers reserved by the run before and never used: sized by time.
             warn(
-                f"seqs {hole.first}..{hole.last} skipped: the agent restarted, "
-                f"{hole.seconds:.1f} s between the frames either side (what it was writing "
-                "then is lost; the other numbers were never used)"
+                f"seqs {hole.first}..{hole.last} skipped across an agent restart, {between} "
+                "between the frames either side (a restart skips numbers it never used; what "
+                "the agent was writing then is lost, and footage of the run before deleted "
+                "since would be missing here too)"
             )
             continue
         if hole.unreadable:
             why = "in unreadable segment " + ", ".join(str(p) for p in hole.unreadable)
         else:
             why = "missing from the store"
-        warn(f"seqs {hole.first}..{hole.last} ({hole.frames} frames, {hole.seconds:.1f} s) {why}")
+        warn(f"seqs {hole.first}..{hole.last} ({hole.frames} frames, {between}) {why}")
     for first, last in report.undecodable:
         warn(
             f"seqs {first}..{last} ({last - first + 1} frames) not exported: "

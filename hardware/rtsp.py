@@ -241,6 +241,9 @@ class RtspCamera(ThreadedSource):
         """One connection, until it fails; the reason, and whether packets flowed."""
         options = {
             "rtsp_transport": "tcp",
+            # Video only: no audio is recorded in a school, and with a second stream
+            # FFmpeg re-times packets by the first RTCP sender report (a step back).
+            "allowed_media_types": "video",
             "analyzeduration": "0",
             "probesize": "32",
             "timeout": str(round(self._read_timeout_s * 1e6)),  # socket I/O, in µs

@@ -90,11 +90,17 @@ def read_small(path: Path, what: str) -> bytes:
 
 def read_secret(path: Path, what: str) -> bytes:
     """:func:`read_small`, refusing (:class:`KeyFileError` naming ``what``) a file that
-    group or others may read."""
-    data = read_small(path, what)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise KeyFileError(f"{what} {path}: mode {mode:04o} is too open, expected 0600")
+    group or others may read (the mode of the file opened, not of the path later)."""
+    try:
+        with path.open("rb") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            if mode & 0o077:
+                raise KeyFileError(f"{what} {path}: mode {mode:04o} is too open, expected 0600")
+            data = fh.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise KeyFileError(f"{what} {path}: cannot read ({exc.strerror})") from exc
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{what} {path}: larger than {MAX_KEY_FILE_BYTES} bytes")
     return data
 
 

@@ -104,12 +104,6 @@ ACCESS_HEAD_EVERY_S = 60.0
 YIELD_EVERY_S = 0.002
 #: How long sending ``error`` and closing may take before the connection is dropped.
 ERROR_SEND_S = 5.0
-#: A device that closes its uplink this soon after a welcome naming the receiver's
-#: recipients, having sent nothing, is taken for an agent from before that field (it
-#: refuses the welcome as malformed) and gets welcomes without it for
-#: :data:`PLAIN_WELCOME_S`.
-OLD_AGENT_CLOSE_S = 2.0
-PLAIN_WELCOME_S = 3600.0
 _HEARTBEATS = Rate(per_s=1.0, burst=10)
 _OPENS = Rate(per_s=2.0, burst=64)
 _CONTROL = Rate(per_s=500.0, burst=2000)
@@ -237,8 +231,6 @@ class IngestServer:
         self.origins = origins
         #: age identities (pyrage X25519) that open the devices' sealed segments.
         self.identities: list[Any] = list(identities or [])
-        #: Devices taken for agents from before ``welcome.recipients``, until (monotonic).
-        self._plain_welcome: dict[str, float] = {}
         self.devices: dict[str, DeviceStatus] = {}
         self.refused: dict[str, int] = {}
         #: Chain checkpoints refused, by reason code.
@@ -318,7 +310,8 @@ class IngestServer:
             await ws.prepare(request)
             conn = p.Uplink(p.Role.RECEIVER)
             try:
-                device, enrollment, device_key = await self._handshake(ws, conn)
+                features = request.headers.get(p.FEATURES_HEADER, "")[:256]
+                device, enrollment, device_key = await self._handshake(ws, conn, features)
             except (p.ProtocolError, TimeoutError, ConnectionError) as exc:
                 code = exc.code if isinstance(exc, p.ProtocolError) else "handshake_failed"
                 if isinstance(exc, TimeoutError):  # str() of it is empty
@@ -348,7 +341,6 @@ class IngestServer:
         self.clocks.connected(device)  # measured again on this connection
         status = self.devices.setdefault(device, DeviceStatus(device))
         status.connected, status.last_seen = True, time.time()
-        welcomed_at, named = status.last_seen, bool(self.welcome_recipients(device))
         self.presence.connected(device, building=enrollment.building if enrollment else None)
         log.info("device %s connected from %s", device, peer)
         # A newer list read by this hello (or by one racing with it) drops whoever it revokes.
@@ -372,8 +364,6 @@ class IngestServer:
             self.presence.recording_failed(device, f"recording_failed: {exc!r}")
             await self._send_error(ws, conn, "recording_failed", repr(exc))
         finally:
-            silent = status.last_seen == welcomed_at  # nothing heard since the welcome
-            self._closed_after_welcome(device, named, time.time() - welcomed_at if silent else None)
             if self._connections.get(device) is ws:
                 del self._connections[device]
                 self._uplinks.pop(device, None)
@@ -551,9 +541,10 @@ class IngestServer:
         return _event(ws, conn, await ws.receive(timeout=within))
 
     async def _handshake(
-        self, ws: web.WebSocketResponse, conn: p.Uplink
+        self, ws: web.WebSocketResponse, conn: p.Uplink, features: str = ""
     ) -> tuple[str, Enrollment | None, DeviceKey]:
-        """The device id, its verified enrollment if it presented one, and its key."""
+        """The device id, its verified enrollment if it presented one, and its key;
+        ``features``: the optional fields the device takes (its upgrade request's)."""
         nonce = p.b64url(secrets.token_bytes(32))
         await ws.send_str(str(conn.send(p.Challenge(nonce))))
         event = await self._receive(ws, conn, HANDSHAKE_TIMEOUT_S)
@@ -588,32 +579,20 @@ class IngestServer:
         audit_n = 0
         if self.audits is not None:
             audit_n = await asyncio.to_thread(self.audits.last_n, event.device)
-        recipients = self.welcome_recipients(event.device)
+        recipients = self.welcome_recipients(features)
         await ws.send_str(str(conn.send(p.Welcome(acked, HEARTBEAT_S, audit_n, recipients))))
         cert = None if enrollment is None else enrollment.envelope
         return event.device, enrollment, DeviceKey(event.device, key, cert)
 
-    def welcome_recipients(self, device: str) -> tuple[str, ...]:
-        """The recipients of the identities that open sealed segments here, as a welcome
-        names them (the device checks that its store seals to one), unless ``device``
-        was taken for an agent from before the field."""
-        if self._plain_welcome.get(device, -math.inf) > time.monotonic():
+    def welcome_recipients(self, features: str) -> tuple[str, ...]:
+        """What a welcome names of the identities that open sealed segments here (the
+        device checks that its store seals to one of them): their recipients, if the
+        device's upgrade request named the field among its ``features``
+        (:data:`agent.protocol.FEATURES_HEADER`); none for an agent from before it,
+        whose decoder would refuse the welcome."""
+        if p.WELCOME_RECIPIENTS not in (f.strip() for f in features.split(",")):
             return ()
-        self._plain_welcome.pop(device, None)
         return tuple(recipient_of(identity) for identity in self.identities)
-
-    def _closed_after_welcome(self, device: str, named: bool, silent_s: float | None) -> None:
-        """An uplink ended; ``silent_s``: how long it lasted if the device sent nothing."""
-        if named and silent_s is not None and silent_s < OLD_AGENT_CLOSE_S:
-            self._plain_welcome[device] = time.monotonic() + PLAIN_WELCOME_S
-            log.warning(
-                "device %s closed its uplink at once, without a word, after a welcome "
-                "naming this receiver's age recipients: taken for an agent from before that "
-                "field; its welcomes leave them out for %.0f min (it cannot be told whether "
-                "it seals its footage so that this receiver can open it)",
-                device,
-                PLAIN_WELCOME_S / 60,
-            )
 
     def custody(self, session_dir: Path) -> CustodyLog:
         """The custody log of a session's recording (one per folder)."""

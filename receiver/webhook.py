@@ -119,9 +119,14 @@ class WebhookError(ValueError):
 
 def check_url(url: str) -> str:
     """The district's URL: https, with a host (WebhookError otherwise)."""
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise WebhookError(f"{url!r}: the district's webhook must be an https:// URL")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # an unbalanced IPv6 bracket
+        host = None
+    if host is None or parts.scheme != "https":
+        # Named as a log may show it: its path or query may hold the district's secret.
+        raise WebhookError(f"{safe_url(url)}: the district's webhook must be an https:// URL")
     return url
 
 

@@ -34,9 +34,10 @@ def test_a_frame_shown_before_the_one_sent_ahead_of_it_is_out_of_order() -> None
     order = [(0, True), (99, False), (33, False), (66, False), (199, False), (133, False)]
     seen = [watch.packet(ts * MS, key, i * MS) for i, (ts, key) in enumerate(order)]
     assert seen == [False, False, True, False, False, True]
-    assert watch.seen_ns == 5 * MS
-    assert not watch.mended(5 * MS + int(REORDER_CLEAR_S * 1e9))
-    assert watch.mended(5 * MS + int(REORDER_CLEAR_S * 1e9) + 1)
+    assert watch.seen_ns == 5 * MS and not watch.mended()
+    later = 5 * MS + int(REORDER_CLEAR_S * 1e9)  # frames in order until then: not yet
+    assert not watch.packet(300 * MS, False, later) and not watch.mended()
+    assert not watch.packet(333 * MS, False, later + 1) and watch.mended()
 
 
 def test_keyframes_stepping_back_and_sources_without_timestamps_are_not_judged() -> None:
@@ -45,7 +46,7 @@ def test_keyframes_stepping_back_and_sources_without_timestamps_are_not_judged()
     frames = [(0, True), (33, False), (66, False), (0, True), (33, False)]
     assert not any(watch.packet(ts * MS, key, 0) for ts, key in frames)
     assert not watch.packet(None, False, 0) and not watch.packet(5, False, 0)
-    assert watch.seen_ns is None and watch.mended(0)
+    assert watch.seen_ns is None and watch.mended()
     watch.packet(900, False, 0)
     watch.restart()  # a source restarted: its clock begins anew, whatever its first frame
     assert not watch.packet(10, False, 0)

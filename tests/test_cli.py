@@ -212,6 +212,22 @@ def test_serve_never_prints_the_district_s_secret(
     assert receiver.stop() == 0
 
 
+def test_a_notify_url_that_is_not_https_is_refused_without_its_secret(tmp_path: Path) -> None:
+    secret = tmp_path / "notify-url"
+    secret.write_text("http://hooks.example/T0KEN-s3cret\n")
+    secret.chmod(0o600)
+    result = subprocess.run(
+        [*CLI, "receiver", "serve", "--data", str(tmp_path / "rx"), "--port", "0",
+         "--notify-url-file", str(secret)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "http://hooks.example/…: the district's webhook must be an https:// URL" in (
+        result.stderr
+    )
+    assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("mode", "text", "message"),
     [

@@ -47,12 +47,16 @@ async def connect_device(
     *,
     max_msg_size: int = 4 * 1024 * 1024,
     timeout: float = 10,
+    features: str | None = None,
 ) -> tuple[aiohttp.ClientWebSocketResponse, p.Welcome]:
-    """Connect pinned to ``target``'s certificate, answer its challenge as ``device``."""
+    """Connect pinned to ``target``'s certificate, answer its challenge as ``device``;
+    ``features``: the upgrade request's :data:`agent.protocol.FEATURES_HEADER` (none: as
+    an agent from before it)."""
     ws = await http.ws_connect(
         target.uplink_url,
         ssl=aiohttp.Fingerprint(fingerprint_digest(target.fingerprint)),
         max_msg_size=max_msg_size,
+        headers={} if features is None else {p.FEATURES_HEADER: features},
     )
     challenge = conn.receive((await ws.receive(timeout=timeout)).data)
     assert isinstance(challenge, p.Challenge)
