@@ -76,10 +76,17 @@ def new_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def read_small(path: Path, what: str) -> bytes:
-    """At most MAX_KEY_FILE_BYTES of a key file; :class:`KeyFileError` naming ``what``."""
+def read_small(path: Path, what: str, *, owner_only: bool = False) -> bytes:
+    """At most MAX_KEY_FILE_BYTES of a key file; :class:`KeyFileError` naming ``what``.
+
+    ``owner_only``: refuse a file that group or others may read (the mode of the file
+    opened, not of the path looked at again later).
+    """
     try:
         with path.open("rb") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            if owner_only and mode & 0o077:
+                raise KeyFileError(f"{what} {path}: mode {mode:04o} is too open, expected 0600")
             data = fh.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:
         raise KeyFileError(f"{what} {path}: cannot read ({exc.strerror})") from exc
@@ -89,19 +96,8 @@ def read_small(path: Path, what: str) -> bytes:
 
 
 def read_secret(path: Path, what: str) -> bytes:
-    """:func:`read_small`, refusing (:class:`KeyFileError` naming ``what``) a file that
-    group or others may read (the mode of the file opened, not of the path later)."""
-    try:
-        with path.open("rb") as fh:
-            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
-            if mode & 0o077:
-                raise KeyFileError(f"{what} {path}: mode {mode:04o} is too open, expected 0600")
-            data = fh.read(MAX_KEY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise KeyFileError(f"{what} {path}: cannot read ({exc.strerror})") from exc
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"{what} {path}: larger than {MAX_KEY_FILE_BYTES} bytes")
-    return data
+    """:func:`read_small` of a file only its owner may read (private keys, identities)."""
+    return read_small(path, what, owner_only=True)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

@@ -212,15 +212,23 @@ def test_serve_never_prints_the_district_s_secret(
     assert receiver.stop() == 0
 
 
-def test_a_notify_url_that_is_not_https_is_refused_without_its_secret(tmp_path: Path) -> None:
+def serve_with_notify_url_file(
+    tmp_path: Path, text: str, mode: int
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """``receiver serve --notify-url-file`` of a file holding ``text`` (a refusal ends it)."""
     secret = tmp_path / "notify-url"
-    secret.write_text("http://hooks.example/T0KEN-s3cret\n")
-    secret.chmod(0o600)
+    secret.write_text(text)
+    secret.chmod(mode)
     result = subprocess.run(
         [*CLI, "receiver", "serve", "--data", str(tmp_path / "rx"), "--port", "0",
          "--notify-url-file", str(secret)],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
+    return secret, result
+
+
+def test_a_notify_url_that_is_not_https_is_refused_without_its_secret(tmp_path: Path) -> None:
+    _, result = serve_with_notify_url_file(tmp_path, "http://hooks.example/T0KEN-s3cret\n", 0o600)
     assert result.returncode == 2
     assert "http://hooks.example/…: the district's webhook must be an https:// URL" in (
         result.stderr
@@ -239,14 +247,7 @@ def test_a_notify_url_that_is_not_https_is_refused_without_its_secret(tmp_path: 
 def test_a_bad_notify_url_file_is_refused_clearly(
     tmp_path: Path, mode: int, text: str, message: str
 ) -> None:
-    secret = tmp_path / "notify-url"
-    secret.write_text(text)
-    secret.chmod(mode)
-    result = subprocess.run(
-        [*CLI, "receiver", "serve", "--data", str(tmp_path / "rx"), "--port", "0",
-         "--notify-url-file", str(secret)],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+    secret, result = serve_with_notify_url_file(tmp_path, text, mode)
     assert result.returncode == 2
     assert f"--notify-url-file {secret}: {message}" in result.stderr
     assert "s3cr3t" not in result.stderr
